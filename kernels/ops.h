@@ -1,0 +1,77 @@
+// ops: the compute kernels of the forward pass behind one dispatch table.
+//
+// Each backend (ref: naive loops, the reference every other backend is tested against; cpu: BLAS and
+// vectorizable loops; cuda: kernels/ops_cuda.cu when built with CUDA) fills one kernel_ops table.
+// All pointers handed to a backend's ops live in that backend's memory (host for ref and cpu, device
+// for cuda); buffers are moved with the table's alloc/upload/download/release. Tensors are row-major
+// fp32, rows of `dim` floats. Ops never fail (callers validate shapes); they may take small scratch.
+#ifndef EP_KERNELS_OPS_H
+#define EP_KERNELS_OPS_H
+
+#include <stddef.h>
+
+typedef enum { ACT_SILU = 0, ACT_GELU_TANH = 1 } act_kind;
+
+// One sequence of a batched attention call. Queries are consecutive positions
+// q_pos .. q_pos + n_q - 1 stored at rows q_row ..; keys and values of position j are stored at row
+// kv_row + j. A query at position i sees keys 0 .. i (causal), restricted to i - j < window when a
+// window is set.
+typedef struct {
+    int q_row;
+    int n_q;
+    int q_pos;
+    int kv_row;
+} attn_seq;
+
+typedef struct {
+    int n_heads;     // query heads
+    int n_kv_heads;  // query head h reads kv head h / (n_heads / n_kv_heads)
+    int head_dim;
+    int q_stride;    // floats between consecutive rows of q and out (>= n_heads * head_dim)
+    int kv_stride;   // floats between consecutive rows of k and v (>= n_kv_heads * head_dim)
+    float scale;     // scores = (q . k) * scale
+    float softcap;   // > 0: scores = softcap * tanh(scores / softcap), before masking
+    int window;      // > 0: sliding window length
+} attn_params;
+
+typedef struct kernel_ops {
+    const char *name;
+
+    void *(*alloc)(size_t bytes);
+    void (*release)(void *p);
+    void (*upload)(void *dst, const void *host_src, size_t bytes);
+    void (*download)(void *host_dst, const void *src, size_t bytes);
+    void (*sync)(void);
+
+    // out[rows, n_out] = x[rows, n_in] . w[n_out, n_in]^T (+ bias[n_out] if non-NULL): the layout of a
+    // HuggingFace Linear weight.
+    void (*matmul)(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out);
+    // out = x / sqrt(mean(x^2) + eps) * (w_offset + w), per row; w_offset is 1 for Gemma, 0 for Llama.
+    void (*rmsnorm)(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps);
+    // out = (x - mean) / sqrt(var + eps) * w + b, per row (biased variance, as torch LayerNorm).
+    void (*layernorm)(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps);
+    // Rotary embedding in place (HF rotate_half convention) on the first rot_dim dims of every head of
+    // every row; row r is at position pos[r]; angle_i = pos * inv_freq[i] for i < rot_dim/2.
+    void (*rope)(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                 int head_dim, int rot_dim);
+    // out[i] = act(gate[i]) * up[i]
+    void (*glu)(float *out, const float *gate, const float *up, size_t n, act_kind act);
+    // x[i] = act(x[i])
+    void (*act)(float *x, size_t n, act_kind act);
+    // x[i] = cap * tanh(x[i] / cap)
+    void (*softcap)(float *x, size_t n, float cap);
+    // y[i] += x[i]
+    void (*add)(float *y, const float *x, size_t n);
+    // y[i] *= s
+    void (*scale)(float *y, size_t n, float s);
+    // Causal (optionally windowed, softcapped) multi-head attention with GQA, softmax in fp32.
+    void (*attention)(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
+                      int n_seqs, const attn_params *p);
+} kernel_ops;
+
+const kernel_ops *kernel_ops_ref(void);
+const kernel_ops *kernel_ops_cpu(void);
+// NULL when the program was built without CUDA or no usable GPU is present.
+const kernel_ops *kernel_ops_cuda(void);
+
+#endif

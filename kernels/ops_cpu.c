@@ -1,0 +1,180 @@
+// ops_cpu: the fast host backend. Matrix products through CBLAS (OpenBLAS); everything else in float
+// loops the compiler vectorizes, spread over rows with OpenMP where it is available.
+#include <cblas.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "kernels/ops_common.h"
+#include "pipeline/error.h"
+
+static void *host_alloc(size_t bytes) { return ep_malloc(bytes); }
+static void host_release(void *p) { free(p); }
+static void host_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static void host_sync(void) {}
+
+static void cpu_matmul(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out) {
+    if (bias) {
+        for (int r = 0; r < rows; r++) memcpy(out + (size_t)r * n_out, bias, sizeof(float) * (size_t)n_out);
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_out, n_in, 1.0f, x, n_in, w, n_in, bias ? 1.0f : 0.0f,
+                out, n_out);
+}
+
+static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *o = out + (size_t)r * dim;
+        float ss = 0;
+        for (int i = 0; i < dim; i++) ss += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(ss / (float)dim + eps);
+        for (int i = 0; i < dim; i++) o[i] = xr[i] * inv * (w_offset + w[i]);
+    }
+}
+
+static void cpu_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps) {
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        float *o = out + (size_t)r * dim;
+        float mean = 0, var = 0;
+        for (int i = 0; i < dim; i++) mean += xr[i];
+        mean /= (float)dim;
+        for (int i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= (float)dim;
+        float inv = 1.0f / sqrtf(var + eps);
+        for (int i = 0; i < dim; i++) o[i] = (xr[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+static void cpu_rope(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
+                     int rot_dim) {
+    int half = rot_dim / 2;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < rows; r++) {
+        for (int i = 0; i < half; i++) {
+            // The angle is rounded to fp32 before cos/sin, as HF computes it.
+            float angle = (float)pos[r] * inv_freq[i];
+            float c = cosf(angle), s = sinf(angle);
+            for (int h = 0; h < n_heads; h++) {
+                float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
+                float a = xh[i], b = xh[i + half];
+                xh[i] = a * c - b * s;
+                xh[i + half] = b * c + a * s;
+            }
+        }
+    }
+}
+
+static void cpu_glu(float *out, const float *gate, const float *up, size_t n, act_kind act) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = act_f(gate[i], act) * up[i];
+}
+
+static void cpu_act(float *x, size_t n, act_kind act) {
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) x[i] = act_f(x[i], act);
+}
+
+static void cpu_softcap(float *x, size_t n, float cap) {
+    float inv = 1.0f / cap;
+    for (size_t i = 0; i < n; i++) x[i] = cap * tanhf(x[i] * inv);
+}
+
+static void cpu_add(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void cpu_scale(float *y, size_t n, float s) {
+    for (size_t i = 0; i < n; i++) y[i] *= s;
+}
+
+// One (sequence, query, head) row of attention; scores is scratch of at least i + 1 floats.
+static void attend_row(float *o, const float *qv, const float *k, const float *v, int kv_row, int i, int g,
+                       const attn_params *p, float *scores) {
+    int d = p->head_dim;
+    int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+    float mx = -INFINITY;
+    for (int j = j0; j <= i; j++) {
+        const float *kj = k + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d;
+        float dot = 0;
+        for (int e = 0; e < d; e++) dot += qv[e] * kj[e];
+        dot *= p->scale;
+        if (p->softcap > 0) dot = p->softcap * tanhf(dot / p->softcap);
+        scores[j] = dot;
+        if (dot > mx) mx = dot;
+    }
+    float sum = 0;
+    for (int j = j0; j <= i; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    float inv = 1.0f / sum;
+    for (int e = 0; e < d; e++) o[e] = 0;
+    for (int j = j0; j <= i; j++) {
+        const float *vj = v + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d;
+        float w = scores[j] * inv;
+        for (int e = 0; e < d; e++) o[e] += w * vj[e];
+    }
+}
+
+static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                          const attn_params *p) {
+    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    int max_keys = 1, total_q = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[s].q_pos + seqs[s].n_q > max_keys) max_keys = seqs[s].q_pos + seqs[s].n_q;
+        total_q += seqs[s].n_q;
+    }
+    // Flatten (query row, head) so the threads share the work evenly whatever the sequence lengths.
+    int *row_seq = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
+    int *row_qi = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
+    for (int s = 0, r = 0; s < n_seqs; s++)
+        for (int qi = 0; qi < seqs[s].n_q; qi++, r++) {
+            row_seq[r] = s;
+            row_qi[r] = qi;
+        }
+#pragma omp parallel
+    {
+        float *scores = ep_malloc(sizeof(float) * (size_t)max_keys);
+#pragma omp for schedule(dynamic, 4)
+        for (long job = 0; job < (long)total_q * p->n_heads; job++) {
+            int r = (int)(job / p->n_heads), h = (int)(job % p->n_heads);
+            const attn_seq *sq = &seqs[row_seq[r]];
+            int qi = row_qi[r];
+            const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            float *o = out + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            attend_row(o, qv, k, v, sq->kv_row, sq->q_pos + qi, h / group, p, scores);
+        }
+        free(scores);
+    }
+    free(row_seq);
+    free(row_qi);
+}
+
+static const kernel_ops cpu_table = {
+    .name = "cpu",
+    .alloc = host_alloc,
+    .release = host_release,
+    .upload = host_copy,
+    .download = host_copy,
+    .sync = host_sync,
+    .matmul = cpu_matmul,
+    .rmsnorm = cpu_rmsnorm,
+    .layernorm = cpu_layernorm,
+    .rope = cpu_rope,
+    .glu = cpu_glu,
+    .act = cpu_act,
+    .softcap = cpu_softcap,
+    .add = cpu_add,
+    .scale = cpu_scale,
+    .attention = cpu_attention,
+};
+
+const kernel_ops *kernel_ops_cpu(void) { return &cpu_table; }
+
+#ifndef EP_HAVE_CUDA
+const kernel_ops *kernel_ops_cuda(void) { return NULL; }
+#endif

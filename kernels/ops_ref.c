@@ -1,0 +1,147 @@
+// ops_ref: the reference backend. Plain loops written for clarity, accumulating in double, used only
+// by the tests as the yardstick for the cpu and cuda backends.
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "kernels/ops_common.h"
+#include "pipeline/error.h"
+
+static void *host_alloc(size_t bytes) { return ep_malloc(bytes); }
+static void host_release(void *p) { free(p); }
+static void host_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
+static void host_sync(void) {}
+
+static void ref_matmul(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n_out; o++) {
+            double s = bias ? bias[o] : 0.0;
+            for (int i = 0; i < n_in; i++) s += (double)x[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
+            out[(size_t)r * n_out + o] = (float)s;
+        }
+}
+
+static void ref_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        double ss = 0;
+        for (int i = 0; i < dim; i++) ss += (double)xr[i] * xr[i];
+        double inv = 1.0 / sqrt(ss / dim + eps);
+        for (int i = 0; i < dim; i++) out[(size_t)r * dim + i] = (float)(xr[i] * inv * (w_offset + w[i]));
+    }
+}
+
+static void ref_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim;
+        double mean = 0, var = 0;
+        for (int i = 0; i < dim; i++) mean += xr[i];
+        mean /= dim;
+        for (int i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= dim;
+        double inv = 1.0 / sqrt(var + eps);
+        for (int i = 0; i < dim; i++) out[(size_t)r * dim + i] = (float)((xr[i] - mean) * inv * w[i] + b[i]);
+    }
+}
+
+static void ref_rope(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
+                     int rot_dim) {
+    int half = rot_dim / 2;
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < n_heads; h++) {
+            float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                float angle = (float)pos[r] * inv_freq[i];
+                double c = cos(angle), s = sin(angle);
+                double a = xh[i], b = xh[i + half];
+                xh[i] = (float)(a * c - b * s);
+                xh[i + half] = (float)(b * c + a * s);
+            }
+        }
+}
+
+static void ref_glu(float *out, const float *gate, const float *up, size_t n, act_kind act) {
+    for (size_t i = 0; i < n; i++) out[i] = act_f(gate[i], act) * up[i];
+}
+
+static void ref_act(float *x, size_t n, act_kind act) {
+    for (size_t i = 0; i < n; i++) x[i] = act_f(x[i], act);
+}
+
+static void ref_softcap(float *x, size_t n, float cap) {
+    for (size_t i = 0; i < n; i++) x[i] = (float)(cap * tanh((double)x[i] / cap));
+}
+
+static void ref_add(float *y, const float *x, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] += x[i];
+}
+
+static void ref_scale(float *y, size_t n, float s) {
+    for (size_t i = 0; i < n; i++) y[i] *= s;
+}
+
+static void ref_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                          const attn_params *p) {
+    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        int n_keys = sq->q_pos + sq->n_q;
+        double *score = ep_malloc(sizeof(double) * (size_t)n_keys);
+        for (int qi = 0; qi < sq->n_q; qi++) {
+            int i = sq->q_pos + qi;
+            for (int h = 0; h < p->n_heads; h++) {
+                int g = h / group;
+                const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                double mx = -INFINITY;
+                for (int j = 0; j <= i; j++) {
+                    if (p->window > 0 && i - j >= p->window) {
+                        score[j] = -INFINITY;
+                        continue;
+                    }
+                    const float *kv = k + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * d;
+                    double dot = 0;
+                    for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
+                    dot *= p->scale;
+                    if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+                    score[j] = dot;
+                    if (dot > mx) mx = dot;
+                }
+                double sum = 0;
+                for (int j = 0; j <= i; j++) {
+                    score[j] = score[j] == -INFINITY ? 0 : exp(score[j] - mx);
+                    sum += score[j];
+                }
+                float *o = out + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                for (int e = 0; e < d; e++) {
+                    double acc = 0;
+                    for (int j = 0; j <= i; j++)
+                        acc += score[j] * v[(size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * d + e];
+                    o[e] = (float)(acc / sum);
+                }
+            }
+        }
+        free(score);
+    }
+}
+
+static const kernel_ops ref_table = {
+    .name = "ref",
+    .alloc = host_alloc,
+    .release = host_release,
+    .upload = host_copy,
+    .download = host_copy,
+    .sync = host_sync,
+    .matmul = ref_matmul,
+    .rmsnorm = ref_rmsnorm,
+    .layernorm = ref_layernorm,
+    .rope = ref_rope,
+    .glu = ref_glu,
+    .act = ref_act,
+    .softcap = ref_softcap,
+    .add = ref_add,
+    .scale = ref_scale,
+    .attention = ref_attention,
+};
+
+const kernel_ops *kernel_ops_ref(void) { return &ref_table; }

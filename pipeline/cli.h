@@ -1,0 +1,15 @@
+// cli: the edgepatch subcommands. Each takes the arguments after its name (argv[0] is the
+// subcommand), prints its own --help, writes results to stdout and one-line errors to stderr, and
+// returns the process exit status (0 ok, 1 bad input or failure, 2 usage error).
+#ifndef EP_CLI_H
+#define EP_CLI_H
+
+int cmd_forward(int argc, char **argv);        // pipeline/cmd_forward.c
+int cmd_tokenize_text(int argc, char **argv);  // pipeline/cmd_tokenize.c
+
+// Shared helpers for the commands.
+int cli_wants_help(int argc, char **argv);
+// Parses "2,651,17" into a fresh array; returns -1 (and fills msg) on a malformed list.
+int cli_parse_int_list(const char *s, int **out, int *n, char *msg, int msg_size);
+
+#endif

@@ -1,0 +1,52 @@
+// edgepatch: entry point. Dispatches to the subcommands of pipeline/cli.h; everything else lives in
+// the core library so that tests exercise the same code.
+#include <stdio.h>
+#include <string.h>
+
+#include "pipeline/cli.h"
+
+typedef struct {
+    const char *name;
+    int (*run)(int argc, char **argv);
+    const char *usage;
+} subcommand;
+
+static int not_yet(int argc, char **argv) {
+    fprintf(stderr, "edgepatch %s: not available in this version yet\n", argv[0]);
+    return 2;
+}
+
+static const subcommand subcommands[] = {
+    {"run", not_yet, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
+    {"forward", cmd_forward,
+     "forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]"},
+    {"tokenize-text", cmd_tokenize_text,
+     "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3)"},
+    {"tasks", not_yet, "tasks [--tokenizer DIR]"},
+    {"show", not_yet, "show RUN --prompt I [--json]"},
+    {"scores", not_yet, "scores RUN [--round R] [--json]"},
+    {"report", not_yet, "report RUN"},
+    {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "edgepatch %s: in-context-learning circuits by attention-edge patching\n\nusage:\n", EP_VERSION);
+    for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
+        fprintf(f, "  edgepatch %s\n", subcommands[i].usage);
+    fprintf(f, "\n'edgepatch COMMAND --help' describes one command.\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? 2 : 0;
+    }
+    if (!strcmp(argv[1], "--version")) {
+        printf("edgepatch %s\n", EP_VERSION);
+        return 0;
+    }
+    for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
+        if (!strcmp(argv[1], subcommands[i].name)) return subcommands[i].run(argc - 1, argv + 1);
+    fprintf(stderr, "edgepatch: unknown command '%s' (try 'edgepatch --help')\n", argv[1]);
+    return 2;
+}

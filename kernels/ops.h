@@ -65,6 +65,7 @@ typedef struct kernel_ops {
     // y[i] *= s
     void (*scale)(float *y, size_t n, float s);
     // Causal (optionally windowed, softcapped) multi-head attention with GQA, softmax in fp32.
+    // q, k, v, out are backend memory; seqs and p are host memory (small metadata).
     void (*attention)(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
                       int n_seqs, const attn_params *p);
 } kernel_ops;

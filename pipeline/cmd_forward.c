@@ -1,9 +1,152 @@
-// edgepatch forward: placeholder until the model runtime lands (this file is replaced in issue 2).
+// edgepatch forward: one prompt through the model; prints the most likely next tokens and, with
+// --generate N, the greedy continuation. --json prints the DESIGN.md form for scripts.
+#include <jansson.h>
+#include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "pipeline/cli.h"
+#include "pipeline/forward.h"
+#include "pipeline/generate.h"
+#include "pipeline/model.h"
+
+static const char usage[] =
+    "usage: edgepatch forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]\n"
+    "\n"
+    "Runs one prompt through the HuggingFace checkpoint in DIR (config.json + safetensors) on the CPU.\n"
+    "  --ids LIST     token ids, comma-separated (include BOS yourself)\n"
+    "  --text T       text, tokenized with DIR's tokenizer.json (BOS added as the tokenizer does)\n"
+    "  --top K        how many next tokens to show (default 5)\n"
+    "  --generate N   continue greedily for up to N tokens (stops at eos)\n"
+    "  --json         print {\"ids\", \"logits\" (last position), \"top\": [{id, piece, logprob}], \"generated\"}\n";
+
+typedef struct {
+    const char *model_dir, *ids, *text;
+    int top, generate, json;
+} forward_args;
+
+static int parse_args(int argc, char **argv, forward_args *a) {
+    *a = (forward_args){.top = 5};
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(arg, "--json")) {
+            a->json = 1;
+            continue;
+        }
+        if (!next) {
+            fprintf(stderr, "edgepatch forward: %s needs a value\n", arg);
+            return -1;
+        }
+        char *end;
+        if (!strcmp(arg, "--model")) a->model_dir = next;
+        else if (!strcmp(arg, "--ids")) a->ids = next;
+        else if (!strcmp(arg, "--text")) a->text = next;
+        else if (!strcmp(arg, "--top") || !strcmp(arg, "--generate")) {
+            long v = strtol(next, &end, 10);
+            if (*end || v < 0 || v > 100000) {
+                fprintf(stderr, "edgepatch forward: %s expects a non-negative integer, got '%s'\n", arg, next);
+                return -1;
+            }
+            *(!strcmp(arg, "--top") ? &a->top : &a->generate) = (int)v;
+        } else {
+            fprintf(stderr, "edgepatch forward: unknown option '%s' (see --help)\n", arg);
+            return -1;
+        }
+        i++;
+    }
+    if (!a->model_dir || (!a->ids == !a->text)) {
+        fprintf(stderr, "edgepatch forward: need --model DIR and exactly one of --ids or --text (see --help)\n");
+        return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    int id;
+    double logprob;
+} scored_token;
+
+static int by_logprob_desc(const void *a, const void *b) {
+    const scored_token *x = a, *y = b;
+    if (x->logprob != y->logprob) return x->logprob < y->logprob ? 1 : -1;
+    return x->id - y->id;
+}
 
 int cmd_forward(int argc, char **argv) {
-    fprintf(stderr, "edgepatch forward: not available yet\n");
-    return 2;
+    if (cli_wants_help(argc, argv)) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    forward_args a;
+    if (parse_args(argc, argv, &a)) return 2;
+    ep_error err = {{0}};
+    int *ids = NULL, n_ids = 0;
+    if (a.text) {
+        fprintf(stderr, "edgepatch forward: --text needs the tokenizer, which this build does not have yet; use --ids\n");
+        return 2;
+    }
+    char msg[256];
+    if (cli_parse_int_list(a.ids, &ids, &n_ids, msg, sizeof msg)) {
+        fprintf(stderr, "edgepatch forward: --ids: %s\n", msg);
+        return 2;
+    }
+    model m;
+    if (model_load(a.model_dir, &m, &err)) {
+        fprintf(stderr, "edgepatch forward: %s\n", err.msg);
+        free(ids);
+        return 1;
+    }
+    int V = m.cfg.vocab_size, rc = 1;
+    const kernel_ops *ops = kernel_ops_cpu();
+    kv_cache cache;
+    float *logits = ep_malloc(sizeof(float) * (size_t)V);
+    int *generated = ep_malloc(sizeof(int) * (size_t)(a.generate + 1)), n_generated = 0;
+    scored_token *top = ep_malloc(sizeof(scored_token) * (size_t)V);
+    int last = n_ids - 1;
+    forward_batch b = {.n_seqs = 1, .n_new = &n_ids, .tokens = ids, .n_logit_rows = 1, .logit_rows = &last, .logits = logits};
+    if (kv_cache_init(&cache, &m.cfg, 1, n_ids + a.generate, &err) || model_forward(&m, ops, &cache, &b, &err)) goto fail;
+    greedy_opts go = {.max_new_tokens = a.generate, .stop_ids = m.cfg.eos_ids, .n_stop_ids = m.cfg.n_eos};
+    if (a.generate > 0 && greedy_decode(&m, ops, &cache, logits, &go, generated, &n_generated, &err)) goto fail;
+
+    // log-softmax in double, then the top K.
+    double mx = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) mx = logits[i] > mx ? logits[i] : mx;
+    for (int i = 0; i < V; i++) sum += exp(logits[i] - mx);
+    for (int i = 0; i < V; i++) top[i] = (scored_token){i, logits[i] - mx - log(sum)};
+    qsort(top, (size_t)V, sizeof *top, by_logprob_desc);
+    int k = a.top < V ? a.top : V;
+    if (a.json) {
+        json_t *o = json_object(), *jids = json_array(), *jl = json_array(), *jt = json_array(), *jg = json_array();
+        for (int i = 0; i < n_ids; i++) json_array_append_new(jids, json_integer(ids[i]));
+        for (int i = 0; i < V; i++) json_array_append_new(jl, json_real(logits[i]));
+        for (int i = 0; i < k; i++)
+            json_array_append_new(jt, json_pack("{s:i,s:s,s:f}", "id", top[i].id, "piece", "", "logprob", top[i].logprob));
+        for (int i = 0; i < n_generated; i++) json_array_append_new(jg, json_integer(generated[i]));
+        json_object_set_new(o, "ids", jids);
+        json_object_set_new(o, "logits", jl);
+        json_object_set_new(o, "top", jt);
+        json_object_set_new(o, "generated", jg);
+        json_dumpf(o, stdout, JSON_COMPACT | JSON_REAL_PRECISION(9));
+        fputc('\n', stdout);
+        json_decref(o);
+    } else {
+        printf("%s, %d tokens; next token:\n", m.cfg.arch_name, n_ids);
+        for (int i = 0; i < k; i++) printf("  %8d  p=%.6f  logprob=%.6f\n", top[i].id, exp(top[i].logprob), top[i].logprob);
+        if (a.generate > 0) {
+            printf("generated:");
+            for (int i = 0; i < n_generated; i++) printf(" %d", generated[i]);
+            printf("\n");
+        }
+    }
+    rc = 0;
+    goto done;
+fail:
+    fprintf(stderr, "edgepatch forward: %s\n", err.msg);
+done:
+    kv_cache_free(&cache);
+    free(logits), free(generated), free(top), free(ids);
+    model_free(&m);
+    return rc;
 }

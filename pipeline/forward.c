@@ -1,0 +1,170 @@
+#include "forward.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, ep_error *err) {
+    memset(c, 0, sizeof *c);
+    if (n_seqs <= 0 || capacity <= 0) return ep_fail(err, "kv cache: need at least one sequence and one position");
+    c->n_layers = cfg->n_layers;
+    c->n_seqs = n_seqs;
+    c->capacity = capacity;
+    c->kv_dim = cfg->n_kv_heads * cfg->head_dim;
+    size_t n = (size_t)c->n_layers * n_seqs * capacity * c->kv_dim;
+    c->k = ep_calloc(n, sizeof(float));
+    c->v = ep_calloc(n, sizeof(float));
+    c->len = ep_calloc((size_t)n_seqs, sizeof(int));
+    return 0;
+}
+
+void kv_cache_free(kv_cache *c) {
+    free(c->k);
+    free(c->v);
+    free(c->len);
+    memset(c, 0, sizeof *c);
+}
+
+static size_t kv_offset(const kv_cache *c, int layer, int seq, int pos) {
+    return (((size_t)layer * c->n_seqs + seq) * c->capacity + pos) * c->kv_dim;
+}
+
+float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos) { return c->k + kv_offset(c, layer, seq, pos); }
+float *kv_cache_v(const kv_cache *c, int layer, int seq, int pos) { return c->v + kv_offset(c, layer, seq, pos); }
+
+// Scratch activations for one step of T packed tokens.
+typedef struct {
+    float *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *mlp;
+    int *pos;
+    attn_seq *seqs;
+} step_buffers;
+
+static void step_buffers_init(step_buffers *s, const model_config *c, int T, int n_seqs) {
+    size_t t = (size_t)T, D = (size_t)c->hidden, Q = (size_t)c->n_heads * c->head_dim,
+           KV = (size_t)c->n_kv_heads * c->head_dim, I = (size_t)c->intermediate;
+    s->x = ep_malloc(sizeof(float) * t * D);
+    s->xn = ep_malloc(sizeof(float) * t * D);
+    s->q = ep_malloc(sizeof(float) * t * Q);
+    s->k = ep_malloc(sizeof(float) * t * KV);
+    s->v = ep_malloc(sizeof(float) * t * KV);
+    s->att = ep_malloc(sizeof(float) * t * Q);
+    s->o = ep_malloc(sizeof(float) * t * D);
+    s->gate = ep_malloc(sizeof(float) * t * I);
+    s->up = ep_malloc(sizeof(float) * t * I);
+    s->mlp = ep_malloc(sizeof(float) * t * D);
+    s->pos = ep_malloc(sizeof(int) * t);
+    s->seqs = ep_malloc(sizeof(attn_seq) * (size_t)n_seqs);
+}
+
+static void step_buffers_free(step_buffers *s) {
+    free(s->x), free(s->xn), free(s->q), free(s->k), free(s->v), free(s->att), free(s->o);
+    free(s->gate), free(s->up), free(s->mlp), free(s->pos), free(s->seqs);
+}
+
+static void norm(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
+                 const float *b, int rows) {
+    if (c->norm == NORM_LAYER)
+        ops->layernorm(out, x, w, b, rows, c->hidden, c->norm_eps);
+    else
+        ops->rmsnorm(out, x, w, c->norm_weight_offset, rows, c->hidden, c->norm_eps);
+}
+
+// mlp = MLP(xn) for T rows.
+static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_weights *w, step_buffers *s, int T) {
+    size_t n = (size_t)T * c->intermediate;
+    if (c->gated_mlp) {
+        ops->matmul(s->gate, s->xn, w->w_gate, w->b_gate, T, c->hidden, c->intermediate);
+        ops->matmul(s->up, s->xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+        ops->glu(s->gate, s->gate, s->up, n, c->act);
+    } else {
+        ops->matmul(s->gate, s->xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+        ops->act(s->gate, n, c->act);
+    }
+    ops->matmul(s->mlp, s->gate, w->w_down, w->b_down, T, c->intermediate, c->hidden);
+}
+
+int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b, ep_error *err) {
+    const model_config *c = &m->cfg;
+    if (b->n_seqs != cache->n_seqs)
+        return ep_fail(err, "forward: batch has %d sequences, the cache %d", b->n_seqs, cache->n_seqs);
+    int T = 0;
+    for (int s = 0; s < b->n_seqs; s++) {
+        if (b->n_new[s] < 0 || cache->len[s] + b->n_new[s] > cache->capacity)
+            return ep_fail(err, "forward: sequence %d: %d + %d tokens exceed the cache capacity %d", s, cache->len[s],
+                           b->n_new[s], cache->capacity);
+        T += b->n_new[s];
+    }
+    for (int r = 0; r < T; r++)
+        if (b->tokens[r] < 0 || b->tokens[r] >= c->vocab_size)
+            return ep_fail(err, "forward: token id %d at row %d is outside the vocabulary of %d", b->tokens[r], r,
+                           c->vocab_size);
+    for (int i = 0; i < b->n_logit_rows; i++)
+        if (b->logit_rows[i] < 0 || b->logit_rows[i] >= T)
+            return ep_fail(err, "forward: logit row %d is outside the %d new tokens", b->logit_rows[i], T);
+    if (T == 0) return 0;
+
+    step_buffers s;
+    step_buffers_init(&s, c, T, b->n_seqs);
+    int D = c->hidden, Q = c->n_heads * c->head_dim, KV = cache->kv_dim;
+    for (int seq = 0, r = 0; seq < b->n_seqs; seq++) {
+        s.seqs[seq] = (attn_seq){.q_row = r, .n_q = b->n_new[seq], .q_pos = cache->len[seq], .kv_row = seq * cache->capacity};
+        for (int i = 0; i < b->n_new[seq]; i++, r++) s.pos[r] = cache->len[seq] + i;
+    }
+    for (int r = 0; r < T; r++) memcpy(s.x + (size_t)r * D, m->embed + (size_t)b->tokens[r] * D, sizeof(float) * D);
+    if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
+
+    for (int l = 0; l < c->n_layers; l++) {
+        const layer_weights *w = &m->layers[l];
+        if (b->resid) memcpy(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
+        norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
+        ops->matmul(s.q, s.xn, w->wq, w->bq, T, D, Q);
+        ops->matmul(s.k, s.xn, w->wk, w->bk, T, D, KV);
+        ops->matmul(s.v, s.xn, w->wv, w->bv, T, D, KV);
+        ops->rope(s.q, Q, s.pos, m->inv_freq, T, c->n_heads, c->head_dim, c->rotary_dim);
+        ops->rope(s.k, KV, s.pos, m->inv_freq, T, c->n_kv_heads, c->head_dim, c->rotary_dim);
+        for (int seq = 0, r = 0; seq < b->n_seqs; seq++)
+            for (int i = 0; i < b->n_new[seq]; i++, r++) {
+                memcpy(kv_cache_k(cache, l, seq, cache->len[seq] + i), s.k + (size_t)r * KV, sizeof(float) * KV);
+                memcpy(kv_cache_v(cache, l, seq, cache->len[seq] + i), s.v + (size_t)r * KV, sizeof(float) * KV);
+            }
+        attn_params p = {.n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+                         .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
+                         .window = model_config_layer_window(c, l)};
+        ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
+        ops->matmul(s.o, s.att, w->wo, w->bo, T, Q, D);
+
+        switch (c->block) {
+        case BLOCK_PRE_NORM:
+            ops->add(s.x, s.o, (size_t)T * D);
+            norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
+            run_mlp(ops, c, w, &s, T);
+            ops->add(s.x, s.mlp, (size_t)T * D);
+            break;
+        case BLOCK_SANDWICH_NORM:
+            norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
+            ops->add(s.x, s.xn, (size_t)T * D);
+            norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
+            run_mlp(ops, c, w, &s, T);
+            norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
+            ops->add(s.x, s.xn, (size_t)T * D);
+            break;
+        case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
+            run_mlp(ops, c, w, &s, T);
+            ops->add(s.o, s.mlp, (size_t)T * D);
+            ops->add(s.x, s.o, (size_t)T * D);
+            break;
+        }
+    }
+    if (b->resid) memcpy(b->resid + (size_t)c->n_layers * T * D, s.x, sizeof(float) * (size_t)T * D);
+    for (int seq = 0; seq < b->n_seqs; seq++) cache->len[seq] += b->n_new[seq];
+
+    if (b->n_logit_rows > 0) {
+        // Gather the rows that are read, then norm and project only those.
+        for (int i = 0; i < b->n_logit_rows; i++)
+            memcpy(s.o + (size_t)i * D, s.x + (size_t)b->logit_rows[i] * D, sizeof(float) * D);
+        norm(ops, c, s.xn, s.o, m->final_norm, m->final_norm_bias, b->n_logit_rows);
+        ops->matmul(b->logits, s.xn, m->lm_head, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
+        if (c->final_softcap > 0) ops->softcap(b->logits, (size_t)b->n_logit_rows * c->vocab_size, c->final_softcap);
+    }
+    step_buffers_free(&s);
+    return 0;
+}

@@ -1,0 +1,166 @@
+#include "model.h"
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+float model_embed_scale(const model_config *cfg, int bf16_compute) {
+    if (!cfg->scale_embeddings) return 1.0f;
+    float s = (float)sqrt((double)cfg->hidden);
+    return bf16_compute ? bf16_to_f32(f32_to_bf16(s)) : s;
+}
+
+// One expected tensor: its name, where its pointer goes and the shape the config implies (d1 = 0 for
+// a vector).
+typedef struct {
+    char name[128];
+    const float **dst;
+    int64_t d0, d1;
+} expected_tensor;
+
+typedef struct {
+    expected_tensor *items;
+    int n, cap;
+} expected_list;
+
+static void expect(expected_list *l, const float **dst, int64_t d0, int64_t d1, const char *fmt, int layer) {
+    if (l->n == l->cap) l->items = ep_realloc(l->items, sizeof(expected_tensor) * (size_t)(l->cap = l->cap ? 2 * l->cap : 64));
+    expected_tensor *e = &l->items[l->n++];
+    snprintf(e->name, sizeof e->name, fmt, layer);
+    e->dst = dst;
+    e->d0 = d0;
+    e->d1 = d1;
+}
+
+// The tensor names and shapes of each architecture, as HF saves them.
+static void list_expected(model *m, expected_list *l) {
+    const model_config *c = &m->cfg;
+    int64_t D = c->hidden, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim,
+            I = c->intermediate;
+    expect(l, &m->embed, c->vocab_size, D, "model.embed_tokens.weight", 0);
+    if (c->arch == ARCH_PHI) {
+        expect(l, &m->final_norm, D, 0, "model.final_layernorm.weight", 0);
+        expect(l, &m->final_norm_bias, D, 0, "model.final_layernorm.bias", 0);
+    } else {
+        expect(l, &m->final_norm, D, 0, "model.norm.weight", 0);
+    }
+    if (!c->tied_embeddings) expect(l, &m->lm_head, c->vocab_size, D, "lm_head.weight", 0);
+    if (c->lm_head_bias) expect(l, &m->lm_head_bias, c->vocab_size, 0, "lm_head.bias", 0);
+    for (int i = 0; i < c->n_layers; i++) {
+        layer_weights *w = &m->layers[i];
+        expect(l, &w->attn_norm, D, 0, "model.layers.%d.input_layernorm.weight", i);
+        expect(l, &w->wq, Q, D, "model.layers.%d.self_attn.q_proj.weight", i);
+        expect(l, &w->wk, KV, D, "model.layers.%d.self_attn.k_proj.weight", i);
+        expect(l, &w->wv, KV, D, "model.layers.%d.self_attn.v_proj.weight", i);
+        if (c->qkv_bias) {
+            expect(l, &w->bq, Q, 0, "model.layers.%d.self_attn.q_proj.bias", i);
+            expect(l, &w->bk, KV, 0, "model.layers.%d.self_attn.k_proj.bias", i);
+            expect(l, &w->bv, KV, 0, "model.layers.%d.self_attn.v_proj.bias", i);
+        }
+        if (c->arch == ARCH_PHI) {
+            expect(l, &w->attn_norm_bias, D, 0, "model.layers.%d.input_layernorm.bias", i);
+            expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.dense.weight", i);
+            expect(l, &w->bo, D, 0, "model.layers.%d.self_attn.dense.bias", i);
+            expect(l, &w->w_up, I, D, "model.layers.%d.mlp.fc1.weight", i);
+            expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.fc1.bias", i);
+            expect(l, &w->w_down, D, I, "model.layers.%d.mlp.fc2.weight", i);
+            expect(l, &w->b_down, D, 0, "model.layers.%d.mlp.fc2.bias", i);
+            continue;
+        }
+        expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.o_proj.weight", i);
+        if (c->o_bias) expect(l, &w->bo, D, 0, "model.layers.%d.self_attn.o_proj.bias", i);
+        expect(l, &w->w_gate, I, D, "model.layers.%d.mlp.gate_proj.weight", i);
+        expect(l, &w->w_up, I, D, "model.layers.%d.mlp.up_proj.weight", i);
+        expect(l, &w->w_down, D, I, "model.layers.%d.mlp.down_proj.weight", i);
+        if (c->mlp_bias) {
+            expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.up_proj.bias", i);
+            expect(l, &w->b_down, D, 0, "model.layers.%d.mlp.down_proj.bias", i);
+            expect(l, &w->b_gate, I, 0, "model.layers.%d.mlp.gate_proj.bias", i);
+        }
+        if (c->arch == ARCH_GEMMA2) {
+            expect(l, &w->attn_post_norm, D, 0, "model.layers.%d.post_attention_layernorm.weight", i);
+            expect(l, &w->mlp_norm, D, 0, "model.layers.%d.pre_feedforward_layernorm.weight", i);
+            expect(l, &w->mlp_post_norm, D, 0, "model.layers.%d.post_feedforward_layernorm.weight", i);
+        } else {
+            expect(l, &w->mlp_norm, D, 0, "model.layers.%d.post_attention_layernorm.weight", i);
+        }
+    }
+}
+
+// Tensors HF checkpoints may carry that the forward pass does not read.
+static int ignorable(const model_config *c, const char *name) {
+    size_t n = strlen(name);
+    const char *inv = "rotary_emb.inv_freq";
+    if (n >= strlen(inv) && !strcmp(name + n - strlen(inv), inv)) return 1;
+    return c->tied_embeddings && !strcmp(name, "lm_head.weight");
+}
+
+static int bind_tensor(model *m, const expected_tensor *e, ep_error *err) {
+    const st_tensor *t = safetensors_find(&m->st, e->name);
+    const char *file = m->st.paths[0];
+    if (!t) return ep_fail(err, "%s: tensor '%s' is missing (needed by %s)", file, e->name, m->cfg.arch_name);
+    file = m->st.paths[t->file];
+    int ndim = e->d1 ? 2 : 1;
+    if (t->ndim != ndim || t->shape[0] != e->d0 || (ndim == 2 && t->shape[1] != e->d1)) {
+        char got[96] = "", *p = got;
+        for (int d = 0; d < t->ndim; d++) p += snprintf(p, (size_t)(got + sizeof got - p), d ? ", %lld" : "%lld", (long long)t->shape[d]);
+        return ep_fail(err, "%s: tensor '%s' has shape [%s], config.json implies [%lld%s%.0lld]", file, e->name, got,
+                       (long long)e->d0, ndim == 2 ? ", " : "", (long long)e->d1);
+    }
+    if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
+        return ep_fail(err, "%s: tensor '%s' has dtype %s, expected F32, BF16 or F16", file, e->name, st_dtype_name(t->dtype));
+    if (t->dtype == ST_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
+        *e->dst = (const float *)(const void *)t->data;
+        return 0;
+    }
+    float *buf = ep_malloc(sizeof(float) * (size_t)t->numel);
+    m->owned[m->n_owned++] = buf;
+    *e->dst = buf;
+    return safetensors_read_f32(t, buf, err);
+}
+
+int model_load(const char *dir, model *m, ep_error *err) {
+    memset(m, 0, sizeof *m);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    if (model_config_load(path, &m->cfg, err)) return -1;
+    if (safetensors_open_dir(dir, &m->st, err)) return -1;
+    const model_config *c = &m->cfg;
+    m->layers = ep_calloc((size_t)c->n_layers, sizeof(layer_weights));
+    expected_list l = {0};
+    list_expected(m, &l);
+    m->owned = ep_calloc((size_t)l.n, sizeof(float *));
+    int rc = 0;
+    for (int i = 0; i < l.n && rc == 0; i++) rc = bind_tensor(m, &l.items[i], err);
+    // Every tensor in the files must be one we read (or a known leftover): an unexpected name means the
+    // config and the weights disagree, e.g. a config that says 2 layers for a 3-layer checkpoint.
+    for (int t = 0; t < m->st.n_tensors && rc == 0; t++) {
+        const char *name = m->st.tensors[t].name;
+        int known = ignorable(c, name);
+        for (int i = 0; i < l.n && !known; i++) known = !strcmp(l.items[i].name, name);
+        if (!known)
+            rc = ep_fail(err, "%s: unexpected tensor '%s' for %s with %d layers (config.json and weights disagree?)",
+                         m->st.paths[m->st.tensors[t].file], name, c->arch_name, c->n_layers);
+    }
+    free(l.items);
+    if (rc) {
+        model_free(m);
+        return -1;
+    }
+    if (c->tied_embeddings) m->lm_head = m->embed;
+    m->inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
+    model_config_inv_freq(c, m->inv_freq);
+    m->embed_scale = model_embed_scale(c, 0);
+    return 0;
+}
+
+void model_free(model *m) {
+    for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
+    free(m->owned);
+    free(m->layers);
+    free(m->inv_freq);
+    safetensors_close(&m->st);
+    memset(m, 0, sizeof *m);
+}

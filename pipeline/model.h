@@ -1,0 +1,48 @@
+// model: a HuggingFace checkpoint folder loaded as fp32 weights for the forward pass.
+//
+// Owns: the config (model_config), the memory-mapped safetensors, and one fp32 pointer per weight.
+// F32 tensors that are 4-byte aligned in the mapping are used in place (no copy); BF16/F16 tensors
+// are converted once into an owned buffer. Promises: every tensor the architecture needs is present
+// with the dtype class and shape the config implies; a missing, misshapen, or unexpected tensor is an
+// error naming the file and the tensor. The model is read-only after loading and may be shared by
+// threads.
+#ifndef EP_MODEL_H
+#define EP_MODEL_H
+
+#include "pipeline/error.h"
+#include "pipeline/model_config.h"
+#include "pipeline/safetensors.h"
+
+typedef struct {
+    const float *attn_norm, *attn_norm_bias;  // input_layernorm
+    const float *attn_post_norm;              // Gemma-2 post_attention_layernorm
+    const float *mlp_norm;                    // Llama post_attention_layernorm, Gemma-2 pre_feedforward_layernorm
+    const float *mlp_post_norm;               // Gemma-2 post_feedforward_layernorm
+    const float *wq, *wk, *wv, *wo;           // [out, in], HF Linear layout
+    const float *bq, *bk, *bv, *bo;
+    const float *w_gate, *w_up, *w_down;      // Phi-2: fc1 is w_up, fc2 is w_down, no gate
+    const float *b_gate, *b_up, *b_down;
+} layer_weights;
+
+typedef struct {
+    model_config cfg;
+    const float *embed;  // [vocab, hidden]
+    const float *final_norm, *final_norm_bias;
+    const float *lm_head, *lm_head_bias;  // lm_head == embed when embeddings are tied
+    layer_weights *layers;
+    float *inv_freq;     // rotary_dim / 2
+    float embed_scale;   // sqrt(hidden) rounded to fp32 for Gemma, else 1
+    safetensors st;
+    float **owned;       // converted tensors, freed with the model
+    int n_owned;
+} model;
+
+// Loads DIR/config.json and DIR's safetensors.
+int model_load(const char *dir, model *m, ep_error *err);
+void model_free(model *m);
+
+// Gemma multiplies embeddings by sqrt(hidden) as a tensor of the compute dtype: fp32 here, but a bf16
+// run rounds the factor to bf16 first (sqrt(3584) = 59.87 becomes 59.75). Returns the factor HF uses.
+float model_embed_scale(const model_config *cfg, int bf16_compute);
+
+#endif

@@ -94,7 +94,8 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
     memset(cfg, 0, sizeof *cfg);
     json_error_t jerr;
     json_t *root = json_load_file(path, 0, &jerr);
-    if (!root) return ep_fail(err, "%s: %s (line %d)", path, jerr.text, jerr.line);
+    if (!root && jerr.line < 1) return ep_fail(err, "%s: %s", path, jerr.text);
+    if (!root) return ep_fail(err, "%s: invalid JSON: %s (line %d)", path, jerr.text, jerr.line);
     int rc = -1;
     if (!json_is_object(root)) {
         ep_fail(err, "%s: expected a JSON object", path);

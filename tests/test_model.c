@@ -1,0 +1,249 @@
+// The CPU forward pass against HuggingFace transformers 4.44.2 on the tiny random-weight fixtures
+// (tools/make_tiny_models.py): logits at every position, the residual stream entering every layer,
+// post-RoPE keys and values, and greedy generation token for token. All prompts of a model run in ONE
+// packed batch while HF ran each alone, so any cross-talk between prompts shows up as an error.
+// Siblings prove the checks can fail: a perturbed weight and a disabled sliding window must both
+// push the error far past the tolerance.
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pipeline/forward.h"
+#include "pipeline/generate.h"
+#include "pipeline/model.h"
+#include "tests/harness.h"
+
+#define TOL 1e-4
+#define MAX_PROMPTS 8
+
+typedef struct {
+    int n;
+    int len[MAX_PROMPTS];
+    int32_t *ids[MAX_PROMPTS];
+    int32_t *generated[MAX_PROMPTS];
+    int n_generated;
+    const st_tensor *logits[MAX_PROMPTS], *resid[MAX_PROMPTS], *k[MAX_PROMPTS], *v[MAX_PROMPTS];
+    safetensors st;
+} reference;
+
+static const st_tensor *ref_tensor(reference *r, int i, const char *what) {
+    char name[64];
+    snprintf(name, sizeof name, "prompt%d.%s", i, what);
+    return safetensors_find(&r->st, name);
+}
+
+static int load_reference(const char *variant, reference *r) {
+    memset(r, 0, sizeof *r);
+    char path[512];
+    snprintf(path, sizeof path, "tests/fixtures/reference/%s.safetensors", variant);
+    ep_error err = {{0}};
+    if (safetensors_open_file(path, &r->st, &err)) {
+        check(0, "%s", err.msg);
+        return -1;
+    }
+    while (r->n < MAX_PROMPTS && ref_tensor(r, r->n, "ids")) {
+        int i = r->n++;
+        const st_tensor *ids = ref_tensor(r, i, "ids"), *gen = ref_tensor(r, i, "generated");
+        r->len[i] = (int)ids->numel;
+        r->ids[i] = malloc(sizeof(int32_t) * (size_t)ids->numel);
+        r->generated[i] = malloc(sizeof(int32_t) * (size_t)gen->numel);
+        r->n_generated = (int)gen->numel;
+        safetensors_read_i32(ids, r->ids[i], &err);
+        safetensors_read_i32(gen, r->generated[i], &err);
+        r->logits[i] = ref_tensor(r, i, "logits");
+        r->resid[i] = ref_tensor(r, i, "resid");
+        r->k[i] = ref_tensor(r, i, "k");
+        r->v[i] = ref_tensor(r, i, "v");
+    }
+    return 0;
+}
+
+static void free_reference(reference *r) {
+    for (int i = 0; i < r->n; i++) free(r->ids[i]), free(r->generated[i]);
+    safetensors_close(&r->st);
+}
+
+// Worst over rows of the row-relative error (|got - want| / max |want| in that row).
+static double rows_error(const float *got, const float *want, int rows, int width) {
+    double worst = 0;
+    for (int r = 0; r < rows; r++) {
+        double e = max_rel_error(got + (size_t)r * width, want + (size_t)r * width, (size_t)width, 1e-6);
+        if (e > worst) worst = e;
+    }
+    return worst;
+}
+
+typedef struct {
+    double logits, resid, kv;
+} errors;
+
+// Runs every prompt of the reference in one packed batch and compares everything.
+static errors compare_forward(const model *m, reference *r) {
+    const model_config *c = &m->cfg;
+    int T = 0, max_len = 0, D = c->hidden, V = c->vocab_size, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
+    for (int i = 0; i < r->n; i++) {
+        T += r->len[i];
+        if (r->len[i] > max_len) max_len = r->len[i];
+    }
+    int *tokens = malloc(sizeof(int) * (size_t)T), *rows = malloc(sizeof(int) * (size_t)T);
+    for (int i = 0, t = 0; i < r->n; i++)
+        for (int j = 0; j < r->len[i]; j++, t++) tokens[t] = r->ids[i][j];
+    for (int t = 0; t < T; t++) rows[t] = t;
+    float *logits = malloc(sizeof(float) * (size_t)T * V), *resid = malloc(sizeof(float) * (size_t)(L + 1) * T * D);
+    kv_cache cache;
+    ep_error err = {{0}};
+    errors e = {INFINITY, INFINITY, INFINITY};
+    forward_batch b = {.n_seqs = r->n, .n_new = r->len, .tokens = tokens, .n_logit_rows = T, .logit_rows = rows,
+                       .logits = logits, .resid = resid};
+    if (kv_cache_init(&cache, c, r->n, max_len, &err) || model_forward(m, kernel_ops_cpu(), &cache, &b, &err)) {
+        check(0, "forward: %s", err.msg);
+        goto done;
+    }
+    e = (errors){0, 0, 0};
+    float *want = malloc(sizeof(float) * (size_t)(L + 1) * max_len * (V > D ? V : D));
+    float *got = malloc(sizeof(float) * (size_t)(L + 1) * max_len * D);
+    for (int i = 0, t0 = 0; i < r->n; t0 += r->len[i], i++) {
+        int n = r->len[i];
+        safetensors_read_f32(r->logits[i], want, &err);
+        double x = rows_error(logits + (size_t)t0 * V, want, n, V);
+        e.logits = x > e.logits ? x : e.logits;
+        safetensors_read_f32(r->resid[i], want, &err);
+        for (int l = 0; l <= L; l++)
+            memcpy(got + (size_t)l * n * D, resid + ((size_t)l * T + t0) * D, sizeof(float) * (size_t)n * D);
+        x = rows_error(got, want, (L + 1) * n, D);
+        e.resid = x > e.resid ? x : e.resid;
+        for (int which = 0; which < 2; which++) {  // reference layout [L, n, kv_heads, head_dim]
+            safetensors_read_f32(which ? r->v[i] : r->k[i], want, &err);
+            for (int l = 0; l < L; l++)
+                for (int p = 0; p < n; p++)
+                    memcpy(got + ((size_t)l * n + p) * KV, which ? kv_cache_v(&cache, l, i, p) : kv_cache_k(&cache, l, i, p),
+                           sizeof(float) * KV);
+            x = rows_error(got, want, L * n, KV);
+            e.kv = x > e.kv ? x : e.kv;
+        }
+    }
+    free(want);
+    free(got);
+done:
+    kv_cache_free(&cache);
+    free(tokens), free(rows), free(logits), free(resid);
+    return e;
+}
+
+static void check_generation(const model *m, reference *r, const char *variant) {
+    int T = 0, N = r->n_generated;
+    for (int i = 0; i < r->n; i++) T += r->len[i];
+    int *tokens = malloc(sizeof(int) * (size_t)T), *out = malloc(sizeof(int) * (size_t)r->n * N), n_out[MAX_PROMPTS];
+    for (int i = 0, t = 0; i < r->n; i++)
+        for (int j = 0; j < r->len[i]; j++) tokens[t++] = r->ids[i][j];
+    greedy_opts o = {.max_new_tokens = N};  // the references were generated with eos disabled
+    ep_error err = {{0}};
+    int same = 0, total = 0;
+    if (greedy_generate(m, kernel_ops_cpu(), r->n, tokens, r->len, &o, out, n_out, &err)) {
+        check(0, "generate: %s", err.msg);
+    } else {
+        for (int i = 0; i < r->n; i++)
+            for (int j = 0; j < N; j++, total++) same += j < n_out[i] && out[i * N + j] == r->generated[i][j];
+        check(same == total, "%s: generation matches HF on %d of %d tokens", variant, same, total);
+    }
+    printf("  %-22s generate: %d/%d tokens equal to HF generate(do_sample=False)\n", variant, same, total);
+    free(tokens), free(out);
+}
+
+static void test_variant(const char *variant) {
+    char dir[512];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", variant);
+    model m;
+    ep_error err = {{0}};
+    reference r;
+    if (model_load(dir, &m, &err)) {
+        check(0, "%s", err.msg);
+        return;
+    }
+    if (load_reference(variant, &r)) {
+        model_free(&m);
+        return;
+    }
+    errors e = compare_forward(&m, &r);
+    printf("  %-22s %d prompts: logits %.2e  resid %.2e  k/v %.2e (max row-relative error)\n", variant, r.n, e.logits,
+           e.resid, e.kv);
+    check(e.logits <= TOL && e.resid <= TOL && e.kv <= TOL, "%s: error above %.0e", variant, TOL);
+    check_generation(&m, &r, variant);
+
+    if (!strcmp(variant, "gemma2-tiny") || !strcmp(variant, "phi2-tiny") || !strcmp(variant, "llama3-tiny")) {
+        // Can-fail sibling 1: one perturbed weight in the last layer.
+        const model_config *c = &m.cfg;
+        size_t n = (size_t)c->hidden * c->n_heads * c->head_dim;
+        float *wo = malloc(sizeof(float) * n);
+        const float *orig = m.layers[c->n_layers - 1].wo;
+        memcpy(wo, orig, sizeof(float) * n);
+        wo[7] += 0.5f;
+        m.layers[c->n_layers - 1].wo = wo;
+        errors p = compare_forward(&m, &r);
+        printf("  %-22s perturbed o_proj weight: logits error %.2e (must exceed tolerance)\n", variant, p.logits);
+        check(p.logits > 10 * TOL, "%s: a perturbed weight went unnoticed", variant);
+        m.layers[c->n_layers - 1].wo = orig;
+        free(wo);
+    }
+    if (!strcmp(variant, "gemma2-tiny")) {
+        // Can-fail sibling 2: without the sliding window the longer prompts must disagree with HF.
+        int window = m.cfg.sliding_window;
+        m.cfg.sliding_window = 0;
+        errors p = compare_forward(&m, &r);
+        printf("  %-22s sliding window off: logits error %.2e (must exceed tolerance)\n", variant, p.logits);
+        check(p.logits > 10 * TOL, "gemma2: the sliding window is not exercised by the fixtures");
+        m.cfg.sliding_window = window;
+    }
+    free_reference(&r);
+    model_free(&m);
+}
+
+// Loading failures on a copy of a real fixture: each must be one line naming the file and the tensor
+// or field, never a crash or a silently wrong model.
+static void expect_load_error(const char *dir, const char *needle, const char *what) {
+    model m;
+    ep_error err = {{0}};
+    int rc = model_load(dir, &m, &err);
+    if (rc == 0) model_free(&m);
+    printf("  %-28s -> %s\n", what, rc ? err.msg : "(loaded)");
+    check(rc != 0 && strstr(err.msg, needle) && !strchr(err.msg, '\n'), "%s: expected an error containing '%s'", what,
+          needle);
+}
+
+static int sh(const char *fmt, const char *a, const char *b) {
+    char cmd[2048];
+    snprintf(cmd, sizeof cmd, fmt, a, b);
+    return system(cmd);
+}
+
+static void test_load_errors(void) {
+    char dir[256];
+    snprintf(dir, sizeof dir, "/tmp/ep_test_model_%d", (int)getpid());
+    const char *src = "tests/fixtures/models/smollm-tiny";
+    // Config and weights that disagree: one layer more, one layer fewer, a different width.
+    sh("rm -rf %1$s && mkdir -p %1$s && cp %2$s/* %1$s/", dir, src);
+    sh("sed -i 's/\"num_hidden_layers\": 3/\"num_hidden_layers\": 4/' %s/config.json%s", dir, "");
+    expect_load_error(dir, "model.layers.3.input_layernorm.weight", "config has an extra layer");
+    sh("sed -i 's/\"num_hidden_layers\": 4/\"num_hidden_layers\": 2/' %s/config.json%s", dir, "");
+    expect_load_error(dir, "unexpected tensor", "config has a layer fewer");
+    sh("sed -i 's/\"num_hidden_layers\": 2/\"num_hidden_layers\": 3/; s/\"intermediate_size\": 96/\"intermediate_size\": 64/' %s/config.json%s",
+       dir, "");
+    expect_load_error(dir, "shape", "config has another width");
+    sh("cp %2$s/config.json %1$s/config.json && truncate -s -100 %1$s/model.safetensors", dir, src);
+    expect_load_error(dir, "model.safetensors", "truncated weights");
+    sh("cp %2$s/model.safetensors %1$s/ && rm %1$s/model.safetensors", dir, src);
+    expect_load_error(dir, "no model.safetensors", "missing weights");
+    sh("cp %2$s/model.safetensors %1$s/ && rm %1$s/config.json", dir, src);
+    expect_load_error(dir, "config.json", "missing config.json");
+    sh("rm -rf %s%s", dir, "");
+}
+
+int main(void) {
+    test_load_errors();
+    const char *variants[] = {"gemma2-tiny", "gemma2-tiny-bf16", "llama3-tiny", "llama3-tiny-bf16", "llama3-tiny-f16",
+                              "smollm-tiny", "smollm-tiny-bf16", "smollm-tiny-sharded", "phi2-tiny", "phi2-tiny-bf16"};
+    for (size_t i = 0; i < sizeof variants / sizeof variants[0]; i++) test_variant(variants[i]);
+    return test_finish("test_model");
+}

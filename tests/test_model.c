@@ -149,6 +149,21 @@ static void check_generation(const model *m, reference *r, const char *variant) 
         check(same == total, "%s: generation matches HF on %d of %d tokens", variant, same, total);
     }
     printf("  %-22s generate: %d/%d tokens equal to HF generate(do_sample=False)\n", variant, same, total);
+    // A stop id ends a sequence right after that token is emitted (kept, as HF keeps eos); the other
+    // sequences of the batch go on.
+    int stop_id = r->generated[0][2];
+    int first = 0;
+    while (r->generated[0][first] != stop_id) first++;
+    greedy_opts stop = {.max_new_tokens = N, .stop_ids = &stop_id, .n_stop_ids = 1};
+    if (greedy_generate(m, kernel_ops_cpu(), r->n, tokens, r->len, &stop, out, n_out, &err) == 0) {
+        check(n_out[0] == first + 1 && out[first] == stop_id, "%s: stop id ends sequence 0 after %d tokens, got %d",
+              variant, first + 1, n_out[0]);
+        for (int i = 1; i < r->n; i++) {
+            int until = 0;
+            while (until < N && r->generated[i][until] != stop_id) until++;
+            check(n_out[i] == (until < N ? until + 1 : N), "%s: sequence %d length after stop", variant, i);
+        }
+    }
     free(tokens), free(out);
 }
 

@@ -1,0 +1,264 @@
+#include "h5store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <zlib.h>
+
+#define COMPLETE_ATTR "edgepatch_complete"
+#define CRC_ATTR "crc32"
+
+// HDF5 prints its error stack to stderr by default; our errors are returned instead.
+static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
+
+static int fsync_path(const char *path, int directory) {
+    int fd = open(path, directory ? O_RDONLY | O_DIRECTORY : O_RDONLY);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+int h5store_create(const char *path, h5store *s, ep_error *err) {
+    quiet_hdf5();
+    memset(s, 0, sizeof *s);
+    size_t n = strlen(path) + 32;
+    s->path = ep_strdup(path);
+    s->tmp_path = ep_malloc(n);
+    snprintf(s->tmp_path, n, "%s.tmp-%d", path, (int)getpid());
+    s->file = H5Fcreate(s->tmp_path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (s->file < 0) {
+        ep_fail(err, "%s: cannot create (folder missing or not writable?)", s->tmp_path);
+        free(s->path), free(s->tmp_path);
+        memset(s, 0, sizeof *s);
+        return -1;
+    }
+    return 0;
+}
+
+int h5store_commit(h5store *s, ep_error *err) {
+    int rc = h5store_set_i64(s, COMPLETE_ATTR, 1, err);
+    if (rc == 0 && (H5Fflush(s->file, H5F_SCOPE_GLOBAL) < 0 || H5Fclose(s->file) < 0))
+        rc = ep_fail(err, "%s: cannot flush (disk full?)", s->tmp_path);
+    else if (rc != 0)
+        H5Fclose(s->file);
+    s->file = -1;
+    if (rc == 0 && fsync_path(s->tmp_path, 0) != 0) rc = ep_fail(err, "%s: fsync failed: %s", s->tmp_path, strerror(errno));
+    if (rc == 0 && rename(s->tmp_path, s->path) != 0)
+        rc = ep_fail(err, "%s: cannot rename to %s: %s", s->tmp_path, s->path, strerror(errno));
+    if (rc == 0) {
+        char *dir = ep_strdup(s->path), *slash = strrchr(dir, '/');
+        if (slash) *slash = 0;
+        fsync_path(slash ? dir : ".", 1);
+        free(dir);
+    } else {
+        unlink(s->tmp_path);
+    }
+    free(s->path), free(s->tmp_path);
+    memset(s, 0, sizeof *s);
+    return rc;
+}
+
+void h5store_abandon(h5store *s) {
+    if (s->file > 0) H5Fclose(s->file);
+    if (s->tmp_path) unlink(s->tmp_path);
+    free(s->path), free(s->tmp_path);
+    memset(s, 0, sizeof *s);
+}
+
+int h5store_open(const char *path, h5store *s, ep_error *err) {
+    quiet_hdf5();
+    memset(s, 0, sizeof *s);
+    if (access(path, R_OK) != 0) return ep_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    s->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (s->file < 0) {
+        memset(s, 0, sizeof *s);
+        return ep_fail(err, "%s: not a readable HDF5 file (truncated or corrupted?)", path);
+    }
+    s->path = ep_strdup(path);
+    int64_t complete = 0;
+    if (H5Aexists(s->file, COMPLETE_ATTR) <= 0 || h5store_get_i64(s, COMPLETE_ATTR, &complete, err) || complete != 1) {
+        h5store_close(s);
+        return ep_fail(err, "%s: no completion record: the run that wrote it did not finish", path);
+    }
+    return 0;
+}
+
+void h5store_close(h5store *s) {
+    if (s->file > 0) H5Fclose(s->file);
+    free(s->path), free(s->tmp_path);
+    memset(s, 0, sizeof *s);
+}
+
+int h5store_is_complete(const char *path) {
+    h5store s;
+    ep_error err;
+    if (access(path, R_OK) != 0 || h5store_open(path, &s, &err)) return 0;
+    h5store_close(&s);
+    return 1;
+}
+
+static const char *file_name(const h5store *s) { return s->tmp_path ? s->tmp_path : s->path; }
+
+static size_t shape_numel(const h5shape *shape) {
+    size_t n = 1;
+    for (int i = 0; i < shape->rank; i++) n *= (size_t)shape->dims[i];
+    return n;
+}
+
+static int write_dataset(h5store *s, const char *name, const h5shape *shape, hid_t file_type, hid_t mem_type,
+                         const void *data, size_t elsize, ep_error *err) {
+    if (shape->rank < 1 || shape->rank > H5STORE_MAX_RANK)
+        return ep_fail(err, "%s: dataset %s: rank %d not supported", file_name(s), name, shape->rank);
+    hsize_t dims[H5STORE_MAX_RANK];
+    for (int i = 0; i < shape->rank; i++) dims[i] = (hsize_t)shape->dims[i];
+    hid_t space = H5Screate_simple(shape->rank, dims, NULL);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    hid_t ds = H5Dcreate2(s->file, name, file_type, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = 0;
+    if (ds < 0 || H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
+        rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);
+    } else {
+        uint32_t crc = (uint32_t)crc32(0L, data, (uInt)(shape_numel(shape) * elsize));
+        hid_t aspace = H5Screate(H5S_SCALAR);
+        hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
+        if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0)
+            rc = ep_fail(err, "%s: cannot write the checksum of %s", file_name(s), name);
+        if (attr >= 0) H5Aclose(attr);
+        H5Sclose(aspace);
+    }
+    if (ds >= 0) H5Dclose(ds);
+    H5Pclose(lcpl);
+    H5Sclose(space);
+    return rc;
+}
+
+int h5store_write_f32(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err) {
+    return write_dataset(s, name, shape, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, data, sizeof(float), err);
+}
+
+int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const int32_t *data, ep_error *err) {
+    return write_dataset(s, name, shape, H5T_STD_I32LE, H5T_NATIVE_INT32, data, sizeof(int32_t), err);
+}
+
+int h5store_has(h5store *s, const char *name) {
+    // H5Lexists fails on a missing intermediate group, so walk the path one link at a time.
+    char *copy = ep_strdup(name);
+    int found = 1;
+    for (char *p = copy; found;) {
+        char *slash = strchr(p, '/');
+        if (slash) *slash = 0;
+        found = H5Lexists(s->file, copy, H5P_DEFAULT) > 0;
+        if (!slash) break;
+        *slash = '/';
+        p = slash + 1;
+    }
+    free(copy);
+    return found;
+}
+
+static int read_dataset(h5store *s, const char *name, h5shape *shape, hid_t mem_type, H5T_class_t want_class,
+                        size_t elsize, void **data, ep_error *err) {
+    if (!h5store_has(s, name)) return ep_fail(err, "%s: dataset %s is missing", file_name(s), name);
+    hid_t ds = H5Dopen2(s->file, name, H5P_DEFAULT);
+    if (ds < 0) return ep_fail(err, "%s: cannot open dataset %s", file_name(s), name);
+    hid_t space = H5Dget_space(ds), type = H5Dget_type(ds);
+    int rc = 0;
+    int rank = H5Sget_simple_extent_ndims(space);
+    if (H5Tget_class(type) != want_class || H5Tget_size(type) != elsize || rank < 1 || rank > H5STORE_MAX_RANK) {
+        rc = ep_fail(err, "%s: dataset %s has an unexpected type or rank", file_name(s), name);
+    } else {
+        hsize_t dims[H5STORE_MAX_RANK];
+        H5Sget_simple_extent_dims(space, dims, NULL);
+        shape->rank = rank;
+        for (int i = 0; i < rank; i++) shape->dims[i] = (int64_t)dims[i];
+        size_t bytes = shape_numel(shape) * elsize;
+        *data = ep_malloc(bytes);
+        uint32_t stored = 0;
+        hid_t attr = H5Aexists(ds, CRC_ATTR) > 0 ? H5Aopen(ds, CRC_ATTR, H5P_DEFAULT) : -1;
+        if (H5Dread(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, *data) < 0) {
+            rc = ep_fail(err, "%s: cannot read dataset %s (corrupted file?)", file_name(s), name);
+        } else if (attr < 0 || H5Aread(attr, H5T_NATIVE_UINT32, &stored) < 0) {
+            rc = ep_fail(err, "%s: dataset %s has no checksum", file_name(s), name);
+        } else if ((uint32_t)crc32(0L, *data, (uInt)bytes) != stored) {
+            rc = ep_fail(err, "%s: dataset %s is corrupted (checksum mismatch)", file_name(s), name);
+        }
+        if (attr >= 0) H5Aclose(attr);
+        if (rc) {
+            free(*data);
+            *data = NULL;
+        }
+    }
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Dclose(ds);
+    return rc;
+}
+
+int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err) {
+    return read_dataset(s, name, shape, H5T_NATIVE_FLOAT, H5T_FLOAT, sizeof(float), (void **)data, err);
+}
+
+int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err) {
+    return read_dataset(s, name, shape, H5T_NATIVE_INT32, H5T_INTEGER, sizeof(int32_t), (void **)data, err);
+}
+
+static int write_attr(h5store *s, const char *name, hid_t type, const void *value, ep_error *err) {
+    if (H5Aexists(s->file, name) > 0) H5Adelete(s->file, name);
+    hid_t space = H5Screate(H5S_SCALAR);
+    hid_t attr = H5Acreate2(s->file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = attr < 0 || H5Awrite(attr, type, value) < 0 ? ep_fail(err, "%s: cannot write attribute %s", file_name(s), name) : 0;
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    return rc;
+}
+
+int h5store_set_str(h5store *s, const char *name, const char *value, ep_error *err) {
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, H5T_VARIABLE);
+    H5Tset_cset(type, H5T_CSET_UTF8);
+    int rc = write_attr(s, name, type, &value, err);
+    H5Tclose(type);
+    return rc;
+}
+
+int h5store_set_i64(h5store *s, const char *name, int64_t value, ep_error *err) {
+    return write_attr(s, name, H5T_NATIVE_INT64, &value, err);
+}
+
+int h5store_get_str(h5store *s, const char *name, char **value, ep_error *err) {
+    if (H5Aexists(s->file, name) <= 0) return ep_fail(err, "%s: attribute %s is missing", file_name(s), name);
+    hid_t attr = H5Aopen(s->file, name, H5P_DEFAULT), type = H5Aget_type(attr);
+    int rc = 0;
+    if (H5Tget_class(type) != H5T_STRING || !H5Tis_variable_str(type)) {
+        rc = ep_fail(err, "%s: attribute %s is not a string", file_name(s), name);
+    } else {
+        char *raw = NULL;
+        hid_t mem = H5Tcopy(type);  // same character set: HDF5 does not convert ASCII <-> UTF-8
+        if (H5Aread(attr, mem, &raw) < 0 || !raw) {
+            rc = ep_fail(err, "%s: cannot read attribute %s", file_name(s), name);
+        } else {
+            *value = ep_strdup(raw);
+            H5free_memory(raw);
+        }
+        H5Tclose(mem);
+    }
+    H5Tclose(type);
+    H5Aclose(attr);
+    return rc;
+}
+
+int h5store_get_i64(h5store *s, const char *name, int64_t *value, ep_error *err) {
+    if (H5Aexists(s->file, name) <= 0) return ep_fail(err, "%s: attribute %s is missing", file_name(s), name);
+    hid_t attr = H5Aopen(s->file, name, H5P_DEFAULT), type = H5Aget_type(attr);
+    int rc = H5Tget_class(type) != H5T_INTEGER || H5Aread(attr, H5T_NATIVE_INT64, value) < 0
+                 ? ep_fail(err, "%s: attribute %s is not an integer", file_name(s), name)
+                 : 0;
+    H5Tclose(type);
+    H5Aclose(attr);
+    return rc;
+}

@@ -1,0 +1,55 @@
+// h5store: the HDF5 artifacts every stage reads and writes, crash-safe and self-checking.
+//
+// Owns: one HDF5 file per artifact. Writers create "<path>.tmp-<pid>", write datasets and attributes,
+// then h5store_commit writes the completion record, flushes, fsyncs, renames onto <path> and fsyncs the
+// folder; a crash or kill at any moment leaves either the old file or no file under <path>, plus a tmp
+// file that readers never open. Every dataset carries a CRC-32 of its bytes; readers verify it, and
+// h5store_open refuses a file without the completion record. Errors name the file and the dataset.
+// Never calls MPI: parallel writers write their own files (see sched/).
+#ifndef EP_H5STORE_H
+#define EP_H5STORE_H
+
+#include <hdf5.h>
+#include <stdint.h>
+
+#include "pipeline/error.h"
+
+typedef struct {
+    hid_t file;
+    char *path;      // the final name
+    char *tmp_path;  // where a writer writes until commit; NULL for readers
+} h5store;
+
+#define H5STORE_MAX_RANK 6
+
+typedef struct {
+    int rank;
+    int64_t dims[H5STORE_MAX_RANK];
+} h5shape;
+
+int h5store_create(const char *path, h5store *s, ep_error *err);
+// Marks complete and atomically publishes the file; closes s either way.
+int h5store_commit(h5store *s, ep_error *err);
+// Closes and deletes an unfinished file (the final path is untouched).
+void h5store_abandon(h5store *s);
+
+int h5store_open(const char *path, h5store *s, ep_error *err);
+void h5store_close(h5store *s);
+// 1 if path exists and carries the completion record, else 0 (no error).
+int h5store_is_complete(const char *path);
+
+// Datasets: names may contain '/' (groups are created as needed). float32 and int32, row-major.
+int h5store_write_f32(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err);
+int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const int32_t *data, ep_error *err);
+// Readers allocate *data (free with free()) and check the CRC.
+int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err);
+int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);
+int h5store_has(h5store *s, const char *name);
+
+// Root attributes: strings and integers.
+int h5store_set_str(h5store *s, const char *name, const char *value, ep_error *err);
+int h5store_get_str(h5store *s, const char *name, char **value, ep_error *err);
+int h5store_set_i64(h5store *s, const char *name, int64_t value, ep_error *err);
+int h5store_get_i64(h5store *s, const char *name, int64_t *value, ep_error *err);
+
+#endif

@@ -1,0 +1,177 @@
+// h5store: round trip of datasets and attributes, and the crash-safety promises: a killed writer never
+// leaves a file that looks complete, an existing artifact survives a failed rewrite, and truncated or
+// bit-flipped files are refused with a message naming the file and dataset.
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include "pipeline/h5store.h"
+#include "tests/harness.h"
+
+static char dir[256];
+
+static void write_sample(const char *path, float scale) {
+    h5store s;
+    ep_error err = {{0}};
+    float f[6] = {1, 2, 3, 4, 5, 6};
+    for (int i = 0; i < 6; i++) f[i] *= scale;
+    int32_t v[3] = {-7, 0, 2147483647};
+    h5shape fs = {2, {2, 3}}, vs = {1, {3}};
+    check(h5store_create(path, &s, &err) == 0, "create: %s", err.msg);
+    check(h5store_write_f32(&s, "group/sub/floats", &fs, f, &err) == 0, "write f32: %s", err.msg);
+    check(h5store_write_i32(&s, "ints", &vs, v, &err) == 0, "write i32: %s", err.msg);
+    check(h5store_set_str(&s, "task", "country-capital", &err) == 0, "attr str: %s", err.msg);
+    check(h5store_set_i64(&s, "seed", 1234567890123LL, &err) == 0, "attr i64: %s", err.msg);
+    check(h5store_commit(&s, &err) == 0, "commit: %s", err.msg);
+}
+
+static void test_round_trip(void) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/a.h5", dir);
+    write_sample(path, 1);
+    h5store s;
+    ep_error err = {{0}};
+    check(h5store_open(path, &s, &err) == 0, "open: %s", err.msg);
+    h5shape shape;
+    float *f = NULL;
+    int32_t *v = NULL;
+    check(h5store_read_f32(&s, "group/sub/floats", &shape, &f, &err) == 0 && shape.rank == 2 && shape.dims[1] == 3 &&
+              f[5] == 6,
+          "read f32: %s", err.msg);
+    check(h5store_read_i32(&s, "ints", &shape, &v, &err) == 0 && v[0] == -7 && v[2] == 2147483647, "read i32");
+    char *task = NULL;
+    int64_t seed = 0;
+    check(h5store_get_str(&s, "task", &task, &err) == 0 && !strcmp(task, "country-capital"), "attr str");
+    check(h5store_get_i64(&s, "seed", &seed, &err) == 0 && seed == 1234567890123LL, "attr i64");
+    check(h5store_read_f32(&s, "nope/floats", &shape, &f, &err) != 0 && strstr(err.msg, "nope/floats"), "missing: %s",
+          err.msg);
+    check(h5store_read_f32(&s, "ints", &shape, &f, &err) != 0, "type mismatch refused");
+    free(f), free(v), free(task);
+    h5store_close(&s);
+    check(h5store_is_complete(path), "complete");
+}
+
+static void test_killed_writer(void) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/killed.h5", dir);
+    write_sample(path, 1);  // an existing, complete artifact
+    pid_t pid = fork();
+    if (pid == 0) {  // a writer killed after writing data but before commit
+        h5store s;
+        ep_error err;
+        float f[2] = {9, 9};
+        h5shape sh = {1, {2}};
+        if (h5store_create(path, &s, &err) == 0) h5store_write_f32(&s, "group/sub/floats", &sh, f, &err);
+        raise(SIGKILL);
+    }
+    int status;
+    waitpid(pid, &status, 0);
+    check(WIFSIGNALED(status), "child was killed");
+    h5store s;
+    ep_error err = {{0}};
+    float *f = NULL;
+    h5shape shape;
+    check(h5store_open(path, &s, &err) == 0 && h5store_read_f32(&s, "group/sub/floats", &shape, &f, &err) == 0 &&
+              f[0] == 1,
+          "old artifact intact after a killed rewrite: %s", err.msg);
+    free(f);
+    h5store_close(&s);
+    // The killed writer's tmp file, renamed into place by hand, is still refused: no completion record.
+    char cmd[1200];
+    snprintf(cmd, sizeof cmd, "mv %s.tmp-%d %s/renamed.h5", path, (int)pid, dir);
+    check(system(cmd) == 0, "the tmp file of the killed writer exists");
+    snprintf(path, sizeof path, "%s/renamed.h5", dir);
+    // Killed before its first flush the file is not even valid HDF5; either way it must be refused.
+    check(h5store_open(path, &s, &err) != 0 && strstr(err.msg, "renamed.h5"), "incomplete refused: %s", err.msg);
+    check(!h5store_is_complete(path), "is_complete says no");
+}
+
+// A file whose data was flushed but whose writer never committed has no completion record.
+static void test_uncommitted_flushed(void) {
+    char path[512], tmp[600];
+    snprintf(path, sizeof path, "%s/flushed.h5", dir);
+    h5store s;
+    ep_error err = {{0}};
+    float f[2] = {1, 2};
+    h5shape sh = {1, {2}};
+    check(h5store_create(path, &s, &err) == 0 && h5store_write_f32(&s, "x", &sh, f, &err) == 0, "write");
+    H5Fflush(s.file, H5F_SCOPE_GLOBAL);
+    snprintf(tmp, sizeof tmp, "%s", s.tmp_path);
+    check(rename(tmp, path) == 0, "rename by hand");
+    h5store reader;
+    check(h5store_open(path, &reader, &err) != 0 && strstr(err.msg, "completion record"), "uncommitted refused: %s",
+          err.msg);
+    h5store_abandon(&s);
+}
+
+static void test_abandon(void) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/abandoned.h5", dir);
+    h5store s;
+    ep_error err;
+    check(h5store_create(path, &s, &err) == 0, "create");
+    h5store_abandon(&s);
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "ls %s | grep -q abandoned", dir);
+    check(system(cmd) != 0, "abandon leaves no file");
+}
+
+static void test_corruption(void) {
+    char path[512], cmd[1200];
+    snprintf(path, sizeof path, "%s/flip.h5", dir);
+    write_sample(path, 1000);
+    // Flip one byte inside the float dataset's data: the checksum must catch it.
+    h5store s;
+    ep_error err = {{0}};
+    h5store_open(path, &s, &err);
+    hid_t ds = H5Dopen2(s.file, "group/sub/floats", H5P_DEFAULT);
+    haddr_t offset = H5Dget_offset(ds);
+    H5Dclose(ds);
+    h5store_close(&s);
+    FILE *f = fopen(path, "r+b");
+    fseek(f, (long)offset + 5, SEEK_SET);
+    int c = fgetc(f);
+    fseek(f, (long)offset + 5, SEEK_SET);
+    fputc(c ^ 0x10, f);
+    fclose(f);
+    float *data = NULL;
+    h5shape shape;
+    check(h5store_open(path, &s, &err) == 0, "flipped data byte still opens");
+    check(h5store_read_f32(&s, "group/sub/floats", &shape, &data, &err) != 0 && strstr(err.msg, "checksum") &&
+              strstr(err.msg, "flip.h5"),
+          "bit flip detected: %s", err.msg);
+    h5store_close(&s);
+    free(data);
+
+    snprintf(path, sizeof path, "%s/trunc.h5", dir);
+    write_sample(path, 1);
+    snprintf(cmd, sizeof cmd, "truncate -s 600 %s", path);
+    check(system(cmd) == 0, "truncate");
+    int rc = h5store_open(path, &s, &err);
+    if (rc == 0) {  // if the superblock survived, reading must still fail
+        rc = h5store_read_f32(&s, "group/sub/floats", &shape, &data, &err);
+        h5store_close(&s);
+        free(data);
+    }
+    check(rc != 0 && strstr(err.msg, "trunc.h5"), "truncated file refused: %s", err.msg);
+    snprintf(path, sizeof path, "%s/missing-dir/x.h5", dir);
+    check(h5store_create(path, &s, &err) != 0 && strstr(err.msg, "missing-dir"), "unwritable path: %s", err.msg);
+}
+
+int main(void) {
+    snprintf(dir, sizeof dir, "/tmp/ep_test_h5store_%d", (int)getpid());
+    char cmd[600];
+    snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", dir, dir);
+    if (system(cmd) != 0) return 1;
+    test_round_trip();
+    test_killed_writer();
+    test_uncommitted_flushed();
+    test_abandon();
+    test_corruption();
+    snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+    if (system(cmd) != 0) return 1;
+    return test_finish("test_h5store");
+}

@@ -407,21 +407,25 @@ def cache_kv(model, ids):
 
 
 def greedy_nocache(model, ids, n):
-    cur = ids
+    """Greedy continuation with a full forward per step; returns tokens [n] and their logits [n, V]."""
+    cur, steps = ids, []
     with torch.no_grad():
         for _ in range(n):
-            nxt = model(input_ids=cur, use_cache=False).logits[0, -1].argmax()
-            cur = torch.cat([cur, nxt.view(1, 1)], dim=1)
-    return cur[0, ids.shape[1]:]
+            last = model(input_ids=cur, use_cache=False).logits[0, -1]
+            steps.append(last)
+            cur = torch.cat([cur, last.argmax().view(1, 1)], dim=1)
+    return cur[0, ids.shape[1]:], torch.stack(steps)
 
 
 def greedy_generate(model, ids, n):
+    """HF generate (its default cache: DynamicCache, HybridCache for Gemma2); tokens and raw step logits."""
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, eos_token_id=None, pad_token_id=pad, num_beams=1,
-                             temperature=None, top_p=None, top_k=None)
-    return out[0, ids.shape[1]:]
+                             temperature=None, top_p=None, top_k=None, output_logits=True,
+                             return_dict_in_generate=True)
+    return out.sequences[0, ids.shape[1]:], torch.stack([x[0] for x in out.logits])
 
 
 def softcap_check(model, rope_q, rope_k, T):
@@ -495,14 +499,19 @@ def reference_for_variant(name, folder, prompts, log):
         dlog = float((logits - logits_c).abs().max())
         assert dlog < 1e-4, dlog
         # Greedy continuation
-        gen_nc = greedy_nocache(model, ids, N_GEN)
-        gen_hf = greedy_generate(model, ids, N_GEN)
+        gen_nc, glog_nc = greedy_nocache(model, ids, N_GEN)
+        gen_hf, glog_hf = greedy_generate(model, ids, N_GEN)
         agree = torch.equal(gen_nc, gen_hf)
-        log(f"  {name} prompt{pi}: T={T} generate==no-cache: {agree} gen={gen_nc.tolist()}"
-            f" cache-vs-nocache logits max|d|={dlog:.2e}")
-        if not agree:
-            log(f"  !!!!! LOUD NOTE: {name} prompt{pi}: HF generate {gen_hf.tolist()} disagrees with the no-cache "
-                f"loop {gen_nc.tolist()}; storing the no-cache result !!!!!")
+        dgen = [float((a - b).abs().max()) for a, b in zip(glog_nc, glog_hf)]
+        top2 = glog_nc.topk(2, dim=-1).values
+        margin = float((top2[:, 0] - top2[:, 1]).min())  # greedy choices are not near-ties
+        assert margin > 1e-4, margin
+        log(f"  {name} prompt{pi}: T={T} generate==no-cache tokens: {agree}, step logits max|d| {max(dgen):.2e} "
+            f"gen={gen_nc.tolist()} min top1-top2 margin {margin:.1e} cache-vs-nocache prefill logits max|d|={dlog:.2e}")
+        if not agree or max(dgen) > 1e-4:
+            log(f"  !!!!! LOUD NOTE: {name} prompt{pi} (T={T}): HF generate (its KV cache) disagrees with the "
+                f"no-cache loop: tokens {gen_hf.tolist()} vs {gen_nc.tolist()}, per-step max|d logits| "
+                f"{[round(d, 4) for d in dgen]}; the no-cache tokens and logits are stored !!!!!")
         if pi == len(prompts) - 1 and getattr(cfg, "attn_logit_softcapping", None):
             sc = softcap_check(model, rq, rk, T)
             log(f"  {name} prompt{pi}: attn softcap {cfg.attn_logit_softcapping}: per layer (max|score| before cap, "
@@ -521,12 +530,47 @@ def reference_for_variant(name, folder, prompts, log):
         tensors[f"prompt{pi}.k"] = k.contiguous()
         tensors[f"prompt{pi}.v"] = v.contiguous()
         tensors[f"prompt{pi}.generated"] = gen_nc.to(torch.int32).contiguous()
+        tensors[f"prompt{pi}.gen_logits"] = glog_nc.float().contiguous()
     meta = {"transformers": transformers.__version__, "torch": torch.__version__,
             "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
             "variant": os.path.basename(folder), "n_prompts": str(len(prompts)), "n_generated": str(N_GEN)}
     for pi, text in enumerate(prompts):
         meta[f"prompt{pi}.text"] = text
     save_safetensors_stable(tensors, os.path.join(OUT_REF, os.path.basename(folder) + ".safetensors"), meta)
+
+
+def gemma2_window_check(folder, prompts, log):
+    """Show that the sliding window of the even layers changes the output exactly when T > window, and
+    that HF's window is "key j visible from query i iff 0 <= i - j < sliding_window" (window 8 != 9)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    W = model.config.sliding_window
+    sliding = [i for i, layer in enumerate(model.model.layers) if layer.is_sliding]
+
+    def run(ids, w):
+        for i in sliding:
+            model.model.layers[i].sliding_window = w
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits[0]
+
+    log(f"  gemma2-tiny sliding layers {sliding}, window {W}")
+    for pi, text in enumerate(prompts):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        T = ids.shape[1]
+        base = run(ids, W)
+        d_inf = float((base - run(ids, 10 ** 6)).abs().max())
+        d_next = float((base - run(ids, W + 1)).abs().max())
+        log(f"  gemma2-tiny prompt{pi} T={T}: max|logits(window {W}) - logits(no window)| = {d_inf:.3e}, "
+            f"vs window {W + 1}: {d_next:.3e}")
+        assert (d_inf > 1e-4) == (T > W) and (d_next > 1e-4) == (T > W)
+
+
+def tokenizer_check(folder, ids_ref, prompts):
+    """tokenizer.json alone (tokenizers library, no transformers) gives the same ids as AutoTokenizer."""
+    raw = Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+    for i, text in enumerate(prompts):
+        assert raw.encode(text).ids == ids_ref[i], (folder, i)
 
 
 def llama3_rope_check(model, log):
@@ -583,6 +627,10 @@ def main():
             folder = os.path.join(OUT_MODELS, vname)
             save_variant(model, hf_tok, folder, dtype, shard)
             reference_for_variant(vname, folder, prompts, log)
+            ref = load_file(os.path.join(OUT_REF, vname + ".safetensors"))
+            tokenizer_check(folder, [ref[f"prompt{i}.ids"].tolist() for i in range(len(prompts))], prompts)
+        if name == "gemma2-tiny":
+            gemma2_window_check(os.path.join(OUT_MODELS, name), prompts, log)
     with open(os.path.join(OUT_REF, "checks.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
 

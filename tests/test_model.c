@@ -167,6 +167,43 @@ static void check_generation(const model *m, reference *r, const char *variant) 
     free(tokens), free(out);
 }
 
+// The decode path step by step: prompt pass, then the reference's generated tokens fed one at a time
+// through the KV cache; the logits of every step against HF's no-cache logits (prompt{i}.gen_logits).
+static double decode_logits_error(const model *m, reference *r) {
+    int V = m->cfg.vocab_size, N = r->n_generated;
+    double worst = 0;
+    float *got = malloc(sizeof(float) * (size_t)V), *want = malloc(sizeof(float) * (size_t)N * V);
+    ep_error err = {{0}};
+    for (int i = 0; i < r->n; i++) {
+        char name[64];
+        snprintf(name, sizeof name, "prompt%d.gen_logits", i);
+        const st_tensor *t = safetensors_find(&r->st, name);
+        if (!t || safetensors_read_f32(t, want, &err)) {
+            check(0, "reference lacks %s", name);
+            worst = INFINITY;
+            break;
+        }
+        kv_cache cache;
+        kv_cache_init(&cache, &m->cfg, 1, r->len[i] + N, &err);
+        int last = r->len[i] - 1, one = 1, row0 = 0;
+        forward_batch b = {.n_seqs = 1, .n_new = &r->len[i], .tokens = r->ids[i], .n_logit_rows = 1,
+                           .logit_rows = &last, .logits = got};
+        for (int j = 0; j < N; j++) {
+            if (model_forward(m, kernel_ops_cpu(), &cache, &b, &err)) {
+                check(0, "decode: %s", err.msg);
+                break;
+            }
+            double e = max_rel_error(got, want + (size_t)j * V, (size_t)V, 1e-6);
+            worst = e > worst ? e : worst;
+            b = (forward_batch){.n_seqs = 1, .n_new = &one, .tokens = &r->generated[i][j], .n_logit_rows = 1,
+                                .logit_rows = &row0, .logits = got};
+        }
+        kv_cache_free(&cache);
+    }
+    free(got), free(want);
+    return worst;
+}
+
 static void test_variant(const char *variant) {
     char dir[512];
     snprintf(dir, sizeof dir, "tests/fixtures/models/%s", variant);
@@ -186,6 +223,9 @@ static void test_variant(const char *variant) {
            e.resid, e.kv);
     check(e.logits <= TOL && e.resid <= TOL && e.kv <= TOL, "%s: error above %.0e", variant, TOL);
     check_generation(&m, &r, variant);
+    double decode = decode_logits_error(&m, &r);
+    printf("  %-22s decode step logits through the KV cache: %.2e\n", variant, decode);
+    check(decode <= TOL, "%s: decode logits error %.2e", variant, decode);
 
     if (!strcmp(variant, "gemma2-tiny") || !strcmp(variant, "phi2-tiny") || !strcmp(variant, "llama3-tiny")) {
         // Can-fail sibling 1: one perturbed weight in the last layer.

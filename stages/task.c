@@ -1,0 +1,216 @@
+#include "task.h"
+
+#include <ctype.h>
+#include <dirent.h>
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pipeline/paths.h"
+
+static const char *kind_names[DONOR_KIND_COUNT] = {"random_xy", "random_y", "random_x", "other_pairs", "shuffle_y"};
+
+const char *donor_kind_name(donor_kind k) { return k < DONOR_KIND_COUNT ? kind_names[k] : "?"; }
+
+int donor_kind_parse(const char *s, donor_kind *out) {
+    for (int k = 0; k < DONOR_KIND_COUNT; k++)
+        if (!strcmp(s, kind_names[k])) {
+            *out = (donor_kind)k;
+            return 0;
+        }
+    return -1;
+}
+
+static const char *string_field(json_t *root, const char *key, const char *fallback) {
+    json_t *v = json_object_get(root, key);
+    return json_is_string(v) ? json_string_value(v) : fallback;
+}
+
+// Reads a pair list; keep(x, y) decides which pairs go to which list.
+static int load_pairs(const char *path, const char *in_key, const char *out_key, int want_identity, task_pair **pairs,
+                      int *n, ep_error *err) {
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root) return ep_fail(err, "%s: %s (line %d)", path, jerr.text, jerr.line);
+    if (!json_is_array(root)) {
+        json_decref(root);
+        return ep_fail(err, "%s: expected a JSON list of {\"%s\", \"%s\"} objects", path, in_key, out_key);
+    }
+    *pairs = ep_calloc(json_array_size(root) + 1, sizeof(task_pair));
+    *n = 0;
+    size_t i;
+    json_t *item;
+    int rc = 0;
+    json_array_foreach(root, i, item) {
+        const char *x = string_field(item, in_key, NULL), *y = string_field(item, out_key, NULL);
+        if (!x || !y) {
+            rc = ep_fail(err, "%s: item %zu: fields '%s' and '%s' must be strings", path, i, in_key, out_key);
+            break;
+        }
+        if (json_object_get(item, "suspect")) continue;  // upstream label known to be wrong
+        if (!*x || !*y) {
+            rc = ep_fail(err, "%s: item %zu: empty input or output", path, i);
+            break;
+        }
+        if (want_identity >= 0 && (strcmp(x, y) == 0) != want_identity) continue;
+        (*pairs)[*n].x = ep_strdup(x);
+        (*pairs)[*n].y = ep_strdup(y);
+        (*n)++;
+    }
+    json_decref(root);
+    return rc;
+}
+
+static void canonical_name(const char *in, char *out, size_t n) {
+    size_t i = 0;
+    for (; in[i] && i + 1 < n; i++) out[i] = in[i] == '-' ? '_' : (char)tolower((unsigned char)in[i]);
+    out[i] = 0;
+}
+
+int task_load(const char *name_or_path, task *t, ep_error *err) {
+    memset(t, 0, sizeof *t);
+    char path[4096];
+    if (strchr(name_or_path, '/') || strstr(name_or_path, ".json")) {
+        snprintf(path, sizeof path, "%s", name_or_path);
+    } else {
+        char canon[256], rel[300];
+        canonical_name(name_or_path, canon, sizeof canon);
+        snprintf(rel, sizeof rel, "tasks/%s.json", canon);
+        if (data_path(rel, path, sizeof path, err)) return ep_fail(err, "unknown task '%s' (see 'edgepatch tasks')", name_or_path);
+    }
+    json_error_t jerr;
+    json_t *root = json_load_file(path, 0, &jerr);
+    if (!root) return ep_fail(err, "%s: %s (line %d)", path, jerr.text, jerr.line);
+    char dir[4096], file[4096];
+    dir_of(path, dir, sizeof dir);
+    int rc = -1;
+    t->path = ep_strdup(path);
+    const char *name = string_field(root, "name", NULL), *pairs = string_field(root, "pairs", NULL);
+    if (!json_is_object(root) || !name || !pairs) {
+        ep_fail(err, "%s: fields name and pairs (strings) are required", path);
+        goto done;
+    }
+    t->name = ep_strdup(name);
+    t->title = ep_strdup(string_field(root, "title", name));
+    t->separator = ep_strdup(string_field(root, "separator", ":"));
+    t->output_prefix = ep_strdup(string_field(root, "output_prefix", " "));
+    t->example_separator = ep_strdup(string_field(root, "example_separator", "\n"));
+    const char *in_key = string_field(root, "input", "input"), *out_key = string_field(root, "output", "output");
+    json_t *shots = json_object_get(root, "n_shots");
+    t->n_shots = shots ? (int)json_integer_value(shots) : 10;
+    if (shots && (!json_is_integer(shots) || t->n_shots < 0 || t->n_shots > 1000)) {
+        ep_fail(err, "%s: field n_shots: expected an integer in 0..1000", path);
+        goto done;
+    }
+    json_t *kinds = json_object_get(root, "donor_kinds");
+    if (!json_is_array(kinds) || json_array_size(kinds) == 0 || json_array_size(kinds) > DONOR_KIND_COUNT) {
+        ep_fail(err, "%s: field donor_kinds: expected a list of 1 to %d donor kinds", path, DONOR_KIND_COUNT);
+        goto done;
+    }
+    for (size_t i = 0; i < json_array_size(kinds); i++) {
+        const char *k = json_string_value(json_array_get(kinds, i));
+        if (!k || donor_kind_parse(k, &t->kinds[t->n_kinds++])) {
+            ep_fail(err, "%s: field donor_kinds[%zu]: '%s' is not one of random_xy, random_y, random_x, other_pairs, "
+                         "shuffle_y", path, i, k ? k : "(not a string)");
+            goto done;
+        }
+    }
+    const char *ambiguous = string_field(root, "ambiguous_pairs", NULL);
+    path_join(dir, pairs, file, sizeof file);
+    if (load_pairs(file, in_key, out_key, ambiguous ? 0 : -1, &t->pairs, &t->n_pairs, err)) goto done;
+    if (ambiguous) {
+        path_join(dir, ambiguous, file, sizeof file);
+        if (load_pairs(file, in_key, out_key, 1, &t->ambiguous, &t->n_ambiguous, err)) goto done;
+        json_t *frac = json_object_get(root, "ambiguous_fraction");
+        t->ambiguous_fraction = frac ? json_number_value(frac) : 0.5;
+        if (frac && (!json_is_number(frac) || t->ambiguous_fraction < 0 || t->ambiguous_fraction > 1)) {
+            ep_fail(err, "%s: field ambiguous_fraction: expected a number in [0, 1]", path);
+            goto done;
+        }
+    }
+    const char *words = string_field(root, "words", NULL);
+    if (words) {
+        path_join(dir, words, file, sizeof file);
+        t->words_path = ep_strdup(file);
+    }
+    if (t->n_pairs < 2) {
+        ep_fail(err, "%s: needs at least 2 pairs, has %d", path, t->n_pairs);
+        goto done;
+    }
+    rc = 0;
+done:
+    json_decref(root);
+    if (rc) task_free(t);
+    return rc;
+}
+
+static void free_pairs(task_pair *p, int n) {
+    for (int i = 0; i < n; i++) free(p[i].x), free(p[i].y);
+    free(p);
+}
+
+void task_free(task *t) {
+    free_pairs(t->pairs, t->n_pairs);
+    free_pairs(t->ambiguous, t->n_ambiguous);
+    free(t->name), free(t->title), free(t->path), free(t->separator), free(t->output_prefix);
+    free(t->example_separator), free(t->words_path);
+    memset(t, 0, sizeof *t);
+}
+
+static int compare_strings(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
+
+int task_names(char ***names, int *n, ep_error *err) {
+    char dir[4096];
+    if (data_path("tasks", dir, sizeof dir, err)) return -1;
+    DIR *d = opendir(dir);
+    if (!d) return ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
+    int cap = 16;
+    *names = ep_malloc(sizeof(char *) * (size_t)cap);
+    *n = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        size_t len = strlen(e->d_name);
+        if (len < 6 || strcmp(e->d_name + len - 5, ".json")) continue;
+        if (*n == cap) *names = ep_realloc(*names, sizeof(char *) * (size_t)(cap *= 2));
+        (*names)[*n] = ep_strdup(e->d_name);
+        (*names)[(*n)++][len - 5] = 0;
+    }
+    closedir(d);
+    qsort(*names, (size_t)*n, sizeof(char *), compare_strings);
+    return 0;
+}
+
+void task_names_free(char **names, int n) {
+    for (int i = 0; i < n; i++) free(names[i]);
+    free(names);
+}
+
+int word_list_load(const char *path, word_list *w, ep_error *err) {
+    memset(w, 0, sizeof *w);
+    FILE *f = fopen(path, "r");
+    if (!f) return ep_fail(err, "%s: cannot open: %s", path, strerror(errno));
+    char line[256];
+    int cap = 1024;
+    w->words = ep_malloc(sizeof(char *) * (size_t)cap);
+    while (fgets(line, sizeof line, f)) {
+        size_t len = strcspn(line, "\r\n");
+        line[len] = 0;
+        int ok = len >= 2;
+        for (size_t i = 0; i < len && ok; i++) ok = line[i] >= 'a' && line[i] <= 'z';
+        if (!ok) continue;
+        if (w->n == cap) w->words = ep_realloc(w->words, sizeof(char *) * (size_t)(cap *= 2));
+        w->words[w->n++] = ep_strdup(line);
+    }
+    fclose(f);
+    if (w->n == 0) return ep_fail(err, "%s: no usable words (lowercase a-z, 2+ letters)", path);
+    return 0;
+}
+
+void word_list_free(word_list *w) {
+    for (int i = 0; i < w->n; i++) free(w->words[i]);
+    free(w->words);
+    memset(w, 0, sizeof *w);
+}

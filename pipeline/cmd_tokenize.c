@@ -81,17 +81,19 @@ int cmd_tokenize_text(int argc, char **argv) {
     int rc = 0;
     if (decode) {
         char *out;
-        if (tokenizer_decode(tok, ids, n, !special, &out, &err)) {
+        size_t out_len;
+        if (tokenizer_decode(tok, ids, n, !special, &out, &out_len, &err)) {
             rc = fail(err.msg);
         } else {
             if (as_json) {
-                json_t *j = json_pack("{s:s}", "text", out);
+                json_t *j = json_pack("{s:s%}", "text", out, out_len);
                 char *s = j ? json_dumps(j, JSON_ENSURE_ASCII) : NULL;
                 printf("%s\n", s ? s : "{}");
                 free(s);
                 json_decref(j);
             } else {
-                printf("%s\n", out);
+                fwrite(out, 1, out_len, stdout);
+                putchar('\n');
             }
             free(out);
         }

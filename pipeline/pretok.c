@@ -144,13 +144,10 @@ void regex_scratch_init(regex_scratch *rs) {
     memset(rs, 0, sizeof *rs);
     rs->md = pcre2_match_data_create(1, NULL);
     rs->mc = pcre2_match_context_create(NULL);
-    // The default JIT stack (32 KiB) is too small for \s+(?!\S) over long whitespace runs.
-    rs->jit = pcre2_jit_stack_create(32 * 1024, 8 * 1024 * 1024, NULL);
-    if (!rs->md || !rs->mc || !rs->jit) {
+    if (!rs->md || !rs->mc) {
         fprintf(stderr, "%s:%d: out of memory (pcre2)\n", __FILE__, __LINE__);
         exit(1);
     }
-    pcre2_jit_stack_assign(rs->mc, NULL, rs->jit);
 }
 
 void regex_scratch_free(regex_scratch *rs) {
@@ -187,6 +184,14 @@ pcre2_code *pattern_compile(json_t *pattern, const char *file, const char *field
 int regex_find(const pcre2_code *re, const char *s, size_t n, size_t start, regex_scratch *rs, size_t *ms, size_t *me,
                ep_error *err) {
     int rc = pcre2_match(re, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, rs->md, rs->mc);
+    if (rc == PCRE2_ERROR_JIT_STACKLIMIT && !rs->jit) {
+        // The default 32 KiB JIT stack runs out on long runs (\s+(?!\S) over many spaces); only then is
+        // a large one allocated, so short encodes stay cheap.
+        rs->jit = pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, NULL);
+        if (!rs->jit) return ep_fail(err, "tokenizer: cannot allocate a PCRE2 JIT stack");
+        pcre2_jit_stack_assign(rs->mc, NULL, rs->jit);
+        rc = pcre2_match(re, (PCRE2_SPTR)s, n, start, PCRE2_NO_UTF_CHECK, rs->md, rs->mc);
+    }
     if (rc == PCRE2_ERROR_NOMATCH) return 0;
     if (rc < 0) {
         PCRE2_UCHAR msg[256];

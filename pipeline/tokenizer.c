@@ -808,8 +808,10 @@ static int apply_decoder(const decoder_step *d, const piece_list *in, piece_list
     return 0;
 }
 
-int tokenizer_decode(const tokenizer *t, const int *ids, int n, int skip_special, char **text, ep_error *err) {
+int tokenizer_decode(const tokenizer *t, const int *ids, int n, int skip_special, char **text, size_t *len,
+                     ep_error *err) {
     *text = NULL;
+    if (len) *len = 0;
     piece_list a = {0}, b = {0};
     for (int i = 0; i < n; i++) {
         const char *p = tokenizer_piece(t, ids[i]);
@@ -848,5 +850,6 @@ int tokenizer_decode(const tokenizer *t, const int *ids, int n, int skip_special
     piece_list_free(&a);
     piece_list_free(&b);
     *text = result.p;
+    if (len) *len = result.len;
     return 0;
 }

@@ -33,8 +33,10 @@ void tokenizer_free(tokenizer *t);
 // always recognised as that token, as in tokenizers.
 int tokenizer_encode(const tokenizer *t, const char *text, size_t len, int add_special, int **ids, int *n_ids,
                      ep_error *err);
-// Decodes ids into a fresh NUL-terminated string (free() it); skip_special drops special tokens.
-int tokenizer_decode(const tokenizer *t, const int *ids, int n, int skip_special, char **text, ep_error *err);
+// Decodes ids into a fresh NUL-terminated string (free() it) of *len bytes (len may be NULL; the text can
+// hold NUL bytes where the ids encode them); skip_special drops special tokens.
+int tokenizer_decode(const tokenizer *t, const int *ids, int n, int skip_special, char **text, size_t *len,
+                     ep_error *err);
 
 const char *tokenizer_piece(const tokenizer *t, int id);  // vocabulary string of an id, NULL if none
 int tokenizer_vocab_size(const tokenizer *t);             // 1 + the largest id

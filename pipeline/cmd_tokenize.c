@@ -42,7 +42,7 @@ int cmd_tokenize_text(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--")) {
             if (i + 2 != argc) {
-                fprintf(stderr, "edgepatch tokenize-text: exactly one TEXT argument goes after --\n%s", usage_text);
+                fprintf(stderr, "edgepatch tokenize-text: exactly one TEXT argument goes after -- (try --help)\n");
                 return 2;
             }
             text = argv[i + 1];
@@ -56,12 +56,12 @@ int cmd_tokenize_text(int argc, char **argv) {
         } else if (!strcmp(argv[i], "--json")) {
             as_json = 1;
         } else {
-            fprintf(stderr, "edgepatch tokenize-text: unexpected argument '%s'\n%s", argv[i], usage_text);
+            fprintf(stderr, "edgepatch tokenize-text: unexpected argument '%s' (try --help)\n", argv[i]);
             return 2;
         }
     }
     if (!dir || (!text == !decode)) {
-        fprintf(stderr, "edgepatch tokenize-text: need --tokenizer DIR and either -- TEXT or --decode IDS\n%s", usage_text);
+        fprintf(stderr, "edgepatch tokenize-text: need --tokenizer DIR and either -- TEXT or --decode IDS (try --help)\n");
         return 2;
     }
     ep_error err = {{0}};

@@ -1,0 +1,160 @@
+#include "pipeline/strmap.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/error.h"
+
+uint64_t strmap_hash(const char *key, size_t len) {
+    // FNV-1a with a final avalanche: keys are short (tokens, words), so this is as fast as anything.
+    uint64_t h = 0xcbf29ce484222325ull;
+    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)key[i]) * 0x100000001b3ull;
+    h ^= h >> 33;
+    h *= 0xff51afd7ed558ccdull;
+    h ^= h >> 33;
+    return h;
+}
+
+static size_t capacity_for(size_t expected) {
+    size_t cap = 16;
+    while (cap < expected * 2) cap *= 2;
+    return cap;
+}
+
+void strmap_init(strmap *m, size_t expected) {
+    memset(m, 0, sizeof *m);
+    m->cap = capacity_for(expected);
+    m->slots = ep_calloc(m->cap, sizeof(strmap_slot));
+}
+
+void strmap_free(strmap *m) {
+    free(m->slots);
+    free(m->arena);
+    memset(m, 0, sizeof *m);
+}
+
+void strmap_clear(strmap *m) {
+    memset(m->slots, 0, m->cap * sizeof(strmap_slot));
+    m->count = 0;
+    m->arena_len = 0;
+}
+
+static size_t find_slot(const strmap *m, const char *key, size_t len, uint64_t h) {
+    size_t mask = m->cap - 1, i = (size_t)h & mask;
+    for (;;) {
+        const strmap_slot *s = &m->slots[i];
+        if (!s->used) return i;
+        if (s->hash == h && s->key_len == len && !memcmp(m->arena + s->key_off, key, len)) return i;
+        i = (i + 1) & mask;
+    }
+}
+
+int strmap_get(const strmap *m, const char *key, size_t len, int *value) {
+    if (!m->cap) return 0;
+    size_t i = find_slot(m, key, len, strmap_hash(key, len));
+    if (!m->slots[i].used) return 0;
+    *value = m->slots[i].value;
+    return 1;
+}
+
+const char *strmap_key(const strmap *m, const char *key, size_t len) {
+    if (!m->cap) return NULL;
+    size_t i = find_slot(m, key, len, strmap_hash(key, len));
+    return m->slots[i].used ? m->arena + m->slots[i].key_off : NULL;
+}
+
+static void grow(strmap *m) {
+    strmap_slot *old = m->slots;
+    size_t old_cap = m->cap;
+    m->cap *= 2;
+    m->slots = ep_calloc(m->cap, sizeof(strmap_slot));
+    size_t mask = m->cap - 1;
+    for (size_t j = 0; j < old_cap; j++) {
+        if (!old[j].used) continue;
+        size_t i = (size_t)old[j].hash & mask;
+        while (m->slots[i].used) i = (i + 1) & mask;
+        m->slots[i] = old[j];
+    }
+    free(old);
+}
+
+void strmap_put(strmap *m, const char *key, size_t len, int value) {
+    if (!m->cap) strmap_init(m, 16);
+    if ((m->count + 1) * 2 > m->cap) grow(m);
+    uint64_t h = strmap_hash(key, len);
+    size_t i = find_slot(m, key, len, h);
+    strmap_slot *s = &m->slots[i];
+    if (s->used) {
+        s->value = value;
+        return;
+    }
+    if (m->arena_len + len + 1 > m->arena_cap) {
+        while (m->arena_len + len + 1 > m->arena_cap) m->arena_cap = m->arena_cap ? m->arena_cap * 2 : 4096;
+        m->arena = ep_realloc(m->arena, m->arena_cap);
+    }
+    memcpy(m->arena + m->arena_len, key, len);
+    m->arena[m->arena_len + len] = 0;  // NUL-terminated so strmap_key can be used as a C string
+    s->hash = h;
+    s->key_off = (uint32_t)m->arena_len;
+    s->key_len = (uint32_t)len;
+    s->value = value;
+    s->used = 1;
+    m->arena_len += len + 1;
+    m->count++;
+}
+
+static uint64_t mix64(uint64_t x) {
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ull;
+    x ^= x >> 33;
+    return x;
+}
+
+void pairmap_init(pairmap *m, size_t expected) {
+    m->cap = capacity_for(expected);
+    m->count = 0;
+    m->slots = ep_calloc(m->cap, sizeof(pairmap_slot));
+}
+
+void pairmap_free(pairmap *m) {
+    free(m->slots);
+    memset(m, 0, sizeof *m);
+}
+
+int pairmap_get(const pairmap *m, uint64_t key, int *a, int *b) {
+    if (!m->cap) return 0;
+    size_t mask = m->cap - 1, i = (size_t)mix64(key) & mask;
+    for (;;) {
+        const pairmap_slot *s = &m->slots[i];
+        if (!s->used) return 0;
+        if (s->key == key) {
+            *a = s->a;
+            *b = s->b;
+            return 1;
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+void pairmap_put(pairmap *m, uint64_t key, int a, int b) {
+    if (!m->cap) pairmap_init(m, 16);
+    if ((m->count + 1) * 2 > m->cap) {
+        pairmap_slot *old = m->slots;
+        size_t old_cap = m->cap;
+        m->cap *= 2;
+        m->slots = ep_calloc(m->cap, sizeof(pairmap_slot));
+        for (size_t j = 0; j < old_cap; j++) {
+            if (!old[j].used) continue;
+            size_t i = (size_t)mix64(old[j].key) & (m->cap - 1);
+            while (m->slots[i].used) i = (i + 1) & (m->cap - 1);
+            m->slots[i] = old[j];
+        }
+        free(old);
+    }
+    size_t mask = m->cap - 1, i = (size_t)mix64(key) & mask;
+    while (m->slots[i].used && m->slots[i].key != key) i = (i + 1) & mask;
+    if (!m->slots[i].used) m->count++;
+    m->slots[i] = (pairmap_slot){.key = key, .a = a, .b = b, .used = 1};
+}

@@ -1,0 +1,55 @@
+// strmap: open-addressing hash maps for the tokenizer: byte strings -> int (vocabularies, the per-call
+// word cache) and 64-bit keys -> two ints (BPE merge pairs -> rank and merged id).
+//
+// Contract: keys are arbitrary bytes with an explicit length (NUL allowed); a strmap copies its keys into
+// its own arena. Putting an existing key overwrites its value, as a Rust HashMap collect does, so a
+// duplicated vocabulary entry or merge keeps the last one. Maps are not synchronised: a map written
+// after load is private to one call. Allocation failure exits through ep_malloc.
+#ifndef EP_STRMAP_H
+#define EP_STRMAP_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct {
+    uint64_t hash;
+    uint32_t key_off, key_len;
+    int value;
+    int used;
+} strmap_slot;
+
+typedef struct {
+    strmap_slot *slots;
+    size_t cap, count;  // cap is a power of two (or 0)
+    char *arena;
+    size_t arena_len, arena_cap;
+} strmap;
+
+void strmap_init(strmap *m, size_t expected);
+void strmap_free(strmap *m);
+void strmap_clear(strmap *m);
+// Returns 1 and stores the value if the key is present, 0 otherwise.
+int strmap_get(const strmap *m, const char *key, size_t len, int *value);
+void strmap_put(strmap *m, const char *key, size_t len, int value);
+// The stored key of a present key (stable until the next put), for callers that keep pointers.
+const char *strmap_key(const strmap *m, const char *key, size_t len);
+
+typedef struct {
+    uint64_t key;
+    int a, b;
+    int used;
+} pairmap_slot;
+
+typedef struct {
+    pairmap_slot *slots;
+    size_t cap, count;
+} pairmap;
+
+void pairmap_init(pairmap *m, size_t expected);
+void pairmap_free(pairmap *m);
+int pairmap_get(const pairmap *m, uint64_t key, int *a, int *b);
+void pairmap_put(pairmap *m, uint64_t key, int a, int b);
+
+uint64_t strmap_hash(const char *key, size_t len);
+
+#endif

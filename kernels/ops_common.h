@@ -1,5 +1,5 @@
-// ops_common: scalar helpers shared by the host backends (ref and cpu), so both evaluate the
-// activations with the same formulas HuggingFace uses.
+// ops_common: scalar helpers shared by every backend (ref, cpu, and the cuda kernels, which compile
+// them as __host__ __device__), so all evaluate the activations with the same formulas HuggingFace uses.
 #ifndef EP_KERNELS_OPS_COMMON_H
 #define EP_KERNELS_OPS_COMMON_H
 
@@ -7,14 +7,20 @@
 
 #include "kernels/ops.h"
 
+#ifdef __CUDACC__
+#define EP_HOST_DEVICE __host__ __device__
+#else
+#define EP_HOST_DEVICE
+#endif
+
 // gelu_pytorch_tanh / gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-static inline float gelu_tanh_f(float x) {
+EP_HOST_DEVICE static inline float gelu_tanh_f(float x) {
     const float c = 0.7978845608028654f;
     return 0.5f * x * (1.0f + tanhf(c * (x + 0.044715f * x * x * x)));
 }
 
-static inline float silu_f(float x) { return x / (1.0f + expf(-x)); }
+EP_HOST_DEVICE static inline float silu_f(float x) { return x / (1.0f + expf(-x)); }
 
-static inline float act_f(float x, act_kind act) { return act == ACT_SILU ? silu_f(x) : gelu_tanh_f(x); }
+EP_HOST_DEVICE static inline float act_f(float x, act_kind act) { return act == ACT_SILU ? silu_f(x) : gelu_tanh_f(x); }
 
 #endif

@@ -187,6 +187,30 @@ static void test_attention(const kernel_ops *b, const kernel_ops *ref) {
     }
 }
 
+// Long key ranges: a few queries that each see thousands of keys, so a backend that walks the keys in
+// chunks (cuda: 1024 at a time with an online softmax) crosses chunk boundaries, with and without a
+// window that starts the range mid-chunk.
+static void test_attention_long(const kernel_ops *b, const kernel_ops *ref) {
+    attn_seq seqs[2] = {{0, 3, 2497, 0}, {3, 2, 1200, 2500}};
+    int kv_rows = 2500 + 1202, q_rows = 5;
+    for (int variant = 0; variant < 2; variant++) {
+        attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 32, .q_stride = 130, .kv_stride = 70,
+                         .scale = 0.2f, .softcap = variant == 1 ? 5.0f : 0.0f, .window = variant == 1 ? 1500 : 0};
+        size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+        float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1);
+        float *want = ep_calloc(nq, sizeof(float)), *got = ep_calloc(nq, sizeof(float));
+        ref->attention(want, q, k, v, seqs, 2, &p);
+        staging s = {.b = b};
+        float *dq = stage_in(&s, q, sizeof(float) * nq), *dk = stage_in(&s, k, sizeof(float) * nk);
+        float *dv = stage_in(&s, v, sizeof(float) * nk), *dout = stage_in(&s, got, sizeof(float) * nq);
+        b->attention(dout, dq, dk, dv, seqs, 2, &p);
+        stage_out(&s, got, dout, sizeof(float) * nq);
+        stage_free(&s);
+        report(b->name, variant == 0 ? "attn-long" : "attn-lwin", max_rel_error(got, want, nq, 1e-6), tol);
+        free(q), free(k), free(v), free(want), free(got);
+    }
+}
+
 int main(void) {
     const kernel_ops *ref = kernel_ops_ref();
     const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_cuda()};
@@ -201,6 +225,7 @@ int main(void) {
         test_rope(b, ref);
         test_pointwise(b, ref);
         test_attention(b, ref);
+        test_attention_long(b, ref);
     }
     return test_finish("test_ops");
 }

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Builds and runs the CPU emulation of the CUDA kernels (see emu.cpp). Not part of the CMake build: a
+# development aid for GPU-less machines. Takes about a minute (it starts one host thread per GPU thread).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+# The kernels and their launch constants: from the "Threads per block" enum up to the launch helpers.
+sed -n '/^\/\/ Threads per block/,/^\/\/ Launch helpers/p' kernels/ops_cuda.cu |
+  sed 's/extern __shared__ float smem\[\];/float *smem = emu_dyn_smem;/' >"$tmp/kernels.inc"
+g++ -std=c++20 -O1 -Wall -Wextra -Wno-unused-parameter -I. -I"$tmp" -c tools/cuda_emu/emu.cpp -o "$tmp/emu.o"
+gcc -std=c11 -O1 -D_POSIX_C_SOURCE=200809L -I. -c kernels/ops_ref.c -o "$tmp/ref.o"
+gcc -std=c11 -O1 -D_POSIX_C_SOURCE=200809L -I. -c pipeline/error.c -o "$tmp/error.o"
+g++ "$tmp/emu.o" "$tmp/ref.o" "$tmp/error.o" -o "$tmp/cuda_emu" -lm -lpthread
+"$tmp/cuda_emu"

@@ -17,13 +17,13 @@ static int not_yet(int argc, char **argv) {
 }
 
 static const subcommand subcommands[] = {
-    {"run", not_yet, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
+    {"run", cmd_run, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
     {"forward", cmd_forward,
      "forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]"},
     {"tokenize-text", cmd_tokenize_text,
      "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3)"},
-    {"tasks", not_yet, "tasks [--tokenizer DIR]"},
-    {"show", not_yet, "show RUN --prompt I [--json]"},
+    {"tasks", cmd_tasks, "tasks [--tokenizer DIR]"},
+    {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"scores", not_yet, "scores RUN [--round R] [--json]"},
     {"report", not_yet, "report RUN"},
     {"sweep", not_yet, "sweep plan|submit|status SWEEP"},

@@ -267,49 +267,50 @@ static int whole_matches(const prompt_builder *b, const char *text, const ivec *
     return 0;
 }
 
-static char *with_case(const char *word, int cap) {
-    char *s = ep_strdup(word);
-    if (cap) s[0] = (char)toupper((unsigned char)s[0]);
-    return s;
+// Sets the example's x (ylike = 0) or y to a replacement string with its tokens.
+static void set_replacement(example *e, int ylike, char *text, int *ids) {
+    if (ylike) {
+        free(e->own_y), free(e->own_yt);
+        e->y = e->own_y = text;
+        e->yt = e->own_yt = ids;
+    } else {
+        free(e->own_x), free(e->own_xt);
+        e->x = e->own_x = text;
+        e->xt = e->own_xt = ids;
+    }
 }
 
-// A random word whose x-like (ylike = 0) or y-like form has exactly n tokens, in the case of `like`,
-// different from `like`. Returns 0 and fills the example's replacement, or 1 if none was found.
+// A random word (or, for spans no single word fits, two words) whose x-like (ylike = 0) or y-like form
+// has exactly as many tokens as the span it replaces, in that span's case and different from it.
+// Sets *found to 0 if none turned up.
 static int replace_random(prompt_builder *b, rng *r, example *e, int ylike, ep_error *err, int *found) {
     const char *orig = ylike ? e->y : e->x;
     int n = ylike ? e->ny : e->nx, cap = is_capitalized(orig);
+    int singles = n <= 8 ? b->bucket_n[ylike][cap][n] : 0;
     *found = 0;
-    if (n < 1 || n > 8 || b->bucket_n[ylike][cap][n] == 0) return 0;
-    for (int tries = 0; tries < 16; tries++) {
-        int w = b->bucket[ylike][cap][n][rng_below(r, (uint32_t)b->bucket_n[ylike][cap][n])];
-        char *word = with_case(b->words->words[w], cap);
-        if (!strcasecmp(word, orig)) {
-            free(word);
-            continue;
+    for (int tries = 0; tries < 48; tries++) {
+        int two = singles == 0 || tries >= 16;  // fall back to two-word phrases
+        char word[300];
+        if (!two) {
+            snprintf(word, sizeof word, "%s", b->words->words[b->bucket[ylike][cap][n][rng_below(r, (uint32_t)singles)]]);
+        } else {
+            int w1 = (int)rng_below(r, (uint32_t)b->words->n), w2 = (int)rng_below(r, (uint32_t)b->words->n);
+            snprintf(word, sizeof word, "%s %s", b->words->words[w1], b->words->words[w2]);
         }
+        if (cap) word[0] = (char)toupper((unsigned char)word[0]);
+        if (!strcasecmp(word, orig)) continue;
         sbuf form = {0};
         if (ylike) sbuf_add(&form, b->task->output_prefix);
         sbuf_add(&form, word);
         int *ids = NULL, nids = 0;
         int rc = encode(b, form.s, 0, &ids, &nids, err);
         free(form.s);
-        if (rc) {
-            free(word);
-            return -1;
-        }
-        if (nids != n) {  // cannot happen for bucketed words; guard anyway
-            free(word), free(ids);
+        if (rc) return -1;
+        if (nids != n) {
+            free(ids);
             continue;
         }
-        if (ylike) {
-            free(e->own_y), free(e->own_yt);
-            e->y = e->own_y = word;
-            e->yt = e->own_yt = ids;
-        } else {
-            free(e->own_x), free(e->own_xt);
-            e->x = e->own_x = word;
-            e->xt = e->own_xt = ids;
-        }
+        set_replacement(e, ylike, ep_strdup(word), ids);
         *found = 1;
         return 0;
     }

@@ -1,0 +1,143 @@
+// edgepatch show RUN --prompt I [--json]: one prompt of a run, each token with its type and example
+// index, and its donors aligned beneath (tokens that differ from the clean prompt highlighted on a
+// terminal).
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pipeline/cli.h"
+#include "pipeline/tokenizer.h"
+#include "stages/prompts.h"
+#include "stages/tokenize.h"
+
+static const char usage[] =
+    "usage: edgepatch show RUN --prompt I [--json]\n"
+    "\n"
+    "Shows prompt I of the run folder RUN (its prompts.h5): tokens, types, example indices, donors.\n"
+    "  --json  {\"tokens\": [ids], \"pieces\": [...], \"types\": [...], \"index\": [...], \"donors\": [[ids]...],\n"
+    "           \"target\": [ids]}\n";
+
+// A token as printable text: the decoded piece with newlines and tabs escaped.
+static void printable(const tokenizer *tk, int id, char *out, size_t n) {
+    char *text = NULL;
+    ep_error err;
+    if (!tk || tokenizer_decode(tk, &id, 1, 0, &text, NULL, &err)) {
+        snprintf(out, n, "#%d", id);
+        return;
+    }
+    size_t j = 0;
+    for (const char *p = text; *p && j + 3 < n; p++) {
+        if (*p == '\n') out[j++] = '\\', out[j++] = 'n';
+        else if (*p == '\t') out[j++] = '\\', out[j++] = 't';
+        else out[j++] = *p;
+    }
+    out[j] = 0;
+    free(text);
+}
+
+int cmd_show(int argc, char **argv) {
+    if (cli_wants_help(argc, argv)) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    const char *run = NULL;
+    long index = -1;
+    int json = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--prompt") && i + 1 < argc) {
+            char *end;
+            index = strtol(argv[++i], &end, 10);
+            if (*end || index < 0) {
+                fprintf(stderr, "edgepatch show: --prompt expects a non-negative integer, got '%s'\n", argv[i]);
+                return 2;
+            }
+        } else if (argv[i][0] != '-' && !run) run = argv[i];
+        else {
+            fprintf(stderr, "edgepatch show: unexpected argument '%s' (see --help)\n", argv[i]);
+            return 2;
+        }
+    }
+    if (!run || index < 0) {
+        fprintf(stderr, "edgepatch show: need RUN and --prompt I (see --help)\n");
+        return 2;
+    }
+    char path[4096];
+    snprintf(path, sizeof path, "%s/prompts.h5", run);
+    prompt_set ps;
+    ep_error err = {{0}};
+    if (prompt_set_load(path, &ps, &err)) {
+        fprintf(stderr, "edgepatch show: %s\n", err.msg);
+        return 1;
+    }
+    if (index >= ps.n_prompts) {
+        fprintf(stderr, "edgepatch show: %s: prompt %ld does not exist (%d prompts)\n", path, index, ps.n_prompts);
+        prompt_set_free(&ps);
+        return 1;
+    }
+    tokenizer *tk = NULL;
+    if (tokenizer_load(ps.tokenizer_path, &tk, &err)) {
+        fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
+        tk = NULL;
+    }
+    int L = ps.lengths[index], K = ps.n_donors;
+    const int32_t *tok = ps.tokens + (size_t)index * ps.max_len, *types = ps.types + (size_t)index * ps.max_len,
+                  *idx = ps.index + (size_t)index * ps.max_len;
+    char piece[256];
+    if (json) {
+        json_t *o = json_object(), *jt = json_array(), *jp = json_array(), *jy = json_array(), *ji = json_array(),
+               *jd = json_array(), *jg = json_array();
+        for (int i = 0; i < L; i++) {
+            json_array_append_new(jt, json_integer(tok[i]));
+            printable(tk, tok[i], piece, sizeof piece);
+            json_array_append_new(jp, json_string(piece));
+            json_array_append_new(jy, json_string(token_type_name(types[i])));
+            json_array_append_new(ji, json_integer(idx[i]));
+        }
+        for (int d = 0; d < K; d++) {
+            json_t *dl = json_array();
+            const int32_t *dt = ps.donors + ((size_t)index * K + d) * ps.max_len;
+            for (int i = 0; i < L; i++) json_array_append_new(dl, json_integer(dt[i]));
+            json_array_append_new(jd, dl);
+        }
+        for (int i = 0; i < ps.target_lengths[index]; i++)
+            json_array_append_new(jg, json_integer(ps.targets[(size_t)index * ps.max_target + i]));
+        json_object_set_new(o, "tokens", jt);
+        json_object_set_new(o, "pieces", jp);
+        json_object_set_new(o, "types", jy);
+        json_object_set_new(o, "index", ji);
+        json_object_set_new(o, "donors", jd);
+        json_object_set_new(o, "target", jg);
+        json_dumpf(o, stdout, JSON_COMPACT);
+        fputc('\n', stdout);
+        json_decref(o);
+    } else {
+        int colour = isatty(STDOUT_FILENO);
+        printf("prompt %ld of %s (task %s, %d tokens, %d donors)\n", index, run, ps.task, L, K);
+        printf("%4s %-6s %4s  %-18s", "pos", "type", "ex", "token");
+        for (int d = 0; d < K; d++) printf(" donor %-12d", d);
+        printf("\n");
+        for (int i = 0; i < L; i++) {
+            printable(tk, tok[i], piece, sizeof piece);
+            printf("%4d %-6s %4d  %-18s", i, token_type_name(types[i]), idx[i], piece);
+            for (int d = 0; d < K; d++) {
+                int dt = ps.donors[((size_t)index * K + d) * ps.max_len + i];
+                printable(tk, dt, piece, sizeof piece);
+                if (colour && dt != tok[i]) printf(" \033[1;31m%-18s\033[0m", piece);
+                else printf(" %-18s", dt == tok[i] ? "." : piece);
+            }
+            printf("\n");
+        }
+        printf("target:");
+        for (int i = 0; i < ps.target_lengths[index]; i++) {
+            printable(tk, ps.targets[(size_t)index * ps.max_target + i], piece, sizeof piece);
+            printf(" %s", piece);
+        }
+        printf("\n");
+    }
+    if (tk) tokenizer_free(tk);
+    prompt_set_free(&ps);
+    return 0;
+}

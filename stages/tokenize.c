@@ -1,0 +1,294 @@
+#include "tokenize.h"
+
+#include <errno.h>
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "pipeline/h5store.h"
+#include "pipeline/hash.h"
+#include "pipeline/tokenizer.h"
+#include "stages/prompts.h"
+#include "stages/task.h"
+
+// Content hash of the tokenizer files in dir (tokenizer.json or .json.gz, tokenizer_config.json).
+static int hash_tokenizer(const char *dir, uint64_t *h, ep_error *err) {
+    const char *names[] = {"tokenizer.json", "tokenizer.json.gz", "tokenizer_config.json"};
+    *h = HASH_INIT;
+    int found = 0;
+    for (int i = 0; i < 3; i++) {
+        char path[4096];
+        snprintf(path, sizeof path, "%s/%s", dir, names[i]);
+        if (access(path, R_OK) != 0) continue;
+        uint64_t fh;
+        if (hash_file(path, &fh, err)) return -1;
+        *h = hash_bytes(*h, &fh, sizeof fh);
+        found += i < 2;
+    }
+    return found ? 0 : ep_fail(err, "%s: no tokenizer.json or tokenizer.json.gz", dir);
+}
+
+static int make_dirs(const char *path, ep_error *err) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == 0) {
+            char c = *p;
+            *p = 0;
+            if (mkdir(buf, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create folder: %s", buf, strerror(errno));
+            *p = c;
+            if (!c) break;
+        }
+    }
+    return 0;
+}
+
+// Writes text to path through a tmp file and a rename.
+static int write_text_atomic(const char *path, const char *text, ep_error *err) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) return ep_fail(err, "%s: cannot write: %s", tmp, strerror(errno));
+    int ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok &= fclose(f) == 0;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return ep_fail(err, "%s: cannot write (disk full?)", path);
+    }
+    return 0;
+}
+
+static int write_report(const char *dir, const task *t, const char *tokenizer_path, const tokenize_report *r, ep_error *err) {
+    json_t *dropped = json_object();
+    for (int i = 1; i < PAIR_REASON_COUNT; i++)
+        if (r->dropped[i]) json_object_set_new(dropped, pair_reason_name((pair_reason)i), json_integer(r->dropped[i]));
+    json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:o,s:i,s:i,s:i,s:i,s:i,s:i}", "task", t->name, "tokenizer", tokenizer_path,
+                          "pairs_total", r->pairs_total, "pairs_kept", r->pairs_kept, "dropped", dropped,
+                          "ambiguous_total", r->ambiguous_total, "ambiguous_kept", r->ambiguous_kept, "prompts",
+                          r->prompts_built, "prompts_redrawn_tokenization", r->prompts_rejected,
+                          "prompts_redrawn_donor_alignment", r->donors_unaligned, "shuffle_outputs_unmoved",
+                          r->shuffle_unmoved);
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
+    json_decref(o);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/tokenize_report.json", dir);
+    size_t n = strlen(text);
+    text = ep_realloc(text, n + 2);
+    strcpy(text + n, "\n");
+    int rc = write_text_atomic(path, text, err);
+    free(text);
+    return rc;
+}
+
+typedef struct {
+    int P, L, K, T, N;
+    int32_t *tokens, *lengths, *types, *index, *donors, *targets, *target_lengths, *pair_ids, *donor_kinds;
+} prompt_arrays;
+
+static void arrays_init(prompt_arrays *a, prompt *ps, int P, int K, int N, const prompt_params *pp) {
+    memset(a, 0, sizeof *a);
+    a->P = P, a->K = K, a->N = N;
+    for (int p = 0; p < P; p++) {
+        if (ps[p].len > a->L) a->L = ps[p].len;
+        if (ps[p].n_target > a->T) a->T = ps[p].n_target;
+    }
+    size_t PL = (size_t)P * a->L;
+    a->tokens = ep_malloc(sizeof(int32_t) * PL), a->types = ep_malloc(sizeof(int32_t) * PL);
+    a->index = ep_malloc(sizeof(int32_t) * PL), a->donors = ep_malloc(sizeof(int32_t) * PL * (K ? K : 1));
+    a->targets = ep_malloc(sizeof(int32_t) * (size_t)P * a->T), a->lengths = ep_malloc(sizeof(int32_t) * (size_t)P);
+    a->target_lengths = ep_malloc(sizeof(int32_t) * (size_t)P);
+    a->pair_ids = ep_malloc(sizeof(int32_t) * (size_t)P * (N + 1));
+    a->donor_kinds = ep_malloc(sizeof(int32_t) * (size_t)(K ? K : 1));
+    for (int d = 0; d < K; d++) a->donor_kinds[d] = (int32_t)pp->kinds[d];
+    for (int p = 0; p < P; p++) {
+        a->lengths[p] = ps[p].len;
+        a->target_lengths[p] = ps[p].n_target;
+        for (int i = 0; i < a->L; i++) {
+            size_t at = (size_t)p * a->L + i;
+            int in = i < ps[p].len;
+            a->tokens[at] = in ? ps[p].tokens[i] : -1;
+            a->types[at] = in ? ps[p].types[i] : -1;
+            a->index[at] = in ? ps[p].index[i] : -1;
+            for (int d = 0; d < K; d++) a->donors[((size_t)p * K + d) * a->L + i] = in ? ps[p].donors[(size_t)d * ps[p].len + i] : -1;
+        }
+        for (int i = 0; i < a->T; i++) a->targets[(size_t)p * a->T + i] = i < ps[p].n_target ? ps[p].target[i] : -1;
+        for (int i = 0; i <= N; i++) a->pair_ids[(size_t)p * (N + 1) + i] = ps[p].pair_ids[i];
+    }
+}
+
+static void arrays_free(prompt_arrays *a) {
+    free(a->tokens), free(a->types), free(a->index), free(a->donors), free(a->targets), free(a->lengths);
+    free(a->target_lengths), free(a->pair_ids), free(a->donor_kinds);
+}
+
+static int store_prompts(const char *path, const prompt_arrays *a, const run_config *cfg, const task *t,
+                         const prompt_params *pp, uint64_t tok_hash, uint64_t inputs_hash, ep_error *err) {
+    h5store s;
+    if (h5store_create(path, &s, err)) return -1;
+    h5shape pl = {2, {a->P, a->L}}, p1 = {1, {a->P}}, pkl = {3, {a->P, a->K, a->L}}, pt = {2, {a->P, a->T}},
+            pn = {2, {a->P, a->N + 1}}, k1 = {1, {a->K}};
+    char hex[3][17], kinds[256] = "";
+    hash_hex(tok_hash, hex[0]), hash_hex(cfg->hash, hex[1]), hash_hex(inputs_hash, hex[2]);
+    for (int d = 0; d < a->K; d++) {
+        if (d) strcat(kinds, ",");
+        strcat(kinds, donor_kind_name(pp->kinds[d]));
+    }
+    char types[128] = "";
+    for (int i = 0; i < TT_COUNT; i++) {
+        if (i) strcat(types, ",");
+        strcat(types, token_type_name(i));
+    }
+    int rc = h5store_write_i32(&s, "tokens", &pl, a->tokens, err) || h5store_write_i32(&s, "types", &pl, a->types, err) ||
+             h5store_write_i32(&s, "index", &pl, a->index, err) || h5store_write_i32(&s, "lengths", &p1, a->lengths, err) ||
+             (a->K && h5store_write_i32(&s, "donors", &pkl, a->donors, err)) ||
+             (a->K && h5store_write_i32(&s, "donor_kinds", &k1, a->donor_kinds, err)) ||
+             h5store_write_i32(&s, "targets", &pt, a->targets, err) ||
+             h5store_write_i32(&s, "target_lengths", &p1, a->target_lengths, err) ||
+             h5store_write_i32(&s, "pair_ids", &pn, a->pair_ids, err) ||
+             h5store_set_str(&s, "format", "edgepatch-prompts-1", err) || h5store_set_str(&s, "task", t->name, err) ||
+             h5store_set_str(&s, "task_path", t->path, err) ||
+             h5store_set_str(&s, "tokenizer_path", cfg->tokenizer_path, err) ||
+             h5store_set_str(&s, "tokenizer_hash", hex[0], err) || h5store_set_str(&s, "config_hash", hex[1], err) ||
+             h5store_set_str(&s, "inputs_hash", hex[2], err) || h5store_set_i64(&s, "seed", (int64_t)cfg->seed, err) ||
+             h5store_set_i64(&s, "n_prompts", a->P, err) || h5store_set_i64(&s, "n_shots", a->N, err) ||
+             h5store_set_i64(&s, "n_donors", a->K, err) || h5store_set_str(&s, "type_names", types, err) ||
+             h5store_set_str(&s, "donor_kind_names", kinds, err) ||
+             h5store_set_str(&s, "edgepatch_version", EP_VERSION, err);
+    if (rc) {
+        h5store_abandon(&s);
+        return -1;
+    }
+    return h5store_commit(&s, err);
+}
+
+int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
+    task t;
+    if (task_load(cfg->task, &t, err)) return ep_wrap(err, "%s: field task", cfg->path);
+    prompt_params pp = {.seed = cfg->seed, .n_shots = cfg->n_shots >= 0 ? cfg->n_shots : t.n_shots, .n_donors = cfg->n_donors};
+    for (int d = 0; d < pp.n_donors; d++) {
+        if (cfg->donor_kinds[d][0]) {
+            if (donor_kind_parse(cfg->donor_kinds[d], &pp.kinds[d])) {
+                task_free(&t);
+                return ep_fail(err, "%s: field donors[%d]: unknown donor kind '%s'", cfg->path, d, cfg->donor_kinds[d]);
+            }
+        } else if (d < t.n_kinds) {
+            pp.kinds[d] = t.kinds[d];
+        } else {
+            task_free(&t);
+            return ep_fail(err, "%s: field donors: %d donors asked, task %s offers %d kinds", cfg->path, pp.n_donors, t.name,
+                           t.n_kinds);
+        }
+    }
+    // The identity of everything this stage reads, to skip or refuse a rerun.
+    uint64_t tok_hash = 0, task_hash = 0, inputs = HASH_INIT;
+    tokenizer *tk = NULL;
+    word_list words = {0};
+    prompt_builder b = {0};
+    prompt *ps = NULL;
+    char path[4096];
+    int rc = -1;
+    if (hash_tokenizer(cfg->tokenizer_path, &tok_hash, err) || hash_file(t.path, &task_hash, err)) goto done;
+    inputs = hash_bytes(inputs, &tok_hash, sizeof tok_hash);
+    inputs = hash_bytes(inputs, &task_hash, sizeof task_hash);
+    inputs = hash_bytes(inputs, &pp.seed, sizeof pp.seed);
+    inputs = hash_bytes(inputs, &pp.n_shots, sizeof pp.n_shots);
+    inputs = hash_bytes(inputs, &pp.n_donors, sizeof pp.n_donors);
+    inputs = hash_bytes(inputs, pp.kinds, sizeof pp.kinds[0] * (size_t)pp.n_donors);
+    inputs = hash_bytes(inputs, &cfg->n_prompts, sizeof cfg->n_prompts);
+    if (make_dirs(cfg->output_path, err)) goto done;
+    snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
+    if (!fresh && access(path, F_OK) == 0) {
+        h5store s;
+        char *have = NULL, want[17];
+        hash_hex(inputs, want);
+        if (h5store_open(path, &s, err) == 0) {
+            int same = h5store_get_str(&s, "inputs_hash", &have, err) == 0 && !strcmp(have, want);
+            free(have);
+            h5store_close(&s);
+            if (same) {
+                printf("tokenize: %s is up to date\n", path);
+                rc = 0;
+                goto done;
+            }
+            ep_fail(err, "%s: made from other inputs (task, tokenizer or config changed); rerun with --fresh to rebuild it", path);
+            goto done;
+        }
+        // An unreadable or incomplete file is rebuilt, never trusted.
+        fprintf(stderr, "tokenize: rebuilding %s: %s\n", path, err->msg);
+    }
+    if (tokenizer_load(cfg->tokenizer_path, &tk, err)) goto done;
+    int needs_words = 0;
+    for (int d = 0; d < pp.n_donors; d++)
+        needs_words |= pp.kinds[d] == DONOR_RANDOM_XY || pp.kinds[d] == DONOR_RANDOM_X || pp.kinds[d] == DONOR_RANDOM_Y;
+    if (needs_words) {
+        if (!t.words_path) {
+            ep_fail(err, "%s: field words: random-word donors need a word list", t.path);
+            goto done;
+        }
+        if (word_list_load(t.words_path, &words, err)) goto done;
+    }
+    if (prompt_builder_init(&b, &t, tk, needs_words ? &words : NULL, err)) goto done;
+    ps = ep_calloc((size_t)cfg->n_prompts, sizeof(prompt));
+    for (int p = 0; p < cfg->n_prompts; p++)
+        if (prompt_build(&b, &pp, p, &ps[p], err)) goto done;
+    prompt_arrays a;
+    arrays_init(&a, ps, cfg->n_prompts, pp.n_donors, pp.n_shots, &pp);
+    rc = store_prompts(path, &a, cfg, &t, &pp, tok_hash, inputs, err);
+    arrays_free(&a);
+    if (rc == 0) rc = write_report(cfg->output_path, &t, cfg->tokenizer_path, &b.report, err);
+    if (rc == 0)
+        printf("tokenize: %s: %d of %d pairs kept, %d prompts with %d donors -> %s\n", t.name, b.report.pairs_kept,
+               b.report.pairs_total, cfg->n_prompts, pp.n_donors, path);
+done:
+    if (ps)
+        for (int p = 0; p < cfg->n_prompts; p++) prompt_free(&ps[p]);
+    free(ps);
+    prompt_builder_free(&b);
+    word_list_free(&words);
+    if (tk) tokenizer_free(tk);
+    task_free(&t);
+    return rc;
+}
+
+int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
+    memset(ps, 0, sizeof *ps);
+    h5store s;
+    if (h5store_open(path, &s, err)) return -1;
+    h5shape sh;
+    char *format = NULL;
+    int rc = h5store_get_str(&s, "format", &format, err);
+    if (rc == 0 && strcmp(format, "edgepatch-prompts-1")) rc = ep_fail(err, "%s: not a prompts file (format %s)", path, format);
+    free(format);
+    if (rc == 0) rc = h5store_read_i32(&s, "tokens", &sh, &ps->tokens, err);
+    if (rc == 0) {
+        ps->n_prompts = (int)sh.dims[0];
+        ps->max_len = (int)sh.dims[1];
+    }
+    if (rc == 0) rc = h5store_read_i32(&s, "types", &sh, &ps->types, err);
+    if (rc == 0) rc = h5store_read_i32(&s, "index", &sh, &ps->index, err);
+    if (rc == 0) rc = h5store_read_i32(&s, "lengths", &sh, &ps->lengths, err);
+    if (rc == 0 && h5store_has(&s, "donors")) {
+        rc = h5store_read_i32(&s, "donors", &sh, &ps->donors, err);
+        if (rc == 0) ps->n_donors = (int)sh.dims[1];
+        if (rc == 0) rc = h5store_read_i32(&s, "donor_kinds", &sh, &ps->donor_kinds, err);
+    }
+    if (rc == 0) rc = h5store_read_i32(&s, "targets", &sh, &ps->targets, err);
+    if (rc == 0) ps->max_target = (int)sh.dims[1];
+    if (rc == 0) rc = h5store_read_i32(&s, "target_lengths", &sh, &ps->target_lengths, err);
+    if (rc == 0) rc = h5store_read_i32(&s, "pair_ids", &sh, &ps->pair_ids, err);
+    if (rc == 0) ps->n_pairs = (int)sh.dims[1];
+    if (rc == 0) rc = h5store_get_str(&s, "task", &ps->task, err);
+    if (rc == 0) rc = h5store_get_str(&s, "tokenizer_path", &ps->tokenizer_path, err);
+    h5store_close(&s);
+    if (rc) prompt_set_free(ps);
+    return rc;
+}
+
+void prompt_set_free(prompt_set *ps) {
+    free(ps->tokens), free(ps->lengths), free(ps->types), free(ps->index), free(ps->donors), free(ps->targets);
+    free(ps->target_lengths), free(ps->pair_ids), free(ps->donor_kinds), free(ps->task), free(ps->tokenizer_path);
+    memset(ps, 0, sizeof *ps);
+}

@@ -107,7 +107,12 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
         ep_fail(err, "%s: field donors: expected a count or a list of donor kinds", name);
         goto fail;
     }
-    char *canonical = json_dumps(c->json, JSON_SORT_KEYS | JSON_COMPACT);
+    // Where the results go and the free-text description do not change them: not part of the identity.
+    json_t *identity = json_deep_copy(c->json);
+    json_object_del(identity, "output_path");
+    json_object_del(identity, "description");
+    char *canonical = json_dumps(identity, JSON_SORT_KEYS | JSON_COMPACT);
+    json_decref(identity);
     c->hash = hash_str(HASH_INIT, canonical);
     free(canonical);
     return 0;

@@ -10,6 +10,7 @@
 #include "pipeline/forward.h"
 #include "pipeline/generate.h"
 #include "pipeline/model.h"
+#include "pipeline/tokenizer.h"
 
 static const char usage[] =
     "usage: edgepatch forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]\n"
@@ -74,6 +75,11 @@ static int by_logprob_desc(const void *a, const void *b) {
     return x->id - y->id;
 }
 
+static const char *piece_of(const tokenizer *tk, int id) {
+    const char *p = tk ? tokenizer_piece(tk, id) : NULL;
+    return p ? p : "";
+}
+
 int cmd_forward(int argc, char **argv) {
     if (cli_wants_help(argc, argv)) {
         fputs(usage, stdout);
@@ -83,19 +89,29 @@ int cmd_forward(int argc, char **argv) {
     if (parse_args(argc, argv, &a)) return 2;
     ep_error err = {{0}};
     int *ids = NULL, n_ids = 0;
-    if (a.text) {
-        fprintf(stderr, "edgepatch forward: --text needs the tokenizer, which this build does not have yet; use --ids\n");
-        return 2;
+    // The tokenizer is optional with --ids (pieces are then left empty), required with --text.
+    tokenizer *tk = NULL;
+    if (tokenizer_load(a.model_dir, &tk, &err) && a.text) {
+        fprintf(stderr, "edgepatch forward: %s\n", err.msg);
+        return 1;
     }
     char msg[256];
-    if (cli_parse_int_list(a.ids, &ids, &n_ids, msg, sizeof msg)) {
-        fprintf(stderr, "edgepatch forward: --ids: %s\n", msg);
+    if (a.text ? tokenizer_encode(tk, a.text, strlen(a.text), 1, &ids, &n_ids, &err)
+               : cli_parse_int_list(a.ids, &ids, &n_ids, msg, sizeof msg)) {
+        fprintf(stderr, "edgepatch forward: %s: %s\n", a.text ? "--text" : "--ids", a.text ? err.msg : msg);
+        if (tk) tokenizer_free(tk);
+        return a.text ? 1 : 2;
+    }
+    if (n_ids == 0) {
+        fprintf(stderr, "edgepatch forward: --text gives no tokens\n");
+        if (tk) tokenizer_free(tk);
         return 2;
     }
     model m;
     if (model_load(a.model_dir, &m, &err)) {
         fprintf(stderr, "edgepatch forward: %s\n", err.msg);
         free(ids);
+        if (tk) tokenizer_free(tk);
         return 1;
     }
     int V = m.cfg.vocab_size, rc = 1;
@@ -122,7 +138,8 @@ int cmd_forward(int argc, char **argv) {
         for (int i = 0; i < n_ids; i++) json_array_append_new(jids, json_integer(ids[i]));
         for (int i = 0; i < V; i++) json_array_append_new(jl, json_real(logits[i]));
         for (int i = 0; i < k; i++)
-            json_array_append_new(jt, json_pack("{s:i,s:s,s:f}", "id", top[i].id, "piece", "", "logprob", top[i].logprob));
+            json_array_append_new(jt, json_pack("{s:i,s:s,s:f}", "id", top[i].id, "piece", piece_of(tk, top[i].id),
+                                                "logprob", top[i].logprob));
         for (int i = 0; i < n_generated; i++) json_array_append_new(jg, json_integer(generated[i]));
         json_object_set_new(o, "ids", jids);
         json_object_set_new(o, "logits", jl);
@@ -133,10 +150,15 @@ int cmd_forward(int argc, char **argv) {
         json_decref(o);
     } else {
         printf("%s, %d tokens; next token:\n", m.cfg.arch_name, n_ids);
-        for (int i = 0; i < k; i++) printf("  %8d  p=%.6f  logprob=%.6f\n", top[i].id, exp(top[i].logprob), top[i].logprob);
+        for (int i = 0; i < k; i++)
+            printf("  %8d  %-16s p=%.6f  logprob=%.6f\n", top[i].id, piece_of(tk, top[i].id), exp(top[i].logprob),
+                   top[i].logprob);
         if (a.generate > 0) {
             printf("generated:");
             for (int i = 0; i < n_generated; i++) printf(" %d", generated[i]);
+            char *text = NULL;
+            if (tk && tokenizer_decode(tk, generated, n_generated, 0, &text, NULL, &err) == 0) printf("  \"%s\"", text);
+            free(text);
             printf("\n");
         }
     }
@@ -148,5 +170,6 @@ done:
     kv_cache_free(&cache);
     free(logits), free(generated), free(top), free(ids);
     model_free(&m);
+    if (tk) tokenizer_free(tk);
     return rc;
 }

@@ -23,7 +23,7 @@ def get(name):
     t = hdr[name]; b, e = t["data_offsets"]; fmt = {"I32": "i", "F32": "f"}[t["dtype"]]
     return list(struct.unpack("<%d%s" % ((e - b) // 4, fmt), data[b:e])), t["shape"]
 ids, _ = get("prompt3.ids"); gen, _ = get("prompt3.generated"); logits, shape = get("prompt3.logits")
-print(json.dumps({"ids": ids, "generated": gen, "last": logits[-shape[1]:]}))
+print(json.dumps({"ids": ids, "generated": gen, "last": logits[-shape[1]:], "text": hdr["__metadata__"]["prompt3.text"]}))
 PY
 ids=$(python3 -c 'import json,sys; print(",".join(map(str, json.load(open(sys.argv[1]))["ids"])))' "$tmp/ref.json")
 
@@ -39,6 +39,14 @@ gen = out["generated"]
 assert gen == ref["generated"][:len(gen)] and len(gen) >= 1, "generated %s vs %s" % (gen, ref["generated"])
 assert out["top"][0]["id"] == ref["generated"][0] and len(out["top"]) == 3, "top-1 is the first generated token"
 print("  forward --json: logits max rel error %.2e, %d generated tokens equal to HF" % (err, len(gen)))
+PY
+
+# --text goes through our tokenizer: the ids must be HF's ids for the reference's prompt text.
+text=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"], end="")' "$tmp/ref.json")
+"$bin" forward --model "$model" --text "$text" --json > "$tmp/text.json" && python3 - "$tmp/ref.json" "$tmp/text.json" <<'PY' && ok || bad "forward --text ids differ from HF's"
+import json, sys
+ref = json.load(open(sys.argv[1])); out = json.load(open(sys.argv[2]))
+assert out["ids"] == ref["ids"], (out["ids"], ref["ids"])
 PY
 
 if "$bin" forward --model "$model" --ids "$ids" > "$tmp/text.txt" && grep -q "next token" "$tmp/text.txt"; then ok; else bad "plain output"; fi

@@ -268,9 +268,24 @@ static int parse_added(tokenizer *t, json_t *list, ep_error *err) {
         a->single_word = json_is_true(json_object_get(v, "single_word"));
         json_t *normalized = json_object_get(v, "normalized");
         // tokenizers' default: normalized unless special.
-        a->normalized = normalized ? json_is_true(normalized) : !a->special;
-        if (a->normalized && !a->special) matcher_add(&t->norm_matcher, a->content, a->len, (int)i);
-        else matcher_add(&t->raw_matcher, a->content, a->len, (int)i);
+        a->normalized = normalized ? json_is_true(normalized) : !a->special;  // the serde default
+        if (!a->normalized) {
+            matcher_add(&t->raw_matcher, a->content, a->len, (int)i);
+            continue;
+        }
+        // A normalized token is matched in normalized text, so its own content is normalized first
+        // (with Prepend, "▁world" is looked for as "▁▁world"), as tokenizers does.
+        byte_buf norm = {0};
+        regex_scratch rs;
+        regex_scratch_init(&rs);
+        int rc = normalizer_apply(&t->norm, a->content, a->len, &norm, &rs, err);
+        regex_scratch_free(&rs);
+        if (rc) {
+            buf_free(&norm);
+            return ep_wrap(err, "%s: added_tokens[%zu]", t->name, i);
+        }
+        matcher_add(&t->norm_matcher, norm.p, norm.len, (int)i);
+        buf_free(&norm);
     }
     return 0;
 }
@@ -481,7 +496,10 @@ int tokenizer_load_json(const char *json, size_t len, const char *config_json, s
     *out = NULL;
     tokenizer *t = tokenizer_new(name);
     ep_error ignored;
-    t->word_char = regex_compile("[\\p{Alphabetic}\\p{N}_]", 22, 0, name, "(word characters)", &ignored);
+    // single_word tests the Rust regex crate's \\w: Alphabetic, marks, decimal digits, connector punctuation
+    // and the join controls (ZWNJ, ZWJ).
+    static const char word_re[] = "[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]";
+    t->word_char = regex_compile(word_re, strlen(word_re), 0, name, "(word characters)", &ignored);
     json_error_t je;
     json_t *root = json_loadb(json, len, 0, &je);
     if (!root) {

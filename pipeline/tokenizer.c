@@ -255,8 +255,9 @@ static int parse_added(tokenizer *t, json_t *list, ep_error *err) {
     json_array_foreach(list, i, v) {
         json_t *content = json_object_get(v, "content"), *id = json_object_get(v, "id");
         if (!json_is_string(content) || !json_is_integer(id) || json_integer_value(id) < 0 ||
-            json_integer_value(id) > 0x7fffffff)
-            return ep_fail(err, "%s: added_tokens[%zu] needs a string content and a non-negative integer id", t->name, i);
+            json_integer_value(id) >= BPE_MAX_ID)
+            return ep_fail(err, "%s: added_tokens[%zu] needs a string content and an integer id in [0, %d)", t->name, i,
+                           BPE_MAX_ID);
         added_token *a = &t->added[i];
         a->len = json_string_length(content);
         a->content = ep_malloc(a->len + 1);
@@ -479,6 +480,13 @@ static int load_parsed(tokenizer *t, json_t *root, ep_error *err) {
     t->added_of_id = ep_malloc(sizeof(int) * ((size_t)t->n_ids + 1));
     for (int i = 0; i < t->n_ids; i++) t->added_of_id[i] = -1;
     for (int i = 0; i < t->n_added; i++) t->added_of_id[t->added[i].id] = i;
+    for (int k = 0; k < t->n_templates; k++)
+        for (int i = 0; i < t->templates[k].n_specials; i++)
+            for (int j = 0; j < t->templates[k].ids_len[i]; j++) {
+                int id = t->templates[k].ids[t->templates[k].ids_start[i] + j];
+                if (!tokenizer_piece(t, id))
+                    return ep_fail(err, "%s: post_processor: special token id %d is not in the vocabulary", t->name, id);
+            }
     return 0;
 }
 

@@ -59,8 +59,9 @@ int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
     json_t *val;
     int max_id = -1;
     json_object_foreach(vocab, key, val) {
-        if (!json_is_integer(val) || json_integer_value(val) < 0 || json_integer_value(val) > 0x7fffffff)
-            return ep_fail(err, "%s: model.vocab[\"%s\"] is not a non-negative integer id", file, key);
+        // Ids index dense arrays, so they are bounded (real vocabularies are < 300k).
+        if (!json_is_integer(val) || json_integer_value(val) < 0 || json_integer_value(val) >= BPE_MAX_ID)
+            return ep_fail(err, "%s: model.vocab[\"%s\"] is not an integer id in [0, %d)", file, key, BPE_MAX_ID);
         int id = (int)json_integer_value(val);
         strmap_put(&m->vocab, key, strlen(key), id);
         if (id > max_id) max_id = id;

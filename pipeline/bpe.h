@@ -15,6 +15,8 @@
 #include "pipeline/error.h"
 #include "pipeline/strmap.h"
 
+enum { BPE_MAX_ID = 1 << 24 };  // largest accepted token id + 1
+
 typedef struct {
     int *v;
     size_t n, cap;

@@ -255,8 +255,9 @@ static int parse_added(tokenizer *t, json_t *list, ep_error *err) {
     json_array_foreach(list, i, v) {
         json_t *content = json_object_get(v, "content"), *id = json_object_get(v, "id");
         if (!json_is_string(content) || !json_is_integer(id) || json_integer_value(id) < 0 ||
-            json_integer_value(id) > 0x7fffffff)
-            return ep_fail(err, "%s: added_tokens[%zu] needs a string content and a non-negative integer id", t->name, i);
+            json_integer_value(id) >= BPE_MAX_ID)
+            return ep_fail(err, "%s: added_tokens[%zu] needs a string content and an integer id in [0, %d)", t->name, i,
+                           BPE_MAX_ID);
         added_token *a = &t->added[i];
         a->len = json_string_length(content);
         a->content = ep_malloc(a->len + 1);
@@ -268,9 +269,24 @@ static int parse_added(tokenizer *t, json_t *list, ep_error *err) {
         a->single_word = json_is_true(json_object_get(v, "single_word"));
         json_t *normalized = json_object_get(v, "normalized");
         // tokenizers' default: normalized unless special.
-        a->normalized = normalized ? json_is_true(normalized) : !a->special;
-        if (a->normalized && !a->special) matcher_add(&t->norm_matcher, a->content, a->len, (int)i);
-        else matcher_add(&t->raw_matcher, a->content, a->len, (int)i);
+        a->normalized = normalized ? json_is_true(normalized) : !a->special;  // the serde default
+        if (!a->normalized) {
+            matcher_add(&t->raw_matcher, a->content, a->len, (int)i);
+            continue;
+        }
+        // A normalized token is matched in normalized text, so its own content is normalized first
+        // (with Prepend, "▁world" is looked for as "▁▁world"), as tokenizers does.
+        byte_buf norm = {0};
+        regex_scratch rs;
+        regex_scratch_init(&rs);
+        int rc = normalizer_apply(&t->norm, a->content, a->len, &norm, &rs, err);
+        regex_scratch_free(&rs);
+        if (rc) {
+            buf_free(&norm);
+            return ep_wrap(err, "%s: added_tokens[%zu]", t->name, i);
+        }
+        matcher_add(&t->norm_matcher, norm.p, norm.len, (int)i);
+        buf_free(&norm);
     }
     return 0;
 }
@@ -464,6 +480,13 @@ static int load_parsed(tokenizer *t, json_t *root, ep_error *err) {
     t->added_of_id = ep_malloc(sizeof(int) * ((size_t)t->n_ids + 1));
     for (int i = 0; i < t->n_ids; i++) t->added_of_id[i] = -1;
     for (int i = 0; i < t->n_added; i++) t->added_of_id[t->added[i].id] = i;
+    for (int k = 0; k < t->n_templates; k++)
+        for (int i = 0; i < t->templates[k].n_specials; i++)
+            for (int j = 0; j < t->templates[k].ids_len[i]; j++) {
+                int id = t->templates[k].ids[t->templates[k].ids_start[i] + j];
+                if (!tokenizer_piece(t, id))
+                    return ep_fail(err, "%s: post_processor: special token id %d is not in the vocabulary", t->name, id);
+            }
     return 0;
 }
 
@@ -481,7 +504,10 @@ int tokenizer_load_json(const char *json, size_t len, const char *config_json, s
     *out = NULL;
     tokenizer *t = tokenizer_new(name);
     ep_error ignored;
-    t->word_char = regex_compile("[\\p{Alphabetic}\\p{N}_]", 22, 0, name, "(word characters)", &ignored);
+    // single_word tests the Rust regex crate's \\w: Alphabetic, marks, decimal digits, connector punctuation
+    // and the join controls (ZWNJ, ZWJ).
+    static const char word_re[] = "[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]";
+    t->word_char = regex_compile(word_re, strlen(word_re), 0, name, "(word characters)", &ignored);
     json_error_t je;
     json_t *root = json_loadb(json, len, 0, &je);
     if (!root) {

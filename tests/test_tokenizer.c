@@ -16,7 +16,8 @@
 #include "tests/harness.h"
 
 static const char *fixture_root = "tests/fixtures/tokenizers";
-static const char *names[] = {"gpt2", "phi-2", "llama-3", "llama-3.1", "gemma-2", "smollm"};  // SYNTH
+static const char *names[] = {"gpt2",    "phi-2",          "llama-3",          "llama-3.1",          "gemma-2",
+                              "smollm",  "synthetic-llama2", "synthetic-metaspace", "synthetic-bytelevel"};
 
 static double now_s(void) {
     struct timespec ts;

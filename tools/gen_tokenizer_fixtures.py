@@ -35,6 +35,10 @@ if tokenizers.__version__ != PINNED:
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 FIXTURES = os.path.join(ROOT, "tests", "fixtures", "tokenizers")
 NAMES = ["gpt2", "phi-2", "llama-3", "llama-3.1", "gemma-2", "smollm"]
+# Small tokenizers trained here on the task data, for pipeline components that no real file above uses
+# (Prepend, Metaspace, Strip, Split behaviours, Digits, ByteLevel add_prefix_space, lstrip/rstrip/
+# single_word/normalized added tokens, unk with fuse_unk). Written by this script, then checked like the rest.
+SYNTHETIC = ["synthetic-llama2", "synthetic-metaspace", "synthetic-bytelevel"]
 N_RANDOM = 3000
 
 
@@ -101,6 +105,11 @@ HARD = [
     "a" + " " * 33 + "b", "1" * 50, "!!!???...", "....", "---", "===", "```python\nprint('hi')\n```",
     "def f(x):\n    return x  # comment\n", "{\"json\": [1, 2, 3]}", "http://example.com/a?b=c&d=e",
     "user@example.com", "#hashtag @mention $100 %20 ^_^ ~~ `code`", "C++ && C# || F#", "α+β=γ", "∀x∈ℝ: x²≥0",
+    # added-token flags (the synthetic tokenizers carry lstrip <mask>, rstrip [SEP], both <cls>, single_word hello)
+    "a <mask> b", "a  <mask>", "<mask>", " \t<mask>x", "<mask><mask>", " <mask> <mask> ", "x [SEP]  y", "[SEP]\n\n",
+    "[SEP][SEP]  ", "  <cls>  z", "<cls>", "a<cls>b", "hello world", "say hello", "shello", "hello_", "hellos",
+    "hello", " hello ", "(hello)", "héllo hello", "hello\u200dx", "1hello", "world", " world", "  world", "a-b-c",
+    "x,y;z", "CamelCaseWord", "!!!wow!!", "9-8-7", "a\t\tb",
 ]
 
 INVALID = [
@@ -132,7 +141,8 @@ def random_strings(n, seed=20241127):
         lambda: "".join(chr(rng.randint(0x1F600, 0x1F64F)) for _ in range(rng.randint(1, 3))),
         lambda: rng.choice(["👍🏽", "👨‍👩‍👧", "🇫🇷", "❤️", "✨", "🚀", "\u200d", "\ufe0f"]),
         lambda: rng.choice(["<bos>", "<eos>", "<|endoftext|>", "<|begin_of_text|>", "<|im_start|>", "<start_of_turn>",
-                            "<h1>", "</div>", "▁", "▁▁", "<0x41>", "<unk>", "[toxicity=0]", "<|eot_id|>"]),
+                            "<h1>", "</div>", "▁", "▁▁", "<0x41>", "<unk>", "[toxicity=0]", "<|eot_id|>",
+                            "<mask>", "[SEP]", "<cls>", "hello", " hello ", "<s>", "</s>"]),
         lambda: "".join(chr(rng.choice([rng.randint(0x20, 0x7E), rng.randint(0xA0, 0x24F), rng.randint(0x370, 0x3FF),
                                          rng.randint(0x2000, 0x206F), rng.randint(0x2100, 0x27BF), rng.randint(0xFF01, 0xFF5E)]))
                         for _ in range(rng.randint(1, 6))),
@@ -168,12 +178,104 @@ def generate(name, cases):
     print(f"{name}: {len(cases)} cases, {n_decoded} do not round-trip in HF, {os.path.getsize(path)} bytes -> {path}")
 
 
+def training_corpus():
+    text = []
+    for path in sorted(glob.glob(os.path.join(ROOT, "datasets", "pairs", "*.json"))):
+        with open(path, encoding="utf-8") as f:
+            text += [f"{p['input']}: {p['output']}" for p in json.load(f)]
+    with open(os.path.join(ROOT, "datasets", "words", "american-english-small"), encoding="utf-8") as f:
+        text += [w.strip() for w in f][::5]
+    return text + ["The capital of France is Paris.", "don't 12345 café", "hello world, hello; world-wide"]
+
+
+def added(content, id, special=False, lstrip=False, rstrip=False, single_word=False, normalized=False):
+    return {"id": id, "content": content, "single_word": single_word, "lstrip": lstrip, "rstrip": rstrip,
+            "normalized": normalized, "special": special}
+
+
+def make_synthetic(name):
+    from tokenizers import models, pre_tokenizers, trainers
+    bytelevel = name == "synthetic-bytelevel"
+    specials = ["<s>", "</s>", "<unk>"]
+    if bytelevel:
+        tok = tokenizers.Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:
+        tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=name == "synthetic-llama2", fuse_unk=True))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=specials + [f"<0x{b:02X}>" for b in range(256)],
+                                      show_progress=False)
+    tok.train_from_iterator(training_corpus(), trainer)
+    j = json.loads(tok.to_str())
+    vocab = j["model"]["vocab"]
+    n = len(vocab)
+    for extra in ["[SEP]", "<mask>", "<cls>", "hello", "\u2581world", "ĠParis"]:
+        vocab.setdefault(extra, len(vocab))
+    j["added_tokens"] = [added(t, i, special=True) for i, t in enumerate(specials)] + [
+        added("<mask>", vocab["<mask>"], lstrip=True),
+        added("[SEP]", vocab["[SEP]"], rstrip=True),
+        added("<cls>", vocab["<cls>"], lstrip=True, rstrip=True, special=True),
+        added("hello", vocab["hello"], single_word=True),
+    ]
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    seq = {"Sequence": {"id": "A", "type_id": 0}}
+    template = {"type": "TemplateProcessing", "single": [bos, seq], "pair": [bos, seq, seq],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}}
+    if name == "synthetic-llama2":
+        # Llama-2 / Mistral style: Prepend + Replace normalizer, no pre-tokenizer, byte fallback, Strip decoder.
+        j["normalizer"] = {"type": "Sequence", "normalizers": [
+            {"type": "Prepend", "prepend": "\u2581"},
+            {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}]}
+        j["pre_tokenizer"] = None
+        j["added_tokens"].append(added("\u2581world", vocab["\u2581world"], normalized=True))
+        j["post_processor"] = template
+        j["decoder"] = {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]}
+    elif name == "synthetic-metaspace":
+        j["normalizer"] = {"type": "Replace", "pattern": {"Regex": "[\\t]+"}, "content": " "}
+        j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"String": "-"}, "behavior": "MergedWithNext", "invert": False},
+            {"type": "Split", "pattern": {"Regex": "[,;]"}, "behavior": "Removed", "invert": False},
+            {"type": "Split", "pattern": {"Regex": "\\p{Lu}"}, "behavior": "MergedWithPrevious", "invert": False},
+            {"type": "Split", "pattern": {"Regex": "[aeiou]+"}, "behavior": "Isolated", "invert": True},
+            {"type": "Split", "pattern": {"Regex": "!"}, "behavior": "Contiguous", "invert": False},
+            {"type": "Digits", "individual_digits": False},
+            {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}]}
+        j["post_processor"] = {"type": "Sequence", "processors": [template]}
+        j["decoder"] = {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first", "split": True}
+    else:
+        j["normalizer"] = None
+        j["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": False},
+            {"type": "Split", "pattern": {"String": "|"}, "behavior": "Removed", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}]}
+        j["post_processor"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
+        j["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    d = os.path.join(FIXTURES, name)
+    os.makedirs(d, exist_ok=True)
+    with gzip.GzipFile(os.path.join(d, "tokenizer.json.gz"), "wb", mtime=0, compresslevel=9) as f:
+        f.write(json.dumps(j, ensure_ascii=False, indent=1).encode("utf-8"))
+    with open(os.path.join(d, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True}, f, indent=2)
+        f.write("\n")
+    print(f"{name}: trained {n} pieces")
+
+
 def main():
-    names = sys.argv[1:] or NAMES
+    names = sys.argv[1:] or NAMES + SYNTHETIC
     cases = dataset_cases() + [(s, True) for s in HARD] + [(b, False) for b in INVALID]
-    cases += [(s, False) for s in random_strings(N_RANDOM)]
+    randoms = [(s, False) for s in random_strings(N_RANDOM)]
+    short = dataset_cases()[:3000:3] + [(s, True) for s in HARD] + [(b, False) for b in INVALID] + randoms
     for name in names:
-        generate(name, cases)
+        if name in SYNTHETIC:
+            make_synthetic(name)
+            generate(name, short)
+        else:
+            generate(name, cases + randoms)
 
 
 if __name__ == "__main__":

@@ -104,8 +104,10 @@ static int bind_tensor(model *m, const expected_tensor *e, ep_error *err) {
     file = m->st.paths[t->file];
     int ndim = e->d1 ? 2 : 1;
     if (t->ndim != ndim || t->shape[0] != e->d0 || (ndim == 2 && t->shape[1] != e->d1)) {
-        char got[96] = "", *p = got;
-        for (int d = 0; d < t->ndim; d++) p += snprintf(p, (size_t)(got + sizeof got - p), d ? ", %lld" : "%lld", (long long)t->shape[d]);
+        // Room for ST_MAX_DIMS dimensions of up to 2^40 (13 digits) and their separators.
+        char got[ST_MAX_DIMS * 16] = "", *p = got;
+        for (int d = 0; d < t->ndim && p < got + sizeof got; d++)
+            p += snprintf(p, (size_t)(got + sizeof got - p), d ? ", %lld" : "%lld", (long long)t->shape[d]);
         return ep_fail(err, "%s: tensor '%s' has shape [%s], config.json implies [%lld%s%.0lld]", file, e->name, got,
                        (long long)e->d0, ndim == 2 ? ", " : "", (long long)e->d1);
     }

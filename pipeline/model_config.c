@@ -1,7 +1,9 @@
 #include "model_config.h"
 
+#include <float.h>
 #include <jansson.h>
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 
 // Field readers: absent (or null) fields take the HF class default; present fields of the wrong type
@@ -25,7 +27,9 @@ static int get_float(json_t *root, const char *path, const char *key, float fall
         *out = fallback;
         return 0;
     }
-    if (!json_is_number(v)) return ep_fail(err, "%s: field %s: expected a number", path, key);
+    // Out-of-range doubles are rejected before the conversion to float, which would be undefined.
+    if (!json_is_number(v) || !(fabs(json_number_value(v)) <= FLT_MAX))
+        return ep_fail(err, "%s: field %s: expected a number in float range", path, key);
     *out = (float)json_number_value(v);
     return 0;
 }
@@ -51,13 +55,15 @@ static int read_special_ids(json_t *root, const char *path, model_config *cfg, e
     json_t *eos = json_object_get(root, "eos_token_id");
     cfg->n_eos = 0;
     if (json_is_integer(eos)) {
+        if (json_integer_value(eos) < 0 || json_integer_value(eos) > 1000000000)
+            return ep_fail(err, "%s: field eos_token_id: expected a token id", path);
         cfg->eos_ids[cfg->n_eos++] = (int)json_integer_value(eos);
     } else if (json_is_array(eos)) {
         size_t i;
         json_t *e;
         json_array_foreach(eos, i, e) {
-            if (!json_is_integer(e) || cfg->n_eos == 8)
-                return ep_fail(err, "%s: field eos_token_id: expected an integer or a list of at most 8", path);
+            if (!json_is_integer(e) || json_integer_value(e) < 0 || json_integer_value(e) > 1000000000 || cfg->n_eos == 8)
+                return ep_fail(err, "%s: field eos_token_id: expected token ids (integers >= 0), at most 8", path);
             cfg->eos_ids[cfg->n_eos++] = (int)json_integer_value(e);
         }
     } else if (eos && !json_is_null(eos)) {
@@ -202,6 +208,10 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
             get_bool(root, path, "tie_word_embeddings", 0, &cfg->tied_embeddings, err) ||
             get_bool(root, path, "qk_layernorm", 0, &qk_layernorm, err))
             goto done;
+        if (!(partial > 0 && partial <= 1)) {  // also keeps the conversion to int below defined
+            ep_fail(err, "%s: field partial_rotary_factor: expected a number in (0, 1]", path);
+            goto done;
+        }
         if (qk_layernorm) {
             ep_fail(err, "%s: field qk_layernorm: true is not supported", path);
             goto done;
@@ -226,6 +236,14 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
     if (check_positive(path, "head_dim", cfg->head_dim, err)) goto done;
     if (cfg->arch != ARCH_GEMMA2 && cfg->hidden % cfg->n_heads) {
         ep_fail(err, "%s: num_attention_heads = %d does not divide hidden_size = %d", path, cfg->n_heads, cfg->hidden);
+        goto done;
+    }
+    // Bounds far above any real model, so that every size the forward pass forms in int stays exact and
+    // no allocation is absurd: n_heads x head_dim and the other widths fit in 2^20, vocab in 2^24.
+    if (cfg->vocab_size > (1 << 24) || cfg->hidden > (1 << 20) || cfg->intermediate > (1 << 20) ||
+        (int64_t)cfg->n_heads * cfg->head_dim > (1 << 20) || cfg->n_layers > (1 << 16) || cfg->max_positions > (1 << 24)) {
+        ep_fail(err, "%s: sizes out of range: vocab_size <= 2^24, hidden_size, intermediate_size and "
+                     "num_attention_heads * head_dim <= 2^20, num_hidden_layers <= 2^16 expected", path);
         goto done;
     }
     if (cfg->rotary_dim <= 0 || cfg->rotary_dim % 2 || cfg->rotary_dim > cfg->head_dim) {

@@ -81,6 +81,9 @@ static int compare_by_offset(const void *a, const void *b) {
     return x->data < y->data ? -1 : x->data > y->data ? 1 : 0;
 }
 
+static int parse_tensors(const char *path, const unsigned char *bytes, size_t size, safetensors *st, int file_index,
+                         ep_error *err);
+
 // Maps one file and appends its tensors to st; file_index is its slot in st->paths.
 static int map_and_parse(const char *path, safetensors *st, int file_index, ep_error *err) {
     int fd = open(path, O_RDONLY);
@@ -100,8 +103,12 @@ static int map_and_parse(const char *path, safetensors *st, int file_index, ep_e
     if (map == MAP_FAILED) return ep_fail(err, "%s: cannot mmap: %s", path, strerror(errno));
     st->maps[file_index] = map;
     st->map_sizes[file_index] = size;
+    return parse_tensors(path, map, size, st, file_index, err);
+}
 
-    const unsigned char *bytes = map;
+// Validates the header of one file's bytes (size >= 8) and appends its tensors to st.
+static int parse_tensors(const char *path, const unsigned char *bytes, size_t size, safetensors *st, int file_index,
+                         ep_error *err) {
     uint64_t header_len = 0;
     for (int i = 7; i >= 0; i--) header_len = header_len << 8 | bytes[i];
     if (header_len > MAX_HEADER_BYTES || header_len > size - 8)
@@ -221,6 +228,22 @@ int safetensors_open_file(const char *path, safetensors *st, ep_error *err) {
     init_files(st, 1);
     st->paths[0] = ep_strdup(path);
     if (map_and_parse(path, st, 0, err) || finish_table(st, err)) {
+        safetensors_close(st);
+        return -1;
+    }
+    return 0;
+}
+
+int safetensors_open_buffer(const void *bytes, size_t size, const char *name, safetensors *st, ep_error *err) {
+    init_files(st, 1);
+    st->paths[0] = ep_strdup(name);
+    if (size < 8) {
+        ep_fail(err, "%s: truncated: %zu bytes, a safetensors file has at least an 8-byte header length", name, size);
+        safetensors_close(st);
+        return -1;
+    }
+    // maps[0] stays NULL: the bytes are borrowed, so close does not unmap them.
+    if (parse_tensors(name, bytes, size, st, 0, err) || finish_table(st, err)) {
         safetensors_close(st);
         return -1;
     }

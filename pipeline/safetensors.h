@@ -40,6 +40,9 @@ typedef struct {
 
 // Opens one .safetensors file.
 int safetensors_open_file(const char *path, safetensors *st, ep_error *err);
+// Parses safetensors bytes already in memory (tests, fuzzing); name stands for the file in messages.
+// The bytes are borrowed: tensors point into them, so they must outlive st.
+int safetensors_open_buffer(const void *bytes, size_t size, const char *name, safetensors *st, ep_error *err);
 // Opens a checkpoint folder: model.safetensors.index.json (sharded) if present, else model.safetensors.
 int safetensors_open_dir(const char *dir, safetensors *st, ep_error *err);
 void safetensors_close(safetensors *st);

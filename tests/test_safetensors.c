@@ -218,12 +218,53 @@ static void test_config(void) {
                             "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":2.0}}",
                             "yarn"),
           "unsupported rope scaling");
+    // Found by fuzzing (tests/fuzz/fuzz_config.c) or by reading the code while writing the target: each
+    // must be an error, not undefined behaviour or an absurd allocation.
+    const char *phi = "{\"architectures\":[\"PhiForCausalLM\"],\"vocab_size\":100,\"hidden_size\":64,"
+                      "\"num_hidden_layers\":2,\"num_attention_heads\":8,\"intermediate_size\":128,";
+    char json[1024];
+    snprintf(json, sizeof json, "%s\"partial_rotary_factor\":1e30}", phi);
+    check(config_fails_with(json, "partial_rotary_factor"), "partial_rotary_factor 1e30 (float to int overflow)");
+    snprintf(json, sizeof json, "%s\"partial_rotary_factor\":-0.5}", phi);
+    check(config_fails_with(json, "partial_rotary_factor"), "negative partial_rotary_factor");
+    snprintf(json, sizeof json, "%s\"rope_theta\":1e300}", phi);
+    check(config_fails_with(json, "rope_theta"), "rope_theta beyond float range");
+    snprintf(json, sizeof json, "%s\"eos_token_id\":[2, 1099511627776]}", phi);
+    check(config_fails_with(json, "eos_token_id"), "eos_token_id beyond int");
+    check(config_fails_with("{\"architectures\":[\"Gemma2ForCausalLM\"],\"vocab_size\":100,\"hidden_size\":64,"
+                            "\"num_hidden_layers\":2,\"num_attention_heads\":8,\"intermediate_size\":128,"
+                            "\"head_dim\":1000000000}",
+                            "out of range"),
+          "head_dim 1e9 (int overflow of n_heads * head_dim, 2 GB of rotary frequencies)");
     // Gemma's sqrt(hidden) factor, rounded to bf16 for a bf16 run: torch 2.4 gives 59.75 for 3584 (9B) and 68 for
     // 4608 (27B).
     model_config g = {.scale_embeddings = 1, .hidden = 3584};
     check(model_embed_scale(&g, 0) == (float)sqrt(3584.0) && model_embed_scale(&g, 1) == 59.75f, "embed scale 9B");
     g.hidden = 4608;
     check(model_embed_scale(&g, 1) == 68.0f, "embed scale 27B");
+}
+
+// A weight with 8 huge dimensions and no elements: model_load's shape message used to run its write
+// pointer past a 96-byte buffer (and wrap the size it gave snprintf), cutting the message short.
+static void test_long_shape_message(void) {
+    char cmd[600], path[512];
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/longshape", tmpdir);
+    check(system(cmd) == 0, "mkdir");
+    write_text("longshape/config.json", "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":100,"
+                                        "\"hidden_size\":64,\"num_hidden_layers\":1,\"num_attention_heads\":8,"
+                                        "\"intermediate_size\":128,\"tie_word_embeddings\":true}");
+    write_raw("longshape/model.safetensors",
+              "{\"model.embed_tokens.weight\":{\"dtype\":\"F32\",\"shape\":[0,1099511627776,1099511627776,"
+              "1099511627776,1099511627776,1099511627776,1099511627776,1099511627776],\"data_offsets\":[0,0]}}",
+              NULL, 0);
+    path_in(path, sizeof path, "longshape");
+    model m;
+    ep_error err = {{0}};
+    int rc = model_load(path, &m, &err);
+    if (rc == 0) model_free(&m);
+    printf("  longshape -> %s\n", err.msg);
+    check(rc != 0 && strstr(err.msg, "embed_tokens") && strstr(err.msg, "1099511627776, 1099511627776], config"),
+          "8-dim shape message, complete");
 }
 
 int main(void) {
@@ -235,6 +276,7 @@ int main(void) {
     test_bad_files();
     test_sharded_index();
     test_config();
+    test_long_shape_message();
     snprintf(cmd, sizeof cmd, "rm -rf %s", tmpdir);
     if (system(cmd) != 0) return 1;
     return test_finish("test_safetensors");

@@ -1,0 +1,111 @@
+// bench_forward: throughput of the batched prompt pass, the way the pipeline runs it: B prompts of T
+// tokens packed into one forward step, logits only at each prompt's last position. One warm-up pass,
+// then R timed passes (the KV cache is rewound between passes); prints tokens/s over the timed passes.
+// Token ids are --ids (comma-separated, used for every prompt) or generated as bench_ids() does, the
+// same formula bench_forward_torch.py uses, so both engines see the same ids.
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "pipeline/forward.h"
+#include "pipeline/generate.h"
+#include "pipeline/model.h"
+
+static const char usage[] =
+    "usage: bench_forward --model DIR [--batch B] [--len T] [--reps R] [--ids 1,2,3]\n"
+    "  B prompts (default 16) of T token ids (default 100), R timed passes (default 3) after a warm-up.\n"
+    "  Threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS.\n";
+
+// Deterministic ids: prompt s, position t -> (1 + (s * T + t) * 2654435761 mod 2^32) mod (vocab - 1).
+static int bench_id(int s, int t, int T, int vocab) {
+    uint32_t x = (uint32_t)(s * T + t) * 2654435761u;
+    return 1 + (int)(x % (uint32_t)(vocab - 1));
+}
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+int main(int argc, char **argv) {
+    const char *dir = NULL, *ids = NULL;
+    int B = 16, T = 100, R = 3;
+    for (int i = 1; i < argc; i++) {
+        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(argv[i], "--help") || !next) {
+            fputs(usage, !strcmp(argv[i], "--help") ? stdout : stderr);
+            return !strcmp(argv[i], "--help") ? 0 : 2;
+        }
+        if (!strcmp(argv[i], "--model")) dir = next;
+        else if (!strcmp(argv[i], "--ids")) ids = next;
+        else if (!strcmp(argv[i], "--batch")) B = atoi(next);
+        else if (!strcmp(argv[i], "--len")) T = atoi(next);
+        else if (!strcmp(argv[i], "--reps")) R = atoi(next);
+        else {
+            fprintf(stderr, "bench_forward: unknown option '%s'\n%s", argv[i], usage);
+            return 2;
+        }
+        i++;
+    }
+    if (!dir || B <= 0 || R <= 0 || (!ids && T <= 0)) {
+        fputs(usage, stderr);
+        return 2;
+    }
+    model m;
+    ep_error err = {{0}};
+    if (model_load(dir, &m, &err)) {
+        fprintf(stderr, "bench_forward: %s\n", err.msg);
+        return 1;
+    }
+    int V = m.cfg.vocab_size;
+    int *prompt = NULL, n_prompt = 0;
+    if (ids) {
+        prompt = malloc(sizeof(int) * (strlen(ids) + 1));
+        for (const char *p = ids; *p;) {
+            char *end;
+            prompt[n_prompt++] = (int)strtol(p, &end, 10);
+            p = *end == ',' ? end + 1 : end;
+            if (end == p && *p) break;
+        }
+        T = n_prompt;
+    }
+    int *tokens = malloc(sizeof(int) * (size_t)B * T), *n_new = malloc(sizeof(int) * B), *rows = malloc(sizeof(int) * B);
+    for (int s = 0; s < B; s++) {
+        for (int t = 0; t < T; t++) tokens[s * T + t] = ids ? prompt[t] : bench_id(s, t, T, V);
+        n_new[s] = T;
+        rows[s] = s * T + T - 1;
+    }
+    float *logits = malloc(sizeof(float) * (size_t)B * V);
+    kv_cache cache;
+    if (kv_cache_init(&cache, &m.cfg, B, T, &err)) {
+        fprintf(stderr, "bench_forward: %s\n", err.msg);
+        return 1;
+    }
+    const kernel_ops *ops = kernel_ops_cpu();
+    forward_batch fb = {.n_seqs = B, .n_new = n_new, .tokens = tokens, .n_logit_rows = B, .logit_rows = rows,
+                        .logits = logits};
+    double total = 0;
+    for (int rep = 0; rep <= R; rep++) {
+        memset(cache.len, 0, sizeof(int) * B);
+        double t0 = now_s();
+        if (model_forward(&m, ops, &cache, &fb, &err)) {
+            fprintf(stderr, "bench_forward: %s\n", err.msg);
+            return 1;
+        }
+        double dt = now_s() - t0;
+        if (rep > 0) total += dt;  // rep 0 is the warm-up
+        fprintf(stderr, "  %s pass %d: %.3f s\n", rep ? "timed" : "warm-up", rep, dt);
+    }
+    printf("argmax of the first prompts:");
+    for (int s = 0; s < B && s < 4; s++) printf(" %d", argmax(logits + (size_t)s * V, V));
+    printf("\n");
+    printf("engine=edgepatch batch=%d len=%d reps=%d seconds=%.4f tokens_per_s=%.1f\n", B, T, R, total / R,
+           (double)B * T * R / total);
+    kv_cache_free(&cache);
+    model_free(&m);
+    free(prompt), free(tokens), free(n_new), free(rows), free(logits);
+    return 0;
+}

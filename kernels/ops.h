@@ -9,6 +9,9 @@
 #define EP_KERNELS_OPS_H
 
 #include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/edge_rule.h"
 
 typedef enum { ACT_SILU = 0, ACT_GELU_TANH = 1 } act_kind;
 
@@ -16,11 +19,17 @@ typedef enum { ACT_SILU = 0, ACT_GELU_TANH = 1 } act_kind;
 // q_pos .. q_pos + n_q - 1 stored at rows q_row ..; keys and values of position j are stored at row
 // kv_row + j. A query at position i sees keys 0 .. i (causal), restricted to i - j < window when a
 // window is set.
+// For patched attention a sequence also carries its positions' token types and example indices
+// (host memory, n_typed entries; positions beyond are untyped) and the row where its positions start
+// in the donors' key/value arrays.
 typedef struct {
     int q_row;
     int n_q;
     int q_pos;
     int kv_row;
+    const int32_t *types, *index;
+    int n_typed;
+    int donor_row;
 } attn_seq;
 
 typedef struct {
@@ -68,6 +77,12 @@ typedef struct kernel_ops {
     // q, k, v, out are backend memory; seqs and p are host memory (small metadata).
     void (*attention)(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
                       int n_seqs, const attn_params *p);
+    // The same with edge ablation (kernels/edge_rule.h): the edge A->B of query head h reads donor d's
+    // key and value at A (donor_k[d] / donor_v[d], row donor_row + A, same strides) when the rules say
+    // so, else the current ones. q always comes from the current pass. NULL in backends without it.
+    void (*patched_attention)(float *out, const float *q, const float *k, const float *v, int n_donors,
+                              const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
+                              int n_seqs, const attn_params *p, const edge_rule_set *rules);
 } kernel_ops;
 
 const kernel_ops *kernel_ops_ref(void);

@@ -126,14 +126,36 @@ static inline void axpy_f32(float *o, float w, const float *v, int n) {
     for (; e < n; e++) o[e] += w * v[e];
 }
 
-// One (sequence, query, head) row of attention; scores is scratch of at least i + 1 floats.
-static void attend_row(float *o, const float *qv, const float *k, const float *v, int kv_row, int i, int g,
-                       const attn_params *p, float *scores) {
-    int d = p->head_dim;
+// Key/value rows of sender j for query head h reading into position i: a donor's or the current ones.
+typedef struct {
+    const float *k, *v;
+} kv_pair;
+
+static kv_pair pick_kv(const float *k, const float *v, const float *const *donor_k, const float *const *donor_v,
+                       const attn_seq *sq, const attn_params *p, const edge_rule_set *rules, int h, int g, int i, int j) {
+    size_t off = (size_t)g * p->head_dim;
+    if (rules && j < sq->n_typed && i < sq->n_typed) {
+        int d = edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
+        if (d >= 0) {
+            size_t row = (size_t)(sq->donor_row + j) * p->kv_stride + off;
+            return (kv_pair){donor_k[d] + row, donor_v[d] + row};
+        }
+    }
+    size_t row = (size_t)(sq->kv_row + j) * p->kv_stride + off;
+    return (kv_pair){k + row, v + row};
+}
+
+// One (sequence, query, head) row of attention; scores is scratch of at least i + 1 floats. With rules
+// (and the sequence's types), each sender's key and value come from pick_kv.
+static void attend_row(float *o, const float *qv, const float *k, const float *v, const float *const *donor_k,
+                       const float *const *donor_v, const attn_seq *sq, int i, int h, const attn_params *p,
+                       const edge_rule_set *rules, float *scores) {
+    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    if (!sq->types) rules = NULL;
     int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
     float mx = -INFINITY;
     for (int j = j0; j <= i; j++) {
-        const float *kj = k + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d;
+        const float *kj = pick_kv(k, v, donor_k, donor_v, sq, p, rules, h, g, i, j).k;
         float dot = dot_f32(qv, kj, d) * p->scale;
         if (p->softcap > 0) dot = p->softcap * tanhf(dot / p->softcap);
         scores[j] = dot;
@@ -146,13 +168,13 @@ static void attend_row(float *o, const float *qv, const float *k, const float *v
     }
     float inv = 1.0f / sum;
     for (int e = 0; e < d; e++) o[e] = 0;
-    for (int j = j0; j <= i; j++)
-        axpy_f32(o, scores[j] * inv, v + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d, d);
+    for (int j = j0; j <= i; j++) axpy_f32(o, scores[j] * inv, pick_kv(k, v, donor_k, donor_v, sq, p, rules, h, g, i, j).v, d);
 }
 
-static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
-                          const attn_params *p) {
-    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+static void cpu_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
+                                  const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
+                                  int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    int d = p->head_dim;
     int max_keys = 1, total_q = 0;
     for (int s = 0; s < n_seqs; s++) {
         if (seqs[s].q_pos + seqs[s].n_q > max_keys) max_keys = seqs[s].q_pos + seqs[s].n_q;
@@ -176,12 +198,18 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
             int qi = row_qi[r];
             const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
             float *o = out + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-            attend_row(o, qv, k, v, sq->kv_row, sq->q_pos + qi, h / group, p, scores);
+            attend_row(o, qv, k, v, donor_k, donor_v, sq, sq->q_pos + qi, h, p, rules, scores);
         }
         free(scores);
     }
     free(row_seq);
     free(row_qi);
+    (void)n_donors;
+}
+
+static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                          const attn_params *p) {
+    cpu_patched_attention(out, q, k, v, 0, NULL, NULL, seqs, n_seqs, p, NULL);
 }
 
 static const kernel_ops cpu_table = {
@@ -201,6 +229,7 @@ static const kernel_ops cpu_table = {
     .add = cpu_add,
     .scale = cpu_scale,
     .attention = cpu_attention,
+    .patched_attention = cpu_patched_attention,
 };
 
 const kernel_ops *kernel_ops_cpu(void) { return &cpu_table; }

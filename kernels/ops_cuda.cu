@@ -411,6 +411,7 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_rmsnorm,
     cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
+    NULL,  // patched_attention: not yet on the GPU
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -81,9 +81,20 @@ static void ref_scale(float *y, size_t n, float s) {
     for (size_t i = 0; i < n; i++) y[i] *= s;
 }
 
-static void ref_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
-                          const attn_params *p) {
-    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+// Key or value row of sender j for query head h's edge into position i: a donor's or the current one.
+static const float *kv_row(const float *cur, const float *const *donor, const attn_seq *sq, const attn_params *p,
+                           const edge_rule_set *rules, int h, int i, int j) {
+    int g = h / (p->n_heads / p->n_kv_heads), d = -1;
+    if (rules && sq->types && i < sq->n_typed && j < sq->n_typed)
+        d = edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
+    if (d >= 0) return donor[d] + (size_t)(sq->donor_row + j) * p->kv_stride + (size_t)g * p->head_dim;
+    return cur + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * p->head_dim;
+}
+
+static void ref_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
+                                  const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
+                                  int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    int d = p->head_dim;
     for (int s = 0; s < n_seqs; s++) {
         const attn_seq *sq = &seqs[s];
         int n_keys = sq->q_pos + sq->n_q;
@@ -91,7 +102,6 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
         for (int qi = 0; qi < sq->n_q; qi++) {
             int i = sq->q_pos + qi;
             for (int h = 0; h < p->n_heads; h++) {
-                int g = h / group;
                 const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
                 double mx = -INFINITY;
                 for (int j = 0; j <= i; j++) {
@@ -99,7 +109,7 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
                         score[j] = -INFINITY;
                         continue;
                     }
-                    const float *kv = k + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * d;
+                    const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j);
                     double dot = 0;
                     for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
                     dot *= p->scale;
@@ -116,13 +126,19 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
                 for (int e = 0; e < d; e++) {
                     double acc = 0;
                     for (int j = 0; j <= i; j++)
-                        acc += score[j] * v[(size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * d + e];
+                        if (score[j] != 0) acc += score[j] * kv_row(v, donor_v, sq, p, rules, h, i, j)[e];
                     o[e] = (float)(acc / sum);
                 }
             }
         }
         free(score);
     }
+    (void)n_donors;
+}
+
+static void ref_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                          const attn_params *p) {
+    ref_patched_attention(out, q, k, v, 0, NULL, NULL, seqs, n_seqs, p, NULL);
 }
 
 static const kernel_ops ref_table = {
@@ -142,6 +158,7 @@ static const kernel_ops ref_table = {
     .add = ref_add,
     .scale = ref_scale,
     .attention = ref_attention,
+    .patched_attention = ref_patched_attention,
 };
 
 const kernel_ops *kernel_ops_ref(void) { return &ref_table; }

@@ -160,7 +160,9 @@ static void test_pointwise(const kernel_ops *b, const kernel_ops *ref) {
 static void test_attention(const kernel_ops *b, const kernel_ops *ref) {
     // Three sequences of different lengths packed in one buffer, one of them a decode step reading a
     // longer cache (q_pos > 0), GQA 4:2, with and without softcap and a window shorter than the prompt.
-    attn_seq seqs[3] = {{0, 13, 0, 0}, {13, 1, 20, 13}, {14, 7, 0, 34}};
+    attn_seq seqs[3] = {{.q_row = 0, .n_q = 13, .q_pos = 0, .kv_row = 0},
+                        {.q_row = 13, .n_q = 1, .q_pos = 20, .kv_row = 13},
+                        {.q_row = 14, .n_q = 7, .q_pos = 0, .kv_row = 34}};
     int kv_rows = 41, q_rows = 21;
     for (int variant = 0; variant < 3; variant++) {
         attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .q_stride = 70, .kv_stride = 40,
@@ -191,7 +193,7 @@ static void test_attention(const kernel_ops *b, const kernel_ops *ref) {
 // chunks (cuda: 1024 at a time with an online softmax) crosses chunk boundaries, with and without a
 // window that starts the range mid-chunk.
 static void test_attention_long(const kernel_ops *b, const kernel_ops *ref) {
-    attn_seq seqs[2] = {{0, 3, 2497, 0}, {3, 2, 1200, 2500}};
+    attn_seq seqs[2] = {{.q_row = 0, .n_q = 3, .q_pos = 2497, .kv_row = 0}, {.q_row = 3, .n_q = 2, .q_pos = 1200, .kv_row = 2500}};
     int kv_rows = 2500 + 1202, q_rows = 5;
     for (int variant = 0; variant < 2; variant++) {
         attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 32, .q_stride = 130, .kv_stride = 70,
@@ -211,6 +213,78 @@ static void test_attention_long(const kernel_ops *b, const kernel_ops *ref) {
     }
 }
 
+// Patched attention: backend against the reference on random rules, and three invariants that do not
+// depend on either implementation: no rules = plain attention; donors equal to the current keys and
+// values = plain attention; every edge ablated with donor 0 = plain attention over donor 0's keys and
+// values (queries still from the current pass).
+static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
+    if (!b->patched_attention) {
+        printf("  %-5s patched attention not implemented in this backend\n", b->name);
+        return;
+    }
+    enum { T0 = 17, T1 = 9 };
+    // types/index of a small ICL-like prompt: bos x t y n x t y n query last ...
+    int32_t types[T0], index[T0];
+    int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+    types[0] = 0, index[0] = -1;
+    for (int i = 1; i < T0 - 2; i++) types[i] = pattern[(i - 1) % 8], index[i] = (i - 1) / 4;
+    types[T0 - 2] = 5, types[T0 - 1] = 6, index[T0 - 2] = index[T0 - 1] = 4;
+    attn_seq seqs[3] = {
+        {.q_row = 0, .n_q = T0, .q_pos = 0, .kv_row = 0, .types = types, .index = index, .n_typed = T0, .donor_row = 0},
+        {.q_row = T0, .n_q = T1, .q_pos = 0, .kv_row = T0, .types = types, .index = index, .n_typed = T1, .donor_row = T0},
+        // a decode step past the typed prompt: its row is untyped and must read current keys only
+        {.q_row = T0 + T1, .n_q = 1, .q_pos = T0, .kv_row = T0 + T1, .types = types, .index = index, .n_typed = T0,
+         .donor_row = T0 + T1}};
+    int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1;
+    attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .q_stride = 64, .kv_stride = 32, .scale = 0.25f,
+                     .softcap = 5.0f, .window = 6};
+    size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+    float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1);
+    float *dk[2] = {random_floats(nk, 2), random_floats(nk, 2)}, *dv[2] = {random_floats(nk, 1), random_floats(nk, 1)};
+    float *want = ep_calloc(nq, sizeof(float)), *got = ep_calloc(nq, sizeof(float)), *plain = ep_calloc(nq, sizeof(float));
+    edge_rule_set rules = {.n = 3};
+    rules.rule[0] = (edge_rule){.sender_types = 1u << 1 | 1u << 3, .receiver_types = 1u << 6 | 1u << 3,
+                                .relation = REL_ANY, .donor = 0, .heads = {0x5}};
+    rules.rule[1] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 3, .relation = REL_SAME, .donor = 1,
+                                .heads = {0xf}};
+    rules.rule[2] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 5 | 1u << 1, .relation = REL_EARLIER,
+                                .donor = 1, .heads = {0xa}};
+    const float *dkc[2] = {dk[0], dk[1]}, *dvc[2] = {dv[0], dv[1]};
+    ref->patched_attention(want, q, k, v, 2, dkc, dvc, seqs, 3, &p, &rules);
+    staging s = {.b = b};
+    float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
+    float *bv = stage_in(&s, v, sizeof(float) * nk), *bout = stage_in(&s, got, sizeof(float) * nq);
+    const float *bdk[2] = {stage_in(&s, dk[0], sizeof(float) * nk), stage_in(&s, dk[1], sizeof(float) * nk)};
+    const float *bdv[2] = {stage_in(&s, dv[0], sizeof(float) * nk), stage_in(&s, dv[1], sizeof(float) * nk)};
+    b->patched_attention(bout, bq, bk, bv, 2, bdk, bdv, seqs, 3, &p, &rules);
+    stage_out(&s, got, bout, sizeof(float) * nq);
+    stage_free(&s);
+    report(b->name, "attn-patch", max_rel_error(got, want, nq, 1e-6), tol);
+    ref->attention(plain, q, k, v, seqs, 3, &p);
+    check(max_rel_error(want, plain, nq, 1e-6) > 1e-3, "the rules changed nothing: the test does not exercise them");
+    // The decode row is untyped: it must equal plain attention.
+    size_t row = (size_t)(T0 + T1) * p.q_stride;
+    check(max_rel_error(want + row, plain + row, (size_t)p.q_stride, 1e-6) < 1e-6, "untyped row was patched");
+
+    if (b == kernel_ops_cpu()) {  // invariants, once, on the host
+        edge_rule_set none = {.n = 0};
+        b->patched_attention(got, q, k, v, 2, dkc, dvc, seqs, 3, &p, &none);
+        check(max_rel_error(got, plain, nq, 1e-6) < 1e-6, "no rules != plain attention");
+        const float *same_k[2] = {k, k}, *same_v[2] = {v, v};
+        b->patched_attention(got, q, k, v, 2, same_k, same_v, seqs, 3, &p, &rules);
+        check(max_rel_error(got, plain, nq, 1e-6) < 1e-6, "donors equal to the current pass changed the result");
+        edge_rule_set all = {.n = 1};
+        all.rule[0] = (edge_rule){.sender_types = 0xff, .receiver_types = 0xff, .relation = REL_ANY, .donor = 0,
+                                  .heads = {0xf}};
+        b->patched_attention(got, q, k, v, 2, dkc, dvc, seqs, 2, &p, &all);
+        ref->attention(plain, q, dk[0], dv[0], seqs, 2, &p);
+        check(max_rel_error(got, plain, (size_t)(T0 + T1) * p.q_stride, 1e-6) < 1e-5,
+              "all edges from donor 0 != attention over donor 0's keys and values");
+        printf("  %-5s attn-patch invariants: no rules, donor = current, all edges = donor attention: ok\n", b->name);
+    }
+    free(q), free(k), free(v), free(dk[0]), free(dk[1]), free(dv[0]), free(dv[1]), free(want), free(got), free(plain);
+}
+
 int main(void) {
     const kernel_ops *ref = kernel_ops_ref();
     const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_cuda()};
@@ -225,6 +299,7 @@ int main(void) {
         test_rope(b, ref);
         test_pointwise(b, ref);
         test_attention(b, ref);
+        test_patched_attention(b, ref);
         test_attention_long(b, ref);
     }
     return test_finish("test_ops");

@@ -80,7 +80,7 @@ int main(int argc, char **argv) {
     }
     float *logits = malloc(sizeof(float) * (size_t)B * V);
     kv_cache cache;
-    if (kv_cache_init(&cache, &m.cfg, B, T, &err)) {
+    if (kv_cache_init(&cache, &m.cfg, B, T, 0, &err)) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
@@ -91,7 +91,7 @@ int main(int argc, char **argv) {
     for (int rep = 0; rep <= R; rep++) {
         memset(cache.len, 0, sizeof(int) * B);
         double t0 = now_s();
-        if (model_forward(&m, ops, &cache, &fb, &err)) {
+        if (model_forward(&m, ops, &cache, &fb, NULL, &err)) {
             fprintf(stderr, "bench_forward: %s\n", err.msg);
             return 1;
         }

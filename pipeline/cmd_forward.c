@@ -122,7 +122,7 @@ int cmd_forward(int argc, char **argv) {
     scored_token *top = ep_malloc(sizeof(scored_token) * (size_t)V);
     int last = n_ids - 1;
     forward_batch b = {.n_seqs = 1, .n_new = &n_ids, .tokens = ids, .n_logit_rows = 1, .logit_rows = &last, .logits = logits};
-    if (kv_cache_init(&cache, &m.cfg, 1, n_ids + a.generate, &err) || model_forward(&m, ops, &cache, &b, &err)) goto fail;
+    if (kv_cache_init(&cache, &m.cfg, 1, n_ids + a.generate, 0, &err) || model_forward(&m, ops, &cache, &b, NULL, &err)) goto fail;
     greedy_opts go = {.max_new_tokens = a.generate, .stop_ids = m.cfg.eos_ids, .n_stop_ids = m.cfg.n_eos};
     if (a.generate > 0 && greedy_decode(&m, ops, &cache, logits, &go, generated, &n_generated, &err)) goto fail;
 

@@ -3,7 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, ep_error *err) {
+int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z, ep_error *err) {
     memset(c, 0, sizeof *c);
     if (n_seqs <= 0 || capacity <= 0) return ep_fail(err, "kv cache: need at least one sequence and one position");
     c->n_layers = cfg->n_layers;
@@ -14,6 +14,8 @@ int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity
     c->k = ep_calloc(n, sizeof(float));
     c->v = ep_calloc(n, sizeof(float));
     c->len = ep_calloc((size_t)n_seqs, sizeof(int));
+    c->z_dim = cfg->n_heads * cfg->head_dim;
+    if (with_z) c->z = ep_calloc((size_t)c->n_layers * n_seqs * capacity * c->z_dim, sizeof(float));
     return 0;
 }
 
@@ -21,6 +23,7 @@ void kv_cache_free(kv_cache *c) {
     free(c->k);
     free(c->v);
     free(c->len);
+    free(c->z);
     memset(c, 0, sizeof *c);
 }
 
@@ -30,6 +33,33 @@ static size_t kv_offset(const kv_cache *c, int layer, int seq, int pos) {
 
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos) { return c->k + kv_offset(c, layer, seq, pos); }
 float *kv_cache_v(const kv_cache *c, int layer, int seq, int pos) { return c->v + kv_offset(c, layer, seq, pos); }
+
+float *kv_cache_z(const kv_cache *c, int layer, int seq, int pos) {
+    return c->z + (((size_t)layer * c->n_seqs + seq) * c->capacity + pos) * c->z_dim;
+}
+
+static int check_patch(const model_config *c, const kv_cache *cache, const forward_patch *p, ep_error *err) {
+    if (p->n_donors < 0 || p->n_donors > 16) return ep_fail(err, "patch: %d donors (at most 16)", p->n_donors);
+    for (int d = 0; d < p->n_donors; d++) {
+        const kv_cache *dc = p->donors[d];
+        if (!dc || dc->n_seqs != cache->n_seqs || dc->kv_dim != cache->kv_dim || dc->n_layers != cache->n_layers)
+            return ep_fail(err, "patch: donor %d's cache does not match the batch", d);
+    }
+    if (p->layer_rules)
+        for (int l = 0; l < c->n_layers; l++)
+            for (int r = 0; r < p->layer_rules[l].n; r++)
+                if (p->layer_rules[l].rule[r].donor < 0 || p->layer_rules[l].rule[r].donor >= p->n_donors)
+                    return ep_fail(err, "patch: layer %d rule %d reads donor %d, %d given", l, r,
+                                   p->layer_rules[l].rule[r].donor, p->n_donors);
+    for (int u = 0; u < p->n_head_units; u++) {
+        const head_unit *h = &p->head_units[u];
+        if (h->layer < 0 || h->layer >= c->n_layers || h->head < 0 || h->head >= c->n_heads || h->donor < 0 ||
+            h->donor >= p->n_donors || !p->donors[h->donor]->z)
+            return ep_fail(err, "patch: head unit (layer %d, head %d, donor %d) is out of range or its donor has no "
+                                "head outputs", h->layer, h->head, h->donor);
+    }
+    return 0;
+}
 
 // Scratch activations for one step of T packed tokens.
 typedef struct {
@@ -82,8 +112,28 @@ static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_we
     ops->matmul(s->mlp, s->gate, w->w_down, w->b_down, T, c->intermediate, c->hidden);
 }
 
-int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b, ep_error *err) {
+// Head units of layer l: a head's output at positions of the unit's type becomes the donor's there.
+static void substitute_heads(const forward_patch *p, int l, int head_dim, const step_buffers *s, int n_seqs, int Q) {
+    for (int u = 0; u < p->n_head_units; u++) {
+        const head_unit *h = &p->head_units[u];
+        if (h->layer != l) continue;
+        const kv_cache *donor = p->donors[h->donor];
+        for (int seq = 0; seq < n_seqs; seq++) {
+            const attn_seq *sq = &s->seqs[seq];
+            for (int i = 0; i < sq->n_q; i++) {
+                int pos = sq->q_pos + i;
+                if (pos >= sq->n_typed || sq->types[pos] != h->type) continue;
+                memcpy(s->att + (size_t)(sq->q_row + i) * Q + (size_t)h->head * head_dim,
+                       kv_cache_z(donor, l, seq, pos) + (size_t)h->head * head_dim, sizeof(float) * head_dim);
+            }
+        }
+    }
+}
+
+int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
+                  const forward_patch *patch, ep_error *err) {
     const model_config *c = &m->cfg;
+    if (patch && check_patch(c, cache, patch, err)) return -1;
     if (b->n_seqs != cache->n_seqs)
         return ep_fail(err, "forward: batch has %d sequences, the cache %d", b->n_seqs, cache->n_seqs);
     int T = 0;
@@ -107,6 +157,12 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     int D = c->hidden, Q = c->n_heads * c->head_dim, KV = cache->kv_dim;
     for (int seq = 0, r = 0; seq < b->n_seqs; seq++) {
         s.seqs[seq] = (attn_seq){.q_row = r, .n_q = b->n_new[seq], .q_pos = cache->len[seq], .kv_row = seq * cache->capacity};
+        if (patch) {
+            s.seqs[seq].types = patch->types + (size_t)seq * patch->type_stride;
+            s.seqs[seq].index = patch->index + (size_t)seq * patch->type_stride;
+            s.seqs[seq].n_typed = patch->n_typed[seq];
+            s.seqs[seq].donor_row = patch->n_donors > 0 ? seq * patch->donors[0]->capacity : 0;
+        }
         for (int i = 0; i < b->n_new[seq]; i++, r++) s.pos[r] = cache->len[seq] + i;
     }
     for (int r = 0; r < T; r++) memcpy(s.x + (size_t)r * D, m->embed + (size_t)b->tokens[r] * D, sizeof(float) * D);
@@ -129,7 +185,22 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         attn_params p = {.n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
                          .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
                          .window = model_config_layer_window(c, l)};
-        ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
+        if (patch && patch->layer_rules && patch->layer_rules[l].n > 0) {
+            const float *dk[16], *dv[16];
+            for (int d = 0; d < patch->n_donors; d++) {
+                dk[d] = kv_cache_k(patch->donors[d], l, 0, 0);
+                dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
+            }
+            ops->patched_attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), patch->n_donors,
+                                   dk, dv, s.seqs, b->n_seqs, &p, &patch->layer_rules[l]);
+        } else {
+            ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
+        }
+        if (patch) substitute_heads(patch, l, c->head_dim, &s, b->n_seqs, Q);
+        if (cache->z)
+            for (int seq = 0, r = 0; seq < b->n_seqs; seq++)
+                for (int i = 0; i < b->n_new[seq]; i++, r++)
+                    memcpy(kv_cache_z(cache, l, seq, cache->len[seq] + i), s.att + (size_t)r * Q, sizeof(float) * Q);
         ops->matmul(s.o, s.att, w->wo, w->bo, T, Q, D);
 
         switch (c->block) {

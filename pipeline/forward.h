@@ -14,17 +14,40 @@
 #include "pipeline/model.h"
 
 typedef struct {
-    int n_layers, n_seqs, capacity, kv_dim;
+    int n_layers, n_seqs, capacity, kv_dim, z_dim;
     float *k, *v;  // [n_layers][n_seqs][capacity][kv_dim], post-RoPE keys and values
+    float *z;      // optional [n_layers][n_seqs][capacity][z_dim]: every head's attention output before the
+                   // output projection (head h at h * head_dim), what head units substitute
     int *len;      // positions filled per sequence
 } kv_cache;
 
-int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, ep_error *err);
+// with_z: also keep the heads' outputs (donor passes need them for head units).
+int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z, ep_error *err);
 void kv_cache_free(kv_cache *c);
 // Keys (or values) of layer l, sequence s, position p: kv_dim floats.
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos);
 float *kv_cache_v(const kv_cache *c, int layer, int seq, int pos);
+float *kv_cache_z(const kv_cache *c, int layer, int seq, int pos);
 
+// Head unit: in `layer`, query head `head`'s output at every position of token type `type` is replaced by
+// donor `donor`'s output there.
+typedef struct {
+    int layer, head, type, donor;
+} head_unit;
+
+// What a patched pass substitutes. Donor caches are aligned with the batch: same sequences, same
+// positions (donor prompts are token-aligned). Types and example indices come per sequence position
+// ([n_seqs][type_stride]); positions at or past n_typed[s] are untyped and never patched.
+typedef struct {
+    const edge_rule_set *layer_rules;  // [n_layers], or NULL for no edge ablation
+    const head_unit *head_units;
+    int n_head_units;
+    int n_donors;
+    const kv_cache *donors[16];
+    const int32_t *types, *index;
+    int type_stride;
+    const int *n_typed;
+} forward_patch;
 typedef struct {
     int n_seqs;            // must equal the cache's
     const int *n_new;      // tokens appended to each sequence this step (0 allowed)
@@ -36,8 +59,10 @@ typedef struct {
                            // resid[n_layers] leaves the last layer (before the final norm)
 } forward_batch;
 
-// Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer, writes keys and
-// values into the cache, advances cache->len, and fills the requested outputs.
-int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b, ep_error *err);
+// Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when
+// `patch` is non-NULL), writes keys and values (and head outputs, if kept) into the cache, advances
+// cache->len, and fills the requested outputs.
+int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
+                  const forward_patch *patch, ep_error *err);
 
 #endif

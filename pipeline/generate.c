@@ -50,7 +50,7 @@ int greedy_decode(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         if (T == 0) break;
         forward_batch b = {.n_seqs = S, .n_new = n_new, .tokens = tokens, .n_logit_rows = T, .logit_rows = rows,
                            .logits = logits};
-        rc = model_forward(m, ops, cache, &b, err);
+        rc = model_forward(m, ops, cache, &b, NULL, err);
     }
     free(active), free(n_new), free(tokens), free(rows), free(logits), free(row_of);
     return rc;
@@ -64,13 +64,13 @@ int greedy_generate(const model *m, const kernel_ops *ops, int n_seqs, const int
         if (lens[s] > max_len) max_len = lens[s];
     }
     kv_cache cache;
-    if (kv_cache_init(&cache, &m->cfg, n_seqs, max_len + o->max_new_tokens, err)) return -1;
+    if (kv_cache_init(&cache, &m->cfg, n_seqs, max_len + o->max_new_tokens, 0, err)) return -1;
     int *rows = ep_malloc(sizeof(int) * (size_t)n_seqs);
     for (int s = 0, r = 0; s < n_seqs; s++) rows[s] = (r += lens[s]) - 1;
     float *logits = ep_malloc(sizeof(float) * (size_t)n_seqs * m->cfg.vocab_size);
     forward_batch b = {.n_seqs = n_seqs, .n_new = lens, .tokens = tokens, .n_logit_rows = n_seqs, .logit_rows = rows,
                        .logits = logits};
-    int rc = model_forward(m, ops, &cache, &b, err);
+    int rc = model_forward(m, ops, &cache, &b, NULL, err);
     if (rc == 0) rc = greedy_decode(m, ops, &cache, logits, o, out, n_out, err);
     free(rows);
     free(logits);

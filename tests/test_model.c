@@ -97,7 +97,7 @@ static errors compare_forward(const model *m, reference *r) {
     errors e = {INFINITY, INFINITY, INFINITY};
     forward_batch b = {.n_seqs = r->n, .n_new = r->len, .tokens = tokens, .n_logit_rows = T, .logit_rows = rows,
                        .logits = logits, .resid = resid};
-    if (kv_cache_init(&cache, c, r->n, max_len, &err) || model_forward(m, kernel_ops_cpu(), &cache, &b, &err)) {
+    if (kv_cache_init(&cache, c, r->n, max_len, 0, &err) || model_forward(m, kernel_ops_cpu(), &cache, &b, NULL, &err)) {
         check(0, "forward: %s", err.msg);
         goto done;
     }
@@ -184,12 +184,12 @@ static double decode_logits_error(const model *m, reference *r) {
             break;
         }
         kv_cache cache;
-        kv_cache_init(&cache, &m->cfg, 1, r->len[i] + N, &err);
+        kv_cache_init(&cache, &m->cfg, 1, r->len[i] + N, 0, &err);
         int last = r->len[i] - 1, one = 1, row0 = 0;
         forward_batch b = {.n_seqs = 1, .n_new = &r->len[i], .tokens = r->ids[i], .n_logit_rows = 1,
                            .logit_rows = &last, .logits = got};
         for (int j = 0; j < N; j++) {
-            if (model_forward(m, kernel_ops_cpu(), &cache, &b, &err)) {
+            if (model_forward(m, kernel_ops_cpu(), &cache, &b, NULL, &err)) {
                 check(0, "decode: %s", err.msg);
                 break;
             }

@@ -1,0 +1,42 @@
+// plan: which edges and heads a run ablates, and with which donor, read from JSON and compiled into
+// the per-layer rule sets and head units the forward pass applies (pipeline/forward.h).
+//
+// Plan JSON:
+//   {"name": "...",
+//    "rules": [{"sender": ["y"] | "all", "receiver": ["last"] | "all", "relation": "any"|"same"|"earlier",
+//               "layers": "all" | [0, 1], "heads": "all" | [0, 2], "donor": 0}, ...],
+//    "heads": [{"layer": 1, "head": 2, "type": "last", "donor": 0}, ...]}
+// Rules are in priority order (the first match decides an edge's donor). The original code's
+// affect_whom forms are accepted too (plan_from_affect_whom): a list of [sender, receiver] type pairs
+// (every layer and head, relation any, donor 0), and {"ablate": ..., "curcuit": ...} where each part
+// maps "sender,receiver" (or lists [sender, receiver, donor]) to a donor index; "ablate" rules take
+// priority over "curcuit" ones. Type names are those of stages/prompts.h; the original's x_i, y_i,
+// t_i, n_i and last_separator are accepted as x, y, t, n and last.
+#ifndef EP_PLAN_H
+#define EP_PLAN_H
+
+#include <jansson.h>
+
+#include "pipeline/forward.h"
+#include "pipeline/model_config.h"
+
+typedef struct {
+    char name[128];
+    int n_layers, n_heads;
+    edge_rule_set *layer_rules;  // [n_layers]
+    head_unit *head_units;
+    int n_head_units;
+    int n_donors;  // 1 + the largest donor index the plan reads (0 for an empty plan)
+    int n_rules;   // rules as written (before expansion over layers)
+} ablation_plan;
+
+int plan_parse(json_t *j, const char *where, const model_config *cfg, ablation_plan *p, ep_error *err);
+int plan_from_affect_whom(json_t *affect_whom, const char *where, const model_config *cfg, ablation_plan *p,
+                          ep_error *err);
+void plan_free(ablation_plan *p);
+// The donor-0 part of a plan: what the nested donor pass of a donor d > 0 applies.
+void plan_donor0_part(const ablation_plan *p, ablation_plan *out);
+// An empty plan for cfg (the clean model).
+void plan_empty(const model_config *cfg, ablation_plan *p);
+
+#endif

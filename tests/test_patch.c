@@ -1,0 +1,285 @@
+// Patched forward passes against the independent Python reference (tools/make_patch_fixtures.py, which
+// patches HF transformers 4.44.2's own attention modules): logits at every prompt position and greedy
+// generations for every plan of tests/fixtures/patch/plans.json on every tiny architecture. Then the
+// invariants of issue 5, which need no reference: an empty plan gives the clean logits, a donor equal to
+// the clean prompt gives the clean logits under any plan, edges no receiver reads change nothing, and
+// changing one donor token changes exactly the runs whose plans read it.
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "stages/patch.h"
+#include "tests/harness.h"
+
+#define TOL 1e-4
+#define P 3
+#define GEN 10
+
+typedef struct {
+    safetensors st;
+    int max_len, K;
+    int32_t lengths[P];
+    int32_t *tokens, *types, *index, *donors;
+} fixture;
+
+static int32_t *read_i32(fixture *f, const char *name, int64_t *numel) {
+    const st_tensor *t = safetensors_find(&f->st, name);
+    if (!t) return NULL;
+    int32_t *v = malloc(sizeof(int32_t) * (size_t)(t->numel ? t->numel : 1));
+    ep_error err;
+    safetensors_read_i32(t, v, &err);
+    if (numel) *numel = t->numel;
+    return v;
+}
+
+static int load_fixture(const char *model, fixture *f) {
+    memset(f, 0, sizeof *f);
+    char path[512], name[64];
+    snprintf(path, sizeof path, "tests/fixtures/patch/%s.safetensors", model);
+    ep_error err = {{0}};
+    if (safetensors_open_file(path, &f->st, &err)) {
+        check(0, "%s", err.msg);
+        return -1;
+    }
+    for (int i = 0; i < P; i++) {
+        snprintf(name, sizeof name, "prompt%d.tokens", i);
+        const st_tensor *t = safetensors_find(&f->st, name);
+        if (!t) {
+            check(0, "%s: no %s", path, name);
+            return -1;
+        }
+        f->lengths[i] = (int32_t)t->numel;
+        if (t->numel > f->max_len) f->max_len = (int)t->numel;
+        snprintf(name, sizeof name, "prompt%d.donors", i);
+        f->K = (int)safetensors_find(&f->st, name)->shape[0];
+    }
+    size_t L = (size_t)f->max_len;
+    f->tokens = calloc(P * L, sizeof(int32_t)), f->types = calloc(P * L, sizeof(int32_t));
+    f->index = calloc(P * L, sizeof(int32_t)), f->donors = calloc(P * (size_t)f->K * L, sizeof(int32_t));
+    const char *what[3] = {"tokens", "types", "index"};
+    int32_t *dst[3] = {f->tokens, f->types, f->index};
+    for (int i = 0; i < P; i++) {
+        for (int w = 0; w < 3; w++) {
+            snprintf(name, sizeof name, "prompt%d.%s", i, what[w]);
+            int32_t *v = read_i32(f, name, NULL);
+            memcpy(dst[w] + (size_t)i * L, v, sizeof(int32_t) * (size_t)f->lengths[i]);
+            free(v);
+        }
+        snprintf(name, sizeof name, "prompt%d.donors", i);
+        int32_t *v = read_i32(f, name, NULL);
+        for (int d = 0; d < f->K; d++)
+            memcpy(f->donors + ((size_t)i * f->K + d) * L, v + (size_t)d * f->lengths[i], sizeof(int32_t) * (size_t)f->lengths[i]);
+        free(v);
+    }
+    return 0;
+}
+
+static void free_fixture(fixture *f) {
+    free(f->tokens), free(f->types), free(f->index), free(f->donors);
+    safetensors_close(&f->st);
+}
+
+static prompt_batch batch_of(const fixture *f) {
+    return (prompt_batch){.n_seqs = P, .max_len = f->max_len, .n_donors = f->K, .tokens = f->tokens,
+                          .lengths = f->lengths, .types = f->types, .index = f->index, .donors = f->donors};
+}
+
+// Logits at every position of every prompt, and generations.
+typedef struct {
+    float *logits;
+    int generated[P * GEN], n_generated[P];
+} run_result;
+
+static int run(const model *m, const ablation_plan *plan, const prompt_batch *pb, run_result *r) {
+    ep_error err = {{0}};
+    r->logits = malloc(sizeof(float) * (size_t)P * pb->max_len * m->cfg.vocab_size);
+    patch_outputs out = {.logits = r->logits, .max_new = GEN, .generated = r->generated, .n_generated = r->n_generated};
+    if (patch_run(m, kernel_ops_cpu(), plan, pb, &out, &err)) {
+        check(0, "patch_run %s: %s", plan->name, err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+// Worst row-relative error over the valid positions of all prompts.
+static double logits_error(const float *a, const float *b, const prompt_batch *pb, int V, int only_prompt) {
+    double worst = 0;
+    for (int s = 0; s < P; s++) {
+        if (only_prompt >= 0 && s != only_prompt) continue;
+        for (int i = 0; i < pb->lengths[s]; i++) {
+            size_t off = ((size_t)s * pb->max_len + i) * V;
+            double e = max_rel_error(a + off, b + off, (size_t)V, 1e-6);
+            if (e > worst) worst = e;
+        }
+    }
+    return worst;
+}
+
+static int plan_reads_donor0_last(json_t *plan) {
+    size_t i;
+    json_t *e;
+    json_array_foreach(json_object_get(plan, "rules"), i, e) {
+        json_t *s = json_object_get(e, "sender");
+        int donor = (int)json_integer_value(json_object_get(e, "donor"));
+        int last = json_is_string(s);  // "all"
+        size_t k;
+        json_t *t;
+        json_array_foreach(s, k, t) last |= !strcmp(json_string_value(t), "last");
+        if (last && donor == 0) return 1;
+    }
+    json_array_foreach(json_object_get(plan, "heads"), i, e) if (!strcmp(json_string_value(json_object_get(e, "type")), "last") &&
+                                                                 json_integer_value(json_object_get(e, "donor")) == 0) return 1;
+    return 0;
+}
+
+static void test_model(const char *name, json_t *plans) {
+    char dir[256];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    model m;
+    ep_error err = {{0}};
+    fixture f;
+    if (model_load(dir, &m, &err)) {
+        check(0, "%s", err.msg);
+        return;
+    }
+    if (load_fixture(name, &f)) {
+        model_free(&m);
+        return;
+    }
+    int V = m.cfg.vocab_size;
+    prompt_batch pb = batch_of(&f);
+    size_t n_logits = (size_t)P * f.max_len * V;
+    float *want = malloc(sizeof(float) * n_logits);
+    run_result clean = {0};
+    ablation_plan empty;
+    plan_empty(&m.cfg, &empty);
+    run(&m, &empty, &pb, &clean);
+
+    // The modified-donor batch for the "exactly the runs that read it" check: donor 0's token at prompt
+    // 0's last position is changed (positions at the end affect nothing before them).
+    int32_t *donors_mod = malloc(sizeof(int32_t) * (size_t)P * f.K * f.max_len);
+    memcpy(donors_mod, f.donors, sizeof(int32_t) * (size_t)P * f.K * f.max_len);
+    int32_t *last_tok = &donors_mod[(size_t)(f.lengths[0] - 1)];
+    *last_tok = (*last_tok + 7) % V;
+    prompt_batch pb_mod = pb;
+    pb_mod.donors = donors_mod;
+    // The clean prompt as every donor.
+    int32_t *donors_clean = malloc(sizeof(int32_t) * (size_t)P * f.K * f.max_len);
+    for (int s = 0; s < P; s++)
+        for (int d = 0; d < f.K; d++)
+            memcpy(donors_clean + ((size_t)s * f.K + d) * f.max_len, f.tokens + (size_t)s * f.max_len, sizeof(int32_t) * f.max_len);
+    prompt_batch pb_same = pb;
+    pb_same.donors = donors_clean;
+
+    size_t j;
+    json_t *pj;
+    json_array_foreach(plans, j, pj) {
+        ablation_plan plan;
+        if (plan_parse(pj, "plans.json", &m.cfg, &plan, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        run_result r = {0};
+        if (run(&m, &plan, &pb, &r) == 0) {
+            double worst = 0;
+            int same_tokens = 0;
+            for (int s = 0; s < P; s++) {
+                char key[96];
+                snprintf(key, sizeof key, "plan%zu.prompt%d.logits", j, s);
+                const st_tensor *t = safetensors_find(&f.st, key);
+                float *w = malloc(sizeof(float) * (size_t)t->numel);
+                safetensors_read_f32(t, w, &err);
+                for (int i = 0; i < f.lengths[s]; i++) {
+                    double e = max_rel_error(r.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V, (size_t)V, 1e-6);
+                    if (e > worst) worst = e;
+                }
+                free(w);
+                snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
+                int32_t *g = read_i32(&f, key, NULL);
+                for (int k = 0; k < GEN; k++) same_tokens += k < r.n_generated[s] && r.generated[s * GEN + k] == g[k];
+                free(g);
+            }
+            double vs_clean = logits_error(r.logits, clean.logits, &pb, V, -1);
+            printf("  %-12s %-22s logits %.2e  generated %2d/%d equal to the Python reference  (%.2g from clean)\n",
+                   name, plan.name, worst, same_tokens, P * GEN, vs_clean);
+            check(worst <= TOL && same_tokens == P * GEN, "%s %s: logits %.2e, %d/%d tokens", name, plan.name, worst,
+                  same_tokens, P * GEN);
+            if (plan.n_rules + plan.n_head_units > 0)
+                check(vs_clean > 1e-3, "%s %s: the plan changed nothing", name, plan.name);
+            else
+                check(vs_clean == 0, "%s: the empty plan is not the clean model", name);
+
+            // Invariants: donors equal to the clean prompt -> clean logits.
+            run_result same = {0};
+            if (run(&m, &plan, &pb_same, &same) == 0)
+                check(logits_error(same.logits, clean.logits, &pb, V, -1) < 1e-6,
+                      "%s %s: a donor equal to the clean prompt changed the logits", name, plan.name);
+            free(same.logits);
+            // One donor token changed at prompt 0's last position: only plans that read donor 0 there change,
+            // and only on prompt 0.
+            run_result mod = {0};
+            if (run(&m, &plan, &pb_mod, &mod) == 0) {
+                double e0 = logits_error(mod.logits, r.logits, &pb, V, 0), e12 = 0;
+                for (int s = 1; s < P; s++) {
+                    double e = logits_error(mod.logits, r.logits, &pb, V, s);
+                    if (e > e12) e12 = e;
+                }
+                int reads = plan_reads_donor0_last(pj);
+                check(e12 == 0 && (reads ? e0 > 1e-6 : e0 == 0), "%s %s: changed donor token: prompt 0 %.2g (reads: %d), "
+                      "others %.2g", name, plan.name, e0, reads, e12);
+            }
+            free(mod.logits);
+        }
+        free(r.logits);
+        plan_free(&plan);
+    }
+    // Edges that no receiver reads: into bos from later senders (causality forbids them) -> clean.
+    json_t *nothing = json_loads("{\"rules\": [{\"sender\": [\"y\", \"last\"], \"receiver\": [\"bos\", \"target\"]}]}", 0, NULL);
+    ablation_plan np;
+    run_result nr = {0};
+    if (plan_parse(nothing, "unread", &m.cfg, &np, &err) == 0 && run(&m, &np, &pb, &nr) == 0)
+        check(logits_error(nr.logits, clean.logits, &pb, V, -1) == 0, "%s: unread edges changed the logits", name);
+    free(nr.logits);
+    plan_free(&np);
+    json_decref(nothing);
+
+    free(want), free(clean.logits), free(donors_mod), free(donors_clean);
+    plan_free(&empty);
+    free_fixture(&f);
+    model_free(&m);
+}
+
+// The original's affect_whom forms compile to the same rules as the equivalent plan.
+static void test_affect_whom(void) {
+    model_config cfg = {.n_layers = 3, .n_heads = 4};
+    ep_error err = {{0}};
+    ablation_plan a, b;
+    json_t *list = json_loads("[[\"y\", \"last\"], [\"x_i\", \"y_i\"]]", 0, NULL);
+    json_t *plan = json_loads("{\"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"]}, {\"sender\": [\"x\"], "
+                              "\"receiver\": [\"y\"]}]}", 0, NULL);
+    check(plan_from_affect_whom(list, "config", &cfg, &a, &err) == 0 && plan_parse(plan, "plan", &cfg, &b, &err) == 0,
+          "affect_whom list: %s", err.msg);
+    check(a.n_donors == 1 && !memcmp(a.layer_rules, b.layer_rules, sizeof(edge_rule_set) * 3), "affect_whom list = plan");
+    plan_free(&a), plan_free(&b);
+    json_t *dict = json_loads("{\"curcuit\": {\"('y', 'last')\": 0}, \"ablate\": {\"x,y\": 1}}", 0, NULL);
+    check(plan_from_affect_whom(dict, "config", &cfg, &a, &err) == 0 && a.n_donors == 2 && a.layer_rules[2].n == 2 &&
+              a.layer_rules[2].rule[0].donor == 1 && a.layer_rules[2].rule[1].donor == 0,
+          "affect_whom ablate/curcuit dict: %s", err.msg);
+    plan_free(&a);
+    json_t *bad = json_loads("[[\"y\", \"lastt\"]]", 0, NULL);
+    check(plan_from_affect_whom(bad, "config.json: affect_whom", &cfg, &a, &err) != 0 && strstr(err.msg, "lastt"),
+          "bad type named: %s", err.msg);
+    json_decref(list), json_decref(plan), json_decref(dict), json_decref(bad);
+}
+
+int main(void) {
+    json_t *plans = json_load_file("tests/fixtures/patch/plans.json", 0, NULL);
+    check(plans && json_array_size(plans) >= 8, "tests/fixtures/patch/plans.json");
+    test_affect_whom();
+    const char *models[] = {"gemma2-tiny", "llama3-tiny", "smollm-tiny", "phi2-tiny"};
+    for (int i = 0; i < 4 && plans; i++) test_model(models[i], plans);
+    json_decref(plans);
+    return test_finish("test_patch");
+}

@@ -4,6 +4,9 @@
 
 #include "pipeline/cli.h"
 #include "pipeline/run_config.h"
+#include "stages/cache.h"
+#include "stages/patch.h"
+#include "stages/stage_io.h"
 #include "stages/tokenize.h"
 
 static const char usage[] =
@@ -45,13 +48,20 @@ int cmd_run(int argc, char **argv) {
         return 1;
     }
     int rc = 0;
-    if (tokenize_stage(&cfg, fresh, &err)) {
-        fprintf(stderr, "edgepatch run: %s\n", err.msg);
-        rc = 1;
-    } else if (last > 0) {
-        fprintf(stderr, "edgepatch run: stage %s is not available in this version yet (ran up to tokenize)\n", stages[1]);
+    stage_inputs in;
+    int opened = 0;
+    if (tokenize_stage(&cfg, fresh, &err)) rc = 1;
+    if (rc == 0 && last >= 1) {
+        opened = stage_inputs_open(&cfg, &in, &err) == 0;
+        rc = !opened || cache_stage(&in, fresh, &err);
+    }
+    if (rc == 0 && last >= 2) rc = patch_stage(&in, fresh, &err) != 0;
+    if (rc) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+    if (rc == 0 && last >= 3) {
+        fprintf(stderr, "edgepatch run: stage %s is not available in this version yet (ran up to patch)\n", stages[3]);
         rc = 2;
     }
+    if (opened) stage_inputs_close(&in);
     run_config_free(&cfg);
     return rc;
 }

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include "pipeline/cli.h"
+#include "pipeline/h5store.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"
 #include "stages/tokenize.h"
@@ -35,6 +36,34 @@ static void printable(const tokenizer *tk, int id, char *out, size_t n) {
     }
     out[j] = 0;
     free(text);
+}
+
+// The prompt's metrics under the run's plan, from RUN/patch.h5 if the patch stage has run (else NULL).
+static json_t *prompt_metrics_json(const char *run, long index, const tokenizer *tk) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/patch.h5", run);
+    h5store s;
+    ep_error err;
+    if (h5store_open(path, &s, &err)) return NULL;
+    h5shape sh;
+    int32_t *correct = NULL, *first = NULL, *gen = NULL, *n_gen = NULL;
+    float *lp = NULL, *ld = NULL;
+    json_t *m = NULL;
+    if (h5store_read_i32(&s, "plan/correct", &sh, &correct, &err) == 0 &&
+        h5store_read_i32(&s, "plan/first_token_correct", &sh, &first, &err) == 0 &&
+        h5store_read_f32(&s, "plan/target_logprob", &sh, &lp, &err) == 0 &&
+        h5store_read_f32(&s, "plan/logit_diff", &sh, &ld, &err) == 0 &&
+        h5store_read_i32(&s, "plan/n_generated", &sh, &n_gen, &err) == 0 &&
+        h5store_read_i32(&s, "plan/generated", &sh, &gen, &err) == 0 && index < sh.dims[0]) {
+        char *text = NULL;
+        if (!tk || tokenizer_decode(tk, gen + index * sh.dims[1], n_gen[index], 1, &text, NULL, &err)) text = ep_strdup("");
+        m = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
+                      "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
+        free(text);
+    }
+    free(correct), free(first), free(gen), free(n_gen), free(lp), free(ld);
+    h5store_close(&s);
+    return m;
 }
 
 int cmd_show(int argc, char **argv) {
@@ -110,6 +139,8 @@ int cmd_show(int argc, char **argv) {
         json_object_set_new(o, "index", ji);
         json_object_set_new(o, "donors", jd);
         json_object_set_new(o, "target", jg);
+        json_t *metrics = prompt_metrics_json(run, index, tk);
+        if (metrics) json_object_set_new(o, "metrics", metrics);
         json_dumpf(o, stdout, JSON_COMPACT);
         fputc('\n', stdout);
         json_decref(o);
@@ -129,6 +160,16 @@ int cmd_show(int argc, char **argv) {
                 else printf(" %-18s", dt == tok[i] ? "." : piece);
             }
             printf("\n");
+        }
+        json_t *metrics = prompt_metrics_json(run, index, tk);
+        if (metrics) {
+            printf("metrics: correct %s, first token correct %s, target logprob %.4f, logit diff %.4f, continuation \"%s\"\n",
+                   json_is_true(json_object_get(metrics, "correct")) ? "yes" : "no",
+                   json_is_true(json_object_get(metrics, "first_token_correct")) ? "yes" : "no",
+                   json_real_value(json_object_get(metrics, "target_logprob")),
+                   json_real_value(json_object_get(metrics, "logit_diff")),
+                   json_string_value(json_object_get(metrics, "continuation")));
+            json_decref(metrics);
         }
         printf("target:");
         for (int i = 0; i < ps.target_lengths[index]; i++) {

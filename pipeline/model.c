@@ -1,5 +1,7 @@
 #include "model.h"
 
+#include "pipeline/hash.h"
+
 #include <math.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -127,7 +129,7 @@ int model_load(const char *dir, model *m, ep_error *err) {
     memset(m, 0, sizeof *m);
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    if (model_config_load(path, &m->cfg, err)) return -1;
+    if (model_config_load(path, &m->cfg, err) || hash_file(path, &m->config_hash, err)) return -1;
     if (safetensors_open_dir(dir, &m->st, err)) return -1;
     const model_config *c = &m->cfg;
     m->layers = ep_calloc((size_t)c->n_layers, sizeof(layer_weights));
@@ -156,6 +158,17 @@ int model_load(const char *dir, model *m, ep_error *err) {
     model_config_inv_freq(c, m->inv_freq);
     m->embed_scale = model_embed_scale(c, 0);
     return 0;
+}
+
+uint64_t model_identity(const model *m) {
+    uint64_t h = hash_bytes(HASH_INIT, &m->config_hash, sizeof m->config_hash);
+    for (int f = 0; f < m->st.n_files; f++) {
+        const unsigned char *bytes = m->st.maps[f];
+        uint64_t n = 0;
+        for (int i = 7; i >= 0; i--) n = n << 8 | bytes[i];
+        h = hash_bytes(h, bytes, (size_t)(8 + n));  // validated at load: the header lies inside the file
+    }
+    return h;
 }
 
 void model_free(model *m) {

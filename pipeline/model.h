@@ -35,10 +35,14 @@ typedef struct {
     safetensors st;
     float **owned;       // converted tensors, freed with the model
     int n_owned;
+    uint64_t config_hash;  // of config.json's bytes
 } model;
 
 // Loads DIR/config.json and DIR's safetensors.
 int model_load(const char *dir, model *m, ep_error *err);
+// Identity of a loaded checkpoint for artifact attributes: config.json's bytes and every safetensors
+// header (names, dtypes, shapes, offsets), without reading the weights themselves.
+uint64_t model_identity(const model *m);
 void model_free(model *m);
 
 // Gemma multiplies embeddings by sqrt(hidden) as a tensor of the compute dtype: fp32 here, but a bf16

@@ -30,7 +30,21 @@ typedef struct {
     int n_stop_ids;
 } patch_outputs;
 
+// The donor passes the plan needs, into donors[0 .. plan->n_donors) (initialised here, with head outputs).
+int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                       kv_cache *donors, ep_error *err);
+// The patched prompt pass reading those donors, then generation.
+int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                      const kv_cache *donors, patch_outputs *out, ep_error *err);
+// Both.
 int patch_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
               patch_outputs *out, ep_error *err);
+
+// The patch stage: the run's plan (and, when it ablates anything, the clean model too) over every
+// prompt, donors read from cache.h5, per-prompt metrics (stages/metrics.h) into
+// <output_path>/patch.h5 (groups plan/ and clean/: correct, first_token_correct, target_logprob,
+// logit_diff [P], generated [P, max_new] padded with -1) and the run figures into model_logs.json.
+typedef struct stage_inputs stage_inputs;
+int patch_stage(stage_inputs *in, int fresh, ep_error *err);
 
 #endif

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pipeline/hash.h"
 #include "stages/prompts.h"
 
 static int parse_type(const char *s, int *out) {
@@ -274,4 +275,39 @@ void plan_donor0_part(const ablation_plan *p, ablation_plan *out) {
     for (int u = 0; u < p->n_head_units; u++)
         if (p->head_units[u].donor == 0) out->head_units[out->n_head_units++] = p->head_units[u];
     out->n_donors = 1;
+}
+
+static int ends_with(const char *s, const char *suffix) {
+    size_t n = strlen(s), k = strlen(suffix);
+    return n >= k && !strcmp(s + n - k, suffix);
+}
+
+int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
+    json_t *explicit_plan = json_object_get(rc->json, "plan"), *aw = json_object_get(rc->json, "affect_whom");
+    char where[600];
+    if (explicit_plan) {
+        snprintf(where, sizeof where, "%s: field plan", rc->path);
+        return plan_parse(explicit_plan, where, cfg, p, err);
+    }
+    const char *mode = rc->model_name ? rc->model_name : "calc_accuracy";
+    snprintf(where, sizeof where, "%s: field affect_whom", rc->path);
+    if (ends_with(mode, "calc_accuracy")) {
+        plan_empty(cfg, p);
+        return 0;
+    }
+    if (ends_with(mode, "ablate_edges_differently_for_different_tokens")) {
+        if (!json_is_object(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = {\"ablate\": ..., \"curcuit\": ...}", rc->path, mode);
+        return plan_from_affect_whom(aw, where, cfg, p, err);
+    }
+    if (ends_with(mode, "ablate_edges")) {
+        if (!json_is_array(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = [[sender, receiver], ...]", rc->path, mode);
+        return plan_from_affect_whom(aw, where, cfg, p, err);
+    }
+    return ep_fail(err, "%s: field model_name: '%s' is not a run mode this version runs (calc_accuracy, ablate_edges, "
+                        "ablate_edges_differently_for_different_tokens, or give a \"plan\")", rc->path, mode);
+}
+
+uint64_t plan_hash(const ablation_plan *p) {
+    uint64_t h = hash_bytes(HASH_INIT, p->layer_rules, sizeof(edge_rule_set) * (size_t)p->n_layers);
+    return hash_bytes(h, p->head_units, sizeof(head_unit) * (size_t)p->n_head_units);
 }

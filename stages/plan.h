@@ -19,6 +19,7 @@
 
 #include "pipeline/forward.h"
 #include "pipeline/model_config.h"
+#include "pipeline/run_config.h"
 
 typedef struct {
     char name[128];
@@ -38,5 +39,11 @@ void plan_free(ablation_plan *p);
 void plan_donor0_part(const ablation_plan *p, ablation_plan *out);
 // An empty plan for cfg (the clean model).
 void plan_empty(const model_config *cfg, ablation_plan *p);
+// The plan a run config asks for: an explicit "plan" object, else what the original's model_name says
+// (..._calc_accuracy: none; ..._ablate_edges and ..._ablate_edges_differently_for_different_tokens:
+// affect_whom). Other run modes are refused with a message naming model_name.
+int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
+// Identity of a compiled plan (rules and head units), for artifact attributes.
+uint64_t plan_hash(const ablation_plan *p);
 
 #endif

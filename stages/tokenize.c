@@ -12,6 +12,7 @@
 #include "pipeline/hash.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"
+#include "stages/stage_io.h"
 #include "stages/task.h"
 
 // Content hash of the tokenizer files in dir (tokenizer.json or .json.gz, tokenizer_config.json).
@@ -42,21 +43,6 @@ static int make_dirs(const char *path, ep_error *err) {
             *p = c;
             if (!c) break;
         }
-    }
-    return 0;
-}
-
-// Writes text to path through a tmp file and a rename.
-static int write_text_atomic(const char *path, const char *text, ep_error *err) {
-    char tmp[4200];
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
-    FILE *f = fopen(tmp, "w");
-    if (!f) return ep_fail(err, "%s: cannot write: %s", tmp, strerror(errno));
-    int ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok &= fclose(f) == 0;
-    if (!ok || rename(tmp, path) != 0) {
-        unlink(tmp);
-        return ep_fail(err, "%s: cannot write (disk full?)", path);
     }
     return 0;
 }

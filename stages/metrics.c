@@ -1,0 +1,42 @@
+#include "metrics.h"
+
+#include <ctype.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+// The text without leading and trailing white space, as Python's str.strip() for ASCII white space.
+static void strip(char *s) {
+    size_t n = strlen(s), a = 0;
+    while (a < n && isspace((unsigned char)s[a])) a++;
+    while (n > a && isspace((unsigned char)s[n - 1])) n--;
+    memmove(s, s + a, n - a);
+    s[n - a] = 0;
+}
+
+int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *target, int n_target, const int *gen,
+                    int n_gen, prompt_metrics *m, ep_error *err) {
+    memset(m, 0, sizeof *m);
+    if (n_target < 1 || target[0] < 0 || target[0] >= V) return ep_fail(err, "metrics: empty or out-of-range target");
+    int t0 = target[0], best = 0, best_other = t0 == 0 ? 1 : 0;
+    double mx = -INFINITY, sum = 0;
+    for (int i = 0; i < V; i++) {
+        if (logits[i] > logits[best]) best = i;
+        if (i != t0 && logits[i] > logits[best_other]) best_other = i;
+        if (logits[i] > mx) mx = logits[i];
+    }
+    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
+    m->first_token_correct = best == t0;
+    m->target_logprob = (float)((double)logits[t0] - mx - log(sum));
+    m->logit_diff = logits[t0] - logits[best_other];
+    char *want = NULL, *got = NULL;
+    if (tokenizer_decode(tk, target, n_target, 1, &want, NULL, err) || tokenizer_decode(tk, gen, n_gen, 1, &got, NULL, err)) {
+        free(want);
+        return -1;
+    }
+    strip(want);
+    strip(got);
+    m->correct = *want && !strncmp(got, want, strlen(want));
+    free(want), free(got);
+    return 0;
+}

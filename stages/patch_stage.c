@@ -1,0 +1,181 @@
+// The patch stage driver (declared in stages/patch.h).
+#include <jansson.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/h5store.h"
+#include "pipeline/hash.h"
+#include "stages/cache.h"
+#include "stages/metrics.h"
+#include "stages/patch.h"
+#include "stages/stage_io.h"
+
+typedef struct {
+    int32_t *correct, *first_token_correct, *generated, *n_generated;
+    float *target_logprob, *logit_diff;
+} metric_arrays;
+
+static void metric_arrays_init(metric_arrays *a, int P, int max_new) {
+    a->correct = ep_calloc((size_t)P, sizeof(int32_t));
+    a->first_token_correct = ep_calloc((size_t)P, sizeof(int32_t));
+    a->n_generated = ep_calloc((size_t)P, sizeof(int32_t));
+    a->generated = ep_malloc(sizeof(int32_t) * (size_t)P * (max_new ? max_new : 1));
+    for (size_t i = 0; i < (size_t)P * (max_new ? max_new : 1); i++) a->generated[i] = -1;
+    a->target_logprob = ep_calloc((size_t)P, sizeof(float));
+    a->logit_diff = ep_calloc((size_t)P, sizeof(float));
+}
+
+static void metric_arrays_free(metric_arrays *a) {
+    free(a->correct), free(a->first_token_correct), free(a->generated), free(a->n_generated);
+    free(a->target_logprob), free(a->logit_diff);
+}
+
+// One plan over one batch: the prompt pass, generation and metrics into rows first.. of a.
+static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *plan, const prompt_batch *pb,
+                   const kv_cache *donors, int first, int max_new, metric_arrays *a, ep_error *err) {
+    int V = in->m.cfg.vocab_size, n = pb->n_seqs;
+    float *last = ep_malloc(sizeof(float) * (size_t)n * V);
+    int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
+    patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
+                         .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos};
+    int rc = patch_prompt_pass(&in->m, kernel_ops_cpu(), plan, pb, donors, &out, err);
+    const prompt_set *ps = &in->prompts;
+    for (int i = 0; i < n && rc == 0; i++) {
+        int p = first + i;
+        prompt_metrics m;
+        rc = metrics_compute(tk, last + (size_t)i * V, V, ps->targets + (size_t)p * ps->max_target, ps->target_lengths[p],
+                             gen + (size_t)i * max_new, n_gen[i], &m, err);
+        a->correct[p] = m.correct;
+        a->first_token_correct[p] = m.first_token_correct;
+        a->target_logprob[p] = m.target_logprob;
+        a->logit_diff[p] = m.logit_diff;
+        a->n_generated[p] = n_gen[i];
+        for (int k = 0; k < n_gen[i]; k++) a->generated[(size_t)p * max_new + k] = gen[(size_t)i * max_new + k];
+    }
+    free(last), free(gen), free(n_gen);
+    return rc;
+}
+
+static int store_metrics(h5store *s, const char *group, const metric_arrays *a, int P, int max_new, ep_error *err) {
+    char name[64];
+    h5shape p1 = {1, {P}}, pg = {2, {P, max_new ? max_new : 1}};
+    const char *ints[3] = {"correct", "first_token_correct", "n_generated"};
+    const int32_t *iv[3] = {a->correct, a->first_token_correct, a->n_generated};
+    for (int k = 0; k < 3; k++) {
+        snprintf(name, sizeof name, "%s/%s", group, ints[k]);
+        if (h5store_write_i32(s, name, &p1, iv[k], err)) return -1;
+    }
+    snprintf(name, sizeof name, "%s/generated", group);
+    if (h5store_write_i32(s, name, &pg, a->generated, err)) return -1;
+    snprintf(name, sizeof name, "%s/target_logprob", group);
+    if (h5store_write_f32(s, name, &p1, a->target_logprob, err)) return -1;
+    snprintf(name, sizeof name, "%s/logit_diff", group);
+    return h5store_write_f32(s, name, &p1, a->logit_diff, err);
+}
+
+static double mean_i(const int32_t *v, int n, const int32_t *mask) {
+    double s = 0;
+    int k = 0;
+    for (int i = 0; i < n; i++)
+        if (!mask || mask[i]) s += v[i], k++;
+    return k ? s / k : NAN;
+}
+
+static double mean_f(const float *v, int n) {
+    double s = 0;
+    for (int i = 0; i < n; i++) s += v[i];
+    return n ? s / n : NAN;
+}
+
+static json_t *real_or_null(double x) { return isfinite(x) ? json_real(x) : json_null(); }
+
+static int write_model_logs(const stage_inputs *in, const metric_arrays *plan, const metric_arrays *clean, int P,
+                            ep_error *err) {
+    double acc = mean_i(plan->correct, P, NULL), full = mean_i(clean->correct, P, NULL);
+    double ld = mean_f(plan->logit_diff, P), full_ld = mean_f(clean->logit_diff, P);
+    json_t *o = json_object();
+    json_object_set_new(o, "model_name", json_string(in->cfg->model_name ? in->cfg->model_name : ""));
+    json_object_set_new(o, "task", json_string(in->prompts.task));
+    json_object_set_new(o, "plan", json_string(in->plan.name));
+    json_object_set_new(o, "n_prompts", json_integer(P));
+    json_object_set_new(o, "accuracy", real_or_null(acc));
+    json_object_set_new(o, "first_token_accuracy", real_or_null(mean_i(plan->first_token_correct, P, NULL)));
+    json_object_set_new(o, "mean_target_logprob", real_or_null(mean_f(plan->target_logprob, P)));
+    json_object_set_new(o, "mean_logit_diff", real_or_null(ld));
+    json_object_set_new(o, "full_model_accuracy", real_or_null(full));
+    json_object_set_new(o, "full_model_first_token_accuracy", real_or_null(mean_i(clean->first_token_correct, P, NULL)));
+    json_object_set_new(o, "full_model_mean_logit_diff", real_or_null(full_ld));
+    json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(plan->correct, P, clean->correct)));
+    json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
+    json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
+    json_object_set_new(o, "model_hash", json_string(in->model_hash));
+    json_object_set_new(o, "plan_hash", json_string(in->plan_hash));
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
+    json_decref(o);
+    size_t n = strlen(text);
+    text = ep_realloc(text, n + 2);
+    strcpy(text + n, "\n");
+    char path[4096];
+    snprintf(path, sizeof path, "%s/model_logs.json", in->cfg->output_path);
+    int rc = write_text_atomic(path, text, err);
+    if (rc == 0) printf("patch: accuracy %.3f (full model %.3f) over %d prompts -> %s\n", acc, full, P, path);
+    free(text);
+    return rc;
+}
+
+int patch_stage(stage_inputs *in, int fresh, ep_error *err) {
+    char path[4096], cache_path[4096], identity[17];
+    json_t *jmax = json_object_get(in->cfg->json, "max_new_tokens");
+    int max_new = jmax ? (int)json_integer_value(jmax) : 10;
+    if (max_new < 1 || max_new > 1000) return ep_fail(err, "%s: field max_new_tokens: expected 1..1000", in->cfg->path);
+    uint64_t h = hash_str(HASH_INIT, "patch");
+    h = hash_str(h, in->prompts_hash);
+    h = hash_str(h, in->model_hash);
+    h = hash_str(h, in->plan_hash);
+    h = hash_bytes(h, &max_new, sizeof max_new);
+    hash_hex(h, identity);
+    snprintf(path, sizeof path, "%s/patch.h5", in->cfg->output_path);
+    snprintf(cache_path, sizeof cache_path, "%s/cache.h5", in->cfg->output_path);
+    int current = stage_output_current(path, identity, fresh, err);
+    if (current < 0) return -1;
+    if (current) {
+        printf("patch: %s is up to date\n", path);
+        return 0;
+    }
+    tokenizer *tk = NULL;
+    if (tokenizer_load(in->prompts.tokenizer_path, &tk, err)) return -1;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
+    int ablates = in->plan.n_rules + in->plan.n_head_units > 0;
+    metric_arrays plan_m, clean_m;
+    metric_arrays_init(&plan_m, P, max_new);
+    metric_arrays_init(&clean_m, P, max_new);
+    ablation_plan clean;
+    plan_empty(&in->m.cfg, &clean);
+    for (int first = 0; first < P && rc == 0; first += B) {
+        int n = first + B <= P ? B : P - first;
+        prompt_batch pb = stage_batch(in, first, n);
+        kv_cache donors[16];
+        memset(donors, 0, sizeof donors);
+        rc = cache_load_batch(cache_path, in, first, n, donors, err);
+        if (rc == 0) rc = measure(in, tk, &in->plan, &pb, donors, first, max_new, &plan_m, err);
+        if (rc == 0 && ablates) rc = measure(in, tk, &clean, &pb, donors, first, max_new, &clean_m, err);
+        for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
+        if (rc == 0) printf("patch: prompts %d..%d of %d\n", first, first + n - 1, P);
+    }
+    metric_arrays *full = ablates ? &clean_m : &plan_m;
+    h5store s;
+    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
+        rc = store_metrics(&s, "plan", &plan_m, P, max_new, err) || store_metrics(&s, "clean", full, P, max_new, err) ||
+             h5store_set_str(&s, "format", "edgepatch-patch-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
+             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "max_new_tokens", max_new, err);
+        if (rc) h5store_abandon(&s);
+        else rc = h5store_commit(&s, err);
+    }
+    if (rc == 0) rc = write_model_logs(in, &plan_m, full, P, err);
+    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
+    plan_free(&clean);
+    tokenizer_free(tk);
+    return rc;
+}

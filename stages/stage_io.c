@@ -1,0 +1,94 @@
+#include "stage_io.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "pipeline/h5store.h"
+#include "pipeline/hash.h"
+
+int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
+    memset(in, 0, sizeof *in);
+    in->cfg = cfg;
+    if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
+    if (model_load(cfg->model_path, &in->m, err)) return -1;
+    if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err)) {
+        stage_inputs_close(in);
+        return -1;
+    }
+    h5store s;
+    char *hash = NULL;
+    if (h5store_open(path, &s, err) == 0) {
+        if (h5store_get_str(&s, "inputs_hash", &hash, err) == 0) snprintf(in->prompts_hash, sizeof in->prompts_hash, "%s", hash);
+        free(hash);
+        h5store_close(&s);
+    }
+    hash_hex(model_identity(&in->m), in->model_hash);
+    hash_hex(plan_hash(&in->plan), in->plan_hash);
+    if (in->plan.n_donors > in->prompts.n_donors) {
+        ep_fail(err, "%s: the plan reads donor %d but the prompts have %d donors (field donors)", cfg->path,
+                in->plan.n_donors - 1, in->prompts.n_donors);
+        stage_inputs_close(in);
+        return -1;
+    }
+    for (int p = 0; p < in->prompts.n_prompts; p++)
+        for (int i = 0; i < in->prompts.lengths[p]; i++) {
+            int32_t t = in->prompts.tokens[(size_t)p * in->prompts.max_len + i];
+            if (t < 0 || t >= in->m.cfg.vocab_size) {
+                ep_fail(err, "%s: prompt %d has token %d outside the model's vocabulary of %d (tokenizer and model "
+                             "differ?)", path, p, t, in->m.cfg.vocab_size);
+                stage_inputs_close(in);
+                return -1;
+            }
+        }
+    return 0;
+}
+
+void stage_inputs_close(stage_inputs *in) {
+    model_free(&in->m);
+    prompt_set_free(&in->prompts);
+    plan_free(&in->plan);
+}
+
+prompt_batch stage_batch(const stage_inputs *in, int first, int n) {
+    const prompt_set *ps = &in->prompts;
+    size_t L = (size_t)ps->max_len;
+    return (prompt_batch){.n_seqs = n, .max_len = ps->max_len, .n_donors = ps->n_donors,
+                          .tokens = ps->tokens + first * L, .lengths = ps->lengths + first,
+                          .types = ps->types + first * L, .index = ps->index + first * L,
+                          .donors = ps->donors ? ps->donors + first * L * (size_t)ps->n_donors : NULL};
+}
+
+int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err) {
+    if (fresh || access(path, F_OK) != 0) return 0;
+    h5store s;
+    ep_error open_err;
+    if (h5store_open(path, &s, &open_err)) {
+        fprintf(stderr, "edgepatch: rebuilding %s: %s\n", path, open_err.msg);
+        return 0;
+    }
+    char *have = NULL;
+    int same = h5store_get_str(&s, "inputs_hash", &have, &open_err) == 0 && !strcmp(have, identity);
+    free(have);
+    h5store_close(&s);
+    if (same) return 1;
+    return ep_fail(err, "%s: made from other inputs (prompts, model or plan changed); rerun with --fresh to rebuild it", path);
+}
+
+int write_text_atomic(const char *path, const char *text, ep_error *err) {
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f) return ep_fail(err, "%s: cannot write: %s", tmp, strerror(errno));
+    int ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok &= fclose(f) == 0;
+    if (!ok || rename(tmp, path) != 0) {
+        unlink(tmp);
+        return ep_fail(err, "%s: cannot write (disk full?)", path);
+    }
+    return 0;
+}

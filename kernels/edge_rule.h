@@ -4,8 +4,9 @@
 // of layer l's rule set (in priority order) that matches it names d: h among its heads, type(A) among
 // its sender types, type(B) among its receiver types, and the relation between the example indices
 // holds (same: idx(A) == idx(B) >= 0; earlier: 0 <= idx(A) < idx(B); any). Positions without a type
-// (type < 0: generated tokens, padding) never match, so generation runs unpatched. This function is
-// used by the CPU and CUDA kernels, the reference backend and the tests alike.
+// (type < 0: generated tokens, padding) never match, so generation runs unpatched. A rule whose donor
+// is -1 keeps the edges it matches clean: a circuit is "keep these" rules before an "ablate the rest"
+// rule. This function is used by the CPU and CUDA kernels, the reference backend and the tests alike.
 #ifndef EP_KERNELS_EDGE_RULE_H
 #define EP_KERNELS_EDGE_RULE_H
 
@@ -17,7 +18,7 @@
 #define EP_HOST_DEVICE
 #endif
 
-#define EDGE_MAX_RULES 32
+#define EDGE_MAX_RULES 512
 #define EDGE_MAX_HEADS 256
 
 typedef enum { REL_ANY = 0, REL_SAME = 1, REL_EARLIER = 2 } edge_relation;
@@ -26,7 +27,7 @@ typedef struct {
     uint32_t sender_types;    // bit t: token type t (stages/prompts.h token_type) sends
     uint32_t receiver_types;  // bit t: token type t receives
     int32_t relation;         // edge_relation
-    int32_t donor;            // donor index the edge reads
+    int32_t donor;            // donor index the edge reads; -1: the edge stays clean
     uint64_t heads[EDGE_MAX_HEADS / 64];  // bit h: query head h
 } edge_rule;
 

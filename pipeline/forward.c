@@ -48,7 +48,7 @@ static int check_patch(const model_config *c, const kv_cache *cache, const forwa
     if (p->layer_rules)
         for (int l = 0; l < c->n_layers; l++)
             for (int r = 0; r < p->layer_rules[l].n; r++)
-                if (p->layer_rules[l].rule[r].donor < 0 || p->layer_rules[l].rule[r].donor >= p->n_donors)
+                if (p->layer_rules[l].rule[r].donor < -1 || p->layer_rules[l].rule[r].donor >= p->n_donors)
                     return ep_fail(err, "patch: layer %d rule %d reads donor %d, %d given", l, r,
                                    p->layer_rules[l].rule[r].donor, p->n_donors);
     for (int u = 0; u < p->n_head_units; u++) {

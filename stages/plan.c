@@ -282,7 +282,94 @@ static int ends_with(const char *s, const char *suffix) {
     return n >= k && !strcmp(s + n - k, suffix);
 }
 
+static int unit_int(json_t *u, size_t k, int lo, int hi, int *out) {
+    json_t *v = json_array_get(u, k);
+    if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) return -1;
+    *out = (int)json_integer_value(v);
+    return 0;
+}
+
+int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, const ablation_plan *base,
+                 ablation_plan *out, ep_error *err) {
+    plan_init(cfg, out);
+    snprintf(out->name, sizeof out->name, "circuit");
+    memcpy(out->layer_rules, base->layer_rules, sizeof(edge_rule_set) * (size_t)cfg->n_layers);
+    out->n_rules = base->n_rules;
+    out->n_donors = base->n_donors > 1 ? base->n_donors : 1;
+    json_t *heads = json_object_get(circuit, "heads"), *edges = json_object_get(circuit, "edges");
+    int L = cfg->n_layers, H = cfg->n_heads, rc = 0;
+    if (!json_is_object(circuit) || (!json_is_array(heads) && !json_is_array(edges))) {
+        plan_free(out);
+        return ep_fail(err, "%s: expected {\"heads\": [[layer, head, type], ...], \"edges\": [[layer, head, sender, receiver], ...]}", where);
+    }
+    size_t i;
+    json_t *u;
+    json_array_foreach(edges, i, u) {
+        edge_rule r = {.relation = REL_ANY, .donor = -1};
+        int l, h, ts, tr;
+        if (!json_is_array(u) || json_array_size(u) != 4 || unit_int(u, 0, 0, L - 1, &l) || unit_int(u, 1, 0, H - 1, &h) ||
+            !json_is_string(json_array_get(u, 2)) || !json_is_string(json_array_get(u, 3)) ||
+            parse_type(json_string_value(json_array_get(u, 2)), &ts) || parse_type(json_string_value(json_array_get(u, 3)), &tr)) {
+            rc = ep_fail(err, "%s: edges[%zu]: expected [layer 0..%d, head 0..%d, sender type, receiver type]", where, i, L - 1, H - 1);
+            break;
+        }
+        r.sender_types = 1u << ts;
+        r.receiver_types = 1u << tr;
+        r.heads[h >> 6] = 1ull << (h & 63);
+        uint64_t layers[EDGE_MAX_HEADS / 64] = {0};
+        layers[l >> 6] = 1ull << (l & 63);
+        if ((rc = add_rule(out, where, &r, layers, err))) break;
+    }
+    if (rc == 0 && json_is_array(edges)) {
+        edge_rule all = {.sender_types = (1u << TT_COUNT) - 1, .receiver_types = (1u << TT_COUNT) - 1, .relation = REL_ANY};
+        uint64_t layers[EDGE_MAX_HEADS / 64];
+        parse_indices(NULL, where, "layers", L, layers, err);
+        parse_indices(NULL, where, "heads", H, all.heads, err);
+        rc = add_rule(out, where, &all, layers, err);
+    }
+    // Head units: the base's, then the complement of the kept ones over (layer, head, prompt type).
+    int n_types = TT_TARGET;  // bos .. last: the types a prompt has
+    char *kept = ep_calloc((size_t)L * H * n_types, 1);
+    json_array_foreach(heads, i, u) {
+        int l, h, t;
+        if (rc) break;
+        if (!json_is_array(u) || json_array_size(u) != 3 || unit_int(u, 0, 0, L - 1, &l) || unit_int(u, 1, 0, H - 1, &h) ||
+            !json_is_string(json_array_get(u, 2)) || parse_type(json_string_value(json_array_get(u, 2)), &t) || t >= n_types) {
+            rc = ep_fail(err, "%s: heads[%zu]: expected [layer 0..%d, head 0..%d, prompt token type]", where, i, L - 1, H - 1);
+            break;
+        }
+        kept[((size_t)l * H + h) * n_types + t] = 1;
+    }
+    out->head_units = ep_calloc((size_t)base->n_head_units + (size_t)L * H * n_types + 1, sizeof(head_unit));
+    memcpy(out->head_units, base->head_units, sizeof(head_unit) * (size_t)base->n_head_units);
+    out->n_head_units = base->n_head_units;
+    if (rc == 0 && json_is_array(heads))
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                for (int t = 0; t < n_types; t++)
+                    if (!kept[((size_t)l * H + h) * n_types + t])
+                        out->head_units[out->n_head_units++] = (head_unit){.layer = l, .head = h, .type = t, .donor = 0};
+    free(kept);
+    if (rc) plan_free(out);
+    return rc;
+}
+
+// The plan of the run mode (model_name, affect_whom, plan), before any circuit.
+static int mode_plan(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
+
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
+    json_t *circuit = json_object_get(rc->json, "circuit");
+    if (!circuit) return mode_plan(rc, cfg, p, err);
+    ablation_plan base;
+    if (mode_plan(rc, cfg, &base, err)) return -1;
+    char where[600];
+    snprintf(where, sizeof where, "%s: field circuit", rc->path);
+    int r = plan_circuit(circuit, where, cfg, &base, p, err);
+    plan_free(&base);
+    return r;
+}
+
+static int mode_plan(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
     json_t *explicit_plan = json_object_get(rc->json, "plan"), *aw = json_object_get(rc->json, "affect_whom");
     char where[600];
     if (explicit_plan) {

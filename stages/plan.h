@@ -39,9 +39,16 @@ void plan_free(ablation_plan *p);
 void plan_donor0_part(const ablation_plan *p, ablation_plan *out);
 // An empty plan for cfg (the clean model).
 void plan_empty(const model_config *cfg, ablation_plan *p);
+// A circuit: kept head units [[layer, head, "type"], ...] and/or kept edge units
+// [[layer, head, "sender", "receiver"], ...] ({"heads": ..., "edges": ...}); every other unit of the
+// given kinds is ablated with donor 0, on top of (after) the rules of `base` (affect_whom). Edge units
+// become "keep" rules (donor -1) before one "ablate everything" rule; head units the complement list.
+int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, const ablation_plan *base,
+                 ablation_plan *out, ep_error *err);
 // The plan a run config asks for: an explicit "plan" object, else what the original's model_name says
 // (..._calc_accuracy: none; ..._ablate_edges and ..._ablate_edges_differently_for_different_tokens:
-// affect_whom). Other run modes are refused with a message naming model_name.
+// affect_whom), then a "circuit" if the config gives one. Other run modes are refused with a message
+// naming model_name.
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
 // Identity of a compiled plan (rules and head units), for artifact attributes.
 uint64_t plan_hash(const ablation_plan *p);

@@ -235,6 +235,52 @@ static void test_model(const char *name, json_t *plans) {
         free(r.logits);
         plan_free(&plan);
     }
+    // Circuits: keeping every unit is the clean model; keeping no edge unit is the Python reference's
+    // all_edges_donor0 plan; keeping no head unit replaces every head output at every prompt position.
+    {
+        int L = m.cfg.n_layers, H = m.cfg.n_heads;
+        const char *types[7] = {"bos", "x", "t", "y", "n", "query", "last"};
+        json_t *all_edges = json_array(), *all_heads = json_array();
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                for (int a = 0; a < 7; a++) {
+                    json_array_append_new(all_heads, json_pack("[i,i,s]", l, h, types[a]));
+                    for (int b = 0; b < 7; b++) json_array_append_new(all_edges, json_pack("[i,i,s,s]", l, h, types[a], types[b]));
+                }
+        ablation_plan base, keep_all, keep_none;
+        plan_empty(&m.cfg, &base);
+        json_t *c_all = json_pack("{s:o,s:o}", "edges", all_edges, "heads", all_heads);
+        json_t *c_none = json_pack("{s:[]}", "edges");
+        run_result ra = {0}, rn = {0};
+        if (plan_circuit(c_all, "circuit", &m.cfg, &base, &keep_all, &err) == 0 && run(&m, &keep_all, &pb, &ra) == 0)
+            check(logits_error(ra.logits, clean.logits, &pb, V, -1) == 0, "%s: a circuit of every unit is not clean", name);
+        else
+            check(0, "circuit: %s", err.msg);
+        if (plan_circuit(c_none, "circuit", &m.cfg, &base, &keep_none, &err) == 0 && run(&m, &keep_none, &pb, &rn) == 0) {
+            double worst = 0;
+            size_t k;
+            json_t *pj2;
+            json_array_foreach(plans, k, pj2) if (!strcmp(json_string_value(json_object_get(pj2, "name")), "all_edges_donor0")) {
+                for (int s = 0; s < P; s++) {
+                    char key[96];
+                    snprintf(key, sizeof key, "plan%zu.prompt%d.logits", k, s);
+                    const st_tensor *t = safetensors_find(&f.st, key);
+                    float *w = malloc(sizeof(float) * (size_t)t->numel);
+                    safetensors_read_f32(t, w, &err);
+                    for (int i = 0; i < f.lengths[s]; i++) {
+                        double e = max_rel_error(rn.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V, (size_t)V, 1e-6);
+                        worst = e > worst ? e : worst;
+                    }
+                    free(w);
+                }
+            }
+            printf("  %-12s circuit of every unit = clean; circuit of no edge = reference all_edges_donor0 (%.2e)\n", name, worst);
+            check(worst <= TOL, "%s: empty edge circuit vs all_edges_donor0: %.2e", name, worst);
+        }
+        free(ra.logits), free(rn.logits);
+        plan_free(&keep_all), plan_free(&keep_none), plan_free(&base);
+        json_decref(c_all), json_decref(c_none);
+    }
     // Edges that no receiver reads: into bos from later senders (causality forbids them) -> clean.
     json_t *nothing = json_loads("{\"rules\": [{\"sender\": [\"y\", \"last\"], \"receiver\": [\"bos\", \"target\"]}]}", 0, NULL);
     ablation_plan np;

@@ -7,8 +7,10 @@ bash tools/setup.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$(nproc)" >/dev/null
 ./build/edgepatch --version
-# The stages that exist so far: tokenize (prompts, types, donors), then a look at one prompt and a
-# forward pass with greedy generation on it.
-./build/edgepatch run configs/default.json --until tokenize
-(./build/edgepatch show runs/default --prompt 0 || true) | head -n 20
-./build/edgepatch forward --model tests/fixtures/models/gemma2-tiny --text $'France: Paris\nSpain: Madrid\nItaly:' --generate 4
+# The stages that exist so far: tokenize (prompts, types, donors), cache (donor activations) and patch
+# (ablated runs, metrics, model_logs.json); then one prompt with its donors and metrics.
+./build/edgepatch run configs/default.json --until patch
+cat runs/default/model_logs.json
+./build/edgepatch show runs/default --prompt 0 > runs/default/prompt0.txt
+head -n 12 runs/default/prompt0.txt
+tail -n 2 runs/default/prompt0.txt

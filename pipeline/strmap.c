@@ -112,10 +112,18 @@ static uint64_t mix64(uint64_t x) {
     return x;
 }
 
+static pairmap_slot *empty_pair_slots(size_t cap) {
+    pairmap_slot *slots = ep_malloc(cap * sizeof(pairmap_slot));
+    for (size_t i = 0; i < cap; i++) slots[i].key = PAIRMAP_EMPTY;
+    return slots;
+}
+
 void pairmap_init(pairmap *m, size_t expected) {
-    m->cap = capacity_for(expected);
+    // Load factor up to 2/3 (linear probing stays short) keeps the table small enough to cache better.
+    m->cap = 16;
+    while (m->cap * 2 < expected * 3) m->cap *= 2;
     m->count = 0;
-    m->slots = ep_calloc(m->cap, sizeof(pairmap_slot));
+    m->slots = empty_pair_slots(m->cap);
 }
 
 void pairmap_free(pairmap *m) {
@@ -128,33 +136,33 @@ int pairmap_get(const pairmap *m, uint64_t key, int *a, int *b) {
     size_t mask = m->cap - 1, i = (size_t)mix64(key) & mask;
     for (;;) {
         const pairmap_slot *s = &m->slots[i];
-        if (!s->used) return 0;
         if (s->key == key) {
             *a = s->a;
             *b = s->b;
             return 1;
         }
+        if (s->key == PAIRMAP_EMPTY) return 0;
         i = (i + 1) & mask;
     }
 }
 
 void pairmap_put(pairmap *m, uint64_t key, int a, int b) {
     if (!m->cap) pairmap_init(m, 16);
-    if ((m->count + 1) * 2 > m->cap) {
+    if ((m->count + 1) * 3 > m->cap * 2) {
         pairmap_slot *old = m->slots;
         size_t old_cap = m->cap;
         m->cap *= 2;
-        m->slots = ep_calloc(m->cap, sizeof(pairmap_slot));
+        m->slots = empty_pair_slots(m->cap);
         for (size_t j = 0; j < old_cap; j++) {
-            if (!old[j].used) continue;
+            if (old[j].key == PAIRMAP_EMPTY) continue;
             size_t i = (size_t)mix64(old[j].key) & (m->cap - 1);
-            while (m->slots[i].used) i = (i + 1) & (m->cap - 1);
+            while (m->slots[i].key != PAIRMAP_EMPTY) i = (i + 1) & (m->cap - 1);
             m->slots[i] = old[j];
         }
         free(old);
     }
     size_t mask = m->cap - 1, i = (size_t)mix64(key) & mask;
-    while (m->slots[i].used && m->slots[i].key != key) i = (i + 1) & mask;
-    if (!m->slots[i].used) m->count++;
-    m->slots[i] = (pairmap_slot){.key = key, .a = a, .b = b, .used = 1};
+    while (m->slots[i].key != PAIRMAP_EMPTY && m->slots[i].key != key) i = (i + 1) & mask;
+    if (m->slots[i].key == PAIRMAP_EMPTY) m->count++;
+    m->slots[i] = (pairmap_slot){.key = key, .a = a, .b = b};
 }

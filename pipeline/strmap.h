@@ -34,10 +34,12 @@ void strmap_put(strmap *m, const char *key, size_t len, int value);
 // The stored key of a present key (stable until the next put), for callers that keep pointers.
 const char *strmap_key(const strmap *m, const char *key, size_t len);
 
+// 16 bytes a slot: merge tables are large (Gemma: 580k pairs) and every lookup is a likely cache miss.
+// An empty slot holds PAIRMAP_EMPTY, a key no caller uses (token ids are far below 2^32 - 1).
+#define PAIRMAP_EMPTY UINT64_MAX
 typedef struct {
     uint64_t key;
     int a, b;
-    int used;
 } pairmap_slot;
 
 typedef struct {
@@ -48,7 +50,7 @@ typedef struct {
 void pairmap_init(pairmap *m, size_t expected);
 void pairmap_free(pairmap *m);
 int pairmap_get(const pairmap *m, uint64_t key, int *a, int *b);
-void pairmap_put(pairmap *m, uint64_t key, int a, int b);
+void pairmap_put(pairmap *m, uint64_t key, int a, int b);  // key must not be PAIRMAP_EMPTY
 
 uint64_t strmap_hash(const char *key, size_t len);
 

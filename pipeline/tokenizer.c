@@ -499,8 +499,25 @@ static tokenizer *tokenizer_new(const char *name) {
     return t;
 }
 
+// Messages quote names from the file (a type, a key, a merge); a newline or other control character in
+// one must not break the one-line contract.
+static int one_line(ep_error *err) {
+    if (err)
+        for (char *p = err->msg; *p; p++)
+            if ((unsigned char)*p < 0x20 || *p == 0x7f) *p = '?';
+    return -1;
+}
+
+static int load_json(const char *json, size_t len, const char *config_json, size_t config_len, const char *name,
+                     tokenizer **out, ep_error *err);
+
 int tokenizer_load_json(const char *json, size_t len, const char *config_json, size_t config_len, const char *name,
                         tokenizer **out, ep_error *err) {
+    return load_json(json, len, config_json, config_len, name, out, err) ? one_line(err) : 0;
+}
+
+static int load_json(const char *json, size_t len, const char *config_json, size_t config_len, const char *name,
+                     tokenizer **out, ep_error *err) {
     *out = NULL;
     tokenizer *t = tokenizer_new(name);
     ep_error ignored;
@@ -553,7 +570,7 @@ int tokenizer_load(const char *dir, tokenizer **out, ep_error *err) {
     int rc = tokenizer_load_json(json, len, cfg, cfg_len, path, out, err);
     free(json);
     free(cfg);
-    return rc;
+    return rc ? one_line(err) : 0;
 }
 
 void tokenizer_free(tokenizer *t) {

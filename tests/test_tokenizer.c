@@ -234,6 +234,8 @@ static void test_load_errors(void) {
     expect_load_error("{\"pre_tokenizer\":{\"type\":\"Sequence\",\"pretokenizers\":[{\"type\":\"Whitespace\"}]}," TINY_MODEL "}",
                       "pre_tokenizer.pretokenizers[0].type = \"Whitespace\"", "Whitespace pre-tokenizer");
     expect_load_error("{\"model\":{\"type\":\"WordPiece\",\"vocab\":{}}}", "model.type = \"WordPiece\"", "WordPiece model");
+    expect_load_error("{\"normalizer\":{\"type\":\"Pre\\npend\"}," TINY_MODEL "}", "normalizer.type = \"Pre?pend\"",
+                      "a newline in a quoted name stays on one line");
     expect_load_error("{\"post_processor\":{\"type\":\"RobertaProcessing\"}," TINY_MODEL "}", "post_processor.type = \"RobertaProcessing\"",
                       "Roberta post-processor");
     expect_load_error("{\"decoder\":{\"type\":\"WordPiece\"}," TINY_MODEL "}", "decoder.type = \"WordPiece\"", "WordPiece decoder");

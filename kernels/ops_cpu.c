@@ -23,7 +23,6 @@ static void cpu_matmul(float *out, const float *x, const float *w, const float *
 }
 
 static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *o = out + (size_t)r * dim;
@@ -35,7 +34,6 @@ static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offs
 }
 
 static void cpu_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps) {
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *o = out + (size_t)r * dim;
@@ -52,7 +50,6 @@ static void cpu_layernorm(float *out, const float *x, const float *w, const floa
 static void cpu_rope(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
                      int rot_dim) {
     int half = rot_dim / 2;
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         for (int i = 0; i < half; i++) {
             // The angle is rounded to fp32 before cos/sin, as HF computes it.
@@ -69,12 +66,10 @@ static void cpu_rope(float *x, int stride, const int *pos, const float *inv_freq
 }
 
 static void cpu_glu(float *out, const float *gate, const float *up, size_t n, act_kind act) {
-#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) out[i] = act_f(gate[i], act) * up[i];
 }
 
 static void cpu_act(float *x, size_t n, act_kind act) {
-#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) x[i] = act_f(x[i], act);
 }
 
@@ -91,97 +86,59 @@ static void cpu_scale(float *y, size_t n, float s) {
     for (size_t i = 0; i < n; i++) y[i] *= s;
 }
 
-// Four floats as one GNU vector (an SSE register on any x86-64, NEON on arm64). The dot product keeps
-// eight partial sums in two vectors: the scalar loop's single running sum is a chain of dependent adds
-// the compiler may not reorder, which held attention at add-latency speed. The result differs from
-// the reference's sequential sum only by rounding.
-typedef float f32x4 __attribute__((vector_size(16)));
-
-static inline f32x4 load4(const float *p) {
-    f32x4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline float dot_f32(const float *a, const float *b, int n) {
-    f32x4 acc0 = {0}, acc1 = {0};
-    int e = 0;
-    for (; e + 8 <= n; e += 8) {
-        acc0 += load4(a + e) * load4(b + e);
-        acc1 += load4(a + e + 4) * load4(b + e + 4);
+// Attention of one (sequence, head) as two matrix products through BLAS: S = scale * Q K^T over the
+// keys the block's queries can see, then the causal (and window) mask and softmax per row in fp32,
+// then O = P V. The masked part of S is computed and discarded (at most half of it for a prompt), which
+// BLAS's speed repays many times over the per-row dot loops this replaces. scores: n_q * n_k floats.
+static void attend_block(float *out, const float *q, const float *k, const float *v, const attn_seq *sq, int h,
+                         const attn_params *p, float *scores) {
+    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    int first = sq->q_pos, last = sq->q_pos + sq->n_q - 1;              // query positions
+    int k0 = p->window > 0 && first - p->window + 1 > 0 ? first - p->window + 1 : 0;  // first key any sees
+    int n_k = last - k0 + 1;
+    const float *qb = q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    const float *kb = k + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
+    const float *vb = v + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
+    float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride, kb, p->kv_stride,
+                0.0f, scores, n_k);
+    for (int qi = 0; qi < sq->n_q; qi++) {
+        int i = first + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+        float *row = scores + (size_t)qi * n_k;  // row[j - k0] is key position j
+        float mx = -INFINITY;
+        for (int j = j0; j <= i; j++) {
+            float s = row[j - k0];
+            if (p->softcap > 0) s = p->softcap * tanhf(s / p->softcap);
+            row[j - k0] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0;
+        for (int j = j0; j <= i; j++) {
+            row[j - k0] = expf(row[j - k0] - mx);
+            sum += row[j - k0];
+        }
+        float inv = 1.0f / sum;
+        for (int j = k0; j < j0; j++) row[j - k0] = 0;
+        for (int j = j0; j <= i; j++) row[j - k0] *= inv;
+        for (int j = i + 1; j <= last; j++) row[j - k0] = 0;
     }
-    float tail = 0;
-    for (; e < n; e++) tail += a[e] * b[e];
-    f32x4 acc = acc0 + acc1;
-    return (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail;
-}
-
-// o[e] += w * v[e]
-static inline void axpy_f32(float *o, float w, const float *v, int n) {
-    int e = 0;
-    for (; e + 4 <= n; e += 4) {
-        f32x4 r = load4(o + e) + w * load4(v + e);
-        memcpy(o + e, &r, sizeof r);
-    }
-    for (; e < n; e++) o[e] += w * v[e];
-}
-
-// One (sequence, query, head) row of attention; scores is scratch of at least i + 1 floats.
-static void attend_row(float *o, const float *qv, const float *k, const float *v, int kv_row, int i, int g,
-                       const attn_params *p, float *scores) {
-    int d = p->head_dim;
-    int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
-    float mx = -INFINITY;
-    for (int j = j0; j <= i; j++) {
-        const float *kj = k + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d;
-        float dot = dot_f32(qv, kj, d) * p->scale;
-        if (p->softcap > 0) dot = p->softcap * tanhf(dot / p->softcap);
-        scores[j] = dot;
-        if (dot > mx) mx = dot;
-    }
-    float sum = 0;
-    for (int j = j0; j <= i; j++) {
-        scores[j] = expf(scores[j] - mx);
-        sum += scores[j];
-    }
-    float inv = 1.0f / sum;
-    for (int e = 0; e < d; e++) o[e] = 0;
-    for (int j = j0; j <= i; j++)
-        axpy_f32(o, scores[j] * inv, v + (size_t)(kv_row + j) * p->kv_stride + (size_t)g * d, d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k, vb, p->kv_stride, 0.0f,
+                ob, p->q_stride);
 }
 
 static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
                           const attn_params *p) {
-    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
-    int max_keys = 1, total_q = 0;
+    size_t max_scores = 1;
     for (int s = 0; s < n_seqs; s++) {
-        if (seqs[s].q_pos + seqs[s].n_q > max_keys) max_keys = seqs[s].q_pos + seqs[s].n_q;
-        total_q += seqs[s].n_q;
+        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
+        if ((size_t)seqs[s].n_q * n_k > max_scores) max_scores = (size_t)seqs[s].n_q * n_k;
     }
-    // Flatten (query row, head) so the threads share the work evenly whatever the sequence lengths.
-    int *row_seq = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
-    int *row_qi = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
-    for (int s = 0, r = 0; s < n_seqs; s++)
-        for (int qi = 0; qi < seqs[s].n_q; qi++, r++) {
-            row_seq[r] = s;
-            row_qi[r] = qi;
-        }
-#pragma omp parallel
-    {
-        float *scores = ep_malloc(sizeof(float) * (size_t)max_keys);
-#pragma omp for schedule(dynamic, 4)
-        for (long job = 0; job < (long)total_q * p->n_heads; job++) {
-            int r = (int)(job / p->n_heads), h = (int)(job % p->n_heads);
-            const attn_seq *sq = &seqs[row_seq[r]];
-            int qi = row_qi[r];
-            const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-            float *o = out + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-            attend_row(o, qv, k, v, sq->kv_row, sq->q_pos + qi, h / group, p, scores);
-        }
-        free(scores);
+    float *scores = ep_malloc(sizeof(float) * max_scores);
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[s].n_q <= 0) continue;
+        for (int h = 0; h < p->n_heads; h++) attend_block(out, q, k, v, &seqs[s], h, p, scores);
     }
-    free(row_seq);
-    free(row_qi);
+    free(scores);
 }
 
 static const kernel_ops cpu_table = {

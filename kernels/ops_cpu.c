@@ -1,5 +1,7 @@
-// ops_cpu: the fast host backend. Matrix products through CBLAS (OpenBLAS); everything else in float
-// loops the compiler vectorizes, spread over rows with OpenMP where it is available.
+// ops_cpu: the fast host backend. Matrix products, attention included, through CBLAS (OpenBLAS), which
+// is also the only source of threads; everything else in float loops the compiler vectorizes. No
+// OpenMP regions here: next to OpenBLAS's pthread pool they made two runtimes spin-wait for the same
+// cores (see docs/benchmarks.md).
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>

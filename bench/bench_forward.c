@@ -66,11 +66,19 @@ int main(int argc, char **argv) {
         prompt = malloc(sizeof(int) * (strlen(ids) + 1));
         for (const char *p = ids; *p;) {
             char *end;
-            prompt[n_prompt++] = (int)strtol(p, &end, 10);
-            p = *end == ',' ? end + 1 : end;
-            if (end == p && *p) break;
+            long id = strtol(p, &end, 10);
+            if (end == p || (*end && *end != ',') || id < 0 || id >= V) {
+                fprintf(stderr, "bench_forward: --ids: expected comma-separated ids in 0..%d, at '%s'\n", V - 1, p);
+                return 2;
+            }
+            prompt[n_prompt++] = (int)id;
+            p = *end ? end + 1 : end;
         }
         T = n_prompt;
+        if (T == 0) {
+            fprintf(stderr, "bench_forward: --ids is empty\n");
+            return 2;
+        }
     }
     int *tokens = malloc(sizeof(int) * (size_t)B * T), *n_new = malloc(sizeof(int) * B), *rows = malloc(sizeof(int) * B);
     for (int s = 0; s < B; s++) {

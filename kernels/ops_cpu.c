@@ -1,5 +1,7 @@
-// ops_cpu: the fast host backend. Matrix products through CBLAS (OpenBLAS); everything else in float
-// loops the compiler vectorizes, spread over rows with OpenMP where it is available.
+// ops_cpu: the fast host backend. Matrix products, attention included, through CBLAS (OpenBLAS), which
+// is also the only source of threads; everything else in float loops the compiler vectorizes. No
+// OpenMP regions here: next to OpenBLAS's pthread pool they made two runtimes spin-wait for the same
+// cores (see docs/benchmarks.md).
 #include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
@@ -23,7 +25,6 @@ static void cpu_matmul(float *out, const float *x, const float *w, const float *
 }
 
 static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *o = out + (size_t)r * dim;
@@ -35,7 +36,6 @@ static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offs
 }
 
 static void cpu_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps) {
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         const float *xr = x + (size_t)r * dim;
         float *o = out + (size_t)r * dim;
@@ -52,7 +52,6 @@ static void cpu_layernorm(float *out, const float *x, const float *w, const floa
 static void cpu_rope(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
                      int rot_dim) {
     int half = rot_dim / 2;
-#pragma omp parallel for schedule(static)
     for (int r = 0; r < rows; r++) {
         for (int i = 0; i < half; i++) {
             // The angle is rounded to fp32 before cos/sin, as HF computes it.
@@ -69,12 +68,10 @@ static void cpu_rope(float *x, int stride, const int *pos, const float *inv_freq
 }
 
 static void cpu_glu(float *out, const float *gate, const float *up, size_t n, act_kind act) {
-#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) out[i] = act_f(gate[i], act) * up[i];
 }
 
 static void cpu_act(float *x, size_t n, act_kind act) {
-#pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) x[i] = act_f(x[i], act);
 }
 
@@ -91,125 +88,148 @@ static void cpu_scale(float *y, size_t n, float s) {
     for (size_t i = 0; i < n; i++) y[i] *= s;
 }
 
-// Four floats as one GNU vector (an SSE register on any x86-64, NEON on arm64). The dot product keeps
-// eight partial sums in two vectors: the scalar loop's single running sum is a chain of dependent adds
-// the compiler may not reorder, which held attention at add-latency speed. The result differs from
-// the reference's sequential sum only by rounding.
-typedef float f32x4 __attribute__((vector_size(16)));
-
-static inline f32x4 load4(const float *p) {
-    f32x4 v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline float dot_f32(const float *a, const float *b, int n) {
-    f32x4 acc0 = {0}, acc1 = {0};
-    int e = 0;
-    for (; e + 8 <= n; e += 8) {
-        acc0 += load4(a + e) * load4(b + e);
-        acc1 += load4(a + e + 4) * load4(b + e + 4);
+// Attention of one (sequence, head) as two matrix products through BLAS: S = scale * Q K^T over the
+// keys the block's queries can see, then the causal (and window) mask and softmax per row in fp32,
+// then O = P V. The masked part of S is computed and discarded (at most half of it for a prompt), which
+// BLAS's speed repays many times over the per-row dot loops this replaces. scores: n_q * n_k floats.
+static void attend_block(float *out, const float *q, const float *k, const float *v, const attn_seq *sq, int h,
+                         const attn_params *p, float *scores) {
+    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    int first = sq->q_pos, last = sq->q_pos + sq->n_q - 1;              // query positions
+    int k0 = p->window > 0 && first - p->window + 1 > 0 ? first - p->window + 1 : 0;  // first key any sees
+    int n_k = last - k0 + 1;
+    const float *qb = q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    const float *kb = k + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
+    const float *vb = v + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
+    float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride, kb, p->kv_stride,
+                0.0f, scores, n_k);
+    for (int qi = 0; qi < sq->n_q; qi++) {
+        int i = first + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+        float *row = scores + (size_t)qi * n_k;  // row[j - k0] is key position j
+        float mx = -INFINITY;
+        for (int j = j0; j <= i; j++) {
+            float s = row[j - k0];
+            if (p->softcap > 0) s = p->softcap * tanhf(s / p->softcap);
+            row[j - k0] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0;
+        for (int j = j0; j <= i; j++) {
+            row[j - k0] = expf(row[j - k0] - mx);
+            sum += row[j - k0];
+        }
+        float inv = 1.0f / sum;
+        for (int j = k0; j < j0; j++) row[j - k0] = 0;
+        for (int j = j0; j <= i; j++) row[j - k0] *= inv;
+        for (int j = i + 1; j <= last; j++) row[j - k0] = 0;
     }
-    float tail = 0;
-    for (; e < n; e++) tail += a[e] * b[e];
-    f32x4 acc = acc0 + acc1;
-    return (acc[0] + acc[2]) + (acc[1] + acc[3]) + tail;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k, vb, p->kv_stride, 0.0f,
+                ob, p->q_stride);
 }
 
-// o[e] += w * v[e]
-static inline void axpy_f32(float *o, float w, const float *v, int n) {
-    int e = 0;
-    for (; e + 4 <= n; e += 4) {
-        f32x4 r = load4(o + e) + w * load4(v + e);
-        memcpy(o + e, &r, sizeof r);
+static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                          const attn_params *p) {
+    size_t max_scores = 1;
+    for (int s = 0; s < n_seqs; s++) {
+        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
+        if ((size_t)seqs[s].n_q * n_k > max_scores) max_scores = (size_t)seqs[s].n_q * n_k;
     }
-    for (; e < n; e++) o[e] += w * v[e];
+    float *scores = ep_malloc(sizeof(float) * max_scores);
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[s].n_q <= 0) continue;
+        for (int h = 0; h < p->n_heads; h++) attend_block(out, q, k, v, &seqs[s], h, p, scores);
+    }
+    free(scores);
 }
 
-// Key/value rows of sender j for query head h reading into position i: a donor's or the current ones.
-typedef struct {
-    const float *k, *v;
-} kv_pair;
-
-static kv_pair pick_kv(const float *k, const float *v, const float *const *donor_k, const float *const *donor_v,
-                       const attn_seq *sq, const attn_params *p, const edge_rule_set *rules, int h, int g, int i, int j) {
-    size_t off = (size_t)g * p->head_dim;
-    if (rules && j < sq->n_typed && i < sq->n_typed) {
-        int d = edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
-        if (d >= 0) {
-            size_t row = (size_t)(sq->donor_row + j) * p->kv_stride + off;
-            return (kv_pair){donor_k[d] + row, donor_v[d] + row};
+// Patched attention of one (sequence, head), in the same BLAS form: scores against the current keys and
+// against each donor's keys that a rule of this layer reads, then per (receiver, sender) the score of the
+// key the rules select (kernels/edge_rule.h), softmax over the selection, and the output as the sum of
+// (probabilities where the current value is selected) x V plus the same per donor. scores holds
+// (1 + n_donors) * n_q * n_k floats; sel n_q * n_k bytes.
+static void attend_block_patched(float *out, const float *q, const float *k, const float *v, int n_donors,
+                                 const float *const *donor_k, const float *const *donor_v, const attn_seq *sq, int h,
+                                 const attn_params *p, const edge_rule_set *rules, const int *donor_used, float *scores,
+                                 signed char *sel) {
+    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    int first = sq->q_pos, last = sq->q_pos + sq->n_q - 1;
+    int k0 = p->window > 0 && first - p->window + 1 > 0 ? first - p->window + 1 : 0;
+    int n_k = last - k0 + 1;
+    size_t block = (size_t)sq->n_q * n_k, off = (size_t)g * d;
+    const float *qb = q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride,
+                k + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, scores, n_k);
+    for (int dn = 0; dn < n_donors; dn++)
+        if (donor_used[dn])
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride,
+                        donor_k[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f,
+                        scores + (1 + (size_t)dn) * block, n_k);
+    for (int qi = 0; qi < sq->n_q; qi++) {
+        int i = first + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+        size_t r = (size_t)qi * n_k;
+        float mx = -INFINITY;
+        float *chosen = scores + r;  // the current scores' row, overwritten by the selected scores
+        for (int j = j0; j <= i; j++) {
+            int dn = i < sq->n_typed && j < sq->n_typed
+                         ? edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i])
+                         : -1;
+            sel[r + j - k0] = (signed char)dn;
+            float s = dn >= 0 ? scores[(1 + (size_t)dn) * block + r + j - k0] : chosen[j - k0];
+            if (p->softcap > 0) s = p->softcap * tanhf(s / p->softcap);
+            chosen[j - k0] = s;
+            if (s > mx) mx = s;
+        }
+        float sum = 0;
+        for (int j = j0; j <= i; j++) sum += chosen[j - k0] = expf(chosen[j - k0] - mx);
+        float inv = 1.0f / sum;
+        // Split the probabilities by source: the current row keeps its share, each donor row its own.
+        for (int dn = 0; dn < n_donors; dn++)
+            if (donor_used[dn]) memset(scores + (1 + (size_t)dn) * block + r, 0, sizeof(float) * (size_t)n_k);
+        for (int j = k0; j < n_k + k0; j++) {
+            float pr = j >= j0 && j <= i ? chosen[j - k0] * inv : 0.0f;
+            int dn = j >= j0 && j <= i ? sel[r + j - k0] : -1;
+            if (dn >= 0) {
+                scores[(1 + (size_t)dn) * block + r + j - k0] = pr;
+                pr = 0;
+            }
+            chosen[j - k0] = pr;
         }
     }
-    size_t row = (size_t)(sq->kv_row + j) * p->kv_stride + off;
-    return (kv_pair){k + row, v + row};
-}
-
-// One (sequence, query, head) row of attention; scores is scratch of at least i + 1 floats. With rules
-// (and the sequence's types), each sender's key and value come from pick_kv.
-static void attend_row(float *o, const float *qv, const float *k, const float *v, const float *const *donor_k,
-                       const float *const *donor_v, const attn_seq *sq, int i, int h, const attn_params *p,
-                       const edge_rule_set *rules, float *scores) {
-    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
-    if (!sq->types) rules = NULL;
-    int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
-    float mx = -INFINITY;
-    for (int j = j0; j <= i; j++) {
-        const float *kj = pick_kv(k, v, donor_k, donor_v, sq, p, rules, h, g, i, j).k;
-        float dot = dot_f32(qv, kj, d) * p->scale;
-        if (p->softcap > 0) dot = p->softcap * tanhf(dot / p->softcap);
-        scores[j] = dot;
-        if (dot > mx) mx = dot;
-    }
-    float sum = 0;
-    for (int j = j0; j <= i; j++) {
-        scores[j] = expf(scores[j] - mx);
-        sum += scores[j];
-    }
-    float inv = 1.0f / sum;
-    for (int e = 0; e < d; e++) o[e] = 0;
-    for (int j = j0; j <= i; j++) axpy_f32(o, scores[j] * inv, pick_kv(k, v, donor_k, donor_v, sq, p, rules, h, g, i, j).v, d);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k,
+                v + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, ob, p->q_stride);
+    for (int dn = 0; dn < n_donors; dn++)
+        if (donor_used[dn])
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores + (1 + (size_t)dn) * block,
+                        n_k, donor_v[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 1.0f, ob,
+                        p->q_stride);
 }
 
 static void cpu_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
                                   const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
                                   int n_seqs, const attn_params *p, const edge_rule_set *rules) {
-    int d = p->head_dim;
-    int max_keys = 1, total_q = 0;
+    int donor_used[16] = {0};
+    for (int r = 0; rules && r < rules->n; r++)
+        if (rules->rule[r].donor >= 0 && rules->rule[r].donor < 16) donor_used[rules->rule[r].donor] = 1;
+    size_t max_block = 1;
     for (int s = 0; s < n_seqs; s++) {
-        if (seqs[s].q_pos + seqs[s].n_q > max_keys) max_keys = seqs[s].q_pos + seqs[s].n_q;
-        total_q += seqs[s].n_q;
+        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
+        if ((size_t)seqs[s].n_q * n_k > max_block) max_block = (size_t)seqs[s].n_q * n_k;
     }
-    // Flatten (query row, head) so the threads share the work evenly whatever the sequence lengths.
-    int *row_seq = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
-    int *row_qi = ep_malloc(sizeof(int) * (size_t)(total_q > 0 ? total_q : 1));
-    for (int s = 0, r = 0; s < n_seqs; s++)
-        for (int qi = 0; qi < seqs[s].n_q; qi++, r++) {
-            row_seq[r] = s;
-            row_qi[r] = qi;
+    float *scores = ep_malloc(sizeof(float) * max_block * (1 + (size_t)n_donors));
+    signed char *sel = ep_malloc(max_block);
+    for (int s = 0; s < n_seqs; s++) {
+        if (seqs[s].n_q <= 0) continue;
+        for (int h = 0; h < p->n_heads; h++) {
+            if (rules && seqs[s].types)
+                attend_block_patched(out, q, k, v, n_donors, donor_k, donor_v, &seqs[s], h, p, rules, donor_used, scores, sel);
+            else
+                attend_block(out, q, k, v, &seqs[s], h, p, scores);
         }
-#pragma omp parallel
-    {
-        float *scores = ep_malloc(sizeof(float) * (size_t)max_keys);
-#pragma omp for schedule(dynamic, 4)
-        for (long job = 0; job < (long)total_q * p->n_heads; job++) {
-            int r = (int)(job / p->n_heads), h = (int)(job % p->n_heads);
-            const attn_seq *sq = &seqs[row_seq[r]];
-            int qi = row_qi[r];
-            const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-            float *o = out + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-            attend_row(o, qv, k, v, donor_k, donor_v, sq, sq->q_pos + qi, h, p, rules, scores);
-        }
-        free(scores);
     }
-    free(row_seq);
-    free(row_qi);
-    (void)n_donors;
-}
-
-static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
-                          const attn_params *p) {
-    cpu_patched_attention(out, q, k, v, 0, NULL, NULL, seqs, n_seqs, p, NULL);
+    free(scores);
+    free(sel);
 }
 
 static const kernel_ops cpu_table = {

@@ -461,6 +461,27 @@ def hf_greedy_nocache(model, tokens, n):
     return gen, torch.stack(steps)
 
 
+def hf_cache_edit_y_to_last(model, tokens, typ, donor_tokens):
+    """Independent check of y_to_last with HF's own (unpatched) attention: prefill the clean prompt minus
+    its final token into a DynamicCache, overwrite the cached k/v at y positions (every layer) with donor 0's
+    (from donor 0's own prefill), then run the final token as a decode step. Valid because the final
+    position is the only 'last' token and no prompt position reads from it. Not for Gemma-2 (4.44.2's
+    Gemma-2 decoder mask does not work with a DynamicCache)."""
+    from transformers.cache_utils import DynamicCache
+    assert ST.mode == "off" and typ[-1] == TYPE_CODES["last"] and TYPE_CODES["last"] not in typ[:-1]
+    ysel = torch.tensor([t == TYPE_CODES["y"] for t in typ[:-1]])
+    with torch.no_grad():
+        c = DynamicCache()
+        model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True, past_key_values=c)
+        dc = DynamicCache()
+        model(input_ids=torch.tensor([donor_tokens[:-1]]), use_cache=True, past_key_values=dc)
+        for l in range(len(c.key_cache)):
+            c.key_cache[l][0][:, ysel] = dc.key_cache[l][0][:, ysel]
+            c.value_cache[l][0][:, ysel] = dc.value_cache[l][0][:, ysel]
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, past_key_values=c)
+    return out.logits[0, -1].float()
+
+
 def nocache_patched_generation(model, tokens, typ, idx, gen, plan, caches, L, H):
     """Cross-check of the cached decode: full patched reruns over prompt + gen[:j], generated positions
     typed NONE (match nothing); donor tensors zero-padded (padded entries are never selected)."""
@@ -575,7 +596,7 @@ def main():
                 tensors[f"plan{pj}.prompt{pi}.logits"] = logits.contiguous()
                 tensors[f"plan{pj}.prompt{pi}.generated"] = torch.tensor(gen, dtype=torch.int32)
                 top2 = torch.topk(steps, 2, dim=-1).values
-                gaps.append(float((top2[:, 0] - top2[:, 1]).min()))
+                gaps.append((float((top2[:, 0] - top2[:, 1]).min()), f"plan{pj} {plan['name']} prompt{pi}"))
                 d_clean = maxdiff(logits, clean_hf)
                 msg = f"  plan{pj} {plan['name']:<22} edges {n_edges:6d}  max|logits - clean| {d_clean:.4g}  gen {gen}"
                 if plan["name"] == "clean":
@@ -594,21 +615,36 @@ def main():
                     check(dd < TOL, f"{name} prompt{pi}: all edges donor0 vs donor0 clean logits {dd}")
                     msg += f"\n    CHECK all edges -> donor 0: at the {int(same_tok.sum())} positions where the " \
                            f"tokens agree, max|logits - donor0 clean| {dd:.3g} (clean vs donor0 there: {ref_dd:.3g})"
-                if plan["name"] in ("y_to_last", "multi_donor", "mixed", "all_edges_donor0"):
+                if plan["name"] == "all_edges_donor0":  # not stored: every head unit of every type -> donor 0
+                    hplan = {"name": "all_heads_donor0", "rules": [],
+                             "heads": [hunit(l, h, t) for l in range(L) for h in range(H) for t in TYPE_CODES]}
+                    hl, _ = run_prompt(model, toks, None, compile_heads(hplan, typ, L, H), caches)
+                    dh = maxdiff(hl[same_tok], donor0_hf[same_tok])
+                    check(dh < TOL, f"{name} prompt{pi}: all head units donor0 vs donor0 clean logits {dh}")
+                    msg += f"\n    CHECK all head units -> donor 0: same positions, max|logits - donor0 clean| {dh:.3g}"
+                if plan["name"] == "y_to_last" and not name.startswith("gemma2"):
+                    hl = hf_cache_edit_y_to_last(model, toks, typ, donors[0])
+                    dy = maxdiff(logits[-1], hl)
+                    dp = maxdiff(logits[:-1], clean_hf[:-1])
+                    check(dy < TOL and dp < TOL, f"{name} prompt{pi}: y_to_last vs HF cache edit {dy} {dp}")
+                    msg += f"\n    CHECK y_to_last vs HF DynamicCache with donor k/v written at y: last position " \
+                           f"{dy:.3g}; other positions vs clean {dp:.3g}"
+                if plan["name"] in ("multi_donor", "mixed", "all_edges_donor0"):
                     same = [list(toks), list(toks)]
                     c_same = donor_caches(model, em, hu, same)
                     l_same, g_same, _ = generate(model, toks, em, hu, c_same)
                     ds = maxdiff(l_same, clean_hf)
                     check(ds < TOL and g_same == gen_hf, f"{name} prompt{pi}: donor = clean prompt, {plan['name']}: {ds}")
                     msg += f"\n    CHECK donors = clean tokens: max|logits - clean| {ds:.3g}, gen == clean gen {g_same == gen_hf}"
-                if plan["name"] in ("multi_donor", "mixed"):
+                if plan["name"] == "mixed":
                     steps_nc = nocache_patched_generation(model, toks, typ, idx, gen, plan, caches, L, H)
                     dn = maxdiff(steps, steps_nc)
                     check(dn < TOL, f"{name} prompt{pi}: cached vs no-cache patched generation {dn}")
                     msg += f"\n    CHECK cached decode vs no-cache patched reruns: step logits {dn:.3g}"
                 log(msg)
         check(ST.mask_checked > 0, "HF masks compared")
-        log(f"{name}: smallest top1-top2 gap over all greedy steps {min(gaps):.3g}")
+        g = min(gaps)
+        log(f"{name}: smallest top1-top2 gap over all greedy steps {g[0]:.3g} ({g[1]})")
         meta = {"transformers": transformers.__version__, "torch": torch.__version__,
                 "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
                 "model": name, "plans": json.dumps(plan_names), "n_prompts": str(len(pairs)),

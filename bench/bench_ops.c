@@ -3,7 +3,8 @@
 // 256, a batch of 2048 rows = 16 sequences of 128 tokens), and prints one table: op, shape, cpu ms,
 // cuda ms, ratio (cpu / cuda), achieved GFLOP/s where an op has a meaningful flop count, and the max
 // relative difference of the cuda result from the cpu one (a sanity check on big shapes; test_ops is
-// the correctness test).
+// the correctness test). attn-patch is patched attention (edge ablation by 3 rules over 2 donors) on
+// the attention case's 16 x 128 shape.
 //
 // Timing: each backend runs the op once untimed (the result compared), then cuda does a few more warm-up
 // calls, then `reps` calls are timed together and closed by the backend's sync; the cpu gets fewer reps
@@ -18,8 +19,11 @@
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 
-enum { OP_MATMUL, OP_RMSNORM, OP_LAYERNORM, OP_ROPE, OP_GLU, OP_ACT, OP_SOFTCAP, OP_ADD, OP_SCALE, OP_ATTENTION };
-enum { MAX_BUFS = 5 };
+enum {
+    OP_MATMUL, OP_RMSNORM, OP_LAYERNORM, OP_ROPE, OP_GLU, OP_ACT, OP_SOFTCAP, OP_ADD, OP_SCALE, OP_ATTENTION,
+    OP_PATCHED
+};
+enum { MAX_BUFS = 8 };
 
 typedef struct {
     int op;
@@ -38,6 +42,8 @@ typedef struct {
     attn_seq seqs[16];
     int n_seqs;
     attn_params ap;
+    int32_t *types, *index;  // patched attention: one ICL-like layout shared by all sequences, owned
+    edge_rule_set rules;
 } bench_case;
 
 static unsigned long long rng_state = 0x2545F4914F6CDD1Dull;
@@ -74,6 +80,11 @@ static void run_op(const kernel_ops *b, void **buf, const bench_case *c) {
     case OP_ADD: b->add(buf[0], buf[1], c->n); break;
     case OP_SCALE: b->scale(buf[0], c->n, 0.999f); break;
     case OP_ATTENTION: b->attention(buf[0], buf[1], buf[2], buf[3], c->seqs, c->n_seqs, &c->ap); break;
+    case OP_PATCHED: {
+        const float *dk[2] = {buf[4], buf[5]}, *dv[2] = {buf[6], buf[7]};
+        b->patched_attention(buf[0], buf[1], buf[2], buf[3], 2, dk, dv, c->seqs, c->n_seqs, &c->ap, &c->rules);
+        break;
+    }
     }
 }
 
@@ -194,6 +205,42 @@ static bench_case *attention_case(const char *name, int n_seqs, int n_q, int las
     return c;
 }
 
+// Patched attention over n_seqs full prompts of n_tok positions (queries = keys), with an ICL-like
+// layout: bos, shots of x (8 tokens) t y (2) n, then the query x and the last token; 3 rules over 2
+// donors whose key/value arrays have the same rows as the current ones.
+static bench_case *patched_case(const char *name, int n_seqs, int n_tok) {
+    bench_case *c = attention_case(name, n_seqs, n_tok, n_tok - 1, 0);
+    c->op = OP_PATCHED;
+    size_t nk = c->bytes[2] / sizeof(float);
+    add_floats(c, nk, 2);  // donor 0 k, donor 1 k
+    add_floats(c, nk, 2);
+    add_floats(c, nk, 1);  // donor 0 v, donor 1 v
+    add_floats(c, nk, 1);
+    c->types = ep_malloc(sizeof(int32_t) * (size_t)n_tok);
+    c->index = ep_malloc(sizeof(int32_t) * (size_t)n_tok);
+    int shots = (n_tok - 8) / 12;
+    for (int i = 0; i < n_tok; i++) {
+        int o = (i - 1) % 12, e = (i - 1) / 12;
+        if (i == 0) c->types[i] = 0, c->index[i] = -1;
+        else if (e < shots) c->types[i] = o < 8 ? 1 : o == 8 ? 2 : o < 11 ? 3 : 4, c->index[i] = e;
+        else c->types[i] = i == n_tok - 1 ? 6 : 5, c->index[i] = shots;
+    }
+    for (int s = 0; s < n_seqs; s++) {
+        c->seqs[s].types = c->types, c->seqs[s].index = c->index, c->seqs[s].n_typed = n_tok;
+        c->seqs[s].donor_row = c->seqs[s].kv_row;
+    }
+    c->rules.n = 3;
+    c->rules.rule[0] = (edge_rule){.sender_types = 1u << 1 | 1u << 3, .receiver_types = 1u << 6 | 1u << 3,
+                                   .relation = REL_ANY, .donor = 0, .heads = {0x55}};
+    c->rules.rule[1] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 3, .relation = REL_SAME, .donor = 1,
+                                   .heads = {0xff}};
+    c->rules.rule[2] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 5 | 1u << 6, .relation = REL_EARLIER,
+                                   .donor = 1, .heads = {0xaa}};
+    snprintf(c->shape, sizeof c->shape, "%d seq x %d, %d/%d heads x %d, 3 rules, 2 donors", n_seqs, n_tok, HEADS,
+             KV_HEADS, HEAD_DIM);
+    return c;
+}
+
 int main(void) {
     const kernel_ops *cpu = kernel_ops_cpu(), *cuda = kernel_ops_cuda();
     bench_case *cases[] = {
@@ -210,6 +257,7 @@ int main(void) {
         attention_case("attention", 16, 128, 127, 4096),
         // Few queries over a long cache, window shorter than the cache: the decode-like shape.
         attention_case("attention", 4, 4, 3071, 2048),
+        patched_case("attn-patch", 16, 128),
     };
     int n_cases = (int)(sizeof cases / sizeof cases[0]);
 
@@ -235,6 +283,7 @@ int main(void) {
         fflush(stdout);
         free(want), free(got);
         for (int j = 0; j < c->n_bufs; j++) free(c->host[j]);
+        free(c->types), free(c->index);
         free(c);
     }
     return 0;

@@ -16,6 +16,7 @@
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 extern "C" {
 #include "kernels/ops.h"
@@ -50,7 +51,7 @@ static void cublas_check_at(cublasStatus_t s, const char *what, const char *file
 // and never destroyed (the driver reclaims them at exit). The project's no-global-state rule is about
 // run state; this is the process's connection to the device, the same single thing cudart itself keeps
 // per process, and the dispatch table's signatures have no context argument to carry it. It is set up
-// once under pthread_once; after that it is only read, except attention's upload buffer, so the ops of
+// once under pthread_once; after that it is only read, except attention's upload buffers, so the ops of
 // this table are to be called from one host thread at a time (as the single stream orders them anyway).
 //
 // The stream is a blocking stream (cudaStreamCreate), so it is also ordered with the legacy default
@@ -60,8 +61,10 @@ typedef struct {
     int usable;              // 1 after a successful init
     cublasHandle_t blas;
     cudaStream_t stream;
-    int4 *attn_rows;         // device buffer of attention row descriptors, grown on demand
-    size_t attn_rows_cap;    // in elements
+    void *attn_rows;         // device buffer of attention row descriptors (int4), grown on demand
+    size_t attn_rows_cap;    // in bytes
+    void *patch_buf;         // device buffer of patched attention's rules, sequences, types (attn_patch)
+    size_t patch_cap;        // in bytes
 } cuda_context;
 
 static cuda_context ctx;
@@ -197,24 +200,55 @@ __global__ static void scale_kernel(float *y, size_t n, float s) {
         y[i] *= s;
 }
 
+// Edge patching for attention_kernel<true> (kernels/edge_rule.h). Everything but the donor pointers
+// lives in one device buffer uploaded per call (cuda_patched_attention): the rule set, then one
+// descriptor per sequence {donor_row, offset of its types in `ints`, n_typed (0 without types), 0}, then
+// the sequences' types and indices (sequence s: types at ints[off ..], indices at ints[off + n_typed ..]).
+// The donor pointer arrays travel by value in the kernel's parameters.
+enum { ATTN_MAX_DONORS = 16 };
+
+typedef struct {
+    const edge_rule_set *rules;  // device
+    const int4 *seqs;            // device, indexed by the row descriptor's w
+    const int32_t *ints;         // device
+    const float *donor_k[ATTN_MAX_DONORS], *donor_v[ATTN_MAX_DONORS];
+} attn_patch;
+
+// Which donor the edge sender j -> receiver i of query head h reads (-1: the current keys and values),
+// as ref_patched_attention's kv_row decides it: positions at or beyond n_typed are untyped.
+__device__ static int patch_source(const attn_patch &patch, int4 sd, int h, int i, int j) {
+    const int32_t *types = patch.ints + sd.y, *index = types + sd.z;
+    if (i < sd.z && j < sd.z) return edge_donor(patch.rules, h, types[j], index[j], types[i], index[i]);
+    return -1;
+}
+
 // Attention: one block per (query row, head); blockIdx.x picks the row descriptor, blockIdx.y the head.
-// A row descriptor is {q/out row, query position i, kv_row of its sequence, unused}. The query sees keys
-// j0 .. i (j0 > 0 only with a window), taken in chunks of ATTN_CHUNK with an online softmax: per chunk the
+// A row descriptor is {q/out row, query position i, kv_row of its sequence, sequence index}. The query sees
+// keys j0 .. i (j0 > 0 only with a window), taken in chunks of ATTN_CHUNK with an online softmax: per chunk the
 // scores go to shared memory (one warp per key, lanes over head_dim), then the running max, sum and
 // output accumulator are rescaled to the new max. The accumulator lives in shared memory, each thread
 // owning the entries e = threadIdx.x, threadIdx.x + blockDim.x, ...
 //
-// Dynamic shared memory: q[d], acc[d], score[ATTN_CHUNK].
+// PATCHED (patched attention): the warp that scores key j also picks the edge's source with
+// patch_source and records it in s_src, so the value pass reads the same row: donor dn's row
+// donor_row + j, or the current row kv_row + j. Plain attention (PATCHED false) ignores `patch`.
+//
+// Dynamic shared memory: q[d], acc[d], score[ATTN_CHUNK], and when PATCHED src[ATTN_CHUNK] (ints).
+template <bool PATCHED>
 __global__ static void attention_kernel(float *out, const float *q, const float *k, const float *v, const int4 *rows,
                                         int group, int d, int q_stride, int kv_stride, float scale, float softcap,
-                                        int window) {
+                                        int window, const attn_patch patch) {
     extern __shared__ float smem[];
     __shared__ float scratch[32];
     float *s_q = smem, *s_acc = smem + d, *s_score = smem + 2 * d;
+    int *s_src = (int *)(smem + 2 * d + ATTN_CHUNK);  // used only when PATCHED
     int4 row = rows[blockIdx.x];
     int h = blockIdx.y, g = h / group;
     int i = row.y, kv_row = row.z;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    int4 sd = make_int4(0, 0, 0, 0);  // the sequence's patch descriptor
+    if (PATCHED) sd = patch.seqs[row.w];
+    int donor_row = sd.x;
 
     const float *qv = q + (size_t)row.x * q_stride + (size_t)h * d;
     for (int e = threadIdx.x; e < d; e += blockDim.x) {
@@ -229,6 +263,11 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
         int cn = i - c0 + 1 < ATTN_CHUNK ? i - c0 + 1 : ATTN_CHUNK;
         for (int jj = warp; jj < cn; jj += n_warps) {
             const float *kj = k + (size_t)(kv_row + c0 + jj) * kv_stride + (size_t)g * d;
+            if (PATCHED) {
+                int dn = patch_source(patch, sd, h, i, c0 + jj);
+                if (dn >= 0) kj = patch.donor_k[dn] + (size_t)(donor_row + c0 + jj) * kv_stride + (size_t)g * d;
+                if (lane == 0) s_src[jj] = dn;
+            }
             float dot = 0.0f;
             for (int e = lane; e < d; e += 32) dot += s_q[e] * kj[e];
             dot = warp_sum(dot) * scale;
@@ -250,18 +289,89 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
         csum = block_sum(csum, scratch);  // its barriers publish the exponentiated scores
         l = l * corr + csum;
         for (int e = threadIdx.x; e < d; e += blockDim.x) {
-            const float *ve = v + (size_t)(kv_row + c0) * kv_stride + (size_t)g * d + e;
             float a = 0.0f;
-            for (int jj = 0; jj < cn; jj++) a += s_score[jj] * ve[(size_t)jj * kv_stride];
+            if (PATCHED) {
+                for (int jj = 0; jj < cn; jj++) {
+                    int dn = s_src[jj];
+                    const float *vj = dn >= 0 ? patch.donor_v[dn] + (size_t)(donor_row + c0 + jj) * kv_stride
+                                              : v + (size_t)(kv_row + c0 + jj) * kv_stride;
+                    a += s_score[jj] * vj[(size_t)g * d + e];
+                }
+            } else {
+                const float *ve = v + (size_t)(kv_row + c0) * kv_stride + (size_t)g * d + e;
+                for (int jj = 0; jj < cn; jj++) a += s_score[jj] * ve[(size_t)jj * kv_stride];
+            }
             s_acc[e] = s_acc[e] * corr + a;
         }
         m = m_new;
-        __syncthreads();  // all reads of s_score done before the next chunk writes it
+        __syncthreads();  // all reads of s_score (and s_src) done before the next chunk writes them
     }
 
     float *o = out + (size_t)row.x * q_stride + (size_t)h * d;
     float inv = 1.0f / l;
     for (int e = threadIdx.x; e < d; e += blockDim.x) o[e] = s_acc[e] * inv;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Host-side packing of attention's per-call metadata (tools/cuda_emu runs these as they are)
+
+// One descriptor per query row, flattened over the sequences so the grid needs no search:
+// {q/out row, query position, kv_row, sequence index}. rows has room for every query row.
+static void attn_rows_fill(int4 *rows, const attn_seq *seqs, int n_seqs) {
+    size_t r = 0;
+    for (int s = 0; s < n_seqs; s++)
+        for (int qi = 0; qi < seqs[s].n_q; qi++, r++)
+            rows[r] = make_int4(seqs[s].q_row + qi, seqs[s].q_pos + qi, seqs[s].kv_row, s);
+}
+
+// Where the parts of the patch buffer (see attn_patch) start, in bytes.
+typedef struct {
+    size_t off_seqs, off_ints, bytes, n_ints;
+} attn_patch_layout;
+
+static int attn_seq_typed(const attn_seq *sq) { return sq->types && sq->index && sq->n_typed > 0 ? sq->n_typed : 0; }
+
+static attn_patch_layout attn_patch_plan(const attn_seq *seqs, int n_seqs) {
+    attn_patch_layout lay;
+    lay.n_ints = 0;
+    for (int s = 0; s < n_seqs; s++) lay.n_ints += 2 * (size_t)attn_seq_typed(&seqs[s]);
+    lay.off_seqs = (sizeof(edge_rule_set) + 15) / 16 * 16;
+    lay.off_ints = lay.off_seqs + sizeof(int4) * (size_t)(n_seqs > 0 ? n_seqs : 0);
+    lay.bytes = lay.off_ints + sizeof(int32_t) * lay.n_ints;
+    return lay;
+}
+
+// Fills the host image of the patch buffer (lay.bytes).
+static void attn_patch_fill(unsigned char *buf, const attn_patch_layout *lay, const edge_rule_set *rules,
+                            const attn_seq *seqs, int n_seqs) {
+    memcpy(buf, rules, sizeof(edge_rule_set));
+    int4 *sd = (int4 *)(buf + lay->off_seqs);
+    int32_t *ints = (int32_t *)(buf + lay->off_ints);
+    size_t off = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        int n = attn_seq_typed(&seqs[s]);
+        sd[s] = make_int4(seqs[s].donor_row, (int)off, n, 0);
+        if (n > 0) {
+            memcpy(ints + off, seqs[s].types, sizeof(int32_t) * (size_t)n);
+            memcpy(ints + off + n, seqs[s].index, sizeof(int32_t) * (size_t)n);
+        }
+        off += 2 * (size_t)n;
+    }
+}
+
+// The kernel argument for a patch buffer at `dev` (n_donors <= ATTN_MAX_DONORS).
+static attn_patch attn_patch_at(const unsigned char *dev, const attn_patch_layout *lay, int n_donors,
+                                const float *const *donor_k, const float *const *donor_v) {
+    attn_patch patch;
+    memset(&patch, 0, sizeof patch);
+    patch.rules = (const edge_rule_set *)dev;
+    patch.seqs = (const int4 *)(dev + lay->off_seqs);
+    patch.ints = (const int32_t *)(dev + lay->off_ints);
+    for (int d = 0; d < n_donors; d++) {
+        patch.donor_k[d] = donor_k[d];
+        patch.donor_v[d] = donor_v[d];
+    }
+    return patch;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -273,7 +383,9 @@ static unsigned pointwise_blocks(size_t n) {
     return (unsigned)(b < max_blocks ? b : max_blocks);
 }
 
-static size_t attention_smem_bytes(int d) { return sizeof(float) * (2 * (size_t)d + ATTN_CHUNK); }
+static size_t attention_smem_bytes(int d, bool patched) {
+    return sizeof(float) * (2 * (size_t)d + ATTN_CHUNK) + (patched ? sizeof(int) * ATTN_CHUNK : 0);
+}
 
 // ---------------------------------------------------------------------------------------------------
 // The table's functions
@@ -366,8 +478,20 @@ static void cuda_scale(float *y, size_t n, float s) {
     LAUNCH_CHECK("scale_kernel");
 }
 
-static void cuda_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
-                           const attn_params *p) {
+// Makes *buf a device buffer of at least `bytes`, growing it (to at least min_bytes) when it is smaller.
+static void device_buffer_reserve(void **buf, size_t *cap, size_t bytes, size_t min_bytes) {
+    if (bytes <= *cap) return;
+    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));  // earlier kernels may still read the old buffer
+    CUDA_CHECK(cudaFree(*buf));
+    *buf = NULL;
+    size_t new_cap = bytes > min_bytes ? bytes : min_bytes;
+    CUDA_CHECK(cudaMalloc(buf, new_cap));
+    *cap = new_cap;
+}
+
+// Plain (patch NULL) or patched attention: uploads one descriptor per query row and launches the kernel.
+static void attention_launch(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
+                             int n_seqs, const attn_params *p, const attn_patch *patch) {
     size_t total_q = 0;
     for (int s = 0; s < n_seqs; s++) total_q += seqs[s].n_q > 0 ? (size_t)seqs[s].n_q : 0;
     if (total_q == 0 || p->n_heads <= 0) return;
@@ -376,42 +500,84 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
                 p->n_heads, __FILE__, __LINE__);
         abort();
     }
-    size_t smem = attention_smem_bytes(p->head_dim);
-    if (smem > 48 * 1024) {  // head_dim above ~5600: far beyond any model this serves
+    size_t smem = attention_smem_bytes(p->head_dim, patch != NULL);
+    if (smem > 48 * 1024) {  // head_dim above ~5000: far beyond any model this serves
         fprintf(stderr, "edgepatch: CUDA error attention head_dim %d needs %zu bytes of shared memory at %s:%d\n",
                 p->head_dim, smem, __FILE__, __LINE__);
         abort();
     }
 
-    // One descriptor per query row, flattened over the sequences so the grid needs no search.
     int4 *host_rows = (int4 *)ep_malloc(sizeof(int4) * total_q);
-    size_t r = 0;
-    for (int s = 0; s < n_seqs; s++)
-        for (int qi = 0; qi < seqs[s].n_q; qi++, r++)
-            host_rows[r] = make_int4(seqs[s].q_row + qi, seqs[s].q_pos + qi, seqs[s].kv_row, 0);
-    if (total_q > ctx.attn_rows_cap) {
-        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));  // earlier attention calls may still read the old buffer
-        CUDA_CHECK(cudaFree(ctx.attn_rows));
-        size_t cap = total_q > 4096 ? total_q : 4096;
-        CUDA_CHECK(cudaMalloc(&ctx.attn_rows, sizeof(int4) * cap));
-        ctx.attn_rows_cap = cap;
-    }
+    attn_rows_fill(host_rows, seqs, n_seqs);
+    device_buffer_reserve(&ctx.attn_rows, &ctx.attn_rows_cap, sizeof(int4) * total_q, sizeof(int4) * 4096);
     // Stream-ordered after earlier kernels that read the buffer; a copy from pageable memory has taken
     // the source by the time it returns, so host_rows can be freed at once.
     CUDA_CHECK(cudaMemcpyAsync(ctx.attn_rows, host_rows, sizeof(int4) * total_q, cudaMemcpyHostToDevice, ctx.stream));
     free(host_rows);
 
+    const int4 *rows = (const int4 *)ctx.attn_rows;
     dim3 grid((unsigned)total_q, (unsigned)p->n_heads);
-    attention_kernel<<<grid, ATTN_THREADS, smem, ctx.stream>>>(out, q, k, v, ctx.attn_rows, p->n_heads / p->n_kv_heads,
-                                                               p->head_dim, p->q_stride, p->kv_stride, p->scale,
-                                                               p->softcap, p->window);
-    LAUNCH_CHECK("attention_kernel");
+    int group = p->n_heads / p->n_kv_heads;
+    if (patch) {
+        attention_kernel<true><<<grid, ATTN_THREADS, smem, ctx.stream>>>(out, q, k, v, rows, group,
+                                                                         p->head_dim, p->q_stride, p->kv_stride,
+                                                                         p->scale, p->softcap, p->window, *patch);
+        LAUNCH_CHECK("attention_kernel<true>");
+    } else {
+        attn_patch none;
+        memset(&none, 0, sizeof none);
+        attention_kernel<false><<<grid, ATTN_THREADS, smem, ctx.stream>>>(out, q, k, v, rows, group,
+                                                                          p->head_dim, p->q_stride, p->kv_stride,
+                                                                          p->scale, p->softcap, p->window, none);
+        LAUNCH_CHECK("attention_kernel<false>");
+    }
+}
+
+static void cuda_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                           const attn_params *p) {
+    attention_launch(out, q, k, v, seqs, n_seqs, p, NULL);
+}
+
+static void cuda_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
+                                   const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
+                                   int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    // No rule matches any edge: exactly plain attention (edge_donor returns -1 throughout).
+    if (!rules || rules->n <= 0) {
+        attention_launch(out, q, k, v, seqs, n_seqs, p, NULL);
+        return;
+    }
+    if (n_donors < 0 || n_donors > ATTN_MAX_DONORS || rules->n > EDGE_MAX_RULES) {
+        fprintf(stderr, "edgepatch: CUDA error patched attention with %d donors (max %d), %d rules (max %d) at %s:%d\n",
+                n_donors, ATTN_MAX_DONORS, rules->n, EDGE_MAX_RULES, __FILE__, __LINE__);
+        abort();
+    }
+    for (int i = 0; i < rules->n; i++)
+        if (rules->rule[i].donor >= n_donors) {
+            fprintf(stderr, "edgepatch: CUDA error patched attention rule %d reads donor %d of %d at %s:%d\n", i,
+                    rules->rule[i].donor, n_donors, __FILE__, __LINE__);
+            abort();
+        }
+
+    attn_patch_layout lay = attn_patch_plan(seqs, n_seqs);
+    if (lay.n_ints > 0x7fffffffu) {
+        fprintf(stderr, "edgepatch: CUDA error patched attention with %zu typed positions at %s:%d\n", lay.n_ints / 2,
+                __FILE__, __LINE__);
+        abort();
+    }
+    unsigned char *host = (unsigned char *)ep_calloc(1, lay.bytes);
+    attn_patch_fill(host, &lay, rules, seqs, n_seqs);
+    device_buffer_reserve(&ctx.patch_buf, &ctx.patch_cap, lay.bytes, 64 * 1024);
+    // Stream-ordered like the row descriptors; the host image can go at once.
+    CUDA_CHECK(cudaMemcpyAsync(ctx.patch_buf, host, lay.bytes, cudaMemcpyHostToDevice, ctx.stream));
+    free(host);
+    attn_patch patch = attn_patch_at((const unsigned char *)ctx.patch_buf, &lay, n_donors, donor_k, donor_v);
+    attention_launch(out, q, k, v, seqs, n_seqs, p, &patch);
 }
 
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_rmsnorm,
     cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
-    NULL,  // patched_attention: not yet on the GPU
+    cuda_patched_attention,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -428,7 +594,7 @@ static void cuda_init_once(void) {
     // A device without a kernel image for this build (compute capability below the built targets) is
     // as good as none.
     cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, attention_kernel);
+    cudaError_t e = cudaFuncGetAttributes(&attr, attention_kernel<false>);
     if (e != cudaSuccess) {
         fprintf(stderr, "edgepatch: CUDA device present but unusable (%s); the cuda backend is off\n",
                 cudaGetErrorString(e));

@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <thread>
@@ -129,17 +130,20 @@ int main() {
             rep("pointwise", relerr(got, want));
         }
     }
-    // attention: the same host-side flattening as cuda_attention
+    // attention: the same host-side flattening as cuda_attention (attn_rows_fill)
     auto attn = [&](const char *name, std::vector<attn_seq> seqs, int kv_rows, int q_rows, attn_params p) {
         size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
         auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1);
         std::vector<float> want(nq, 0), got(nq, 0);
         ref->attention(want.data(), q.data(), k.data(), v.data(), seqs.data(), (int)seqs.size(), &p);
-        std::vector<int4> rows;
-        for (auto &s : seqs) for (int qi = 0; qi < s.n_q; qi++) rows.push_back(make_int4(s.q_row + qi, s.q_pos + qi, s.kv_row, 0));
+        size_t total_q = 0;
+        for (auto &s : seqs) total_q += s.n_q;
+        std::vector<int4> rows(total_q);
+        attn_rows_fill(rows.data(), seqs.data(), (int)seqs.size());
         float *o = got.data(); const float *qp = q.data(), *kp = k.data(), *vp = v.data(); const int4 *rp = rows.data();
+        attn_patch none; memset(&none, 0, sizeof none);
         launch(dim3((unsigned)rows.size(), p.n_heads), dim3(ATTN_THREADS), [&] {
-            attention_kernel(o, qp, kp, vp, rp, p.n_heads / p.n_kv_heads, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window); });
+            attention_kernel<false>(o, qp, kp, vp, rp, p.n_heads / p.n_kv_heads, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
         rep(name, relerr(got, want));
     };
     for (int variant = 0; variant < 3; variant++)
@@ -148,6 +152,81 @@ int main() {
     attn("attn-long", {{0, 3, 2497, 0}, {3, 2, 1200, 2500}}, 3702, 5, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0});
     attn("attn-lwin", {{0, 3, 2497, 0}, {3, 2, 1200, 2500}}, 3702, 5, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500});
     attn("attn-d256", {{0, 4, 0, 0}, {4, 2, 1030, 4}}, 4 + 1032, 6, {8, 4, 256, 2048, 1024, 1.0f / 16, 50.0f, 0});
+
+    // patched attention: the same host-side packing as cuda_patched_attention (attn_rows_fill,
+    // attn_patch_plan/fill/at; "device" memory is host memory here), against ref_patched_attention.
+    auto pattn = [&](const char *name, std::vector<attn_seq> seqs, int kv_rows, int q_rows, attn_params p,
+                     const edge_rule_set &rules, int n_donors, bool must_differ) {
+        size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+        auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1);
+        std::vector<std::vector<float>> dk, dv;
+        std::vector<const float *> dkp, dvp;
+        for (int d = 0; d < n_donors; d++) { dk.push_back(rnd(nk, 2)); dv.push_back(rnd(nk, 1)); }
+        for (int d = 0; d < n_donors; d++) { dkp.push_back(dk[d].data()); dvp.push_back(dv[d].data()); }
+        std::vector<float> want(nq, 0), got(nq, 0), plain(nq, 0);
+        ref->patched_attention(want.data(), q.data(), k.data(), v.data(), n_donors, dkp.data(), dvp.data(), seqs.data(),
+                               (int)seqs.size(), &p, &rules);
+        ref->attention(plain.data(), q.data(), k.data(), v.data(), seqs.data(), (int)seqs.size(), &p);
+        if (must_differ && !(relerr(plain, want) > 1e-3)) { printf("  emu %s: the rules changed nothing\n", name); fails++; }
+        size_t total_q = 0;
+        for (auto &s : seqs) total_q += s.n_q;
+        std::vector<int4> rows(total_q);
+        attn_rows_fill(rows.data(), seqs.data(), (int)seqs.size());
+        attn_patch_layout lay = attn_patch_plan(seqs.data(), (int)seqs.size());
+        std::vector<unsigned char> buf(lay.bytes + 16);
+        unsigned char *dev = buf.data() + (16 - (uintptr_t)buf.data() % 16) % 16;  // cudaMalloc aligns far more
+        attn_patch_fill(dev, &lay, &rules, seqs.data(), (int)seqs.size());
+        attn_patch patch = attn_patch_at(dev, &lay, n_donors, dkp.data(), dvp.data());
+        float *o = got.data(); const float *qp = q.data(), *kp = k.data(), *vp = v.data(); const int4 *rp = rows.data();
+        launch(dim3((unsigned)rows.size(), p.n_heads), dim3(ATTN_THREADS), [&] {
+            attention_kernel<true>(o, qp, kp, vp, rp, p.n_heads / p.n_kv_heads, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+        rep(name, relerr(got, want));
+    };
+    {   // the inputs of tests/test_ops.c test_patched_attention (fresh random values)
+        enum { T0 = 17, T1 = 9 };
+        static int32_t types[T0], index[T0];
+        int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+        types[0] = 0, index[0] = -1;
+        for (int i = 1; i < T0 - 2; i++) types[i] = pattern[(i - 1) % 8], index[i] = (i - 1) / 4;
+        types[T0 - 2] = 5, types[T0 - 1] = 6, index[T0 - 2] = index[T0 - 1] = 4;
+        std::vector<attn_seq> seqs = {
+            {0, T0, 0, 0, types, index, T0, 0},
+            {T0, T1, 0, T0, types, index, T1, T0},
+            {T0 + T1, 1, T0, T0 + T1, types, index, T0, T0 + T1}};
+        int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1;
+        attn_params p = {4, 2, 16, 64, 32, 0.25f, 5.0f, 6};
+        edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
+        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
+        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
+        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1, REL_EARLIER, 1, {0xa}};
+        pattn("attn-patch", seqs, kv_rows, q_rows, p, rules, 2, true);
+        attn_params nowin = p; nowin.window = 0; nowin.softcap = 0;
+        pattn("patch-nowin", seqs, kv_rows, q_rows, nowin, rules, 2, true);
+        edge_rule_set all; memset(&all, 0, sizeof all); all.n = 1;
+        all.rule[0] = edge_rule{0xff, 0xff, REL_ANY, 0, {0xf}};
+        pattn("patch-all", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 1, true);
+        // untyped sequences (types NULL, or n_typed 0) next to a typed one
+        std::vector<attn_seq> mixed = {{0, T0, 0, 0, nullptr, nullptr, T0, 0}, {T0, T1, 0, T0, types, index, 0, T0},
+                                       {T0 + T1, T1, 0, T0 + T1, types, index, T1, 5}};
+        pattn("patch-mixed", mixed, T0 + 2 * T1 + 5, T0 + 2 * T1, p, rules, 2, true);
+    }
+    {   // long typed sequences: several key chunks (ATTN_CHUNK), the source choice kept per chunk; a window
+        int n = 2600;
+        static std::vector<int32_t> types(n), index(n);
+        types[0] = 0, index[0] = -1;
+        for (int i = 1; i < n - 2; i++) types[i] = 1 + (i - 1) % 4, index[i] = (i - 1) / 4;
+        types[n - 2] = 5, types[n - 1] = 6, index[n - 2] = index[n - 1] = (n - 3) / 4 + 1;
+        edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
+        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
+        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
+        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, {0xa}};
+        // queries at the end of a 2600-position typed prompt, and one decode position past it
+        std::vector<attn_seq> seqs = {{0, 3, n - 3, 0, types.data(), index.data(), n, 0},
+                                      {3, 1, n, n + 1, types.data(), index.data(), n, 7}};
+        int kv_rows = 2 * n + 2, q_rows = 4;
+        pattn("patch-long", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, rules, 2, true);
+        pattn("patch-lwin", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, rules, 2, true);
+    }
     printf("emu: %d failures\n", fails);
     return fails != 0;
 }

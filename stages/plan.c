@@ -341,7 +341,7 @@ int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, co
         kept[((size_t)l * H + h) * n_types + t] = 1;
     }
     out->head_units = ep_calloc((size_t)base->n_head_units + (size_t)L * H * n_types + 1, sizeof(head_unit));
-    memcpy(out->head_units, base->head_units, sizeof(head_unit) * (size_t)base->n_head_units);
+    if (base->n_head_units) memcpy(out->head_units, base->head_units, sizeof(head_unit) * (size_t)base->n_head_units);
     out->n_head_units = base->n_head_units;
     if (rc == 0 && json_is_array(heads))
         for (int l = 0; l < L; l++)

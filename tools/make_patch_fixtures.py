@@ -505,31 +505,8 @@ def nocache_patched_generation(model, tokens, typ, idx, gen, plan, caches, L, H)
 # --------------------------------------------------------------------------------------------------
 # Output
 # --------------------------------------------------------------------------------------------------
-ST_DTYPES = {torch.float32: "F32", torch.int32: "I32"}
-
-
-def save_safetensors_stable(tensors, path, metadata):
-    """Byte-stable safetensors writer (as tools/make_tiny_models.py): __metadata__ first, tensors sorted
-    by name, data contiguous in that order, header padded with spaces to a multiple of 8."""
-    header = {"__metadata__": dict(sorted(metadata.items()))}
-    blobs, off = [], 0
-    for name in sorted(tensors):
-        t = tensors[name].contiguous()
-        data = t.numpy().tobytes()
-        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + len(data)]}
-        blobs.append(data)
-        off += len(data)
-    hj = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    hj += b" " * (-len(hj) % 8)
-    with open(path, "wb") as f:
-        f.write(len(hj).to_bytes(8, "little"))
-        f.write(hj)
-        for b in blobs:
-            f.write(b)
-    back = load_file(path)
-    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
-    with safe_open(path, "pt") as f:
-        assert f.metadata() == metadata
+# The byte-stable safetensors writer of the model fixtures (this folder is on sys.path when run as a script).
+from make_tiny_models import save_safetensors_stable  # noqa: E402
 
 
 def maxdiff(a, b):

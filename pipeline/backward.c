@@ -180,14 +180,12 @@ static const float *value_read(const grad_tape *t, int l, int s, int A, int dono
     return donor >= 0 ? kv_cache_v(t->patch.donors[donor], l, s, A) : kv_cache_v(&t->cache, l, s, A);
 }
 
-static int layer_window(const grad_tape *t, const model_config *c, int l) { return model_config_layer_window(c, l); }
-
 // Attention of layer l, forward (p, sel) and backward: from dza (dL/dz, substituted heads zeroed) to dq and
 // to dk, dv of the current pass's keys and values (donor K/V are constants). Fills the tape's p, dlogit, sel.
 static void attention_back(grad_tape *t, const model_config *c, int l, const float *q, const float *dza, float *dq,
                            float *dk, float *dv) {
     int H = c->n_heads, hd = c->head_dim, Q = H * hd, KV = c->n_kv_heads * hd, rep = c->n_heads / c->n_kv_heads;
-    int window = layer_window(t, c, l);
+    int window = model_config_layer_window(c, l);
     float scale = c->attn_scale, cap = c->attn_softcap;
     memset(dq, 0, sizeof(float) * (size_t)t->n_rows * Q);
     memset(dk, 0, sizeof(float) * (size_t)t->n_rows * KV);
@@ -335,7 +333,10 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         t->len[s] = b->len[s], t->row[s] = r, t->att_off[s] = t->att_per_layer;
         t->att_per_layer += (size_t)H * b->len[s] * b->len[s];
     }
-    if (patch) t->patch = *patch, t->patched = 1;
+    if (patch) {
+        t->patch = *patch;
+        t->patched = 1;
+    }
 
     int *rows = ep_malloc(sizeof(int) * (size_t)R), *pos = ep_malloc(sizeof(int) * (size_t)T);
     float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D);

@@ -33,7 +33,7 @@ typedef struct {
 } edge_unit;
 
 typedef struct {
-    int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows, window_any;
+    int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;
     int *len, *row;         // [n_seqs]: length and first packed row of each sequence
     size_t *att_off;        // [n_seqs]: where a sequence's [n_heads][len][len] block starts in a layer
     size_t att_per_layer;   // floats per layer of p and dlogit

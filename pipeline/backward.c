@@ -458,9 +458,9 @@ const float *grad_tape_dz(const grad_tape *t, int layer, int row) {
     return t->dz + ((size_t)layer * t->n_rows + row) * t->n_heads * t->head_dim;
 }
 
-// dL/dz of head h at (l, s, B) as the attention saw it: zero where a head unit replaced the output.
-static const float *dz_seen(const grad_tape *t, int l, int h, int s, int B, const float *zeros) {
-    if (substituted(t, l, h, s, B)) return zeros;
+// dL/dz of head h at (l, s, B) as the attention saw it: NULL (zero) where a head unit replaced the output.
+static const float *dz_seen(const grad_tape *t, int l, int h, int s, int B) {
+    if (substituted(t, l, h, s, B)) return NULL;
     return grad_tape_dz(t, l, t->row[s] + B) + (size_t)h * t->head_dim;
 }
 
@@ -470,12 +470,11 @@ void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A
     memset(dv, 0, sizeof(float) * hd);
     if (A < 0 || A > B || B >= n) return;
     size_t e = (size_t)layer * t->att_per_layer + t->att_off[seq] + ((size_t)head * n + B) * n + A;
-    float zeros[EDGE_MAX_HEADS] = {0};  // head_dim <= 256 in every supported model
     const float *q = t->q + ((size_t)layer * t->n_rows + t->row[seq] + B) * t->n_heads * hd + (size_t)head * hd;
-    const float *dz = dz_seen(t, layer, head, seq, B, zeros);
+    const float *dz = dz_seen(t, layer, head, seq, B);
     for (int i = 0; i < hd; i++) {
         dk[i] = t->dlogit[e] * q[i];
-        dv[i] = t->p[e] * dz[i];
+        dv[i] = dz ? t->p[e] * dz[i] : 0.0f;
     }
 }
 
@@ -486,7 +485,6 @@ static int check_donor(const grad_tape *t, int layer, int head, int donor, int n
         donor >= t->patch.n_donors || !t->patch.donors[donor] || (need_z && !t->patch.donors[donor]->z))
         return ep_fail(err, "scores: unit (layer %d, head %d, donor %d) is out of range or its donor is missing%s",
                        layer, head, donor, need_z ? " (or has no head outputs)" : "");
-    if (t->head_dim > EDGE_MAX_HEADS) return ep_fail(err, "scores: head_dim %d is over %d", t->head_dim, EDGE_MAX_HEADS);
     return 0;
 }
 
@@ -531,7 +529,6 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
     for (int u = 0; u < n; u++)
         if (check_donor(t, units[u].layer, units[u].head, units[u].donor, 0, err)) return -1;
     double *sum = ep_calloc((size_t)n * S + 1, sizeof(double));
-    float zeros[EDGE_MAX_HEADS] = {0};
     for (int u = 0; u < n; u++) {
         const edge_unit *eu = &units[u];
         int l = eu->layer, h = eu->head, g = h / rep;
@@ -544,7 +541,7 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
             for (int B = 0; B < n_typed; B++) {
                 if (ty[B] != eu->receiver) continue;
                 const float *q = t->q + ((size_t)l * t->n_rows + t->row[s] + B) * t->n_heads * hd + (size_t)h * hd;
-                const float *dz = dz_seen(t, l, h, s, B, zeros);
+                const float *dz = dz_seen(t, l, h, s, B);  // NULL: substituted, the edges into B score 0
                 size_t e0 = (size_t)l * t->att_per_layer + t->att_off[s] + ((size_t)h * len + B) * len;
                 for (int A = 0; A <= B; A++) {
                     if (ty[A] != eu->sender || (t->p[e0 + A] == 0 && t->dlogit[e0 + A] == 0)) continue;
@@ -554,7 +551,7 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
                     double dk = 0, dv = 0;
                     for (int i = 0; i < hd; i++) {
                         dk += (double)q[i] * ((double)kd[i] - ks[i]);
-                        dv += (double)dz[i] * ((double)vd[i] - vs[i]);
+                        if (dz) dv += (double)dz[i] * ((double)vd[i] - vs[i]);
                     }
                     acc += t->dlogit[e0 + A] * dk + t->p[e0 + A] * dv;
                 }

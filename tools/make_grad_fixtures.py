@@ -50,7 +50,8 @@ PLAN = {"name": "y_to_last_target_and_head",
 # Units whose attribution scores are stored (donor 0), for the clean pass and the patched pass.
 HEAD_UNITS = [(0, 0, "last"), (1, 1, "y"), (1, 0, "last"), (0, 3, "x"), ("L-1", 2, "target"), (1, 2, "query")]
 EDGE_UNITS = [(0, 0, "y", "last"), (1, 2, "t", "last"), (0, 1, "x", "y"), ("L-1", 3, "query", "target"),
-              ("L-1", 1, "y", "target"), (1, 3, "x", "last"), ("L-1", 2, "target", "target")]
+              ("L-1", 1, "y", "target"), (1, 3, "x", "last"), ("L-1", 2, "target", "target"),
+              (1, 0, "x", "last")]  # the last one: into a substituted head in the plan (scores 0 there)
 
 
 class GState:

@@ -1,0 +1,80 @@
+// backward: the attribution loss and its gradients with respect to activations (never weights).
+//
+// Owns: grad_tape, what one forward + backward pass over a packed batch leaves for scoring: the loss,
+// dL/dz (every layer, position and query head, z = the head's attention output before the output
+// projection, after head-unit substitution), the attention probabilities p(B, A) and dL/d(q_B . k*_A)
+// per (layer, head, receiver, sender), and the current pass's q, K, V and z. From these the two unit
+// scores of docs/design.md are computed edge by edge, without per-edge copies of K or V
+// (docs/attribution.md derives the formulas).
+// Promises: the forward values are model_forward's (the same function runs first, patched as given);
+// the backward mirrors it layer by layer (final softcap and norm, lm_head only at predicting rows,
+// pre-norm / sandwich / parallel blocks, MLPs, attention with scale, softcap, causal mask, window,
+// GQA, edge ablation, head units, RoPE, partial rotary) and stops at the embeddings. Host memory and
+// fp32 only (the CPU backend). Never prints.
+#ifndef EP_BACKWARD_H
+#define EP_BACKWARD_H
+
+#include "pipeline/forward.h"
+
+// A batch of sequences, each a prompt followed by its target tokens, packed row after row.
+// The loss is the original's: per sequence, the mean cross-entropy of its n_target last tokens, each
+// predicted from the position before it; then the mean over the sequences.
+typedef struct {
+    int n_seqs;
+    const int *len;       // [n_seqs] tokens per sequence (prompt + targets)
+    const int *n_target;  // [n_seqs] targets at the end of each sequence, 1 <= n_target < len
+    const int *tokens;    // packed
+} grad_batch;
+
+// Edge unit: in `layer`, query head `head`, every edge A->B with type(A) = sender, type(B) = receiver
+// (A <= B, inside the layer's window, relation any) reads donor `donor`'s key and value at A.
+typedef struct {
+    int layer, head, sender, receiver, donor;
+} edge_unit;
+
+typedef struct {
+    int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;
+    int *len, *row;         // [n_seqs]: length and first packed row of each sequence
+    size_t *att_off;        // [n_seqs]: where a sequence's [n_heads][len][len] block starts in a layer
+    size_t att_per_layer;   // floats per layer of p and dlogit
+    double loss;
+    double *seq_loss;       // [n_seqs]
+    float *dz;              // [n_layers][n_rows][n_heads * head_dim]: dL/dz
+    float *q;               // [n_layers][n_rows][n_heads * head_dim]: post-RoPE queries
+    float *p;               // [n_layers] blocks: p[h][B][A] (0 where A is masked)
+    float *dlogit;          // same layout: dL/d(q_B . k*_A), scale and softcap' included
+    signed char *sel;       // same layout: the donor edge (h, A->B) read, -1 for the current pass
+    kv_cache cache;         // the current pass's K, V and z (z after head-unit substitution)
+    forward_patch patch;    // a copy of the patch the pass ran with (pointers are the caller's)
+    int patched;
+} grad_tape;
+
+// Forward (patched when `patch` is non-NULL) and backward over the batch. The caller keeps the
+// patch's rule sets, donor caches and type arrays alive while the tape is used for scores.
+int model_backward(const model *m, const grad_batch *b, const forward_patch *patch, grad_tape *t, ep_error *err);
+void grad_tape_free(grad_tape *t);
+
+// The loss alone (one patched forward pass): for checks by finite differences.
+int model_loss(const model *m, const grad_batch *b, const forward_patch *patch, double *loss, double *seq_loss,
+               ep_error *err);
+
+// dL/dz at (layer, packed row): n_heads * head_dim floats.
+const float *grad_tape_dz(const grad_tape *t, int layer, int row);
+
+// dL/dk*(A->B) and dL/dv*(A->B) of one edge (layer, query head, sequence, receiver B, sender A): the
+// gradient with respect to the key / value row that B read from A (current or donor), head_dim each.
+// Zero where B cannot see A.
+void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A, float *dk, float *dv);
+
+// Attribution scores, averaged over the sequences (per_seq, optional: [n][n_seqs], signed, before the
+// absolute value). Head unit: |sum over positions B of its type of (z(B) - z_donor(B))_head . dL/dz(B)_head|
+// with z the current pass's (after substitution, so an already substituted unit scores 0). Edge unit:
+// |sum over its edges of dL/dk*(A->B) . (k_donor(A) - k*(A->B)) + dL/dv*(A->B) . (v_donor(A) - v*(A->B))|,
+// k*, v* what B read (so an edge already reading that donor contributes 0). Need the tape's patch to
+// carry the donors and the types (a patch without rules or head units is the clean model).
+int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *score, double *per_seq,
+                     ep_error *err);
+int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq,
+                     ep_error *err);
+
+#endif

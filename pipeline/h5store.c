@@ -118,7 +118,11 @@ static int write_dataset(h5store *s, const char *name, const h5shape *shape, hid
     hid_t space = H5Screate_simple(shape->rank, dims, NULL);
     hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
     H5Pset_create_intermediate_group(lcpl, 1);
-    hid_t ds = H5Dcreate2(s->file, name, file_type, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
+    // No modification times: the same data gives the same bytes, whenever and by whichever rank written.
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_obj_track_times(dcpl, 0);
+    hid_t ds = H5Dcreate2(s->file, name, file_type, space, lcpl, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
     int rc = 0;
     if (ds < 0 || H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
         rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);

@@ -1,9 +1,11 @@
-// edgepatch run CONFIG [--until STAGE] [--fresh]: runs or resumes a config's stages in order.
+// edgepatch run CONFIG [--until STAGE] [--fresh]: runs or resumes a config's stages in order, alone or
+// as one rank of an MPI job (sched/mpi_run.h: rank 0 tokenizes, the model stages are sharded by item).
 #include <stdio.h>
 #include <string.h>
 
 #include "pipeline/cli.h"
 #include "pipeline/run_config.h"
+#include "sched/mpi_run.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
 #include "stages/stage_io.h"
@@ -15,7 +17,13 @@ static const char usage[] =
     "Runs the stages of the run described by CONFIG (JSON) in order, skipping work whose complete output\n"
     "already matches its inputs, so a killed run resumes where it stopped.\n"
     "  --until STAGE  stop after STAGE: tokenize, cache, patch, score or prune\n"
-    "  --fresh        rebuild outputs even if they exist (needed when inputs changed)\n";
+    "  --fresh        rebuild outputs even if they exist (needed when inputs changed); a rerun without it\n"
+    "                 resumes an interrupted --fresh run\n"
+    "\n"
+    "Under mpirun or srun the cache and patch stages are shared out over the ranks by work item (a batch\n"
+    "of batch_size prompts); the outputs are identical for any number of ranks (docs/distribution.md).\n"
+    "SIGTERM or SIGUSR1 stops the run after the items in flight: exit status 75, rerun to resume.\n"
+    "Exit status: 0 done, 1 failed, 2 usage, 75 interrupted (rerun to resume).\n";
 
 static const char *stages[] = {"tokenize", "cache", "patch", "score", "prune"};
 
@@ -41,27 +49,50 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "edgepatch run: need CONFIG%s (see --help)\n", last < 0 ? " and a known --until stage" : "");
         return 2;
     }
-    run_config cfg;
+    sched_ctx sc;
     ep_error err = {{0}};
-    if (run_config_load(config, &cfg, &err)) {
+    if (sched_init(&sc, &argc, &argv, &err)) {
         fprintf(stderr, "edgepatch run: %s\n", err.msg);
         return 1;
     }
-    int rc = 0;
+    int root = sc.rank == 0;
+    run_config cfg;
+    if (run_config_load(config, &cfg, &err)) {
+        if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+        sched_finalize(&sc);
+        return 1;
+    }
+    // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5.
+    int status = root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
+    status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;
-    if (tokenize_stage(&cfg, fresh, &err)) rc = 1;
-    if (rc == 0 && last >= 1) {
+    if (status == SCHED_OK && last >= 1) {
         opened = stage_inputs_open(&cfg, &in, &err) == 0;
-        rc = !opened || cache_stage(&in, fresh, &err);
+        status = sched_agree(&sc, opened ? SCHED_OK : SCHED_FAILED);
     }
-    if (rc == 0 && last >= 2) rc = patch_stage(&in, fresh, &err) != 0;
-    if (rc) fprintf(stderr, "edgepatch run: %s\n", err.msg);
-    if (rc == 0 && last >= 3) {
-        fprintf(stderr, "edgepatch run: stage %s is not available in this version yet (ran up to patch)\n", stages[3]);
+    for (int s = 1; s <= 2 && s <= last && status == SCHED_OK; s++) {
+        work_stage ws;
+        int made = (s == 1 ? cache_work : patch_work)(&in, &ws, &err) == 0;
+        status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
+        if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh, &err);
+        if (made) ws.release(&ws);
+    }
+    int rc = 0;
+    if (status == SCHED_FAILED) {
+        if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");
+        rc = 1;
+    } else if (status == SCHED_STOPPED) {
+        if (root)
+            fprintf(stderr, "edgepatch run: interrupted by a signal; finished items are saved, run the same command again "
+                            "to resume (exit status %d)\n", SCHED_EXIT_INTERRUPTED);
+        rc = SCHED_EXIT_INTERRUPTED;
+    } else if (last >= 3) {
+        if (root) fprintf(stderr, "edgepatch run: stage %s is not available in this version yet (ran up to patch)\n", stages[3]);
         rc = 2;
     }
     if (opened) stage_inputs_close(&in);
     run_config_free(&cfg);
+    sched_finalize(&sc);
     return rc;
 }

@@ -45,6 +45,9 @@ int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const 
 int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err);
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);
 int h5store_has(h5store *s, const char *name);
+// Reads every dataset of the file and checks its CRC (a whole-file check before a file is trusted as a
+// finished work item; readers of single datasets check theirs anyway).
+int h5store_verify(h5store *s, ep_error *err);
 
 // Root attributes: strings and integers.
 int h5store_set_str(h5store *s, const char *name, const char *value, ep_error *err);

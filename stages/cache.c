@@ -28,27 +28,41 @@ static void copy_rows(const kv_cache *c, int which, int seq, int T, float *flat,
 
 static const char *parts[3] = {"k", "v", "z"};
 
-int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
+typedef struct {
+    stage_inputs *in;
+    char identity[17];
+} cache_ctx;
+
+static int cache_prepare(work_stage *ws, int fresh, ep_error *err) {
+    cache_ctx *c = ws->ctx;
+    return stage_shard_dir_prepare(c->in, "cache", fresh, err);
+}
+
+static int cache_item_done(work_stage *ws, int item, ep_error *err) {
+    cache_ctx *c = ws->ctx;
     char path[4096], identity[17];
-    snprintf(path, sizeof path, "%s/cache.h5", in->cfg->output_path);
-    cache_identity(in, identity);
-    int current = stage_output_current(path, identity, fresh, err);
-    if (current < 0) return -1;
-    if (current) {
-        printf("cache: %s is up to date\n", path);
-        return 0;
-    }
-    const prompt_set *ps = &in->prompts;
-    int K = in->plan.n_donors, B = in->cfg->batch_size, rc = 0;
-    h5store s;
-    if (h5store_create(path, &s, err)) return -1;
+    int first, n;
+    stage_item_range(c->in, item, &first, &n);
+    stage_item_identity(c->identity, first, n, identity);
+    stage_item_path(c->in, "cache", item, path, sizeof path);
+    return stage_item_current(path, identity, err);
+}
+
+static int cache_run_item(work_stage *ws, int item, ep_error *err) {
+    cache_ctx *cc = ws->ctx;
+    stage_inputs *in = cc->in;
+    char path[4096], identity[17];
+    int first, n, K = in->plan.n_donors, rc = 0;
+    stage_item_range(in, item, &first, &n);
+    stage_item_identity(cc->identity, first, n, identity);
+    stage_item_path(in, "cache", item, path, sizeof path);
     const model_config *c = &in->m.cfg;
-    for (int first = 0; first < ps->n_prompts && rc == 0 && K > 0; first += B) {
-        int n = first + B <= ps->n_prompts ? B : ps->n_prompts - first;
-        prompt_batch pb = stage_batch(in, first, n);
-        kv_cache donors[16];
-        memset(donors, 0, sizeof donors);
-        rc = patch_donor_passes(&in->m, kernel_ops_cpu(), &in->plan, &pb, donors, err);
+    prompt_batch pb = stage_batch(in, first, n);
+    kv_cache donors[16];
+    memset(donors, 0, sizeof donors);
+    if (K > 0) rc = patch_donor_passes(&in->m, kernel_ops_cpu(), &in->plan, &pb, donors, err);
+    h5store s;
+    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
         for (int i = 0; i < n && rc == 0; i++) {
             int T = pb.lengths[i];
             for (int d = 0; d < K && rc == 0; d++)
@@ -63,29 +77,60 @@ int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
                     free(flat);
                 }
         }
-        for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
-        if (rc == 0) printf("cache: prompts %d..%d of %d\n", first, first + n - 1, ps->n_prompts);
+        if (rc == 0)
+            rc = h5store_set_str(&s, "format", "edgepatch-cache-item-1", err) ||
+                 h5store_set_str(&s, "inputs_hash", identity, err) || h5store_set_str(&s, "stage_hash", cc->identity, err) ||
+                 h5store_set_str(&s, "model_hash", in->model_hash, err) || h5store_set_str(&s, "plan_hash", in->plan_hash, err) ||
+                 h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "item", item, err) ||
+                 h5store_set_i64(&s, "first_prompt", first, err) || h5store_set_i64(&s, "n_prompts", n, err) ||
+                 h5store_set_i64(&s, "n_donors", K, err);
+        if (rc == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
+        if (rc) h5store_abandon(&s);
+        else rc = h5store_commit(&s, err);
     }
-    if (rc == 0)
-        rc = h5store_set_str(&s, "format", "edgepatch-cache-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
-             h5store_set_str(&s, "model_hash", in->model_hash, err) || h5store_set_str(&s, "plan_hash", in->plan_hash, err) ||
-             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "n_prompts", ps->n_prompts, err) ||
-             h5store_set_i64(&s, "n_donors", K, err);
-    if (rc) {
-        h5store_abandon(&s);
-        return -1;
-    }
-    if (h5store_commit(&s, err)) return -1;
-    printf("cache: %d prompts x %d donors -> %s\n", ps->n_prompts, K, path);
+    for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
+    return rc;
+}
+
+static int cache_finish(work_stage *ws, ep_error *err) {
+    cache_ctx *c = ws->ctx;
+    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->plan.n_donors,
+           ws->n_items, c->in->cfg->output_path);
     return 0;
 }
 
-int cache_load_batch(const char *path, const stage_inputs *in, int first, int n, kv_cache *donors, ep_error *err) {
-    int K = in->plan.n_donors, rc = 0;
+static void cache_release(work_stage *ws) {
+    free(ws->ctx);
+    ws->ctx = NULL;
+}
+
+int cache_work(stage_inputs *in, work_stage *ws, ep_error *err) {
+    cache_ctx *c = ep_calloc(1, sizeof *c);
+    c->in = in;
+    cache_identity(in, c->identity);
+    *ws = (work_stage){.name = "cache", .n_items = stage_n_items(in), .ctx = c, .prepare = cache_prepare,
+                       .item_done = cache_item_done, .run_item = cache_run_item, .finish = cache_finish,
+                       .release = cache_release};
+    return 0;
+}
+
+int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
+    work_stage ws;
+    if (cache_work(in, &ws, err)) return -1;
+    int rc = stage_run_items(&ws, fresh, err);
+    ws.release(&ws);
+    return rc;
+}
+
+int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error *err) {
+    int K = in->plan.n_donors, rc = 0, first, n;
     if (K == 0) return 0;
+    char path[4096], stage_id[17], identity[17], *have = NULL;
+    stage_item_range(in, item, &first, &n);
+    stage_item_path(in, "cache", item, path, sizeof path);
+    cache_identity(in, stage_id);
+    stage_item_identity(stage_id, first, n, identity);
     h5store s;
-    char identity[17], *have = NULL;
-    cache_identity(in, identity);
     if (h5store_open(path, &s, err)) return -1;
     if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
         rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the cache stage", path);

@@ -41,7 +41,8 @@ int patch_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, 
               patch_outputs *out, ep_error *err);
 
 // The patch stage: the run's plan (and, when it ablates anything, the clean model too) over every
-// prompt, donors read from cache.h5, per-prompt metrics (stages/metrics.h) into
+// prompt, donors read from the cache shards, per-prompt metrics (stages/metrics.h) per work item into
+// <output_path>/patch.d/item-NNNNN.h5 (same groups, the item's rows), merged in item order into
 // <output_path>/patch.h5 (groups plan/ and clean/: correct, first_token_correct, target_logprob,
 // logit_diff [P], generated [P, max_new] padded with -1) and the run figures into model_logs.json.
 typedef struct stage_inputs stage_inputs;

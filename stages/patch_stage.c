@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
@@ -32,7 +33,7 @@ static void metric_arrays_free(metric_arrays *a) {
     free(a->target_logprob), free(a->logit_diff);
 }
 
-// One plan over one batch: the prompt pass, generation and metrics into rows first.. of a.
+// One plan over one batch of prompts first..: the prompt pass, generation and metrics into rows 0.. of a.
 static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *plan, const prompt_batch *pb,
                    const kv_cache *donors, int first, int max_new, metric_arrays *a, ep_error *err) {
     int V = in->m.cfg.vocab_size, n = pb->n_seqs;
@@ -47,12 +48,12 @@ static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *p
         prompt_metrics m;
         rc = metrics_compute(tk, last + (size_t)i * V, V, ps->targets + (size_t)p * ps->max_target, ps->target_lengths[p],
                              gen + (size_t)i * max_new, n_gen[i], &m, err);
-        a->correct[p] = m.correct;
-        a->first_token_correct[p] = m.first_token_correct;
-        a->target_logprob[p] = m.target_logprob;
-        a->logit_diff[p] = m.logit_diff;
-        a->n_generated[p] = n_gen[i];
-        for (int k = 0; k < n_gen[i]; k++) a->generated[(size_t)p * max_new + k] = gen[(size_t)i * max_new + k];
+        a->correct[i] = m.correct;
+        a->first_token_correct[i] = m.first_token_correct;
+        a->target_logprob[i] = m.target_logprob;
+        a->logit_diff[i] = m.logit_diff;
+        a->n_generated[i] = n_gen[i];
+        for (int k = 0; k < n_gen[i]; k++) a->generated[(size_t)i * max_new + k] = gen[(size_t)i * max_new + k];
     }
     free(last), free(gen), free(n_gen);
     return rc;
@@ -120,62 +121,183 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *plan, c
     char path[4096];
     snprintf(path, sizeof path, "%s/model_logs.json", in->cfg->output_path);
     int rc = write_text_atomic(path, text, err);
-    if (rc == 0) printf("patch: accuracy %.3f (full model %.3f) over %d prompts -> %s\n", acc, full, P, path);
     free(text);
     return rc;
 }
 
-int patch_stage(stage_inputs *in, int fresh, ep_error *err) {
-    char path[4096], cache_path[4096], identity[17];
+// Rows [0, n) of one group of an item shard into rows [first, first + n) of a.
+static int load_metrics(h5store *s, const char *group, metric_arrays *a, int first, int n, int max_new, ep_error *err) {
+    const char *ints[4] = {"correct", "first_token_correct", "n_generated", "generated"};
+    int32_t *iv[4] = {a->correct, a->first_token_correct, a->n_generated, a->generated};
+    const char *floats[2] = {"target_logprob", "logit_diff"};
+    float *fv[2] = {a->target_logprob, a->logit_diff};
+    char name[64];
+    for (int k = 0; k < 6; k++) {
+        int is_int = k < 4, width = k == 3 ? max_new : 1;
+        snprintf(name, sizeof name, "%s/%s", group, is_int ? ints[k] : floats[k - 4]);
+        h5shape sh;
+        void *v = NULL;
+        int rc = is_int ? h5store_read_i32(s, name, &sh, (int32_t **)&v, err) : h5store_read_f32(s, name, &sh, (float **)&v, err);
+        if (rc == 0 && (sh.dims[0] != n || sh.rank != (k == 3 ? 2 : 1) || (k == 3 && sh.dims[1] != max_new)))
+            rc = ep_fail(err, "%s: dataset %s has the wrong shape for this item", s->path, name);
+        if (rc == 0) {
+            size_t row = (size_t)width * 4;
+            memcpy(is_int ? (void *)(iv[k] + (size_t)first * width) : (void *)(fv[k - 4] + first), v, row * n);
+        }
+        free(v);
+        if (rc) return -1;
+    }
+    return 0;
+}
+
+typedef struct {
+    stage_inputs *in;
+    tokenizer *tk;
+    ablation_plan clean;
+    int max_new, ablates;
+    char identity[17], path[4096], logs_path[4096];
+} patch_ctx;
+
+static int patch_prepare(work_stage *ws, int fresh, ep_error *err) {
+    patch_ctx *c = ws->ctx;
+    int current = stage_output_current(c->path, c->identity, fresh, err);
+    if (current < 0) return -1;
+    if (current && access(c->logs_path, R_OK) == 0) {
+        printf("patch: %s is up to date\n", c->path);
+        return 1;
+    }
+    if (fresh) unlink(c->path), unlink(c->logs_path);
+    return stage_shard_dir_prepare(c->in, "patch", fresh, err);
+}
+
+static void item_identity(const patch_ctx *c, int item, char out[17]) {
+    int first, n;
+    stage_item_range(c->in, item, &first, &n);
+    stage_item_identity(c->identity, first, n, out);
+}
+
+static int patch_item_done(work_stage *ws, int item, ep_error *err) {
+    patch_ctx *c = ws->ctx;
+    char path[4096], identity[17];
+    item_identity(c, item, identity);
+    stage_item_path(c->in, "patch", item, path, sizeof path);
+    return stage_item_current(path, identity, err);
+}
+
+static int patch_run_item(work_stage *ws, int item, ep_error *err) {
+    patch_ctx *c = ws->ctx;
+    stage_inputs *in = c->in;
+    char path[4096], identity[17];
+    int first, n, rc;
+    stage_item_range(in, item, &first, &n);
+    item_identity(c, item, identity);
+    stage_item_path(in, "patch", item, path, sizeof path);
+    metric_arrays plan_m, clean_m;
+    metric_arrays_init(&plan_m, n, c->max_new);
+    metric_arrays_init(&clean_m, n, c->max_new);
+    prompt_batch pb = stage_batch(in, first, n);
+    kv_cache donors[16];
+    memset(donors, 0, sizeof donors);
+    rc = cache_load_item(in, item, donors, err);
+    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &plan_m, err);
+    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &clean_m, err);
+    for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
+    h5store s;
+    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
+        rc = store_metrics(&s, "plan", &plan_m, n, c->max_new, err) ||
+             store_metrics(&s, "clean", c->ablates ? &clean_m : &plan_m, n, c->max_new, err) ||
+             h5store_set_str(&s, "format", "edgepatch-patch-item-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
+             h5store_set_str(&s, "stage_hash", c->identity, err) || h5store_set_i64(&s, "item", item, err) ||
+             h5store_set_i64(&s, "first_prompt", first, err) || h5store_set_i64(&s, "n_prompts", n, err);
+        if (rc == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
+        if (rc) h5store_abandon(&s);
+        else rc = h5store_commit(&s, err);
+    }
+    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
+    return rc;
+}
+
+// Rank 0 (or the only process): the item shards in item order into patch.h5 and model_logs.json.
+// model_logs.json is written first: patch.h5, the stage's completion record, comes last.
+static int patch_finish(work_stage *ws, ep_error *err) {
+    patch_ctx *c = ws->ctx;
+    stage_inputs *in = c->in;
+    int P = in->prompts.n_prompts, rc = 0;
+    metric_arrays plan_m, clean_m;
+    metric_arrays_init(&plan_m, P, c->max_new);
+    metric_arrays_init(&clean_m, P, c->max_new);
+    for (int item = 0; item < ws->n_items && rc == 0; item++) {
+        char path[4096], identity[17], *have = NULL;
+        int first, n;
+        stage_item_range(in, item, &first, &n);
+        item_identity(c, item, identity);
+        stage_item_path(in, "patch", item, path, sizeof path);
+        h5store s;
+        if ((rc = h5store_open(path, &s, err))) break;
+        if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
+            rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the patch stage", path);
+        free(have);
+        if (rc == 0) rc = load_metrics(&s, "plan", &plan_m, first, n, c->max_new, err);
+        if (rc == 0) rc = load_metrics(&s, "clean", &clean_m, first, n, c->max_new, err);
+        h5store_close(&s);
+    }
+    if (rc == 0) rc = write_model_logs(in, &plan_m, &clean_m, P, err);
+    h5store s;
+    if (rc == 0 && (rc = h5store_create(c->path, &s, err)) == 0) {
+        rc = store_metrics(&s, "plan", &plan_m, P, c->max_new, err) || store_metrics(&s, "clean", &clean_m, P, c->max_new, err) ||
+             h5store_set_str(&s, "format", "edgepatch-patch-1", err) || h5store_set_str(&s, "inputs_hash", c->identity, err) ||
+             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "max_new_tokens", c->max_new, err);
+        if (rc) h5store_abandon(&s);
+        else rc = h5store_commit(&s, err);
+    }
+    if (rc == 0) {
+        double acc = mean_i(plan_m.correct, P, NULL), full = mean_i(clean_m.correct, P, NULL);
+        printf("patch: accuracy %.3f (full model %.3f) over %d prompts -> %s\n", acc, full, P, c->path);
+    }
+    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
+    return rc;
+}
+
+static void patch_release(work_stage *ws) {
+    patch_ctx *c = ws->ctx;
+    if (!c) return;
+    plan_free(&c->clean);
+    tokenizer_free(c->tk);
+    free(c);
+    ws->ctx = NULL;
+}
+
+int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
     json_t *jmax = json_object_get(in->cfg->json, "max_new_tokens");
     int max_new = jmax ? (int)json_integer_value(jmax) : 10;
     if (max_new < 1 || max_new > 1000) return ep_fail(err, "%s: field max_new_tokens: expected 1..1000", in->cfg->path);
+    patch_ctx *c = ep_calloc(1, sizeof *c);
+    c->in = in;
+    c->max_new = max_new;
     uint64_t h = hash_str(HASH_INIT, "patch");
     h = hash_str(h, in->prompts_hash);
     h = hash_str(h, in->model_hash);
     h = hash_str(h, in->plan_hash);
     h = hash_bytes(h, &max_new, sizeof max_new);
-    hash_hex(h, identity);
-    snprintf(path, sizeof path, "%s/patch.h5", in->cfg->output_path);
-    snprintf(cache_path, sizeof cache_path, "%s/cache.h5", in->cfg->output_path);
-    int current = stage_output_current(path, identity, fresh, err);
-    if (current < 0) return -1;
-    if (current) {
-        printf("patch: %s is up to date\n", path);
-        return 0;
+    hash_hex(h, c->identity);
+    snprintf(c->path, sizeof c->path, "%s/patch.h5", in->cfg->output_path);
+    snprintf(c->logs_path, sizeof c->logs_path, "%s/model_logs.json", in->cfg->output_path);
+    if (tokenizer_load(in->prompts.tokenizer_path, &c->tk, err)) {
+        free(c);
+        return -1;
     }
-    tokenizer *tk = NULL;
-    if (tokenizer_load(in->prompts.tokenizer_path, &tk, err)) return -1;
-    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
-    int ablates = in->plan.n_rules + in->plan.n_head_units > 0;
-    metric_arrays plan_m, clean_m;
-    metric_arrays_init(&plan_m, P, max_new);
-    metric_arrays_init(&clean_m, P, max_new);
-    ablation_plan clean;
-    plan_empty(&in->m.cfg, &clean);
-    for (int first = 0; first < P && rc == 0; first += B) {
-        int n = first + B <= P ? B : P - first;
-        prompt_batch pb = stage_batch(in, first, n);
-        kv_cache donors[16];
-        memset(donors, 0, sizeof donors);
-        rc = cache_load_batch(cache_path, in, first, n, donors, err);
-        if (rc == 0) rc = measure(in, tk, &in->plan, &pb, donors, first, max_new, &plan_m, err);
-        if (rc == 0 && ablates) rc = measure(in, tk, &clean, &pb, donors, first, max_new, &clean_m, err);
-        for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
-        if (rc == 0) printf("patch: prompts %d..%d of %d\n", first, first + n - 1, P);
-    }
-    metric_arrays *full = ablates ? &clean_m : &plan_m;
-    h5store s;
-    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
-        rc = store_metrics(&s, "plan", &plan_m, P, max_new, err) || store_metrics(&s, "clean", full, P, max_new, err) ||
-             h5store_set_str(&s, "format", "edgepatch-patch-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
-             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "max_new_tokens", max_new, err);
-        if (rc) h5store_abandon(&s);
-        else rc = h5store_commit(&s, err);
-    }
-    if (rc == 0) rc = write_model_logs(in, &plan_m, full, P, err);
-    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
-    plan_free(&clean);
-    tokenizer_free(tk);
+    c->ablates = in->plan.n_rules + in->plan.n_head_units > 0;
+    plan_empty(&in->m.cfg, &c->clean);
+    *ws = (work_stage){.name = "patch", .n_items = stage_n_items(in), .ctx = c, .prepare = patch_prepare,
+                       .item_done = patch_item_done, .run_item = patch_run_item, .finish = patch_finish,
+                       .release = patch_release};
+    return 0;
+}
+
+int patch_stage(stage_inputs *in, int fresh, ep_error *err) {
+    work_stage ws;
+    if (patch_work(in, &ws, err)) return -1;
+    int rc = stage_run_items(&ws, fresh, err);
+    ws.release(&ws);
     return rc;
 }

@@ -1,9 +1,11 @@
 #include "stage_io.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "pipeline/h5store.h"
@@ -71,6 +73,11 @@ int stage_output_current(const char *path, const char *identity, int fresh, ep_e
         fprintf(stderr, "edgepatch: rebuilding %s: %s\n", path, open_err.msg);
         return 0;
     }
+    if (h5store_verify(&s, &open_err)) {
+        fprintf(stderr, "edgepatch: rebuilding %s: %s\n", path, open_err.msg);
+        h5store_close(&s);
+        return 0;
+    }
     char *have = NULL;
     int same = h5store_get_str(&s, "inputs_hash", &have, &open_err) == 0 && !strcmp(have, identity);
     free(have);
@@ -91,4 +98,77 @@ int write_text_atomic(const char *path, const char *text, ep_error *err) {
         return ep_fail(err, "%s: cannot write (disk full?)", path);
     }
     return 0;
+}
+
+int stage_n_items(const stage_inputs *in) {
+    int B = in->cfg->batch_size;
+    return (in->prompts.n_prompts + B - 1) / B;
+}
+
+void stage_item_range(const stage_inputs *in, int item, int *first, int *n) {
+    int B = in->cfg->batch_size, P = in->prompts.n_prompts;
+    *first = item * B;
+    *n = *first + B <= P ? B : P - *first;
+}
+
+void stage_item_path(const stage_inputs *in, const char *stage, int item, char *out, size_t size) {
+    snprintf(out, size, "%s/%s.d/item-%05d.h5", in->cfg->output_path, stage, item);
+}
+
+void stage_item_identity(const char *stage_identity, int first, int n, char out[17]) {
+    uint64_t h = hash_str(HASH_INIT, "item");
+    h = hash_str(h, stage_identity);
+    h = hash_bytes(h, &first, sizeof first);
+    h = hash_bytes(h, &n, sizeof n);
+    hash_hex(h, out);
+}
+
+int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh, ep_error *err) {
+    char dir[4096], path[4400];
+    snprintf(dir, sizeof dir, "%s/%s.d", in->cfg->output_path, stage);
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
+    DIR *d = opendir(dir);
+    if (!d) return ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int shard = !strncmp(e->d_name, "item-", 5);
+        if (shard && (strstr(e->d_name, ".tmp-") || fresh)) {
+            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+            unlink(path);
+        }
+    }
+    closedir(d);
+    return 0;
+}
+
+int stage_item_current(const char *path, const char *identity, ep_error *err) {
+    if (access(path, F_OK) != 0) return 0;
+    h5store s;
+    ep_error why;
+    if (h5store_open(path, &s, &why)) {
+        fprintf(stderr, "edgepatch: recomputing an item: %s\n", why.msg);
+        return 0;
+    }
+    if (h5store_verify(&s, &why)) {
+        fprintf(stderr, "edgepatch: recomputing an item: %s\n", why.msg);
+        h5store_close(&s);
+        return 0;
+    }
+    char *have = NULL;
+    int same = h5store_get_str(&s, "inputs_hash", &have, &why) == 0 && !strcmp(have, identity);
+    free(have);
+    h5store_close(&s);
+    if (same) return 1;
+    return ep_fail(err, "%s: made from other inputs (prompts, model, plan or batch_size changed); rerun with --fresh "
+                        "to rebuild it", path);
+}
+
+int stage_run_items(work_stage *ws, int fresh, ep_error *err) {
+    int r = ws->prepare(ws, fresh, err);
+    if (r != 0) return r < 0 ? -1 : 0;
+    for (int i = 0; i < ws->n_items; i++) {
+        int done = ws->item_done(ws, i, err);
+        if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+    }
+    return ws->finish(ws, err);
 }

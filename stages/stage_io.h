@@ -1,6 +1,7 @@
 // stage_io: what the model stages (cache, patch) share: opening a run's inputs (config, model,
 // prompts, plan) once, slicing prompts into batches, the skip/refuse decision for an existing output,
-// and atomic text files.
+// atomic text files, and the work-item form of a stage (work_stage) that a driver runs: here in order
+// in one process (stage_run_items), or sharded over MPI ranks by sched/. Stages never call MPI.
 #ifndef EP_STAGE_IO_H
 #define EP_STAGE_IO_H
 
@@ -27,10 +28,54 @@ void stage_inputs_close(stage_inputs *in);
 // Prompts [first, first + n) as a batch (pointers into in->prompts).
 prompt_batch stage_batch(const stage_inputs *in, int first, int n);
 
-// An existing output at path: 1 if complete and made from `identity` (skip), 0 if absent or unreadable
-// (rebuild), -1 with an error if made from other inputs and not `fresh`.
+// An existing output at path: 1 if complete, passing its checksums and made from `identity` (skip), 0 if
+// absent, unreadable or corrupted (rebuild), -1 with an error if made from other inputs and not `fresh`.
 int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err);
 
 int write_text_atomic(const char *path, const char *text, ep_error *err);
+
+// A stage as independent work items (item i = prompts [i * batch_size, (i + 1) * batch_size)), each
+// written to its own shard <output_path>/<stage>.d/item-NNNNN.h5, then merged into the final outputs.
+// Which process runs which item, and in which order, never changes a byte of any output.
+typedef struct work_stage work_stage;
+struct work_stage {
+    const char *name;  // "cache", "patch"
+    int n_items;
+    void *ctx;  // the stage's own
+    // Once, in one process, before any item: 1 the final outputs are current (skip the stage), 0 work
+    // to do, -1 refused (outputs made from other inputs and not fresh). Makes the shard folder, removes
+    // temporaries left by killed writers and, when fresh, the stage's old shards and outputs.
+    int (*prepare)(work_stage *ws, int fresh, ep_error *err);
+    // 1 if item's shard is complete, passes its checksums and was made from these inputs (skip it); 0
+    // if absent, unfinished or corrupted (compute it; says why on stderr); -1 refused (other inputs).
+    int (*item_done)(work_stage *ws, int item, ep_error *err);
+    // Computes item and commits its shard.
+    int (*run_item)(work_stage *ws, int item, ep_error *err);
+    // Once, in one process, after every item is done: reads the shards in item order into the final
+    // outputs.
+    int (*finish)(work_stage *ws, ep_error *err);
+    void (*release)(work_stage *ws);
+    // Optional, set by the driver: run_item calls it once the item's data is written and before the
+    // shard is committed (sched/ uses it for its crash tests).
+    void (*before_commit)(void *arg, int item);
+    void *driver_arg;
+};
+
+// The model stages as work items. The work_stage borrows in (keep it open until ws.release).
+int cache_work(stage_inputs *in, work_stage *ws, ep_error *err);
+int patch_work(stage_inputs *in, work_stage *ws, ep_error *err);
+// The one-process driver: prepare, the items in order, finish.
+int stage_run_items(work_stage *ws, int fresh, ep_error *err);
+
+// Shard helpers for work stages.
+void stage_item_path(const stage_inputs *in, const char *stage, int item, char *out, size_t size);
+void stage_item_range(const stage_inputs *in, int item, int *first, int *n);
+int stage_n_items(const stage_inputs *in);
+// The identity an item shard carries: the stage's identity and the item's prompt range.
+void stage_item_identity(const char *stage_identity, int first, int n, char out[17]);
+// Makes <output_path>/<stage>.d, removes "*.tmp-*" files there and, if fresh, every item shard.
+int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh, ep_error *err);
+// The item_done decision for the shard at path (see work_stage.item_done).
+int stage_item_current(const char *path, const char *identity, ep_error *err);
 
 #endif

@@ -1,7 +1,8 @@
 // The tokenize -> cache -> patch stages on a tiny model: patch.h5's per-prompt results equal a direct
-// in-process patch_run over the same prompts (so the cache.h5 round trip is exact), a rerun after
-// deleting patch.h5 rebuilds it identically, a corrupted cache.h5 is refused with a message naming the
-// file and dataset, and metrics_compute agrees with values computed here by hand.
+// in-process patch_run over the same prompts (so the cache shards' round trip is exact), a rerun after
+// deleting patch.h5 rebuilds it identically, a corrupted cache shard is refused by the patch stage with
+// a message naming the file and dataset and recomputed by a rerun of the cache stage, and
+// metrics_compute agrees with values computed here by hand.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -66,7 +67,7 @@ static void test_stage_chain(void) {
         same += ok;
     }
     check(same == P, "stage results equal in-process results on %d of %d prompts", same, P);
-    printf("  stages: %d prompts in batches of 3, cache.h5 round trip, generations equal to in-process: %d/%d\n", P, same, P);
+    printf("  stages: %d prompts in batches of 3, cache shards round trip, generations equal to in-process: %d/%d\n", P, same, P);
 
     // Resume: a deleted patch.h5 is rebuilt identically.
     char cmd[2048];
@@ -76,8 +77,9 @@ static void test_stage_chain(void) {
     snprintf(cmd, sizeof cmd, "h5diff -q %s %s.first", path, path);
     check(system(cmd) == 0, "rebuilt patch.h5 differs from the first one");
 
-    // A flipped byte inside cache.h5's data: refused, naming the file and dataset.
-    snprintf(path, sizeof path, "%s/run/cache.h5", dir);
+    // A flipped byte inside a cache shard's data: refused, naming the file and dataset; a rerun of the
+    // cache stage finds it, recomputes that item, and patch.h5 comes out as before.
+    snprintf(path, sizeof path, "%s/run/cache.d/item-00001.h5", dir);
     h5store s;
     if (h5store_open(path, &s, &err) == 0) {
         hid_t ds = H5Dopen2(s.file, "prompt4/donor1/v", H5P_DEFAULT);
@@ -90,9 +92,12 @@ static void test_stage_chain(void) {
         fseek(f, (long)off + 11, SEEK_SET);
         fputc(c ^ 0x40, f);
         fclose(f);
-        check(patch_stage(&in, 1, &err) != 0 && strstr(err.msg, "cache.h5") && strstr(err.msg, "prompt4/donor1/v") &&
-                  strstr(err.msg, "checksum"),
+        check(patch_stage(&in, 1, &err) != 0 && strstr(err.msg, "cache.d/item-00001.h5") &&
+                  strstr(err.msg, "prompt4/donor1/v") && strstr(err.msg, "checksum"),
               "corrupted cache refused: %s", err.msg);
+        check(cache_stage(&in, 0, &err) == 0 && patch_stage(&in, 1, &err) == 0, "recompute after corruption: %s", err.msg);
+        snprintf(cmd, sizeof cmd, "h5diff -q %s/run/patch.h5 %s/run/patch.h5.first", dir, dir);
+        check(system(cmd) == 0, "patch.h5 after recomputing a corrupted cache item differs from the first one");
     }
     free(last), free(gen), free(stored), free(n_stored);
     stage_inputs_close(&in);

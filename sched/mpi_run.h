@@ -1,0 +1,50 @@
+// mpi_run: the one module that calls MPI. It starts MPI when the program was launched by mpirun or
+// srun (or EDGEPATCH_MPI=1), and otherwise runs as a single process without touching MPI, exactly as
+// an unlaunched `edgepatch run` always did. It drives a stage's work items (stages/stage_io.h,
+// work_stage) over the ranks:
+//   - prepare runs on rank 0 (shard folder, stale temporaries, --fresh), the others wait for it;
+//   - item i belongs to rank i % size; each rank checks its own items' shards (complete, checksums,
+//     inputs) and computes the rest, in increasing order;
+//   - ranks report each finished item and their final status to rank 0 (point to point), which shows
+//     progress, tells everyone to stop when a rank fails or is interrupted, and decides the outcome;
+//   - when every item is done, rank 0 runs finish (merging shards in item order) and shares its status.
+// Outputs therefore never depend on the number of ranks. The output folder must be visible to every
+// rank (one node, or a shared file system). A rank killed outright ends the whole job (mpirun and
+// srun do that); the shards already committed stay valid and a restart resumes from them.
+#ifndef EP_SCHED_MPI_RUN_H
+#define EP_SCHED_MPI_RUN_H
+
+#include "pipeline/error.h"
+#include "sched/progress.h"
+#include "sched/signals.h"
+#include "stages/stage_io.h"
+
+// Outcomes, ordered: the most severe of all ranks wins.
+enum { SCHED_OK = 0, SCHED_STOPPED = 1, SCHED_FAILED = 2 };
+
+typedef struct {
+    int rank, size;
+    int mpi;  // 1 if MPI was started here (and must be finalized)
+    progress prog;
+    // Test hooks (EDGEPATCH_TEST_ITEM_DELAY_MS, EDGEPATCH_TEST_KILL; docs/distribution.md).
+    int delay_ms;
+    char kill_stage[32];
+    int kill_rank, kill_after, kill_in_write;  // kill_rank -1: every rank, -2: hook off
+    const char *stage;
+    int stage_items;  // items this rank finished in the current stage
+} sched_ctx;
+
+// Starts MPI if launched by an MPI launcher; installs the stop signals. Fails only if MPI does.
+int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err);
+void sched_finalize(sched_ctx *sc);
+
+// The most severe status over the ranks (a rank's stop request counts as SCHED_STOPPED). Every rank
+// must call it at the same point; without MPI it is status itself (or STOPPED on a signal).
+int sched_agree(sched_ctx *sc, int status);
+
+// Runs ws over the ranks as described above. Returns SCHED_OK, SCHED_STOPPED or SCHED_FAILED, the same
+// on every rank. On failure rank 0's err says what failed (a failing rank other than 0 prints its own
+// message on stderr, prefixed with its rank, and rank 0's err points to it).
+int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err);
+
+#endif

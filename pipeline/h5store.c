@@ -8,8 +8,11 @@
 #include <unistd.h>
 #include <zlib.h>
 
+#include "pipeline/safetensors.h"
+
 #define COMPLETE_ATTR "edgepatch_complete"
 #define CRC_ATTR "crc32"
+#define BF16_ATTR "bfloat16"  // a 16-bit integer dataset holding bfloat16 bit patterns
 
 // HDF5 prints its error stack to stderr by default; our errors are returned instead.
 static void quiet_hdf5(void) { H5Eset_auto2(H5E_DEFAULT, NULL, NULL); }
@@ -203,8 +206,44 @@ static int read_dataset(h5store *s, const char *name, h5shape *shape, hid_t mem_
     return rc;
 }
 
+// 1 if the dataset is stored as bfloat16 (16-bit integers marked so by h5store_write_bf16).
+static int is_bf16(h5store *s, const char *name) {
+    if (!h5store_has(s, name)) return 0;
+    hid_t ds = H5Dopen2(s->file, name, H5P_DEFAULT);
+    if (ds < 0) return 0;
+    hid_t type = H5Dget_type(ds);
+    int yes = H5Tget_class(type) == H5T_INTEGER && H5Tget_size(type) == 2 && H5Aexists(ds, BF16_ATTR) > 0;
+    H5Tclose(type);
+    H5Dclose(ds);
+    return yes;
+}
+
 int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err) {
-    return read_dataset(s, name, shape, H5T_NATIVE_FLOAT, H5T_FLOAT, sizeof(float), (void **)data, err);
+    if (!is_bf16(s, name)) return read_dataset(s, name, shape, H5T_NATIVE_FLOAT, H5T_FLOAT, sizeof(float), (void **)data, err);
+    uint16_t *raw = NULL;
+    if (read_dataset(s, name, shape, H5T_NATIVE_UINT16, H5T_INTEGER, sizeof(uint16_t), (void **)&raw, err)) return -1;
+    size_t n = shape_numel(shape);
+    *data = ep_malloc(sizeof(float) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) (*data)[i] = bf16_to_f32(raw[i]);
+    free(raw);
+    return 0;
+}
+
+int h5store_write_bf16(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err) {
+    size_t n = shape_numel(shape);
+    uint16_t *raw = ep_malloc(sizeof(uint16_t) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) raw[i] = f32_to_bf16(data[i]);
+    int rc = write_dataset(s, name, shape, H5T_STD_U16LE, H5T_NATIVE_UINT16, raw, sizeof(uint16_t), err);
+    free(raw);
+    if (rc) return -1;
+    hid_t ds = H5Dopen2(s->file, name, H5P_DEFAULT), space = H5Screate(H5S_SCALAR);
+    uint8_t one = 1;
+    hid_t attr = H5Acreate2(ds, BF16_ATTR, H5T_STD_U8LE, space, H5P_DEFAULT, H5P_DEFAULT);
+    if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT8, &one) < 0) rc = ep_fail(err, "%s: cannot mark %s as bfloat16", file_name(s), name);
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(space);
+    H5Dclose(ds);
+    return rc;
 }
 
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err) {
@@ -283,7 +322,7 @@ static herr_t verify_one(hid_t obj, const char *name, const H5O_info_t *info, vo
     if (ds >= 0) H5Dclose(ds);
     h5shape sh;
     void *data = NULL;
-    if (cls == H5T_FLOAT) w->rc = h5store_read_f32(w->s, name, &sh, (float **)&data, w->err);
+    if (cls == H5T_FLOAT || is_bf16(w->s, name)) w->rc = h5store_read_f32(w->s, name, &sh, (float **)&data, w->err);
     else if (cls == H5T_INTEGER) w->rc = h5store_read_i32(w->s, name, &sh, (int32_t **)&data, w->err);
     else w->rc = ep_fail(w->err, "%s: dataset %s has an unexpected type", file_name(w->s), name);
     free(data);

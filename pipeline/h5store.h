@@ -41,6 +41,9 @@ int h5store_is_complete(const char *path);
 // Datasets: names may contain '/' (groups are created as needed). float32 and int32, row-major.
 int h5store_write_f32(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err);
 int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const int32_t *data, ep_error *err);
+// Stores float data as bfloat16 (round to nearest even; half the bytes); h5store_read_f32 reads it back
+// as floats.
+int h5store_write_bf16(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err);
 // Readers allocate *data (free with free()) and check the CRC.
 int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err);
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);

@@ -7,8 +7,16 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
+// The config's cache_dtype: 0 for "fp32" (the default), 1 for "bf16", -1 for anything else.
+static int cache_bf16(const stage_inputs *in) {
+    json_t *v = json_object_get(in->cfg->json, "cache_dtype");
+    if (!v) return 0;
+    const char *s = json_string_value(v);
+    return s && !strcmp(s, "fp32") ? 0 : s && !strcmp(s, "bf16") ? 1 : -1;
+}
+
 void cache_identity(const stage_inputs *in, char out[17]) {
-    uint64_t h = hash_str(HASH_INIT, "cache");
+    uint64_t h = hash_str(HASH_INIT, cache_bf16(in) == 1 ? "cache-bf16" : "cache");
     h = hash_str(h, in->prompts_hash);
     h = hash_str(h, in->model_hash);
     h = hash_str(h, in->plan_hash);
@@ -31,6 +39,7 @@ static const char *parts[3] = {"k", "v", "z"};
 typedef struct {
     stage_inputs *in;
     char identity[17];
+    int bf16;  // store donor activations as bfloat16 (cache_dtype "bf16")
 } cache_ctx;
 
 static int cache_prepare(work_stage *ws, int fresh, ep_error *err) {
@@ -73,7 +82,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
                     char name[96];
                     snprintf(name, sizeof name, "prompt%d/donor%d/%s", first + i, d, parts[w]);
                     h5shape sh = {3, {c->n_layers, T, dim}};
-                    rc = h5store_write_f32(&s, name, &sh, flat, err);
+                    rc = cc->bf16 ? h5store_write_bf16(&s, name, &sh, flat, err) : h5store_write_f32(&s, name, &sh, flat, err);
                     free(flat);
                 }
         }
@@ -83,7 +92,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
                  h5store_set_str(&s, "model_hash", in->model_hash, err) || h5store_set_str(&s, "plan_hash", in->plan_hash, err) ||
                  h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "item", item, err) ||
                  h5store_set_i64(&s, "first_prompt", first, err) || h5store_set_i64(&s, "n_prompts", n, err) ||
-                 h5store_set_i64(&s, "n_donors", K, err);
+                 h5store_set_i64(&s, "n_donors", K, err) || h5store_set_str(&s, "dtype", cc->bf16 ? "bf16" : "fp32", err);
         if (rc == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
         if (rc) h5store_abandon(&s);
         else rc = h5store_commit(&s, err);
@@ -105,8 +114,10 @@ static void cache_release(work_stage *ws) {
 }
 
 int cache_work(stage_inputs *in, work_stage *ws, ep_error *err) {
+    if (cache_bf16(in) < 0) return ep_fail(err, "%s: field cache_dtype: expected \"fp32\" or \"bf16\"", in->cfg->path);
     cache_ctx *c = ep_calloc(1, sizeof *c);
     c->in = in;
+    c->bf16 = cache_bf16(in);
     cache_identity(in, c->identity);
     *ws = (work_stage){.name = "cache", .n_items = stage_n_items(in), .ctx = c, .prepare = cache_prepare,
                        .item_done = cache_item_done, .run_item = cache_run_item, .finish = cache_finish,

@@ -104,6 +104,70 @@ static void test_stage_chain(void) {
     run_config_free(&cfg);
 }
 
+static float *read_f32(const char *path, const char *name, int64_t *n) {
+    h5store s;
+    ep_error err;
+    h5shape sh;
+    float *v = NULL;
+    if (h5store_open(path, &s, &err)) return NULL;
+    if (h5store_read_f32(&s, name, &sh, &v, &err)) v = NULL;
+    else *n = sh.dims[0];
+    h5store_close(&s);
+    return v;
+}
+
+static long file_size(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return -1;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fclose(f);
+    return n;
+}
+
+// cache_dtype "bf16": donor activations stored in half the bytes, read back as floats; results stay
+// within bf16 rounding of the fp32 cache's.
+static void test_bf16_cache(void) {
+    const char *dtypes[2] = {"fp32", "bf16"};
+    float *ld[2] = {NULL, NULL};
+    int64_t n[2] = {0, 0};
+    long shard[2] = {0, 0};
+    for (int k = 0; k < 2; k++) {
+        char text[2048], path[600];
+        snprintf(text, sizeof text,
+                 "{\"task\": \"country_capital\", \"model_name\": \"llama3_ablate_edges\", \"model_path\":"
+                 " \"tests/fixtures/models/llama3-tiny\", \"output_path\": \"%s/%s\", \"n_prompts\": 4,"
+                 " \"batch_size\": 4, \"n_shots\": 3, \"affect_whom\": [[\"y\", \"last\"], [\"x\", \"y\"]],"
+                 " \"cache_dtype\": \"%s\"}", dir, dtypes[k], dtypes[k]);
+        run_config cfg;
+        stage_inputs in;
+        ep_error err = {{0}};
+        if (run_config_parse(text, "bf16.json", &cfg, &err) || tokenize_stage(&cfg, 0, &err) ||
+            stage_inputs_open(&cfg, &in, &err)) {
+            check(0, "%s", err.msg);
+            return;
+        }
+        check(cache_stage(&in, 0, &err) == 0 && patch_stage(&in, 0, &err) == 0, "%s run: %s", dtypes[k], err.msg);
+        snprintf(path, sizeof path, "%s/%s/patch.h5", dir, dtypes[k]);
+        ld[k] = read_f32(path, "plan/logit_diff", &n[k]);
+        snprintf(path, sizeof path, "%s/%s/cache.d/item-00000.h5", dir, dtypes[k]);
+        shard[k] = file_size(path);
+        stage_inputs_close(&in);
+        run_config_free(&cfg);
+    }
+    double worst = 0, any = 0;
+    for (int i = 0; ld[0] && ld[1] && i < n[0]; i++) {
+        double d = fabs((double)ld[0][i] - ld[1][i]);
+        worst = d > worst ? d : worst;
+        any += d;
+    }
+    printf("  cache_dtype bf16: shard %ld bytes vs %ld for fp32; logit differences within %.3g of the fp32 run\n",
+           shard[1], shard[0], worst);
+    check(ld[0] && ld[1] && n[0] == n[1] && worst < 0.05 && any > 0, "bf16 cache results: worst %.3g", worst);
+    check(shard[1] > 0 && shard[1] < shard[0] * 0.6, "bf16 shard %ld bytes, fp32 %ld", shard[1], shard[0]);
+    free(ld[0]), free(ld[1]);
+}
+
 static void test_metrics(void) {
     tokenizer *tk;
     ep_error err = {{0}};
@@ -137,6 +201,7 @@ int main(void) {
     if (system(cmd) != 0) return 1;
     test_metrics();
     test_stage_chain();
+    test_bf16_cache();
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) return 1;
     return test_finish("test_stages");

@@ -393,3 +393,42 @@ int safetensors_read_i32(const st_tensor *t, int32_t *out, ep_error *err) {
     }
     return 0;
 }
+
+int safetensors_write_header(FILE *f, const char *path, const st_write_entry *entries, int n, ep_error *err) {
+    json_t *root = json_object();
+    uint64_t offset = 0;
+    int rc = 0;
+    for (int i = 0; i < n && !rc; i++) {
+        const st_write_entry *e = &entries[i];
+        if (e->ndim < 0 || e->ndim > ST_MAX_DIMS) {
+            rc = ep_fail(err, "%s: tensor '%s': %d dimensions, at most %d", path, e->name, e->ndim, ST_MAX_DIMS);
+            break;
+        }
+        json_t *shape = json_array();
+        uint64_t numel = 1;
+        for (int d = 0; d < e->ndim; d++) {
+            json_array_append_new(shape, json_integer(e->shape[d]));
+            numel *= (uint64_t)e->shape[d];
+        }
+        json_t *t = json_object();
+        json_object_set_new(t, "dtype", json_string("F32"));
+        json_object_set_new(t, "shape", shape);
+        json_t *offsets = json_array();
+        json_array_append_new(offsets, json_integer((json_int_t)offset));
+        offset += 4 * numel;
+        json_array_append_new(offsets, json_integer((json_int_t)offset));
+        json_object_set_new(t, "data_offsets", offsets);
+        if (json_object_get(root, e->name)) rc = ep_fail(err, "%s: tensor '%s' given twice", path, e->name);
+        json_object_set_new(root, e->name, t);
+    }
+    char *text = rc ? NULL : json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    if (rc) return rc;
+    size_t len = strlen(text), padded = (len + 7) / 8 * 8;
+    unsigned char len_bytes[8];
+    for (int i = 0; i < 8; i++) len_bytes[i] = (unsigned char)((uint64_t)padded >> (8 * i));
+    int ok = fwrite(len_bytes, 1, 8, f) == 8 && fwrite(text, 1, len, f) == len;
+    for (size_t i = len; i < padded && ok; i++) ok = fputc(' ', f) != EOF;
+    free(text);
+    return ok ? 0 : ep_fail(err, "%s: cannot write the header: %s", path, strerror(errno));
+}

@@ -4,11 +4,13 @@
 // table of tensors (name, dtype, shape, bytes). Promises: every tensor's bytes lie inside its file's
 // data area and match dtype x shape; a bad header, a truncated file or an index naming a missing
 // tensor is an error naming the file and the field, and nothing is ever read out of bounds. Never
-// converts or copies data except in safetensors_read_f32 / safetensors_read_i32.
+// converts or copies data except in safetensors_read_f32 / safetensors_read_i32. Also writes the
+// format (safetensors_write_header: F32 tensors laid out back to back, for convert-gguf).
 #ifndef EP_SAFETENSORS_H
 #define EP_SAFETENSORS_H
 
 #include <stddef.h>
+#include <stdio.h>
 #include <stdint.h>
 
 #include "pipeline/error.h"
@@ -56,6 +58,17 @@ int safetensors_read_f32(const st_tensor *t, float *out, ep_error *err);
 // Converts an integer tensor (I32, I64, I16, I8, U8) to int32 into out[numel]; fails if a value does
 // not fit.
 int safetensors_read_i32(const st_tensor *t, int32_t *out, ep_error *err);
+
+// Writes the 8-byte length and JSON header of a file whose tensors are all F32 and follow the header
+// back to back in the order given (data_offsets contiguous from 0, as the safetensors library requires);
+// the caller then writes each tensor's numel * 4 bytes in that order. The header is space-padded to a
+// multiple of 8 bytes so that the data section starts aligned. path is for messages.
+typedef struct {
+    const char *name;
+    int ndim;
+    int64_t shape[ST_MAX_DIMS];
+} st_write_entry;
+int safetensors_write_header(FILE *f, const char *path, const st_write_entry *entries, int n, ep_error *err);
 
 // Half-precision conversions, exact (round-trip of every finite value).
 float bf16_to_f32(uint16_t h);

@@ -8,6 +8,8 @@ digit, GPT-2 ByteLevel, 17 special tokens) follows the published SmolLM2 tokeniz
 
 usage: python tools/make_smollm_tokenizer.py SmolLM2-135M-Instruct.Q4_1.gguf OUT_DIR
 Writes OUT_DIR/tokenizer.json.gz and OUT_DIR/tokenizer_config.json. Standard library only.
+tools/fetch_smollm2.sh runs it on the converted model folder; tools/make_smollm2_reference.py imports
+build_tokenizer so that the reference tokenizes with the same tokenizer.json structure.
 """
 import gzip
 import json
@@ -46,9 +48,8 @@ def read_gguf_metadata(path):
         return meta
 
 
-def main():
-    gguf_path, out_dir = sys.argv[1], sys.argv[2]
-    meta = read_gguf_metadata(gguf_path)
+def build_tokenizer(meta):
+    """Returns (tokenizer.json as a dict, tokenizer_config.json as a dict) from the GGUF metadata."""
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "smollm"
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta["tokenizer.ggml.token_type"]
@@ -77,6 +78,12 @@ def main():
               "eos_token": tokens[meta["tokenizer.ggml.eos_token_id"]], "pad_token": tokens[meta["tokenizer.ggml.padding_token_id"]],
               "unk_token": tokens[meta["tokenizer.ggml.unknown_token_id"]], "add_bos_token": False,
               "clean_up_tokenization_spaces": False, "model_max_length": 8192, "tokenizer_class": "GPT2Tokenizer"}
+    return tok, config
+
+
+def main():
+    gguf_path, out_dir = sys.argv[1], sys.argv[2]
+    tok, config = build_tokenizer(read_gguf_metadata(gguf_path))
     os.makedirs(out_dir, exist_ok=True)
     with gzip.GzipFile(os.path.join(out_dir, "tokenizer.json.gz"), "wb", mtime=0) as f:
         f.write(json.dumps(tok, ensure_ascii=False, indent=None).encode("utf-8"))

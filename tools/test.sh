@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite: installs what is missing (tools/setup.sh), builds the normal configuration
-# and the AddressSanitizer+UBSan one, and runs ctest on both. Exit status is non-zero if anything fails.
+# and the AddressSanitizer+UBSan one, fetches and converts the demo model once (tools/fetch_smollm2.sh,
+# with the normal build; test_gguf fails without it) and runs ctest on both. Exit status is non-zero if
+# anything fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -11,6 +13,7 @@ for cfg in release asan; do
   [ $cfg = asan ] && flags=(-DCMAKE_BUILD_TYPE=Debug -DEP_SANITIZE=ON)
   cmake -S . -B "$dir" "${flags[@]}" -DCMAKE_COMPILE_WARNING_AS_ERROR=ON >/dev/null
   cmake --build "$dir" -j "$jobs" >/dev/null
+  if [ $cfg = release ]; then bash tools/fetch_smollm2.sh "$dir/edgepatch"; fi
   echo "== ctest ($cfg)"
   # ASan: leaks are errors too; MPI's own allocations are not ours, so its leak reports are suppressed.
   ASAN_OPTIONS=detect_leaks=1 LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0 \

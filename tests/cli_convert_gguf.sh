@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# edgepatch convert-gguf, as a user calls it, on the demo model's GGUF (tools/fetch_smollm2.sh keeps it
+# in its cache): the output is byte-identical to the fetched folder's (conversion is deterministic), an
+# existing folder is refused and left alone, and a truncated or foreign file is a one-line error that
+# leaves no folder (neither OUT nor its temporary OUT.tmp-PID) behind.
+set -u
+bin=$1
+passed=0 failed=0
+ok() { passed=$((passed + 1)); }
+bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
+
+gguf=${EP_MODEL_CACHE:-models/.cache}/SmolLM2-135M-Instruct.Q4_1.gguf
+model=models/smollm2-135m-instruct
+if [ ! -f "$gguf" ] || [ ! -f "$model/SHA256SUMS" ]; then
+  echo "FAIL: $gguf or $model/SHA256SUMS is missing: run tools/fetch_smollm2.sh (tools/test.sh does)" >&2
+  exit 1
+fi
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+if "$bin" convert-gguf "$gguf" "$tmp/out" > "$tmp/log"; then ok; else bad "convert-gguf exited non-zero"; fi
+for f in config.json model.safetensors; do
+  want=$(grep " $f\$" "$model/SHA256SUMS" | cut -d' ' -f1)
+  got=$(sha256sum "$tmp/out/$f" 2>/dev/null | cut -d' ' -f1)
+  if [ -n "$want" ] && [ "$got" = "$want" ]; then ok; else bad "$f differs from the fetched folder's ($got vs $want)"; fi
+done
+grep -q "272 tensors" "$tmp/log" && ok || bad "summary line: $(cat "$tmp/log")"
+
+# An existing folder is refused and untouched.
+before=$(sha256sum "$tmp/out/config.json")
+"$bin" convert-gguf "$gguf" "$tmp/out" 2> "$tmp/err"; rc=$?
+if [ $rc -eq 1 ] && [ "$(wc -l < "$tmp/err")" -eq 1 ] && grep -q "already exists" "$tmp/err"; then ok; else
+  bad "existing OUT: rc $rc, '$(cat "$tmp/err")'"; fi
+[ "$(sha256sum "$tmp/out/config.json")" = "$before" ] && ok || bad "existing folder was modified"
+
+# Truncated GGUFs (inside the header, inside the tensor data) and a foreign file: one line naming the
+# file, exit 1, nothing left behind.
+head -c 1000 "$gguf" > "$tmp/header.gguf"
+head -c 50000000 "$gguf" > "$tmp/data.gguf"
+printf 'not a gguf file at all, just text\n' > "$tmp/text.gguf"
+for f in header data text; do
+  "$bin" convert-gguf "$tmp/$f.gguf" "$tmp/conv-$f" 2> "$tmp/err"; rc=$?
+  if [ $rc -eq 1 ] && [ "$(wc -l < "$tmp/err")" -eq 1 ] && grep -q "$f.gguf" "$tmp/err"; then ok; else
+    bad "$f.gguf: rc $rc, '$(cat "$tmp/err")'"; fi
+  if ls -d "$tmp/conv-$f"* >/dev/null 2>&1; then bad "$f.gguf left a folder behind"; else ok; fi
+  echo "  $f.gguf -> $(cat "$tmp/err")"
+done
+
+"$bin" convert-gguf "$gguf" 2>/dev/null; [ $? -eq 2 ] && ok || bad "missing OUTDIR is not a usage error"
+"$bin" convert-gguf --help | grep -q "convert-gguf FILE.gguf OUTDIR" && ok || bad "--help"
+
+echo "cli_convert_gguf: $passed passed, $failed failed"
+[ $failed -eq 0 ]

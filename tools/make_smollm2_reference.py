@@ -10,7 +10,7 @@ are tokenized with `tokenizers` 0.19.1 from the tokenizer.json that tools/make_s
 
 usage: python tools/make_smollm2_reference.py SmolLM2-135M-Instruct.Q4_1.gguf
        [tests/fixtures/smollm2/reference.safetensors]
-Venv: tools/make_venv.sh, plus `pip install gguf==0.19.0`.
+Venv: tools/make_venv.sh (pins gguf==0.19.0).
 Stores per prompt i: prompt{i}.ids (I32), prompt{i}.logits (F32 [len, vocab], every position),
 prompt{i}.generated (I32, 10 greedy tokens: argmax of the last position, fed back).
 """

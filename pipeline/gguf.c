@@ -264,6 +264,10 @@ static int compare_names(const void *a, const void *b) {
     return strcmp((*(const gguf_tensor *const *)a)->name, (*(const gguf_tensor *const *)b)->name);
 }
 
+static int compare_keys(const void *a, const void *b) {
+    return strcmp((*(const gguf_kv *const *)a)->key, (*(const gguf_kv *const *)b)->key);
+}
+
 static int parse(gguf_file *g, const unsigned char *bytes, size_t size, ep_error *err) {
     cursor c = {bytes, size, 0, g->path, err};
     if (size < 4 || memcmp(bytes, "GGUF", 4))
@@ -281,14 +285,25 @@ static int parse(gguf_file *g, const unsigned char *bytes, size_t size, ep_error
     if (n_tensors > (size - c.pos) / 33)
         return ep_fail(err, "%s: header tensor count: %llu tensors cannot fit in %zu bytes (truncated or corrupt)", g->path,
                        (unsigned long long)n_tensors, size);
+    if (n_kv > (1u << 30) || n_tensors > (1u << 30))
+        return ep_fail(err, "%s: header counts: %llu metadata pairs, %llu tensors: too many (corrupt)", g->path,
+                       (unsigned long long)n_kv, (unsigned long long)n_tensors);
     g->kv = ep_calloc((size_t)n_kv, sizeof(gguf_kv));
     for (uint64_t i = 0; i < n_kv; i++) {
         g->n_kv = (int)i + 1;  // counted before reading, so close() frees a half-read pair
         if (read_kv(&c, &g->kv[i], (int)i)) return -1;
-        for (uint64_t j = 0; j < i; j++)
-            if (!strcmp(g->kv[j].key, g->kv[i].key))
-                return ep_fail(err, "%s: metadata '%.500s' appears twice", g->path, g->kv[i].key);
     }
+    // Keys unique (sorted copy, so a file with millions of pairs costs n log n, not n^2).
+    const gguf_kv **keys = ep_malloc(sizeof(gguf_kv *) * (size_t)(n_kv ? n_kv : 1));
+    for (int i = 0; i < g->n_kv; i++) keys[i] = &g->kv[i];
+    qsort(keys, (size_t)g->n_kv, sizeof *keys, compare_keys);
+    for (int i = 1; i < g->n_kv; i++)
+        if (!strcmp(keys[i - 1]->key, keys[i]->key)) {
+            ep_fail(err, "%s: metadata '%.500s' appears twice", g->path, keys[i]->key);
+            free(keys);
+            return -1;
+        }
+    free(keys);
     g->alignment = 32;
     const gguf_kv *al = gguf_find_kv(g, "general.alignment");
     if (al) {

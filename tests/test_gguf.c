@@ -301,6 +301,12 @@ static void test_synthetic(void) {
     }
     buf b = {0};
     write_gguf(&b, t, OK);
+    // EP_WRITE_SYNTHETIC_GGUF=PATH saves the file (the seed of tests/fuzz/corpus/fuzz_gguf).
+    const char *seed = getenv("EP_WRITE_SYNTHETIC_GGUF");
+    if (seed) {
+        FILE *f = fopen(seed, "wb");
+        check(f && fwrite(b.p, 1, b.n, f) == b.n && fclose(f) == 0, "write %s", seed);
+    }
     gguf_file g;
     ep_error err = {{0}};
     if (gguf_open_buffer(b.p, b.n, NAME, &g, &err)) {

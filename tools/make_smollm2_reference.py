@@ -9,7 +9,9 @@ are tokenized with `tokenizers` 0.19.1 from the tokenizer.json that tools/make_s
 (imported, not copied). tests/test_gguf.c compares edgepatch's convert-gguf + forward pass against this.
 
 usage: python tools/make_smollm2_reference.py SmolLM2-135M-Instruct.Q4_1.gguf
-       [tests/fixtures/smollm2/reference.safetensors]
+       [tests/fixtures/smollm2/reference.safetensors] [--compare-folder models/smollm2-135m-instruct]
+--compare-folder also loads edgepatch convert-gguf's model.safetensors with the safetensors library and
+reports, tensor by tensor, whether it equals the weights built here (it should, bit for bit).
 Venv: tools/make_venv.sh (pins gguf==0.19.0).
 Stores per prompt i: prompt{i}.ids (I32), prompt{i}.logits (F32 [len, vocab], every position),
 prompt{i}.generated (I32, 10 greedy tokens: argmax of the last position, fed back).
@@ -52,8 +54,14 @@ def unpermute(w, n_head):
 
 
 def main():
-    path = sys.argv[1]
-    out = sys.argv[2] if len(sys.argv) > 2 else "tests/fixtures/smollm2/reference.safetensors"
+    args = sys.argv[1:]
+    compare = None
+    if "--compare-folder" in args:
+        i = args.index("--compare-folder")
+        compare = args[i + 1]
+        del args[i:i + 2]
+    path = args[0]
+    out = args[1] if len(args) > 1 else "tests/fixtures/smollm2/reference.safetensors"
     sha = hashlib.sha256(open(path, "rb").read()).hexdigest()
     reader = gguf.GGUFReader(path)
 
@@ -75,6 +83,12 @@ def main():
             elif kind == "attn_k":
                 w = unpermute(w, n_kv)
         state[name] = torch.from_numpy(np.ascontiguousarray(w))
+    if compare:
+        converted = safetensors.torch.load_file(os.path.join(compare, "model.safetensors"))
+        assert set(converted) == set(state), set(converted) ^ set(state)
+        differ = [n for n in state if converted[n].shape != state[n].shape or not torch.equal(converted[n], state[n])]
+        print(f"{compare}/model.safetensors: {len(state)} tensors, {len(differ)} differ from gguf-py's", differ[:5])
+        assert not differ
     tied = "lm_head.weight" not in state
     config = transformers.LlamaConfig(
         vocab_size=len(meta("tokenizer.ggml.tokens")), hidden_size=meta("llama.embedding_length"),

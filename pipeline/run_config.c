@@ -10,7 +10,8 @@ static const char *known_fields[] = {
     "task", "model_name", "batch_size", "output_path", "limit", "affect_whom", "prune_using_imp_scores", "prune_k",
     // ours
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
-    "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit",
+    "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "min_units",
+    "min_faithfulness", "exact_max_seqs",
 };
 
 static int is_known(const char *key) {

@@ -410,12 +410,18 @@ static int mode_plan(const run_config *rc, const model_config *cfg, ablation_pla
         if (!json_is_object(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = {\"ablate\": ..., \"curcuit\": ...}", rc->path, mode);
         return plan_from_affect_whom(aw, where, cfg, p, err);
     }
+    if (ends_with(mode, "prune_heads_in_circuits") || ends_with(mode, "prune_edges_in_circuits")) {
+        // pruning starts from the affect_whom edges already ablated (none when absent)
+        if (aw && !json_is_array(aw) && !json_is_null(aw))
+            return ep_fail(err, "%s: model_name %s takes affect_whom = [[sender, receiver], ...]", rc->path, mode);
+        return plan_from_affect_whom(aw, where, cfg, p, err);
+    }
     if (ends_with(mode, "ablate_edges")) {
         if (!json_is_array(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = [[sender, receiver], ...]", rc->path, mode);
         return plan_from_affect_whom(aw, where, cfg, p, err);
     }
     return ep_fail(err, "%s: field model_name: '%s' is not a run mode this version runs (calc_accuracy, ablate_edges, "
-                        "ablate_edges_differently_for_different_tokens, or give a \"plan\")", rc->path, mode);
+                        "ablate_edges_differently_for_different_tokens, prune_heads_in_circuits, prune_edges_in_circuits, or give a \"plan\")", rc->path, mode);
 }
 
 uint64_t plan_hash(const ablation_plan *p) {

@@ -24,7 +24,7 @@ static const subcommand subcommands[] = {
      "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3)"},
     {"tasks", cmd_tasks, "tasks [--tokenizer DIR]"},
     {"show", cmd_show, "show RUN --prompt I [--json]"},
-    {"scores", not_yet, "scores RUN [--round R] [--json]"},
+    {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
     {"report", not_yet, "report RUN"},
     {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
 };

@@ -127,7 +127,7 @@ static void metrics_of(const double *sums, int P, circuit_metrics *m) {
     m->target_logprob = sums[0] / P, m->first_token_accuracy = sums[1] / P, m->logit_diff = sums[2] / P;
 }
 
-static int check_targets(const stage_inputs *in, ep_error *err) {
+int score_check_targets(const stage_inputs *in, ep_error *err) {
     const prompt_set *ps = &in->prompts;
     for (int p = 0; p < ps->n_prompts; p++) {
         int t0 = ps->target_lengths[p] > 0 ? ps->targets[(size_t)p * ps->max_target] : -1;
@@ -143,32 +143,31 @@ static int plan_last_logits(const stage_inputs *in, const ablation_plan *plan, c
     return patch_run(&in->m, kernel_ops_cpu(), plan, pb, &out, err);
 }
 
+int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int n, double *sums, ep_error *err) {
+    float *last = ep_malloc(sizeof(float) * (size_t)n * in->m.cfg.vocab_size);
+    prompt_batch pb = stage_batch(in, first, n);
+    int rc = plan_last_logits(in, plan, &pb, last, err);
+    if (rc == 0) add_metrics(in, last, first, n, sums);
+    free(last);
+    return rc;
+}
+
 int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *out, ep_error *err) {
-    if (check_targets(in, err)) return -1;
+    if (score_check_targets(in, err)) return -1;
     ablation_plan plan;
     if (c ? circuit_plan(c, &in->m.cfg, &in->plan, &plan, err) : (plan_empty(&in->m.cfg, &plan), 0)) return -1;
-    int P = in->prompts.n_prompts, B = in->cfg->batch_size, V = in->m.cfg.vocab_size, rc = 0;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
     double sums[3] = {0};
-    float *last = ep_malloc(sizeof(float) * (size_t)B * V);
-    for (int first = 0; first < P && rc == 0; first += B) {
-        int n = first + B <= P ? B : P - first;
-        prompt_batch pb = stage_batch(in, first, n);
-        rc = plan_last_logits(in, &plan, &pb, last, err);
-        if (rc == 0) add_metrics(in, last, first, n, sums);
-    }
-    free(last);
+    for (int first = 0; first < P && rc == 0; first += B) rc = circuit_measure_batch(in, &plan, first, first + B <= P ? B : P - first, sums, err);
     plan_free(&plan);
     if (rc == 0) metrics_of(sums, P, out);
     return rc;
 }
 
-int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
-                      double *score, ep_error *err) {
-    if (check_targets(in, err)) return -1;
-    ablation_plan plan;
-    if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
+int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                            int n, int first, int S, double *sum, ep_error *err) {
     const prompt_set *ps = &in->prompts;
-    int P = ps->n_prompts, B = in->cfg->batch_size, rc = 0;
+    int T = 0, rc;
     head_unit *hu = ep_calloc((size_t)n + 1, sizeof *hu);
     edge_unit *eu = ep_calloc((size_t)n + 1, sizeof *eu);
     for (int u = 0; u < n; u++) {
@@ -176,41 +175,48 @@ int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, 
         eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].a, units[u].b, 0};
     }
     double *batch_score = ep_calloc((size_t)n + 1, sizeof(double));
-    for (int u = 0; u < n; u++) score[u] = 0;
-    for (int first = 0; first < P && rc == 0; first += B) {
-        int S = first + B <= P ? B : P - first, T = 0;
-        prompt_batch pb = stage_batch(in, first, S);
-        int *len = ep_malloc(sizeof(int) * (size_t)S), *n_target = ep_malloc(sizeof(int) * (size_t)S);
-        for (int s = 0; s < S; s++) {
-            n_target[s] = ps->target_lengths[first + s];
-            len[s] = pb.lengths[s] + n_target[s];
-            T += len[s];
-        }
-        int *tokens = ep_malloc(sizeof(int) * (size_t)T);
-        for (int s = 0, r = 0; s < S; s++) {
-            for (int i = 0; i < pb.lengths[s]; i++) tokens[r++] = pb.tokens[(size_t)s * pb.max_len + i];
-            for (int i = 0; i < n_target[s]; i++) tokens[r++] = ps->targets[(size_t)(first + s) * ps->max_target + i];
-        }
-        kv_cache donors[16];
-        memset(donors, 0, sizeof donors);
-        rc = patch_donor_passes(&in->m, kernel_ops_cpu(), &plan, &pb, donors, err);
-        if (rc == 0) {
-            forward_patch fp = patch_of(&plan, &pb, donors);
-            grad_batch gb = {.n_seqs = S, .len = len, .n_target = n_target, .tokens = tokens};
-            grad_tape tape;
-            rc = model_backward(&in->m, &gb, &fp, &tape, err);
-            if (rc == 0) {
-                rc = kind == UNIT_HEAD ? grad_head_scores(&tape, hu, n, batch_score, NULL, err)
-                                       : grad_edge_scores(&tape, eu, n, batch_score, NULL, err);
-                grad_tape_free(&tape);
-            }
-            for (int u = 0; u < n && rc == 0; u++) score[u] += batch_score[u] * S;  // batch means -> sums
-        }
-        free_donors(donors);
-        free(len), free(n_target), free(tokens);
+    prompt_batch pb = stage_batch(in, first, S);
+    int *len = ep_malloc(sizeof(int) * (size_t)S), *n_target = ep_malloc(sizeof(int) * (size_t)S);
+    for (int s = 0; s < S; s++) {
+        n_target[s] = ps->target_lengths[first + s];
+        len[s] = pb.lengths[s] + n_target[s];
+        T += len[s];
     }
+    int *tokens = ep_malloc(sizeof(int) * (size_t)T);
+    for (int s = 0, r = 0; s < S; s++) {
+        for (int i = 0; i < pb.lengths[s]; i++) tokens[r++] = pb.tokens[(size_t)s * pb.max_len + i];
+        for (int i = 0; i < n_target[s]; i++) tokens[r++] = ps->targets[(size_t)(first + s) * ps->max_target + i];
+    }
+    kv_cache donors[16];
+    memset(donors, 0, sizeof donors);
+    rc = patch_donor_passes(&in->m, kernel_ops_cpu(), plan, &pb, donors, err);
+    if (rc == 0) {
+        forward_patch fp = patch_of(plan, &pb, donors);
+        grad_batch gb = {.n_seqs = S, .len = len, .n_target = n_target, .tokens = tokens};
+        grad_tape tape;
+        rc = model_backward(&in->m, &gb, &fp, &tape, err);
+        if (rc == 0) {
+            rc = kind == UNIT_HEAD ? grad_head_scores(&tape, hu, n, batch_score, NULL, err)
+                                   : grad_edge_scores(&tape, eu, n, batch_score, NULL, err);
+            grad_tape_free(&tape);
+        }
+        for (int u = 0; u < n && rc == 0; u++) sum[u] += batch_score[u] * S;  // the batch's mean -> its sum
+    }
+    free_donors(donors);
+    free(len), free(n_target), free(tokens), free(hu), free(eu), free(batch_score);
+    return rc;
+}
+
+int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
+                      double *score, ep_error *err) {
+    if (score_check_targets(in, err)) return -1;
+    ablation_plan plan;
+    if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
+    for (int u = 0; u < n; u++) score[u] = 0;
+    for (int first = 0; first < P && rc == 0; first += B)
+        rc = score_attribution_batch(in, &plan, kind, units, n, first, first + B <= P ? B : P - first, score, err);
     for (int u = 0; u < n; u++) score[u] /= P;
-    free(hu), free(eu), free(batch_score);
     plan_free(&plan);
     return rc;
 }
@@ -373,35 +379,42 @@ static int exact_batch_full(const stage_inputs *in, const circuit *c, const abla
     return rc;
 }
 
+int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                      const circuit_unit *units, int n, const exact_opts *o, int first, int S, double *sums, double *base,
+                      ep_error *err) {
+    // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those plans
+    // take the brute-force path.
+    prompt_batch pb = stage_batch(in, first, S);
+    return o->prefix_reuse && plan->n_donors <= 1
+               ? exact_batch_fast(in, c, plan, kind, units, n, &pb, first, o->max_seqs, sums, base, err)
+               : exact_batch_full(in, c, plan, kind, units, n, &pb, first, sums, base, err);
+}
+
+void score_exact_finish(const double *sums, const double *base, int n, int P, double *score, circuit_metrics *without,
+                        circuit_metrics *with) {
+    circuit_metrics mc;
+    metrics_of(base, P, &mc);
+    if (with) *with = mc;
+    for (int u = 0; u < n; u++) {
+        circuit_metrics mu;
+        metrics_of(sums + (size_t)u * 3, P, &mu);
+        score[u] = mc.target_logprob - mu.target_logprob;
+        if (without) without[u] = mu;
+    }
+}
+
 int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                 const exact_opts *o, double *score, circuit_metrics *without, circuit_metrics *with, ep_error *err) {
-    if (check_targets(in, err)) return -1;
+    if (score_check_targets(in, err)) return -1;
     for (int u = 0; u < n; u++)
         if (!circuit_has(c, kind, &units[u])) return ep_fail(err, "exact scores: unit %d is not in the circuit", u);
     ablation_plan plan;
     if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
-    // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those plans
-    // take the brute-force path.
-    int fast = o->prefix_reuse && plan.n_donors <= 1;
     int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
     double *sums = ep_calloc((size_t)n * 3 + 1, sizeof(double)), base[3] = {0};
-    for (int first = 0; first < P && rc == 0; first += B) {
-        int S = first + B <= P ? B : P - first;
-        prompt_batch pb = stage_batch(in, first, S);
-        rc = fast ? exact_batch_fast(in, c, &plan, kind, units, n, &pb, first, o->max_seqs, sums, base, err)
-                  : exact_batch_full(in, c, &plan, kind, units, n, &pb, first, sums, base, err);
-    }
-    if (rc == 0) {
-        circuit_metrics mc;
-        metrics_of(base, P, &mc);
-        if (with) *with = mc;
-        for (int u = 0; u < n; u++) {
-            circuit_metrics mu;
-            metrics_of(sums + (size_t)u * 3, P, &mu);
-            score[u] = mc.target_logprob - mu.target_logprob;
-            if (without) without[u] = mu;
-        }
-    }
+    for (int first = 0; first < P && rc == 0; first += B)
+        rc = score_exact_batch(in, c, &plan, kind, units, n, o, first, first + B <= P ? B : P - first, sums, base, err);
+    if (rc == 0) score_exact_finish(sums, base, n, P, score, without, with);
     free(sums);
     plan_free(&plan);
     return rc;

@@ -72,6 +72,21 @@ typedef struct {
 int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                 const exact_opts *o, double *score, circuit_metrics *without, circuit_metrics *with, ep_error *err);
 
+// The same per batch of prompts [first, first + S) under a circuit's plan, as sums over its prompts
+// (the work items of the prune stage; the functions above are these over every batch in order):
+// metric sums [3] (target log-prob, first-token correct, logit diff); attribution: sum[u] += the sum
+// over the batch's prompts of unit u's |.|; exact: sums[u][3] += C-without-u's metric sums, base[3] +=
+// C's. score_exact_finish turns sums over P prompts into scores.
+int score_check_targets(const stage_inputs *in, ep_error *err);
+int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int S, double *sums, ep_error *err);
+int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                            int n, int first, int S, double *sum, ep_error *err);
+int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                      const circuit_unit *units, int n, const exact_opts *o, int first, int S, double *sums, double *base,
+                      ep_error *err);
+void score_exact_finish(const double *sums, const double *base, int n, int P, double *score, circuit_metrics *without,
+                        circuit_metrics *with);
+
 // Rank agreement: Spearman's rho (average ranks for ties) and how many of the k highest of a are among
 // the k highest of b.
 double rank_spearman(const double *a, const double *b, int n);

@@ -80,10 +80,22 @@ int cmd_run(int argc, char **argv) {
         if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh, &err);
         if (made) ws.release(&ws);
     }
-    // Score and prune rounds: rank 0 runs them (docs/pruning.md), the others wait.
+    // Score and prune rounds (docs/pruning.md): each round's prompt batches are work items over the
+    // ranks; rank 0 merges them, prunes and writes the round file before the next round starts.
     if (status == SCHED_OK && last >= 3) {
-        int r = root ? prune_stage(&in, fresh, last == 3 ? 1 : -1, sched_stop_requested, &err) : 0;
-        status = sched_agree(&sc, r < 0 ? SCHED_FAILED : r > 0 ? SCHED_STOPPED : SCHED_OK);
+        prune_run *pr = NULL;
+        int made = prune_open(&in, last == 3 ? 1 : -1, &pr, &err) == 0;
+        status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
+        if (status == SCHED_OK) status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
+        while (status == SCHED_OK) {
+            work_stage ws;
+            int r = prune_next_round(pr, root, &ws, &err);
+            status = sched_agree(&sc, r < 0 ? SCHED_FAILED : SCHED_OK);
+            if (r > 0 && status == SCHED_OK) status = sched_run_stage(&sc, &ws, 0, &err);
+            if (r > 0) ws.release(&ws);
+            if (r == 0) break;
+        }
+        prune_close(pr);
     }
     int rc = 0;
     if (status == SCHED_FAILED) {

@@ -451,24 +451,26 @@ static int write_summary(const stage_inputs *in, const circuit *c, int round, do
     return rc;
 }
 
-static int prepare_dir(const char *out, int fresh, ep_error *err) {
-    char dir[4200], path[4600];
-    snprintf(dir, sizeof dir, "%s/prune.d", out);
-    if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
+// Removes a folder's entries that start with prefix (and, if only_tmp, contain ".tmp-"), one level deep.
+static void remove_entries(const char *dir, const char *prefix, int only_tmp) {
     DIR *d = opendir(dir);
-    if (!d) return ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
+    if (!d) return;
     struct dirent *e;
-    while ((e = readdir(d)))
-        if (!strncmp(e->d_name, "round-", 6) && (fresh || strstr(e->d_name, ".tmp-"))) {
-            snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+    char path[4600];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix)) ||
+            (only_tmp && !strstr(e->d_name, ".tmp-")))
+            continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        struct stat st;
+        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+            remove_entries(path, "", only_tmp);
+            if (!only_tmp) rmdir(path);
+        } else {
             unlink(path);
         }
-    closedir(d);
-    if (fresh) {
-        snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
-        snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
     }
-    return 0;
+    closedir(d);
 }
 
 // Test hook (docs/pruning.md): EDGEPATCH_TEST_KILL_ROUND=N[:mid|:write] sends SIGKILL to this process
@@ -487,138 +489,293 @@ static void kill_hook_read(kill_hook *k) {
     }
 }
 
-static int compute_round(const stage_inputs *in, const prune_params *p, int r, int n_rounds, circuit *c,
-                         const circuit_metrics *clean, int kill_mid, round_result *res, circuit *kept, ep_error *err) {
-    int total = p->head_rounds + p->edge_rounds;
-    res->kind = r < p->head_rounds || total == 0 ? UNIT_HEAD : UNIT_EDGE;
-    res->m_clean = *clean;
-    if (res->kind == UNIT_EDGE && !c->edges) circuit_start_edges(c, &in->prompts);
-    res->n = circuit_units(c, res->kind, &res->units);
-    if (res->n == 0) return ep_fail(err, "prune round %d: the circuit has no %s units left to score", r, kind_name(res->kind));
-    res->scores = ep_calloc((size_t)res->n, sizeof(double));
-    int rc = 0;
-    if (r < p->n_files) {
-        // Scores of an earlier run (the original's prune_using_imp_scores): taken in this very circuit.
-        prune_round f;
-        if (load_round_file(p->files[r], &in->m.cfg, &f, err)) return -1;
-        int same = f.kind == res->kind && f.n_units == res->n && circuit_equal(&f.circuit, c) &&
-                   !memcmp(f.units, res->units, sizeof(circuit_unit) * (size_t)res->n);
-        if (!same) rc = ep_fail(err, "%s: its scores were taken in another circuit than round %d's (prune_using_imp_scores[%d])", p->files[r], r, r);
-        for (int i = 0; i < res->n && rc == 0; i++) res->scores[i] = f.scores[i];
-        res->method = !strcmp(f.method, "exact") ? "exact" : "attribution";
-        prune_round_free(&f);
-    } else if (!strcmp(p->importance, "exact")) {
-        exact_opts o = {1, p->exact_max_seqs};
-        res->method = "exact";
-        rc = score_exact(in, c, res->kind, res->units, res->n, &o, res->scores, NULL, NULL, err);
+struct prune_run {
+    stage_inputs *in;
+    prune_params p;
+    int n_rounds, max_rounds;
+    int r, last, stopped, computed;  // next round to look at, last finished one, stop seen, rounds computed here
+    circuit c;                       // the circuit round r starts from
+    double final_faith;
+    circuit_metrics clean;
+    int have_clean;
+    kill_hook kh;
+};
+
+int prune_open(stage_inputs *in, int max_rounds, prune_run **out, ep_error *err) {
+    prune_run *pr = ep_calloc(1, sizeof *pr);
+    pr->in = in;
+    if (parse_params(in, &pr->p, err) || score_check_targets(in, err)) {
+        params_free(&pr->p);
+        free(pr);
+        return -1;
+    }
+    pr->n_rounds = pr->p.head_rounds + pr->p.edge_rounds > 0 ? pr->p.head_rounds + pr->p.edge_rounds : 1;
+    pr->max_rounds = max_rounds;
+    pr->last = -1;
+    pr->final_faith = NAN;
+    circuit_full(&in->m.cfg, &pr->c);
+    kill_hook_read(&pr->kh);
+    *out = pr;
+    return 0;
+}
+
+void prune_close(prune_run *pr) {
+    if (!pr) return;
+    circuit_free(&pr->c);
+    params_free(&pr->p);
+    free(pr);
+}
+
+int prune_prepare(prune_run *pr, int fresh, ep_error *err) {
+    const char *out = pr->in->cfg->output_path;
+    char dir[4200], path[4400];
+    snprintf(dir, sizeof dir, "%s/prune.d", out);
+    if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
+    remove_entries(dir, "round-", !fresh);
+    if (fresh) {
+        snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
+        snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
+    }
+    return 0;
+}
+
+// One round as work items: item i = prompts [i * batch_size, ...), its sums in an item shard
+// prune.d/round-NNN.d/item-NNNNN.h5; finish (one process) merges them in item order, prunes, measures
+// and writes the round file.
+typedef struct {
+    prune_run *pr;
+    int r;
+    char identity[17], path[4200], dir[4200];
+    unit_kind kind;
+    int method;  // 0 attribution, 1 exact, 2 an earlier run's file
+    circuit c;
+    circuit_unit *units;
+    int n, width;  // units, sums per unit (1 attribution, 3 exact, 0 file)
+    ablation_plan plan;
+} round_ctx;
+
+static void shard_path(const round_ctx *rc, int item, char *out, size_t n) { snprintf(out, n, "%s/item-%05d.h5", rc->dir, item); }
+
+static void shard_identity(const round_ctx *rc, int item, char out[17]) {
+    int first, n;
+    stage_item_range(rc->pr->in, item, &first, &n);
+    stage_item_identity(rc->identity, first, n, out);
+}
+
+static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
+    round_ctx *rc = ws->ctx;
+    if (mkdir(rc->dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", rc->dir, strerror(errno));
+    remove_entries(rc->dir, "item-", !fresh);
+    return 0;
+}
+
+static int round_item_done(work_stage *ws, int item, ep_error *err) {
+    round_ctx *rc = ws->ctx;
+    char path[4400], id[17];
+    shard_path(rc, item, path, sizeof path);
+    shard_identity(rc, item, id);
+    return stage_item_current(path, id, err);
+}
+
+static int round_run_item(work_stage *ws, int item, ep_error *err) {
+    round_ctx *rc = ws->ctx;
+    const stage_inputs *in = rc->pr->in;
+    int first, S, r;
+    stage_item_range(in, item, &first, &S);
+    double *sums = ep_calloc((size_t)rc->n * (rc->width ? rc->width : 1) + 1, sizeof(double)), base[3] = {0};
+    if (rc->method == 1) {
+        exact_opts o = {1, rc->pr->p.exact_max_seqs};
+        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, sums, base, err);
     } else {
-        res->method = "attribution";
-        rc = score_attribution(in, c, res->kind, res->units, res->n, res->scores, err);
+        r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
+        if (r == 0 && rc->method == 0) r = score_attribution_batch(in, &rc->plan, rc->kind, rc->units, rc->n, first, S, sums, err);
     }
-    if (rc == 0 && kill_mid) raise(SIGKILL);
-    if (rc == 0) rc = circuit_measure(in, c, &res->m_circuit, err);
-    circuit_copy(c, kept);
-    res->pruned = total > 0;
-    res->stop = "";
-    if (rc || !res->pruned) {
-        res->m_kept = res->m_circuit;
-        res->stop = "scores_only";
-        return rc;
+    char path[4400], id[17];
+    shard_path(rc, item, path, sizeof path);
+    shard_identity(rc, item, id);
+    h5store s;
+    if (r == 0 && (r = h5store_create(path, &s, err)) == 0) {
+        h5shape ss = {2, {rc->n, rc->width ? rc->width : 1}}, sb = {1, {3}};
+        r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
+            h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
+            h5store_set_i64(&s, "item", item, err) || h5store_set_i64(&s, "first_prompt", first, err) ||
+            h5store_set_i64(&s, "n_prompts", S, err);
+        if (r == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
+        if (r) h5store_abandon(&s);
+        else r = h5store_commit(&s, err);
     }
-    int k = r < p->n_k ? p->k[r] : res->n - (int)fmax(1.0, floor(res->n * p->fraction + 0.5));
-    if (k > res->n) k = res->n;
-    if (k < 0) k = 0;
-    int *order = ep_malloc(sizeof(int) * (size_t)(res->n + 1));
-    rank_order(res->scores, res->n, order);
-    for (int i = k; i < res->n; i++) circuit_set(kept, res->kind, &res->units[order[i]], 0);
-    free(order);
-    rc = circuit_measure(in, kept, &res->m_kept, err);
-    double faith = clean->logit_diff != 0 ? res->m_kept.logit_diff / clean->logit_diff : NAN;
-    if (p->min_faithfulness > 0 && !(faith >= p->min_faithfulness)) res->stop = "min_faithfulness";
-    else if (k <= p->min_units) res->stop = "min_units";
-    else if (r == n_rounds - 1) res->stop = "rounds";
-    return rc;
+    free(sums);
+    return r;
+}
+
+static int round_finish(work_stage *ws, ep_error *err) {
+    round_ctx *rc = ws->ctx;
+    prune_run *pr = rc->pr;
+    const stage_inputs *in = pr->in;
+    const prune_params *p = &pr->p;
+    int P = in->prompts.n_prompts, w = rc->width ? rc->width : 1, r = 0;
+    double *sums = ep_calloc((size_t)rc->n * w + 1, sizeof(double)), base[3] = {0};
+    for (int item = 0; item < ws->n_items && r == 0; item++) {
+        char path[4400], id[17], *have = NULL;
+        shard_path(rc, item, path, sizeof path);
+        shard_identity(rc, item, id);
+        h5store s;
+        if ((r = h5store_open(path, &s, err))) break;
+        double *v = NULL, *b = NULL;
+        h5shape sh, sb;
+        if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);
+        if (r == 0) r = h5store_read_f64(&s, "sums", &sh, &v, err) || h5store_read_f64(&s, "base", &sb, &b, err);
+        if (r == 0 && (sh.rank != 2 || sh.dims[0] != rc->n || sh.dims[1] != w || sb.dims[0] != 3))
+            r = ep_fail(err, "%s: dataset sums or base has the wrong shape", path);
+        for (size_t i = 0; r == 0 && i < (size_t)rc->n * w; i++) sums[i] += v[i];
+        for (int i = 0; r == 0 && i < 3; i++) base[i] += b[i];
+        free(v), free(b), free(have);
+        h5store_close(&s);
+    }
+    round_result res = {.kind = rc->kind, .units = rc->units, .n = rc->n, .pruned = p->head_rounds + p->edge_rounds > 0, .stop = ""};
+    res.scores = ep_calloc((size_t)rc->n + 1, sizeof(double));
+    circuit kept;
+    circuit_copy(&rc->c, &kept);
+    if (r == 0 && rc->method == 2) {
+        // Scores of an earlier run (the original's prune_using_imp_scores), taken in this very circuit.
+        prune_round f;
+        if ((r = load_round_file(p->files[rc->r], &in->m.cfg, &f, err)) == 0) {
+            int same = f.kind == rc->kind && f.n_units == rc->n && circuit_equal(&f.circuit, &rc->c) &&
+                       !memcmp(f.units, rc->units, sizeof(circuit_unit) * (size_t)rc->n);
+            if (!same) r = ep_fail(err, "%s: its scores were taken in another circuit than round %d's (prune_using_imp_scores[%d])", p->files[rc->r], rc->r, rc->r);
+            for (int i = 0; i < rc->n && r == 0; i++) res.scores[i] = f.scores[i];
+            res.method = !strcmp(f.method, "exact") ? "exact" : "attribution";
+            prune_round_free(&f);
+        }
+    } else if (r == 0 && rc->method == 1) {
+        res.method = "exact";
+        score_exact_finish(sums, base, rc->n, P, res.scores, NULL, NULL);
+    } else if (r == 0) {
+        res.method = "attribution";
+        for (int u = 0; u < rc->n; u++) res.scores[u] = sums[u] / P;
+    }
+    res.m_circuit = (circuit_metrics){base[0] / P, base[1] / P, base[2] / P};
+    if (r == 0 && pr->kh.after == pr->computed && !strcmp(pr->kh.where, "mid")) raise(SIGKILL);
+    if (r == 0 && !pr->have_clean && (r = circuit_measure(in, NULL, &pr->clean, err)) == 0) pr->have_clean = 1;
+    res.m_clean = pr->clean;
+    if (r == 0 && !res.pruned) {
+        res.m_kept = res.m_circuit;
+        res.stop = "scores_only";
+    } else if (r == 0) {
+        int k = rc->r < p->n_k ? p->k[rc->r] : rc->n - (int)fmax(1.0, floor(rc->n * p->fraction + 0.5));
+        if (k > rc->n) k = rc->n;
+        if (k < 0) k = 0;
+        int *order = ep_malloc(sizeof(int) * (size_t)(rc->n + 1));
+        rank_order(res.scores, rc->n, order);
+        for (int i = k; i < rc->n; i++) circuit_set(&kept, rc->kind, &rc->units[order[i]], 0);
+        free(order);
+        r = circuit_measure(in, &kept, &res.m_kept, err);
+        double faith = pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN;
+        if (p->min_faithfulness > 0 && !(faith >= p->min_faithfulness)) res.stop = "min_faithfulness";
+        else if (k <= p->min_units) res.stop = "min_units";
+        else if (rc->r == pr->n_rounds - 1) res.stop = "rounds";
+    }
+    if (r == 0) r = write_round(rc->path, rc->identity, rc->r, &rc->c, &kept, &res,
+                                pr->kh.after == pr->computed && !strcmp(pr->kh.where, "write"), err);
+    if (r == 0) {
+        pr->computed++;
+        int nk = 0;
+        for (int i = 0; i < rc->n; i++) nk += circuit_has(&kept, rc->kind, &rc->units[i]);
+        printf("prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s\n", rc->r, kind_name(rc->kind),
+               res.method, rc->n, nk, pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN,
+               res.stop[0] ? ", stop: " : "", res.stop);
+        fflush(stdout);
+        r = write_logs(in, rc->r + 1, err);
+    }
+    circuit_free(&kept);
+    free(res.scores), free(sums);
+    return r;
+}
+
+static void round_release(work_stage *ws) {
+    round_ctx *rc = ws->ctx;
+    if (!rc) return;
+    circuit_free(&rc->c);
+    plan_free(&rc->plan);
+    free(rc->units);
+    free(rc);
+    ws->ctx = NULL;
+}
+
+int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
+    const stage_inputs *in = pr->in;
+    const char *out = in->cfg->output_path;
+    for (; pr->r < pr->n_rounds && !pr->stopped; pr->r++) {
+        if (pr->max_rounds > 0 && pr->r >= pr->max_rounds) break;
+        char path[4200], id[17];
+        round_path(out, pr->r, path, sizeof path);
+        round_identity(&pr->p, pr->r, id);
+        int cur = stage_output_current(path, id, 0, err);
+        if (cur < 0) return -1;
+        if (cur == 0) {
+            if (pr->kh.after == pr->computed && !pr->kh.where[0]) raise(SIGKILL);
+            round_ctx *rc = ep_calloc(1, sizeof *rc);
+            rc->pr = pr, rc->r = pr->r;
+            snprintf(rc->identity, sizeof rc->identity, "%s", id);
+            snprintf(rc->path, sizeof rc->path, "%s", path);
+            snprintf(rc->dir, sizeof rc->dir, "%s/prune.d/round-%03d.d", out, pr->r);
+            int total = pr->p.head_rounds + pr->p.edge_rounds;
+            rc->kind = pr->r < pr->p.head_rounds || total == 0 ? UNIT_HEAD : UNIT_EDGE;
+            circuit_copy(&pr->c, &rc->c);
+            if (rc->kind == UNIT_EDGE && !rc->c.edges) circuit_start_edges(&rc->c, &in->prompts);
+            rc->n = circuit_units(&rc->c, rc->kind, &rc->units);
+            rc->method = pr->r < pr->p.n_files ? 2 : !strcmp(pr->p.importance, "exact") ? 1 : 0;
+            rc->width = rc->method == 1 ? 3 : rc->method == 0 ? 1 : 0;
+            int r = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", pr->r, kind_name(rc->kind))
+                               : circuit_plan(&rc->c, &in->m.cfg, &in->plan, &rc->plan, err);
+            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in), .ctx = rc, .prepare = round_prepare,
+                               .item_done = round_item_done, .run_item = round_run_item, .finish = round_finish,
+                               .release = round_release};
+            if (r) {  // a failed circuit_plan leaves rc->plan empty
+                round_release(ws);
+                return -1;
+            }
+            return 1;
+        }
+        // finished earlier (by this run or another): its kept circuit is the next one
+        prune_round f;
+        if (load_round_file(path, &in->m.cfg, &f, err)) return -1;
+        pr->stopped = f.stop[0] != 0;
+        int back = !strcmp(f.stop, "min_faithfulness") || !strcmp(f.stop, "scores_only");
+        circuit_free(&pr->c);
+        circuit_copy(back ? &f.circuit : &f.kept, &pr->c);
+        int row = back ? 0 : 1;
+        pr->final_faith = f.metrics[2][2] != 0 ? (double)f.metrics[row][2] / f.metrics[2][2] : NAN;
+        prune_round_free(&f);
+        pr->last = pr->r;
+    }
+    // Nothing left to compute: make model_logs.json and the summary match the round files.
+    if (root && pr->last >= 0 && write_logs(in, pr->last + 1, err)) return -1;
+    if (root && pr->stopped) {
+        if (write_summary(in, &pr->c, pr->last, pr->final_faith, err)) return -1;
+        printf("prune: final circuit after round %d -> %s/circuit.json, circuit.txt\n", pr->last, out);
+    }
+    return 0;
 }
 
 int prune_stage(stage_inputs *in, int fresh, int max_rounds, int (*stop_requested)(void), ep_error *err) {
-    prune_params p;
-    if (parse_params(in, &p, err)) {
-        params_free(&p);
-        return -1;
-    }
-    const char *out = in->cfg->output_path;
-    int n_rounds = p.head_rounds + p.edge_rounds > 0 ? p.head_rounds + p.edge_rounds : 1, rc = 0, computed = 0;
-    int last = -1, stopped = 0, interrupted = 0;
-    kill_hook kh;
-    kill_hook_read(&kh);
-    circuit c;
-    circuit_full(&in->m.cfg, &c);
-    circuit_metrics clean = {0};
-    int have_clean = 0;
-    double final_faith = NAN;
-    if ((rc = prepare_dir(out, fresh, err))) goto done;
-    for (int r = 0; r < n_rounds && !stopped && rc == 0; r++) {
-        if (max_rounds > 0 && r >= max_rounds) break;
-        char path[4200], id[17];
-        round_path(out, r, path, sizeof path);
-        round_identity(&p, r, id);
-        int cur = stage_output_current(path, id, 0, err);
-        if (cur < 0) {
-            rc = -1;
-            break;
-        }
-        if (cur == 1) {  // finished earlier: take its kept circuit and go on
-            prune_round pr;
-            if ((rc = load_round_file(path, &in->m.cfg, &pr, err))) break;
-            stopped = pr.stop[0] != 0;
-            int back = !strcmp(pr.stop, "min_faithfulness") || !strcmp(pr.stop, "scores_only");
-            circuit_free(&c);
-            circuit_copy(back ? &pr.circuit : &pr.kept, &c);
-            final_faith = back ? (pr.metrics[2][2] ? pr.metrics[0][2] / pr.metrics[2][2] : NAN) : faithfulness(pr.metrics);
-            prune_round_free(&pr);
-            last = r;
-            continue;
-        }
+    prune_run *pr;
+    if (prune_open(in, max_rounds, &pr, err)) return -1;
+    int rc = prune_prepare(pr, fresh, err);
+    while (rc == 0) {
         if (stop_requested && stop_requested()) {
-            interrupted = 1;
+            rc = 1;
             break;
         }
-        if (kh.after == computed && !kh.where[0]) raise(SIGKILL);
-        if (!have_clean && (rc = circuit_measure(in, NULL, &clean, err)) == 0) have_clean = 1;
-        if (rc) break;
-        round_result res = {0};
-        circuit kept = {0};
-        rc = compute_round(in, &p, r, n_rounds, &c, &clean, kh.after == computed && !strcmp(kh.where, "mid"), &res, &kept, err);
-        if (rc == 0) rc = write_round(path, id, r, &c, &kept, &res, kh.after == computed && !strcmp(kh.where, "write"), err);
-        if (rc == 0) {
-            computed++;
-            last = r;
-            stopped = res.stop[0] != 0;
-            int back = !strcmp(res.stop, "min_faithfulness") || !strcmp(res.stop, "scores_only");
-            const circuit_metrics *fm = back ? &res.m_circuit : &res.m_kept;
-            final_faith = clean.logit_diff != 0 ? fm->logit_diff / clean.logit_diff : NAN;
-            int nk = 0;
-            for (int i = 0; i < res.n; i++) nk += circuit_has(&kept, res.kind, &res.units[i]);
-            printf("prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s\n", r, kind_name(res.kind),
-                   res.method, res.n, nk, clean.logit_diff != 0 ? res.m_kept.logit_diff / clean.logit_diff : NAN,
-                   res.stop[0] ? ", stop: " : "", res.stop);
-            fflush(stdout);
-            if (!back) {
-                circuit_free(&c);
-                circuit_copy(&kept, &c);
-            }
-            rc = write_logs(in, r + 1, err);
+        work_stage ws;
+        int r = prune_next_round(pr, 1, &ws, err);
+        if (r <= 0) {
+            rc = r;
+            break;
         }
-        free(res.units), free(res.scores);
-        circuit_free(&kept);
+        rc = stage_run_items(&ws, 0, err);
+        ws.release(&ws);
     }
-    if (rc == 0 && last >= 0) rc = write_logs(in, last + 1, err);
-    if (rc == 0 && stopped) {
-        rc = write_summary(in, &c, last, final_faith, err);
-        if (rc == 0) printf("prune: final circuit after round %d -> %s/circuit.json, circuit.txt\n", last, out);
-    }
-done:
-    circuit_free(&c);
-    params_free(&p);
-    return rc ? -1 : interrupted;
+    prune_close(pr);
+    return rc;
 }

@@ -12,13 +12,28 @@
 // Config: importance ("attribution" | "exact"), prune_rounds (N head rounds, or {"heads": N, "edges":
 // M}; 0: one scoring round, nothing pruned), prune_fraction (0.1), prune_k, prune_using_imp_scores
 // (round files of earlier runs used in place of scoring rounds 0..), min_units, min_faithfulness,
-// exact_max_seqs. Runs in one process (rank 0); never calls MPI.
+// exact_max_seqs. A round is a work_stage (stages/stage_io.h): its items are the prompt batches, each
+// scoring every unit over its prompts into a shard prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums),
+// so sched/ shares a round out over MPI ranks; its finish (one process) merges the shards in item
+// order, prunes, measures the kept circuit and writes the round file. Never calls MPI.
 #ifndef EP_PRUNE_H
 #define EP_PRUNE_H
 
 #include "stages/score.h"
 
-// Runs (or resumes) the rounds; max_rounds > 0 stops after that many round files exist (--until score
+typedef struct prune_run prune_run;
+// Every rank: the config's pruning fields (max_rounds as for prune_stage).
+int prune_open(stage_inputs *in, int max_rounds, prune_run **pr, ep_error *err);
+void prune_close(prune_run *pr);
+// Once, in one process, before the rounds: prune.d, temporaries of killed writers, and with fresh every
+// round file, shard and summary.
+int prune_prepare(prune_run *pr, int fresh, ep_error *err);
+// Every rank, between rounds: walks the finished round files (their kept circuits), then 1 with ws set
+// up for the next round to compute, or 0 when nothing is left (root also rewrites model_logs.json and,
+// once pruning stopped, circuit.json and circuit.txt from the round files), -1 on error.
+int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err);
+
+// Runs (or resumes) the rounds in this process; max_rounds > 0 stops after that many round files exist (--until score
 // is 1), -1 runs them all. stop_requested (optional; sched/ passes its signal flag) is asked between
 // rounds: 1 is returned when it asked to stop (finished rounds are kept), 0 when done, -1 on error.
 int prune_stage(stage_inputs *in, int fresh, int max_rounds, int (*stop_requested)(void), ep_error *err);

@@ -8,6 +8,7 @@
 #include "sched/mpi_run.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
+#include "stages/prune.h"
 #include "stages/stage_io.h"
 #include "stages/tokenize.h"
 
@@ -16,7 +17,8 @@ static const char usage[] =
     "\n"
     "Runs the stages of the run described by CONFIG (JSON) in order, skipping work whose complete output\n"
     "already matches its inputs, so a killed run resumes where it stopped.\n"
-    "  --until STAGE  stop after STAGE: tokenize, cache, patch, score or prune\n"
+    "  --until STAGE  stop after STAGE: tokenize, cache, patch, score (round 0's scores) or prune (every\n"
+    "                 round; docs/pruning.md)\n"
     "  --fresh        rebuild outputs even if they exist (needed when inputs changed); a rerun without it\n"
     "                 resumes an interrupted --fresh run\n"
     "\n"
@@ -78,6 +80,23 @@ int cmd_run(int argc, char **argv) {
         if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh, &err);
         if (made) ws.release(&ws);
     }
+    // Score and prune rounds (docs/pruning.md): each round's prompt batches are work items over the
+    // ranks; rank 0 merges them, prunes and writes the round file before the next round starts.
+    if (status == SCHED_OK && last >= 3) {
+        prune_run *pr = NULL;
+        int made = prune_open(&in, last == 3 ? 1 : -1, &pr, &err) == 0;
+        status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
+        if (status == SCHED_OK) status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
+        while (status == SCHED_OK) {
+            work_stage ws;
+            int r = prune_next_round(pr, root, &ws, &err);
+            status = sched_agree(&sc, r < 0 ? SCHED_FAILED : SCHED_OK);
+            if (r > 0 && status == SCHED_OK) status = sched_run_stage(&sc, &ws, 0, &err);
+            if (r > 0) ws.release(&ws);
+            if (r == 0) break;
+        }
+        prune_close(pr);
+    }
     int rc = 0;
     if (status == SCHED_FAILED) {
         if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");
@@ -87,9 +106,6 @@ int cmd_run(int argc, char **argv) {
             fprintf(stderr, "edgepatch run: interrupted by a signal; finished items are saved, run the same command again "
                             "to resume (exit status %d)\n", SCHED_EXIT_INTERRUPTED);
         rc = SCHED_EXIT_INTERRUPTED;
-    } else if (last >= 3) {
-        if (root) fprintf(stderr, "edgepatch run: stage %s is not available in this version yet (ran up to patch)\n", stages[3]);
-        rc = 2;
     }
     if (opened) stage_inputs_close(&in);
     run_config_free(&cfg);

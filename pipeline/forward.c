@@ -150,6 +150,11 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     for (int i = 0; i < b->n_logit_rows; i++)
         if (b->logit_rows[i] < 0 || b->logit_rows[i] >= T)
             return ep_fail(err, "forward: logit row %d is outside the %d new tokens", b->logit_rows[i], T);
+    int first = b->first_layer, end = b->end_layer ? b->end_layer : c->n_layers;
+    if (first < 0 || first > end || end > c->n_layers || (first > 0 && !b->x_in) ||
+        (end < c->n_layers && b->n_logit_rows > 0))
+        return ep_fail(err, "forward: layers %d..%d of %d (a later start needs x_in; logits need the last layer)", first,
+                       end, c->n_layers);
     if (T == 0) return 0;
 
     step_buffers s;
@@ -165,10 +170,14 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         }
         for (int i = 0; i < b->n_new[seq]; i++, r++) s.pos[r] = cache->len[seq] + i;
     }
-    for (int r = 0; r < T; r++) memcpy(s.x + (size_t)r * D, m->embed + (size_t)b->tokens[r] * D, sizeof(float) * D);
-    if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
+    if (first > 0) {
+        memcpy(s.x, b->x_in, sizeof(float) * (size_t)T * D);
+    } else {
+        for (int r = 0; r < T; r++) memcpy(s.x + (size_t)r * D, m->embed + (size_t)b->tokens[r] * D, sizeof(float) * D);
+        if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
+    }
 
-    for (int l = 0; l < c->n_layers; l++) {
+    for (int l = first; l < end; l++) {
         const layer_weights *w = &m->layers[l];
         if (b->resid) memcpy(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
         norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
@@ -225,7 +234,8 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
             break;
         }
     }
-    if (b->resid) memcpy(b->resid + (size_t)c->n_layers * T * D, s.x, sizeof(float) * (size_t)T * D);
+    if (b->resid) memcpy(b->resid + (size_t)end * T * D, s.x, sizeof(float) * (size_t)T * D);
+    if (b->x_out) memcpy(b->x_out, s.x, sizeof(float) * (size_t)T * D);
     for (int seq = 0; seq < b->n_seqs; seq++) cache->len[seq] += b->n_new[seq];
 
     if (b->n_logit_rows > 0) {

@@ -56,7 +56,17 @@ typedef struct {
     const int *logit_rows;
     float *logits;         // out: [n_logit_rows, vocab_size] (final softcap applied)
     float *resid;          // optional out: [n_layers + 1, n_tokens, hidden]: resid[l] enters layer l,
-                           // resid[n_layers] leaves the last layer (before the final norm)
+                           // resid[n_layers] leaves the last layer (before the final norm); with first_layer
+                           // or end_layer set, only the slots of the layers run (and their ends) are written
+    // A partial pass (prefix reuse for exact scores): start at first_layer (0..n_layers) from x_in, the
+    // residual stream entering that layer ([n_tokens, hidden], e.g. a slot of an earlier pass's resid),
+    // instead of embedding the tokens; stop after layer end_layer - 1 (0 means n_layers) and leave the
+    // residual stream there in x_out. Layers outside the range are not touched in the cache (they are
+    // not read: a layer's attention reads only its own layer's keys and values). Logits need
+    // end_layer = n_layers. Given the same inputs, the layers run compute exactly what a full pass does.
+    int first_layer, end_layer;
+    const float *x_in;     // required when first_layer > 0
+    float *x_out;          // optional out [n_tokens, hidden]
 } forward_batch;
 
 // Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when

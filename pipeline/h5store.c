@@ -148,6 +148,10 @@ int h5store_write_f32(h5store *s, const char *name, const h5shape *shape, const 
     return write_dataset(s, name, shape, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, data, sizeof(float), err);
 }
 
+int h5store_write_f64(h5store *s, const char *name, const h5shape *shape, const double *data, ep_error *err) {
+    return write_dataset(s, name, shape, H5T_IEEE_F64LE, H5T_NATIVE_DOUBLE, data, sizeof(double), err);
+}
+
 int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const int32_t *data, ep_error *err) {
     return write_dataset(s, name, shape, H5T_STD_I32LE, H5T_NATIVE_INT32, data, sizeof(int32_t), err);
 }
@@ -246,6 +250,10 @@ int h5store_write_bf16(h5store *s, const char *name, const h5shape *shape, const
     return rc;
 }
 
+int h5store_read_f64(h5store *s, const char *name, h5shape *shape, double **data, ep_error *err) {
+    return read_dataset(s, name, shape, H5T_NATIVE_DOUBLE, H5T_FLOAT, sizeof(double), (void **)data, err);
+}
+
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err) {
     return read_dataset(s, name, shape, H5T_NATIVE_INT32, H5T_INTEGER, sizeof(int32_t), (void **)data, err);
 }
@@ -318,11 +326,13 @@ static herr_t verify_one(hid_t obj, const char *name, const H5O_info_t *info, vo
     hid_t ds = H5Dopen2(obj, name, H5P_DEFAULT);
     hid_t type = ds >= 0 ? H5Dget_type(ds) : -1;
     H5T_class_t cls = type >= 0 ? H5Tget_class(type) : H5T_NO_CLASS;
+    size_t size = type >= 0 ? H5Tget_size(type) : 0;
     if (type >= 0) H5Tclose(type);
     if (ds >= 0) H5Dclose(ds);
     h5shape sh;
     void *data = NULL;
-    if (cls == H5T_FLOAT || is_bf16(w->s, name)) w->rc = h5store_read_f32(w->s, name, &sh, (float **)&data, w->err);
+    if (cls == H5T_FLOAT && size == sizeof(double)) w->rc = h5store_read_f64(w->s, name, &sh, (double **)&data, w->err);
+    else if (cls == H5T_FLOAT || is_bf16(w->s, name)) w->rc = h5store_read_f32(w->s, name, &sh, (float **)&data, w->err);
     else if (cls == H5T_INTEGER) w->rc = h5store_read_i32(w->s, name, &sh, (int32_t **)&data, w->err);
     else w->rc = ep_fail(w->err, "%s: dataset %s has an unexpected type", file_name(w->s), name);
     free(data);

@@ -38,14 +38,16 @@ void h5store_close(h5store *s);
 // 1 if path exists and carries the completion record, else 0 (no error).
 int h5store_is_complete(const char *path);
 
-// Datasets: names may contain '/' (groups are created as needed). float32 and int32, row-major.
+// Datasets: names may contain '/' (groups are created as needed). float32, float64 and int32, row-major.
 int h5store_write_f32(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err);
+int h5store_write_f64(h5store *s, const char *name, const h5shape *shape, const double *data, ep_error *err);
 int h5store_write_i32(h5store *s, const char *name, const h5shape *shape, const int32_t *data, ep_error *err);
 // Stores float data as bfloat16 (round to nearest even; half the bytes); h5store_read_f32 reads it back
 // as floats.
 int h5store_write_bf16(h5store *s, const char *name, const h5shape *shape, const float *data, ep_error *err);
 // Readers allocate *data (free with free()) and check the CRC.
 int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data, ep_error *err);
+int h5store_read_f64(h5store *s, const char *name, h5shape *shape, double **data, ep_error *err);
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);
 int h5store_has(h5store *s, const char *name);
 // Reads every dataset of the file and checks its CRC (a whole-file check before a file is trusted as a

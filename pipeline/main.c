@@ -25,7 +25,7 @@ static const subcommand subcommands[] = {
     {"tasks", cmd_tasks, "tasks [--tokenizer DIR]"},
     {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
-    {"scores", not_yet, "scores RUN [--round R] [--json]"},
+    {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
     {"report", not_yet, "report RUN"},
     {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
 };

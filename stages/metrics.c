@@ -14,11 +14,9 @@ static void strip(char *s) {
     s[n - a] = 0;
 }
 
-int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *target, int n_target, const int *gen,
-                    int n_gen, prompt_metrics *m, ep_error *err) {
+void metrics_first_token(const float *logits, int V, int t0, prompt_metrics *m) {
     memset(m, 0, sizeof *m);
-    if (n_target < 1 || target[0] < 0 || target[0] >= V) return ep_fail(err, "metrics: empty or out-of-range target");
-    int t0 = target[0], best = 0, best_other = t0 == 0 ? 1 : 0;
+    int best = 0, best_other = t0 == 0 ? 1 : 0;
     double mx = -INFINITY, sum = 0;
     for (int i = 0; i < V; i++) {
         if (logits[i] > logits[best]) best = i;
@@ -29,6 +27,13 @@ int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *
     m->first_token_correct = best == t0;
     m->target_logprob = (float)((double)logits[t0] - mx - log(sum));
     m->logit_diff = logits[t0] - logits[best_other];
+}
+
+int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *target, int n_target, const int *gen,
+                    int n_gen, prompt_metrics *m, ep_error *err) {
+    memset(m, 0, sizeof *m);
+    if (n_target < 1 || target[0] < 0 || target[0] >= V) return ep_fail(err, "metrics: empty or out-of-range target");
+    metrics_first_token(logits, V, target[0], m);
     char *want = NULL, *got = NULL;
     if (tokenizer_decode(tk, target, n_target, 1, &want, NULL, err) || tokenizer_decode(tk, gen, n_gen, 1, &got, NULL, err)) {
         free(want);

@@ -15,6 +15,9 @@ typedef struct {
     float target_logprob, logit_diff;
 } prompt_metrics;
 
+// The logit figures alone (no generation, no tokenizer): first_token_correct, target_logprob, logit_diff
+// for first target token t0; correct is left 0. metrics_compute uses it.
+void metrics_first_token(const float *last_logits, int vocab, int t0, prompt_metrics *out);
 int metrics_compute(const tokenizer *tk, const float *last_logits, int vocab, const int *target, int n_target,
                     const int *generated, int n_generated, prompt_metrics *out, ep_error *err);
 

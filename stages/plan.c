@@ -7,6 +7,8 @@
 #include "pipeline/hash.h"
 #include "stages/prompts.h"
 
+_Static_assert(PLAN_CIRCUIT_TYPES == TT_TARGET && PLAN_EDGE_TYPES == TT_COUNT, "circuit type counts follow token_type");
+
 static int parse_type(const char *s, int *out) {
     static const struct {
         const char *alias;
@@ -289,23 +291,69 @@ static int unit_int(json_t *u, size_t k, int lo, int hi, int *out) {
     return 0;
 }
 
-int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, const ablation_plan *base,
-                 ablation_plan *out, ep_error *err) {
+int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const unsigned char *kept_heads,
+                       const unsigned char *kept_edges, ablation_plan *out, ep_error *err) {
     plan_init(cfg, out);
     snprintf(out->name, sizeof out->name, "circuit");
-    memcpy(out->layer_rules, base->layer_rules, sizeof(edge_rule_set) * (size_t)cfg->n_layers);
+    int L = cfg->n_layers, H = cfg->n_heads, NT = PLAN_CIRCUIT_TYPES, rc = 0;
+    if (L > EDGE_MAX_HEADS || H > EDGE_MAX_HEADS) {
+        plan_free(out);
+        return ep_fail(err, "circuit: at most %d layers and heads are supported", EDGE_MAX_HEADS);
+    }
+    memcpy(out->layer_rules, base->layer_rules, sizeof(edge_rule_set) * (size_t)L);
     out->n_rules = base->n_rules;
     out->n_donors = base->n_donors > 1 ? base->n_donors : 1;
-    json_t *heads = json_object_get(circuit, "heads"), *edges = json_object_get(circuit, "edges");
-    int L = cfg->n_layers, H = cfg->n_heads, rc = 0;
-    if (!json_is_object(circuit) || (!json_is_array(heads) && !json_is_array(edges))) {
-        plan_free(out);
-        return ep_fail(err, "%s: expected {\"heads\": [[layer, head, type], ...], \"edges\": [[layer, head, sender, receiver], ...]}", where);
+    if (kept_edges) {
+        // One keep rule (donor -1) per layer and (sender, receiver) with the heads that keep it, then one
+        // "ablate the rest" rule; at most NT * NT + 1 rules per layer.
+        for (int l = 0; l < L && rc == 0; l++) {
+            uint64_t layers[EDGE_MAX_HEADS / 64] = {0};
+            layers[l >> 6] = 1ull << (l & 63);
+            for (int a = 0; a < PLAN_EDGE_TYPES && rc == 0; a++)
+                for (int b = 0; b < PLAN_EDGE_TYPES && rc == 0; b++) {
+                    edge_rule r = {.sender_types = 1u << a, .receiver_types = 1u << b, .relation = REL_ANY, .donor = -1};
+                    int any = 0;
+                    for (int h = 0; h < H; h++)
+                        if (kept_edges[(((size_t)l * H + h) * PLAN_EDGE_TYPES + a) * PLAN_EDGE_TYPES + b]) {
+                            r.heads[h >> 6] |= 1ull << (h & 63);
+                            any = 1;
+                        }
+                    if (any) rc = add_rule(out, "circuit", &r, layers, err);
+                }
+        }
+        if (rc == 0) {
+            edge_rule all = {.sender_types = (1u << TT_COUNT) - 1, .receiver_types = (1u << TT_COUNT) - 1, .relation = REL_ANY};
+            uint64_t layers[EDGE_MAX_HEADS / 64];
+            parse_indices(NULL, "circuit", "layers", L, layers, err);
+            parse_indices(NULL, "circuit", "heads", H, all.heads, err);
+            rc = add_rule(out, "circuit", &all, layers, err);
+        }
     }
+    // Head units: the base's, then the complement of the kept ones over (layer, head, prompt type).
+    out->head_units = ep_calloc((size_t)base->n_head_units + (size_t)L * H * NT + 1, sizeof(head_unit));
+    if (base->n_head_units) memcpy(out->head_units, base->head_units, sizeof(head_unit) * (size_t)base->n_head_units);
+    out->n_head_units = base->n_head_units;
+    if (kept_heads)
+        for (int l = 0; l < L; l++)
+            for (int h = 0; h < H; h++)
+                for (int t = 0; t < NT; t++)
+                    if (!kept_heads[((size_t)l * H + h) * NT + t])
+                        out->head_units[out->n_head_units++] = (head_unit){.layer = l, .head = h, .type = t, .donor = 0};
+    if (rc) plan_free(out);
+    return rc;
+}
+
+int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, const ablation_plan *base,
+                 ablation_plan *out, ep_error *err) {
+    json_t *heads = json_object_get(circuit, "heads"), *edges = json_object_get(circuit, "edges");
+    int L = cfg->n_layers, H = cfg->n_heads, NT = PLAN_CIRCUIT_TYPES, ET = PLAN_EDGE_TYPES, rc = 0;
+    if (!json_is_object(circuit) || (!json_is_array(heads) && !json_is_array(edges)))
+        return ep_fail(err, "%s: expected {\"heads\": [[layer, head, type], ...], \"edges\": [[layer, head, sender, receiver], ...]}", where);
+    unsigned char *kept_heads = json_is_array(heads) ? ep_calloc((size_t)L * H * NT, 1) : NULL;
+    unsigned char *kept_edges = json_is_array(edges) ? ep_calloc((size_t)L * H * ET * ET, 1) : NULL;
     size_t i;
     json_t *u;
     json_array_foreach(edges, i, u) {
-        edge_rule r = {.relation = REL_ANY, .donor = -1};
         int l, h, ts, tr;
         if (!json_is_array(u) || json_array_size(u) != 4 || unit_int(u, 0, 0, L - 1, &l) || unit_int(u, 1, 0, H - 1, &h) ||
             !json_is_string(json_array_get(u, 2)) || !json_is_string(json_array_get(u, 3)) ||
@@ -313,44 +361,20 @@ int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, co
             rc = ep_fail(err, "%s: edges[%zu]: expected [layer 0..%d, head 0..%d, sender type, receiver type]", where, i, L - 1, H - 1);
             break;
         }
-        r.sender_types = 1u << ts;
-        r.receiver_types = 1u << tr;
-        r.heads[h >> 6] = 1ull << (h & 63);
-        uint64_t layers[EDGE_MAX_HEADS / 64] = {0};
-        layers[l >> 6] = 1ull << (l & 63);
-        if ((rc = add_rule(out, where, &r, layers, err))) break;
+        kept_edges[(((size_t)l * H + h) * ET + ts) * ET + tr] = 1;
     }
-    if (rc == 0 && json_is_array(edges)) {
-        edge_rule all = {.sender_types = (1u << TT_COUNT) - 1, .receiver_types = (1u << TT_COUNT) - 1, .relation = REL_ANY};
-        uint64_t layers[EDGE_MAX_HEADS / 64];
-        parse_indices(NULL, where, "layers", L, layers, err);
-        parse_indices(NULL, where, "heads", H, all.heads, err);
-        rc = add_rule(out, where, &all, layers, err);
-    }
-    // Head units: the base's, then the complement of the kept ones over (layer, head, prompt type).
-    int n_types = TT_TARGET;  // bos .. last: the types a prompt has
-    char *kept = ep_calloc((size_t)L * H * n_types, 1);
     json_array_foreach(heads, i, u) {
         int l, h, t;
         if (rc) break;
         if (!json_is_array(u) || json_array_size(u) != 3 || unit_int(u, 0, 0, L - 1, &l) || unit_int(u, 1, 0, H - 1, &h) ||
-            !json_is_string(json_array_get(u, 2)) || parse_type(json_string_value(json_array_get(u, 2)), &t) || t >= n_types) {
+            !json_is_string(json_array_get(u, 2)) || parse_type(json_string_value(json_array_get(u, 2)), &t) || t >= NT) {
             rc = ep_fail(err, "%s: heads[%zu]: expected [layer 0..%d, head 0..%d, prompt token type]", where, i, L - 1, H - 1);
             break;
         }
-        kept[((size_t)l * H + h) * n_types + t] = 1;
+        kept_heads[((size_t)l * H + h) * NT + t] = 1;
     }
-    out->head_units = ep_calloc((size_t)base->n_head_units + (size_t)L * H * n_types + 1, sizeof(head_unit));
-    if (base->n_head_units) memcpy(out->head_units, base->head_units, sizeof(head_unit) * (size_t)base->n_head_units);
-    out->n_head_units = base->n_head_units;
-    if (rc == 0 && json_is_array(heads))
-        for (int l = 0; l < L; l++)
-            for (int h = 0; h < H; h++)
-                for (int t = 0; t < n_types; t++)
-                    if (!kept[((size_t)l * H + h) * n_types + t])
-                        out->head_units[out->n_head_units++] = (head_unit){.layer = l, .head = h, .type = t, .donor = 0};
-    free(kept);
-    if (rc) plan_free(out);
+    if (rc == 0) rc = plan_circuit_masks(cfg, base, kept_heads, kept_edges, out, err);
+    free(kept_heads), free(kept_edges);
     return rc;
 }
 
@@ -386,12 +410,18 @@ static int mode_plan(const run_config *rc, const model_config *cfg, ablation_pla
         if (!json_is_object(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = {\"ablate\": ..., \"curcuit\": ...}", rc->path, mode);
         return plan_from_affect_whom(aw, where, cfg, p, err);
     }
+    if (ends_with(mode, "prune_heads_in_circuits") || ends_with(mode, "prune_edges_in_circuits")) {
+        // pruning starts from the affect_whom edges already ablated (none when absent)
+        if (aw && !json_is_array(aw) && !json_is_null(aw))
+            return ep_fail(err, "%s: model_name %s takes affect_whom = [[sender, receiver], ...]", rc->path, mode);
+        return plan_from_affect_whom(aw, where, cfg, p, err);
+    }
     if (ends_with(mode, "ablate_edges")) {
         if (!json_is_array(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = [[sender, receiver], ...]", rc->path, mode);
         return plan_from_affect_whom(aw, where, cfg, p, err);
     }
     return ep_fail(err, "%s: field model_name: '%s' is not a run mode this version runs (calc_accuracy, ablate_edges, "
-                        "ablate_edges_differently_for_different_tokens, or give a \"plan\")", rc->path, mode);
+                        "ablate_edges_differently_for_different_tokens, prune_heads_in_circuits, prune_edges_in_circuits, or give a \"plan\")", rc->path, mode);
 }
 
 uint64_t plan_hash(const ablation_plan *p) {

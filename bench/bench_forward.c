@@ -2,7 +2,9 @@
 // tokens packed into one forward step, logits only at each prompt's last position. One warm-up pass,
 // then R timed passes (the KV cache is rewound between passes); prints tokens/s over the timed passes.
 // Token ids are --ids (comma-separated, used for every prompt) or generated as bench_ids() does, the
-// same formula bench_forward_torch.py uses, so both engines see the same ids.
+// same formula bench_forward_torch.py uses, so both engines see the same ids. --backend picks the kernel
+// backend (cpu, or cuda: the weights are uploaded once, outside the timing); --random CONFIG runs a model
+// of that config.json's shape with pseudo-random weights (e.g. bench/smollm2-135m.json) instead of --model.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,7 +16,8 @@
 #include "pipeline/model.h"
 
 static const char usage[] =
-    "usage: bench_forward --model DIR [--batch B] [--len T] [--reps R] [--ids 1,2,3]\n"
+    "usage: bench_forward (--model DIR | --random CONFIG) [--backend cpu|cuda] [--batch B] [--len T] [--reps R]\n"
+    "                     [--ids 1,2,3]\n"
     "  B prompts (default 16) of T token ids (default 100), R timed passes (default 3) after a warm-up.\n"
     "  Threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS.\n";
 
@@ -31,7 +34,7 @@ static double now_s(void) {
 }
 
 int main(int argc, char **argv) {
-    const char *dir = NULL, *ids = NULL;
+    const char *dir = NULL, *ids = NULL, *random_cfg = NULL, *backend = "cpu";
     int B = 16, T = 100, R = 3;
     for (int i = 1; i < argc; i++) {
         const char *next = i + 1 < argc ? argv[i + 1] : NULL;
@@ -40,6 +43,8 @@ int main(int argc, char **argv) {
             return !strcmp(argv[i], "--help") ? 0 : 2;
         }
         if (!strcmp(argv[i], "--model")) dir = next;
+        else if (!strcmp(argv[i], "--random")) random_cfg = next;
+        else if (!strcmp(argv[i], "--backend")) backend = next;
         else if (!strcmp(argv[i], "--ids")) ids = next;
         else if (!strcmp(argv[i], "--batch")) B = atoi(next);
         else if (!strcmp(argv[i], "--len")) T = atoi(next);
@@ -50,13 +55,29 @@ int main(int argc, char **argv) {
         }
         i++;
     }
-    if (!dir || B <= 0 || R <= 0 || (!ids && T <= 0)) {
+    if (!dir == !random_cfg || B <= 0 || R <= 0 || (!ids && T <= 0)) {
         fputs(usage, stderr);
         return 2;
     }
-    model m;
+    const kernel_ops *ops = !strcmp(backend, "cpu") ? kernel_ops_cpu() : !strcmp(backend, "cuda") ? kernel_ops_cuda() : NULL;
+    if (!ops) {
+        fprintf(stderr, "bench_forward: backend '%s' is not available (cpu, or cuda with a usable GPU)\n", backend);
+        return 2;
+    }
+    model m, dev;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
+    if (random_cfg) {
+        model_config cfg;
+        if (model_config_load(random_cfg, &cfg, &err)) {
+            fprintf(stderr, "bench_forward: %s\n", err.msg);
+            return 1;
+        }
+        model_init_random(&cfg, 1, &m);
+    } else if (model_load(dir, &m, &err)) {
+        fprintf(stderr, "bench_forward: %s\n", err.msg);
+        return 1;
+    }
+    if (model_to_backend(&m, ops, &dev, &err)) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
@@ -88,18 +109,17 @@ int main(int argc, char **argv) {
     }
     float *logits = malloc(sizeof(float) * (size_t)B * V);
     kv_cache cache;
-    if (kv_cache_init(&cache, &m.cfg, B, T, 0, &err)) {
+    if (kv_cache_init_backend(&cache, &m.cfg, B, T, 0, ops, &err)) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
-    const kernel_ops *ops = kernel_ops_cpu();
     forward_batch fb = {.n_seqs = B, .n_new = n_new, .tokens = tokens, .n_logit_rows = B, .logit_rows = rows,
                         .logits = logits};
     double total = 0;
     for (int rep = 0; rep <= R; rep++) {
         memset(cache.len, 0, sizeof(int) * B);
         double t0 = now_s();
-        if (model_forward(&m, ops, &cache, &fb, NULL, &err)) {
+        if (model_forward(&dev, ops, &cache, &fb, NULL, &err)) {
             fprintf(stderr, "bench_forward: %s\n", err.msg);
             return 1;
         }
@@ -110,9 +130,10 @@ int main(int argc, char **argv) {
     printf("argmax of the first prompts:");
     for (int s = 0; s < B && s < 4; s++) printf(" %d", argmax(logits + (size_t)s * V, V));
     printf("\n");
-    printf("engine=edgepatch batch=%d len=%d reps=%d seconds=%.4f tokens_per_s=%.1f\n", B, T, R, total / R,
+    printf("engine=edgepatch backend=%s batch=%d len=%d reps=%d seconds=%.4f tokens_per_s=%.1f\n", ops->name, B, T, R, total / R,
            (double)B * T * R / total);
     kv_cache_free(&cache);
+    model_backend_free(&dev);
     model_free(&m);
     free(prompt), free(tokens), free(n_new), free(rows), free(logits);
     return 0;

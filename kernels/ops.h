@@ -83,6 +83,16 @@ typedef struct kernel_ops {
     void (*patched_attention)(float *out, const float *q, const float *k, const float *v, int n_donors,
                               const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
                               int n_seqs, const attn_params *p, const edge_rule_set *rules);
+
+    // Data movement inside backend memory (both pointers backend memory, never overlapping):
+    // row i of dst (dst + i * dst_stride) = row i of src (src + i * src_stride), row_len floats, i < rows.
+    void (*copy_rows)(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len);
+    // Packed row i of dst (dst + i * row_len) = row idx[i] of src (src + idx[i] * row_len), i < n; idx is
+    // backend memory (n ints).
+    void (*gather_rows)(float *dst, const float *src, const int *idx, int n, int row_len);
+    // 1 when backend memory is host memory (ref, cpu): host pointers may be handed to the ops directly
+    // and the host may read what they write.
+    int host_memory;
 } kernel_ops;
 
 const kernel_ops *kernel_ops_ref(void);

@@ -232,6 +232,16 @@ static void cpu_patched_attention(float *out, const float *q, const float *k, co
     free(sel);
 }
 
+static void cpu_copy_rows(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len) {
+    for (int r = 0; r < rows; r++)
+        memcpy(dst + (size_t)r * dst_stride, src + (size_t)r * src_stride, sizeof(float) * (size_t)row_len);
+}
+
+static void cpu_gather_rows(float *dst, const float *src, const int *idx, int n, int row_len) {
+    for (int i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
+}
+
 static const kernel_ops cpu_table = {
     .name = "cpu",
     .alloc = host_alloc,
@@ -250,6 +260,9 @@ static const kernel_ops cpu_table = {
     .scale = cpu_scale,
     .attention = cpu_attention,
     .patched_attention = cpu_patched_attention,
+    .copy_rows = cpu_copy_rows,
+    .gather_rows = cpu_gather_rows,
+    .host_memory = 1,
 };
 
 const kernel_ops *kernel_ops_cpu(void) { return &cpu_table; }

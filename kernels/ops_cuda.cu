@@ -200,6 +200,14 @@ __global__ static void scale_kernel(float *y, size_t n, float s) {
         y[i] *= s;
 }
 
+__global__ static void gather_rows_kernel(float *dst, const float *src, const int *idx, int n, int row_len) {
+    size_t total = (size_t)n * row_len;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / (size_t)row_len, c = i % (size_t)row_len;
+        dst[i] = src[(size_t)idx[r] * row_len + c];
+    }
+}
+
 // Edge patching for attention_kernel<true> (kernels/edge_rule.h). Everything but the donor pointers
 // lives in one device buffer uploaded per call (cuda_patched_attention): the rule set, then one
 // descriptor per sequence {donor_row, offset of its types in `ints`, n_typed (0 without types), 0}, then
@@ -574,10 +582,23 @@ static void cuda_patched_attention(float *out, const float *q, const float *k, c
     attention_launch(out, q, k, v, seqs, n_seqs, p, &patch);
 }
 
+static void cuda_copy_rows(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len) {
+    if (rows <= 0 || row_len <= 0) return;
+    CUDA_CHECK(cudaMemcpy2DAsync(dst, sizeof(float) * (size_t)dst_stride, src, sizeof(float) * (size_t)src_stride,
+                                 sizeof(float) * (size_t)row_len, (size_t)rows, cudaMemcpyDeviceToDevice, ctx.stream));
+}
+
+static void cuda_gather_rows(float *dst, const float *src, const int *idx, int n, int row_len) {
+    size_t total = (size_t)(n > 0 ? n : 0) * (size_t)(row_len > 0 ? row_len : 0);
+    if (total == 0) return;
+    gather_rows_kernel<<<pointwise_blocks(total), POINTWISE_THREADS, 0, ctx.stream>>>(dst, src, idx, n, row_len);
+    LAUNCH_CHECK("gather_rows_kernel");
+}
+
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_rmsnorm,
     cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
-    cuda_patched_attention,
+    cuda_patched_attention, cuda_copy_rows, cuda_gather_rows, 0,
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -141,6 +141,16 @@ static void ref_attention(float *out, const float *q, const float *k, const floa
     ref_patched_attention(out, q, k, v, 0, NULL, NULL, seqs, n_seqs, p, NULL);
 }
 
+static void ref_copy_rows(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len) {
+    for (int r = 0; r < rows; r++)
+        memcpy(dst + (size_t)r * dst_stride, src + (size_t)r * src_stride, sizeof(float) * (size_t)row_len);
+}
+
+static void ref_gather_rows(float *dst, const float *src, const int *idx, int n, int row_len) {
+    for (int i = 0; i < n; i++)
+        memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
+}
+
 static const kernel_ops ref_table = {
     .name = "ref",
     .alloc = host_alloc,
@@ -159,6 +169,9 @@ static const kernel_ops ref_table = {
     .scale = ref_scale,
     .attention = ref_attention,
     .patched_attention = ref_patched_attention,
+    .copy_rows = ref_copy_rows,
+    .gather_rows = ref_gather_rows,
+    .host_memory = 1,
 };
 
 const kernel_ops *kernel_ops_ref(void) { return &ref_table; }

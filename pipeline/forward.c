@@ -4,26 +4,45 @@
 #include <string.h>
 
 int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z, ep_error *err) {
+    return kv_cache_init_backend(c, cfg, n_seqs, capacity, with_z, NULL, err);
+}
+
+int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z,
+                          const kernel_ops *ops, ep_error *err) {
     memset(c, 0, sizeof *c);
     if (n_seqs <= 0 || capacity <= 0) return ep_fail(err, "kv cache: need at least one sequence and one position");
     c->n_layers = cfg->n_layers;
     c->n_seqs = n_seqs;
     c->capacity = capacity;
     c->kv_dim = cfg->n_kv_heads * cfg->head_dim;
-    size_t n = (size_t)c->n_layers * n_seqs * capacity * c->kv_dim;
+    c->z_dim = cfg->n_heads * cfg->head_dim;
+    size_t n = (size_t)c->n_layers * n_seqs * capacity * c->kv_dim,
+           nz = (size_t)c->n_layers * n_seqs * capacity * c->z_dim;
+    c->len = ep_calloc((size_t)n_seqs, sizeof(int));
+    if (ops && !ops->host_memory) {
+        c->backend = ops;
+        c->k = ops->alloc(sizeof(float) * (n ? n : 1));
+        c->v = ops->alloc(sizeof(float) * (n ? n : 1));
+        if (with_z) c->z = ops->alloc(sizeof(float) * (nz ? nz : 1));
+        return 0;
+    }
     c->k = ep_calloc(n, sizeof(float));
     c->v = ep_calloc(n, sizeof(float));
-    c->len = ep_calloc((size_t)n_seqs, sizeof(int));
-    c->z_dim = cfg->n_heads * cfg->head_dim;
-    if (with_z) c->z = ep_calloc((size_t)c->n_layers * n_seqs * capacity * c->z_dim, sizeof(float));
+    if (with_z) c->z = ep_calloc(nz, sizeof(float));
     return 0;
 }
 
 void kv_cache_free(kv_cache *c) {
-    free(c->k);
-    free(c->v);
+    if (c->backend) {
+        c->backend->release(c->k);
+        c->backend->release(c->v);
+        if (c->z) c->backend->release(c->z);
+    } else {
+        free(c->k);
+        free(c->v);
+        free(c->z);
+    }
     free(c->len);
-    free(c->z);
     memset(c, 0, sizeof *c);
 }
 
@@ -42,7 +61,8 @@ static int check_patch(const model_config *c, const kv_cache *cache, const forwa
     if (p->n_donors < 0 || p->n_donors > 16) return ep_fail(err, "patch: %d donors (at most 16)", p->n_donors);
     for (int d = 0; d < p->n_donors; d++) {
         const kv_cache *dc = p->donors[d];
-        if (!dc || dc->n_seqs != cache->n_seqs || dc->kv_dim != cache->kv_dim || dc->n_layers != cache->n_layers)
+        if (!dc || dc->n_seqs != cache->n_seqs || dc->kv_dim != cache->kv_dim || dc->n_layers != cache->n_layers ||
+            dc->backend != cache->backend)
             return ep_fail(err, "patch: donor %d's cache does not match the batch", d);
     }
     if (p->layer_rules)
@@ -61,33 +81,47 @@ static int check_patch(const model_config *c, const kv_cache *cache, const forwa
     return 0;
 }
 
-// Scratch activations for one step of T packed tokens.
+// Scratch activations for one step of T packed tokens (backend memory, but for the host metadata).
+// Row buffers of hidden width hold max(T, n_logit_rows) rows: the logits rows are gathered into o.
 typedef struct {
     float *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *mlp;
-    int *pos;
+    float *logits;  // backend copy of the logits for non-host backends, else NULL
+    int *pos, *idx;  // backend: positions of the rows, then gather indices (tokens or logit rows)
+    int *host_pos;
     attn_seq *seqs;
 } step_buffers;
 
-static void step_buffers_init(step_buffers *s, const model_config *c, int T, int n_seqs) {
+static void step_buffers_init(step_buffers *s, const kernel_ops *ops, const model_config *c, int T, int n_logit_rows,
+                              int n_seqs) {
     size_t t = (size_t)T, D = (size_t)c->hidden, Q = (size_t)c->n_heads * c->head_dim,
-           KV = (size_t)c->n_kv_heads * c->head_dim, I = (size_t)c->intermediate;
-    s->x = ep_malloc(sizeof(float) * t * D);
-    s->xn = ep_malloc(sizeof(float) * t * D);
-    s->q = ep_malloc(sizeof(float) * t * Q);
-    s->k = ep_malloc(sizeof(float) * t * KV);
-    s->v = ep_malloc(sizeof(float) * t * KV);
-    s->att = ep_malloc(sizeof(float) * t * Q);
-    s->o = ep_malloc(sizeof(float) * t * D);
-    s->gate = ep_malloc(sizeof(float) * t * I);
-    s->up = ep_malloc(sizeof(float) * t * I);
-    s->mlp = ep_malloc(sizeof(float) * t * D);
-    s->pos = ep_malloc(sizeof(int) * t);
+           KV = (size_t)c->n_kv_heads * c->head_dim, I = (size_t)c->intermediate,
+           tr = (size_t)(T > n_logit_rows ? T : n_logit_rows);
+    s->x = ops->alloc(sizeof(float) * t * D);
+    s->xn = ops->alloc(sizeof(float) * tr * D);
+    s->q = ops->alloc(sizeof(float) * t * Q);
+    s->k = ops->alloc(sizeof(float) * t * KV);
+    s->v = ops->alloc(sizeof(float) * t * KV);
+    s->att = ops->alloc(sizeof(float) * t * Q);
+    s->o = ops->alloc(sizeof(float) * tr * D);
+    s->gate = ops->alloc(sizeof(float) * t * I);
+    s->up = ops->alloc(sizeof(float) * t * I);
+    s->mlp = ops->alloc(sizeof(float) * t * D);
+    s->logits = !ops->host_memory && n_logit_rows > 0
+                    ? ops->alloc(sizeof(float) * (size_t)n_logit_rows * (size_t)c->vocab_size)
+                    : NULL;
+    s->pos = ops->alloc(sizeof(int) * t);
+    s->idx = ops->alloc(sizeof(int) * tr);
+    s->host_pos = ep_malloc(sizeof(int) * t);
     s->seqs = ep_malloc(sizeof(attn_seq) * (size_t)n_seqs);
 }
 
-static void step_buffers_free(step_buffers *s) {
-    free(s->x), free(s->xn), free(s->q), free(s->k), free(s->v), free(s->att), free(s->o);
-    free(s->gate), free(s->up), free(s->mlp), free(s->pos), free(s->seqs);
+static void step_buffers_free(step_buffers *s, const kernel_ops *ops) {
+    float *f[] = {s->x, s->xn, s->q, s->k, s->v, s->att, s->o, s->gate, s->up, s->mlp};
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) ops->release(f[i]);
+    if (s->logits) ops->release(s->logits);
+    ops->release(s->pos);
+    ops->release(s->idx);
+    free(s->host_pos), free(s->seqs);
 }
 
 static void norm(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
@@ -112,19 +146,27 @@ static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_we
     ops->matmul(s->mlp, s->gate, w->w_down, w->b_down, T, c->intermediate, c->hidden);
 }
 
-// Head units of layer l: a head's output at positions of the unit's type becomes the donor's there.
-static void substitute_heads(const forward_patch *p, int l, int head_dim, const step_buffers *s, int n_seqs, int Q) {
+// Head units of layer l: a head's output at positions of the unit's type becomes the donor's there. Runs of
+// consecutive positions of the type are copied at once.
+static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int l, int head_dim, const step_buffers *s,
+                             int n_seqs, int Q) {
     for (int u = 0; u < p->n_head_units; u++) {
         const head_unit *h = &p->head_units[u];
         if (h->layer != l) continue;
         const kv_cache *donor = p->donors[h->donor];
         for (int seq = 0; seq < n_seqs; seq++) {
             const attn_seq *sq = &s->seqs[seq];
-            for (int i = 0; i < sq->n_q; i++) {
+            for (int i = 0; i < sq->n_q;) {
                 int pos = sq->q_pos + i;
-                if (pos >= sq->n_typed || sq->types[pos] != h->type) continue;
-                memcpy(s->att + (size_t)(sq->q_row + i) * Q + (size_t)h->head * head_dim,
-                       kv_cache_z(donor, l, seq, pos) + (size_t)h->head * head_dim, sizeof(float) * head_dim);
+                if (pos >= sq->n_typed || sq->types[pos] != h->type) {
+                    i++;
+                    continue;
+                }
+                int n = 1;
+                while (i + n < sq->n_q && pos + n < sq->n_typed && sq->types[pos + n] == h->type) n++;
+                ops->copy_rows(s->att + (size_t)(sq->q_row + i) * Q + (size_t)h->head * head_dim, Q,
+                               kv_cache_z(donor, l, seq, pos) + (size_t)h->head * head_dim, donor->z_dim, n, head_dim);
+                i += n;
             }
         }
     }
@@ -133,6 +175,10 @@ static void substitute_heads(const forward_patch *p, int l, int head_dim, const 
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err) {
     const model_config *c = &m->cfg;
+    const kernel_ops *dev = ops->host_memory ? NULL : ops;
+    if (m->backend != dev || cache->backend != dev)
+        return ep_fail(err, "forward: the %s backend needs the model's weights and the cache in its memory "
+                            "(model_to_backend, kv_cache_init_backend)", ops->name);
     if (patch && check_patch(c, cache, patch, err)) return -1;
     if (b->n_seqs != cache->n_seqs)
         return ep_fail(err, "forward: batch has %d sequences, the cache %d", b->n_seqs, cache->n_seqs);
@@ -158,7 +204,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     if (T == 0) return 0;
 
     step_buffers s;
-    step_buffers_init(&s, c, T, b->n_seqs);
+    step_buffers_init(&s, ops, c, T, b->n_logit_rows, b->n_seqs);
     int D = c->hidden, Q = c->n_heads * c->head_dim, KV = cache->kv_dim;
     for (int seq = 0, r = 0; seq < b->n_seqs; seq++) {
         s.seqs[seq] = (attn_seq){.q_row = r, .n_q = b->n_new[seq], .q_pos = cache->len[seq], .kv_row = seq * cache->capacity};
@@ -168,29 +214,30 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
             s.seqs[seq].n_typed = patch->n_typed[seq];
             s.seqs[seq].donor_row = patch->n_donors > 0 ? seq * patch->donors[0]->capacity : 0;
         }
-        for (int i = 0; i < b->n_new[seq]; i++, r++) s.pos[r] = cache->len[seq] + i;
+        for (int i = 0; i < b->n_new[seq]; i++, r++) s.host_pos[r] = cache->len[seq] + i;
     }
+    ops->upload(s.pos, s.host_pos, sizeof(int) * (size_t)T);
     if (first > 0) {
-        memcpy(s.x, b->x_in, sizeof(float) * (size_t)T * D);
+        ops->upload(s.x, b->x_in, sizeof(float) * (size_t)T * D);
     } else {
-        for (int r = 0; r < T; r++) memcpy(s.x + (size_t)r * D, m->embed + (size_t)b->tokens[r] * D, sizeof(float) * D);
+        ops->upload(s.idx, b->tokens, sizeof(int) * (size_t)T);
+        ops->gather_rows(s.x, m->embed, s.idx, T, D);
         if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
     }
 
     for (int l = first; l < end; l++) {
         const layer_weights *w = &m->layers[l];
-        if (b->resid) memcpy(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
+        if (b->resid) ops->download(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
         norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
         ops->matmul(s.q, s.xn, w->wq, w->bq, T, D, Q);
         ops->matmul(s.k, s.xn, w->wk, w->bk, T, D, KV);
         ops->matmul(s.v, s.xn, w->wv, w->bv, T, D, KV);
         ops->rope(s.q, Q, s.pos, m->inv_freq, T, c->n_heads, c->head_dim, c->rotary_dim);
         ops->rope(s.k, KV, s.pos, m->inv_freq, T, c->n_kv_heads, c->head_dim, c->rotary_dim);
-        for (int seq = 0, r = 0; seq < b->n_seqs; seq++)
-            for (int i = 0; i < b->n_new[seq]; i++, r++) {
-                memcpy(kv_cache_k(cache, l, seq, cache->len[seq] + i), s.k + (size_t)r * KV, sizeof(float) * KV);
-                memcpy(kv_cache_v(cache, l, seq, cache->len[seq] + i), s.v + (size_t)r * KV, sizeof(float) * KV);
-            }
+        for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
+            ops->copy_rows(kv_cache_k(cache, l, seq, cache->len[seq]), KV, s.k + (size_t)r * KV, KV, b->n_new[seq], KV);
+            ops->copy_rows(kv_cache_v(cache, l, seq, cache->len[seq]), KV, s.v + (size_t)r * KV, KV, b->n_new[seq], KV);
+        }
         attn_params p = {.n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
                          .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
                          .window = model_config_layer_window(c, l)};
@@ -205,11 +252,11 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         } else {
             ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
         }
-        if (patch) substitute_heads(patch, l, c->head_dim, &s, b->n_seqs, Q);
+        if (patch) substitute_heads(ops, patch, l, c->head_dim, &s, b->n_seqs, Q);
         if (cache->z)
-            for (int seq = 0, r = 0; seq < b->n_seqs; seq++)
-                for (int i = 0; i < b->n_new[seq]; i++, r++)
-                    memcpy(kv_cache_z(cache, l, seq, cache->len[seq] + i), s.att + (size_t)r * Q, sizeof(float) * Q);
+            for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++)
+                ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
+                               b->n_new[seq], Q);
         ops->matmul(s.o, s.att, w->wo, w->bo, T, Q, D);
 
         switch (c->block) {
@@ -234,18 +281,23 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
             break;
         }
     }
-    if (b->resid) memcpy(b->resid + (size_t)end * T * D, s.x, sizeof(float) * (size_t)T * D);
-    if (b->x_out) memcpy(b->x_out, s.x, sizeof(float) * (size_t)T * D);
+    if (b->resid) ops->download(b->resid + (size_t)end * T * D, s.x, sizeof(float) * (size_t)T * D);
+    if (b->x_out) ops->download(b->x_out, s.x, sizeof(float) * (size_t)T * D);
     for (int seq = 0; seq < b->n_seqs; seq++) cache->len[seq] += b->n_new[seq];
 
     if (b->n_logit_rows > 0) {
         // Gather the rows that are read, then norm and project only those.
-        for (int i = 0; i < b->n_logit_rows; i++)
-            memcpy(s.o + (size_t)i * D, s.x + (size_t)b->logit_rows[i] * D, sizeof(float) * D);
+        // Host backends write the caller's array directly; others a backend copy, then downloaded.
+        size_t n_logits = (size_t)b->n_logit_rows * c->vocab_size;
+        float *logits = s.logits ? s.logits : b->logits;
+        ops->upload(s.idx, b->logit_rows, sizeof(int) * (size_t)b->n_logit_rows);
+        ops->gather_rows(s.o, s.x, s.idx, b->n_logit_rows, D);
         norm(ops, c, s.xn, s.o, m->final_norm, m->final_norm_bias, b->n_logit_rows);
-        ops->matmul(b->logits, s.xn, m->lm_head, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
-        if (c->final_softcap > 0) ops->softcap(b->logits, (size_t)b->n_logit_rows * c->vocab_size, c->final_softcap);
+        ops->matmul(logits, s.xn, m->lm_head, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
+        if (c->final_softcap > 0) ops->softcap(logits, n_logits, c->final_softcap);
+        if (s.logits) ops->download(b->logits, s.logits, sizeof(float) * n_logits);
     }
-    step_buffers_free(&s);
+    ops->sync();
+    step_buffers_free(&s, ops);
     return 0;
 }

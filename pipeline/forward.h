@@ -18,13 +18,18 @@ typedef struct {
     float *k, *v;  // [n_layers][n_seqs][capacity][kv_dim], post-RoPE keys and values
     float *z;      // optional [n_layers][n_seqs][capacity][z_dim]: every head's attention output before the
                    // output projection (head h at h * head_dim), what head units substitute
-    int *len;      // positions filled per sequence
+    int *len;      // positions filled per sequence (host memory)
+    const kernel_ops *backend;  // non-NULL: k, v and z live in this (non-host) backend's memory
 } kv_cache;
 
-// with_z: also keep the heads' outputs (donor passes need them for head units).
+// with_z: also keep the heads' outputs (donor passes need them for head units). Host memory, zeroed.
 int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z, ep_error *err);
+// The same in ops' memory: for a host backend (or ops NULL) exactly kv_cache_init; otherwise k, v and z
+// are backend buffers (unfilled rows unspecified; never read by attention) for model_forward with ops.
+int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z,
+                          const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
-// Keys (or values) of layer l, sequence s, position p: kv_dim floats.
+// Keys (or values) of layer l, sequence s, position p: kv_dim floats (backend memory for a backend cache).
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos);
 float *kv_cache_v(const kv_cache *c, int layer, int seq, int pos);
 float *kv_cache_z(const kv_cache *c, int layer, int seq, int pos);
@@ -69,6 +74,9 @@ typedef struct {
     float *x_out;          // optional out [n_tokens, hidden]
 } forward_batch;
 
+// The batch's arrays (tokens, logit_rows, logits, resid, x_in, x_out) and the patch's metadata are host
+// memory whatever the backend; the model's weights and every cache must live in ops' memory (a host model
+// and host caches for host backends; model_to_backend and kv_cache_init_backend otherwise).
 // Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when
 // `patch` is non-NULL), writes keys and values (and head outputs, if kept) into the cache, advances
 // cache->len, and fills the requested outputs.

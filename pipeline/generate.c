@@ -64,7 +64,7 @@ int greedy_generate(const model *m, const kernel_ops *ops, int n_seqs, const int
         if (lens[s] > max_len) max_len = lens[s];
     }
     kv_cache cache;
-    if (kv_cache_init(&cache, &m->cfg, n_seqs, max_len + o->max_new_tokens, 0, err)) return -1;
+    if (kv_cache_init_backend(&cache, &m->cfg, n_seqs, max_len + o->max_new_tokens, 0, ops, err)) return -1;
     int *rows = ep_malloc(sizeof(int) * (size_t)n_seqs);
     for (int s = 0, r = 0; s < n_seqs; s++) rows[s] = (r += lens[s]) - 1;
     float *logits = ep_malloc(sizeof(float) * (size_t)n_seqs * m->cfg.vocab_size);

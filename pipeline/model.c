@@ -171,6 +171,71 @@ uint64_t model_identity(const model *m) {
     return h;
 }
 
+void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
+    memset(m, 0, sizeof *m);
+    m->cfg = *cfg;
+    m->layers = ep_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
+    expected_list l = {0};
+    list_expected(m, &l);
+    m->owned = ep_calloc((size_t)l.n, sizeof(float *));
+    uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
+    for (int i = 0; i < l.n; i++) {
+        size_t n = (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
+        float *buf = ep_malloc(sizeof(float) * n), base = strstr(l.items[i].name, "norm.weight") ? 1.0f : 0.0f;
+        for (size_t j = 0; j < n; j++) {
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            buf[j] = base + (float)((double)(x >> 40) / (double)(1ull << 24) - 0.5) * 0.1f;
+        }
+        m->owned[m->n_owned++] = buf;
+        *l.items[i].dst = buf;
+    }
+    free(l.items);
+    if (cfg->tied_embeddings) m->lm_head = m->embed;
+    m->inv_freq = ep_malloc(sizeof(float) * (size_t)(cfg->rotary_dim / 2 > 0 ? cfg->rotary_dim / 2 : 1));
+    model_config_inv_freq(cfg, m->inv_freq);
+    m->embed_scale = model_embed_scale(cfg, 0);
+}
+
+int model_to_backend(const model *m, const kernel_ops *ops, model *dev, ep_error *err) {
+    const model_config *c = &m->cfg;
+    if (m->backend) return ep_fail(err, "model_to_backend: the model is already a device model");
+    *dev = *m;
+    memset(&dev->st, 0, sizeof dev->st);
+    dev->owned = NULL;
+    dev->n_owned = 0;
+    dev->backend = NULL;
+    dev->layers = ep_malloc(sizeof(layer_weights) * (size_t)c->n_layers);
+    memcpy(dev->layers, m->layers, sizeof(layer_weights) * (size_t)c->n_layers);
+    if (ops->host_memory) return 0;
+    // The expected-tensor list names every weight pointer and its shape; each is replaced by an upload.
+    expected_list l = {0};
+    list_expected(dev, &l);
+    dev->owned = ep_calloc((size_t)l.n + 1, sizeof(float *));
+    dev->backend = ops;
+    for (int i = 0; i < l.n; i++) {
+        size_t bytes = sizeof(float) * (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
+        float *buf = ops->alloc(bytes);
+        ops->upload(buf, *l.items[i].dst, bytes);
+        dev->owned[dev->n_owned++] = buf;
+        *l.items[i].dst = buf;
+    }
+    free(l.items);
+    if (c->tied_embeddings) dev->lm_head = dev->embed;
+    size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
+    dev->inv_freq = ops->alloc(inv_bytes ? inv_bytes : sizeof(float));
+    if (inv_bytes) ops->upload(dev->inv_freq, m->inv_freq, inv_bytes);
+    dev->owned[dev->n_owned++] = dev->inv_freq;
+    return 0;
+}
+
+void model_backend_free(model *dev) {
+    if (dev->backend)
+        for (int i = 0; i < dev->n_owned; i++) dev->backend->release(dev->owned[i]);
+    free(dev->owned);
+    free(dev->layers);
+    memset(dev, 0, sizeof *dev);
+}
+
 void model_free(model *m) {
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);

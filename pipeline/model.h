@@ -9,6 +9,7 @@
 #ifndef EP_MODEL_H
 #define EP_MODEL_H
 
+#include "kernels/ops.h"
 #include "pipeline/error.h"
 #include "pipeline/model_config.h"
 #include "pipeline/safetensors.h"
@@ -36,6 +37,8 @@ typedef struct {
     float **owned;       // converted tensors, freed with the model
     int n_owned;
     uint64_t config_hash;  // of config.json's bytes
+    const kernel_ops *backend;  // non-NULL: a device model (model_to_backend) whose weights and inv_freq live in
+                                // this backend's memory; `owned` then lists those buffers
 } model;
 
 // Loads DIR/config.json and DIR's safetensors.
@@ -44,6 +47,18 @@ int model_load(const char *dir, model *m, ep_error *err);
 // header (names, dtypes, shapes, offsets), without reading the weights themselves.
 uint64_t model_identity(const model *m);
 void model_free(model *m);
+
+// A host model of the shape cfg describes with deterministic pseudo-random weights (uniform in
+// [-0.05, 0.05), norm scales near 1), for benchmarks that need a real model's shape but not its values.
+// Free with model_free.
+void model_init_random(const model_config *cfg, uint64_t seed, model *m);
+
+// A device model: m's weights (and inv_freq) in ops' memory, put there once, for model_forward with ops.
+// For a host backend (ops->host_memory) dev only borrows m's pointers (no copy; m must outlive dev);
+// otherwise every tensor is uploaded (a tied lm_head shares the embedding's copy) and dev is
+// independent of m. dev has no safetensors (st is empty). Free with model_backend_free, not model_free.
+int model_to_backend(const model *m, const kernel_ops *ops, model *dev, ep_error *err);
+void model_backend_free(model *dev);
 
 // Gemma multiplies embeddings by sqrt(hidden) as a tensor of the compute dtype: fp32 here, but a bf16
 // run rounds the factor to bf16 first (sqrt(3584) = 59.87 becomes 59.75). Returns the factor HF uses.

@@ -37,7 +37,7 @@ int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_pla
                             .types = pb->types, .index = pb->index, .type_stride = pb->max_len, .n_typed = pb->lengths};
     int rc = 0;
     for (int d = 0; d < plan->n_donors && rc == 0; d++) {
-        rc = kv_cache_init(&donors[d], &m->cfg, pb->n_seqs, pb->max_len, 1, err);
+        rc = kv_cache_init_backend(&donors[d], &m->cfg, pb->n_seqs, pb->max_len, 1, ops, err);
         if (rc == 0) rc = run_pass(m, ops, pb, d, &donors[d], d == 0 ? NULL : &nested, NULL, 0, err);
     }
     plan_free(&part0);
@@ -55,7 +55,7 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
                            .index = pb->index, .type_stride = pb->max_len, .n_typed = pb->lengths};
     for (int d = 0; d < plan->n_donors; d++) patch.donors[d] = &donors[d];
     kv_cache cache;
-    int rc = kv_cache_init(&cache, c, S, pb->max_len + (out->max_new > 0 ? out->max_new : 0), 0, err);
+    int rc = kv_cache_init_backend(&cache, c, S, pb->max_len + (out->max_new > 0 ? out->max_new : 0), 0, ops, err);
     float *last = ep_malloc(sizeof(float) * (size_t)S * V);
     if (rc == 0) {
         int patched = plan->n_donors > 0 || plan->n_rules > 0;

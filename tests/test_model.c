@@ -4,6 +4,9 @@
 // packed batch while HF ran each alone, so any cross-talk between prompts shows up as an error.
 // Siblings prove the checks can fail: a perturbed weight and a disabled sliding window must both
 // push the error far past the tolerance.
+// Every backend runs the comparisons: cpu, the offset test backend (tests/offset_backend.h: separate
+// memory behind non-host pointers, so any host access to backend memory in the forward pass faults; it
+// computes with the cpu kernels, so its errors must equal cpu's exactly) and cuda when a GPU is usable.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +17,7 @@
 #include "pipeline/generate.h"
 #include "pipeline/model.h"
 #include "tests/harness.h"
+#include "tests/offset_backend.h"
 
 #define TOL 1e-4
 #define MAX_PROMPTS 8
@@ -80,7 +84,7 @@ typedef struct {
 } errors;
 
 // Runs every prompt of the reference in one packed batch and compares everything.
-static errors compare_forward(const model *m, reference *r) {
+static errors compare_forward(const model *m, const kernel_ops *ops, reference *r) {
     const model_config *c = &m->cfg;
     int T = 0, max_len = 0, D = c->hidden, V = c->vocab_size, L = c->n_layers, KV = c->n_kv_heads * c->head_dim;
     for (int i = 0; i < r->n; i++) {
@@ -97,8 +101,8 @@ static errors compare_forward(const model *m, reference *r) {
     errors e = {INFINITY, INFINITY, INFINITY};
     forward_batch b = {.n_seqs = r->n, .n_new = r->len, .tokens = tokens, .n_logit_rows = T, .logit_rows = rows,
                        .logits = logits, .resid = resid};
-    if (kv_cache_init(&cache, c, r->n, max_len, 0, &err) || model_forward(m, kernel_ops_cpu(), &cache, &b, NULL, &err)) {
-        check(0, "forward: %s", err.msg);
+    if (kv_cache_init_backend(&cache, c, r->n, max_len, 0, ops, &err) || model_forward(m, ops, &cache, &b, NULL, &err)) {
+        check(0, "forward (%s): %s", ops->name, err.msg);
         goto done;
     }
     e = (errors){0, 0, 0};
@@ -118,8 +122,8 @@ static errors compare_forward(const model *m, reference *r) {
             safetensors_read_f32(which ? r->v[i] : r->k[i], want, &err);
             for (int l = 0; l < L; l++)
                 for (int p = 0; p < n; p++)
-                    memcpy(got + ((size_t)l * n + p) * KV, which ? kv_cache_v(&cache, l, i, p) : kv_cache_k(&cache, l, i, p),
-                           sizeof(float) * KV);
+                    ops->download(got + ((size_t)l * n + p) * KV,
+                                  which ? kv_cache_v(&cache, l, i, p) : kv_cache_k(&cache, l, i, p), sizeof(float) * KV);
             x = rows_error(got, want, L * n, KV);
             e.kv = x > e.kv ? x : e.kv;
         }
@@ -132,7 +136,7 @@ done:
     return e;
 }
 
-static void check_generation(const model *m, reference *r, const char *variant) {
+static void check_generation(const model *m, const kernel_ops *ops, reference *r, const char *variant) {
     int T = 0, N = r->n_generated;
     for (int i = 0; i < r->n; i++) T += r->len[i];
     int *tokens = malloc(sizeof(int) * (size_t)T), *out = malloc(sizeof(int) * (size_t)r->n * N), n_out[MAX_PROMPTS];
@@ -141,21 +145,22 @@ static void check_generation(const model *m, reference *r, const char *variant) 
     greedy_opts o = {.max_new_tokens = N};  // the references were generated with eos disabled
     ep_error err = {{0}};
     int same = 0, total = 0;
-    if (greedy_generate(m, kernel_ops_cpu(), r->n, tokens, r->len, &o, out, n_out, &err)) {
+    if (greedy_generate(m, ops, r->n, tokens, r->len, &o, out, n_out, &err)) {
         check(0, "generate: %s", err.msg);
     } else {
         for (int i = 0; i < r->n; i++)
             for (int j = 0; j < N; j++, total++) same += j < n_out[i] && out[i * N + j] == r->generated[i][j];
-        check(same == total, "%s: generation matches HF on %d of %d tokens", variant, same, total);
+        check(same == total, "%s (%s): generation matches HF on %d of %d tokens", variant, ops->name, same, total);
     }
-    printf("  %-22s generate: %d/%d tokens equal to HF generate(do_sample=False)\n", variant, same, total);
+    printf("  %-22s %-6s generate: %d/%d tokens equal to HF generate(do_sample=False)\n", variant, ops->name, same,
+           total);
     // A stop id ends a sequence right after that token is emitted (kept, as HF keeps eos); the other
     // sequences of the batch go on.
     int stop_id = r->generated[0][2];
     int first = 0;
     while (r->generated[0][first] != stop_id) first++;
     greedy_opts stop = {.max_new_tokens = N, .stop_ids = &stop_id, .n_stop_ids = 1};
-    if (greedy_generate(m, kernel_ops_cpu(), r->n, tokens, r->len, &stop, out, n_out, &err) == 0) {
+    if (greedy_generate(m, ops, r->n, tokens, r->len, &stop, out, n_out, &err) == 0) {
         check(n_out[0] == first + 1 && out[first] == stop_id, "%s: stop id ends sequence 0 after %d tokens, got %d",
               variant, first + 1, n_out[0]);
         for (int i = 1; i < r->n; i++) {
@@ -169,7 +174,7 @@ static void check_generation(const model *m, reference *r, const char *variant) 
 
 // The decode path step by step: prompt pass, then the reference's generated tokens fed one at a time
 // through the KV cache; the logits of every step against HF's no-cache logits (prompt{i}.gen_logits).
-static double decode_logits_error(const model *m, reference *r) {
+static double decode_logits_error(const model *m, const kernel_ops *ops, reference *r) {
     int V = m->cfg.vocab_size, N = r->n_generated;
     double worst = 0;
     float *got = malloc(sizeof(float) * (size_t)V), *want = malloc(sizeof(float) * (size_t)N * V);
@@ -184,12 +189,12 @@ static double decode_logits_error(const model *m, reference *r) {
             break;
         }
         kv_cache cache;
-        kv_cache_init(&cache, &m->cfg, 1, r->len[i] + N, 0, &err);
+        kv_cache_init_backend(&cache, &m->cfg, 1, r->len[i] + N, 0, ops, &err);
         int last = r->len[i] - 1, one = 1, row0 = 0;
         forward_batch b = {.n_seqs = 1, .n_new = &r->len[i], .tokens = r->ids[i], .n_logit_rows = 1,
                            .logit_rows = &last, .logits = got};
         for (int j = 0; j < N; j++) {
-            if (model_forward(m, kernel_ops_cpu(), &cache, &b, NULL, &err)) {
+            if (model_forward(m, ops, &cache, &b, NULL, &err)) {
                 check(0, "decode: %s", err.msg);
                 break;
             }
@@ -218,14 +223,31 @@ static void test_variant(const char *variant) {
         model_free(&m);
         return;
     }
-    errors e = compare_forward(&m, &r);
-    printf("  %-22s %d prompts: logits %.2e  resid %.2e  k/v %.2e (max row-relative error)\n", variant, r.n, e.logits,
-           e.resid, e.kv);
-    check(e.logits <= TOL && e.resid <= TOL && e.kv <= TOL, "%s: error above %.0e", variant, TOL);
-    check_generation(&m, &r, variant);
-    double decode = decode_logits_error(&m, &r);
-    printf("  %-22s decode step logits through the KV cache: %.2e\n", variant, decode);
-    check(decode <= TOL, "%s: decode logits error %.2e", variant, decode);
+    const kernel_ops *backends[] = {kernel_ops_cpu(), &offset_backend, kernel_ops_cuda()};
+    errors cpu_e = {0, 0, 0};
+    double cpu_decode = 0;
+    for (size_t k = 0; k < sizeof backends / sizeof backends[0]; k++) {
+        const kernel_ops *ops = backends[k];
+        if (!ops) continue;
+        model dev;
+        if (model_to_backend(&m, ops, &dev, &err)) {
+            check(0, "%s: %s", ops->name, err.msg);
+            continue;
+        }
+        errors e = compare_forward(&dev, ops, &r);
+        printf("  %-22s %-6s %d prompts: logits %.2e  resid %.2e  k/v %.2e (max row-relative error)\n", variant,
+               ops->name, r.n, e.logits, e.resid, e.kv);
+        check(e.logits <= TOL && e.resid <= TOL && e.kv <= TOL, "%s (%s): error above %.0e", variant, ops->name, TOL);
+        check_generation(&dev, ops, &r, variant);
+        double decode = decode_logits_error(&dev, ops, &r);
+        printf("  %-22s %-6s decode step logits through the KV cache: %.2e\n", variant, ops->name, decode);
+        check(decode <= TOL, "%s (%s): decode logits error %.2e", variant, ops->name, decode);
+        if (ops == kernel_ops_cpu()) cpu_e = e, cpu_decode = decode;
+        if (ops == &offset_backend)
+            check(e.logits == cpu_e.logits && e.resid == cpu_e.resid && e.kv == cpu_e.kv && decode == cpu_decode,
+                  "%s: the offset backend (cpu kernels) differs from cpu", variant);
+        model_backend_free(&dev);
+    }
 
     if (!strcmp(variant, "gemma2-tiny") || !strcmp(variant, "phi2-tiny") || !strcmp(variant, "llama3-tiny")) {
         // Can-fail sibling 1: one perturbed weight in the last layer.
@@ -236,7 +258,7 @@ static void test_variant(const char *variant) {
         memcpy(wo, orig, sizeof(float) * n);
         wo[7] += 0.5f;
         m.layers[c->n_layers - 1].wo = wo;
-        errors p = compare_forward(&m, &r);
+        errors p = compare_forward(&m, kernel_ops_cpu(), &r);
         printf("  %-22s perturbed o_proj weight: logits error %.2e (must exceed tolerance)\n", variant, p.logits);
         check(p.logits > 10 * TOL, "%s: a perturbed weight went unnoticed", variant);
         m.layers[c->n_layers - 1].wo = orig;
@@ -246,7 +268,7 @@ static void test_variant(const char *variant) {
         // Can-fail sibling 2: without the sliding window the longer prompts must disagree with HF.
         int window = m.cfg.sliding_window;
         m.cfg.sliding_window = 0;
-        errors p = compare_forward(&m, &r);
+        errors p = compare_forward(&m, kernel_ops_cpu(), &r);
         printf("  %-22s sliding window off: logits error %.2e (must exceed tolerance)\n", variant, p.logits);
         check(p.logits > 10 * TOL, "gemma2: the sliding window is not exercised by the fixtures");
         m.cfg.sliding_window = window;

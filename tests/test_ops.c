@@ -285,6 +285,39 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
     free(q), free(k), free(v), free(dk[0]), free(dk[1]), free(dv[0]), free(dv[1]), free(want), free(got), free(plain);
 }
 
+// copy_rows (strided rows, as the forward pass writes the KV cache and substitutes head outputs) and
+// gather_rows (the embedding and logits-row gathers): pure copies, so the result must be bit-exact.
+static void test_copies(const kernel_ops *b, const kernel_ops *ref) {
+    const int rows = 7, src_stride = 40, dst_stride = 33, row_len = 29, n_src = 50, n_idx = 12;
+    float *src = random_floats((size_t)n_src * src_stride, 1.0f);
+    float *dst0 = random_floats((size_t)rows * dst_stride, 1.0f);
+    float *want = ep_malloc(sizeof(float) * (size_t)rows * dst_stride), *got = ep_malloc(sizeof(float) * (size_t)rows * dst_stride);
+    memcpy(want, dst0, sizeof(float) * (size_t)rows * dst_stride);
+    ref->copy_rows(want + 3, dst_stride, src + 5, src_stride, rows, row_len);
+    staging s = {.b = b};
+    float *d_src = stage_in(&s, src, sizeof(float) * (size_t)n_src * src_stride);
+    float *d_dst = stage_in(&s, dst0, sizeof(float) * (size_t)rows * dst_stride);
+    b->copy_rows(d_dst + 3, dst_stride, d_src + 5, src_stride, rows, row_len);
+    stage_out(&s, got, d_dst, sizeof(float) * (size_t)rows * dst_stride);
+    check(!memcmp(got, want, sizeof(float) * (size_t)rows * dst_stride), "%s copy_rows differs from ref", b->name);
+    stage_free(&s);
+
+    int idx[12] = {3, 0, 49, 3, 17, 8, 8, 21, 1, 48, 30, 2};
+    float *gwant = ep_malloc(sizeof(float) * (size_t)n_idx * src_stride), *ggot = ep_malloc(sizeof(float) * (size_t)n_idx * src_stride);
+    ref->gather_rows(gwant, src, idx, n_idx, src_stride);
+    d_src = stage_in(&s, src, sizeof(float) * (size_t)n_src * src_stride);
+    int *d_idx = stage_in(&s, idx, sizeof idx);
+    float *d_out = stage_in(&s, gwant, sizeof(float) * (size_t)n_idx * src_stride);  // sized buffer
+    b->gather_rows(d_out, d_src, d_idx, n_idx, src_stride);
+    stage_out(&s, ggot, d_out, sizeof(float) * (size_t)n_idx * src_stride);
+    int ok = !memcmp(ggot, gwant, sizeof(float) * (size_t)n_idx * src_stride);
+    for (int i = 0; i < n_idx; i++) ok &= !memcmp(gwant + (size_t)i * src_stride, src + (size_t)idx[i] * src_stride, sizeof(float) * src_stride);
+    check(ok, "%s gather_rows differs from ref or from the source rows", b->name);
+    printf("  %-5s copy_rows, gather_rows: bit-exact\n", b->name);
+    stage_free(&s);
+    free(src), free(dst0), free(want), free(got), free(gwant), free(ggot);
+}
+
 int main(void) {
     const kernel_ops *ref = kernel_ops_ref();
     const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_cuda()};
@@ -301,6 +334,7 @@ int main(void) {
         test_attention(b, ref);
         test_patched_attention(b, ref);
         test_attention_long(b, ref);
+        test_copies(b, ref);
     }
     return test_finish("test_ops");
 }

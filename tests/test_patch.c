@@ -4,6 +4,9 @@
 // invariants of issue 5, which need no reference: an empty plan gives the clean logits, a donor equal to
 // the clean prompt gives the clean logits under any plan, edges no receiver reads change nothing, and
 // changing one donor token changes exactly the runs whose plans read it.
+// Every plan also runs on the other backends (the offset test backend of tests/offset_backend.h, which
+// must give cpu's logits and tokens bit for bit, and cuda when a GPU is usable) against the same
+// reference.
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -12,6 +15,7 @@
 
 #include "stages/patch.h"
 #include "tests/harness.h"
+#include "tests/offset_backend.h"
 
 #define TOL 1e-4
 #define P 3
@@ -92,15 +96,20 @@ typedef struct {
     int generated[P * GEN], n_generated[P];
 } run_result;
 
-static int run(const model *m, const ablation_plan *plan, const prompt_batch *pb, run_result *r) {
+static int run_on(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                  run_result *r) {
     ep_error err = {{0}};
-    r->logits = malloc(sizeof(float) * (size_t)P * pb->max_len * m->cfg.vocab_size);
+    r->logits = calloc((size_t)P * pb->max_len * m->cfg.vocab_size, sizeof(float));
     patch_outputs out = {.logits = r->logits, .max_new = GEN, .generated = r->generated, .n_generated = r->n_generated};
-    if (patch_run(m, kernel_ops_cpu(), plan, pb, &out, &err)) {
-        check(0, "patch_run %s: %s", plan->name, err.msg);
+    if (patch_run(m, ops, plan, pb, &out, &err)) {
+        check(0, "patch_run %s (%s): %s", plan->name, ops->name, err.msg);
         return -1;
     }
     return 0;
+}
+
+static int run(const model *m, const ablation_plan *plan, const prompt_batch *pb, run_result *r) {
+    return run_on(m, kernel_ops_cpu(), plan, pb, r);
 }
 
 // Worst row-relative error over the valid positions of all prompts.
@@ -173,6 +182,10 @@ static void test_model(const char *name, json_t *plans) {
     prompt_batch pb_same = pb;
     pb_same.donors = donors_clean;
 
+    const kernel_ops *others[] = {&offset_backend, kernel_ops_cuda()};
+    model devs[2];
+    for (int k = 0; k < 2; k++)
+        if (others[k] && model_to_backend(&m, others[k], &devs[k], &err)) check(0, "%s", err.msg), others[k] = NULL;
     size_t j;
     json_t *pj;
     json_array_foreach(plans, j, pj) {
@@ -200,6 +213,42 @@ static void test_model(const char *name, json_t *plans) {
                 int32_t *g = read_i32(&f, key, NULL);
                 for (int k = 0; k < GEN; k++) same_tokens += k < r.n_generated[s] && r.generated[s * GEN + k] == g[k];
                 free(g);
+            }
+            for (int k = 0; k < 2; k++) {
+                run_result o = {0};
+                if (!others[k] || run_on(&devs[k], others[k], &plan, &pb, &o)) {
+                    free(o.logits);
+                    continue;
+                }
+                double worst_o = 0;
+                int same_o = 0;
+                for (int s = 0; s < P; s++) {
+                    char key[96];
+                    snprintf(key, sizeof key, "plan%zu.prompt%d.logits", j, s);
+                    const st_tensor *t = safetensors_find(&f.st, key);
+                    float *w = malloc(sizeof(float) * (size_t)t->numel);
+                    safetensors_read_f32(t, w, &err);
+                    for (int i = 0; i < f.lengths[s]; i++) {
+                        double e = max_rel_error(o.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V,
+                                                 (size_t)V, 1e-6);
+                        if (e > worst_o) worst_o = e;
+                    }
+                    free(w);
+                    snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
+                    int32_t *g = read_i32(&f, key, NULL);
+                    for (int q = 0; q < GEN; q++) same_o += q < o.n_generated[s] && o.generated[s * GEN + q] == g[q];
+                    free(g);
+                }
+                printf("  %-12s %-22s %-6s logits %.2e  generated %2d/%d equal to the Python reference\n", name,
+                       plan.name, others[k]->name, worst_o, same_o, P * GEN);
+                check(worst_o <= TOL && same_o == P * GEN, "%s %s (%s): logits %.2e, %d/%d tokens", name, plan.name,
+                      others[k]->name, worst_o, same_o, P * GEN);
+                if (others[k] == &offset_backend)
+                    check(!memcmp(o.logits, r.logits, sizeof(float) * n_logits) &&
+                              !memcmp(o.generated, r.generated, sizeof r.generated) &&
+                              !memcmp(o.n_generated, r.n_generated, sizeof r.n_generated),
+                          "%s %s: the offset backend (cpu kernels) differs from cpu", name, plan.name);
+                free(o.logits);
             }
             double vs_clean = logits_error(r.logits, clean.logits, &pb, V, -1);
             printf("  %-12s %-22s logits %.2e  generated %2d/%d equal to the Python reference  (%.2g from clean)\n",
@@ -291,6 +340,8 @@ static void test_model(const char *name, json_t *plans) {
     plan_free(&np);
     json_decref(nothing);
 
+    for (int k = 0; k < 2; k++)
+        if (others[k]) model_backend_free(&devs[k]);
     free(want), free(clean.logits), free(donors_mod), free(donors_clean);
     plan_free(&empty);
     free_fixture(&f);

@@ -1,0 +1,90 @@
+// offset_backend: a test backend that behaves like a device backend on a machine without one. It wraps
+// the cpu backend, but its memory is separate (host_memory = 0: alloc, upload, download and release are
+// the only way in and out) and its pointers are the malloc'd addresses plus 2^62, which is not a
+// canonical x86-64 / AArch64 user address. So a place that dereferences backend memory on the host
+// faults at once, and so does one that hands a host pointer to an op (the wrapper's translation of it
+// is the non-canonical one). Pointer arithmetic on backend pointers (row offsets) keeps working.
+// Header-only (static functions) for the tests that include it.
+#ifndef EP_TESTS_OFFSET_BACKEND_H
+#define EP_TESTS_OFFSET_BACKEND_H
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "pipeline/error.h"
+
+#define OFFSET_BACKEND_BIAS ((uintptr_t)1 << 62)
+
+static inline void *ob_real(const void *p) { return p ? (void *)((uintptr_t)p - OFFSET_BACKEND_BIAS) : NULL; }
+#define OB_F(p) ((float *)ob_real(p))
+
+static void *ob_alloc(size_t bytes) { return (void *)((uintptr_t)ep_malloc(bytes ? bytes : 1) + OFFSET_BACKEND_BIAS); }
+static void ob_release(void *p) { free(ob_real(p)); }
+static void ob_upload(void *dst, const void *host_src, size_t bytes) { memcpy(ob_real(dst), host_src, bytes); }
+static void ob_download(void *host_dst, const void *src, size_t bytes) { memcpy(host_dst, ob_real(src), bytes); }
+static void ob_sync(void) {}
+
+static void ob_matmul(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out) {
+    kernel_ops_cpu()->matmul(OB_F(out), OB_F(x), OB_F(w), OB_F(bias), rows, n_in, n_out);
+}
+static void ob_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
+    kernel_ops_cpu()->rmsnorm(OB_F(out), OB_F(x), OB_F(w), w_offset, rows, dim, eps);
+}
+static void ob_layernorm(float *out, const float *x, const float *w, const float *b, int rows, int dim, float eps) {
+    kernel_ops_cpu()->layernorm(OB_F(out), OB_F(x), OB_F(w), OB_F(b), rows, dim, eps);
+}
+static void ob_rope(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
+                    int rot_dim) {
+    kernel_ops_cpu()->rope(OB_F(x), stride, (const int *)ob_real(pos), OB_F(inv_freq), rows, n_heads, head_dim, rot_dim);
+}
+static void ob_glu(float *out, const float *gate, const float *up, size_t n, act_kind act) {
+    kernel_ops_cpu()->glu(OB_F(out), OB_F(gate), OB_F(up), n, act);
+}
+static void ob_act(float *x, size_t n, act_kind act) { kernel_ops_cpu()->act(OB_F(x), n, act); }
+static void ob_softcap(float *x, size_t n, float cap) { kernel_ops_cpu()->softcap(OB_F(x), n, cap); }
+static void ob_add(float *y, const float *x, size_t n) { kernel_ops_cpu()->add(OB_F(y), OB_F(x), n); }
+static void ob_scale(float *y, size_t n, float s) { kernel_ops_cpu()->scale(OB_F(y), n, s); }
+static void ob_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
+                         const attn_params *p) {
+    kernel_ops_cpu()->attention(OB_F(out), OB_F(q), OB_F(k), OB_F(v), seqs, n_seqs, p);
+}
+static void ob_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
+                                 const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
+                                 int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    const float *dk[16], *dv[16];
+    for (int d = 0; d < n_donors && d < 16; d++) dk[d] = OB_F(donor_k[d]), dv[d] = OB_F(donor_v[d]);
+    kernel_ops_cpu()->patched_attention(OB_F(out), OB_F(q), OB_F(k), OB_F(v), n_donors, dk, dv, seqs, n_seqs, p, rules);
+}
+static void ob_copy_rows(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len) {
+    kernel_ops_cpu()->copy_rows(OB_F(dst), dst_stride, OB_F(src), src_stride, rows, row_len);
+}
+static void ob_gather_rows(float *dst, const float *src, const int *idx, int n, int row_len) {
+    kernel_ops_cpu()->gather_rows(OB_F(dst), OB_F(src), (const int *)ob_real(idx), n, row_len);
+}
+
+static const kernel_ops offset_backend = {
+    .name = "offset",
+    .alloc = ob_alloc,
+    .release = ob_release,
+    .upload = ob_upload,
+    .download = ob_download,
+    .sync = ob_sync,
+    .matmul = ob_matmul,
+    .rmsnorm = ob_rmsnorm,
+    .layernorm = ob_layernorm,
+    .rope = ob_rope,
+    .glu = ob_glu,
+    .act = ob_act,
+    .softcap = ob_softcap,
+    .add = ob_add,
+    .scale = ob_scale,
+    .attention = ob_attention,
+    .patched_attention = ob_patched_attention,
+    .copy_rows = ob_copy_rows,
+    .gather_rows = ob_gather_rows,
+    .host_memory = 0,
+};
+
+#endif

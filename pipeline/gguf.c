@@ -10,6 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "pipeline/mapped_file.h"
+
 #include "pipeline/safetensors.h"  // f16_to_f32, bf16_to_f32
 
 // Keys and names longer than this are not real GGUF content (llama.cpp uses a few dozen bytes).
@@ -360,21 +362,9 @@ int gguf_open_buffer(const void *bytes, size_t size, const char *name, gguf_file
 
 int gguf_open_file(const char *path, gguf_file *g, ep_error *err) {
     memset(g, 0, sizeof *g);
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return ep_fail(err, "%s: cannot open: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        close(fd);
-        return ep_fail(err, "%s: cannot stat: %s", path, strerror(errno));
-    }
-    size_t size = (size_t)sb.st_size;
-    if (size < 24) {
-        close(fd);
-        return ep_fail(err, "%s: truncated: %zu bytes, a GGUF header alone takes 24", path, size);
-    }
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) return ep_fail(err, "%s: cannot mmap: %s", path, strerror(errno));
+    void *map;
+    size_t size;
+    if (map_file_readonly(path, 24, "a GGUF header alone takes 24", &map, &size, err)) return -1;
     g->path = ep_strdup(path);
     g->map = map;
     g->map_size = size;

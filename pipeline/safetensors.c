@@ -10,6 +10,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "pipeline/mapped_file.h"
+
 // A header larger than this is not a real checkpoint (real ones are a few hundred KB at most).
 #define MAX_HEADER_BYTES (100u << 20)
 
@@ -86,21 +88,9 @@ static int parse_tensors(const char *path, const unsigned char *bytes, size_t si
 
 // Maps one file and appends its tensors to st; file_index is its slot in st->paths.
 static int map_and_parse(const char *path, safetensors *st, int file_index, ep_error *err) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return ep_fail(err, "%s: cannot open: %s", path, strerror(errno));
-    struct stat sb;
-    if (fstat(fd, &sb) != 0) {
-        close(fd);
-        return ep_fail(err, "%s: cannot stat: %s", path, strerror(errno));
-    }
-    size_t size = (size_t)sb.st_size;
-    if (size < 8) {
-        close(fd);
-        return ep_fail(err, "%s: truncated: %zu bytes, a safetensors file has at least an 8-byte header length", path, size);
-    }
-    void *map = mmap(NULL, size, PROT_READ, MAP_PRIVATE, fd, 0);
-    close(fd);
-    if (map == MAP_FAILED) return ep_fail(err, "%s: cannot mmap: %s", path, strerror(errno));
+    void *map;
+    size_t size;
+    if (map_file_readonly(path, 8, "a safetensors file has at least an 8-byte header length", &map, &size, err)) return -1;
     st->maps[file_index] = map;
     st->map_sizes[file_index] = size;
     return parse_tensors(path, map, size, st, file_index, err);

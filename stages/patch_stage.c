@@ -113,15 +113,10 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *plan, c
     json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
     json_object_set_new(o, "model_hash", json_string(in->model_hash));
     json_object_set_new(o, "plan_hash", json_string(in->plan_hash));
-    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
-    json_decref(o);
-    size_t n = strlen(text);
-    text = ep_realloc(text, n + 2);
-    strcpy(text + n, "\n");
     char path[4096];
     snprintf(path, sizeof path, "%s/model_logs.json", in->cfg->output_path);
-    int rc = write_text_atomic(path, text, err);
-    free(text);
+    int rc = write_json_atomic(path, o, err);
+    json_decref(o);
     return rc;
 }
 

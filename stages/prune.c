@@ -388,16 +388,6 @@ static char *circuit_table(const circuit *c, const char *title) {
     return t;
 }
 
-static int write_json_file(const char *path, json_t *o, ep_error *err) {
-    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
-    size_t n = strlen(text);
-    text = ep_realloc(text, n + 2);
-    strcpy(text + n, "\n");
-    int rc = write_text_atomic(path, text, err);
-    free(text);
-    return rc;
-}
-
 static json_t *num(double x) { return isfinite(x) ? json_real(x) : json_null(); }
 
 static double faithfulness(const float m[3][3]) { return m[2][2] != 0 ? (double)m[1][2] / m[2][2] : NAN; }
@@ -430,7 +420,7 @@ static int write_logs(const stage_inputs *in, int n_rounds, ep_error *err) {
         prune_round_free(&pr);
     }
     json_object_set_new(o, "prune", rounds);
-    int rc = write_json_file(path, o, err);
+    int rc = write_json_atomic(path, o, err);
     json_decref(o);
     return rc;
 }
@@ -441,7 +431,7 @@ static int write_summary(const stage_inputs *in, const circuit *c, int round, do
     json_object_set_new(o, "round", json_integer(round));
     json_object_set_new(o, "faithfulness_logit_diff", num(faith));
     snprintf(path, sizeof path, "%s/circuit.json", in->cfg->output_path);
-    int rc = write_json_file(path, o, err);
+    int rc = write_json_atomic(path, o, err);
     json_decref(o);
     snprintf(title, sizeof title, "circuit after round %d (faithfulness, logit difference: %.4f)", round, faith);
     char *t = circuit_table(c, title);

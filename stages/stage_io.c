@@ -172,3 +172,13 @@ int stage_run_items(work_stage *ws, int fresh, ep_error *err) {
     }
     return ws->finish(ws, err);
 }
+
+int write_json_atomic(const char *path, json_t *o, ep_error *err) {
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
+    size_t n = strlen(text);
+    text = ep_realloc(text, n + 2);
+    strcpy(text + n, "\n");
+    int rc = write_text_atomic(path, text, err);
+    free(text);
+    return rc;
+}

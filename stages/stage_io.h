@@ -5,6 +5,8 @@
 #ifndef EP_STAGE_IO_H
 #define EP_STAGE_IO_H
 
+#include <jansson.h>
+
 #include "pipeline/model.h"
 #include "pipeline/run_config.h"
 #include "pipeline/tokenizer.h"
@@ -33,6 +35,8 @@ prompt_batch stage_batch(const stage_inputs *in, int first, int n);
 int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err);
 
 int write_text_atomic(const char *path, const char *text, ep_error *err);
+// A JSON object as an indented file (keys in insertion order, reals to 8 digits, final newline), atomically.
+int write_json_atomic(const char *path, json_t *o, ep_error *err);
 
 // A stage as independent work items (item i = prompts [i * batch_size, (i + 1) * batch_size)), each
 // written to its own shard <output_path>/<stage>.d/item-NNNNN.h5, then merged into the final outputs.

@@ -57,15 +57,10 @@ static int write_report(const char *dir, const task *t, const char *tokenizer_pa
                           r->prompts_built, "prompts_redrawn_tokenization", r->prompts_rejected,
                           "prompts_redrawn_donor_alignment", r->donors_unaligned, "shuffle_outputs_unmoved",
                           r->shuffle_unmoved);
-    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER);
-    json_decref(o);
     char path[4096];
     snprintf(path, sizeof path, "%s/tokenize_report.json", dir);
-    size_t n = strlen(text);
-    text = ep_realloc(text, n + 2);
-    strcpy(text + n, "\n");
-    int rc = write_text_atomic(path, text, err);
-    free(text);
+    int rc = write_json_atomic(path, o, err);
+    json_decref(o);
     return rc;
 }
 

@@ -22,6 +22,10 @@ void check_at(int ok, const char *file, int line, const char *fmt, ...) __attrib
 // near-zero entries of a logit vector do not dominate. Returns that error.
 double max_rel_error(const float *got, const float *want, size_t n, double floor);
 
+// Flips bits `mask` of the byte `byte` bytes into dataset `dataset`'s data in the HDF5 file at path
+// (a contiguous dataset), as a disk or transfer error would; returns 0, or -1 if it cannot.
+int flip_h5_data_byte(const char *path, const char *dataset, long byte, int mask);
+
 int test_finish(const char *name);
 
 #endif

@@ -112,6 +112,31 @@ static int run(const model *m, const ablation_plan *plan, const prompt_batch *pb
     return run_on(m, kernel_ops_cpu(), plan, pb, r);
 }
 
+// A run against the Python reference's plan j: the worst row-relative logits error over every prompt
+// position (into *worst) and the number of generated tokens equal to the reference's.
+static int vs_reference(fixture *f, size_t j, const run_result *r, int V, double *worst) {
+    ep_error err;
+    int same = 0;
+    *worst = 0;
+    for (int s = 0; s < P; s++) {
+        char key[96];
+        snprintf(key, sizeof key, "plan%zu.prompt%d.logits", j, s);
+        const st_tensor *t = safetensors_find(&f->st, key);
+        float *w = malloc(sizeof(float) * (size_t)t->numel);
+        safetensors_read_f32(t, w, &err);
+        for (int i = 0; i < f->lengths[s]; i++) {
+            double e = max_rel_error(r->logits + ((size_t)s * f->max_len + i) * V, w + (size_t)i * V, (size_t)V, 1e-6);
+            if (e > *worst) *worst = e;
+        }
+        free(w);
+        snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
+        int32_t *g = read_i32(f, key, NULL);
+        for (int k = 0; k < GEN; k++) same += k < r->n_generated[s] && r->generated[s * GEN + k] == g[k];
+        free(g);
+    }
+    return same;
+}
+
 // Worst row-relative error over the valid positions of all prompts.
 static double logits_error(const float *a, const float *b, const prompt_batch *pb, int V, int only_prompt) {
     double worst = 0;
@@ -196,49 +221,16 @@ static void test_model(const char *name, json_t *plans) {
         }
         run_result r = {0};
         if (run(&m, &plan, &pb, &r) == 0) {
-            double worst = 0;
-            int same_tokens = 0;
-            for (int s = 0; s < P; s++) {
-                char key[96];
-                snprintf(key, sizeof key, "plan%zu.prompt%d.logits", j, s);
-                const st_tensor *t = safetensors_find(&f.st, key);
-                float *w = malloc(sizeof(float) * (size_t)t->numel);
-                safetensors_read_f32(t, w, &err);
-                for (int i = 0; i < f.lengths[s]; i++) {
-                    double e = max_rel_error(r.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V, (size_t)V, 1e-6);
-                    if (e > worst) worst = e;
-                }
-                free(w);
-                snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
-                int32_t *g = read_i32(&f, key, NULL);
-                for (int k = 0; k < GEN; k++) same_tokens += k < r.n_generated[s] && r.generated[s * GEN + k] == g[k];
-                free(g);
-            }
+            double worst;
+            int same_tokens = vs_reference(&f, j, &r, V, &worst);
             for (int k = 0; k < 2; k++) {
                 run_result o = {0};
                 if (!others[k] || run_on(&devs[k], others[k], &plan, &pb, &o)) {
                     free(o.logits);
                     continue;
                 }
-                double worst_o = 0;
-                int same_o = 0;
-                for (int s = 0; s < P; s++) {
-                    char key[96];
-                    snprintf(key, sizeof key, "plan%zu.prompt%d.logits", j, s);
-                    const st_tensor *t = safetensors_find(&f.st, key);
-                    float *w = malloc(sizeof(float) * (size_t)t->numel);
-                    safetensors_read_f32(t, w, &err);
-                    for (int i = 0; i < f.lengths[s]; i++) {
-                        double e = max_rel_error(o.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V,
-                                                 (size_t)V, 1e-6);
-                        if (e > worst_o) worst_o = e;
-                    }
-                    free(w);
-                    snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
-                    int32_t *g = read_i32(&f, key, NULL);
-                    for (int q = 0; q < GEN; q++) same_o += q < o.n_generated[s] && o.generated[s * GEN + q] == g[q];
-                    free(g);
-                }
+                double worst_o;
+                int same_o = vs_reference(&f, j, &o, V, &worst_o);
                 printf("  %-12s %-22s %-6s logits %.2e  generated %2d/%d equal to the Python reference\n", name,
                        plan.name, others[k]->name, worst_o, same_o, P * GEN);
                 check(worst_o <= TOL && same_o == P * GEN, "%s %s (%s): logits %.2e, %d/%d tokens", name, plan.name,
@@ -309,20 +301,8 @@ static void test_model(const char *name, json_t *plans) {
             double worst = 0;
             size_t k;
             json_t *pj2;
-            json_array_foreach(plans, k, pj2) if (!strcmp(json_string_value(json_object_get(pj2, "name")), "all_edges_donor0")) {
-                for (int s = 0; s < P; s++) {
-                    char key[96];
-                    snprintf(key, sizeof key, "plan%zu.prompt%d.logits", k, s);
-                    const st_tensor *t = safetensors_find(&f.st, key);
-                    float *w = malloc(sizeof(float) * (size_t)t->numel);
-                    safetensors_read_f32(t, w, &err);
-                    for (int i = 0; i < f.lengths[s]; i++) {
-                        double e = max_rel_error(rn.logits + ((size_t)s * f.max_len + i) * V, w + (size_t)i * V, (size_t)V, 1e-6);
-                        worst = e > worst ? e : worst;
-                    }
-                    free(w);
-                }
-            }
+            json_array_foreach(plans, k, pj2) if (!strcmp(json_string_value(json_object_get(pj2, "name")), "all_edges_donor0"))
+                vs_reference(&f, k, &rn, V, &worst);
             printf("  %-12s circuit of every unit = clean; circuit of no edge = reference all_edges_donor0 (%.2e)\n", name, worst);
             check(worst <= TOL, "%s: empty edge circuit vs all_edges_donor0: %.2e", name, worst);
         }

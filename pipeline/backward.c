@@ -130,23 +130,6 @@ static void mlp_back(const model_config *c, const layer_weights *w, layer_scratc
     }
 }
 
-// Rotary transpose: rotate by the negative angle, in place, first rot_dim dims of every head.
-static void rope_back(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads, int head_dim,
-                      int rot_dim) {
-    int half = rot_dim / 2;
-    for (int r = 0; r < rows; r++)
-        for (int i = 0; i < half; i++) {
-            float angle = (float)pos[r] * inv_freq[i];
-            float c = cosf(angle), s = sinf(angle);
-            for (int h = 0; h < n_heads; h++) {
-                float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
-                float a = xh[i], b = xh[i + half];
-                xh[i] = a * c + b * s;
-                xh[i + half] = b * c - a * s;
-            }
-        }
-}
-
 static float dotf(const float *a, const float *b, int n) {
     double s = 0;
     for (int i = 0; i < n; i++) s += (double)a[i] * b[i];
@@ -339,10 +322,14 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     }
 
     int *rows = ep_malloc(sizeof(int) * (size_t)R), *pos = ep_malloc(sizeof(int) * (size_t)T);
+    // The rotary transpose is the rotation by the negative angle: the forward rope op with negated
+    // frequencies (pos * -f rounds to exactly -(pos * f), so cos is the same and sin changes sign).
+    float *neg_inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
+    for (int i = 0; i < c->rotary_dim / 2; i++) neg_inv_freq[i] = -m->inv_freq[i];
     float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D);
     float *dlogits = ep_malloc(sizeof(float) * (size_t)R * V);
     if (forward_loss(m, b, patch, &t->cache, resid, rows, &t->loss, t->seq_loss, dlogits, err)) {
-        free(rows), free(pos), free(resid), free(dlogits);
+        free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
         grad_tape_free(t);
         return -1;
     }
@@ -432,8 +419,8 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
                     for (int h = 0; h < H; h++)
                         if (substituted(t, l, h, sq, B)) memset(s.dza + (size_t)(t->row[sq] + B) * Q + (size_t)h * hd, 0, sizeof(float) * hd);
         attention_back(t, c, l, s.q, s.dza, s.dq, s.dk, s.dv);
-        rope_back(s.dq, Q, pos, m->inv_freq, T, H, hd, c->rotary_dim);
-        rope_back(s.dk, KV, pos, m->inv_freq, T, c->n_kv_heads, hd, c->rotary_dim);
+        ops->rope(s.dq, Q, pos, neg_inv_freq, T, H, hd, c->rotary_dim);
+        ops->rope(s.dk, KV, pos, neg_inv_freq, T, c->n_kv_heads, hd, c->rotary_dim);
         linear_back(s.dxn, s.dq, w->wq, T, D, Q, 1);
         linear_back(s.dxn, s.dk, w->wk, T, D, KV, 1);
         linear_back(s.dxn, s.dv, w->wv, T, D, KV, 1);
@@ -443,7 +430,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         dx = dx_in, dx_in = sw;
     }
     scratch_free(&s);
-    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(dlogits);
+    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
     return 0;
 }
 

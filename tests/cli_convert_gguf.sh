@@ -5,9 +5,7 @@
 # leaves no folder (neither OUT nor its temporary OUT.tmp-PID) behind.
 set -u
 bin=$1
-passed=0 failed=0
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
+. "$(dirname "$0")/cli_harness.bash"
 
 gguf=${EP_MODEL_CACHE:-models/.cache}/SmolLM2-135M-Instruct.Q4_1.gguf
 model=models/smollm2-135m-instruct
@@ -15,8 +13,6 @@ if [ ! -f "$gguf" ] || [ ! -f "$model/SHA256SUMS" ]; then
   echo "FAIL: $gguf or $model/SHA256SUMS is missing: run tools/fetch_smollm2.sh (tools/test.sh does)" >&2
   exit 1
 fi
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 
 if "$bin" convert-gguf "$gguf" "$tmp/out" > "$tmp/log"; then ok; else bad "convert-gguf exited non-zero"; fi
 for f in config.json model.safetensors; do
@@ -49,5 +45,4 @@ done
 "$bin" convert-gguf "$gguf" 2>/dev/null; [ $? -eq 2 ] && ok || bad "missing OUTDIR is not a usage error"
 "$bin" convert-gguf --help | grep -q "convert-gguf FILE.gguf OUTDIR" && ok || bad "--help"
 
-echo "cli_convert_gguf: $passed passed, $failed failed"
-[ $failed -eq 0 ]
+finish cli_convert_gguf

@@ -3,14 +3,10 @@
 # (logits at the last position and greedy tokens), and one-line errors with the right exit codes.
 set -u
 bin=$1
-passed=0 failed=0
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
+. "$(dirname "$0")/cli_harness.bash"
 
 model=tests/fixtures/models/smollm-tiny
 ref=tests/fixtures/reference/smollm-tiny.safetensors
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
 
 # The reference's prompt 3 ids, generated tokens and last-position logits, read with the standard
 # library only (safetensors is an 8-byte length, a JSON header, then raw little-endian data).
@@ -53,12 +49,6 @@ if "$bin" forward --model "$model" --ids "$ids" > "$tmp/text.txt" && grep -q "ne
 if "$bin" forward --help | grep -q -- "--generate"; then ok; else bad "--help"; fi
 
 # Errors: one line on stderr, exit 1 for bad input files, 2 for bad usage.
-expect_error() {  # expected-status needle args...
-  local want=$1 needle=$2; shift 2
-  "$bin" "$@" > /dev/null 2> "$tmp/err"; local got=$?
-  if [ "$got" = "$want" ] && [ "$(wc -l < "$tmp/err")" = 1 ] && grep -q -- "$needle" "$tmp/err"; then ok
-  else bad "edgepatch $* -> status $got, stderr: $(cat "$tmp/err")"; fi
-}
 expect_error 1 "no-such-dir" forward --model "$tmp/no-such-dir" --ids 1,2
 expect_error 2 "comma-separated" forward --model "$model" --ids 1,x
 expect_error 2 "unknown option" forward --model "$model" --ids 1 --bogus 3
@@ -68,5 +58,4 @@ cp -r "$model" "$tmp/broken" && echo '{"architectures": ["LlamaForCausalLM"], "v
 expect_error 1 "config.json" forward --model "$tmp/broken" --ids 1,2
 expect_error 2 "unknown command" frobnicate
 
-echo "cli_forward: $passed passed, $failed failed"
-[ "$failed" = 0 ]
+finish cli_forward

@@ -8,11 +8,7 @@
 # files identical to the undisturbed run.
 set -u
 bin=$1
-passed=0 failed=0
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/cli_harness.bash"
 
 # mpirun as root in a container; 4 ranks on 2 cores; no CMA (Docker without CAP_SYS_PTRACE).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_btl_vader_single_copy_mechanism=none
@@ -148,5 +144,4 @@ n_done=$(ls "$tmp/other/patch.d" | grep -vc tmp-)
 run other 2
 [ $rc = 0 ] && [ "$n_done" -ge 1 ] && grep -q "patch: 6 items, $n_done already done" "$tmp/other.out" && h5dump -a /max_new_tokens "$tmp/other/patch.h5" | grep -q "(0): 5" && ok || bad "--fresh then resume: status $rc: $(cat "$tmp/other.out")"
 
-echo "cli_mpi: $passed passed, $failed failed"
-[ "$failed" = 0 ]
+finish cli_mpi

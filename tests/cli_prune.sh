@@ -7,11 +7,7 @@
 # run's scores.
 set -u
 bin=$1
-passed=0 failed=0
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/cli_harness.bash"
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 
 config() {  # name importance [extra JSON fields]
@@ -112,5 +108,4 @@ a=$("$bin" scores "$tmp/s0" --json) b=$("$bin" scores "$tmp/imp" --round 0 --jso
 [ $rc = 0 ] && python3 -c 'import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a["units"]==b["units"] and len(b["kept"])==100; top=sorted(range(len(a["units"])), key=lambda i: -a["units"][i]["score"])[:100]; assert sorted(json.dumps(a["units"][i] | {"score": 0}) for i in top)==sorted(json.dumps(k | {"score": 0}) for k in b["kept"])' "$a" "$b" && ok || bad "prune_using_imp_scores: $rc $(cat "$tmp/imp.out")"
 echo "  prune_rounds 0 writes scores only; prune_using_imp_scores + prune_k [100] keeps that run's top 100"
 
-echo "cli_prune: $passed passed, $failed failed"
-[ $failed = 0 ]
+finish cli_prune

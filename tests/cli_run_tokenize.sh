@@ -4,11 +4,7 @@
 # files (h5diff), another seed different ones, and bad configs fail with one line naming file and field.
 set -u
 bin=$1
-passed=0 failed=0
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*" >&2; }
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
+. "$(dirname "$0")/cli_harness.bash"
 
 config() {  # output seed [extra json]
   printf '{"task": "country_capital", "model_name": "gemma2_calc_accuracy", "model_path": "tests/fixtures/models/gemma2-tiny", "output_path": "%s", "n_prompts": 6, "seed": %s, "donors": ["random_xy", "shuffle_y"]%s}\n' "$1" "$2" "${3:-}"
@@ -57,12 +53,6 @@ PY
 "$bin" tasks | grep -q "country_capital" && ok || bad "tasks"
 "$bin" tasks --tokenizer tests/fixtures/models/gemma2-tiny | grep -q "111 of 197" && ok || bad "tasks --tokenizer"
 
-expect_error() {  # status needle args...
-  local want=$1 needle=$2; shift 2
-  "$bin" "$@" > /dev/null 2> "$tmp/err"; local got=$?
-  if [ "$got" = "$want" ] && [ "$(wc -l < "$tmp/err")" = 1 ] && grep -q -- "$needle" "$tmp/err"; then ok
-  else bad "edgepatch $* -> status $got, stderr: $(cat "$tmp/err")"; fi
-}
 config "$tmp/d" 1 ', "n_shot": 3' > "$tmp/typo.json"
 expect_error 1 "unknown field 'n_shot'" run "$tmp/typo.json" --until tokenize
 printf '{"task": "country_capital", ' > "$tmp/broken.json"
@@ -77,5 +67,4 @@ expect_error 1 "prompt 99" show "$tmp/a" --prompt 99
 expect_error 1 "prompts.h5" show "$tmp/nowhere" --prompt 0
 expect_error 2 "--until" run "$tmp/a.json" --until frobnicate
 
-echo "cli_run_tokenize: $passed passed, $failed failed"
-[ "$failed" = 0 ]
+finish cli_run_tokenize

@@ -5,13 +5,7 @@
 set -u
 bin=${1:?usage: cli_tokenize.sh EDGEPATCH}
 fx=tests/fixtures/tokenizers
-passed=0
-failed=0
-tmp=$(mktemp -d)
-trap 'rm -rf "$tmp"' EXIT
-
-ok() { passed=$((passed + 1)); }
-bad() { failed=$((failed + 1)); echo "FAIL: $*"; }
+. "$(dirname "$0")/cli_harness.bash"
 
 # expect_out NAME EXPECTED ARGS...: stdout must equal EXPECTED and the exit status 0.
 expect_out() {
@@ -74,5 +68,4 @@ expect_err "no text" "need --tokenizer DIR" --tokenizer $fx/gpt2
 "$bin" tokenize-text --tokenizer $fx/gpt2 --bogus -- x >/dev/null 2>&1
 [ $? -eq 2 ] && ok || bad "unknown option exits 2"
 
-echo "cli_tokenize: $passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish cli_tokenize

@@ -198,7 +198,7 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
     if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &clean_m, err);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
-    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
+    if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {
         rc = store_metrics(&s, "plan", &plan_m, n, c->max_new, err) ||
              store_metrics(&s, "clean", c->ablates ? &clean_m : &plan_m, n, c->max_new, err) ||
              h5store_set_str(&s, "format", "edgepatch-patch-item-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||

@@ -12,12 +12,18 @@
 #include "pipeline/hash.h"
 
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
+    return stage_inputs_open_shard(cfg, NULL, in, err);
+}
+
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err) {
     memset(in, 0, sizeof *in);
     in->cfg = cfg;
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
-    if (model_load(cfg->model_path, &in->m, err)) return -1;
+    if (tp ? model_load_shard(cfg->model_path, tp->rank, tp->size, &in->m, err) : model_load(cfg->model_path, &in->m, err))
+        return -1;
+    in->m.comm = tp;
     if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err)) {
         stage_inputs_close(in);
         return -1;

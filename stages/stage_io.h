@@ -25,6 +25,9 @@ struct stage_inputs {
 };
 
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
+// The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
+// outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 
 // Prompts [first, first + n) as a batch (pointers into in->prompts).
@@ -63,6 +66,9 @@ struct work_stage {
     // shard is committed (sched/ uses it for its crash tests).
     void (*before_commit)(void *arg, int item);
     void *driver_arg;
+    // Set by the driver: 1 on the ranks of a tensor-parallel group other than its leader. They take part
+    // in run_item's computation (the model is split over the group) but write nothing.
+    int follower;
 };
 
 // The model stages as work items. The work_stage borrows in (keep it open until ws.release).

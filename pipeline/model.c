@@ -104,6 +104,21 @@ static void list_expected(model *m, expected_list *l) {
     }
 }
 
+size_t model_held_floats(const model_config *cfg) {
+    model m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *cfg;
+    m.layers = ep_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
+    expected_list l = {0};
+    list_expected(&m, &l);
+    size_t n = 0;
+    for (int i = 0; i < l.n; i++)
+        if (l.items[i].dst) n += held_floats(&l.items[i]);
+    free(l.items);
+    free(m.layers);
+    return n;
+}
+
 // Tensors HF checkpoints may carry that the forward pass does not read.
 static int ignorable(const model_config *c, const char *name) {
     size_t n = strlen(name);

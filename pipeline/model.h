@@ -51,6 +51,9 @@ int model_load(const char *dir, model *m, ep_error *err);
 // the mapping, other slices converted into owned buffers). cfg keeps the whole model's sizes; cfg.tp says
 // which part this is. tp_size 1 is model_load. A config that does not split is an error naming the field.
 int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err);
+// The weights (floats) a model or shard of cfg's shape holds (cfg->tp; a tied lm_head counts once), as
+// model_load_shard would: what `edgepatch memory` reports.
+size_t model_held_floats(const model_config *cfg);
 // Identity of a loaded checkpoint for artifact attributes: config.json's bytes and every safetensors
 // header (names, dtypes, shapes, offsets), without reading the weights themselves.
 uint64_t model_identity(const model *m);

@@ -225,7 +225,9 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     if (root) progress_end(&sc->prog);
     if (outcome != SCHED_OK) return outcome;
 
-    int finished = root ? ws->finish(ws, err) : 0;
+    // Rank 0's group runs finish: the leader merges and writes, the others join its model passes (prune
+    // rounds measure the kept circuit) and write nothing.
+    int finished = sc->group_id == 0 ? ws->finish(ws, err) : 0;
     finished = bcast_from_root(sc, finished);
     return finished ? SCHED_FAILED : SCHED_OK;
 }

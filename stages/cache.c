@@ -112,6 +112,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
 
 static int cache_finish(work_stage *ws, ep_error *err) {
     cache_ctx *c = ws->ctx;
+    if (ws->follower) return 0;
     printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->plan.n_donors,
            ws->n_items, c->in->cfg->output_path);
     return 0;

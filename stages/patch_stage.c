@@ -215,6 +215,7 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
 // Rank 0 (or the only process): the item shards in item order into patch.h5 and model_logs.json.
 // model_logs.json is written first: patch.h5, the stage's completion record, comes last.
 static int patch_finish(work_stage *ws, ep_error *err) {
+    if (ws->follower) return 0;
     patch_ctx *c = ws->ctx;
     stage_inputs *in = c->in;
     int P = in->prompts.n_prompts, rc = 0;

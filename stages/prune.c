@@ -672,9 +672,10 @@ static int round_finish(work_stage *ws, ep_error *err) {
         else if (k <= p->min_units) res.stop = "min_units";
         else if (rc->r == pr->n_rounds - 1) res.stop = "rounds";
     }
-    if (r == 0) r = write_round(rc->path, rc->identity, rc->r, &rc->c, &kept, &res,
+    // A tensor-parallel follower only joined the passes above.
+    if (r == 0 && !ws->follower) r = write_round(rc->path, rc->identity, rc->r, &rc->c, &kept, &res,
                                 pr->kh.after == pr->computed && !strcmp(pr->kh.where, "write"), err);
-    if (r == 0) {
+    if (r == 0 && !ws->follower) {
         pr->computed++;
         int nk = 0;
         for (int i = 0; i < rc->n; i++) nk += circuit_has(&kept, rc->kind, &rc->units[i]);

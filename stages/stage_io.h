@@ -59,7 +59,8 @@ struct work_stage {
     // Computes item and commits its shard.
     int (*run_item)(work_stage *ws, int item, ep_error *err);
     // Once, in one process, after every item is done: reads the shards in item order into the final
-    // outputs.
+    // outputs. With a tensor-parallel group the group's followers call it too (follower set): they take
+    // part in any model pass it makes and write nothing.
     int (*finish)(work_stage *ws, ep_error *err);
     void (*release)(work_stage *ws);
     // Optional, set by the driver: run_item calls it once the item's data is written and before the

@@ -47,7 +47,7 @@ PY
   done
 }
 
-for spec in ${TP_MODELS:-gemma2-tiny:gemma2:4 llama3-tiny:llama3:4 smollm-tiny:smollm:2 phi2-tiny:phi2:4}; do
+for spec in gemma2-tiny:gemma2:4 llama3-tiny:llama3:4 smollm-tiny:smollm:2 phi2-tiny:phi2:4; do
   IFS=: read -r model prefix max_tp <<< "$spec"
   config $model-ref $model $prefix 1
   run $model-ref 0

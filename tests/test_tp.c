@@ -122,16 +122,17 @@ static void make_batch(batch *b, int vocab) {
     b->T = b->len[0] + b->len[1];
 }
 
-static int pass(const model *m, kv_cache *cache, const batch *b, const int *tokens, const forward_patch *p,
-                float *logits, ep_error *err) {
+static int pass(const model *m, const kernel_ops *ops, kv_cache *cache, const batch *b, const int *tokens,
+                const forward_patch *p, float *logits, ep_error *err) {
     forward_batch fb = {.n_seqs = b->S, .n_new = b->len, .tokens = tokens, .n_logit_rows = logits ? b->T : 0,
                         .logit_rows = b->rows, .logits = logits};
-    return model_forward(m, kernel_ops_cpu(), cache, &fb, p, err);
+    return model_forward(m, ops, cache, &fb, p, err);
 }
 
 // Plain pass, donor pass (head outputs kept) and a patched pass reading the donor: edge rules on the first
 // and last heads (so every shard boundary is crossed) and a head unit on the last head. logits [3][T][V].
-static int run_three(const model *m, const batch *b, float *logits, kv_cache *donor, ep_error *err) {
+static int run_three(const model *m, const kernel_ops *ops, const batch *b, float *logits, kv_cache *donor,
+                     ep_error *err) {
     const model_config *c = &m->cfg;
     size_t TV = (size_t)b->T * c->vocab_size;
     edge_rule_set *rules = ep_calloc((size_t)c->n_layers, sizeof *rules);
@@ -143,12 +144,16 @@ static int run_three(const model *m, const batch *b, float *logits, kv_cache *do
     head_unit hu = {.layer = c->n_layers - 1, .head = c->n_heads - 1, .type = 3, .donor = 0};
     int n_typed[2] = {b->len[0], b->len[1]};
     kv_cache cache;
-    int rc = kv_cache_init(&cache, c, b->S, 16, 0, err) || pass(m, &cache, b, b->tokens, NULL, logits, err);
+    int rc = kv_cache_init_backend(&cache, c, b->S, 16, 0, ops, err) || pass(m, ops, &cache, b, b->tokens, NULL, logits, err);
     kv_cache_free(&cache);
-    if (rc == 0) rc = kv_cache_init(donor, c, b->S, 16, 1, err) || pass(m, donor, b, b->donor_tokens, NULL, logits + TV, err);
+    if (rc == 0)
+        rc = kv_cache_init_backend(donor, c, b->S, 16, 1, ops, err) ||
+             pass(m, ops, donor, b, b->donor_tokens, NULL, logits + TV, err);
     forward_patch p = {.layer_rules = rules, .head_units = &hu, .n_head_units = 1, .n_donors = 1, .donors = {donor},
                        .types = &b->types[0][0], .index = &b->index[0][0], .type_stride = 32, .n_typed = n_typed};
-    if (rc == 0) rc = kv_cache_init(&cache, c, b->S, 16, 0, err) || pass(m, &cache, b, b->tokens, &p, logits + 2 * TV, err);
+    if (rc == 0)
+        rc = kv_cache_init_backend(&cache, c, b->S, 16, 0, ops, err) ||
+             pass(m, ops, &cache, b, b->tokens, &p, logits + 2 * TV, err);
     kv_cache_free(&cache);
     free(rules);
     return rc;
@@ -183,7 +188,8 @@ static void check_group(const char *name, const ep_comm *world, int T) {
     size_t n = (size_t)3 * b.T * whole.cfg.vocab_size;
     float *want = ep_malloc(sizeof(float) * n), *got = ep_malloc(sizeof(float) * n);
     kv_cache dw, ds, gathered;
-    rc = run_three(&whole, &b, want, &dw, &err) || run_three(&shard, &b, got, &ds, &err) ||
+    const kernel_ops *cpu = kernel_ops_cpu();
+    rc = run_three(&whole, cpu, &b, want, &dw, &err) || run_three(&shard, cpu, &b, got, &ds, &err) ||
          kv_cache_gather(&shard, &ds, &gathered, &err);
     if (rc == 0) {
         size_t TV = (size_t)b.T * whole.cfg.vocab_size;
@@ -207,7 +213,7 @@ static void check_group(const char *name, const ep_comm *world, int T) {
         // Can fail: the last rank's shard with one changed down-projection weight.
         if (group.rank == T - 1) ((float *)shard.layers[0].w_down)[0] += 0.5f;
         kv_cache_free(&ds);
-        rc = run_three(&shard, &b, got, &ds, &err);
+        rc = run_three(&shard, cpu, &b, got, &ds, &err);
         double e = rc ? 0 : max_rel_error(got, want, TV, 1e-6);
         check(rc == 0 && e > 1e-4, "%s T=%d rank %d: a perturbed shard weight is noticed (error %.2e)", name, T,
               world->rank, e);
@@ -221,8 +227,90 @@ static void check_group(const char *name, const ep_comm *world, int T) {
     comm_free(&group);
 }
 
+// --nccl (tools/device_check.sh, on GPUs): every rank's GPU in one NCCL group over the CUDA backend.
+// The communicator itself (all-reduce and all-gather of device buffers, checked against host sums),
+// then each fixture whose heads split over the group: the shard's three passes on the GPU against the
+// whole model on the CPU (1e-4: cuBLAS and the CPU sum in different orders).
+static int nccl_main(const ep_comm *world) {
+    ep_comm nccl;
+    ep_error err = {{0}};
+    if (comm_nccl_init(world, world->rank, &nccl, &err)) {
+        check(0, "%s", err.msg);
+        return test_finish("test_tp --nccl");
+    }
+    const kernel_ops *gpu = kernel_ops_cuda();
+    check(gpu != NULL, "the CUDA backend is up");
+    if (!gpu) {
+        comm_free(&nccl);
+        return test_finish("test_tp --nccl");
+    }
+    int P = nccl.size, n = 1000;
+    float *host = ep_malloc(sizeof(float) * (size_t)n * P), *dev = gpu->alloc(sizeof(float) * (size_t)n),
+          *all = gpu->alloc(sizeof(float) * (size_t)n * P);
+    for (int i = 0; i < n; i++) host[i] = (float)(i % 17) + 0.25f * (float)nccl.rank;
+    gpu->upload(dev, host, sizeof(float) * (size_t)n);
+    int rc = comm_allgather_f32(&nccl, dev, all, (size_t)n, &err) || comm_allreduce_sum_f32(&nccl, dev, (size_t)n, &err);
+    int ok = rc == 0;
+    if (ok) gpu->download(host, all, sizeof(float) * (size_t)n * P);
+    for (int r = 0; r < P && ok; r++)
+        for (int i = 0; i < n; i++) ok &= host[(size_t)r * n + i] == (float)(i % 17) + 0.25f * (float)r;
+    if (ok) gpu->download(host, dev, sizeof(float) * (size_t)n);
+    for (int i = 0; i < n && ok; i++) ok &= fabsf(host[i] - ((float)P * (float)(i % 17) + 0.125f * (float)(P * (P - 1)))) < 1e-4f;
+    check(ok, "NCCL group of %d: all-gather and all-reduce of device buffers%s%s", P, rc ? ": " : "", rc ? err.msg : "");
+    gpu->release(dev), gpu->release(all), free(host);
+    for (int i = 0; i < 4; i++) {
+        char dir[256];
+        snprintf(dir, sizeof dir, "tests/fixtures/models/%s", models[i]);
+        model whole, shard, dev_shard;
+        tp_shard probe;
+        if (model_load(dir, &whole, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        if (model_config_shard(&whole.cfg, dir, 0, P, &probe, NULL)) {
+            model_free(&whole);
+            continue;
+        }
+        if (model_load_shard(dir, nccl.rank, P, &shard, &err) || model_to_backend(&shard, gpu, &dev_shard, &err)) {
+            check(0, "%s", err.msg);
+            model_free(&whole);
+            continue;
+        }
+        dev_shard.comm = &nccl;
+        batch b;
+        make_batch(&b, whole.cfg.vocab_size);
+        size_t TV = (size_t)b.T * whole.cfg.vocab_size;
+        float *want = ep_malloc(sizeof(float) * 3 * TV), *got = ep_malloc(sizeof(float) * 3 * TV);
+        kv_cache dw, dg;
+        rc = run_three(&whole, kernel_ops_cpu(), &b, want, &dw, &err) || run_three(&dev_shard, gpu, &b, got, &dg, &err);
+        double e = 0;
+        for (int k = 0; k < 3 && rc == 0; k++) e = fmax(e, max_rel_error(got + k * TV, want + k * TV, TV, 1e-6));
+        check(rc == 0 && e <= 1e-4, "%s on %d GPU(s) over NCCL: plain, donor and patched logits, max rel error %.2e%s%s",
+              models[i], P, e, rc ? ": " : "", rc ? err.msg : "");
+        if (nccl.rank == 0 && rc == 0) printf("%-12s NCCL group of %d: max rel error %.2e\n", models[i], P, e);
+        kv_cache_free(&dw), kv_cache_free(&dg);
+        free(want), free(got);
+        model_backend_free(&dev_shard);
+        model_free(&shard), model_free(&whole);
+    }
+    comm_free(&nccl);
+    return test_finish("test_tp --nccl");
+}
+
 int main(int argc, char **argv) {
-    if (!getenv("OMPI_COMM_WORLD_SIZE") && !getenv("PMI_SIZE")) {
+    int launched = getenv("OMPI_COMM_WORLD_SIZE") || getenv("PMI_SIZE");
+    if (argc > 1 && !strcmp(argv[1], "--nccl")) {
+        ep_comm world;
+        ep_error err = {{0}};
+        if (launched ? comm_world_init(&argc, &argv, &world, &err) : (comm_single(&world), 0)) {
+            fprintf(stderr, "%s\n", err.msg);
+            return 1;
+        }
+        int rc = nccl_main(&world);
+        comm_world_finalize(&world);
+        return rc;
+    }
+    if (!launched) {
         for (int i = 0; i < N_MODELS; i++)
             for (int T = 2; T <= 4; T *= 2) check_slices(models[i], T);
         check_split_errors();

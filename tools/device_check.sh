@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # device_check: the one script to run on a GPU machine (H100/H200, CUDA driver present, this repository
 # copied, no network). It builds a fresh CUDA build (build-device, sm_90), lists the GPU, runs
-# tests/test_ops (which then checks the cuda backend against the reference too), and runs
+# tests/test_ops (which then checks the cuda backend against the reference too), tests/test_tp --nccl
+# (tensor parallelism over NCCL: all GPUs in one group, or a group of one), and runs
 # bench/bench_ops (cpu vs cuda timings at real shapes). Made to finish in well under 4 minutes on a
 # 16-core machine; every step has a timeout taken from one overall deadline.
 #
 # Exit status: 0 all good; 1 test_ops failed (or did not exercise the cuda backend); 2 bench_ops failed;
 # 3 build dependencies missing (this machine cannot install them: no network); 4 configure failed;
-# 5 build failed; 6 compute-sanitizer found an error (only where compute-sanitizer is installed).
+# 5 build failed; 6 compute-sanitizer found an error (only where compute-sanitizer is installed);
+# 7 test_tp --nccl (tensor parallelism over NCCL, all GPUs in one group) failed.
 # The full log is copied to "$OUT/device_check.log" when $OUT is set.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -90,6 +92,24 @@ main() {
     rm -f "$test_log"
     echo "test_ops exit status: $rc_test"
 
+    # Tensor parallelism over NCCL (docs/tensor_parallel.md): every GPU in one group, one rank per GPU;
+    # with one GPU a group of one still runs the NCCL communicator and the shard's forward on the GPU.
+    local n_gpus rc_tp=0
+    n_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    [ "$n_gpus" -ge 1 ] || n_gpus=1
+    section "test_tp --nccl (tensor parallelism over NCCL, a group of $n_gpus)"
+    if ! grep -q '^NCCL_LIBRARY:FILEPATH=/' "$BUILD_DIR/CMakeCache.txt" 2>/dev/null; then
+        echo "NCCL not found by CMake on this machine: skipped"
+    elif [ "$n_gpus" -gt 1 ]; then
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 timeout "$(budget 60)" \
+            mpirun -np "$n_gpus" "$BUILD_DIR/tests/test_tp" --nccl
+        rc_tp=$?
+    else
+        OPENBLAS_NUM_THREADS=1 timeout "$(budget 60)" "$BUILD_DIR/tests/test_tp" --nccl
+        rc_tp=$?
+    fi
+    echo "test_tp --nccl exit status: $rc_tp"
+
     section "bench_ops (mean ms per call; ratio = cpu / cuda)"
     timeout "$(budget 120)" "$BUILD_DIR/bench/bench_ops"
     local rc_bench=$?
@@ -120,10 +140,12 @@ main() {
     section "summary"
     echo "test_ops: $([ "$rc_test" -eq 0 ] && echo PASS || echo "FAIL ($rc_test)")"
     echo "bench_ops: $([ "$rc_bench" -eq 0 ] && echo ok || echo "FAIL ($rc_bench)")"
+    echo "test_tp --nccl: $([ "$rc_tp" -eq 0 ] && echo PASS || echo "FAIL ($rc_tp)")"
     [ "$rc_san" -ne 0 ] && echo "compute-sanitizer: errors found"
     echo "total ${SECONDS}s"
     [ "$rc_test" -ne 0 ] && return 1
     [ "$rc_bench" -ne 0 ] && return 2
+    [ "$rc_tp" -ne 0 ] && return 7
     return "$rc_san"
 }
 

@@ -6,6 +6,9 @@
 // cannot see each other. The vocabulary projection runs only on the rows whose logits are asked for.
 // The per-layer keys and values are left in the cache and the residual stream can be captured, which
 // is what the patching stage reads and replaces. Never allocates model weights; never prints.
+// A tensor-parallel shard's pass (model.cfg.tp, docs/tensor_parallel.md) computes its heads and MLP
+// columns, sums the row-parallel projections over model.comm (every rank of the group must run the same
+// passes in the same order) and gathers the logits; its cache holds only its KV heads and head outputs.
 #ifndef EP_FORWARD_H
 #define EP_FORWARD_H
 

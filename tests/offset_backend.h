@@ -29,6 +29,10 @@ static void ob_sync(void) {}
 static void ob_matmul(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out) {
     kernel_ops_cpu()->matmul(OB_F(out), OB_F(x), OB_F(w), OB_F(bias), rows, n_in, n_out);
 }
+static void ob_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                           int n_out) {
+    kernel_ops_cpu()->matmul_bf16(OB_F(out), OB_F(x), (const uint16_t *)ob_real(w), OB_F(bias), rows, n_in, n_out);
+}
 static void ob_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
     kernel_ops_cpu()->rmsnorm(OB_F(out), OB_F(x), OB_F(w), w_offset, rows, dim, eps);
 }
@@ -72,6 +76,7 @@ static const kernel_ops offset_backend = {
     .download = ob_download,
     .sync = ob_sync,
     .matmul = ob_matmul,
+    .matmul_bf16 = ob_matmul_bf16,
     .rmsnorm = ob_rmsnorm,
     .layernorm = ob_layernorm,
     .rope = ob_rope,

@@ -210,7 +210,7 @@ static void test_model(const char *name, json_t *plans) {
     const kernel_ops *others[] = {&offset_backend, kernel_ops_cuda()};
     model devs[2];
     for (int k = 0; k < 2; k++)
-        if (others[k] && model_to_backend(&m, others[k], &devs[k], &err)) check(0, "%s", err.msg), others[k] = NULL;
+        if (others[k] && model_to_backend(&m, others[k], 0, &devs[k], &err)) check(0, "%s", err.msg), others[k] = NULL;
     size_t j;
     json_t *pj;
     json_array_foreach(plans, j, pj) {

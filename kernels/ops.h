@@ -104,5 +104,7 @@ const kernel_ops *kernel_ops_ref(void);
 const kernel_ops *kernel_ops_cpu(void);
 // NULL when the program was built without CUDA or no usable GPU is present.
 const kernel_ops *kernel_ops_cuda(void);
+// The cpu kernels behind device-style memory (kernels/ops_offset.c): device code paths without a GPU.
+const kernel_ops *kernel_ops_offset(void);
 
 #endif

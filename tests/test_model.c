@@ -4,7 +4,7 @@
 // packed batch while HF ran each alone, so any cross-talk between prompts shows up as an error.
 // Siblings prove the checks can fail: a perturbed weight and a disabled sliding window must both
 // push the error far past the tolerance.
-// Every backend runs the comparisons: cpu, the offset test backend (tests/offset_backend.h: separate
+// Every backend runs the comparisons: cpu, the offset test backend (kernels/ops_offset.c: separate
 // memory behind non-host pointers, so any host access to backend memory in the forward pass faults; it
 // computes with the cpu kernels, so its errors must equal cpu's exactly) and cuda when a GPU is usable.
 #include <math.h>
@@ -17,7 +17,6 @@
 #include "pipeline/generate.h"
 #include "pipeline/model.h"
 #include "tests/harness.h"
-#include "tests/offset_backend.h"
 
 #define TOL 1e-4
 #define MAX_PROMPTS 8
@@ -223,7 +222,7 @@ static void test_variant(const char *variant) {
         model_free(&m);
         return;
     }
-    const kernel_ops *backends[] = {kernel_ops_cpu(), &offset_backend, kernel_ops_cuda()};
+    const kernel_ops *backends[] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
     errors cpu_e = {0, 0, 0};
     double cpu_decode = 0;
     for (size_t k = 0; k < sizeof backends / sizeof backends[0]; k++) {
@@ -243,7 +242,7 @@ static void test_variant(const char *variant) {
         printf("  %-22s %-6s decode step logits through the KV cache: %.2e\n", variant, ops->name, decode);
         check(decode <= TOL, "%s (%s): decode logits error %.2e", variant, ops->name, decode);
         if (ops == kernel_ops_cpu()) cpu_e = e, cpu_decode = decode;
-        if (ops == &offset_backend)
+        if (ops == kernel_ops_offset())
             check(e.logits == cpu_e.logits && e.resid == cpu_e.resid && e.kv == cpu_e.kv && decode == cpu_decode,
                   "%s: the offset backend (cpu kernels) differs from cpu", variant);
         model_backend_free(&dev);
@@ -355,7 +354,7 @@ static void test_bf16_variant(const char *variant) {
         check(0, "%s", err.msg);
         return;
     }
-    const kernel_ops *backends[] = {kernel_ops_cpu(), &offset_backend, kernel_ops_cuda()};
+    const kernel_ops *backends[] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
     for (size_t k = 0; k < sizeof backends / sizeof backends[0]; k++) {
         const kernel_ops *ops = backends[k];
         model dev;

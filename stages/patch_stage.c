@@ -41,7 +41,7 @@ static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *p
     int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
     patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
                          .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos};
-    int rc = patch_prompt_pass(&in->m, kernel_ops_cpu(), plan, pb, donors, &out, err);
+    int rc = patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
     const prompt_set *ps = &in->prompts;
     for (int i = 0; i < n && rc == 0; i++) {
         int p = first + i;

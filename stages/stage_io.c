@@ -11,6 +11,17 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
+// The config's backend (validated by run_config) as a dispatch table.
+static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep_error *err) {
+    const char *b = cfg->backend;
+    *ops = !strcmp(b, "cpu") ? kernel_ops_cpu() : !strcmp(b, "offset") ? kernel_ops_offset() : kernel_ops_cuda();
+    if (!*ops && !strcmp(b, "auto")) *ops = kernel_ops_cpu();
+    if (!*ops)
+        return ep_fail(err, "%s: field backend: \"cuda\" asked for, but this build has no CUDA or no usable GPU is "
+                            "present", cfg->path);
+    return 0;
+}
+
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
     return stage_inputs_open_shard(cfg, NULL, in, err);
 }
@@ -21,9 +32,22 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
+    if (backend_from_config(cfg, &in->ops, err)) return -1;
+    // A split model's communicator moves host buffers (MPI): "auto" means cpu then, and a device backend is
+    // refused (NCCL groups are not wired into edgepatch run yet; docs/tensor_parallel.md).
+    if (tp && tp->size > 1 && !in->ops->host_memory) {
+        if (strcmp(cfg->backend, "auto"))
+            return ep_fail(err, "%s: field backend: \"%s\" with tensor_parallel > 1 is not available yet (use \"cpu\")",
+                           cfg->path, cfg->backend);
+        in->ops = kernel_ops_cpu();
+    }
     if (tp ? model_load_shard(cfg->model_path, tp->rank, tp->size, &in->m, err) : model_load(cfg->model_path, &in->m, err))
         return -1;
     in->m.comm = tp;
+    if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {
+        model_free(&in->m);
+        return -1;
+    }
     if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err)) {
         stage_inputs_close(in);
         return -1;
@@ -35,7 +59,9 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
         free(hash);
         h5store_close(&s);
     }
-    hash_hex(model_identity(&in->m), in->model_hash);
+    // A bf16 run computes other numbers from the same checkpoint: its artifacts carry another model hash.
+    uint64_t model_id = model_identity(&in->m);
+    hash_hex(cfg->bf16 ? hash_str(model_id, "bf16") : model_id, in->model_hash);
     hash_hex(plan_hash(&in->plan), in->plan_hash);
     if (in->plan.n_donors > in->prompts.n_donors) {
         ep_fail(err, "%s: the plan reads donor %d but the prompts have %d donors (field donors)", cfg->path,
@@ -57,6 +83,7 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
 }
 
 void stage_inputs_close(stage_inputs *in) {
+    model_backend_free(&in->dev);
     model_free(&in->m);
     prompt_set_free(&in->prompts);
     plan_free(&in->plan);

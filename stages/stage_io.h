@@ -16,7 +16,9 @@
 
 struct stage_inputs {
     const run_config *cfg;
-    model m;
+    model m;              // the checkpoint as loaded (host, fp32): configuration, attribution's backward pass
+    const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
+    model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
     prompt_set prompts;
     ablation_plan plan;
     char prompts_hash[17];  // prompts.h5's inputs_hash
@@ -24,6 +26,10 @@ struct stage_inputs {
     char plan_hash[17];
 };
 
+// Loads the model, the prompts and the plan, and puts the model on the config's backend: field backend
+// "auto" (the default: cuda when a usable GPU is present, else cpu), "cpu", "cuda" (an error without a
+// usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
+// device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
 // The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
 // outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.

@@ -271,7 +271,7 @@ static int nccl_main(const ep_comm *world) {
             model_free(&whole);
             continue;
         }
-        if (model_load_shard(dir, nccl.rank, P, &shard, &err) || model_to_backend(&shard, gpu, &dev_shard, &err)) {
+        if (model_load_shard(dir, nccl.rank, P, &shard, &err) || model_to_backend(&shard, gpu, 0, &dev_shard, &err)) {
             check(0, "%s", err.msg);
             model_free(&whole);
             continue;

@@ -6,7 +6,8 @@
 # tokens, 1e-5 relative for log-probabilities and logit differences), the same exact head-unit scores
 # of a prune round (within 1e-5 of the round's largest) and the same kept units (up to units tied with
 # the cut, where summation order decides). The two runs with groups of 2 are byte-identical (an item is computed the same whichever group runs it). Then the refusals: a
-# group that does not fit the ranks, heads that do not split, attribution with a split model.
+# group that does not fit the ranks, heads that do not split, attribution with a split model, a split
+# model on a device backend.
 set -u
 bin=$1
 . "$(dirname "$0")/cli_harness.bash"
@@ -86,4 +87,7 @@ config heads smollm-tiny smollm 4
 refused heads 4 "num_attention_heads = 6 does not split over tensor_parallel = 4"
 config attr smollm-tiny smollm 2 attribution
 refused attr 2 "field importance: attribution is not available with tensor_parallel > 1"
+config offset smollm-tiny smollm 2
+sed -i 's/}$/, "backend": "offset"}/' "$tmp/offset.json"
+refused offset 2 'field backend: "offset" with tensor_parallel > 1 is not available yet'
 finish cli_tp

@@ -9,6 +9,7 @@
 #include "stages/cache.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
+#include "stages/report.h"
 #include "stages/stage_io.h"
 #include "stages/tokenize.h"
 
@@ -19,6 +20,7 @@ static const char usage[] =
     "already matches its inputs, so a killed run resumes where it stopped.\n"
     "  --until STAGE  stop after STAGE: tokenize, cache, patch, score (round 0's scores) or prune (every\n"
     "                 round; docs/pruning.md)\n"
+    "Once the patch stage is done, the run ends with its report (see edgepatch report --help).\n"
     "  --fresh        rebuild outputs even if they exist (needed when inputs changed); a rerun without it\n"
     "                 resumes an interrupted --fresh run\n"
     "\n"
@@ -96,6 +98,11 @@ int cmd_run(int argc, char **argv) {
             if (r == 0) break;
         }
         prune_close(pr);
+    }
+    // The run ends with its report (stages/report.h); rank 0 only, after every rank is done.
+    if (status == SCHED_OK && root && last >= 2) {
+        printf("\nreport (%s/report.txt):\n", cfg.output_path);
+        if (report_write(cfg.output_path, stdout, &err)) status = SCHED_FAILED;
     }
     int rc = 0;
     if (status == SCHED_FAILED) {

@@ -122,7 +122,11 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int 
     if (in->n_ablations) {
         json_t *list = json_array();
         for (int a = 0; a < in->n_ablations; a++) {
-            json_t *f = json_pack("{s:s}", "name", in->ablations[a].name);
+            json_t *f = json_pack("{s:s}", "name", in->ablations[a].name), *spec = json_array_get(json_object_get(in->cfg->json, "ablations"), a);
+            for (int k = 0; k < 2; k++) {  // the report's heatmap labels, when the config gives them
+                const char *key = k ? "band" : "group", *v = json_string_value(json_object_get(spec, key));
+                if (v) json_object_set_new(f, key, json_string(v));
+            }
             set_figures(f, &m[2 + a], clean, P);
             json_array_append_new(list, f);
         }

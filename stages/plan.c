@@ -441,7 +441,11 @@ int plan_list_from_run_config(const run_config *rc, const model_config *cfg, abl
             rc_ = ep_fail(err, "%s: name: required (a distinct name per ablation)", where);
             break;
         }
-        if ((rc_ = plan_parse(e, where, cfg, &l[i], err))) break;
+        for (int k = 0; k < 2 && rc_ == 0; k++) {
+            json_t *v = json_object_get(e, k ? "band" : "group");
+            if (v && !json_is_string(v)) rc_ = ep_fail(err, "%s: %s: expected a label (string)", where, k ? "band" : "group");
+        }
+        if (rc_ || (rc_ = plan_parse(e, where, cfg, &l[i], err))) break;
         *n = (int)i + 1;
         if (l[i].n_donors > 1) {
             rc_ = ep_fail(err, "%s: reads donor %d; ablations may read donor 0 only", where, l[i].n_donors - 1);

@@ -112,6 +112,7 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int 
     json_object_set_new(o, "model_name", json_string(in->cfg->model_name ? in->cfg->model_name : ""));
     json_object_set_new(o, "task", json_string(in->prompts.task));
     json_object_set_new(o, "plan", json_string(in->plan.name));
+    json_object_set_new(o, "plan_ablates", json_boolean(in->plan.n_rules + in->plan.n_head_units > 0));
     json_object_set_new(o, "n_prompts", json_integer(P));
     set_figures(o, &m[0], clean, P);
     json_object_set_new(o, "full_model_accuracy", real_or_null(mean_i(clean->correct, P, NULL)));

@@ -42,7 +42,7 @@ static void print_table(FILE *f, json_t *logs) {
     fprintf(f, "%-36s %9s %9s %12s %10s\n", "accuracy (greedy generation)", "accuracy", "drop", "first-token", "logit diff");
     fprintf(f, "%-36s %9.3f %9s %12.3f %10.3f\n", "full model", full, "", num_or_nan(logs, "full_model_first_token_accuracy"),
             num_or_nan(logs, "full_model_mean_logit_diff"));
-    if (strcmp(str_or(logs, "plan", "clean"), "clean"))
+    if (json_is_true(json_object_get(logs, "plan_ablates")))
         fprintf(f, "%-36.36s %9.3f %9.3f %12.3f %10.3f\n", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
                 full - num_or_nan(logs, "accuracy"), num_or_nan(logs, "first_token_accuracy"), num_or_nan(logs, "mean_logit_diff"));
     size_t i;
@@ -137,8 +137,8 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot accuracy_drop.gp` to redraw.\n");
     fprintf(f, "set terminal pngcairo size %d,%d font 'sans,11'\nset output '%s'\n", 260 + 130 * B, 220 + 55 * G, tmp);
     fprintf(f, "set title \"%s: accuracy drop when an edge group is ablated\\n(full-model accuracy %.3f over %d prompts; "
-               "drop = full - ablated)\"\n", str_or(logs, "task", "?"), full, (int)num_or_nan(logs, "n_prompts"));
-    fprintf(f, "set xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
+               "drop = full - ablated)\" noenhanced\n", str_or(logs, "task", "?"), full, (int)num_or_nan(logs, "n_prompts"));
+    fprintf(f, "set termoption noenhanced\nset xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
     fprintf(f, "set xrange [-0.5:%g]\nset yrange [%g:-0.5]\nset cbrange [%g:%g]\nset tics scale 0\n", B - 0.5, G - 0.5, -most, most);
     fprintf(f, "set palette defined (0 '#2166ac', 1 '#f7f7f7', 2 '#b2182b')\n");
     fprintf(f, "set xtics (");

@@ -433,29 +433,29 @@ int plan_list_from_run_config(const run_config *rc, const model_config *cfg, abl
     if (!json_is_array(a)) return ep_fail(err, "%s: field ablations: expected a list of plans", rc->path);
     ablation_plan *l = ep_calloc(json_array_size(a) + 1, sizeof *l);
     size_t i;
-    int rc_ = 0;
+    int status = 0;
     json_array_foreach(a, i, e) {
         char where[600];
         snprintf(where, sizeof where, "%s: field ablations[%zu]", rc->path, i);
         if (!json_is_string(json_object_get(e, "name"))) {
-            rc_ = ep_fail(err, "%s: name: required (a distinct name per ablation)", where);
+            status = ep_fail(err, "%s: name: required (a distinct name per ablation)", where);
             break;
         }
-        for (int k = 0; k < 2 && rc_ == 0; k++) {
+        for (int k = 0; k < 2 && status == 0; k++) {
             json_t *v = json_object_get(e, k ? "band" : "group");
-            if (v && !json_is_string(v)) rc_ = ep_fail(err, "%s: %s: expected a label (string)", where, k ? "band" : "group");
+            if (v && !json_is_string(v)) status = ep_fail(err, "%s: %s: expected a label (string)", where, k ? "band" : "group");
         }
-        if (rc_ || (rc_ = plan_parse(e, where, cfg, &l[i], err))) break;
+        if (status || (status = plan_parse(e, where, cfg, &l[i], err))) break;
         *n = (int)i + 1;
         if (l[i].n_donors > 1) {
-            rc_ = ep_fail(err, "%s: reads donor %d; ablations may read donor 0 only", where, l[i].n_donors - 1);
+            status = ep_fail(err, "%s: reads donor %d; ablations may read donor 0 only", where, l[i].n_donors - 1);
             break;
         }
-        for (size_t k = 0; k < i && rc_ == 0; k++)
-            if (!strcmp(l[k].name, l[i].name)) rc_ = ep_fail(err, "%s: name '%s' is also ablations[%zu]'s", where, l[i].name, k);
-        if (rc_) break;
+        for (size_t k = 0; k < i && status == 0; k++)
+            if (!strcmp(l[k].name, l[i].name)) status = ep_fail(err, "%s: name '%s' is also ablations[%zu]'s", where, l[i].name, k);
+        if (status) break;
     }
-    if (rc_) {
+    if (status) {
         plan_list_free(l, *n);
         *n = 0;
         return -1;

@@ -27,7 +27,7 @@ static const subcommand subcommands[] = {
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
     {"memory", cmd_memory, "memory CONFIG.json... [--tp 1,2,4,8]     weights and KV cache bytes per tensor-parallel rank"},
-    {"report", not_yet, "report RUN"},
+    {"report", cmd_report, "report RUN"},
     {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
 };
 

@@ -20,6 +20,7 @@ void cache_identity(const stage_inputs *in, char out[17]) {
     h = hash_str(h, in->prompts_hash);
     h = hash_str(h, in->model_hash);
     h = hash_str(h, in->plan_hash);
+    h = hash_bytes(h, &in->n_cached_donors, sizeof in->n_cached_donors);
     hash_hex(h, out);
 }
 
@@ -66,7 +67,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     cache_ctx *cc = ws->ctx;
     stage_inputs *in = cc->in;
     char path[4096], identity[17];
-    int first, n, K = in->plan.n_donors, rc = 0;
+    int first, n, K = in->n_cached_donors, rc = 0;
     stage_item_range(in, item, &first, &n);
     stage_item_identity(cc->identity, first, n, identity);
     stage_item_path(in, "cache", item, path, sizeof path);
@@ -74,7 +75,9 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     prompt_batch pb = stage_batch(in, first, n);
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    if (K > 0) rc = patch_donor_passes(&in->dev, in->ops, &in->plan, &pb, donors, err);
+    ablation_plan plan = in->plan;  // donor 0, a clean pass, for the ablations when the plan reads no donor
+    plan.n_donors = K;
+    if (K > 0) rc = patch_donor_passes(&in->dev, in->ops, &plan, &pb, donors, err);
     // A tensor-parallel group's leader writes the whole model's keys, values and head outputs.
     for (int d = 0; d < K && rc == 0 && c->tp.size > 1; d++) {
         kv_cache whole;
@@ -116,7 +119,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
 static int cache_finish(work_stage *ws, ep_error *err) {
     cache_ctx *c = ws->ctx;
     if (ws->follower) return 0;
-    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->plan.n_donors,
+    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->n_cached_donors,
            ws->n_items, c->in->cfg->output_path);
     return 0;
 }
@@ -147,7 +150,7 @@ int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
 }
 
 int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error *err) {
-    int K = in->plan.n_donors, rc = 0, first, n;
+    int K = in->n_cached_donors, rc = 0, first, n;
     if (K == 0) return 0;
     char path[4096], stage_id[17], identity[17], *have = NULL;
     stage_item_range(in, item, &first, &n);

@@ -48,7 +48,8 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
         model_free(&in->m);
         return -1;
     }
-    if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err)) {
+    if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err) ||
+        plan_list_from_run_config(cfg, &in->m.cfg, &in->ablations, &in->n_ablations, err)) {
         stage_inputs_close(in);
         return -1;
     }
@@ -63,9 +64,10 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
     uint64_t model_id = model_identity(&in->m);
     hash_hex(cfg->bf16 ? hash_str(model_id, "bf16") : model_id, in->model_hash);
     hash_hex(plan_hash(&in->plan), in->plan_hash);
-    if (in->plan.n_donors > in->prompts.n_donors) {
-        ep_fail(err, "%s: the plan reads donor %d but the prompts have %d donors (field donors)", cfg->path,
-                in->plan.n_donors - 1, in->prompts.n_donors);
+    in->n_cached_donors = in->plan.n_donors > 0 || in->n_ablations == 0 ? in->plan.n_donors : 1;
+    if (in->n_cached_donors > in->prompts.n_donors) {
+        ep_fail(err, "%s: the plan or its ablations read donor %d but the prompts have %d donors (field donors)", cfg->path,
+                in->n_cached_donors - 1, in->prompts.n_donors);
         stage_inputs_close(in);
         return -1;
     }
@@ -87,6 +89,7 @@ void stage_inputs_close(stage_inputs *in) {
     model_free(&in->m);
     prompt_set_free(&in->prompts);
     plan_free(&in->plan);
+    plan_list_free(in->ablations, in->n_ablations);
 }
 
 prompt_batch stage_batch(const stage_inputs *in, int first, int n) {

@@ -21,6 +21,9 @@ struct stage_inputs {
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
     prompt_set prompts;
     ablation_plan plan;
+    ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
+    int n_ablations;
+    int n_cached_donors;  // donors the cache stage keeps: the plan's, and donor 0 when there are ablations
     char prompts_hash[17];  // prompts.h5's inputs_hash
     char model_hash[17];
     char plan_hash[17];

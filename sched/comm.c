@@ -1,5 +1,7 @@
 #include "comm.h"
 
+#include "kernels/ops.h"
+
 #include <mpi.h>
 #include <stdlib.h>
 #include <string.h>
@@ -56,12 +58,11 @@ int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error
     return 0;
 }
 
-int comm_nccl_init(const ep_comm *group, int world_rank, ep_comm *out, ep_error *err) {
+int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err) {
     comm_single(out);
 #ifdef EP_HAVE_NCCL
-    int n_gpus = 0;
-    if (cudaGetDeviceCount(&n_gpus) != cudaSuccess || n_gpus < 1) return ep_fail(err, "NCCL: no CUDA device");
-    if (cudaSetDevice(world_rank % n_gpus) != cudaSuccess) return ep_fail(err, "NCCL: cudaSetDevice failed");
+    // The CUDA backend's start picks this rank's GPU (by local rank, docs/cuda.md); NCCL uses the same.
+    if (!kernel_ops_cuda()) return ep_fail(err, "NCCL: no usable CUDA device");
     ncclUniqueId id;
     if (group->rank == 0 && ncclGetUniqueId(&id) != ncclSuccess) return ep_fail(err, "NCCL: ncclGetUniqueId failed");
     if (group->kind == COMM_MPI &&
@@ -76,7 +77,7 @@ int comm_nccl_init(const ep_comm *group, int world_rank, ep_comm *out, ep_error 
     *out = (ep_comm){.kind = COMM_NCCL, .rank = group->rank, .size = group->size, .handle = h};
     return 0;
 #else
-    (void)group, (void)world_rank;
+    (void)group;
     return ep_fail(err, "NCCL: this build has no NCCL (it needs CUDA and nccl.h; docs/tensor_parallel.md)");
 #endif
 }

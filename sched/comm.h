@@ -31,9 +31,9 @@ void comm_world_finalize(ep_comm *world);
 // Ranks of `parent` with the same color form one group, ordered by key. Collective over parent.
 int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error *err);
 // An NCCL communicator over the same ranks as `group` (an MPI or single communicator): rank 0 makes the
-// unique id and broadcasts it over `group`. Selects GPU (rank in the world) % (GPUs on the machine) first,
-// so call it before the CUDA backend is first used. Fails in builds without NCCL.
-int comm_nccl_init(const ep_comm *group, int world_rank, ep_comm *out, ep_error *err);
+// unique id and broadcasts it over `group`. Runs on the GPU the CUDA backend picked for this rank (local
+// rank mod GPUs on the node, docs/cuda.md). Fails in builds without NCCL or without a usable GPU.
+int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err);
 void comm_free(ep_comm *c);
 
 // Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl);

@@ -234,7 +234,7 @@ static void check_group(const char *name, const ep_comm *world, int T) {
 static int nccl_main(const ep_comm *world) {
     ep_comm nccl;
     ep_error err = {{0}};
-    if (comm_nccl_init(world, world->rank, &nccl, &err)) {
+    if (comm_nccl_init(world, &nccl, &err)) {
         check(0, "%s", err.msg);
         return test_finish("test_tp --nccl");
     }

@@ -130,12 +130,6 @@ static void mlp_back(const model_config *c, const layer_weights *w, layer_scratc
     }
 }
 
-static float dotf(const float *a, const float *b, int n) {
-    double s = 0;
-    for (int i = 0; i < n; i++) s += (double)a[i] * b[i];
-    return (float)s;
-}
-
 // Which donor the edge (l, h, A->B) of sequence s reads (-1: the current pass), as the patched kernels decide.
 static int edge_source(const grad_tape *t, int l, int h, int s, int B, int A) {
     const forward_patch *p = &t->patch;
@@ -163,65 +157,106 @@ static const float *value_read(const grad_tape *t, int l, int s, int A, int dono
     return donor >= 0 ? kv_cache_v(t->patch.donors[donor], l, s, A) : kv_cache_v(&t->cache, l, s, A);
 }
 
+// out[n, n] = alpha a[n, hd] . b[n, hd]^T (row strides lda, ldb): one (sequence, head) block of
+// query-key or gradient-value products.
+static void outer_block(float *out, const float *a, int lda, const float *b, int ldb, int n, int hd, float alpha) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
+}
+
+// out[n, hd] (+)= m[n, n] . b[n, hd] (transpose_m: m^T . b), out and b with row strides ldo, ldb.
+static void block_times(float *out, int ldo, const float *m, int transpose_m, const float *b, int ldb, int n, int hd,
+                        int accumulate) {
+    cblas_sgemm(CblasRowMajor, transpose_m ? CblasTrans : CblasNoTrans, CblasNoTrans, n, hd, n, 1.0f, m, n, b, ldb,
+                accumulate ? 1.0f : 0.0f, out, ldo);
+}
+
 // Attention of layer l, forward (p, sel) and backward: from dza (dL/dz, substituted heads zeroed) to dq and
 // to dk, dv of the current pass's keys and values (donor K/V are constants). Fills the tape's p, dlogit, sel.
+// Per (sequence, head) in BLAS form, as the cpu kernels run the forward: the score and dL/dz . v products
+// against the current keys and values and against every donor a rule of the layer reads, the selection,
+// softcap, softmax and their transposes per edge, then dq = dlogit K* and dk += dlogit^T q, dv += p^T dz
+// summed by source (masked copies of dlogit and p hold one source's edges).
 static void attention_back(grad_tape *t, const model_config *c, int l, const float *q, const float *dza, float *dq,
                            float *dk, float *dv) {
     int H = c->n_heads, hd = c->head_dim, Q = H * hd, KV = c->n_kv_heads * hd, rep = c->n_heads / c->n_kv_heads;
     int window = model_config_layer_window(c, l);
     float scale = c->attn_scale, cap = c->attn_softcap;
-    memset(dq, 0, sizeof(float) * (size_t)t->n_rows * Q);
+    const forward_patch *pt = &t->patch;
+    int patched = t->patched && pt->layer_rules && pt->layer_rules[l].n > 0;
+    int used[16] = {0};  // donors this layer's rules read
+    for (int r = 0; patched && r < pt->layer_rules[l].n; r++) {
+        int d = pt->layer_rules[l].rule[r].donor;
+        if (d >= 0 && d < pt->n_donors) used[d] = 1;
+    }
     memset(dk, 0, sizeof(float) * (size_t)t->n_rows * KV);
     memset(dv, 0, sizeof(float) * (size_t)t->n_rows * KV);
     int max_len = 0;
     for (int s = 0; s < t->n_seqs; s++) max_len = t->len[s] > max_len ? t->len[s] : max_len;
-    float *g = ep_malloc(sizeof(float) * (size_t)max_len);
+    size_t nn = (size_t)max_len * max_len;
+    // g: dL/dz . v* per edge; x: per donor, scores and dL/dz . v_donor; msk: one source's share of p or dlogit.
+    float *g = ep_malloc(sizeof(float) * nn), *msk = patched ? ep_malloc(sizeof(float) * nn) : NULL;
+    float *x = patched ? ep_malloc(sizeof(float) * nn * 2 * (size_t)pt->n_donors) : NULL;
     for (int s = 0; s < t->n_seqs; s++) {
         int n = t->len[s], r0 = t->row[s];
+        const float *K = kv_cache_k(&t->cache, l, s, 0), *V = kv_cache_v(&t->cache, l, s, 0);
         for (int h = 0; h < H; h++) {
-            int gh = h / rep;
-            size_t blk = (size_t)l * t->att_per_layer + t->att_off[s] + (size_t)h * n * n;
+            size_t off = (size_t)(h / rep) * hd, blk = (size_t)l * t->att_per_layer + t->att_off[s] + (size_t)h * n * n;
+            float *P = t->p + blk, *DL = t->dlogit + blk;
+            signed char *SEL = t->sel + blk;
+            const float *qh = q + (size_t)r0 * Q + (size_t)h * hd, *dzh = dza + (size_t)r0 * Q + (size_t)h * hd;
+            float *dqh = dq + (size_t)r0 * Q + (size_t)h * hd, *dkh = dk + (size_t)r0 * KV + off, *dvh = dv + (size_t)r0 * KV + off;
+            outer_block(P, qh, Q, K + off, KV, n, hd, scale);
+            outer_block(g, dzh, Q, V + off, KV, n, hd, 1.0f);
+            for (int d = 0; d < pt->n_donors && patched; d++)
+                if (used[d]) {
+                    outer_block(x + 2 * d * nn, qh, Q, kv_cache_k(pt->donors[d], l, s, 0) + off, KV, n, hd, scale);
+                    outer_block(x + (2 * d + 1) * nn, dzh, Q, kv_cache_v(pt->donors[d], l, s, 0) + off, KV, n, hd, 1.0f);
+                }
             for (int B = 0; B < n; B++) {
-                float *p = t->p + blk + (size_t)B * n, *dl = t->dlogit + blk + (size_t)B * n;
-                signed char *sel = t->sel + blk + (size_t)B * n;
-                const float *qb = q + (size_t)(r0 + B) * Q + (size_t)h * hd, *dzb = dza + (size_t)(r0 + B) * Q + (size_t)h * hd;
+                float *p = P + (size_t)B * n, *dl = DL + (size_t)B * n, *gb = g + (size_t)B * n;
+                signed char *sel = SEL + (size_t)B * n;
                 int j0 = window > 0 && B - window + 1 > 0 ? B - window + 1 : 0;
                 float mx = -INFINITY;
                 for (int A = j0; A <= B; A++) {
-                    int dn = edge_source(t, l, h, s, B, A);
-                    sel[A] = (signed char)dn;
-                    float x = scale * dotf(qb, key_read(t, l, s, A, dn) + (size_t)gh * hd, hd);
-                    if (cap > 0) x = cap * tanhf(x / cap);
-                    p[A] = x;  // the (capped) score for now
-                    if (x > mx) mx = x;
-                }
-                double sum = 0;
-                for (int A = j0; A <= B; A++) sum += g[A] = expf(p[A] - mx);
-                double gsum = 0;
-                for (int A = j0; A <= B; A++) {
+                    int dn = patched ? edge_source(t, l, h, s, B, A) : -1;
                     float sc = p[A];
-                    p[A] = (float)(g[A] / sum);
-                    dl[A] = cap > 0 ? 1.0f - (sc / cap) * (sc / cap) : 1.0f;  // softcap' for now
-                    g[A] = dotf(dzb, value_read(t, l, s, A, sel[A]) + (size_t)gh * hd, hd);
-                    gsum += (double)p[A] * g[A];
-                }
-                float *dqb = dq + (size_t)(r0 + B) * Q + (size_t)h * hd;
-                for (int A = j0; A <= B; A++) {
-                    dl[A] *= (float)(p[A] * (g[A] - gsum)) * scale;
-                    const float *ks = key_read(t, l, s, A, sel[A]) + (size_t)gh * hd;
-                    for (int i = 0; i < hd; i++) dqb[i] += dl[A] * ks[i];
-                    if (sel[A] < 0) {
-                        float *dkA = dk + (size_t)(r0 + A) * KV + (size_t)gh * hd, *dvA = dv + (size_t)(r0 + A) * KV + (size_t)gh * hd;
-                        for (int i = 0; i < hd; i++) {
-                            dkA[i] += dl[A] * qb[i];
-                            dvA[i] += p[A] * dzb[i];
-                        }
+                    if (dn >= 0) {
+                        sel[A] = (signed char)dn;
+                        sc = x[2 * dn * nn + (size_t)B * n + A];
+                        gb[A] = x[(2 * dn + 1) * nn + (size_t)B * n + A];
                     }
+                    if (cap > 0) sc = cap * tanhf(sc / cap);
+                    dl[A] = cap > 0 ? 1.0f - (sc / cap) * (sc / cap) : 1.0f;  // softcap' for now
+                    p[A] = sc;
+                    if (sc > mx) mx = sc;
                 }
+                float sum = 0;
+                for (int A = j0; A <= B; A++) sum += p[A] = expf(p[A] - mx);
+                float inv = 1.0f / sum, gsum = 0;
+                for (int A = j0; A <= B; A++) gsum += (p[A] *= inv) * gb[A];
+                for (int A = j0; A <= B; A++) dl[A] *= p[A] * (gb[A] - gsum) * scale;
+                for (int A = 0; A < j0; A++) p[A] = dl[A] = 0;
+                for (int A = B + 1; A < n; A++) p[A] = dl[A] = 0;
+            }
+            if (!patched) {
+                block_times(dqh, Q, DL, 0, K + off, KV, n, hd, 0);
+                block_times(dkh, KV, DL, 1, qh, Q, n, hd, 1);
+                block_times(dvh, KV, P, 1, dzh, Q, n, hd, 1);
+                continue;
+            }
+            for (int d = -1, first = 1; d < pt->n_donors; d++) {
+                if (d >= 0 && !used[d]) continue;
+                for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] == d ? DL[e] : 0.0f;
+                block_times(dqh, Q, msk, 0, (d < 0 ? K : kv_cache_k(pt->donors[d], l, s, 0)) + off, KV, n, hd, !first);
+                first = 0;
+                if (d >= 0) continue;
+                block_times(dkh, KV, msk, 1, qh, Q, n, hd, 1);
+                for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] < 0 ? P[e] : 0.0f;
+                block_times(dvh, KV, msk, 1, dzh, Q, n, hd, 1);
             }
         }
     }
-    free(g);
+    free(g), free(msk), free(x);
 }
 
 static void batch_rows(const grad_batch *b, int *T, int *n_pred) {

@@ -95,17 +95,19 @@ static void scratch_free(layer_scratch *s) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
-// mo = MLP(xn), keeping the pre-activation values in gate (and up).
+// The MLP's pre-activation values from xn in gate (and up); its output mo only for the sandwich block,
+// whose post-norm backward is the only reader of it.
 static void mlp_fwd(const kernel_ops *ops, const model_config *c, const layer_weights *w, layer_scratch *s,
                     const float *xn, int T) {
     size_t n = (size_t)T * c->intermediate;
+    ops->matmul(s->gate, xn, c->gated_mlp ? w->w_gate : w->w_up, c->gated_mlp ? w->b_gate : w->b_up, T, c->hidden,
+                c->intermediate);
+    if (c->gated_mlp) ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+    if (c->block != BLOCK_SANDWICH_NORM) return;
     float *h = s->dh;  // scratch for the activation output; dh is overwritten by the backward later
     if (c->gated_mlp) {
-        ops->matmul(s->gate, xn, w->w_gate, w->b_gate, T, c->hidden, c->intermediate);
-        ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
         ops->glu(h, s->gate, s->up, n, c->act);
     } else {
-        ops->matmul(s->gate, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
         memcpy(h, s->gate, sizeof(float) * n);
         ops->act(h, n, c->act);
     }

@@ -1,7 +1,8 @@
-// The forward values come from model_forward (residual stream captured per layer, K/V/z kept in the
-// cache); the backward walks the layers from the last to the first, recomputing each layer's inner
-// values from its captured input (cheap next to the attention and matmuls it then runs), so only the
-// residual stream of the whole pass is held at once. Matrix products through CBLAS, the rest in loops.
+// The forward values come from model_forward (residual stream, post-RoPE queries and the attention
+// blocks' outputs captured per layer, K/V/z kept in the cache); the backward walks the layers from the
+// last to the first, recomputing from these only the norms and the MLP's pre-activations, so the MLP's
+// wide intermediate values are never held for the whole pass. Matrix products through CBLAS (the
+// attention per sequence and head, as the cpu kernels run it), the rest in loops.
 #include "backward.h"
 
 #include <cblas.h>
@@ -70,18 +71,18 @@ static void norm_fwd(const kernel_ops *ops, const model_config *c, float *out, c
         ops->rmsnorm(out, x, w, c->norm_weight_offset, rows, c->hidden, c->norm_eps);
 }
 
-// One layer's inner values, recomputed from its input.
+// One layer's scratch: the recomputed MLP input and pre-activations, and the gradients.
 typedef struct {
-    float *xn1, *q, *o, *po, *x1, *xn2, *gate, *up, *mo;  // po: Gemma's post-attention norm of o
+    float *xn, *po, *x1, *gate, *up, *mo;  // po: Gemma's post-attention norm of o
     float *dxn, *dq, *dk, *dv, *dza, *dh, *dgate, *dup, *tmp, *tmp2;
 } layer_scratch;
 
 static void scratch_init(layer_scratch *s, const model_config *c, int T) {
     size_t t = (size_t)T, D = c->hidden, Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim,
            NI = c->intermediate;
-    float **d[] = {&s->xn1, &s->o, &s->po, &s->x1, &s->xn2, &s->mo, &s->dxn, &s->tmp, &s->tmp2};
+    float **d[] = {&s->xn, &s->po, &s->x1, &s->mo, &s->dxn, &s->tmp, &s->tmp2};
     for (size_t i = 0; i < sizeof d / sizeof *d; i++) *d[i] = ep_calloc(t * D, sizeof(float));
-    float **q[] = {&s->q, &s->dq, &s->dza};
+    float **q[] = {&s->dq, &s->dza};
     for (size_t i = 0; i < sizeof q / sizeof *q; i++) *q[i] = ep_calloc(t * Q, sizeof(float));
     s->dk = ep_calloc(t * KV, sizeof(float));
     s->dv = ep_calloc(t * KV, sizeof(float));
@@ -90,7 +91,7 @@ static void scratch_init(layer_scratch *s, const model_config *c, int T) {
 }
 
 static void scratch_free(layer_scratch *s) {
-    float *all[] = {s->xn1, s->q, s->o, s->po, s->x1, s->xn2, s->gate, s->up, s->mo, s->dxn, s->dq, s->dk,
+    float *all[] = {s->xn, s->po, s->x1, s->gate, s->up, s->mo, s->dxn, s->dq, s->dk,
                     s->dv, s->dza, s->dh, s->dgate, s->dup, s->tmp, s->tmp2};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
@@ -275,10 +276,12 @@ static int check_batch(const grad_batch *b, ep_error *err) {
     return 0;
 }
 
-// The forward pass: cache filled (with z), residual stream captured, logits at the predicting rows;
-// the loss and, when dlogits is non-NULL, dL/dlogits (after the final softcap) there.
-static int forward_loss(const model *m, const grad_batch *b, const forward_patch *patch, kv_cache *cache, float *resid,
-                        int *rows, double *loss, double *seq_loss, float *dlogits, ep_error *err) {
+// The forward pass: cache filled (with z), keep's resid, q_out and attn_out captured (keep may be NULL),
+// logits at the predicting rows; the loss and, when dlogits is non-NULL, dL/dlogits (after the final
+// softcap) there.
+static int forward_loss(const model *m, const grad_batch *b, const forward_patch *patch, kv_cache *cache,
+                        const forward_batch *keep, int *rows, double *loss, double *seq_loss, float *dlogits,
+                        ep_error *err) {
     const model_config *c = &m->cfg;
     int T, R, V = c->vocab_size, max_len = 0;
     batch_rows(b, &T, &R);
@@ -288,7 +291,8 @@ static int forward_loss(const model *m, const grad_batch *b, const forward_patch
         for (int i = 0; i < b->n_target[s]; i++) rows[k++] = r0 + b->len[s] - b->n_target[s] - 1 + i;
     float *logits = ep_malloc(sizeof(float) * (size_t)R * V);
     forward_batch fb = {.n_seqs = b->n_seqs, .n_new = b->len, .tokens = b->tokens, .n_logit_rows = R,
-                        .logit_rows = rows, .logits = logits, .resid = resid};
+                        .logit_rows = rows, .logits = logits};
+    if (keep) fb.resid = keep->resid, fb.q_out = keep->q_out, fb.attn_out = keep->attn_out;
     if (model_forward(m, kernel_ops_cpu(), cache, &fb, patch, err)) {
         free(logits);
         return -1;
@@ -363,17 +367,18 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     // frequencies (pos * -f rounds to exactly -(pos * f), so cos is the same and sin changes sign).
     float *neg_inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
     for (int i = 0; i < c->rotary_dim / 2; i++) neg_inv_freq[i] = -m->inv_freq[i];
-    float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D);
+    float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D), *attn = ep_malloc(sizeof(float) * (size_t)L * T * D);
     float *dlogits = ep_malloc(sizeof(float) * (size_t)R * V);
-    if (forward_loss(m, b, patch, &t->cache, resid, rows, &t->loss, t->seq_loss, dlogits, err)) {
-        free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
+    t->q = ep_malloc(sizeof(float) * (size_t)L * T * Q);
+    forward_batch keep = {.resid = resid, .q_out = t->q, .attn_out = attn};
+    if (forward_loss(m, b, patch, &t->cache, &keep, rows, &t->loss, t->seq_loss, dlogits, err)) {
+        free(rows), free(pos), free(resid), free(attn), free(dlogits), free(neg_inv_freq);
         grad_tape_free(t);
         return -1;
     }
     for (int s = 0, r = 0; s < b->n_seqs; s++)
         for (int i = 0; i < b->len[s]; i++) pos[r++] = i;
     t->dz = ep_calloc((size_t)L * T * Q, sizeof(float));
-    t->q = ep_calloc((size_t)L * T * Q, sizeof(float));
     t->p = ep_calloc((size_t)L * t->att_per_layer, sizeof(float));
     t->dlogit = ep_calloc((size_t)L * t->att_per_layer, sizeof(float));
     t->sel = ep_malloc((size_t)L * t->att_per_layer);
@@ -397,29 +402,21 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         const layer_weights *w = &m->layers[l];
         const float *x = resid + (size_t)l * T * D;
         size_t TD = (size_t)T * D;
-        // Recompute the layer's inner values.
-        norm_fwd(ops, c, s.xn1, x, w->attn_norm, w->attn_norm_bias, T);
-        ops->matmul(s.q, s.xn1, w->wq, w->bq, T, D, Q);
-        ops->rope(s.q, Q, pos, m->inv_freq, T, H, hd, c->rotary_dim);
-        memcpy(t->q + (size_t)l * T * Q, s.q, sizeof(float) * (size_t)T * Q);
-        float *z = ep_malloc(sizeof(float) * (size_t)T * Q);
-        for (int sq = 0; sq < b->n_seqs; sq++)
-            memcpy(z + (size_t)t->row[sq] * Q, kv_cache_z(&t->cache, l, sq, 0), sizeof(float) * (size_t)b->len[sq] * Q);
-        ops->matmul(s.o, z, w->wo, w->bo, T, Q, D);
-        free(z);
-        const float *mlp_in = s.xn1;
-        if (c->block != BLOCK_PARALLEL) {
+        const float *o = attn + (size_t)l * T * D;
+        // Recompute the MLP's input (into s.xn) and pre-activations.
+        if (c->block == BLOCK_PARALLEL) {
+            norm_fwd(ops, c, s.xn, x, w->attn_norm, w->attn_norm_bias, T);
+        } else {
             memcpy(s.x1, x, sizeof(float) * TD);
             if (c->block == BLOCK_SANDWICH_NORM) {
-                norm_fwd(ops, c, s.po, s.o, w->attn_post_norm, NULL, T);
+                norm_fwd(ops, c, s.po, o, w->attn_post_norm, NULL, T);
                 ops->add(s.x1, s.po, TD);
             } else {
-                ops->add(s.x1, s.o, TD);
+                ops->add(s.x1, o, TD);
             }
-            norm_fwd(ops, c, s.xn2, s.x1, w->mlp_norm, NULL, T);
-            mlp_in = s.xn2;
+            norm_fwd(ops, c, s.xn, s.x1, w->mlp_norm, NULL, T);
         }
-        mlp_fwd(ops, c, w, &s, mlp_in, T);
+        mlp_fwd(ops, c, w, &s, s.xn, T);
 
         // Backward: do (gradient of the attention block's o_proj output) into s.tmp, dxn1 into s.dxn.
         memset(s.dxn, 0, sizeof(float) * TD);
@@ -441,7 +438,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
             norm_back(c, dx1, s.x1, w->mlp_norm, s.po, T);
             if (c->block == BLOCK_SANDWICH_NORM) {
                 memset(s.tmp, 0, sizeof(float) * TD);
-                norm_back(c, s.tmp, s.o, w->attn_post_norm, dx1, T);
+                norm_back(c, s.tmp, o, w->attn_post_norm, dx1, T);
             } else {
                 memcpy(s.tmp, dx1, sizeof(float) * TD);
             }
@@ -455,7 +452,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
                 for (int B = 0; B < b->len[sq]; B++)
                     for (int h = 0; h < H; h++)
                         if (substituted(t, l, h, sq, B)) memset(s.dza + (size_t)(t->row[sq] + B) * Q + (size_t)h * hd, 0, sizeof(float) * hd);
-        attention_back(t, c, l, s.q, s.dza, s.dq, s.dk, s.dv);
+        attention_back(t, c, l, t->q + (size_t)l * T * Q, s.dza, s.dq, s.dk, s.dv);
         ops->rope(s.dq, Q, pos, neg_inv_freq, T, H, hd, c->rotary_dim);
         ops->rope(s.dk, KV, pos, neg_inv_freq, T, c->n_kv_heads, hd, c->rotary_dim);
         linear_back(s.dxn, s.dq, w->wq, T, D, Q, 1);
@@ -467,7 +464,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         dx = dx_in, dx_in = sw;
     }
     scratch_free(&s);
-    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
+    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(attn), free(dlogits), free(neg_inv_freq);
     return 0;
 }
 

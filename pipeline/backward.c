@@ -53,14 +53,17 @@ static void norm_back(const model_config *c, float *dx, const float *x, const fl
     }
 }
 
-static float act_grad(float x, act_kind act) {
+// The activation's value and derivative at x, from one exp or tanh.
+static float act_and_grad(float x, act_kind act, float *grad) {
     if (act == ACT_SILU) {
         float s = 1.0f / (1.0f + expf(-x));
-        return s * (1.0f + x * (1.0f - s));
+        *grad = s * (1.0f + x * (1.0f - s));
+        return x * s;
     }
     const float c = 0.7978845608028654f, k = 0.044715f;
     float t = tanhf(c * (x + k * x * x * x));
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+    *grad = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+    return 0.5f * x * (1.0f + t);
 }
 
 static void norm_fwd(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
@@ -122,13 +125,18 @@ static void mlp_back(const model_config *c, const layer_weights *w, layer_scratc
     linear_back(s->dh, dmo, w->w_down, T, c->intermediate, c->hidden, 0);
     if (c->gated_mlp) {
         for (size_t i = 0; i < n; i++) {
-            s->dgate[i] = s->dh[i] * s->up[i] * act_grad(s->gate[i], c->act);
-            s->dup[i] = s->dh[i] * act_f(s->gate[i], c->act);
+            float da, a = act_and_grad(s->gate[i], c->act, &da);
+            s->dgate[i] = s->dh[i] * s->up[i] * da;
+            s->dup[i] = s->dh[i] * a;
         }
         linear_back(dxn, s->dgate, w->w_gate, T, c->hidden, c->intermediate, 1);
         linear_back(dxn, s->dup, w->w_up, T, c->hidden, c->intermediate, 1);
     } else {
-        for (size_t i = 0; i < n; i++) s->dgate[i] = s->dh[i] * act_grad(s->gate[i], c->act);
+        for (size_t i = 0; i < n; i++) {
+            float da;
+            act_and_grad(s->gate[i], c->act, &da);
+            s->dgate[i] = s->dh[i] * da;
+        }
         linear_back(dxn, s->dgate, w->w_up, T, c->hidden, c->intermediate, 1);
     }
 }

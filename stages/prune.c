@@ -28,6 +28,7 @@ typedef struct {
     int min_units;
     double min_faithfulness;
     int exact_max_seqs;
+    int score_donors;  // exact scores average over donors 0 .. score_donors - 1
     char identity[17];
 } prune_params;
 
@@ -41,6 +42,7 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     json_t *j = rc->json, *v;
     memset(p, 0, sizeof *p);
     p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
+    p->score_donors = in->prompts.n_donors > 1 ? in->prompts.n_donors : 1;
     if ((v = json_object_get(j, "importance"))) {
         const char *s = json_string_value(v);
         if (!s || (strcmp(s, "attribution") && strcmp(s, "exact")))
@@ -104,11 +106,17 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
         if (!json_is_integer(v) || json_integer_value(v) < 1) return ep_fail(err, "%s: field exact_max_seqs: expected a count", rc->path);
         p->exact_max_seqs = (int)json_integer_value(v);
     }
+    if ((v = json_object_get(j, "score_donors"))) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > in->prompts.n_donors)
+            return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path,
+                           in->prompts.n_donors);
+        p->score_donors = (int)json_integer_value(v);
+    }
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
     h = hash_str(h, p->importance);
-    int ints[5] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size};
+    int ints[6] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors};
     h = hash_bytes(h, ints, sizeof ints);
     h = hash_bytes(h, &p->fraction, sizeof p->fraction);
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
@@ -574,7 +582,7 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     stage_item_range(in, item, &first, &S);
     double *sums = ep_calloc((size_t)rc->n * (rc->width ? rc->width : 1) + 1, sizeof(double)), base[3] = {0};
     if (rc->method == 1) {
-        exact_opts o = {1, rc->pr->p.exact_max_seqs};
+        exact_opts o = {1, rc->pr->p.exact_max_seqs, rc->pr->p.score_donors};
         r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, sums, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
@@ -639,12 +647,14 @@ static int round_finish(work_stage *ws, ep_error *err) {
         }
     } else if (r == 0 && rc->method == 1) {
         res.method = "exact";
-        score_exact_finish(sums, base, rc->n, P, res.scores, NULL, NULL);
+        score_exact_finish(sums, base, rc->n, P * p->score_donors, res.scores, NULL, NULL);
     } else if (r == 0) {
         res.method = "attribution";
         for (int u = 0; u < rc->n; u++) res.scores[u] = sums[u] / P;
     }
-    res.m_circuit = (circuit_metrics){base[0] / P, base[1] / P, base[2] / P};
+    // exact rounds sum C's metrics over the scoring donors: the circuit row is their mean
+    double nb = rc->method == 1 ? (double)P * p->score_donors : P;
+    res.m_circuit = (circuit_metrics){base[0] / nb, base[1] / nb, base[2] / nb};
     if (r == 0 && pr->kh.after == pr->computed && !strcmp(pr->kh.where, "mid")) raise(SIGKILL);
     if (r == 0 && !pr->have_clean && (r = circuit_measure(in, NULL, &pr->clean, err)) == 0) pr->have_clean = 1;
     res.m_clean = pr->clean;

@@ -29,6 +29,7 @@ typedef struct {
     double min_faithfulness;
     int exact_max_seqs;
     int score_donors;  // exact scores average over donors 0 .. score_donors - 1
+    int compare;       // compare_importance: every scored round computes both methods' scores
     char identity[17];
 } prune_params;
 
@@ -112,11 +113,16 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
                            in->prompts.n_donors);
         p->score_donors = (int)json_integer_value(v);
     }
+    if ((v = json_object_get(j, "compare_importance"))) {
+        if (!json_is_boolean(v)) return ep_fail(err, "%s: field compare_importance: expected true or false", rc->path);
+        p->compare = json_is_true(v);
+    }
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
     h = hash_str(h, p->importance);
-    int ints[6] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors};
+    int ints[7] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors,
+                   p->compare};
     h = hash_bytes(h, ints, sizeof ints);
     h = hash_bytes(h, &p->fraction, sizeof p->fraction);
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
@@ -195,7 +201,7 @@ static int read_mask(h5store *s, const char *group, const model_config *cfg_or_n
 }
 
 void prune_round_free(prune_round *r) {
-    free(r->units), free(r->scores);
+    free(r->units), free(r->scores), free(r->compare_scores);
     circuit_free(&r->circuit), circuit_free(&r->kept);
     memset(r, 0, sizeof *r);
 }
@@ -221,6 +227,17 @@ static int load_round_file(const char *path, const model_config *cfg, prune_roun
     }
     if (rc == 0 && (rc = h5store_read_f32(&s, "metrics", &sh, &metrics, err)) == 0 && (sh.rank != 2 || sh.dims[0] != 3 || sh.dims[1] != 3))
         rc = ep_fail(err, "%s: dataset metrics: expected [3, 3]", path);
+    if (rc == 0 && h5store_has(&s, "compare/scores")) {
+        char *cm = NULL;
+        double *ag = NULL;
+        h5shape sc, sa;
+        rc = h5store_get_str(&s, "compare_method", &cm, err) || h5store_read_f32(&s, "compare/scores", &sc, &r->compare_scores, err) ||
+             h5store_read_f64(&s, "compare/agreement", &sa, &ag, err);
+        if (rc == 0 && (sc.rank != 1 || sc.dims[0] != r->n_units || sa.rank != 1 || sa.dims[0] != 4))
+            rc = ep_fail(err, "%s: datasets compare/scores, compare/agreement: expected [%d] and [4]", path, r->n_units);
+        if (rc == 0) snprintf(r->compare_method, sizeof r->compare_method, "%s", cm), memcpy(r->agreement, ag, sizeof r->agreement);
+        free(cm), free(ag);
+    }
     if (rc == 0) rc = read_mask(&s, "circuit", cfg, &r->circuit, err);
     if (rc == 0) rc = read_mask(&s, "kept", cfg, &r->kept, err);
     if (rc == 0) {
@@ -264,7 +281,29 @@ typedef struct {
     circuit_metrics m_circuit, m_kept, m_clean;
     int pruned;
     const char *stop;
+    const char *compare_method;  // compare_importance: the other method, its scores, their rank agreement
+    double *compare_scores;
+    double agreement[4];
 } round_result;
+
+// Units round r keeps of n: prune_k[r], or all but the lowest prune_fraction (at least one dropped).
+static int keep_count(const prune_params *p, int r, int n) {
+    int k = r < p->n_k ? p->k[r] : n - (int)fmax(1.0, floor(n * p->fraction + 0.5));
+    return k > n ? n : k < 0 ? 0 : k;
+}
+
+// Rank agreement of attribution with exact scores: Spearman with the signed exact scores (the two
+// orders pruning would use), Spearman with |exact| (the size attribution estimates), and how many of
+// the k units attribution ranks highest are among the k exact ranks highest (k: the round's keep count).
+static void compare_ranks(const double *exact, const double *attribution, int n, int k, double out[4]) {
+    double *mag = ep_malloc(sizeof(double) * (size_t)(n + 1));
+    for (int i = 0; i < n; i++) mag[i] = fabs(exact[i]);
+    out[0] = rank_spearman(attribution, exact, n);
+    out[1] = rank_spearman(attribution, mag, n);
+    out[2] = rank_topk_overlap(attribution, exact, n, k);
+    out[3] = k;
+    free(mag);
+}
 
 static int write_round(const char *path, const char *identity, int r, const circuit *c, const circuit *kept,
                        const round_result *res, int kill_in_write, ep_error *err) {
@@ -294,6 +333,13 @@ static int write_round(const char *path, const char *identity, int r, const circ
              h5store_set_str(&s, "stop", res->stop, err) ||
              h5store_set_str(&s, "metrics_columns", "target_logprob,first_token_accuracy,logit_diff", err) ||
              h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err);
+    if (rc == 0 && res->compare_scores) {
+        h5shape sa = {1, {4}};
+        for (int i = 0; i < n; i++) sc[i] = (float)res->compare_scores[i];
+        rc = h5store_write_f32(&s, "compare/scores", &ss, sc, err) ||
+             h5store_write_f64(&s, "compare/agreement", &sa, res->agreement, err) ||
+             h5store_set_str(&s, "compare_method", res->compare_method, err);
+    }
     free(u), free(sc);
     if (rc == 0 && kill_in_write) raise(SIGKILL);  // test hook: data written, not committed
     if (rc) {
@@ -425,6 +471,11 @@ static int write_logs(const stage_inputs *in, int n_rounds, ep_error *err) {
                                                 "logit_diff", num(pr.metrics[0][2]), "kept_target_logprob", num(pr.metrics[1][0]),
                                                 "kept_first_token_accuracy", num(pr.metrics[1][1]), "kept_logit_diff", num(pr.metrics[1][2]),
                                                 "faithfulness_logit_diff", num(faithfulness(pr.metrics)), "stop", pr.stop));
+        if (pr.compare_scores)
+            json_object_set_new(json_array_get(rounds, (size_t)r), "rank_agreement",
+                                json_pack("{s:s,s:o,s:o,s:i,s:i}", "compared_with", pr.compare_method, "spearman",
+                                          num(pr.agreement[0]), "spearman_abs_exact", num(pr.agreement[1]), "top_k",
+                                          (int)pr.agreement[3], "top_k_overlap", (int)pr.agreement[2]));
         prune_round_free(&pr);
     }
     json_object_set_new(o, "prune", rounds);
@@ -545,10 +596,11 @@ typedef struct {
     int r;
     char identity[17], path[4200], dir[4200];
     unit_kind kind;
-    int method;  // 0 attribution, 1 exact, 2 an earlier run's file
+    int method;             // 0 attribution, 1 exact, 2 an earlier run's file
+    int exact, attribution;  // which scores the items compute (both with compare_importance)
     circuit c;
     circuit_unit *units;
-    int n, width;  // units, sums per unit (1 attribution, 3 exact, 0 file)
+    int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), then 1 attribution; >= 1
     ablation_plan plan;
 } round_ctx;
 
@@ -580,20 +632,27 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     const stage_inputs *in = rc->pr->in;
     int first, S, r;
     stage_item_range(in, item, &first, &S);
-    double *sums = ep_calloc((size_t)rc->n * (rc->width ? rc->width : 1) + 1, sizeof(double)), base[3] = {0};
-    if (rc->method == 1) {
+    // base: C's metric sums; exact scores sum them over the scoring donors, as they do C-without-u's.
+    double *sums = ep_calloc((size_t)rc->n * rc->width + 1, sizeof(double)), base[3] = {0};
+    double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)rc->n + 1, sizeof(double));
+    if (rc->exact) {
         exact_opts o = {1, rc->pr->p.exact_max_seqs, rc->pr->p.score_donors};
-        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, sums, base, err);
+        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, ex, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
-        if (r == 0 && rc->method == 0) r = score_attribution_batch(in, &rc->plan, rc->kind, rc->units, rc->n, first, S, sums, err);
     }
+    if (r == 0 && rc->attribution) r = score_attribution_batch(in, &rc->plan, rc->kind, rc->units, rc->n, first, S, at, err);
+    for (int u = 0; u < rc->n; u++) {
+        for (int k = 0; k < 3 * rc->exact; k++) sums[(size_t)u * rc->width + k] = ex[(size_t)u * 3 + k];
+        if (rc->attribution) sums[(size_t)u * rc->width + 3 * rc->exact] = at[u];
+    }
+    free(ex), free(at);
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
     h5store s;
     if (r == 0 && (r = h5store_create(path, &s, err)) == 0) {
-        h5shape ss = {2, {rc->n, rc->width ? rc->width : 1}}, sb = {1, {3}};
+        h5shape ss = {2, {rc->n, rc->width}}, sb = {1, {3}};
         r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
             h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
             h5store_set_i64(&s, "item", item, err) || h5store_set_i64(&s, "first_prompt", first, err) ||
@@ -611,7 +670,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
     prune_run *pr = rc->pr;
     const stage_inputs *in = pr->in;
     const prune_params *p = &pr->p;
-    int P = in->prompts.n_prompts, w = rc->width ? rc->width : 1, r = 0;
+    int P = in->prompts.n_prompts, w = rc->width, r = 0;
     double *sums = ep_calloc((size_t)rc->n * w + 1, sizeof(double)), base[3] = {0};
     for (int item = 0; item < ws->n_items && r == 0; item++) {
         char path[4400], id[17], *have = NULL;
@@ -645,15 +704,28 @@ static int round_finish(work_stage *ws, ep_error *err) {
             res.method = !strcmp(f.method, "exact") ? "exact" : "attribution";
             prune_round_free(&f);
         }
-    } else if (r == 0 && rc->method == 1) {
-        res.method = "exact";
-        score_exact_finish(sums, base, rc->n, P * p->score_donors, res.scores, NULL, NULL);
     } else if (r == 0) {
-        res.method = "attribution";
-        for (int u = 0; u < rc->n; u++) res.scores[u] = sums[u] / P;
+        // exact: C-without-u's metrics in columns 0..2 of the sums; attribution: the column after them
+        double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double)), *exs = ep_calloc((size_t)rc->n + 1, sizeof(double));
+        double *ats = ep_calloc((size_t)rc->n + 1, sizeof(double));
+        for (int u = 0; u < rc->n; u++) {
+            for (int k = 0; k < 3 * rc->exact; k++) ex[(size_t)u * 3 + k] = sums[(size_t)u * w + k];
+            if (rc->attribution) ats[u] = sums[(size_t)u * w + 3 * rc->exact] / P;
+        }
+        if (rc->exact) score_exact_finish(ex, base, rc->n, P * p->score_donors, exs, NULL, NULL);
+        res.method = rc->method == 1 ? "exact" : "attribution";
+        memcpy(res.scores, rc->method == 1 ? exs : ats, sizeof(double) * (size_t)rc->n);
+        if (rc->exact && rc->attribution) {
+            res.compare_method = rc->method == 1 ? "attribution" : "exact";
+            res.compare_scores = rc->method == 1 ? ats : exs;
+            compare_ranks(exs, ats, rc->n, keep_count(p, rc->r, rc->n), res.agreement);
+            if (rc->method == 1) ats = NULL;  // now res.compare_scores
+            else exs = NULL;
+        }
+        free(ex), free(exs), free(ats);
     }
-    // exact rounds sum C's metrics over the scoring donors: the circuit row is their mean
-    double nb = rc->method == 1 ? (double)P * p->score_donors : P;
+    // exact scores sum C's metrics over the scoring donors: the circuit row is their mean
+    double nb = rc->exact ? (double)P * p->score_donors : P;
     res.m_circuit = (circuit_metrics){base[0] / nb, base[1] / nb, base[2] / nb};
     if (r == 0 && pr->kh.after == pr->computed && !strcmp(pr->kh.where, "mid")) raise(SIGKILL);
     if (r == 0 && !pr->have_clean && (r = circuit_measure(in, NULL, &pr->clean, err)) == 0) pr->have_clean = 1;
@@ -662,9 +734,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
         res.m_kept = res.m_circuit;
         res.stop = "scores_only";
     } else if (r == 0) {
-        int k = rc->r < p->n_k ? p->k[rc->r] : rc->n - (int)fmax(1.0, floor(rc->n * p->fraction + 0.5));
-        if (k > rc->n) k = rc->n;
-        if (k < 0) k = 0;
+        int k = keep_count(p, rc->r, rc->n);
         int *order = ep_malloc(sizeof(int) * (size_t)(rc->n + 1));
         rank_order(res.scores, rc->n, order);
         for (int i = k; i < rc->n; i++) circuit_set(&kept, rc->kind, &rc->units[order[i]], 0);
@@ -684,11 +754,14 @@ static int round_finish(work_stage *ws, ep_error *err) {
         printf("prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s\n", rc->r, kind_name(rc->kind),
                res.method, rc->n, nk, pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN,
                res.stop[0] ? ", stop: " : "", res.stop);
+        if (res.compare_scores)
+            printf("prune: round %d rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
+                   rc->r, res.agreement[0], res.agreement[1], (int)res.agreement[3], (int)res.agreement[2]);
         fflush(stdout);
         r = write_logs(in, rc->r + 1, err);
     }
     circuit_free(&kept);
-    free(res.scores), free(sums);
+    free(res.scores), free(res.compare_scores), free(sums);
     return r;
 }
 
@@ -725,7 +798,9 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
             if (rc->kind == UNIT_EDGE && !rc->c.edges) circuit_start_edges(&rc->c, &in->prompts);
             rc->n = circuit_units(&rc->c, rc->kind, &rc->units);
             rc->method = pr->r < pr->p.n_files ? 2 : !strcmp(pr->p.importance, "exact") ? 1 : 0;
-            rc->width = rc->method == 1 ? 3 : rc->method == 0 ? 1 : 0;
+            rc->exact = rc->method == 1 || (rc->method == 0 && pr->p.compare);
+            rc->attribution = rc->method == 0 || (rc->method == 1 && pr->p.compare);
+            rc->width = 3 * rc->exact + rc->attribution + (rc->method == 2);
             int r = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", pr->r, kind_name(rc->kind))
                                : circuit_plan(&rc->c, &in->m.cfg, &in->plan, &rc->plan, err);
             *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in), .ctx = rc, .prepare = round_prepare,

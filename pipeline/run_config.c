@@ -12,6 +12,7 @@ static const char *known_fields[] = {
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
     "min_units", "min_faithfulness", "exact_max_seqs", "score_donors", "compare_importance",
+    "exact_units_per_item",
 };
 
 static int is_known(const char *key) {

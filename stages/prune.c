@@ -28,6 +28,7 @@ typedef struct {
     int min_units;
     double min_faithfulness;
     int exact_max_seqs;
+    int exact_units_per_item;  // exact rounds: units per work item (items are prompt batches x unit groups)
     int score_donors;  // exact scores average over donors 0 .. score_donors - 1
     int compare;       // compare_importance: every scored round computes both methods' scores
     char identity[17];
@@ -43,6 +44,7 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     json_t *j = rc->json, *v;
     memset(p, 0, sizeof *p);
     p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
+    p->exact_units_per_item = 64;
     p->score_donors = in->prompts.n_donors > 1 ? in->prompts.n_donors : 1;
     if ((v = json_object_get(j, "importance"))) {
         const char *s = json_string_value(v);
@@ -107,6 +109,11 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
         if (!json_is_integer(v) || json_integer_value(v) < 1) return ep_fail(err, "%s: field exact_max_seqs: expected a count", rc->path);
         p->exact_max_seqs = (int)json_integer_value(v);
     }
+    if ((v = json_object_get(j, "exact_units_per_item"))) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field exact_units_per_item: expected a positive count", rc->path);
+        p->exact_units_per_item = (int)json_integer_value(v);
+    }
     if ((v = json_object_get(j, "score_donors"))) {
         if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > in->prompts.n_donors)
             return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path,
@@ -121,8 +128,8 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
     h = hash_str(h, p->importance);
-    int ints[7] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors,
-                   p->compare};
+    int ints[8] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors,
+                   p->compare, p->exact_units_per_item};
     h = hash_bytes(h, ints, sizeof ints);
     h = hash_bytes(h, &p->fraction, sizeof p->fraction);
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
@@ -601,15 +608,30 @@ typedef struct {
     circuit c;
     circuit_unit *units;
     int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), then 1 attribution; >= 1
+    int n_groups, group;  // unit groups per prompt batch (1 unless exact scores run), units per group
     ablation_plan plan;
 } round_ctx;
+
+// Work item i: prompt batch i / n_groups, units [u0, u0 + nu) of group i % n_groups.
+typedef struct {
+    int first, S, g, u0, nu;
+} item_span;
+
+static item_span item_of(const round_ctx *rc, int item) {
+    item_span s;
+    stage_item_range(rc->pr->in, item / rc->n_groups, &s.first, &s.S);
+    s.g = item % rc->n_groups, s.u0 = s.g * rc->group;
+    s.nu = rc->n - s.u0 < rc->group ? rc->n - s.u0 : rc->group;
+    return s;
+}
 
 static void shard_path(const round_ctx *rc, int item, char *out, size_t n) { snprintf(out, n, "%s/item-%05d.h5", rc->dir, item); }
 
 static void shard_identity(const round_ctx *rc, int item, char out[17]) {
-    int first, n;
-    stage_item_range(rc->pr->in, item, &first, &n);
-    stage_item_identity(rc->identity, first, n, out);
+    item_span s = item_of(rc, item);
+    char id[17];
+    hash_hex(hash_bytes(hash_bytes(hash_str(HASH_INIT, rc->identity), &s.u0, sizeof s.u0), &s.nu, sizeof s.nu), id);
+    stage_item_identity(id, s.first, s.S, out);
 }
 
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
@@ -630,19 +652,20 @@ static int round_item_done(work_stage *ws, int item, ep_error *err) {
 static int round_run_item(work_stage *ws, int item, ep_error *err) {
     round_ctx *rc = ws->ctx;
     const stage_inputs *in = rc->pr->in;
-    int first, S, r;
-    stage_item_range(in, item, &first, &S);
+    item_span sp = item_of(rc, item);
+    int first = sp.first, S = sp.S, n = sp.nu, r;
+    const circuit_unit *units = rc->units + sp.u0;
     // base: C's metric sums; exact scores sum them over the scoring donors, as they do C-without-u's.
-    double *sums = ep_calloc((size_t)rc->n * rc->width + 1, sizeof(double)), base[3] = {0};
-    double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)rc->n + 1, sizeof(double));
+    double *sums = ep_calloc((size_t)n * rc->width + 1, sizeof(double)), base[3] = {0};
+    double *ex = ep_calloc((size_t)n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)n + 1, sizeof(double));
     if (rc->exact) {
         exact_opts o = {1, rc->pr->p.exact_max_seqs, rc->pr->p.score_donors};
-        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, ex, base, err);
+        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, units, n, &o, first, S, ex, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
     }
-    if (r == 0 && rc->attribution) r = score_attribution_batch(in, &rc->plan, rc->kind, rc->units, rc->n, first, S, at, err);
-    for (int u = 0; u < rc->n; u++) {
+    if (r == 0 && rc->attribution) r = score_attribution_batch(in, &rc->plan, rc->kind, units, n, first, S, at, err);
+    for (int u = 0; u < n; u++) {
         for (int k = 0; k < 3 * rc->exact; k++) sums[(size_t)u * rc->width + k] = ex[(size_t)u * 3 + k];
         if (rc->attribution) sums[(size_t)u * rc->width + 3 * rc->exact] = at[u];
     }
@@ -652,11 +675,12 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     shard_identity(rc, item, id);
     h5store s;
     if (r == 0 && (r = h5store_create(path, &s, err)) == 0) {
-        h5shape ss = {2, {rc->n, rc->width}}, sb = {1, {3}};
+        h5shape ss = {2, {n, rc->width}}, sb = {1, {3}};
         r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
             h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
             h5store_set_i64(&s, "item", item, err) || h5store_set_i64(&s, "first_prompt", first, err) ||
-            h5store_set_i64(&s, "n_prompts", S, err);
+            h5store_set_i64(&s, "n_prompts", S, err) || h5store_set_i64(&s, "first_unit", sp.u0, err) ||
+            h5store_set_i64(&s, "n_units", n, err);
         if (r == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
         if (r) h5store_abandon(&s);
         else r = h5store_commit(&s, err);
@@ -682,10 +706,11 @@ static int round_finish(work_stage *ws, ep_error *err) {
         h5shape sh, sb;
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);
         if (r == 0) r = h5store_read_f64(&s, "sums", &sh, &v, err) || h5store_read_f64(&s, "base", &sb, &b, err);
-        if (r == 0 && (sh.rank != 2 || sh.dims[0] != rc->n || sh.dims[1] != w || sb.dims[0] != 3))
+        item_span sp = item_of(rc, item);
+        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.dims[0] != 3))
             r = ep_fail(err, "%s: dataset sums or base has the wrong shape", path);
-        for (size_t i = 0; r == 0 && i < (size_t)rc->n * w; i++) sums[i] += v[i];
-        for (int i = 0; r == 0 && i < 3; i++) base[i] += b[i];
+        for (size_t i = 0; r == 0 && i < (size_t)sp.nu * w; i++) sums[(size_t)sp.u0 * w + i] += v[i];
+        for (int i = 0; r == 0 && sp.g == 0 && i < 3; i++) base[i] += b[i];  // every group's C is the same
         free(v), free(b), free(have);
         h5store_close(&s);
     }
@@ -801,9 +826,11 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
             rc->exact = rc->method == 1 || (rc->method == 0 && pr->p.compare);
             rc->attribution = rc->method == 0 || (rc->method == 1 && pr->p.compare);
             rc->width = 3 * rc->exact + rc->attribution + (rc->method == 2);
+            rc->group = rc->exact && rc->n > 0 ? pr->p.exact_units_per_item : rc->n > 0 ? rc->n : 1;
+            rc->n_groups = rc->n > 0 ? (rc->n + rc->group - 1) / rc->group : 1;
             int r = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", pr->r, kind_name(rc->kind))
                                : circuit_plan(&rc->c, &in->m.cfg, &in->plan, &rc->plan, err);
-            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in), .ctx = rc, .prepare = round_prepare,
+            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in) * rc->n_groups, .ctx = rc, .prepare = round_prepare,
                                .item_done = round_item_done, .run_item = round_run_item, .finish = round_finish,
                                .release = round_release};
             if (r) {  // a failed circuit_plan leaves rc->plan empty

@@ -4,7 +4,8 @@
 # between rounds, in the middle of a round, while a round file is written, and at random moments;
 # a config changed in the same folder is refused, --fresh rebuilds it; `scores --json` shows any
 # round; prune_rounds 0 writes scores only; prune_using_imp_scores + prune_k prune by an earlier
-# run's scores; compare_importance records both methods' rank agreement (recomputed here).
+# run's scores; compare_importance records both methods' rank agreement (recomputed here); exact
+# rounds split units over work items.
 set -u
 bin=$1
 . "$(dirname "$0")/cli_harness.bash"
@@ -149,5 +150,18 @@ for r in 0 1 2 3; do
   sed -n 1p "$tmp/cmp.check"
 done
 python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert all(r["rank_agreement"]["compared_with"]=="attribution" for r in d["prune"])' "$tmp/cmp/model_logs.json" && ok || bad "model_logs.json rank_agreement"
+
+# Exact rounds' work items are prompt batches x groups of exact_units_per_item units (ranks share the
+# units): 7 units per item (2 batches x 18 groups) scores as one group per batch does.
+for g in 7 1000; do
+  config grp$g exact ", \"exact_units_per_item\": $g"
+  sed -i 's/"prune_rounds": {"heads": 2, "edges": 2}/"prune_rounds": 0/' "$tmp/grp$g.json"
+  run grp$g
+  [ $rc = 0 ] || bad "exact_units_per_item $g: $rc $(cat "$tmp/grp$g.out")"
+done
+grep -q "^prune: 36 items" "$tmp/grp7.out" && grep -q "^prune: 2 items" "$tmp/grp1000.out" && ok || bad "unit groups: not 36 and 2 items"
+a=$("$bin" scores "$tmp/grp7" --json) b=$("$bin" scores "$tmp/grp1000" --json)
+py_check 'import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert [u | {"score": 0} for u in a["units"]]==[u | {"score": 0} for u in b["units"]] and a["metrics"]==b["metrics"]; d=max(abs(x["score"]-y["score"]) for x, y in zip(a["units"], b["units"])); assert d < 1e-5, d; print("  exact_units_per_item 7 (36 items) vs 1000 (2 items): %d unit scores, max diff %.2g" % (len(a["units"]), d))' "$a" "$b" > "$tmp/grp.check" && ok || bad "unit groups change the scores: $(cat "$tmp/grp.check")"
+cat "$tmp/grp.check"
 
 finish cli_prune

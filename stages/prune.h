@@ -14,10 +14,12 @@
 // (round files of earlier runs used in place of scoring rounds 0..), min_units, min_faithfulness,
 // exact_max_seqs, score_donors (exact scores average over donors 0..score_donors-1; default all the
 // prompts have), compare_importance (true: both methods score every round, the config's importance
-// prunes, their rank agreement is recorded). A round is a work_stage (stages/stage_io.h): its items are the prompt batches, each
-// scoring every unit over its prompts into a shard prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums),
-// so sched/ shares a round out over MPI ranks; its finish (one process) merges the shards in item
-// order, prunes, measures the kept circuit and writes the round file. Never calls MPI.
+// prunes, their rank agreement is recorded), exact_units_per_item. A round is a work_stage
+// (stages/stage_io.h): its items are the prompt batches (times groups of exact_units_per_item units
+// when exact scores run), each scoring its units over its prompts into a shard
+// prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums), so sched/ shares a round out over MPI ranks; its
+// finish (one process) merges the shards in item order, prunes, measures the kept circuit and writes
+// the round file. Never calls MPI.
 #ifndef EP_PRUNE_H
 #define EP_PRUNE_H
 

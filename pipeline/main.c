@@ -26,7 +26,7 @@ static const subcommand subcommands[] = {
     {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
-    {"report", not_yet, "report RUN"},
+    {"report", cmd_report, "report RUN"},
     {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
 };
 

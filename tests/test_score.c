@@ -4,7 +4,8 @@
 // JSON; exact scores by prefix reuse equal the brute force (one full patch_run per unit, the passes
 // tests/test_patch.c holds against the HF reference) bit for bit, and within 1e-5 when many units share
 // a pass; attribution and exact scores are compared by rank (Spearman, top-k overlap: printed, since a
-// tiny random model need not agree); the speed-up of prefix reuse + batching is measured.
+// tiny random model need not agree); the speed-up of prefix reuse + batching is measured; exact scores
+// averaged over 3 donors equal a brute force over full passes written here from the definition.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -96,7 +96,7 @@ int main(int argc, char **argv) {
     printf("  forward + backward      %8.3f s   ratio %.2f (target: at most 3)\n", best_b, best_b / best_f);
     printf("  head units              %8d\n", units);
     printf("  attribution scores/s    %8.1f   (all units from one forward + backward)\n", units / best_b);
-    printf("  exact scores/s          %8.1f   (one full patched forward per unit)\n", 1.0 / best_f);
+    printf("  exact scores/s          %8.1f   (one full forward per unit)\n", 1.0 / best_f);
     printf("  exact scores/s          %8.1f   (prefix reuse: layers l.. per unit of layer l, %.3f s mean, once)\n",
            1.0 / prefix, prefix);
     free(tokens), free(len), free(n_target);

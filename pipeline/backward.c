@@ -1,7 +1,8 @@
-// The forward values come from model_forward (residual stream captured per layer, K/V/z kept in the
-// cache); the backward walks the layers from the last to the first, recomputing each layer's inner
-// values from its captured input (cheap next to the attention and matmuls it then runs), so only the
-// residual stream of the whole pass is held at once. Matrix products through CBLAS, the rest in loops.
+// The forward values come from model_forward (residual stream, post-RoPE queries and the attention
+// blocks' outputs captured per layer, K/V/z kept in the cache); the backward walks the layers from the
+// last to the first, recomputing from these only the norms and the MLP's pre-activations, so the MLP's
+// wide intermediate values are never held for the whole pass. Matrix products through CBLAS (the
+// attention per sequence and head, as the cpu kernels run it), the rest in loops.
 #include "backward.h"
 
 #include <cblas.h>
@@ -52,14 +53,17 @@ static void norm_back(const model_config *c, float *dx, const float *x, const fl
     }
 }
 
-static float act_grad(float x, act_kind act) {
+// The activation's value and derivative at x, from one exp or tanh.
+static float act_and_grad(float x, act_kind act, float *grad) {
     if (act == ACT_SILU) {
         float s = 1.0f / (1.0f + expf(-x));
-        return s * (1.0f + x * (1.0f - s));
+        *grad = s * (1.0f + x * (1.0f - s));
+        return x * s;
     }
     const float c = 0.7978845608028654f, k = 0.044715f;
     float t = tanhf(c * (x + k * x * x * x));
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+    *grad = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+    return 0.5f * x * (1.0f + t);
 }
 
 static void norm_fwd(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
@@ -70,18 +74,18 @@ static void norm_fwd(const kernel_ops *ops, const model_config *c, float *out, c
         ops->rmsnorm(out, x, w, c->norm_weight_offset, rows, c->hidden, c->norm_eps);
 }
 
-// One layer's inner values, recomputed from its input.
+// One layer's scratch: the recomputed MLP input and pre-activations, and the gradients.
 typedef struct {
-    float *xn1, *q, *o, *po, *x1, *xn2, *gate, *up, *mo;  // po: Gemma's post-attention norm of o
+    float *xn, *po, *x1, *gate, *up, *mo;  // po: Gemma's post-attention norm of o
     float *dxn, *dq, *dk, *dv, *dza, *dh, *dgate, *dup, *tmp, *tmp2;
 } layer_scratch;
 
 static void scratch_init(layer_scratch *s, const model_config *c, int T) {
     size_t t = (size_t)T, D = c->hidden, Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim,
            NI = c->intermediate;
-    float **d[] = {&s->xn1, &s->o, &s->po, &s->x1, &s->xn2, &s->mo, &s->dxn, &s->tmp, &s->tmp2};
+    float **d[] = {&s->xn, &s->po, &s->x1, &s->mo, &s->dxn, &s->tmp, &s->tmp2};
     for (size_t i = 0; i < sizeof d / sizeof *d; i++) *d[i] = ep_calloc(t * D, sizeof(float));
-    float **q[] = {&s->q, &s->dq, &s->dza};
+    float **q[] = {&s->dq, &s->dza};
     for (size_t i = 0; i < sizeof q / sizeof *q; i++) *q[i] = ep_calloc(t * Q, sizeof(float));
     s->dk = ep_calloc(t * KV, sizeof(float));
     s->dv = ep_calloc(t * KV, sizeof(float));
@@ -90,22 +94,24 @@ static void scratch_init(layer_scratch *s, const model_config *c, int T) {
 }
 
 static void scratch_free(layer_scratch *s) {
-    float *all[] = {s->xn1, s->q, s->o, s->po, s->x1, s->xn2, s->gate, s->up, s->mo, s->dxn, s->dq, s->dk,
+    float *all[] = {s->xn, s->po, s->x1, s->gate, s->up, s->mo, s->dxn, s->dq, s->dk,
                     s->dv, s->dza, s->dh, s->dgate, s->dup, s->tmp, s->tmp2};
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
-// mo = MLP(xn), keeping the pre-activation values in gate (and up).
+// The MLP's pre-activation values from xn in gate (and up); its output mo only for the sandwich block,
+// whose post-norm backward is the only reader of it.
 static void mlp_fwd(const kernel_ops *ops, const model_config *c, const layer_weights *w, layer_scratch *s,
                     const float *xn, int T) {
     size_t n = (size_t)T * c->intermediate;
+    ops->matmul(s->gate, xn, c->gated_mlp ? w->w_gate : w->w_up, c->gated_mlp ? w->b_gate : w->b_up, T, c->hidden,
+                c->intermediate);
+    if (c->gated_mlp) ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+    if (c->block != BLOCK_SANDWICH_NORM) return;
     float *h = s->dh;  // scratch for the activation output; dh is overwritten by the backward later
     if (c->gated_mlp) {
-        ops->matmul(s->gate, xn, w->w_gate, w->b_gate, T, c->hidden, c->intermediate);
-        ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
         ops->glu(h, s->gate, s->up, n, c->act);
     } else {
-        ops->matmul(s->gate, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
         memcpy(h, s->gate, sizeof(float) * n);
         ops->act(h, n, c->act);
     }
@@ -119,21 +125,20 @@ static void mlp_back(const model_config *c, const layer_weights *w, layer_scratc
     linear_back(s->dh, dmo, w->w_down, T, c->intermediate, c->hidden, 0);
     if (c->gated_mlp) {
         for (size_t i = 0; i < n; i++) {
-            s->dgate[i] = s->dh[i] * s->up[i] * act_grad(s->gate[i], c->act);
-            s->dup[i] = s->dh[i] * act_f(s->gate[i], c->act);
+            float da, a = act_and_grad(s->gate[i], c->act, &da);
+            s->dgate[i] = s->dh[i] * s->up[i] * da;
+            s->dup[i] = s->dh[i] * a;
         }
         linear_back(dxn, s->dgate, w->w_gate, T, c->hidden, c->intermediate, 1);
         linear_back(dxn, s->dup, w->w_up, T, c->hidden, c->intermediate, 1);
     } else {
-        for (size_t i = 0; i < n; i++) s->dgate[i] = s->dh[i] * act_grad(s->gate[i], c->act);
+        for (size_t i = 0; i < n; i++) {
+            float da;
+            act_and_grad(s->gate[i], c->act, &da);
+            s->dgate[i] = s->dh[i] * da;
+        }
         linear_back(dxn, s->dgate, w->w_up, T, c->hidden, c->intermediate, 1);
     }
-}
-
-static float dotf(const float *a, const float *b, int n) {
-    double s = 0;
-    for (int i = 0; i < n; i++) s += (double)a[i] * b[i];
-    return (float)s;
 }
 
 // Which donor the edge (l, h, A->B) of sequence s reads (-1: the current pass), as the patched kernels decide.
@@ -163,65 +168,106 @@ static const float *value_read(const grad_tape *t, int l, int s, int A, int dono
     return donor >= 0 ? kv_cache_v(t->patch.donors[donor], l, s, A) : kv_cache_v(&t->cache, l, s, A);
 }
 
+// out[n, n] = alpha a[n, hd] . b[n, hd]^T (row strides lda, ldb): one (sequence, head) block of
+// query-key or gradient-value products.
+static void outer_block(float *out, const float *a, int lda, const float *b, int ldb, int n, int hd, float alpha) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
+}
+
+// out[n, hd] (+)= m[n, n] . b[n, hd] (transpose_m: m^T . b), out and b with row strides ldo, ldb.
+static void block_times(float *out, int ldo, const float *m, int transpose_m, const float *b, int ldb, int n, int hd,
+                        int accumulate) {
+    cblas_sgemm(CblasRowMajor, transpose_m ? CblasTrans : CblasNoTrans, CblasNoTrans, n, hd, n, 1.0f, m, n, b, ldb,
+                accumulate ? 1.0f : 0.0f, out, ldo);
+}
+
 // Attention of layer l, forward (p, sel) and backward: from dza (dL/dz, substituted heads zeroed) to dq and
 // to dk, dv of the current pass's keys and values (donor K/V are constants). Fills the tape's p, dlogit, sel.
+// Per (sequence, head) in BLAS form, as the cpu kernels run the forward: the score and dL/dz . v products
+// against the current keys and values and against every donor a rule of the layer reads, the selection,
+// softcap, softmax and their transposes per edge, then dq = dlogit K* and dk += dlogit^T q, dv += p^T dz
+// summed by source (masked copies of dlogit and p hold one source's edges).
 static void attention_back(grad_tape *t, const model_config *c, int l, const float *q, const float *dza, float *dq,
                            float *dk, float *dv) {
     int H = c->n_heads, hd = c->head_dim, Q = H * hd, KV = c->n_kv_heads * hd, rep = c->n_heads / c->n_kv_heads;
     int window = model_config_layer_window(c, l);
     float scale = c->attn_scale, cap = c->attn_softcap;
-    memset(dq, 0, sizeof(float) * (size_t)t->n_rows * Q);
+    const forward_patch *pt = &t->patch;
+    int patched = t->patched && pt->layer_rules && pt->layer_rules[l].n > 0;
+    int used[16] = {0};  // donors this layer's rules read
+    for (int r = 0; patched && r < pt->layer_rules[l].n; r++) {
+        int d = pt->layer_rules[l].rule[r].donor;
+        if (d >= 0 && d < pt->n_donors) used[d] = 1;
+    }
     memset(dk, 0, sizeof(float) * (size_t)t->n_rows * KV);
     memset(dv, 0, sizeof(float) * (size_t)t->n_rows * KV);
     int max_len = 0;
     for (int s = 0; s < t->n_seqs; s++) max_len = t->len[s] > max_len ? t->len[s] : max_len;
-    float *g = ep_malloc(sizeof(float) * (size_t)max_len);
+    size_t nn = (size_t)max_len * max_len;
+    // g: dL/dz . v* per edge; x: per donor, scores and dL/dz . v_donor; msk: one source's share of p or dlogit.
+    float *g = ep_malloc(sizeof(float) * nn), *msk = patched ? ep_malloc(sizeof(float) * nn) : NULL;
+    float *x = patched ? ep_malloc(sizeof(float) * nn * 2 * (size_t)pt->n_donors) : NULL;
     for (int s = 0; s < t->n_seqs; s++) {
         int n = t->len[s], r0 = t->row[s];
+        const float *K = kv_cache_k(&t->cache, l, s, 0), *V = kv_cache_v(&t->cache, l, s, 0);
         for (int h = 0; h < H; h++) {
-            int gh = h / rep;
-            size_t blk = (size_t)l * t->att_per_layer + t->att_off[s] + (size_t)h * n * n;
+            size_t off = (size_t)(h / rep) * hd, blk = (size_t)l * t->att_per_layer + t->att_off[s] + (size_t)h * n * n;
+            float *P = t->p + blk, *DL = t->dlogit + blk;
+            signed char *SEL = t->sel + blk;
+            const float *qh = q + (size_t)r0 * Q + (size_t)h * hd, *dzh = dza + (size_t)r0 * Q + (size_t)h * hd;
+            float *dqh = dq + (size_t)r0 * Q + (size_t)h * hd, *dkh = dk + (size_t)r0 * KV + off, *dvh = dv + (size_t)r0 * KV + off;
+            outer_block(P, qh, Q, K + off, KV, n, hd, scale);
+            outer_block(g, dzh, Q, V + off, KV, n, hd, 1.0f);
+            for (int d = 0; d < pt->n_donors && patched; d++)
+                if (used[d]) {
+                    outer_block(x + 2 * d * nn, qh, Q, kv_cache_k(pt->donors[d], l, s, 0) + off, KV, n, hd, scale);
+                    outer_block(x + (2 * d + 1) * nn, dzh, Q, kv_cache_v(pt->donors[d], l, s, 0) + off, KV, n, hd, 1.0f);
+                }
             for (int B = 0; B < n; B++) {
-                float *p = t->p + blk + (size_t)B * n, *dl = t->dlogit + blk + (size_t)B * n;
-                signed char *sel = t->sel + blk + (size_t)B * n;
-                const float *qb = q + (size_t)(r0 + B) * Q + (size_t)h * hd, *dzb = dza + (size_t)(r0 + B) * Q + (size_t)h * hd;
+                float *p = P + (size_t)B * n, *dl = DL + (size_t)B * n, *gb = g + (size_t)B * n;
+                signed char *sel = SEL + (size_t)B * n;
                 int j0 = window > 0 && B - window + 1 > 0 ? B - window + 1 : 0;
                 float mx = -INFINITY;
                 for (int A = j0; A <= B; A++) {
-                    int dn = edge_source(t, l, h, s, B, A);
-                    sel[A] = (signed char)dn;
-                    float x = scale * dotf(qb, key_read(t, l, s, A, dn) + (size_t)gh * hd, hd);
-                    if (cap > 0) x = cap * tanhf(x / cap);
-                    p[A] = x;  // the (capped) score for now
-                    if (x > mx) mx = x;
-                }
-                double sum = 0;
-                for (int A = j0; A <= B; A++) sum += g[A] = expf(p[A] - mx);
-                double gsum = 0;
-                for (int A = j0; A <= B; A++) {
+                    int dn = patched ? edge_source(t, l, h, s, B, A) : -1;
                     float sc = p[A];
-                    p[A] = (float)(g[A] / sum);
-                    dl[A] = cap > 0 ? 1.0f - (sc / cap) * (sc / cap) : 1.0f;  // softcap' for now
-                    g[A] = dotf(dzb, value_read(t, l, s, A, sel[A]) + (size_t)gh * hd, hd);
-                    gsum += (double)p[A] * g[A];
-                }
-                float *dqb = dq + (size_t)(r0 + B) * Q + (size_t)h * hd;
-                for (int A = j0; A <= B; A++) {
-                    dl[A] *= (float)(p[A] * (g[A] - gsum)) * scale;
-                    const float *ks = key_read(t, l, s, A, sel[A]) + (size_t)gh * hd;
-                    for (int i = 0; i < hd; i++) dqb[i] += dl[A] * ks[i];
-                    if (sel[A] < 0) {
-                        float *dkA = dk + (size_t)(r0 + A) * KV + (size_t)gh * hd, *dvA = dv + (size_t)(r0 + A) * KV + (size_t)gh * hd;
-                        for (int i = 0; i < hd; i++) {
-                            dkA[i] += dl[A] * qb[i];
-                            dvA[i] += p[A] * dzb[i];
-                        }
+                    if (dn >= 0) {
+                        sel[A] = (signed char)dn;
+                        sc = x[2 * dn * nn + (size_t)B * n + A];
+                        gb[A] = x[(2 * dn + 1) * nn + (size_t)B * n + A];
                     }
+                    if (cap > 0) sc = cap * tanhf(sc / cap);
+                    dl[A] = cap > 0 ? 1.0f - (sc / cap) * (sc / cap) : 1.0f;  // softcap' for now
+                    p[A] = sc;
+                    if (sc > mx) mx = sc;
                 }
+                float sum = 0;
+                for (int A = j0; A <= B; A++) sum += p[A] = expf(p[A] - mx);
+                float inv = 1.0f / sum, gsum = 0;
+                for (int A = j0; A <= B; A++) gsum += (p[A] *= inv) * gb[A];
+                for (int A = j0; A <= B; A++) dl[A] *= p[A] * (gb[A] - gsum) * scale;
+                for (int A = 0; A < j0; A++) p[A] = dl[A] = 0;
+                for (int A = B + 1; A < n; A++) p[A] = dl[A] = 0;
+            }
+            if (!patched) {
+                block_times(dqh, Q, DL, 0, K + off, KV, n, hd, 0);
+                block_times(dkh, KV, DL, 1, qh, Q, n, hd, 1);
+                block_times(dvh, KV, P, 1, dzh, Q, n, hd, 1);
+                continue;
+            }
+            for (int d = -1, first = 1; d < pt->n_donors; d++) {
+                if (d >= 0 && !used[d]) continue;
+                for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] == d ? DL[e] : 0.0f;
+                block_times(dqh, Q, msk, 0, (d < 0 ? K : kv_cache_k(pt->donors[d], l, s, 0)) + off, KV, n, hd, !first);
+                first = 0;
+                if (d >= 0) continue;
+                block_times(dkh, KV, msk, 1, qh, Q, n, hd, 1);
+                for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] < 0 ? P[e] : 0.0f;
+                block_times(dvh, KV, msk, 1, dzh, Q, n, hd, 1);
             }
         }
     }
-    free(g);
+    free(g), free(msk), free(x);
 }
 
 static void batch_rows(const grad_batch *b, int *T, int *n_pred) {
@@ -238,10 +284,12 @@ static int check_batch(const grad_batch *b, ep_error *err) {
     return 0;
 }
 
-// The forward pass: cache filled (with z), residual stream captured, logits at the predicting rows;
-// the loss and, when dlogits is non-NULL, dL/dlogits (after the final softcap) there.
-static int forward_loss(const model *m, const grad_batch *b, const forward_patch *patch, kv_cache *cache, float *resid,
-                        int *rows, double *loss, double *seq_loss, float *dlogits, ep_error *err) {
+// The forward pass: cache filled (with z), keep's resid, q_out and attn_out captured (keep may be NULL),
+// logits at the predicting rows; the loss and, when dlogits is non-NULL, dL/dlogits (after the final
+// softcap) there.
+static int forward_loss(const model *m, const grad_batch *b, const forward_patch *patch, kv_cache *cache,
+                        const forward_batch *keep, int *rows, double *loss, double *seq_loss, float *dlogits,
+                        ep_error *err) {
     const model_config *c = &m->cfg;
     int T, R, V = c->vocab_size, max_len = 0;
     batch_rows(b, &T, &R);
@@ -251,7 +299,8 @@ static int forward_loss(const model *m, const grad_batch *b, const forward_patch
         for (int i = 0; i < b->n_target[s]; i++) rows[k++] = r0 + b->len[s] - b->n_target[s] - 1 + i;
     float *logits = ep_malloc(sizeof(float) * (size_t)R * V);
     forward_batch fb = {.n_seqs = b->n_seqs, .n_new = b->len, .tokens = b->tokens, .n_logit_rows = R,
-                        .logit_rows = rows, .logits = logits, .resid = resid};
+                        .logit_rows = rows, .logits = logits};
+    if (keep) fb.resid = keep->resid, fb.q_out = keep->q_out, fb.attn_out = keep->attn_out;
     if (model_forward(m, kernel_ops_cpu(), cache, &fb, patch, err)) {
         free(logits);
         return -1;
@@ -329,17 +378,18 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     // frequencies (pos * -f rounds to exactly -(pos * f), so cos is the same and sin changes sign).
     float *neg_inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
     for (int i = 0; i < c->rotary_dim / 2; i++) neg_inv_freq[i] = -m->inv_freq[i];
-    float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D);
+    float *resid = ep_malloc(sizeof(float) * (size_t)(L + 1) * T * D), *attn = ep_malloc(sizeof(float) * (size_t)L * T * D);
     float *dlogits = ep_malloc(sizeof(float) * (size_t)R * V);
-    if (forward_loss(m, b, patch, &t->cache, resid, rows, &t->loss, t->seq_loss, dlogits, err)) {
-        free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
+    t->q = ep_malloc(sizeof(float) * (size_t)L * T * Q);
+    forward_batch keep = {.resid = resid, .q_out = t->q, .attn_out = attn};
+    if (forward_loss(m, b, patch, &t->cache, &keep, rows, &t->loss, t->seq_loss, dlogits, err)) {
+        free(rows), free(pos), free(resid), free(attn), free(dlogits), free(neg_inv_freq);
         grad_tape_free(t);
         return -1;
     }
     for (int s = 0, r = 0; s < b->n_seqs; s++)
         for (int i = 0; i < b->len[s]; i++) pos[r++] = i;
     t->dz = ep_calloc((size_t)L * T * Q, sizeof(float));
-    t->q = ep_calloc((size_t)L * T * Q, sizeof(float));
     t->p = ep_calloc((size_t)L * t->att_per_layer, sizeof(float));
     t->dlogit = ep_calloc((size_t)L * t->att_per_layer, sizeof(float));
     t->sel = ep_malloc((size_t)L * t->att_per_layer);
@@ -363,29 +413,21 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         const layer_weights *w = &m->layers[l];
         const float *x = resid + (size_t)l * T * D;
         size_t TD = (size_t)T * D;
-        // Recompute the layer's inner values.
-        norm_fwd(ops, c, s.xn1, x, w->attn_norm, w->attn_norm_bias, T);
-        ops->matmul(s.q, s.xn1, w->wq, w->bq, T, D, Q);
-        ops->rope(s.q, Q, pos, m->inv_freq, T, H, hd, c->rotary_dim);
-        memcpy(t->q + (size_t)l * T * Q, s.q, sizeof(float) * (size_t)T * Q);
-        float *z = ep_malloc(sizeof(float) * (size_t)T * Q);
-        for (int sq = 0; sq < b->n_seqs; sq++)
-            memcpy(z + (size_t)t->row[sq] * Q, kv_cache_z(&t->cache, l, sq, 0), sizeof(float) * (size_t)b->len[sq] * Q);
-        ops->matmul(s.o, z, w->wo, w->bo, T, Q, D);
-        free(z);
-        const float *mlp_in = s.xn1;
-        if (c->block != BLOCK_PARALLEL) {
+        const float *o = attn + (size_t)l * T * D;
+        // Recompute the MLP's input (into s.xn) and pre-activations.
+        if (c->block == BLOCK_PARALLEL) {
+            norm_fwd(ops, c, s.xn, x, w->attn_norm, w->attn_norm_bias, T);
+        } else {
             memcpy(s.x1, x, sizeof(float) * TD);
             if (c->block == BLOCK_SANDWICH_NORM) {
-                norm_fwd(ops, c, s.po, s.o, w->attn_post_norm, NULL, T);
+                norm_fwd(ops, c, s.po, o, w->attn_post_norm, NULL, T);
                 ops->add(s.x1, s.po, TD);
             } else {
-                ops->add(s.x1, s.o, TD);
+                ops->add(s.x1, o, TD);
             }
-            norm_fwd(ops, c, s.xn2, s.x1, w->mlp_norm, NULL, T);
-            mlp_in = s.xn2;
+            norm_fwd(ops, c, s.xn, s.x1, w->mlp_norm, NULL, T);
         }
-        mlp_fwd(ops, c, w, &s, mlp_in, T);
+        mlp_fwd(ops, c, w, &s, s.xn, T);
 
         // Backward: do (gradient of the attention block's o_proj output) into s.tmp, dxn1 into s.dxn.
         memset(s.dxn, 0, sizeof(float) * TD);
@@ -407,7 +449,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
             norm_back(c, dx1, s.x1, w->mlp_norm, s.po, T);
             if (c->block == BLOCK_SANDWICH_NORM) {
                 memset(s.tmp, 0, sizeof(float) * TD);
-                norm_back(c, s.tmp, s.o, w->attn_post_norm, dx1, T);
+                norm_back(c, s.tmp, o, w->attn_post_norm, dx1, T);
             } else {
                 memcpy(s.tmp, dx1, sizeof(float) * TD);
             }
@@ -421,7 +463,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
                 for (int B = 0; B < b->len[sq]; B++)
                     for (int h = 0; h < H; h++)
                         if (substituted(t, l, h, sq, B)) memset(s.dza + (size_t)(t->row[sq] + B) * Q + (size_t)h * hd, 0, sizeof(float) * hd);
-        attention_back(t, c, l, s.q, s.dza, s.dq, s.dk, s.dv);
+        attention_back(t, c, l, t->q + (size_t)l * T * Q, s.dza, s.dq, s.dk, s.dv);
         ops->rope(s.dq, Q, pos, neg_inv_freq, T, H, hd, c->rotary_dim);
         ops->rope(s.dk, KV, pos, neg_inv_freq, T, c->n_kv_heads, hd, c->rotary_dim);
         linear_back(s.dxn, s.dq, w->wq, T, D, Q, 1);
@@ -433,7 +475,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
         dx = dx_in, dx_in = sw;
     }
     scratch_free(&s);
-    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(dlogits), free(neg_inv_freq);
+    free(dx), free(dx_in), free(rows), free(pos), free(resid), free(attn), free(dlogits), free(neg_inv_freq);
     return 0;
 }
 

@@ -1,6 +1,7 @@
 // edgepatch scores RUN [--round R] [--json]: one round's importance scores and kept set
 // (RUN/prune.d/round-NNN.h5, stages/prune.h), the last finished round by default.
 #include <jansson.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -18,7 +19,9 @@ static const char usage[] =
     "           [{\"layer\", \"head\", \"type\" (head units) or \"sender\", \"receiver\" (edge units), \"score\"}, ...],\n"
     "           \"kept\": [units kept after the round, same form without score], \"stop\": \"...\",\n"
     "           \"metrics\": {\"circuit\", \"kept\", \"clean\": {\"target_logprob\", \"first_token_accuracy\",\n"
-    "           \"logit_diff\"}}}\n";
+    "           \"logit_diff\"}},\n"
+    "           \"compare\" (compare_importance runs): {\"method\": the other method, \"scores\": [per unit, in\n"
+    "           the order of units], \"spearman\", \"spearman_abs_exact\", \"top_k\", \"top_k_overlap\"}}\n";
 
 static json_t *unit_json(const prune_round *r, int i, int with_score) {
     const circuit_unit *u = &r->units[i];
@@ -31,6 +34,9 @@ static json_t *unit_json(const prune_round *r, int i, int with_score) {
     if (with_score) json_object_set_new(o, "score", json_real(r->scores[i]));
     return o;
 }
+
+// Spearman is undefined (NaN) for fewer than two units or constant scores: JSON null then.
+static json_t *real_or_null(double x) { return isfinite(x) ? json_real(x) : json_null(); }
 
 int cmd_scores(int argc, char **argv) {
     if (cli_wants_help(argc, argv)) {
@@ -82,6 +88,14 @@ int cmd_scores(int argc, char **argv) {
                                                       (double)r.metrics[k][2]));
         json_t *o = json_pack("{s:i,s:s,s:s,s:o,s:o,s:s,s:o}", "round", r.round, "kind", kind, "method", r.method, "units",
                               units, "kept", kept, "stop", r.stop, "metrics", m);
+        if (r.compare_scores) {
+            json_t *cs = json_array();
+            for (int i = 0; i < r.n_units; i++) json_array_append_new(cs, json_real(r.compare_scores[i]));
+            json_object_set_new(o, "compare", json_pack("{s:s,s:o,s:o,s:o,s:i,s:i}", "method", r.compare_method, "scores", cs,
+                                                        "spearman", real_or_null(r.agreement[0]), "spearman_abs_exact",
+                                                        real_or_null(r.agreement[1]),
+                                                        "top_k", (int)r.agreement[3], "top_k_overlap", (int)r.agreement[2]));
+        }
         char *text = json_dumps(o, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
         puts(text);
         free(text);
@@ -91,6 +105,9 @@ int cmd_scores(int argc, char **argv) {
         for (int i = 0; i < r.n_units; i++) nk += circuit_has(&r.kept, r.kind, &r.units[i]);
         printf("round %d: %d %s units scored by %s, %d kept%s%s\n", r.round, r.n_units, kind, r.method, nk,
                r.stop[0] ? "; stop: " : "", r.stop);
+        if (r.compare_scores)
+            printf("rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
+                   r.agreement[0], r.agreement[1], (int)r.agreement[3], (int)r.agreement[2]);
         printf("metrics (target log-prob, first-token accuracy, logit diff): circuit %.4f %.3f %.4f, kept %.4f %.3f %.4f, "
                "clean %.4f %.3f %.4f\n", r.metrics[0][0], r.metrics[0][1], r.metrics[0][2], r.metrics[1][0], r.metrics[1][1],
                r.metrics[1][2], r.metrics[2][0], r.metrics[2][1], r.metrics[2][2]);

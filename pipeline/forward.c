@@ -340,6 +340,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
         ops->rope(s.q, Q, s.pos, m->inv_freq, T, H, c->head_dim, c->rotary_dim);
         ops->rope(s.k, KV, s.pos, m->inv_freq, T, sh.n_kv_heads, c->head_dim, c->rotary_dim);
+        if (b->q_out) ops->download(b->q_out + (size_t)l * T * Q, s.q, sizeof(float) * (size_t)T * Q);
         for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
             ops->copy_rows(kv_cache_k(cache, l, seq, cache->len[seq]), KV, s.k + (size_t)r * KV, KV, b->n_new[seq], KV);
             ops->copy_rows(kv_cache_v(cache, l, seq, cache->len[seq]), KV, s.v + (size_t)r * KV, KV, b->n_new[seq], KV);
@@ -365,6 +366,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
                                b->n_new[seq], Q);
         linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
+        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
 
         // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
         // the parallel block, whose two branches are added anyway).

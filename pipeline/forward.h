@@ -70,6 +70,9 @@ typedef struct {
     float *resid;          // optional out: [n_layers + 1, n_tokens, hidden]: resid[l] enters layer l,
                            // resid[n_layers] leaves the last layer (before the final norm); with first_layer
                            // or end_layer set, only the slots of the layers run (and their ends) are written
+    float *q_out;          // optional out [n_layers, n_tokens, n_heads * head_dim]: post-RoPE queries
+    float *attn_out;       // optional out [n_layers, n_tokens, hidden]: the attention block's o_proj output
+                           // (before Gemma's post-norm); both for the backward, written for the layers run
     // A partial pass (prefix reuse for exact scores): start at first_layer (0..n_layers) from x_in, the
     // residual stream entering that layer ([n_tokens, hidden], e.g. a slot of an earlier pass's resid),
     // instead of embedding the tokens; stop after layer end_layer - 1 (0 means n_layers) and leave the

@@ -11,7 +11,8 @@ static const char *known_fields[] = {
     // ours
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
-    "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations",
+    "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations", "score_donors", "compare_importance",
+    "exact_units_per_item",
 };
 
 static int is_known(const char *key) {

@@ -28,6 +28,9 @@ typedef struct {
     int min_units;
     double min_faithfulness;
     int exact_max_seqs;
+    int exact_units_per_item;  // exact rounds: units per work item (items are prompt batches x unit groups)
+    int score_donors;  // exact scores average over donors 0 .. score_donors - 1
+    int compare;       // compare_importance: every scored round computes both methods' scores
     char identity[17];
 } prune_params;
 
@@ -41,6 +44,8 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     json_t *j = rc->json, *v;
     memset(p, 0, sizeof *p);
     p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
+    p->exact_units_per_item = 64;
+    p->score_donors = in->prompts.n_donors > 1 ? in->prompts.n_donors : 1;
     if ((v = json_object_get(j, "importance"))) {
         const char *s = json_string_value(v);
         if (!s || (strcmp(s, "attribution") && strcmp(s, "exact")))
@@ -104,11 +109,27 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
         if (!json_is_integer(v) || json_integer_value(v) < 1) return ep_fail(err, "%s: field exact_max_seqs: expected a count", rc->path);
         p->exact_max_seqs = (int)json_integer_value(v);
     }
+    if ((v = json_object_get(j, "exact_units_per_item"))) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field exact_units_per_item: expected a positive count", rc->path);
+        p->exact_units_per_item = (int)json_integer_value(v);
+    }
+    if ((v = json_object_get(j, "score_donors"))) {
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > in->prompts.n_donors)
+            return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path,
+                           in->prompts.n_donors);
+        p->score_donors = (int)json_integer_value(v);
+    }
+    if ((v = json_object_get(j, "compare_importance"))) {
+        if (!json_is_boolean(v)) return ep_fail(err, "%s: field compare_importance: expected true or false", rc->path);
+        p->compare = json_is_true(v);
+    }
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
     h = hash_str(h, p->importance);
-    int ints[5] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size};
+    int ints[8] = {p->head_rounds, p->edge_rounds, p->min_units, p->exact_max_seqs, rc->batch_size, p->score_donors,
+                   p->compare, p->exact_units_per_item};
     h = hash_bytes(h, ints, sizeof ints);
     h = hash_bytes(h, &p->fraction, sizeof p->fraction);
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
@@ -187,7 +208,7 @@ static int read_mask(h5store *s, const char *group, const model_config *cfg_or_n
 }
 
 void prune_round_free(prune_round *r) {
-    free(r->units), free(r->scores);
+    free(r->units), free(r->scores), free(r->compare_scores);
     circuit_free(&r->circuit), circuit_free(&r->kept);
     memset(r, 0, sizeof *r);
 }
@@ -213,6 +234,17 @@ static int load_round_file(const char *path, const model_config *cfg, prune_roun
     }
     if (rc == 0 && (rc = h5store_read_f32(&s, "metrics", &sh, &metrics, err)) == 0 && (sh.rank != 2 || sh.dims[0] != 3 || sh.dims[1] != 3))
         rc = ep_fail(err, "%s: dataset metrics: expected [3, 3]", path);
+    if (rc == 0 && h5store_has(&s, "compare/scores")) {
+        char *cm = NULL;
+        double *ag = NULL;
+        h5shape sc, sa;
+        rc = h5store_get_str(&s, "compare_method", &cm, err) || h5store_read_f32(&s, "compare/scores", &sc, &r->compare_scores, err) ||
+             h5store_read_f64(&s, "compare/agreement", &sa, &ag, err);
+        if (rc == 0 && (sc.rank != 1 || sc.dims[0] != r->n_units || sa.rank != 1 || sa.dims[0] != 4))
+            rc = ep_fail(err, "%s: datasets compare/scores, compare/agreement: expected [%d] and [4]", path, r->n_units);
+        if (rc == 0) snprintf(r->compare_method, sizeof r->compare_method, "%s", cm), memcpy(r->agreement, ag, sizeof r->agreement);
+        free(cm), free(ag);
+    }
     if (rc == 0) rc = read_mask(&s, "circuit", cfg, &r->circuit, err);
     if (rc == 0) rc = read_mask(&s, "kept", cfg, &r->kept, err);
     if (rc == 0) {
@@ -256,7 +288,29 @@ typedef struct {
     circuit_metrics m_circuit, m_kept, m_clean;
     int pruned;
     const char *stop;
+    const char *compare_method;  // compare_importance: the other method, its scores, their rank agreement
+    double *compare_scores;
+    double agreement[4];
 } round_result;
+
+// Units round r keeps of n: prune_k[r], or all but the lowest prune_fraction (at least one dropped).
+static int keep_count(const prune_params *p, int r, int n) {
+    int k = r < p->n_k ? p->k[r] : n - (int)fmax(1.0, floor(n * p->fraction + 0.5));
+    return k > n ? n : k < 0 ? 0 : k;
+}
+
+// Rank agreement of attribution with exact scores: Spearman with the signed exact scores (the two
+// orders pruning would use), Spearman with |exact| (the size attribution estimates), and how many of
+// the k units attribution ranks highest are among the k exact ranks highest (k: the round's keep count).
+static void compare_ranks(const double *exact, const double *attribution, int n, int k, double out[4]) {
+    double *mag = ep_malloc(sizeof(double) * (size_t)(n + 1));
+    for (int i = 0; i < n; i++) mag[i] = fabs(exact[i]);
+    out[0] = rank_spearman(attribution, exact, n);
+    out[1] = rank_spearman(attribution, mag, n);
+    out[2] = rank_topk_overlap(attribution, exact, n, k);
+    out[3] = k;
+    free(mag);
+}
 
 static int write_round(const char *path, const char *identity, int r, const circuit *c, const circuit *kept,
                        const round_result *res, int kill_in_write, ep_error *err) {
@@ -286,6 +340,13 @@ static int write_round(const char *path, const char *identity, int r, const circ
              h5store_set_str(&s, "stop", res->stop, err) ||
              h5store_set_str(&s, "metrics_columns", "target_logprob,first_token_accuracy,logit_diff", err) ||
              h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err);
+    if (rc == 0 && res->compare_scores) {
+        h5shape sa = {1, {4}};
+        for (int i = 0; i < n; i++) sc[i] = (float)res->compare_scores[i];
+        rc = h5store_write_f32(&s, "compare/scores", &ss, sc, err) ||
+             h5store_write_f64(&s, "compare/agreement", &sa, res->agreement, err) ||
+             h5store_set_str(&s, "compare_method", res->compare_method, err);
+    }
     free(u), free(sc);
     if (rc == 0 && kill_in_write) raise(SIGKILL);  // test hook: data written, not committed
     if (rc) {
@@ -417,6 +478,11 @@ static int write_logs(const stage_inputs *in, int n_rounds, ep_error *err) {
                                                 "logit_diff", num(pr.metrics[0][2]), "kept_target_logprob", num(pr.metrics[1][0]),
                                                 "kept_first_token_accuracy", num(pr.metrics[1][1]), "kept_logit_diff", num(pr.metrics[1][2]),
                                                 "faithfulness_logit_diff", num(faithfulness(pr.metrics)), "stop", pr.stop));
+        if (pr.compare_scores)
+            json_object_set_new(json_array_get(rounds, (size_t)r), "rank_agreement",
+                                json_pack("{s:s,s:o,s:o,s:i,s:i}", "compared_with", pr.compare_method, "spearman",
+                                          num(pr.agreement[0]), "spearman_abs_exact", num(pr.agreement[1]), "top_k",
+                                          (int)pr.agreement[3], "top_k_overlap", (int)pr.agreement[2]));
         prune_round_free(&pr);
     }
     json_object_set_new(o, "prune", rounds);
@@ -544,19 +610,35 @@ typedef struct {
     int r;
     char identity[17], path[4200], dir[4200];
     unit_kind kind;
-    int method;  // 0 attribution, 1 exact, 2 an earlier run's file
+    int method;             // 0 attribution, 1 exact, 2 an earlier run's file
+    int exact, attribution;  // which scores the items compute (both with compare_importance)
     circuit c;
     circuit_unit *units;
-    int n, width;  // units, sums per unit (1 attribution, 3 exact, 0 file)
+    int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), then 1 attribution; >= 1
+    int n_groups, group;  // unit groups per prompt batch (1 unless exact scores run), units per group
     ablation_plan plan;
 } round_ctx;
+
+// Work item i: prompt batch i / n_groups, units [u0, u0 + nu) of group i % n_groups.
+typedef struct {
+    int first, S, g, u0, nu;
+} item_span;
+
+static item_span item_of(const round_ctx *rc, int item) {
+    item_span s;
+    stage_item_range(rc->pr->in, item / rc->n_groups, &s.first, &s.S);
+    s.g = item % rc->n_groups, s.u0 = s.g * rc->group;
+    s.nu = rc->n - s.u0 < rc->group ? rc->n - s.u0 : rc->group;
+    return s;
+}
 
 static void shard_path(const round_ctx *rc, int item, char *out, size_t n) { snprintf(out, n, "%s/item-%05d.h5", rc->dir, item); }
 
 static void shard_identity(const round_ctx *rc, int item, char out[17]) {
-    int first, n;
-    stage_item_range(rc->pr->in, item, &first, &n);
-    stage_item_identity(rc->identity, first, n, out);
+    item_span s = item_of(rc, item);
+    char id[17];
+    hash_hex(hash_bytes(hash_bytes(hash_str(HASH_INIT, rc->identity), &s.u0, sizeof s.u0), &s.nu, sizeof s.nu), id);
+    stage_item_identity(id, s.first, s.S, out);
 }
 
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
@@ -577,26 +659,35 @@ static int round_item_done(work_stage *ws, int item, ep_error *err) {
 static int round_run_item(work_stage *ws, int item, ep_error *err) {
     round_ctx *rc = ws->ctx;
     const stage_inputs *in = rc->pr->in;
-    int first, S, r;
-    stage_item_range(in, item, &first, &S);
-    double *sums = ep_calloc((size_t)rc->n * (rc->width ? rc->width : 1) + 1, sizeof(double)), base[3] = {0};
-    if (rc->method == 1) {
-        exact_opts o = {1, rc->pr->p.exact_max_seqs};
-        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, rc->units, rc->n, &o, first, S, sums, base, err);
+    item_span sp = item_of(rc, item);
+    int first = sp.first, S = sp.S, n = sp.nu, r;
+    const circuit_unit *units = rc->units + sp.u0;
+    // base: C's metric sums; exact scores sum them over the scoring donors, as they do C-without-u's.
+    double *sums = ep_calloc((size_t)n * rc->width + 1, sizeof(double)), base[3] = {0};
+    double *ex = ep_calloc((size_t)n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)n + 1, sizeof(double));
+    if (rc->exact) {
+        exact_opts o = {1, rc->pr->p.exact_max_seqs, rc->pr->p.score_donors};
+        r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, units, n, &o, first, S, ex, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
-        if (r == 0 && rc->method == 0) r = score_attribution_batch(in, &rc->plan, rc->kind, rc->units, rc->n, first, S, sums, err);
     }
+    if (r == 0 && rc->attribution) r = score_attribution_batch(in, &rc->plan, rc->kind, units, n, first, S, at, err);
+    for (int u = 0; u < n; u++) {
+        for (int k = 0; k < 3 * rc->exact; k++) sums[(size_t)u * rc->width + k] = ex[(size_t)u * 3 + k];
+        if (rc->attribution) sums[(size_t)u * rc->width + 3 * rc->exact] = at[u];
+    }
+    free(ex), free(at);
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
     h5store s;
     if (r == 0 && !ws->follower && (r = h5store_create(path, &s, err)) == 0) {
-        h5shape ss = {2, {rc->n, rc->width ? rc->width : 1}}, sb = {1, {3}};
+        h5shape ss = {2, {n, rc->width ? rc->width : 1}}, sb = {1, {3}};
         r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
             h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
             h5store_set_i64(&s, "item", item, err) || h5store_set_i64(&s, "first_prompt", first, err) ||
-            h5store_set_i64(&s, "n_prompts", S, err);
+            h5store_set_i64(&s, "n_prompts", S, err) || h5store_set_i64(&s, "first_unit", sp.u0, err) ||
+            h5store_set_i64(&s, "n_units", n, err);
         if (r == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
         if (r) h5store_abandon(&s);
         else r = h5store_commit(&s, err);
@@ -610,7 +701,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
     prune_run *pr = rc->pr;
     const stage_inputs *in = pr->in;
     const prune_params *p = &pr->p;
-    int P = in->prompts.n_prompts, w = rc->width ? rc->width : 1, r = 0;
+    int P = in->prompts.n_prompts, w = rc->width, r = 0;
     double *sums = ep_calloc((size_t)rc->n * w + 1, sizeof(double)), base[3] = {0};
     for (int item = 0; item < ws->n_items && r == 0; item++) {
         char path[4400], id[17], *have = NULL;
@@ -622,10 +713,11 @@ static int round_finish(work_stage *ws, ep_error *err) {
         h5shape sh, sb;
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);
         if (r == 0) r = h5store_read_f64(&s, "sums", &sh, &v, err) || h5store_read_f64(&s, "base", &sb, &b, err);
-        if (r == 0 && (sh.rank != 2 || sh.dims[0] != rc->n || sh.dims[1] != w || sb.dims[0] != 3))
+        item_span sp = item_of(rc, item);
+        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.dims[0] != 3))
             r = ep_fail(err, "%s: dataset sums or base has the wrong shape", path);
-        for (size_t i = 0; r == 0 && i < (size_t)rc->n * w; i++) sums[i] += v[i];
-        for (int i = 0; r == 0 && i < 3; i++) base[i] += b[i];
+        for (size_t i = 0; r == 0 && i < (size_t)sp.nu * w; i++) sums[(size_t)sp.u0 * w + i] += v[i];
+        for (int i = 0; r == 0 && sp.g == 0 && i < 3; i++) base[i] += b[i];  // every group's C is the same
         free(v), free(b), free(have);
         h5store_close(&s);
     }
@@ -644,14 +736,29 @@ static int round_finish(work_stage *ws, ep_error *err) {
             res.method = !strcmp(f.method, "exact") ? "exact" : "attribution";
             prune_round_free(&f);
         }
-    } else if (r == 0 && rc->method == 1) {
-        res.method = "exact";
-        score_exact_finish(sums, base, rc->n, P, res.scores, NULL, NULL);
     } else if (r == 0) {
-        res.method = "attribution";
-        for (int u = 0; u < rc->n; u++) res.scores[u] = sums[u] / P;
+        // exact: C-without-u's metrics in columns 0..2 of the sums; attribution: the column after them
+        double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double)), *exs = ep_calloc((size_t)rc->n + 1, sizeof(double));
+        double *ats = ep_calloc((size_t)rc->n + 1, sizeof(double));
+        for (int u = 0; u < rc->n; u++) {
+            for (int k = 0; k < 3 * rc->exact; k++) ex[(size_t)u * 3 + k] = sums[(size_t)u * w + k];
+            if (rc->attribution) ats[u] = sums[(size_t)u * w + 3 * rc->exact] / P;
+        }
+        if (rc->exact) score_exact_finish(ex, base, rc->n, P * p->score_donors, exs, NULL, NULL);
+        res.method = rc->method == 1 ? "exact" : "attribution";
+        memcpy(res.scores, rc->method == 1 ? exs : ats, sizeof(double) * (size_t)rc->n);
+        if (rc->exact && rc->attribution) {
+            res.compare_method = rc->method == 1 ? "attribution" : "exact";
+            res.compare_scores = rc->method == 1 ? ats : exs;
+            compare_ranks(exs, ats, rc->n, keep_count(p, rc->r, rc->n), res.agreement);
+            if (rc->method == 1) ats = NULL;  // now res.compare_scores
+            else exs = NULL;
+        }
+        free(ex), free(exs), free(ats);
     }
-    res.m_circuit = (circuit_metrics){base[0] / P, base[1] / P, base[2] / P};
+    // exact scores sum C's metrics over the scoring donors: the circuit row is their mean
+    double nb = rc->exact ? (double)P * p->score_donors : P;
+    res.m_circuit = (circuit_metrics){base[0] / nb, base[1] / nb, base[2] / nb};
     if (r == 0 && pr->kh.after == pr->computed && !strcmp(pr->kh.where, "mid")) raise(SIGKILL);
     if (r == 0 && !pr->have_clean && (r = circuit_measure(in, NULL, &pr->clean, err)) == 0) pr->have_clean = 1;
     res.m_clean = pr->clean;
@@ -659,9 +766,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
         res.m_kept = res.m_circuit;
         res.stop = "scores_only";
     } else if (r == 0) {
-        int k = rc->r < p->n_k ? p->k[rc->r] : rc->n - (int)fmax(1.0, floor(rc->n * p->fraction + 0.5));
-        if (k > rc->n) k = rc->n;
-        if (k < 0) k = 0;
+        int k = keep_count(p, rc->r, rc->n);
         int *order = ep_malloc(sizeof(int) * (size_t)(rc->n + 1));
         rank_order(res.scores, rc->n, order);
         for (int i = k; i < rc->n; i++) circuit_set(&kept, rc->kind, &rc->units[order[i]], 0);
@@ -682,11 +787,14 @@ static int round_finish(work_stage *ws, ep_error *err) {
         printf("prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s\n", rc->r, kind_name(rc->kind),
                res.method, rc->n, nk, pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN,
                res.stop[0] ? ", stop: " : "", res.stop);
+        if (res.compare_scores)
+            printf("prune: round %d rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
+                   rc->r, res.agreement[0], res.agreement[1], (int)res.agreement[3], (int)res.agreement[2]);
         fflush(stdout);
         r = write_logs(in, rc->r + 1, err);
     }
     circuit_free(&kept);
-    free(res.scores), free(sums);
+    free(res.scores), free(res.compare_scores), free(sums);
     return r;
 }
 
@@ -723,10 +831,14 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
             if (rc->kind == UNIT_EDGE && !rc->c.edges) circuit_start_edges(&rc->c, &in->prompts);
             rc->n = circuit_units(&rc->c, rc->kind, &rc->units);
             rc->method = pr->r < pr->p.n_files ? 2 : !strcmp(pr->p.importance, "exact") ? 1 : 0;
-            rc->width = rc->method == 1 ? 3 : rc->method == 0 ? 1 : 0;
+            rc->exact = rc->method == 1 || (rc->method == 0 && pr->p.compare);
+            rc->attribution = rc->method == 0 || (rc->method == 1 && pr->p.compare);
+            rc->width = 3 * rc->exact + rc->attribution + (rc->method == 2);
+            rc->group = rc->exact && rc->n > 0 ? pr->p.exact_units_per_item : rc->n > 0 ? rc->n : 1;
+            rc->n_groups = rc->n > 0 ? (rc->n + rc->group - 1) / rc->group : 1;
             int r = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", pr->r, kind_name(rc->kind))
                                : circuit_plan(&rc->c, &in->m.cfg, &in->plan, &rc->plan, err);
-            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in), .ctx = rc, .prepare = round_prepare,
+            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in) * rc->n_groups, .ctx = rc, .prepare = round_prepare,
                                .item_done = round_item_done, .run_item = round_run_item, .finish = round_finish,
                                .release = round_release};
             if (r) {  // a failed circuit_plan leaves rc->plan empty

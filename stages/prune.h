@@ -12,10 +12,14 @@
 // Config: importance ("attribution" | "exact"), prune_rounds (N head rounds, or {"heads": N, "edges":
 // M}; 0: one scoring round, nothing pruned), prune_fraction (0.1), prune_k, prune_using_imp_scores
 // (round files of earlier runs used in place of scoring rounds 0..), min_units, min_faithfulness,
-// exact_max_seqs. A round is a work_stage (stages/stage_io.h): its items are the prompt batches, each
-// scoring every unit over its prompts into a shard prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums),
-// so sched/ shares a round out over MPI ranks; its finish (one process) merges the shards in item
-// order, prunes, measures the kept circuit and writes the round file. Never calls MPI.
+// exact_max_seqs, score_donors (exact scores average over donors 0..score_donors-1; default all the
+// prompts have), compare_importance (true: both methods score every round, the config's importance
+// prunes, their rank agreement is recorded), exact_units_per_item. A round is a work_stage
+// (stages/stage_io.h): its items are the prompt batches (times groups of exact_units_per_item units
+// when exact scores run), each scoring its units over its prompts into a shard
+// prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums), so sched/ shares a round out over MPI ranks; its
+// finish (one process) merges the shards in item order, prunes, measures the kept circuit and writes
+// the round file. Never calls MPI.
 #ifndef EP_PRUNE_H
 #define EP_PRUNE_H
 
@@ -47,6 +51,12 @@ typedef struct {
     float *scores;
     circuit circuit, kept;  // the circuit the scores were taken in, and the one kept after the round
     float metrics[3][3];    // rows: circuit, kept, clean; columns: target log-prob, first-token accuracy, logit diff
+    // compare_importance rounds (else compare_method is "" and compare_scores NULL): the other method's
+    // scores and the rank agreement of attribution with exact: Spearman with the signed exact scores,
+    // Spearman with |exact|, top-k overlap, k (the round's keep count).
+    char compare_method[16];
+    float *compare_scores;
+    double agreement[4];
 } prune_round;
 
 // Reads <run>/prune.d/round-NNN.h5 (round < 0: the last one there).

@@ -379,15 +379,34 @@ static int exact_batch_full(const stage_inputs *in, const circuit *c, const abla
     return rc;
 }
 
+static int exact_donors(const exact_opts *o) { return o->n_donors > 1 ? o->n_donors : 1; }
+
 int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                       const circuit_unit *units, int n, const exact_opts *o, int first, int S, double *sums, double *base,
                       ep_error *err) {
-    // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those plans
-    // take the brute-force path.
     prompt_batch pb = stage_batch(in, first, S);
-    return o->prefix_reuse && plan->n_donors <= 1
-               ? exact_batch_fast(in, c, plan, kind, units, n, &pb, first, o->max_seqs, sums, base, err)
-               : exact_batch_full(in, c, plan, kind, units, n, &pb, first, sums, base, err);
+    int J = exact_donors(o), K = pb.n_donors, rc = 0;
+    if (J > K) return ep_fail(err, "exact scores: %d donors asked for, the prompts have %d", J, K);
+    // Evaluation j: the batch with each prompt's donors rotated by j (plan donor d reads donor (d + j) mod K).
+    int32_t *rotated = J > 1 ? ep_malloc(sizeof(int32_t) * (size_t)S * K * pb.max_len) : NULL;
+    for (int j = 0; j < J && rc == 0; j++) {
+        prompt_batch pj = pb;
+        if (j > 0) {
+            size_t row = (size_t)pb.max_len;
+            for (int s = 0; s < S; s++)
+                for (int d = 0; d < K; d++)
+                    memcpy(rotated + ((size_t)s * K + d) * row, pb.donors + ((size_t)s * K + (d + j) % K) * row,
+                           sizeof(int32_t) * row);
+            pj.donors = rotated;
+        }
+        // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those
+        // plans take the brute-force path.
+        rc = o->prefix_reuse && plan->n_donors <= 1
+                 ? exact_batch_fast(in, c, plan, kind, units, n, &pj, first, o->max_seqs, sums, base, err)
+                 : exact_batch_full(in, c, plan, kind, units, n, &pj, first, sums, base, err);
+    }
+    free(rotated);
+    return rc;
 }
 
 void score_exact_finish(const double *sums, const double *base, int n, int P, double *score, circuit_metrics *without,
@@ -414,7 +433,7 @@ int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const 
     double *sums = ep_calloc((size_t)n * 3 + 1, sizeof(double)), base[3] = {0};
     for (int first = 0; first < P && rc == 0; first += B)
         rc = score_exact_batch(in, c, &plan, kind, units, n, o, first, first + B <= P ? B : P - first, sums, base, err);
-    if (rc == 0) score_exact_finish(sums, base, n, P, score, without, with);
+    if (rc == 0) score_exact_finish(sums, base, n, P * exact_donors(o), score, without, with);
     free(sums);
     plan_free(&plan);
     return rc;

@@ -7,7 +7,9 @@
 //   - attribution (the default): one forward + backward pass per batch of prompts with the targets
 //     appended (pipeline/backward), |first-order change of the loss| per unit;
 //   - exact: metric(C) - metric(C without u), metric = mean log-probability of the first target token
-//     at `last` (first-token accuracy and logit difference are recorded too). The fast path runs the
+//     at `last` (first-token accuracy and logit difference are recorded too), averaged over prompts and
+//     over the first n_donors donors (evaluation j reads prompt donor (d + j) mod K where the plan says
+//     donor d, K the prompts' donors: for the circuit's complement, donor j). The fast path runs the
 //     circuit's pass once per batch with the residual stream captured, then for each unit only its own
 //     layer from the stored stream (layers below cannot change), and the layers above for many units
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
@@ -65,6 +67,7 @@ int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, 
 typedef struct {
     int prefix_reuse;  // 0: brute force, one full patch_run per unit and batch
     int max_seqs;      // sequences per pass when units are batched (<= batch_size: one unit per pass)
+    int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;
 
 // Exact scores: score[u] = metric(C) - metric(C without u) (target log-prob); optional `without` [n]
@@ -76,7 +79,8 @@ int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const 
 // (the work items of the prune stage; the functions above are these over every batch in order):
 // metric sums [3] (target log-prob, first-token correct, logit diff); attribution: sum[u] += the sum
 // over the batch's prompts of unit u's |.|; exact: sums[u][3] += C-without-u's metric sums, base[3] +=
-// C's. score_exact_finish turns sums over P prompts into scores.
+// C's, each summed over the o->n_donors donors too. score_exact_finish turns sums over P prompt-donor
+// pairs (prompts x donors) into scores.
 int score_check_targets(const stage_inputs *in, ep_error *err);
 int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int S, double *sums, ep_error *err);
 int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,

@@ -4,7 +4,8 @@
 # between rounds, in the middle of a round, while a round file is written, and at random moments;
 # a config changed in the same folder is refused, --fresh rebuilds it; `scores --json` shows any
 # round; prune_rounds 0 writes scores only; prune_using_imp_scores + prune_k prune by an earlier
-# run's scores.
+# run's scores; compare_importance records both methods' rank agreement (recomputed here); exact
+# rounds split units over work items.
 set -u
 bin=$1
 . "$(dirname "$0")/cli_harness.bash"
@@ -86,7 +87,7 @@ run other
 ! same_as other k-exact-1 2> /dev/null && ok || bad "another prune_fraction gave the same files (the comparison cannot fail)"
 
 # scores --json: any round; the kept set is a subset of the units
-py_check() { python3 -c "$1" "$2" 2>&1; }
+py_check() { local code=$1; shift; python3 -c "$code" "$@" 2>&1; }
 out=$("$bin" scores "$tmp/ref-attribution" --round 0 --json)
 py_check 'import json,sys; d=json.loads(sys.argv[1]); assert d["round"]==0 and d["kind"]=="head" and d["method"]=="attribution"; u=d["units"]; k=d["kept"]; assert len(u)>len(k)>0 and all("type" in x and "score" in x for x in u); print("  scores --round 0: %d head units, %d kept" % (len(u), len(k)))' "$out" && ok || bad "scores --round 0 --json: $out"
 out=$("$bin" scores "$tmp/ref-attribution" --json)
@@ -107,5 +108,60 @@ run imp
 a=$("$bin" scores "$tmp/s0" --json) b=$("$bin" scores "$tmp/imp" --round 0 --json)
 [ $rc = 0 ] && python3 -c 'import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert a["units"]==b["units"] and len(b["kept"])==100; top=sorted(range(len(a["units"])), key=lambda i: -a["units"][i]["score"])[:100]; assert sorted(json.dumps(a["units"][i] | {"score": 0}) for i in top)==sorted(json.dumps(k | {"score": 0}) for k in b["kept"])' "$a" "$b" && ok || bad "prune_using_imp_scores: $rc $(cat "$tmp/imp.out")"
 echo "  prune_rounds 0 writes scores only; prune_using_imp_scores + prune_k [100] keeps that run's top 100"
+
+# compare_importance: both methods score every round, exact prunes exactly as without the option (k-exact-1
+# is ref-exact's config, ref-exact was rebuilt with another one above), the
+# other method's scores are the attribution run's (round 0: the same full circuit), and the recorded
+# rank agreement is what Spearman (average ranks) and the top-k overlap give recomputed here.
+config cmp exact ', "compare_importance": true'
+run cmp
+[ $rc = 0 ] && [ "$(grep -c "rank agreement, attribution vs exact" "$tmp/cmp.out")" = 4 ] && ok || bad "compare_importance run: $rc $(cat "$tmp/cmp.out")"
+agreement_check='
+import json, sys
+a, ref = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+att = json.loads(sys.argv[3]) if sys.argv[3] else None
+assert {k: v for k, v in a.items() if k != "compare"} == ref, "pruning changed"
+c = a["compare"]
+assert c["method"] == "attribution"
+if att: assert c["scores"] == [u["score"] for u in att["units"]], "attribution scores differ"
+ex, at = [u["score"] for u in a["units"]], c["scores"]
+def ranks(v):
+    o = sorted(range(len(v)), key=lambda i: (-v[i], i)); r = [0.0] * len(v); i = 0
+    while i < len(o):
+        j = i
+        while j + 1 < len(o) and v[o[j + 1]] == v[o[i]]: j += 1
+        for k in range(i, j + 1): r[o[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return r
+def spearman(x, y):
+    rx, ry = ranks(x), ranks(y); n = len(x); mx, my = sum(rx) / n, sum(ry) / n
+    sxy = sum((p - mx) * (q - my) for p, q in zip(rx, ry))
+    return sxy / (sum((p - mx) ** 2 for p in rx) * sum((q - my) ** 2 for q in ry)) ** 0.5
+k = c["top_k"]
+top = lambda v: set(sorted(range(len(v)), key=lambda i: (-v[i], i))[:k])
+assert abs(spearman(at, ex) - c["spearman"]) < 1e-6 and abs(spearman(at, [abs(e) for e in ex]) - c["spearman_abs_exact"]) < 1e-6, "spearman"
+assert k == len(a["kept"]) and len(top(at) & top(ex)) == c["top_k_overlap"], "top-k"
+print("  compare_importance round %d: Spearman %.3f (|exact| %.3f), top-%d overlap %d: recomputed, pruning as without it" % (a["round"], c["spearman"], c["spearman_abs_exact"], k, c["top_k_overlap"]))
+'
+for r in 0 1 2 3; do
+  a=$("$bin" scores "$tmp/cmp" --round $r --json) ref=$("$bin" scores "$tmp/k-exact-1" --round $r --json) att=""
+  [ $r = 0 ] && att=$("$bin" scores "$tmp/ref-attribution" --round 0 --json)
+  py_check "$agreement_check" "$a" "$ref" "$att" > "$tmp/cmp.check"; [ $? = 0 ] && ok || bad "compare round $r: $(cat "$tmp/cmp.check")"
+  sed -n 1p "$tmp/cmp.check"
+done
+python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert all(r["rank_agreement"]["compared_with"]=="attribution" for r in d["prune"])' "$tmp/cmp/model_logs.json" && ok || bad "model_logs.json rank_agreement"
+
+# Exact rounds' work items are prompt batches x groups of exact_units_per_item units (ranks share the
+# units): 7 units per item (2 batches x 18 groups) scores as one group per batch does.
+for g in 7 1000; do
+  config grp$g exact ", \"exact_units_per_item\": $g"
+  sed -i 's/"prune_rounds": {"heads": 2, "edges": 2}/"prune_rounds": 0/' "$tmp/grp$g.json"
+  run grp$g
+  [ $rc = 0 ] || bad "exact_units_per_item $g: $rc $(cat "$tmp/grp$g.out")"
+done
+grep -q "^prune: 36 items" "$tmp/grp7.out" && grep -q "^prune: 2 items" "$tmp/grp1000.out" && ok || bad "unit groups: not 36 and 2 items"
+a=$("$bin" scores "$tmp/grp7" --json) b=$("$bin" scores "$tmp/grp1000" --json)
+py_check 'import json,sys; a=json.loads(sys.argv[1]); b=json.loads(sys.argv[2]); assert [u | {"score": 0} for u in a["units"]]==[u | {"score": 0} for u in b["units"]] and a["metrics"]==b["metrics"]; d=max(abs(x["score"]-y["score"]) for x, y in zip(a["units"], b["units"])); assert d < 1e-5, d; print("  exact_units_per_item 7 (36 items) vs 1000 (2 items): %d unit scores, max diff %.2g" % (len(a["units"]), d))' "$a" "$b" > "$tmp/grp.check" && ok || bad "unit groups change the scores: $(cat "$tmp/grp.check")"
+cat "$tmp/grp.check"
 
 finish cli_prune

@@ -4,7 +4,8 @@
 // JSON; exact scores by prefix reuse equal the brute force (one full patch_run per unit, the passes
 // tests/test_patch.c holds against the HF reference) bit for bit, and within 1e-5 when many units share
 // a pass; attribution and exact scores are compared by rank (Spearman, top-k overlap: printed, since a
-// tiny random model need not agree); the speed-up of prefix reuse + batching is measured.
+// tiny random model need not agree); the speed-up of prefix reuse + batching is measured; exact scores
+// averaged over 3 donors equal a brute force over full passes written here from the definition.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "stages/metrics.h"
 #include "stages/prompts.h"
 #include "stages/score.h"
 #include "stages/tokenize.h"
@@ -160,7 +162,7 @@ static void test_exact(const stage_inputs *in, unit_kind kind) {
     double *attr = calloc(n, sizeof(double));
     circuit_metrics mb, mr;
     ep_error err = {{0}};
-    exact_opts o_brute = {0, 0}, o_reuse = {1, 1}, o_batch = {1, 64};
+    exact_opts o_brute = {0, 0, 1}, o_reuse = {1, 1, 1}, o_batch = {1, 64, 1};
     double t0 = now();
     int rc = score_exact(in, &c, kind, u, n, &o_brute, brute, NULL, &mb, &err);
     double t1 = now();
@@ -187,6 +189,74 @@ static void test_exact(const stage_inputs *in, unit_kind kind) {
            rank_spearman(attr, brute, n), spearman_abs(attr, brute, n),
            k, topk_abs(attr, brute, n, k), k);
     free(brute), free(reuse), free(batched), free(attr), free(u);
+    circuit_free(&c);
+}
+
+// Exact scores averaged over donors against a brute force written here from the definition: for each
+// donor j and unit u, full patch_runs of C and of C without u in which donor 0 (the circuit
+// complement's donor) is prompt donor j (a one-donor copy of the batch), the first target token's
+// log-probability differences averaged over prompts and donors.
+static void test_exact_donors(const stage_inputs *in) {
+    const prompt_set *ps = &in->prompts;
+    int P = ps->n_prompts, K = ps->n_donors, B = in->cfg->batch_size, V = in->m.cfg.vocab_size, n;
+    circuit c;
+    some_circuit(in, &c, 0);
+    circuit_unit *u;
+    n = circuit_units(&c, UNIT_HEAD, &u);
+    if (n > 12) n = 12;  // units of layer 0 and 1: the brute force stays short
+    double *ref = calloc(n, sizeof(double)), *per_donor0 = calloc(n, sizeof(double));
+    double *brute = calloc(n, sizeof(double)), *fast = calloc(n, sizeof(double)), *one = calloc(n, sizeof(double));
+    float *last = malloc(sizeof(float) * B * V), *last_u = malloc(sizeof(float) * B * V);
+    int32_t *donor_j = malloc(sizeof(int32_t) * B * ps->max_len);
+    ep_error err = {{0}};
+    int rc = 0;
+    for (int j = 0; j < K && rc == 0; j++)
+        for (int first = 0; first < P && rc == 0; first += B) {
+            prompt_batch pb = stage_batch(in, first, first + B <= P ? B : P - first);
+            for (int s = 0; s < pb.n_seqs; s++)
+                memcpy(donor_j + s * pb.max_len, pb.donors + ((size_t)s * K + j) * pb.max_len, sizeof(int32_t) * pb.max_len);
+            pb.donors = donor_j, pb.n_donors = 1;
+            ablation_plan plan;
+            rc = circuit_plan(&c, &in->m.cfg, &in->plan, &plan, &err);
+            patch_outputs out = {.last_logits = last};
+            rc = rc ? rc : patch_run(&in->m, kernel_ops_cpu(), &plan, &pb, &out, &err);
+            plan_free(&plan);
+            for (int i = 0; i < n && rc == 0; i++) {
+                circuit cu;
+                circuit_copy(&c, &cu);
+                circuit_set(&cu, UNIT_HEAD, &u[i], 0);
+                rc = circuit_plan(&cu, &in->m.cfg, &in->plan, &plan, &err);
+                circuit_free(&cu);
+                patch_outputs ou = {.last_logits = last_u};
+                rc = rc ? rc : patch_run(&in->m, kernel_ops_cpu(), &plan, &pb, &ou, &err);
+                plan_free(&plan);
+                for (int s = 0; s < pb.n_seqs && rc == 0; s++) {
+                    prompt_metrics mc, mu;
+                    int t = ps->targets[(size_t)(first + s) * ps->max_target];
+                    metrics_first_token(last + (size_t)s * V, V, t, &mc);
+                    metrics_first_token(last_u + (size_t)s * V, V, t, &mu);
+                    ref[i] += (mc.target_logprob - mu.target_logprob) / ((double)P * K);
+                    if (j == 0) per_donor0[i] += (mc.target_logprob - mu.target_logprob) / P;
+                }
+            }
+        }
+    exact_opts o_brute = {0, 0, K}, o_fast = {1, 64, K}, o_one = {1, 64, 1};
+    rc = rc ? rc : score_exact(in, &c, UNIT_HEAD, u, n, &o_brute, brute, NULL, NULL, &err);
+    rc = rc ? rc : score_exact(in, &c, UNIT_HEAD, u, n, &o_fast, fast, NULL, NULL, &err);
+    rc = rc ? rc : score_exact(in, &c, UNIT_HEAD, u, n, &o_one, one, NULL, NULL, &err);
+    check(rc == 0, "donor-averaged scores: %s", err.msg);
+    double db = max_abs_diff(brute, ref, n), df = max_abs_diff(fast, ref, n), d0 = max_abs_diff(one, per_donor0, n);
+    double spread = max_abs_diff(ref, per_donor0, n);
+    check(db < 1e-9 && df < 1e-5, "%s: exact scores averaged over %d donors = the reference (brute %.3g, fast %.3g)",
+          in->cfg->path, K, db, df);
+    check(d0 < 1e-5, "%s: one donor = the reference's donor 0 alone (%.3g)", in->cfg->path, d0);
+    check(spread > 1e-4, "%s: the donors' average differs from donor 0's (%.3g): the check can fail", in->cfg->path, spread);
+    exact_opts too_many = {1, 64, K + 1};
+    check(score_exact(in, &c, UNIT_HEAD, u, 1, &too_many, one, NULL, NULL, &err) != 0 && strstr(err.msg, "donors"),
+          "more donors than the prompts have is refused: %s", err.msg);
+    printf("  %-12s %d head units, %d donors: exact scores = the reference's mean over donors (brute force %.2g, "
+           "prefix reuse + batching %.2g); donor 0 alone differs by up to %.3g\n", in->cfg->path, n, K, db, df, spread);
+    free(ref), free(per_donor0), free(brute), free(fast), free(one), free(last), free(last_u), free(donor_j), free(u);
     circuit_free(&c);
 }
 
@@ -223,6 +293,13 @@ int main(void) {
         test_mask_plan_equals_json(&in);
         test_exact(&in, UNIT_HEAD);
         test_exact(&in, UNIT_EDGE);
+        stage_inputs_close(&in);
+        run_config_free(&cfg);
+    }
+    run_config cfg;
+    stage_inputs in;
+    if (open_run("donors", "smollm-tiny", ", \"donors\": 3", &cfg, &in) == 0) {
+        test_exact_donors(&in);
         stage_inputs_close(&in);
         run_config_free(&cfg);
     }

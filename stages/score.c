@@ -140,7 +140,7 @@ int score_check_targets(const stage_inputs *in, ep_error *err) {
 static int plan_last_logits(const stage_inputs *in, const ablation_plan *plan, const prompt_batch *pb, float *last,
                             ep_error *err) {
     patch_outputs out = {.last_logits = last};
-    return patch_run(&in->m, kernel_ops_cpu(), plan, pb, &out, err);
+    return patch_run(&in->dev, in->ops, plan, pb, &out, err);
 }
 
 int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int n, double *sums, ep_error *err) {
@@ -221,16 +221,21 @@ int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, 
     return rc;
 }
 
-// A copy of kv caches' sequences, G times over (sequence g * S + s is sequence s).
-static void replicate_cache(const kv_cache *src, int G, kv_cache *dst, const model_config *cfg) {
+// A copy of kv caches' sequences, G times over (sequence g * S + s is sequence s), in ops' memory as src.
+static void replicate_cache(const kernel_ops *ops, const kv_cache *src, int G, kv_cache *dst, const model_config *cfg) {
     ep_error e;
-    kv_cache_init(dst, cfg, src->n_seqs * G, src->capacity, src->z != NULL, &e);
-    size_t kv = (size_t)src->n_seqs * src->capacity * src->kv_dim, z = (size_t)src->n_seqs * src->capacity * src->z_dim;
+    kv_cache_init_backend(dst, cfg, src->n_seqs * G, src->capacity, src->z != NULL, ops, &e);
+    int rows = src->n_seqs * src->capacity;  // a layer's block, as rows of kv_dim (z_dim) floats
+    size_t kv = (size_t)rows * src->kv_dim, z = (size_t)rows * src->z_dim;
     for (int l = 0; l < src->n_layers; l++)
         for (int g = 0; g < G; g++) {
-            memcpy(dst->k + ((size_t)l * G + g) * kv, src->k + (size_t)l * kv, sizeof(float) * kv);
-            memcpy(dst->v + ((size_t)l * G + g) * kv, src->v + (size_t)l * kv, sizeof(float) * kv);
-            if (src->z) memcpy(dst->z + ((size_t)l * G + g) * z, src->z + (size_t)l * z, sizeof(float) * z);
+            ops->copy_rows(dst->k + ((size_t)l * G + g) * kv, src->kv_dim, src->k + (size_t)l * kv, src->kv_dim, rows,
+                           src->kv_dim);
+            ops->copy_rows(dst->v + ((size_t)l * G + g) * kv, src->kv_dim, src->v + (size_t)l * kv, src->kv_dim, rows,
+                           src->kv_dim);
+            if (src->z)
+                ops->copy_rows(dst->z + ((size_t)l * G + g) * z, src->z_dim, src->z + (size_t)l * z, src->z_dim, rows,
+                               src->z_dim);
         }
     for (int g = 0; g < G; g++) memcpy(dst->len + (size_t)g * src->n_seqs, src->len, sizeof(int) * (size_t)src->n_seqs);
 }
@@ -261,7 +266,7 @@ static void replicate(const stage_inputs *in, const ablation_plan *plan, const p
         row += r->lengths[s];
         r->last_rows[s] = row - 1;
     }
-    for (int d = 0; d < plan->n_donors; d++) replicate_cache(&donors[d], G, &r->donors[d], &in->m.cfg);
+    for (int d = 0; d < plan->n_donors; d++) replicate_cache(in->ops, &donors[d], G, &r->donors[d], &in->dev.cfg);
 }
 
 static void replicated_free(replicated *r) {
@@ -273,8 +278,8 @@ static void replicated_free(replicated *r) {
 static int exact_batch_fast(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                             const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs,
                             double *sums, double *base_sums, ep_error *err) {
-    const model *m = &in->m;
-    const kernel_ops *ops = kernel_ops_cpu();
+    const model *m = &in->dev;
+    const kernel_ops *ops = in->ops;
     int S = pb->n_seqs, L = m->cfg.n_layers, D = m->cfg.hidden, V = m->cfg.vocab_size, T = 0, rc;
     for (int s = 0; s < S; s++) T += pb->lengths[s];
     int G_max = max_seqs / S > 1 ? max_seqs / S : 1;
@@ -291,7 +296,7 @@ static int exact_batch_fast(const stage_inputs *in, const circuit *c, const abla
     rc = patch_donor_passes(m, ops, plan, pb, donors, err);
     forward_patch fp = patch_of(plan, pb, donors);
     // The circuit's own pass, residual stream kept.
-    if (rc == 0 && (rc = kv_cache_init(&cache, &m->cfg, S, pb->max_len, 0, err)) == 0) {
+    if (rc == 0 && (rc = kv_cache_init_backend(&cache, &m->cfg, S, pb->max_len, 0, ops, err)) == 0) {
         forward_batch b = {.n_seqs = S, .n_new = pb->lengths, .tokens = tokens, .n_logit_rows = S, .logit_rows = last_rows,
                            .logits = last, .resid = resid};
         rc = model_forward(m, ops, &cache, &b, &fp, err);
@@ -317,7 +322,7 @@ static int exact_batch_fast(const stage_inputs *in, const circuit *c, const abla
                 circuit_free(&cu);
                 if (rc) break;
                 forward_patch fu = patch_of(&pu, pb, donors);
-                if ((rc = kv_cache_init(&cache, &m->cfg, S, pb->max_len, 0, err)) == 0) {
+                if ((rc = kv_cache_init_backend(&cache, &m->cfg, S, pb->max_len, 0, ops, err)) == 0) {
                     forward_batch b = {.n_seqs = S, .n_new = pb->lengths, .tokens = tokens, .first_layer = l,
                                        .end_layer = l + 1, .x_in = resid + (size_t)l * T * D, .x_out = xs + (size_t)g * T * D};
                     rc = model_forward(m, ops, &cache, &b, &fu, err);
@@ -340,7 +345,7 @@ static int exact_batch_fast(const stage_inputs *in, const circuit *c, const abla
                 for (int d = 0; d < plan->n_donors; d++) fa.donors[d] = &rep.donors[d];
                 lengths = rep.lengths, toks = rep.tokens, rows = rep.last_rows;
             }
-            if ((rc = kv_cache_init(&cache, &m->cfg, G * S, pb->max_len, 0, err)) == 0) {
+            if ((rc = kv_cache_init_backend(&cache, &m->cfg, G * S, pb->max_len, 0, ops, err)) == 0) {
                 forward_batch b = {.n_seqs = G * S, .n_new = lengths, .tokens = toks, .n_logit_rows = G * S,
                                    .logit_rows = rows, .logits = last, .first_layer = l + 1, .x_in = xs};
                 rc = model_forward(m, ops, &cache, &b, &fa, err);

@@ -2,7 +2,7 @@
 # Config fields backend and dtype (docs/cuda.md). A run on the "offset" backend (the cpu kernels behind
 # device-style memory: every upload, download and device-resident donor cache of the stages is
 # exercised, and a host access to device memory faults) must give files byte-identical to the cpu run's,
-# since backend is not part of a run's identity. A bf16 run completes, differs from the fp32 run, and
+# since backend is not part of a run's identity: the cache and patch stages, and exact pruning rounds. A bf16 run completes, differs from the fp32 run, and
 # keeps its accuracy near it; its cache is not mistaken for the fp32 one. Bad values are one-line errors.
 set -u
 bin=$1
@@ -27,6 +27,18 @@ for f in prompts.h5 patch.h5 model_logs.json $(cd "$tmp/cpu" && ls cache.d/* pat
   cmp -s "$tmp/cpu/$f" "$tmp/offset/$f" || differ="$differ $f"
 done
 [ -z "$differ" ] && ok || bad "offset backend differs from cpu in:$differ"
+
+# Exact pruning (prefix reuse, replicated donor caches, circuit passes) on the offset backend: the cpu's bytes.
+prune_config() {  # name backend
+  printf '{"task": "country_capital", "model_name": "gemma2_prune_heads_in_circuits", "model_path": "tests/fixtures/models/gemma2-tiny", "output_path": "%s/%s", "n_prompts": 6, "batch_size": 3, "seed": 2, "n_shots": 3, "affect_whom": [["y", "last"]], "importance": "exact", "prune_rounds": {"heads": 1, "edges": 1}, "prune_fraction": 0.3, "backend": "%s"}\n' "$tmp" "$1" "$2" > "$tmp/$1.json"
+  timeout 300 "$bin" run "$tmp/$1.json" > "$tmp/$1.out" 2>&1
+}
+prune_config prune_cpu cpu && prune_config prune_offset offset && ok || bad "exact prune runs: $(tail -3 "$tmp"/prune_*.out)"
+differ=""
+for f in circuit.json $(cd "$tmp/prune_cpu" && ls prune.d/*.h5); do
+  cmp -s "$tmp/prune_cpu/$f" "$tmp/prune_offset/$f" || differ="$differ $f"
+done
+[ -z "$differ" ] && [ -n "$(ls "$tmp/prune_cpu/prune.d")" ] && ok || bad "exact pruning on the offset backend differs from cpu in:$differ"
 
 run bf16 cpu bf16
 [ $rc = 0 ] && ok || bad "bf16 run: status $rc: $(cat "$tmp/bf16.out")"

@@ -27,7 +27,7 @@ static const subcommand subcommands[] = {
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
     {"report", not_yet, "report RUN"},
-    {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
+    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP"},
 };
 
 static void usage(FILE *f) {

@@ -5,7 +5,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "pipeline/h5store.h"
@@ -442,20 +441,6 @@ void sweep_list_path(const sweep *s, int m, char *out, size_t n) {
 
 void sweep_script_path(const sweep *s, int m, int g, char *out, size_t n) {
     snprintf(out, n, "%s/slurm/%s-%s.sbatch", s->output_root, s->models[m].name, s->stages[g].name);
-}
-
-static int make_dirs(const char *path, ep_error *err) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1;; p++) {
-        if (*p == '/' || !*p) {
-            char c = *p;
-            *p = 0;
-            if (mkdir(buf, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create folder: %s", buf, strerror(errno));
-            *p = c;
-            if (!c) return 0;
-        }
-    }
 }
 
 // Appends printf-formatted text to a growing buffer.

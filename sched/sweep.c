@@ -135,6 +135,9 @@ static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
         get_int(o, "gpus", 0, 4096, &m->gpus, s->path, where, err) || get_int(o, "ranks", 1, 4096, &m->ranks, s->path, where, err))
         return -1;
     if (m->gpus < 0) m->gpus = m->tensor_parallel;
+    if (m->gpus > 0 && json_object_get(o, "ranks") && m->ranks != m->gpus)
+        return ep_fail(err, "%s: %s: ranks = %d with gpus = %d: a run has one rank per GPU (ranks is for gpus = 0)",
+                       s->path, where, m->ranks, m->gpus);
     if (m->gpus > 0) {
         if (m->gpus % m->tensor_parallel)
             return ep_fail(err, "%s: %s: gpus = %d is not a multiple of tensor_parallel = %d", s->path, where, m->gpus,
@@ -435,10 +438,6 @@ int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err
     return 0;
 }
 
-void sweep_list_path(const sweep *s, int m, char *out, size_t n) {
-    snprintf(out, n, "%s/slurm/%s.runs", s->output_root, s->models[m].name);
-}
-
 void sweep_script_path(const sweep *s, int m, int g, char *out, size_t n) {
     snprintf(out, n, "%s/slurm/%s-%s.sbatch", s->output_root, s->models[m].name, s->stages[g].name);
 }
@@ -500,22 +499,24 @@ static int read_template(const sweep *s, char **body, ep_error *err) {
     return 0;
 }
 
-static int write_script(const sweep *s, int m, int g, int n_runs, const char *program, const char *body, ep_error *err) {
+// runs: the configs of the array's tasks, in the script itself (sbatch keeps a copy of the script as
+// submitted, so a later submission cannot change what a queued task runs).
+static int write_script(const sweep *s, int m, int g, json_t *runs, const char *program, const char *body,
+                        ep_error *err) {
     const sweep_model *md = &s->models[m];
     const sweep_stage *st = &s->stages[g];
-    char list[4096], logs[4096], path[4200];
-    sweep_list_path(s, m, list, sizeof list);
+    char logs[4096], path[4200];
     snprintf(logs, sizeof logs, "%s/slurm/logs", s->output_root);
-    int ranks = st->gpus ? md->ranks : 1, cpus = s->cpus_per_rank;
+    int n_runs = (int)json_array_size(runs), ranks = st->gpus ? md->ranks : 1;
     text_buf b = {0};
-    tb_printf(&b, "#!/bin/bash\n# Written by edgepatch sweep submit from %s: model %s, stage %s, %d runs (%s).\n", s->path,
-              md->name, st->name, n_runs, list);
+    tb_printf(&b, "#!/bin/bash\n# Written by edgepatch sweep submit from %s: model %s, stage %s, %d runs.\n", s->path,
+              md->name, st->name, n_runs);
     tb_printf(&b, "#SBATCH --job-name=ep-%s-%s-%s\n", s->name, md->name, st->name);
     tb_printf(&b, "#SBATCH --array=0-%d", n_runs - 1);
     if (s->array_max) tb_printf(&b, "%%%d", s->array_max);
     tb_printf(&b, "\n#SBATCH --ntasks=%d\n", ranks);
     if (st->gpus && md->gpus > 0) tb_printf(&b, "#SBATCH --gpus-per-task=1\n");
-    if (cpus) tb_printf(&b, "#SBATCH --cpus-per-task=%d\n", cpus);
+    if (s->cpus_per_rank) tb_printf(&b, "#SBATCH --cpus-per-task=%d\n", s->cpus_per_rank);
     const char *time = st->time ? st->time : s->time;
     if (time) tb_printf(&b, "#SBATCH --time=%s\n", time);
     if (s->partition) tb_printf(&b, "#SBATCH --partition=%s\n", s->partition);
@@ -524,15 +525,19 @@ static int write_script(const sweep *s, int m, int g, int n_runs, const char *pr
     tb_printf(&b, "#SBATCH --output=%s/%%x-%%A_%%a.out\n", logs);
     for (size_t i = 0; s->options && i < json_array_size(s->options); i++)
         tb_printf(&b, "#SBATCH %s\n", json_string_value(json_array_get(s->options, i)));
-    tb_printf(&b, "export EDGEPATCH=");
+    tb_printf(&b, "runs=(\n");
+    for (int i = 0; i < n_runs; i++) {
+        tb_printf(&b, "  ");
+        tb_quoted(&b, json_string_value(json_array_get(runs, (size_t)i)));
+        tb_printf(&b, "\n");
+    }
+    tb_printf(&b, ")\nexport EDGEPATCH=");
     tb_quoted(&b, program);
-    tb_printf(&b, " EP_UNTIL=%s", st->until);
+    tb_printf(&b, " EP_UNTIL=%s EP_CONFIG=\"${runs[$SLURM_ARRAY_TASK_ID]}\"", st->until);
     if (s->srun_options) {
         tb_printf(&b, " EP_SRUN_OPTIONS=");
         tb_quoted(&b, s->srun_options);
     }
-    tb_printf(&b, "\nset -- ");
-    tb_quoted(&b, list);
     tb_printf(&b, "\n");
     for (size_t i = 0; s->setup && i < json_array_size(s->setup); i++)
         tb_printf(&b, "%s\n", json_string_value(json_array_get(s->setup, i)));
@@ -544,12 +549,20 @@ static int write_script(const sweep *s, int m, int g, int n_runs, const char *pr
 }
 
 int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error *err) {
+    // A folder holding another config's run would fail its job: refuse before writing anything.
+    for (int m = 0; m < s->n_models; m++)
+        for (int t = 0; t < s->n_tasks; t++) {
+            run_status st;
+            if (sweep_run_status(s, m, t, &st, err)) return -1;
+            if (st.state == RUN_CONFLICT)
+                return ep_fail(err, "%s: run %s/%s: %s (remove the folder or change output_root)", s->path,
+                               s->models[m].name, s->tasks[t], st.detail);
+        }
     char *body = NULL;
     if (read_template(s, &body, err)) return -1;
     int rc = 0;
     for (int m = 0; m < s->n_models && rc == 0; m++) {
-        text_buf list = {0};
-        n_runs[m] = 0;
+        json_t *runs = json_array();
         for (int t = 0; t < s->n_tasks && rc == 0; t++) {
             run_status st;
             json_t *c = NULL;
@@ -560,17 +573,11 @@ int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error 
             snprintf(path, sizeof path, "%s/sweep-run.json", dir);
             rc = make_dirs(dir, err) || sweep_run_config(s, m, t, &c, err) || write_json_atomic(path, c, err) ? -1 : 0;
             json_decref(c);
-            tb_printf(&list, "%s\n", path);
-            n_runs[m]++;
+            json_array_append_new(runs, json_string(path));
         }
-        if (rc == 0 && n_runs[m]) {
-            char path[4096], folder[4096];
-            sweep_list_path(s, m, path, sizeof path);
-            dir_of(path, folder, sizeof folder);
-            rc = make_dirs(folder, err) || write_text_atomic(path, list.s, err) ? -1 : 0;
-            for (int g = 0; g < s->n_stages && rc == 0; g++) rc = write_script(s, m, g, n_runs[m], program, body, err);
-        }
-        free(list.s);
+        n_runs[m] = (int)json_array_size(runs);
+        for (int g = 0; rc == 0 && n_runs[m] && g < s->n_stages; g++) rc = write_script(s, m, g, runs, program, body, err);
+        json_decref(runs);
     }
     free(body);
     return rc;

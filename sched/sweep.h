@@ -91,13 +91,12 @@ const char *run_state_name(run_state s);
 int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err);
 
 // Writes, for every model with runs not done: each such run's config into its folder
-// (<run>/sweep-run.json), the list of those configs (<output_root>/slurm/<model>.runs, array task i runs
-// line i + 1) and one batch script per stage (<output_root>/slurm/<model>-<stage>.sbatch): #SBATCH lines
-// from the sweep and the model, then the body of slurm/edgepatch.sbatch. program is the edgepatch the
-// jobs run. n_runs[m] gets the array size (0: nothing to run).
+// (<run>/sweep-run.json) and one batch script per stage (<output_root>/slurm/<model>-<stage>.sbatch):
+// #SBATCH lines from the sweep and the model, the list of those configs (array task i runs the i-th),
+// then the body of slurm/edgepatch.sbatch. program is the edgepatch the jobs run. n_runs[m] gets the
+// array size (0: nothing to run). Refuses, writing nothing, when a run's folder holds another config's run.
 int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error *err);
-// The paths sweep_write_jobs writes.
+// The path sweep_write_jobs writes model m's stage g script to.
 void sweep_script_path(const sweep *s, int m, int g, char *out, size_t n);
-void sweep_list_path(const sweep *s, int m, char *out, size_t n);
 
 #endif

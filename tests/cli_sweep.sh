@@ -45,8 +45,9 @@ grep -q -- "^#SBATCH --ntasks=2$" "$s/gemma2-tiny-circuits.sbatch" && grep -q --
   grep -q -- "^#SBATCH --requeue$" "$s/smollm-tiny-circuits.sbatch" && grep -q "^export .*EP_UNTIL=tokenize" "$s/smollm-tiny-tokenize.sbatch" &&
   [ "$(grep -c '^#SBATCH --signal' "$s/smollm-tiny-circuits.sbatch")" = 1 ] && grep -q 'srun --mpi=pmix' "$s/smollm-tiny-circuits.sbatch" &&
   ok || bad "scripts: $(cat "$s/gemma2-tiny-circuits.sbatch")"
-[ "$(cat "$s/smollm-tiny.runs")" = "$tmp/sweep/smollm-tiny/country_capital/sweep-run.json
-$tmp/sweep/smollm-tiny/present_past/sweep-run.json" ] && ok || bad "run list: $(cat "$s/smollm-tiny.runs")"
+runs_of() { sed -n '/^runs=(/,/^)/p' "$1" | tr -d "\n '"; }
+[ "$(runs_of "$s/smollm-tiny-circuits.sbatch")" = "runs=($tmp/sweep/smollm-tiny/country_capital/sweep-run.json$tmp/sweep/smollm-tiny/present_past/sweep-run.json)" ] &&
+  [ -s "$tmp/sweep/smollm-tiny/present_past/sweep-run.json" ] && ok || bad "run list: $(cat "$s/smollm-tiny-circuits.sbatch")"
 
 # status from the folders: one run done directly, one stopped after the cache stage, one failed (the
 # batch script's job-failed.txt), one made from another seed (edgepatch run would refuse it).
@@ -64,9 +65,14 @@ row() { grep "^$1 " "$tmp/status.out" | tr -s ' '; }
 [[ "$(row gemma2-tiny/present_past)" == "gemma2-tiny/present_past failed - 0/2 0 job 7: edgepatch run x exited with status 1" ]] && ok || bad "failed run: $(row gemma2-tiny/present_past)"
 [[ "$(row gemma2-tiny/country_capital)" == "gemma2-tiny/country_capital conflict tokenize 0/2 0 "*"made from another config"* ]] && ok || bad "conflict: $(row gemma2-tiny/country_capital)"
 grep -q "^4 runs: 1 done, 1 started, 0 pending, 1 failed, 1 conflict" "$tmp/status.out" && ok || bad "status summary: $(tail -1 "$tmp/status.out")"
-# a finished run is not submitted again
+# a folder holding another config's run stops submit before it writes anything; a finished run is not
+# submitted again
+find "$s" -exec touch -d 2000-01-01 {} +
+expect_error 1 "run gemma2-tiny/country_capital: .*made from another config" sweep submit "$tmp/tiny.json" --dry-run
+[ -z "$(find "$s" -newer "$tmp/tiny.json")" ] && ok || bad "a refused submit wrote scripts"
+rm -r $r/gemma2-tiny/country_capital
 "$bin" sweep submit "$tmp/tiny.json" --dry-run > "$tmp/dry2.out" 2>&1 && grep -q "^smollm-tiny: 1 runs:" "$tmp/dry2.out" &&
-  [ "$(cat "$s/smollm-tiny.runs")" = "$tmp/sweep/smollm-tiny/present_past/sweep-run.json" ] && ok || bad "resubmission: $(cat "$tmp/dry2.out")"
+  [ "$(runs_of "$s/smollm-tiny-circuits.sbatch")" = "runs=($tmp/sweep/smollm-tiny/present_past/sweep-run.json)" ] && ok || bad "resubmission: $(cat "$tmp/dry2.out")"
 
 # bad sweeps: one line naming the file and the field, status 1; usage errors status 2
 bad_sweep() {  # needle sed-expression
@@ -77,6 +83,7 @@ bad_sweep "bad.json: sweep: unknown field 'modles'" 's/"models"/"modles"/'
 bad_sweep "bad.json: models\[1\]: field path: required" 's#"path": "tests/fixtures/models/smollm-tiny", ##'
 bad_sweep "bad.json: models\[0\]: ranks = 3 is not a multiple of tensor_parallel = 2" 's/"ranks": 2}/"ranks": 3, "tensor_parallel": 2}/'
 bad_sweep "bad.json: models\[0\]: tensor_parallel = 3 does not divide" 's/"ranks": 2}/"ranks": 3, "tensor_parallel": 3}/'
+bad_sweep "bad.json: models\[1\]: ranks = 2 with gpus = 1" 's/"gpus": 0, "ranks": 1}/"gpus": 1, "ranks": 2}/'
 bad_sweep "bad.json: tasks\[1\]: unknown task 'present_pst'" 's/"present_past"\]/"present_pst"]/'
 bad_sweep "bad.json: run: field output_path: set per run" 's/"n_prompts": 8,/"n_prompts": 8, "output_path": "x",/'
 bad_sweep "bad.json: run gemma2-tiny/country_capital: unknown field 'n_prompt'" 's/"n_prompts": 8/"n_prompt": 8/'

@@ -68,15 +68,12 @@ static int plan(const sweep *s) {
            "gpus", "ranks", "GPU mem/rank");
     for (int m = 0; m < s->n_models; m++) {
         const sweep_model *md = &s->models[m];
-        json_t *c;
-        ep_error err = {{0}};
-        if (sweep_run_config(s, m, 0, &c, &err)) return fprintf(stderr, "edgepatch sweep: %s\n", err.msg), 1;
-        json_t *b = json_object_get(c, "batch_size"), *d = json_object_get(c, "donors");
-        int batch = json_is_integer(b) ? (int)json_integer_value(b) : 8;
-        int donors = json_is_integer(d) ? (int)json_integer_value(d) : json_is_array(d) ? (int)json_array_size(d) : 1;
-        json_decref(c);
         sweep_estimate e;
-        sweep_estimate_model(s, m, batch, donors, &e);
+        ep_error err = {{0}};
+        if (sweep_estimate_model(s, m, &e, &err)) {
+            fprintf(stderr, "edgepatch sweep: %s\n", err.msg);
+            return 1;
+        }
         char p[32], w[32], kv[32], g[32];
         human_count(e.params, p, sizeof p);
         human_bytes(e.weight_bytes, w, sizeof w), human_bytes(e.kv_bytes_per_token, kv, sizeof kv);

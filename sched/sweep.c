@@ -202,7 +202,9 @@ static int stage_index(const char *name) {
     return -1;
 }
 
-// Run (m, t)'s config as JSON, and parsed (rc, when non-NULL; the caller frees it).
+// Run (m, t)'s config: the sweep's run fields, the model's over them, then task, model_path, output_path
+// and tensor_parallel (> 1 only); as JSON (config) and parsed and validated as edgepatch run would
+// (rc), each when non-NULL, for the caller to free.
 static int build_run(const sweep *s, int m, int t, json_t **config, run_config *rc, ep_error *err) {
     const sweep_model *md = &s->models[m];
     json_t *c = s->run ? json_deep_copy(s->run) : json_object();
@@ -350,11 +352,11 @@ void sweep_run_dir(const sweep *s, int m, int t, char *out, size_t n) {
     snprintf(out, n, "%s/%s/%s", s->output_root, s->models[m].name, s->tasks[t]);
 }
 
-int sweep_run_config(const sweep *s, int m, int t, json_t **config, ep_error *err) {
-    return build_run(s, m, t, config, NULL, err);
-}
-
-void sweep_estimate_model(const sweep *s, int m, int batch_size, int n_donors, sweep_estimate *e) {
+int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err) {
+    run_config rc;
+    if (build_run(s, m, 0, NULL, &rc, err)) return -1;
+    int batch_size = rc.batch_size, n_donors = rc.n_donors;
+    run_config_free(&rc);
     const sweep_model *md = &s->models[m];
     const model_shape *sh = &md->shape;
     double h = sh->hidden, q = (double)sh->heads * sh->head_dim, kv = (double)sh->kv_heads * sh->head_dim;
@@ -372,6 +374,7 @@ void sweep_estimate_model(const sweep *s, int m, int batch_size, int n_donors, s
     double act_per_token = sh->layers * (4 * h + 2.0 * sh->intermediate + 2 * q) * 4;
     double batch = tokens * (e->kv_bytes_per_token + n_donors * (e->kv_bytes_per_token + z_per_token) + act_per_token);
     e->gpu_bytes_per_rank = e->weight_bytes / tp + batch / tp + (double)batch_size * 16 * sh->vocab * 4 + (1 << 30);
+    return 0;
 }
 
 const char *run_state_name(run_state s) {
@@ -571,7 +574,7 @@ int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error 
             if (st.state == RUN_DONE) continue;
             sweep_run_dir(s, m, t, dir, sizeof dir);
             snprintf(path, sizeof path, "%s/sweep-run.json", dir);
-            rc = make_dirs(dir, err) || sweep_run_config(s, m, t, &c, err) || write_json_atomic(path, c, err) ? -1 : 0;
+            rc = make_dirs(dir, err) || build_run(s, m, t, &c, NULL, err) || write_json_atomic(path, c, err) ? -1 : 0;
             json_decref(c);
             json_array_append_new(runs, json_string(path));
         }

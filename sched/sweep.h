@@ -62,19 +62,16 @@ void sweep_free(sweep *s);
 
 // The folder of run (m, t): <output_root>/<model>/<task>.
 void sweep_run_dir(const sweep *s, int m, int t, char *out, size_t n);
-// Run (m, t)'s config: the sweep's run fields, the model's over them, then task, model_path,
-// output_path and tensor_parallel (> 1 only). Validated as edgepatch run would; the caller frees it.
-int sweep_run_config(const sweep *s, int m, int t, json_t **config, ep_error *err);
 
 typedef struct {
     double params;            // weights, counted from the shape
     double weight_bytes;      // at the model's dtype
-    double kv_bytes_per_token;   // keys and values of every layer for one prompt token
-    double gpu_bytes_per_rank;   // weights / tensor_parallel + a batch's K/V, head outputs and logits
+    double kv_bytes_per_token;  // keys and values of every layer for one prompt token
+    double gpu_bytes_per_rank;  // weights / tensor_parallel + a batch's K/V, head outputs and logits
 } sweep_estimate;
 
-// batch_size and n_donors are a run's (every task of a model shares them unless a run overrides them).
-void sweep_estimate_model(const sweep *s, int m, int batch_size, int n_donors, sweep_estimate *e);
+// Model m's estimate, with the batch_size and donors of its runs' config.
+int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err);
 
 typedef enum { RUN_PENDING, RUN_STARTED, RUN_DONE, RUN_FAILED, RUN_CONFLICT } run_state;
 

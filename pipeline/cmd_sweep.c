@@ -99,11 +99,18 @@ static int status(const sweep *s) {
     return 0;
 }
 
+// The sbatch command for a stage's script, after the job `after` (NULL: none). sweep_load keeps single
+// quotes out of output_root, so the quoting holds.
+static void sbatch_command(const char *script, const char *after, char *cmd, size_t n) {
+    if (after) snprintf(cmd, n, "sbatch --parsable --dependency=aftercorr:%s --kill-on-invalid-dep=yes '%s'", after, script);
+    else snprintf(cmd, n, "sbatch --parsable '%s'", script);
+}
+
 // Runs sbatch --parsable on a script; the job id, or -1 with err filled.
 static long sbatch(const char *script, long after, ep_error *err) {
-    char cmd[8400], dep[96] = "";
-    if (after > 0) snprintf(dep, sizeof dep, "--dependency=aftercorr:%ld --kill-on-invalid-dep=yes ", after);
-    snprintf(cmd, sizeof cmd, "sbatch --parsable %s'%s'", dep, script);
+    char cmd[8400], dep[32];
+    snprintf(dep, sizeof dep, "%ld", after);
+    sbatch_command(script, after > 0 ? dep : NULL, cmd, sizeof cmd);
     FILE *p = popen(cmd, "r");
     if (!p) return ep_fail(err, "%s: cannot run sbatch", script);
     char out[256] = "";
@@ -140,7 +147,9 @@ static int submit(const sweep *s, int dry_run) {
             char script[4200];
             sweep_script_path(s, m, g, script, sizeof script);
             if (dry_run) {
-                printf("%s sbatch --parsable %s%s", g ? " then" : "", g ? "--dependency=aftercorr:<previous> " : "", script);
+                char cmd[8400];
+                sbatch_command(script, g ? "<previous>" : NULL, cmd, sizeof cmd);
+                printf("%s %s", g ? " then" : "", cmd);
                 continue;
             }
             long id = sbatch(script, prev, &err);

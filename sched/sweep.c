@@ -246,6 +246,10 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
         get_string(j, "output_root", 1, &s->output_root, path, "sweep", err) ||
         get_string(j, "name", 1, &s->name, path, "sweep", err) || check_name(s->name, path, "sweep", err))
         goto fail;
+    if (strchr(s->output_root, '\'')) {  // it is single-quoted in the sbatch command line
+        ep_fail(err, "%s: field output_root: a path without single quotes, please", path);
+        goto fail;
+    }
     s->run = json_object_get(j, "run");
     if (s->run && check_run_block(s->run, path, "run", err)) goto fail;
     s->prompt_tokens = 256;

@@ -90,6 +90,7 @@ bad_sweep "bad.json: run gemma2-tiny/country_capital: unknown field 'n_prompt'" 
 bad_sweep "bad.json: stages\[1\]: until 'tokenize' does not come after" 's/"until": "prune"/"until": "tokenize"/'
 bad_sweep "bad.json: slurm: field signal_seconds: expected an integer" 's/"signal_seconds": 60/"signal_seconds": "60"/'
 bad_sweep "models\[0\]: model gemma2-tiny: " 's#tests/fixtures/models/gemma2-tiny#tests/fixtures/models/none#'
+bad_sweep "bad.json: field output_root: a path without single quotes" 's#"output_root": "#"output_root": "it'"'"'s/#'
 bad_sweep "bad.json: invalid JSON" 's/}$/,/'
 expect_error 2 "need plan, submit or status" sweep plan
 expect_error 2 "need plan, submit or status" sweep launch "$tmp/tiny.json"

@@ -13,8 +13,12 @@ export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1
 start=$SECONDS
 
 S=$tmp/slurm
-stop_daemons() {  # slurmd, slurmctld, then munged, each by the PID it wrote; wait until each is gone
+stop_daemons() {  # jobs still there (a failed check), then slurmd, slurmctld, munged, each by the PID it wrote
   local f pid n
+  if [ -s "$S/run/slurmctld.pid" ]; then  # slurmd leaves running steps alone when it stops
+    scancel -u "$(id -un)" 2> /dev/null
+    for n in $(seq 50); do [ -z "$(squeue -h 2> /dev/null)" ] && break; sleep 0.2; done
+  fi
   for f in "$S/run/slurmd.pid" "$S/run/slurmctld.pid" "$S/munged.pid"; do
     pid=$(cat "$f" 2> /dev/null) || continue
     kill -TERM "$pid" 2> /dev/null
@@ -24,6 +28,7 @@ stop_daemons() {  # slurmd, slurmctld, then munged, each by the PID it wrote; wa
   return 0
 }
 trap 'stop_daemons; rm -rf "$tmp"' EXIT
+trap 'exit 1' TERM INT HUP  # ctest's timeout, ^C: through the EXIT trap
 
 for c in munged slurmctld slurmd sbatch scontrol squeue scancel; do
   command -v $c > /dev/null || { bad "$c not found: run tools/setup.sh (Debian packages slurm-wlm, munge)"; finish cli_sweep_slurm; exit; }

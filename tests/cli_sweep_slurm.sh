@@ -142,9 +142,9 @@ sed 's/^/  | /' status2.out
 
 # --- the same runs without Slurm, uninterrupted; every file of the sweep's runs must be the same ---
 unset EDGEPATCH_TEST_ITEM_DELAY_MS
-same_as() {  # ref run: prompts, patch, every round file, circuit and logs byte-identical
+same_as() {  # ref run: prompts, every item shard, patch, every round file, circuit and logs byte-identical
   local f bad_files=""
-  for f in prompts.h5 patch.h5 model_logs.json circuit.json circuit.txt $(cd "$1" && find prune.d -name 'round-*.h5' | sort); do
+  for f in prompts.h5 patch.h5 model_logs.json circuit.json circuit.txt $(cd "$1" && find cache.d patch.d prune.d -name '*.h5' | sort); do
     cmp -s "$1/$f" "$2/$f" || bad_files="$bad_files $f"
   done
   [ -z "$bad_files" ] || { echo "  $2 differs from $1 in:$bad_files" >&2; return 1; }
@@ -157,5 +157,5 @@ for run in gemma2-tiny/country_capital gemma2-tiny/present_past smollm-tiny/coun
   same_as "$ref" sweep/$run && ok || bad "$run: the sweep's files differ from a direct run's"
 done
 ! same_as ref/gemma2-tiny/country_capital sweep/gemma2-tiny/present_past 2> /dev/null && ok || bad "two tasks gave the same files (the comparison cannot fail)"
-echo "  4 runs byte-identical to direct uninterrupted runs (prompts.h5, patch.h5, rounds, circuit, model_logs); whole test $((SECONDS - start)) s"
+echo "  4 runs byte-identical to direct uninterrupted runs (prompts.h5, item shards, patch.h5, rounds, circuit, model_logs); whole test $((SECONDS - start)) s"
 finish cli_sweep_slurm

@@ -77,7 +77,7 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
-    if (model_to_backend(&m, ops, &dev, &err)) {
+    if (model_to_backend(&m, ops, 0, &dev, &err)) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }

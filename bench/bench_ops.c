@@ -4,7 +4,7 @@
 // cuda ms, ratio (cpu / cuda), achieved GFLOP/s where an op has a meaningful flop count, and the max
 // relative difference of the cuda result from the cpu one (a sanity check on big shapes; test_ops is
 // the correctness test). attn-patch is patched attention (edge ablation by 3 rules over 2 donors) on
-// the attention case's 16 x 128 shape.
+// the attention case's 16 x 128 shape. mm-bf16 is the bf16 product of a bf16 run (matmul_bf16).
 //
 // Timing: each backend runs the op once untimed (the result compared), then cuda does a few more warm-up
 // calls, then `reps` calls are timed together and closed by the backend's sync; the cpu gets fewer reps
@@ -16,11 +16,12 @@
 #include <string.h>
 #include <time.h>
 
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 
 enum {
-    OP_MATMUL, OP_RMSNORM, OP_LAYERNORM, OP_ROPE, OP_GLU, OP_ACT, OP_SOFTCAP, OP_ADD, OP_SCALE, OP_ATTENTION,
+    OP_MATMUL, OP_MATMUL_BF16, OP_RMSNORM, OP_LAYERNORM, OP_ROPE, OP_GLU, OP_ACT, OP_SOFTCAP, OP_ADD, OP_SCALE, OP_ATTENTION,
     OP_PATCHED
 };
 enum { MAX_BUFS = 8 };
@@ -71,6 +72,7 @@ static double now_ms(void) {
 static void run_op(const kernel_ops *b, void **buf, const bench_case *c) {
     switch (c->op) {
     case OP_MATMUL: b->matmul(buf[0], buf[1], buf[2], c->has_bias ? buf[3] : NULL, c->rows, c->n_in, c->n_out); break;
+    case OP_MATMUL_BF16: b->matmul_bf16(buf[0], buf[1], buf[2], NULL, c->rows, c->n_in, c->n_out); break;
     case OP_RMSNORM: b->rmsnorm(buf[0], buf[1], buf[2], 1.0f, c->rows, c->dim, 1e-6f); break;
     case OP_LAYERNORM: b->layernorm(buf[0], buf[1], buf[2], buf[3], c->rows, c->dim, 1e-5f); break;
     case OP_ROPE: b->rope(buf[0], c->stride, buf[1], buf[2], c->rows, c->n_heads, c->head_dim, c->rot_dim); break;
@@ -143,6 +145,22 @@ static bench_case *matmul_case(const char *name, int rows, int n_in, int n_out, 
     if (has_bias) add_floats(c, (size_t)n_out, 1);
     c->flops = 2.0 * rows * n_in * n_out;
     snprintf(c->shape, sizeof c->shape, "%dx%d . %dx%d^T%s", rows, n_in, n_out, n_in, has_bias ? " +b" : "");
+    return c;
+}
+
+// The bf16 product of a bf16 run (weights bf16, input rounded to bf16 inside the op, fp32 out).
+static bench_case *matmul_bf16_case(int rows, int n_in, int n_out, int cpu_reps) {
+    bench_case *c = new_case(OP_MATMUL_BF16, "mm-bf16", cpu_reps, 20);
+    c->rows = rows, c->n_in = n_in, c->n_out = n_out;
+    add_floats(c, (size_t)rows * n_out, 0);  // out
+    add_floats(c, (size_t)rows * n_in, 1);
+    size_t nw = (size_t)n_out * n_in;
+    uint16_t *w = ep_malloc(sizeof(uint16_t) * nw);
+    for (size_t i = 0; i < nw; i++) w[i] = f32_to_bf16(frand() * 0.05f);
+    c->bytes[c->n_bufs] = sizeof(uint16_t) * nw;
+    c->host[c->n_bufs++] = w;
+    c->flops = 2.0 * rows * n_in * n_out;
+    snprintf(c->shape, sizeof c->shape, "%dx%d . %dx%d^T, bf16 weights", rows, n_in, n_out, n_in);
     return c;
 }
 
@@ -246,6 +264,8 @@ int main(void) {
     bench_case *cases[] = {
         matmul_case("matmul", ROWS, HIDDEN, INTER, 0, 2),
         matmul_case("matmul", ROWS, HIDDEN, HEADS * HEAD_DIM, 1, 3),
+        matmul_bf16_case(ROWS, HIDDEN, INTER, 2),
+        matmul_bf16_case(ROWS, INTER, HIDDEN, 2),
         norm_case(OP_RMSNORM, "rmsnorm"),
         norm_case(OP_LAYERNORM, "layernorm"),
         rope_case(),

@@ -55,6 +55,11 @@ typedef struct kernel_ops {
     // out[rows, n_out] = x[rows, n_in] . w[n_out, n_in]^T (+ bias[n_out] if non-NULL): the layout of a
     // HuggingFace Linear weight.
     void (*matmul)(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out);
+    // The same product with a bf16 weight (raw bf16 bits, same layout): the bf16 Linear of a bf16 run. x is
+    // rounded to bf16 (to nearest, ties to even) as it enters the product, products are exact and summed
+    // in fp32 or wider (cuBLAS: bf16 tensor cores, CUBLAS_COMPUTE_32F), out stays fp32 (docs/cuda.md).
+    void (*matmul_bf16)(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                        int n_out);
     // out = x / sqrt(mean(x^2) + eps) * (w_offset + w), per row; w_offset is 1 for Gemma, 0 for Llama.
     void (*rmsnorm)(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps);
     // out = (x - mean) / sqrt(var + eps) * w + b, per row (biased variance, as torch LayerNorm).
@@ -99,5 +104,7 @@ const kernel_ops *kernel_ops_ref(void);
 const kernel_ops *kernel_ops_cpu(void);
 // NULL when the program was built without CUDA or no usable GPU is present.
 const kernel_ops *kernel_ops_cuda(void);
+// The cpu kernels behind device-style memory (kernels/ops_offset.c): device code paths without a GPU.
+const kernel_ops *kernel_ops_offset(void);
 
 #endif

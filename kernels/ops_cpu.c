@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
 #include "pipeline/error.h"
@@ -22,6 +23,33 @@ static void cpu_matmul(float *out, const float *x, const float *w, const float *
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_out, n_in, 1.0f, x, n_in, w, n_in, bias ? 1.0f : 0.0f,
                 out, n_out);
+}
+
+// bf16 weights stay bf16 in memory (half the footprint of fp32); each block of weight rows is widened
+// to fp32 in a scratch buffer and multiplied by sgemm. Products of two bf16 values are exact in fp32, so
+// this is the bf16 product with fp32 accumulation, in the BLAS's summation order.
+enum { BF16_BLOCK_ROWS = 256 };
+
+static void cpu_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                            int n_out) {
+    if (rows <= 0 || n_out <= 0) return;
+    size_t nx = (size_t)rows * n_in;
+    float *xr = ep_malloc(sizeof(float) * (nx ? nx : 1));
+    for (size_t i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
+    int block = n_out < BF16_BLOCK_ROWS ? n_out : BF16_BLOCK_ROWS;
+    float *wb = ep_malloc(sizeof(float) * (size_t)block * (size_t)(n_in ? n_in : 1));
+    for (int o0 = 0; o0 < n_out; o0 += block) {
+        int nb = n_out - o0 < block ? n_out - o0 : block;
+        const uint16_t *src = w + (size_t)o0 * n_in;
+        for (size_t i = 0; i < (size_t)nb * n_in; i++) wb[i] = bf16_to_f32(src[i]);
+        if (bias) {
+            for (int r = 0; r < rows; r++) memcpy(out + (size_t)r * n_out + o0, bias + o0, sizeof(float) * (size_t)nb);
+        }
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nb, n_in, 1.0f, xr, n_in, wb, n_in,
+                    bias ? 1.0f : 0.0f, out + o0, n_out);
+    }
+    free(wb);
+    free(xr);
 }
 
 static void cpu_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
@@ -250,6 +278,7 @@ static const kernel_ops cpu_table = {
     .download = host_copy,
     .sync = host_sync,
     .matmul = cpu_matmul,
+    .matmul_bf16 = cpu_matmul_bf16,
     .rmsnorm = cpu_rmsnorm,
     .layernorm = cpu_layernorm,
     .rope = cpu_rope,

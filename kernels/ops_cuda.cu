@@ -1,7 +1,7 @@
-// ops_cuda: the CUDA backend of the kernel dispatch table (kernels/ops.h), fp32 throughout.
+// ops_cuda: the CUDA backend of the kernel dispatch table (kernels/ops.h), fp32 activations.
 //
 // Matrix products go through cuBLAS sgemm with TF32 off (results are compared with the fp32 reference to
-// 2e-5); every other op is a small kernel written for obvious correctness first: one block per row for
+// 2e-5), or, for bf16 weights, cublasGemmEx on bf16 tensor cores with fp32 accumulation; every other op is a small kernel written for obvious correctness first: one block per row for
 // the norms, one thread per element for the pointwise ops, one block per (query row, head) for
 // attention. All tensor pointers are device memory (cudaMalloc, never managed memory); attention's
 // sequence table and parameters are host memory and are uploaded per call.
@@ -12,6 +12,7 @@
 //
 // Compiled by nvcc as C++; everything the rest of the program sees has C linkage.
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -65,6 +66,8 @@ typedef struct {
     size_t attn_rows_cap;    // in bytes
     void *patch_buf;         // device buffer of patched attention's rules, sequences, types (attn_patch)
     size_t patch_cap;        // in bytes
+    void *bf16_x;            // device buffer of matmul_bf16's input rounded to bf16, grown on demand
+    size_t bf16_x_cap;       // in bytes
 } cuda_context;
 
 static cuda_context ctx;
@@ -126,6 +129,12 @@ __global__ static void bias_add_kernel(float *out, const float *bias, int rows, 
     size_t n = (size_t)rows * n_out;
     for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x)
         out[idx] += bias[idx % (size_t)n_out];
+}
+
+// out[i] = x[i] rounded to bf16 (to nearest, ties to even)
+__global__ static void to_bf16_kernel(__nv_bfloat16 *out, const float *x, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16_rn(x[i]);
 }
 
 // One block per row.
@@ -497,6 +506,26 @@ static void device_buffer_reserve(void **buf, size_t *cap, size_t bytes, size_t 
     *cap = new_cap;
 }
 
+static void cuda_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                             int n_out) {
+    if (rows <= 0 || n_out <= 0) return;
+    size_t nx = (size_t)rows * n_in;
+    device_buffer_reserve(&ctx.bf16_x, &ctx.bf16_x_cap, sizeof(__nv_bfloat16) * nx, (size_t)1 << 20);
+    __nv_bfloat16 *xb = (__nv_bfloat16 *)ctx.bf16_x;
+    to_bf16_kernel<<<pointwise_blocks(nx), POINTWISE_THREADS, 0, ctx.stream>>>(xb, x, nx);
+    LAUNCH_CHECK("to_bf16_kernel");
+    // The layouts of cuda_matmul, with bf16 inputs, an fp32 output and fp32 accumulation.
+    const float one = 1.0f, zero = 0.0f;
+    CUBLAS_CHECK(cublasGemmEx(ctx.blas, CUBLAS_OP_T, CUBLAS_OP_N, n_out, rows, n_in, &one, w, CUDA_R_16BF, n_in, xb,
+                              CUDA_R_16BF, n_in, &zero, out, CUDA_R_32F, n_out, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
+    if (bias) {
+        bias_add_kernel<<<pointwise_blocks((size_t)rows * n_out), POINTWISE_THREADS, 0, ctx.stream>>>(out, bias, rows,
+                                                                                                       n_out);
+        LAUNCH_CHECK("bias_add_kernel");
+    }
+}
+
 // Plain (patch NULL) or patched attention: uploads one descriptor per query row and launches the kernel.
 static void attention_launch(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
                              int n_seqs, const attn_params *p, const attn_patch *patch) {
@@ -596,8 +625,8 @@ static void cuda_gather_rows(float *dst, const float *src, const int *idx, int n
 }
 
 static const kernel_ops cuda_table = {
-    "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_rmsnorm,
-    cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
+    "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_matmul_bf16,
+    cuda_rmsnorm,  cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
     cuda_patched_attention, cuda_copy_rows, cuda_gather_rows, 0,
 };
 

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
 #include "pipeline/error.h"
@@ -18,6 +19,17 @@ static void ref_matmul(float *out, const float *x, const float *w, const float *
         for (int o = 0; o < n_out; o++) {
             double s = bias ? bias[o] : 0.0;
             for (int i = 0; i < n_in; i++) s += (double)x[(size_t)r * n_in + i] * w[(size_t)o * n_in + i];
+            out[(size_t)r * n_out + o] = (float)s;
+        }
+}
+
+static void ref_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                            int n_out) {
+    for (int r = 0; r < rows; r++)
+        for (int o = 0; o < n_out; o++) {
+            double s = bias ? bias[o] : 0.0;
+            for (int i = 0; i < n_in; i++)
+                s += (double)bf16_round(x[(size_t)r * n_in + i]) * bf16_to_f32(w[(size_t)o * n_in + i]);
             out[(size_t)r * n_out + o] = (float)s;
         }
 }
@@ -159,6 +171,7 @@ static const kernel_ops ref_table = {
     .download = host_copy,
     .sync = host_sync,
     .matmul = ref_matmul,
+    .matmul_bf16 = ref_matmul_bf16,
     .rmsnorm = ref_rmsnorm,
     .layernorm = ref_layernorm,
     .rope = ref_rope,

@@ -9,6 +9,7 @@
 #include "stages/cache.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
+#include "stages/report.h"
 #include "stages/stage_io.h"
 #include "stages/tokenize.h"
 
@@ -21,6 +22,7 @@ static const char usage[] =
     "                 round; docs/pruning.md)\n"
     "  --fresh        rebuild outputs even if they exist (needed when inputs changed); a rerun without it\n"
     "                 resumes an interrupted --fresh run\n"
+    "Once the patch stage is done, the run ends with its report (see edgepatch report --help).\n"
     "\n"
     "Under mpirun or srun the cache and patch stages are shared out over the ranks by work item (a batch\n"
     "of batch_size prompts); the outputs are identical for any number of ranks (docs/distribution.md).\n"
@@ -96,6 +98,11 @@ int cmd_run(int argc, char **argv) {
             if (r == 0) break;
         }
         prune_close(pr);
+    }
+    // The run ends with its report (stages/report.h); rank 0 only, after every rank is done.
+    if (status == SCHED_OK && root && last >= 2) {
+        printf("\nreport (%s/report.txt):\n", cfg.output_path);
+        if (report_write(cfg.output_path, stdout, &err)) status = SCHED_FAILED;
     }
     int rc = 0;
     if (status == SCHED_FAILED) {

@@ -132,18 +132,27 @@ static void norm(const kernel_ops *ops, const model_config *c, float *out, const
         ops->rmsnorm(out, x, w, c->norm_weight_offset, rows, c->hidden, c->norm_eps);
 }
 
+// out = x . w^T + b with the weight in whichever precision the model holds it (model_to_backend).
+static void linear(const kernel_ops *ops, float *out, const float *x, const float *w, const uint16_t *w_bf16,
+                   const float *b, int rows, int n_in, int n_out) {
+    if (w_bf16)
+        ops->matmul_bf16(out, x, w_bf16, b, rows, n_in, n_out);
+    else
+        ops->matmul(out, x, w, b, rows, n_in, n_out);
+}
+
 // mlp = MLP(xn) for T rows.
 static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_weights *w, step_buffers *s, int T) {
     size_t n = (size_t)T * c->intermediate;
     if (c->gated_mlp) {
-        ops->matmul(s->gate, s->xn, w->w_gate, w->b_gate, T, c->hidden, c->intermediate);
-        ops->matmul(s->up, s->xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+        linear(ops, s->gate, s->xn, w->w_gate, w->w_gate_bf16, w->b_gate, T, c->hidden, c->intermediate);
+        linear(ops, s->up, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, c->intermediate);
         ops->glu(s->gate, s->gate, s->up, n, c->act);
     } else {
-        ops->matmul(s->gate, s->xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+        linear(ops, s->gate, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, c->intermediate);
         ops->act(s->gate, n, c->act);
     }
-    ops->matmul(s->mlp, s->gate, w->w_down, w->b_down, T, c->intermediate, c->hidden);
+    linear(ops, s->mlp, s->gate, w->w_down, w->w_down_bf16, w->b_down, T, c->intermediate, c->hidden);
 }
 
 // Head units of layer l: a head's output at positions of the unit's type becomes the donor's there. Runs of
@@ -229,9 +238,9 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         const layer_weights *w = &m->layers[l];
         if (b->resid) ops->download(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
         norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
-        ops->matmul(s.q, s.xn, w->wq, w->bq, T, D, Q);
-        ops->matmul(s.k, s.xn, w->wk, w->bk, T, D, KV);
-        ops->matmul(s.v, s.xn, w->wv, w->bv, T, D, KV);
+        linear(ops, s.q, s.xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
+        linear(ops, s.k, s.xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
+        linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
         ops->rope(s.q, Q, s.pos, m->inv_freq, T, c->n_heads, c->head_dim, c->rotary_dim);
         ops->rope(s.k, KV, s.pos, m->inv_freq, T, c->n_kv_heads, c->head_dim, c->rotary_dim);
         for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
@@ -257,7 +266,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
             for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++)
                 ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
                                b->n_new[seq], Q);
-        ops->matmul(s.o, s.att, w->wo, w->bo, T, Q, D);
+        linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
 
         switch (c->block) {
         case BLOCK_PRE_NORM:
@@ -293,7 +302,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         ops->upload(s.idx, b->logit_rows, sizeof(int) * (size_t)b->n_logit_rows);
         ops->gather_rows(s.o, s.x, s.idx, b->n_logit_rows, D);
         norm(ops, c, s.xn, s.o, m->final_norm, m->final_norm_bias, b->n_logit_rows);
-        ops->matmul(logits, s.xn, m->lm_head, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
+        linear(ops, logits, s.xn, m->lm_head, m->lm_head_bf16, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
         if (c->final_softcap > 0) ops->softcap(logits, n_logits, c->final_softcap);
         if (s.logits) ops->download(b->logits, s.logits, sizeof(float) * n_logits);
     }

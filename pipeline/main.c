@@ -11,10 +11,6 @@ typedef struct {
     const char *usage;
 } subcommand;
 
-static int not_yet(int argc, char **argv) {
-    fprintf(stderr, "edgepatch %s: not available in this version yet\n", argv[0]);
-    return 2;
-}
 
 static const subcommand subcommands[] = {
     {"run", cmd_run, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
@@ -26,7 +22,7 @@ static const subcommand subcommands[] = {
     {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
-    {"report", not_yet, "report RUN"},
+    {"report", cmd_report, "report RUN"},
     {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP"},
 };
 

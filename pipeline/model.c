@@ -196,7 +196,39 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
     m->embed_scale = model_embed_scale(cfg, 0);
 }
 
-int model_to_backend(const model *m, const kernel_ops *ops, model *dev, ep_error *err) {
+// The bf16 slot of a matrix weight's pointer; NULL for the embedding and the vectors, which stay fp32.
+static const uint16_t **bf16_slot(model *m, const float **dst) {
+    if (dst == &m->lm_head) return &m->lm_head_bf16;
+    for (int i = 0; i < m->cfg.n_layers; i++) {
+        layer_weights *w = &m->layers[i];
+        const float **f32[] = {&w->wq, &w->wk, &w->wv, &w->wo, &w->w_gate, &w->w_up, &w->w_down};
+        const uint16_t **bf16[] = {&w->wq_bf16,    &w->wk_bf16, &w->wv_bf16,  &w->wo_bf16,
+                                   &w->w_gate_bf16, &w->w_up_bf16, &w->w_down_bf16};
+        for (size_t j = 0; j < sizeof f32 / sizeof f32[0]; j++)
+            if (dst == f32[j]) return bf16[j];
+    }
+    return NULL;
+}
+
+// Puts n values of src into a new buffer of dev's backend, as bf16 when matrix is set, else as fp32
+// values rounded to bf16; returns the buffer, listed in dev->owned.
+static void *upload_bf16(model *dev, const float *src, size_t n, int matrix) {
+    const kernel_ops *ops = dev->backend;
+    size_t bytes = n * (matrix ? sizeof(uint16_t) : sizeof(float));
+    void *host = ep_malloc(bytes ? bytes : 1), *buf = ops->alloc(bytes ? bytes : 1);
+    for (size_t i = 0; i < n; i++) {
+        if (matrix)
+            ((uint16_t *)host)[i] = f32_to_bf16(src[i]);
+        else
+            ((float *)host)[i] = bf16_round(src[i]);
+    }
+    ops->upload(buf, host, bytes);
+    free(host);
+    dev->owned[dev->n_owned++] = buf;
+    return buf;
+}
+
+int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev, ep_error *err) {
     const model_config *c = &m->cfg;
     if (m->backend) return ep_fail(err, "model_to_backend: the model is already a device model");
     *dev = *m;
@@ -206,31 +238,42 @@ int model_to_backend(const model *m, const kernel_ops *ops, model *dev, ep_error
     dev->backend = NULL;
     dev->layers = ep_malloc(sizeof(layer_weights) * (size_t)c->n_layers);
     memcpy(dev->layers, m->layers, sizeof(layer_weights) * (size_t)c->n_layers);
-    if (ops->host_memory) return 0;
+    if (ops->host_memory && !bf16) return 0;
     // The expected-tensor list names every weight pointer and its shape; each is replaced by an upload.
     expected_list l = {0};
     list_expected(dev, &l);
-    dev->owned = ep_calloc((size_t)l.n + 1, sizeof(float *));
+    dev->owned = ep_calloc((size_t)l.n + 2, sizeof(void *));
     dev->backend = ops;
     for (int i = 0; i < l.n; i++) {
-        size_t bytes = sizeof(float) * (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
-        float *buf = ops->alloc(bytes);
-        ops->upload(buf, *l.items[i].dst, bytes);
-        dev->owned[dev->n_owned++] = buf;
-        *l.items[i].dst = buf;
+        size_t n = (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
+        const uint16_t **slot = bf16 ? bf16_slot(dev, l.items[i].dst) : NULL;
+        if (slot) {
+            *slot = upload_bf16(dev, *l.items[i].dst, n, 1);
+            *l.items[i].dst = NULL;
+        } else if (bf16) {
+            *l.items[i].dst = upload_bf16(dev, *l.items[i].dst, n, 0);
+        } else {
+            float *buf = ops->alloc(sizeof(float) * n);
+            ops->upload(buf, *l.items[i].dst, sizeof(float) * n);
+            dev->owned[dev->n_owned++] = buf;
+            *l.items[i].dst = buf;
+        }
     }
     free(l.items);
     if (c->tied_embeddings) dev->lm_head = dev->embed;
+    if (c->tied_embeddings && bf16) dev->lm_head_bf16 = upload_bf16(dev, m->embed, (size_t)c->vocab_size * c->hidden, 1);
+    if (bf16) dev->embed_scale = model_embed_scale(c, 1);
     size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
     dev->inv_freq = ops->alloc(inv_bytes ? inv_bytes : sizeof(float));
     if (inv_bytes) ops->upload(dev->inv_freq, m->inv_freq, inv_bytes);
     dev->owned[dev->n_owned++] = dev->inv_freq;
+    if (ops->host_memory) dev->backend = NULL;  // host memory: the forward pass treats it as a host model
     return 0;
 }
 
 void model_backend_free(model *dev) {
-    if (dev->backend)
-        for (int i = 0; i < dev->n_owned; i++) dev->backend->release(dev->owned[i]);
+    // A host model owns buffers only when it is a bf16 copy (host backends allocate with malloc).
+    for (int i = 0; i < dev->n_owned; i++) dev->backend ? dev->backend->release(dev->owned[i]) : free(dev->owned[i]);
     free(dev->owned);
     free(dev->layers);
     memset(dev, 0, sizeof *dev);

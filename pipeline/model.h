@@ -23,6 +23,9 @@ typedef struct {
     const float *bq, *bk, *bv, *bo;
     const float *w_gate, *w_up, *w_down;      // Phi-2: fc1 is w_up, fc2 is w_down, no gate
     const float *b_gate, *b_up, *b_down;
+    // A bf16 device model (model_to_backend with bf16 on) holds the matrices as bf16 here instead, and
+    // the fp32 pointers above are NULL for them.
+    const uint16_t *wq_bf16, *wk_bf16, *wv_bf16, *wo_bf16, *w_gate_bf16, *w_up_bf16, *w_down_bf16;
 } layer_weights;
 
 typedef struct {
@@ -30,6 +33,7 @@ typedef struct {
     const float *embed;  // [vocab, hidden]
     const float *final_norm, *final_norm_bias;
     const float *lm_head, *lm_head_bias;  // lm_head == embed when embeddings are tied
+    const uint16_t *lm_head_bf16;         // a bf16 device model's vocabulary projection (a copy when tied)
     layer_weights *layers;
     float *inv_freq;     // rotary_dim / 2
     float embed_scale;   // sqrt(hidden) rounded to fp32 for Gemma, else 1
@@ -57,7 +61,11 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m);
 // For a host backend (ops->host_memory) dev only borrows m's pointers (no copy; m must outlive dev);
 // otherwise every tensor is uploaded (a tied lm_head shares the embedding's copy) and dev is
 // independent of m. dev has no safetensors (st is empty). Free with model_backend_free, not model_free.
-int model_to_backend(const model *m, const kernel_ops *ops, model *dev, ep_error *err);
+// With bf16 set, dev is a bf16 model on any backend (always copies): every weight is rounded to bf16
+// (to nearest even), the matrices (q, k, v, o, gate, up, down, lm_head) are stored as bf16 and
+// multiplied with matmul_bf16, the other weights stay fp32 arrays of bf16 values, and Gemma's embedding
+// factor is the bf16 one (docs/cuda.md, "bf16 runs").
+int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev, ep_error *err);
 void model_backend_free(model *dev);
 
 // Gemma multiplies embeddings by sqrt(hidden) as a tensor of the compute dtype: fp32 here, but a bf16

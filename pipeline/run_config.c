@@ -11,7 +11,7 @@ static const char *known_fields[] = {
     // ours
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
-    "min_units", "min_faithfulness", "exact_max_seqs",
+    "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations",
 };
 
 static int is_known(const char *key) {
@@ -78,6 +78,20 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
         ep_fail(err, "%s: field model_path (or tokenizer_path): required", name);
         goto fail;
     }
+    const char *dtype = "fp32";
+    c->backend = "auto";
+    if (opt_string(c, "backend", &c->backend, err) || opt_string(c, "dtype", &dtype, err)) goto fail;
+    if (strcmp(c->backend, "auto") && strcmp(c->backend, "cpu") && strcmp(c->backend, "cuda") &&
+        strcmp(c->backend, "offset")) {
+        ep_fail(err, "%s: field backend: expected \"auto\", \"cpu\", \"cuda\" or \"offset\", got \"%s\"", name,
+                c->backend);
+        goto fail;
+    }
+    if (strcmp(dtype, "fp32") && strcmp(dtype, "bf16")) {
+        ep_fail(err, "%s: field dtype: expected \"fp32\" or \"bf16\", got \"%s\"", name, dtype);
+        goto fail;
+    }
+    c->bf16 = !strcmp(dtype, "bf16");
     c->seed = (uint64_t)seed;
     c->n_prompts = (int)(limit > 0 ? limit : n_prompts);
     c->n_shots = (int)n_shots;
@@ -108,10 +122,12 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
         ep_fail(err, "%s: field donors: expected a count or a list of donor kinds", name);
         goto fail;
     }
-    // Where the results go and the free-text description do not change them: not part of the identity.
+    // Where the results go, the free-text description and the backend (backends agree to fp32 rounding;
+    // a run may resume on another machine) do not change them: not part of the identity.
     json_t *identity = json_deep_copy(c->json);
     json_object_del(identity, "output_path");
     json_object_del(identity, "description");
+    json_object_del(identity, "backend");
     char *canonical = json_dumps(identity, JSON_SORT_KEYS | JSON_COMPACT);
     json_decref(identity);
     c->hash = hash_str(HASH_INIT, canonical);

@@ -26,7 +26,9 @@ typedef struct {
     int batch_size;
     int n_donors;
     char donor_kinds[16][16];  // explicit kind names, or "" to take the task's kind d
-    uint64_t hash;             // of the canonical JSON (sorted keys) without output_path and description
+    const char *backend;       // where the forward passes run: "auto" (default), "cpu", "cuda" or "offset"
+    int bf16;                  // field dtype: "fp32" (default) 0, "bf16" 1 (docs/cuda.md, "bf16 runs")
+    uint64_t hash;             // of the canonical JSON (sorted keys) without output_path, description, backend
 } run_config;
 
 int run_config_load(const char *path, run_config *c, ep_error *err);

@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdint.h>
 
+#include "kernels/bf16.h"
 #include "pipeline/error.h"
 
 typedef enum { ST_F32, ST_F16, ST_BF16, ST_I32, ST_I64, ST_F64, ST_I8, ST_U8, ST_BOOL, ST_I16 } st_dtype;
@@ -70,10 +71,7 @@ typedef struct {
 } st_write_entry;
 int safetensors_write_header(FILE *f, const char *path, const st_write_entry *entries, int n, ep_error *err);
 
-// Half-precision conversions, exact (round-trip of every finite value).
-float bf16_to_f32(uint16_t h);
+// fp16 -> fp32, exact. (bf16 conversions: kernels/bf16.h, included here for the readers of BF16 data.)
 float f16_to_f32(uint16_t h);
-// Round-to-nearest-even to bf16 (used to emulate HF's bf16 rounding of constants).
-uint16_t f32_to_bf16(float f);
 
 #endif

@@ -22,7 +22,7 @@ static const char *stage_fields[] = {"name", "until", "gpus", "time"};
 static const char *slurm_fields[] = {"partition", "account", "time", "signal_seconds", "cpus_per_rank", "array_max",
                                      "gpu_memory_gb", "options", "setup", "srun_options", "template"};
 // Filled in per run; a sweep's "run" block must not set them.
-static const char *per_run_fields[] = {"task", "model_path", "output_path", "tensor_parallel"};
+static const char *per_run_fields[] = {"task", "model_path", "output_path", "tensor_parallel", "dtype"};
 static const char *stage_names[] = {"tokenize", "cache", "patch", "score", "prune"};
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
@@ -120,8 +120,6 @@ static int shape_from_config(json_t *c, const char *where, model_shape *sh, ep_e
     return 0;
 }
 
-static int dtype_bytes(const char *dtype) { return !strcmp(dtype, "float32") ? 4 : 2; }
-
 static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
     sweep_model *m = &s->models[i];
     char where[64];
@@ -170,13 +168,10 @@ static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
     if (rc == 0 && m->shape.heads % m->tensor_parallel)
         rc = ep_fail(err, "%s: %s: tensor_parallel = %d does not divide %d attention heads", s->path, where,
                      m->tensor_parallel, m->shape.heads);
-    if (rc == 0 && !m->dtype) {
-        const char *t = json_string_value(json_object_get(config, "torch_dtype"));
-        m->dtype = t && !strcmp(t, "float32") ? "float32" : "bfloat16";
-    }
-    if (rc == 0 && strcmp(m->dtype, "bfloat16") && strcmp(m->dtype, "float16") && strcmp(m->dtype, "float32"))
-        rc = ep_fail(err, "%s: %s: field dtype: expected bfloat16, float16 or float32", s->path, where);
-    json_decref(loaded);  // dtype then points into the sweep's own JSON or a literal
+    if (!m->dtype) m->dtype = "fp32";  // edgepatch run's default
+    if (rc == 0 && strcmp(m->dtype, "fp32") && strcmp(m->dtype, "bf16"))
+        rc = ep_fail(err, "%s: %s: field dtype: expected \"fp32\" or \"bf16\", got \"%s\"", s->path, where, m->dtype);
+    json_decref(loaded);
     return rc;
 }
 
@@ -202,8 +197,8 @@ static int stage_index(const char *name) {
     return -1;
 }
 
-// Run (m, t)'s config: the sweep's run fields, the model's over them, then task, model_path, output_path
-// and tensor_parallel (> 1 only); as JSON (config) and parsed and validated as edgepatch run would
+// Run (m, t)'s config: the sweep's run fields, the model's over them, then task, model_path, output_path,
+// dtype and tensor_parallel (> 1 only); as JSON (config) and parsed and validated as edgepatch run would
 // (rc), each when non-NULL, for the caller to free.
 static int build_run(const sweep *s, int m, int t, json_t **config, run_config *rc, ep_error *err) {
     const sweep_model *md = &s->models[m];
@@ -214,6 +209,7 @@ static int build_run(const sweep *s, int m, int t, json_t **config, run_config *
     json_object_set_new(c, "task", json_string(s->tasks[t]));
     json_object_set_new(c, "model_path", json_string(md->path));
     json_object_set_new(c, "output_path", json_string(dir));
+    json_object_set_new(c, "dtype", json_string(md->dtype));
     if (md->tensor_parallel > 1) json_object_set_new(c, "tensor_parallel", json_integer(md->tensor_parallel));
     char *text = json_dumps(c, JSON_COMPACT);
     char name[4200];
@@ -366,7 +362,7 @@ int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err
     double h = sh->hidden, q = (double)sh->heads * sh->head_dim, kv = (double)sh->kv_heads * sh->head_dim;
     double per_layer = h * (q + 2 * kv) + q * h + (sh->gated_mlp ? 3.0 : 2.0) * h * sh->intermediate;
     e->params = (double)sh->vocab * h * (sh->tied_embeddings ? 1 : 2) + sh->layers * per_layer;
-    double b = dtype_bytes(md->dtype), tp = md->tensor_parallel;
+    double b = strcmp(md->dtype, "bf16") ? 4 : 2, tp = md->tensor_parallel;
     e->weight_bytes = e->params * b;
     e->kv_bytes_per_token = 2.0 * sh->layers * kv * b;
     // One batch on one rank: the clean pass's K/V, each donor's cached K/V and head outputs (z), the

@@ -23,7 +23,7 @@ typedef struct {
 typedef struct {
     const char *name;         // folder name of the model's runs and jobs
     const char *path;         // model folder (the runs' model_path)
-    const char *dtype;        // bfloat16, float16 or float32: bytes per weight and activation in the estimate
+    const char *dtype;        // the runs' dtype (fp32 or bf16), and bytes per weight in the estimate
     int tensor_parallel;      // ranks that hold one copy of the model
     int gpus;                 // GPUs per run (0: CPU ranks only)
     int ranks;                // MPI ranks per run: gpus, or the sweep's "ranks" when gpus == 0

@@ -20,17 +20,18 @@ void cache_identity(const stage_inputs *in, char out[17]) {
     h = hash_str(h, in->prompts_hash);
     h = hash_str(h, in->model_hash);
     h = hash_str(h, in->plan_hash);
+    h = hash_bytes(h, &in->n_cached_donors, sizeof in->n_cached_donors);
     hash_hex(h, out);
 }
 
-// Rows of one sequence of one layer of a cache <-> a [L, T, dim] array.
-static void copy_rows(const kv_cache *c, int which, int seq, int T, float *flat, int to_cache) {
+// Rows of one sequence of one layer of a cache in ops' memory <-> a host [L, T, dim] array.
+static void copy_rows(const kernel_ops *ops, const kv_cache *c, int which, int seq, int T, float *flat, int to_cache) {
     int dim = which == 2 ? c->z_dim : c->kv_dim;
     for (int l = 0; l < c->n_layers; l++) {
         float *row = which == 0 ? kv_cache_k(c, l, seq, 0) : which == 1 ? kv_cache_v(c, l, seq, 0) : kv_cache_z(c, l, seq, 0);
         float *f = flat + (size_t)l * T * dim;
-        if (to_cache) memcpy(row, f, sizeof(float) * (size_t)T * dim);
-        else memcpy(f, row, sizeof(float) * (size_t)T * dim);
+        if (to_cache) ops->upload(row, f, sizeof(float) * (size_t)T * dim);
+        else ops->download(f, row, sizeof(float) * (size_t)T * dim);
     }
 }
 
@@ -61,7 +62,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     cache_ctx *cc = ws->ctx;
     stage_inputs *in = cc->in;
     char path[4096], identity[17];
-    int first, n, K = in->plan.n_donors, rc = 0;
+    int first, n, K = in->n_cached_donors, rc = 0;
     stage_item_range(in, item, &first, &n);
     stage_item_identity(cc->identity, first, n, identity);
     stage_item_path(in, "cache", item, path, sizeof path);
@@ -69,7 +70,9 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     prompt_batch pb = stage_batch(in, first, n);
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    if (K > 0) rc = patch_donor_passes(&in->m, kernel_ops_cpu(), &in->plan, &pb, donors, err);
+    ablation_plan plan = in->plan;  // donor 0, a clean pass, for the ablations when the plan reads no donor
+    plan.n_donors = K;
+    if (K > 0) rc = patch_donor_passes(&in->dev, in->ops, &plan, &pb, donors, err);
     h5store s;
     if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
         for (int i = 0; i < n && rc == 0; i++) {
@@ -78,7 +81,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
                 for (int w = 0; w < 3 && rc == 0; w++) {
                     int dim = w == 2 ? donors[d].z_dim : donors[d].kv_dim;
                     float *flat = ep_malloc(sizeof(float) * (size_t)c->n_layers * T * dim);
-                    copy_rows(&donors[d], w, i, T, flat, 0);
+                    copy_rows(in->ops, &donors[d], w, i, T, flat, 0);
                     char name[96];
                     snprintf(name, sizeof name, "prompt%d/donor%d/%s", first + i, d, parts[w]);
                     h5shape sh = {3, {c->n_layers, T, dim}};
@@ -103,7 +106,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
 
 static int cache_finish(work_stage *ws, ep_error *err) {
     cache_ctx *c = ws->ctx;
-    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->plan.n_donors,
+    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->n_cached_donors,
            ws->n_items, c->in->cfg->output_path);
     return 0;
 }
@@ -134,7 +137,7 @@ int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
 }
 
 int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error *err) {
-    int K = in->plan.n_donors, rc = 0, first, n;
+    int K = in->n_cached_donors, rc = 0, first, n;
     if (K == 0) return 0;
     char path[4096], stage_id[17], identity[17], *have = NULL;
     stage_item_range(in, item, &first, &n);
@@ -147,7 +150,8 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
         rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the cache stage", path);
     free(have);
     const model_config *c = &in->m.cfg;
-    for (int d = 0; d < K && rc == 0; d++) rc = kv_cache_init(&donors[d], c, n, in->prompts.max_len, 1, err);
+    for (int d = 0; d < K && rc == 0; d++)
+        rc = kv_cache_init_backend(&donors[d], c, n, in->prompts.max_len, 1, in->ops, err);
     for (int i = 0; i < n && rc == 0; i++) {
         int T = in->prompts.lengths[first + i];
         for (int d = 0; d < K && rc == 0; d++) {
@@ -161,7 +165,7 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
                 int dim = w == 2 ? donors[d].z_dim : donors[d].kv_dim;
                 if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != dim))
                     rc = ep_fail(err, "%s: dataset %s has the wrong shape for this model and prompt", path, name);
-                if (rc == 0) copy_rows(&donors[d], w, i, T, flat, 1);
+                if (rc == 0) copy_rows(in->ops, &donors[d], w, i, T, flat, 1);
                 free(flat);
             }
         }

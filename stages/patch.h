@@ -40,11 +40,12 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
 int patch_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
               patch_outputs *out, ep_error *err);
 
-// The patch stage: the run's plan (and, when it ablates anything, the clean model too) over every
-// prompt, donors read from the cache shards, per-prompt metrics (stages/metrics.h) per work item into
+// The patch stage: the run's plan (and, when it ablates anything, the clean model too), then each of
+// the config's ablations (stages/plan.h), over every prompt, donors read from the cache shards, per-prompt metrics (stages/metrics.h) per work item into
 // <output_path>/patch.d/item-NNNNN.h5 (same groups, the item's rows), merged in item order into
 // <output_path>/patch.h5 (groups plan/ and clean/: correct, first_token_correct, target_logprob,
-// logit_diff [P], generated [P, max_new] padded with -1) and the run figures into model_logs.json.
+// logit_diff [P], generated [P, max_new] padded with -1; ablation-NNN/ the same per ablation) and the
+// run figures into model_logs.json (docs/artifacts.md).
 typedef struct stage_inputs stage_inputs;
 int patch_stage(stage_inputs *in, int fresh, ep_error *err);
 

@@ -41,7 +41,7 @@ static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *p
     int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
     patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
                          .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos};
-    int rc = patch_prompt_pass(&in->m, kernel_ops_cpu(), plan, pb, donors, &out, err);
+    int rc = patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
     const prompt_set *ps = &in->prompts;
     for (int i = 0; i < n && rc == 0; i++) {
         int p = first + i;
@@ -92,27 +92,47 @@ static double mean_f(const float *v, int n) {
 
 static json_t *real_or_null(double x) { return isfinite(x) ? json_real(x) : json_null(); }
 
-static int write_model_logs(const stage_inputs *in, const metric_arrays *plan, const metric_arrays *clean, int P,
-                            ep_error *err) {
-    double acc = mean_i(plan->correct, P, NULL), full = mean_i(clean->correct, P, NULL);
-    double ld = mean_f(plan->logit_diff, P), full_ld = mean_f(clean->logit_diff, P);
+// One plan's figures into o, against the clean model's.
+static void set_figures(json_t *o, const metric_arrays *m, const metric_arrays *clean, int P) {
+    double acc = mean_i(m->correct, P, NULL), full = mean_i(clean->correct, P, NULL);
+    double ld = mean_f(m->logit_diff, P), full_ld = mean_f(clean->logit_diff, P);
+    json_object_set_new(o, "accuracy", real_or_null(acc));
+    json_object_set_new(o, "first_token_accuracy", real_or_null(mean_i(m->first_token_correct, P, NULL)));
+    json_object_set_new(o, "mean_target_logprob", real_or_null(mean_f(m->target_logprob, P)));
+    json_object_set_new(o, "mean_logit_diff", real_or_null(ld));
+    json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(m->correct, P, clean->correct)));
+    json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
+    json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
+}
+
+// m: the plan's, the clean model's, then each ablation's figures.
+static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int P, ep_error *err) {
+    const metric_arrays *clean = &m[1];
     json_t *o = json_object();
     json_object_set_new(o, "model_name", json_string(in->cfg->model_name ? in->cfg->model_name : ""));
     json_object_set_new(o, "task", json_string(in->prompts.task));
     json_object_set_new(o, "plan", json_string(in->plan.name));
+    json_object_set_new(o, "plan_ablates", json_boolean(in->plan.n_rules + in->plan.n_head_units > 0));
     json_object_set_new(o, "n_prompts", json_integer(P));
-    json_object_set_new(o, "accuracy", real_or_null(acc));
-    json_object_set_new(o, "first_token_accuracy", real_or_null(mean_i(plan->first_token_correct, P, NULL)));
-    json_object_set_new(o, "mean_target_logprob", real_or_null(mean_f(plan->target_logprob, P)));
-    json_object_set_new(o, "mean_logit_diff", real_or_null(ld));
-    json_object_set_new(o, "full_model_accuracy", real_or_null(full));
+    set_figures(o, &m[0], clean, P);
+    json_object_set_new(o, "full_model_accuracy", real_or_null(mean_i(clean->correct, P, NULL)));
     json_object_set_new(o, "full_model_first_token_accuracy", real_or_null(mean_i(clean->first_token_correct, P, NULL)));
-    json_object_set_new(o, "full_model_mean_logit_diff", real_or_null(full_ld));
-    json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(plan->correct, P, clean->correct)));
-    json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
-    json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
+    json_object_set_new(o, "full_model_mean_logit_diff", real_or_null(mean_f(clean->logit_diff, P)));
     json_object_set_new(o, "model_hash", json_string(in->model_hash));
     json_object_set_new(o, "plan_hash", json_string(in->plan_hash));
+    if (in->n_ablations) {
+        json_t *list = json_array();
+        for (int a = 0; a < in->n_ablations; a++) {
+            json_t *f = json_pack("{s:s}", "name", in->ablations[a].name), *spec = json_array_get(json_object_get(in->cfg->json, "ablations"), a);
+            for (int k = 0; k < 2; k++) {  // the report's heatmap labels, when the config gives them
+                const char *key = k ? "band" : "group", *v = json_string_value(json_object_get(spec, key));
+                if (v) json_object_set_new(f, key, json_string(v));
+            }
+            set_figures(f, &m[2 + a], clean, P);
+            json_array_append_new(list, f);
+        }
+        json_object_set_new(o, "ablations", list);
+    }
     char path[4096];
     snprintf(path, sizeof path, "%s/model_logs.json", in->cfg->output_path);
     int rc = write_json_atomic(path, o, err);
@@ -179,6 +199,34 @@ static int patch_item_done(work_stage *ws, int item, ep_error *err) {
     return stage_item_current(path, identity, err);
 }
 
+// Metric groups of the patch files: 0 "plan", 1 "clean", 2 + a "ablation-NNN" for the config's ablation a.
+static void group_name(int g, char out[32]) {
+    if (g < 2) snprintf(out, 32, "%s", g == 0 ? "plan" : "clean");
+    else snprintf(out, 32, "ablation-%03d", g - 2);
+}
+
+static metric_arrays *groups_init(const patch_ctx *c, int n) {
+    int G = 2 + c->in->n_ablations;
+    metric_arrays *m = ep_calloc((size_t)G, sizeof *m);
+    for (int g = 0; g < G; g++) metric_arrays_init(&m[g], n, c->max_new);
+    return m;
+}
+
+static void groups_free(const patch_ctx *c, metric_arrays *m) {
+    for (int g = 0; g < 2 + c->in->n_ablations; g++) metric_arrays_free(&m[g]);
+    free(m);
+}
+
+// Every group of m (n prompts) into s; without ablations in the plan, "clean" is the plan's figures.
+static int store_groups(const patch_ctx *c, h5store *s, const metric_arrays *m, int n, ep_error *err) {
+    for (int g = 0; g < 2 + c->in->n_ablations; g++) {
+        char name[32];
+        group_name(g, name);
+        if (store_metrics(s, name, g == 1 && !c->ablates ? &m[0] : &m[g], n, c->max_new, err)) return -1;
+    }
+    return 0;
+}
+
 static int patch_run_item(work_stage *ws, int item, ep_error *err) {
     patch_ctx *c = ws->ctx;
     stage_inputs *in = c->in;
@@ -187,20 +235,19 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
     stage_item_range(in, item, &first, &n);
     item_identity(c, item, identity);
     stage_item_path(in, "patch", item, path, sizeof path);
-    metric_arrays plan_m, clean_m;
-    metric_arrays_init(&plan_m, n, c->max_new);
-    metric_arrays_init(&clean_m, n, c->max_new);
+    metric_arrays *m = groups_init(c, n);
     prompt_batch pb = stage_batch(in, first, n);
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
     rc = cache_load_item(in, item, donors, err);
-    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &plan_m, err);
-    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &clean_m, err);
+    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], err);
+    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &m[1], err);
+    for (int a = 0; a < in->n_ablations && rc == 0; a++)
+        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], err);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
     if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
-        rc = store_metrics(&s, "plan", &plan_m, n, c->max_new, err) ||
-             store_metrics(&s, "clean", c->ablates ? &clean_m : &plan_m, n, c->max_new, err) ||
+        rc = store_groups(c, &s, m, n, err) ||
              h5store_set_str(&s, "format", "edgepatch-patch-item-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
              h5store_set_str(&s, "stage_hash", c->identity, err) || h5store_set_i64(&s, "item", item, err) ||
              h5store_set_i64(&s, "first_prompt", first, err) || h5store_set_i64(&s, "n_prompts", n, err);
@@ -208,7 +255,7 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
         if (rc) h5store_abandon(&s);
         else rc = h5store_commit(&s, err);
     }
-    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
+    groups_free(c, m);
     return rc;
 }
 
@@ -218,9 +265,7 @@ static int patch_finish(work_stage *ws, ep_error *err) {
     patch_ctx *c = ws->ctx;
     stage_inputs *in = c->in;
     int P = in->prompts.n_prompts, rc = 0;
-    metric_arrays plan_m, clean_m;
-    metric_arrays_init(&plan_m, P, c->max_new);
-    metric_arrays_init(&clean_m, P, c->max_new);
+    metric_arrays *m = groups_init(c, P);
     for (int item = 0; item < ws->n_items && rc == 0; item++) {
         char path[4096], identity[17], *have = NULL;
         int first, n;
@@ -232,24 +277,35 @@ static int patch_finish(work_stage *ws, ep_error *err) {
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
             rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the patch stage", path);
         free(have);
-        if (rc == 0) rc = load_metrics(&s, "plan", &plan_m, first, n, c->max_new, err);
-        if (rc == 0) rc = load_metrics(&s, "clean", &clean_m, first, n, c->max_new, err);
+        for (int g = 0; g < 2 + in->n_ablations && rc == 0; g++) {
+            char name[32];
+            group_name(g, name);
+            rc = load_metrics(&s, name, &m[g], first, n, c->max_new, err);
+        }
         h5store_close(&s);
     }
-    if (rc == 0) rc = write_model_logs(in, &plan_m, &clean_m, P, err);
+    if (rc == 0) rc = write_model_logs(in, m, P, err);
+    json_t *names = json_array();
+    for (int a = 0; a < in->n_ablations; a++) json_array_append_new(names, json_string(in->ablations[a].name));
+    char *names_text = json_dumps(names, JSON_COMPACT);
+    json_decref(names);
     h5store s;
     if (rc == 0 && (rc = h5store_create(c->path, &s, err)) == 0) {
-        rc = store_metrics(&s, "plan", &plan_m, P, c->max_new, err) || store_metrics(&s, "clean", &clean_m, P, c->max_new, err) ||
+        rc = store_groups(c, &s, m, P, err) ||
              h5store_set_str(&s, "format", "edgepatch-patch-1", err) || h5store_set_str(&s, "inputs_hash", c->identity, err) ||
-             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "max_new_tokens", c->max_new, err);
+             h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_str(&s, "ablations", names_text, err) ||
+             h5store_set_i64(&s, "max_new_tokens", c->max_new, err);
         if (rc) h5store_abandon(&s);
         else rc = h5store_commit(&s, err);
     }
+    free(names_text);
     if (rc == 0) {
-        double acc = mean_i(plan_m.correct, P, NULL), full = mean_i(clean_m.correct, P, NULL);
-        printf("patch: accuracy %.3f (full model %.3f) over %d prompts -> %s\n", acc, full, P, c->path);
+        double acc = mean_i(m[0].correct, P, NULL), full = mean_i(m[1].correct, P, NULL);
+        printf("patch: accuracy %.3f (full model %.3f) over %d prompts", acc, full, P);
+        if (in->n_ablations) printf(", %d ablations", in->n_ablations);
+        printf(" -> %s\n", c->path);
     }
-    metric_arrays_free(&plan_m), metric_arrays_free(&clean_m);
+    groups_free(c, m);
     return rc;
 }
 
@@ -273,6 +329,10 @@ int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
     h = hash_str(h, in->prompts_hash);
     h = hash_str(h, in->model_hash);
     h = hash_str(h, in->plan_hash);
+    for (int a = 0; a < in->n_ablations; a++) {
+        h = hash_str(h, in->ablations[a].name);
+        h = hash_bytes(h, &(uint64_t){plan_hash(&in->ablations[a])}, sizeof(uint64_t));
+    }
     h = hash_bytes(h, &max_new, sizeof max_new);
     hash_hex(h, c->identity);
     snprintf(c->path, sizeof c->path, "%s/patch.h5", in->cfg->output_path);

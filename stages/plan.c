@@ -424,6 +424,51 @@ static int mode_plan(const run_config *rc, const model_config *cfg, ablation_pla
                         "ablate_edges_differently_for_different_tokens, prune_heads_in_circuits, prune_edges_in_circuits, or give a \"plan\")", rc->path, mode);
 }
 
+int plan_list_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan **list, int *n,
+                              ep_error *err) {
+    json_t *a = json_object_get(rc->json, "ablations"), *e;
+    *list = NULL;
+    *n = 0;
+    if (!a) return 0;
+    if (!json_is_array(a)) return ep_fail(err, "%s: field ablations: expected a list of plans", rc->path);
+    ablation_plan *l = ep_calloc(json_array_size(a) + 1, sizeof *l);
+    size_t i;
+    int status = 0;
+    json_array_foreach(a, i, e) {
+        char where[600];
+        snprintf(where, sizeof where, "%s: field ablations[%zu]", rc->path, i);
+        if (!json_is_string(json_object_get(e, "name"))) {
+            status = ep_fail(err, "%s: name: required (a distinct name per ablation)", where);
+            break;
+        }
+        for (int k = 0; k < 2 && status == 0; k++) {
+            json_t *v = json_object_get(e, k ? "band" : "group");
+            if (v && !json_is_string(v)) status = ep_fail(err, "%s: %s: expected a label (string)", where, k ? "band" : "group");
+        }
+        if (status || (status = plan_parse(e, where, cfg, &l[i], err))) break;
+        *n = (int)i + 1;
+        if (l[i].n_donors > 1) {
+            status = ep_fail(err, "%s: reads donor %d; ablations may read donor 0 only", where, l[i].n_donors - 1);
+            break;
+        }
+        for (size_t k = 0; k < i && status == 0; k++)
+            if (!strcmp(l[k].name, l[i].name)) status = ep_fail(err, "%s: name '%s' is also ablations[%zu]'s", where, l[i].name, k);
+        if (status) break;
+    }
+    if (status) {
+        plan_list_free(l, *n);
+        *n = 0;
+        return -1;
+    }
+    *list = l;
+    return 0;
+}
+
+void plan_list_free(ablation_plan *list, int n) {
+    for (int i = 0; i < n; i++) plan_free(&list[i]);
+    free(list);
+}
+
 uint64_t plan_hash(const ablation_plan *p) {
     uint64_t h = hash_bytes(HASH_INIT, p->layer_rules, sizeof(edge_rule_set) * (size_t)p->n_layers);
     return hash_bytes(h, p->head_units, sizeof(head_unit) * (size_t)p->n_head_units);

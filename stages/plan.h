@@ -59,6 +59,13 @@ int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const
 // affect_whom), then a "circuit" if the config gives one. Other run modes are refused with a message
 // naming model_name.
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
+// The config's "ablations" list (absent: none): plans in plan_parse's JSON form, each with a distinct
+// "name" and optional "group" and "band" labels (the report's heatmap rows and columns), each read by
+// its own patch pass (stages/patch.h). They may read donor 0 only (the cache stage
+// keeps donor 0 for them; nested donors would need a cache per ablation). *list is NULL when n is 0.
+int plan_list_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan **list, int *n,
+                              ep_error *err);
+void plan_list_free(ablation_plan *list, int n);
 // Identity of a compiled plan (rules and head units), for artifact attributes.
 uint64_t plan_hash(const ablation_plan *p);
 

@@ -11,14 +11,30 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
+// The config's backend (validated by run_config) as a dispatch table.
+static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep_error *err) {
+    const char *b = cfg->backend;
+    *ops = !strcmp(b, "cpu") ? kernel_ops_cpu() : !strcmp(b, "offset") ? kernel_ops_offset() : kernel_ops_cuda();
+    if (!*ops && !strcmp(b, "auto")) *ops = kernel_ops_cpu();
+    if (!*ops)
+        return ep_fail(err, "%s: field backend: \"cuda\" asked for, but this build has no CUDA or no usable GPU is "
+                            "present", cfg->path);
+    return 0;
+}
+
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
     memset(in, 0, sizeof *in);
     in->cfg = cfg;
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
-    if (model_load(cfg->model_path, &in->m, err)) return -1;
-    if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err)) {
+    if (backend_from_config(cfg, &in->ops, err) || model_load(cfg->model_path, &in->m, err)) return -1;
+    if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {
+        model_free(&in->m);
+        return -1;
+    }
+    if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err) ||
+        plan_list_from_run_config(cfg, &in->m.cfg, &in->ablations, &in->n_ablations, err)) {
         stage_inputs_close(in);
         return -1;
     }
@@ -29,11 +45,14 @@ int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
         free(hash);
         h5store_close(&s);
     }
-    hash_hex(model_identity(&in->m), in->model_hash);
+    // A bf16 run computes other numbers from the same checkpoint: its artifacts carry another model hash.
+    uint64_t model_id = model_identity(&in->m);
+    hash_hex(cfg->bf16 ? hash_str(model_id, "bf16") : model_id, in->model_hash);
     hash_hex(plan_hash(&in->plan), in->plan_hash);
-    if (in->plan.n_donors > in->prompts.n_donors) {
-        ep_fail(err, "%s: the plan reads donor %d but the prompts have %d donors (field donors)", cfg->path,
-                in->plan.n_donors - 1, in->prompts.n_donors);
+    in->n_cached_donors = in->plan.n_donors > 0 || in->n_ablations == 0 ? in->plan.n_donors : 1;
+    if (in->n_cached_donors > in->prompts.n_donors) {
+        ep_fail(err, "%s: the plan or its ablations read donor %d but the prompts have %d donors (field donors)", cfg->path,
+                in->n_cached_donors - 1, in->prompts.n_donors);
         stage_inputs_close(in);
         return -1;
     }
@@ -51,9 +70,11 @@ int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
 }
 
 void stage_inputs_close(stage_inputs *in) {
+    model_backend_free(&in->dev);
     model_free(&in->m);
     prompt_set_free(&in->prompts);
     plan_free(&in->plan);
+    plan_list_free(in->ablations, in->n_ablations);
 }
 
 prompt_batch stage_batch(const stage_inputs *in, int first, int n) {

@@ -16,14 +16,23 @@
 
 struct stage_inputs {
     const run_config *cfg;
-    model m;
+    model m;              // the checkpoint as loaded (host, fp32): configuration, attribution's backward pass
+    const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
+    model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
     prompt_set prompts;
     ablation_plan plan;
+    ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
+    int n_ablations;
+    int n_cached_donors;  // donors the cache stage keeps: the plan's, and donor 0 when there are ablations
     char prompts_hash[17];  // prompts.h5's inputs_hash
     char model_hash[17];
     char plan_hash[17];
 };
 
+// Loads the model, the prompts and the plan, and puts the model on the config's backend: field backend
+// "auto" (the default: cuda when a usable GPU is present, else cpu), "cpu", "cuda" (an error without a
+// usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
+// device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 

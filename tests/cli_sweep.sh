@@ -91,6 +91,8 @@ bad_sweep "bad.json: stages\[1\]: until 'tokenize' does not come after" 's/"unti
 bad_sweep "bad.json: slurm: field signal_seconds: expected an integer" 's/"signal_seconds": 60/"signal_seconds": "60"/'
 bad_sweep "models\[0\]: model gemma2-tiny: " 's#tests/fixtures/models/gemma2-tiny#tests/fixtures/models/none#'
 bad_sweep "bad.json: field output_root: a path without single quotes" 's#"output_root": "#"output_root": "it'"'"'s/#'
+bad_sweep "bad.json: models\[1\]: field dtype: expected \"fp32\" or \"bf16\", got \"float16\"" 's/"ranks": 1}/"ranks": 1, "dtype": "float16"}/'
+bad_sweep "bad.json: run: field dtype: set per run" 's/"n_prompts": 8,/"n_prompts": 8, "dtype": "bf16",/'
 bad_sweep "bad.json: invalid JSON" 's/}$/,/'
 expect_error 2 "need plan, submit or status" sweep plan
 expect_error 2 "need plan, submit or status" sweep launch "$tmp/tiny.json"

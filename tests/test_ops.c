@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 #include "tests/harness.h"
@@ -81,6 +82,32 @@ static void test_matmul(const kernel_ops *b, const kernel_ops *ref) {
     check(max_rel_error(perturbed, want, (size_t)rows * n_out, 1e-6) > 100 * tol, "perturbed weight not detected");
     free(perturbed);
     free(x), free(w), free(bias), free(want), free(got);
+}
+
+// The bf16 product against the reference's: x rounded to bf16, bf16 weights, wide accumulation.
+static void test_matmul_bf16(const kernel_ops *b, const kernel_ops *ref) {
+    int rows = 37, n_in = 300, n_out = 301;  // n_out above the cpu backend's block of weight rows
+    size_t nw = (size_t)n_out * n_in, no = (size_t)rows * n_out;
+    float *x = random_floats((size_t)rows * n_in, 1), *wf = random_floats(nw, 0.5f), *bias = random_floats(n_out, 1);
+    uint16_t *w = ep_malloc(sizeof(uint16_t) * nw);
+    for (size_t i = 0; i < nw; i++) w[i] = f32_to_bf16(wf[i]), wf[i] = bf16_to_f32(w[i]);
+    float *want = ep_malloc(sizeof(float) * no), *got = ep_malloc(sizeof(float) * no);
+    ref->matmul_bf16(want, x, w, bias, rows, n_in, n_out);
+    staging s = {.b = b};
+    float *dx = stage_in(&s, x, sizeof(float) * (size_t)rows * n_in);
+    uint16_t *dw = stage_in(&s, w, sizeof(uint16_t) * nw);
+    float *db = stage_in(&s, bias, sizeof(float) * (size_t)n_out);
+    float *dout = stage_in(&s, got, sizeof(float) * no);
+    b->matmul_bf16(dout, dx, dw, db, rows, n_in, n_out);
+    stage_out(&s, got, dout, sizeof(float) * no);
+    stage_free(&s);
+    report(b->name, "matmul-bf16", max_rel_error(got, want, no, 1e-6), tol);
+    // Can fail: the same weights with x not rounded to bf16 differ far beyond the tolerance.
+    float *unrounded = ep_malloc(sizeof(float) * no);
+    ref->matmul(unrounded, x, wf, bias, rows, n_in, n_out);
+    check(max_rel_error(unrounded, want, no, 1e-6) > 10 * tol, "bf16 rounding of x not visible");
+    free(unrounded);
+    free(x), free(wf), free(w), free(bias), free(want), free(got);
 }
 
 static void test_norms(const kernel_ops *b, const kernel_ops *ref) {
@@ -328,6 +355,7 @@ int main(void) {
             continue;
         }
         test_matmul(b, ref);
+        test_matmul_bf16(b, ref);
         test_norms(b, ref);
         test_rope(b, ref);
         test_pointwise(b, ref);

@@ -4,7 +4,7 @@
 // invariants of issue 5, which need no reference: an empty plan gives the clean logits, a donor equal to
 // the clean prompt gives the clean logits under any plan, edges no receiver reads change nothing, and
 // changing one donor token changes exactly the runs whose plans read it.
-// Every plan also runs on the other backends (the offset test backend of tests/offset_backend.h, which
+// Every plan also runs on the other backends (the offset test backend of kernels/ops_offset.c, which
 // must give cpu's logits and tokens bit for bit, and cuda when a GPU is usable) against the same
 // reference.
 #include <jansson.h>
@@ -15,7 +15,6 @@
 
 #include "stages/patch.h"
 #include "tests/harness.h"
-#include "tests/offset_backend.h"
 
 #define TOL 1e-4
 #define P 3
@@ -207,10 +206,10 @@ static void test_model(const char *name, json_t *plans) {
     prompt_batch pb_same = pb;
     pb_same.donors = donors_clean;
 
-    const kernel_ops *others[] = {&offset_backend, kernel_ops_cuda()};
+    const kernel_ops *others[] = {kernel_ops_offset(), kernel_ops_cuda()};
     model devs[2];
     for (int k = 0; k < 2; k++)
-        if (others[k] && model_to_backend(&m, others[k], &devs[k], &err)) check(0, "%s", err.msg), others[k] = NULL;
+        if (others[k] && model_to_backend(&m, others[k], 0, &devs[k], &err)) check(0, "%s", err.msg), others[k] = NULL;
     size_t j;
     json_t *pj;
     json_array_foreach(plans, j, pj) {
@@ -235,7 +234,7 @@ static void test_model(const char *name, json_t *plans) {
                        plan.name, others[k]->name, worst_o, same_o, P * GEN);
                 check(worst_o <= TOL && same_o == P * GEN, "%s %s (%s): logits %.2e, %d/%d tokens", name, plan.name,
                       others[k]->name, worst_o, same_o, P * GEN);
-                if (others[k] == &offset_backend)
+                if (others[k] == kernel_ops_offset())
                     check(!memcmp(o.logits, r.logits, sizeof(float) * n_logits) &&
                               !memcmp(o.generated, r.generated, sizeof r.generated) &&
                               !memcmp(o.n_generated, r.n_generated, sizeof r.n_generated),

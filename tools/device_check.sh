@@ -1,19 +1,50 @@
 #!/usr/bin/env bash
-# device_check: the one script to run on a GPU machine (H100/H200, CUDA driver present, this repository
-# copied, no network). It builds a fresh CUDA build (build-device, sm_90), lists the GPU, runs
-# tests/test_ops (which then checks the cuda backend against the reference too), and runs
-# bench/bench_ops (cpu vs cuda timings at real shapes). Made to finish in well under 4 minutes on a
-# 16-core machine; every step has a timeout taken from one overall deadline.
+# device_check: the GPU check of the CUDA backend (docs/cuda.md), in two halves, because the lent GPU
+# image has CUDA, PyTorch and transformers but none of our build dependencies and no network.
 #
-# Exit status: 0 all good; 1 test_ops failed (or did not exercise the cuda backend); 2 bench_ops failed;
-# 3 build dependencies missing (this machine cannot install them: no network); 4 configure failed;
-# 5 build failed; 6 compute-sanitizer found an error (only where compute-sanitizer is installed).
-# The full log is copied to "$OUT/device_check.log" when $OUT is set.
+#   bash tools/device_check.sh pack   On a machine with the build dependencies (tools/setup.sh) and nvcc:
+#                                     builds the tests and benchmarks with CUDA for sm_90 and puts them,
+#                                     the host libraries the image lacks and the wheels of transformers
+#                                     4.44.2 (the version the fixtures and the original code use) into
+#                                     .device/ (git-ignored; carry it to the GPU machine).
+#   bash tools/device_check.sh        On the GPU machine, from the repository root: runs, under one
+#                                     deadline, test_ops, test_model and test_patch (every backend against
+#                                     the reference, HF and the Python patching reference: the cuda rows
+#                                     are the GPU's), bench_ops (fp32 and bf16 products at Gemma-2 2B
+#                                     shapes), tools/device_check.py (random-weight Gemma-2 2B and
+#                                     SmolLM2-135M made on the spot: our CUDA forward and patched forward
+#                                     in fp32 and bf16 against HF transformers on the same GPU and against
+#                                     our cpu, and timed against HF eager patching; one table), and
+#                                     compute-sanitizer memcheck/racecheck on test_ops when installed.
+#
+# Exit status of the check: 0 all passed; 1 a test failed or no cuda row ran; 2 device_check.py failed;
+# 3 .device/ missing (run the pack half first); 6 compute-sanitizer found an error. The log goes to
+# $OUT/device_check.log when $OUT is set. Environment: DEVICE_CHECK_DEADLINE_S (default 480),
+# DEVICE_CHECK_ARGS (extra arguments for device_check.py, e.g. "--batch 32").
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-225}  # the whole script, configure to bench
-BUILD_DIR=build-device
+BINS="tests/test_ops tests/test_model tests/test_patch bench/bench_ops bench/bench_patch"
+
+pack() {
+    set -e
+    cmake -S . -B build-device -DWITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DCMAKE_COMPILE_WARNING_AS_ERROR=ON >/dev/null
+    cmake --build build-device -j "$(nproc)" --target $(for b in $BINS; do basename "$b"; done) >/dev/null
+    rm -rf .device && mkdir -p .device/lib .device/wheels
+    for b in $BINS; do cp "build-device/$b" .device/; done
+    # Host libraries other than CUDA's and glibc's: OpenBLAS with its Fortran runtime, jansson, PCRE2.
+    for lib in $(ldd .device/test_* .device/bench_* | awk '/=>/ {print $3}' | sort -u |
+        grep -E 'openblas|gfortran|quadmath|gomp|jansson|pcre2'); do
+        cp -L "$lib" .device/lib/
+    done
+    tar cJf .device/lib.tar.xz -C .device lib && rm -rf .device/lib
+    # The image's python is 3.12 with transformers 5; the check uses 4.44.2 and what it pins.
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .device/wheels \
+        transformers==4.44.2 tokenizers==0.19.1 huggingface_hub==0.24.6
+    du -sh .device
+}
 
 section() { printf '\n==== %s (t=%ds)\n' "$1" "$SECONDS"; }
 
@@ -24,115 +55,67 @@ budget() {
     [ "$cap" -lt "$left" ] && echo "$cap" || echo "$left"
 }
 
-main() {
+check() {
+    DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-480}
+    [ -x .device/test_ops ] || { echo "device_check: no .device/ here: run 'bash tools/device_check.sh pack' first"; return 3; }
     section "environment"
     date -u
-    uname -srm
-    echo "cores: $(nproc)"
-    # nvcc is not always on PATH on a bare machine; CMake finds it through CUDACXX.
-    if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
-        export PATH=/usr/local/cuda/bin:$PATH
-    fi
-    if command -v nvcc >/dev/null 2>&1; then
-        export CUDACXX=${CUDACXX:-$(command -v nvcc)}
-        nvcc --version | tail -n 2
-    fi
-
-    section "build dependencies"
-    local missing=()
-    for tool in cmake pkg-config mpicc h5pcc nvcc; do
-        command -v "$tool" >/dev/null 2>&1 || missing+=("$tool (program)")
+    nvidia-smi -L 2>&1
+    [ -d .device/lib ] || tar xJf .device/lib.tar.xz -C .device
+    local libpath=$PWD/.device/lib name f
+    for name in libcublasLt.so.13 libcublas.so.13 libcudart.so.13; do
+        f=$(find /usr/local /usr/lib /opt -name "$name*" 2>/dev/null | head -1)
+        echo "$name: ${f:-NOT FOUND}"
+        [ -n "$f" ] && libpath=$libpath:$(dirname "$f")
     done
-    if command -v pkg-config >/dev/null 2>&1; then
-        for mod in jansson openblas libpcre2-8 hdf5 zlib; do
-            pkg-config --exists "$mod" || missing+=("$mod (pkg-config module)")
-        done
-    fi
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "device_check: missing build dependencies: ${missing[*]}"
-        echo "device_check: this machine has no network, so tools/setup.sh cannot install them here;"
-        echo "device_check: use an image where 'bash tools/setup.sh' has been run (and CUDA is in /usr/local/cuda)."
-        return 3
-    fi
-    echo "all present: cmake $(cmake --version | head -n 1 | awk '{print $3}'), mpicc, h5pcc, nvcc, pkg-config modules"
+    export LD_LIBRARY_PATH=$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    ldd .device/test_ops | grep "not found"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ep-site \
+        .device/wheels/*.whl && export PYTHONPATH=/tmp/ep-site${PYTHONPATH:+:$PYTHONPATH}
 
-    section "GPU"
-    if command -v nvidia-smi >/dev/null 2>&1; then
-        timeout 30 nvidia-smi -L
-        timeout 30 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-    else
-        echo "nvidia-smi not found (test_ops will say whether the cuda backend came up)"
-    fi
+    local rc_test=0 t log
+    for t in test_ops test_model test_patch; do
+        section "$t"
+        log=$(mktemp)
+        OPENBLAS_NUM_THREADS=8 timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"
+        [ "${PIPESTATUS[0]}" -ne 0 ] && rc_test=1
+        grep -q " cuda " "$log" || { echo "device_check: $t ran no cuda row: the cuda backend did not come up"; rc_test=1; }
+        rm -f "$log"
+    done
 
-    section "configure $BUILD_DIR (WITH_CUDA=ON, sm_90)"
-    rm -rf "$BUILD_DIR"
-    if ! timeout "$(budget 90)" cmake -S . -B "$BUILD_DIR" -DWITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DCMAKE_BUILD_TYPE=RelWithDebInfo; then
-        echo "device_check: configure failed"
-        return 4
-    fi
+    section "bench_ops (ms per call; ratio = cpu / cuda)"
+    OPENBLAS_NUM_THREADS=$(nproc) timeout "$(budget 150)" .device/bench_ops
 
-    section "build ($(nproc) jobs)"
-    if ! timeout "$(budget 150)" cmake --build "$BUILD_DIR" -j "$(nproc)"; then
-        echo "device_check: build failed"
-        return 5
-    fi
+    section "device_check.py (HF transformers on this GPU)"
+    OPENBLAS_NUM_THREADS=$(nproc) PYTHONUNBUFFERED=1 timeout "$(budget 400)" python3 tools/device_check.py \
+        --bin .device ${DEVICE_CHECK_ARGS:-}
+    local rc_py=$?
 
-    section "test_ops (cpu and cuda backends against the reference)"
-    local test_log rc_test
-    test_log=$(mktemp)
-    OPENBLAS_NUM_THREADS=1 timeout "$(budget 60)" "$BUILD_DIR/tests/test_ops" 2>&1 | tee "$test_log"
-    rc_test=${PIPESTATUS[0]}
-    if [ "$rc_test" -eq 0 ] && ! grep -q '^  cuda .*max rel error' "$test_log"; then
-        echo "device_check: test_ops passed but checked no cuda op: the cuda backend did not come up on this machine"
-        rc_test=1
-    fi
-    rm -f "$test_log"
-    echo "test_ops exit status: $rc_test"
-
-    section "bench_ops (mean ms per call; ratio = cpu / cuda)"
-    timeout "$(budget 120)" "$BUILD_DIR/bench/bench_ops"
-    local rc_bench=$?
-    echo "bench_ops exit status: $rc_bench"
-
-    # Where the toolkit ships compute-sanitizer, spend what time is left on out-of-bounds and shared
-    # memory race checks of the kernels (test_ops shapes are small enough).
-    local rc_san=0
+    local rc_san=0 tool
     if command -v compute-sanitizer >/dev/null 2>&1; then
         for tool in memcheck racecheck; do
-            if [ $((DEADLINE_S - SECONDS)) -lt 30 ]; then
-                echo "skipping compute-sanitizer $tool: out of time"
-                continue
-            fi
+            [ $((DEADLINE_S - SECONDS)) -lt 40 ] && { echo "compute-sanitizer $tool: out of time, not run"; continue; }
             section "compute-sanitizer --tool $tool test_ops"
-            OPENBLAS_NUM_THREADS=1 timeout "$(budget 60)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
-                "$BUILD_DIR/tests/test_ops" >/tmp/device_check_san.log 2>&1
-            local rc=$?
-            tail -n 25 /tmp/device_check_san.log
-            echo "compute-sanitizer $tool exit status: $rc"
-            [ "$rc" -eq 86 ] && rc_san=6
+            OPENBLAS_NUM_THREADS=8 timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
+                .device/test_ops 2>&1 | tail -n 4
+            [ "${PIPESTATUS[0]}" -eq 86 ] && rc_san=6
         done
-    else
-        echo
-        echo "(compute-sanitizer not installed: kernel memory/race checks skipped)"
     fi
-
     section "summary"
-    echo "test_ops: $([ "$rc_test" -eq 0 ] && echo PASS || echo "FAIL ($rc_test)")"
-    echo "bench_ops: $([ "$rc_bench" -eq 0 ] && echo ok || echo "FAIL ($rc_bench)")"
-    [ "$rc_san" -ne 0 ] && echo "compute-sanitizer: errors found"
-    echo "total ${SECONDS}s"
-    [ "$rc_test" -ne 0 ] && return 1
-    [ "$rc_bench" -ne 0 ] && return 2
-    return "$rc_san"
+    echo "tests: $([ $rc_test = 0 ] && echo pass || echo FAIL)  device_check.py: $([ $rc_py = 0 ] && echo pass || echo "FAIL ($rc_py)")  sanitizer: $([ $rc_san = 0 ] && echo clean || echo ERRORS)"
+    [ $rc_test != 0 ] && return 1
+    [ $rc_py != 0 ] && return 2
+    return $rc_san
 }
 
+if [ "${1:-}" = pack ]; then
+    pack
+    exit $?
+fi
 log=$(mktemp /tmp/device_check.XXXXXX)
-main 2>&1 | tee "$log"
+check 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 echo "device_check: exit status $rc" | tee -a "$log"
-if [ -n "${OUT:-}" ]; then
-    mkdir -p "$OUT" && cp "$log" "$OUT/device_check.log" && chmod 644 "$OUT/device_check.log"
-fi
+[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$log" "$OUT/device_check.log"
 rm -f "$log"
 exit "$rc"

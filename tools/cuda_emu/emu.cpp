@@ -15,6 +15,7 @@
 #include <vector>
 #include <math.h>
 extern "C" {
+#include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
 }
@@ -27,6 +28,8 @@ static float emu_dyn_smem[1 << 16];
 static std::unique_ptr<std::barrier<>> block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
 static float warp_buf[32][32];
+typedef uint16_t __nv_bfloat16;
+static __nv_bfloat16 __float2bfloat16_rn(float f) { return f32_to_bf16(f); }
 #define __global__
 #define __device__
 #define __shared__ static
@@ -88,6 +91,22 @@ int main() {
         float *o = got.data(); const float *bp = b.data();
         launch(dim3(3), dim3(POINTWISE_THREADS), [&] { bias_add_kernel(o, bp, rows, n_out); });
         rep("matmul+b", relerr(got, want));
+    }
+    {   // matmul_bf16's input rounding kernel and the bf16 product (GemmEx's operands widened, exact)
+        int rows = 37, n_in = 96, n_out = 53; size_t nx = (size_t)rows * n_in;
+        auto x = rnd(nx, 1), wf = rnd((size_t)n_out * n_in, .5f), b = rnd(n_out, 1);
+        std::vector<uint16_t> w(wf.size()), xb(nx);
+        for (size_t i = 0; i < w.size(); i++) w[i] = f32_to_bf16(wf[i]);
+        std::vector<float> want((size_t)rows * n_out), got(want.size()), xw(nx), ww(w.size());
+        ref->matmul_bf16(want.data(), x.data(), w.data(), b.data(), rows, n_in, n_out);
+        const float *xp = x.data(); uint16_t *xbp = xb.data();
+        launch(dim3(2), dim3(POINTWISE_THREADS), [&] { to_bf16_kernel(xbp, xp, nx); });
+        for (size_t i = 0; i < nx; i++) xw[i] = bf16_to_f32(xb[i]);
+        for (size_t i = 0; i < w.size(); i++) ww[i] = bf16_to_f32(w[i]);
+        sgemm(true, false, n_out, rows, n_in, ww.data(), n_in, xw.data(), n_in, got.data(), n_out);
+        float *o = got.data(); const float *bp = b.data();
+        launch(dim3(3), dim3(POINTWISE_THREADS), [&] { bias_add_kernel(o, bp, rows, n_out); });
+        rep("matmul-bf16", relerr(got, want));
     }
     {   // norms, with a dim not a multiple of anything, and a dim > blockDim
         for (int dim : {200, 777}) {

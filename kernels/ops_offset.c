@@ -1,13 +1,11 @@
-// offset_backend: a test backend that behaves like a device backend on a machine without one. It wraps
-// the cpu backend, but its memory is separate (host_memory = 0: alloc, upload, download and release are
-// the only way in and out) and its pointers are the malloc'd addresses plus 2^62, which is not a
-// canonical x86-64 / AArch64 user address. So a place that dereferences backend memory on the host
-// faults at once, and so does one that hands a host pointer to an op (the wrapper's translation of it
-// is the non-canonical one). Pointer arithmetic on backend pointers (row offsets) keeps working.
-// Header-only (static functions) for the tests that include it.
-#ifndef EP_TESTS_OFFSET_BACKEND_H
-#define EP_TESTS_OFFSET_BACKEND_H
-
+// ops_offset: the "offset" backend, a device backend without a device. It wraps the cpu kernels, but its
+// memory is separate (host_memory = 0: alloc, upload, download and release are the only way in and out)
+// and its pointers are the malloc'd addresses plus 2^62, which is not a canonical x86-64 / AArch64 user
+// address. So code that dereferences backend memory on the host faults at once, and so does code that
+// hands a host pointer to an op (the wrapper's translation of it is the non-canonical one); pointer
+// arithmetic on backend pointers (row offsets) keeps working. It computes exactly what the cpu backend
+// computes, so a run on it must give the cpu run's bytes: the tests and `backend: "offset"` runs check
+// the device code paths (uploads, downloads, device-resident caches) on machines without a GPU.
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,6 +26,10 @@ static void ob_sync(void) {}
 
 static void ob_matmul(float *out, const float *x, const float *w, const float *bias, int rows, int n_in, int n_out) {
     kernel_ops_cpu()->matmul(OB_F(out), OB_F(x), OB_F(w), OB_F(bias), rows, n_in, n_out);
+}
+static void ob_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
+                           int n_out) {
+    kernel_ops_cpu()->matmul_bf16(OB_F(out), OB_F(x), (const uint16_t *)ob_real(w), OB_F(bias), rows, n_in, n_out);
 }
 static void ob_rmsnorm(float *out, const float *x, const float *w, float w_offset, int rows, int dim, float eps) {
     kernel_ops_cpu()->rmsnorm(OB_F(out), OB_F(x), OB_F(w), w_offset, rows, dim, eps);
@@ -64,7 +66,7 @@ static void ob_gather_rows(float *dst, const float *src, const int *idx, int n, 
     kernel_ops_cpu()->gather_rows(OB_F(dst), OB_F(src), (const int *)ob_real(idx), n, row_len);
 }
 
-static const kernel_ops offset_backend = {
+static const kernel_ops offset_table = {
     .name = "offset",
     .alloc = ob_alloc,
     .release = ob_release,
@@ -72,6 +74,7 @@ static const kernel_ops offset_backend = {
     .download = ob_download,
     .sync = ob_sync,
     .matmul = ob_matmul,
+    .matmul_bf16 = ob_matmul_bf16,
     .rmsnorm = ob_rmsnorm,
     .layernorm = ob_layernorm,
     .rope = ob_rope,
@@ -87,4 +90,4 @@ static const kernel_ops offset_backend = {
     .host_memory = 0,
 };
 
-#endif
+const kernel_ops *kernel_ops_offset(void) { return &offset_table; }

@@ -1,0 +1,299 @@
+"""The GPU half of tools/device_check.sh: edgepatch's CUDA forward and patched forward against HuggingFace
+transformers on the same GPU, with random-weight models of real shapes made on the spot, and timed
+against HF eager with patched attention (the original code's approach: it replaced the attention
+forward of transformers 4.44's eager modules). Prints one table; exit status 1 if a check fails.
+
+For each shape (a config.json: bench/gemma2-2b.json, bench/smollm2-135m.json, or any HF config):
+  1. A model with HF's random init (seeded) whose weights are rounded to bf16 values, saved (fp32
+     safetensors), so that fp32 and bf16 runs on both sides use exactly the same weights; HF's bf16 model
+     is that folder loaded with torch_dtype=bfloat16, as users load it.
+  2. B prompts of T tokens, typed and with donor 0, exactly as bench/bench_patch.c builds them; the
+     plan is every y -> last edge in every layer and head, read from donor 0.
+  3. Ours (bench_patch): clean pass and donor + patched pass, last-position logits, on cuda in bf16
+     (the whole batch, timed), and in fp32 on cuda and on cpu for the first `--small` prompts.
+  4. HF: the same in bf16 (whole batch, timed) and in fp32 (first prompts), TF32 off.
+Checks: fp32 cuda vs HF fp32 and vs our cpu within 1e-4 (row-relative, as the C tests); bf16: our bf16
+run's distance to HF fp32 at most 1.5x HF bf16's own distance to HF fp32 (+1e-3) -- the bf16 tolerance
+calibrated by HF itself -- and its distance to HF bf16 reported. Timing: tokens/s of donor + patched
+passes, ours vs HF, and the achieved TFLOP/s of the matrix products of our patched run against --peak.
+
+    python tools/device_check.py --bin .device [--shapes bench/gemma2-2b.json,bench/smollm2-135m.json]
+                                 [--batch 64] [--len 100] [--reps 3] [--small 2] [--device cuda]
+
+Needs torch and transformers 4.44.x (tools/device_check.sh puts the carried wheels on the path).
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types as pytypes
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
+
+TT_BOS, TT_X, TT_T, TT_Y, TT_N, TT_LAST = 0, 1, 2, 3, 4, 6
+
+
+def bench_id(s, t, T, vocab):
+    x = ((s * T + t) * 2654435761) % (1 << 32)
+    return 1 + x % (vocab - 1)
+
+
+def prompts(B, T, V):
+    """ids, donor ids, types: as bench_patch.c."""
+    ids = np.zeros((B, T), np.int64)
+    don = np.zeros((B, T), np.int64)
+    typ = np.zeros(T, np.int64)
+    for t in range(T):
+        k = (t - 1) % 4
+        typ[t] = TT_BOS if t == 0 else TT_LAST if t == T - 1 else (TT_X, TT_T, TT_Y, TT_N)[k]
+    for s in range(B):
+        for t in range(T):
+            ids[s, t] = bench_id(s, t, T, V)
+            don[s, t] = 1 + (ids[s, t] + 7919) % (V - 1) if typ[t] in (TT_X, TT_Y) else ids[s, t]
+    return ids, don, typ
+
+
+# ---------------------------------------------------------------------------------------------------
+# HF eager attention with edge patching (transformers 4.44 Gemma2Attention / LlamaAttention signatures)
+# ---------------------------------------------------------------------------------------------------
+class Patch:
+    mode = "off"   # off | record (donor pass: keep post-RoPE k, v) | patch (edges in mask read donor k, v)
+    mask = None    # [T, T] bool: receiver row reads the donor's key/value at sender column
+    k, v = {}, {}
+
+
+def patched_forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_value=None,
+                    output_attentions=False, use_cache=False, cache_position=None, position_embeddings=None,
+                    **kwargs):
+    if Patch.mode == "off":
+        kw = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_value=past_key_value,
+                  output_attentions=output_attentions, use_cache=use_cache, cache_position=cache_position)
+        if position_embeddings is not None:
+            kw["position_embeddings"] = position_embeddings
+        return self._orig_forward(hidden_states, **kw, **kwargs)
+    mod = sys.modules[type(self).__module__]
+    gemma = type(self).__name__ == "Gemma2Attention"
+    bsz, q_len, _ = hidden_states.size()
+    H, G, hd = self.num_heads, self.num_key_value_heads, self.head_dim
+    q = self.q_proj(hidden_states).view(bsz, q_len, H, hd).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(bsz, q_len, G, hd).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(bsz, q_len, G, hd).transpose(1, 2)
+    if position_embeddings is not None:
+        cos, sin = position_embeddings
+    else:
+        cos, sin = self.rotary_emb(v, position_ids)
+    q, k = mod.apply_rotary_pos_emb(q, k, cos, sin)
+    k = mod.repeat_kv(k, H // G)
+    v = mod.repeat_kv(v, H // G)
+    layer = self.layer_idx
+
+    def scores(keys):
+        s = torch.matmul(q, keys.transpose(2, 3))
+        if gemma:
+            s = s * self.scaling
+            cap = self.config.attn_logit_softcapping
+            if cap is not None:
+                s = torch.tanh(s / cap) * cap
+        else:
+            s = s / math.sqrt(hd)
+        return s + attention_mask[:, :, :, : keys.shape[-2]]
+
+    if Patch.mode == "record":
+        Patch.k[layer], Patch.v[layer] = k, v
+        s = scores(k)
+        p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.matmul(p, v)
+    else:
+        m = Patch.mask[None, None]
+        s = torch.where(m, scores(Patch.k[layer]), scores(k))
+        p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        zero = torch.zeros((), dtype=p.dtype, device=p.device)
+        out = torch.matmul(torch.where(m, zero, p), v) + torch.matmul(torch.where(m, p, zero), Patch.v[layer])
+    out = out.transpose(1, 2).reshape(bsz, q_len, H * hd)
+    return self.o_proj(out), None, past_key_value
+
+
+def install(model):
+    for layer in model.model.layers:
+        a = layer.self_attn
+        a._orig_forward = a.forward
+        a.forward = pytypes.MethodType(patched_forward, a)
+
+
+def hf_last_logits(model, ids):
+    hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, -1, :]
+    logits = model.lm_head(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits.float()
+
+
+def hf_runs(model, ids, don, mask, reps, device):
+    """Clean and donor + patched last-position logits; mean seconds of the patched run over reps after a
+    warm-up (-1 when reps is 0)."""
+    Patch.mask = mask
+    secs = []
+    with torch.inference_mode():
+        clean = hf_last_logits(model, ids)
+        for rep in range(reps + 1):
+            sync(device)
+            t0 = time.perf_counter()
+            Patch.mode = "record"
+            hf_last_logits(model, don)
+            Patch.mode = "patch"
+            patched = hf_last_logits(model, ids)
+            Patch.mode = "off"
+            sync(device)
+            secs.append(time.perf_counter() - t0)
+    Patch.k, Patch.v = {}, {}
+    return clean.cpu(), patched.cpu(), (sum(secs[1:]) / reps if reps else -1)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------------
+def row_error(a, b):
+    """Worst over rows of max |a - b| / max |b| (the C tests' row-relative error)."""
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float(((a - b).abs().amax(dim=1) / b.abs().amax(dim=1).clamp_min(1e-6)).max())
+
+
+def ours(bin_dir, model_dir, backend, dtype, B, T, reps, dump):
+    cmd = [os.path.join(bin_dir, "bench_patch"), "--model", model_dir, "--backend", backend, "--dtype", dtype,
+           "--batch", str(B), "--len", str(T), "--reps", str(reps), "--dump", dump]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    kv = dict(x.split("=", 1) for x in r.stdout.strip().splitlines()[-1].split())
+    raw = np.fromfile(dump, dtype="<f4")
+    both = torch.from_numpy(raw.reshape(2, B, -1).copy())
+    return both[0], both[1], float(kv["patched_s"])
+
+
+def matrix_flops(cfg, B, T):
+    """Flops of the matrix products of one donor + patched run: two passes over B*T tokens through every
+    layer's projections, attention (scores and values, doubled in the patched pass is not counted: the
+    kernel reads either key) and the vocabulary projection at B last positions per pass."""
+    D, I, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or D // cfg.num_attention_heads
+    Q, KV = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    per_token = 2 * (D * Q + 2 * D * KV + Q * D + 3 * D * I)
+    attn = 2 * 2 * cfg.num_attention_heads * hd * (T * (T + 1) / 2) * B
+    return 2 * (B * T * per_token * L + attn * L + 2 * B * D * V)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bin", required=True, help="folder with bench_patch")
+    ap.add_argument("--shapes", default="bench/gemma2-2b.json,bench/smollm2-135m.json")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--len", type=int, default=100)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--small", type=int, default=2)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--peak", type=float, default=989.0, help="the GPU's dense bf16 peak, TFLOP/s (H100/H200 SXM)")
+    ap.add_argument("--work", default="/tmp/edgepatch-device-check")
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dev = a.device
+    backend = "cuda" if dev == "cuda" else "cpu"
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {dev}"
+          + (f" ({torch.cuda.get_device_name()})" if dev == "cuda" else ""), flush=True)
+    rows, failed = [], False
+
+    def row(shape, check, value, limit, ok, note=""):
+        nonlocal failed
+        failed |= not ok
+        rows.append((shape, check, value, limit, "pass" if ok else "FAIL", note))
+        print(f"  {shape:14s} {check:44s} {value:>12s} {limit:>10s} {'pass' if ok else 'FAIL'} {note}", flush=True)
+
+    for shape_path in a.shapes.split(","):
+        shape = os.path.splitext(os.path.basename(shape_path))[0]
+        if shape == "config":
+            shape = os.path.basename(os.path.dirname(shape_path))
+        t_shape = time.time()
+        with open(shape_path) as f:
+            cfg = AutoConfig.for_model(**json.load(f))
+        cfg._attn_implementation = "eager"
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(p.to(torch.bfloat16).to(torch.float32))
+        folder = os.path.join(a.work, shape)
+        shutil.rmtree(folder, ignore_errors=True)
+        model.save_pretrained(folder, safe_serialization=True)  # fp32 weights with bf16 values
+        V, B, T, S = cfg.vocab_size, a.batch, a.len, min(a.small, a.batch)
+        ids, don, typ = prompts(B, T, V)
+        ids_t, don_t = torch.from_numpy(ids).to(dev), torch.from_numpy(don).to(dev)
+        typ_t = torch.from_numpy(typ).to(dev)
+        mask = (typ_t[None, :] == TT_Y) & (typ_t[:, None] == TT_LAST)  # [receiver, sender]
+        print(f"{shape}: model made and saved in {time.time() - t_shape:.1f} s", flush=True)
+
+        # HF fp32 on the first prompts; then HF bf16 as users load it (whole batch, timed).
+        install(model)
+        hf32_clean, hf32_patched, _ = hf_runs(model, ids_t[:S], don_t[:S], mask, 0, dev)
+        del model
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16,
+                                                     attn_implementation="eager").to(dev)
+        model.eval()
+        install(model)
+        hf16_clean, hf16_patched, hf16_s = hf_runs(model, ids_t, don_t, mask, a.reps, dev)
+        del model
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+
+        dump = os.path.join(a.work, shape + ".bin")
+        o16_clean, o16_patched, o16_s = ours(a.bin, folder, backend, "bf16", B, T, a.reps, dump)
+        o32_clean, o32_patched, _ = ours(a.bin, folder, backend, "fp32", S, T, 1, dump)
+        c32_clean, c32_patched, _ = ours(a.bin, folder, "cpu", "fp32", S, T, 1, dump)
+
+        for what, o, h in (("clean", o32_clean, hf32_clean), ("patched", o32_patched, hf32_patched)):
+            e = row_error(o, h)
+            row(shape, f"fp32 {backend} vs HF fp32, {what}, {S} prompts", f"{e:.2e}", "1e-4", e <= 1e-4)
+        for what, o, c in (("clean", o32_clean, c32_clean), ("patched", o32_patched, c32_patched)):
+            e = row_error(o, c)
+            row(shape, f"fp32 {backend} vs our cpu, {what}, {S} prompts", f"{e:.2e}", "1e-4", e <= 1e-4)
+        for what, o, h16, h32 in (("clean", o16_clean, hf16_clean, hf32_clean),
+                                  ("patched", o16_patched, hf16_patched, hf32_patched)):
+            ours_to_32, hf_to_32 = row_error(o[:S], h32), row_error(h16[:S], h32)
+            limit = 1.5 * hf_to_32 + 1e-3
+            row(shape, f"bf16 {backend} vs HF fp32, {what} (HF bf16: {hf_to_32:.1e})", f"{ours_to_32:.2e}",
+                f"{limit:.1e}", ours_to_32 <= limit)
+            e = row_error(o, h16)
+            agree = float((o.argmax(1) == h16.argmax(1)).double().mean())
+            row(shape, f"bf16 {backend} vs HF bf16, {what}, {B} prompts", f"{e:.2e}", "-", True,
+                f"argmax agreement {agree:.3f}")
+        tok = B * T
+        ratio = hf16_s / o16_s
+        row(shape, f"patched tokens/s bf16, ours vs HF eager ({B}x{T})", f"{tok / o16_s:.0f}", "-", True,
+            f"HF {tok / hf16_s:.0f} tok/s; ratio {ratio:.1f}x (target >= 5)")
+        tf = matrix_flops(cfg, B, T) / o16_s / 1e12
+        row(shape, "achieved TFLOP/s of the patched run (bf16)", f"{tf:.1f}", "-", True,
+            f"{100 * tf / a.peak:.0f}% of {a.peak:.0f} peak")
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"{shape}: done in {time.time() - t_shape:.1f} s", flush=True)
+
+    print("\nshape          check                                               value      limit result note")
+    for r in rows:
+        print(f"{r[0]:14s} {r[1]:50s} {r[2]:>12s} {r[3]:>10s} {r[4]:6s} {r[5]}")
+    print("device_check.py:", "FAILED" if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -279,6 +279,11 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
         snprintf(where, sizeof where, "tasks[%d]", i);
         task tk;
         if (check_name(s->tasks[i], path, where, err)) goto fail;
+        for (int k = 0; k < i; k++)
+            if (!strcmp(s->tasks[k], s->tasks[i])) {
+                ep_fail(err, "%s: %s: task '%s' listed twice", path, where, s->tasks[i]);
+                goto fail;
+            }
         if (task_load(s->tasks[i], &tk, err)) {
             ep_wrap(err, "%s: %s", path, where);
             goto fail;

@@ -85,6 +85,7 @@ bad_sweep "bad.json: models\[0\]: ranks = 3 is not a multiple of tensor_parallel
 bad_sweep "bad.json: models\[0\]: tensor_parallel = 3 does not divide" 's/"ranks": 2}/"ranks": 3, "tensor_parallel": 3}/'
 bad_sweep "bad.json: models\[1\]: ranks = 2 with gpus = 1" 's/"gpus": 0, "ranks": 1}/"gpus": 1, "ranks": 2}/'
 bad_sweep "bad.json: tasks\[1\]: unknown task 'present_pst'" 's/"present_past"\]/"present_pst"]/'
+bad_sweep "bad.json: tasks\[1\]: task 'country_capital' listed twice" 's/"present_past"\]/"country_capital"]/'
 bad_sweep "bad.json: run: field output_path: set per run" 's/"n_prompts": 8,/"n_prompts": 8, "output_path": "x",/'
 bad_sweep "bad.json: run gemma2-tiny/country_capital: unknown field 'n_prompt'" 's/"n_prompts": 8/"n_prompt": 8/'
 bad_sweep "bad.json: stages\[1\]: until 'tokenize' does not come after" 's/"until": "prune"/"until": "tokenize"/'

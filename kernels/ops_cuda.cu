@@ -651,6 +651,16 @@ static void cuda_init_once(void) {
         (void)cudaGetLastError();
         return;
     }
+    // Ranks on one node share its GPUs round-robin by local rank (as mpirun and srun set it), so that n
+    // ranks on an n-GPU node use every GPU; EP_CUDA_DEVICE names one explicitly.
+    const char *names[] = {"EP_CUDA_DEVICE", "OMPI_COMM_WORLD_LOCAL_RANK", "SLURM_LOCALID", "PMIX_LOCAL_RANK"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && *v) {
+            CUDA_CHECK(cudaSetDevice(atoi(v) % count));
+            break;
+        }
+    }
     cublasStatus_t bs = cublasCreate(&ctx.blas);
     if (bs != CUBLAS_STATUS_SUCCESS) {
         fprintf(stderr, "edgepatch: cuBLAS unusable (%s); the cuda backend is off\n", cublasGetStatusString(bs));

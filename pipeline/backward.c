@@ -300,6 +300,9 @@ int model_loss(const model *m, const grad_batch *b, const forward_patch *patch, 
 
 int model_backward(const model *m, const grad_batch *b, const forward_patch *patch, grad_tape *t, ep_error *err) {
     memset(t, 0, sizeof *t);
+    if (model_config_local(&m->cfg).size > 1)
+        return ep_fail(err, "backward: attribution needs the whole model, not a tensor-parallel shard (use importance "
+                            "\"exact\" with tensor_parallel > 1)");
     if (check_batch(b, err)) return -1;
     const model_config *c = &m->cfg;
     const kernel_ops *ops = kernel_ops_cpu();

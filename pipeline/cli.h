@@ -11,6 +11,7 @@ int cmd_tasks(int argc, char **argv);          // pipeline/cmd_tasks.c
 int cmd_show(int argc, char **argv);           // pipeline/cmd_show.c
 int cmd_convert_gguf(int argc, char **argv);   // pipeline/cmd_convert_gguf.c
 int cmd_scores(int argc, char **argv);         // pipeline/cmd_scores.c
+int cmd_memory(int argc, char **argv);         // pipeline/cmd_memory.c
 int cmd_report(int argc, char **argv);         // pipeline/cmd_report.c
 int cmd_sweep(int argc, char **argv);          // pipeline/cmd_sweep.c
 

@@ -26,6 +26,7 @@ static const char usage[] =
     "\n"
     "Under mpirun or srun the cache and patch stages are shared out over the ranks by work item (a batch\n"
     "of batch_size prompts); the outputs are identical for any number of ranks (docs/distribution.md).\n"
+    "With tensor_parallel T in CONFIG, groups of T ranks split one model between them (docs/tensor_parallel.md).\n"
     "SIGTERM or SIGUSR1 stops the run after the items in flight: exit status 75, rerun to resume.\n"
     "Exit status: 0 done, 1 failed, 2 usage, 75 interrupted (rerun to resume).\n";
 
@@ -66,13 +67,20 @@ int cmd_run(int argc, char **argv) {
         sched_finalize(&sc);
         return 1;
     }
+    // Groups of tensor_parallel ranks share one model (docs/tensor_parallel.md).
+    if (sched_set_tensor_parallel(&sc, cfg.tensor_parallel, cfg.path, &err)) {
+        if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+        run_config_free(&cfg);
+        sched_finalize(&sc);
+        return 1;
+    }
     // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5.
     int status = root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
     status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;
     if (status == SCHED_OK && last >= 1) {
-        opened = stage_inputs_open(&cfg, &in, &err) == 0;
+        opened = stage_inputs_open_shard(&cfg, cfg.tensor_parallel > 1 ? &sc.group : NULL, &in, &err) == 0;
         status = sched_agree(&sc, opened ? SCHED_OK : SCHED_FAILED);
     }
     for (int s = 1; s <= 2 && s <= last && status == SCHED_OK; s++) {

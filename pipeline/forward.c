@@ -14,8 +14,9 @@ int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int 
     c->n_layers = cfg->n_layers;
     c->n_seqs = n_seqs;
     c->capacity = capacity;
-    c->kv_dim = cfg->n_kv_heads * cfg->head_dim;
-    c->z_dim = cfg->n_heads * cfg->head_dim;
+    tp_shard t = model_config_local(cfg);  // a tensor-parallel shard keeps only its own heads
+    c->kv_dim = t.n_kv_heads * cfg->head_dim;
+    c->z_dim = t.n_heads * cfg->head_dim;
     size_t n = (size_t)c->n_layers * n_seqs * capacity * c->kv_dim,
            nz = (size_t)c->n_layers * n_seqs * capacity * c->z_dim;
     c->len = ep_calloc((size_t)n_seqs, sizeof(int));
@@ -44,6 +45,43 @@ void kv_cache_free(kv_cache *c) {
     }
     free(c->len);
     memset(c, 0, sizeof *c);
+}
+
+int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_error *err) {
+    model_config cfg = m->cfg;
+    tp_shard mine = model_config_local(&cfg);
+    cfg.tp = (tp_shard){0};  // the whole model's heads
+    if (shard->backend) return ep_fail(err, "kv_cache_gather: needs a host cache");
+    if (kv_cache_init(whole, &cfg, shard->n_seqs, shard->capacity, shard->z != NULL, err)) return -1;
+    memcpy(whole->len, shard->len, sizeof(int) * (size_t)shard->n_seqs);
+    size_t rows = (size_t)shard->n_layers * shard->n_seqs * shard->capacity, hd = (size_t)cfg.head_dim;
+    int P = mine.size, rc = 0;
+    if (P == 1) {
+        memcpy(whole->k, shard->k, sizeof(float) * rows * shard->kv_dim);
+        memcpy(whole->v, shard->v, sizeof(float) * rows * shard->kv_dim);
+        if (shard->z) memcpy(whole->z, shard->z, sizeof(float) * rows * shard->z_dim);
+        return 0;
+    }
+    // Every rank's shard ([rank][row][its heads]), then each head's rows from the first rank holding it.
+    for (int part = 0; part < 3 && rc == 0; part++) {
+        const float *src = part == 0 ? shard->k : part == 1 ? shard->v : shard->z;
+        float *dst = part == 0 ? whole->k : part == 1 ? whole->v : whole->z;
+        if (!src) continue;
+        size_t local = part == 2 ? (size_t)shard->z_dim : (size_t)shard->kv_dim,
+               full = part == 2 ? (size_t)whole->z_dim : (size_t)whole->kv_dim;
+        float *all = ep_malloc(sizeof(float) * rows * local * (size_t)P);
+        rc = comm_allgather_f32(m->comm, src, all, rows * local, err);
+        for (int r = P - 1; r >= 0 && rc == 0; r--) {  // last to first: a replicated head ends with its first holder's copy
+            tp_shard t;
+            model_config_shard(&cfg, "config.json", r, P, &t, NULL);
+            size_t off = (size_t)(part == 2 ? t.head0 : t.kv_head0) * hd;
+            for (size_t i = 0; i < rows; i++)
+                memcpy(dst + i * full + off, all + ((size_t)r * rows + i) * local, sizeof(float) * local);
+        }
+        free(all);
+    }
+    if (rc) kv_cache_free(whole);
+    return rc;
 }
 
 static size_t kv_offset(const kv_cache *c, int layer, int seq, int pos) {
@@ -85,7 +123,6 @@ static int check_patch(const model_config *c, const kv_cache *cache, const forwa
 // Row buffers of hidden width hold max(T, n_logit_rows) rows: the logits rows are gathered into o.
 typedef struct {
     float *x, *xn, *q, *k, *v, *att, *o, *gate, *up, *mlp;
-    float *logits;  // backend copy of the logits for non-host backends, else NULL
     int *pos, *idx;  // backend: positions of the rows, then gather indices (tokens or logit rows)
     int *host_pos;
     attn_seq *seqs;
@@ -93,8 +130,9 @@ typedef struct {
 
 static void step_buffers_init(step_buffers *s, const kernel_ops *ops, const model_config *c, int T, int n_logit_rows,
                               int n_seqs) {
-    size_t t = (size_t)T, D = (size_t)c->hidden, Q = (size_t)c->n_heads * c->head_dim,
-           KV = (size_t)c->n_kv_heads * c->head_dim, I = (size_t)c->intermediate,
+    tp_shard sh = model_config_local(c);
+    size_t t = (size_t)T, D = (size_t)c->hidden, Q = (size_t)sh.n_heads * c->head_dim,
+           KV = (size_t)sh.n_kv_heads * c->head_dim, I = (size_t)sh.n_inter,
            tr = (size_t)(T > n_logit_rows ? T : n_logit_rows);
     s->x = ops->alloc(sizeof(float) * t * D);
     s->xn = ops->alloc(sizeof(float) * tr * D);
@@ -106,9 +144,6 @@ static void step_buffers_init(step_buffers *s, const kernel_ops *ops, const mode
     s->gate = ops->alloc(sizeof(float) * t * I);
     s->up = ops->alloc(sizeof(float) * t * I);
     s->mlp = ops->alloc(sizeof(float) * t * D);
-    s->logits = !ops->host_memory && n_logit_rows > 0
-                    ? ops->alloc(sizeof(float) * (size_t)n_logit_rows * (size_t)c->vocab_size)
-                    : NULL;
     s->pos = ops->alloc(sizeof(int) * t);
     s->idx = ops->alloc(sizeof(int) * tr);
     s->host_pos = ep_malloc(sizeof(int) * t);
@@ -118,7 +153,6 @@ static void step_buffers_init(step_buffers *s, const kernel_ops *ops, const mode
 static void step_buffers_free(step_buffers *s, const kernel_ops *ops) {
     float *f[] = {s->x, s->xn, s->q, s->k, s->v, s->att, s->o, s->gate, s->up, s->mlp};
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++) ops->release(f[i]);
-    if (s->logits) ops->release(s->logits);
     ops->release(s->pos);
     ops->release(s->idx);
     free(s->host_pos), free(s->seqs);
@@ -141,27 +175,47 @@ static void linear(const kernel_ops *ops, float *out, const float *x, const floa
         ops->matmul(out, x, w, b, rows, n_in, n_out);
 }
 
-// mlp = MLP(xn) for T rows.
+// mlp = MLP(xn) for T rows (of a shard: its columns' part of the sum, before the group's all-reduce).
 static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_weights *w, step_buffers *s, int T) {
-    size_t n = (size_t)T * c->intermediate;
+    int I = model_config_local(c).n_inter;
+    size_t n = (size_t)T * I;
     if (c->gated_mlp) {
-        linear(ops, s->gate, s->xn, w->w_gate, w->w_gate_bf16, w->b_gate, T, c->hidden, c->intermediate);
-        linear(ops, s->up, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, c->intermediate);
+        linear(ops, s->gate, s->xn, w->w_gate, w->w_gate_bf16, w->b_gate, T, c->hidden, I);
+        linear(ops, s->up, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, I);
         ops->glu(s->gate, s->gate, s->up, n, c->act);
     } else {
-        linear(ops, s->gate, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, c->intermediate);
+        linear(ops, s->gate, s->xn, w->w_up, w->w_up_bf16, w->b_up, T, c->hidden, I);
         ops->act(s->gate, n, c->act);
     }
-    linear(ops, s->mlp, s->gate, w->w_down, w->w_down_bf16, w->b_down, T, c->intermediate, c->hidden);
+    linear(ops, s->mlp, s->gate, w->w_down, w->w_down_bf16, w->b_down, T, I, c->hidden);
+}
+
+// The tensor-parallel group's sum of a row-parallel projection's parts (nothing for a whole model).
+static int group_sum(const model *m, float *buf, size_t n, ep_error *err) {
+    return model_config_local(&m->cfg).size > 1 ? comm_allreduce_sum_f32(m->comm, buf, n, err) : 0;
+}
+
+// A shard's rules: query head h of the shard is head head0 + h of the model, so the head bits move down.
+static void shard_rules(edge_rule_set *dst, const edge_rule_set *src, int head0, int n_heads) {
+    dst->n = src->n;
+    for (int r = 0; r < src->n; r++) {
+        dst->rule[r] = src->rule[r];
+        memset(dst->rule[r].heads, 0, sizeof dst->rule[r].heads);
+        for (int h = 0; h < n_heads; h++)
+            if ((src->rule[r].heads[(head0 + h) >> 6] >> ((head0 + h) & 63)) & 1u)
+                dst->rule[r].heads[h >> 6] |= 1ull << (h & 63);
+    }
 }
 
 // Head units of layer l: a head's output at positions of the unit's type becomes the donor's there. Runs of
-// consecutive positions of the type are copied at once.
+// consecutive positions of the type are copied at once. A shard substitutes only its own heads
+// [head0, head0 + n_heads).
 static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int l, int head_dim, const step_buffers *s,
-                             int n_seqs, int Q) {
+                             int n_seqs, int Q, int head0, int n_heads) {
     for (int u = 0; u < p->n_head_units; u++) {
         const head_unit *h = &p->head_units[u];
-        if (h->layer != l) continue;
+        if (h->layer != l || h->head < head0 || h->head >= head0 + n_heads) continue;
+        int head = h->head - head0;
         const kv_cache *donor = p->donors[h->donor];
         for (int seq = 0; seq < n_seqs; seq++) {
             const attn_seq *sq = &s->seqs[seq];
@@ -173,12 +227,50 @@ static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int 
                 }
                 int n = 1;
                 while (i + n < sq->n_q && pos + n < sq->n_typed && sq->types[pos + n] == h->type) n++;
-                ops->copy_rows(s->att + (size_t)(sq->q_row + i) * Q + (size_t)h->head * head_dim, Q,
-                               kv_cache_z(donor, l, seq, pos) + (size_t)h->head * head_dim, donor->z_dim, n, head_dim);
+                ops->copy_rows(s->att + (size_t)(sq->q_row + i) * Q + (size_t)head * head_dim, Q,
+                               kv_cache_z(donor, l, seq, pos) + (size_t)head * head_dim, donor->z_dim, n, head_dim);
                 i += n;
             }
         }
     }
+}
+
+// Gathers the rows whose logits are read, then norms and projects only those. A vocabulary-parallel shard
+// projects its block of the vocabulary and the group all-gathers the blocks ([rank][row][block]), which are
+// put back in vocabulary order on the host. Host backends write the caller's array directly when it is
+// the whole vocabulary; otherwise a backend buffer is downloaded.
+static int project_logits(const model *m, const kernel_ops *ops, step_buffers *s, const forward_batch *b,
+                          ep_error *err) {
+    const model_config *c = &m->cfg;
+    tp_shard sh = model_config_local(c);
+    int R = b->n_logit_rows, D = c->hidden, V = c->vocab_size, Vl = sh.n_vocab, parts = V / Vl, rc = 0;
+    size_t n_logits = (size_t)R * V, n_local = (size_t)R * Vl;
+    int direct = ops->host_memory && parts == 1;
+    float *local = direct ? b->logits : ops->alloc(sizeof(float) * n_local);
+    ops->upload(s->idx, b->logit_rows, sizeof(int) * (size_t)R);
+    ops->gather_rows(s->o, s->x, s->idx, R, D);
+    norm(ops, c, s->xn, s->o, m->final_norm, m->final_norm_bias, R);
+    linear(ops, local, s->xn, m->lm_head, m->lm_head_bf16, m->lm_head_bias, R, D, Vl);
+    if (c->final_softcap > 0) ops->softcap(local, n_local, c->final_softcap);
+    if (direct) return 0;
+    if (parts == 1) {
+        ops->download(b->logits, local, sizeof(float) * n_logits);
+        ops->release(local);
+        return 0;
+    }
+    float *all = ops->alloc(sizeof(float) * n_logits), *host = ep_malloc(sizeof(float) * n_logits);
+    ops->sync();
+    rc = comm_allgather_f32(m->comm, local, all, n_local, err);
+    if (rc == 0) {
+        ops->download(host, all, sizeof(float) * n_logits);
+        for (int k = 0; k < parts; k++)
+            for (int r = 0; r < R; r++)
+                memcpy(b->logits + (size_t)r * V + (size_t)k * Vl, host + ((size_t)k * R + r) * Vl, sizeof(float) * Vl);
+    }
+    free(host);
+    ops->release(all);
+    ops->release(local);
+    return rc;
 }
 
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
@@ -188,6 +280,10 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     if (m->backend != dev || cache->backend != dev)
         return ep_fail(err, "forward: the %s backend needs the model's weights and the cache in its memory "
                             "(model_to_backend, kv_cache_init_backend)", ops->name);
+    tp_shard sh = model_config_local(c);
+    if (sh.size > 1 && (!m->comm || m->comm->size != sh.size || m->comm->rank != sh.rank))
+        return ep_fail(err, "forward: a tensor-parallel shard (rank %d of %d) needs its group's communicator", sh.rank,
+                       sh.size);
     if (patch && check_patch(c, cache, patch, err)) return -1;
     if (b->n_seqs != cache->n_seqs)
         return ep_fail(err, "forward: batch has %d sequences, the cache %d", b->n_seqs, cache->n_seqs);
@@ -214,7 +310,8 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
 
     step_buffers s;
     step_buffers_init(&s, ops, c, T, b->n_logit_rows, b->n_seqs);
-    int D = c->hidden, Q = c->n_heads * c->head_dim, KV = cache->kv_dim;
+    int D = c->hidden, H = sh.n_heads, Q = H * c->head_dim, KV = cache->kv_dim, rc = 0;
+    edge_rule_set *rules = patch && patch->layer_rules && sh.head0 > 0 ? ep_malloc(sizeof *rules) : NULL;
     for (int seq = 0, r = 0; seq < b->n_seqs; seq++) {
         s.seqs[seq] = (attn_seq){.q_row = r, .n_q = b->n_new[seq], .q_pos = cache->len[seq], .kv_row = seq * cache->capacity};
         if (patch) {
@@ -234,20 +331,20 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
     }
 
-    for (int l = first; l < end; l++) {
+    for (int l = first; l < end && rc == 0; l++) {
         const layer_weights *w = &m->layers[l];
         if (b->resid) ops->download(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
         norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
         linear(ops, s.q, s.xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
         linear(ops, s.k, s.xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
         linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
-        ops->rope(s.q, Q, s.pos, m->inv_freq, T, c->n_heads, c->head_dim, c->rotary_dim);
-        ops->rope(s.k, KV, s.pos, m->inv_freq, T, c->n_kv_heads, c->head_dim, c->rotary_dim);
+        ops->rope(s.q, Q, s.pos, m->inv_freq, T, H, c->head_dim, c->rotary_dim);
+        ops->rope(s.k, KV, s.pos, m->inv_freq, T, sh.n_kv_heads, c->head_dim, c->rotary_dim);
         for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
             ops->copy_rows(kv_cache_k(cache, l, seq, cache->len[seq]), KV, s.k + (size_t)r * KV, KV, b->n_new[seq], KV);
             ops->copy_rows(kv_cache_v(cache, l, seq, cache->len[seq]), KV, s.v + (size_t)r * KV, KV, b->n_new[seq], KV);
         }
-        attn_params p = {.n_heads = c->n_heads, .n_kv_heads = c->n_kv_heads, .head_dim = c->head_dim,
+        attn_params p = {.n_heads = H, .n_kv_heads = sh.n_kv_heads, .head_dim = c->head_dim,
                          .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
                          .window = model_config_layer_window(c, l)};
         if (patch && patch->layer_rules && patch->layer_rules[l].n > 0) {
@@ -256,57 +353,60 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 dk[d] = kv_cache_k(patch->donors[d], l, 0, 0);
                 dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
             }
+            if (rules) shard_rules(rules, &patch->layer_rules[l], sh.head0, H);
             ops->patched_attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), patch->n_donors,
-                                   dk, dv, s.seqs, b->n_seqs, &p, &patch->layer_rules[l]);
+                                   dk, dv, s.seqs, b->n_seqs, &p, rules ? rules : &patch->layer_rules[l]);
         } else {
             ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
         }
-        if (patch) substitute_heads(ops, patch, l, c->head_dim, &s, b->n_seqs, Q);
+        if (patch) substitute_heads(ops, patch, l, c->head_dim, &s, b->n_seqs, Q, sh.head0, H);
         if (cache->z)
             for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++)
                 ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
                                b->n_new[seq], Q);
         linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
 
+        // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
+        // the parallel block, whose two branches are added anyway).
+        size_t n = (size_t)T * D;
         switch (c->block) {
         case BLOCK_PRE_NORM:
-            ops->add(s.x, s.o, (size_t)T * D);
+            if ((rc = group_sum(m, s.o, n, err))) break;
+            ops->add(s.x, s.o, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
-            ops->add(s.x, s.mlp, (size_t)T * D);
+            if ((rc = group_sum(m, s.mlp, n, err))) break;
+            ops->add(s.x, s.mlp, n);
             break;
         case BLOCK_SANDWICH_NORM:
+            if ((rc = group_sum(m, s.o, n, err))) break;
             norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
-            ops->add(s.x, s.xn, (size_t)T * D);
+            ops->add(s.x, s.xn, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
+            if ((rc = group_sum(m, s.mlp, n, err))) break;
             norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
-            ops->add(s.x, s.xn, (size_t)T * D);
+            ops->add(s.x, s.xn, n);
             break;
         case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
             run_mlp(ops, c, w, &s, T);
-            ops->add(s.o, s.mlp, (size_t)T * D);
-            ops->add(s.x, s.o, (size_t)T * D);
+            ops->add(s.o, s.mlp, n);
+            if ((rc = group_sum(m, s.o, n, err))) break;
+            ops->add(s.x, s.o, n);
             break;
         }
+    }
+    free(rules);
+    if (rc) {
+        step_buffers_free(&s, ops);
+        return -1;
     }
     if (b->resid) ops->download(b->resid + (size_t)end * T * D, s.x, sizeof(float) * (size_t)T * D);
     if (b->x_out) ops->download(b->x_out, s.x, sizeof(float) * (size_t)T * D);
     for (int seq = 0; seq < b->n_seqs; seq++) cache->len[seq] += b->n_new[seq];
 
-    if (b->n_logit_rows > 0) {
-        // Gather the rows that are read, then norm and project only those.
-        // Host backends write the caller's array directly; others a backend copy, then downloaded.
-        size_t n_logits = (size_t)b->n_logit_rows * c->vocab_size;
-        float *logits = s.logits ? s.logits : b->logits;
-        ops->upload(s.idx, b->logit_rows, sizeof(int) * (size_t)b->n_logit_rows);
-        ops->gather_rows(s.o, s.x, s.idx, b->n_logit_rows, D);
-        norm(ops, c, s.xn, s.o, m->final_norm, m->final_norm_bias, b->n_logit_rows);
-        linear(ops, logits, s.xn, m->lm_head, m->lm_head_bf16, m->lm_head_bias, b->n_logit_rows, D, c->vocab_size);
-        if (c->final_softcap > 0) ops->softcap(logits, n_logits, c->final_softcap);
-        if (s.logits) ops->download(b->logits, s.logits, sizeof(float) * n_logits);
-    }
+    if (b->n_logit_rows > 0) rc = project_logits(m, ops, &s, b, err);
     ops->sync();
     step_buffers_free(&s, ops);
-    return 0;
+    return rc;
 }

@@ -6,6 +6,9 @@
 // cannot see each other. The vocabulary projection runs only on the rows whose logits are asked for.
 // The per-layer keys and values are left in the cache and the residual stream can be captured, which
 // is what the patching stage reads and replaces. Never allocates model weights; never prints.
+// A tensor-parallel shard's pass (model.cfg.tp, docs/tensor_parallel.md) computes its heads and MLP
+// columns, sums the row-parallel projections over model.comm (every rank of the group must run the same
+// passes in the same order) and gathers the logits; its cache holds only its KV heads and head outputs.
 #ifndef EP_FORWARD_H
 #define EP_FORWARD_H
 
@@ -29,6 +32,10 @@ int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity
 int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z,
                           const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
+// The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->comm its
+// group): collective, host caches only. whole is initialised here (same sequences, capacity, lengths, head
+// outputs if kept) with every KV head and query head; for a whole model it is a copy.
+int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_error *err);
 // Keys (or values) of layer l, sequence s, position p: kv_dim floats (backend memory for a backend cache).
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos);
 float *kv_cache_v(const kv_cache *c, int layer, int seq, int pos);

@@ -15,11 +15,14 @@ float model_embed_scale(const model_config *cfg, int bf16_compute) {
 }
 
 // One expected tensor: its name, where its pointer goes and the shape the config implies (d1 = 0 for
-// a vector).
+// a vector), and the part this rank holds: rows [r0, r0 + nr) and columns [c0, c0 + nc) (a tensor-parallel
+// slice; the whole tensor otherwise). dst NULL: the tensor is checked but not held (a bias that only the
+// first rank of a group adds).
 typedef struct {
     char name[128];
     const float **dst;
     int64_t d0, d1;
+    int64_t r0, nr, c0, nc;
 } expected_tensor;
 
 typedef struct {
@@ -27,20 +30,29 @@ typedef struct {
     int n, cap;
 } expected_list;
 
-static void expect(expected_list *l, const float **dst, int64_t d0, int64_t d1, const char *fmt, int layer) {
+static expected_tensor *expect(expected_list *l, const float **dst, int64_t d0, int64_t d1, const char *fmt, int layer) {
     if (l->n == l->cap) l->items = ep_realloc(l->items, sizeof(expected_tensor) * (size_t)(l->cap = l->cap ? 2 * l->cap : 64));
     expected_tensor *e = &l->items[l->n++];
+    *e = (expected_tensor){.dst = dst, .d0 = d0, .d1 = d1, .nr = d0, .nc = d1 ? d1 : 1};
     snprintf(e->name, sizeof e->name, fmt, layer);
-    e->dst = dst;
-    e->d0 = d0;
-    e->d1 = d1;
+    return e;
 }
+
+// Column-parallel (rows = output features) and row-parallel (columns = input features) slices.
+static void rows(expected_tensor *e, int64_t r0, int64_t nr) { e->r0 = r0, e->nr = nr; }
+static void cols(expected_tensor *e, int64_t c0, int64_t nc) { e->c0 = c0, e->nc = nc; }
+static size_t held_floats(const expected_tensor *e) { return (size_t)e->nr * (size_t)e->nc; }
 
 // The tensor names and shapes of each architecture, as HF saves them.
 static void list_expected(model *m, expected_list *l) {
     const model_config *c = &m->cfg;
     int64_t D = c->hidden, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim,
-            I = c->intermediate;
+            I = c->intermediate, hd = c->head_dim;
+    // This rank's part (docs/tensor_parallel.md): its query heads' rows of q and columns of o, its KV heads'
+    // rows of k and v, its MLP columns' rows of gate/up and columns of down, its block of lm_head rows;
+    // the output biases of the row-parallel o and down projections are added by the group's first rank.
+    tp_shard t = model_config_local(c);
+    int64_t q0 = t.head0 * hd, nq = t.n_heads * hd, k0 = t.kv_head0 * hd, nk = t.n_kv_heads * hd;
     expect(l, &m->embed, c->vocab_size, D, "model.embed_tokens.weight", 0);
     if (c->arch == ARCH_PHI) {
         expect(l, &m->final_norm, D, 0, "model.final_layernorm.weight", 0);
@@ -48,38 +60,39 @@ static void list_expected(model *m, expected_list *l) {
     } else {
         expect(l, &m->final_norm, D, 0, "model.norm.weight", 0);
     }
-    if (!c->tied_embeddings) expect(l, &m->lm_head, c->vocab_size, D, "lm_head.weight", 0);
-    if (c->lm_head_bias) expect(l, &m->lm_head_bias, c->vocab_size, 0, "lm_head.bias", 0);
+    if (!c->tied_embeddings) rows(expect(l, &m->lm_head, c->vocab_size, D, "lm_head.weight", 0), t.vocab0, t.n_vocab);
+    if (c->lm_head_bias) rows(expect(l, &m->lm_head_bias, c->vocab_size, 0, "lm_head.bias", 0), t.vocab0, t.n_vocab);
     for (int i = 0; i < c->n_layers; i++) {
         layer_weights *w = &m->layers[i];
         expect(l, &w->attn_norm, D, 0, "model.layers.%d.input_layernorm.weight", i);
-        expect(l, &w->wq, Q, D, "model.layers.%d.self_attn.q_proj.weight", i);
-        expect(l, &w->wk, KV, D, "model.layers.%d.self_attn.k_proj.weight", i);
-        expect(l, &w->wv, KV, D, "model.layers.%d.self_attn.v_proj.weight", i);
+        rows(expect(l, &w->wq, Q, D, "model.layers.%d.self_attn.q_proj.weight", i), q0, nq);
+        rows(expect(l, &w->wk, KV, D, "model.layers.%d.self_attn.k_proj.weight", i), k0, nk);
+        rows(expect(l, &w->wv, KV, D, "model.layers.%d.self_attn.v_proj.weight", i), k0, nk);
         if (c->qkv_bias) {
-            expect(l, &w->bq, Q, 0, "model.layers.%d.self_attn.q_proj.bias", i);
-            expect(l, &w->bk, KV, 0, "model.layers.%d.self_attn.k_proj.bias", i);
-            expect(l, &w->bv, KV, 0, "model.layers.%d.self_attn.v_proj.bias", i);
+            rows(expect(l, &w->bq, Q, 0, "model.layers.%d.self_attn.q_proj.bias", i), q0, nq);
+            rows(expect(l, &w->bk, KV, 0, "model.layers.%d.self_attn.k_proj.bias", i), k0, nk);
+            rows(expect(l, &w->bv, KV, 0, "model.layers.%d.self_attn.v_proj.bias", i), k0, nk);
         }
+        int first = t.rank == 0;
         if (c->arch == ARCH_PHI) {
             expect(l, &w->attn_norm_bias, D, 0, "model.layers.%d.input_layernorm.bias", i);
-            expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.dense.weight", i);
-            expect(l, &w->bo, D, 0, "model.layers.%d.self_attn.dense.bias", i);
-            expect(l, &w->w_up, I, D, "model.layers.%d.mlp.fc1.weight", i);
-            expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.fc1.bias", i);
-            expect(l, &w->w_down, D, I, "model.layers.%d.mlp.fc2.weight", i);
-            expect(l, &w->b_down, D, 0, "model.layers.%d.mlp.fc2.bias", i);
+            cols(expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.dense.weight", i), q0, nq);
+            expect(l, first ? &w->bo : NULL, D, 0, "model.layers.%d.self_attn.dense.bias", i);
+            rows(expect(l, &w->w_up, I, D, "model.layers.%d.mlp.fc1.weight", i), t.inter0, t.n_inter);
+            rows(expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.fc1.bias", i), t.inter0, t.n_inter);
+            cols(expect(l, &w->w_down, D, I, "model.layers.%d.mlp.fc2.weight", i), t.inter0, t.n_inter);
+            expect(l, first ? &w->b_down : NULL, D, 0, "model.layers.%d.mlp.fc2.bias", i);
             continue;
         }
-        expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.o_proj.weight", i);
-        if (c->o_bias) expect(l, &w->bo, D, 0, "model.layers.%d.self_attn.o_proj.bias", i);
-        expect(l, &w->w_gate, I, D, "model.layers.%d.mlp.gate_proj.weight", i);
-        expect(l, &w->w_up, I, D, "model.layers.%d.mlp.up_proj.weight", i);
-        expect(l, &w->w_down, D, I, "model.layers.%d.mlp.down_proj.weight", i);
+        cols(expect(l, &w->wo, D, Q, "model.layers.%d.self_attn.o_proj.weight", i), q0, nq);
+        if (c->o_bias) expect(l, first ? &w->bo : NULL, D, 0, "model.layers.%d.self_attn.o_proj.bias", i);
+        rows(expect(l, &w->w_gate, I, D, "model.layers.%d.mlp.gate_proj.weight", i), t.inter0, t.n_inter);
+        rows(expect(l, &w->w_up, I, D, "model.layers.%d.mlp.up_proj.weight", i), t.inter0, t.n_inter);
+        cols(expect(l, &w->w_down, D, I, "model.layers.%d.mlp.down_proj.weight", i), t.inter0, t.n_inter);
         if (c->mlp_bias) {
-            expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.up_proj.bias", i);
-            expect(l, &w->b_down, D, 0, "model.layers.%d.mlp.down_proj.bias", i);
-            expect(l, &w->b_gate, I, 0, "model.layers.%d.mlp.gate_proj.bias", i);
+            rows(expect(l, &w->b_up, I, 0, "model.layers.%d.mlp.up_proj.bias", i), t.inter0, t.n_inter);
+            expect(l, first ? &w->b_down : NULL, D, 0, "model.layers.%d.mlp.down_proj.bias", i);
+            rows(expect(l, &w->b_gate, I, 0, "model.layers.%d.mlp.gate_proj.bias", i), t.inter0, t.n_inter);
         }
         if (c->arch == ARCH_GEMMA2) {
             expect(l, &w->attn_post_norm, D, 0, "model.layers.%d.post_attention_layernorm.weight", i);
@@ -89,6 +102,21 @@ static void list_expected(model *m, expected_list *l) {
             expect(l, &w->mlp_norm, D, 0, "model.layers.%d.post_attention_layernorm.weight", i);
         }
     }
+}
+
+size_t model_held_floats(const model_config *cfg) {
+    model m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *cfg;
+    m.layers = ep_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
+    expected_list l = {0};
+    list_expected(&m, &l);
+    size_t n = 0;
+    for (int i = 0; i < l.n; i++)
+        if (l.items[i].dst) n += held_floats(&l.items[i]);
+    free(l.items);
+    free(m.layers);
+    return n;
 }
 
 // Tensors HF checkpoints may carry that the forward pass does not read.
@@ -115,21 +143,39 @@ static int bind_tensor(model *m, const expected_tensor *e, ep_error *err) {
     }
     if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
         return ep_fail(err, "%s: tensor '%s' has dtype %s, expected F32, BF16 or F16", file, e->name, st_dtype_name(t->dtype));
-    if (t->dtype == ST_F32 && ((uintptr_t)t->data % sizeof(float)) == 0) {
-        *e->dst = (const float *)(const void *)t->data;
+    if (!e->dst) return 0;
+    int64_t width = e->d1 ? e->d1 : 1;
+    size_t esize = st_dtype_size(t->dtype);
+    const unsigned char *start = (const unsigned char *)t->data + (size_t)(e->r0 * width + e->c0) * esize;
+    // Whole rows of aligned F32 are used in place: the mapping is only read where this rank's slice lies.
+    if (t->dtype == ST_F32 && e->nc == width && ((uintptr_t)start % sizeof(float)) == 0) {
+        *e->dst = (const float *)(const void *)start;
         return 0;
     }
-    float *buf = ep_malloc(sizeof(float) * (size_t)t->numel);
+    float *buf = ep_malloc(sizeof(float) * held_floats(e));
     m->owned[m->n_owned++] = buf;
     *e->dst = buf;
-    return safetensors_read_f32(t, buf, err);
+    // Row by row (a column slice is one run per row), converting only the slice.
+    int contiguous = e->nc == width;
+    for (int64_t r = 0; r < (contiguous ? 1 : e->nr); r++) {
+        st_tensor part = *t;
+        part.data = start + (size_t)(r * width) * esize;
+        part.numel = contiguous ? e->nr * e->nc : e->nc;
+        part.nbytes = (size_t)part.numel * esize;
+        if (safetensors_read_f32(&part, buf + r * e->nc, err)) return -1;
+    }
+    return 0;
 }
 
-int model_load(const char *dir, model *m, ep_error *err) {
+int model_load(const char *dir, model *m, ep_error *err) { return model_load_shard(dir, 0, 1, m, err); }
+
+int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err) {
     memset(m, 0, sizeof *m);
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
-    if (model_config_load(path, &m->cfg, err) || hash_file(path, &m->config_hash, err)) return -1;
+    if (model_config_load(path, &m->cfg, err) || hash_file(path, &m->config_hash, err) ||
+        model_config_shard(&m->cfg, path, tp_rank, tp_size, &m->cfg.tp, err))
+        return -1;
     if (safetensors_open_dir(dir, &m->st, err)) return -1;
     const model_config *c = &m->cfg;
     m->layers = ep_calloc((size_t)c->n_layers, sizeof(layer_weights));
@@ -153,7 +199,7 @@ int model_load(const char *dir, model *m, ep_error *err) {
         model_free(m);
         return -1;
     }
-    if (c->tied_embeddings) m->lm_head = m->embed;
+    if (c->tied_embeddings) m->lm_head = m->embed + (size_t)model_config_local(c).vocab0 * c->hidden;
     m->inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
     model_config_inv_freq(c, m->inv_freq);
     m->embed_scale = model_embed_scale(c, 0);
@@ -180,7 +226,8 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
     m->owned = ep_calloc((size_t)l.n, sizeof(float *));
     uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
     for (int i = 0; i < l.n; i++) {
-        size_t n = (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
+        if (!l.items[i].dst) continue;
+        size_t n = held_floats(&l.items[i]);
         float *buf = ep_malloc(sizeof(float) * n), base = strstr(l.items[i].name, "norm.weight") ? 1.0f : 0.0f;
         for (size_t j = 0; j < n; j++) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
@@ -190,7 +237,7 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
         *l.items[i].dst = buf;
     }
     free(l.items);
-    if (cfg->tied_embeddings) m->lm_head = m->embed;
+    if (cfg->tied_embeddings) m->lm_head = m->embed + (size_t)model_config_local(cfg).vocab0 * cfg->hidden;
     m->inv_freq = ep_malloc(sizeof(float) * (size_t)(cfg->rotary_dim / 2 > 0 ? cfg->rotary_dim / 2 : 1));
     model_config_inv_freq(cfg, m->inv_freq);
     m->embed_scale = model_embed_scale(cfg, 0);
@@ -245,7 +292,8 @@ int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev
     dev->owned = ep_calloc((size_t)l.n + 2, sizeof(void *));
     dev->backend = ops;
     for (int i = 0; i < l.n; i++) {
-        size_t n = (size_t)l.items[i].d0 * (size_t)(l.items[i].d1 ? l.items[i].d1 : 1);
+        if (!l.items[i].dst) continue;
+        size_t n = held_floats(&l.items[i]);
         const uint16_t **slot = bf16 ? bf16_slot(dev, l.items[i].dst) : NULL;
         if (slot) {
             *slot = upload_bf16(dev, *l.items[i].dst, n, 1);
@@ -260,8 +308,9 @@ int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev
         }
     }
     free(l.items);
-    if (c->tied_embeddings) dev->lm_head = dev->embed;
-    if (c->tied_embeddings && bf16) dev->lm_head_bf16 = upload_bf16(dev, m->embed, (size_t)c->vocab_size * c->hidden, 1);
+    tp_shard t = model_config_local(c);  // a shard's lm_head is its block of the (tied) embedding's rows
+    if (c->tied_embeddings) dev->lm_head = dev->embed + (size_t)t.vocab0 * c->hidden;
+    if (c->tied_embeddings && bf16) dev->lm_head_bf16 = upload_bf16(dev, m->lm_head, (size_t)t.n_vocab * c->hidden, 1);
     if (bf16) dev->embed_scale = model_embed_scale(c, 1);
     size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
     dev->inv_freq = ops->alloc(inv_bytes ? inv_bytes : sizeof(float));

@@ -13,6 +13,7 @@
 #include "pipeline/error.h"
 #include "pipeline/model_config.h"
 #include "pipeline/safetensors.h"
+#include "sched/comm.h"
 
 typedef struct {
     const float *attn_norm, *attn_norm_bias;  // input_layernorm
@@ -43,10 +44,20 @@ typedef struct {
     uint64_t config_hash;  // of config.json's bytes
     const kernel_ops *backend;  // non-NULL: a device model (model_to_backend) whose weights and inv_freq live in
                                 // this backend's memory; `owned` then lists those buffers
+    const ep_comm *comm;  // a shard's tensor-parallel group (cfg.tp.size ranks, buffers in the backend's memory):
+                          // set by the caller before model_forward; unused for a whole model
 } model;
 
 // Loads DIR/config.json and DIR's safetensors.
 int model_load(const char *dir, model *m, ep_error *err);
+// Rank tp_rank's shard of a tensor-parallel group of tp_size ranks (cfg.tp; docs/tensor_parallel.md):
+// every tensor is validated whole, but only the rank's slice is held (rows of aligned F32 in place in
+// the mapping, other slices converted into owned buffers). cfg keeps the whole model's sizes; cfg.tp says
+// which part this is. tp_size 1 is model_load. A config that does not split is an error naming the field.
+int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err);
+// The weights (floats) a model or shard of cfg's shape holds (cfg->tp; a tied lm_head counts once), as
+// model_load_shard would: what `edgepatch memory` reports.
+size_t model_held_floats(const model_config *cfg);
 // Identity of a loaded checkpoint for artifact attributes: config.json's bytes and every safetensors
 // header (names, dtypes, shapes, offsets), without reading the weights themselves.
 uint64_t model_identity(const model *m);

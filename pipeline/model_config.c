@@ -259,10 +259,41 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
         ep_fail(err, "%s: field bos_token_id: %d is outside the vocabulary of %d", path, cfg->bos_id, cfg->vocab_size);
         goto done;
     }
+    cfg->tp = model_config_local(cfg);
     rc = 0;
 done:
     json_decref(root);
     return rc;
+}
+
+tp_shard model_config_local(const model_config *cfg) {
+    if (cfg->tp.size >= 1) return cfg->tp;
+    return (tp_shard){.rank = 0, .size = 1, .n_heads = cfg->n_heads, .n_kv_heads = cfg->n_kv_heads,
+                      .n_inter = cfg->intermediate, .n_vocab = cfg->vocab_size};
+}
+
+int model_config_shard(const model_config *cfg, const char *path, int rank, int size, tp_shard *out, ep_error *err) {
+    int H = cfg->n_heads, KV = cfg->n_kv_heads, I = cfg->intermediate, V = cfg->vocab_size;
+    if (size < 1 || rank < 0 || rank >= size) return ep_fail(err, "tensor parallel: rank %d of %d", rank, size);
+    if (H % size)
+        return ep_fail(err, "%s: num_attention_heads = %d does not split over tensor_parallel = %d ranks", path, H, size);
+    if (I % size)
+        return ep_fail(err, "%s: intermediate_size = %d does not split over tensor_parallel = %d ranks", path, I, size);
+    // KV heads split when the ranks divide them; with fewer KV heads than ranks, each rank keeps the one KV
+    // head its query heads read (replicated), which needs the ranks to be a multiple of the KV heads.
+    if (KV % size && size % KV)
+        return ep_fail(err, "%s: num_key_value_heads = %d neither splits over nor is replicated evenly on "
+                            "tensor_parallel = %d ranks (one must divide the other)", path, KV, size);
+    tp_shard s = {.rank = rank, .size = size, .n_heads = H / size, .n_inter = I / size};
+    s.head0 = rank * s.n_heads;
+    s.inter0 = rank * s.n_inter;
+    s.n_kv_heads = KV % size == 0 ? KV / size : 1;
+    s.kv_head0 = s.head0 / (H / KV);
+    // Vocabulary-parallel logits when the ranks divide the vocabulary, else every rank computes them all.
+    s.n_vocab = V % size == 0 ? V / size : V;
+    s.vocab0 = V % size == 0 ? rank * s.n_vocab : 0;
+    *out = s;
+    return 0;
 }
 
 int model_config_layer_window(const model_config *cfg, int layer) {

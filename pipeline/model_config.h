@@ -22,6 +22,17 @@ typedef enum {
 
 typedef enum { ARCH_LLAMA, ARCH_GEMMA2, ARCH_PHI } arch_id;
 
+// The part of the model one rank of a tensor-parallel group holds (docs/tensor_parallel.md): contiguous
+// query heads, the KV heads they read (replicated over ranks when there are fewer KV heads than ranks),
+// a block of MLP columns and, when the group size divides the vocabulary, a block of lm_head rows.
+typedef struct {
+    int rank, size;            // position in the group; size 0 (a hand-made config) or 1: the whole model
+    int head0, n_heads;        // query heads [head0, head0 + n_heads)
+    int kv_head0, n_kv_heads;  // KV heads [kv_head0, kv_head0 + n_kv_heads)
+    int inter0, n_inter;       // MLP columns [inter0, inter0 + n_inter)
+    int vocab0, n_vocab;       // lm_head rows (logits) this rank computes
+} tp_shard;
+
 typedef struct {
     arch_id arch;
     char arch_name[64];  // the HF class name, for messages
@@ -61,6 +72,8 @@ typedef struct {
     int sliding_every_other;   // window only on even layers (Gemma-2)
     int scale_embeddings;      // multiply embeddings by sqrt(hidden) (Gemma)
 
+    tp_shard tp;               // the whole model unless model_config_set_shard made it a shard
+
     int bos_id;                // -1 when absent
     int n_eos;                 // eos_token_id may be one id or a list (Llama-3.1)
     int eos_ids[8];
@@ -68,6 +81,12 @@ typedef struct {
 
 // Parses and validates DIR/config.json (path is the file itself).
 int model_config_load(const char *path, model_config *cfg, ep_error *err);
+
+// Rank `rank` of a tensor-parallel group of `size` ranks: its shard of cfg's model, or an error naming the
+// config field that does not split (heads, KV heads, MLP width). path names config.json in messages.
+int model_config_shard(const model_config *cfg, const char *path, int rank, int size, tp_shard *out, ep_error *err);
+// cfg->tp when set, else the whole model (for configs made by hand).
+tp_shard model_config_local(const model_config *cfg);
 
 // The window of layer l (0 = full causal attention).
 int model_config_layer_window(const model_config *cfg, int layer);

@@ -58,12 +58,13 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
             goto fail;
         }
     }
-    long long seed = 0, n_prompts = 100, limit = -1, n_shots = -1, batch = 8;
+    long long seed = 0, n_prompts = 100, limit = -1, n_shots = -1, batch = 8, tp = 1;
     if (opt_string(c, "task", &c->task, err) || opt_string(c, "model_name", &c->model_name, err) ||
         opt_string(c, "model_path", &c->model_path, err) || opt_string(c, "tokenizer_path", &c->tokenizer_path, err) ||
         opt_string(c, "output_path", &c->output_path, err) || opt_int(c, "seed", 0, INT64_MAX, &seed, err) ||
         opt_int(c, "n_prompts", 1, 10000000, &n_prompts, err) || opt_int(c, "limit", 1, 10000000, &limit, err) ||
-        opt_int(c, "n_shots", 0, 1000, &n_shots, err) || opt_int(c, "batch_size", 1, 1000000, &batch, err))
+        opt_int(c, "n_shots", 0, 1000, &n_shots, err) || opt_int(c, "batch_size", 1, 1000000, &batch, err) ||
+        opt_int(c, "tensor_parallel", 1, 4096, &tp, err))
         goto fail;
     if (!c->task) {
         ep_fail(err, "%s: field task: required", name);
@@ -96,6 +97,7 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
     c->n_prompts = (int)(limit > 0 ? limit : n_prompts);
     c->n_shots = (int)n_shots;
     c->batch_size = (int)batch;
+    c->tensor_parallel = (int)tp;
     json_t *donors = json_object_get(c->json, "donors");
     c->n_donors = 1;
     if (json_is_integer(donors)) {
@@ -122,12 +124,14 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
         ep_fail(err, "%s: field donors: expected a count or a list of donor kinds", name);
         goto fail;
     }
-    // Where the results go, the free-text description and the backend (backends agree to fp32 rounding;
-    // a run may resume on another machine) do not change them: not part of the identity.
+    // Where the results go, the free-text description, the backend (backends agree to fp32 rounding; a run
+    // may resume on another machine) and how the model is split over ranks (equal up to summation order, so
+    // a run may resume with another split) do not change them: not part of the identity.
     json_t *identity = json_deep_copy(c->json);
     json_object_del(identity, "output_path");
     json_object_del(identity, "description");
     json_object_del(identity, "backend");
+    json_object_del(identity, "tensor_parallel");
     char *canonical = json_dumps(identity, JSON_SORT_KEYS | JSON_COMPACT);
     json_decref(identity);
     c->hash = hash_str(HASH_INIT, canonical);

@@ -28,7 +28,9 @@ typedef struct {
     char donor_kinds[16][16];  // explicit kind names, or "" to take the task's kind d
     const char *backend;       // where the forward passes run: "auto" (default), "cpu", "cuda" or "offset"
     int bf16;                  // field dtype: "fp32" (default) 0, "bf16" 1 (docs/cuda.md, "bf16 runs")
+    int tensor_parallel;       // ranks per model (default 1; docs/tensor_parallel.md)
     uint64_t hash;             // of the canonical JSON (sorted keys) without output_path, description, backend
+                               // and tensor_parallel (how and where the model runs does not change the results)
 } run_config;
 
 int run_config_load(const char *path, run_config *c, ep_error *err);

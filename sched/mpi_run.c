@@ -1,6 +1,5 @@
 #include "mpi_run.h"
 
-#include <mpi.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -46,15 +45,16 @@ static void before_commit(void *arg, int item) { maybe_kill(arg, 1); }
 
 int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     memset(sc, 0, sizeof *sc);
-    sc->size = 1;
+    comm_single(&sc->world);
+    comm_single(&sc->group);
+    sc->size = sc->n_groups = 1;
     parse_hooks(sc);
     if (launched_by_mpi()) {
-        int provided;
-        if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
-            return ep_fail(err, "MPI_Init failed (launched by mpirun or srun? see docs/distribution.md)");
+        if (comm_world_init(argc, argv, &sc->world, err)) return -1;
         sc->mpi = 1;
-        MPI_Comm_rank(MPI_COMM_WORLD, &sc->rank);
-        MPI_Comm_size(MPI_COMM_WORLD, &sc->size);
+        sc->rank = sc->world.rank;
+        sc->size = sc->n_groups = sc->world.size;
+        sc->group_id = sc->rank;
     }
     // After MPI_Init, so that ours are the handlers in place.
     sched_signals_install();
@@ -62,18 +62,30 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
 }
 
 void sched_finalize(sched_ctx *sc) {
-    if (sc->mpi) MPI_Finalize();
+    comm_free(&sc->group);
+    comm_world_finalize(&sc->world);
     sc->mpi = 0;
 }
 
+int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep_error *err) {
+    if (tp < 1 || sc->size % tp)
+        return ep_fail(err, "%s: field tensor_parallel: %d does not divide the job's %d rank%s (run with a multiple of %d "
+                            "ranks: mpirun -np %d)", config_path, tp, sc->size, sc->size == 1 ? "" : "s", tp, tp);
+    comm_free(&sc->group);
+    sc->n_groups = sc->size / tp;
+    sc->group_id = sc->rank / tp;
+    return tp == 1 ? 0 : comm_split(&sc->world, sc->group_id, sc->rank, &sc->group, err);
+}
+
+// MPI's handler aborts the job on a failed call, so the communication calls below have no other outcome.
 int sched_agree(sched_ctx *sc, int status) {
     if (status == SCHED_OK && sched_stop_requested()) status = SCHED_STOPPED;
-    if (sc->size > 1) MPI_Allreduce(MPI_IN_PLACE, &status, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+    comm_allreduce_max_i32(&sc->world, &status, 1, NULL);
     return status;
 }
 
 static int bcast_from_root(sched_ctx *sc, int value) {
-    if (sc->size > 1) MPI_Bcast(&value, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    comm_bcast_i32(&sc->world, &value, 1, 0, NULL);
     return value;
 }
 
@@ -90,39 +102,34 @@ typedef struct {
 static void send_stop(sched_ctx *sc, root_view *v) {
     if (v->stop_sent) return;
     v->stop_sent = 1;
-    int zero = 0;
-    for (int r = 1; r < sc->size; r++) MPI_Send(&zero, 1, MPI_INT, r, TAG_STOP, MPI_COMM_WORLD);
+    for (int r = 1; r < sc->size; r++) comm_send_i32(&sc->world, 0, r, TAG_STOP, NULL);
 }
 
 // One message from another rank, received by rank 0.
-static void root_handle(sched_ctx *sc, root_view *v, int value, const MPI_Status *st) {
-    if (st->MPI_TAG == TAG_ITEM) {
+static void root_handle(sched_ctx *sc, root_view *v, int value, int src, int tag) {
+    if (tag == TAG_ITEM) {
         progress_tick(&sc->prog, value);
-    } else if (st->MPI_TAG == TAG_FINAL) {
+    } else if (tag == TAG_FINAL) {
         v->finals++;
         if (value > v->outcome) v->outcome = value;
-        if (value == SCHED_FAILED && v->failed_rank < 0) v->failed_rank = st->MPI_SOURCE;
+        if (value == SCHED_FAILED && v->failed_rank < 0) v->failed_rank = src;
         if (value != SCHED_OK) send_stop(sc, v);
     }
 }
 
 static void root_drain(sched_ctx *sc, root_view *v, int block) {
     for (;;) {
-        int flag = 1, value;
-        MPI_Status st;
-        if (!block) MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &flag, &st);
-        if (!flag) return;
-        MPI_Recv(&value, 1, MPI_INT, MPI_ANY_SOURCE, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
-        root_handle(sc, v, value, &st);
+        int value, src, tag;
+        if (!block && !comm_probe(&sc->world, -1, -1, NULL, NULL)) return;
+        comm_recv_i32(&sc->world, &value, -1, -1, &src, &tag, NULL);
+        root_handle(sc, v, value, src, tag);
         if (block) return;
     }
 }
 
 static int told_to_stop(sched_ctx *sc) {
     if (sc->size == 1 || sc->rank == 0) return 0;
-    int flag = 0;
-    MPI_Iprobe(0, TAG_STOP, MPI_COMM_WORLD, &flag, MPI_STATUS_IGNORE);
-    return flag;  // the message itself is consumed while waiting for TAG_DONE
+    return comm_probe(&sc->world, 0, TAG_STOP, NULL, NULL);  // the message itself is consumed while waiting for TAG_DONE
 }
 
 int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
@@ -137,9 +144,11 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     if (prepared < 0) return SCHED_FAILED;  // rank 0 holds the message
     if (prepared > 0) return SCHED_OK;
 
-    // This rank's items whose shards are missing, unfinished or corrupted.
-    int *pending = ep_malloc(sizeof(int) * (size_t)(n / sc->size + 1)), n_pending = 0, status = SCHED_OK;
-    for (int i = sc->rank; i < n; i += sc->size) {
+    // This group's items whose shards are missing, unfinished or corrupted: the leader checks them and
+    // tells the group, whose ranks compute every item together.
+    int leader = sc->group.rank == 0, g = sc->group_id, G = sc->n_groups;
+    int *pending = ep_malloc(sizeof(int) * (size_t)(n / G + 2)), n_pending = 0, status = SCHED_OK;
+    for (int i = g; i < n && leader; i += G) {
         int done = ws->item_done(ws, i, err);
         if (done < 0) {
             status = SCHED_FAILED;
@@ -148,7 +157,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
         if (done == 0) pending[n_pending++] = i;
     }
     int counts[2] = {status == SCHED_FAILED, n_pending};
-    if (sc->size > 1) MPI_Allreduce(MPI_IN_PLACE, counts, 2, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    comm_allreduce_sum_i32(&sc->world, counts, 2, NULL);
     if (counts[0]) {
         if (!root && status == SCHED_FAILED) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
         if (root && status != SCHED_FAILED)
@@ -156,31 +165,40 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
         free(pending);
         return SCHED_FAILED;
     }
-    if (root) progress_start(&sc->prog, ws->name, n, n - counts[1], sc->size);
+    comm_bcast_i32(&sc->group, &n_pending, 1, 0, NULL);
+    comm_bcast_i32(&sc->group, pending, n_pending, 0, NULL);
+    if (root) progress_start(&sc->prog, ws->name, n, n - counts[1], G);
 
+    ws->follower = !leader;
     root_view view = {.outcome = SCHED_OK, .failed_rank = -1};
     for (int k = 0; k < n_pending && status == SCHED_OK; k++) {
+        // The ranks of a group start an item together or not at all (a rank alone would wait forever in
+        // the item's collectives).
+        int halt = 0;
         if (root && sc->size > 1) {
             root_drain(sc, &view, 0);
-            if (view.outcome != SCHED_OK) break;
+            halt = view.outcome != SCHED_OK;
         }
-        if (sched_stop_requested() || told_to_stop(sc)) {
-            status = SCHED_STOPPED;
+        if (sched_stop_requested() || told_to_stop(sc)) halt = 2;
+        comm_allreduce_max_i32(&sc->group, &halt, 1, NULL);
+        if (halt) {
+            if (halt == 2 || !root) status = SCHED_STOPPED;
             break;
         }
         maybe_kill(sc, 0);
-        if (ws->run_item(ws, pending[k], err)) {
+        int failed = ws->run_item(ws, pending[k], err) != 0;
+        if (failed && !root) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
+        int group_failed = failed;
+        comm_allreduce_max_i32(&sc->group, &group_failed, 1, NULL);
+        if (group_failed) {
             status = SCHED_FAILED;
-            if (!root) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
+            if (!failed && root) ep_fail(err, "%s: failed on another rank of tensor-parallel group 0 (its message is above)", ws->name);
             break;
         }
         sc->stage_items++;
         if (sc->delay_ms > 0) sleep_ms(sc->delay_ms);
         if (root) progress_tick(&sc->prog, 1);
-        else {
-            int one = 1;
-            MPI_Send(&one, 1, MPI_INT, 0, TAG_ITEM, MPI_COMM_WORLD);
-        }
+        else if (leader) comm_send_i32(&sc->world, 1, 0, TAG_ITEM, NULL);
     }
     free(pending);
     if (status == SCHED_OK && sched_stop_requested()) status = SCHED_STOPPED;
@@ -190,16 +208,15 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
         if (status != SCHED_OK) send_stop(sc, &view);
         while (view.finals < sc->size - 1) root_drain(sc, &view, 1);
         if (view.outcome > outcome) outcome = view.outcome;
-        for (int r = 1; r < sc->size; r++) MPI_Send(&outcome, 1, MPI_INT, r, TAG_DONE, MPI_COMM_WORLD);
+        for (int r = 1; r < sc->size; r++) comm_send_i32(&sc->world, outcome, r, TAG_DONE, NULL);
         if (outcome == SCHED_FAILED && status != SCHED_FAILED)
             ep_fail(err, "%s: stopped because rank %d failed (its message is above)", ws->name, view.failed_rank);
     } else if (sc->size > 1) {
-        MPI_Send(&status, 1, MPI_INT, 0, TAG_FINAL, MPI_COMM_WORLD);
+        comm_send_i32(&sc->world, status, 0, TAG_FINAL, NULL);
         for (;;) {
-            MPI_Status st;
-            int value;
-            MPI_Recv(&value, 1, MPI_INT, 0, MPI_ANY_TAG, MPI_COMM_WORLD, &st);
-            if (st.MPI_TAG == TAG_DONE) {
+            int value, tag;
+            comm_recv_i32(&sc->world, &value, 0, -1, NULL, &tag, NULL);
+            if (tag == TAG_DONE) {
                 outcome = value;
                 break;
             }
@@ -208,7 +225,9 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     if (root) progress_end(&sc->prog);
     if (outcome != SCHED_OK) return outcome;
 
-    int finished = root ? ws->finish(ws, err) : 0;
+    // Rank 0's group runs finish: the leader merges and writes, the others join its model passes (prune
+    // rounds measure the kept circuit) and write nothing.
+    int finished = sc->group_id == 0 ? ws->finish(ws, err) : 0;
     finished = bcast_from_root(sc, finished);
     return finished ? SCHED_FAILED : SCHED_OK;
 }

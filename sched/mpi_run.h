@@ -1,10 +1,13 @@
-// mpi_run: the one module that calls MPI. It starts MPI when the program was launched by mpirun or
-// srun (or EDGEPATCH_MPI=1), and otherwise runs as a single process without touching MPI, exactly as
-// an unlaunched `edgepatch run` always did. It drives a stage's work items (stages/stage_io.h,
-// work_stage) over the ranks:
+// mpi_run: the work driver over ranks (its messages go through sched/comm, the one module that calls
+// MPI). It starts MPI when the program was launched by mpirun or srun (or EDGEPATCH_MPI=1), and
+// otherwise runs as a single process without touching MPI, exactly as an unlaunched `edgepatch run`
+// always did. Ranks form groups of tensor_parallel consecutive ranks (one model split over a group,
+// docs/tensor_parallel.md; groups of one without it). It drives a stage's work items
+// (stages/stage_io.h, work_stage) over the groups:
 //   - prepare runs on rank 0 (shard folder, stale temporaries, --fresh), the others wait for it;
-//   - item i belongs to rank i % size; each rank checks its own items' shards (complete, checksums,
-//     inputs) and computes the rest, in increasing order;
+//   - item i belongs to group i % n_groups; each group's leader checks its own items' shards (complete,
+//     checksums, inputs) and tells its group which to compute, in increasing order; every rank of the
+//     group runs each item (the model is split over them), the leader alone writes its shard;
 //   - ranks report each finished item and their final status to rank 0 (point to point), which shows
 //     progress, tells everyone to stop when a rank fails or is interrupted, and decides the outcome;
 //   - when every item is done, rank 0 runs finish (merging shards in item order) and shares its status.
@@ -15,6 +18,7 @@
 #define EP_SCHED_MPI_RUN_H
 
 #include "pipeline/error.h"
+#include "sched/comm.h"
 #include "sched/progress.h"
 #include "sched/signals.h"
 #include "stages/stage_io.h"
@@ -25,6 +29,9 @@ enum { SCHED_OK = 0, SCHED_STOPPED = 1, SCHED_FAILED = 2 };
 typedef struct {
     int rank, size;
     int mpi;  // 1 if MPI was started here (and must be finalized)
+    ep_comm world;
+    ep_comm group;  // this rank's tensor-parallel group (single until sched_set_tensor_parallel)
+    int n_groups, group_id;
     progress prog;
     // Test hooks (EDGEPATCH_TEST_ITEM_DELAY_MS, EDGEPATCH_TEST_KILL; docs/distribution.md).
     int delay_ms;
@@ -37,6 +44,9 @@ typedef struct {
 // Starts MPI if launched by an MPI launcher; installs the stop signals. Fails only if MPI does.
 int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err);
 void sched_finalize(sched_ctx *sc);
+// Splits the ranks into groups of tp consecutive ranks (group g: ranks g * tp ..). Fails, naming the
+// config file's field, unless tp divides the number of ranks. Every rank must call it.
+int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep_error *err);
 
 // The most severe status over the ranks (a rank's stop request counts as SCHED_STOPPED). Every rank
 // must call it at the same point; without MPI it is status itself (or STOPPED on a signal).

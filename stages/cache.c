@@ -24,15 +24,20 @@ void cache_identity(const stage_inputs *in, char out[17]) {
     hash_hex(h, out);
 }
 
-// Rows of one sequence of one layer of a cache in ops' memory <-> a host [L, T, dim] array.
-static void copy_rows(const kernel_ops *ops, const kv_cache *c, int which, int seq, int T, float *flat, int to_cache) {
-    int dim = which == 2 ? c->z_dim : c->kv_dim;
-    for (int l = 0; l < c->n_layers; l++) {
-        float *row = which == 0 ? kv_cache_k(c, l, seq, 0) : which == 1 ? kv_cache_v(c, l, seq, 0) : kv_cache_z(c, l, seq, 0);
-        float *f = flat + (size_t)l * T * dim;
-        if (to_cache) ops->upload(row, f, sizeof(float) * (size_t)T * dim);
-        else ops->download(f, row, sizeof(float) * (size_t)T * dim);
-    }
+// Rows of one sequence of one layer of a cache in ops' memory <-> a host [L, T, flat_dim] array whose columns
+// [col0, col0 + dim) are the cache's (a tensor-parallel shard's cache holds only its heads' columns of the
+// stored whole).
+static void copy_rows(const kernel_ops *ops, const kv_cache *c, int which, int seq, int T, float *flat, int flat_dim,
+                      int col0, int to_cache) {
+    int dim = which == 2 ? c->z_dim : c->kv_dim, whole = flat_dim == dim;  // whole rows: one block per layer
+    for (int l = 0; l < c->n_layers; l++)
+        for (int t = 0; t < (whole ? 1 : T); t++) {
+            float *row = which == 0 ? kv_cache_k(c, l, seq, t) : which == 1 ? kv_cache_v(c, l, seq, t) : kv_cache_z(c, l, seq, t);
+            float *f = flat + ((size_t)l * T + t) * flat_dim + col0;
+            size_t bytes = sizeof(float) * (size_t)dim * (whole ? (size_t)T : 1);
+            if (to_cache) ops->upload(row, f, bytes);
+            else ops->download(f, row, bytes);
+        }
 }
 
 static const char *parts[3] = {"k", "v", "z"};
@@ -73,15 +78,22 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     ablation_plan plan = in->plan;  // donor 0, a clean pass, for the ablations when the plan reads no donor
     plan.n_donors = K;
     if (K > 0) rc = patch_donor_passes(&in->dev, in->ops, &plan, &pb, donors, err);
+    // A tensor-parallel group's leader writes the whole model's keys, values and head outputs.
+    for (int d = 0; d < K && rc == 0 && c->tp.size > 1; d++) {
+        kv_cache whole;
+        rc = kv_cache_gather(&in->dev, &donors[d], &whole, err);
+        kv_cache_free(&donors[d]);
+        donors[d] = whole;
+    }
     h5store s;
-    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
+    if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {
         for (int i = 0; i < n && rc == 0; i++) {
             int T = pb.lengths[i];
             for (int d = 0; d < K && rc == 0; d++)
                 for (int w = 0; w < 3 && rc == 0; w++) {
                     int dim = w == 2 ? donors[d].z_dim : donors[d].kv_dim;
                     float *flat = ep_malloc(sizeof(float) * (size_t)c->n_layers * T * dim);
-                    copy_rows(in->ops, &donors[d], w, i, T, flat, 0);
+                    copy_rows(in->ops, &donors[d], w, i, T, flat, dim, 0, 0);
                     char name[96];
                     snprintf(name, sizeof name, "prompt%d/donor%d/%s", first + i, d, parts[w]);
                     h5shape sh = {3, {c->n_layers, T, dim}};
@@ -106,6 +118,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
 
 static int cache_finish(work_stage *ws, ep_error *err) {
     cache_ctx *c = ws->ctx;
+    if (ws->follower) return 0;
     printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->n_cached_donors,
            ws->n_items, c->in->cfg->output_path);
     return 0;
@@ -150,6 +163,9 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
         rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the cache stage", path);
     free(have);
     const model_config *c = &in->m.cfg;
+    tp_shard t = model_config_local(c);
+    int hd = c->head_dim, full[3] = {c->n_kv_heads * hd, c->n_kv_heads * hd, c->n_heads * hd},
+        col0[3] = {t.kv_head0 * hd, t.kv_head0 * hd, t.head0 * hd};
     for (int d = 0; d < K && rc == 0; d++)
         rc = kv_cache_init_backend(&donors[d], c, n, in->prompts.max_len, 1, in->ops, err);
     for (int i = 0; i < n && rc == 0; i++) {
@@ -162,10 +178,9 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
                 h5shape sh;
                 float *flat = NULL;
                 rc = h5store_read_f32(&s, name, &sh, &flat, err);
-                int dim = w == 2 ? donors[d].z_dim : donors[d].kv_dim;
-                if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != dim))
+                if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != full[w]))
                     rc = ep_fail(err, "%s: dataset %s has the wrong shape for this model and prompt", path, name);
-                if (rc == 0) copy_rows(in->ops, &donors[d], w, i, T, flat, 1);
+                if (rc == 0) copy_rows(in->ops, &donors[d], w, i, T, flat, full[w], col0[w], 1);
                 free(flat);
             }
         }

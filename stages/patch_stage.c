@@ -246,7 +246,7 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
         rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], err);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
-    if (rc == 0 && (rc = h5store_create(path, &s, err)) == 0) {
+    if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {
         rc = store_groups(c, &s, m, n, err) ||
              h5store_set_str(&s, "format", "edgepatch-patch-item-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
              h5store_set_str(&s, "stage_hash", c->identity, err) || h5store_set_i64(&s, "item", item, err) ||
@@ -262,6 +262,7 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
 // Rank 0 (or the only process): the item shards in item order into patch.h5 and model_logs.json.
 // model_logs.json is written first: patch.h5, the stage's completion record, comes last.
 static int patch_finish(work_stage *ws, ep_error *err) {
+    if (ws->follower) return 0;
     patch_ctx *c = ws->ctx;
     stage_inputs *in = c->in;
     int P = in->prompts.n_prompts, rc = 0;

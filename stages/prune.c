@@ -499,6 +499,13 @@ int prune_open(stage_inputs *in, int max_rounds, prune_run **out, ep_error *err)
         free(pr);
         return -1;
     }
+    if (model_config_local(&in->m.cfg).size > 1 && !strcmp(pr->p.importance, "attribution")) {
+        ep_fail(err, "%s: field importance: attribution is not available with tensor_parallel > 1 (the backward pass "
+                     "needs the whole model); use \"exact\"", in->cfg->path);
+        params_free(&pr->p);
+        free(pr);
+        return -1;
+    }
     pr->n_rounds = pr->p.head_rounds + pr->p.edge_rounds > 0 ? pr->p.head_rounds + pr->p.edge_rounds : 1;
     pr->max_rounds = max_rounds;
     pr->last = -1;
@@ -584,7 +591,7 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
     h5store s;
-    if (r == 0 && (r = h5store_create(path, &s, err)) == 0) {
+    if (r == 0 && !ws->follower && (r = h5store_create(path, &s, err)) == 0) {
         h5shape ss = {2, {rc->n, rc->width ? rc->width : 1}}, sb = {1, {3}};
         r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
             h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
@@ -665,9 +672,10 @@ static int round_finish(work_stage *ws, ep_error *err) {
         else if (k <= p->min_units) res.stop = "min_units";
         else if (rc->r == pr->n_rounds - 1) res.stop = "rounds";
     }
-    if (r == 0) r = write_round(rc->path, rc->identity, rc->r, &rc->c, &kept, &res,
+    // A tensor-parallel follower only joined the passes above.
+    if (r == 0 && !ws->follower) r = write_round(rc->path, rc->identity, rc->r, &rc->c, &kept, &res,
                                 pr->kh.after == pr->computed && !strcmp(pr->kh.where, "write"), err);
-    if (r == 0) {
+    if (r == 0 && !ws->follower) {
         pr->computed++;
         int nk = 0;
         for (int i = 0; i < rc->n; i++) nk += circuit_has(&kept, rc->kind, &rc->units[i]);

@@ -23,12 +23,27 @@ static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep
 }
 
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
+    return stage_inputs_open_shard(cfg, NULL, in, err);
+}
+
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err) {
     memset(in, 0, sizeof *in);
     in->cfg = cfg;
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
-    if (backend_from_config(cfg, &in->ops, err) || model_load(cfg->model_path, &in->m, err)) return -1;
+    if (backend_from_config(cfg, &in->ops, err)) return -1;
+    // A split model's communicator moves host buffers (MPI): "auto" means cpu then, and a device backend is
+    // refused (NCCL groups are not wired into edgepatch run yet; docs/tensor_parallel.md).
+    if (tp && tp->size > 1 && !in->ops->host_memory) {
+        if (strcmp(cfg->backend, "auto"))
+            return ep_fail(err, "%s: field backend: \"%s\" with tensor_parallel > 1 is not available yet (use \"cpu\")",
+                           cfg->path, cfg->backend);
+        in->ops = kernel_ops_cpu();
+    }
+    if (tp ? model_load_shard(cfg->model_path, tp->rank, tp->size, &in->m, err) : model_load(cfg->model_path, &in->m, err))
+        return -1;
+    in->m.comm = tp;
     if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {
         model_free(&in->m);
         return -1;

@@ -34,6 +34,9 @@ struct stage_inputs {
 // usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
 // device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
+// The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
+// outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 
 // Prompts [first, first + n) as a batch (pointers into in->prompts).
@@ -67,13 +70,17 @@ struct work_stage {
     // Computes item and commits its shard.
     int (*run_item)(work_stage *ws, int item, ep_error *err);
     // Once, in one process, after every item is done: reads the shards in item order into the final
-    // outputs.
+    // outputs. With a tensor-parallel group the group's followers call it too (follower set): they take
+    // part in any model pass it makes and write nothing.
     int (*finish)(work_stage *ws, ep_error *err);
     void (*release)(work_stage *ws);
     // Optional, set by the driver: run_item calls it once the item's data is written and before the
     // shard is committed (sched/ uses it for its crash tests).
     void (*before_commit)(void *arg, int item);
     void *driver_arg;
+    // Set by the driver: 1 on the ranks of a tensor-parallel group other than its leader. They take part
+    // in run_item's computation (the model is split over the group) but write nothing.
+    int follower;
 };
 
 // The model stages as work items. The work_stage borrows in (keep it open until ws.release).

@@ -172,7 +172,10 @@ def row_error(a, b):
 def ours(bin_dir, model_dir, backend, dtype, B, T, reps, dump):
     cmd = [os.path.join(bin_dir, "bench_patch"), "--model", model_dir, "--backend", backend, "--dtype", dtype,
            "--batch", str(B), "--len", str(T), "--reps", str(reps), "--dump", dump]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ)
+    if os.environ.get("EP_DEVICE_LIBS"):  # the libraries tools/device_check.sh carried, for our binaries only
+        env["LD_LIBRARY_PATH"] = os.environ["EP_DEVICE_LIBS"] + ":" + env.get("LD_LIBRARY_PATH", "")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
     kv = dict(x.split("=", 1) for x in r.stdout.strip().splitlines()[-1].split())

@@ -10,7 +10,8 @@
 #   bash tools/device_check.sh        On the GPU machine, from the repository root: runs, under one
 #                                     deadline, test_ops, test_model and test_patch (every backend against
 #                                     the reference, HF and the Python patching reference: the cuda rows
-#                                     are the GPU's), bench_ops (fp32 and bf16 products at Gemma-2 2B
+#                                     are the GPU's), test_tp --nccl (tensor parallelism over NCCL: every
+#                                     GPU in one group, or a group of one), bench_ops (fp32 and bf16 products at Gemma-2 2B
 #                                     shapes), tools/device_check.py (random-weight Gemma-2 2B and
 #                                     SmolLM2-135M made on the spot: our CUDA forward and patched forward
 #                                     in fp32 and bf16 against HF transformers on the same GPU and against
@@ -24,7 +25,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="tests/test_ops tests/test_model tests/test_patch bench/bench_ops bench/bench_patch"
+BINS="tests/test_ops tests/test_model tests/test_patch tests/test_tp bench/bench_ops bench/bench_patch"
 
 pack() {
     set -e
@@ -33,9 +34,10 @@ pack() {
     cmake --build build-device -j "$(nproc)" --target $(for b in $BINS; do basename "$b"; done) >/dev/null
     rm -rf .device && mkdir -p .device/lib .device/wheels
     for b in $BINS; do cp "build-device/$b" .device/; done
-    # Host libraries other than CUDA's and glibc's: OpenBLAS with its Fortran runtime, jansson, PCRE2.
+    # Every shared library the binaries load except glibc's, the C++ runtime's and CUDA's (cudart, cuBLAS,
+    # NCCL: the GPU machine's own are used): OpenBLAS, MPI, HDF5, jansson, PCRE2 and what they pull in.
     for lib in $(ldd .device/test_* .device/bench_* | awk '/=>/ {print $3}' | sort -u |
-        grep -E 'openblas|gfortran|quadmath|gomp|jansson|pcre2'); do
+        grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libnccl)\.so'); do
         cp -L "$lib" .device/lib/
     done
     tar cJf .device/lib.tar.xz -C .device lib && rm -rf .device/lib
@@ -63,13 +65,15 @@ check() {
     nvidia-smi -L 2>&1
     [ -d .device/lib ] || tar xJf .device/lib.tar.xz -C .device
     local libpath=$PWD/.device/lib name f
-    for name in libcublasLt.so.13 libcublas.so.13 libcudart.so.13; do
+    for name in libcublasLt.so.13 libcublas.so.13 libcudart.so.13 libnccl.so.2; do
         f=$(find /usr/local /usr/lib /opt -name "$name*" 2>/dev/null | head -1)
         echo "$name: ${f:-NOT FOUND}"
         [ -n "$f" ] && libpath=$libpath:$(dirname "$f")
     done
-    export LD_LIBRARY_PATH=$libpath${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-    ldd .device/test_ops | grep "not found"
+    # Only our binaries see the carried libraries (python keeps the machine's own).
+    export EP_DEVICE_LIBS=$libpath
+    bin() { LD_LIBRARY_PATH=$EP_DEVICE_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
+    bin ldd .device/test_ops .device/test_tp | grep "not found"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ep-site \
         .device/wheels/*.whl && export PYTHONPATH=/tmp/ep-site${PYTHONPATH:+:$PYTHONPATH}
 
@@ -77,14 +81,29 @@ check() {
     for t in test_ops test_model test_patch; do
         section "$t"
         log=$(mktemp)
-        OPENBLAS_NUM_THREADS=8 timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"
+        OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"
         [ "${PIPESTATUS[0]}" -ne 0 ] && rc_test=1
         grep -q " cuda " "$log" || { echo "device_check: $t ran no cuda row: the cuda backend did not come up"; rc_test=1; }
         rm -f "$log"
     done
 
+    # Tensor parallelism over NCCL (docs/tensor_parallel.md): all GPUs in one group, one rank each, where
+    # the machine has several and mpirun; otherwise a group of one, which still runs the NCCL communicator
+    # (all-reduce, all-gather of device buffers) and the shard's forward on the GPU.
+    local n_gpus
+    n_gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    command -v mpirun >/dev/null 2>&1 || n_gpus=1
+    section "test_tp --nccl (tensor parallelism over NCCL, a group of $((n_gpus > 1 ? n_gpus : 1)))"
+    if [ "$n_gpus" -gt 1 ]; then
+        OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OPENBLAS_NUM_THREADS=1 bin timeout "$(budget 90)" \
+            mpirun -np "$n_gpus" -x LD_LIBRARY_PATH .device/test_tp --nccl
+    else
+        OPENBLAS_NUM_THREADS=1 bin timeout "$(budget 90)" .device/test_tp --nccl
+    fi
+    [ $? -ne 0 ] && rc_test=1
+
     section "bench_ops (ms per call; ratio = cpu / cuda)"
-    OPENBLAS_NUM_THREADS=$(nproc) timeout "$(budget 150)" .device/bench_ops
+    OPENBLAS_NUM_THREADS=$(nproc) bin timeout "$(budget 150)" .device/bench_ops
 
     section "device_check.py (HF transformers on this GPU)"
     OPENBLAS_NUM_THREADS=$(nproc) PYTHONUNBUFFERED=1 timeout "$(budget 400)" python3 tools/device_check.py \
@@ -96,7 +115,7 @@ check() {
         for tool in memcheck racecheck; do
             [ $((DEADLINE_S - SECONDS)) -lt 40 ] && { echo "compute-sanitizer $tool: out of time, not run"; continue; }
             section "compute-sanitizer --tool $tool test_ops"
-            OPENBLAS_NUM_THREADS=8 timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
+            OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
                 .device/test_ops 2>&1 | tail -n 4
             [ "${PIPESTATUS[0]}" -eq 86 ] && rc_san=6
         done

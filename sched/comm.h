@@ -1,0 +1,55 @@
+// comm: a communicator, the one place where ranks talk to each other. Every MPI and NCCL call of the
+// program lives in comm.c; the forward pass (tensor-parallel all-reduce and all-gather) and the work
+// driver (sched/mpi_run) use only this interface, so stages and the model code never see MPI.
+//
+// Backends: single (one rank; every collective is a no-op or a copy, no library is touched), mpi
+// (buffers in host memory) and nccl (buffers in device memory of the CUDA backend; built when CUDA and
+// NCCL are found, EP_HAVE_NCCL). A communicator is a group of ranks: the world, or a tensor-parallel group
+// split from it. Collectives must be called by every rank of the group in the same order. Calls return 0
+// or -1 with err filled (MPI's default handler aborts the job on a communication failure before that).
+#ifndef EP_SCHED_COMM_H
+#define EP_SCHED_COMM_H
+
+#include <stddef.h>
+
+#include "pipeline/error.h"
+
+typedef enum { COMM_SINGLE = 0, COMM_MPI = 1, COMM_NCCL = 2 } comm_kind;
+
+typedef struct {
+    comm_kind kind;
+    int rank, size;
+    void *handle;  // the backend's communicator (MPI_Comm *, ncclComm_t), opaque so no MPI header leaks
+} ep_comm;
+
+// The single-rank communicator (no MPI).
+void comm_single(ep_comm *c);
+// Starts MPI (thread level FUNNELED) and gives the world communicator.
+int comm_world_init(int *argc, char ***argv, ep_comm *world, ep_error *err);
+// Shuts MPI down (after every communicator split from the world is freed).
+void comm_world_finalize(ep_comm *world);
+// Ranks of `parent` with the same color form one group, ordered by key. Collective over parent.
+int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error *err);
+// An NCCL communicator over the same ranks as `group` (an MPI or single communicator): rank 0 makes the
+// unique id and broadcasts it over `group`. Runs on the GPU the CUDA backend picked for this rank (local
+// rank mod GPUs on the node, docs/cuda.md). Fails in builds without NCCL or without a usable GPU.
+int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err);
+void comm_free(ep_comm *c);
+
+// Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl);
+// int buffers are host memory and need an mpi or single communicator.
+int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err);  // in place
+// recv[r * n .. (r + 1) * n) = rank r's send[0 .. n); recv must not overlap send.
+int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err);
+int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
+int comm_allreduce_sum_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
+int comm_bcast_i32(const ep_comm *c, int *buf, int n, int root, ep_error *err);
+
+// Point to point, one int (mpi_run's progress and stop messages). src or tag -1: any.
+int comm_send_i32(const ep_comm *c, int value, int dest, int tag, ep_error *err);
+// Blocks for a message; *src_out and *tag_out (if non-NULL) say where it came from.
+int comm_recv_i32(const ep_comm *c, int *value, int src, int tag, int *src_out, int *tag_out, ep_error *err);
+// 1 if a matching message is waiting (it stays queued), else 0.
+int comm_probe(const ep_comm *c, int src, int tag, int *src_out, int *tag_out);
+
+#endif

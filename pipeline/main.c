@@ -11,10 +11,6 @@ typedef struct {
     const char *usage;
 } subcommand;
 
-static int not_yet(int argc, char **argv) {
-    fprintf(stderr, "edgepatch %s: not available in this version yet\n", argv[0]);
-    return 2;
-}
 
 static const subcommand subcommands[] = {
     {"run", cmd_run, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
@@ -28,7 +24,7 @@ static const subcommand subcommands[] = {
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
     {"memory", cmd_memory, "memory CONFIG.json... [--tp 1,2,4,8]     weights and KV cache bytes per tensor-parallel rank"},
     {"report", cmd_report, "report RUN"},
-    {"sweep", not_yet, "sweep plan|submit|status SWEEP"},
+    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP"},
 };
 
 static void usage(FILE *f) {

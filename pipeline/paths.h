@@ -1,7 +1,9 @@
-// paths: where the program finds its data folder (task files, pair lists, word lists, default config).
+// paths: where the program finds the repository folders it ships with: datasets/ (task files, pair
+// lists, word lists) and slurm/ (batch script templates).
 //
-// Search order: $EDGEPATCH_DATA (a folder holding tasks/, pairs/, words/), then datasets/ next to the
-// executable's folder or its parent (build trees: build/edgepatch -> ../datasets), then ./datasets.
+// Search order for a folder F: F next to the executable's folder's parent or grandparent (build trees:
+// build/edgepatch -> ../F), inside the executable's folder, then ./F. For datasets/, $EDGEPATCH_DATA (a
+// folder holding tasks/, pairs/, words/) comes first.
 #ifndef EP_PATHS_H
 #define EP_PATHS_H
 
@@ -11,6 +13,8 @@
 
 // Fills out with the path of `relative` inside the data folder; fails if no data folder has it.
 int data_path(const char *relative, char *out, size_t n, ep_error *err);
+// Fills out with the path of `relative` inside the repository folder `folder`; -1 if none has it.
+int repo_path(const char *folder, const char *relative, char *out, size_t n);
 // The folder part of a path ("a/b/c.json" -> "a/b", "c.json" -> ".").
 void dir_of(const char *path, char *out, size_t n);
 // `rel` resolved against folder `base` unless it is absolute.

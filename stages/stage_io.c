@@ -122,6 +122,21 @@ int stage_output_current(const char *path, const char *identity, int fresh, ep_e
     return ep_fail(err, "%s: made from other inputs (prompts, model or plan changed); rerun with --fresh to rebuild it", path);
 }
 
+int make_dirs(const char *path, ep_error *err) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1;; p++) {
+        if (*p == '/' || *p == 0) {
+            char c = *p;
+            *p = 0;
+            if (mkdir(buf, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create folder: %s", buf, strerror(errno));
+            *p = c;
+            if (!c) break;
+        }
+    }
+    return 0;
+}
+
 int write_text_atomic(const char *path, const char *text, ep_error *err) {
     char tmp[4200];
     snprintf(tmp, sizeof tmp, "%s.tmp-%d", path, (int)getpid());

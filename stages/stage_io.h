@@ -46,6 +46,8 @@ prompt_batch stage_batch(const stage_inputs *in, int first, int n);
 // absent, unreadable or corrupted (rebuild), -1 with an error if made from other inputs and not `fresh`.
 int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err);
 
+// mkdir -p.
+int make_dirs(const char *path, ep_error *err);
 int write_text_atomic(const char *path, const char *text, ep_error *err);
 // A JSON object as an indented file (keys in insertion order, reals to 8 digits, final newline), atomically.
 int write_json_atomic(const char *path, json_t *o, ep_error *err);

@@ -1,11 +1,9 @@
 #include "tokenize.h"
 
-#include <errno.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "pipeline/h5store.h"
@@ -30,21 +28,6 @@ static int hash_tokenizer(const char *dir, uint64_t *h, ep_error *err) {
         found += i < 2;
     }
     return found ? 0 : ep_fail(err, "%s: no tokenizer.json or tokenizer.json.gz", dir);
-}
-
-static int make_dirs(const char *path, ep_error *err) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1;; p++) {
-        if (*p == '/' || *p == 0) {
-            char c = *p;
-            *p = 0;
-            if (mkdir(buf, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create folder: %s", buf, strerror(errno));
-            *p = c;
-            if (!c) break;
-        }
-    }
-    return 0;
 }
 
 static int write_report(const char *dir, const task *t, const char *tokenizer_path, const tokenize_report *r, ep_error *err) {

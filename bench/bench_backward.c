@@ -8,15 +8,9 @@
 //   bench_backward MODEL_DIR [batch=8] [len=100] [targets=2] [reps=3]
 #include <stdio.h>
 #include <stdlib.h>
-#include <time.h>
 
 #include "pipeline/backward.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "bench/bench_util.h"
 
 // Seconds of one forward pass of the batch from layer `first` (x_in: the residual stream entering it)
 // to the logits at the last position of each sequence.
@@ -25,11 +19,11 @@ static double time_from_layer(const model *m, const grad_batch *b, int first, co
     int T = 0, *rows = malloc(sizeof(int) * (size_t)b->n_seqs);
     for (int s = 0; s < b->n_seqs; s++) T += b->len[s], rows[s] = T - 1;
     float *logits = malloc(sizeof(float) * (size_t)b->n_seqs * m->cfg.vocab_size);
-    double t0 = now(), dt = -1;
+    double t0 = bench_now_s(), dt = -1;
     forward_batch fb = {.n_seqs = b->n_seqs, .n_new = b->len, .tokens = b->tokens, .n_logit_rows = b->n_seqs,
                         .logit_rows = rows, .logits = logits, .first_layer = first, .x_in = x_in};
     if (kv_cache_init(&cache, &m->cfg, b->n_seqs, b->len[0], 1, err) == 0) {
-        if (model_forward(m, kernel_ops_cpu(), &cache, &fb, NULL, err) == 0) dt = now() - t0;
+        if (model_forward(m, kernel_ops_cpu(), &cache, &fb, NULL, err) == 0) dt = bench_now_s() - t0;
         kv_cache_free(&cache);
     }
     free(rows), free(logits);
@@ -58,12 +52,12 @@ int main(int argc, char **argv) {
     grad_batch b = {.n_seqs = B, .len = len, .n_target = n_target, .tokens = tokens};
     double loss, best_f = 1e30, best_b = 1e30, prefix = 0;
     for (int rep = 0; rep < reps && !err.msg[0]; rep++) {
-        double t0 = now();
+        double t0 = bench_now_s();
         if (model_loss(&m, &b, NULL, &loss, NULL, &err)) break;
-        double t1 = now();
+        double t1 = bench_now_s();
         grad_tape tape;
         if (model_backward(&m, &b, NULL, &tape, &err)) break;
-        double t2 = now();
+        double t2 = bench_now_s();
         grad_tape_free(&tape);
         if (t1 - t0 < best_f) best_f = t1 - t0;
         if (t2 - t1 < best_b) best_b = t2 - t1;

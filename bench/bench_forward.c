@@ -9,29 +9,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "pipeline/forward.h"
 #include "pipeline/generate.h"
 #include "pipeline/model.h"
+#include "bench/bench_util.h"
 
 static const char usage[] =
     "usage: bench_forward (--model DIR | --random CONFIG) [--backend cpu|cuda] [--batch B] [--len T] [--reps R]\n"
     "                     [--ids 1,2,3]\n"
     "  B prompts (default 16) of T token ids (default 100), R timed passes (default 3) after a warm-up.\n"
     "  Threads: OMP_NUM_THREADS / OPENBLAS_NUM_THREADS.\n";
-
-// Deterministic ids: prompt s, position t -> (1 + (s * T + t) * 2654435761 mod 2^32) mod (vocab - 1).
-static int bench_id(int s, int t, int T, int vocab) {
-    uint32_t x = (uint32_t)(s * T + t) * 2654435761u;
-    return 1 + (int)(x % (uint32_t)(vocab - 1));
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 int main(int argc, char **argv) {
     const char *dir = NULL, *ids = NULL, *random_cfg = NULL, *backend = "cpu";
@@ -118,12 +106,12 @@ int main(int argc, char **argv) {
     double total = 0;
     for (int rep = 0; rep <= R; rep++) {
         memset(cache.len, 0, sizeof(int) * B);
-        double t0 = now_s();
+        double t0 = bench_now_s();
         if (model_forward(&dev, ops, &cache, &fb, NULL, &err)) {
             fprintf(stderr, "bench_forward: %s\n", err.msg);
             return 1;
         }
-        double dt = now_s() - t0;
+        double dt = bench_now_s() - t0;
         if (rep > 0) total += dt;  // rep 0 is the warm-up
         fprintf(stderr, "  %s pass %d: %.3f s\n", rep ? "timed" : "warm-up", rep, dt);
     }

@@ -14,11 +14,11 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "pipeline/error.h"
+#include "bench/bench_util.h"
 
 enum {
     OP_MATMUL, OP_MATMUL_BF16, OP_RMSNORM, OP_LAYERNORM, OP_ROPE, OP_GLU, OP_ACT, OP_SOFTCAP, OP_ADD, OP_SCALE, OP_ATTENTION,
@@ -63,12 +63,6 @@ static void add_floats(bench_case *c, size_t n, float amplitude) {
     c->host[c->n_bufs++] = x;
 }
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
-}
-
 static void run_op(const kernel_ops *b, void **buf, const bench_case *c) {
     switch (c->op) {
     case OP_MATMUL: b->matmul(buf[0], buf[1], buf[2], c->has_bias ? buf[3] : NULL, c->rows, c->n_in, c->n_out); break;
@@ -103,10 +97,10 @@ static double time_case(const kernel_ops *b, const bench_case *c, int warmup, in
     b->download(result, buf[c->out], c->bytes[c->out]);
     for (int i = 0; i < warmup; i++) run_op(b, buf, c);
     b->sync();
-    double t0 = now_ms();
+    double t0 = (1e3 * bench_now_s());
     for (int i = 0; i < reps; i++) run_op(b, buf, c);
     b->sync();
-    double ms = (now_ms() - t0) / reps;
+    double ms = ((1e3 * bench_now_s()) - t0) / reps;
     for (int i = 0; i < c->n_bufs; i++) b->release(buf[i]);
     return ms;
 }

@@ -16,27 +16,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "stages/patch.h"
 #include "stages/plan.h"
 #include "stages/prompts.h"
+#include "bench/bench_util.h"
 
 static const char usage[] =
     "usage: bench_patch --model DIR [--backend cpu|cuda|offset] [--dtype fp32|bf16] [--batch B] [--len T]\n"
     "                   [--reps R] [--plan FILE] [--dump FILE]\n"
     "  B prompts (default 64) of T tokens (default 100), R timed reps (default 3) after a warm-up.\n";
-
-static int bench_id(int s, int t, int T, int vocab) {
-    uint32_t x = (uint32_t)(s * T + t) * 2654435761u;
-    return 1 + (int)(x % (uint32_t)(vocab - 1));
-}
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 static const char default_plan[] =
     "{\"name\": \"y_to_last\", \"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"], \"donor\": 0}]}";
@@ -45,10 +34,10 @@ static const char default_plan[] =
 static double timed_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
                         float *last, ep_error *err) {
     patch_outputs out = {.last_logits = last};
-    double t0 = now_s();
+    double t0 = bench_now_s();
     if (patch_run(m, ops, plan, pb, &out, err)) return -1;
     ops->sync();
-    return now_s() - t0;
+    return bench_now_s() - t0;
 }
 
 int main(int argc, char **argv) {

@@ -7,15 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "pipeline/tokenizer.h"
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec * 1e-9;
-}
+#include "bench/bench_util.h"
 
 int main(int argc, char **argv) {
     if (argc < 3) {
@@ -46,7 +40,7 @@ int main(int argc, char **argv) {
     }
     long long tokens = 0, bytes = 0;
     int passes = 0;
-    double t0 = now_s(), elapsed = 0;
+    double t0 = bench_now_s(), elapsed = 0;
     while (elapsed < min_s || passes == 0) {
         long long pass_tokens = 0;
         const char *p = text, *end = text + size;
@@ -65,7 +59,7 @@ int main(int argc, char **argv) {
         tokens = pass_tokens;
         bytes += size;
         passes++;
-        elapsed = now_s() - t0;
+        elapsed = bench_now_s() - t0;
     }
     printf("c %.2f MB/s %lld tokens %ld bytes %d passes\n", bytes / elapsed / 1e6, tokens, size, passes);
     tokenizer_free(t);

@@ -47,7 +47,7 @@ int main(int argc, char **argv) {
         fputs(usage, stderr);
         return 2;
     }
-    const kernel_ops *ops = !strcmp(backend, "cpu") ? kernel_ops_cpu() : !strcmp(backend, "cuda") ? kernel_ops_cuda() : NULL;
+    const kernel_ops *ops = kernel_ops_named(backend);
     if (!ops) {
         fprintf(stderr, "bench_forward: backend '%s' is not available (cpu, or cuda with a usable GPU)\n", backend);
         return 2;

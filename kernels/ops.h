@@ -106,5 +106,8 @@ const kernel_ops *kernel_ops_cpu(void);
 const kernel_ops *kernel_ops_cuda(void);
 // The cpu kernels behind device-style memory (kernels/ops_offset.c): device code paths without a GPU.
 const kernel_ops *kernel_ops_offset(void);
+// "cpu", "cuda", "offset", or "auto" (cuda when usable, else cpu): NULL for an unknown name or an unusable
+// backend (cuda without a GPU).
+const kernel_ops *kernel_ops_named(const char *name);
 
 #endif

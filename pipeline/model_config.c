@@ -102,6 +102,13 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
     json_t *root = json_load_file(path, 0, &jerr);
     if (!root && jerr.line < 1) return ep_fail(err, "%s: %s", path, jerr.text);
     if (!root) return ep_fail(err, "%s: invalid JSON: %s (line %d)", path, jerr.text, jerr.line);
+    int rc = model_config_parse(root, path, cfg, err);
+    json_decref(root);
+    return rc;
+}
+
+int model_config_parse(json_t *root, const char *path, model_config *cfg, ep_error *err) {
+    memset(cfg, 0, sizeof *cfg);
     int rc = -1;
     if (!json_is_object(root)) {
         ep_fail(err, "%s: expected a JSON object", path);
@@ -201,7 +208,7 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
     }
     case ARCH_PHI: {
         float partial;
-        int qk_layernorm;
+        int qk_layernorm = 0;
         cfg->head_dim = cfg->hidden / cfg->n_heads;
         if (get_float(root, path, "partial_rotary_factor", 0.5f, &partial, err) ||
             get_float(root, path, "layer_norm_eps", 1e-5f, &cfg->norm_eps, err) ||
@@ -262,7 +269,6 @@ int model_config_load(const char *path, model_config *cfg, ep_error *err) {
     cfg->tp = model_config_local(cfg);
     rc = 0;
 done:
-    json_decref(root);
     return rc;
 }
 

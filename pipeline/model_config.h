@@ -9,6 +9,8 @@
 #ifndef EP_MODEL_CONFIG_H
 #define EP_MODEL_CONFIG_H
 
+#include <jansson.h>
+
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 
@@ -81,6 +83,8 @@ typedef struct {
 
 // Parses and validates DIR/config.json (path is the file itself).
 int model_config_load(const char *path, model_config *cfg, ep_error *err);
+// The same from a config.json already parsed (e.g. inline in a sweep file); path names it in messages.
+int model_config_parse(json_t *root, const char *path, model_config *cfg, ep_error *err);
 
 // Rank `rank` of a tensor-parallel group of `size` ranks: its shard of cfg's model, or an error naming the
 // config field that does not split (heads, KV heads, MLP width). path names config.json in messages.

@@ -9,6 +9,7 @@
 
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
+#include "pipeline/model.h"
 #include "pipeline/paths.h"
 #include "pipeline/run_config.h"
 #include "stages/stage_io.h"
@@ -92,34 +93,6 @@ static int check_run_block(json_t *run, const char *file, const char *where, ep_
     return 0;
 }
 
-// The fields of an HF config.json the estimate needs (Gemma-2, Llama, Phi names).
-static int shape_from_config(json_t *c, const char *where, model_shape *sh, ep_error *err) {
-    struct {
-        const char *key;
-        int *out;
-    } need[] = {{"num_hidden_layers", &sh->layers}, {"hidden_size", &sh->hidden}, {"num_attention_heads", &sh->heads},
-                {"intermediate_size", &sh->intermediate}, {"vocab_size", &sh->vocab}};
-    for (size_t i = 0; i < COUNT(need); i++) {
-        json_t *v = json_object_get(c, need[i].key);
-        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > (1 << 30))
-            return ep_fail(err, "%s: field %s: expected a positive integer", where, need[i].key);
-        *need[i].out = (int)json_integer_value(v);
-    }
-    json_t *kv = json_object_get(c, "num_key_value_heads"), *hd = json_object_get(c, "head_dim");
-    sh->kv_heads = json_is_integer(kv) ? (int)json_integer_value(kv) : sh->heads;
-    sh->head_dim = json_is_integer(hd) ? (int)json_integer_value(hd) : sh->hidden / sh->heads;
-    if (sh->kv_heads < 1 || sh->heads % sh->kv_heads || sh->head_dim < 1)
-        return ep_fail(err, "%s: num_key_value_heads / head_dim: expected kv heads dividing %d heads and head_dim >= 1",
-                       where, sh->heads);
-    const char *arch = json_string_value(json_array_get(json_object_get(c, "architectures"), 0));
-    int phi = arch && !strcmp(arch, "PhiForCausalLM"), gemma = arch && !strcmp(arch, "Gemma2ForCausalLM");
-    json_t *tied = json_object_get(c, "tie_word_embeddings");
-    // transformers' defaults: Gemma-2 ties, Llama and Phi do not
-    sh->tied_embeddings = json_is_boolean(tied) ? json_is_true(tied) : gemma;
-    sh->gated_mlp = !phi;
-    return 0;
-}
-
 static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
     sweep_model *m = &s->models[i];
     char where[64];
@@ -148,7 +121,7 @@ static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
     snprintf(where, sizeof where, "models[%d].run", i);
     if (m->run && check_run_block(m->run, s->path, where, err)) return -1;
     snprintf(where, sizeof where, "models[%d]", i);
-    // The shape: the inline "config" (real models' numbers, for planning without the weights at hand), or
+    // The config: the inline "config" (real models' numbers, for planning without the weights at hand), or
     // the model folder's config.json.
     json_t *config = json_object_get(o, "config");
     char cwhere[1100];
@@ -164,10 +137,10 @@ static int load_model(sweep *s, json_t *o, int i, ep_error *err) {
             return ep_fail(err, "%s: %s: model %s: %s (or give its numbers as an inline \"config\")", s->path, where,
                            m->name, jerr.text);
     }
-    int rc = shape_from_config(config, cwhere, &m->shape, err);
-    if (rc == 0 && m->shape.heads % m->tensor_parallel)
+    int rc = model_config_parse(config, cwhere, &m->cfg, err);
+    if (rc == 0 && m->cfg.n_heads % m->tensor_parallel)
         rc = ep_fail(err, "%s: %s: tensor_parallel = %d does not divide %d attention heads", s->path, where,
-                     m->tensor_parallel, m->shape.heads);
+                     m->tensor_parallel, m->cfg.n_heads);
     if (!m->dtype) m->dtype = "fp32";  // edgepatch run's default
     if (rc == 0 && strcmp(m->dtype, "fp32") && strcmp(m->dtype, "bf16"))
         rc = ep_fail(err, "%s: %s: field dtype: expected \"fp32\" or \"bf16\", got \"%s\"", s->path, where, m->dtype);
@@ -363,22 +336,21 @@ int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err
     int batch_size = rc.batch_size, n_donors = rc.n_donors;
     run_config_free(&rc);
     const sweep_model *md = &s->models[m];
-    const model_shape *sh = &md->shape;
-    double h = sh->hidden, q = (double)sh->heads * sh->head_dim, kv = (double)sh->kv_heads * sh->head_dim;
-    double per_layer = h * (q + 2 * kv) + q * h + (sh->gated_mlp ? 3.0 : 2.0) * h * sh->intermediate;
-    e->params = (double)sh->vocab * h * (sh->tied_embeddings ? 1 : 2) + sh->layers * per_layer;
+    const model_config *c = &md->cfg;
+    double h = c->hidden, q = (double)c->n_heads * c->head_dim, kv = (double)c->n_kv_heads * c->head_dim;
+    e->params = (double)model_held_floats(c);
     double b = strcmp(md->dtype, "bf16") ? 4 : 2, tp = md->tensor_parallel;
     e->weight_bytes = e->params * b;
-    e->kv_bytes_per_token = 2.0 * sh->layers * kv * b;
+    e->kv_bytes_per_token = 2.0 * c->n_layers * kv * b;
     // One batch on one rank: the clean pass's K/V, each donor's cached K/V and head outputs (z), the
     // activations the attribution backward pass keeps per layer (residual, norms, attention output, MLP
     // hidden), fp32, split over the tensor-parallel group; logits at 16 rows per prompt; plus 1 GiB for
     // the CUDA context and workspaces.
     double tokens = (double)batch_size * s->prompt_tokens;
-    double z_per_token = sh->layers * q * b;
-    double act_per_token = sh->layers * (4 * h + 2.0 * sh->intermediate + 2 * q) * 4;
+    double z_per_token = c->n_layers * q * b;
+    double act_per_token = c->n_layers * (4 * h + 2.0 * c->intermediate + 2 * q) * 4;
     double batch = tokens * (e->kv_bytes_per_token + n_donors * (e->kv_bytes_per_token + z_per_token) + act_per_token);
-    e->gpu_bytes_per_rank = e->weight_bytes / tp + batch / tp + (double)batch_size * 16 * sh->vocab * 4 + (1 << 30);
+    e->gpu_bytes_per_rank = e->weight_bytes / tp + batch / tp + (double)batch_size * 16 * c->vocab_size * 4 + (1 << 30);
     return 0;
 }
 

@@ -13,12 +13,7 @@
 #include <jansson.h>
 
 #include "pipeline/error.h"
-
-// What the memory estimate needs from a model's config.json (or the sweep's inline "config").
-typedef struct {
-    int layers, hidden, heads, kv_heads, head_dim, intermediate, vocab;
-    int tied_embeddings, gated_mlp;
-} model_shape;
+#include "pipeline/model_config.h"
 
 typedef struct {
     const char *name;         // folder name of the model's runs and jobs
@@ -27,7 +22,7 @@ typedef struct {
     int tensor_parallel;      // ranks that hold one copy of the model
     int gpus;                 // GPUs per run (0: CPU ranks only)
     int ranks;                // MPI ranks per run: gpus, or the sweep's "ranks" when gpus == 0
-    model_shape shape;
+    model_config cfg;         // its config.json (or the sweep's inline "config"), for the estimate
     json_t *run;              // the model's run-config fields, over the sweep's (borrowed)
 } sweep_model;
 

@@ -13,10 +13,7 @@
 
 // The config's backend (validated by run_config) as a dispatch table.
 static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep_error *err) {
-    const char *b = cfg->backend;
-    *ops = !strcmp(b, "cpu") ? kernel_ops_cpu() : !strcmp(b, "offset") ? kernel_ops_offset() : kernel_ops_cuda();
-    if (!*ops && !strcmp(b, "auto")) *ops = kernel_ops_cpu();
-    if (!*ops)
+    if (!(*ops = kernel_ops_named(cfg->backend)))
         return ep_fail(err, "%s: field backend: \"cuda\" asked for, but this build has no CUDA or no usable GPU is "
                             "present", cfg->path);
     return 0;

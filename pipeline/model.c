@@ -127,7 +127,14 @@ static int ignorable(const model_config *c, const char *name) {
     return c->tied_embeddings && !strcmp(name, "lm_head.weight");
 }
 
-static int bind_tensor(model *m, const expected_tensor *e, ep_error *err) {
+// Lists buf (bytes long) among m's owned buffers.
+static void own(model *m, void *buf, size_t bytes) {
+    m->owned[m->n_owned] = buf;
+    m->owned_bytes[m->n_owned++] = bytes;
+}
+
+// e's tensor in the files, checked against the shape the config implies and the dtypes we convert.
+static int find_tensor(const model *m, const expected_tensor *e, const st_tensor **out, ep_error *err) {
     const st_tensor *t = safetensors_find(&m->st, e->name);
     const char *file = m->st.paths[0];
     if (!t) return ep_fail(err, "%s: tensor '%s' is missing (needed by %s)", file, e->name, m->cfg.arch_name);
@@ -143,33 +150,56 @@ static int bind_tensor(model *m, const expected_tensor *e, ep_error *err) {
     }
     if (t->dtype != ST_F32 && t->dtype != ST_BF16 && t->dtype != ST_F16)
         return ep_fail(err, "%s: tensor '%s' has dtype %s, expected F32, BF16 or F16", file, e->name, st_dtype_name(t->dtype));
-    if (!e->dst) return 0;
+    *out = t;
+    return 0;
+}
+
+// The slice e holds as it lies in the mapping, when it can be used in place: whole rows of aligned F32.
+// NULL otherwise (the slice is converted: read_slice).
+static const float *in_place(const st_tensor *t, const expected_tensor *e) {
     int64_t width = e->d1 ? e->d1 : 1;
-    size_t esize = st_dtype_size(t->dtype);
-    const unsigned char *start = (const unsigned char *)t->data + (size_t)(e->r0 * width + e->c0) * esize;
-    // Whole rows of aligned F32 are used in place: the mapping is only read where this rank's slice lies.
-    if (t->dtype == ST_F32 && e->nc == width && ((uintptr_t)start % sizeof(float)) == 0) {
-        *e->dst = (const float *)(const void *)start;
-        return 0;
-    }
-    float *buf = ep_malloc(sizeof(float) * held_floats(e));
-    m->owned[m->n_owned++] = buf;
-    *e->dst = buf;
-    // Row by row (a column slice is one run per row), converting only the slice.
+    const unsigned char *start = t->data + (size_t)(e->r0 * width + e->c0) * sizeof(float);
+    if (t->dtype != ST_F32 || e->nc != width || (uintptr_t)start % sizeof(float)) return NULL;
+    return (const float *)(const void *)start;
+}
+
+// The one place the slicing rules meet the bytes: the slice e holds (rows [r0, r0 + nr), columns
+// [c0, c0 + nc)) of t into out, row by row for a column slice, as fp32 values or, with raw set, as the
+// BF16 checkpoint's own bits (t must be BF16).
+static int read_slice(const st_tensor *t, const expected_tensor *e, int raw, void *out, ep_error *err) {
+    int64_t width = e->d1 ? e->d1 : 1;
+    size_t esize = st_dtype_size(t->dtype), osize = raw ? sizeof(uint16_t) : sizeof(float);
+    const unsigned char *start = t->data + (size_t)(e->r0 * width + e->c0) * esize;
     int contiguous = e->nc == width;
     for (int64_t r = 0; r < (contiguous ? 1 : e->nr); r++) {
         st_tensor part = *t;
         part.data = start + (size_t)(r * width) * esize;
         part.numel = contiguous ? e->nr * e->nc : e->nc;
         part.nbytes = (size_t)part.numel * esize;
-        if (safetensors_read_f32(&part, buf + r * e->nc, err)) return -1;
+        unsigned char *dst = (unsigned char *)out + (size_t)(r * e->nc) * osize;
+        if (raw)
+            memcpy(dst, part.data, part.nbytes);
+        else if (safetensors_read_f32(&part, (float *)(void *)dst, err))
+            return -1;
     }
     return 0;
 }
 
-int model_load(const char *dir, model *m, ep_error *err) { return model_load_shard(dir, 0, 1, m, err); }
+// Validates e's tensor and, when weights is set and the rank holds it, points e->dst at its slice: in the
+// mapping (aligned F32 rows) or in an owned fp32 copy.
+static int bind_tensor(model *m, const expected_tensor *e, int weights, ep_error *err) {
+    const st_tensor *t = NULL;
+    if (find_tensor(m, e, &t, err)) return -1;
+    if (!weights || !e->dst) return 0;
+    if ((*e->dst = in_place(t, e))) return 0;
+    float *buf = ep_malloc(sizeof(float) * held_floats(e));
+    own(m, buf, sizeof(float) * held_floats(e));
+    *e->dst = buf;
+    return read_slice(t, e, 0, buf, err);
+}
 
-int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err) {
+// model_load_shard (weights set) or model_open_shard.
+static int open_shard(const char *dir, int tp_rank, int tp_size, int weights, model *m, ep_error *err) {
     memset(m, 0, sizeof *m);
     char path[4096];
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -181,9 +211,10 @@ int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_err
     m->layers = ep_calloc((size_t)c->n_layers, sizeof(layer_weights));
     expected_list l = {0};
     list_expected(m, &l);
-    m->owned = ep_calloc((size_t)l.n, sizeof(float *));
+    m->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
+    m->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
     int rc = 0;
-    for (int i = 0; i < l.n && rc == 0; i++) rc = bind_tensor(m, &l.items[i], err);
+    for (int i = 0; i < l.n && rc == 0; i++) rc = bind_tensor(m, &l.items[i], weights, err);
     // Every tensor in the files must be one we read (or a known leftover): an unexpected name means the
     // config and the weights disagree, e.g. a config that says 2 layers for a 3-layer checkpoint.
     for (int t = 0; t < m->st.n_tensors && rc == 0; t++) {
@@ -199,11 +230,32 @@ int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_err
         model_free(m);
         return -1;
     }
-    if (c->tied_embeddings) m->lm_head = m->embed + (size_t)model_config_local(c).vocab0 * c->hidden;
-    m->inv_freq = ep_malloc(sizeof(float) * (size_t)(c->rotary_dim / 2));
+    if (c->tied_embeddings && weights) m->lm_head = m->embed + (size_t)model_config_local(c).vocab0 * c->hidden;
+    size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
+    m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
+    own(m, m->inv_freq, inv_bytes);
     model_config_inv_freq(c, m->inv_freq);
     m->embed_scale = model_embed_scale(c, 0);
     return 0;
+}
+
+int model_load(const char *dir, model *m, ep_error *err) { return open_shard(dir, 0, 1, 1, m, err); }
+
+int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err) {
+    return open_shard(dir, tp_rank, tp_size, 1, m, err);
+}
+
+int model_open_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err) {
+    return open_shard(dir, tp_rank, tp_size, 0, m, err);
+}
+
+int model_holds_weights(const model *m) { return m->embed != NULL; }
+
+size_t model_host_bytes(const model *m) {
+    if (m->backend) return 0;  // a device model's buffers live in its backend's memory
+    size_t n = 0;
+    for (int i = 0; i < m->n_owned; i++) n += m->owned_bytes[i];
+    return n;
 }
 
 uint64_t model_identity(const model *m) {
@@ -223,7 +275,8 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
     m->layers = ep_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
     expected_list l = {0};
     list_expected(m, &l);
-    m->owned = ep_calloc((size_t)l.n, sizeof(float *));
+    m->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
+    m->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
     uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
     for (int i = 0; i < l.n; i++) {
         if (!l.items[i].dst) continue;
@@ -233,12 +286,14 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
             x = x * 6364136223846793005ull + 1442695040888963407ull;
             buf[j] = base + (float)((double)(x >> 40) / (double)(1ull << 24) - 0.5) * 0.1f;
         }
-        m->owned[m->n_owned++] = buf;
+        own(m, buf, sizeof(float) * n);
         *l.items[i].dst = buf;
     }
     free(l.items);
     if (cfg->tied_embeddings) m->lm_head = m->embed + (size_t)model_config_local(cfg).vocab0 * cfg->hidden;
-    m->inv_freq = ep_malloc(sizeof(float) * (size_t)(cfg->rotary_dim / 2 > 0 ? cfg->rotary_dim / 2 : 1));
+    size_t inv_bytes = sizeof(float) * (size_t)(cfg->rotary_dim / 2);
+    m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
+    own(m, m->inv_freq, inv_bytes);
     model_config_inv_freq(cfg, m->inv_freq);
     m->embed_scale = model_embed_scale(cfg, 0);
 }
@@ -257,67 +312,102 @@ static const uint16_t **bf16_slot(model *m, const float **dst) {
     return NULL;
 }
 
-// Puts n values of src into a new buffer of dev's backend, as bf16 when matrix is set, else as fp32
-// values rounded to bf16; returns the buffer, listed in dev->owned.
-static void *upload_bf16(model *dev, const float *src, size_t n, int matrix) {
-    const kernel_ops *ops = dev->backend;
-    size_t bytes = n * (matrix ? sizeof(uint16_t) : sizeof(float));
-    void *host = ep_malloc(bytes ? bytes : 1), *buf = ops->alloc(bytes ? bytes : 1);
-    for (size_t i = 0; i < n; i++) {
-        if (matrix)
-            ((uint16_t *)host)[i] = f32_to_bf16(src[i]);
-        else
-            ((float *)host)[i] = bf16_round(src[i]);
+// How a weight is stored on the device: fp32, fp32 values rounded to bf16 (the vectors of a bf16 run) or
+// bf16 bits (the matrices of a bf16 run).
+typedef enum { AS_F32, AS_BF16_VALUES, AS_BF16 } stored_as;
+
+// The bytes dev stores for e in host memory, ready to upload: the host model's fp32 copy (src, as is for
+// AS_F32) or, when m holds no weights (model_open_shard), e's slice read from the mapping. Conversions go
+// through *stage, one buffer grown to the largest tensor and reused, so at most one tensor's conversion
+// is on the host at a time. A BF16 checkpoint's matrices go up as their own bits in a bf16 run (rounding
+// a bf16 value to bf16 is the identity: the same bits as converting to fp32 and back).
+static const void *staged(const model *m, const expected_tensor *e, const float *src, stored_as as, void **stage,
+                          size_t *cap, size_t *bytes, ep_error *err) {
+    size_t n = held_floats(e);
+    *bytes = n * (as == AS_BF16 ? sizeof(uint16_t) : sizeof(float));
+    if (src && as == AS_F32) return src;
+    if (*cap < sizeof(float) * n) *stage = ep_realloc(*stage, *cap = sizeof(float) * n);
+    if (!src) {
+        const st_tensor *t = safetensors_find(&m->st, e->name);  // present and checked: model_open_shard
+        if (as == AS_BF16 && t->dtype == ST_BF16) return read_slice(t, e, 1, *stage, err) ? NULL : *stage;
+        if (read_slice(t, e, 0, *stage, err)) return NULL;
+        src = *stage;
     }
-    ops->upload(buf, host, bytes);
-    free(host);
-    dev->owned[dev->n_owned++] = buf;
-    return buf;
+    // In place when src is the stage: value i is read before anything at or beyond byte 2 i is written
+    // (bytes through memcpy, so the compiler sees that source and destination alias).
+    const unsigned char *from = (const unsigned char *)src;
+    unsigned char *to = *stage;
+    for (size_t i = 0; i < n && as != AS_F32; i++) {
+        float v;
+        memcpy(&v, from + sizeof(float) * i, sizeof v);
+        uint16_t b = f32_to_bf16(v);
+        if (as == AS_BF16)
+            memcpy(to + sizeof b * i, &b, sizeof b);
+        else
+            v = bf16_to_f32(b), memcpy(to + sizeof v * i, &v, sizeof v);
+    }
+    return *stage;
 }
 
 int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev, ep_error *err) {
     const model_config *c = &m->cfg;
     if (m->backend) return ep_fail(err, "model_to_backend: the model is already a device model");
+    int mapped = !model_holds_weights(m);
+    if (mapped && ops->host_memory && !bf16)
+        return ep_fail(err, "model_to_backend: the %s backend computes with the host model's weights, and this one "
+                            "holds none (model_open_shard; load it with model_load_shard)", ops->name);
     *dev = *m;
     memset(&dev->st, 0, sizeof dev->st);
     dev->owned = NULL;
+    dev->owned_bytes = NULL;
     dev->n_owned = 0;
     dev->backend = NULL;
+    dev->staging_bytes = 0;
     dev->layers = ep_malloc(sizeof(layer_weights) * (size_t)c->n_layers);
     memcpy(dev->layers, m->layers, sizeof(layer_weights) * (size_t)c->n_layers);
     if (ops->host_memory && !bf16) return 0;
-    // The expected-tensor list names every weight pointer and its shape; each is replaced by an upload.
+    // The expected-tensor list names every weight pointer, its shape and the rank's slice; each is replaced
+    // by an upload. A bf16 run's tied vocabulary projection is one more: the rank's rows of the embedding.
     expected_list l = {0};
     list_expected(dev, &l);
-    dev->owned = ep_calloc((size_t)l.n + 2, sizeof(void *));
+    tp_shard t = model_config_local(c);
+    if (c->tied_embeddings && bf16)
+        rows(expect(&l, &dev->lm_head, c->vocab_size, c->hidden, "model.embed_tokens.weight", 0), t.vocab0, t.n_vocab);
+    dev->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
+    dev->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
     dev->backend = ops;
-    for (int i = 0; i < l.n; i++) {
-        if (!l.items[i].dst) continue;
-        size_t n = held_floats(&l.items[i]);
-        const uint16_t **slot = bf16 ? bf16_slot(dev, l.items[i].dst) : NULL;
-        if (slot) {
-            *slot = upload_bf16(dev, *l.items[i].dst, n, 1);
-            *l.items[i].dst = NULL;
-        } else if (bf16) {
-            *l.items[i].dst = upload_bf16(dev, *l.items[i].dst, n, 0);
-        } else {
-            float *buf = ops->alloc(sizeof(float) * n);
-            ops->upload(buf, *l.items[i].dst, sizeof(float) * n);
-            dev->owned[dev->n_owned++] = buf;
-            *l.items[i].dst = buf;
+    void *stage = NULL;
+    size_t cap = 0;
+    int rc = 0;
+    for (int i = 0; i < l.n && rc == 0; i++) {
+        expected_tensor *e = &l.items[i];
+        if (!e->dst) continue;
+        const uint16_t **slot = bf16 ? bf16_slot(dev, e->dst) : NULL;
+        size_t bytes;
+        const void *host = staged(m, e, *e->dst, slot ? AS_BF16 : bf16 ? AS_BF16_VALUES : AS_F32, &stage, &cap, &bytes, err);
+        if (!host) {
+            rc = -1;
+            break;
         }
+        void *buf = ops->alloc(bytes ? bytes : 1);
+        ops->upload(buf, host, bytes);
+        own(dev, buf, bytes);
+        if (slot) *slot = buf;
+        *e->dst = slot ? NULL : buf;
     }
     free(l.items);
-    tp_shard t = model_config_local(c);  // a shard's lm_head is its block of the (tied) embedding's rows
+    free(stage);
+    dev->staging_bytes = cap;
+    // a shard's fp32 lm_head is its block of the (tied) embedding's rows
     if (c->tied_embeddings) dev->lm_head = dev->embed + (size_t)t.vocab0 * c->hidden;
-    if (c->tied_embeddings && bf16) dev->lm_head_bf16 = upload_bf16(dev, m->lm_head, (size_t)t.n_vocab * c->hidden, 1);
     if (bf16) dev->embed_scale = model_embed_scale(c, 1);
     size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
     dev->inv_freq = ops->alloc(inv_bytes ? inv_bytes : sizeof(float));
     if (inv_bytes) ops->upload(dev->inv_freq, m->inv_freq, inv_bytes);
-    dev->owned[dev->n_owned++] = dev->inv_freq;
+    own(dev, dev->inv_freq, inv_bytes);
     if (ops->host_memory) dev->backend = NULL;  // host memory: the forward pass treats it as a host model
-    return 0;
+    if (rc) model_backend_free(dev);
+    return rc;
 }
 
 void model_backend_free(model *dev) {
@@ -331,8 +421,8 @@ void model_backend_free(model *dev) {
 void model_free(model *m) {
     for (int i = 0; i < m->n_owned; i++) free(m->owned[i]);
     free(m->owned);
+    free(m->owned_bytes);
     free(m->layers);
-    free(m->inv_freq);
     safetensors_close(&m->st);
     memset(m, 0, sizeof *m);
 }

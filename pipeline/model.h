@@ -2,7 +2,9 @@
 //
 // Owns: the config (model_config), the memory-mapped safetensors, and one fp32 pointer per weight.
 // F32 tensors that are 4-byte aligned in the mapping are used in place (no copy); BF16/F16 tensors
-// are converted once into an owned buffer. Promises: every tensor the architecture needs is present
+// are converted once into an owned buffer. A model opened without weights (model_open_shard) holds the
+// config and the mapping only, and model_to_backend moves each tensor from the mapping to the device
+// itself (docs/cuda.md, "weights"). Promises: every tensor the architecture needs is present
 // with the dtype class and shape the config implies; a missing, misshapen, or unexpected tensor is an
 // error naming the file and the tensor. The model is read-only after loading and may be shared by
 // threads.
@@ -39,8 +41,10 @@ typedef struct {
     float *inv_freq;     // rotary_dim / 2
     float embed_scale;   // sqrt(hidden) rounded to fp32 for Gemma, else 1
     safetensors st;
-    float **owned;       // converted tensors, freed with the model
+    void **owned;         // converted tensors and inv_freq (a device model: its buffers), freed with the model
+    size_t *owned_bytes;  // their sizes
     int n_owned;
+    size_t staging_bytes;  // a device model: the host buffer model_to_backend converted tensors in (freed after)
     uint64_t config_hash;  // of config.json's bytes
     const kernel_ops *backend;  // non-NULL: a device model (model_to_backend) whose weights and inv_freq live in
                                 // this backend's memory; `owned` then lists those buffers
@@ -55,6 +59,15 @@ int model_load(const char *dir, model *m, ep_error *err);
 // the mapping, other slices converted into owned buffers). cfg keeps the whole model's sizes; cfg.tp says
 // which part this is. tp_size 1 is model_load. A config that does not split is an error naming the field.
 int model_load_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err);
+// model_load_shard without the weights: config, mapping and identity, every tensor validated as there,
+// every weight pointer NULL. What a device backend's run keeps on the host (model_to_backend reads the
+// tensors from the mapping); the forward and backward passes cannot use it.
+int model_open_shard(const char *dir, int tp_rank, int tp_size, model *m, ep_error *err);
+// 1 if m's weight pointers are set (model_load, model_load_shard, model_init_random, a device model).
+int model_holds_weights(const model *m);
+// Host memory a model owns (its owned buffers unless they live on a device): converted weights and
+// inv_freq. The mapping is not counted (file pages, shared and evictable).
+size_t model_host_bytes(const model *m);
 // The weights (floats) a model or shard of cfg's shape holds (cfg->tp; a tied lm_head counts once), as
 // model_load_shard would: what `edgepatch memory` reports.
 size_t model_held_floats(const model_config *cfg);
@@ -72,6 +85,10 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m);
 // For a host backend (ops->host_memory) dev only borrows m's pointers (no copy; m must outlive dev);
 // otherwise every tensor is uploaded (a tied lm_head shares the embedding's copy) and dev is
 // independent of m. dev has no safetensors (st is empty). Free with model_backend_free, not model_free.
+// When m holds no weights (model_open_shard), each tensor, or the rank's slice of it, is read from m's
+// mapping and uploaded one at a time: the host holds at most one tensor's conversion (staging_bytes);
+// the device model is the same, byte for byte, as from model_load_shard's m. A host backend's fp32
+// model borrows m's weights, so it needs m loaded (an error otherwise).
 // With bf16 set, dev is a bf16 model on any backend (always copies): every weight is rounded to bf16
 // (to nearest even), the matrices (q, k, v, o, gate, up, down, lm_head) are stored as bf16 and
 // multiplied with matmul_bf16, the other weights stay fp32 arrays of bf16 values, and Gemma's embedding

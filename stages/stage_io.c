@@ -19,6 +19,11 @@ static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep
     return 0;
 }
 
+int stage_needs_host_weights(const run_config *cfg) {
+    const char *importance = json_string_value(json_object_get(cfg->json, "importance"));
+    return !importance || strcmp(importance, "exact") || json_is_true(json_object_get(cfg->json, "compare_importance"));
+}
+
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
     return stage_inputs_open_shard(cfg, NULL, in, err);
 }
@@ -38,7 +43,11 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
                            cfg->path, cfg->backend);
         in->ops = kernel_ops_cpu();
     }
-    if (tp ? model_load_shard(cfg->model_path, tp->rank, tp->size, &in->m, err) : model_load(cfg->model_path, &in->m, err))
+    // A host backend computes with the host model's weights; a device backend gets them from the mapping
+    // one tensor at a time, and the host keeps fp32 weights only for attribution's CPU backward pass.
+    int rank = tp ? tp->rank : 0, size = tp ? tp->size : 1;
+    if ((in->ops->host_memory || stage_needs_host_weights(cfg) ? model_load_shard : model_open_shard)(
+            cfg->model_path, rank, size, &in->m, err))
         return -1;
     in->m.comm = tp;
     if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {

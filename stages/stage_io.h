@@ -16,7 +16,8 @@
 
 struct stage_inputs {
     const run_config *cfg;
-    model m;              // the checkpoint as loaded (host, fp32): configuration, attribution's backward pass
+    model m;              // the checkpoint on the host: config, mapping, identity; fp32 weights only where they are
+                          // used (a host backend, or attribution's CPU backward: stage_needs_host_weights)
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
     prompt_set prompts;
@@ -33,11 +34,17 @@ struct stage_inputs {
 // "auto" (the default: cuda when a usable GPU is present, else cpu), "cpu", "cuda" (an error without a
 // usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
 // device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
+// On a device backend the host model holds weights (model_load_shard) only when stage_needs_host_weights
+// says so; else it is opened without them (model_open_shard) and the device model is read from the mapping.
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
 // The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
 // outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.
 int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
+// 1 if a run of cfg may compute attribution scores (the backward pass runs on the CPU with the host
+// model's fp32 weights): field importance "attribution" (the default for prune rounds; the prune stage
+// scores round 0 even without prune_rounds) or compare_importance true.
+int stage_needs_host_weights(const run_config *cfg);
 
 // Prompts [first, first + n) as a batch (pointers into in->prompts).
 prompt_batch stage_batch(const stage_inputs *in, int first, int n);

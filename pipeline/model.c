@@ -317,7 +317,8 @@ static const uint16_t **bf16_slot(model *m, const float **dst) {
 typedef enum { AS_F32, AS_BF16_VALUES, AS_BF16 } stored_as;
 
 // The bytes dev stores for e in host memory, ready to upload: the host model's fp32 copy (src, as is for
-// AS_F32) or, when m holds no weights (model_open_shard), e's slice read from the mapping. Conversions go
+// AS_F32) or, when m holds no weights (model_open_shard), e's slice from the mapping (in place for
+// aligned F32 rows in an fp32 run, else read into the stage). Conversions go
 // through *stage, one buffer grown to the largest tensor and reused, so at most one tensor's conversion
 // is on the host at a time. A BF16 checkpoint's matrices go up as their own bits in a bf16 run (rounding
 // a bf16 value to bf16 is the identity: the same bits as converting to fp32 and back).
@@ -326,9 +327,10 @@ static const void *staged(const model *m, const expected_tensor *e, const float 
     size_t n = held_floats(e);
     *bytes = n * (as == AS_BF16 ? sizeof(uint16_t) : sizeof(float));
     if (src && as == AS_F32) return src;
+    const st_tensor *t = src ? NULL : safetensors_find(&m->st, e->name);  // present and checked at open
+    if (t && as == AS_F32 && (src = in_place(t, e))) return src;  // aligned F32 rows go up from the mapping
     if (*cap < sizeof(float) * n) *stage = ep_realloc(*stage, *cap = sizeof(float) * n);
-    if (!src) {
-        const st_tensor *t = safetensors_find(&m->st, e->name);  // present and checked: model_open_shard
+    if (t) {
         if (as == AS_BF16 && t->dtype == ST_BF16) return read_slice(t, e, 1, *stage, err) ? NULL : *stage;
         if (read_slice(t, e, 0, *stage, err)) return NULL;
         src = *stage;

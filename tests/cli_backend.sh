@@ -3,7 +3,8 @@
 # device-style memory: every upload, download and device-resident donor cache of the stages is
 # exercised, and a host access to device memory faults) must give files byte-identical to the cpu run's,
 # since backend is not part of a run's identity: the cache and patch stages, and exact pruning rounds. A bf16 run completes, differs from the fp32 run, and
-# keeps its accuracy near it; its cache is not mistaken for the fp32 one. Bad values are one-line errors.
+# keeps its accuracy near it; its cache is not mistaken for the fp32 one. A model uploaded from the mapping
+# (no attribution) gives the same bytes. Bad values are one-line errors.
 set -u
 bin=$1
 . "$(dirname "$0")/cli_harness.bash"
@@ -55,6 +56,21 @@ PY
 cp "$tmp/bf16.json" "$tmp/swap.json" && sed -i "s|$tmp/bf16|$tmp/cpu|" "$tmp/swap.json"
 timeout 120 "$bin" run "$tmp/swap.json" --until cache > "$tmp/swap.out" 2>&1
 grep -q "other inputs" "$tmp/swap.out" && ok || bad "bf16 run in an fp32 folder was not refused: $(cat "$tmp/swap.out")"
+
+# Without attribution (importance "exact") a device backend's model comes from the checkpoint's mapping one
+# tensor at a time, with no fp32 host copy (docs/cuda.md, "weights"); a BF16 checkpoint's matrices go up as
+# their own bits in a bf16 run. The offset run must still give the cpu run's bytes.
+for b in cpu offset; do
+  config "ck_$b" "$b" bf16
+  sed -i 's|smollm-tiny"|smollm-tiny-bf16", "importance": "exact"|' "$tmp/ck_$b.json"
+  timeout 120 "$bin" run "$tmp/ck_$b.json" --until patch > "$tmp/ck_$b.out" 2>&1 || bad "bf16 checkpoint on $b: $(cat "$tmp/ck_$b.out")"
+done
+differ=""
+for f in patch.h5 model_logs.json $(cd "$tmp/ck_cpu" && ls cache.d/* patch.d/*); do
+  cmp -s "$tmp/ck_cpu/$f" "$tmp/ck_offset/$f" || differ="$differ $f"
+done
+grep -q '"importance": "exact"' "$tmp/ck_offset.json" && [ -z "$differ" ] && ok ||
+  bad "bf16 checkpoint from the mapping (offset) differs from cpu in:$differ"
 
 config badb tpu fp32
 expect_error 1 "field backend" run "$tmp/badb.json"

@@ -3,7 +3,8 @@
 // then R timed passes (the KV cache is rewound between passes); prints tokens/s over the timed passes.
 // Token ids are --ids (comma-separated, used for every prompt) or generated as bench_ids() does, the
 // same formula bench_forward_torch.py uses, so both engines see the same ids. --backend picks the kernel
-// backend (cpu, or cuda: the weights are uploaded once, outside the timing); --random CONFIG runs a model
+// backend (cpu, or cuda: the weights are uploaded once from the checkpoint's mapping, outside the timing,
+// and the host memory the model keeps is printed); --random CONFIG runs a model
 // of that config.json's shape with pseudo-random weights (e.g. bench/smollm2-135m.json) instead of --model.
 #include <stdint.h>
 #include <stdio.h>
@@ -61,7 +62,7 @@ int main(int argc, char **argv) {
             return 1;
         }
         model_init_random(&cfg, 1, &m);
-    } else if (model_load(dir, &m, &err)) {
+    } else if ((ops->host_memory ? model_load(dir, &m, &err) : model_open_shard(dir, 0, 1, &m, &err))) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
@@ -69,6 +70,9 @@ int main(int argc, char **argv) {
         fprintf(stderr, "bench_forward: %s\n", err.msg);
         return 1;
     }
+    // A device backend's weights come from the mapping, one tensor at a time (docs/cuda.md, "weights").
+    fprintf(stderr, "host memory of the model: %zu bytes (upload staging %zu bytes)\n",
+            model_host_bytes(&m) + model_host_bytes(&dev), dev.staging_bytes);
     int V = m.cfg.vocab_size;
     int *prompt = NULL, n_prompt = 0;
     if (ids) {

@@ -318,10 +318,10 @@ typedef enum { AS_F32, AS_BF16_VALUES, AS_BF16 } stored_as;
 
 // The bytes dev stores for e in host memory, ready to upload: the host model's fp32 copy (src, as is for
 // AS_F32) or, when m holds no weights (model_open_shard), e's slice from the mapping (in place for
-// aligned F32 rows in an fp32 run, else read into the stage). Conversions go
-// through *stage, one buffer grown to the largest tensor and reused, so at most one tensor's conversion
-// is on the host at a time. A BF16 checkpoint's matrices go up as their own bits in a bf16 run (rounding
-// a bf16 value to bf16 is the identity: the same bits as converting to fp32 and back).
+// aligned F32 rows in an fp32 run, else read into the stage). Conversions go through *stage, one buffer
+// grown to the largest tensor and reused, so at most one tensor's conversion is on the host at a time.
+// A BF16 checkpoint's matrices go up as their own bits in a bf16 run (rounding a bf16 value to bf16 is
+// the identity: the same bits as converting to fp32 and back).
 static const void *staged(const model *m, const expected_tensor *e, const float *src, stored_as as, void **stage,
                           size_t *cap, size_t *bytes, ep_error *err) {
     size_t n = held_floats(e);
@@ -354,8 +354,7 @@ static const void *staged(const model *m, const expected_tensor *e, const float 
 int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev, ep_error *err) {
     const model_config *c = &m->cfg;
     if (m->backend) return ep_fail(err, "model_to_backend: the model is already a device model");
-    int mapped = !model_holds_weights(m);
-    if (mapped && ops->host_memory && !bf16)
+    if (!model_holds_weights(m) && ops->host_memory && !bf16)
         return ep_fail(err, "model_to_backend: the %s backend computes with the host model's weights, and this one "
                             "holds none (model_open_shard; load it with model_load_shard)", ops->name);
     *dev = *m;

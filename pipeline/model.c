@@ -415,6 +415,7 @@ void model_backend_free(model *dev) {
     // A host model owns buffers only when it is a bf16 copy (host backends allocate with malloc).
     for (int i = 0; i < dev->n_owned; i++) dev->backend ? dev->backend->release(dev->owned[i]) : free(dev->owned[i]);
     free(dev->owned);
+    free(dev->owned_bytes);
     free(dev->layers);
     memset(dev, 0, sizeof *dev);
 }

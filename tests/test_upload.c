@@ -1,8 +1,8 @@
 // Weights from the mapping to the device (model_open_shard + model_to_backend; docs/cuda.md, "weights")
 // against the path that converts the whole model on the host first (model_load_shard + model_to_backend),
 // for every fixture variant (F32, BF16, F16, sharded files), fp32 and bf16 runs, the whole model and
-// tensor-parallel shards (T = 2, 4 where the config splits), on the offset backend (device-style memory)
-// and, for bf16, the cpu backend (a host copy):
+// tensor-parallel shards (T = 2, 4 where the config splits), on the offset backend (device-style memory),
+// cuda when a GPU is present, and, for bf16, the cpu backend (a host copy):
 // - every buffer of the two device models is byte-identical (downloaded and compared);
 // - the whole model's logits of a packed batch are byte-identical;
 // - host memory: after the mapping path the host owns at most one tensor (model_host_bytes of both models,
@@ -160,12 +160,15 @@ int main(void) {
                 continue;
             }
             model_free(&probe);
-            for (int rank = 0; rank < T; rank++) {
-                size_t largest = 0;
-                compare(variants[v], rank, T, kernel_ops_offset(), 0, &largest);
-                compare(variants[v], rank, T, kernel_ops_offset(), 1, &largest);
-                compare(variants[v], rank, T, kernel_ops_cpu(), 1, &largest);
-            }
+            const kernel_ops *devices[] = {kernel_ops_offset(), kernel_ops_cuda()};  // cuda: NULL without a GPU
+            for (int rank = 0; rank < T; rank++)
+                for (size_t d = 0; d < sizeof devices / sizeof devices[0]; d++) {
+                    if (!devices[d]) continue;
+                    size_t largest = 0;
+                    compare(variants[v], rank, T, devices[d], 0, &largest);
+                    compare(variants[v], rank, T, devices[d], 1, &largest);
+                    if (d == 0) compare(variants[v], rank, T, kernel_ops_cpu(), 1, &largest);
+                }
         }
     }
     can_fail("llama3-tiny-bf16");

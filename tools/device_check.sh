@@ -10,7 +10,8 @@
 #   bash tools/device_check.sh        On the GPU machine, from the repository root: runs, under one
 #                                     deadline, test_ops, test_model and test_patch (every backend against
 #                                     the reference, HF and the Python patching reference: the cuda rows
-#                                     are the GPU's), test_tp --nccl (tensor parallelism over NCCL: every
+#                                     are the GPU's), test_upload (weights from the mapping to the GPU,
+#                                     byte-identical to the host model's upload), test_tp --nccl (tensor parallelism over NCCL: every
 #                                     GPU in one group, or a group of one), bench_ops (fp32 and bf16 products at Gemma-2 2B
 #                                     shapes), tools/device_check.py (random-weight Gemma-2 2B and
 #                                     SmolLM2-135M made on the spot: our CUDA forward and patched forward
@@ -25,7 +26,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="tests/test_ops tests/test_model tests/test_patch tests/test_tp bench/bench_ops bench/bench_patch"
+BINS="tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
 
 pack() {
     set -e
@@ -78,7 +79,7 @@ check() {
         .device/wheels/*.whl && export PYTHONPATH=/tmp/ep-site${PYTHONPATH:+:$PYTHONPATH}
 
     local rc_test=0 t log
-    for t in test_ops test_model test_patch; do
+    for t in test_ops test_model test_patch test_upload; do
         section "$t"
         log=$(mktemp)
         OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"

@@ -190,8 +190,7 @@ static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_we
     linear(ops, s->mlp, s->gate, w->w_down, w->w_down_bf16, w->b_down, T, I, c->hidden);
 }
 
-// The tensor-parallel group's sum of a row-parallel projection's parts (nothing for a whole model).
-static int group_sum(const model *m, float *buf, size_t n, ep_error *err) {
+int model_group_sum(const model *m, float *buf, size_t n, ep_error *err) {
     return model_config_local(&m->cfg).size > 1 ? comm_allreduce_sum_f32(m->comm, buf, n, err) : 0;
 }
 
@@ -366,34 +365,33 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
                                b->n_new[seq], Q);
         linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
-        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
 
         // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
         // the parallel block, whose two branches are added anyway).
         size_t n = (size_t)T * D;
+        if (c->block != BLOCK_PARALLEL && (rc = model_group_sum(m, s.o, n, err))) break;
+        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
         switch (c->block) {
         case BLOCK_PRE_NORM:
-            if ((rc = group_sum(m, s.o, n, err))) break;
             ops->add(s.x, s.o, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
-            if ((rc = group_sum(m, s.mlp, n, err))) break;
+            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
             ops->add(s.x, s.mlp, n);
             break;
         case BLOCK_SANDWICH_NORM:
-            if ((rc = group_sum(m, s.o, n, err))) break;
             norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
-            if ((rc = group_sum(m, s.mlp, n, err))) break;
+            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
             norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
             break;
         case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
             run_mlp(ops, c, w, &s, T);
             ops->add(s.o, s.mlp, n);
-            if ((rc = group_sum(m, s.o, n, err))) break;
+            if ((rc = model_group_sum(m, s.o, n, err))) break;
             ops->add(s.x, s.o, n);
             break;
         }

@@ -133,6 +133,12 @@ static int int_reduce(const ep_comm *c, int *buf, int n, MPI_Op op, ep_error *er
     return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_INT, op, mpi_of(c)), "Allreduce", err);
 }
 
+int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err) {
+    if (c->kind == COMM_SINGLE) return 0;
+    if (c->kind != COMM_MPI) return ep_fail(err, "comm: double collectives need an MPI communicator");
+    return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, mpi_of(c)), "Allreduce", err);
+}
+
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err) { return int_reduce(c, buf, n, MPI_MAX, err); }
 int comm_allreduce_sum_i32(const ep_comm *c, int *buf, int n, ep_error *err) { return int_reduce(c, buf, n, MPI_SUM, err); }
 

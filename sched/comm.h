@@ -37,10 +37,11 @@ int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err);
 void comm_free(ep_comm *c);
 
 // Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl);
-// int buffers are host memory and need an mpi or single communicator.
+// int and double buffers are host memory and need an mpi or single communicator.
 int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err);  // in place
 // recv[r * n .. (r + 1) * n) = rank r's send[0 .. n); recv must not overlap send.
 int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err);
+int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err);  // in place
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_allreduce_sum_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_bcast_i32(const ep_comm *c, int *buf, int n, int root, ep_error *err);

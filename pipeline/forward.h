@@ -33,8 +33,9 @@ int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int 
                           const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
 // The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->comm its
-// group): collective, host caches only. whole is initialised here (same sequences, capacity, lengths, head
-// outputs if kept) with every KV head and query head; for a whole model it is a copy.
+// group, whose buffers are in the shard's memory): collective. whole is a host cache initialised here
+// (same sequences, capacity, lengths, head outputs if kept) with every KV head and query head; for a
+// whole model it is a copy (downloaded from a device cache).
 int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_error *err);
 // Keys (or values) of layer l, sequence s, position p: kv_dim floats (backend memory for a backend cache).
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos);

@@ -19,6 +19,7 @@ struct stage_inputs {
     model m;              // the checkpoint as loaded (host, fp32): configuration, attribution's backward pass
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
+    ep_comm dev_comm;       // a split model on a device backend: dev's group (NCCL, or the host group staged)
     prompt_set prompts;
     ablation_plan plan;
     ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
@@ -34,8 +35,10 @@ struct stage_inputs {
 // usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
 // device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
-// The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
-// outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.
+// The same holding only this rank's shard of the model, for the tensor-parallel group tp (an MPI
+// communicator, which must outlive in; docs/tensor_parallel.md). Every rank of the group runs the same
+// passes together. On the cuda backend the device model's group is an NCCL communicator over tp's ranks
+// (when the build has NCCL); on other device backends, tp staged through host memory (comm_staged_view).
 int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 

@@ -203,7 +203,7 @@ static void check_backward(const char *name, int T, int world_rank, const model 
         rc = grad_head_scores(&tw, hu, nh, sw, NULL, &err) || grad_edge_scores(&tw, eu, ne, sw + nh, NULL, &err) ||
              grad_head_scores(&ts, hu, nh, ss, NULL, &err) || grad_edge_scores(&ts, eu, ne, ss + nh, NULL, &err);
     if (rc == 0) {
-        double el = fabs(ts.loss - tw.loss) / fabs(tw.loss), edz = 0, eh = 0, ee = 0, top = 0;
+        double el = fabs(ts.loss - tw.loss) / fabs(tw.loss), edz = 0, es[2] = {0, 0}, top = 0;
         size_t Ql = (size_t)sh.n_heads * hd;
         float *want = ep_malloc(sizeof(float) * Ql);
         for (int l = 0; l < L; l++)
@@ -213,19 +213,19 @@ static void check_backward(const char *name, int T, int world_rank, const model 
             }
         free(want);
         // Scores relative to the largest of their kind (units that score 0 exactly need no floor of their own).
-        for (int k = 0; k < 2; k++) {
+        for (int k = 0; k < 2; k++) {  // k 0: head units, 1: edge units
             int n = k ? ne : nh, o = k ? nh : 0;
-            double mx = 0, e = 0;
+            double mx = 0;
             for (int u = 0; u < n; u++) mx = fmax(mx, fabs(sw[o + u]));
-            for (int u = 0; u < n; u++) e = fmax(e, fabs(ss[o + u] - sw[o + u]) / mx);
-            *(k ? &ee : &eh) = e, top = fmax(top, mx);
+            for (int u = 0; u < n; u++) es[k] = fmax(es[k], fabs(ss[o + u] - sw[o + u]) / mx);
+            top = fmax(top, mx);
         }
-        check(el <= 1e-5 && edz <= 1e-5 && eh <= 1e-5 && ee <= 1e-5 && top > 0,
+        check(el <= 1e-5 && edz <= 1e-5 && es[0] <= 1e-5 && es[1] <= 1e-5 && top > 0,
               "%s T=%d rank %d: attribution: loss (err %.2e), dL/dz of heads %d+%d (err %.2e), %d head scores (err "
-              "%.2e), %d edge scores (err %.2e)", name, T, world_rank, el, sh.head0, sh.n_heads, edz, nh, eh, ne, ee);
+              "%.2e), %d edge scores (err %.2e)", name, T, world_rank, el, sh.head0, sh.n_heads, edz, nh, es[0], ne, es[1]);
         if (world_rank == 0)
             printf("%-20s T=%d backward: loss %.2e, dL/dz %.2e, head scores %.2e, edge scores %.2e (max rel error)\n",
-                   name, T, el, edz, eh, ee);
+                   name, T, el, edz, es[0], es[1]);
         // Can fail: without the group's sum a rank has only its own heads' scores.
         grad_tape lone = ts;
         lone.comm = NULL;

@@ -92,8 +92,9 @@ typedef struct kernel_ops {
     // Data movement inside backend memory (both pointers backend memory, never overlapping):
     // row i of dst (dst + i * dst_stride) = row i of src (src + i * src_stride), row_len floats, i < rows.
     void (*copy_rows)(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len);
-    // Packed row i of dst (dst + i * row_len) = row idx[i] of src (src + idx[i] * row_len), i < n; idx is
-    // backend memory (n ints).
+    // Packed row i of dst (dst + i * row_len) = row idx[i] of src (src + idx[i] * row_len), i < n, or
+    // zeros where idx[i] < 0 (a vocabulary-parallel shard's embedding rows of other ranks' tokens); idx
+    // is backend memory (n ints).
     void (*gather_rows)(float *dst, const float *src, const int *idx, int n, int row_len);
     // 1 when backend memory is host memory (ref, cpu): host pointers may be handed to the ops directly
     // and the host may read what they write.

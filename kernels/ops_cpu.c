@@ -267,7 +267,10 @@ static void cpu_copy_rows(float *dst, int dst_stride, const float *src, int src_
 
 static void cpu_gather_rows(float *dst, const float *src, const int *idx, int n, int row_len) {
     for (int i = 0; i < n; i++)
-        memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
+        if (idx[i] < 0)
+            memset(dst + (size_t)i * row_len, 0, sizeof(float) * (size_t)row_len);
+        else
+            memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
 }
 
 static const kernel_ops cpu_table = {

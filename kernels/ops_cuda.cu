@@ -213,7 +213,7 @@ __global__ static void gather_rows_kernel(float *dst, const float *src, const in
     size_t total = (size_t)n * row_len;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
         size_t r = i / (size_t)row_len, c = i % (size_t)row_len;
-        dst[i] = src[(size_t)idx[r] * row_len + c];
+        dst[i] = idx[r] < 0 ? 0.0f : src[(size_t)idx[r] * row_len + c];
     }
 }
 

@@ -80,9 +80,11 @@ typedef struct {
     float *dxn, *dq, *dk, *dv, *dza, *dh, *dgate, *dup, *tmp, *tmp2;
 } layer_scratch;
 
+// Sized for the rank's heads and MLP columns (the whole model's for a whole model).
 static void scratch_init(layer_scratch *s, const model_config *c, int T) {
-    size_t t = (size_t)T, D = c->hidden, Q = (size_t)c->n_heads * c->head_dim, KV = (size_t)c->n_kv_heads * c->head_dim,
-           NI = c->intermediate;
+    tp_shard sh = model_config_local(c);
+    size_t t = (size_t)T, D = c->hidden, Q = (size_t)sh.n_heads * c->head_dim, KV = (size_t)sh.n_kv_heads * c->head_dim,
+           NI = sh.n_inter;
     float **d[] = {&s->xn, &s->po, &s->x1, &s->mo, &s->dxn, &s->tmp, &s->tmp2};
     for (size_t i = 0; i < sizeof d / sizeof *d; i++) *d[i] = ep_calloc(t * D, sizeof(float));
     float **q[] = {&s->dq, &s->dza};
@@ -99,14 +101,14 @@ static void scratch_free(layer_scratch *s) {
     for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]);
 }
 
-// The MLP's pre-activation values from xn in gate (and up); its output mo only for the sandwich block,
-// whose post-norm backward is the only reader of it.
+// The MLP's pre-activation values from xn in gate (and up), NI columns (a shard's); its output mo only for
+// the sandwich block, whose post-norm backward is the only reader of it (a shard's part of the sum, with
+// the down projection's bias on the group's first rank only, as in the forward).
 static void mlp_fwd(const kernel_ops *ops, const model_config *c, const layer_weights *w, layer_scratch *s,
-                    const float *xn, int T) {
-    size_t n = (size_t)T * c->intermediate;
-    ops->matmul(s->gate, xn, c->gated_mlp ? w->w_gate : w->w_up, c->gated_mlp ? w->b_gate : w->b_up, T, c->hidden,
-                c->intermediate);
-    if (c->gated_mlp) ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, c->intermediate);
+                    const float *xn, int T, int NI) {
+    size_t n = (size_t)T * NI;
+    ops->matmul(s->gate, xn, c->gated_mlp ? w->w_gate : w->w_up, c->gated_mlp ? w->b_gate : w->b_up, T, c->hidden, NI);
+    if (c->gated_mlp) ops->matmul(s->up, xn, w->w_up, w->b_up, T, c->hidden, NI);
     if (c->block != BLOCK_SANDWICH_NORM) return;
     float *h = s->dh;  // scratch for the activation output; dh is overwritten by the backward later
     if (c->gated_mlp) {
@@ -115,33 +117,34 @@ static void mlp_fwd(const kernel_ops *ops, const model_config *c, const layer_we
         memcpy(h, s->gate, sizeof(float) * n);
         ops->act(h, n, c->act);
     }
-    ops->matmul(s->mo, h, w->w_down, w->b_down, T, c->intermediate, c->hidden);
+    ops->matmul(s->mo, h, w->w_down, w->b_down, T, NI, c->hidden);
 }
 
-// dxn += the MLP's input gradient for output gradient dmo.
+// dxn += the MLP's input gradient for output gradient dmo (a shard's NI columns: its part of the sum).
 static void mlp_back(const model_config *c, const layer_weights *w, layer_scratch *s, const float *dmo, float *dxn,
-                     int T) {
-    size_t n = (size_t)T * c->intermediate;
-    linear_back(s->dh, dmo, w->w_down, T, c->intermediate, c->hidden, 0);
+                     int T, int NI) {
+    size_t n = (size_t)T * NI;
+    linear_back(s->dh, dmo, w->w_down, T, NI, c->hidden, 0);
     if (c->gated_mlp) {
         for (size_t i = 0; i < n; i++) {
             float da, a = act_and_grad(s->gate[i], c->act, &da);
             s->dgate[i] = s->dh[i] * s->up[i] * da;
             s->dup[i] = s->dh[i] * a;
         }
-        linear_back(dxn, s->dgate, w->w_gate, T, c->hidden, c->intermediate, 1);
-        linear_back(dxn, s->dup, w->w_up, T, c->hidden, c->intermediate, 1);
+        linear_back(dxn, s->dgate, w->w_gate, T, c->hidden, NI, 1);
+        linear_back(dxn, s->dup, w->w_up, T, c->hidden, NI, 1);
     } else {
         for (size_t i = 0; i < n; i++) {
             float da;
             act_and_grad(s->gate[i], c->act, &da);
             s->dgate[i] = s->dh[i] * da;
         }
-        linear_back(dxn, s->dgate, w->w_up, T, c->hidden, c->intermediate, 1);
+        linear_back(dxn, s->dgate, w->w_up, T, c->hidden, NI, 1);
     }
 }
 
-// Which donor the edge (l, h, A->B) of sequence s reads (-1: the current pass), as the patched kernels decide.
+// Which donor the edge (l, h, A->B) of sequence s reads (-1: the current pass), as the patched kernels decide
+// (h: the model's head number, as rules and head units name heads).
 static int edge_source(const grad_tape *t, int l, int h, int s, int B, int A) {
     const forward_patch *p = &t->patch;
     if (!t->patched || !p->layer_rules || p->layer_rules[l].n == 0) return -1;
@@ -189,7 +192,7 @@ static void block_times(float *out, int ldo, const float *m, int transpose_m, co
 // summed by source (masked copies of dlogit and p hold one source's edges).
 static void attention_back(grad_tape *t, const model_config *c, int l, const float *q, const float *dza, float *dq,
                            float *dk, float *dv) {
-    int H = c->n_heads, hd = c->head_dim, Q = H * hd, KV = c->n_kv_heads * hd, rep = c->n_heads / c->n_kv_heads;
+    int H = t->n_heads, hd = c->head_dim, Q = H * hd, KV = t->n_kv_heads * hd, rep = t->n_heads / t->n_kv_heads;
     int window = model_config_layer_window(c, l);
     float scale = c->attn_scale, cap = c->attn_softcap;
     const forward_patch *pt = &t->patch;
@@ -229,7 +232,7 @@ static void attention_back(grad_tape *t, const model_config *c, int l, const flo
                 int j0 = window > 0 && B - window + 1 > 0 ? B - window + 1 : 0;
                 float mx = -INFINITY;
                 for (int A = j0; A <= B; A++) {
-                    int dn = patched ? edge_source(t, l, h, s, B, A) : -1;
+                    int dn = patched ? edge_source(t, l, t->head0 + h, s, B, A) : -1;
                     float sc = p[A];
                     if (dn >= 0) {
                         sel[A] = (signed char)dn;
@@ -349,16 +352,15 @@ int model_loss(const model *m, const grad_batch *b, const forward_patch *patch, 
 
 int model_backward(const model *m, const grad_batch *b, const forward_patch *patch, grad_tape *t, ep_error *err) {
     memset(t, 0, sizeof *t);
-    if (model_config_local(&m->cfg).size > 1)
-        return ep_fail(err, "backward: attribution needs the whole model, not a tensor-parallel shard (use importance "
-                            "\"exact\" with tensor_parallel > 1)");
     if (check_batch(b, err)) return -1;
     const model_config *c = &m->cfg;
     const kernel_ops *ops = kernel_ops_cpu();
-    int T, R, L = c->n_layers, D = c->hidden, V = c->vocab_size, H = c->n_heads, hd = c->head_dim;
-    int Q = H * hd, KV = c->n_kv_heads * hd;
+    tp_shard sh = model_config_local(c);
+    int T, R, L = c->n_layers, D = c->hidden, V = c->vocab_size, H = sh.n_heads, hd = c->head_dim, NI = sh.n_inter;
+    int Q = H * hd, KV = sh.n_kv_heads * hd;
     batch_rows(b, &T, &R);
-    t->n_layers = L, t->n_heads = H, t->n_kv_heads = c->n_kv_heads, t->head_dim = hd, t->n_seqs = b->n_seqs;
+    t->n_layers = L, t->n_heads = H, t->n_kv_heads = sh.n_kv_heads, t->head_dim = hd, t->n_seqs = b->n_seqs;
+    t->head0 = sh.head0, t->model_heads = c->n_heads, t->comm = sh.size > 1 ? m->comm : NULL;
     t->n_rows = T;
     t->len = ep_malloc(sizeof(int) * (size_t)b->n_seqs);
     t->row = ep_malloc(sizeof(int) * (size_t)b->n_seqs);
@@ -395,25 +397,32 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     t->sel = ep_malloc((size_t)L * t->att_per_layer);
     memset(t->sel, -1, (size_t)L * t->att_per_layer);
 
+    // A shard (docs/tensor_parallel.md): dL/dlogits is whole on every rank (the logits were gathered) and
+    // so is every gradient of the residual stream. The row-parallel o and down projections' backward is
+    // local; the input gradients of the column-parallel projections (q/k/v, gate/up, the lm_head block)
+    // are parts of a sum, summed over the group before the norm they come from (model_group_sum).
     layer_scratch s;
     scratch_init(&s, c, T);
     float *dx = ep_calloc((size_t)T * D, sizeof(float)), *dx_in = ep_calloc((size_t)T * D, sizeof(float));
-    // Final norm and lm_head at the predicting rows only.
-    {
-        float *xr = ep_malloc(sizeof(float) * (size_t)R * D), *dxn = ep_malloc(sizeof(float) * (size_t)R * D);
-        float *dxr = ep_calloc((size_t)R * D, sizeof(float));
-        for (int k = 0; k < R; k++) memcpy(xr + (size_t)k * D, resid + ((size_t)L * T + rows[k]) * D, sizeof(float) * D);
-        linear_back(dxn, dlogits, m->lm_head, R, D, V, 0);
+    // Final norm and lm_head (a vocabulary-parallel shard's rows: its block of dlogits' columns) at the
+    // predicting rows only.
+    float *xr = ep_malloc(sizeof(float) * (size_t)R * D), *dxn = ep_malloc(sizeof(float) * (size_t)R * D);
+    float *dxr = ep_calloc((size_t)R * D, sizeof(float));
+    for (int k = 0; k < R; k++) memcpy(xr + (size_t)k * D, resid + ((size_t)L * T + rows[k]) * D, sizeof(float) * D);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, D, sh.n_vocab, 1.0f, dlogits + sh.vocab0, V, m->lm_head, D,
+                0.0f, dxn, D);
+    int rc = sh.n_vocab < V ? model_group_sum(m, dxn, (size_t)R * D, err) : 0;
+    if (rc == 0) {
         norm_back(c, dxr, xr, m->final_norm, dxn, R);
         for (int k = 0; k < R; k++)
             for (int i = 0; i < D; i++) dx[(size_t)rows[k] * D + i] += dxr[(size_t)k * D + i];
-        free(xr), free(dxn), free(dxr);
     }
-    for (int l = L - 1; l >= 0; l--) {
+    free(xr), free(dxn), free(dxr);
+    for (int l = L - 1; l >= 0 && rc == 0; l--) {
         const layer_weights *w = &m->layers[l];
         const float *x = resid + (size_t)l * T * D;
         size_t TD = (size_t)T * D;
-        const float *o = attn + (size_t)l * T * D;
+        const float *o = attn + (size_t)l * T * D;  // summed over a group (not read by the parallel block)
         // Recompute the MLP's input (into s.xn) and pre-activations.
         if (c->block == BLOCK_PARALLEL) {
             norm_fwd(ops, c, s.xn, x, w->attn_norm, w->attn_norm_bias, T);
@@ -427,14 +436,15 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
             }
             norm_fwd(ops, c, s.xn, s.x1, w->mlp_norm, NULL, T);
         }
-        mlp_fwd(ops, c, w, &s, s.xn, T);
+        mlp_fwd(ops, c, w, &s, s.xn, T, NI);
+        if (c->block == BLOCK_SANDWICH_NORM && (rc = model_group_sum(m, s.mo, TD, err))) break;
 
         // Backward: do (gradient of the attention block's o_proj output) into s.tmp, dxn1 into s.dxn.
         memset(s.dxn, 0, sizeof(float) * TD);
         float *dx1 = s.tmp2;
         if (c->block == BLOCK_PARALLEL) {
             memcpy(s.tmp, dx, sizeof(float) * TD);
-            mlp_back(c, w, &s, dx, s.dxn, T);
+            mlp_back(c, w, &s, dx, s.dxn, T, NI);
             memcpy(dx1, dx, sizeof(float) * TD);
         } else {
             const float *dmo = dx;
@@ -444,7 +454,8 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
                 dmo = s.tmp;
             }
             memset(s.po, 0, sizeof(float) * TD);  // dxn2
-            mlp_back(c, w, &s, dmo, s.po, T);
+            mlp_back(c, w, &s, dmo, s.po, T, NI);
+            if ((rc = model_group_sum(m, s.po, TD, err))) break;
             memcpy(dx1, dx, sizeof(float) * TD);
             norm_back(c, dx1, s.x1, w->mlp_norm, s.po, T);
             if (c->block == BLOCK_SANDWICH_NORM) {
@@ -462,13 +473,16 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
             for (int sq = 0; sq < b->n_seqs; sq++)
                 for (int B = 0; B < b->len[sq]; B++)
                     for (int h = 0; h < H; h++)
-                        if (substituted(t, l, h, sq, B)) memset(s.dza + (size_t)(t->row[sq] + B) * Q + (size_t)h * hd, 0, sizeof(float) * hd);
+                        if (substituted(t, l, t->head0 + h, sq, B))
+                            memset(s.dza + (size_t)(t->row[sq] + B) * Q + (size_t)h * hd, 0, sizeof(float) * hd);
         attention_back(t, c, l, t->q + (size_t)l * T * Q, s.dza, s.dq, s.dk, s.dv);
         ops->rope(s.dq, Q, pos, neg_inv_freq, T, H, hd, c->rotary_dim);
-        ops->rope(s.dk, KV, pos, neg_inv_freq, T, c->n_kv_heads, hd, c->rotary_dim);
+        ops->rope(s.dk, KV, pos, neg_inv_freq, T, sh.n_kv_heads, hd, c->rotary_dim);
+        // A replicated KV head's dk, dv hold only this rank's query heads' part: the group sum adds the rest.
         linear_back(s.dxn, s.dq, w->wq, T, D, Q, 1);
         linear_back(s.dxn, s.dk, w->wk, T, D, KV, 1);
         linear_back(s.dxn, s.dv, w->wv, T, D, KV, 1);
+        if ((rc = model_group_sum(m, s.dxn, TD, err))) break;  // the parallel block: attention and MLP at once
         memcpy(dx_in, dx1, sizeof(float) * TD);
         norm_back(c, dx_in, x, w->attn_norm, s.dxn, T);
         float *sw = dx;
@@ -476,7 +490,8 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     }
     scratch_free(&s);
     free(dx), free(dx_in), free(rows), free(pos), free(resid), free(attn), free(dlogits), free(neg_inv_freq);
-    return 0;
+    if (rc) grad_tape_free(t);
+    return rc;
 }
 
 void grad_tape_free(grad_tape *t) {
@@ -490,9 +505,10 @@ const float *grad_tape_dz(const grad_tape *t, int layer, int row) {
     return t->dz + ((size_t)layer * t->n_rows + row) * t->n_heads * t->head_dim;
 }
 
-// dL/dz of head h at (l, s, B) as the attention saw it: NULL (zero) where a head unit replaced the output.
+// dL/dz of the tape's head h at (l, s, B) as the attention saw it: NULL (zero) where a head unit replaced the
+// output.
 static const float *dz_seen(const grad_tape *t, int l, int h, int s, int B) {
-    if (substituted(t, l, h, s, B)) return NULL;
+    if (substituted(t, l, t->head0 + h, s, B)) return NULL;
     return grad_tape_dz(t, l, t->row[s] + B) + (size_t)h * t->head_dim;
 }
 
@@ -513,14 +529,18 @@ void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A
 static int check_donor(const grad_tape *t, int layer, int head, int donor, int need_z, ep_error *err) {
     if (!t->patched || !t->patch.types)
         return ep_fail(err, "scores: the pass ran without donors and token types");
-    if (layer < 0 || layer >= t->n_layers || head < 0 || head >= t->n_heads || donor < 0 ||
+    if (layer < 0 || layer >= t->n_layers || head < 0 || head >= t->model_heads || donor < 0 ||
         donor >= t->patch.n_donors || !t->patch.donors[donor] || (need_z && !t->patch.donors[donor]->z))
         return ep_fail(err, "scores: unit (layer %d, head %d, donor %d) is out of range or its donor is missing%s",
                        layer, head, donor, need_z ? " (or has no head outputs)" : "");
     return 0;
 }
 
-static void finish_scores(double *signed_sum, int n, int S, double *score, double *per_seq) {
+// A shard scored only the units on its heads (0 for the others): the group's sum gives every rank every
+// unit's signed sums (exactly: one rank's value plus zeros), before the absolute value.
+static int finish_scores(const grad_tape *t, double *signed_sum, int n, int S, double *score, double *per_seq,
+                         ep_error *err) {
+    if (t->comm && comm_allreduce_sum_f64(t->comm, signed_sum, (size_t)n * S, err)) return -1;
     for (int u = 0; u < n; u++) {
         score[u] = 0;
         for (int s = 0; s < S; s++) {
@@ -528,6 +548,7 @@ static void finish_scores(double *signed_sum, int n, int S, double *score, doubl
             if (per_seq) per_seq[(size_t)u * S + s] = signed_sum[(size_t)u * S + s];
         }
     }
+    return 0;
 }
 
 int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *score, double *per_seq, ep_error *err) {
@@ -538,11 +559,13 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
     for (int u = 0; u < n; u++) {
         const head_unit *hu = &units[u];
         const kv_cache *dn = t->patch.donors[hu->donor];
+        int h = hu->head - t->head0;  // the tape's head
+        if (h < 0 || h >= t->n_heads) continue;
         for (int s = 0; s < S; s++) {
             const int32_t *ty = t->patch.types + (size_t)s * t->patch.type_stride;
             for (int B = 0; B < t->patch.n_typed[s] && B < t->len[s]; B++) {
                 if (ty[B] != hu->type) continue;
-                size_t off = (size_t)hu->head * hd;
+                size_t off = (size_t)h * hd;
                 const float *zc = kv_cache_z(&t->cache, hu->layer, s, B) + off, *zd = kv_cache_z(dn, hu->layer, s, B) + off;
                 const float *g = grad_tape_dz(t, hu->layer, t->row[s] + B) + off;
                 double acc = 0;
@@ -551,9 +574,9 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
             }
         }
     }
-    finish_scores(sum, n, S, score, per_seq);
+    int rc = finish_scores(t, sum, n, S, score, per_seq, err);
     free(sum);
-    return 0;
+    return rc;
 }
 
 int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq, ep_error *err) {
@@ -563,7 +586,8 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
     double *sum = ep_calloc((size_t)n * S + 1, sizeof(double));
     for (int u = 0; u < n; u++) {
         const edge_unit *eu = &units[u];
-        int l = eu->layer, h = eu->head, g = h / rep;
+        int l = eu->layer, h = eu->head - t->head0, g = h / rep;  // h: the tape's head
+        if (h < 0 || h >= t->n_heads) continue;
         size_t off = (size_t)g * hd;
         const kv_cache *dn = t->patch.donors[eu->donor];
         for (int s = 0; s < S; s++) {
@@ -591,7 +615,7 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
             sum[(size_t)u * S + s] = acc;
         }
     }
-    finish_scores(sum, n, S, score, per_seq);
+    int rc = finish_scores(t, sum, n, S, score, per_seq, err);
     free(sum);
-    return 0;
+    return rc;
 }

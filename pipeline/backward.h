@@ -11,6 +11,10 @@
 // pre-norm / sandwich / parallel blocks, MLPs, attention with scale, softcap, causal mask, window,
 // GQA, edge ablation, head units, RoPE, partial rotary) and stops at the embeddings. Host memory and
 // fp32 only (the CPU backend). Never prints.
+// A tensor-parallel shard (model.cfg.tp, model.comm: docs/tensor_parallel.md) runs the pass with its group
+// (collective: every rank of the group calls the same functions in the same order, scores included); its
+// tape holds its own query heads and KV heads, and the scores, which name the model's heads, come out
+// whole on every rank.
 #ifndef EP_BACKWARD_H
 #define EP_BACKWARD_H
 
@@ -33,7 +37,9 @@ typedef struct {
 } edge_unit;
 
 typedef struct {
-    int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;
+    int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;  // n_heads, n_kv_heads: the tape's (a shard's)
+    int head0, model_heads;  // the tape's head h is the model's head head0 + h, of model_heads
+    const ep_comm *comm;     // a shard's group, which the scores are summed over; NULL for a whole model
     int *len, *row;         // [n_seqs]: length and first packed row of each sequence
     size_t *att_off;        // [n_seqs]: where a sequence's [n_heads][len][len] block starts in a layer
     size_t att_per_layer;   // floats per layer of p and dlogit
@@ -58,10 +64,10 @@ void grad_tape_free(grad_tape *t);
 int model_loss(const model *m, const grad_batch *b, const forward_patch *patch, double *loss, double *seq_loss,
                ep_error *err);
 
-// dL/dz at (layer, packed row): n_heads * head_dim floats.
+// dL/dz at (layer, packed row): n_heads * head_dim floats (the tape's heads).
 const float *grad_tape_dz(const grad_tape *t, int layer, int row);
 
-// dL/dk*(A->B) and dL/dv*(A->B) of one edge (layer, query head, sequence, receiver B, sender A): the
+// dL/dk*(A->B) and dL/dv*(A->B) of one edge (layer, the tape's query head, sequence, receiver B, sender A): the
 // gradient with respect to the key / value row that B read from A (current or donor), head_dim each.
 // Zero where B cannot see A.
 void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A, float *dk, float *dv);
@@ -71,7 +77,8 @@ void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A
 // with z the current pass's (after substitution, so an already substituted unit scores 0). Edge unit:
 // |sum over its edges of dL/dk*(A->B) . (k_donor(A) - k*(A->B)) + dL/dv*(A->B) . (v_donor(A) - v*(A->B))|,
 // k*, v* what B read (so an edge already reading that donor contributes 0). Need the tape's patch to
-// carry the donors and the types (a patch without rules or head units is the clean model).
+// carry the donors and the types (a patch without rules or head units is the clean model). Units name the
+// model's heads; on a shard's tape the calls are collective and every rank gets every unit's score.
 int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *score, double *per_seq,
                      ep_error *err);
 int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq,

@@ -51,34 +51,39 @@ int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_e
     model_config cfg = m->cfg;
     tp_shard mine = model_config_local(&cfg);
     cfg.tp = (tp_shard){0};  // the whole model's heads
-    if (shard->backend) return ep_fail(err, "kv_cache_gather: needs a host cache");
+    const kernel_ops *dev = shard->backend;  // NULL: a host cache
     if (kv_cache_init(whole, &cfg, shard->n_seqs, shard->capacity, shard->z != NULL, err)) return -1;
     memcpy(whole->len, shard->len, sizeof(int) * (size_t)shard->n_seqs);
     size_t rows = (size_t)shard->n_layers * shard->n_seqs * shard->capacity, hd = (size_t)cfg.head_dim;
     int P = mine.size, rc = 0;
-    if (P == 1) {
-        memcpy(whole->k, shard->k, sizeof(float) * rows * shard->kv_dim);
-        memcpy(whole->v, shard->v, sizeof(float) * rows * shard->kv_dim);
-        if (shard->z) memcpy(whole->z, shard->z, sizeof(float) * rows * shard->z_dim);
-        return 0;
-    }
-    // Every rank's shard ([rank][row][its heads]), then each head's rows from the first rank holding it.
+    // Every rank's shard ([rank][row][its heads], in the cache's memory, then on the host), then each
+    // head's rows from the first rank holding it.
     for (int part = 0; part < 3 && rc == 0; part++) {
         const float *src = part == 0 ? shard->k : part == 1 ? shard->v : shard->z;
         float *dst = part == 0 ? whole->k : part == 1 ? whole->v : whole->z;
         if (!src) continue;
         size_t local = part == 2 ? (size_t)shard->z_dim : (size_t)shard->kv_dim,
-               full = part == 2 ? (size_t)whole->z_dim : (size_t)whole->kv_dim;
-        float *all = ep_malloc(sizeof(float) * rows * local * (size_t)P);
-        rc = comm_allgather_f32(m->comm, src, all, rows * local, err);
+               full = part == 2 ? (size_t)whole->z_dim : (size_t)whole->kv_dim, n_all = rows * local * (size_t)P;
+        float *all = (float *)src;  // one rank: its shard is the whole
+        if (P > 1) {
+            all = dev ? dev->alloc(sizeof(float) * n_all) : ep_malloc(sizeof(float) * n_all);
+            rc = comm_allgather_f32(m->comm, src, all, rows * local, err);
+        }
+        float *host = all;
+        if (rc == 0 && dev) {
+            host = ep_malloc(sizeof(float) * n_all);
+            dev->download(host, all, sizeof(float) * n_all);
+        }
         for (int r = P - 1; r >= 0 && rc == 0; r--) {  // last to first: a replicated head ends with its first holder's copy
-            tp_shard t;
-            model_config_shard(&cfg, "config.json", r, P, &t, NULL);
+            tp_shard t = {0};
+            if (P > 1) model_config_shard(&cfg, "config.json", r, P, &t, NULL);
             size_t off = (size_t)(part == 2 ? t.head0 : t.kv_head0) * hd;
             for (size_t i = 0; i < rows; i++)
-                memcpy(dst + i * full + off, all + ((size_t)r * rows + i) * local, sizeof(float) * local);
+                memcpy(dst + i * full + off, host + ((size_t)r * rows + i) * local, sizeof(float) * local);
         }
-        free(all);
+        if (host != all) free(host);
+        if (all != src && dev) dev->release(all);
+        else if (all != src) free(all);
     }
     if (rc) kv_cache_free(whole);
     return rc;
@@ -190,8 +195,7 @@ static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_we
     linear(ops, s->mlp, s->gate, w->w_down, w->w_down_bf16, w->b_down, T, I, c->hidden);
 }
 
-// The tensor-parallel group's sum of a row-parallel projection's parts (nothing for a whole model).
-static int group_sum(const model *m, float *buf, size_t n, ep_error *err) {
+int model_group_sum(const model *m, float *buf, size_t n, ep_error *err) {
     return model_config_local(&m->cfg).size > 1 ? comm_allreduce_sum_f32(m->comm, buf, n, err) : 0;
 }
 
@@ -366,34 +370,33 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
                                b->n_new[seq], Q);
         linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
-        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
 
         // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
         // the parallel block, whose two branches are added anyway).
         size_t n = (size_t)T * D;
+        if (c->block != BLOCK_PARALLEL && (rc = model_group_sum(m, s.o, n, err))) break;
+        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
         switch (c->block) {
         case BLOCK_PRE_NORM:
-            if ((rc = group_sum(m, s.o, n, err))) break;
             ops->add(s.x, s.o, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
-            if ((rc = group_sum(m, s.mlp, n, err))) break;
+            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
             ops->add(s.x, s.mlp, n);
             break;
         case BLOCK_SANDWICH_NORM:
-            if ((rc = group_sum(m, s.o, n, err))) break;
             norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
             norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
-            if ((rc = group_sum(m, s.mlp, n, err))) break;
+            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
             norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
             break;
         case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
             run_mlp(ops, c, w, &s, T);
             ops->add(s.o, s.mlp, n);
-            if ((rc = group_sum(m, s.o, n, err))) break;
+            if ((rc = model_group_sum(m, s.o, n, err))) break;
             ops->add(s.x, s.o, n);
             break;
         }

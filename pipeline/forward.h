@@ -33,8 +33,9 @@ int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int 
                           const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
 // The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->comm its
-// group): collective, host caches only. whole is initialised here (same sequences, capacity, lengths, head
-// outputs if kept) with every KV head and query head; for a whole model it is a copy.
+// group, whose buffers are in the shard's memory): collective. whole is a host cache initialised here
+// (same sequences, capacity, lengths, head outputs if kept) with every KV head and query head; for a
+// whole model it is a copy (downloaded from a device cache).
 int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_error *err);
 // Keys (or values) of layer l, sequence s, position p: kv_dim floats (backend memory for a backend cache).
 float *kv_cache_k(const kv_cache *c, int layer, int seq, int pos);
@@ -72,7 +73,9 @@ typedef struct {
                            // or end_layer set, only the slots of the layers run (and their ends) are written
     float *q_out;          // optional out [n_layers, n_tokens, n_heads * head_dim]: post-RoPE queries
     float *attn_out;       // optional out [n_layers, n_tokens, hidden]: the attention block's o_proj output
-                           // (before Gemma's post-norm); both for the backward, written for the layers run
+                           // (before Gemma's post-norm; a shard's: summed over the group, but in the parallel
+                           // block, where it is the shard's part); both for the backward, written for the
+                           // layers run
     // A partial pass (prefix reuse for exact scores): start at first_layer (0..n_layers) from x_in, the
     // residual stream entering that layer ([n_tokens, hidden], e.g. a slot of an earlier pass's resid),
     // instead of embedding the tokens; stop after layer end_layer - 1 (0 means n_layers) and leave the
@@ -92,5 +95,9 @@ typedef struct {
 // cache->len, and fills the requested outputs.
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err);
+
+// A tensor-parallel shard's partial values (host or backend memory as m's comm takes them) summed over
+// its group in place, as the row-parallel projections are; nothing for a whole model. Collective.
+int model_group_sum(const model *m, float *buf, size_t n, ep_error *err);
 
 #endif

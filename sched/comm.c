@@ -82,7 +82,24 @@ int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err) {
 #endif
 }
 
+int comm_nccl_built(void) {
+#ifdef EP_HAVE_NCCL
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void comm_staged_view(const ep_comm *group, const kernel_ops *ops, ep_comm *view) {
+    *view = *group;
+    view->staging = ops;
+}
+
 void comm_free(ep_comm *c) {
+    if (c->staging) {  // a view: the handle is its group's
+        comm_single(c);
+        return;
+    }
     if (c->kind == COMM_MPI) MPI_Comm_free((MPI_Comm *)c->handle);
 #ifdef EP_HAVE_NCCL
     if (c->kind == COMM_NCCL) ncclCommDestroy(*(ncclComm_t *)c->handle);
@@ -103,6 +120,16 @@ static int nccl_done(ncclResult_t rc, const char *what, ep_error *err) {
 #endif
 
 int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err) {
+    if (c->staging && c->kind == COMM_MPI) {
+        float *host = ep_malloc(sizeof(float) * (n ? n : 1));
+        c->staging->download(host, buf, sizeof(float) * n);
+        ep_comm plain = *c;
+        plain.staging = NULL;
+        int rc = comm_allreduce_sum_f32(&plain, host, n, err);
+        if (rc == 0) c->staging->upload(buf, host, sizeof(float) * n);
+        free(host);
+        return rc;
+    }
     if (c->kind == COMM_MPI)
         return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, mpi_of(c)), "Allreduce", err);
 #ifdef EP_HAVE_NCCL
@@ -115,6 +142,17 @@ int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err
 }
 
 int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err) {
+    if (c->staging) {  // single: one device-to-device copy through the host as well
+        size_t all = n * (size_t)c->size;
+        float *host_send = ep_malloc(sizeof(float) * (n ? n : 1)), *host_recv = ep_malloc(sizeof(float) * (all ? all : 1));
+        c->staging->download(host_send, send, sizeof(float) * n);
+        ep_comm plain = *c;
+        plain.staging = NULL;
+        int rc = comm_allgather_f32(&plain, host_send, host_recv, n, err);
+        if (rc == 0) c->staging->upload(recv, host_recv, sizeof(float) * all);
+        free(host_send), free(host_recv);
+        return rc;
+    }
     if (c->kind == COMM_MPI)
         return mpi_check(MPI_Allgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, mpi_of(c)), "Allgather", err);
 #ifdef EP_HAVE_NCCL
@@ -131,6 +169,12 @@ static int int_reduce(const ep_comm *c, int *buf, int n, MPI_Op op, ep_error *er
     if (c->kind == COMM_SINGLE) return 0;
     if (c->kind != COMM_MPI) return ep_fail(err, "comm: integer collectives need an MPI communicator");
     return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, n, MPI_INT, op, mpi_of(c)), "Allreduce", err);
+}
+
+int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err) {
+    if (c->kind == COMM_SINGLE) return 0;
+    if (c->kind != COMM_MPI) return ep_fail(err, "comm: double collectives need an MPI communicator");
+    return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, mpi_of(c)), "Allreduce", err);
 }
 
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err) { return int_reduce(c, buf, n, MPI_MAX, err); }

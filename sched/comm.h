@@ -3,8 +3,9 @@
 // driver (sched/mpi_run) use only this interface, so stages and the model code never see MPI.
 //
 // Backends: single (one rank; every collective is a no-op or a copy, no library is touched), mpi
-// (buffers in host memory) and nccl (buffers in device memory of the CUDA backend; built when CUDA and
-// NCCL are found, EP_HAVE_NCCL). A communicator is a group of ranks: the world, or a tensor-parallel group
+// (buffers in host memory, or in a device backend's memory staged through the host: comm_staged_view)
+// and nccl (buffers in device memory of the CUDA backend; built when CUDA and NCCL are found,
+// EP_HAVE_NCCL). A communicator is a group of ranks: the world, or a tensor-parallel group
 // split from it. Collectives must be called by every rank of the group in the same order. Calls return 0
 // or -1 with err filled (MPI's default handler aborts the job on a communication failure before that).
 #ifndef EP_SCHED_COMM_H
@@ -20,6 +21,7 @@ typedef struct {
     comm_kind kind;
     int rank, size;
     void *handle;  // the backend's communicator (MPI_Comm *, ncclComm_t), opaque so no MPI header leaks
+    const struct kernel_ops *staging;  // a staged view's device backend (comm_staged_view), else NULL
 } ep_comm;
 
 // The single-rank communicator (no MPI).
@@ -34,13 +36,22 @@ int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error
 // unique id and broadcasts it over `group`. Runs on the GPU the CUDA backend picked for this rank (local
 // rank mod GPUs on the node, docs/cuda.md). Fails in builds without NCCL or without a usable GPU.
 int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err);
+// 1 when this build has NCCL (comm_nccl_init can work on a machine with GPUs).
+int comm_nccl_built(void);
+// A view of `group` (mpi or single) whose f32 collectives take buffers in the memory of `ops`, a device
+// backend: they are downloaded, reduced or gathered over MPI on the host, and uploaded back (Debian's
+// Open MPI is not CUDA-aware, so it cannot read device buffers). For a split model on a device backend
+// without NCCL: the offset test backend, a CUDA build without NCCL. The view borrows group's MPI
+// communicator: it must not outlive group, and comm_free on it frees nothing of group's.
+void comm_staged_view(const ep_comm *group, const struct kernel_ops *ops, ep_comm *view);
 void comm_free(ep_comm *c);
 
-// Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl);
-// int buffers are host memory and need an mpi or single communicator.
+// Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl and
+// for a staged view); int and double buffers are host memory and need an mpi or single communicator.
 int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err);  // in place
 // recv[r * n .. (r + 1) * n) = rank r's send[0 .. n); recv must not overlap send.
 int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err);
+int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err);  // in place
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_allreduce_sum_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_bcast_i32(const ep_comm *c, int *buf, int n, int root, ep_error *err);

@@ -24,11 +24,11 @@ void cache_identity(const stage_inputs *in, char out[17]) {
     hash_hex(h, out);
 }
 
-// Rows of one sequence of one layer of a cache in ops' memory <-> a host [L, T, flat_dim] array whose columns
-// [col0, col0 + dim) are the cache's (a tensor-parallel shard's cache holds only its heads' columns of the
-// stored whole).
-static void copy_rows(const kernel_ops *ops, const kv_cache *c, int which, int seq, int T, float *flat, int flat_dim,
-                      int col0, int to_cache) {
+// Rows of one sequence of one layer of a cache (host or backend memory) <-> a host [L, T, flat_dim] array
+// whose columns [col0, col0 + dim) are the cache's (a tensor-parallel shard's cache holds only its heads'
+// columns of the stored whole).
+static void copy_rows(const kv_cache *c, int which, int seq, int T, float *flat, int flat_dim, int col0, int to_cache) {
+    const kernel_ops *ops = c->backend ? c->backend : kernel_ops_cpu();
     int dim = which == 2 ? c->z_dim : c->kv_dim, whole = flat_dim == dim;  // whole rows: one block per layer
     for (int l = 0; l < c->n_layers; l++)
         for (int t = 0; t < (whole ? 1 : T); t++) {
@@ -78,7 +78,8 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
     ablation_plan plan = in->plan;  // donor 0, a clean pass, for the ablations when the plan reads no donor
     plan.n_donors = K;
     if (K > 0) rc = patch_donor_passes(&in->dev, in->ops, &plan, &pb, donors, err);
-    // A tensor-parallel group's leader writes the whole model's keys, values and head outputs.
+    // A tensor-parallel group's leader writes the whole model's keys, values and head outputs (gathered
+    // into host caches).
     for (int d = 0; d < K && rc == 0 && c->tp.size > 1; d++) {
         kv_cache whole;
         rc = kv_cache_gather(&in->dev, &donors[d], &whole, err);
@@ -93,7 +94,7 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
                 for (int w = 0; w < 3 && rc == 0; w++) {
                     int dim = w == 2 ? donors[d].z_dim : donors[d].kv_dim;
                     float *flat = ep_malloc(sizeof(float) * (size_t)c->n_layers * T * dim);
-                    copy_rows(in->ops, &donors[d], w, i, T, flat, dim, 0, 0);
+                    copy_rows(&donors[d], w, i, T, flat, dim, 0, 0);
                     char name[96];
                     snprintf(name, sizeof name, "prompt%d/donor%d/%s", first + i, d, parts[w]);
                     h5shape sh = {3, {c->n_layers, T, dim}};
@@ -180,7 +181,7 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
                 rc = h5store_read_f32(&s, name, &sh, &flat, err);
                 if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != full[w]))
                     rc = ep_fail(err, "%s: dataset %s has the wrong shape for this model and prompt", path, name);
-                if (rc == 0) copy_rows(in->ops, &donors[d], w, i, T, flat, full[w], col0[w], 1);
+                if (rc == 0) copy_rows(&donors[d], w, i, T, flat, full[w], col0[w], 1);
                 free(flat);
             }
         }

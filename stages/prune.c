@@ -565,13 +565,6 @@ int prune_open(stage_inputs *in, int max_rounds, prune_run **out, ep_error *err)
         free(pr);
         return -1;
     }
-    if (model_config_local(&in->m.cfg).size > 1 && !strcmp(pr->p.importance, "attribution")) {
-        ep_fail(err, "%s: field importance: attribution is not available with tensor_parallel > 1 (the backward pass "
-                     "needs the whole model); use \"exact\"", in->cfg->path);
-        params_free(&pr->p);
-        free(pr);
-        return -1;
-    }
     pr->n_rounds = pr->p.head_rounds + pr->p.edge_rounds > 0 ? pr->p.head_rounds + pr->p.edge_rounds : 1;
     pr->max_rounds = max_rounds;
     pr->last = -1;

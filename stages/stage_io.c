@@ -35,14 +35,6 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
     if (backend_from_config(cfg, &in->ops, err)) return -1;
-    // A split model's communicator moves host buffers (MPI): "auto" means cpu then, and a device backend is
-    // refused (NCCL groups are not wired into edgepatch run yet; docs/tensor_parallel.md).
-    if (tp && tp->size > 1 && !in->ops->host_memory) {
-        if (strcmp(cfg->backend, "auto"))
-            return ep_fail(err, "%s: field backend: \"%s\" with tensor_parallel > 1 is not available yet (use \"cpu\")",
-                           cfg->path, cfg->backend);
-        in->ops = kernel_ops_cpu();
-    }
     // A host backend computes with the host model's weights; a device backend gets them from the mapping
     // one tensor at a time, and the host keeps fp32 weights only for attribution's CPU backward pass.
     int rank = tp ? tp->rank : 0, size = tp ? tp->size : 1;
@@ -53,6 +45,18 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
     if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {
         model_free(&in->m);
         return -1;
+    }
+    // A split model's device copy sums and gathers device buffers: over NCCL on GPUs, else through the host.
+    if (tp && tp->size > 1 && !in->ops->host_memory) {
+        if (in->ops == kernel_ops_cuda() && comm_nccl_built()) {
+            if (comm_nccl_init(tp, &in->dev_comm, err)) {
+                stage_inputs_close(in);
+                return -1;
+            }
+        } else {
+            comm_staged_view(tp, in->ops, &in->dev_comm);
+        }
+        in->dev.comm = &in->dev_comm;
     }
     if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err) ||
         plan_list_from_run_config(cfg, &in->m.cfg, &in->ablations, &in->n_ablations, err)) {
@@ -91,6 +95,7 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
 }
 
 void stage_inputs_close(stage_inputs *in) {
+    comm_free(&in->dev_comm);
     model_backend_free(&in->dev);
     model_free(&in->m);
     prompt_set_free(&in->prompts);

@@ -20,6 +20,7 @@ struct stage_inputs {
                           // used (a host backend, or attribution's CPU backward: stage_needs_host_weights)
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
+    ep_comm dev_comm;       // a split model on a device backend: dev's group (NCCL, or the host group staged)
     prompt_set prompts;
     ablation_plan plan;
     ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
@@ -37,8 +38,10 @@ struct stage_inputs {
 // On a device backend the host model holds weights (model_load_shard) only when stage_needs_host_weights
 // says so; else it is opened without them (model_open_shard) and the device model is read from the mapping.
 int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
-// The same holding only this rank's shard of the model, for the tensor-parallel group tp (which must
-// outlive in; docs/tensor_parallel.md). Every rank of the group runs the same passes together.
+// The same holding only this rank's shard of the model, for the tensor-parallel group tp (an MPI
+// communicator, which must outlive in; docs/tensor_parallel.md). Every rank of the group runs the same
+// passes together. On the cuda backend the device model's group is an NCCL communicator over tp's ranks
+// (when the build has NCCL); on other device backends, tp staged through host memory (comm_staged_view).
 int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 // 1 if a run of cfg may compute attribution scores (the backward pass runs on the CPU with the host

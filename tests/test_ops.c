@@ -329,20 +329,25 @@ static void test_copies(const kernel_ops *b, const kernel_ops *ref) {
     check(!memcmp(got, want, sizeof(float) * (size_t)rows * dst_stride), "%s copy_rows differs from ref", b->name);
     stage_free(&s);
 
-    int idx[12] = {3, 0, 49, 3, 17, 8, 8, 21, 1, 48, 30, 2};
+    // Negative indices give zero rows; the output starts as non-zero junk so a skipped row shows.
+    int idx[12] = {3, 0, 49, -1, 17, 8, 8, 21, -1, 48, 30, 2};
     float *gwant = ep_malloc(sizeof(float) * (size_t)n_idx * src_stride), *ggot = ep_malloc(sizeof(float) * (size_t)n_idx * src_stride);
+    float *junk = random_floats((size_t)n_idx * src_stride, 1.0f);
+    memcpy(gwant, junk, sizeof(float) * (size_t)n_idx * src_stride);
     ref->gather_rows(gwant, src, idx, n_idx, src_stride);
     d_src = stage_in(&s, src, sizeof(float) * (size_t)n_src * src_stride);
     int *d_idx = stage_in(&s, idx, sizeof idx);
-    float *d_out = stage_in(&s, gwant, sizeof(float) * (size_t)n_idx * src_stride);  // sized buffer
+    float *d_out = stage_in(&s, junk, sizeof(float) * (size_t)n_idx * src_stride);
     b->gather_rows(d_out, d_src, d_idx, n_idx, src_stride);
     stage_out(&s, ggot, d_out, sizeof(float) * (size_t)n_idx * src_stride);
     int ok = !memcmp(ggot, gwant, sizeof(float) * (size_t)n_idx * src_stride);
-    for (int i = 0; i < n_idx; i++) ok &= !memcmp(gwant + (size_t)i * src_stride, src + (size_t)idx[i] * src_stride, sizeof(float) * src_stride);
-    check(ok, "%s gather_rows differs from ref or from the source rows", b->name);
+    for (int i = 0; i < n_idx; i++)
+        for (int c = 0; c < src_stride; c++)
+            ok &= gwant[(size_t)i * src_stride + c] == (idx[i] < 0 ? 0.0f : src[(size_t)idx[i] * src_stride + c]);
+    check(ok, "%s gather_rows differs from ref or from the source rows (zeros for negative indices)", b->name);
     printf("  %-5s copy_rows, gather_rows: bit-exact\n", b->name);
     stage_free(&s);
-    free(src), free(dst0), free(want), free(got), free(gwant), free(ggot);
+    free(src), free(dst0), free(want), free(got), free(gwant), free(ggot), free(junk);
 }
 
 int main(void) {

@@ -4,13 +4,15 @@
 // 2 and 4 ranks): every rank also loads the whole model and runs it alone (the reference), then each
 // tensor-parallel group (2 ranks, and 4 with 4 ranks: KV heads replicated) runs the same plain and
 // patched (edge rules on heads of every rank, a head unit) passes; logits and the gathered caches
-// must equal the whole model's within 1e-5 relative. A perturbed shard weight must fail the comparison.
+// must equal the whole model's within 1e-5 relative; so must the patched backward's loss, dL/dz of the
+// rank's heads and every head and edge unit's attribution score. A perturbed shard weight must fail the
+// comparison, and so must the shard's scores without the group's sum.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "pipeline/forward.h"
+#include "pipeline/backward.h"
 #include "pipeline/model.h"
 #include "sched/comm.h"
 #include "tests/harness.h"
@@ -129,34 +131,114 @@ static int pass(const model *m, const kernel_ops *ops, kv_cache *cache, const ba
     return model_forward(m, ops, cache, &fb, p, err);
 }
 
-// Plain pass, donor pass (head outputs kept) and a patched pass reading the donor: edge rules on the first
-// and last heads (so every shard boundary is crossed) and a head unit on the last head. logits [3][T][V].
+// The patch of the tests: edge rules reading donor 0 on the first and last heads (so every shard boundary
+// is crossed) and a head unit on the last head. rules: [n_layers], freed by the caller.
+typedef struct {
+    edge_rule_set *rules;
+    head_unit hu;
+    int n_typed[2];
+} test_patch;
+
+static forward_patch make_patch(test_patch *tp, const model_config *c, const batch *b, const kv_cache *donor) {
+    tp->rules = ep_calloc((size_t)c->n_layers, sizeof *tp->rules);
+    for (int l = 0; l < c->n_layers; l++) {
+        tp->rules[l].n = 1;
+        tp->rules[l].rule[0] = (edge_rule){.sender_types = 0x3, .receiver_types = 0xc, .relation = REL_ANY, .donor = 0};
+        tp->rules[l].rule[0].heads[0] = 1ull | 1ull << (c->n_heads - 1);
+    }
+    tp->hu = (head_unit){.layer = c->n_layers - 1, .head = c->n_heads - 1, .type = 3, .donor = 0};
+    tp->n_typed[0] = b->len[0], tp->n_typed[1] = b->len[1];
+    return (forward_patch){.layer_rules = tp->rules, .head_units = &tp->hu, .n_head_units = 1, .n_donors = 1,
+                           .donors = {donor}, .types = &b->types[0][0], .index = &b->index[0][0], .type_stride = 32,
+                           .n_typed = tp->n_typed};
+}
+
+// Plain pass, donor pass (head outputs kept) and a patched pass reading the donor. logits [3][T][V].
 static int run_three(const model *m, const kernel_ops *ops, const batch *b, float *logits, kv_cache *donor,
                      ep_error *err) {
     const model_config *c = &m->cfg;
     size_t TV = (size_t)b->T * c->vocab_size;
-    edge_rule_set *rules = ep_calloc((size_t)c->n_layers, sizeof *rules);
-    for (int l = 0; l < c->n_layers; l++) {
-        rules[l].n = 1;
-        rules[l].rule[0] = (edge_rule){.sender_types = 0x3, .receiver_types = 0xc, .relation = REL_ANY, .donor = 0};
-        rules[l].rule[0].heads[0] = 1ull | 1ull << (c->n_heads - 1);
-    }
-    head_unit hu = {.layer = c->n_layers - 1, .head = c->n_heads - 1, .type = 3, .donor = 0};
-    int n_typed[2] = {b->len[0], b->len[1]};
     kv_cache cache;
     int rc = kv_cache_init_backend(&cache, c, b->S, 16, 0, ops, err) || pass(m, ops, &cache, b, b->tokens, NULL, logits, err);
     kv_cache_free(&cache);
     if (rc == 0)
         rc = kv_cache_init_backend(donor, c, b->S, 16, 1, ops, err) ||
              pass(m, ops, donor, b, b->donor_tokens, NULL, logits + TV, err);
-    forward_patch p = {.layer_rules = rules, .head_units = &hu, .n_head_units = 1, .n_donors = 1, .donors = {donor},
-                       .types = &b->types[0][0], .index = &b->index[0][0], .type_stride = 32, .n_typed = n_typed};
+    test_patch tp;
+    forward_patch p = make_patch(&tp, c, b, donor);
     if (rc == 0)
         rc = kv_cache_init_backend(&cache, c, b->S, 16, 0, ops, err) ||
              pass(m, ops, &cache, b, b->tokens, &p, logits + 2 * TV, err);
     kv_cache_free(&cache);
-    free(rules);
+    free(tp.rules);
     return rc;
+}
+
+// Attribution on a shard (the tapes of one patched backward over the batch with targets) against the whole
+// model's: the loss, dL/dz of the rank's heads, every head unit's and edge unit's score (donor 0, the four
+// token types). Can fail: the shard's scores without the group's sum miss the other ranks' heads.
+static void check_backward(const char *name, int T, int world_rank, const model *whole, const model *shard,
+                           const kv_cache *donor_whole, const kv_cache *donor_shard, const batch *b) {
+    const model_config *c = &whole->cfg;
+    tp_shard sh = shard->cfg.tp;
+    ep_error err = {{0}};
+    int n_target[2] = {3, 2}, L = c->n_layers, H = c->n_heads, hd = c->head_dim;
+    grad_batch gb = {.n_seqs = b->S, .len = b->len, .n_target = n_target, .tokens = b->tokens};
+    test_patch pw, ps;
+    forward_patch fw = make_patch(&pw, c, b, donor_whole), fs = make_patch(&ps, c, b, donor_shard);
+    int nh = L * H * 4, ne = L * H * 16;
+    head_unit *hu = ep_malloc(sizeof *hu * (size_t)nh);
+    edge_unit *eu = ep_malloc(sizeof *eu * (size_t)ne);
+    for (int l = 0, k = 0, j = 0; l < L; l++)
+        for (int h = 0; h < H; h++)
+            for (int a = 0; a < 4; a++) {
+                hu[k++] = (head_unit){l, h, a, 0};
+                for (int r = 0; r < 4; r++) eu[j++] = (edge_unit){l, h, a, r, 0};
+            }
+    double *sw = ep_malloc(sizeof(double) * (size_t)(nh + ne) * 2), *ss = sw + nh + ne;
+    grad_tape tw, ts;
+    int rc = model_backward(whole, &gb, &fw, &tw, &err);
+    if (rc == 0 && (rc = model_backward(shard, &gb, &fs, &ts, &err))) grad_tape_free(&tw);
+    if (rc == 0)
+        rc = grad_head_scores(&tw, hu, nh, sw, NULL, &err) || grad_edge_scores(&tw, eu, ne, sw + nh, NULL, &err) ||
+             grad_head_scores(&ts, hu, nh, ss, NULL, &err) || grad_edge_scores(&ts, eu, ne, ss + nh, NULL, &err);
+    if (rc == 0) {
+        double el = fabs(ts.loss - tw.loss) / fabs(tw.loss), edz = 0, es[2] = {0, 0}, top = 0;
+        size_t Ql = (size_t)sh.n_heads * hd;
+        float *want = ep_malloc(sizeof(float) * Ql);
+        for (int l = 0; l < L; l++)
+            for (int r = 0; r < tw.n_rows; r++) {
+                memcpy(want, grad_tape_dz(&tw, l, r) + (size_t)sh.head0 * hd, sizeof(float) * Ql);
+                edz = fmax(edz, max_rel_error(grad_tape_dz(&ts, l, r), want, Ql, 1e-6));
+            }
+        free(want);
+        // Scores relative to the largest of their kind (units that score 0 exactly need no floor of their own).
+        for (int k = 0; k < 2; k++) {  // k 0: head units, 1: edge units
+            int n = k ? ne : nh, o = k ? nh : 0;
+            double mx = 0;
+            for (int u = 0; u < n; u++) mx = fmax(mx, fabs(sw[o + u]));
+            for (int u = 0; u < n; u++) es[k] = fmax(es[k], fabs(ss[o + u] - sw[o + u]) / mx);
+            top = fmax(top, mx);
+        }
+        check(el <= 1e-5 && edz <= 1e-5 && es[0] <= 1e-5 && es[1] <= 1e-5 && top > 0,
+              "%s T=%d rank %d: attribution: loss (err %.2e), dL/dz of heads %d+%d (err %.2e), %d head scores (err "
+              "%.2e), %d edge scores (err %.2e)", name, T, world_rank, el, sh.head0, sh.n_heads, edz, nh, es[0], ne, es[1]);
+        if (world_rank == 0)
+            printf("%-20s T=%d backward: loss %.2e, dL/dz %.2e, head scores %.2e, edge scores %.2e (max rel error)\n",
+                   name, T, el, edz, es[0], es[1]);
+        // Can fail: without the group's sum a rank has only its own heads' scores.
+        grad_tape lone = ts;
+        lone.comm = NULL;
+        double e = 0;
+        if (grad_head_scores(&lone, hu, nh, ss, NULL, &err) == 0)
+            for (int u = 0; u < nh; u++) e = fmax(e, fabs(ss[u] - sw[u]));
+        check(e > 1e-4 * top, "%s T=%d rank %d: head scores without the group's sum are noticed (error %.2e)", name, T,
+              world_rank, e);
+    } else {
+        check(0, "%s T=%d backward: %s", name, T, err.msg);
+    }
+    if (rc == 0) grad_tape_free(&tw), grad_tape_free(&ts);
+    free(pw.rules), free(ps.rules), free(hu), free(eu), free(sw);
 }
 
 static void check_group(const char *name, const ep_comm *world, int T) {
@@ -210,6 +292,7 @@ static void check_group(const char *name, const ep_comm *world, int T) {
             }
         check(ek <= 1e-5 && ez <= 1e-5 && gathered.kv_dim == dw.kv_dim && gathered.z_dim == dw.z_dim,
               "%s T=%d rank %d: gathered donor K/V (err %.2e) and head outputs (err %.2e)", name, T, world->rank, ek, ez);
+        check_backward(name, T, world->rank, &whole, &shard, &dw, &ds, &b);
         // Can fail: the last rank's shard with one changed down-projection weight.
         if (group.rank == T - 1) ((float *)shard.layers[0].w_down)[0] += 0.5f;
         kv_cache_free(&ds);

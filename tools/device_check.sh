@@ -11,9 +11,11 @@
 #                                     deadline, test_ops, test_model and test_patch (every backend against
 #                                     the reference, HF and the Python patching reference: the cuda rows
 #                                     are the GPU's), test_upload (weights from the mapping to the GPU,
-#                                     byte-identical to the host model's upload), test_tp --nccl (tensor parallelism over NCCL: every
-#                                     GPU in one group, or a group of one), bench_ops (fp32 and bf16 products at Gemma-2 2B
-#                                     shapes), tools/device_check.py (random-weight Gemma-2 2B and
+#                                     byte-identical to the host model's upload), test_tp --nccl (tensor
+#                                     parallelism over NCCL: every GPU in one group, or a group of one),
+#                                     `edgepatch run` on the cuda backend against the cpu backend (tiny
+#                                     Gemma-2 fixture: cache, patch, an exact prune round), bench_ops (fp32
+#                                     and bf16 products at Gemma-2 2B shapes), tools/device_check.py (random-weight Gemma-2 2B and
 #                                     SmolLM2-135M made on the spot: our CUDA forward and patched forward
 #                                     in fp32 and bf16 against HF transformers on the same GPU and against
 #                                     our cpu, and timed against HF eager patching; one table), and
@@ -26,7 +28,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
+BINS="edgepatch tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
 
 pack() {
     set -e
@@ -37,7 +39,7 @@ pack() {
     for b in $BINS; do cp "build-device/$b" .device/; done
     # Every shared library the binaries load except glibc's, the C++ runtime's and CUDA's (cudart, cuBLAS,
     # NCCL: the GPU machine's own are used): OpenBLAS, MPI, HDF5, jansson, PCRE2 and what they pull in.
-    for lib in $(ldd .device/test_* .device/bench_* | awk '/=>/ {print $3}' | sort -u |
+    for lib in $(ldd .device/edgepatch .device/test_* .device/bench_* | awk '/=>/ {print $3}' | sort -u |
         grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libnccl)\.so'); do
         cp -L "$lib" .device/lib/
     done
@@ -102,6 +104,32 @@ check() {
         OPENBLAS_NUM_THREADS=1 bin timeout "$(budget 90)" .device/test_tp --nccl
     fi
     [ $? -ne 0 ] && rc_test=1
+
+    # The pipeline on the GPU: the same run config on the cuda and the cpu backend (backend is not part of
+    # a run's identity, so each gets its own folder) gives the same figures and scores within fp32 noise.
+    section "edgepatch run: cuda backend vs cpu backend (tiny Gemma-2, cache + patch + exact prune round)"
+    local be dir=/tmp/ep-run-check
+    rm -rf "$dir" && mkdir -p "$dir"
+    for be in cpu cuda; do
+        printf '{"task": "person_sport", "model_name": "gemma2_prune_heads_in_circuits", "model_path": "tests/fixtures/models/gemma2-tiny", "output_path": "%s/%s", "n_prompts": 8, "batch_size": 4, "seed": 3, "n_shots": 3, "max_new_tokens": 3, "affect_whom": [["x", "y"]], "importance": "exact", "prune_rounds": {"heads": 1, "edges": 0}, "prune_fraction": 0.3, "backend": "%s"}\n' \
+            "$dir" "$be" "$be" > "$dir/$be.json"
+        OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" .device/edgepatch run "$dir/$be.json" > "$dir/$be.out" 2>&1 ||
+            { echo "edgepatch run ($be) failed: $(tail -3 "$dir/$be.out")"; rc_test=1; }
+        bin .device/edgepatch scores "$dir/$be" --round 0 --json > "$dir/$be.scores.json" 2>&1 || rc_test=1
+    done
+    python3 - "$dir" <<'PY' || rc_test=1
+import json, sys
+d = sys.argv[1]
+logs = [json.load(open(f"{d}/{b}/model_logs.json")) for b in ("cpu", "cuda")]
+scores = [json.load(open(f"{d}/{b}.scores.json")) for b in ("cpu", "cuda")]
+worst = max(abs(logs[0][k] - logs[1][k]) for k in logs[0] if isinstance(logs[0][k], float) and isinstance(logs[1].get(k), float))
+sa, sb = ([u["score"] for u in s["units"]] for s in scores)
+scale = max(abs(x) for x in sa) or 1.0
+err = max(abs(x - y) for x, y in zip(sa, sb)) / scale
+ok = worst <= 1e-4 and err <= 1e-4 and len(sa) == len(sb)
+print(f"model_logs figures: max |cuda - cpu| {worst:.2e}; {len(sa)} head scores: max error {err:.2e} of the largest: {'ok' if ok else 'FAIL'}")
+sys.exit(0 if ok else 1)
+PY
 
     section "bench_ops (ms per call; ratio = cpu / cuda)"
     OPENBLAS_NUM_THREADS=$(nproc) bin timeout "$(budget 150)" .device/bench_ops

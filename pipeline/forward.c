@@ -330,8 +330,17 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     if (first > 0) {
         ops->upload(s.x, b->x_in, sizeof(float) * (size_t)T * D);
     } else {
-        ops->upload(s.idx, b->tokens, sizeof(int) * (size_t)T);
+        // A vocabulary-parallel shard holds its block of the embedding's rows: another rank's token gives a
+        // zero row here and the group's sum fills it in (one non-zero term per element: the sum is exact).
+        int parallel = sh.n_vocab < c->vocab_size, *ids = parallel ? ep_malloc(sizeof(int) * (size_t)T) : NULL;
+        for (int r = 0; parallel && r < T; r++) {
+            int local = b->tokens[r] - sh.vocab0;
+            ids[r] = local >= 0 && local < sh.n_vocab ? local : -1;
+        }
+        ops->upload(s.idx, parallel ? ids : b->tokens, sizeof(int) * (size_t)T);
+        free(ids);
         ops->gather_rows(s.x, m->embed, s.idx, T, D);
+        if (parallel) rc = model_group_sum(m, s.x, (size_t)T * D, err);
         if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
     }
 

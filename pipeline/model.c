@@ -49,11 +49,11 @@ static void list_expected(model *m, expected_list *l) {
     int64_t D = c->hidden, Q = (int64_t)c->n_heads * c->head_dim, KV = (int64_t)c->n_kv_heads * c->head_dim,
             I = c->intermediate, hd = c->head_dim;
     // This rank's part (docs/tensor_parallel.md): its query heads' rows of q and columns of o, its KV heads'
-    // rows of k and v, its MLP columns' rows of gate/up and columns of down, its block of lm_head rows;
+    // rows of k and v, its MLP columns' rows of gate/up and columns of down, its block of embedding and lm_head rows;
     // the output biases of the row-parallel o and down projections are added by the group's first rank.
     tp_shard t = model_config_local(c);
     int64_t q0 = t.head0 * hd, nq = t.n_heads * hd, k0 = t.kv_head0 * hd, nk = t.n_kv_heads * hd;
-    expect(l, &m->embed, c->vocab_size, D, "model.embed_tokens.weight", 0);
+    rows(expect(l, &m->embed, c->vocab_size, D, "model.embed_tokens.weight", 0), t.vocab0, t.n_vocab);
     if (c->arch == ARCH_PHI) {
         expect(l, &m->final_norm, D, 0, "model.final_layernorm.weight", 0);
         expect(l, &m->final_norm_bias, D, 0, "model.final_layernorm.bias", 0);
@@ -230,7 +230,7 @@ static int open_shard(const char *dir, int tp_rank, int tp_size, int weights, mo
         model_free(m);
         return -1;
     }
-    if (c->tied_embeddings && weights) m->lm_head = m->embed + (size_t)model_config_local(c).vocab0 * c->hidden;
+    if (c->tied_embeddings && weights) m->lm_head = m->embed;
     size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
     m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
     own(m, m->inv_freq, inv_bytes);
@@ -290,7 +290,7 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
         *l.items[i].dst = buf;
     }
     free(l.items);
-    if (cfg->tied_embeddings) m->lm_head = m->embed + (size_t)model_config_local(cfg).vocab0 * cfg->hidden;
+    if (cfg->tied_embeddings) m->lm_head = m->embed;
     size_t inv_bytes = sizeof(float) * (size_t)(cfg->rotary_dim / 2);
     m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
     own(m, m->inv_freq, inv_bytes);
@@ -399,8 +399,7 @@ int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev
     free(l.items);
     free(stage);
     dev->staging_bytes = cap;
-    // a shard's fp32 lm_head is its block of the (tied) embedding's rows
-    if (c->tied_embeddings) dev->lm_head = dev->embed + (size_t)t.vocab0 * c->hidden;
+    if (c->tied_embeddings) dev->lm_head = dev->embed;  // the same block of rows (a shard's, or all)
     if (bf16) dev->embed_scale = model_embed_scale(c, 1);
     size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
     dev->inv_freq = ops->alloc(inv_bytes ? inv_bytes : sizeof(float));

@@ -33,7 +33,7 @@ typedef struct {
 
 typedef struct {
     model_config cfg;
-    const float *embed;  // [vocab, hidden]
+    const float *embed;  // [vocab, hidden]; a vocabulary-parallel shard: its rows [tp.vocab0, + tp.n_vocab)
     const float *final_norm, *final_norm_bias;
     const float *lm_head, *lm_head_bias;  // lm_head == embed when embeddings are tied
     const uint16_t *lm_head_bf16;         // a bf16 device model's vocabulary projection (a copy when tied)

@@ -77,7 +77,7 @@ static void check_slices(const char *name, int T) {
             if (f32) ok &= !owned(&s, w->wq) && !owned(&s, w->w_up) && owned(&s, w->wo);
         }
         ok &= same_block(s.lm_head, whole.lm_head, D, t.vocab0, t.n_vocab, 0, D);
-        ok &= same_block(s.embed, whole.embed, D, 0, c->vocab_size, 0, D);
+        ok &= same_block(s.embed, whole.embed, D, t.vocab0, t.n_vocab, 0, D);  // vocabulary-parallel too
         check(ok, "%s rank %d of %d: shard = slices of the whole model (heads %d+%d, kv %d+%d, mlp %d+%d, vocab %d+%d)",
               name, r, T, t.head0, t.n_heads, t.kv_head0, t.n_kv_heads, t.inter0, t.n_inter, t.vocab0, t.n_vocab);
         model_free(&s);

@@ -185,13 +185,17 @@ static void attend_block_patched(float *out, const float *q, const float *k, con
     int k0 = p->window > 0 && first - p->window + 1 > 0 ? first - p->window + 1 : 0;
     int n_k = last - k0 + 1;
     size_t block = (size_t)sq->n_q * n_k, off = (size_t)g * d;
+    // Only typed keys can be read from a donor: the donor products cover keys k0 .. n_typed - 1 and no more
+    // (a donor cache holds the prompt's positions only; reading past them would multiply zero probabilities
+    // by whatever lies there, and 0 x NaN is NaN).
+    int n_kd = sq->n_typed - k0 < 0 ? 0 : sq->n_typed - k0 < n_k ? sq->n_typed - k0 : n_k;
     const float *qb = q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
     float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride,
                 k + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, scores, n_k);
     for (int dn = 0; dn < n_donors; dn++)
-        if (donor_used[dn])
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride,
+        if (donor_used[dn] && n_kd > 0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_kd, d, p->scale, qb, p->q_stride,
                         donor_k[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f,
                         scores + (1 + (size_t)dn) * block, n_k);
     for (int qi = 0; qi < sq->n_q; qi++) {
@@ -228,8 +232,8 @@ static void attend_block_patched(float *out, const float *q, const float *k, con
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k,
                 v + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, ob, p->q_stride);
     for (int dn = 0; dn < n_donors; dn++)
-        if (donor_used[dn])
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores + (1 + (size_t)dn) * block,
+        if (donor_used[dn] && n_kd > 0)
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_kd, 1.0f, scores + (1 + (size_t)dn) * block,
                         n_k, donor_v[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 1.0f, ob,
                         p->q_stride);
 }

@@ -171,17 +171,21 @@ static const float *value_read(const grad_tape *t, int l, int s, int A, int dono
     return donor >= 0 ? kv_cache_v(t->patch.donors[donor], l, s, A) : kv_cache_v(&t->cache, l, s, A);
 }
 
-// out[n, n] = alpha a[n, hd] . b[n, hd]^T (row strides lda, ldb): one (sequence, head) block of
-// query-key or gradient-value products.
-static void outer_block(float *out, const float *a, int lda, const float *b, int ldb, int n, int hd, float alpha) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, n, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
+// out[n, :nb] = alpha a[n, hd] . b[nb, hd]^T (row strides lda, ldb; out's rows n floats apart): one
+// (sequence, head) block of query-key or gradient-value products, against nb keys or values.
+static void outer_block(float *out, const float *a, int lda, const float *b, int ldb, int n, int nb, int hd, float alpha) {
+    if (nb > 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nb, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
 }
 
-// out[n, hd] (+)= m[n, n] . b[n, hd] (transpose_m: m^T . b), out and b with row strides ldo, ldb.
-static void block_times(float *out, int ldo, const float *m, int transpose_m, const float *b, int ldb, int n, int hd,
-                        int accumulate) {
-    cblas_sgemm(CblasRowMajor, transpose_m ? CblasTrans : CblasNoTrans, CblasNoTrans, n, hd, n, 1.0f, m, n, b, ldb,
-                accumulate ? 1.0f : 0.0f, out, ldo);
+// out[n, hd] (+)= m[n, :nb] . b[nb, hd] (transpose_m: m^T . b, m's first nb rows), out and b with row
+// strides ldo, ldb; m is n x n.
+static void block_times(float *out, int ldo, const float *m, int transpose_m, const float *b, int ldb, int n, int nb,
+                        int hd, int accumulate) {
+    if (nb > 0)
+        cblas_sgemm(CblasRowMajor, transpose_m ? CblasTrans : CblasNoTrans, CblasNoTrans, n, hd, nb, 1.0f, m, n, b, ldb,
+                    accumulate ? 1.0f : 0.0f, out, ldo);
+    else if (!accumulate)
+        for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo, 0, sizeof(float) * (size_t)hd);
 }
 
 // Attention of layer l, forward (p, sel) and backward: from dza (dL/dz, substituted heads zeroed) to dq and
@@ -211,7 +215,9 @@ static void attention_back(grad_tape *t, const model_config *c, int l, const flo
     float *g = ep_malloc(sizeof(float) * nn), *msk = patched ? ep_malloc(sizeof(float) * nn) : NULL;
     float *x = patched ? ep_malloc(sizeof(float) * nn * 2 * (size_t)pt->n_donors) : NULL;
     for (int s = 0; s < t->n_seqs; s++) {
-        int n = t->len[s], r0 = t->row[s];
+        // Donor keys and values exist for the typed (prompt) positions only, and only those can be read
+        // from a donor: the donor products stop there (0 x whatever lies beyond could be NaN).
+        int n = t->len[s], r0 = t->row[s], nd = patched && pt->n_typed[s] < n ? pt->n_typed[s] : n;
         const float *K = kv_cache_k(&t->cache, l, s, 0), *V = kv_cache_v(&t->cache, l, s, 0);
         for (int h = 0; h < H; h++) {
             size_t off = (size_t)(h / rep) * hd, blk = (size_t)l * t->att_per_layer + t->att_off[s] + (size_t)h * n * n;
@@ -219,12 +225,12 @@ static void attention_back(grad_tape *t, const model_config *c, int l, const flo
             signed char *SEL = t->sel + blk;
             const float *qh = q + (size_t)r0 * Q + (size_t)h * hd, *dzh = dza + (size_t)r0 * Q + (size_t)h * hd;
             float *dqh = dq + (size_t)r0 * Q + (size_t)h * hd, *dkh = dk + (size_t)r0 * KV + off, *dvh = dv + (size_t)r0 * KV + off;
-            outer_block(P, qh, Q, K + off, KV, n, hd, scale);
-            outer_block(g, dzh, Q, V + off, KV, n, hd, 1.0f);
+            outer_block(P, qh, Q, K + off, KV, n, n, hd, scale);
+            outer_block(g, dzh, Q, V + off, KV, n, n, hd, 1.0f);
             for (int d = 0; d < pt->n_donors && patched; d++)
                 if (used[d]) {
-                    outer_block(x + 2 * d * nn, qh, Q, kv_cache_k(pt->donors[d], l, s, 0) + off, KV, n, hd, scale);
-                    outer_block(x + (2 * d + 1) * nn, dzh, Q, kv_cache_v(pt->donors[d], l, s, 0) + off, KV, n, hd, 1.0f);
+                    outer_block(x + 2 * d * nn, qh, Q, kv_cache_k(pt->donors[d], l, s, 0) + off, KV, n, nd, hd, scale);
+                    outer_block(x + (2 * d + 1) * nn, dzh, Q, kv_cache_v(pt->donors[d], l, s, 0) + off, KV, n, nd, hd, 1.0f);
                 }
             for (int B = 0; B < n; B++) {
                 float *p = P + (size_t)B * n, *dl = DL + (size_t)B * n, *gb = g + (size_t)B * n;
@@ -253,20 +259,20 @@ static void attention_back(grad_tape *t, const model_config *c, int l, const flo
                 for (int A = B + 1; A < n; A++) p[A] = dl[A] = 0;
             }
             if (!patched) {
-                block_times(dqh, Q, DL, 0, K + off, KV, n, hd, 0);
-                block_times(dkh, KV, DL, 1, qh, Q, n, hd, 1);
-                block_times(dvh, KV, P, 1, dzh, Q, n, hd, 1);
+                block_times(dqh, Q, DL, 0, K + off, KV, n, n, hd, 0);
+                block_times(dkh, KV, DL, 1, qh, Q, n, n, hd, 1);
+                block_times(dvh, KV, P, 1, dzh, Q, n, n, hd, 1);
                 continue;
             }
             for (int d = -1, first = 1; d < pt->n_donors; d++) {
                 if (d >= 0 && !used[d]) continue;
                 for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] == d ? DL[e] : 0.0f;
-                block_times(dqh, Q, msk, 0, (d < 0 ? K : kv_cache_k(pt->donors[d], l, s, 0)) + off, KV, n, hd, !first);
+                block_times(dqh, Q, msk, 0, (d < 0 ? K : kv_cache_k(pt->donors[d], l, s, 0)) + off, KV, n, d < 0 ? n : nd, hd, !first);
                 first = 0;
                 if (d >= 0) continue;
-                block_times(dkh, KV, msk, 1, qh, Q, n, hd, 1);
+                block_times(dkh, KV, msk, 1, qh, Q, n, n, hd, 1);
                 for (size_t e = 0; e < (size_t)n * n; e++) msk[e] = SEL[e] < 0 ? P[e] : 0.0f;
-                block_times(dvh, KV, msk, 1, dzh, Q, n, hd, 1);
+                block_times(dvh, KV, msk, 1, dzh, Q, n, n, hd, 1);
             }
         }
     }

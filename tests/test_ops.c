@@ -268,6 +268,10 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
     size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
     float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1);
     float *dk[2] = {random_floats(nk, 2), random_floats(nk, 2)}, *dv[2] = {random_floats(nk, 1), random_floats(nk, 1)};
+    // A donor cache holds a prompt's positions only: whatever lies past them (NaN here, in the decode step's
+    // donor row) must never reach the output, not even as 0 x NaN.
+    for (int d = 0; d < 2; d++)
+        for (int c = 0; c < p.kv_stride; c++) dk[d][(size_t)(kv_rows - 1) * p.kv_stride + c] = dv[d][(size_t)(kv_rows - 1) * p.kv_stride + c] = NAN;
     float *want = ep_calloc(nq, sizeof(float)), *got = ep_calloc(nq, sizeof(float)), *plain = ep_calloc(nq, sizeof(float));
     edge_rule_set rules = {.n = 3};
     rules.rule[0] = (edge_rule){.sender_types = 1u << 1 | 1u << 3, .receiver_types = 1u << 6 | 1u << 3,

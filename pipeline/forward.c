@@ -82,8 +82,10 @@ int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_e
                 memcpy(dst + i * full + off, host + ((size_t)r * rows + i) * local, sizeof(float) * local);
         }
         if (host != all) free(host);
-        if (all != src && dev) dev->release(all);
-        else if (all != src) free(all);
+        if (all != src) {
+            if (dev) dev->release(all);
+            else free(all);
+        }
     }
     if (rc) kv_cache_free(whole);
     return rc;

@@ -127,10 +127,28 @@ static int ignorable(const model_config *c, const char *name) {
     return c->tied_embeddings && !strcmp(name, "lm_head.weight");
 }
 
+// Room for n owned buffers (and one more: inv_freq).
+static void owned_init(model *m, int n) {
+    m->owned = ep_calloc((size_t)n + 1, sizeof(void *));
+    m->owned_bytes = ep_calloc((size_t)n + 1, sizeof(size_t));
+}
+
 // Lists buf (bytes long) among m's owned buffers.
 static void own(model *m, void *buf, size_t bytes) {
     m->owned[m->n_owned] = buf;
     m->owned_bytes[m->n_owned++] = bytes;
+}
+
+// What a host model derives once its weights are bound (or not: then lm_head stays NULL): the tied
+// lm_head, the rotary frequencies (owned) and the embedding factor.
+static void derive_host_fields(model *m) {
+    const model_config *c = &m->cfg;
+    if (c->tied_embeddings) m->lm_head = m->embed;  // the same block of rows (a shard's, or all)
+    size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
+    m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
+    own(m, m->inv_freq, inv_bytes);
+    model_config_inv_freq(c, m->inv_freq);
+    m->embed_scale = model_embed_scale(c, 0);
 }
 
 // e's tensor in the files, checked against the shape the config implies and the dtypes we convert.
@@ -211,8 +229,7 @@ static int open_shard(const char *dir, int tp_rank, int tp_size, int weights, mo
     m->layers = ep_calloc((size_t)c->n_layers, sizeof(layer_weights));
     expected_list l = {0};
     list_expected(m, &l);
-    m->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
-    m->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
+    owned_init(m, l.n);
     int rc = 0;
     for (int i = 0; i < l.n && rc == 0; i++) rc = bind_tensor(m, &l.items[i], weights, err);
     // Every tensor in the files must be one we read (or a known leftover): an unexpected name means the
@@ -230,12 +247,7 @@ static int open_shard(const char *dir, int tp_rank, int tp_size, int weights, mo
         model_free(m);
         return -1;
     }
-    if (c->tied_embeddings && weights) m->lm_head = m->embed;
-    size_t inv_bytes = sizeof(float) * (size_t)(c->rotary_dim / 2);
-    m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
-    own(m, m->inv_freq, inv_bytes);
-    model_config_inv_freq(c, m->inv_freq);
-    m->embed_scale = model_embed_scale(c, 0);
+    derive_host_fields(m);
     return 0;
 }
 
@@ -275,8 +287,7 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
     m->layers = ep_calloc((size_t)cfg->n_layers, sizeof(layer_weights));
     expected_list l = {0};
     list_expected(m, &l);
-    m->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
-    m->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
+    owned_init(m, l.n);
     uint64_t x = seed * 6364136223846793005ull + 1442695040888963407ull;
     for (int i = 0; i < l.n; i++) {
         if (!l.items[i].dst) continue;
@@ -290,12 +301,7 @@ void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
         *l.items[i].dst = buf;
     }
     free(l.items);
-    if (cfg->tied_embeddings) m->lm_head = m->embed;
-    size_t inv_bytes = sizeof(float) * (size_t)(cfg->rotary_dim / 2);
-    m->inv_freq = ep_malloc(inv_bytes ? inv_bytes : 1);
-    own(m, m->inv_freq, inv_bytes);
-    model_config_inv_freq(cfg, m->inv_freq);
-    m->embed_scale = model_embed_scale(cfg, 0);
+    derive_host_fields(m);
 }
 
 // The bf16 slot of a matrix weight's pointer; NULL for the embedding and the vectors, which stay fp32.
@@ -374,8 +380,7 @@ int model_to_backend(const model *m, const kernel_ops *ops, int bf16, model *dev
     tp_shard t = model_config_local(c);
     if (c->tied_embeddings && bf16)
         rows(expect(&l, &dev->lm_head, c->vocab_size, c->hidden, "model.embed_tokens.weight", 0), t.vocab0, t.n_vocab);
-    dev->owned = ep_calloc((size_t)l.n + 1, sizeof(void *));
-    dev->owned_bytes = ep_calloc((size_t)l.n + 1, sizeof(size_t));
+    owned_init(dev, l.n);
     dev->backend = ops;
     void *stage = NULL;
     size_t cap = 0;

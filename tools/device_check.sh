@@ -3,82 +3,162 @@
 # image has CUDA, PyTorch and transformers but none of our build dependencies and no network.
 #
 #   bash tools/device_check.sh pack   On a machine with the build dependencies (tools/setup.sh) and nvcc:
-#                                     builds the tests and benchmarks with CUDA for sm_90 and puts them,
-#                                     the host libraries the image lacks and the wheels of transformers
-#                                     4.44.2 (the version the fixtures and the original code use) into
-#                                     .device/ (git-ignored; carry it to the GPU machine).
-#   bash tools/device_check.sh        On the GPU machine, from the repository root: runs, under one
-#                                     deadline, test_ops, test_model and test_patch (every backend against
-#                                     the reference, HF and the Python patching reference: the cuda rows
-#                                     are the GPU's), test_upload (weights from the mapping to the GPU,
-#                                     byte-identical to the host model's upload), test_tp --nccl (tensor
-#                                     parallelism over NCCL: every GPU in one group, or a group of one),
-#                                     `edgepatch run` on the cuda backend against the cpu backend (tiny
-#                                     Gemma-2 fixture: cache, patch, an exact prune round), bench_ops (fp32
-#                                     and bf16 products at Gemma-2 2B shapes), tools/device_check.py (random-weight Gemma-2 2B and
-#                                     SmolLM2-135M made on the spot: our CUDA forward and patched forward
-#                                     in fp32 and bf16 against HF transformers on the same GPU and against
-#                                     our cpu, and timed against HF eager patching; one table), and
-#                                     compute-sanitizer memcheck/racecheck on test_ops when installed.
+#                                     builds the tests and benchmarks with CUDA for sm_90, strips them
+#                                     and packs them, the host libraries the image lacks and the wheels
+#                                     of transformers 4.44.2 (the version the fixtures and the original
+#                                     code use, unpacked) into one archive, .device/device.tar.xz (git-ignored;
+#                                     carry .device to the GPU machine). It prints what travels (the
+#                                     working tree plus the archive) and fails if that is over 64 MiB,
+#                                     the device tool's limit.
+#   bash tools/device_check.sh        On the GPU machine, from the repository root: unpacks the archive,
+#                                     runs a few-second preflight (GPU visible; cudart, cuBLAS, NCCL
+#                                     found; every carried binary's libraries resolve; the image's torch
+#                                     sees CUDA and transformers 4.44.2's Gemma-2 module imports) that
+#                                     stops with one line naming what is missing, then, under one
+#                                     deadline: test_ops, test_model and test_patch (every backend
+#                                     against the reference, HF and the Python patching reference: the
+#                                     cuda rows are the GPU's), test_upload (weights from the mapping to
+#                                     the GPU, byte-identical to the host model's upload), test_tp --nccl
+#                                     (tensor parallelism over NCCL: every GPU in one group, or a group
+#                                     of one), `edgepatch run` on the cuda backend against the cpu backend
+#                                     (tiny Gemma-2 fixture: cache, patch, an exact prune round),
+#                                     bench_ops (fp32 and bf16 products at Gemma-2 2B shapes),
+#                                     tools/device_check.py (random-weight Gemma-2 2B and SmolLM2-135M
+#                                     made on the spot: our CUDA forward and patched forward in fp32 and
+#                                     bf16 against HF transformers on the same GPU and against our cpu,
+#                                     and timed against HF eager patching; one table), compute-sanitizer
+#                                     memcheck on test_ops when installed (racecheck only on request). It
+#                                     ends with the seconds each part took, to plan the next run.
 #
-# Exit status of the check: 0 all passed; 1 a test failed or no cuda row ran; 2 device_check.py failed;
-# 3 .device/ missing (run the pack half first); 6 compute-sanitizer found an error. The log goes to
-# $OUT/device_check.log when $OUT is set. Environment: DEVICE_CHECK_DEADLINE_S (default 480),
-# DEVICE_CHECK_ARGS (extra arguments for device_check.py, e.g. "--batch 32").
+# The log is written to $OUT/device_check.log (when $OUT is set) from its first line, so a run killed at
+# the call's timeout still returns what it printed. Exit status of the check: 0 all passed; 1 a test
+# failed or no cuda row ran; 2 device_check.py failed; 3 .device/ missing (run the pack half first);
+# 4 the preflight failed; 6 compute-sanitizer found an error. Environment:
+#   DEVICE_CHECK_TIMEOUT_S   the device call's timeout_s (default 600); the check's deadline is 60 s
+#                            under it, so the summary and the timings are always printed
+#   DEVICE_CHECK_DEADLINE_S  an earlier deadline (never later than the one above)
+#   DEVICE_CHECK_RACECHECK=1 also run compute-sanitizer racecheck (slow: minutes)
+#   DEVICE_CHECK_ARGS        extra arguments for device_check.py, e.g. "--batch 32"
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
 BINS="edgepatch tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
+
+# The device tool carries the working tree and the carried paths, together at most 64 MiB.
+CARRY_LIMIT_MIB=64
 
 pack() {
     set -e
     cmake -S . -B build-device -DWITH_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DCMAKE_COMPILE_WARNING_AS_ERROR=ON >/dev/null
     cmake --build build-device -j "$(nproc)" --target $(for b in $BINS; do basename "$b"; done) >/dev/null
-    rm -rf .device && mkdir -p .device/lib .device/wheels
-    for b in $BINS; do cp "build-device/$b" .device/; done
+    local stage=build-device/pack
+    rm -rf .device "$stage" && mkdir -p .device "$stage/lib" "$stage/site"
+    for b in $BINS; do cp "build-device/$b" "$stage/"; done
+    # Debug info is most of a RelWithDebInfo binary and the GPU run needs none of it.
+    strip --strip-unneeded "$stage"/edgepatch "$stage"/test_* "$stage"/bench_*
     # Every shared library the binaries load except glibc's, the C++ runtime's and CUDA's (cudart, cuBLAS,
     # NCCL: the GPU machine's own are used): OpenBLAS, MPI, HDF5, jansson, PCRE2 and what they pull in.
-    for lib in $(ldd .device/edgepatch .device/test_* .device/bench_* | awk '/=>/ {print $3}' | sort -u |
+    for lib in $(ldd "$stage"/edgepatch "$stage"/test_* "$stage"/bench_* | awk '/=>/ {print $3}' | sort -u |
         grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libnccl)\.so'); do
-        cp -L "$lib" .device/lib/
+        cp -L "$lib" "$stage/lib/"
     done
-    tar cJf .device/lib.tar.xz -C .device lib && rm -rf .device/lib
-    # The image's python is 3.12 with transformers 5; the check uses 4.44.2 and what it pins.
+    strip --strip-unneeded "$stage"/lib/*
+    # The image's python is 3.12 with transformers 5; the check uses 4.44.2 and what it pins. Unpacked
+    # here: xz packs the sources to 5.5 MB where the wheels (zip) take 13 MB, and the GPU half then needs
+    # no pip, only PYTHONPATH.
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d .device/wheels \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform any -d "$stage/wheels" \
         transformers==4.44.2 tokenizers==0.19.1 huggingface_hub==0.24.6
-    du -sh .device
+    local whl
+    for whl in "$stage"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$stage/site/"; done
+    rm -rf "$stage/wheels"
+    tar cf - -C "$stage" . | xz -9 -T0 > .device/device.tar.xz
+    rm -rf "$stage"
+    # What the device tool will carry: every file git does not ignore, and .device.
+    local tree archive total
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+    archive=$(stat -c %s .device/device.tar.xz)
+    total=$((tree + archive))
+    awk -v t="$tree" -v a="$archive" -v l="$CARRY_LIMIT_MIB" 'BEGIN {
+        m = 1048576; printf "device_check pack: working tree %.1f MiB + .device/device.tar.xz %.1f MiB = %.1f MiB (limit %d MiB)\n", t / m, a / m, (t + a) / m, l }'
+    if [ "$total" -gt $((CARRY_LIMIT_MIB * 1048576)) ]; then
+        echo "device_check pack: over the device tool's $CARRY_LIMIT_MIB MiB: it would not travel" >&2
+        return 1
+    fi
 }
 
-section() { printf '\n==== %s (t=%ds)\n' "$1" "$SECONDS"; }
+# Parts and their seconds, for the table at the end (each section closes the one before).
+PARTS=()
+section() {
+    [ ${#PARTS[@]} -gt 0 ] && PARTS[-1]="${PARTS[-1]}|$((SECONDS - PART_T0))"
+    PART_T0=$SECONDS
+    PARTS+=("$1")
+    printf '\n==== %s (t=%ds)\n' "$1" "$SECONDS"
+}
+timings() {
+    section "timings (seconds per part)"
+    local p
+    for p in "${PARTS[@]}"; do
+        [[ $p == *"|"* ]] && printf '%6s s  %s\n' "${p##*|}" "${p%|*}"
+    done
+    printf '%6s s  in all (deadline %d s)\n' "$SECONDS" "$DEADLINE_S"
+}
 
-# Seconds a step may take: its own cap, but never past the overall deadline (at least 5).
+# Seconds a step may take: its own cap, but never past the overall deadline (past it: 1, so it fails fast).
 budget() {
     local cap=$1 left=$((DEADLINE_S - SECONDS))
-    [ "$left" -lt 5 ] && left=5
+    [ "$left" -lt 1 ] && left=1
     [ "$cap" -lt "$left" ] && echo "$cap" || echo "$left"
 }
 
-check() {
-    DEADLINE_S=${DEVICE_CHECK_DEADLINE_S:-480}
-    [ -x .device/test_ops ] || { echo "device_check: no .device/ here: run 'bash tools/device_check.sh pack' first"; return 3; }
-    section "environment"
+# A few seconds that tell whether the rest can run at all; the first thing missing is one line, status 4.
+preflight() {
+    section "preflight"
     date -u
-    nvidia-smi -L 2>&1
-    [ -d .device/lib ] || tar xJf .device/lib.tar.xz -C .device
-    local libpath=$PWD/.device/lib name f
-    for name in libcublasLt.so.13 libcublas.so.13 libcudart.so.13 libnccl.so.2; do
+    local gpus
+    gpus=$(timeout 20 nvidia-smi -L 2>&1) || { echo "device_check preflight: nvidia-smi failed: ${gpus%%$'\n'*}"; return 4; }
+    echo "$gpus"
+    grep -q '^GPU' <<< "$gpus" || { echo "device_check preflight: no GPU visible (nvidia-smi -L lists none)"; return 4; }
+    local libpath=$PWD/.device/lib name f missing
+    for name in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libnccl.so.2; do
         f=$(find /usr/local /usr/lib /opt -name "$name*" 2>/dev/null | head -1)
-        echo "$name: ${f:-NOT FOUND}"
-        [ -n "$f" ] && libpath=$libpath:$(dirname "$f")
+        [ -n "$f" ] || { echo "device_check preflight: $name not found under /usr/local, /usr/lib or /opt"; return 4; }
+        echo "$name: $f"
+        libpath=$libpath:$(dirname "$f")
     done
     # Only our binaries see the carried libraries (python keeps the machine's own).
     export EP_DEVICE_LIBS=$libpath
-    bin() { LD_LIBRARY_PATH=$EP_DEVICE_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
-    bin ldd .device/test_ops .device/test_tp | grep "not found"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/ep-site \
-        .device/wheels/*.whl && export PYTHONPATH=/tmp/ep-site${PYTHONPATH:+:$PYTHONPATH}
+    missing=$(bin ldd .device/edgepatch .device/test_* .device/bench_* 2>&1 | grep "not found" | sort -u | head -3)
+    [ -z "$missing" ] || { echo "device_check preflight: a carried binary's library is missing: $(echo $missing)"; return 4; }
+    # The carried transformers 4.44.2 and what it pins, ahead of the image's own.
+    export PYTHONPATH=$PWD/.device/site${PYTHONPATH:+:$PYTHONPATH}
+    timeout 90 python3 - <<'PY' || return 4
+import sys
+try:
+    import numpy, torch, transformers
+    from transformers.models.gemma2 import modeling_gemma2  # noqa: F401 (the module device_check.py patches)
+except Exception as e:
+    sys.exit(f"device_check preflight: python cannot import what device_check.py needs: {type(e).__name__}: {e}")
+if transformers.__version__ != "4.44.2":
+    sys.exit(f"device_check preflight: transformers {transformers.__version__} imported, not the carried 4.44.2")
+if not torch.cuda.is_available():
+    sys.exit(f"device_check preflight: torch {torch.__version__} sees no CUDA device")
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} on {torch.cuda.get_device_name(0)}, transformers {transformers.__version__}")
+PY
+}
+
+bin() { LD_LIBRARY_PATH=$EP_DEVICE_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
+
+check_parts() {
+    local timeout_s=${DEVICE_CHECK_TIMEOUT_S:-600}
+    DEADLINE_S=$((timeout_s - 60))
+    [ -n "${DEVICE_CHECK_DEADLINE_S:-}" ] && [ "$DEVICE_CHECK_DEADLINE_S" -lt "$DEADLINE_S" ] && DEADLINE_S=$DEVICE_CHECK_DEADLINE_S
+    [ -f .device/device.tar.xz ] || { echo "device_check: no .device/device.tar.xz here: run 'bash tools/device_check.sh pack' first and carry .device"; return 3; }
+    section "unpack"
+    timeout 120 tar xJf .device/device.tar.xz -C .device || { echo "device_check: .device/device.tar.xz did not unpack"; return 3; }
+    du -sh .device
+    preflight || return $?
 
     local rc_test=0 t log
     for t in test_ops test_model test_patch test_upload; do
@@ -141,7 +221,9 @@ PY
 
     local rc_san=0 tool
     if command -v compute-sanitizer >/dev/null 2>&1; then
-        for tool in memcheck racecheck; do
+        local tools=memcheck
+        [ "${DEVICE_CHECK_RACECHECK:-0}" = 1 ] && tools="memcheck racecheck"
+        for tool in $tools; do
             [ $((DEADLINE_S - SECONDS)) -lt 40 ] && { echo "compute-sanitizer $tool: out of time, not run"; continue; }
             section "compute-sanitizer --tool $tool test_ops"
             OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
@@ -156,14 +238,22 @@ PY
     return $rc_san
 }
 
+# The table of seconds per part comes last whatever happened before it.
+check() {
+    check_parts
+    local rc=$?
+    timings
+    return $rc
+}
+
 if [ "${1:-}" = pack ]; then
     pack
     exit $?
 fi
-log=$(mktemp /tmp/device_check.XXXXXX)
+# The log goes into $OUT as it is written, so a run killed at the call's timeout still brings it back.
+if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && log=$OUT/device_check.log; else log=$(mktemp /tmp/device_check.XXXXXX); fi
 check 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 echo "device_check: exit status $rc" | tee -a "$log"
-[ -n "${OUT:-}" ] && mkdir -p "$OUT" && cp "$log" "$OUT/device_check.log"
-rm -f "$log"
+[ -z "${OUT:-}" ] && echo "device_check: log in $log"
 exit "$rc"

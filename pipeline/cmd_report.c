@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "pipeline/cli.h"
+#include "sched/signals.h"
 #include "stages/report.h"
 
 static const char usage[] =
@@ -23,6 +24,9 @@ int cmd_report(int argc, char **argv) {
         fprintf(stderr, "edgepatch report: need RUN, a run folder (see --help)\n");
         return 2;
     }
+    // A stop request (SIGTERM, SIGUSR1) does not cut the report short: it takes seconds, and its files
+    // are replaced whole (docs/distribution.md).
+    sched_signals_install();
     ep_error err = {{0}};
     if (report_write(argv[1], stdout, &err)) {
         fprintf(stderr, "edgepatch report: %s\n", err.msg);

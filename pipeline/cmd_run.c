@@ -74,8 +74,8 @@ int cmd_run(int argc, char **argv) {
         sched_finalize(&sc);
         return 1;
     }
-    // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5.
-    int status = root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
+    // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5. Nothing starts once a stop was asked for.
+    int status = sched_stop_requested() ? SCHED_STOPPED : root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
     status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;

@@ -1,5 +1,6 @@
 // edgepatch: entry point. Dispatches to the subcommands of pipeline/cli.h; everything else lives in
 // the core library so that tests exercise the same code.
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -35,6 +36,8 @@ static void usage(FILE *f) {
 }
 
 int main(int argc, char **argv) {
+    // Line by line even into a pipe or a Slurm log, so that stdout and stderr keep their order.
+    setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
@@ -42,6 +45,15 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "--version")) {
         printf("edgepatch %s\n", EP_VERSION);
         return 0;
+    }
+    // The front (pipeline/launch.c) starts us with SIGTERM and SIGUSR1 blocked. run and report install
+    // their handler and then unblock them (sched/signals.h); every other command takes them as usual.
+    if (strcmp(argv[1], "run") && strcmp(argv[1], "report")) {
+        sigset_t stop;
+        sigemptyset(&stop);
+        sigaddset(&stop, SIGTERM);
+        sigaddset(&stop, SIGUSR1);
+        sigprocmask(SIG_UNBLOCK, &stop, NULL);
     }
     for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)
         if (!strcmp(argv[1], subcommands[i].name)) return subcommands[i].run(argc - 1, argv + 1);

@@ -49,15 +49,18 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     comm_single(&sc->group);
     sc->size = sc->n_groups = 1;
     parse_hooks(sc);
+    sched_signals_install();
     if (launched_by_mpi()) {
-        if (comm_world_init(argc, argv, &sc->world, err)) return -1;
+        // A stop asked for during MPI_Init waits for it, then reaches our handler (sched/signals.h).
+        sched_signals_hold();
+        int rc = comm_world_init(argc, argv, &sc->world, err);
+        sched_signals_install();
+        if (rc) return -1;
         sc->mpi = 1;
         sc->rank = sc->world.rank;
         sc->size = sc->n_groups = sc->world.size;
         sc->group_id = sc->rank;
     }
-    // After MPI_Init, so that ours are the handlers in place.
-    sched_signals_install();
     return 0;
 }
 

@@ -3,6 +3,7 @@
 #include <errno.h>
 #include <jansson.h>
 #include <math.h>
+#include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,9 +66,21 @@ static void print_table(FILE *f, json_t *logs) {
 }
 
 // Runs argv[0] (looked up in PATH). 0 done, 1 not installed (why says so), -1 it failed.
+// The tool starts with SIGTERM and SIGUSR1 blocked: a stop request sent to our process group (mpirun
+// forwards SIGUSR1 that way) is ours to honour, and must not kill a figure half drawn. SIGKILL and
+// SIGINT still end it.
 static int run_tool(char *const argv[], char *why, size_t why_size, ep_error *err) {
     pid_t pid;
-    int rc = posix_spawnp(&pid, argv[0], NULL, NULL, argv, environ);
+    posix_spawnattr_t attr;
+    sigset_t blocked;
+    sigemptyset(&blocked);
+    sigaddset(&blocked, SIGTERM);
+    sigaddset(&blocked, SIGUSR1);
+    if (posix_spawnattr_init(&attr)) return ep_fail(err, "%s: cannot start: out of memory", argv[0]);
+    posix_spawnattr_setsigmask(&attr, &blocked);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);
+    int rc = posix_spawnp(&pid, argv[0], NULL, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
     if (rc == ENOENT) {
         snprintf(why, why_size, "%s is not installed (tools/setup.sh installs it)", argv[0]);
         return 1;
@@ -76,6 +89,7 @@ static int run_tool(char *const argv[], char *why, size_t why_size, ep_error *er
     int status;
     while (waitpid(pid, &status, 0) < 0)
         if (errno != EINTR) return ep_fail(err, "%s: %s", argv[0], strerror(errno));
+    if (WIFSIGNALED(status)) return ep_fail(err, "%s was killed by signal %d", argv[0], WTERMSIG(status));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return ep_fail(err, "%s failed (exit status %d)", argv[0], WEXITSTATUS(status));
     return 0;
 }
@@ -86,6 +100,17 @@ static int draw(char *const argv[], const char *tmp, const char *path, char *why
     if (rc == 0 && rename(tmp, path) != 0) rc = ep_fail(err, "%s: cannot write: %s", path, strerror(errno));
     if (rc) unlink(tmp);
     return rc;
+}
+
+// "name='value'" for gnuplot -e, a quote in value doubled (gnuplot's single-quoted strings).
+static void gnuplot_assign(char *out, size_t size, const char *name, const char *value) {
+    size_t n = (size_t)snprintf(out, size, "%s='", name);
+    for (const char *c = value; *c && n + 3 < size; c++) {
+        if (*c == '\'') out[n++] = '\'';
+        out[n++] = *c;
+    }
+    out[n++] = '\'';
+    out[n] = 0;
 }
 
 // Distinct values of key over the ablations that have both "group" and "band", in first-seen order.
@@ -135,7 +160,10 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
         return ep_fail(err, "%s: out of memory", gp);
     }
     fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot accuracy_drop.gp` to redraw.\n");
-    fprintf(f, "set terminal pngcairo size %d,%d font 'sans,11'\nset output '%s'\n", 260 + 130 * B, 220 + 55 * G, tmp);
+    // The output is a variable that we set on gnuplot's command line (a temporary named after our pid), so
+    // the script's bytes are the same in every run; run by hand, it draws accuracy_drop.png.
+    fprintf(f, "set terminal pngcairo size %d,%d font 'sans,11'\nif (!exists(\"out\")) out = 'accuracy_drop.png'\nset output out\n",
+            260 + 130 * B, 220 + 55 * G);
     fprintf(f, "set title \"%s: accuracy drop when an edge group is ablated\\n(full-model accuracy %.3f over %d prompts; "
                "drop = full - ablated)\" noenhanced\n", str_or(logs, "task", "?"), full, (int)num_or_nan(logs, "n_prompts"));
     fprintf(f, "set termoption noenhanced\nset xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
@@ -155,7 +183,9 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     int rc = write_text_atomic(gp, text, err);
     free(text);
     char why[200];
-    char *argv[] = {"gnuplot", gp, NULL};
+    char set_out[8700];
+    gnuplot_assign(set_out, sizeof set_out, "out", tmp);
+    char *argv[] = {"gnuplot", "-e", set_out, gp, NULL};
     if (rc == 0) rc = draw(argv, tmp, png, why, sizeof why, err);
     if (rc == 1) fprintf(out, "figures: accuracy_drop.png skipped: %s\n", why);
     else if (rc == 0) fprintf(out, "figures: %s (source %s)\n", png, gp);

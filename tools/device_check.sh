@@ -42,7 +42,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="edgepatch tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
+BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
 
 # The device tool carries the working tree and the carried paths, together at most 64 MiB.
 CARRY_LIMIT_MIB=64
@@ -56,10 +56,10 @@ pack() {
     rm -rf .device "$stage" && mkdir -p .device "$stage/lib" "$stage/site"
     for b in $BINS; do cp "build-device/$b" "$stage/"; done
     # Debug info is most of a RelWithDebInfo binary and the GPU run needs none of it.
-    strip --strip-unneeded "$stage"/edgepatch "$stage"/test_* "$stage"/bench_*
+    strip --strip-unneeded "$stage"/edgepatch "$stage"/edgepatch-core "$stage"/test_* "$stage"/bench_*
     # Every shared library the binaries load except glibc's, the C++ runtime's and CUDA's (cudart, cuBLAS,
     # NCCL: the GPU machine's own are used): OpenBLAS, MPI, HDF5, jansson, PCRE2 and what they pull in.
-    for lib in $(ldd "$stage"/edgepatch "$stage"/test_* "$stage"/bench_* | awk '/=>/ {print $3}' | sort -u |
+    for lib in $(ldd "$stage"/edgepatch-core "$stage"/test_* "$stage"/bench_* | awk '/=>/ {print $3}' | sort -u |
         grep -Ev '/(libc|libm|libdl|libpthread|librt|libresolv|ld-linux[^/]*|libstdc\+\+|libgcc_s|libcudart|libcublas|libcublasLt|libnccl)\.so'); do
         cp -L "$lib" "$stage/lib/"
     done
@@ -129,7 +129,7 @@ preflight() {
     done
     # Only our binaries see the carried libraries (python keeps the machine's own).
     export EP_DEVICE_LIBS=$libpath
-    missing=$(bin ldd .device/edgepatch .device/test_* .device/bench_* 2>&1 | grep "not found" | sort -u | head -3)
+    missing=$(bin ldd .device/edgepatch-core .device/test_* .device/bench_* 2>&1 | grep "not found" | sort -u | head -3)
     [ -z "$missing" ] || { echo "device_check preflight: a carried binary's library is missing: $(echo $missing)"; return 4; }
     # The carried transformers 4.44.2 and what it pins, ahead of the image's own.
     export PYTHONPATH=$PWD/.device/site${PYTHONPATH:+:$PYTHONPATH}

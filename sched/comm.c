@@ -181,15 +181,13 @@ static int mpi_allgather_f32(const ep_comm *c, const float *send, float *recv, s
         return mpi_check(MPI_Allgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, mpi_of(c)), "Allgather", err);
     for (size_t at = 0; at < n; at += step) {
         int k = (int)(n - at < step ? n - at : step);
-        MPI_Datatype block, spaced;
+        MPI_Datatype block = MPI_DATATYPE_NULL, spaced = MPI_DATATYPE_NULL;
         int rc = MPI_Type_contiguous(k, MPI_FLOAT, &block);
         if (rc == MPI_SUCCESS) rc = MPI_Type_create_resized(block, 0, (MPI_Aint)(n * sizeof(float)), &spaced);
         if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&spaced);
-        if (rc == MPI_SUCCESS) {
-            rc = MPI_Allgather(send + at, k, MPI_FLOAT, recv + at, 1, spaced, mpi_of(c));
-            MPI_Type_free(&spaced);
-        }
-        MPI_Type_free(&block);
+        if (rc == MPI_SUCCESS) rc = MPI_Allgather(send + at, k, MPI_FLOAT, recv + at, 1, spaced, mpi_of(c));
+        if (spaced != MPI_DATATYPE_NULL) MPI_Type_free(&spaced);
+        if (block != MPI_DATATYPE_NULL) MPI_Type_free(&block);
         if (mpi_check(rc, "Allgather", err)) return -1;
     }
     return 0;

@@ -104,6 +104,11 @@ int h5store_is_complete(const char *path) {
     return 1;
 }
 
+uint32_t h5store_crc32(const void *data, size_t bytes) {
+    // crc32_z takes a size_t length; crc32's uInt would cover only the low 32 bits of a dataset over 4 GiB.
+    return (uint32_t)crc32_z(0L, data, bytes);
+}
+
 static const char *file_name(const h5store *s) { return s->tmp_path ? s->tmp_path : s->path; }
 
 static size_t shape_numel(const h5shape *shape) {
@@ -130,7 +135,7 @@ static int write_dataset(h5store *s, const char *name, const h5shape *shape, hid
     if (ds < 0 || H5Dwrite(ds, mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0) {
         rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);
     } else {
-        uint32_t crc = (uint32_t)crc32(0L, data, (uInt)(shape_numel(shape) * elsize));
+        uint32_t crc = h5store_crc32(data, shape_numel(shape) * elsize);
         hid_t aspace = H5Screate(H5S_SCALAR);
         hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
         if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0)
@@ -195,7 +200,7 @@ static int read_dataset(h5store *s, const char *name, h5shape *shape, hid_t mem_
             rc = ep_fail(err, "%s: cannot read dataset %s (corrupted file?)", file_name(s), name);
         } else if (attr < 0 || H5Aread(attr, H5T_NATIVE_UINT32, &stored) < 0) {
             rc = ep_fail(err, "%s: dataset %s has no checksum", file_name(s), name);
-        } else if ((uint32_t)crc32(0L, *data, (uInt)bytes) != stored) {
+        } else if (h5store_crc32(*data, bytes) != stored) {
             rc = ep_fail(err, "%s: dataset %s is corrupted (checksum mismatch)", file_name(s), name);
         }
         if (attr >= 0) H5Aclose(attr);

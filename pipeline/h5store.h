@@ -10,6 +10,7 @@
 #define EP_H5STORE_H
 
 #include <hdf5.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "pipeline/error.h"
@@ -53,6 +54,9 @@ int h5store_has(h5store *s, const char *name);
 // Reads every dataset of the file and checks its CRC (a whole-file check before a file is trusted as a
 // finished work item; readers of single datasets check theirs anyway).
 int h5store_verify(h5store *s, ep_error *err);
+
+// The CRC-32 (zlib's) every dataset carries: of its bytes as stored, any length (datasets over 4 GiB too).
+uint32_t h5store_crc32(const void *data, size_t bytes);
 
 // Root attributes: strings and integers.
 int h5store_set_str(h5store *s, const char *name, const char *value, ep_error *err);

@@ -281,6 +281,15 @@ uint64_t model_identity(const model *m) {
     return h;
 }
 
+int model_content_identity(const model *m, const char *digest_cache, uint64_t *out, digest_stats *stats, ep_error *err) {
+    int n = m->st.n_files;
+    uint64_t *digests = ep_calloc((size_t)(n ? n : 1), sizeof *digests);
+    int rc = file_digests(digest_cache, n, (const char *const *)m->st.paths, digests, stats, err);
+    if (rc == 0) *out = hash_bytes(model_identity(m), digests, sizeof *digests * (size_t)n);
+    free(digests);
+    return rc;
+}
+
 void model_init_random(const model_config *cfg, uint64_t seed, model *m) {
     memset(m, 0, sizeof *m);
     m->cfg = *cfg;

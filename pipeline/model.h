@@ -13,6 +13,7 @@
 
 #include "kernels/ops.h"
 #include "pipeline/error.h"
+#include "pipeline/file_digest.h"
 #include "pipeline/model_config.h"
 #include "pipeline/safetensors.h"
 #include "sched/comm.h"
@@ -71,9 +72,14 @@ size_t model_host_bytes(const model *m);
 // The weights (floats) a model or shard of cfg's shape holds (cfg->tp; a tied lm_head counts once), as
 // model_load_shard would: what `edgepatch memory` reports.
 size_t model_held_floats(const model_config *cfg);
-// Identity of a loaded checkpoint for artifact attributes: config.json's bytes and every safetensors
-// header (names, dtypes, shapes, offsets), without reading the weights themselves.
+// The shape part of a checkpoint's identity: config.json's bytes and every safetensors header (names,
+// dtypes, shapes, offsets), without reading the weights themselves.
 uint64_t model_identity(const model *m);
+// The identity of a loaded checkpoint for artifact attributes: model_identity and the content hash
+// (XXH64) of every safetensors file, so it changes when any weight byte does. The hashes come from the
+// digest cache at digest_cache when the files' keys match (pipeline/file_digest.h), else each file is
+// read once and the cache rewritten. stats (may be NULL) says what was read.
+int model_content_identity(const model *m, const char *digest_cache, uint64_t *out, digest_stats *stats, ep_error *err);
 void model_free(model *m);
 
 // A host model of the shape cfg describes with deterministic pseudo-random weights (uniform in

@@ -3,6 +3,7 @@
 #include "kernels/ops.h"
 
 #include <mpi.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -58,21 +59,51 @@ int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error
     return 0;
 }
 
+#ifdef EP_HAVE_NCCL
+static int nccl_check(ncclResult_t rc, const char *what, ep_error *err) {
+    if (rc == ncclSuccess) return 0;
+    return ep_fail(err, "NCCL %s failed: %s", what, ncclGetErrorString(rc));
+}
+#endif
+
+int comm_agree(const ep_comm *c, int status, const ep_error *mine, ep_error *err) {
+    if (c->kind == COMM_SINGLE) {
+        if (status == 0) return 0;
+        if (err != mine) ep_fail(err, "%s", mine->msg);
+        return -1;
+    }
+    if (c->kind != COMM_MPI) return ep_fail(err, "comm_agree: needs an MPI communicator");
+    int first = status ? c->rank : c->size;  // the lowest failing rank, or size when none failed
+    if (mpi_check(MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, mpi_of(c)), "Allreduce of a status", err))
+        return -1;
+    if (first == c->size) return 0;
+    char msg[sizeof mine->msg];
+    snprintf(msg, sizeof msg, "%s", c->rank == first ? mine->msg : "");
+    if (mpi_check(MPI_Bcast(msg, (int)sizeof msg, MPI_CHAR, first, mpi_of(c)), "Bcast of an error", err)) return -1;
+    return ep_fail(err, "rank %d: %s", first, msg);
+}
+
 int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err) {
     comm_single(out);
 #ifdef EP_HAVE_NCCL
+    // Each step that can fail on some ranks only is followed by comm_agree: a rank that returned alone
+    // would leave the others waiting in the id's broadcast or in ncclCommInitRank for good.
     // The CUDA backend's start picks this rank's GPU (by local rank, docs/cuda.md); NCCL uses the same.
-    if (!kernel_ops_cuda()) return ep_fail(err, "NCCL: no usable CUDA device");
+    ep_error mine = {{0}};
     ncclUniqueId id;
-    if (group->rank == 0 && ncclGetUniqueId(&id) != ncclSuccess) return ep_fail(err, "NCCL: ncclGetUniqueId failed");
+    memset(&id, 0, sizeof id);
+    int status = kernel_ops_cuda() ? 0 : ep_fail(&mine, "NCCL: no usable CUDA device");
+    if (status == 0 && group->rank == 0) status = nccl_check(ncclGetUniqueId(&id), "ncclGetUniqueId", &mine);
+    if (comm_agree(group, status, &mine, err)) return -1;
     if (group->kind == COMM_MPI &&
         mpi_check(MPI_Bcast(&id, (int)sizeof id, MPI_BYTE, 0, mpi_of(group)), "Bcast of the NCCL id", err))
         return -1;
     ncclComm_t *h = ep_malloc(sizeof *h);
-    ncclResult_t rc = ncclCommInitRank(h, group->size, id, group->rank);
-    if (rc != ncclSuccess) {
+    status = nccl_check(ncclCommInitRank(h, group->size, id, group->rank), "ncclCommInitRank", &mine);
+    if (comm_agree(group, status, &mine, err)) {
+        if (status == 0) (void)ncclCommDestroy(*h);  // another rank failed: this one's communicator is of no use
         free(h);
-        return ep_fail(err, "NCCL: ncclCommInitRank: %s", ncclGetErrorString(rc));
+        return -1;
     }
     *out = (ep_comm){.kind = COMM_NCCL, .rank = group->rank, .size = group->size, .handle = h};
     return 0;
@@ -102,7 +133,8 @@ void comm_free(ep_comm *c) {
     }
     if (c->kind == COMM_MPI) MPI_Comm_free((MPI_Comm *)c->handle);
 #ifdef EP_HAVE_NCCL
-    if (c->kind == COMM_NCCL) ncclCommDestroy(*(ncclComm_t *)c->handle);
+    // Teardown has no caller to report to; a failed destroy leaks the communicator at worst.
+    if (c->kind == COMM_NCCL) (void)ncclCommDestroy(*(ncclComm_t *)c->handle);
 #endif
     if (c->kind != COMM_SINGLE) free(c->handle);
     comm_single(c);
@@ -112,12 +144,54 @@ void comm_free(ep_comm *c) {
 // NCCL runs on the legacy default stream, which the CUDA backend's blocking stream is ordered with;
 // waiting for the device before and after keeps the reduction in program order whatever stream the
 // kernels used (simple first, and cheap next to a layer's matmuls).
+static int nccl_ready(const char *what, ep_error *err) {
+    cudaError_t rc = cudaDeviceSynchronize();
+    return rc == cudaSuccess ? 0 : ep_fail(err, "NCCL %s: CUDA error before the call: %s", what, cudaGetErrorString(rc));
+}
+
 static int nccl_done(ncclResult_t rc, const char *what, ep_error *err) {
-    if (rc != ncclSuccess) return ep_fail(err, "NCCL %s failed: %s", what, ncclGetErrorString(rc));
-    if (cudaDeviceSynchronize() != cudaSuccess) return ep_fail(err, "NCCL %s: CUDA error after the call", what);
-    return 0;
+    if (nccl_check(rc, what, err)) return -1;
+    cudaError_t sync = cudaDeviceSynchronize();
+    return sync == cudaSuccess ? 0 : ep_fail(err, "NCCL %s: CUDA error after the call: %s", what, cudaGetErrorString(sync));
 }
 #endif
+
+// The largest piece of a size_t count one MPI call carries on c.
+static size_t chunk_of(const ep_comm *c) {
+    return c->max_chunk && c->max_chunk < COMM_MAX_CHUNK ? c->max_chunk : COMM_MAX_CHUNK;
+}
+
+// In-place sum of n elements of type t (elsize bytes) in pieces of at most chunk_of(c).
+static int mpi_allreduce_sum(const ep_comm *c, void *buf, size_t n, MPI_Datatype t, size_t elsize, ep_error *err) {
+    size_t step = chunk_of(c);
+    for (size_t at = 0; at < n; at += step) {
+        int k = (int)(n - at < step ? n - at : step);  // at most COMM_MAX_CHUNK: fits
+        if (mpi_check(MPI_Allreduce(MPI_IN_PLACE, (char *)buf + at * elsize, k, t, MPI_SUM, mpi_of(c)), "Allreduce", err))
+            return -1;
+    }
+    return 0;
+}
+
+// recv[r * n + i] = rank r's send[i], in pieces of at most chunk_of(c) elements per rank: a piece
+// [at, at + k) lands at recv + at as one block per rank whose extent is n floats, so rank r's block
+// goes to recv[r * n + at ..).
+static int mpi_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err) {
+    size_t step = chunk_of(c);
+    if (n <= step)  // the common case (a layer's activations): one plain call
+        return mpi_check(MPI_Allgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, mpi_of(c)), "Allgather", err);
+    for (size_t at = 0; at < n; at += step) {
+        int k = (int)(n - at < step ? n - at : step);
+        MPI_Datatype block = MPI_DATATYPE_NULL, spaced = MPI_DATATYPE_NULL;
+        int rc = MPI_Type_contiguous(k, MPI_FLOAT, &block);
+        if (rc == MPI_SUCCESS) rc = MPI_Type_create_resized(block, 0, (MPI_Aint)(n * sizeof(float)), &spaced);
+        if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&spaced);
+        if (rc == MPI_SUCCESS) rc = MPI_Allgather(send + at, k, MPI_FLOAT, recv + at, 1, spaced, mpi_of(c));
+        if (spaced != MPI_DATATYPE_NULL) MPI_Type_free(&spaced);
+        if (block != MPI_DATATYPE_NULL) MPI_Type_free(&block);
+        if (mpi_check(rc, "Allgather", err)) return -1;
+    }
+    return 0;
+}
 
 int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err) {
     if (c->staging && c->kind == COMM_MPI) {
@@ -130,11 +204,10 @@ int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err
         free(host);
         return rc;
     }
-    if (c->kind == COMM_MPI)
-        return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_FLOAT, MPI_SUM, mpi_of(c)), "Allreduce", err);
+    if (c->kind == COMM_MPI) return mpi_allreduce_sum(c, buf, n, MPI_FLOAT, sizeof(float), err);
 #ifdef EP_HAVE_NCCL
     if (c->kind == COMM_NCCL) {
-        cudaDeviceSynchronize();
+        if (nccl_ready("AllReduce", err)) return -1;
         return nccl_done(ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, *(ncclComm_t *)c->handle, 0), "AllReduce", err);
     }
 #endif
@@ -153,11 +226,10 @@ int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t 
         free(host_send), free(host_recv);
         return rc;
     }
-    if (c->kind == COMM_MPI)
-        return mpi_check(MPI_Allgather(send, (int)n, MPI_FLOAT, recv, (int)n, MPI_FLOAT, mpi_of(c)), "Allgather", err);
+    if (c->kind == COMM_MPI) return mpi_allgather_f32(c, send, recv, n, err);
 #ifdef EP_HAVE_NCCL
     if (c->kind == COMM_NCCL) {
-        cudaDeviceSynchronize();
+        if (nccl_ready("AllGather", err)) return -1;
         return nccl_done(ncclAllGather(send, recv, n, ncclFloat, *(ncclComm_t *)c->handle, 0), "AllGather", err);
     }
 #endif
@@ -174,7 +246,7 @@ static int int_reduce(const ep_comm *c, int *buf, int n, MPI_Op op, ep_error *er
 int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err) {
     if (c->kind == COMM_SINGLE) return 0;
     if (c->kind != COMM_MPI) return ep_fail(err, "comm: double collectives need an MPI communicator");
-    return mpi_check(MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, mpi_of(c)), "Allreduce", err);
+    return mpi_allreduce_sum(c, buf, n, MPI_DOUBLE, sizeof(double), err);
 }
 
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err) { return int_reduce(c, buf, n, MPI_MAX, err); }

@@ -11,6 +11,7 @@
 #ifndef EP_SCHED_COMM_H
 #define EP_SCHED_COMM_H
 
+#include <limits.h>
 #include <stddef.h>
 
 #include "pipeline/error.h"
@@ -22,7 +23,13 @@ typedef struct {
     int rank, size;
     void *handle;  // the backend's communicator (MPI_Comm *, ncclComm_t), opaque so no MPI header leaks
     const struct kernel_ops *staging;  // a staged view's device backend (comm_staged_view), else NULL
+    size_t max_chunk;  // elements one MPI call of a size_t-count collective carries; 0: COMM_MAX_CHUNK (tests
+                       // set a few to run the pieces on small buffers)
 } ep_comm;
+
+// MPI counts are ints: the mpi backend moves a size_t count in pieces of at most this many elements (half
+// of INT_MAX leaves room for implementations that add to a count inside). NCCL counts are size_t already.
+#define COMM_MAX_CHUNK ((size_t)INT_MAX / 2)
 
 // The single-rank communicator (no MPI).
 void comm_single(ep_comm *c);
@@ -45,6 +52,12 @@ int comm_nccl_built(void);
 // communicator: it must not outlive group, and comm_free on it frees nothing of group's.
 void comm_staged_view(const ep_comm *group, const struct kernel_ops *ops, ep_comm *view);
 void comm_free(ep_comm *c);
+
+// Collective over an mpi or single group: 0 if every rank's status is 0, else -1 on every rank, with err
+// holding the message of the lowest failing rank, prefixed by its rank ("rank 1: ..."). `mine` is this
+// rank's err (its message is read when status is non-zero). What a step that can fail on some ranks only
+// runs before the next collective step, so that no rank waits forever for one that has returned.
+int comm_agree(const ep_comm *c, int status, const ep_error *mine, ep_error *err);
 
 // Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl and
 // for a staged view); int and double buffers are host memory and need an mpi or single communicator.

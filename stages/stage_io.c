@@ -70,8 +70,16 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inpu
         free(hash);
         h5store_close(&s);
     }
-    // A bf16 run computes other numbers from the same checkpoint: its artifacts carry another model hash.
-    uint64_t model_id = model_identity(&in->m);
+    // The model hash covers every weight byte (docs/models.md, "identity"); the files' content hashes are
+    // kept in the run folder. A bf16 run computes other numbers from the same checkpoint: its artifacts
+    // carry another model hash.
+    uint64_t model_id = 0;
+    char digests[4096];
+    snprintf(digests, sizeof digests, "%s/model_digests.json", cfg->output_path);
+    if (model_content_identity(&in->m, digests, &model_id, NULL, err)) {
+        stage_inputs_close(in);
+        return -1;
+    }
     hash_hex(cfg->bf16 ? hash_str(model_id, "bf16") : model_id, in->model_hash);
     hash_hex(plan_hash(&in->plan), in->plan_hash);
     in->n_cached_donors = in->plan.n_donors > 0 || in->n_ablations == 0 ? in->plan.n_donors : 1;

@@ -1,15 +1,19 @@
 // h5store: round trip of datasets and attributes, and the crash-safety promises: a killed writer never
 // leaves a file that looks complete, an existing artifact survives a failed rewrite, and truncated or
 // bit-flipped files are refused with a message naming the file and dataset.
+#define _DEFAULT_SOURCE  // MAP_ANONYMOUS, MAP_NORESERVE
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include "pipeline/h5store.h"
 #include "tests/harness.h"
+
+#include <zlib.h>
 
 static char dir[256];
 
@@ -191,6 +195,33 @@ static void test_f64(void) {
     h5store_close(&s);
 }
 
+// A dataset over 4 GiB (a Gemma-2 27B donor cache) gets the CRC of all its bytes, not of the low 32 bits
+// of its length. The region is an anonymous mapping that is never written but for one page, so it costs
+// no memory: its zero pages are all one shared page. The reference is zlib's crc32 fed in 1 GiB pieces
+// (each fits its uInt length).
+static void test_crc_over_4gib(void) {
+    size_t bytes = (4ull << 30) + 8192, marked = (4ull << 30) + 100;
+    unsigned char *region = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (region == MAP_FAILED) {
+        printf("  skipped the 4 GiB checksum: cannot map %zu bytes\n", bytes);
+        return;
+    }
+    region[marked] = 0x5a;  // past 4 GiB, where a truncated length stops short
+    uLong want = crc32(0L, Z_NULL, 0);
+    for (size_t at = 0; at < bytes;) {
+        size_t piece = bytes - at < (1ull << 30) ? bytes - at : (1ull << 30);
+        want = crc32(want, region + at, (uInt)piece);
+        at += piece;
+    }
+    uint32_t got = h5store_crc32(region, bytes), truncated = (uint32_t)crc32(0L, region, (uInt)bytes);
+    printf("  crc32 of %zu bytes: %08x, by 1 GiB pieces %08x (a 32-bit length would give %08x)\n", bytes, got,
+           (unsigned)want, truncated);
+    check(truncated != (uint32_t)want, "the test region tells a truncated length apart");
+    check(got == (uint32_t)want, "crc32 over 4 GiB: %08x, want %08x", got, (unsigned)want);
+    check(h5store_crc32(region, 4096) == (uint32_t)crc32(0L, region, 4096), "crc32 of a small buffer is zlib's");
+    munmap(region, bytes);
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/ep_test_h5store_%d", (int)getpid());
     char cmd[600];
@@ -203,6 +234,7 @@ int main(void) {
     test_abandon();
     test_corruption();
     test_reproducible();
+    test_crc_over_4gib();
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
     if (system(cmd) != 0) return 1;
     return test_finish("test_h5store");

@@ -35,24 +35,37 @@ static json_int_t int_field(json_t *entry, const char *name) {
     return json_is_integer(v) ? json_integer_value(v) : -1;
 }
 
+// An entry's own checksum, over its key and digest: a damaged entry whose fields still parse (a flipped
+// digit) must be read as absent, never as another file's digest.
+static void entry_check(file_key k, uint64_t digest, char out[17]) {
+    json_int_t fields[4] = {k.size, k.mtime_ns, k.ctime_ns, k.inode};
+    uint64_t h = hash_bytes(HASH_INIT, fields, sizeof fields);
+    hash_hex(hash_bytes(h, &digest, sizeof digest), out);
+}
+
 // The cached digest of a file with key k, if the entry holds one: 1, else 0.
 static int cached(json_t *entry, file_key k, uint64_t *digest) {
     const char *hex = json_string_value(json_object_get(entry, "xxh64"));
-    if (!hex || strlen(hex) != 16 || int_field(entry, "size") != k.size || int_field(entry, "mtime_ns") != k.mtime_ns ||
-        int_field(entry, "ctime_ns") != k.ctime_ns || int_field(entry, "inode") != k.inode)
+    const char *check = json_string_value(json_object_get(entry, "check"));
+    if (!hex || !check || strlen(hex) != 16 || int_field(entry, "size") != k.size ||
+        int_field(entry, "mtime_ns") != k.mtime_ns || int_field(entry, "ctime_ns") != k.ctime_ns ||
+        int_field(entry, "inode") != k.inode)
         return 0;
     char *end = NULL;
     unsigned long long v = strtoull(hex, &end, 16);
-    if (*end) return 0;
+    char want[17];
+    entry_check(k, (uint64_t)v, want);
+    if (*end || strcmp(check, want)) return 0;
     *digest = (uint64_t)v;
     return 1;
 }
 
 static json_t *entry_of(file_key k, uint64_t digest) {
-    char hex[17];
+    char hex[17], check[17];
     hash_hex(digest, hex);
-    return json_pack("{sIsIsIsIss}", "size", k.size, "mtime_ns", k.mtime_ns, "ctime_ns", k.ctime_ns, "inode", k.inode,
-                     "xxh64", hex);
+    entry_check(k, digest, check);
+    return json_pack("{sIsIsIsIssss}", "size", k.size, "mtime_ns", k.mtime_ns, "ctime_ns", k.ctime_ns, "inode", k.inode,
+                     "xxh64", hex, "check", check);
 }
 
 // The whole file through a read-only mapping (the page cache serves a checkpoint the model has mapped).

@@ -1,10 +1,13 @@
 // h5store: the HDF5 artifacts every stage reads and writes, crash-safe and self-checking.
 //
 // Owns: one HDF5 file per artifact. Writers create "<path>.tmp-<pid>", write datasets and attributes,
-// then h5store_commit writes the completion record, flushes, fsyncs, renames onto <path> and fsyncs the
+// then h5store_commit writes the completion record, closes the file, seals it (a CRC-32 of every byte
+// of the file, in HDF5's user block: docs/artifacts.md), fsyncs, renames onto <path> and fsyncs the
 // folder; a crash or kill at any moment leaves either the old file or no file under <path>, plus a tmp
-// file that readers never open. Every dataset carries a CRC-32 of its bytes; readers verify it, and
-// h5store_open refuses a file without the completion record. Errors name the file and the dataset.
+// file that readers never open. h5store_open reads the whole file and refuses one without the seal (an
+// unfinished write) or whose bytes do not match it (damaged anywhere: data, attributes or HDF5's own
+// structures), before HDF5 parses it. Every dataset also carries a CRC-32 of its bytes, checked as it is
+// read. Errors name the file and the dataset.
 // Never calls MPI: parallel writers write their own files (see sched/).
 #ifndef EP_H5STORE_H
 #define EP_H5STORE_H

@@ -176,6 +176,26 @@ static void test_cache(void) {
           "damaged cache: both read (%d)", st.files_hashed);
     check(file_digests(cache, 2, paths, d, &st, &err) == 0 && st.files_hashed == 0, "rewritten cache used");
 
+    // A damaged entry that still parses (one hex digit of a digest changed) is not taken for a digest:
+    // that file is read again.
+    char text[8192] = "";
+    f = fopen(cache, "r");
+    size_t len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = 0;
+    char *hex = strstr(text, "\"xxh64\": \"");
+    check(hex != NULL, "the cache names xxh64");
+    if (hex) {
+        hex += strlen("\"xxh64\": \"");
+        *hex = *hex == '0' ? '1' : '0';
+        f = fopen(cache, "w");
+        fputs(text, f);
+        fclose(f);
+        check(file_digests(cache, 2, paths, d, &st, &err) == 0 && st.files_hashed == 1 && d[0] == xxh64_of(a) &&
+                  d[1] == xxh64_of(paths[1]),
+              "a changed digit in a cached digest: that file read again (%d), both digests right", st.files_hashed);
+    }
+
     // Errors name the file.
     const char *missing[1] = {"/nonexistent/model.safetensors"};
     check(file_digests(cache, 1, missing, d, &st, &err) != 0 && strstr(err.msg, "/nonexistent/model.safetensors"),

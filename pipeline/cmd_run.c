@@ -74,8 +74,14 @@ int cmd_run(int argc, char **argv) {
         sched_finalize(&sc);
         return 1;
     }
-    // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5.
-    int status = root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
+    // Rank 0 first removes what killed writers left (*.tmp-PID anywhere in the run folder), while the
+    // other ranks wait below and nothing of this run writes yet; then it tokenizes (it is cheap).
+    int removed = 0, status = SCHED_OK;
+    if (root && stage_remove_temporaries(cfg.output_path, 8, NULL, &removed, &err)) status = SCHED_FAILED;
+    if (root && removed)
+        fprintf(stderr, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s\n", removed,
+                removed == 1 ? "" : "s", cfg.output_path);
+    if (status == SCHED_OK && root && tokenize_stage(&cfg, fresh, &err)) status = SCHED_FAILED;
     status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;

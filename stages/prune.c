@@ -507,21 +507,19 @@ static int write_summary(const stage_inputs *in, const circuit *c, int round, do
     return rc;
 }
 
-// Removes a folder's entries that start with prefix (and, if only_tmp, contain ".tmp-"), one level deep.
-static void remove_entries(const char *dir, const char *prefix, int only_tmp) {
+// Removes a folder's entries that start with prefix, folders with what they hold, one level deep.
+static void remove_entries(const char *dir, const char *prefix) {
     DIR *d = opendir(dir);
     if (!d) return;
     struct dirent *e;
     char path[4600];
     while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix)) ||
-            (only_tmp && !strstr(e->d_name, ".tmp-")))
-            continue;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix))) continue;
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
         struct stat st;
-        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
-            remove_entries(path, "", only_tmp);
-            if (!only_tmp) rmdir(path);
+        if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+            remove_entries(path, "");
+            rmdir(path);
         } else {
             unlink(path);
         }
@@ -587,11 +585,11 @@ int prune_prepare(prune_run *pr, int fresh, ep_error *err) {
     char dir[4200], path[4400];
     snprintf(dir, sizeof dir, "%s/prune.d", out);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
-    remove_entries(dir, "round-", !fresh);
-    if (fresh) {
-        snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
-        snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
-    }
+    // Temporaries left by killed writers in prune.d and the rounds' folders (stages/stage_io.h).
+    if (!fresh) return stage_remove_temporaries(dir, 1, NULL, NULL, err);
+    remove_entries(dir, "round-");
+    snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
+    snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
     return 0;
 }
 
@@ -637,7 +635,8 @@ static void shard_identity(const round_ctx *rc, int item, char out[17]) {
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
     round_ctx *rc = ws->ctx;
     if (mkdir(rc->dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", rc->dir, strerror(errno));
-    remove_entries(rc->dir, "item-", !fresh);
+    if (!fresh) return stage_remove_temporaries(rc->dir, 0, NULL, NULL, err);
+    remove_entries(rc->dir, "item-");
     return 0;
 }
 

@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,18 +190,88 @@ int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh
     char dir[4096], path[4400];
     snprintf(dir, sizeof dir, "%s/%s.d", in->cfg->output_path, stage);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
+    if (!fresh) return stage_remove_temporaries(dir, 0, NULL, NULL, err);
     DIR *d = opendir(dir);
     if (!d) return ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
     struct dirent *e;
     while ((e = readdir(d))) {
-        int shard = !strncmp(e->d_name, "item-", 5);
-        if (shard && (strstr(e->d_name, ".tmp-") || fresh)) {
+        if (!strncmp(e->d_name, "item-", 5)) {
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             unlink(path);
         }
     }
     closedir(d);
     return 0;
+}
+
+long stage_temporary_pid(const char *name) {
+    const char *t = strstr(name, ".tmp-"), *next;
+    if (!t) return 0;
+    while ((next = strstr(t + 1, ".tmp-"))) t = next;
+    t += 5;
+    long pid = 0;
+    for (const char *p = t; *p; p++) {
+        if (*p < '0' || *p > '9' || pid > 100000000L) return 0;
+        pid = pid * 10 + (*p - '0');
+    }
+    return t[0] && t != name + 5 ? pid : 0;
+}
+
+// A writer is alive if its pid is this process or any process of this host we can see (EPERM: it
+// exists but belongs to someone else).
+static int writer_alive(long pid) {
+    if (pid == (long)getpid()) return 1;
+    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+}
+
+static int remove_tree(const char *path, ep_error *err) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : ep_fail(err, "%s: cannot stat: %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        if (!d) return ep_fail(err, "%s: cannot list: %s", path, strerror(errno));
+        struct dirent *e;
+        char sub[4600];
+        int rc = 0;
+        while (rc == 0 && (e = readdir(d))) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
+            rc = remove_tree(sub, err);
+        }
+        closedir(d);
+        if (rc == 0 && rmdir(path) != 0 && errno != ENOENT) rc = ep_fail(err, "%s: cannot remove: %s", path, strerror(errno));
+        return rc;
+    }
+    if (unlink(path) != 0 && errno != ENOENT) return ep_fail(err, "%s: cannot remove: %s", path, strerror(errno));
+    return 0;
+}
+
+int stage_remove_temporaries(const char *dir, int depth, const char *const *names, int *removed, ep_error *err) {
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? 0 : ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    char path[4600];
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        long pid = stage_temporary_pid(e->d_name);
+        int named = !names;
+        for (int i = 0; names && names[i] && !named; i++) {
+            size_t n = strlen(names[i]);
+            named = !strncmp(e->d_name, names[i], n) && !strncmp(e->d_name + n, ".tmp-", 5);
+        }
+        struct stat st;
+        if (pid > 0 && named) {
+            if (writer_alive(pid)) continue;
+            rc = remove_tree(path, err);
+            if (rc == 0 && removed) (*removed)++;
+        } else if (depth > 0 && lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) {  // never through a symbolic link
+            rc = stage_remove_temporaries(path, depth - 1, names, removed, err);
+        }
+    }
+    closedir(d);
+    return rc;
 }
 
 int stage_item_current(const char *path, const char *identity, ep_error *err) {

@@ -89,20 +89,25 @@ int cmd_run(int argc, char **argv) {
         opened = stage_inputs_open_shard(&cfg, cfg.tensor_parallel > 1 ? &sc.group : NULL, &in, &err) == 0;
         status = sched_agree(&sc, opened ? SCHED_OK : SCHED_FAILED);
     }
+    // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.
+    prune_run *pr = NULL;
+    if (status == SCHED_OK && last >= 3) status = sched_agree(&sc, prune_open(&in, last == 3 ? 1 : -1, &pr, &err) ? SCHED_FAILED : SCHED_OK);
+    // A shard found damaged where a later step reads it (a cache shard read by a patch item, a shard
+    // read by a merge) was removed: the stages run again from the cache stage, whose item checks
+    // recompute what is missing (SCHED_RETRY; a few times at most, then the run fails with its message).
+    int retries = 0;
     for (int s = 1; s <= 2 && s <= last && status == SCHED_OK; s++) {
         work_stage ws;
         int made = (s == 1 ? cache_work : patch_work)(&in, &ws, &err) == 0;
         status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
-        if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh, &err);
+        if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh && !retries, &err);
         if (made) ws.release(&ws);
+        if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, s = 0, retries++;
     }
     // Score and prune rounds (docs/pruning.md): each round's prompt batches are work items over the
     // ranks; rank 0 merges them, prunes and writes the round file before the next round starts.
     if (status == SCHED_OK && last >= 3) {
-        prune_run *pr = NULL;
-        int made = prune_open(&in, last == 3 ? 1 : -1, &pr, &err) == 0;
-        status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
-        if (status == SCHED_OK) status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
+        status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
         while (status == SCHED_OK) {
             work_stage ws;
             int r = prune_next_round(pr, root, &ws, &err);
@@ -110,16 +115,17 @@ int cmd_run(int argc, char **argv) {
             if (r > 0 && status == SCHED_OK) status = sched_run_stage(&sc, &ws, 0, &err);
             if (r > 0) ws.release(&ws);
             if (r == 0) break;
+            if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, retries++;  // the same round again
         }
-        prune_close(pr);
     }
+    prune_close(pr);
     // The run ends with its report (stages/report.h); rank 0 only, after every rank is done.
     if (status == SCHED_OK && root && last >= 2) {
         printf("\nreport (%s/report.txt):\n", cfg.output_path);
         if (report_write(cfg.output_path, stdout, &err)) status = SCHED_FAILED;
     }
     int rc = 0;
-    if (status == SCHED_FAILED) {
+    if (status == SCHED_FAILED || status == SCHED_RETRY) {
         if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");
         rc = 1;
     } else if (status == SCHED_STOPPED) {

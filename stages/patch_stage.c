@@ -289,7 +289,13 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
     prompt_batch pb = stage_batch(in, first, n);
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    rc = cache_load_item(in, item, donors, err);
+    int damaged = 0;
+    rc = cache_load_item(in, item, donors, &damaged, err);
+    if (rc && damaged) {  // the cache stage recomputes it: the driver runs it again, then this item (work_stage.shard_bad)
+        char cache_path[4096];
+        stage_item_path(in, "cache", item, cache_path, sizeof cache_path);
+        stage_shard_damaged(ws, cache_path, err);
+    }
     if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], err);
     if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &m[1], err);
     for (int a = 0; a < in->n_ablations && rc == 0; a++)
@@ -324,7 +330,12 @@ static int patch_finish(work_stage *ws, ep_error *err) {
         item_identity(c, item, identity);
         stage_item_path(in, "patch", item, path, sizeof path);
         h5store s;
-        if ((rc = h5store_open(path, &s, err))) break;
+        // Checked again where it is read: a shard damaged since its item was checked is recomputed.
+        if ((rc = h5store_open(path, &s, err)) == 0 && (rc = h5store_verify(&s, err))) h5store_close(&s);
+        if (rc) {
+            stage_shard_damaged(ws, path, err);
+            break;
+        }
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
             rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the patch stage", path);
         free(have);

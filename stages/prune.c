@@ -135,12 +135,13 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
     if (p->n_k) h = hash_bytes(h, p->k, sizeof(int) * (size_t)p->n_k);
     for (int i = 0; i < p->n_files; i++) {
+        // Another run's round file is a user input: checked whole here, before any work, not when read.
         h5store s;
         char *id = NULL;
-        if (h5store_open(p->files[i], &s, err)) return -1;
-        int r = h5store_get_str(&s, "inputs_hash", &id, err);
+        if (h5store_open(p->files[i], &s, err)) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", rc->path, i);
+        int r = h5store_verify(&s, err) || h5store_get_str(&s, "inputs_hash", &id, err);
         h5store_close(&s);
-        if (r) return -1;
+        if (r) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", rc->path, i);
         h = hash_str(h, id);
         free(id);
     }
@@ -700,7 +701,12 @@ static int round_finish(work_stage *ws, ep_error *err) {
         shard_path(rc, item, path, sizeof path);
         shard_identity(rc, item, id);
         h5store s;
-        if ((r = h5store_open(path, &s, err))) break;
+        // Checked again where it is read: a shard damaged since its item was checked is recomputed.
+        if ((r = h5store_open(path, &s, err)) == 0 && (r = h5store_verify(&s, err))) h5store_close(&s);
+        if (r) {
+            stage_shard_damaged(ws, path, err);
+            break;
+        }
         double *v = NULL, *b = NULL;
         h5shape sh, sb;
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);

@@ -218,10 +218,20 @@ long stage_temporary_pid(const char *name) {
 }
 
 // A writer is alive if its pid is this process or any process of this host we can see (EPERM: it
-// exists but belongs to someone else).
+// exists but belongs to someone else), unless it is a zombie: a killed MPI rank stays one until its
+// launcher reaps it, which can be after the next run has started.
 static int writer_alive(long pid) {
     if (pid == (long)getpid()) return 1;
-    return kill((pid_t)pid, 0) == 0 || errno == EPERM;
+    if (kill((pid_t)pid, 0) != 0 && errno != EPERM) return 0;
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;  // no /proc: kill's answer
+    size_t n = fread(line, 1, sizeof line - 1, f);
+    fclose(f);
+    line[n] = 0;
+    const char *close = strrchr(line, ')');  // "pid (comm) S ...": the state follows the name
+    return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
 }
 
 static int remove_tree(const char *path, ep_error *err) {
@@ -296,14 +306,27 @@ int stage_item_current(const char *path, const char *identity, ep_error *err) {
                         "to rebuild it", path);
 }
 
+void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err) {
+    ws->shard_bad = 1;
+    if (ws->follower) return;
+    fprintf(stderr, "edgepatch: recomputing a damaged shard: %s\n", err->msg);
+    unlink(path);
+}
+
 int stage_run_items(work_stage *ws, int fresh, ep_error *err) {
     int r = ws->prepare(ws, fresh, err);
     if (r != 0) return r < 0 ? -1 : 0;
-    for (int i = 0; i < ws->n_items; i++) {
-        int done = ws->item_done(ws, i, err);
-        if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+    // A shard of this stage found damaged by the merge: the items are checked (and it recomputed) once more.
+    // Another stage's damaged shard (the cache's, read by patch items) is that stage's to recompute.
+    for (int attempt = 0;; attempt++) {
+        ws->shard_bad = 0;
+        for (int i = 0; i < ws->n_items; i++) {
+            int done = ws->item_done(ws, i, err);
+            if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+        }
+        if (ws->finish(ws, err) == 0) return 0;
+        if (!ws->shard_bad || attempt == 2) return -1;
     }
-    return ws->finish(ws, err);
 }
 
 int write_json_atomic(const char *path, json_t *o, ep_error *err) {

@@ -91,6 +91,11 @@ struct work_stage {
     // Set by the driver: 1 on the ranks of a tensor-parallel group other than its leader. They take part
     // in run_item's computation (the model is split over the group) but write nothing.
     int follower;
+    // Set by run_item or finish when it failed because a shard it read (its own stage's or the cache's)
+    // was missing, unreadable or failed a checksum although checked earlier in the run: the shard was
+    // removed (stage_shard_damaged), and the driver runs the stages again from the one owning it, whose
+    // item check recomputes it. Cleared by the driver when a stage starts.
+    int shard_bad;
 };
 
 // The model stages as work items. The work_stage borrows in (keep it open until ws.release).
@@ -121,5 +126,8 @@ int stage_remove_temporaries(const char *dir, int depth, const char *const *name
 long stage_temporary_pid(const char *name);
 // The item_done decision for the shard at path (see work_stage.item_done).
 int stage_item_current(const char *path, const char *identity, ep_error *err);
+// A shard read by run_item or finish failed as err says: its writer (not a follower) removes it and says
+// so on stderr; sets ws->shard_bad.
+void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err);
 
 #endif

@@ -13,6 +13,8 @@ static const char usage[] =
     "circuit size and faithfulness per pruning round) and writes it to RUN/report.txt, with the figures\n"
     "RUN/accuracy_drop.png (gnuplot: accuracy drop by edge group and layer band) and RUN/circuit.png and\n"
     "circuit.svg (Graphviz: the final circuit). A missing drawing tool skips its figure, with a note.\n"
+    "A model_logs.json or circuit.json without a field the report prints is refused (one line naming the\n"
+    "file and field, exit status 1) and nothing is written.\n"
     "`edgepatch run` ends by writing the same report.\n";
 
 int cmd_report(int argc, char **argv) {

@@ -74,8 +74,15 @@ int cmd_run(int argc, char **argv) {
         sched_finalize(&sc);
         return 1;
     }
-    // Rank 0 tokenizes (it is cheap); the others wait for prompts.h5. Nothing starts once a stop was asked for.
-    int status = sched_stop_requested() ? SCHED_STOPPED : root && tokenize_stage(&cfg, fresh, &err) ? SCHED_FAILED : SCHED_OK;
+    // Rank 0 first removes what killed writers left (*.tmp-PID anywhere in the run folder), while the
+    // other ranks wait below and nothing of this run writes yet; then it tokenizes (it is cheap).
+    // Nothing starts once a stop was asked for.
+    int removed = 0, status = sched_stop_requested() ? SCHED_STOPPED : SCHED_OK;
+    if (status == SCHED_OK && root && stage_remove_temporaries(cfg.output_path, 8, NULL, &removed, &err)) status = SCHED_FAILED;
+    if (root && removed)
+        fprintf(stderr, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s\n", removed,
+                removed == 1 ? "" : "s", cfg.output_path);
+    if (status == SCHED_OK && root && tokenize_stage(&cfg, fresh, &err)) status = SCHED_FAILED;
     status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;
@@ -83,20 +90,25 @@ int cmd_run(int argc, char **argv) {
         opened = stage_inputs_open_shard(&cfg, cfg.tensor_parallel > 1 ? &sc.group : NULL, &in, &err) == 0;
         status = sched_agree(&sc, opened ? SCHED_OK : SCHED_FAILED);
     }
+    // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.
+    prune_run *pr = NULL;
+    if (status == SCHED_OK && last >= 3) status = sched_agree(&sc, prune_open(&in, last == 3 ? 1 : -1, &pr, &err) ? SCHED_FAILED : SCHED_OK);
+    // A shard found damaged where a later step reads it (a cache shard read by a patch item, a shard
+    // read by a merge) was removed: the stages run again from the cache stage, whose item checks
+    // recompute what is missing (SCHED_RETRY; a few times at most, then the run fails with its message).
+    int retries = 0;
     for (int s = 1; s <= 2 && s <= last && status == SCHED_OK; s++) {
         work_stage ws;
         int made = (s == 1 ? cache_work : patch_work)(&in, &ws, &err) == 0;
         status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
-        if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh, &err);
+        if (status == SCHED_OK) status = sched_run_stage(&sc, &ws, fresh && !retries, &err);
         if (made) ws.release(&ws);
+        if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, s = 0, retries++;
     }
     // Score and prune rounds (docs/pruning.md): each round's prompt batches are work items over the
     // ranks; rank 0 merges them, prunes and writes the round file before the next round starts.
     if (status == SCHED_OK && last >= 3) {
-        prune_run *pr = NULL;
-        int made = prune_open(&in, last == 3 ? 1 : -1, &pr, &err) == 0;
-        status = sched_agree(&sc, made ? SCHED_OK : SCHED_FAILED);
-        if (status == SCHED_OK) status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
+        status = sched_agree(&sc, root && prune_prepare(pr, fresh, &err) ? SCHED_FAILED : SCHED_OK);
         while (status == SCHED_OK) {
             work_stage ws;
             int r = prune_next_round(pr, root, &ws, &err);
@@ -104,16 +116,17 @@ int cmd_run(int argc, char **argv) {
             if (r > 0 && status == SCHED_OK) status = sched_run_stage(&sc, &ws, 0, &err);
             if (r > 0) ws.release(&ws);
             if (r == 0) break;
+            if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, retries++;  // the same round again
         }
-        prune_close(pr);
     }
+    prune_close(pr);
     // The run ends with its report (stages/report.h); rank 0 only, after every rank is done.
     if (status == SCHED_OK && root && last >= 2) {
         printf("\nreport (%s/report.txt):\n", cfg.output_path);
         if (report_write(cfg.output_path, stdout, &err)) status = SCHED_FAILED;
     }
     int rc = 0;
-    if (status == SCHED_FAILED) {
+    if (status == SCHED_FAILED || status == SCHED_RETRY) {
         if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");
         rc = 1;
     } else if (status == SCHED_STOPPED) {

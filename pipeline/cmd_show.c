@@ -38,32 +38,41 @@ static void printable(const tokenizer *tk, int id, char *out, size_t n) {
     free(text);
 }
 
-// The prompt's metrics under the run's plan, from RUN/patch.h5 if the patch stage has run (else NULL).
-static json_t *prompt_metrics_json(const char *run, long index, const tokenizer *tk) {
+// The prompt's metrics under the run's plan from RUN/patch.h5: 0 with *out NULL if the patch stage has
+// not run (no patch.h5), 0 with *out set, or -1 if patch.h5 is there but unreadable, damaged or made for
+// other prompts (a run's file is never shown in part).
+static int prompt_metrics_json(const char *run, long index, int n_prompts, const tokenizer *tk, json_t **out, ep_error *err) {
     char path[4096];
     snprintf(path, sizeof path, "%s/patch.h5", run);
+    *out = NULL;
+    if (access(path, F_OK) != 0) return 0;
     h5store s;
-    ep_error err;
-    if (h5store_open(path, &s, &err)) return NULL;
-    h5shape sh;
+    if (h5store_open(path, &s, err)) return -1;
+    h5shape sh[6];
     int32_t *correct = NULL, *first = NULL, *gen = NULL, *n_gen = NULL;
     float *lp = NULL, *ld = NULL;
-    json_t *m = NULL;
-    if (h5store_read_i32(&s, "plan/correct", &sh, &correct, &err) == 0 &&
-        h5store_read_i32(&s, "plan/first_token_correct", &sh, &first, &err) == 0 &&
-        h5store_read_f32(&s, "plan/target_logprob", &sh, &lp, &err) == 0 &&
-        h5store_read_f32(&s, "plan/logit_diff", &sh, &ld, &err) == 0 &&
-        h5store_read_i32(&s, "plan/n_generated", &sh, &n_gen, &err) == 0 &&
-        h5store_read_i32(&s, "plan/generated", &sh, &gen, &err) == 0 && index < sh.dims[0]) {
+    int rc = h5store_read_i32(&s, "plan/correct", &sh[0], &correct, err) ||
+             h5store_read_i32(&s, "plan/first_token_correct", &sh[1], &first, err) ||
+             h5store_read_f32(&s, "plan/target_logprob", &sh[2], &lp, err) ||
+             h5store_read_f32(&s, "plan/logit_diff", &sh[3], &ld, err) ||
+             h5store_read_i32(&s, "plan/n_generated", &sh[4], &n_gen, err) ||
+             h5store_read_i32(&s, "plan/generated", &sh[5], &gen, err) ? -1 : 0;
+    static const char *names[6] = {"correct", "first_token_correct", "target_logprob", "logit_diff", "n_generated", "generated"};
+    for (int k = 0; k < 6 && rc == 0; k++)
+        if (sh[k].dims[0] != n_prompts || sh[k].rank != (k == 5 ? 2 : 1))
+            rc = ep_fail(err, "%s: dataset plan/%s has %lld rows, prompts.h5 has %d prompts (made from other prompts?)", path,
+                         names[k], (long long)sh[k].dims[0], n_prompts);
+    if (rc == 0) {
         char *text = NULL;
-        if (!tk || tokenizer_decode(tk, gen + index * sh.dims[1], n_gen[index], 1, &text, NULL, &err)) text = ep_strdup("");
-        m = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
-                      "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
+        ep_error ignored;
+        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &ignored)) text = ep_strdup("");
+        *out = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
+                         "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
         free(text);
     }
     free(correct), free(first), free(gen), free(n_gen), free(lp), free(ld);
     h5store_close(&s);
-    return m;
+    return rc;
 }
 
 int cmd_show(int argc, char **argv) {
@@ -111,6 +120,14 @@ int cmd_show(int argc, char **argv) {
         fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
         tk = NULL;
     }
+    // Before anything is printed: a damaged patch.h5 fails the command, it is not shown without its metrics.
+    json_t *metrics = NULL;
+    if (prompt_metrics_json(run, index, ps.n_prompts, tk, &metrics, &err)) {
+        fprintf(stderr, "edgepatch show: %s\n", err.msg);
+        if (tk) tokenizer_free(tk);
+        prompt_set_free(&ps);
+        return 1;
+    }
     int L = ps.lengths[index], K = ps.n_donors;
     const int32_t *tok = ps.tokens + (size_t)index * ps.max_len, *types = ps.types + (size_t)index * ps.max_len,
                   *idx = ps.index + (size_t)index * ps.max_len;
@@ -139,7 +156,6 @@ int cmd_show(int argc, char **argv) {
         json_object_set_new(o, "index", ji);
         json_object_set_new(o, "donors", jd);
         json_object_set_new(o, "target", jg);
-        json_t *metrics = prompt_metrics_json(run, index, tk);
         if (metrics) json_object_set_new(o, "metrics", metrics);
         json_dumpf(o, stdout, JSON_COMPACT);
         fputc('\n', stdout);
@@ -161,7 +177,6 @@ int cmd_show(int argc, char **argv) {
             }
             printf("\n");
         }
-        json_t *metrics = prompt_metrics_json(run, index, tk);
         if (metrics) {
             printf("metrics: correct %s, first token correct %s, target logprob %.4f, logit diff %.4f, continuation \"%s\"\n",
                    json_is_true(json_object_get(metrics, "correct")) ? "yes" : "no",

@@ -139,6 +139,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     int root = sc->rank == 0, n = ws->n_items;
     ws->before_commit = before_commit;
     ws->driver_arg = sc;
+    ws->shard_bad = 0;
     sc->stage = ws->name;
     sc->stage_items = 0;
 
@@ -189,13 +190,14 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
             break;
         }
         maybe_kill(sc, 0);
-        int failed = ws->run_item(ws, pending[k], err) != 0;
-        if (failed && !root) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
+        int failed = ws->run_item(ws, pending[k], err) == 0 ? SCHED_OK : ws->shard_bad ? SCHED_RETRY : SCHED_FAILED;
+        if (failed == SCHED_FAILED && !root) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
         int group_failed = failed;
         comm_allreduce_max_i32(&sc->group, &group_failed, 1, NULL);
         if (group_failed) {
-            status = SCHED_FAILED;
-            if (!failed && root) ep_fail(err, "%s: failed on another rank of tensor-parallel group 0 (its message is above)", ws->name);
+            status = group_failed;
+            if (failed != group_failed && root)
+                ep_fail(err, "%s: failed on another rank of tensor-parallel group 0 (its message is above)", ws->name);
             break;
         }
         sc->stage_items++;
@@ -230,7 +232,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
 
     // Rank 0's group runs finish: the leader merges and writes, the others join its model passes (prune
     // rounds measure the kept circuit) and write nothing.
-    int finished = sc->group_id == 0 ? ws->finish(ws, err) : 0;
-    finished = bcast_from_root(sc, finished);
-    return finished ? SCHED_FAILED : SCHED_OK;
+    int finished = SCHED_OK;
+    if (sc->group_id == 0 && ws->finish(ws, err)) finished = ws->shard_bad ? SCHED_RETRY : SCHED_FAILED;
+    return bcast_from_root(sc, finished);
 }

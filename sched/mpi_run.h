@@ -23,8 +23,10 @@
 #include "sched/signals.h"
 #include "stages/stage_io.h"
 
-// Outcomes, ordered: the most severe of all ranks wins.
-enum { SCHED_OK = 0, SCHED_STOPPED = 1, SCHED_FAILED = 2 };
+// Outcomes, ordered: the most severe of all ranks wins. SCHED_RETRY: a shard read during the stage was
+// found damaged and removed (work_stage.shard_bad); running the stages again from the one that owns it
+// recomputes it.
+enum { SCHED_OK = 0, SCHED_RETRY = 1, SCHED_STOPPED = 2, SCHED_FAILED = 3 };
 
 typedef struct {
     int rank, size;
@@ -52,8 +54,8 @@ int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep
 // must call it at the same point; without MPI it is status itself (or STOPPED on a signal).
 int sched_agree(sched_ctx *sc, int status);
 
-// Runs ws over the ranks as described above. Returns SCHED_OK, SCHED_STOPPED or SCHED_FAILED, the same
-// on every rank. On failure rank 0's err says what failed (a failing rank other than 0 prints its own
+// Runs ws over the ranks as described above. Returns SCHED_OK, SCHED_RETRY, SCHED_STOPPED or
+// SCHED_FAILED, the same on every rank. On failure rank 0's err says what failed (a failing rank other than 0 prints its own
 // message on stderr, prefixed with its rank, and rank 0's err points to it).
 int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err);
 

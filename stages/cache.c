@@ -150,8 +150,9 @@ int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
     return rc;
 }
 
-int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error *err) {
+int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, int *damaged, ep_error *err) {
     int K = in->n_cached_donors, rc = 0, first, n;
+    *damaged = 0;
     if (K == 0) return 0;
     char path[4096], stage_id[17], identity[17], *have = NULL;
     stage_item_range(in, item, &first, &n);
@@ -159,7 +160,7 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
     cache_identity(in, stage_id);
     stage_item_identity(stage_id, first, n, identity);
     h5store s;
-    if (h5store_open(path, &s, err)) return -1;
+    if (h5store_open(path, &s, err)) return *damaged = 1, -1;
     if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
         rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the cache stage", path);
     free(have);
@@ -179,6 +180,7 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error
                 h5shape sh;
                 float *flat = NULL;
                 rc = h5store_read_f32(&s, name, &sh, &flat, err);
+                if (rc) *damaged = 1;
                 if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != full[w]))
                     rc = ep_fail(err, "%s: dataset %s has the wrong shape for this model and prompt", path, name);
                 if (rc == 0) copy_rows(&donors[d], w, i, T, flat, full[w], col0[w], 1);

@@ -14,8 +14,9 @@
 // Every item in order, in this process (sched/ shards the same work_stage, cache_work, over ranks).
 int cache_stage(stage_inputs *in, int fresh, ep_error *err);
 // Loads work item `item`'s donors 0 .. n_donors-1 into caches in in->ops' memory, aligned with stage_batch
-// of its range.
-int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, ep_error *err);
+// of its range. *damaged is set to 1 when the failure is the shard's own (missing, unreadable, unfinished,
+// a dataset failing its checksum): the cache stage recomputes such a shard on its next run.
+int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, int *damaged, ep_error *err);
 // The identity of the cache stage for these inputs (each shard carries it with its range).
 void cache_identity(const stage_inputs *in, char out[17]);
 

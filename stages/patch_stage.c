@@ -105,8 +105,8 @@ static void set_figures(json_t *o, const metric_arrays *m, const metric_arrays *
     json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
 }
 
-// m: the plan's, the clean model's, then each ablation's figures.
-static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int P, ep_error *err) {
+// model_logs.json as the patch stage writes it. m: the plan's, the clean model's, then each ablation's figures.
+static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m, int P) {
     const metric_arrays *clean = &m[1];
     json_t *o = json_object();
     json_object_set_new(o, "model_name", json_string(in->cfg->model_name ? in->cfg->model_name : ""));
@@ -133,6 +133,11 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int 
         }
         json_object_set_new(o, "ablations", list);
     }
+    return o;
+}
+
+static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int P, ep_error *err) {
+    json_t *o = model_logs_object(in, m, P);
     char path[4096];
     snprintf(path, sizeof path, "%s/model_logs.json", in->cfg->output_path);
     int rc = write_json_atomic(path, o, err);
@@ -173,11 +178,56 @@ typedef struct {
     char identity[17], path[4096], logs_path[4096];
 } patch_ctx;
 
+static metric_arrays *groups_init(const patch_ctx *c, int n);
+static void groups_free(const patch_ctx *c, metric_arrays *m);
+static void group_name(int g, char out[32]);
+
+// With a current patch.h5: model_logs.json (derived from it) is rewritten from it unless it holds what
+// the patch stage wrote (compared as text, after the prune rounds' "prune" lines are set aside; those
+// are kept, and the prune stage rewrites them from its round files anyway).
+static int logs_check(const patch_ctx *c, ep_error *err) {
+    const stage_inputs *in = c->in;
+    int P = in->prompts.n_prompts, rc = 0;
+    metric_arrays *m = groups_init(c, P);
+    h5store s;
+    if ((rc = h5store_open(c->path, &s, err)) == 0) {
+        for (int g = 0; g < 2 + in->n_ablations && rc == 0; g++) {
+            char name[32];
+            group_name(g, name);
+            rc = load_metrics(&s, name, &m[g], 0, P, c->max_new, err);
+        }
+        h5store_close(&s);
+    }
+    json_t *want = rc == 0 ? model_logs_object(in, m, P) : NULL;
+    groups_free(c, m);
+    if (rc) return -1;
+    json_error_t je;
+    json_t *have = json_load_file(c->logs_path, 0, &je), *prune = json_object_get(have, "prune");
+    const char *why = !have ? (access(c->logs_path, F_OK) ? "missing" : "not JSON")
+                            : !json_is_object(have) ? "not a JSON object" : NULL;
+    if (prune) json_incref(prune);
+    if (!why) {
+        json_object_del(have, "prune");
+        size_t flags = JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8);
+        char *a = json_dumps(have, flags), *b = json_dumps(want, flags);
+        if (strcmp(a, b)) why = "its figures are not patch.h5's (damaged?)";
+        free(a), free(b);
+    }
+    if (why) {
+        fprintf(stderr, "patch: rebuilding %s from %s: %s\n", c->logs_path, c->path, why);
+        if (json_is_array(prune)) json_object_set(want, "prune", prune);
+        rc = write_json_atomic(c->logs_path, want, err);
+    }
+    json_decref(prune), json_decref(have), json_decref(want);
+    return rc;
+}
+
 static int patch_prepare(work_stage *ws, int fresh, ep_error *err) {
     patch_ctx *c = ws->ctx;
     int current = stage_output_current(c->path, c->identity, fresh, err);
     if (current < 0) return -1;
-    if (current && access(c->logs_path, R_OK) == 0) {
+    if (current) {
+        if (logs_check(c, err)) return -1;
         printf("patch: %s is up to date\n", c->path);
         return 1;
     }
@@ -239,7 +289,13 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
     prompt_batch pb = stage_batch(in, first, n);
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    rc = cache_load_item(in, item, donors, err);
+    int damaged = 0;
+    rc = cache_load_item(in, item, donors, &damaged, err);
+    if (rc && damaged) {  // the cache stage recomputes it: the driver runs it again, then this item (work_stage.shard_bad)
+        char cache_path[4096];
+        stage_item_path(in, "cache", item, cache_path, sizeof cache_path);
+        stage_shard_damaged(ws, cache_path, err);
+    }
     if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], err);
     if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &m[1], err);
     for (int a = 0; a < in->n_ablations && rc == 0; a++)
@@ -274,7 +330,12 @@ static int patch_finish(work_stage *ws, ep_error *err) {
         item_identity(c, item, identity);
         stage_item_path(in, "patch", item, path, sizeof path);
         h5store s;
-        if ((rc = h5store_open(path, &s, err))) break;
+        // Checked again where it is read: a shard damaged since its item was checked is recomputed.
+        if ((rc = h5store_open(path, &s, err)) == 0 && (rc = h5store_verify(&s, err))) h5store_close(&s);
+        if (rc) {
+            stage_shard_damaged(ws, path, err);
+            break;
+        }
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, identity))
             rc = ep_fail(err, "%s: made from other inputs than this run's; rerun the patch stage", path);
         free(have);

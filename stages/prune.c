@@ -135,12 +135,13 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
     if (p->n_k) h = hash_bytes(h, p->k, sizeof(int) * (size_t)p->n_k);
     for (int i = 0; i < p->n_files; i++) {
+        // Another run's round file is a user input: checked whole here, before any work, not when read.
         h5store s;
         char *id = NULL;
-        if (h5store_open(p->files[i], &s, err)) return -1;
-        int r = h5store_get_str(&s, "inputs_hash", &id, err);
+        if (h5store_open(p->files[i], &s, err)) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", rc->path, i);
+        int r = h5store_verify(&s, err) || h5store_get_str(&s, "inputs_hash", &id, err);
         h5store_close(&s);
-        if (r) return -1;
+        if (r) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", rc->path, i);
         h = hash_str(h, id);
         free(id);
     }
@@ -507,21 +508,19 @@ static int write_summary(const stage_inputs *in, const circuit *c, int round, do
     return rc;
 }
 
-// Removes a folder's entries that start with prefix (and, if only_tmp, contain ".tmp-"), one level deep.
-static void remove_entries(const char *dir, const char *prefix, int only_tmp) {
+// Removes a folder's entries that start with prefix, folders with what they hold, one level deep.
+static void remove_entries(const char *dir, const char *prefix) {
     DIR *d = opendir(dir);
     if (!d) return;
     struct dirent *e;
     char path[4600];
     while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix)) ||
-            (only_tmp && !strstr(e->d_name, ".tmp-")))
-            continue;
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix))) continue;
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
         struct stat st;
-        if (stat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
-            remove_entries(path, "", only_tmp);
-            if (!only_tmp) rmdir(path);
+        if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
+            remove_entries(path, "");
+            rmdir(path);
         } else {
             unlink(path);
         }
@@ -587,11 +586,11 @@ int prune_prepare(prune_run *pr, int fresh, ep_error *err) {
     char dir[4200], path[4400];
     snprintf(dir, sizeof dir, "%s/prune.d", out);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
-    remove_entries(dir, "round-", !fresh);
-    if (fresh) {
-        snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
-        snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
-    }
+    // Temporaries left by killed writers in prune.d and the rounds' folders (stages/stage_io.h).
+    if (!fresh) return stage_remove_temporaries(dir, 1, NULL, NULL, err);
+    remove_entries(dir, "round-");
+    snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
+    snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
     return 0;
 }
 
@@ -637,7 +636,8 @@ static void shard_identity(const round_ctx *rc, int item, char out[17]) {
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
     round_ctx *rc = ws->ctx;
     if (mkdir(rc->dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", rc->dir, strerror(errno));
-    remove_entries(rc->dir, "item-", !fresh);
+    if (!fresh) return stage_remove_temporaries(rc->dir, 0, NULL, NULL, err);
+    remove_entries(rc->dir, "item-");
     return 0;
 }
 
@@ -701,7 +701,12 @@ static int round_finish(work_stage *ws, ep_error *err) {
         shard_path(rc, item, path, sizeof path);
         shard_identity(rc, item, id);
         h5store s;
-        if ((r = h5store_open(path, &s, err))) break;
+        // Checked again where it is read: a shard damaged since its item was checked is recomputed.
+        if ((r = h5store_open(path, &s, err)) == 0 && (r = h5store_verify(&s, err))) h5store_close(&s);
+        if (r) {
+            stage_shard_damaged(ws, path, err);
+            break;
+        }
         double *v = NULL, *b = NULL;
         h5shape sh, sb;
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);

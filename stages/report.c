@@ -24,15 +24,82 @@ static const char *str_or(json_t *o, const char *key, const char *fallback) {
     return s ? s : fallback;
 }
 
-static json_t *load_object(const char *path, int required, ep_error *err) {
-    if (!required && access(path, F_OK) != 0) return NULL;
+static json_t *load_object(const char *path, ep_error *err) {
     json_error_t je;
     json_t *o = json_load_file(path, 0, &je);
-    if (!json_is_object(o)) {
-        json_decref(o);
-        ep_fail(err, "%s: %s", path, o ? "not a JSON object" : je.text);
+    if (json_is_object(o)) return o;
+    ep_fail(err, "%s: %s", path, o ? "not a JSON object" : je.text);
+    json_decref(o);
+    return NULL;
+}
+
+// Field checks: the report refuses a file that lacks what it prints (rather than printing "?" and nan
+// over a good report). A figure the run could not compute is null in the file, which is allowed.
+enum { F_NUMBER, F_INTEGER, F_STRING, F_BOOL, F_ARRAY, F_OBJECT };
+
+static int need(const char *path, const char *where, json_t *o, const char *key, int kind, int optional, ep_error *err) {
+    static const char *expected[] = {"a number or null", "an integer", "a string", "true or false", "a list", "an object"};
+    json_t *v = json_object_get(o, key);
+    if (!v && optional) return 0;
+    int fine = !v                 ? 0
+               : kind == F_NUMBER ? json_is_number(v) || json_is_null(v)
+               : kind == F_INTEGER ? json_is_integer(v)
+               : kind == F_STRING ? json_is_string(v)
+               : kind == F_BOOL   ? json_is_boolean(v)
+               : kind == F_ARRAY  ? json_is_array(v)
+                                  : json_is_object(v);
+    if (fine) return 0;
+    return ep_fail(err, "%s: field %s%s: %s (expected %s)", path, where, key, v ? "wrong type" : "missing", expected[kind]);
+}
+
+static int check_entry(const char *path, const char *list, size_t i, json_t *e, const char *const *keys, const int *kinds,
+                       ep_error *err) {
+    char where[96];
+    snprintf(where, sizeof where, "%s[%zu].", list, i);
+    if (!json_is_object(e)) return ep_fail(err, "%s: field %s[%zu]: expected an object", path, list, i);
+    for (int k = 0; keys[k]; k++)
+        if (need(path, where, e, keys[k], kinds[k], 0, err)) return -1;
+    return 0;
+}
+
+static int check_logs(const char *path, json_t *logs, ep_error *err) {
+    static const char *top[] = {"task", "model_name", "n_prompts", "full_model_accuracy", "full_model_first_token_accuracy",
+                                "full_model_mean_logit_diff", "plan_ablates", NULL};
+    static const int top_kinds[] = {F_STRING, F_STRING, F_INTEGER, F_NUMBER, F_NUMBER, F_NUMBER, F_BOOL};
+    static const char *plan[] = {"plan", "accuracy", "first_token_accuracy", "mean_logit_diff", NULL};
+    static const int plan_kinds[] = {F_STRING, F_NUMBER, F_NUMBER, F_NUMBER};
+    static const char *ablation[] = {"name", "accuracy", "first_token_accuracy", "mean_logit_diff", NULL};
+    static const int ablation_kinds[] = {F_STRING, F_NUMBER, F_NUMBER, F_NUMBER};
+    static const char *round[] = {"round", "kind", "method", "units", "kept", "faithfulness_logit_diff",
+                                  "kept_first_token_accuracy", "stop", NULL};
+    static const int round_kinds[] = {F_INTEGER, F_STRING, F_STRING, F_INTEGER, F_INTEGER, F_NUMBER, F_NUMBER, F_STRING};
+    for (int k = 0; top[k]; k++)
+        if (need(path, "", logs, top[k], top_kinds[k], 0, err)) return -1;
+    if (json_is_true(json_object_get(logs, "plan_ablates")))
+        for (int k = 0; plan[k]; k++)
+            if (need(path, "", logs, plan[k], plan_kinds[k], 0, err)) return -1;
+    if (need(path, "", logs, "ablations", F_ARRAY, 1, err) || need(path, "", logs, "prune", F_ARRAY, 1, err)) return -1;
+    size_t i;
+    json_t *a;
+    json_array_foreach(json_object_get(logs, "ablations"), i, a) {
+        char where[64];
+        snprintf(where, sizeof where, "ablations[%zu].", i);
+        if (check_entry(path, "ablations", i, a, ablation, ablation_kinds, err) || need(path, where, a, "group", F_STRING, 1, err) ||
+            need(path, where, a, "band", F_STRING, 1, err))
+            return -1;
     }
-    return json_is_object(o) ? o : NULL;
+    json_array_foreach(json_object_get(logs, "prune"), i, a)
+        if (check_entry(path, "prune", i, a, round, round_kinds, err)) return -1;
+    return 0;
+}
+
+static int check_circuit(const char *path, json_t *c, ep_error *err) {
+    if (need(path, "", c, "round", F_INTEGER, 0, err) || need(path, "", c, "n_head_units", F_INTEGER, 0, err) ||
+        need(path, "", c, "n_edge_units", F_INTEGER, 0, err) || need(path, "", c, "faithfulness_logit_diff", F_NUMBER, 0, err) ||
+        need(path, "", c, "by_type_and_layer", F_OBJECT, 0, err))
+        return -1;
+    json_t *by = json_object_get(c, "by_type_and_layer");
+    return need(path, "by_type_and_layer.", by, "heads", F_ARRAY, 0, err) || need(path, "by_type_and_layer.", by, "edges", F_ARRAY, 1, err);
 }
 
 // The table: full model and every ablation, then the pruning rounds.
@@ -215,12 +282,9 @@ static int type_index(const char *s) {
     return -1;
 }
 
-static int diagram(const char *run, json_t *logs, FILE *out, ep_error *err) {
-    char path[4200];
-    snprintf(path, sizeof path, "%s/circuit.json", run);
-    json_t *c = load_object(path, 0, err);
+// c: circuit.json (checked), or NULL when pruning did not run.
+static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error *err) {
     if (!c) {
-        if (access(path, F_OK) == 0) return -1;
         fprintf(out, "figures: circuit.png skipped: no circuit.json (pruning did not run)\n");
         return 0;
     }
@@ -250,7 +314,7 @@ static int diagram(const char *run, json_t *logs, FILE *out, ep_error *err) {
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     if (!f) {
-        free(layers), json_decref(c);
+        free(layers);
         return ep_fail(err, "%s/circuit.dot: out of memory", run);
     }
     fprintf(f, "// Graphviz source written by edgepatch report; `dot -Tpng circuit.dot -o circuit.png` redraws it.\n");
@@ -278,7 +342,6 @@ static int diagram(const char *run, json_t *logs, FILE *out, ep_error *err) {
     fprintf(f, "}\n");
     fclose(f);
     free(layers);
-    json_decref(c);
     char dot[4200], png[4200], svg[4200], tmp_png[4300], tmp_svg[4300], why[200];
     snprintf(dot, sizeof dot, "%s/circuit.dot", run);
     snprintf(png, sizeof png, "%s/circuit.png", run);
@@ -296,26 +359,39 @@ static int diagram(const char *run, json_t *logs, FILE *out, ep_error *err) {
 }
 
 int report_write(const char *run_dir, FILE *out, ep_error *err) {
-    char path[4200];
+    // What an earlier report killed half way left (this command's own files only: a run writing the same
+    // folder has its own temporaries, and a live writer's are never touched; stages/stage_io.h).
+    static const char *const own[] = {"report.txt", "accuracy_drop.gp", "accuracy_drop.png", "circuit.dot",
+                                      "circuit.png", "circuit.svg", NULL};
+    if (stage_remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
+    // Both inputs are read and checked before anything is written: a bad one leaves the old report as it was.
+    char path[4200], circuit_path[4200];
     snprintf(path, sizeof path, "%s/model_logs.json", run_dir);
-    json_t *logs = load_object(path, 1, err);
+    snprintf(circuit_path, sizeof circuit_path, "%s/circuit.json", run_dir);
+    json_t *logs = load_object(path, err), *circuit = NULL;
     if (!logs) return -1;
+    int rc = check_logs(path, logs, err);
+    if (rc == 0 && access(circuit_path, F_OK) == 0) {
+        circuit = load_object(circuit_path, err);
+        rc = circuit ? check_circuit(circuit_path, circuit, err) : -1;
+    }
     char *text = NULL;
     size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f) {
-        json_decref(logs);
-        return ep_fail(err, "%s: out of memory", run_dir);
+    FILE *f = rc == 0 ? open_memstream(&text, &len) : NULL;
+    if (rc == 0 && !f) rc = ep_fail(err, "%s: out of memory", run_dir);
+    if (rc) {
+        json_decref(logs), json_decref(circuit);
+        return -1;
     }
     print_table(f, logs);
     fclose(f);
     fputs(text, out);
     snprintf(path, sizeof path, "%s/report.txt", run_dir);
-    int rc = write_text_atomic(path, text, err);
+    rc = write_text_atomic(path, text, err);
     free(text);
     fprintf(out, "\n");
     if (rc == 0) rc = heatmap(run_dir, logs, out, err);
-    if (rc == 0) rc = diagram(run_dir, logs, out, err);
-    json_decref(logs);
+    if (rc == 0) rc = diagram(run_dir, logs, circuit, out, err);
+    json_decref(logs), json_decref(circuit);
     return rc;
 }

@@ -5,7 +5,9 @@
 // nodes, the final circuit's kept edges labelled with their layers). Reads only model_logs.json and
 // circuit.json; writes report.txt, the figures and their sources (accuracy_drop.gp, circuit.dot) into
 // the run folder, each atomically. A drawing tool that is not installed is no error: the figure is
-// skipped and one line says so. Never calls MPI.
+// skipped and one line says so. Both inputs are checked field by field before anything is written: a
+// file lacking what the report prints fails it and leaves the old report in place. Removes stale
+// temporaries of its own files first. Never calls MPI.
 #ifndef EP_REPORT_H
 #define EP_REPORT_H
 

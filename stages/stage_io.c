@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <errno.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -197,18 +198,98 @@ int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh
     char dir[4096], path[4400];
     snprintf(dir, sizeof dir, "%s/%s.d", in->cfg->output_path, stage);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
+    if (!fresh) return stage_remove_temporaries(dir, 0, NULL, NULL, err);
     DIR *d = opendir(dir);
     if (!d) return ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
     struct dirent *e;
     while ((e = readdir(d))) {
-        int shard = !strncmp(e->d_name, "item-", 5);
-        if (shard && (strstr(e->d_name, ".tmp-") || fresh)) {
+        if (!strncmp(e->d_name, "item-", 5)) {
             snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
             unlink(path);
         }
     }
     closedir(d);
     return 0;
+}
+
+long stage_temporary_pid(const char *name) {
+    const char *t = strstr(name, ".tmp-"), *next;
+    if (!t) return 0;
+    while ((next = strstr(t + 1, ".tmp-"))) t = next;
+    t += 5;
+    long pid = 0;
+    for (const char *p = t; *p; p++) {
+        if (*p < '0' || *p > '9' || pid > 100000000L) return 0;
+        pid = pid * 10 + (*p - '0');
+    }
+    return t[0] && t != name + 5 ? pid : 0;
+}
+
+// A writer is alive if its pid is this process or any process of this host we can see (EPERM: it
+// exists but belongs to someone else), unless it is a zombie: a killed MPI rank stays one until its
+// launcher reaps it, which can be after the next run has started.
+static int writer_alive(long pid) {
+    if (pid == (long)getpid()) return 1;
+    if (kill((pid_t)pid, 0) != 0 && errno != EPERM) return 0;
+    char path[64], line[512];
+    snprintf(path, sizeof path, "/proc/%ld/stat", pid);
+    FILE *f = fopen(path, "r");
+    if (!f) return 1;  // no /proc: kill's answer
+    size_t n = fread(line, 1, sizeof line - 1, f);
+    fclose(f);
+    line[n] = 0;
+    const char *close = strrchr(line, ')');  // "pid (comm) S ...": the state follows the name
+    return !(close && close[1] == ' ' && (close[2] == 'Z' || close[2] == 'X'));
+}
+
+static int remove_tree(const char *path, ep_error *err) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return errno == ENOENT ? 0 : ep_fail(err, "%s: cannot stat: %s", path, strerror(errno));
+    if (S_ISDIR(st.st_mode)) {
+        DIR *d = opendir(path);
+        if (!d) return ep_fail(err, "%s: cannot list: %s", path, strerror(errno));
+        struct dirent *e;
+        char sub[4600];
+        int rc = 0;
+        while (rc == 0 && (e = readdir(d))) {
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+            snprintf(sub, sizeof sub, "%s/%s", path, e->d_name);
+            rc = remove_tree(sub, err);
+        }
+        closedir(d);
+        if (rc == 0 && rmdir(path) != 0 && errno != ENOENT) rc = ep_fail(err, "%s: cannot remove: %s", path, strerror(errno));
+        return rc;
+    }
+    if (unlink(path) != 0 && errno != ENOENT) return ep_fail(err, "%s: cannot remove: %s", path, strerror(errno));
+    return 0;
+}
+
+int stage_remove_temporaries(const char *dir, int depth, const char *const *names, int *removed, ep_error *err) {
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? 0 : ep_fail(err, "%s: cannot list: %s", dir, strerror(errno));
+    struct dirent *e;
+    char path[4600];
+    int rc = 0;
+    while (rc == 0 && (e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        long pid = stage_temporary_pid(e->d_name);
+        int named = !names;
+        for (int i = 0; names && names[i] && !named; i++) {
+            size_t n = strlen(names[i]);
+            named = !strncmp(e->d_name, names[i], n) && !strncmp(e->d_name + n, ".tmp-", 5);
+        }
+        struct stat st;
+        if (pid > 0 && named) {
+            if (writer_alive(pid)) continue;
+            rc = remove_tree(path, err);
+            if (rc == 0 && removed) (*removed)++;
+        } else if (depth > 0 && lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) {  // never through a symbolic link
+            rc = stage_remove_temporaries(path, depth - 1, names, removed, err);
+        }
+    }
+    closedir(d);
+    return rc;
 }
 
 int stage_item_current(const char *path, const char *identity, ep_error *err) {
@@ -233,14 +314,27 @@ int stage_item_current(const char *path, const char *identity, ep_error *err) {
                         "to rebuild it", path);
 }
 
+void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err) {
+    ws->shard_bad = 1;
+    if (ws->follower) return;
+    fprintf(stderr, "edgepatch: recomputing a damaged shard: %s\n", err->msg);
+    unlink(path);
+}
+
 int stage_run_items(work_stage *ws, int fresh, ep_error *err) {
     int r = ws->prepare(ws, fresh, err);
     if (r != 0) return r < 0 ? -1 : 0;
-    for (int i = 0; i < ws->n_items; i++) {
-        int done = ws->item_done(ws, i, err);
-        if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+    // A shard of this stage found damaged by the merge: the items are checked (and it recomputed) once more.
+    // Another stage's damaged shard (the cache's, read by patch items) is that stage's to recompute.
+    for (int attempt = 0;; attempt++) {
+        ws->shard_bad = 0;
+        for (int i = 0; i < ws->n_items; i++) {
+            int done = ws->item_done(ws, i, err);
+            if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+        }
+        if (ws->finish(ws, err) == 0) return 0;
+        if (!ws->shard_bad || attempt == 2) return -1;
     }
-    return ws->finish(ws, err);
 }
 
 int write_json_atomic(const char *path, json_t *o, ep_error *err) {

@@ -91,6 +91,11 @@ struct work_stage {
     // Set by the driver: 1 on the ranks of a tensor-parallel group other than its leader. They take part
     // in run_item's computation (the model is split over the group) but write nothing.
     int follower;
+    // Set by run_item or finish when it failed because a shard it read (its own stage's or the cache's)
+    // was missing, unreadable or failed a checksum although checked earlier in the run: the shard was
+    // removed (stage_shard_damaged), and the driver runs the stages again from the one owning it, whose
+    // item check recomputes it. Cleared by the driver when a stage starts.
+    int shard_bad;
 };
 
 // The model stages as work items. The work_stage borrows in (keep it open until ws.release).
@@ -105,9 +110,24 @@ void stage_item_range(const stage_inputs *in, int item, int *first, int *n);
 int stage_n_items(const stage_inputs *in);
 // The identity an item shard carries: the stage's identity and the item's prompt range.
 void stage_item_identity(const char *stage_identity, int first, int n, char out[17]);
-// Makes <output_path>/<stage>.d, removes "*.tmp-*" files there and, if fresh, every item shard.
+// Makes <output_path>/<stage>.d and removes the stale temporaries there (stage_remove_temporaries) or,
+// if fresh, every item shard and temporary.
 int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh, ep_error *err);
+
+// Temporaries: every writer writes "<name>.tmp-<pid>" (its own process id) and renames it onto <name>
+// when done, so a temporary whose pid is no live process of this host was left by a killed writer and is
+// never finished. Removes those in dir and, depth levels down, in its folders (symbolic links are not
+// followed); a temporary of a live process (another command writing the same folder now, e.g. `edgepatch
+// report` while a run goes on) is left alone. names (NULL-terminated, or NULL for any): only
+// temporaries of these file names. Adds the number removed to *removed (if not NULL). A run folder has
+// one `edgepatch run` at a time (docs/artifacts.md): a writer on another host is not seen here.
+int stage_remove_temporaries(const char *dir, int depth, const char *const *names, int *removed, ep_error *err);
+// The pid of a temporary's name "<name>.tmp-<digits>", or 0 if name is no temporary's.
+long stage_temporary_pid(const char *name);
 // The item_done decision for the shard at path (see work_stage.item_done).
 int stage_item_current(const char *path, const char *identity, ep_error *err);
+// A shard read by run_item or finish failed as err says: its writer (not a follower) removes it and says
+// so on stderr; sets ws->shard_bad.
+void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err);
 
 #endif

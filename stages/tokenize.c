@@ -30,7 +30,9 @@ static int hash_tokenizer(const char *dir, uint64_t *h, ep_error *err) {
     return found ? 0 : ep_fail(err, "%s: no tokenizer.json or tokenizer.json.gz", dir);
 }
 
-static int write_report(const char *dir, const task *t, const char *tokenizer_path, const tokenize_report *r, ep_error *err) {
+// tokenize_report.json's text (as write_json_atomic writes it). prompts.h5 keeps a copy (attribute
+// tokenize_report), so a damaged report is rewritten from it without rebuilding the prompts.
+static char *report_text(const task *t, const char *tokenizer_path, const tokenize_report *r) {
     json_t *dropped = json_object();
     for (int i = 1; i < PAIR_REASON_COUNT; i++)
         if (r->dropped[i]) json_object_set_new(dropped, pair_reason_name((pair_reason)i), json_integer(r->dropped[i]));
@@ -40,11 +42,23 @@ static int write_report(const char *dir, const task *t, const char *tokenizer_pa
                           r->prompts_built, "prompts_redrawn_tokenization", r->prompts_rejected,
                           "prompts_redrawn_donor_alignment", r->donors_unaligned, "shuffle_outputs_unmoved",
                           r->shuffle_unmoved);
-    char path[4096];
-    snprintf(path, sizeof path, "%s/tokenize_report.json", dir);
-    int rc = write_json_atomic(path, o, err);
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
     json_decref(o);
-    return rc;
+    size_t n = strlen(text);
+    text = ep_realloc(text, n + 2);
+    strcpy(text + n, "\n");
+    return text;
+}
+
+// 1 if the file at path holds exactly text, else 0 (missing, unreadable or other bytes).
+static int file_holds(const char *path, const char *text) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    size_t n = strlen(text), i = 0;
+    int c, same = 1;
+    while (same && (c = fgetc(f)) != EOF) same = i < n && (char)c == text[i++];
+    fclose(f);
+    return same && i == n;
 }
 
 typedef struct {
@@ -89,7 +103,8 @@ static void arrays_free(prompt_arrays *a) {
 }
 
 static int store_prompts(const char *path, const prompt_arrays *a, const run_config *cfg, const task *t,
-                         const prompt_params *pp, uint64_t tok_hash, uint64_t inputs_hash, ep_error *err) {
+                         const prompt_params *pp, uint64_t tok_hash, uint64_t inputs_hash, const char *report,
+                         ep_error *err) {
     h5store s;
     if (h5store_create(path, &s, err)) return -1;
     h5shape pl = {2, {a->P, a->L}}, p1 = {1, {a->P}}, pkl = {3, {a->P, a->K, a->L}}, pt = {2, {a->P, a->T}},
@@ -120,7 +135,8 @@ static int store_prompts(const char *path, const prompt_arrays *a, const run_con
              h5store_set_i64(&s, "n_prompts", a->P, err) || h5store_set_i64(&s, "n_shots", a->N, err) ||
              h5store_set_i64(&s, "n_donors", a->K, err) || h5store_set_str(&s, "type_names", types, err) ||
              h5store_set_str(&s, "donor_kind_names", kinds, err) ||
-             h5store_set_str(&s, "edgepatch_version", EP_VERSION, err);
+             h5store_set_str(&s, "edgepatch_version", EP_VERSION, err) ||
+             h5store_set_str(&s, "tokenize_report", report, err);
     if (rc) {
         h5store_abandon(&s);
         return -1;
@@ -165,22 +181,39 @@ int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
     if (make_dirs(cfg->output_path, err)) goto done;
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
     if (!fresh && access(path, F_OK) == 0) {
+        // prompts.h5 is derived data: unreadable, unfinished or failing a checksum, it is rebuilt; sound
+        // but made from other inputs, it is refused.
         h5store s;
-        char *have = NULL, want[17];
+        char *have = NULL, *report = NULL, want[17], report_path[4200];
         hash_hex(inputs, want);
+        snprintf(report_path, sizeof report_path, "%s/tokenize_report.json", cfg->output_path);
         if (h5store_open(path, &s, err) == 0) {
-            int same = h5store_get_str(&s, "inputs_hash", &have, err) == 0 && !strcmp(have, want);
+            int sound = h5store_verify(&s, err) == 0;
+            int same = sound && h5store_get_str(&s, "inputs_hash", &have, err) == 0 && !strcmp(have, want);
+            int has_report = same && h5store_get_str(&s, "tokenize_report", &report, err) == 0;
             free(have);
             h5store_close(&s);
-            if (same) {
+            if (sound && !same) {
+                ep_fail(err, "%s: made from other inputs (task, tokenizer or config changed); rerun with --fresh to rebuild it", path);
+                goto done;
+            }
+            if (has_report) {
+                if (!file_holds(report_path, report)) {
+                    fprintf(stderr, "tokenize: rebuilding %s: %s\n", report_path,
+                            access(report_path, F_OK) ? "missing" : "not the report prompts.h5 was made with (damaged?)");
+                    rc = write_text_atomic(report_path, report, err);
+                    free(report);
+                    if (rc) goto done;
+                } else {
+                    free(report);
+                }
                 printf("tokenize: %s is up to date\n", path);
                 rc = 0;
                 goto done;
             }
-            ep_fail(err, "%s: made from other inputs (task, tokenizer or config changed); rerun with --fresh to rebuild it", path);
-            goto done;
+            if (same) ep_fail(err, "%s: attribute tokenize_report is missing (made by an older edgepatch)", path);
         }
-        // An unreadable or incomplete file is rebuilt, never trusted.
+        // An unreadable, incomplete or corrupted file is rebuilt, never trusted.
         fprintf(stderr, "tokenize: rebuilding %s: %s\n", path, err->msg);
     }
     if (tokenizer_load(cfg->tokenizer_path, &tk, err)) goto done;
@@ -200,9 +233,12 @@ int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
         if (prompt_build(&b, &pp, p, &ps[p], err)) goto done;
     prompt_arrays a;
     arrays_init(&a, ps, cfg->n_prompts, pp.n_donors, pp.n_shots, &pp);
-    rc = store_prompts(path, &a, cfg, &t, &pp, tok_hash, inputs, err);
+    char *report = report_text(&t, cfg->tokenizer_path, &b.report), report_path[4200];
+    snprintf(report_path, sizeof report_path, "%s/tokenize_report.json", cfg->output_path);
+    rc = store_prompts(path, &a, cfg, &t, &pp, tok_hash, inputs, report, err);
     arrays_free(&a);
-    if (rc == 0) rc = write_report(cfg->output_path, &t, cfg->tokenizer_path, &b.report, err);
+    if (rc == 0) rc = write_text_atomic(report_path, report, err);
+    free(report);
     if (rc == 0)
         printf("tokenize: %s: %d of %d pairs kept, %d prompts with %d donors -> %s\n", t.name, b.report.pairs_kept,
                b.report.pairs_total, cfg->n_prompts, pp.n_donors, path);

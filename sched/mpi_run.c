@@ -146,7 +146,10 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     int prepared = root ? ws->prepare(ws, fresh, err) : 0;
     prepared = bcast_from_root(sc, prepared);
     if (prepared < 0) return SCHED_FAILED;  // rank 0 holds the message
-    if (prepared > 0) return SCHED_OK;
+    // prepared > 0: the final outputs are current. The shards are checked all the same, because they
+    // are the checkpoints the outputs are rebuilt from, and a damaged one must not wait for the day it
+    // is needed: one that fails is computed again and the outputs merged again (the same bytes).
+    int current = prepared > 0;
 
     // This group's items whose shards are missing, unfinished or corrupted: the leader checks them and
     // tells the group, whose ranks compute every item together.
@@ -168,6 +171,10 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
             ep_fail(err, "%s: refused on another rank (its message is above)", ws->name);
         free(pending);
         return SCHED_FAILED;
+    }
+    if (current && counts[1] == 0) {
+        free(pending);
+        return SCHED_OK;
     }
     comm_bcast_i32(&sc->group, &n_pending, 1, 0, NULL);
     comm_bcast_i32(&sc->group, pending, n_pending, 0, NULL);

@@ -549,6 +549,7 @@ struct prune_run {
     prune_params p;
     int n_rounds, max_rounds;
     int r, last, stopped, computed;  // next round to look at, last finished one, stop seen, rounds computed here
+    int checked;                     // the last finished round whose shards were handed to the driver to check
     circuit c;                       // the circuit round r starts from
     double final_faith;
     circuit_metrics clean;
@@ -566,7 +567,7 @@ int prune_open(stage_inputs *in, int max_rounds, prune_run **out, ep_error *err)
     }
     pr->n_rounds = pr->p.head_rounds + pr->p.edge_rounds > 0 ? pr->p.head_rounds + pr->p.edge_rounds : 1;
     pr->max_rounds = max_rounds;
-    pr->last = -1;
+    pr->last = pr->checked = -1;
     pr->final_faith = NAN;
     circuit_full(&in->m.cfg, &pr->c);
     kill_hook_read(&pr->kh);
@@ -609,6 +610,7 @@ typedef struct {
     int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), then 1 attribution; >= 1
     int n_groups, group;  // unit groups per prompt batch (1 unless exact scores run), units per group
     ablation_plan plan;
+    int current;  // the round file is current: the driver only checks the shards (and redoes a damaged one)
 } round_ctx;
 
 // Work item i: prompt batch i / n_groups, units [u0, u0 + nu) of group i % n_groups.
@@ -636,7 +638,7 @@ static void shard_identity(const round_ctx *rc, int item, char out[17]) {
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
     round_ctx *rc = ws->ctx;
     if (mkdir(rc->dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", rc->dir, strerror(errno));
-    if (!fresh) return stage_remove_temporaries(rc->dir, 0, NULL, NULL, err);
+    if (!fresh) return stage_remove_temporaries(rc->dir, 0, NULL, NULL, err) ? -1 : rc->current;
     remove_entries(rc->dir, "item-");
     return 0;
 }
@@ -816,10 +818,13 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
         round_identity(&pr->p, pr->r, id);
         int cur = stage_output_current(path, id, 0, err);
         if (cur < 0) return -1;
-        if (cur == 0) {
-            if (pr->kh.after == pr->computed && !pr->kh.where[0]) raise(SIGKILL);
+        // A finished round goes to the driver once too, which checks its shards (the checkpoints its file
+        // is rebuilt from) and computes and merges again only what fails; the next call moves past it.
+        if (cur == 0 || pr->checked != pr->r) {
+            if (cur == 0 && pr->kh.after == pr->computed && !pr->kh.where[0]) raise(SIGKILL);
+            pr->checked = pr->r;
             round_ctx *rc = ep_calloc(1, sizeof *rc);
-            rc->pr = pr, rc->r = pr->r;
+            rc->pr = pr, rc->r = pr->r, rc->current = cur;
             snprintf(rc->identity, sizeof rc->identity, "%s", id);
             snprintf(rc->path, sizeof rc->path, "%s", path);
             snprintf(rc->dir, sizeof rc->dir, "%s/prune.d/round-%03d.d", out, pr->r);

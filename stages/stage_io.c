@@ -323,15 +323,19 @@ void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err) 
 
 int stage_run_items(work_stage *ws, int fresh, ep_error *err) {
     int r = ws->prepare(ws, fresh, err);
-    if (r != 0) return r < 0 ? -1 : 0;
+    if (r < 0) return -1;
+    // r == 1: the outputs are current, but the shards are checked all the same (sched_run_stage says why).
     // A shard of this stage found damaged by the merge: the items are checked (and it recomputed) once more.
     // Another stage's damaged shard (the cache's, read by patch items) is that stage's to recompute.
     for (int attempt = 0;; attempt++) {
         ws->shard_bad = 0;
+        int computed = 0;
         for (int i = 0; i < ws->n_items; i++) {
             int done = ws->item_done(ws, i, err);
             if (done < 0 || (done == 0 && ws->run_item(ws, i, err))) return -1;
+            computed += done == 0;
         }
+        if (r == 1 && computed == 0) return 0;
         if (ws->finish(ws, err) == 0) return 0;
         if (!ws->shard_bad || attempt == 2) return -1;
     }

@@ -70,7 +70,8 @@ struct work_stage {
     const char *name;  // "cache", "patch"
     int n_items;
     void *ctx;  // the stage's own
-    // Once, in one process, before any item: 1 the final outputs are current (skip the stage), 0 work
+    // Once, in one process, before any item: 1 the final outputs are current (the driver then only checks
+    // the shards, and computes and merges again only if one fails), 0 work
     // to do, -1 refused (outputs made from other inputs and not fresh). Makes the shard folder, removes
     // temporaries left by killed writers and, when fresh, the stage's old shards and outputs.
     int (*prepare)(work_stage *ws, int fresh, ep_error *err);

@@ -80,6 +80,9 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+// A forked child has only the forking thread: it runs every task itself (the same bits, by design).
+static void pool_after_fork(void) { pool.n_threads = 1; }
+
 static void pool_init(void) {
     // Before any product: every tile is one single-threaded BLAS call from whichever thread runs it.
     openblas_set_num_threads(1);
@@ -94,6 +97,7 @@ static void pool_init(void) {
         pool.n_threads++;
     }
     pthread_attr_destroy(&attr);
+    pthread_atfork(NULL, NULL, pool_after_fork);
 }
 
 int cpu_threads(void) {

@@ -12,13 +12,13 @@
 // summed in an order that depends on the shapes only: 1, 2 or 64 threads, nested or not, give the same
 // bytes (docs/distribution.md). cpu_parallel_for hands out independent tasks; a call made while the
 // pool is busy (from inside a task, or from a second thread) runs its tasks in the calling thread,
-// which changes the speed, never the result.
+// which changes the speed, never the result; so does a forked child, which has no workers.
 // Never: splits a dot product, prints, or fails (a thread that cannot be created leaves a smaller
 // pool). It is the one place the project calls cblas_sgemm (kernels/ops_cpu.c, pipeline/backward.c).
 #ifndef EP_KERNELS_CPU_GEMM_H
 #define EP_KERNELS_CPU_GEMM_H
 
-enum { CPU_TILE_M = 128, CPU_TILE_N = 128, CPU_MAX_THREADS = 64 };
+enum { CPU_TILE_M = 256, CPU_TILE_N = 256, CPU_MAX_THREADS = 64 };
 
 // Threads of the pool, the caller included (>= 1).
 int cpu_threads(void);

@@ -102,6 +102,11 @@ typedef struct kernel_ops {
 } kernel_ops;
 
 const kernel_ops *kernel_ops_ref(void);
+// The cpu backend's context is one thread pool per process (kernels/cpu_gemm.h), created on its first
+// op and kept to the end: as many threads as OPENBLAS_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs of
+// the process's affinity mask say. Work is cut into pieces whose size never depends on that count, so
+// every op's bytes are the same for any thread count (docs/distribution.md). Ops may be called from
+// several threads at once; a call that finds the pool busy runs in its own thread.
 const kernel_ops *kernel_ops_cpu(void);
 // NULL when the program was built without CUDA or no usable GPU is present.
 const kernel_ops *kernel_ops_cuda(void);

@@ -1,13 +1,15 @@
-// ops_cpu: the fast host backend. Matrix products, attention included, through CBLAS (OpenBLAS), which
-// is also the only source of threads; everything else in float loops the compiler vectorizes. No
-// OpenMP regions here: next to OpenBLAS's pthread pool they made two runtimes spin-wait for the same
-// cores (see docs/benchmarks.md).
-#include <cblas.h>
+// ops_cpu: the fast host backend. Matrix products, attention included, through cpu_sgemm
+// (kernels/cpu_gemm.h: fixed tiles, each one single-threaded OpenBLAS call, spread over the backend's
+// thread pool), and attention's (sequence, head) blocks and bf16 weight blocks as tasks of that pool;
+// everything else in float loops the compiler vectorizes. How work is cut never depends on the thread
+// count, so neither do the results (docs/distribution.md). No OpenMP regions: next to a second
+// runtime's pool they spin-waited for the same cores (see docs/benchmarks.md).
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/bf16.h"
+#include "kernels/cpu_gemm.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
 #include "pipeline/error.h"
@@ -21,14 +23,35 @@ static void cpu_matmul(float *out, const float *x, const float *w, const float *
     if (bias) {
         for (int r = 0; r < rows; r++) memcpy(out + (size_t)r * n_out, bias, sizeof(float) * (size_t)n_out);
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_out, n_in, 1.0f, x, n_in, w, n_in, bias ? 1.0f : 0.0f,
-                out, n_out);
+    cpu_sgemm(0, 1, rows, n_out, n_in, 1.0f, x, n_in, w, n_in, bias ? 1.0f : 0.0f, out, n_out);
 }
 
 // bf16 weights stay bf16 in memory (half the footprint of fp32); each block of weight rows is widened
 // to fp32 in a scratch buffer and multiplied by sgemm. Products of two bf16 values are exact in fp32, so
-// this is the bf16 product with fp32 accumulation, in the BLAS's summation order.
+// this is the bf16 product with fp32 accumulation, in the BLAS's summation order. The blocks are the
+// pool's tasks, each with its thread's scratch.
 enum { BF16_BLOCK_ROWS = 256 };
+
+typedef struct {
+    float *out, *wb;  // wb: one block of widened weights per thread
+    const float *xr, *bias;
+    const uint16_t *w;
+    int rows, n_in, n_out;
+} bf16_job;
+
+static void bf16_block(void *ctx, int task, int worker) {
+    const bf16_job *j = ctx;
+    int o0 = task * BF16_BLOCK_ROWS, nb = j->n_out - o0 < BF16_BLOCK_ROWS ? j->n_out - o0 : BF16_BLOCK_ROWS;
+    float *wb = j->wb + (size_t)worker * BF16_BLOCK_ROWS * (size_t)j->n_in;
+    const uint16_t *src = j->w + (size_t)o0 * j->n_in;
+    for (size_t i = 0; i < (size_t)nb * j->n_in; i++) wb[i] = bf16_to_f32(src[i]);
+    if (j->bias) {
+        for (int r = 0; r < j->rows; r++)
+            memcpy(j->out + (size_t)r * j->n_out + o0, j->bias + o0, sizeof(float) * (size_t)nb);
+    }
+    cpu_sgemm(0, 1, j->rows, nb, j->n_in, 1.0f, j->xr, j->n_in, wb, j->n_in, j->bias ? 1.0f : 0.0f, j->out + o0,
+              j->n_out);
+}
 
 static void cpu_matmul_bf16(float *out, const float *x, const uint16_t *w, const float *bias, int rows, int n_in,
                             int n_out) {
@@ -36,19 +59,12 @@ static void cpu_matmul_bf16(float *out, const float *x, const uint16_t *w, const
     size_t nx = (size_t)rows * n_in;
     float *xr = ep_malloc(sizeof(float) * (nx ? nx : 1));
     for (size_t i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
-    int block = n_out < BF16_BLOCK_ROWS ? n_out : BF16_BLOCK_ROWS;
-    float *wb = ep_malloc(sizeof(float) * (size_t)block * (size_t)(n_in ? n_in : 1));
-    for (int o0 = 0; o0 < n_out; o0 += block) {
-        int nb = n_out - o0 < block ? n_out - o0 : block;
-        const uint16_t *src = w + (size_t)o0 * n_in;
-        for (size_t i = 0; i < (size_t)nb * n_in; i++) wb[i] = bf16_to_f32(src[i]);
-        if (bias) {
-            for (int r = 0; r < rows; r++) memcpy(out + (size_t)r * n_out + o0, bias + o0, sizeof(float) * (size_t)nb);
-        }
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, nb, n_in, 1.0f, xr, n_in, wb, n_in,
-                    bias ? 1.0f : 0.0f, out + o0, n_out);
-    }
-    free(wb);
+    int n_blocks = (n_out + BF16_BLOCK_ROWS - 1) / BF16_BLOCK_ROWS;
+    int slots = n_blocks < cpu_threads() ? n_blocks : cpu_threads();
+    bf16_job j = {out, ep_malloc(sizeof(float) * (size_t)slots * BF16_BLOCK_ROWS * (size_t)(n_in ? n_in : 1)), xr, bias, w,
+                  rows, n_in, n_out};
+    cpu_parallel_for(n_blocks, bf16_block, &j);
+    free(j.wb);
     free(xr);
 }
 
@@ -130,8 +146,7 @@ static void attend_block(float *out, const float *q, const float *k, const float
     const float *kb = k + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
     const float *vb = v + (size_t)(sq->kv_row + k0) * p->kv_stride + (size_t)g * d;
     float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride, kb, p->kv_stride,
-                0.0f, scores, n_k);
+    cpu_sgemm(0, 1, sq->n_q, n_k, d, p->scale, qb, p->q_stride, kb, p->kv_stride, 0.0f, scores, n_k);
     for (int qi = 0; qi < sq->n_q; qi++) {
         int i = first + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
         float *row = scores + (size_t)qi * n_k;  // row[j - k0] is key position j
@@ -152,23 +167,51 @@ static void attend_block(float *out, const float *q, const float *k, const float
         for (int j = j0; j <= i; j++) row[j - k0] *= inv;
         for (int j = i + 1; j <= last; j++) row[j - k0] = 0;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k, vb, p->kv_stride, 0.0f,
-                ob, p->q_stride);
+    cpu_sgemm(0, 0, sq->n_q, d, n_k, 1.0f, scores, n_k, vb, p->kv_stride, 0.0f, ob, p->q_stride);
+}
+
+// One pool task per (sequence, head): each writes its own rows and head columns of out, with its
+// thread's scratch (scores: max_block floats per donor and the current pass; sel: max_block bytes).
+typedef struct {
+    float *out;
+    const float *q, *k, *v;
+    int n_donors;
+    const float *const *donor_k, *const *donor_v;
+    const attn_seq *seqs;
+    const attn_params *p;
+    const edge_rule_set *rules;  // NULL: plain attention
+    const int *donor_used;
+    size_t max_block;
+    float *scores;
+    signed char *sel;
+} attn_job;
+
+static void attn_task(void *ctx, int task, int worker);
+
+// The largest n_q x n_k block of the sequences (at least 1).
+static size_t max_attn_block(const attn_seq *seqs, int n_seqs) {
+    size_t max_block = 1;
+    for (int s = 0; s < n_seqs; s++) {
+        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
+        if ((size_t)seqs[s].n_q * n_k > max_block) max_block = (size_t)seqs[s].n_q * n_k;
+    }
+    return max_block;
+}
+
+static void run_attn(attn_job *j, int n_seqs) {
+    int tasks = n_seqs * j->p->n_heads, slots = tasks < cpu_threads() ? tasks : cpu_threads();
+    if (slots < 1) return;
+    j->scores = ep_malloc(sizeof(float) * j->max_block * (1 + (size_t)j->n_donors) * (size_t)slots);
+    j->sel = j->rules ? ep_malloc(j->max_block * (size_t)slots) : NULL;
+    cpu_parallel_for(tasks, attn_task, j);
+    free(j->scores);
+    free(j->sel);
 }
 
 static void cpu_attention(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs, int n_seqs,
                           const attn_params *p) {
-    size_t max_scores = 1;
-    for (int s = 0; s < n_seqs; s++) {
-        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
-        if ((size_t)seqs[s].n_q * n_k > max_scores) max_scores = (size_t)seqs[s].n_q * n_k;
-    }
-    float *scores = ep_malloc(sizeof(float) * max_scores);
-    for (int s = 0; s < n_seqs; s++) {
-        if (seqs[s].n_q <= 0) continue;
-        for (int h = 0; h < p->n_heads; h++) attend_block(out, q, k, v, &seqs[s], h, p, scores);
-    }
-    free(scores);
+    attn_job j = {.out = out, .q = q, .k = k, .v = v, .seqs = seqs, .p = p, .max_block = max_attn_block(seqs, n_seqs)};
+    run_attn(&j, n_seqs);
 }
 
 // Patched attention of one (sequence, head), in the same BLAS form: scores against the current keys and
@@ -191,13 +234,13 @@ static void attend_block_patched(float *out, const float *q, const float *k, con
     int n_kd = sq->n_typed - k0 < 0 ? 0 : sq->n_typed - k0 < n_k ? sq->n_typed - k0 : n_k;
     const float *qb = q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
     float *ob = out + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_k, d, p->scale, qb, p->q_stride,
-                k + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, scores, n_k);
+    cpu_sgemm(0, 1, sq->n_q, n_k, d, p->scale, qb, p->q_stride, k + (size_t)(sq->kv_row + k0) * p->kv_stride + off,
+              p->kv_stride, 0.0f, scores, n_k);
     for (int dn = 0; dn < n_donors; dn++)
         if (donor_used[dn] && n_kd > 0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sq->n_q, n_kd, d, p->scale, qb, p->q_stride,
-                        donor_k[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f,
-                        scores + (1 + (size_t)dn) * block, n_k);
+            cpu_sgemm(0, 1, sq->n_q, n_kd, d, p->scale, qb, p->q_stride,
+                      donor_k[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f,
+                      scores + (1 + (size_t)dn) * block, n_k);
     for (int qi = 0; qi < sq->n_q; qi++) {
         int i = first + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
         size_t r = (size_t)qi * n_k;
@@ -229,13 +272,26 @@ static void attend_block_patched(float *out, const float *q, const float *k, con
             chosen[j - k0] = pr;
         }
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_k, 1.0f, scores, n_k,
-                v + (size_t)(sq->kv_row + k0) * p->kv_stride + off, p->kv_stride, 0.0f, ob, p->q_stride);
+    cpu_sgemm(0, 0, sq->n_q, d, n_k, 1.0f, scores, n_k, v + (size_t)(sq->kv_row + k0) * p->kv_stride + off,
+              p->kv_stride, 0.0f, ob, p->q_stride);
     for (int dn = 0; dn < n_donors; dn++)
         if (donor_used[dn] && n_kd > 0)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, sq->n_q, d, n_kd, 1.0f, scores + (1 + (size_t)dn) * block,
-                        n_k, donor_v[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 1.0f, ob,
-                        p->q_stride);
+            cpu_sgemm(0, 0, sq->n_q, d, n_kd, 1.0f, scores + (1 + (size_t)dn) * block, n_k,
+                      donor_v[dn] + (size_t)(sq->donor_row + k0) * p->kv_stride + off, p->kv_stride, 1.0f, ob,
+                      p->q_stride);
+}
+
+static void attn_task(void *ctx, int task, int worker) {
+    const attn_job *j = ctx;
+    const attn_seq *sq = &j->seqs[task / j->p->n_heads];
+    int h = task % j->p->n_heads;
+    if (sq->n_q <= 0) return;
+    float *scores = j->scores + j->max_block * (1 + (size_t)j->n_donors) * (size_t)worker;
+    if (j->rules && sq->types)
+        attend_block_patched(j->out, j->q, j->k, j->v, j->n_donors, j->donor_k, j->donor_v, sq, h, j->p, j->rules,
+                             j->donor_used, scores, j->sel + j->max_block * (size_t)worker);
+    else
+        attend_block(j->out, j->q, j->k, j->v, sq, h, j->p, scores);
 }
 
 static void cpu_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
@@ -244,24 +300,10 @@ static void cpu_patched_attention(float *out, const float *q, const float *k, co
     int donor_used[16] = {0};
     for (int r = 0; rules && r < rules->n; r++)
         if (rules->rule[r].donor >= 0 && rules->rule[r].donor < 16) donor_used[rules->rule[r].donor] = 1;
-    size_t max_block = 1;
-    for (int s = 0; s < n_seqs; s++) {
-        size_t n_k = (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
-        if ((size_t)seqs[s].n_q * n_k > max_block) max_block = (size_t)seqs[s].n_q * n_k;
-    }
-    float *scores = ep_malloc(sizeof(float) * max_block * (1 + (size_t)n_donors));
-    signed char *sel = ep_malloc(max_block);
-    for (int s = 0; s < n_seqs; s++) {
-        if (seqs[s].n_q <= 0) continue;
-        for (int h = 0; h < p->n_heads; h++) {
-            if (rules && seqs[s].types)
-                attend_block_patched(out, q, k, v, n_donors, donor_k, donor_v, &seqs[s], h, p, rules, donor_used, scores, sel);
-            else
-                attend_block(out, q, k, v, &seqs[s], h, p, scores);
-        }
-    }
-    free(scores);
-    free(sel);
+    attn_job j = {.out = out, .q = q, .k = k, .v = v, .n_donors = n_donors, .donor_k = donor_k, .donor_v = donor_v,
+                  .seqs = seqs, .p = p, .rules = rules, .donor_used = donor_used,
+                  .max_block = max_attn_block(seqs, n_seqs)};
+    run_attn(&j, n_seqs);
 }
 
 static void cpu_copy_rows(float *dst, int dst_stride, const float *src, int src_stride, int rows, int row_len) {

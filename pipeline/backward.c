@@ -1,21 +1,21 @@
 // The forward values come from model_forward (residual stream, post-RoPE queries and the attention
 // blocks' outputs captured per layer, K/V/z kept in the cache); the backward walks the layers from the
 // last to the first, recomputing from these only the norms and the MLP's pre-activations, so the MLP's
-// wide intermediate values are never held for the whole pass. Matrix products through CBLAS (the
-// attention per sequence and head, as the cpu kernels run it), the rest in loops.
+// wide intermediate values are never held for the whole pass. Matrix products through the cpu backend's
+// cpu_sgemm (kernels/cpu_gemm.h: the bits do not depend on the thread count; the attention per sequence
+// and head, as the cpu kernels run it), the rest in loops.
 #include "backward.h"
 
-#include <cblas.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/cpu_gemm.h"
 #include "kernels/ops_common.h"
 
 // dx[rows, n_in] (+)= dy[rows, n_out] . w[n_out, n_in]: the input gradient of a HF Linear.
 static void linear_back(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, n_in, n_out, 1.0f, dy, n_out, w, n_in,
-                accumulate ? 1.0f : 0.0f, dx, n_in);
+    cpu_sgemm(0, 0, rows, n_in, n_out, 1.0f, dy, n_out, w, n_in, accumulate ? 1.0f : 0.0f, dx, n_in);
 }
 
 // dx += d(norm(x))/dx^T dy, per row (w: the norm's weight; RMS with the config's offset, or LayerNorm).
@@ -174,7 +174,7 @@ static const float *value_read(const grad_tape *t, int l, int s, int A, int dono
 // out[n, :nb] = alpha a[n, hd] . b[nb, hd]^T (row strides lda, ldb; out's rows n floats apart): one
 // (sequence, head) block of query-key or gradient-value products, against nb keys or values.
 static void outer_block(float *out, const float *a, int lda, const float *b, int ldb, int n, int nb, int hd, float alpha) {
-    if (nb > 0) cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, nb, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
+    if (nb > 0) cpu_sgemm(0, 1, n, nb, hd, alpha, a, lda, b, ldb, 0.0f, out, n);
 }
 
 // out[n, hd] (+)= m[n, :nb] . b[nb, hd] (transpose_m: m^T . b, m's first nb rows), out and b with row
@@ -182,8 +182,7 @@ static void outer_block(float *out, const float *a, int lda, const float *b, int
 static void block_times(float *out, int ldo, const float *m, int transpose_m, const float *b, int ldb, int n, int nb,
                         int hd, int accumulate) {
     if (nb > 0)
-        cblas_sgemm(CblasRowMajor, transpose_m ? CblasTrans : CblasNoTrans, CblasNoTrans, n, hd, nb, 1.0f, m, n, b, ldb,
-                    accumulate ? 1.0f : 0.0f, out, ldo);
+        cpu_sgemm(transpose_m, 0, n, hd, nb, 1.0f, m, n, b, ldb, accumulate ? 1.0f : 0.0f, out, ldo);
     else if (!accumulate)
         for (int i = 0; i < n; i++) memset(out + (size_t)i * ldo, 0, sizeof(float) * (size_t)hd);
 }
@@ -415,8 +414,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     float *xr = ep_malloc(sizeof(float) * (size_t)R * D), *dxn = ep_malloc(sizeof(float) * (size_t)R * D);
     float *dxr = ep_calloc((size_t)R * D, sizeof(float));
     for (int k = 0; k < R; k++) memcpy(xr + (size_t)k * D, resid + ((size_t)L * T + rows[k]) * D, sizeof(float) * D);
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, R, D, sh.n_vocab, 1.0f, dlogits + sh.vocab0, V, m->lm_head, D,
-                0.0f, dxn, D);
+    cpu_sgemm(0, 0, R, D, sh.n_vocab, 1.0f, dlogits + sh.vocab0, V, m->lm_head, D, 0.0f, dxn, D);
     int rc = sh.n_vocab < V ? model_group_sum(m, dxn, (size_t)R * D, err) : 0;
     if (rc == 0) {
         norm_back(c, dxr, xr, m->final_norm, dxn, R);

@@ -1,12 +1,18 @@
 // Every op of every available backend (cpu, and cuda where a GPU is present) against the reference
 // backend on fresh random inputs, with the worst relative error printed per op. A sibling check feeds
-// a deliberately wrong input to prove the comparison can fail.
+// a deliberately wrong input to prove the comparison can fail. Then the cpu backend's products (matmul,
+// bf16 matmul, attention, patched attention, and cpu_sgemm as the backward calls it) on awkward shapes in
+// child processes started with OPENBLAS_NUM_THREADS / OMP_NUM_THREADS = 1, 2 and 3: the bytes must
+// be the same (docs/distribution.md).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "kernels/bf16.h"
+#include "kernels/cpu_gemm.h"
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 #include "tests/harness.h"
@@ -354,7 +360,148 @@ static void test_copies(const kernel_ops *b, const kernel_ops *ref) {
     free(src), free(dst0), free(want), free(got), free(gwant), free(ggot), free(junk);
 }
 
-int main(void) {
+// The thread probe: products whose bits OpenBLAS's own threading changed (shapes from issue 19: e.g.
+// 68 x 108 x 579 NoTrans/Trans, 119 x 264 x 532 NoTrans/NoTrans, 189 x 624 x 496), written one after the
+// other to `path`, preceded by the pool's thread count. Inputs come from the file's fixed seed, so
+// every child computes the same products.
+enum { N_PROBE_PARTS = 10 };
+static const char *const probe_names[N_PROBE_PARTS] = {
+    "matmul 68x579->108", "matmul+b 189x496->624", "matmul 300x576->1536", "matmul-bf16 68x579->600",
+    "sgemm NN 119x264x532", "sgemm TN 200x64x300", "sgemm NT 189x624x496", "sgemm NN 8x576x4000",
+    "attention 2 seqs x 4 heads, 300 queries", "patched attention 300 queries"};
+
+static void write_floats(FILE *f, const float *x, size_t n) { fwrite(x, sizeof(float), n, f); }
+
+static int thread_probe(const char *path) {
+    const kernel_ops *b = kernel_ops_cpu();
+    FILE *f = fopen(path, "wb");
+    if (!f) return 1;
+    int threads = cpu_threads();
+    fwrite(&threads, sizeof threads, 1, f);
+    static const int mm[3][3] = {{68, 579, 108}, {189, 496, 624}, {300, 576, 1536}};  // rows, n_in, n_out
+    for (int i = 0; i < 3; i++) {
+        int rows = mm[i][0], n_in = mm[i][1], n_out = mm[i][2];
+        float *x = random_floats((size_t)rows * n_in, 1), *w = random_floats((size_t)n_out * n_in, 0.5f);
+        float *bias = random_floats((size_t)n_out, 1), *out = ep_malloc(sizeof(float) * (size_t)rows * n_out);
+        b->matmul(out, x, w, i == 1 ? bias : NULL, rows, n_in, n_out);
+        write_floats(f, out, (size_t)rows * n_out);
+        free(x), free(w), free(bias), free(out);
+    }
+    {
+        int rows = 68, n_in = 579, n_out = 600;
+        float *x = random_floats((size_t)rows * n_in, 1), *wf = random_floats((size_t)n_out * n_in, 0.5f);
+        uint16_t *w = ep_malloc(sizeof(uint16_t) * (size_t)n_out * n_in);
+        for (size_t i = 0; i < (size_t)n_out * n_in; i++) w[i] = f32_to_bf16(wf[i]);
+        float *out = ep_malloc(sizeof(float) * (size_t)rows * n_out);
+        b->matmul_bf16(out, x, w, NULL, rows, n_in, n_out);
+        write_floats(f, out, (size_t)rows * n_out);
+        free(x), free(wf), free(w), free(out);
+    }
+    // The backward's forms: dX = dY W (NN), m^T b (TN), a b^T (NT), and the lm_head's long sum.
+    static const int gm[4][5] = {{0, 0, 119, 264, 532}, {1, 0, 200, 64, 300}, {0, 1, 189, 624, 496}, {0, 0, 8, 576, 4000}};
+    for (int i = 0; i < 4; i++) {
+        int ta = gm[i][0], tb = gm[i][1], m = gm[i][2], n = gm[i][3], k = gm[i][4];
+        float *a = random_floats((size_t)m * k, 1), *bm = random_floats((size_t)k * n, 1);
+        float *c = random_floats((size_t)m * n, 1);  // beta = 1: accumulates, as the backward does
+        cpu_sgemm(ta, tb, m, n, k, 1.0f, a, ta ? m : k, bm, tb ? k : n, 1.0f, c, n);
+        write_floats(f, c, (size_t)m * n);
+        free(a), free(bm), free(c);
+    }
+    // Attention: two prompts of 300 and 170 tokens, GQA 4:2, head_dim 64.
+    enum { TQ = 300, TQ2 = 170 };
+    attn_seq seqs[2] = {{.q_row = 0, .n_q = TQ, .q_pos = 0, .kv_row = 0}, {.q_row = TQ, .n_q = TQ2, .q_pos = 0, .kv_row = TQ}};
+    attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 64, .q_stride = 256, .kv_stride = 128, .scale = 0.125f};
+    size_t nq = (size_t)(TQ + TQ2) * p.q_stride, nk = (size_t)(TQ + TQ2) * p.kv_stride;
+    float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1);
+    float *out = ep_calloc(nq, sizeof(float));
+    b->attention(out, q, k, v, seqs, 2, &p);
+    write_floats(f, out, nq);
+    // Patched: the first prompt typed with a repeating pattern, one donor read by every head's edges into
+    // receivers of type 3.
+    int32_t *types = ep_malloc(sizeof(int32_t) * TQ), *index = ep_malloc(sizeof(int32_t) * TQ);
+    for (int i = 0; i < TQ; i++) types[i] = 1 + i % 4, index[i] = i / 4;
+    attn_seq ps = {.q_row = 0, .n_q = TQ, .q_pos = 0, .kv_row = 0, .types = types, .index = index, .n_typed = TQ};
+    float *dk = random_floats(nk, 2), *dv = random_floats(nk, 1);
+    const float *dkc[1] = {dk}, *dvc[1] = {dv};
+    edge_rule_set rules = {.n = 1};
+    rules.rule[0] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 3, .relation = REL_ANY, .donor = 0,
+                                .heads = {0xf}};
+    memset(out, 0, sizeof(float) * nq);
+    b->patched_attention(out, q, k, v, 1, dkc, dvc, &ps, 1, &p, &rules);
+    write_floats(f, out, (size_t)TQ * p.q_stride);
+    free(q), free(k), free(v), free(out), free(types), free(index), free(dk), free(dv);
+    return fclose(f) != 0;
+}
+
+// Part sizes of the probe file, in order, after the thread count.
+static size_t probe_part_bytes(int i) {
+    static const size_t floats[N_PROBE_PARTS] = {68 * 108, 189 * 624, 300 * 1536, 68 * 600, 119 * 264, 200 * 64,
+                                                 189 * 624, 8 * 576, 470 * 256, 300 * 256};
+    return sizeof(float) * floats[i];
+}
+
+// Runs this program as a probe with the thread variables set to `threads`; returns its file's bytes.
+static unsigned char *run_probe(int threads, const char *path, size_t *len) {
+    pid_t pid = fork();
+    if (pid == 0) {
+        char n[16];
+        snprintf(n, sizeof n, "%d", threads);
+        setenv("OPENBLAS_NUM_THREADS", n, 1), setenv("OMP_NUM_THREADS", n, 1);
+        execl("/proc/self/exe", "test_ops", "--thread-probe", path, (char *)NULL);
+        _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return NULL;
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    unsigned char *buf = ep_malloc(n > 0 ? (size_t)n : 1);
+    *len = n > 0 && fread(buf, 1, (size_t)n, f) == (size_t)n ? (size_t)n : 0;
+    fclose(f);
+    return buf;
+}
+
+static void test_thread_independence(void) {
+    char path[64];
+    snprintf(path, sizeof path, "/tmp/ep-test-ops-probe-%d", (int)getpid());
+    size_t want_len = sizeof(int);
+    for (int i = 0; i < N_PROBE_PARTS; i++) want_len += probe_part_bytes(i);
+    unsigned char *base = NULL;
+    for (int threads = 1; threads <= 3; threads++) {
+        size_t len = 0;
+        unsigned char *got = run_probe(threads, path, &len);
+        check(got && len == want_len, "thread probe with %d threads: no output or %zu bytes, expected %zu", threads, len,
+              want_len);
+        if (!got || len != want_len) {
+            free(got);
+            continue;
+        }
+        int seen;
+        memcpy(&seen, got, sizeof seen);
+        check(seen == threads, "thread probe: OPENBLAS_NUM_THREADS=%d gave a pool of %d threads", threads, seen);
+        if (!base) {
+            base = got;
+            continue;
+        }
+        size_t off = sizeof(int);
+        int differing = 0;
+        for (int i = 0; i < N_PROBE_PARTS; off += probe_part_bytes(i), i++) {
+            int same = !memcmp(got + off, base + off, probe_part_bytes(i));
+            differing += !same;
+            check(same, "cpu %s: %d threads gave other bytes than 1 thread", probe_names[i], threads);
+        }
+        printf("  cpu   %d threads against 1: %d of %d products byte-identical\n", threads, N_PROBE_PARTS - differing,
+               N_PROBE_PARTS);
+        free(got);
+    }
+    free(base);
+    remove(path);
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--thread-probe")) return thread_probe(argv[2]);
     const kernel_ops *ref = kernel_ops_ref();
     const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_cuda()};
     for (int i = 0; i < 2; i++) {
@@ -373,5 +520,6 @@ int main(void) {
         test_attention_long(b, ref);
         test_copies(b, ref);
     }
+    test_thread_independence();
     return test_finish("test_ops");
 }

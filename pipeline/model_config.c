@@ -157,8 +157,8 @@ int model_config_parse(json_t *root, const char *path, model_config *cfg, ep_err
 
     switch (cfg->arch) {
     case ARCH_GEMMA2: {
-        float scalar;
-        int window;
+        float scalar = 0;
+        int window = 0;
         if (get_int(root, path, "head_dim", 0, 256, &cfg->head_dim, err) ||
             get_float(root, path, "query_pre_attn_scalar", 224.0f, &scalar, err) ||
             get_float(root, path, "attn_logit_softcapping", 0.0f, &cfg->attn_softcap, err) ||
@@ -207,7 +207,7 @@ int model_config_parse(json_t *root, const char *path, model_config *cfg, ep_err
         break;
     }
     case ARCH_PHI: {
-        float partial;
+        float partial = 0;
         int qk_layernorm = 0;
         cfg->head_dim = cfg->hidden / cfg->n_heads;
         if (get_float(root, path, "partial_rotary_factor", 0.5f, &partial, err) ||

@@ -467,7 +467,7 @@ static void push_seg(regex_scratch *rs, size_t *n, size_t s, size_t e, int match
 static int split_piece(const char *s, size_t n, int first, const pcre2_code *re, int behavior, int invert,
                        regex_scratch *rs, piece_list *out, ep_error *err) {
     if (n == 0) return 0;
-    size_t nseg = 0, prev = 0, pos = 0, ms, me;
+    size_t nseg = 0, prev = 0, pos = 0, ms = 0, me = 0;
     while (pos < n) {
         int rc = regex_find(re, s, n, pos, rs, &ms, &me, err);
         if (rc < 0) return -1;

@@ -223,7 +223,7 @@ static int add_part(ablation_plan *p, const char *where, json_t *part, ep_error 
     size_t i;
     if (json_is_object(part)) {
         json_object_foreach(part, key, v) {
-            int donor;
+            int donor = 0;
             if (parse_donor(v, where, key, &donor, err)) return -1;
             json_t *k = json_string(key);
             int rc = add_pair(p, where, k, donor, err);

@@ -187,7 +187,7 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
         }
         free(got), free(want);
     }
-    int64_t nh, ne;
+    int64_t nh = 0, ne = 0;
     snprintf(key, sizeof key, "%s.head_scores", cse);
     float *want_h = read_f32(f, key, NULL);
     snprintf(key, sizeof key, "%s.edge_scores", cse);

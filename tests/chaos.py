@@ -207,6 +207,27 @@ def reference(bin_, work, kind, ranks, tp):
     return ref, dur
 
 
+def write_table(path, table, statuses, corruptions, failures, done, n_schedules, seed, final):
+    """The table of kill points by stage and signal, and the summary: printed at the end, and written
+    to path (when given) after every schedule, so a long run stopped early still leaves its figures."""
+    lines = ["| stage at the signal | " + " | ".join(list(SIGNALS) + ["none (finished first)"]) + " |",
+             "|---|" + "---|" * (len(SIGNALS) + 1)]
+    for st in STAGES:
+        row = [table.get((st, s), 0) for s in list(SIGNALS) + ["none (finished first)"]]
+        if any(row):
+            lines.append(f"| {st} | " + " | ".join(map(str, row)) + " |")
+    summary = (f"{done} kill points in {n_schedules} schedules (seed {seed}); exit statuses: "
+               + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) + f"; corruptions: {corruptions}; "
+               + f"hangs: {statuses.get('hang', 0)}; failures: {len(failures)}")
+    if final:
+        print("\n".join(lines))
+        print(summary)
+    if path:
+        with open(path + ".tmp", "w") as f:
+            f.write("\n".join(lines) + "\n\n" + summary + "\n" + "".join("\nFAIL " + x for x in failures) + "\n")
+        os.replace(path + ".tmp", path)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("bin")
@@ -338,21 +359,8 @@ def main():
             if why:
                 failures.append(f"schedule {n_schedules} ({name}): the final folder is not the reference's: " + "; ".join(why[:6]))
         print(f"  schedule {n_schedules} ({name}) final run: status {rc}" + (" (files identical)" if rc == 0 and not same_folder(refs[kind], out) else ""), flush=True)
-
-    lines = ["| stage at the signal | " + " | ".join(list(SIGNALS) + ["none (finished first)"]) + " |",
-             "|---|" + "---|" * (len(SIGNALS) + 1)]
-    for st in STAGES:
-        row = [table.get((st, s), 0) for s in list(SIGNALS) + ["none (finished first)"]]
-        if any(row):
-            lines.append(f"| {st} | " + " | ".join(map(str, row)) + " |")
-    summary = (f"{done} kill points in {n_schedules} schedules (seed {args.seed}); exit statuses: "
-               + ", ".join(f"{k}: {v}" for k, v in sorted(statuses.items())) + f"; corruptions: {corruptions}; "
-               + f"hangs: {statuses.get('hang', 0)}; failures: {len(failures)}")
-    print("\n".join(lines))
-    print(summary)
-    if args.table:
-        with open(args.table, "w") as f:
-            f.write("\n".join(lines) + "\n\n" + summary + "\n")
+        write_table(args.table, table, statuses, corruptions, failures, done, n_schedules, args.seed, False)
+    write_table(args.table, table, statuses, corruptions, failures, done, n_schedules, args.seed, True)
     for f in failures:
         print("FAIL " + f)
     if not args.work:

@@ -16,6 +16,19 @@ expect_error() {
   else bad "edgepatch $* -> status $got, stderr: $(cat "$tmp/err")"; fi
 }
 
+# flip_byte FILE DATASET [AT]: flips byte AT (default 2) of the data of an HDF5 file's dataset (its
+# offset from h5dump).
+flip_byte() {
+  local off
+  off=$(h5dump -p -H -d "$2" "$1" | awk '/OFFSET/ {print $2}')
+  [ -n "$off" ] || return 1
+  python3 - "$1" $((off + ${3:-2})) <<'PY'
+import sys
+with open(sys.argv[1], "r+b") as f:
+    f.seek(int(sys.argv[2])); b = f.read(1); f.seek(int(sys.argv[2])); f.write(bytes([b[0] ^ 0x5a]))
+PY
+}
+
 # finish NAME: the summary line; the script's status is non-zero if anything failed.
 finish() {
   echo "$1: $passed passed, $failed failed"

@@ -33,17 +33,6 @@ same_as_ref() {
   [ -z "$(find "$tmp/$1" -name '*.tmp-*')" ] || { echo "  $1 kept temporaries: $(find "$tmp/$1" -name '*.tmp-*')" >&2; return 1; }
   [ "$(cd "$tmp/$1" && find . | sort)" = "$(cd "$tmp/ref" && find . | sort)" ] || { echo "  $1 has other files than the reference" >&2; return 1; }
 }
-# Flips one byte inside the data of dataset $2 of HDF5 file $1 (its offset from h5dump).
-flip_byte() {
-  local off
-  off=$(h5dump -p -H -d "$2" "$1" | awk '/OFFSET/ {print $2}')
-  [ -n "$off" ] || return 1
-  python3 - "$1" $((off + 2)) <<'PY'
-import sys
-with open(sys.argv[1], "r+b") as f:
-    f.seek(int(sys.argv[2])); b = f.read(1); f.seek(int(sys.argv[2])); f.write(bytes([b[0] ^ 0x5a]))
-PY
-}
 one_line() {  # file needle...: the file is one line holding every needle
   local f=$1; shift
   [ "$(wc -l < "$f")" = 1 ] || return 1

@@ -315,7 +315,9 @@ static int forward_loss(const model *m, const grad_batch *b, const forward_patch
     }
     *loss = 0;
     for (int s = 0, k = 0; s < b->n_seqs; s++) {
-        double ls = 0, w = 1.0 / ((double)b->n_target[s] * b->n_seqs);
+        // Each prompt's own loss, summed over the batch: a prompt's gradient never depends on which
+        // prompts share its batch (docs/attribution.md: the original's batch mean scaled it by 1/S).
+        double ls = 0, w = 1.0 / (double)b->n_target[s];
         for (int i = 0; i < b->n_target[s]; i++, k++) {
             const float *y = logits + (size_t)k * V;
             int tgt = b->tokens[rows[k] + 1];
@@ -336,7 +338,7 @@ static int forward_loss(const model *m, const grad_batch *b, const forward_patch
         }
         ls /= b->n_target[s];
         if (seq_loss) seq_loss[s] = ls;
-        *loss += ls / b->n_seqs;
+        *loss += ls;
     }
     free(logits);
     return 0;

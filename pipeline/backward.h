@@ -21,8 +21,9 @@
 #include "pipeline/forward.h"
 
 // A batch of sequences, each a prompt followed by its target tokens, packed row after row.
-// The loss is the original's: per sequence, the mean cross-entropy of its n_target last tokens, each
-// predicted from the position before it; then the mean over the sequences.
+// The loss: per sequence, the mean cross-entropy of its n_target last tokens, each predicted from the
+// position before it (the original's); then the sum over the sequences (the original took their mean,
+// which scaled every prompt's gradient by 1/n_seqs and so made scores depend on batch_size).
 typedef struct {
     int n_seqs;
     const int *len;       // [n_seqs] tokens per sequence (prompt + targets)

@@ -149,6 +149,16 @@ static double score_error(const double *got, const float *want, int n) {
     return worst;
 }
 
+// The fixtures are torch autograd of the original's loss, the mean over the batch's NP prompts; ours is
+// their sum (pipeline/backward.h), whose loss, gradients and scores are exactly NP times those.
+static float *read_sum_scaled(fixture *f, const char *key, int64_t *n) {
+    int64_t count = 0;
+    float *v = read_f32(f, key, &count);
+    for (int64_t i = 0; v && i < count; i++) v[i] *= NP;
+    if (n) *n = count;
+    return v;
+}
+
 static void compare_case(const model *m, fixture *f, const char *name, const char *cse) {
     const model_config *c = &m->cfg;
     forward_patch patch = patch_of(f, !strcmp(cse, "plan"));
@@ -161,13 +171,13 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
     }
     char key[96];
     snprintf(key, sizeof key, "%s.loss", cse);
-    float *want_loss = read_f32(f, key, NULL);
+    float *want_loss = read_sum_scaled(f, key, NULL);
     double loss_err = fabs(t.loss - want_loss[0]) / fabs(want_loss[0]);
     int L = c->n_layers, Q = c->n_heads * c->head_dim;
     double dz_worst = 0, dz_flipped = 0;
     for (int s = 0; s < NP; s++) {
         snprintf(key, sizeof key, "%s.prompt%d.dz", cse, s);
-        float *want = read_f32(f, key, NULL);
+        float *want = read_sum_scaled(f, key, NULL);
         int T = f->lengths[s];
         float *got = malloc(sizeof(float) * (size_t)T * Q);
         for (int l = 0; l < L; l++) {
@@ -189,9 +199,9 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
     }
     int64_t nh = 0, ne = 0;
     snprintf(key, sizeof key, "%s.head_scores", cse);
-    float *want_h = read_f32(f, key, NULL);
+    float *want_h = read_sum_scaled(f, key, NULL);
     snprintf(key, sizeof key, "%s.edge_scores", cse);
-    float *want_e = read_f32(f, key, NULL);
+    float *want_e = read_sum_scaled(f, key, NULL);
     int32_t *hu = read_i32(f, "head_units", &nh), *eu = read_i32(f, "edge_units", &ne);
     nh /= 3, ne /= 4;
     head_unit *hus = calloc((size_t)nh, sizeof(head_unit));
@@ -206,9 +216,9 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
     double he = score_error(hs, want_h, (int)nh), ee = score_error(es, want_e, (int)ne);
     // Per prompt, signed (before the absolute value): reference [prompt][unit], ours [unit][prompt].
     snprintf(key, sizeof key, "%s.head_signed", cse);
-    float *wh = read_f32(f, key, NULL);
+    float *wh = read_sum_scaled(f, key, NULL);
     snprintf(key, sizeof key, "%s.edge_signed", cse);
-    float *we = read_f32(f, key, NULL);
+    float *we = read_sum_scaled(f, key, NULL);
     for (int s = 0; s < NP; s++) {
         double gh[64], ge[64];
         for (int u = 0; u < nh && u < 64; u++) gh[u] = hps[(size_t)u * NP + s];
@@ -218,7 +228,7 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
     }
     free(wh), free(we), free(hps), free(eps);
     if (!strcmp(cse, "plan")) {  // can-fail sibling: the clean reference's scores are not the plan's
-        float *ch = read_f32(f, "clean.head_scores", NULL), *ce = read_f32(f, "clean.edge_scores", NULL);
+        float *ch = read_sum_scaled(f, "clean.head_scores", NULL), *ce = read_sum_scaled(f, "clean.edge_scores", NULL);
         double d = fmin(score_error(hs, ch, (int)nh), score_error(es, ce, (int)ne));
         check(d > TOL_SCORE, "%s: the plan's scores match the clean reference's (%.3g)", name, d);
         free(ch), free(ce);

@@ -88,6 +88,29 @@ static double now_seconds(void) {
     return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
 }
 
+static char *cache_text(json_t *root) {
+    char *text = json_dumps(root, JSON_INDENT(1) | JSON_SORT_KEYS);
+    size_t len = strlen(text);
+    text = ep_realloc(text, len + 2);
+    memcpy(text + len, "\n", 2);
+    return text;
+}
+
+// 1 if the file at path holds exactly root's text.
+static int same_text(const char *path, json_t *root) {
+    char *want = cache_text(root);
+    size_t len = strlen(want), got = 0;
+    char *have = ep_malloc(len + 2);
+    FILE *f = fopen(path, "rb");
+    if (f) {
+        got = fread(have, 1, len + 1, f);
+        fclose(f);
+    }
+    int same = f && got == len && !memcmp(have, want, len);
+    free(have), free(want);
+    return same;
+}
+
 // Writes root to path through a temporary file in the same folder, fsynced, then renamed.
 static int write_cache(const char *path, json_t *root, ep_error *err) {
     size_t n = strlen(path) + 16;
@@ -99,10 +122,10 @@ static int write_cache(const char *path, json_t *root, ep_error *err) {
         free(tmp);
         return -1;
     }
-    char *text = json_dumps(root, JSON_INDENT(1) | JSON_SORT_KEYS);
+    char *text = cache_text(root);
     size_t len = strlen(text);
     int rc = 0;
-    if (write(fd, text, len) != (ssize_t)len || write(fd, "\n", 1) != 1 || fsync(fd) != 0)
+    if (write(fd, text, len) != (ssize_t)len || fsync(fd) != 0)
         rc = ep_fail(err, "%s: cannot write (disk full?): %s", tmp, strerror(errno));
     if (close(fd) != 0 && rc == 0) rc = ep_fail(err, "%s: cannot write: %s", tmp, strerror(errno));
     if (rc == 0 && rename(tmp, path) != 0) rc = ep_fail(err, "%s: cannot rename to %s: %s", tmp, path, strerror(errno));
@@ -124,7 +147,11 @@ int file_digests(const char *cache_path, int n, const char *const *paths, uint64
         root = json_pack("{sss{}}", "format", DIGEST_FORMAT, "files");
         files = json_object_get(root, "files");
     }
-    int rc = 0, changed = 0;
+    // The cache written back holds this call's files only, in canonical form: it is rewritten whenever
+    // its bytes differ from that (a damaged byte that still parses, an entry of another file), so the
+    // same files always leave the same cache.
+    json_t *out = json_pack("{sss{}}", "format", DIGEST_FORMAT, "files"), *out_files = json_object_get(out, "files");
+    int rc = 0;
     for (int i = 0; i < n && rc == 0; i++) {
         char real[PATH_MAX];
         int fd = open(paths[i], O_RDONLY);
@@ -139,15 +166,13 @@ int file_digests(const char *cache_path, int n, const char *const *paths, uint64
             double t0 = now_seconds();
             rc = hash_open_file(fd, paths[i], (size_t)st.st_size, &digests[i], err);
             stats->seconds += now_seconds() - t0;
-            if (rc == 0) {
-                stats->files_hashed++, stats->bytes_hashed += (uint64_t)st.st_size;
-                json_object_set_new(files, real, entry_of(k, digests[i]));
-                changed = 1;
-            }
+            if (rc == 0) stats->files_hashed++, stats->bytes_hashed += (uint64_t)st.st_size;
         }
+        if (rc == 0) json_object_set_new(out_files, real, entry_of(k, digests[i]));
         close(fd);
     }
-    if (rc == 0 && changed) rc = write_cache(cache_path, root, err);
+    if (rc == 0 && !same_text(cache_path, out)) rc = write_cache(cache_path, out, err);
     json_decref(root);
+    json_decref(out);
     return rc;
 }

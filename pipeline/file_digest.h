@@ -7,7 +7,8 @@
 // read in full; the cache is rewritten atomically (temporary file, fsync, rename), so concurrent writers
 // (the ranks of a run) each leave a whole file. Trusts the key: a file whose bytes changed while none of
 // size, mtime, ctime and inode did keeps its old digest (docs/models.md says when that can happen).
-// A missing, unreadable or foreign cache counts as empty. Never prints.
+// A missing, unreadable or foreign cache counts as empty. The cache keeps the files of the last call
+// only, in canonical form, and is rewritten whenever its bytes are not that. Never prints.
 #ifndef EP_FILE_DIGEST_H
 #define EP_FILE_DIGEST_H
 

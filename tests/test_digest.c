@@ -196,6 +196,37 @@ static void test_cache(void) {
               "a changed digit in a cached digest: that file read again (%d), both digests right", st.files_hashed);
     }
 
+    // A damaged byte that changes no value (a space in the indentation) and an entry of another file:
+    // nothing is hashed again, and the cache is rewritten to the bytes these files always give.
+    f = fopen(cache, "r");
+    len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = 0;
+    char canonical[8192];
+    memcpy(canonical, text, len + 1);
+    char *brace = strchr(text, '{');
+    if (brace) {
+        memmove(brace + 2, brace + 1, strlen(brace + 1) + 1);
+        brace[1] = ' ';
+    }
+    char *files_at = strstr(text, "\"files\": {");
+    if (files_at) {
+        const char *other = "\"/elsewhere/model.safetensors\": {\"size\": 1}, ";
+        size_t at = (size_t)(files_at - text) + strlen("\"files\": {"), add = strlen(other);
+        memmove(text + at + add, text + at, strlen(text + at) + 1);
+        memcpy(text + at, other, add);
+    }
+    f = fopen(cache, "w");
+    fputs(text, f);
+    fclose(f);
+    check(file_digests(cache, 2, paths, d, &st, &err) == 0 && st.files_hashed == 0, "harmless damage: nothing read again (%d)",
+          st.files_hashed);
+    f = fopen(cache, "r");
+    len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = 0;
+    check(brace && files_at && !strcmp(text, canonical), "the cache is rewritten to its canonical bytes");
+
     // Errors name the file.
     const char *missing[1] = {"/nonexistent/model.safetensors"};
     check(file_digests(cache, 1, missing, d, &st, &err) != 0 && strstr(err.msg, "/nonexistent/model.safetensors"),

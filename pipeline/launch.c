@@ -4,7 +4,8 @@
 // request in that window used to kill it (exit status 143 or 138: a preempted Slurm job was not
 // requeued, and mpirun could wait for the dead rank forever). Blocked signals stay pending across
 // exec, so the request waits until the core has installed its handler (sched/signals.h) and reaches
-// it then. Being static, this front has no loading window of its own worth the name.
+// it then. Being static, this front meets a signal with the default action only in the tenth of a
+// millisecond from its exec to its first call, the window every program has.
 #include <errno.h>
 #include <limits.h>
 #include <signal.h>

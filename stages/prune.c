@@ -99,7 +99,8 @@ static int parse_fields(const run_config *rc, int n_donors, prune_params *p, ep_
     }
     if (p->n_files > p->head_rounds + p->edge_rounds) p->head_rounds = p->n_files - p->edge_rounds;
     if ((v = json_object_get(j, "min_units"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 0) return ep_fail(err, "%s: field min_units: expected a count", rc->path);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field min_units: expected a count 0..100000000", rc->path);
         p->min_units = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "min_faithfulness"))) {
@@ -107,7 +108,8 @@ static int parse_fields(const run_config *rc, int n_donors, prune_params *p, ep_
         p->min_faithfulness = json_number_value(v);
     }
     if ((v = json_object_get(j, "exact_max_seqs"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1) return ep_fail(err, "%s: field exact_max_seqs: expected a count", rc->path);
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field exact_max_seqs: expected a count 1..100000000", rc->path);
         p->exact_max_seqs = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "exact_units_per_item"))) {

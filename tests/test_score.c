@@ -6,7 +6,8 @@
 // a pass; attribution and exact scores are compared by rank (Spearman, top-k overlap: printed, since a
 // tiny random model need not agree); the speed-up of prefix reuse + batching is measured; exact scores
 // averaged over 3 donors equal a brute force over full passes written here from the definition; round
-// files with units or counts out of range are refused by prune_round_load.
+// files with units or counts out of range are refused by prune_round_load; pruning fields beyond int
+// are refused, not truncated.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -307,6 +308,33 @@ static int write_round(const char *path, int variant) {
     return h5store_commit(&s, &err);
 }
 
+// Pruning fields beyond int (2^32 + 1 used to pass as 1 after the conversion): prune_open refuses them,
+// naming the field; the same config with the field at 1 opens.
+static void test_prune_int_fields(stage_inputs *in) {
+    static const char *fields[] = {"min_units", "exact_max_seqs"};
+    for (int f = 0; f < 2; f++)
+        for (int big = 0; big < 2; big++) {
+            char text[1024];
+            snprintf(text, sizeof text,
+                     "{\"task\": \"person_sport\", \"model_path\": \"m\", \"output_path\": \"%s/int-fields\", \"%s\": %s}", dir,
+                     fields[f], big ? "4294967297" : "1");
+            run_config cfg;
+            ep_error err = {{0}};
+            if (run_config_parse(text, "int-fields.json", &cfg, &err)) {
+                check(0, "%s", err.msg);
+                continue;
+            }
+            stage_inputs copy = *in;
+            copy.cfg = &cfg;
+            prune_run *pr = NULL;
+            int rc = prune_open(&copy, 1, &pr, &err);
+            if (big) check(rc != 0 && strstr(err.msg, fields[f]), "%s 2^32 + 1 refused: %s", fields[f], rc ? err.msg : "(opened)");
+            else check(rc == 0, "%s 1 opens: %s", fields[f], err.msg);
+            prune_close(pr);
+            run_config_free(&cfg);
+        }
+}
+
 static void test_round_validation(void) {
     static const char *names[] = {"", "units", "units", "kept", "agreement", "kind"};
     char run[512], path[600], cmd[700];
@@ -362,6 +390,7 @@ int main(void) {
     stage_inputs in;
     if (open_run("donors", "smollm-tiny", ", \"donors\": 3", &cfg, &in) == 0) {
         test_exact_donors(&in);
+        test_prune_int_fields(&in);
         stage_inputs_close(&in);
         run_config_free(&cfg);
     }

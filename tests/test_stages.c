@@ -3,7 +3,7 @@
 // deleting patch.h5 rebuilds it identically, a corrupted cache shard is refused by the patch stage with
 // a message naming the file and dataset and recomputed by a rerun of the cache stage, and
 // metrics_compute agrees with values computed here by hand; prompts.h5 files whose datasets disagree are
-// refused by prompt_set_load.
+// refused by prompt_set_load; integer fields beyond int are refused, not truncated.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +15,7 @@
 #include "stages/metrics.h"
 #include "stages/patch.h"
 #include "stages/stage_io.h"
+#include "stages/task.h"
 #include "stages/tokenize.h"
 #include "tests/harness.h"
 
@@ -29,6 +30,8 @@ static int read_plan_i32(const char *path, const char *name, int32_t **v) {
     h5store_close(&s);
     return rc;
 }
+
+static void test_int_fields(stage_inputs *in);
 
 static void test_stage_chain(void) {
     char text[2048], path[512];
@@ -49,6 +52,7 @@ static void test_stage_chain(void) {
     }
     check(in.plan.n_donors == 2, "the per-token plan reads two donors");
     check(cache_stage(&in, 0, &err) == 0 && patch_stage(&in, 0, &err) == 0, "cache + patch: %s", err.msg);
+    test_int_fields(&in);
 
     // Direct, in-process: all prompts in one batch, donors computed on the spot.
     int P = in.prompts.n_prompts, V = in.m.cfg.vocab_size, N = 6;
@@ -220,6 +224,49 @@ static int write_prompts(const char *path, int variant) {
         return -1;
     }
     return h5store_commit(&s, &err);
+}
+
+// Integer fields beyond int (2^32 + 1 used to pass as 1 after the conversion to int) are refused,
+// naming the field: a run config's donors, a task file's n_shots, and (at the patch stage)
+// max_new_tokens; the same files with the field at 1 load.
+static void test_int_fields(stage_inputs *in) {
+    for (int big = 0; big < 2; big++) {
+        const char *v = big ? "4294967297" : "1";
+        char text[1024], path[512];
+        run_config cfg;
+        ep_error err = {{0}};
+        snprintf(text, sizeof text, "{\"task\": \"t\", \"model_path\": \"m\", \"output_path\": \"o\", \"donors\": %s}", v);
+        int rc = run_config_parse(text, "donors.json", &cfg, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "donors"), "donors 2^32 + 1 refused: %s", rc ? err.msg : "(parsed)");
+        else check(rc == 0 && cfg.n_donors == 1, "donors 1 parses: %s", err.msg);
+        if (rc == 0) run_config_free(&cfg);
+
+        snprintf(path, sizeof path, "%s/int-task.json", dir);
+        FILE *f = fopen(path, "w");
+        fprintf(f, "{\"name\": \"t\", \"pairs\": \"%s/datasets/pairs/country-capital.json\", \"donor_kinds\": [\"other_pairs\"],"
+                   " \"n_shots\": %s}", getcwd(text, sizeof text), v);
+        fclose(f);
+        task t;
+        rc = task_load(path, &t, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "n_shots"), "n_shots 2^32 + 1 refused: %s", rc ? err.msg : "(loaded)");
+        else check(rc == 0 && t.n_shots == 1, "n_shots 1 loads: %s", err.msg);
+        if (rc == 0) task_free(&t);
+
+        if (!in) continue;
+        snprintf(text, sizeof text, "{\"task\": \"t\", \"model_path\": \"m\", \"output_path\": \"%s/int-run\", \"max_new_tokens\": %s}", dir, v);
+        if (run_config_parse(text, "max_new.json", &cfg, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        stage_inputs copy = *in;
+        copy.cfg = &cfg;
+        work_stage ws = {0};
+        rc = patch_work(&copy, &ws, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "max_new_tokens"), "max_new_tokens 2^32 + 1 refused: %s", rc ? err.msg : "(accepted)");
+        else check(rc == 0, "max_new_tokens 1 accepted: %s", err.msg);
+        if (rc == 0 && ws.release) ws.release(&ws);
+        run_config_free(&cfg);
+    }
 }
 
 static void test_prompts_validation(void) {

@@ -198,8 +198,14 @@ int word_list_load(const char *path, word_list *w, ep_error *err) {
     w->words = ep_malloc(sizeof(char *) * (size_t)cap);
     while (fgets(line, sizeof line, f)) {
         size_t len = strcspn(line, "\r\n");
+        int whole = line[len] != 0 || feof(f);  // else the line goes on past the buffer: too long for a word
+        if (!whole) {  // skip its rest, which fgets would return as more (partial) words
+            int ch;
+            while ((ch = fgetc(f)) != EOF && ch != '\n') {
+            }
+        }
         line[len] = 0;
-        int ok = len >= 2;
+        int ok = whole && len >= 2;
         for (size_t i = 0; i < len && ok; i++) ok = line[i] >= 'a' && line[i] <= 'z';
         if (!ok) continue;
         if (w->n == cap) w->words = ep_realloc(w->words, sizeof(char *) * (size_t)(cap *= 2));

@@ -173,7 +173,7 @@ static void read_round(void) {
     for (int i = 0; i < r.n_units; i++) {
         sink += (unsigned)circuit_has(&r.kept, r.kind, &r.units[i]) + (unsigned)circuit_has(&r.circuit, r.kind, &r.units[i]);
         sink += (unsigned)strlen(token_type_name(r.units[i].a)) + (unsigned)strlen(token_type_name(r.units[i].b));
-        sink += (unsigned)r.scores[i];
+        sink += r.scores[i] > 0;  // (unsigned) of a negative or NaN score would be undefined
     }
     if (r.compare_scores) sink += (unsigned)(int)r.agreement[2] + (unsigned)(int)r.agreement[3];
     prune_round_free(&r);

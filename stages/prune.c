@@ -741,7 +741,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);
         if (r == 0) r = h5store_read_f64(&s, "sums", &sh, &v, err) || h5store_read_f64(&s, "base", &sb, &b, err);
         item_span sp = item_of(rc, item);
-        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.dims[0] != 3))
+        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.rank != 1 || sb.dims[0] != 3))
             r = ep_fail(err, "%s: dataset sums or base has the wrong shape", path);
         for (size_t i = 0; r == 0 && i < (size_t)sp.nu * w; i++) sums[(size_t)sp.u0 * w + i] += v[i];
         for (int i = 0; r == 0 && sp.g == 0 && i < 3; i++) base[i] += b[i];  // every group's C is the same

@@ -45,21 +45,18 @@ static json_t *prompt_metrics_json(const char *run, long index, const tokenizer 
     h5store s;
     ep_error err;
     if (h5store_open(path, &s, &err)) return NULL;
-    h5shape sh[6];
+    h5shape sh;
     int32_t *correct = NULL, *first = NULL, *gen = NULL, *n_gen = NULL;
     float *lp = NULL, *ld = NULL;
     json_t *m = NULL;
-    // Each dataset must hold the prompt, and its continuation fit generated's row.
-    if (h5store_read_i32(&s, "plan/correct", &sh[0], &correct, &err) == 0 &&
-        h5store_read_i32(&s, "plan/first_token_correct", &sh[1], &first, &err) == 0 &&
-        h5store_read_f32(&s, "plan/target_logprob", &sh[2], &lp, &err) == 0 &&
-        h5store_read_f32(&s, "plan/logit_diff", &sh[3], &ld, &err) == 0 &&
-        h5store_read_i32(&s, "plan/n_generated", &sh[4], &n_gen, &err) == 0 &&
-        h5store_read_i32(&s, "plan/generated", &sh[5], &gen, &err) == 0 && sh[5].rank == 2 && index < sh[0].dims[0] &&
-        index < sh[1].dims[0] && index < sh[2].dims[0] && index < sh[3].dims[0] && index < sh[4].dims[0] &&
-        index < sh[5].dims[0] && n_gen[index] >= 0 && n_gen[index] <= sh[5].dims[1]) {
+    if (h5store_read_i32(&s, "plan/correct", &sh, &correct, &err) == 0 &&
+        h5store_read_i32(&s, "plan/first_token_correct", &sh, &first, &err) == 0 &&
+        h5store_read_f32(&s, "plan/target_logprob", &sh, &lp, &err) == 0 &&
+        h5store_read_f32(&s, "plan/logit_diff", &sh, &ld, &err) == 0 &&
+        h5store_read_i32(&s, "plan/n_generated", &sh, &n_gen, &err) == 0 &&
+        h5store_read_i32(&s, "plan/generated", &sh, &gen, &err) == 0 && index < sh.dims[0]) {
         char *text = NULL;
-        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &err)) text = ep_strdup("");
+        if (!tk || tokenizer_decode(tk, gen + index * sh.dims[1], n_gen[index], 1, &text, NULL, &err)) text = ep_strdup("");
         m = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
                       "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
         free(text);

@@ -102,11 +102,11 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
     json_t *donors = json_object_get(c->json, "donors");
     c->n_donors = 1;
     if (json_is_integer(donors)) {
-        c->n_donors = (int)json_integer_value(donors);
-        if (c->n_donors < 0 || c->n_donors > 16) {
+        if (json_integer_value(donors) < 0 || json_integer_value(donors) > 16) {  // before the conversion to int
             ep_fail(err, "%s: field donors: expected 0..16 or a list of donor kinds", name);
             goto fail;
         }
+        c->n_donors = (int)json_integer_value(donors);
     } else if (json_is_array(donors)) {
         c->n_donors = (int)json_array_size(donors);
         if (c->n_donors > 16) {

@@ -382,8 +382,10 @@ static void patch_release(work_stage *ws) {
 
 int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
     json_t *jmax = json_object_get(in->cfg->json, "max_new_tokens");
+    // Range-checked before the conversion to int (2^32 + 5 must not pass as 5).
+    if (jmax && (!json_is_integer(jmax) || json_integer_value(jmax) < 1 || json_integer_value(jmax) > 1000))
+        return ep_fail(err, "%s: field max_new_tokens: expected 1..1000", in->cfg->path);
     int max_new = jmax ? (int)json_integer_value(jmax) : 10;
-    if (max_new < 1 || max_new > 1000) return ep_fail(err, "%s: field max_new_tokens: expected 1..1000", in->cfg->path);
     patch_ctx *c = ep_calloc(1, sizeof *c);
     c->in = in;
     c->max_new = max_new;

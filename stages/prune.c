@@ -39,13 +39,14 @@ static void params_free(prune_params *p) {
     free(p->files);
 }
 
-static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) {
-    const run_config *rc = in->cfg;
+// The config's pruning fields, checked; n_donors: the prompts' donors. Reads no file (pure, so
+// prune_config_check and the fuzz target run it without a run's inputs).
+static int parse_fields(const run_config *rc, int n_donors, prune_params *p, ep_error *err) {
     json_t *j = rc->json, *v;
     memset(p, 0, sizeof *p);
     p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
     p->exact_units_per_item = 64;
-    p->score_donors = in->prompts.n_donors > 1 ? in->prompts.n_donors : 1;
+    p->score_donors = n_donors > 1 ? n_donors : 1;
     if ((v = json_object_get(j, "importance"))) {
         const char *s = json_string_value(v);
         if (!s || (strcmp(s, "attribution") && strcmp(s, "exact")))
@@ -98,7 +99,8 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     }
     if (p->n_files > p->head_rounds + p->edge_rounds) p->head_rounds = p->n_files - p->edge_rounds;
     if ((v = json_object_get(j, "min_units"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 0) return ep_fail(err, "%s: field min_units: expected a count", rc->path);
+        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field min_units: expected a count 0..100000000", rc->path);
         p->min_units = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "min_faithfulness"))) {
@@ -106,7 +108,8 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
         p->min_faithfulness = json_number_value(v);
     }
     if ((v = json_object_get(j, "exact_max_seqs"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1) return ep_fail(err, "%s: field exact_max_seqs: expected a count", rc->path);
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
+            return ep_fail(err, "%s: field exact_max_seqs: expected a count 1..100000000", rc->path);
         p->exact_max_seqs = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "exact_units_per_item"))) {
@@ -115,15 +118,28 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
         p->exact_units_per_item = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "score_donors"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > in->prompts.n_donors)
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > n_donors)
             return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path,
-                           in->prompts.n_donors);
+                           n_donors);
         p->score_donors = (int)json_integer_value(v);
     }
     if ((v = json_object_get(j, "compare_importance"))) {
         if (!json_is_boolean(v)) return ep_fail(err, "%s: field compare_importance: expected true or false", rc->path);
         p->compare = json_is_true(v);
     }
+    return 0;
+}
+
+int prune_config_check(const run_config *rc, int n_donors, ep_error *err) {
+    prune_params p;
+    int r = parse_fields(rc, n_donors, &p, err);
+    params_free(&p);
+    return r;
+}
+
+static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) {
+    const run_config *rc = in->cfg;
+    if (parse_fields(rc, in->prompts.n_donors, p, err)) return -1;
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
@@ -248,6 +264,24 @@ static int load_round_file(const char *path, const model_config *cfg, prune_roun
     }
     if (rc == 0) rc = read_mask(&s, "circuit", cfg, &r->circuit, err);
     if (rc == 0) rc = read_mask(&s, "kept", cfg, &r->kept, err);
+    // What readers index by (circuit_has of every unit in both circuits) and convert to int must be in range.
+    if (rc == 0 && (r->kept.n_layers != r->circuit.n_layers || r->kept.n_heads != r->circuit.n_heads))
+        rc = ep_fail(err, "%s: datasets circuit/heads and kept/heads: different layers or heads", path);
+    if (rc == 0 && strcmp(kind, "head") && strcmp(kind, "edge"))
+        rc = ep_fail(err, "%s: attribute kind: expected \"head\" or \"edge\", not \"%s\"", path, kind);
+    if (rc == 0 && (round < 0 || round > 1000000 || pruned < 0 || pruned > r->n_units))
+        rc = ep_fail(err, "%s: attributes round, pruned: expected a round 0..1000000 and 0..%d units", path, r->n_units);
+    for (int i = 0; i < r->n_units && rc == 0; i++) {
+        const int32_t *u = units + 4 * i;
+        int types = !strcmp(kind, "edge") ? ET : NT;
+        if (u[0] < 0 || u[0] >= r->circuit.n_layers || u[1] < 0 || u[1] >= r->circuit.n_heads || u[2] < 0 || u[2] >= types ||
+            (types == ET && (u[3] < 0 || u[3] >= ET)))  // a head unit's b is unused (-1)
+            rc = ep_fail(err, "%s: dataset units: unit %d (%d, %d, %d, %d) is not a %s unit of a %d-layer, %d-head circuit",
+                         path, i, u[0], u[1], u[2], u[3], kind, r->circuit.n_layers, r->circuit.n_heads);
+    }
+    for (int k = 2; k < 4 && rc == 0 && r->compare_scores; k++)  // top-k overlap and k: counts of units
+        if (!(r->agreement[k] >= 0 && r->agreement[k] <= r->n_units && r->agreement[k] == floor(r->agreement[k])))
+            rc = ep_fail(err, "%s: dataset compare/agreement: element %d is not a unit count 0..%d", path, k, r->n_units);
     if (rc == 0) {
         r->round = (int)round, r->pruned = (int)pruned;
         r->kind = !strcmp(kind, "edge") ? UNIT_EDGE : UNIT_HEAD;
@@ -714,7 +748,7 @@ static int round_finish(work_stage *ws, ep_error *err) {
         if (h5store_get_str(&s, "inputs_hash", &have, err) || strcmp(have, id)) r = ep_fail(err, "%s: made from other inputs than this round's", path);
         if (r == 0) r = h5store_read_f64(&s, "sums", &sh, &v, err) || h5store_read_f64(&s, "base", &sb, &b, err);
         item_span sp = item_of(rc, item);
-        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.dims[0] != 3))
+        if (r == 0 && (sh.rank != 2 || sh.dims[0] != sp.nu || sh.dims[1] != w || sb.rank != 1 || sb.dims[0] != 3))
             r = ep_fail(err, "%s: dataset sums or base has the wrong shape", path);
         for (size_t i = 0; r == 0 && i < (size_t)sp.nu * w; i++) sums[(size_t)sp.u0 * w + i] += v[i];
         for (int i = 0; r == 0 && sp.g == 0 && i < 3; i++) base[i] += b[i];  // every group's C is the same

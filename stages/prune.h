@@ -59,6 +59,10 @@ typedef struct {
     double agreement[4];
 } prune_round;
 
+// Checks the config's pruning fields as prune_open does (n_donors: the prompts' donor count), without
+// opening the prune_using_imp_scores files.
+int prune_config_check(const run_config *rc, int n_donors, ep_error *err);
+
 // Reads <run>/prune.d/round-NNN.h5 (round < 0: the last one there).
 int prune_round_load(const char *run_dir, int round, prune_round *r, ep_error *err);
 void prune_round_free(prune_round *r);

@@ -100,11 +100,12 @@ int task_load(const char *name_or_path, task *t, ep_error *err) {
     t->example_separator = ep_strdup(string_field(root, "example_separator", "\n"));
     const char *in_key = string_field(root, "input", "input"), *out_key = string_field(root, "output", "output");
     json_t *shots = json_object_get(root, "n_shots");
-    t->n_shots = shots ? (int)json_integer_value(shots) : 10;
-    if (shots && (!json_is_integer(shots) || t->n_shots < 0 || t->n_shots > 1000)) {
+    t->n_shots = 10;
+    if (shots && (!json_is_integer(shots) || json_integer_value(shots) < 0 || json_integer_value(shots) > 1000)) {
         ep_fail(err, "%s: field n_shots: expected an integer in 0..1000", path);
         goto done;
     }
+    if (shots) t->n_shots = (int)json_integer_value(shots);  // in range: checked before the conversion
     json_t *kinds = json_object_get(root, "donor_kinds");
     if (!json_is_array(kinds) || json_array_size(kinds) == 0 || json_array_size(kinds) > DONOR_KIND_COUNT) {
         ep_fail(err, "%s: field donor_kinds: expected a list of 1 to %d donor kinds", path, DONOR_KIND_COUNT);
@@ -197,8 +198,14 @@ int word_list_load(const char *path, word_list *w, ep_error *err) {
     w->words = ep_malloc(sizeof(char *) * (size_t)cap);
     while (fgets(line, sizeof line, f)) {
         size_t len = strcspn(line, "\r\n");
+        int whole = line[len] != 0 || feof(f);  // else the line goes on past the buffer: too long for a word
+        if (!whole) {  // skip its rest, which fgets would return as more (partial) words
+            int ch;
+            while ((ch = fgetc(f)) != EOF && ch != '\n') {
+            }
+        }
         line[len] = 0;
-        int ok = len >= 2;
+        int ok = whole && len >= 2;
         for (size_t i = 0; i < len && ok; i++) ok = line[i] >= 'a' && line[i] <= 'z';
         if (!ok) continue;
         if (w->n == cap) w->words = ep_realloc(w->words, sizeof(char *) * (size_t)(cap *= 2));

@@ -51,8 +51,8 @@ void task_free(task *t);
 int task_names(char ***names, int *n, ep_error *err);
 void task_names_free(char **names, int n);
 
-// A word list: one word per line; only lowercase alphabetic words of 2+ letters are kept (random
-// replacement words should be ordinary words, not names or possessives).
+// A word list: one word per line; only lowercase alphabetic words of 2 to 254 letters are kept (random
+// replacement words should be ordinary words, not names or possessives; a longer line is skipped whole).
 typedef struct {
     char **words;
     int n;

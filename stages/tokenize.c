@@ -253,6 +253,46 @@ done:
     return rc;
 }
 
+// 1 if sh is [d0] / [d0, d1] / [d0, d1, d2] (rank dims given).
+static int shape_is(const h5shape *sh, int rank, int64_t d0, int64_t d1, int64_t d2) {
+    const int64_t want[3] = {d0, d1, d2};
+    if (sh->rank != rank) return 0;
+    for (int d = 0; d < rank; d++)
+        if (sh->dims[d] != want[d]) return 0;
+    return 1;
+}
+
+// The datasets agree with each other and with what later stages index by them (every count, length,
+// type and donor kind in range), so no reader of a loaded set goes out of bounds.
+static int prompt_set_check(const char *path, const prompt_set *ps, ep_error *err) {
+    const int P = ps->n_prompts, L = ps->max_len;
+    for (int p = 0; p < P; p++) {
+        if (ps->lengths[p] < 1 || ps->lengths[p] > L)
+            return ep_fail(err, "%s: dataset lengths: prompt %d has length %d, not 1..%d", path, p, ps->lengths[p], L);
+        if (ps->target_lengths[p] < 0 || ps->target_lengths[p] > ps->max_target)
+            return ep_fail(err, "%s: dataset target_lengths: prompt %d has %d, not 0..%d", path, p, ps->target_lengths[p],
+                           ps->max_target);
+        for (int i = 0; i < ps->lengths[p]; i++) {
+            size_t at = (size_t)p * L + i;
+            if (ps->tokens[at] < 0) return ep_fail(err, "%s: dataset tokens: prompt %d position %d: negative id", path, p, i);
+            if (ps->types[at] < 0 || ps->types[at] >= TT_COUNT)
+                return ep_fail(err, "%s: dataset types: prompt %d position %d: type %d, not 0..%d", path, p, i, ps->types[at],
+                               TT_COUNT - 1);
+            for (int d = 0; d < ps->n_donors; d++)
+                if (ps->donors[((size_t)p * ps->n_donors + d) * L + i] < 0)
+                    return ep_fail(err, "%s: dataset donors: prompt %d donor %d position %d: negative id", path, p, d, i);
+        }
+        for (int j = 0; j < ps->target_lengths[p]; j++)
+            if (ps->targets[(size_t)p * ps->max_target + j] < 0)
+                return ep_fail(err, "%s: dataset targets: prompt %d: negative id", path, p);
+    }
+    for (int d = 0; d < ps->n_donors; d++)
+        if (ps->donor_kinds[d] < 0 || ps->donor_kinds[d] >= DONOR_KIND_COUNT)
+            return ep_fail(err, "%s: dataset donor_kinds: donor %d has kind %d, not 0..%d", path, d, ps->donor_kinds[d],
+                           DONOR_KIND_COUNT - 1);
+    return 0;
+}
+
 int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
     memset(ps, 0, sizeof *ps);
     h5store s;
@@ -262,27 +302,47 @@ int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
     int rc = h5store_get_str(&s, "format", &format, err);
     if (rc == 0 && strcmp(format, "edgepatch-prompts-1")) rc = ep_fail(err, "%s: not a prompts file (format %s)", path, format);
     free(format);
+    // Every dataset's shape is checked against tokens' [P, L] and the counts it fixes (K, T, N + 1).
+#define SHAPE(name, ...) \
+    if (rc == 0 && !shape_is(&sh, __VA_ARGS__)) rc = ep_fail(err, "%s: dataset %s: shape does not match tokens [%d, %d]", path, name, P, L)
+    int P = 0, L = 0;
     if (rc == 0) rc = h5store_read_i32(&s, "tokens", &sh, &ps->tokens, err);
+    if (rc == 0 && (sh.rank != 2 || sh.dims[0] > INT32_MAX || sh.dims[1] > INT32_MAX))
+        rc = ep_fail(err, "%s: dataset tokens: expected [prompts, length]", path);
     if (rc == 0) {
-        ps->n_prompts = (int)sh.dims[0];
-        ps->max_len = (int)sh.dims[1];
+        ps->n_prompts = P = (int)sh.dims[0];
+        ps->max_len = L = (int)sh.dims[1];
     }
     if (rc == 0) rc = h5store_read_i32(&s, "types", &sh, &ps->types, err);
+    SHAPE("types", 2, P, L, 0);
     if (rc == 0) rc = h5store_read_i32(&s, "index", &sh, &ps->index, err);
+    SHAPE("index", 2, P, L, 0);
     if (rc == 0) rc = h5store_read_i32(&s, "lengths", &sh, &ps->lengths, err);
+    SHAPE("lengths", 1, P, 0, 0);
     if (rc == 0 && h5store_has(&s, "donors")) {
         rc = h5store_read_i32(&s, "donors", &sh, &ps->donors, err);
+        if (rc == 0 && (sh.rank != 3 || sh.dims[1] < 1 || sh.dims[1] > 16))
+            rc = ep_fail(err, "%s: dataset donors: expected [prompts, 1..16 donors, length]", path);
         if (rc == 0) ps->n_donors = (int)sh.dims[1];
+        SHAPE("donors", 3, P, ps->n_donors, L);
         if (rc == 0) rc = h5store_read_i32(&s, "donor_kinds", &sh, &ps->donor_kinds, err);
+        SHAPE("donor_kinds", 1, ps->n_donors, 0, 0);
     }
     if (rc == 0) rc = h5store_read_i32(&s, "targets", &sh, &ps->targets, err);
+    if (rc == 0 && (sh.rank != 2 || sh.dims[1] > INT32_MAX)) rc = ep_fail(err, "%s: dataset targets: expected [prompts, length]", path);
     if (rc == 0) ps->max_target = (int)sh.dims[1];
+    SHAPE("targets", 2, P, ps->max_target, 0);
     if (rc == 0) rc = h5store_read_i32(&s, "target_lengths", &sh, &ps->target_lengths, err);
+    SHAPE("target_lengths", 1, P, 0, 0);
     if (rc == 0) rc = h5store_read_i32(&s, "pair_ids", &sh, &ps->pair_ids, err);
+    if (rc == 0 && (sh.rank != 2 || sh.dims[1] > INT32_MAX)) rc = ep_fail(err, "%s: dataset pair_ids: expected [prompts, examples]", path);
     if (rc == 0) ps->n_pairs = (int)sh.dims[1];
+    SHAPE("pair_ids", 2, P, ps->n_pairs, 0);
+#undef SHAPE
     if (rc == 0) rc = h5store_get_str(&s, "task", &ps->task, err);
     if (rc == 0) rc = h5store_get_str(&s, "tokenizer_path", &ps->tokenizer_path, err);
     h5store_close(&s);
+    if (rc == 0) rc = prompt_set_check(path, ps, err);
     if (rc) prompt_set_free(ps);
     return rc;
 }

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include <zlib.h>
 
 #include "pipeline/tokenizer.h"
@@ -209,6 +210,22 @@ int main(void) {
     word_list words;
     ep_error err = {{0}};
     check(word_list_load("datasets/words/american-english-small", &words, &err) == 0, "%s", err.msg);
+    // A line longer than the loader's buffer is one (unusable) line, not a word plus its fragments.
+    {
+        char wpath[64];
+        snprintf(wpath, sizeof wpath, "/tmp/ep_test_words_%d", (int)getpid());
+        FILE *wf = fopen(wpath, "w");
+        fputs("ab\n", wf);
+        for (int i = 0; i < 300; i++) fputc('a', wf);
+        fputs("\ncd\nEf\nx\n", wf);
+        fclose(wf);
+        word_list w;
+        int rc = word_list_load(wpath, &w, &err);
+        check(rc == 0 && w.n == 2 && !strcmp(w.words[0], "ab") && !strcmp(w.words[1], "cd"),
+              "word list with a 300-letter line: %d words (want ab, cd)", rc == 0 ? w.n : -1);
+        word_list_free(&w);
+        unlink(wpath);
+    }
     // Every 6th word is plenty for the invariants and keeps the sanitizer build quick.
     for (int i = 0; i < words.n; i++)
         if (i % 6) free(words.words[i]);

@@ -5,7 +5,9 @@
 // tests/test_patch.c holds against the HF reference) bit for bit, and within 1e-5 when many units share
 // a pass; attribution and exact scores are compared by rank (Spearman, top-k overlap: printed, since a
 // tiny random model need not agree); the speed-up of prefix reuse + batching is measured; exact scores
-// averaged over 3 donors equal a brute force over full passes written here from the definition.
+// averaged over 3 donors equal a brute force over full passes written here from the definition; round
+// files with units or counts out of range are refused by prune_round_load; pruning fields beyond int
+// are refused, not truncated.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,8 +15,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "pipeline/h5store.h"
 #include "stages/metrics.h"
 #include "stages/prompts.h"
+#include "stages/prune.h"
 #include "stages/score.h"
 #include "stages/tokenize.h"
 #include "tests/harness.h"
@@ -269,12 +273,98 @@ static void test_rank_helpers(void) {
     check(o[0] == 3 && o[1] == 2 && o[2] == 0 && o[3] == 1, "rank order: highest first, ties in unit order");
 }
 
+// Round files whose units or counts are out of range (found by tests/fuzz/fuzz_h5_artifacts.c): the
+// reader refuses each, where it used to return units that circuit_has (`edgepatch scores`,
+// model_logs.json) looks up past the circuit's masks, and agreement counts that are converted to int
+// (undefined for NaN). A consistent round file (2 layers, 2 heads, 2 head units) loads. variant: which
+// part is spoiled (0: none).
+static int write_round(const char *path, int variant) {
+    enum { L = 2, H = 2 };
+    int32_t units[2 * 4] = {0, 1, 6, -1, 1, 0, 3, -1}, heads[L * H * PLAN_CIRCUIT_TYPES], kept[L * H * PLAN_CIRCUIT_TYPES];
+    float scores[2] = {0.5f, -1}, metrics[9] = {0};
+    double agreement[4] = {1, 1, 1, 1};
+    for (int i = 0; i < L * H * PLAN_CIRCUIT_TYPES; i++) heads[i] = 1, kept[i] = i % 2;
+    h5shape su = {2, {2, 4}}, ss = {1, {2}}, sm = {2, {3, 3}}, sh = {3, {L, H, PLAN_CIRCUIT_TYPES}}, sk = sh, sa = {1, {4}};
+    const char *kind = "head";
+    if (variant == 1) units[4] = L;          // a layer past the circuit's
+    if (variant == 2) units[6] = PLAN_CIRCUIT_TYPES;  // a head unit's type past the masks
+    if (variant == 3) sk.dims[0] = 1;        // kept for fewer layers than the circuit
+    if (variant == 4) agreement[3] = NAN;    // k, converted to int by its readers
+    if (variant == 5) kind = "heads";        // neither "head" nor "edge"
+    h5store s;
+    ep_error err = {{0}};
+    if (h5store_create(path, &s, &err)) return -1;
+    int rc = h5store_write_i32(&s, "units", &su, units, &err) || h5store_write_f32(&s, "scores", &ss, scores, &err) ||
+             h5store_write_f32(&s, "metrics", &sm, metrics, &err) || h5store_write_i32(&s, "circuit/heads", &sh, heads, &err) ||
+             h5store_write_i32(&s, "kept/heads", &sk, kept, &err) || h5store_write_f32(&s, "compare/scores", &ss, scores, &err) ||
+             h5store_write_f64(&s, "compare/agreement", &sa, agreement, &err) ||
+             h5store_set_str(&s, "compare_method", "exact", &err) || h5store_set_str(&s, "kind", kind, &err) ||
+             h5store_set_str(&s, "method", "attribution", &err) || h5store_set_str(&s, "stop", "", &err) ||
+             h5store_set_i64(&s, "round", 0, &err) || h5store_set_i64(&s, "pruned", 1, &err);
+    if (rc) {
+        h5store_abandon(&s);
+        return -1;
+    }
+    return h5store_commit(&s, &err);
+}
+
+// Pruning fields beyond int (2^32 + 1 used to pass as 1 after the conversion): prune_open refuses them,
+// naming the field; the same config with the field at 1 opens.
+static void test_prune_int_fields(stage_inputs *in) {
+    static const char *fields[] = {"min_units", "exact_max_seqs"};
+    for (int f = 0; f < 2; f++)
+        for (int big = 0; big < 2; big++) {
+            char text[1024];
+            snprintf(text, sizeof text,
+                     "{\"task\": \"person_sport\", \"model_path\": \"m\", \"output_path\": \"%s/int-fields\", \"%s\": %s}", dir,
+                     fields[f], big ? "4294967297" : "1");
+            run_config cfg;
+            ep_error err = {{0}};
+            if (run_config_parse(text, "int-fields.json", &cfg, &err)) {
+                check(0, "%s", err.msg);
+                continue;
+            }
+            stage_inputs copy = *in;
+            copy.cfg = &cfg;
+            prune_run *pr = NULL;
+            int rc = prune_open(&copy, 1, &pr, &err);
+            if (big) check(rc != 0 && strstr(err.msg, fields[f]), "%s 2^32 + 1 refused: %s", fields[f], rc ? err.msg : "(opened)");
+            else check(rc == 0, "%s 1 opens: %s", fields[f], err.msg);
+            prune_close(pr);
+            run_config_free(&cfg);
+        }
+}
+
+static void test_round_validation(void) {
+    static const char *names[] = {"", "units", "units", "kept", "agreement", "kind"};
+    char run[512], path[600], cmd[700];
+    snprintf(run, sizeof run, "%s/round-check", dir);
+    snprintf(path, sizeof path, "%s/prune.d/round-000.h5", run);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/prune.d", run);
+    if (system(cmd) != 0) return;
+    for (int v = 0; v < 6; v++) {
+        prune_round r;
+        ep_error err = {{0}};
+        if (write_round(path, v)) {
+            check(0, "writing round variant %d", v);
+            continue;
+        }
+        int rc = prune_round_load(run, 0, &r, &err);
+        if (v == 0)
+            check(rc == 0 && r.n_units == 2 && circuit_has(&r.kept, r.kind, &r.units[1]) == 1 && r.agreement[3] == 1,
+                  "a consistent round file loads: %s", err.msg);
+        else check(rc != 0 && strstr(err.msg, names[v]), "round variant %d refused naming %s: %s", v, names[v], rc ? err.msg : "(loaded)");
+        if (rc == 0) prune_round_free(&r);
+    }
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/ep_test_score_%d", (int)getpid());
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", dir, dir);
     if (system(cmd) != 0) return 1;
     test_rank_helpers();
+    test_round_validation();
     const char *models[2] = {"smollm-tiny", "gemma2-tiny"};
     const char *extra[2] = {"", ", \"affect_whom\": [[\"x\", \"y\"]]"};
     for (int i = 0; i < 2; i++) {
@@ -300,6 +390,7 @@ int main(void) {
     stage_inputs in;
     if (open_run("donors", "smollm-tiny", ", \"donors\": 3", &cfg, &in) == 0) {
         test_exact_donors(&in);
+        test_prune_int_fields(&in);
         stage_inputs_close(&in);
         run_config_free(&cfg);
     }

@@ -2,7 +2,8 @@
 // in-process patch_run over the same prompts (so the cache shards' round trip is exact), a rerun after
 // deleting patch.h5 rebuilds it identically, a corrupted cache shard is refused by the patch stage with
 // a message naming the file and dataset and recomputed by a rerun of the cache stage, and
-// metrics_compute agrees with values computed here by hand.
+// metrics_compute agrees with values computed here by hand; prompts.h5 files whose datasets disagree are
+// refused by prompt_set_load; integer fields beyond int are refused, not truncated.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,8 @@
 #include "stages/metrics.h"
 #include "stages/patch.h"
 #include "stages/stage_io.h"
+#include "stages/task.h"
+#include "stages/tokenize.h"
 #include "tests/harness.h"
 
 static char dir[256];
@@ -27,6 +30,8 @@ static int read_plan_i32(const char *path, const char *name, int32_t **v) {
     h5store_close(&s);
     return rc;
 }
+
+static void test_int_fields(stage_inputs *in);
 
 static void test_stage_chain(void) {
     char text[2048], path[512];
@@ -47,6 +52,7 @@ static void test_stage_chain(void) {
     }
     check(in.plan.n_donors == 2, "the per-token plan reads two donors");
     check(cache_stage(&in, 0, &err) == 0 && patch_stage(&in, 0, &err) == 0, "cache + patch: %s", err.msg);
+    test_int_fields(&in);
 
     // Direct, in-process: all prompts in one batch, donors computed on the spot.
     int P = in.prompts.n_prompts, V = in.m.cfg.vocab_size, N = 6;
@@ -182,12 +188,112 @@ static void test_metrics(void) {
     tokenizer_free(tk);
 }
 
+// prompts.h5 whose datasets disagree with each other (found by tests/fuzz/fuzz_h5_artifacts.c): the
+// reader refuses each, naming the dataset, where it used to return a set whose readers (the forward
+// passes, circuit_start_edges) index past the arrays. A consistent file (P = 2, L = 4, K = 1, T = 2,
+// N + 1 = 2) loads. variant: which dataset is spoiled (0: none).
+static int write_prompts(const char *path, int variant) {
+    enum { P = 2, L = 4 };
+    int32_t tokens[P * L] = {1, 5, 6, 7, 1, 8, 9, -1}, types[P * L] = {0, 1, 2, 6, 0, 1, 6, -1};
+    int32_t index[P * L] = {-1, 0, 0, 0, -1, 0, 0, -1}, lengths[P] = {4, 3}, donors[P * L], kinds[1] = {3};
+    int32_t targets[P * 2] = {3, 4, 5, -1}, target_lengths[P] = {2, 1}, pair_ids[P * 2] = {0, 1, 2, 3};
+    memcpy(donors, tokens, sizeof donors);
+    h5shape pl = {2, {P, L}}, p1 = {1, {P}}, pkl = {3, {P, 1, L}}, k1 = {1, {1}}, pt = {2, {P, 2}};
+    if (variant == 1) lengths[1] = L + 1;              // a prompt longer than the rows
+    if (variant == 2) pl.dims[1] = L - 1;              // types narrower than tokens (written below)
+    if (variant == 3) types[2] = 8;                    // a type past TT_COUNT - 1
+    if (variant == 4) kinds[0] = 5;                    // a donor kind past DONOR_KIND_COUNT - 1
+    if (variant == 5) target_lengths[0] = 3;           // more target tokens than targets' columns
+    if (variant == 6) pkl.dims[2] = L - 1;             // donors shorter than the prompts
+    if (variant == 7) p1.dims[0] = 1;                  // target_lengths (and lengths) for fewer prompts
+    h5shape tok = {2, {P, L}};
+    h5store s;
+    ep_error err = {{0}};
+    if (h5store_create(path, &s, &err)) return -1;
+    int rc = h5store_write_i32(&s, "tokens", &tok, tokens, &err) || h5store_write_i32(&s, "types", &pl, types, &err) ||
+             h5store_write_i32(&s, "index", &tok, index, &err) ||
+             h5store_write_i32(&s, "lengths", variant == 7 ? &(h5shape){1, {P}} : &p1, lengths, &err) ||
+             h5store_write_i32(&s, "donors", &pkl, donors, &err) || h5store_write_i32(&s, "donor_kinds", &k1, kinds, &err) ||
+             h5store_write_i32(&s, "targets", &pt, targets, &err) ||
+             h5store_write_i32(&s, "target_lengths", &p1, target_lengths, &err) ||
+             h5store_write_i32(&s, "pair_ids", &pt, pair_ids, &err) || h5store_set_str(&s, "format", "edgepatch-prompts-1", &err) ||
+             h5store_set_str(&s, "task", "t", &err) || h5store_set_str(&s, "tokenizer_path", "m", &err);
+    if (rc) {
+        h5store_abandon(&s);
+        return -1;
+    }
+    return h5store_commit(&s, &err);
+}
+
+// Integer fields beyond int (2^32 + 1 used to pass as 1 after the conversion to int) are refused,
+// naming the field: a run config's donors, a task file's n_shots, and (at the patch stage)
+// max_new_tokens; the same files with the field at 1 load.
+static void test_int_fields(stage_inputs *in) {
+    for (int big = 0; big < 2; big++) {
+        const char *v = big ? "4294967297" : "1";
+        char text[1024], path[512];
+        run_config cfg;
+        ep_error err = {{0}};
+        snprintf(text, sizeof text, "{\"task\": \"t\", \"model_path\": \"m\", \"output_path\": \"o\", \"donors\": %s}", v);
+        int rc = run_config_parse(text, "donors.json", &cfg, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "donors"), "donors 2^32 + 1 refused: %s", rc ? err.msg : "(parsed)");
+        else check(rc == 0 && cfg.n_donors == 1, "donors 1 parses: %s", err.msg);
+        if (rc == 0) run_config_free(&cfg);
+
+        snprintf(path, sizeof path, "%s/int-task.json", dir);
+        FILE *f = fopen(path, "w");
+        fprintf(f, "{\"name\": \"t\", \"pairs\": \"%s/datasets/pairs/country-capital.json\", \"donor_kinds\": [\"other_pairs\"],"
+                   " \"n_shots\": %s}", getcwd(text, sizeof text), v);
+        fclose(f);
+        task t;
+        rc = task_load(path, &t, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "n_shots"), "n_shots 2^32 + 1 refused: %s", rc ? err.msg : "(loaded)");
+        else check(rc == 0 && t.n_shots == 1, "n_shots 1 loads: %s", err.msg);
+        if (rc == 0) task_free(&t);
+
+        if (!in) continue;
+        snprintf(text, sizeof text, "{\"task\": \"t\", \"model_path\": \"m\", \"output_path\": \"%s/int-run\", \"max_new_tokens\": %s}", dir, v);
+        if (run_config_parse(text, "max_new.json", &cfg, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        stage_inputs copy = *in;
+        copy.cfg = &cfg;
+        work_stage ws = {0};
+        rc = patch_work(&copy, &ws, &err);
+        if (big) check(rc != 0 && strstr(err.msg, "max_new_tokens"), "max_new_tokens 2^32 + 1 refused: %s", rc ? err.msg : "(accepted)");
+        else check(rc == 0, "max_new_tokens 1 accepted: %s", err.msg);
+        if (rc == 0 && ws.release) ws.release(&ws);
+        run_config_free(&cfg);
+    }
+}
+
+static void test_prompts_validation(void) {
+    static const char *names[] = {"", "lengths", "types", "types", "donor_kinds", "target_lengths", "donors", "target_lengths"};
+    char path[512];
+    snprintf(path, sizeof path, "%s/prompts-check.h5", dir);
+    for (int v = 0; v < 8; v++) {
+        prompt_set ps;
+        ep_error err = {{0}};
+        if (write_prompts(path, v)) {
+            check(0, "writing prompts variant %d", v);
+            continue;
+        }
+        int rc = prompt_set_load(path, &ps, &err);
+        if (v == 0) check(rc == 0 && ps.n_prompts == 2 && ps.max_len == 4 && ps.n_donors == 1, "a consistent prompts.h5 loads: %s", err.msg);
+        else check(rc != 0 && strstr(err.msg, names[v]), "prompts.h5 variant %d refused naming %s: %s", v, names[v], rc ? err.msg : "(loaded)");
+        if (rc == 0) prompt_set_free(&ps);
+    }
+    unlink(path);
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/ep_test_stages_%d", (int)getpid());
     char cmd[600];
     snprintf(cmd, sizeof cmd, "rm -rf %s && mkdir -p %s", dir, dir);
     if (system(cmd) != 0) return 1;
     test_metrics();
+    test_prompts_validation();
     test_stage_chain();
     test_bf16_cache();
     snprintf(cmd, sizeof cmd, "rm -rf %s", dir);

@@ -62,6 +62,9 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
         if (sh[k].dims[0] != n_prompts || sh[k].rank != (k == 5 ? 2 : 1))
             rc = ep_fail(err, "%s: dataset plan/%s has %lld rows, prompts.h5 has %d prompts (made from other prompts?)", path,
                          names[k], (long long)sh[k].dims[0], n_prompts);
+    if (rc == 0 && (n_gen[index] < 0 || n_gen[index] > sh[5].dims[1]))
+        rc = ep_fail(err, "%s: dataset plan/n_generated: %d tokens for prompt %d, plan/generated holds %lld per prompt",
+                     path, n_gen[index], (int)index, (long long)sh[5].dims[1]);
     if (rc == 0) {
         char *text = NULL;
         ep_error ignored;

@@ -292,6 +292,13 @@ def main():
             sent = False
             if rc is None:
                 if target == "mpirun":
+                    # Once mpirun has started every rank: it forwards SIGUSR1 to the process it forked
+                    # even before that process has executed edgepatch, and there the signal kills it (the
+                    # exec window of children(), on mpirun's side; docs/distribution.md).
+                    for _ in range(200):
+                        if len(children(a.p.pid)) == ranks or a.p.poll() is not None:
+                            break
+                        time.sleep(0.01)
                     pids = [a.p.pid]
                 elif target == "process":
                     pids = [a.p.pid]

@@ -144,6 +144,8 @@ def corrupt(rng, d):
         return None
     f = rng.choice(files)
     p = os.path.join(d, f)
+    if not os.path.exists(p):
+        return None
     size = os.path.getsize(p)
     if size == 0:
         return None
@@ -181,6 +183,20 @@ class Attempt:
         except ProcessLookupError:
             pass
         self.p.wait()
+
+    def reap(self):
+        """Ends whatever the attempt left running (ranks orphaned by a killed mpirun), as the end of a
+        Slurm job does, so that the next attempt never races with them."""
+        try:
+            os.killpg(self.p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for _ in range(500):
+            try:
+                os.killpg(self.p.pid, 0)
+            except (ProcessLookupError, PermissionError):
+                return
+            time.sleep(0.01)
 
     def output(self):
         self.log.close()
@@ -324,6 +340,8 @@ def main():
                     except ProcessLookupError:
                         pass
                 rc = a.wait(hang_s)
+            if rc is not None:
+                a.reap()
             text = a.output() if rc is not None else None
             stage = stage_at if sent else "after"
             if rc is None:

@@ -80,6 +80,17 @@ def is_core(pid):
         return False
 
 
+def start_time(pid):
+    """The start time of process pid (field 22 of /proc/PID/stat), or None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
 def children(pid):
     """Pids of the direct children of pid (the ranks of an mpirun) that run edgepatch-core.
 
@@ -184,19 +195,29 @@ class Attempt:
             pass
         self.p.wait()
 
+    def note_ranks(self):
+        """Remembers the ranks running now (pid and start time, so that a reused pid is never taken
+        for one)."""
+        self.ranks = getattr(self, "ranks", set())
+        for pid in children(self.p.pid):
+            st = start_time(pid)
+            if st is not None:
+                self.ranks.add((pid, st))
+
     def reap(self):
-        """Ends whatever the attempt left running (ranks orphaned by a killed mpirun), as the end of a
-        Slurm job does, so that the next attempt never races with them."""
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        for _ in range(500):
-            try:
-                os.killpg(self.p.pid, 0)
-            except (ProcessLookupError, PermissionError):
-                return
-            time.sleep(0.01)
+        """Ends the ranks an attempt left running (orphaned by a killed mpirun), as the end of a Slurm
+        job does, so that the next attempt never races with them."""
+        for pid, st in getattr(self, "ranks", ()):
+            if start_time(pid) == st:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        for pid, st in getattr(self, "ranks", ()):
+            for _ in range(500):
+                if start_time(pid) != st:
+                    break
+                time.sleep(0.01)
 
     def output(self):
         self.log.close()
@@ -323,15 +344,20 @@ def main():
                             break
                         time.sleep(0.001)
                 else:
+                    # The ranks may not be started yet: "all ranks" waits for every one of them (a kill of
+                    # the ranks started so far is a kill of some ranks, which can leave the others
+                    # waiting in MPI_Init for a rank that is gone: docs/reliability.md, "What is left").
+                    want = ranks if target == "all ranks" else 1
                     pids = children(a.p.pid)
-                    for _ in range(200):  # the ranks may not be started yet
-                        if pids or a.p.poll() is not None:
+                    for _ in range(200):
+                        if len(pids) >= want or a.p.poll() is not None:
                             break
                         time.sleep(0.01)
                         pids = children(a.p.pid)
                     if target == "one rank" and pids:
                         pids = [rng.choice(pids)]
                 a.log.flush()
+                a.note_ranks()
                 stage_at = stage_of(open(log, errors="replace").read())
                 for pid in pids:
                     try:

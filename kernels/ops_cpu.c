@@ -12,9 +12,9 @@
 #include "kernels/cpu_gemm.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
-#include "pipeline/error.h"
+#include "kernels/alloc.h"
 
-static void *host_alloc(size_t bytes) { return ep_malloc(bytes); }
+static void *host_alloc(size_t bytes) { return kernel_malloc(bytes); }
 static void host_release(void *p) { free(p); }
 static void host_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 static void host_sync(void) {}
@@ -57,11 +57,11 @@ static void cpu_matmul_bf16(float *out, const float *x, const uint16_t *w, const
                             int n_out) {
     if (rows <= 0 || n_out <= 0) return;
     size_t nx = (size_t)rows * n_in;
-    float *xr = ep_malloc(sizeof(float) * (nx ? nx : 1));
+    float *xr = kernel_malloc(sizeof(float) * (nx ? nx : 1));
     for (size_t i = 0; i < nx; i++) xr[i] = bf16_round(x[i]);
     int n_blocks = (n_out + BF16_BLOCK_ROWS - 1) / BF16_BLOCK_ROWS;
     int slots = n_blocks < cpu_threads() ? n_blocks : cpu_threads();
-    bf16_job j = {out, ep_malloc(sizeof(float) * (size_t)slots * BF16_BLOCK_ROWS * (size_t)(n_in ? n_in : 1)), xr, bias, w,
+    bf16_job j = {out, kernel_malloc(sizeof(float) * (size_t)slots * BF16_BLOCK_ROWS * (size_t)(n_in ? n_in : 1)), xr, bias, w,
                   rows, n_in, n_out};
     cpu_parallel_for(n_blocks, bf16_block, &j);
     free(j.wb);
@@ -201,8 +201,8 @@ static size_t max_attn_block(const attn_seq *seqs, int n_seqs) {
 static void run_attn(attn_job *j, int n_seqs) {
     int tasks = n_seqs * j->p->n_heads, slots = tasks < cpu_threads() ? tasks : cpu_threads();
     if (slots < 1) return;
-    j->scores = ep_malloc(sizeof(float) * j->max_block * (1 + (size_t)j->n_donors) * (size_t)slots);
-    j->sel = j->rules ? ep_malloc(j->max_block * (size_t)slots) : NULL;
+    j->scores = kernel_malloc(sizeof(float) * j->max_block * (1 + (size_t)j->n_donors) * (size_t)slots);
+    j->sel = j->rules ? kernel_malloc(j->max_block * (size_t)slots) : NULL;
     cpu_parallel_for(tasks, attn_task, j);
     free(j->scores);
     free(j->sel);

@@ -22,7 +22,7 @@
 extern "C" {
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
-#include "pipeline/error.h"
+#include "kernels/alloc.h"
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -544,7 +544,7 @@ static void attention_launch(float *out, const float *q, const float *k, const f
         abort();
     }
 
-    int4 *host_rows = (int4 *)ep_malloc(sizeof(int4) * total_q);
+    int4 *host_rows = (int4 *)kernel_malloc(sizeof(int4) * total_q);
     attn_rows_fill(host_rows, seqs, n_seqs);
     device_buffer_reserve(&ctx.attn_rows, &ctx.attn_rows_cap, sizeof(int4) * total_q, sizeof(int4) * 4096);
     // Stream-ordered after earlier kernels that read the buffer; a copy from pageable memory has taken
@@ -601,7 +601,7 @@ static void cuda_patched_attention(float *out, const float *q, const float *k, c
                 __FILE__, __LINE__);
         abort();
     }
-    unsigned char *host = (unsigned char *)ep_calloc(1, lay.bytes);
+    unsigned char *host = (unsigned char *)kernel_calloc(1, lay.bytes);
     attn_patch_fill(host, &lay, rules, seqs, n_seqs);
     device_buffer_reserve(&ctx.patch_buf, &ctx.patch_cap, lay.bytes, 64 * 1024);
     // Stream-ordered like the row descriptors; the host image can go at once.

@@ -11,14 +11,14 @@
 #include <string.h>
 
 #include "kernels/ops.h"
-#include "pipeline/error.h"
+#include "kernels/alloc.h"
 
 #define OFFSET_BACKEND_BIAS ((uintptr_t)1 << 62)
 
 static inline void *ob_real(const void *p) { return p ? (void *)((uintptr_t)p - OFFSET_BACKEND_BIAS) : NULL; }
 #define OB_F(p) ((float *)ob_real(p))
 
-static void *ob_alloc(size_t bytes) { return (void *)((uintptr_t)ep_malloc(bytes ? bytes : 1) + OFFSET_BACKEND_BIAS); }
+static void *ob_alloc(size_t bytes) { return (void *)((uintptr_t)kernel_malloc(bytes ? bytes : 1) + OFFSET_BACKEND_BIAS); }
 static void ob_release(void *p) { free(ob_real(p)); }
 static void ob_upload(void *dst, const void *host_src, size_t bytes) { memcpy(ob_real(dst), host_src, bytes); }
 static void ob_download(void *host_dst, const void *src, size_t bytes) { memcpy(host_dst, ob_real(src), bytes); }

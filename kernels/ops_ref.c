@@ -7,9 +7,9 @@
 #include "kernels/bf16.h"
 #include "kernels/ops.h"
 #include "kernels/ops_common.h"
-#include "pipeline/error.h"
+#include "kernels/alloc.h"
 
-static void *host_alloc(size_t bytes) { return ep_malloc(bytes); }
+static void *host_alloc(size_t bytes) { return kernel_malloc(bytes); }
 static void host_release(void *p) { free(p); }
 static void host_copy(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 static void host_sync(void) {}
@@ -110,7 +110,7 @@ static void ref_patched_attention(float *out, const float *q, const float *k, co
     for (int s = 0; s < n_seqs; s++) {
         const attn_seq *sq = &seqs[s];
         int n_keys = sq->q_pos + sq->n_q;
-        double *score = ep_malloc(sizeof(double) * (size_t)n_keys);
+        double *score = kernel_malloc(sizeof(double) * (size_t)n_keys);
         for (int qi = 0; qi < sq->n_q; qi++) {
             int i = sq->q_pos + qi;
             for (int h = 0; h < p->n_heads; h++) {

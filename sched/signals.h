@@ -5,7 +5,7 @@
 //
 // A stop request must never find the default action (the process dies with 143 or 138: no requeue;
 // under mpirun a rank dead in MPI_Init left mpirun waiting forever). The front, edgepatch
-// (pipeline/launch.c), starts the program with both signals blocked, so one that comes while the
+// (sched/cli/launch.c), starts the program with both signals blocked, so one that comes while the
 // libraries load stays pending; the handler is installed first thing (sched_init, the report command)
 // and only then are they unblocked. MPI_Init runs with them held again, so that the threads MPI starts
 // never take them and a handler MPI may install never sees them; the handler is installed once more

@@ -94,7 +94,7 @@ def start_time(pid):
 def children(pid):
     """Pids of the direct children of pid (the ranks of an mpirun) that run edgepatch-core.
 
-    Not the front (pipeline/launch.c) in the tenth of a millisecond before it blocks the stop signals and
+    Not the front (sched/cli/launch.c) in the tenth of a millisecond before it blocks the stop signals and
     executes the core: a signal there finds the default action, as it would for any program between its
     exec and its first instructions (docs/distribution.md), so the test does not aim there."""
     try:

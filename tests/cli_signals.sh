@@ -15,7 +15,7 @@ if ! command -v mpirun > /dev/null; then echo "cli_signals: mpirun not found" >&
 config() {  # name
   printf '{"task": "person_sport", "model_name": "smollm_prune_heads_in_circuits", "model_path": "tests/fixtures/models/smollm-tiny", "output_path": "%s/%s", "n_prompts": 4, "batch_size": 2, "seed": 5, "n_shots": 3, "max_new_tokens": 2, "affect_whom": [["x", "y"]], "ablations": [{"name": "a", "group": "y->last", "band": "0", "rules": [{"sender": ["y"], "receiver": ["last"], "relation": "any", "layers": [0]}]}, {"name": "b", "group": "y->last", "band": "1", "rules": [{"sender": ["y"], "receiver": ["last"], "relation": "any", "layers": [1]}]}, {"name": "c", "group": "x->last", "band": "0", "rules": [{"sender": ["x"], "receiver": ["last"], "relation": "any", "layers": [0]}]}, {"name": "d", "group": "x->last", "band": "1", "rules": [{"sender": ["x"], "receiver": ["last"], "relation": "any", "layers": [1]}]}], "importance": "attribution", "prune_rounds": {"heads": 1, "edges": 0}, "prune_fraction": 0.3}\n' "$tmp" "$1" > "$tmp/$1.json"
 }
-# The program proper: edgepatch-core once the front (pipeline/launch.c) has executed it. Not the front in
+# The program proper: edgepatch-core once the front (sched/cli/launch.c) has executed it. Not the front in
 # the tenth of a millisecond before it blocks the signals: no program can take a signal there
 # (docs/distribution.md). A build without the front (an older one) is signalled as soon as it runs.
 core=edgepatch-core

@@ -6,7 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "pipeline/forward.h"
 #include "pipeline/generate.h"
 #include "pipeline/model.h"

@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "pipeline/model.h"
 
 static const char usage[] =

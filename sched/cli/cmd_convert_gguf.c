@@ -4,7 +4,7 @@
 #include <string.h>
 #include <time.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "pipeline/convert_gguf.h"
 
 static void help(FILE *f) {

@@ -2,7 +2,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "sched/signals.h"
 #include "stages/report.h"
 

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "pipeline/h5store.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "sched/sweep.h"
 
 static const char usage[] =
@@ -128,7 +128,7 @@ static int submit(const sweep *s, int dry_run) {
     char program[PATH_MAX] = "edgepatch";
     ssize_t len = readlink("/proc/self/exe", program, sizeof program - 1);
     if (len > 0) program[len] = 0;
-    // The jobs start the front beside us (pipeline/launch.c), which holds stop signals while we load.
+    // The jobs start the front beside us (sched/cli/launch.c), which holds stop signals while we load.
     char *base = strrchr(program, '/');
     if (base && !strcmp(base, "/edgepatch-core")) {
         strcpy(base, "/edgepatch");

@@ -1,10 +1,10 @@
-// edgepatch: entry point. Dispatches to the subcommands of pipeline/cli.h; everything else lives in
+// edgepatch: entry point. Dispatches to the subcommands of sched/cli/cli.h; everything else lives in
 // the core library so that tests exercise the same code.
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 
 typedef struct {
     const char *name;
@@ -46,7 +46,7 @@ int main(int argc, char **argv) {
         printf("edgepatch %s\n", EP_VERSION);
         return 0;
     }
-    // The front (pipeline/launch.c) starts us with SIGTERM and SIGUSR1 blocked. run and report install
+    // The front (sched/cli/launch.c) starts us with SIGTERM and SIGUSR1 blocked. run and report install
     // their handler and then unblock them (sched/signals.h); every other command takes them as usual.
     if (strcmp(argv[1], "run") && strcmp(argv[1], "report")) {
         sigset_t stop;

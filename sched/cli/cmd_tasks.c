@@ -3,7 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "pipeline/cli.h"
+#include "sched/cli/cli.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"
 #include "stages/task.h"

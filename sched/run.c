@@ -1,0 +1,92 @@
+#include "run.h"
+
+#include <string.h>
+
+#include "pipeline/run_config.h"
+#include "stages/cache.h"
+#include "stages/patch.h"
+#include "stages/prune.h"
+#include "stages/report.h"
+#include "stages/stage_io.h"
+#include "stages/tokenize.h"
+
+static const char *const stage_names[RUN_N_STAGES] = {"tokenize", "cache", "patch", "score", "prune"};
+
+const char *run_stage_name(run_stage s) { return s >= 0 && s < RUN_N_STAGES ? stage_names[s] : "?"; }
+
+int run_stage_from_name(const char *name) {
+    for (int s = 0; s < RUN_N_STAGES; s++)
+        if (!strcmp(name, stage_names[s])) return s;
+    return -1;
+}
+
+// The model stages and the rounds, once the config is loaded and the groups are formed.
+static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int fresh, FILE *report_out, ep_error *err) {
+    int root = sc->rank == 0;
+    // Rank 0 first removes what killed writers left (*.tmp-PID anywhere in the run folder), while the
+    // other ranks wait below and nothing of this run writes yet; then it tokenizes (it is cheap).
+    // Nothing starts once a stop was asked for.
+    int removed = 0, status = sched_stop_requested() ? SCHED_STOPPED : SCHED_OK;
+    if (status == SCHED_OK && root && stage_remove_temporaries(cfg->output_path, 8, NULL, &removed, err)) status = SCHED_FAILED;
+    if (root && removed)
+        fprintf(stderr, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s\n", removed,
+                removed == 1 ? "" : "s", cfg->output_path);
+    if (status == SCHED_OK && root && tokenize_stage(cfg, fresh, err)) status = SCHED_FAILED;
+    status = sched_agree(sc, status);
+    stage_inputs in;
+    int opened = 0;
+    if (status == SCHED_OK && last >= RUN_CACHE) {
+        opened = stage_inputs_open_shard(cfg, cfg->tensor_parallel > 1 ? &sc->group : NULL, &in, err) == 0;
+        status = sched_agree(sc, opened ? SCHED_OK : SCHED_FAILED);
+    }
+    // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.
+    prune_run *pr = NULL;
+    if (status == SCHED_OK && last >= RUN_SCORE)
+        status = sched_agree(sc, prune_open(&in, last == RUN_SCORE ? 1 : -1, &pr, err) ? SCHED_FAILED : SCHED_OK);
+    // A shard found damaged where a later step reads it (a cache shard read by a patch item, a shard
+    // read by a merge) was removed: the stages run again from the cache stage, whose item checks
+    // recompute what is missing (SCHED_RETRY; a few times at most, then the run fails with its message).
+    static int (*const model_stage[])(stage_inputs *, work_stage *, ep_error *) = {cache_work, patch_work};
+    int retries = 0;
+    for (run_stage s = RUN_CACHE; s <= RUN_PATCH && s <= last && status == SCHED_OK; s++) {
+        work_stage ws;
+        int made = model_stage[s - RUN_CACHE](&in, &ws, err) == 0;
+        status = sched_agree(sc, made ? SCHED_OK : SCHED_FAILED);
+        if (status == SCHED_OK) status = sched_run_stage(sc, &ws, fresh && !retries, err);
+        if (made) ws.release(&ws);
+        if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, s = RUN_TOKENIZE, retries++;
+    }
+    // Score and prune rounds (docs/pruning.md): each round's prompt batches are work items over the
+    // ranks; rank 0 merges them, prunes and writes the round file before the next round starts.
+    if (status == SCHED_OK && last >= RUN_SCORE) {
+        status = sched_agree(sc, root && prune_prepare(pr, fresh, err) ? SCHED_FAILED : SCHED_OK);
+        while (status == SCHED_OK) {
+            work_stage ws;
+            int r = prune_next_round(pr, root, &ws, err);
+            status = sched_agree(sc, r < 0 ? SCHED_FAILED : SCHED_OK);
+            if (r > 0 && status == SCHED_OK) status = sched_run_stage(sc, &ws, 0, err);
+            if (r > 0) ws.release(&ws);
+            if (r == 0) break;
+            if (status == SCHED_RETRY && retries < 3) status = SCHED_OK, retries++;  // the same round again
+        }
+    }
+    prune_close(pr);
+    // The run ends with its report; rank 0 only, after every rank is done.
+    if (status == SCHED_OK && root && last >= RUN_PATCH) {
+        fprintf(report_out, "\nreport (%s/report.txt):\n", cfg->output_path);
+        if (report_write(cfg->output_path, report_out, err)) status = SCHED_FAILED;
+    }
+    if (opened) stage_inputs_close(&in);
+    return status == SCHED_RETRY ? SCHED_FAILED : status;
+}
+
+int run_pipeline(sched_ctx *sc, const char *config_path, run_stage last, int fresh, FILE *report_out, ep_error *err) {
+    err->msg[0] = 0;
+    run_config cfg;
+    if (run_config_load(config_path, &cfg, err)) return SCHED_FAILED;
+    // Groups of tensor_parallel ranks share one model (docs/tensor_parallel.md).
+    int status = sched_set_tensor_parallel(sc, cfg.tensor_parallel, cfg.path, err) ? SCHED_FAILED
+                                                                                      : run_stages(sc, &cfg, last, fresh, report_out, err);
+    run_config_free(&cfg);
+    return status;
+}

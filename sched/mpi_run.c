@@ -1,5 +1,8 @@
 #include "mpi_run.h"
 
+#include "sched/watchdog.h"
+
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +46,20 @@ static void maybe_kill(sched_ctx *sc, int in_write) {
 
 static void before_commit(void *arg, int item) { maybe_kill(arg, 1); }
 
+// EDGEPATCH_TEST_STALL=STEP:RANK:SECONDS: rank RANK (or "all") sleeps that long inside the watched
+// step STEP ("init": after MPI_Init returned, "finalize": before MPI_Finalize), as a step that waits for a
+// dead rank would: the watchdog's test (tests/cli_watchdog.sh).
+static void test_stall(const sched_ctx *sc, const char *step, int rank) {
+    const char *s = getenv("EDGEPATCH_TEST_STALL");
+    char want[16] = "", who[16] = "";
+    double seconds = 0;
+    if (!s || sscanf(s, "%15[^:]:%15[^:]:%lf", want, who, &seconds) != 3 || strcmp(want, step)) return;
+    if (strcmp(who, "all") && atoi(who) != rank) return;
+    struct timespec ts = {(time_t)seconds, (long)((seconds - (double)(time_t)seconds) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+    }
+}
+
 int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     memset(sc, 0, sizeof *sc);
     comm_single(&sc->world);
@@ -51,9 +68,14 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     parse_hooks(sc);
     sched_signals_install();
     if (launched_by_mpi()) {
-        // A stop asked for during MPI_Init waits for it, then reaches our handler (sched/signals.h).
+        // A stop asked for during MPI_Init waits for it, then reaches our handler (sched/signals.h); a
+        // start that never ends (a rank killed meanwhile) ends in the watchdog's time (sched/watchdog.h).
         sched_signals_hold();
+        sched_watchdog dog;
+        sched_watchdog_start(&dog, "MPI_Init", sched_watchdog_limit(), 1);
         int rc = comm_world_init(argc, argv, &sc->world, err);
+        if (rc == 0) test_stall(sc, "init", sc->world.rank);
+        sched_watchdog_stop(&dog);
         sched_signals_install();
         if (rc) return -1;
         sc->mpi = 1;
@@ -64,9 +86,16 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     return 0;
 }
 
-void sched_finalize(sched_ctx *sc) {
+void sched_finalize(sched_ctx *sc, int exit_status) {
     comm_free(&sc->group);
-    comm_world_finalize(&sc->world);
+    if (sc->mpi) {
+        sched_signals_hold();  // the watchdog's thread must not take a stop signal
+        sched_watchdog dog;
+        sched_watchdog_start(&dog, "MPI_Finalize", sched_watchdog_limit(), exit_status);
+        test_stall(sc, "finalize", sc->rank);
+        comm_world_finalize(&sc->world);
+        sched_watchdog_stop(&dog);
+    }
     sc->mpi = 0;
 }
 

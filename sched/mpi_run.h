@@ -43,9 +43,12 @@ typedef struct {
     int stage_items;  // items this rank finished in the current stage
 } sched_ctx;
 
-// Starts MPI if launched by an MPI launcher; installs the stop signals. Fails only if MPI does.
+// Starts MPI if launched by an MPI launcher; installs the stop signals. Fails only if MPI does. A start
+// that does not return in time (a rank of the job killed meanwhile) ends the process (sched/watchdog.h).
 int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err);
-void sched_finalize(sched_ctx *sc);
+// Shuts MPI down; exit_status is what the process will return, and what it exits with if MPI_Finalize
+// does not return in time (sched/watchdog.h).
+void sched_finalize(sched_ctx *sc, int exit_status);
 // Splits the ranks into groups of tp consecutive ranks (group g: ranks g * tp ..). Fails, naming the
 // config file's field, unless tp divides the number of ranks. Every rank must call it.
 int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep_error *err);

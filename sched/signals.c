@@ -3,17 +3,11 @@
 #include <pthread.h>
 #include <string.h>
 
+#include "pipeline/stop_signals.h"
+
 static volatile sig_atomic_t stop_signal = 0;
 
 static void on_stop(int sig) { stop_signal = sig; }
-
-static sigset_t stop_signals(void) {
-    sigset_t set;
-    sigemptyset(&set);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGUSR1);
-    return set;
-}
 
 void sched_signals_install(void) {
     // Once a stop was asked for, SA_RESETHAND has put that signal back to its default action: leave it
@@ -27,12 +21,12 @@ void sched_signals_install(void) {
         sigaction(SIGTERM, &sa, NULL);
         sigaction(SIGUSR1, &sa, NULL);
     }
-    sigset_t set = stop_signals();
+    sigset_t set = stop_signal_set();
     pthread_sigmask(SIG_UNBLOCK, &set, NULL);
 }
 
 void sched_signals_hold(void) {
-    sigset_t set = stop_signals();
+    sigset_t set = stop_signal_set();
     pthread_sigmask(SIG_BLOCK, &set, NULL);
 }
 

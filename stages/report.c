@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "pipeline/stop_signals.h"
 #include "stages/stage_io.h"
 
 extern char **environ;
@@ -139,10 +140,7 @@ static void print_table(FILE *f, json_t *logs) {
 static int run_tool(char *const argv[], char *why, size_t why_size, ep_error *err) {
     pid_t pid;
     posix_spawnattr_t attr;
-    sigset_t blocked;
-    sigemptyset(&blocked);
-    sigaddset(&blocked, SIGTERM);
-    sigaddset(&blocked, SIGUSR1);
+    sigset_t blocked = stop_signal_set();
     if (posix_spawnattr_init(&attr)) return ep_fail(err, "%s: cannot start: out of memory", argv[0]);
     posix_spawnattr_setsigmask(&attr, &blocked);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK);

@@ -59,6 +59,6 @@ int cmd_run(int argc, char **argv) {
                             "to resume (exit status %d)\n", SCHED_EXIT_INTERRUPTED);
         rc = SCHED_EXIT_INTERRUPTED;
     }
-    sched_finalize(&sc);
+    sched_finalize(&sc, rc);
     return rc;
 }

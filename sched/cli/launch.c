@@ -13,11 +13,10 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pipeline/stop_signals.h"
+
 int main(int argc, char **argv) {
-    sigset_t stop;
-    sigemptyset(&stop);
-    sigaddset(&stop, SIGTERM);
-    sigaddset(&stop, SIGUSR1);
+    sigset_t stop = stop_signal_set();
     sigprocmask(SIG_BLOCK, &stop, NULL);
     char core[PATH_MAX + 32];
     ssize_t n = readlink("/proc/self/exe", core, PATH_MAX);

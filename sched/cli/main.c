@@ -5,6 +5,7 @@
 #include <string.h>
 
 #include "sched/cli/cli.h"
+#include "pipeline/stop_signals.h"
 
 typedef struct {
     const char *name;
@@ -49,10 +50,7 @@ int main(int argc, char **argv) {
     // The front (sched/cli/launch.c) starts us with SIGTERM and SIGUSR1 blocked. run and report install
     // their handler and then unblock them (sched/signals.h); every other command takes them as usual.
     if (strcmp(argv[1], "run") && strcmp(argv[1], "report")) {
-        sigset_t stop;
-        sigemptyset(&stop);
-        sigaddset(&stop, SIGTERM);
-        sigaddset(&stop, SIGUSR1);
+        sigset_t stop = stop_signal_set();
         sigprocmask(SIG_UNBLOCK, &stop, NULL);
     }
     for (size_t i = 0; i < sizeof subcommands / sizeof subcommands[0]; i++)

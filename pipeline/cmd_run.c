@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "pipeline/cli.h"
+#include "pipeline/log.h"
 #include "pipeline/run_config.h"
 #include "sched/mpi_run.h"
 #include "stages/cache.h"
@@ -61,6 +62,15 @@ int cmd_run(int argc, char **argv) {
         return 1;
     }
     int root = sc.rank == 0;
+    // The stages' and the driver's lines: results to stdout, the rest to stderr (pipeline/log.h).
+    ep_log log;
+    ep_log_init(&log, stdout, stderr);
+    if (ep_log_configure(&log, sc.rank, sc.size, &err)) {
+        if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+        sched_finalize(&sc);
+        return 2;
+    }
+    sc.log = &log;
     run_config cfg;
     if (run_config_load(config, &cfg, &err)) {
         if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg);
@@ -82,12 +92,12 @@ int cmd_run(int argc, char **argv) {
     if (root && removed)
         fprintf(stderr, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s\n", removed,
                 removed == 1 ? "" : "s", cfg.output_path);
-    if (status == SCHED_OK && root && tokenize_stage(&cfg, fresh, &err)) status = SCHED_FAILED;
+    if (status == SCHED_OK && root && tokenize_stage(&cfg, fresh, &log, &err)) status = SCHED_FAILED;
     status = sched_agree(&sc, status);
     stage_inputs in;
     int opened = 0;
     if (status == SCHED_OK && last >= 1) {
-        opened = stage_inputs_open_shard(&cfg, cfg.tensor_parallel > 1 ? &sc.group : NULL, &in, &err) == 0;
+        opened = stage_inputs_open_shard(&cfg, cfg.tensor_parallel > 1 ? &sc.group : NULL, &log, &in, &err) == 0;
         status = sched_agree(&sc, opened ? SCHED_OK : SCHED_FAILED);
     }
     // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.

@@ -34,8 +34,8 @@ static void parse_hooks(sched_ctx *sc) {
 static void maybe_kill(sched_ctx *sc, int in_write) {
     if (sc->kill_rank == -2 || !sc->stage || strcmp(sc->stage, sc->kill_stage) || sc->kill_in_write != in_write) return;
     if ((sc->kill_rank == -1 || sc->kill_rank == sc->rank) && sc->stage_items == sc->kill_after) {
-        ep_logf(sc->log, EP_LOG_WARN, "edgepatch: test hook: rank %d kills itself in %s after %d items%s", sc->rank, sc->stage,
-                sc->stage_items, in_write ? " (mid-write)" : "");
+        ep_logf(sc->log, EP_LOG_WARN, "edgepatch: test hook: rank %d kills itself in %s after %d items%s", sc->rank,
+                sc->stage, sc->stage_items, in_write ? " (mid-write)" : "");
         raise(SIGKILL);
     }
 }

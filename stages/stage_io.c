@@ -20,7 +20,8 @@ static int backend_from_config(const run_config *cfg, const ep_log *log, const k
     if (!(*ops = kernel_ops_named(cfg->backend)))
         return ep_fail(err, "%s: field backend: \"cuda\" asked for, but this build has no CUDA or no usable GPU is "
                             "present%s%s", cfg->path, unusable ? ": " : "", unusable ? unusable : "");
-    if (unusable && !strcmp(cfg->backend, "auto")) ep_logf(log, EP_LOG_WARN, "edgepatch: %s; the cuda backend is off", unusable);
+    if (unusable && !strcmp(cfg->backend, "auto"))
+        ep_logf(log, EP_LOG_WARN, "edgepatch: %s; the cuda backend is off", unusable);
     return 0;
 }
 

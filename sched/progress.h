@@ -1,7 +1,8 @@
 // progress: what rank 0 shows while a stage runs: items done of the stage's total, the rate since
 // the start of this run, and the time left at that rate, on the sink's diagnostics stream (stderr). On
 // a terminal a bar redrawn in place; otherwise (a Slurm log, a pipe) a line every
-// EDGEPATCH_PROGRESS_SECONDS seconds (default 30) and one when the stage ends. Never calls MPI: sched/mpi_run feeds it the counts of every rank.
+// EDGEPATCH_PROGRESS_SECONDS seconds (default 30) and one when the stage ends. Never calls MPI:
+// sched/mpi_run feeds it the counts of every rank.
 #ifndef EP_SCHED_PROGRESS_H
 #define EP_SCHED_PROGRESS_H
 

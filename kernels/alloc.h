@@ -5,15 +5,10 @@
 #ifndef EP_KERNELS_ALLOC_H
 #define EP_KERNELS_ALLOC_H
 
-#include <stdio.h>
-#include <stdlib.h>
+#include <stddef.h>
 
-static inline void *kernel_alloc_at(size_t count, size_t size, int zero, const char *file, int line) {
-    size_t bytes = count * size;
-    void *p = zero ? calloc(bytes ? count : 1, bytes ? size : 1) : malloc(bytes ? bytes : 1);
-    if (!p) fprintf(stderr, "edgepatch: out of memory allocating %zu bytes at %s:%d\n", bytes, file, line), exit(3);
-    return p;
-}
+// kernels/ops_fatal.c, the one object of kernels/ that writes to stderr.
+void *kernel_alloc_at(size_t count, size_t size, int zero, const char *file, int line);
 #define kernel_malloc(n) kernel_alloc_at(1, (n), 0, __FILE__, __LINE__)
 #define kernel_calloc(c, s) kernel_alloc_at((c), (s), 1, __FILE__, __LINE__)
 

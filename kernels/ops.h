@@ -110,6 +110,9 @@ const kernel_ops *kernel_ops_ref(void);
 const kernel_ops *kernel_ops_cpu(void);
 // NULL when the program was built without CUDA or no usable GPU is present.
 const kernel_ops *kernel_ops_cuda(void);
+// Why a GPU that is present cannot be used (no kernel image for it in this build, cuBLAS failing to
+// start), for the caller to report; NULL when none is present, the build has no CUDA, or it is usable.
+const char *kernel_ops_cuda_unusable(void);
 // The cpu kernels behind device-style memory (kernels/ops_offset.c): device code paths without a GPU.
 const kernel_ops *kernel_ops_offset(void);
 // "cpu", "cuda", "offset", or "auto" (cuda when usable, else cpu): NULL for an unknown name or an unusable

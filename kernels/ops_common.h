@@ -13,6 +13,11 @@
 #define EP_HOST_DEVICE
 #endif
 
+// The last words of a backend op that cannot go on (a failed CUDA call, an impossible launch; the ops
+// return nothing): the message and a newline on stderr, then abort(). The one place kernels/ writes
+// to stderr (kernels/ops_fatal.c).
+void ops_fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+
 // gelu_pytorch_tanh / gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 EP_HOST_DEVICE static inline float gelu_tanh_f(float x) {
     const float c = 0.7978845608028654f;

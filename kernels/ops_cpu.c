@@ -347,4 +347,5 @@ const kernel_ops *kernel_ops_cpu(void) { return &cpu_table; }
 
 #ifndef EP_HAVE_CUDA
 const kernel_ops *kernel_ops_cuda(void) { return NULL; }
+const char *kernel_ops_cuda_unusable(void) { return NULL; }
 #endif

@@ -7,8 +7,9 @@
 // sequence table and parameters are host memory and are uploaded per call.
 //
 // Errors: ops have no error return by contract, so every CUDA and cuBLAS call is checked and a failure
-// prints "edgepatch: CUDA error <what> at file:line" and aborts. kernel_ops_cuda() returns NULL, with
-// no output, when no usable GPU is present (no driver, no device, or no kernel image for the device).
+// prints "edgepatch: CUDA error <what> at file:line" and aborts (ops_fatal). kernel_ops_cuda() returns NULL,
+// with no output, when no usable GPU is present (no driver, no device, or no kernel image for the
+// device); kernel_ops_cuda_unusable() then says why a device that is present could not be used.
 //
 // Compiled by nvcc as C++; everything the rest of the program sees has C linkage.
 #include <cublas_v2.h>
@@ -28,16 +29,16 @@ extern "C" {
 // ---------------------------------------------------------------------------------------------------
 // Error checks
 
+// The ops return nothing (kernels/ops.h), so a failed CUDA call or an impossible launch ends the process:
+// ops_fatal writes the last words (kernels/ops_common.h) and aborts.
 static void cuda_check_at(cudaError_t e, const char *what, const char *file, int line) {
     if (e == cudaSuccess) return;
-    fprintf(stderr, "edgepatch: CUDA error %s: %s at %s:%d\n", what, cudaGetErrorString(e), file, line);
-    abort();
+    ops_fatal("edgepatch: CUDA error %s: %s at %s:%d", what, cudaGetErrorString(e), file, line);
 }
 
 static void cublas_check_at(cublasStatus_t s, const char *what, const char *file, int line) {
     if (s == CUBLAS_STATUS_SUCCESS) return;
-    fprintf(stderr, "edgepatch: CUDA error %s: %s at %s:%d\n", what, cublasGetStatusString(s), file, line);
-    abort();
+    ops_fatal("edgepatch: CUDA error %s: %s at %s:%d", what, cublasGetStatusString(s), file, line);
 }
 
 #define CUDA_CHECK(call) cuda_check_at((call), #call, __FILE__, __LINE__)
@@ -60,6 +61,7 @@ static void cublas_check_at(cublasStatus_t s, const char *what, const char *file
 
 typedef struct {
     int usable;              // 1 after a successful init
+    char unusable[256];      // why a present device is not usable ("" if none is present, or it is usable)
     cublasHandle_t blas;
     cudaStream_t stream;
     void *attn_rows;         // device buffer of attention row descriptors (int4), grown on demand
@@ -533,15 +535,13 @@ static void attention_launch(float *out, const float *q, const float *k, const f
     for (int s = 0; s < n_seqs; s++) total_q += seqs[s].n_q > 0 ? (size_t)seqs[s].n_q : 0;
     if (total_q == 0 || p->n_heads <= 0) return;
     if (total_q > 0x7fffffffu || p->n_heads > 65535) {
-        fprintf(stderr, "edgepatch: CUDA error attention grid %zu rows x %d heads is too large at %s:%d\n", total_q,
-                p->n_heads, __FILE__, __LINE__);
-        abort();
+        ops_fatal("edgepatch: CUDA error attention grid %zu rows x %d heads is too large at %s:%d", total_q,
+                  p->n_heads, __FILE__, __LINE__);
     }
     size_t smem = attention_smem_bytes(p->head_dim, patch != NULL);
     if (smem > 48 * 1024) {  // head_dim above ~5000: far beyond any model this serves
-        fprintf(stderr, "edgepatch: CUDA error attention head_dim %d needs %zu bytes of shared memory at %s:%d\n",
-                p->head_dim, smem, __FILE__, __LINE__);
-        abort();
+        ops_fatal("edgepatch: CUDA error attention head_dim %d needs %zu bytes of shared memory at %s:%d",
+                  p->head_dim, smem, __FILE__, __LINE__);
     }
 
     int4 *host_rows = (int4 *)kernel_malloc(sizeof(int4) * total_q);
@@ -584,22 +584,19 @@ static void cuda_patched_attention(float *out, const float *q, const float *k, c
         return;
     }
     if (n_donors < 0 || n_donors > ATTN_MAX_DONORS || rules->n > EDGE_MAX_RULES) {
-        fprintf(stderr, "edgepatch: CUDA error patched attention with %d donors (max %d), %d rules (max %d) at %s:%d\n",
-                n_donors, ATTN_MAX_DONORS, rules->n, EDGE_MAX_RULES, __FILE__, __LINE__);
-        abort();
+        ops_fatal("edgepatch: CUDA error patched attention with %d donors (max %d), %d rules (max %d) at %s:%d",
+                  n_donors, ATTN_MAX_DONORS, rules->n, EDGE_MAX_RULES, __FILE__, __LINE__);
     }
     for (int i = 0; i < rules->n; i++)
         if (rules->rule[i].donor >= n_donors) {
-            fprintf(stderr, "edgepatch: CUDA error patched attention rule %d reads donor %d of %d at %s:%d\n", i,
-                    rules->rule[i].donor, n_donors, __FILE__, __LINE__);
-            abort();
+            ops_fatal("edgepatch: CUDA error patched attention rule %d reads donor %d of %d at %s:%d", i,
+                      rules->rule[i].donor, n_donors, __FILE__, __LINE__);
         }
 
     attn_patch_layout lay = attn_patch_plan(seqs, n_seqs);
     if (lay.n_ints > 0x7fffffffu) {
-        fprintf(stderr, "edgepatch: CUDA error patched attention with %zu typed positions at %s:%d\n", lay.n_ints / 2,
-                __FILE__, __LINE__);
-        abort();
+        ops_fatal("edgepatch: CUDA error patched attention with %zu typed positions at %s:%d", lay.n_ints / 2,
+                  __FILE__, __LINE__);
     }
     unsigned char *host = (unsigned char *)kernel_calloc(1, lay.bytes);
     attn_patch_fill(host, &lay, rules, seqs, n_seqs);
@@ -646,8 +643,7 @@ static void cuda_init_once(void) {
     cudaFuncAttributes attr;
     cudaError_t e = cudaFuncGetAttributes(&attr, attention_kernel<false>);
     if (e != cudaSuccess) {
-        fprintf(stderr, "edgepatch: CUDA device present but unusable (%s); the cuda backend is off\n",
-                cudaGetErrorString(e));
+        snprintf(ctx.unusable, sizeof ctx.unusable, "CUDA device present but unusable (%s)", cudaGetErrorString(e));
         (void)cudaGetLastError();
         return;
     }
@@ -663,7 +659,7 @@ static void cuda_init_once(void) {
     }
     cublasStatus_t bs = cublasCreate(&ctx.blas);
     if (bs != CUBLAS_STATUS_SUCCESS) {
-        fprintf(stderr, "edgepatch: cuBLAS unusable (%s); the cuda backend is off\n", cublasGetStatusString(bs));
+        snprintf(ctx.unusable, sizeof ctx.unusable, "cuBLAS unusable (%s)", cublasGetStatusString(bs));
         return;
     }
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
@@ -676,4 +672,9 @@ static void cuda_init_once(void) {
 extern "C" const kernel_ops *kernel_ops_cuda(void) {
     if (pthread_once(&ctx_once, cuda_init_once) != 0) return NULL;
     return ctx.usable ? &cuda_table : NULL;
+}
+
+extern "C" const char *kernel_ops_cuda_unusable(void) {
+    if (pthread_once(&ctx_once, cuda_init_once) != 0) return NULL;
+    return ctx.unusable[0] ? ctx.unusable : NULL;
 }

@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "log.h"
+
 int ep_fail(ep_error *err, const char *fmt, ...) {
     if (err) {
         va_list ap;
@@ -35,8 +37,7 @@ int ep_wrap(ep_error *err, const char *fmt, ...) {
 }
 
 static void out_of_memory(size_t n, const char *file, int line) {
-    fprintf(stderr, "edgepatch: out of memory allocating %zu bytes at %s:%d\n", n, file, line);
-    exit(3);
+    ep_fatal(3, "edgepatch: out of memory allocating %zu bytes at %s:%d", n, file, line);
 }
 
 void *ep_malloc_at(size_t n, const char *file, int line) {

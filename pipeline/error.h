@@ -4,7 +4,7 @@
 // into the caller's ep_error that names the file, the field and what was expected
 // ("config.json: num_key_value_heads = 3 does not divide num_attention_heads = 8"). Functions never
 // print; the command line prints the record. Allocation failure is not an input error: the checked
-// allocators print file:line and exit, as llm.c's mallocCheck does.
+// allocators print file:line and exit (through ep_fatal, pipeline/log.h), as llm.c's mallocCheck does.
 #ifndef EP_ERROR_H
 #define EP_ERROR_H
 

@@ -4,6 +4,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pipeline/log.h"
+
 // The GPT-2 pre-tokenizer regex, as tokenizers' ByteLevel uses it when use_regex is true.
 static const char gpt2_regex[] =
     "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
@@ -145,8 +147,7 @@ void regex_scratch_init(regex_scratch *rs) {
     rs->md = pcre2_match_data_create(1, NULL);
     rs->mc = pcre2_match_context_create(NULL);
     if (!rs->md || !rs->mc) {
-        fprintf(stderr, "%s:%d: out of memory (pcre2)\n", __FILE__, __LINE__);
-        exit(1);
+        ep_fatal(1, "%s:%d: out of memory (pcre2)", __FILE__, __LINE__);
     }
 }
 

@@ -37,9 +37,8 @@ static void parse_hooks(sched_ctx *sc) {
 static void maybe_kill(sched_ctx *sc, int in_write) {
     if (sc->kill_rank == -2 || !sc->stage || strcmp(sc->stage, sc->kill_stage) || sc->kill_in_write != in_write) return;
     if ((sc->kill_rank == -1 || sc->kill_rank == sc->rank) && sc->stage_items == sc->kill_after) {
-        fprintf(stderr, "edgepatch: test hook: rank %d kills itself in %s after %d items%s\n", sc->rank, sc->stage,
-                sc->stage_items, in_write ? " (mid-write)" : "");
-        fflush(stderr);
+        ep_logf(sc->log, EP_LOG_WARN, "edgepatch: test hook: rank %d kills itself in %s after %d items%s", sc->rank,
+                sc->stage, sc->stage_items, in_write ? " (mid-write)" : "");
         raise(SIGKILL);
     }
 }
@@ -195,7 +194,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     int counts[2] = {status == SCHED_FAILED, n_pending};
     comm_allreduce_sum_i32(&sc->world, counts, 2, NULL);
     if (counts[0]) {
-        if (!root && status == SCHED_FAILED) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
+        if (!root && status == SCHED_FAILED) ep_logf(sc->log, EP_LOG_ERROR, "edgepatch run: rank %d: %s", sc->rank, err->msg);
         if (root && status != SCHED_FAILED)
             ep_fail(err, "%s: refused on another rank (its message is above)", ws->name);
         free(pending);
@@ -207,7 +206,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     }
     comm_bcast_i32(&sc->group, &n_pending, 1, 0, NULL);
     comm_bcast_i32(&sc->group, pending, n_pending, 0, NULL);
-    if (root) progress_start(&sc->prog, ws->name, n, n - counts[1], G);
+    if (root) progress_start(&sc->prog, sc->log, ws->name, n, n - counts[1], G);
 
     ws->follower = !leader;
     root_view view = {.outcome = SCHED_OK, .failed_rank = -1};
@@ -227,7 +226,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
         }
         maybe_kill(sc, 0);
         int failed = ws->run_item(ws, pending[k], err) == 0 ? SCHED_OK : ws->shard_bad ? SCHED_RETRY : SCHED_FAILED;
-        if (failed == SCHED_FAILED && !root) fprintf(stderr, "edgepatch run: rank %d: %s\n", sc->rank, err->msg);
+        if (failed == SCHED_FAILED && !root) ep_logf(sc->log, EP_LOG_ERROR, "edgepatch run: rank %d: %s", sc->rank, err->msg);
         int group_failed = failed;
         comm_allreduce_max_i32(&sc->group, &group_failed, 1, NULL);
         if (group_failed) {

@@ -35,6 +35,7 @@ typedef struct {
     ep_comm group;  // this rank's tensor-parallel group (single until sched_set_tensor_parallel)
     int n_groups, group_id;
     progress prog;
+    const ep_log *log;  // where the driver's lines and progress go (set by the caller after sched_init; NULL: nowhere)
     // Test hooks (EDGEPATCH_TEST_ITEM_DELAY_MS, EDGEPATCH_TEST_KILL; docs/distribution.md).
     int delay_ms;
     char kill_stage[32];
@@ -58,8 +59,8 @@ int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep
 int sched_agree(sched_ctx *sc, int status);
 
 // Runs ws over the ranks as described above. Returns SCHED_OK, SCHED_RETRY, SCHED_STOPPED or
-// SCHED_FAILED, the same on every rank. On failure rank 0's err says what failed (a failing rank other than 0 prints its own
-// message on stderr, prefixed with its rank, and rank 0's err points to it).
+// SCHED_FAILED, the same on every rank. On failure rank 0's err says what failed (a failing rank other than 0 writes its own
+// message to sc->log as an error, prefixed with its rank, and rank 0's err points to it).
 int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err);
 
 #endif

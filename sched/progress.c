@@ -3,7 +3,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
-#include <unistd.h>
 
 static double now(void) {
     struct timespec ts;
@@ -30,25 +29,25 @@ static void show(progress *p, int final) {
         int fill = p->total ? 30 * p->done / p->total : 30;
         for (int i = 0; i < 30; i++) bar[i] = i < fill ? '#' : '.';
         bar[30] = 0;
-        fprintf(stderr, "\r%s [%s] %d/%d items %3d%%  %.2f items/s  ETA %s   %s", p->stage, bar, p->done, p->total, pct,
-                rate, final ? "0s" : eta, final ? "\n" : "");
+        ep_log_bar(p->log, final, "%s [%s] %d/%d items %3d%%  %.2f items/s  ETA %s   ", p->stage, bar, p->done, p->total,
+                   pct, rate, final ? "0s" : eta);
     } else if (final) {
-        fprintf(stderr, "%s: %d/%d items done, %d in this run in %.1fs (%.2f items/s, %d rank%s)\n", p->stage, p->done,
-                p->total, fresh_done, elapsed, rate, p->ranks, p->ranks == 1 ? "" : "s");
+        ep_logf(p->log, EP_LOG_INFO, "%s: %d/%d items done, %d in this run in %.1fs (%.2f items/s, %d rank%s)", p->stage,
+                p->done, p->total, fresh_done, elapsed, rate, p->ranks, p->ranks == 1 ? "" : "s");
     } else {
-        fprintf(stderr, "%s: %d/%d items (%d%%), %.2f items/s, ETA %s\n", p->stage, p->done, p->total, pct, rate, eta);
+        ep_logf(p->log, EP_LOG_INFO, "%s: %d/%d items (%d%%), %.2f items/s, ETA %s", p->stage, p->done, p->total, pct, rate,
+                eta);
     }
-    fflush(stderr);
     p->last_print = t;
 }
 
-void progress_start(progress *p, const char *stage, int total, int already_done, int ranks) {
+void progress_start(progress *p, const ep_log *log, const char *stage, int total, int already_done, int ranks) {
     const char *every = getenv("EDGEPATCH_PROGRESS_SECONDS");
-    *p = (progress){.stage = stage, .total = total, .done = already_done, .done_at_start = already_done,
-                    .ranks = ranks, .tty = isatty(2), .active = 1, .every = every ? atof(every) : 30.0};
+    *p = (progress){.log = log, .stage = stage, .total = total, .done = already_done, .done_at_start = already_done,
+                    .ranks = ranks, .tty = ep_log_is_tty(log), .active = 1, .every = every ? atof(every) : 30.0};
     p->t0 = p->last_print = now();
     if (!p->tty)
-        fprintf(stderr, "%s: %d items, %d already done, %d to run on %d rank%s\n", stage, total, already_done,
+        ep_logf(log, EP_LOG_INFO, "%s: %d items, %d already done, %d to run on %d rank%s", stage, total, already_done,
                 total - already_done, ranks, ranks == 1 ? "" : "s");
     else show(p, 0);
 }

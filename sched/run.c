@@ -2,6 +2,7 @@
 
 #include <string.h>
 
+#include "pipeline/log.h"
 #include "pipeline/run_config.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
@@ -29,14 +30,14 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
     int removed = 0, status = sched_stop_requested() ? SCHED_STOPPED : SCHED_OK;
     if (status == SCHED_OK && root && stage_remove_temporaries(cfg->output_path, 8, NULL, &removed, err)) status = SCHED_FAILED;
     if (root && removed)
-        fprintf(stderr, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s\n", removed,
-                removed == 1 ? "" : "s", cfg->output_path);
-    if (status == SCHED_OK && root && tokenize_stage(cfg, fresh, err)) status = SCHED_FAILED;
+        ep_logf(sc->log, EP_LOG_WARN, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s",
+                removed, removed == 1 ? "" : "s", cfg->output_path);
+    if (status == SCHED_OK && root && tokenize_stage(cfg, fresh, sc->log, err)) status = SCHED_FAILED;
     status = sched_agree(sc, status);
     stage_inputs in;
     int opened = 0;
     if (status == SCHED_OK && last >= RUN_CACHE) {
-        opened = stage_inputs_open_shard(cfg, cfg->tensor_parallel > 1 ? &sc->group : NULL, &in, err) == 0;
+        opened = stage_inputs_open_shard(cfg, cfg->tensor_parallel > 1 ? &sc->group : NULL, sc->log, &in, err) == 0;
         status = sched_agree(sc, opened ? SCHED_OK : SCHED_FAILED);
     }
     // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.

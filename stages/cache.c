@@ -60,7 +60,7 @@ static int cache_item_done(work_stage *ws, int item, ep_error *err) {
     stage_item_range(c->in, item, &first, &n);
     stage_item_identity(c->identity, first, n, identity);
     stage_item_path(c->in, "cache", item, path, sizeof path);
-    return stage_item_current(path, identity, err);
+    return stage_item_current(path, identity, c->in->log, err);
 }
 
 static int cache_run_item(work_stage *ws, int item, ep_error *err) {
@@ -120,8 +120,8 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
 static int cache_finish(work_stage *ws, ep_error *err) {
     cache_ctx *c = ws->ctx;
     if (ws->follower) return 0;
-    printf("cache: %d prompts x %d donors in %d items -> %s/cache.d/\n", c->in->prompts.n_prompts, c->in->n_cached_donors,
-           ws->n_items, c->in->cfg->output_path);
+    ep_log_result(ws->log, "cache: %d prompts x %d donors in %d items -> %s/cache.d/", c->in->prompts.n_prompts,
+                  c->in->n_cached_donors, ws->n_items, c->in->cfg->output_path);
     return 0;
 }
 
@@ -136,7 +136,7 @@ int cache_work(stage_inputs *in, work_stage *ws, ep_error *err) {
     c->in = in;
     c->bf16 = cache_bf16(in);
     cache_identity(in, c->identity);
-    *ws = (work_stage){.name = "cache", .n_items = stage_n_items(in), .ctx = c, .prepare = cache_prepare,
+    *ws = (work_stage){.name = "cache", .n_items = stage_n_items(in), .ctx = c, .log = in->log, .prepare = cache_prepare,
                        .item_done = cache_item_done, .run_item = cache_run_item, .finish = cache_finish,
                        .release = cache_release};
     return 0;

@@ -214,7 +214,7 @@ static int logs_check(const patch_ctx *c, ep_error *err) {
         free(a), free(b);
     }
     if (why) {
-        fprintf(stderr, "patch: rebuilding %s from %s: %s\n", c->logs_path, c->path, why);
+        ep_logf(in->log, EP_LOG_WARN, "patch: rebuilding %s from %s: %s", c->logs_path, c->path, why);
         if (json_is_array(prune)) json_object_set(want, "prune", prune);
         rc = write_json_atomic(c->logs_path, want, err);
     }
@@ -224,11 +224,11 @@ static int logs_check(const patch_ctx *c, ep_error *err) {
 
 static int patch_prepare(work_stage *ws, int fresh, ep_error *err) {
     patch_ctx *c = ws->ctx;
-    int current = stage_output_current(c->path, c->identity, fresh, err);
+    int current = stage_output_current(c->path, c->identity, fresh, ws->log, err);
     if (current < 0) return -1;
     if (current) {
         if (logs_check(c, err)) return -1;
-        printf("patch: %s is up to date\n", c->path);
+        ep_log_result(ws->log, "patch: %s is up to date", c->path);
         return 1;
     }
     if (fresh) unlink(c->path), unlink(c->logs_path);
@@ -246,7 +246,7 @@ static int patch_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4096], identity[17];
     item_identity(c, item, identity);
     stage_item_path(c->in, "patch", item, path, sizeof path);
-    return stage_item_current(path, identity, err);
+    return stage_item_current(path, identity, ws->log, err);
 }
 
 // Metric groups of the patch files: 0 "plan", 1 "clean", 2 + a "ablation-NNN" for the config's ablation a.
@@ -363,9 +363,10 @@ static int patch_finish(work_stage *ws, ep_error *err) {
     free(names_text);
     if (rc == 0) {
         double acc = mean_i(m[0].correct, P, NULL), full = mean_i(m[1].correct, P, NULL);
-        printf("patch: accuracy %.3f (full model %.3f) over %d prompts", acc, full, P);
-        if (in->n_ablations) printf(", %d ablations", in->n_ablations);
-        printf(" -> %s\n", c->path);
+        char ablations[32] = "";
+        if (in->n_ablations) snprintf(ablations, sizeof ablations, ", %d ablations", in->n_ablations);
+        ep_log_result(ws->log, "patch: accuracy %.3f (full model %.3f) over %d prompts%s -> %s", acc, full, P, ablations,
+                      c->path);
     }
     groups_free(c, m);
     return rc;
@@ -407,7 +408,7 @@ int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
     }
     c->ablates = in->plan.n_rules + in->plan.n_head_units > 0;
     plan_empty(&in->m.cfg, &c->clean);
-    *ws = (work_stage){.name = "patch", .n_items = stage_n_items(in), .ctx = c, .prepare = patch_prepare,
+    *ws = (work_stage){.name = "patch", .n_items = stage_n_items(in), .ctx = c, .log = in->log, .prepare = patch_prepare,
                        .item_done = patch_item_done, .run_item = patch_run_item, .finish = patch_finish,
                        .release = patch_release};
     return 0;

@@ -682,7 +682,7 @@ static int round_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
-    return stage_item_current(path, id, err);
+    return stage_item_current(path, id, ws->log, err);
 }
 
 static int round_run_item(work_stage *ws, int item, ep_error *err) {
@@ -818,13 +818,14 @@ static int round_finish(work_stage *ws, ep_error *err) {
         pr->computed++;
         int nk = 0;
         for (int i = 0; i < rc->n; i++) nk += circuit_has(&kept, rc->kind, &rc->units[i]);
-        printf("prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s\n", rc->r, kind_name(rc->kind),
-               res.method, rc->n, nk, pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN,
-               res.stop[0] ? ", stop: " : "", res.stop);
+        ep_log_result(ws->log, "prune: round %d (%s units, %s): %d scored, %d kept, faithfulness %.4f%s%s", rc->r,
+                      kind_name(rc->kind), res.method, rc->n, nk,
+                      pr->clean.logit_diff != 0 ? res.m_kept.logit_diff / pr->clean.logit_diff : NAN,
+                      res.stop[0] ? ", stop: " : "", res.stop);
         if (res.compare_scores)
-            printf("prune: round %d rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
-                   rc->r, res.agreement[0], res.agreement[1], (int)res.agreement[3], (int)res.agreement[2]);
-        fflush(stdout);
+            ep_log_result(ws->log, "prune: round %d rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), "
+                          "top-%d overlap %d", rc->r, res.agreement[0], res.agreement[1], (int)res.agreement[3],
+                          (int)res.agreement[2]);
         r = write_logs(in, rc->r + 1, err);
     }
     circuit_free(&kept);
@@ -850,7 +851,7 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
         char path[4200], id[17];
         round_path(out, pr->r, path, sizeof path);
         round_identity(&pr->p, pr->r, id);
-        int cur = stage_output_current(path, id, 0, err);
+        int cur = stage_output_current(path, id, 0, in->log, err);
         if (cur < 0) return -1;
         // A finished round goes to the driver once too, which checks its shards (the checkpoints its file
         // is rebuilt from) and computes and merges again only what fails; the next call moves past it.
@@ -875,7 +876,8 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
             rc->n_groups = rc->n > 0 ? (rc->n + rc->group - 1) / rc->group : 1;
             int r = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", pr->r, kind_name(rc->kind))
                                : circuit_plan(&rc->c, &in->m.cfg, &in->plan, &rc->plan, err);
-            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in) * rc->n_groups, .ctx = rc, .prepare = round_prepare,
+            *ws = (work_stage){.name = "prune", .n_items = stage_n_items(in) * rc->n_groups, .ctx = rc, .log = in->log,
+                               .prepare = round_prepare,
                                .item_done = round_item_done, .run_item = round_run_item, .finish = round_finish,
                                .release = round_release};
             if (r) {  // a failed circuit_plan leaves rc->plan empty
@@ -900,7 +902,7 @@ int prune_next_round(prune_run *pr, int root, work_stage *ws, ep_error *err) {
     if (root && pr->last >= 0 && write_logs(in, pr->last + 1, err)) return -1;
     if (root && pr->stopped) {
         if (write_summary(in, &pr->c, pr->last, pr->final_faith, err)) return -1;
-        printf("prune: final circuit after round %d -> %s/circuit.json, circuit.txt\n", pr->last, out);
+        ep_log_result(in->log, "prune: final circuit after round %d -> %s/circuit.json, circuit.txt", pr->last, out);
     }
     return 0;
 }

@@ -12,11 +12,16 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
-// The config's backend (validated by run_config) as a dispatch table.
-static int backend_from_config(const run_config *cfg, const kernel_ops **ops, ep_error *err) {
+// The config's backend (validated by run_config) as a dispatch table. A GPU that is present but
+// unusable is named: in the error when "cuda" was asked for, in a warning when "auto" falls back to cpu.
+static int backend_from_config(const run_config *cfg, const ep_log *log, const kernel_ops **ops, ep_error *err) {
+    int wants_cuda = !strcmp(cfg->backend, "cuda") || !strcmp(cfg->backend, "auto");  // cpu runs never start CUDA
+    const char *unusable = wants_cuda ? kernel_ops_cuda_unusable() : NULL;
     if (!(*ops = kernel_ops_named(cfg->backend)))
         return ep_fail(err, "%s: field backend: \"cuda\" asked for, but this build has no CUDA or no usable GPU is "
-                            "present", cfg->path);
+                            "present%s%s", cfg->path, unusable ? ": " : "", unusable ? unusable : "");
+    if (unusable && !strcmp(cfg->backend, "auto"))
+        ep_logf(log, EP_LOG_WARN, "edgepatch: %s; the cuda backend is off", unusable);
     return 0;
 }
 
@@ -25,17 +30,19 @@ int stage_needs_host_weights(const run_config *cfg) {
     return !importance || strcmp(importance, "exact") || json_is_true(json_object_get(cfg->json, "compare_importance"));
 }
 
-int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err) {
-    return stage_inputs_open_shard(cfg, NULL, in, err);
+int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err) {
+    return stage_inputs_open_shard(cfg, NULL, log, in, err);
 }
 
-int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err) {
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, const ep_log *log, stage_inputs *in,
+                            ep_error *err) {
     memset(in, 0, sizeof *in);
     in->cfg = cfg;
+    in->log = log;
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
-    if (backend_from_config(cfg, &in->ops, err)) return -1;
+    if (backend_from_config(cfg, log, &in->ops, err)) return -1;
     // A host backend computes with the host model's weights; a device backend gets them from the mapping
     // one tensor at a time, and the host keeps fp32 weights only for attribution's CPU backward pass.
     int rank = tp ? tp->rank : 0, size = tp ? tp->size : 1;
@@ -121,16 +128,16 @@ prompt_batch stage_batch(const stage_inputs *in, int first, int n) {
                           .donors = ps->donors ? ps->donors + first * L * (size_t)ps->n_donors : NULL};
 }
 
-int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err) {
+int stage_output_current(const char *path, const char *identity, int fresh, const ep_log *log, ep_error *err) {
     if (fresh || access(path, F_OK) != 0) return 0;
     h5store s;
     ep_error open_err;
     if (h5store_open(path, &s, &open_err)) {
-        fprintf(stderr, "edgepatch: rebuilding %s: %s\n", path, open_err.msg);
+        ep_logf(log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", path, open_err.msg);
         return 0;
     }
     if (h5store_verify(&s, &open_err)) {
-        fprintf(stderr, "edgepatch: rebuilding %s: %s\n", path, open_err.msg);
+        ep_logf(log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", path, open_err.msg);
         h5store_close(&s);
         return 0;
     }
@@ -292,16 +299,16 @@ int stage_remove_temporaries(const char *dir, int depth, const char *const *name
     return rc;
 }
 
-int stage_item_current(const char *path, const char *identity, ep_error *err) {
+int stage_item_current(const char *path, const char *identity, const ep_log *log, ep_error *err) {
     if (access(path, F_OK) != 0) return 0;
     h5store s;
     ep_error why;
     if (h5store_open(path, &s, &why)) {
-        fprintf(stderr, "edgepatch: recomputing an item: %s\n", why.msg);
+        ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg);
         return 0;
     }
     if (h5store_verify(&s, &why)) {
-        fprintf(stderr, "edgepatch: recomputing an item: %s\n", why.msg);
+        ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg);
         h5store_close(&s);
         return 0;
     }
@@ -317,7 +324,7 @@ int stage_item_current(const char *path, const char *identity, ep_error *err) {
 void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err) {
     ws->shard_bad = 1;
     if (ws->follower) return;
-    fprintf(stderr, "edgepatch: recomputing a damaged shard: %s\n", err->msg);
+    ep_logf(ws->log, EP_LOG_WARN, "edgepatch: recomputing a damaged shard: %s", err->msg);
     unlink(path);
 }
 

@@ -7,6 +7,7 @@
 
 #include <jansson.h>
 
+#include "pipeline/log.h"
 #include "pipeline/model.h"
 #include "pipeline/run_config.h"
 #include "pipeline/tokenizer.h"
@@ -16,6 +17,7 @@
 
 struct stage_inputs {
     const run_config *cfg;
+    const ep_log *log;    // where the stages write their lines (NULL: nowhere); the caller's, outliving in
     model m;              // the checkpoint on the host: config, mapping, identity; fp32 weights only where they are
                           // used (a host backend, or attribution's CPU backward: stage_needs_host_weights)
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
@@ -37,12 +39,14 @@ struct stage_inputs {
 // device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 // On a device backend the host model holds weights (model_load_shard) only when stage_needs_host_weights
 // says so; else it is opened without them (model_open_shard) and the device model is read from the mapping.
-int stage_inputs_open(const run_config *cfg, stage_inputs *in, ep_error *err);
+// log (may be NULL) is kept in in->log for the stages' lines.
+int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err);
 // The same holding only this rank's shard of the model, for the tensor-parallel group tp (an MPI
 // communicator, which must outlive in; docs/tensor_parallel.md). Every rank of the group runs the same
 // passes together. On the cuda backend the device model's group is an NCCL communicator over tp's ranks
 // (when the build has NCCL); on other device backends, tp staged through host memory (comm_staged_view).
-int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, stage_inputs *in, ep_error *err);
+int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, const ep_log *log, stage_inputs *in,
+                            ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 // 1 if a run of cfg may compute attribution scores (the backward pass runs on the CPU with the host
 // model's fp32 weights): field importance "attribution" (the default for prune rounds; the prune stage
@@ -53,8 +57,9 @@ int stage_needs_host_weights(const run_config *cfg);
 prompt_batch stage_batch(const stage_inputs *in, int first, int n);
 
 // An existing output at path: 1 if complete, passing its checksums and made from `identity` (skip), 0 if
-// absent, unreadable or corrupted (rebuild), -1 with an error if made from other inputs and not `fresh`.
-int stage_output_current(const char *path, const char *identity, int fresh, ep_error *err);
+// absent, unreadable or corrupted (rebuild; a warning on log says why), -1 with an error if made from other
+// inputs and not `fresh`.
+int stage_output_current(const char *path, const char *identity, int fresh, const ep_log *log, ep_error *err);
 
 // mkdir -p.
 int make_dirs(const char *path, ep_error *err);
@@ -70,13 +75,14 @@ struct work_stage {
     const char *name;  // "cache", "patch"
     int n_items;
     void *ctx;  // the stage's own
+    const ep_log *log;  // where its lines go (the stage_inputs' log)
     // Once, in one process, before any item: 1 the final outputs are current (the driver then only checks
     // the shards, and computes and merges again only if one fails), 0 work
     // to do, -1 refused (outputs made from other inputs and not fresh). Makes the shard folder, removes
     // temporaries left by killed writers and, when fresh, the stage's old shards and outputs.
     int (*prepare)(work_stage *ws, int fresh, ep_error *err);
     // 1 if item's shard is complete, passes its checksums and was made from these inputs (skip it); 0
-    // if absent, unfinished or corrupted (compute it; says why on stderr); -1 refused (other inputs).
+    // if absent, unfinished or corrupted (compute it; a warning on log says why); -1 refused (other inputs).
     int (*item_done)(work_stage *ws, int item, ep_error *err);
     // Computes item and commits its shard.
     int (*run_item)(work_stage *ws, int item, ep_error *err);
@@ -126,9 +132,9 @@ int stage_remove_temporaries(const char *dir, int depth, const char *const *name
 // The pid of a temporary's name "<name>.tmp-<digits>", or 0 if name is no temporary's.
 long stage_temporary_pid(const char *name);
 // The item_done decision for the shard at path (see work_stage.item_done).
-int stage_item_current(const char *path, const char *identity, ep_error *err);
+int stage_item_current(const char *path, const char *identity, const ep_log *log, ep_error *err);
 // A shard read by run_item or finish failed as err says: its writer (not a follower) removes it and says
-// so on stderr; sets ws->shard_bad.
+// so on ws->log; sets ws->shard_bad.
 void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err);
 
 #endif

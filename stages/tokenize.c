@@ -144,7 +144,7 @@ static int store_prompts(const char *path, const prompt_arrays *a, const run_con
     return h5store_commit(&s, err);
 }
 
-int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
+int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error *err) {
     task t;
     if (task_load(cfg->task, &t, err)) return ep_wrap(err, "%s: field task", cfg->path);
     prompt_params pp = {.seed = cfg->seed, .n_shots = cfg->n_shots >= 0 ? cfg->n_shots : t.n_shots, .n_donors = cfg->n_donors};
@@ -199,7 +199,7 @@ int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
             }
             if (has_report) {
                 if (!file_holds(report_path, report)) {
-                    fprintf(stderr, "tokenize: rebuilding %s: %s\n", report_path,
+                    ep_logf(log, EP_LOG_WARN, "tokenize: rebuilding %s: %s", report_path,
                             access(report_path, F_OK) ? "missing" : "not the report prompts.h5 was made with (damaged?)");
                     rc = write_text_atomic(report_path, report, err);
                     free(report);
@@ -207,14 +207,14 @@ int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
                 } else {
                     free(report);
                 }
-                printf("tokenize: %s is up to date\n", path);
+                ep_log_result(log, "tokenize: %s is up to date", path);
                 rc = 0;
                 goto done;
             }
             if (same) ep_fail(err, "%s: attribute tokenize_report is missing (made by an older edgepatch)", path);
         }
         // An unreadable, incomplete or corrupted file is rebuilt, never trusted.
-        fprintf(stderr, "tokenize: rebuilding %s: %s\n", path, err->msg);
+        ep_logf(log, EP_LOG_WARN, "tokenize: rebuilding %s: %s", path, err->msg);
     }
     if (tokenizer_load(cfg->tokenizer_path, &tk, err)) goto done;
     int needs_words = 0;
@@ -240,8 +240,8 @@ int tokenize_stage(const run_config *cfg, int fresh, ep_error *err) {
     if (rc == 0) rc = write_text_atomic(report_path, report, err);
     free(report);
     if (rc == 0)
-        printf("tokenize: %s: %d of %d pairs kept, %d prompts with %d donors -> %s\n", t.name, b.report.pairs_kept,
-               b.report.pairs_total, cfg->n_prompts, pp.n_donors, path);
+        ep_log_result(log, "tokenize: %s: %d of %d pairs kept, %d prompts with %d donors -> %s", t.name,
+                      b.report.pairs_kept, b.report.pairs_total, cfg->n_prompts, pp.n_donors, path);
 done:
     if (ps)
         for (int p = 0; p < cfg->n_prompts; p++) prompt_free(&ps[p]);

@@ -13,9 +13,11 @@
 #include <stdint.h>
 
 #include "pipeline/error.h"
+#include "pipeline/log.h"
 #include "pipeline/run_config.h"
 
-int tokenize_stage(const run_config *cfg, int fresh, ep_error *err);
+// Its lines (up to date, rebuilding, what was kept) go to log (NULL: nowhere).
+int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error *err);
 
 // prompts.h5 read back, for the later stages and `edgepatch show`.
 typedef struct {

@@ -38,7 +38,7 @@ static int open_run(const char *name, const char *model, const char *extra, run_
              " \"output_path\": \"%s/%s\", \"n_prompts\": 6, \"batch_size\": 3, \"seed\": 3, \"n_shots\": 3%s}",
              strstr(extra, "affect_whom") ? "x_ablate_edges" : "x_calc_accuracy", model, dir, name, extra);
     ep_error err = {{0}};
-    if (run_config_parse(text, name, cfg, &err) || tokenize_stage(cfg, 0, &err) || stage_inputs_open(cfg, in, &err)) {
+    if (run_config_parse(text, name, cfg, &err) || tokenize_stage(cfg, 0, NULL, &err) || stage_inputs_open(cfg, NULL, in, &err)) {
         check(0, "%s: %s", name, err.msg);
         return -1;
     }

@@ -43,9 +43,9 @@ static void test_stage_chain(void) {
     run_config cfg;
     ep_error err = {{0}};
     check(run_config_parse(text, "test.json", &cfg, &err) == 0, "config: %s", err.msg);
-    check(tokenize_stage(&cfg, 0, &err) == 0, "tokenize: %s", err.msg);
+    check(tokenize_stage(&cfg, 0, NULL, &err) == 0, "tokenize: %s", err.msg);
     stage_inputs in;
-    if (stage_inputs_open(&cfg, &in, &err)) {
+    if (stage_inputs_open(&cfg, NULL, &in, &err)) {
         check(0, "inputs: %s", err.msg);
         run_config_free(&cfg);
         return;
@@ -136,8 +136,8 @@ static void test_bf16_cache(void) {
         run_config cfg;
         stage_inputs in;
         ep_error err = {{0}};
-        if (run_config_parse(text, "bf16.json", &cfg, &err) || tokenize_stage(&cfg, 0, &err) ||
-            stage_inputs_open(&cfg, &in, &err)) {
+        if (run_config_parse(text, "bf16.json", &cfg, &err) || tokenize_stage(&cfg, 0, NULL, &err) ||
+            stage_inputs_open(&cfg, NULL, &in, &err)) {
             check(0, "%s", err.msg);
             return;
         }

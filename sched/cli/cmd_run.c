@@ -3,6 +3,7 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "pipeline/log.h"
 #include "sched/cli/cli.h"
 #include "sched/run.h"
 
@@ -49,6 +50,15 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "edgepatch run: %s\n", err.msg);
         return 1;
     }
+    // The stages' and the driver's lines: results to stdout, the rest to stderr (pipeline/log.h).
+    ep_log log;
+    ep_log_init(&log, stdout, stderr);
+    if (ep_log_configure(&log, sc.rank, sc.size, &err)) {
+        if (sc.rank == 0) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+        sched_finalize(&sc, 2);
+        return 2;
+    }
+    sc.log = &log;
     int status = run_pipeline(&sc, config, (run_stage)last, fresh, stdout, &err), rc = 0;
     if (status == SCHED_FAILED) {
         if (sc.rank == 0) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");

@@ -194,7 +194,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (is_round) read_round();
     else read_prompts(&cfg);
     ep_error err = {{0}};
-    (void)stage_output_current(path, "0123456789abcdef", 0, &err);
+    (void)stage_output_current(path, "0123456789abcdef", 0, NULL, &err);
     h5store s;
     if (h5store_open(path, &s, &err) == 0) {
         (void)h5store_verify(&s, &err);

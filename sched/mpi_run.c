@@ -64,6 +64,8 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     memset(sc, 0, sizeof *sc);
     comm_single(&sc->world);
     comm_single(&sc->group);
+    comm_single(&sc->device);
+    sc->host_group = sc->device_group = group_single();
     sc->size = sc->n_groups = 1;
     parse_hooks(sc);
     sched_signals_install();
@@ -87,6 +89,7 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
 }
 
 void sched_finalize(sched_ctx *sc, int exit_status) {
+    sched_close_groups(sc);
     comm_free(&sc->group);
     if (sc->mpi) {
         sched_signals_hold();  // the watchdog's thread must not take a stop signal
@@ -107,6 +110,34 @@ int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep
     sc->n_groups = sc->size / tp;
     sc->group_id = sc->rank / tp;
     return tp == 1 ? 0 : comm_split(&sc->world, sc->group_id, sc->rank, &sc->group, err);
+}
+
+int sched_open_groups(sched_ctx *sc, const kernel_ops *ops, ep_error *err) {
+    sched_close_groups(sc);
+    sc->host_group = sc->device_group = comm_group(&sc->group);
+    if (sc->group.size == 1) return 0;
+    enum { HOST = 0, STAGED = 1, NCCL = 2 };
+    int kind = ops->host_memory ? HOST : ops == kernel_ops_cuda() && comm_nccl_built() ? NCCL : STAGED;
+    // Every rank of the group says its kind first: a rank on another backend would leave the others
+    // waiting in NCCL's set-up, or mix host and device buffers in one collective.
+    int range[2] = {kind, -kind};  // the max of each: the group's largest kind and minus its smallest
+    if (comm_allreduce_max_i32(&sc->group, range, 2, err)) return -1;
+    if (range[0] != -range[1])
+        return ep_fail(err, "the ranks of tensor-parallel group %d run on different backends (field backend \"auto\" "
+                            "found a GPU on some of them only?): every rank of a group needs the same", sc->group_id);
+    if (kind == HOST) return 0;
+    if (kind == NCCL) {
+        if (comm_nccl_init(&sc->group, &sc->device, err)) return -1;
+    } else {
+        comm_staged_view(&sc->group, ops, &sc->device);
+    }
+    sc->device_group = comm_group(&sc->device);
+    return 0;
+}
+
+void sched_close_groups(sched_ctx *sc) {
+    comm_free(&sc->device);
+    sc->host_group = sc->device_group = group_single();
 }
 
 // MPI's handler aborts the job on a failed call, so the communication calls below have no other outcome.

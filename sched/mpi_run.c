@@ -118,13 +118,13 @@ int sched_open_groups(sched_ctx *sc, const kernel_ops *ops, ep_error *err) {
     if (sc->group.size == 1) return 0;
     enum { HOST = 0, STAGED = 1, NCCL = 2 };
     int kind = ops->host_memory ? HOST : ops == kernel_ops_cuda() && comm_nccl_built() ? NCCL : STAGED;
-    // Every rank of the group says its kind first: a rank on another backend would leave the others
-    // waiting in NCCL's set-up, or mix host and device buffers in one collective.
+    // Every rank of the group says its kind first. Host and staged ranks all meet in MPI calls, but one
+    // without NCCL would leave the NCCL ranks waiting in NCCL's set-up for good.
     int range[2] = {kind, -kind};  // the max of each: the group's largest kind and minus its smallest
     if (comm_allreduce_max_i32(&sc->group, range, 2, err)) return -1;
-    if (range[0] != -range[1])
-        return ep_fail(err, "the ranks of tensor-parallel group %d run on different backends (field backend \"auto\" "
-                            "found a GPU on some of them only?): every rank of a group needs the same", sc->group_id);
+    if (range[0] == NCCL && -range[1] != NCCL)
+        return ep_fail(err, "tensor-parallel group %d: some ranks run on the cuda backend with NCCL and some do not "
+                            "(field backend \"auto\" found a GPU on some nodes only?)", sc->group_id);
     if (kind == HOST) return 0;
     if (kind == NCCL) {
         if (comm_nccl_init(&sc->group, &sc->device, err)) return -1;

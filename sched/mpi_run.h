@@ -63,9 +63,9 @@ int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep
 // group's ranks on the cuda backend when the build has NCCL, else group staged through host memory
 // (comm_staged_view: the offset backend, a CUDA build without NCCL), and host_group itself on a host
 // backend or for a group of one. After sched_set_tensor_parallel; collective over the group (NCCL's
-// set-up, and a check that every rank of the group asks for the same kind of device group: a rank whose
-// "auto" backend found no GPU fails the group instead of leaving the others in NCCL's set-up). Fails the
-// same on every rank of the group. The groups point into sc (sc must stay where it is); freed by
+// set-up, and a check that either every rank of the group or none uses NCCL: a rank whose "auto" backend
+// found no GPU fails the group instead of leaving the others in NCCL's set-up). Fails the same on every
+// rank of the group. The groups point into sc (sc must stay where it is); freed by
 // sched_close_groups or sched_finalize.
 int sched_open_groups(sched_ctx *sc, const kernel_ops *ops, ep_error *err);
 void sched_close_groups(sched_ctx *sc);

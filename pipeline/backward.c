@@ -367,7 +367,7 @@ int model_backward(const model *m, const grad_batch *b, const forward_patch *pat
     int Q = H * hd, KV = sh.n_kv_heads * hd;
     batch_rows(b, &T, &R);
     t->n_layers = L, t->n_heads = H, t->n_kv_heads = sh.n_kv_heads, t->head_dim = hd, t->n_seqs = b->n_seqs;
-    t->head0 = sh.head0, t->model_heads = c->n_heads, t->comm = sh.size > 1 ? m->comm : NULL;
+    t->head0 = sh.head0, t->model_heads = c->n_heads, t->group = sh.size > 1 ? m->group : NULL;
     t->n_rows = T;
     t->len = ep_malloc(sizeof(int) * (size_t)b->n_seqs);
     t->row = ep_malloc(sizeof(int) * (size_t)b->n_seqs);
@@ -546,7 +546,7 @@ static int check_donor(const grad_tape *t, int layer, int head, int donor, int n
 // unit's signed sums (exactly: one rank's value plus zeros), before the absolute value.
 static int finish_scores(const grad_tape *t, double *signed_sum, int n, int S, double *score, double *per_seq,
                          ep_error *err) {
-    if (t->comm && comm_allreduce_sum_f64(t->comm, signed_sum, (size_t)n * S, err)) return -1;
+    if (t->group && group_sum_f64(t->group, signed_sum, (size_t)n * S, err)) return -1;
     for (int u = 0; u < n; u++) {
         score[u] = 0;
         for (int s = 0; s < S; s++) {

@@ -11,7 +11,7 @@
 // pre-norm / sandwich / parallel blocks, MLPs, attention with scale, softcap, causal mask, window,
 // GQA, edge ablation, head units, RoPE, partial rotary) and stops at the embeddings. Host memory and
 // fp32 only (the CPU backend). Never prints.
-// A tensor-parallel shard (model.cfg.tp, model.comm: docs/tensor_parallel.md) runs the pass with its group
+// A tensor-parallel shard (model.cfg.tp, model.group: docs/tensor_parallel.md) runs the pass with its group
 // (collective: every rank of the group calls the same functions in the same order, scores included); its
 // tape holds its own query heads and KV heads, and the scores, which name the model's heads, come out
 // whole on every rank.
@@ -40,7 +40,7 @@ typedef struct {
 typedef struct {
     int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;  // n_heads, n_kv_heads: the tape's (a shard's)
     int head0, model_heads;  // the tape's head h is the model's head head0 + h, of model_heads
-    const ep_comm *comm;     // a shard's group, which the scores are summed over; NULL for a whole model
+    const ep_group *group;   // a shard's group, which the scores are summed over; NULL for a whole model
     int *len, *row;         // [n_seqs]: length and first packed row of each sequence
     size_t *att_off;        // [n_seqs]: where a sequence's [n_heads][len][len] block starts in a layer
     size_t att_per_layer;   // floats per layer of p and dlogit

@@ -67,7 +67,7 @@ int kv_cache_gather(const model *m, const kv_cache *shard, kv_cache *whole, ep_e
         float *all = (float *)src;  // one rank: its shard is the whole
         if (P > 1) {
             all = dev ? dev->alloc(sizeof(float) * n_all) : ep_malloc(sizeof(float) * n_all);
-            rc = comm_allgather_f32(m->comm, src, all, rows * local, err);
+            rc = group_gather_f32(m->group, src, all, rows * local, err);
         }
         float *host = all;
         if (rc == 0 && dev) {
@@ -198,7 +198,7 @@ static void run_mlp(const kernel_ops *ops, const model_config *c, const layer_we
 }
 
 int model_group_sum(const model *m, float *buf, size_t n, ep_error *err) {
-    return model_config_local(&m->cfg).size > 1 ? comm_allreduce_sum_f32(m->comm, buf, n, err) : 0;
+    return model_config_local(&m->cfg).size > 1 ? group_sum_f32(m->group, buf, n, err) : 0;
 }
 
 // A shard's rules: query head h of the shard is head head0 + h of the model, so the head bits move down.
@@ -266,7 +266,7 @@ static int project_logits(const model *m, const kernel_ops *ops, step_buffers *s
     }
     float *all = ops->alloc(sizeof(float) * n_logits), *host = ep_malloc(sizeof(float) * n_logits);
     ops->sync();
-    rc = comm_allgather_f32(m->comm, local, all, n_local, err);
+    rc = group_gather_f32(m->group, local, all, n_local, err);
     if (rc == 0) {
         ops->download(host, all, sizeof(float) * n_logits);
         for (int k = 0; k < parts; k++)
@@ -287,8 +287,8 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         return ep_fail(err, "forward: the %s backend needs the model's weights and the cache in its memory "
                             "(model_to_backend, kv_cache_init_backend)", ops->name);
     tp_shard sh = model_config_local(c);
-    if (sh.size > 1 && (!m->comm || m->comm->size != sh.size || m->comm->rank != sh.rank))
-        return ep_fail(err, "forward: a tensor-parallel shard (rank %d of %d) needs its group's communicator", sh.rank,
+    if (sh.size > 1 && (!m->group || m->group->size != sh.size || m->group->rank != sh.rank))
+        return ep_fail(err, "forward: a tensor-parallel shard (rank %d of %d) needs its group's collectives", sh.rank,
                        sh.size);
     if (patch && check_patch(c, cache, patch, err)) return -1;
     if (b->n_seqs != cache->n_seqs)

@@ -7,7 +7,7 @@
 // The per-layer keys and values are left in the cache and the residual stream can be captured, which
 // is what the patching stage reads and replaces. Never allocates model weights; never prints.
 // A tensor-parallel shard's pass (model.cfg.tp, docs/tensor_parallel.md) computes its heads and MLP
-// columns, sums the row-parallel projections over model.comm (every rank of the group must run the same
+// columns, sums the row-parallel projections over model.group (every rank of the group must run the same
 // passes in the same order) and gathers the logits; its cache holds only its KV heads and head outputs.
 #ifndef EP_FORWARD_H
 #define EP_FORWARD_H
@@ -32,7 +32,7 @@ int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity
 int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z,
                           const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
-// The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->comm its
+// The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->group its
 // group, whose buffers are in the shard's memory): collective. whole is a host cache initialised here
 // (same sequences, capacity, lengths, head outputs if kept) with every KV head and query head; for a
 // whole model it is a copy (downloaded from a device cache).
@@ -96,7 +96,7 @@ typedef struct {
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err);
 
-// A tensor-parallel shard's partial values (host or backend memory as m's comm takes them) summed over
+// A tensor-parallel shard's partial values (host or backend memory as m's group takes them) summed over
 // its group in place, as the row-parallel projections are; nothing for a whole model. Collective.
 int model_group_sum(const model *m, float *buf, size_t n, ep_error *err);
 

@@ -14,9 +14,9 @@
 #include "kernels/ops.h"
 #include "pipeline/error.h"
 #include "pipeline/file_digest.h"
+#include "pipeline/group.h"
 #include "pipeline/model_config.h"
 #include "pipeline/safetensors.h"
-#include "sched/comm.h"
 
 typedef struct {
     const float *attn_norm, *attn_norm_bias;  // input_layernorm
@@ -49,8 +49,9 @@ typedef struct {
     uint64_t config_hash;  // of config.json's bytes
     const kernel_ops *backend;  // non-NULL: a device model (model_to_backend) whose weights and inv_freq live in
                                 // this backend's memory; `owned` then lists those buffers
-    const ep_comm *comm;  // a shard's tensor-parallel group (cfg.tp.size ranks, buffers in the backend's memory):
-                          // set by the caller before model_forward; unused for a whole model
+    const ep_group *group;  // a shard's tensor-parallel group (cfg.tp.size ranks, f32 buffers in the backend's
+                            // memory; pipeline/group.h): set by the caller before model_forward; unused for a
+                            // whole model
 } model;
 
 // Loads DIR/config.json and DIR's safetensors.

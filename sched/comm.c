@@ -258,6 +258,22 @@ int comm_bcast_i32(const ep_comm *c, int *buf, int n, int root, ep_error *err) {
     return mpi_check(MPI_Bcast(buf, n, MPI_INT, root, mpi_of(c)), "Bcast", err);
 }
 
+static int group_sum_f32_cb(void *ctx, float *buf, size_t n, ep_error *err) {
+    return comm_allreduce_sum_f32(ctx, buf, n, err);
+}
+static int group_gather_f32_cb(void *ctx, const float *send, float *recv, size_t n, ep_error *err) {
+    return comm_allgather_f32(ctx, send, recv, n, err);
+}
+static int group_sum_f64_cb(void *ctx, double *buf, size_t n, ep_error *err) {
+    return comm_allreduce_sum_f64(ctx, buf, n, err);
+}
+
+ep_group comm_group(const ep_comm *c) {
+    // ctx is the runtime's void *; the callbacks only read the communicator through it.
+    return (ep_group){.rank = c->rank, .size = c->size, .ctx = (void *)c, .sum_f32 = group_sum_f32_cb,
+                      .gather_f32 = group_gather_f32_cb, .sum_f64 = group_sum_f64_cb};
+}
+
 int comm_send_i32(const ep_comm *c, int value, int dest, int tag, ep_error *err) {
     if (c->kind != COMM_MPI) return ep_fail(err, "comm: messages need an MPI communicator");
     return mpi_check(MPI_Send(&value, 1, MPI_INT, dest, tag, mpi_of(c)), "Send", err);

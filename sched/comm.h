@@ -1,6 +1,7 @@
 // comm: a communicator, the one place where ranks talk to each other. Every MPI and NCCL call of the
-// program lives in comm.c; the forward pass (tensor-parallel all-reduce and all-gather) and the work
-// driver (sched/mpi_run) use only this interface, so stages and the model code never see MPI.
+// program lives in comm.c. The work driver (sched/mpi_run) uses this interface; the forward and backward
+// passes (tensor-parallel all-reduce and all-gather) see a communicator only as the runtime's
+// collectives interface (pipeline/group.h, comm_group below), so stages and the model code never see MPI.
 //
 // Backends: single (one rank; every collective is a no-op or a copy, no library is touched), mpi
 // (buffers in host memory, or in a device backend's memory staged through the host: comm_staged_view)
@@ -15,6 +16,7 @@
 #include <stddef.h>
 
 #include "pipeline/error.h"
+#include "pipeline/group.h"
 
 typedef enum { COMM_SINGLE = 0, COMM_MPI = 1, COMM_NCCL = 2 } comm_kind;
 
@@ -68,6 +70,12 @@ int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *er
 int comm_allreduce_max_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_allreduce_sum_i32(const ep_comm *c, int *buf, int n, ep_error *err);  // in place
 int comm_bcast_i32(const ep_comm *c, int *buf, int n, int root, ep_error *err);
+
+// c's collectives as the runtime's interface (pipeline/group.h): rank and size are c's, and the callbacks
+// are comm_allreduce_sum_f32, comm_allgather_f32 and comm_allreduce_sum_f64 on c, so the memory of the
+// f32 buffers is c's (host for mpi and single, device for nccl and a staged view). The group points to
+// c (its ctx): c must stay where it is, and outlive the group.
+ep_group comm_group(const ep_comm *c);
 
 // Point to point, one int (mpi_run's progress and stop messages). src or tag -1: any.
 int comm_send_i32(const ep_comm *c, int value, int dest, int tag, ep_error *err);

@@ -63,6 +63,8 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
     memset(sc, 0, sizeof *sc);
     comm_single(&sc->world);
     comm_single(&sc->group);
+    comm_single(&sc->device);
+    sc->host_group = sc->device_group = group_single();
     sc->size = sc->n_groups = 1;
     parse_hooks(sc);
     sched_signals_install();
@@ -86,6 +88,7 @@ int sched_init(sched_ctx *sc, int *argc, char ***argv, ep_error *err) {
 }
 
 void sched_finalize(sched_ctx *sc, int exit_status) {
+    sched_close_groups(sc);
     comm_free(&sc->group);
     if (sc->mpi) {
         sched_signals_hold();  // the watchdog's thread must not take a stop signal
@@ -106,6 +109,34 @@ int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep
     sc->n_groups = sc->size / tp;
     sc->group_id = sc->rank / tp;
     return tp == 1 ? 0 : comm_split(&sc->world, sc->group_id, sc->rank, &sc->group, err);
+}
+
+int sched_open_groups(sched_ctx *sc, const kernel_ops *ops, ep_error *err) {
+    sched_close_groups(sc);
+    sc->host_group = sc->device_group = comm_group(&sc->group);
+    if (sc->group.size == 1) return 0;
+    enum { HOST = 0, STAGED = 1, NCCL = 2 };
+    int kind = ops->host_memory ? HOST : ops == kernel_ops_cuda() && comm_nccl_built() ? NCCL : STAGED;
+    // Every rank of the group says its kind first. Host and staged ranks all meet in MPI calls, but one
+    // without NCCL would leave the NCCL ranks waiting in NCCL's set-up for good.
+    int range[2] = {kind, -kind};  // the max of each: the group's largest kind and minus its smallest
+    if (comm_allreduce_max_i32(&sc->group, range, 2, err)) return -1;
+    if (range[0] == NCCL && -range[1] != NCCL)
+        return ep_fail(err, "tensor-parallel group %d: some ranks run on the cuda backend with NCCL and some do not "
+                            "(field backend \"auto\" found a GPU on some nodes only?)", sc->group_id);
+    if (kind == HOST) return 0;
+    if (kind == NCCL) {
+        if (comm_nccl_init(&sc->group, &sc->device, err)) return -1;
+    } else {
+        comm_staged_view(&sc->group, ops, &sc->device);
+    }
+    sc->device_group = comm_group(&sc->device);
+    return 0;
+}
+
+void sched_close_groups(sched_ctx *sc) {
+    comm_free(&sc->device);
+    sc->host_group = sc->device_group = group_single();
 }
 
 // MPI's handler aborts the job on a failed call, so the communication calls below have no other outcome.

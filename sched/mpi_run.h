@@ -17,7 +17,9 @@
 #ifndef EP_SCHED_MPI_RUN_H
 #define EP_SCHED_MPI_RUN_H
 
+#include "kernels/ops.h"
 #include "pipeline/error.h"
+#include "pipeline/group.h"
 #include "sched/comm.h"
 #include "sched/progress.h"
 #include "sched/signals.h"
@@ -33,6 +35,8 @@ typedef struct {
     int mpi;  // 1 if MPI was started here (and must be finalized)
     ep_comm world;
     ep_comm group;  // this rank's tensor-parallel group (single until sched_set_tensor_parallel)
+    ep_comm device;  // group's communicator for buffers in a device backend's memory (sched_open_groups)
+    ep_group host_group, device_group;  // group's and device's collectives for the model (sched_open_groups)
     int n_groups, group_id;
     progress prog;
     const ep_log *log;  // where the driver's lines and progress go (set by the caller after sched_init; NULL: nowhere)
@@ -53,6 +57,19 @@ void sched_finalize(sched_ctx *sc, int exit_status);
 // Splits the ranks into groups of tp consecutive ranks (group g: ranks g * tp ..). Fails, naming the
 // config file's field, unless tp divides the number of ranks. Every rank must call it.
 int sched_set_tensor_parallel(sched_ctx *sc, int tp, const char *config_path, ep_error *err);
+
+// The collectives a split model's passes use (pipeline/group.h), built by the driver for backend ops so
+// that no stage makes a communicator: host_group, group's on host buffers (the host model, attribution's
+// backward pass); device_group, for buffers in ops' memory (the model on ops): an NCCL communicator over
+// group's ranks on the cuda backend when the build has NCCL, else group staged through host memory
+// (comm_staged_view: the offset backend, a CUDA build without NCCL), and host_group itself on a host
+// backend or for a group of one. After sched_set_tensor_parallel; collective over the group (NCCL's
+// set-up, and a check that either every rank of the group or none uses NCCL: a rank whose "auto" backend
+// found no GPU fails the group instead of leaving the others in NCCL's set-up). Fails the same on every
+// rank of the group. The groups point into sc (sc must stay where it is); freed by
+// sched_close_groups or sched_finalize.
+int sched_open_groups(sched_ctx *sc, const kernel_ops *ops, ep_error *err);
+void sched_close_groups(sched_ctx *sc);
 
 // The most severe status over the ranks (a rank's stop request counts as SCHED_STOPPED). Every rank
 // must call it at the same point; without MPI it is status itself (or STOPPED on a signal).

@@ -35,9 +35,14 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
     if (status == SCHED_OK && root && tokenize_stage(cfg, fresh, sc->log, err)) status = SCHED_FAILED;
     status = sched_agree(sc, status);
     stage_inputs in;
+    const kernel_ops *ops = NULL;
     int opened = 0;
+    // Every rank has its backend before the groups for its memory are built (collective over a group).
+    if (status == SCHED_OK && last >= RUN_CACHE)
+        status = sched_agree(sc, stage_backend(cfg, sc->log, &ops, err) ? SCHED_FAILED : SCHED_OK);
     if (status == SCHED_OK && last >= RUN_CACHE) {
-        opened = stage_inputs_open_shard(cfg, cfg->tensor_parallel > 1 ? &sc->group : NULL, sc->log, &in, err) == 0;
+        opened = sched_open_groups(sc, ops, err) == 0 &&
+                 stage_inputs_open_shard(cfg, ops, &sc->host_group, &sc->device_group, sc->log, &in, err) == 0;
         status = sched_agree(sc, opened ? SCHED_OK : SCHED_FAILED);
     }
     // The prune stage's fields and inputs (an earlier run's round files) are checked before any work.
@@ -78,6 +83,7 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
         if (report_write(cfg->output_path, report_out, err)) status = SCHED_FAILED;
     }
     if (opened) stage_inputs_close(&in);
+    sched_close_groups(sc);
     return status == SCHED_RETRY ? SCHED_FAILED : status;
 }
 

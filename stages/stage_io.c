@@ -12,9 +12,9 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
-// The config's backend (validated by run_config) as a dispatch table. A GPU that is present but
+// The config's backend (its name validated by run_config) as a dispatch table. A GPU that is present but
 // unusable is named: in the error when "cuda" was asked for, in a warning when "auto" falls back to cpu.
-static int backend_from_config(const run_config *cfg, const ep_log *log, const kernel_ops **ops, ep_error *err) {
+int stage_backend(const run_config *cfg, const ep_log *log, const kernel_ops **ops, ep_error *err) {
     int wants_cuda = !strcmp(cfg->backend, "cuda") || !strcmp(cfg->backend, "auto");  // cpu runs never start CUDA
     const char *unusable = wants_cuda ? kernel_ops_cuda_unusable() : NULL;
     if (!(*ops = kernel_ops_named(cfg->backend)))
@@ -31,41 +31,34 @@ int stage_needs_host_weights(const run_config *cfg) {
 }
 
 int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err) {
-    return stage_inputs_open_shard(cfg, NULL, log, in, err);
+    const kernel_ops *ops;
+    memset(in, 0, sizeof *in);  // closable whatever fails
+    if (stage_backend(cfg, log, &ops, err)) return -1;
+    return stage_inputs_open_shard(cfg, ops, NULL, NULL, log, in, err);
 }
 
-int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, const ep_log *log, stage_inputs *in,
-                            ep_error *err) {
+int stage_inputs_open_shard(const run_config *cfg, const kernel_ops *ops, const ep_group *host, const ep_group *device,
+                            const ep_log *log, stage_inputs *in, ep_error *err) {
     memset(in, 0, sizeof *in);
     in->cfg = cfg;
     in->log = log;
     if (!cfg->model_path) return ep_fail(err, "%s: field model_path: required for the model stages", cfg->path);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
-    if (backend_from_config(cfg, log, &in->ops, err)) return -1;
+    in->ops = ops;
     // A host backend computes with the host model's weights; a device backend gets them from the mapping
     // one tensor at a time, and the host keeps fp32 weights only for attribution's CPU backward pass.
-    int rank = tp ? tp->rank : 0, size = tp ? tp->size : 1;
+    int rank = host ? host->rank : 0, size = host ? host->size : 1;
     if ((in->ops->host_memory || stage_needs_host_weights(cfg) ? model_load_shard : model_open_shard)(
             cfg->model_path, rank, size, &in->m, err))
         return -1;
-    in->m.comm = tp;
+    in->m.group = host;
     if (model_to_backend(&in->m, in->ops, cfg->bf16, &in->dev, err)) {
         model_free(&in->m);
         return -1;
     }
-    // A split model's device copy sums and gathers device buffers: over NCCL on GPUs, else through the host.
-    if (tp && tp->size > 1 && !in->ops->host_memory) {
-        if (in->ops == kernel_ops_cuda() && comm_nccl_built()) {
-            if (comm_nccl_init(tp, &in->dev_comm, err)) {
-                stage_inputs_close(in);
-                return -1;
-            }
-        } else {
-            comm_staged_view(tp, in->ops, &in->dev_comm);
-        }
-        in->dev.comm = &in->dev_comm;
-    }
+    // A split model's device copy sums and gathers buffers in the backend's memory (the driver's device group).
+    in->dev.group = device ? device : host;
     if (prompt_set_load(path, &in->prompts, err) || plan_from_run_config(cfg, &in->m.cfg, &in->plan, err) ||
         plan_list_from_run_config(cfg, &in->m.cfg, &in->ablations, &in->n_ablations, err)) {
         stage_inputs_close(in);
@@ -111,7 +104,6 @@ int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, const ep_l
 }
 
 void stage_inputs_close(stage_inputs *in) {
-    comm_free(&in->dev_comm);
     model_backend_free(&in->dev);
     model_free(&in->m);
     prompt_set_free(&in->prompts);

@@ -22,7 +22,6 @@ struct stage_inputs {
                           // used (a host backend, or attribution's CPU backward: stage_needs_host_weights)
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
-    ep_comm dev_comm;       // a split model on a device backend: dev's group (NCCL, or the host group staged)
     prompt_set prompts;
     ablation_plan plan;
     ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
@@ -33,20 +32,26 @@ struct stage_inputs {
     char plan_hash[17];
 };
 
-// Loads the model, the prompts and the plan, and puts the model on the config's backend: field backend
-// "auto" (the default: cuda when a usable GPU is present, else cpu), "cpu", "cuda" (an error without a
-// usable GPU) or "offset" (the cpu kernels behind device-style memory, kernels/ops_offset.c, for testing
-// device code paths); field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
+// The config's backend: field backend "auto" (the default: cuda when a usable GPU is present, else cpu),
+// "cpu", "cuda" (an error without a usable GPU) or "offset" (the cpu kernels behind device-style memory,
+// kernels/ops_offset.c, for testing device code paths). A driver asks before stage_inputs_open_shard, to
+// build the device group for that backend's memory.
+// An unusable GPU under "auto" is a warning on log.
+int stage_backend(const run_config *cfg, const ep_log *log, const kernel_ops **ops, ep_error *err);
+// Loads the model, the prompts and the plan, and puts the model on the config's backend (stage_backend);
+// field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
 // On a device backend the host model holds weights (model_load_shard) only when stage_needs_host_weights
 // says so; else it is opened without them (model_open_shard) and the device model is read from the mapping.
 // log (may be NULL) is kept in in->log for the stages' lines.
 int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err);
-// The same holding only this rank's shard of the model, for the tensor-parallel group tp (an MPI
-// communicator, which must outlive in; docs/tensor_parallel.md). Every rank of the group runs the same
-// passes together. On the cuda backend the device model's group is an NCCL communicator over tp's ranks
-// (when the build has NCCL); on other device backends, tp staged through host memory (comm_staged_view).
-int stage_inputs_open_shard(const run_config *cfg, const ep_comm *tp, const ep_log *log, stage_inputs *in,
-                            ep_error *err);
+// The same on backend ops (stage_backend's), holding only this rank's shard of the model: rank host->rank
+// of a tensor-parallel group of host->size ranks (docs/tensor_parallel.md; NULL: one rank, the whole
+// model). Every rank of the group runs the same passes together. The host model (in->m) computes with
+// host's collectives (host buffers: attribution's backward pass); the model on ops (in->dev) with
+// device's, made for ops' memory (the host group itself on a host backend). The driver builds both
+// (sched/mpi_run.h, sched_open_groups); they must outlive in. A stage never makes a communicator.
+int stage_inputs_open_shard(const run_config *cfg, const kernel_ops *ops, const ep_group *host, const ep_group *device,
+                            const ep_log *log, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
 // 1 if a run of cfg may compute attribution scores (the backward pass runs on the CPU with the host
 // model's fp32 weights): field importance "attribution" (the default for prune rounds; the prune stage

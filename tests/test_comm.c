@@ -7,6 +7,10 @@
 // worked out here and the one-call results; with counts over 2^31 (buffers that are mapped but never
 // touched, the calls noted and not passed on) the pieces must each fit an int and cover the count, where
 // the old `(int)n` cast made one call of 7 elements (2^32 + 7) or of a negative count (2^31 + 5).
+// The runtime's collectives interface (pipeline/group.h) over a communicator (comm_group) must give the
+// same sums and gathers through MPI, a group of one none, and the driver's groups (sched_open_groups)
+// the host group on a host backend and a staged view for a device backend's memory (the offset backend:
+// a host read of its memory faults, so a device group that is the host one fails).
 // Run alone (one rank) and under mpirun -np 2 (tests/CMakeLists.txt).
 #define _DEFAULT_SOURCE  // MAP_ANONYMOUS, MAP_NORESERVE
 #include <mpi.h>
@@ -16,7 +20,10 @@
 #include <string.h>
 #include <sys/mman.h>
 
+#include "kernels/ops.h"
+#include "pipeline/group.h"
 #include "sched/comm.h"
+#include "sched/mpi_run.h"
 #include "tests/harness.h"
 
 // What the calls since the last reset looked like.
@@ -174,6 +181,94 @@ static void test_agree(const ep_comm *world) {
     if (world->rank == 0) printf("  a failure on any one of %d rank(s) returned on all, with its message\n", S);
 }
 
+// Rank r's x_r[i] = (r + 1) / 4 + i summed through g, in the memory of ops: the sum over S ranks is
+// S (S + 1) / 8 + S i. Returns the number of wrong elements, or -1 if the call failed.
+static int group_sum_wrong(const ep_group *g, const kernel_ops *ops, int S, int r, ep_error *err) {
+    enum { N = 9 };
+    float x[N];
+    for (int i = 0; i < N; i++) x[i] = (float)(r + 1) / 4 + (float)i;
+    float *buf = ops->alloc(sizeof x);
+    ops->upload(buf, x, sizeof x);
+    int rc = group_sum_f32(g, buf, N, err);
+    ops->download(x, buf, sizeof x);
+    ops->release(buf);
+    if (rc) return -1;
+    int bad = 0;
+    for (int i = 0; i < N; i++) bad += x[i] != (float)(S * (S + 1)) / 8 + (float)(S * i);
+    return bad;
+}
+
+static void test_group(const ep_comm *world) {
+    int S = world->size, r = world->rank;
+    ep_error err = {{0}};
+    ep_group g = comm_group(world);
+    check(g.rank == r && g.size == S && g.ctx == (void *)world, "comm_group: rank %d of %d", g.rank, g.size);
+    reset(1);
+    int bad = group_sum_wrong(&g, kernel_ops_cpu(), S, r, &err);
+    check(bad == 0 && seen.calls == 1, "group f32 sum over MPI: %d wrong, %d calls%s%s", bad, seen.calls, bad < 0 ? ": " : "",
+          bad < 0 ? err.msg : "");
+    enum { G = 5 };
+    float send[G], *got = malloc(sizeof(float) * G * (size_t)S);
+    double d[G];
+    for (int i = 0; i < G; i++) send[i] = (float)(r * 1000 + i), d[i] = (double)(r + 1) / 8 + i;
+    int rc = group_gather_f32(&g, send, got, G, &err) || group_sum_f64(&g, d, G, &err);
+    bad = 0;
+    for (int q = 0; q < S && rc == 0; q++)
+        for (int i = 0; i < G; i++) bad += got[q * G + i] != (float)(q * 1000 + i);
+    for (int i = 0; i < G && rc == 0; i++) bad += d[i] != (double)(S * (S + 1)) / 16 + (double)S * i;
+    check(rc == 0 && bad == 0, "group gather and f64 sum over MPI: %d wrong%s%s", bad, rc ? ": " : "", rc ? err.msg : "");
+    free(got);
+
+    // A group of one (group_single, or none): sums leave the buffer alone; an all-gather is an error.
+    ep_group one = group_single();
+    float f[3] = {1.5f, -2, 3};
+    double e[2] = {0.25, 7};
+    rc = group_sum_f32(&one, f, 3, &err) || group_sum_f64(&one, e, 2, &err) || group_sum_f32(NULL, f, 3, &err) ||
+         group_sum_f64(NULL, e, 2, &err);
+    check(rc == 0 && f[0] == 1.5f && f[1] == -2 && f[2] == 3 && e[0] == 0.25 && e[1] == 7 && one.size == 1 && !one.ctx,
+          "group of one: sums leave the buffer as it is%s%s", rc ? ": " : "", rc ? err.msg : "");
+    err.msg[0] = 0;
+    check(group_gather_f32(&one, f, f + 1, 1, &err) == -1 && strstr(err.msg, "all-gather"), "group of one: gather refused: '%s'",
+          err.msg);
+    ep_group broken = {.rank = r, .size = 2};
+    check(group_sum_f32(&broken, f, 3, &err) == -1 && group_sum_f64(&broken, e, 2, &err) == -1,
+          "a group of 2 without callbacks is an error");
+
+    // The driver's groups over a tensor-parallel group of every rank (sched_open_groups).
+    sched_ctx sc;
+    memset(&sc, 0, sizeof sc);
+    comm_single(&sc.world), comm_single(&sc.device);
+    if (comm_split(world, 0, r, &sc.group, &err)) {
+        check(0, "split: %s", err.msg);
+        return;
+    }
+    const kernel_ops *off = kernel_ops_offset();
+    rc = sched_open_groups(&sc, kernel_ops_cpu(), &err);
+    check(rc == 0 && sc.host_group.ctx == (void *)&sc.group && sc.device_group.ctx == (void *)&sc.group &&
+              sc.host_group.size == S && sc.device_group.rank == r,
+          "cpu backend: the device group is the host group%s%s", rc ? ": " : "", rc ? err.msg : "");
+    rc = sched_open_groups(&sc, off, &err);
+    check(rc == 0 && sc.host_group.ctx == (void *)&sc.group && (S == 1 ? sc.device_group.ctx == (void *)&sc.group
+                                                                        : sc.device.staging == off),
+          "offset backend: %s%s%s", S == 1 ? "a group of one keeps the host group" : "the device group is a staged view",
+          rc ? ": " : "", rc ? err.msg : "");
+    if (rc == 0) {
+        bad = group_sum_wrong(&sc.device_group, off, S, r, &err);
+        check(bad == 0, "offset backend: f32 sum of device buffers through the device group: %d wrong%s%s", bad,
+              bad < 0 ? ": " : "", bad < 0 ? err.msg : "");
+    }
+    // Host and staged ranks meet in the same MPI calls: a group may mix them.
+    const kernel_ops *mine = r % 2 ? off : kernel_ops_cpu();
+    rc = sched_open_groups(&sc, mine, &err);
+    bad = rc ? -1 : group_sum_wrong(&sc.device_group, mine, S, r, &err);
+    check(bad == 0, "cpu and offset ranks in one group: %d wrong%s%s", bad, bad < 0 ? ": " : "", bad < 0 ? err.msg : "");
+    sched_close_groups(&sc);
+    check(sc.device.kind == COMM_SINGLE && !sc.device.staging && sc.device_group.size == 1 && !sc.device_group.ctx,
+          "sched_close_groups leaves groups of one");
+    comm_free(&sc.group);
+    if (r == 0) printf("  groups over %d rank(s): sums and gathers through the interface, staged on the offset backend\n", S);
+}
+
 int main(int argc, char **argv) {
     ep_comm world;
     ep_error err = {{0}};
@@ -184,6 +279,7 @@ int main(int argc, char **argv) {
     test_small_pieces(&world);
     test_counts_over_int_max(&world);
     test_agree(&world);
+    test_group(&world);
     int rc = test_finish(world.rank == 0 ? "test_comm" : "test_comm (rank > 0)");
     comm_world_finalize(&world);
     return rc;

@@ -228,7 +228,7 @@ static void check_backward(const char *name, int T, int world_rank, const model 
                    name, T, el, edz, es[0], es[1]);
         // Can fail: without the group's sum a rank has only its own heads' scores.
         grad_tape lone = ts;
-        lone.comm = NULL;
+        lone.group = NULL;
         double e = 0;
         if (grad_head_scores(&lone, hu, nh, ss, NULL, &err) == 0)
             for (int u = 0; u < nh; u++) e = fmax(e, fabs(ss[u] - sw[u]));
@@ -264,7 +264,8 @@ static void check_group(const char *name, const ep_comm *world, int T) {
         comm_free(&group);
         return;
     }
-    shard.comm = &group;
+    ep_group collectives = comm_group(&group);
+    shard.group = &collectives;
     batch b;
     make_batch(&b, whole.cfg.vocab_size);
     size_t n = (size_t)3 * b.T * whole.cfg.vocab_size;
@@ -359,7 +360,8 @@ static int nccl_main(const ep_comm *world) {
             model_free(&whole);
             continue;
         }
-        dev_shard.comm = &nccl;
+        ep_group collectives = comm_group(&nccl);
+        dev_shard.group = &collectives;
         batch b;
         make_batch(&b, whole.cfg.vocab_size);
         size_t TV = (size_t)b.T * whole.cfg.vocab_size;

@@ -4,7 +4,7 @@
 #include <string.h>
 
 #include "pipeline/cli.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 #include "sched/mpi_run.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
@@ -64,6 +64,12 @@ int cmd_run(int argc, char **argv) {
     run_config cfg;
     if (run_config_load(config, &cfg, &err)) {
         if (root) fprintf(stderr, "edgepatch run: %s\n", err.msg);
+        sched_finalize(&sc);
+        return 1;
+    }
+    if (last >= 1 && !cfg.model_path) {  // refused before anything runs, not after tokenize
+        if (root) fprintf(stderr, "edgepatch run: %s: field model_path: required for the model stages (or --until tokenize)\n", cfg.path);
+        run_config_free(&cfg);
         sched_finalize(&sc);
         return 1;
     }

@@ -19,7 +19,7 @@
 
 #include "pipeline/forward.h"
 #include "pipeline/model_config.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 
 typedef struct {
     char name[128];

@@ -13,7 +13,7 @@
 #include <stdint.h>
 
 #include "pipeline/error.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 
 int tokenize_stage(const run_config *cfg, int fresh, ep_error *err);
 

@@ -71,6 +71,11 @@ refused units_per_item "field exact_units_per_item" '{"exact_units_per_item": 0}
 refused imp_missing "field prune_using_imp_scores\[0\]" "{\"prune_using_imp_scores\": [\"$tmp/imp/round-000.h5\"], \"prune_k\": [3]}"
 echo "not an HDF5 file" > "$tmp/imp/round-001.h5"
 refused imp_bad "field prune_using_imp_scores\[0\]" "{\"prune_using_imp_scores\": [\"$tmp/imp/round-001.h5\"], \"prune_k\": [3]}"
+# a sealed HDF5 file of another kind: a tokenize stage's prompts.h5
+make other '{}'
+sed "s#\"output_path\": \"[^\"]*\"#\"output_path\": \"$tmp/other\"#" "$tmp/other.json" > "$tmp/other2.json"
+"$bin" run "$tmp/other2.json" --until tokenize > /dev/null 2>&1 && [ -e "$tmp/other/prompts.h5" ] && ok || bad "tokenize for a prompts.h5"
+refused imp_kind "field prune_using_imp_scores\[0\]: .*not a prune round file" "{\"prune_using_imp_scores\": [\"$tmp/other/prompts.h5\"], \"prune_k\": [3]}"
 refused max_new "field max_new_tokens" '{"max_new_tokens": 0}'
 refused max_new_big "field max_new_tokens" '{"max_new_tokens": 4294967297}'
 refused prune_k_long "field prune_k" '{"prune_k": [20, 10, 5]}'

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include "pipeline/log.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
@@ -91,6 +91,11 @@ int run_pipeline(sched_ctx *sc, const char *config_path, run_stage last, int fre
     err->msg[0] = 0;
     run_config cfg;
     if (run_config_load(config_path, &cfg, err)) return SCHED_FAILED;
+    if (last >= RUN_CACHE && !cfg.model_path) {  // refused before anything runs, not after tokenize
+        ep_fail(err, "%s: field model_path: required for the model stages (or --until tokenize)", cfg.path);
+        run_config_free(&cfg);
+        return SCHED_FAILED;
+    }
     // Groups of tensor_parallel ranks share one model (docs/tensor_parallel.md).
     int status = sched_set_tensor_parallel(sc, cfg.tensor_parallel, cfg.path, err) ? SCHED_FAILED
                                                                                       : run_stages(sc, &cfg, last, fresh, report_out, err);

@@ -11,7 +11,7 @@
 #include "pipeline/hash.h"
 #include "pipeline/model.h"
 #include "pipeline/paths.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 #include "stages/stage_io.h"
 #include "stages/task.h"
 
@@ -190,6 +190,11 @@ static int build_run(const sweep *s, int m, int t, json_t **config, run_config *
     run_config parsed;
     int bad = run_config_parse(text, name, &parsed, err);
     free(text);
+    // The whole config as edgepatch run checks it, against the model's shape the sweep has.
+    if (!bad && (run_config_check_values(&parsed, err) || run_config_check_inputs(&parsed, &md->cfg, err))) {
+        run_config_free(&parsed);
+        bad = 1;
+    }
     if (bad) {
         json_decref(c);
         return -1;
@@ -200,6 +205,8 @@ static int build_run(const sweep *s, int m, int t, json_t **config, run_config *
     else json_decref(c);
     return 0;
 }
+
+int sweep_run_config(const sweep *s, int m, int t, run_config *rc, ep_error *err) { return build_run(s, m, t, NULL, rc, err); }
 
 int sweep_load(const char *path, sweep *s, ep_error *err) {
     memset(s, 0, sizeof *s);

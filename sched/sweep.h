@@ -14,6 +14,7 @@
 
 #include "pipeline/error.h"
 #include "pipeline/model_config.h"
+#include "stages/run_config.h"
 
 typedef struct {
     const char *name;         // folder name of the model's runs and jobs
@@ -54,6 +55,11 @@ typedef struct {
 
 int sweep_load(const char *path, sweep *s, ep_error *err);
 void sweep_free(sweep *s);
+
+// Run (m, t)'s config, parsed and checked whole as edgepatch run checks it (against the model's shape
+// from the sweep: its config.json or inline "config"); free with run_config_free. sweep_load already
+// checked every run this way.
+int sweep_run_config(const sweep *s, int m, int t, run_config *rc, ep_error *err);
 
 // The folder of run (m, t): <output_root>/<model>/<task>.
 void sweep_run_dir(const sweep *s, int m, int t, char *out, size_t n);

@@ -7,13 +7,8 @@
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 
-// The config's cache_dtype: 0 for "fp32" (the default), 1 for "bf16", -1 for anything else.
-static int cache_bf16(const stage_inputs *in) {
-    json_t *v = json_object_get(in->cfg->json, "cache_dtype");
-    if (!v) return 0;
-    const char *s = json_string_value(v);
-    return s && !strcmp(s, "fp32") ? 0 : s && !strcmp(s, "bf16") ? 1 : -1;
-}
+// The config's cache_dtype: 0 for "fp32" (the default), 1 for "bf16" (checked by run_config_parse).
+static int cache_bf16(const stage_inputs *in) { return in->cfg->cache_bf16; }
 
 void cache_identity(const stage_inputs *in, char out[17]) {
     uint64_t h = hash_str(HASH_INIT, cache_bf16(in) == 1 ? "cache-bf16" : "cache");
@@ -131,7 +126,7 @@ static void cache_release(work_stage *ws) {
 }
 
 int cache_work(stage_inputs *in, work_stage *ws, ep_error *err) {
-    if (cache_bf16(in) < 0) return ep_fail(err, "%s: field cache_dtype: expected \"fp32\" or \"bf16\"", in->cfg->path);
+    if (run_config_check_values(in->cfg, err)) return -1;
     cache_ctx *c = ep_calloc(1, sizeof *c);
     c->in = in;
     c->bf16 = cache_bf16(in);

@@ -123,11 +123,11 @@ static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m,
     if (in->n_ablations) {
         json_t *list = json_array();
         for (int a = 0; a < in->n_ablations; a++) {
-            json_t *f = json_pack("{s:s}", "name", in->ablations[a].name), *spec = json_array_get(json_object_get(in->cfg->json, "ablations"), a);
-            for (int k = 0; k < 2; k++) {  // the report's heatmap labels, when the config gives them
-                const char *key = k ? "band" : "group", *v = json_string_value(json_object_get(spec, key));
-                if (v) json_object_set_new(f, key, json_string(v));
-            }
+            json_t *f = json_pack("{s:s}", "name", in->ablations[a].name);
+            const run_ablation *spec = &in->cfg->ablations[a];
+            // the report's heatmap labels, when the config gives them
+            if (spec->group) json_object_set_new(f, "group", json_string(spec->group));
+            if (spec->band) json_object_set_new(f, "band", json_string(spec->band));
             set_figures(f, &m[2 + a], clean, P);
             json_array_append_new(list, f);
         }
@@ -382,11 +382,9 @@ static void patch_release(work_stage *ws) {
 }
 
 int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
-    json_t *jmax = json_object_get(in->cfg->json, "max_new_tokens");
     // Range-checked before the conversion to int (2^32 + 5 must not pass as 5).
-    if (jmax && (!json_is_integer(jmax) || json_integer_value(jmax) < 1 || json_integer_value(jmax) > 1000))
-        return ep_fail(err, "%s: field max_new_tokens: expected 1..1000", in->cfg->path);
-    int max_new = jmax ? (int)json_integer_value(jmax) : 10;
+    if (run_config_check_values(in->cfg, err)) return -1;
+    int max_new = (int)in->cfg->max_new_tokens;
     patch_ctx *c = ep_calloc(1, sizeof *c);
     c->in = in;
     c->max_new = max_new;

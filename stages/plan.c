@@ -279,11 +279,6 @@ void plan_donor0_part(const ablation_plan *p, ablation_plan *out) {
     out->n_donors = 1;
 }
 
-static int ends_with(const char *s, const char *suffix) {
-    size_t n = strlen(s), k = strlen(suffix);
-    return n >= k && !strcmp(s + n - k, suffix);
-}
-
 static int unit_int(json_t *u, size_t k, int lo, int hi, int *out) {
     json_t *v = json_array_get(u, k);
     if (!json_is_integer(v) || json_integer_value(v) < lo || json_integer_value(v) > hi) return -1;
@@ -378,82 +373,52 @@ int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, co
     return rc;
 }
 
-// The plan of the run mode (model_name, affect_whom, plan), before any circuit.
+// The plan of the run mode (mode, affect_whom, plan), before any circuit.
 static int mode_plan(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
 
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
-    json_t *circuit = json_object_get(rc->json, "circuit");
-    if (!circuit) return mode_plan(rc, cfg, p, err);
+    if (!rc->circuit) return mode_plan(rc, cfg, p, err);
     ablation_plan base;
     if (mode_plan(rc, cfg, &base, err)) return -1;
     char where[600];
     snprintf(where, sizeof where, "%s: field circuit", rc->path);
-    int r = plan_circuit(circuit, where, cfg, &base, p, err);
+    int r = plan_circuit(rc->circuit, where, cfg, &base, p, err);
     plan_free(&base);
     return r;
 }
 
+// The forms of plan and affect_whom for the mode were checked by run_config_parse.
 static int mode_plan(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
-    json_t *explicit_plan = json_object_get(rc->json, "plan"), *aw = json_object_get(rc->json, "affect_whom");
     char where[600];
-    if (explicit_plan) {
+    if (rc->plan) {
         snprintf(where, sizeof where, "%s: field plan", rc->path);
-        return plan_parse(explicit_plan, where, cfg, p, err);
+        return plan_parse(rc->plan, where, cfg, p, err);
     }
-    const char *mode = rc->model_name ? rc->model_name : "calc_accuracy";
     snprintf(where, sizeof where, "%s: field affect_whom", rc->path);
-    if (ends_with(mode, "calc_accuracy")) {
+    if (rc->mode == RUN_MODE_CALC_ACCURACY) {
         plan_empty(cfg, p);
         return 0;
     }
-    if (ends_with(mode, "ablate_edges_differently_for_different_tokens")) {
-        if (!json_is_object(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = {\"ablate\": ..., \"curcuit\": ...}", rc->path, mode);
-        return plan_from_affect_whom(aw, where, cfg, p, err);
-    }
-    if (ends_with(mode, "prune_heads_in_circuits") || ends_with(mode, "prune_edges_in_circuits")) {
-        // pruning starts from the affect_whom edges already ablated (none when absent)
-        if (aw && !json_is_array(aw) && !json_is_null(aw))
-            return ep_fail(err, "%s: model_name %s takes affect_whom = [[sender, receiver], ...]", rc->path, mode);
-        return plan_from_affect_whom(aw, where, cfg, p, err);
-    }
-    if (ends_with(mode, "ablate_edges")) {
-        if (!json_is_array(aw)) return ep_fail(err, "%s: model_name %s needs affect_whom = [[sender, receiver], ...]", rc->path, mode);
-        return plan_from_affect_whom(aw, where, cfg, p, err);
-    }
-    return ep_fail(err, "%s: field model_name: '%s' is not a run mode this version runs (calc_accuracy, ablate_edges, "
-                        "ablate_edges_differently_for_different_tokens, prune_heads_in_circuits, prune_edges_in_circuits, or give a \"plan\")", rc->path, mode);
+    // pruning starts from the affect_whom edges already ablated (none when absent)
+    return plan_from_affect_whom(rc->affect_whom, where, cfg, p, err);
 }
 
 int plan_list_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan **list, int *n,
                               ep_error *err) {
-    json_t *a = json_object_get(rc->json, "ablations"), *e;
     *list = NULL;
     *n = 0;
-    if (!a) return 0;
-    if (!json_is_array(a)) return ep_fail(err, "%s: field ablations: expected a list of plans", rc->path);
-    ablation_plan *l = ep_calloc(json_array_size(a) + 1, sizeof *l);
-    size_t i;
+    if (!rc->n_ablations) return 0;
+    ablation_plan *l = ep_calloc((size_t)rc->n_ablations + 1, sizeof *l);
     int status = 0;
-    json_array_foreach(a, i, e) {
+    for (int i = 0; i < rc->n_ablations; i++) {
         char where[600];
-        snprintf(where, sizeof where, "%s: field ablations[%zu]", rc->path, i);
-        if (!json_is_string(json_object_get(e, "name"))) {
-            status = ep_fail(err, "%s: name: required (a distinct name per ablation)", where);
-            break;
-        }
-        for (int k = 0; k < 2 && status == 0; k++) {
-            json_t *v = json_object_get(e, k ? "band" : "group");
-            if (v && !json_is_string(v)) status = ep_fail(err, "%s: %s: expected a label (string)", where, k ? "band" : "group");
-        }
-        if (status || (status = plan_parse(e, where, cfg, &l[i], err))) break;
-        *n = (int)i + 1;
+        snprintf(where, sizeof where, "%s: field ablations[%d]", rc->path, i);
+        if ((status = plan_parse(rc->ablations[i].plan, where, cfg, &l[i], err))) break;
+        *n = i + 1;
         if (l[i].n_donors > 1) {
             status = ep_fail(err, "%s: reads donor %d; ablations may read donor 0 only", where, l[i].n_donors - 1);
             break;
         }
-        for (size_t k = 0; k < i && status == 0; k++)
-            if (!strcmp(l[k].name, l[i].name)) status = ep_fail(err, "%s: name '%s' is also ablations[%zu]'s", where, l[i].name, k);
-        if (status) break;
     }
     if (status) {
         plan_list_free(l, *n);

@@ -19,7 +19,7 @@
 
 #include "pipeline/forward.h"
 #include "pipeline/model_config.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 
 typedef struct {
     char name[128];
@@ -54,15 +54,13 @@ int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, co
 #define PLAN_EDGE_TYPES 8     // edge units: every token type (target included; prompt passes never match it)
 int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const unsigned char *kept_heads,
                        const unsigned char *kept_edges, ablation_plan *out, ep_error *err);
-// The plan a run config asks for: an explicit "plan" object, else what the original's model_name says
-// (..._calc_accuracy: none; ..._ablate_edges and ..._ablate_edges_differently_for_different_tokens:
-// affect_whom), then a "circuit" if the config gives one. Other run modes are refused with a message
-// naming model_name.
+// The plan a run config asks for: its explicit "plan", else its mode's (calc_accuracy: none; the others:
+// affect_whom, whose form run_config_parse checked), then its "circuit" if it gives one.
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
-// The config's "ablations" list (absent: none): plans in plan_parse's JSON form, each with a distinct
-// "name" and optional "group" and "band" labels (the report's heatmap rows and columns), each read by
-// its own patch pass (stages/patch.h). They may read donor 0 only (the cache stage
-// keeps donor 0 for them; nested donors would need a cache per ablation). *list is NULL when n is 0.
+// The config's "ablations" list (absent: none; names and labels checked by run_config_parse): each
+// entry's plan compiled, read by its own patch pass (stages/patch.h). They may read donor 0 only (the
+// cache stage keeps donor 0 for them; nested donors would need a cache per ablation). *list is NULL
+// when n is 0.
 int plan_list_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan **list, int *n,
                               ep_error *err);
 void plan_list_free(ablation_plan *list, int n);

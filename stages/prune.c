@@ -18,6 +18,8 @@
 #define NT PLAN_CIRCUIT_TYPES
 #define ET PLAN_EDGE_TYPES
 
+// What the rounds use of the config's pruning fields (stages/run_config.h, checked there), as ints, and
+// the identity of everything a round's result depends on.
 typedef struct {
     const char *importance;  // "attribution" | "exact"
     int head_rounds, edge_rounds;
@@ -36,110 +38,29 @@ typedef struct {
 
 static void params_free(prune_params *p) {
     free(p->k);
-    free(p->files);
-}
-
-// The config's pruning fields, checked; n_donors: the prompts' donors. Reads no file (pure, so
-// prune_config_check and the fuzz target run it without a run's inputs).
-static int parse_fields(const run_config *rc, int n_donors, prune_params *p, ep_error *err) {
-    json_t *j = rc->json, *v;
-    memset(p, 0, sizeof *p);
-    p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
-    p->exact_units_per_item = 64;
-    p->score_donors = n_donors > 1 ? n_donors : 1;
-    if ((v = json_object_get(j, "importance"))) {
-        const char *s = json_string_value(v);
-        if (!s || (strcmp(s, "attribution") && strcmp(s, "exact")))
-            return ep_fail(err, "%s: field importance: expected \"attribution\" or \"exact\"", rc->path);
-        p->importance = s;
-    }
-    const char *mode = rc->model_name ? rc->model_name : "";
-    int edges_mode = strstr(mode, "prune_edges_in_circuits") != NULL;
-    if ((v = json_object_get(j, "prune_rounds"))) {
-        if (json_is_integer(v) && json_integer_value(v) >= 0 && json_integer_value(v) <= 10000) {
-            *(edges_mode ? &p->edge_rounds : &p->head_rounds) = (int)json_integer_value(v);
-        } else if (json_is_object(v)) {
-            json_t *h = json_object_get(v, "heads"), *e = json_object_get(v, "edges");
-            if ((h && (!json_is_integer(h) || json_integer_value(h) < 0 || json_integer_value(h) > 10000)) ||
-                (e && (!json_is_integer(e) || json_integer_value(e) < 0 || json_integer_value(e) > 10000)) ||
-                json_object_size(v) != (size_t)(!!h + !!e))
-                return ep_fail(err, "%s: field prune_rounds: expected {\"heads\": N, \"edges\": M} with counts 0..10000", rc->path);
-            p->head_rounds = h ? (int)json_integer_value(h) : 0;
-            p->edge_rounds = e ? (int)json_integer_value(e) : 0;
-        } else {
-            return ep_fail(err, "%s: field prune_rounds: expected a count or {\"heads\": N, \"edges\": M}", rc->path);
-        }
-    }
-    if ((v = json_object_get(j, "prune_fraction"))) {
-        if (!json_is_number(v) || json_number_value(v) <= 0 || json_number_value(v) >= 1)
-            return ep_fail(err, "%s: field prune_fraction: expected a number in (0, 1)", rc->path);
-        p->fraction = json_number_value(v);
-    }
-    if ((v = json_object_get(j, "prune_k")) && !json_is_null(v)) {
-        if (!json_is_array(v)) return ep_fail(err, "%s: field prune_k: expected a list of unit counts", rc->path);
-        p->n_k = (int)json_array_size(v);
-        p->k = ep_calloc((size_t)p->n_k + 1, sizeof(int));
-        for (int i = 0; i < p->n_k; i++) {
-            json_t *e = json_array_get(v, (size_t)i);
-            if (!json_is_integer(e) || json_integer_value(e) < 1 || json_integer_value(e) > 100000000)
-                return ep_fail(err, "%s: field prune_k[%d]: expected a positive count", rc->path, i);
-            p->k[i] = (int)json_integer_value(e);
-        }
-    }
-    if ((v = json_object_get(j, "prune_using_imp_scores")) && !json_is_null(v)) {
-        if (!json_is_array(v)) return ep_fail(err, "%s: field prune_using_imp_scores: expected a list of round files", rc->path);
-        p->n_files = (int)json_array_size(v);
-        p->files = ep_calloc((size_t)p->n_files + 1, sizeof(char *));
-        for (int i = 0; i < p->n_files; i++)
-            if (!(p->files[i] = json_string_value(json_array_get(v, (size_t)i))))
-                return ep_fail(err, "%s: field prune_using_imp_scores[%d]: expected a path", rc->path, i);
-        if (p->n_k != p->n_files)
-            return ep_fail(err, "%s: field prune_k: needs one count per prune_using_imp_scores file (%d, not %d)", rc->path,
-                           p->n_files, p->n_k);
-    }
-    if (p->n_files > p->head_rounds + p->edge_rounds) p->head_rounds = p->n_files - p->edge_rounds;
-    if ((v = json_object_get(j, "min_units"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 0 || json_integer_value(v) > 100000000)
-            return ep_fail(err, "%s: field min_units: expected a count 0..100000000", rc->path);
-        p->min_units = (int)json_integer_value(v);
-    }
-    if ((v = json_object_get(j, "min_faithfulness"))) {
-        if (!json_is_number(v)) return ep_fail(err, "%s: field min_faithfulness: expected a number", rc->path);
-        p->min_faithfulness = json_number_value(v);
-    }
-    if ((v = json_object_get(j, "exact_max_seqs"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
-            return ep_fail(err, "%s: field exact_max_seqs: expected a count 1..100000000", rc->path);
-        p->exact_max_seqs = (int)json_integer_value(v);
-    }
-    if ((v = json_object_get(j, "exact_units_per_item"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 100000000)
-            return ep_fail(err, "%s: field exact_units_per_item: expected a positive count", rc->path);
-        p->exact_units_per_item = (int)json_integer_value(v);
-    }
-    if ((v = json_object_get(j, "score_donors"))) {
-        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > n_donors)
-            return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path,
-                           n_donors);
-        p->score_donors = (int)json_integer_value(v);
-    }
-    if ((v = json_object_get(j, "compare_importance"))) {
-        if (!json_is_boolean(v)) return ep_fail(err, "%s: field compare_importance: expected true or false", rc->path);
-        p->compare = json_is_true(v);
-    }
-    return 0;
-}
-
-int prune_config_check(const run_config *rc, int n_donors, ep_error *err) {
-    prune_params p;
-    int r = parse_fields(rc, n_donors, &p, err);
-    params_free(&p);
-    return r;
 }
 
 static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) {
     const run_config *rc = in->cfg;
-    if (parse_fields(rc, in->prompts.n_donors, p, err)) return -1;
+    const run_prune *f = &rc->prune;
+    memset(p, 0, sizeof *p);
+    if (run_config_check_values(rc, err)) return -1;  // the ranges the conversions below rely on
+    int n_donors = in->prompts.n_donors;
+    if (f->score_donors > n_donors)
+        return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", rc->path, n_donors);
+    p->importance = f->importance;
+    p->head_rounds = (int)f->head_rounds, p->edge_rounds = (int)f->edge_rounds;
+    p->fraction = f->fraction;
+    p->n_k = f->n_k;
+    p->k = ep_calloc((size_t)p->n_k + 1, sizeof(int));
+    for (int i = 0; i < p->n_k; i++) p->k[i] = (int)f->k[i];
+    p->n_files = f->n_files, p->files = f->files;
+    p->min_units = (int)f->min_units;
+    p->min_faithfulness = f->min_faithfulness;
+    p->exact_max_seqs = (int)f->exact_max_seqs;
+    p->exact_units_per_item = (int)f->exact_units_per_item;
+    p->score_donors = f->score_donors ? (int)f->score_donors : n_donors > 1 ? n_donors : 1;
+    p->compare = f->compare;
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
@@ -151,7 +72,8 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
     if (p->n_k) h = hash_bytes(h, p->k, sizeof(int) * (size_t)p->n_k);
     for (int i = 0; i < p->n_files; i++) {
-        // Another run's round file is a user input: checked whole here, before any work, not when read.
+        // Another run's round file is a user input: checked whole when the config was loaded, and again
+        // here, where its identity is read.
         h5store s;
         char *id = NULL;
         if (h5store_open(p->files[i], &s, err)) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", rc->path, i);

@@ -9,12 +9,9 @@
 // exactly the files an uninterrupted run gives; round files made from another config are refused
 // unless fresh. When pruning stops, the final circuit goes to circuit.json (loadable as a config's
 // `circuit` field, plus a summary by edge type and layer) and circuit.txt (a table).
-// Config: importance ("attribution" | "exact"), prune_rounds (N head rounds, or {"heads": N, "edges":
-// M}; 0: one scoring round, nothing pruned), prune_fraction (0.1), prune_k, prune_using_imp_scores
-// (round files of earlier runs used in place of scoring rounds 0..), min_units, min_faithfulness,
-// exact_max_seqs, score_donors (exact scores average over donors 0..score_donors-1; default all the
-// prompts have), compare_importance (true: both methods score every round, the config's importance
-// prunes, their rank agreement is recorded), exact_units_per_item. A round is a work_stage
+// Config: the pruning fields of stages/run_config.h (run_prune: importance, prune_rounds, prune_fraction,
+// prune_k, prune_using_imp_scores, min_units, min_faithfulness, exact_max_seqs, score_donors,
+// compare_importance, exact_units_per_item; docs/config.md), parsed and checked there. A round is a work_stage
 // (stages/stage_io.h): its items are the prompt batches (times groups of exact_units_per_item units
 // when exact scores run), each scoring its units over its prompts into a shard
 // prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums), so sched/ shares a round out over MPI ranks; its
@@ -58,10 +55,6 @@ typedef struct {
     float *compare_scores;
     double agreement[4];
 } prune_round;
-
-// Checks the config's pruning fields as prune_open does (n_donors: the prompts' donor count), without
-// opening the prune_using_imp_scores files.
-int prune_config_check(const run_config *rc, int n_donors, ep_error *err);
 
 // Reads <run>/prune.d/round-NNN.h5 (round < 0: the last one there).
 int prune_round_load(const char *run_dir, int round, prune_round *r, ep_error *err);

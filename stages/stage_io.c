@@ -26,8 +26,7 @@ int stage_backend(const run_config *cfg, const ep_log *log, const kernel_ops **o
 }
 
 int stage_needs_host_weights(const run_config *cfg) {
-    const char *importance = json_string_value(json_object_get(cfg->json, "importance"));
-    return !importance || strcmp(importance, "exact") || json_is_true(json_object_get(cfg->json, "compare_importance"));
+    return !cfg->prune.exact || cfg->prune.compare;
 }
 
 int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err) {

@@ -9,7 +9,7 @@
 
 #include "pipeline/log.h"
 #include "pipeline/model.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 #include "pipeline/tokenizer.h"
 #include "stages/patch.h"
 #include "stages/plan.h"

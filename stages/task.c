@@ -24,6 +24,14 @@ int donor_kind_parse(const char *s, donor_kind *out) {
     return -1;
 }
 
+// A task file's fields; string: must be a JSON string.
+static const struct {
+    const char *name;
+    int string;
+} task_fields[] = {{"name", 1}, {"title", 1}, {"description", 1}, {"pairs", 1}, {"input", 1}, {"output", 1},
+                   {"separator", 1}, {"output_prefix", 1}, {"example_separator", 1}, {"n_shots", 0},
+                   {"donor_kinds", 0}, {"words", 1}, {"ambiguous_pairs", 1}, {"ambiguous_fraction", 0}};
+
 static const char *string_field(json_t *root, const char *key, const char *fallback) {
     json_t *v = json_object_get(root, key);
     return json_is_string(v) ? json_string_value(v) : fallback;
@@ -92,6 +100,23 @@ int task_load(const char *name_or_path, task *t, ep_error *err) {
     if (!json_is_object(root) || !name || !pairs) {
         ep_fail(err, "%s: fields name and pairs (strings) are required", path);
         goto done;
+    }
+    // Every field known and of its type: a typo or a number where a string belongs ("separator": 3)
+    // must not fall back to the default.
+    const char *key;
+    json_t *value;
+    json_object_foreach(root, key, value) {
+        int known = 0, string = 0;
+        for (size_t i = 0; i < sizeof task_fields / sizeof task_fields[0] && !known; i++)
+            if (!strcmp(key, task_fields[i].name)) known = 1, string = task_fields[i].string;
+        if (!known) {
+            ep_fail(err, "%s: unknown field '%s'", path, key);
+            goto done;
+        }
+        if (string && !json_is_string(value)) {
+            ep_fail(err, "%s: field %s: expected a string", path, key);
+            goto done;
+        }
     }
     t->name = ep_strdup(name);
     t->title = ep_strdup(string_field(root, "title", name));

@@ -7,7 +7,8 @@
 // "\n"), n_shots (default 10), donor_kinds (list, index 0 is the default), words (word list for random
 // donors), and for the ambiguous task ambiguous_pairs + ambiguous_fraction (the share of demonstrations
 // drawn from pairs whose output equals the input; queries always come from pairs whose output differs).
-// Pair objects flagged "suspect" are skipped. Errors name the task file and the field.
+// Pair objects flagged "suspect" are skipped. An unknown field, or a string field given another type,
+// is an error. Errors name the task file and the field.
 #ifndef EP_TASK_H
 #define EP_TASK_H
 

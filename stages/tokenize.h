@@ -14,7 +14,7 @@
 
 #include "pipeline/error.h"
 #include "pipeline/log.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 
 // Its lines (up to date, rebuilding, what was kept) go to log (NULL: nowhere).
 int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error *err);

@@ -15,6 +15,7 @@ int cmd_scores(int argc, char **argv);         // cmd_scores.c
 int cmd_memory(int argc, char **argv);         // cmd_memory.c
 int cmd_report(int argc, char **argv);         // cmd_report.c
 int cmd_sweep(int argc, char **argv);          // cmd_sweep.c
+int cmd_check(int argc, char **argv);          // cmd_check.c
 
 // Shared helpers for the commands.
 int cli_wants_help(int argc, char **argv);

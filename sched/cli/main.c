@@ -16,6 +16,7 @@ typedef struct {
 
 static const subcommand subcommands[] = {
     {"run", cmd_run, "run CONFIG [--until STAGE] [--fresh]      run or resume a config's stages"},
+    {"check", cmd_check, "check CONFIG|SWEEP [--json]               validate a config whole, print it resolved"},
     {"forward", cmd_forward,
      "forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]"},
     {"tokenize-text", cmd_tokenize_text,

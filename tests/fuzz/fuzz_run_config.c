@@ -1,17 +1,17 @@
-// libFuzzer target: arbitrary bytes as a run config. run_config_parse, then, when it parses, what reads
-// the config before any stage runs: the plan (plan_from_run_config, with its donor-0 part and hash),
-// the "ablations" plans (plan_list_from_run_config), the pruning fields (prune_config_check, for 1 and
-// for 16 prompt donors) and stage_needs_host_weights. The model config is the tiny Gemma-2 fixture,
-// loaded once. The task is not looked up: task_load reads files (fuzz_task covers task files).
+// libFuzzer target: arbitrary bytes as a run config. run_config_parse, then, when it parses, the whole
+// config's checks (run_config_check_values, run_config_check_inputs against the model shape: the task
+// file lookup, the plans compiled, prune_using_imp_scores files opened) and what the stages compile from
+// it: the plan (plan_from_run_config, with its donor-0 part and hash), the "ablations" plans
+// (plan_list_from_run_config), stage_needs_host_weights and the resolved config. The model config is the
+// tiny Gemma-2 fixture, loaded once. fuzz_task covers task files themselves.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "pipeline/model_config.h"
-#include "pipeline/run_config.h"
+#include "stages/run_config.h"
 #include "stages/plan.h"
-#include "stages/prune.h"
 #include "stages/stage_io.h"
 
 static model_config cfg;
@@ -47,9 +47,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             for (int i = 0; i < n; i++) (void)plan_hash(&list[i]);
             plan_list_free(list, n);
         }
-        (void)prune_config_check(&rc, 1, &err);
-        (void)prune_config_check(&rc, 16, &err);
+        if (run_config_check_values(&rc, &err) == 0) (void)run_config_check_inputs(&rc, &cfg, &err);
         (void)stage_needs_host_weights(&rc);
+        json_decref(run_config_resolved(&rc));
         run_config_free(&rc);
     }
     free(text);

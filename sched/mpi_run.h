@@ -3,7 +3,7 @@
 // otherwise runs as a single process without touching MPI, exactly as an unlaunched `edgepatch run`
 // always did. Ranks form groups of tensor_parallel consecutive ranks (one model split over a group,
 // docs/tensor_parallel.md; groups of one without it). It drives a stage's work items
-// (stages/stage_io.h, work_stage) over the groups:
+// (stages/work_stage.h) over the groups:
 //   - prepare runs on rank 0 (shard folder, stale temporaries, --fresh), the others wait for it;
 //   - item i belongs to group i % n_groups; each group's leader checks its own items' shards (complete,
 //     checksums, inputs) and tells its group which to compute, in increasing order; every rank of the
@@ -23,7 +23,7 @@
 #include "sched/comm.h"
 #include "sched/progress.h"
 #include "sched/signals.h"
-#include "stages/stage_io.h"
+#include "stages/work_stage.h"
 
 // Outcomes, ordered: the most severe of all ranks wins. SCHED_RETRY: a shard read during the stage was
 // found damaged and removed (work_stage.shard_bad); running the stages again from the one that owns it

@@ -2,13 +2,14 @@
 
 #include <string.h>
 
+#include "pipeline/files.h"
 #include "pipeline/log.h"
 #include "stages/run_config.h"
 #include "stages/cache.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
 #include "stages/report.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 #include "stages/tokenize.h"
 
 static const char *const stage_names[RUN_N_STAGES] = {"tokenize", "cache", "patch", "score", "prune"};
@@ -28,7 +29,7 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
     // other ranks wait below and nothing of this run writes yet; then it tokenizes (it is cheap).
     // Nothing starts once a stop was asked for.
     int removed = 0, status = sched_stop_requested() ? SCHED_STOPPED : SCHED_OK;
-    if (status == SCHED_OK && root && stage_remove_temporaries(cfg->output_path, 8, NULL, &removed, err)) status = SCHED_FAILED;
+    if (status == SCHED_OK && root && remove_temporaries(cfg->output_path, 8, NULL, &removed, err)) status = SCHED_FAILED;
     if (root && removed)
         ep_logf(sc->log, EP_LOG_WARN, "edgepatch run: removed %d unfinished file%s left by killed writers (*.tmp-PID) in %s",
                 removed, removed == 1 ? "" : "s", cfg->output_path);

@@ -7,12 +7,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 #include "pipeline/model.h"
 #include "pipeline/paths.h"
 #include "stages/run_config.h"
-#include "stages/stage_io.h"
+#include "sched/run.h"
 #include "stages/task.h"
 
 static const char *top_fields[] = {"description", "name", "output_root", "run", "models", "tasks", "stages",
@@ -24,7 +25,6 @@ static const char *slurm_fields[] = {"partition", "account", "time", "signal_sec
                                      "gpu_memory_gb", "options", "setup", "srun_options", "template"};
 // Filled in per run; a sweep's "run" block must not set them.
 static const char *per_run_fields[] = {"task", "model_path", "output_path", "tensor_parallel", "dtype"};
-static const char *stage_names[] = {"tokenize", "cache", "patch", "score", "prune"};
 
 #define COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -156,18 +156,12 @@ static int load_stage(sweep *s, json_t *o, int i, ep_error *err) {
         get_string(o, "name", 1, &g->name, s->path, where, err) || check_name(g->name, s->path, where, err) ||
         get_string(o, "until", 1, &g->until, s->path, where, err) || get_string(o, "time", 0, &g->time, s->path, where, err))
         return -1;
-    if (!in_list(g->until, stage_names, COUNT(stage_names)))
+    if (run_stage_from_name(g->until) < 0)
         return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score or prune", s->path, where, g->until);
     json_t *gpus = json_object_get(o, "gpus");
     if (gpus && !json_is_boolean(gpus)) return ep_fail(err, "%s: %s: field gpus: expected true or false", s->path, where);
     g->gpus = !gpus || json_is_true(gpus);
     return 0;
-}
-
-static int stage_index(const char *name) {
-    for (int i = 0; i < (int)COUNT(stage_names); i++)
-        if (!strcmp(name, stage_names[i])) return i;
-    return -1;
 }
 
 // Run (m, t)'s config: the sweep's run fields, the model's over them, then task, model_path, output_path,
@@ -279,7 +273,7 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
         s->stages = ep_calloc((size_t)s->n_stages, sizeof *s->stages);
         for (int i = 0; i < s->n_stages; i++) {
             if (load_stage(s, json_array_get(stages, (size_t)i), i, err)) goto fail;
-            if (i > 0 && stage_index(s->stages[i].until) <= stage_index(s->stages[i - 1].until)) {
+            if (i > 0 && run_stage_from_name(s->stages[i].until) <= run_stage_from_name(s->stages[i - 1].until)) {
                 ep_fail(err, "%s: stages[%d]: until '%s' does not come after stages[%d]'s '%s'", path, i,
                         s->stages[i].until, i - 1, s->stages[i - 1].until);
                 goto fail;
@@ -407,8 +401,8 @@ int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err
     if (st->rounds > 0) last = 3;
     snprintf(path, sizeof path, "%s/circuit.json", dir);
     if (last == 3 && file_exists(path)) last = 4;
-    st->stage = last < 0 ? "-" : stage_names[last];
-    int goal = stage_index(s->stages[s->n_stages - 1].until);
+    st->stage = last < 0 ? "-" : run_stage_name((run_stage)last);
+    int goal = run_stage_from_name(s->stages[s->n_stages - 1].until);
     snprintf(path, sizeof path, "%s/job-failed.txt", dir);
     if (st->detail[0]) st->state = RUN_CONFLICT;
     else if (last >= goal) st->state = RUN_DONE;

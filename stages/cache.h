@@ -9,8 +9,10 @@
 #ifndef EP_CACHE_H
 #define EP_CACHE_H
 
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 
+// The cache stage as work items (stages/work_stage.h); ws borrows in (keep it open until ws.release).
+int cache_work(stage_inputs *in, work_stage *ws, ep_error *err);
 // Every item in order, in this process (sched/ shards the same work_stage, cache_work, over ranks).
 int cache_stage(stage_inputs *in, int fresh, ep_error *err);
 // Loads work item `item`'s donors 0 .. n_donors-1 into caches in in->ops' memory, aligned with stage_batch

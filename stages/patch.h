@@ -11,6 +11,7 @@
 
 #include "pipeline/generate.h"
 #include "stages/plan.h"
+#include "stages/work_stage.h"
 
 typedef struct {
     int n_seqs, max_len, n_donors;
@@ -47,6 +48,9 @@ int patch_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, 
 // logit_diff [P], generated [P, max_new] padded with -1; ablation-NNN/ the same per ablation) and the
 // run figures into model_logs.json (docs/artifacts.md).
 typedef struct stage_inputs stage_inputs;
+// As work items (stages/work_stage.h); ws borrows in (keep it open until ws.release).
+int patch_work(stage_inputs *in, work_stage *ws, ep_error *err);
+// Every item in order, in this process.
 int patch_stage(stage_inputs *in, int fresh, ep_error *err);
 
 #endif

@@ -6,12 +6,13 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 #include "stages/cache.h"
 #include "stages/metrics.h"
 #include "stages/patch.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 
 typedef struct {
     int32_t *correct, *first_token_correct, *generated, *n_generated;

@@ -11,6 +11,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 #include "stages/prompts.h"
@@ -465,25 +466,6 @@ static int write_summary(const stage_inputs *in, const circuit *c, int round, do
 }
 
 // Removes a folder's entries that start with prefix, folders with what they hold, one level deep.
-static void remove_entries(const char *dir, const char *prefix) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    char path[4600];
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..") || strncmp(e->d_name, prefix, strlen(prefix))) continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        struct stat st;
-        if (lstat(path, &st) == 0 && S_ISDIR(st.st_mode)) {
-            remove_entries(path, "");
-            rmdir(path);
-        } else {
-            unlink(path);
-        }
-    }
-    closedir(d);
-}
-
 // Test hook (docs/pruning.md): EDGEPATCH_TEST_KILL_ROUND=N[:mid|:write] sends SIGKILL to this process
 // once it has computed N rounds: before the next round, in the middle of it, or while writing it.
 typedef struct {
@@ -543,9 +525,9 @@ int prune_prepare(prune_run *pr, int fresh, ep_error *err) {
     char dir[4200], path[4400];
     snprintf(dir, sizeof dir, "%s/prune.d", out);
     if (mkdir(dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", dir, strerror(errno));
-    // Temporaries left by killed writers in prune.d and the rounds' folders (stages/stage_io.h).
-    if (!fresh) return stage_remove_temporaries(dir, 1, NULL, NULL, err);
-    remove_entries(dir, "round-");
+    // Temporaries left by killed writers in prune.d and the rounds' folders (pipeline/files.h).
+    if (!fresh) return remove_temporaries(dir, 1, NULL, NULL, err);
+    if (remove_entries(dir, "round-", err)) return -1;
     snprintf(path, sizeof path, "%s/circuit.json", out), unlink(path);
     snprintf(path, sizeof path, "%s/circuit.txt", out), unlink(path);
     return 0;
@@ -594,9 +576,8 @@ static void shard_identity(const round_ctx *rc, int item, char out[17]) {
 static int round_prepare(work_stage *ws, int fresh, ep_error *err) {
     round_ctx *rc = ws->ctx;
     if (mkdir(rc->dir, 0777) != 0 && errno != EEXIST) return ep_fail(err, "%s: cannot create: %s", rc->dir, strerror(errno));
-    if (!fresh) return stage_remove_temporaries(rc->dir, 0, NULL, NULL, err) ? -1 : rc->current;
-    remove_entries(rc->dir, "item-");
-    return 0;
+    if (!fresh) return remove_temporaries(rc->dir, 0, NULL, NULL, err) ? -1 : rc->current;
+    return remove_entries(rc->dir, "item-", err);
 }
 
 static int round_item_done(work_stage *ws, int item, ep_error *err) {

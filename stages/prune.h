@@ -12,7 +12,7 @@
 // Config: the pruning fields of stages/run_config.h (run_prune: importance, prune_rounds, prune_fraction,
 // prune_k, prune_using_imp_scores, min_units, min_faithfulness, exact_max_seqs, score_donors,
 // compare_importance, exact_units_per_item; docs/config.md), parsed and checked there. A round is a work_stage
-// (stages/stage_io.h): its items are the prompt batches (times groups of exact_units_per_item units
+// (stages/stage_inputs.h): its items are the prompt batches (times groups of exact_units_per_item units
 // when exact scores run), each scoring its units over its prompts into a shard
 // prune.d/round-NNN.d/item-NNNNN.h5 (float64 sums), so sched/ shares a round out over MPI ranks; its
 // finish (one process) merges the shards in item order, prunes, measures the kept circuit and writes

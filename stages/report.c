@@ -10,8 +10,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
 #include "pipeline/stop_signals.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 
 extern char **environ;
 
@@ -358,10 +359,10 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
 
 int report_write(const char *run_dir, FILE *out, ep_error *err) {
     // What an earlier report killed half way left (this command's own files only: a run writing the same
-    // folder has its own temporaries, and a live writer's are never touched; stages/stage_io.h).
+    // folder has its own temporaries, and a live writer's are never touched; stages/stage_inputs.h).
     static const char *const own[] = {"report.txt", "accuracy_drop.gp", "accuracy_drop.png", "circuit.dot",
                                       "circuit.png", "circuit.svg", NULL};
-    if (stage_remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
+    if (remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
     // Both inputs are read and checked before anything is written: a bad one leaves the old report as it was.
     char path[4200], circuit_path[4200];
     snprintf(path, sizeof path, "%s/model_logs.json", run_dir);

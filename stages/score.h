@@ -20,7 +20,7 @@
 #define EP_SCORE_H
 
 #include "stages/plan.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 
 typedef enum { UNIT_HEAD = 0, UNIT_EDGE = 1 } unit_kind;
 

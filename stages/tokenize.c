@@ -6,11 +6,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 #include "stages/task.h"
 
 // Content hash of the tokenizer files in dir (tokenizer.json or .json.gz, tokenizer_config.json).

@@ -14,7 +14,7 @@
 #include "stages/cache.h"
 #include "stages/metrics.h"
 #include "stages/patch.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 #include "stages/task.h"
 #include "stages/tokenize.h"
 #include "tests/harness.h"

@@ -27,7 +27,7 @@
 #include "stages/prompts.h"
 #include "stages/prune.h"
 #include "stages/score.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 #include "stages/task.h"
 #include "stages/tokenize.h"
 

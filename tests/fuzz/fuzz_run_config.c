@@ -12,7 +12,7 @@
 #include "pipeline/model_config.h"
 #include "stages/run_config.h"
 #include "stages/plan.h"
-#include "stages/stage_io.h"
+#include "stages/stage_inputs.h"
 
 static model_config cfg;
 

@@ -64,6 +64,9 @@ def env():
              OMPI_MCA_btl_vader_single_copy_mechanism="none", OMPI_MCA_rmaps_base_oversubscribe="1")
     # MPI's plugins leak where LSan cannot name them (tests/cli_mpi.sh); a KILL leaks by definition.
     e["ASAN_OPTIONS"] = (e.get("ASAN_OPTIONS", "") + ":detect_leaks=0").lstrip(":")
+    # A rank left waiting in MPI_Init or MPI_Finalize for one killed outright ends well inside the hang
+    # limit (sched/watchdog.h; the default, 600 s, is for clusters).
+    e.setdefault("EDGEPATCH_MPI_TIMEOUT", "20")
     return e
 
 

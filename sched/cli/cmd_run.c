@@ -50,7 +50,7 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "edgepatch run: %s\n", err.msg);
         return 1;
     }
-    // The stages' and the driver's lines: results to stdout, the rest to stderr (pipeline/log.h).
+    // The stages', the driver's and these lines: results to stdout, the rest to stderr (pipeline/log.h).
     ep_log log;
     ep_log_init(&log, stdout, stderr);
     if (ep_log_configure(&log, sc.rank, sc.size, &err)) {
@@ -61,12 +61,12 @@ int cmd_run(int argc, char **argv) {
     sc.log = &log;
     int status = run_pipeline(&sc, config, (run_stage)last, fresh, stdout, &err), rc = 0;
     if (status == SCHED_FAILED) {
-        if (sc.rank == 0) fprintf(stderr, "edgepatch run: %s\n", err.msg[0] ? err.msg : "stopped because another rank failed");
+        if (sc.rank == 0) ep_logf(&log, EP_LOG_ERROR, "edgepatch run: %s", err.msg[0] ? err.msg : "stopped because another rank failed");
         rc = 1;
     } else if (status == SCHED_STOPPED) {
         if (sc.rank == 0)
-            fprintf(stderr, "edgepatch run: interrupted by a signal; finished items are saved, run the same command again "
-                            "to resume (exit status %d)\n", SCHED_EXIT_INTERRUPTED);
+            ep_logf(&log, EP_LOG_ERROR, "edgepatch run: interrupted by a signal; finished items are saved, run the same "
+                    "command again to resume (exit status %d)", SCHED_EXIT_INTERRUPTED);
         rc = SCHED_EXIT_INTERRUPTED;
     }
     sched_finalize(&sc, rc);

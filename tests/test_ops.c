@@ -930,6 +930,34 @@ static void test_grad_attention(const kernel_ops *b, const kernel_ops *ref) {
     }
 }
 
+// Gemma-2's attention shape: head_dim 256 (every lane slot of the cuda kernels), GQA 8:4, softcap 50,
+// a window shorter than the prompt, and a decode step over a 300-position cache (one query, many keys).
+static void test_grad_attention_wide(const kernel_ops *b, const kernel_ops *ref) {
+    attn_seq seqs[2] = {{.q_row = 0, .n_q = 40, .q_pos = 0, .kv_row = 0}, {.q_row = 40, .n_q = 1, .q_pos = 299, .kv_row = 40}};
+    attn_params p = {.n_heads = 8, .n_kv_heads = 4, .head_dim = 256, .q_stride = 2048, .kv_stride = 1024,
+                     .scale = 1.0f / 16, .softcap = 50.0f, .window = 24};
+    int q_rows = 41, kv_rows = 40 + 300;
+    size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+    float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1), *dout = random_floats(nq, 1);
+    float *wq = ep_calloc(nq, sizeof(float)), *wk = ep_calloc(nk, sizeof(float)), *wv = ep_calloc(nk, sizeof(float));
+    float *gq = ep_calloc(nq, sizeof(float)), *gk = ep_calloc(nk, sizeof(float)), *gv = ep_calloc(nk, sizeof(float));
+    ref->attention_back(wq, wk, wv, q, k, v, dout, 0, NULL, NULL, NULL, NULL, seqs, 2, &p, NULL);
+    staging s = {.b = b};
+    float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
+    float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
+    float *bgq = stage_in(&s, gq, sizeof(float) * nq), *bgk = stage_in(&s, gk, sizeof(float) * nk);
+    float *bgv = stage_in(&s, gv, sizeof(float) * nk);
+    b->attention_back(bgq, bgk, bgv, bq, bk, bv, bo, 0, NULL, NULL, NULL, NULL, seqs, 2, &p, NULL);
+    stage_out(&s, gq, bgq, sizeof(float) * nq);
+    stage_out(&s, gk, bgk, sizeof(float) * nk);
+    stage_out(&s, gv, bgv, sizeof(float) * nk);
+    stage_free(&s);
+    report(b->name, "attn_back-d256:dq", max_rel_error(gq, wq, nq, 1e-6), attn_grad_tol);
+    report(b->name, "attn_back-d256:dk", max_rel_error(gk, wk, nk, 1e-6), attn_grad_tol);
+    report(b->name, "attn_back-d256:dv", max_rel_error(gv, wv, nk, 1e-6), attn_grad_tol);
+    free(q), free(k), free(v), free(dout), free(wq), free(wk), free(wv), free(gq), free(gk), free(gv);
+}
+
 static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     grad_attn a;
     grad_attn_init(&a, 5.0f, 6);
@@ -977,6 +1005,7 @@ static void test_grad_ops(const kernel_ops *b, const kernel_ops *ref) {
     test_grad_norms_rope(b, ref);
     test_grad_pointwise(b, ref);
     test_grad_attention(b, ref);
+    test_grad_attention_wide(b, ref);
     test_grad_scores(b, ref);
 }
 

@@ -377,6 +377,35 @@ int main() {
             printf("  emu %-14s %.3g\n", "edge_scores", e);
             if (!(e <= 1e-4)) fails++;
         }
+        {   // head_dim 80: lane slots 0..2 of the gradient kernels, the last partly; GQA 4:1, a decode step
+            std::vector<attn_seq> ws = {{0, 12, 0, 0, nullptr, nullptr, 0, 0}, {12, 1, 20, 12, nullptr, nullptr, 0, 0}};
+            attn_params p = {4, 1, 80, 330, 90, 0.1f, 20.0f, 9};
+            size_t nq = 13 * (size_t)p.q_stride, nk = 33 * (size_t)p.kv_stride;
+            auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1), dout = rnd(nq, 1);
+            std::vector<std::vector<float>> want = {rnd(nq, 1), rnd(nk, 1), rnd(nk, 1)}, got = want;
+            ref->attention_back(want[0].data(), want[1].data(), want[2].data(), q.data(), k.data(), v.data(), dout.data(), 0,
+                                nullptr, nullptr, nullptr, nullptr, ws.data(), 2, &p, nullptr);
+            grad_meta_layout lay = grad_meta_plan(ws.data(), 2, 0);
+            std::vector<unsigned char> mbuf(lay.bytes + 16);
+            unsigned char *meta = mbuf.data() + (16 - (uintptr_t)mbuf.data() % 16) % 16;
+            grad_meta_fill(meta, &lay, ws.data(), 2, nullptr, 0, 0);
+            attn_patch none; memset(&none, 0, sizeof none);
+            attn_grad_targets tg; memset(&tg, 0, sizeof tg);
+            std::vector<float> stats(3 * lay.total_q * p.n_heads);
+            const int4 *rows = (const int4 *)meta, *keys = (const int4 *)(meta + lay.off_keys), *seqd = (const int4 *)(meta + lay.off_seqd);
+            float *st = stats.data(), *gq = got[0].data(), *gk = got[1].data(), *gv = got[2].data();
+            const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *op = dout.data();
+            launch(dim3((unsigned)lay.total_q, p.n_heads), dim3(ATTN_THREADS), [&] {
+                attn_back_query_kernel<false>(gq, st, qp, kp, vp, op, rows, 4, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
+            launch(dim3((unsigned)lay.total_k, p.n_kv_heads), dim3(ATTN_THREADS), [&] {
+                attn_back_key_kernel<false>(gk, gv, tg, 0, st, qp, kp, vp, op, keys, seqd, p.n_heads, 4, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
+            const char *names[3] = {"ab-d80:dq", "ab-d80:dk", "ab-d80:dv"};
+            for (int i = 0; i < 3; i++) {
+                double e = relerr(got[i], want[i]);
+                printf("  emu %-14s %.3g\n", names[i], e);
+                if (!(e <= 1e-4)) fails++;
+            }
+        }
         {   // head scores: donor z arrays travel as the patch's donor_k
             attn_params p = {4, 2, 16, 70, 40, 0.25f, 0.0f, 0};
             size_t nq = (size_t)q_rows * p.q_stride;

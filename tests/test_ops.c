@@ -1013,11 +1013,12 @@ static void test_grad_ops(const kernel_ops *b, const kernel_ops *ref) {
 // 68 x 108 x 579 NoTrans/Trans, 119 x 264 x 532 NoTrans/NoTrans, 189 x 624 x 496), written one after the
 // other to `path`, preceded by the pool's thread count. Inputs come from the file's fixed seed, so
 // every child computes the same products.
-enum { N_PROBE_PARTS = 10 };
+enum { N_PROBE_PARTS = 13 };
 static const char *const probe_names[N_PROBE_PARTS] = {
     "matmul 68x579->108", "matmul+b 189x496->624", "matmul 300x576->1536", "matmul-bf16 68x579->600",
     "sgemm NN 119x264x532", "sgemm TN 200x64x300", "sgemm NT 189x624x496", "sgemm NN 8x576x4000",
-    "attention 2 seqs x 4 heads, 300 queries", "patched attention 300 queries"};
+    "attention 2 seqs x 4 heads, 300 queries", "patched attention 300 queries",
+    "linear_back-bf16 68x600->579", "attention_back (patched) dq, dk, dv, donor dk, dv", "edge_scores 4 units"};
 
 static void write_floats(FILE *f, const float *x, size_t n) { fwrite(x, sizeof(float), n, f); }
 
@@ -1078,6 +1079,28 @@ static int thread_probe(const char *path) {
     memset(out, 0, sizeof(float) * nq);
     b->patched_attention(out, q, k, v, 1, dkc, dvc, &ps, 1, &p, &rules);
     write_floats(f, out, (size_t)TQ * p.q_stride);
+    // The gradient ops: the bf16 input gradient (several blocks of weight rows), the patched attention
+    // backward (dq, dk, dv and the donor's dk, dv) and edge scores on the same prompt.
+    {
+        int rows = 68, n_in = 579, n_out = 600;
+        float *dy = random_floats((size_t)rows * n_out, 1), *wf = random_floats((size_t)n_out * n_in, 0.5f);
+        uint16_t *w = ep_malloc(sizeof(uint16_t) * (size_t)n_out * n_in);
+        for (size_t i = 0; i < (size_t)n_out * n_in; i++) w[i] = f32_to_bf16(wf[i]);
+        float *dx = ep_malloc(sizeof(float) * (size_t)rows * n_in);
+        b->linear_back_bf16(dx, dy, w, rows, n_in, n_out, 0);
+        write_floats(f, dx, (size_t)rows * n_in);
+        free(dy), free(wf), free(w), free(dx);
+    }
+    float *dout = random_floats(nq, 1), *g = ep_calloc(nq + 4 * nk, sizeof(float));
+    float *gk[1] = {g + nq + 2 * nk}, *gv[1] = {g + nq + 3 * nk};
+    b->attention_back(g, g + nq, g + nq + nk, q, k, v, dout, 1, dkc, dvc, gk, gv, &ps, 1, &p, &rules);
+    write_floats(f, g, (size_t)TQ * p.q_stride);
+    for (int part = 0; part < 4; part++) write_floats(f, g + nq + (size_t)part * nk, (size_t)TQ * p.kv_stride);
+    edge_score_unit units[4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 3, 0}, {2, 3, 1, 0}};
+    double score[4];
+    b->edge_scores(score, q, k, v, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
+    fwrite(score, sizeof score, 1, f);
+    free(dout), free(g);
     free(q), free(k), free(v), free(out), free(types), free(index), free(dk), free(dv);
     return fclose(f) != 0;
 }
@@ -1085,7 +1108,8 @@ static int thread_probe(const char *path) {
 // Part sizes of the probe file, in order, after the thread count.
 static size_t probe_part_bytes(int i) {
     static const size_t floats[N_PROBE_PARTS] = {68 * 108, 189 * 624, 300 * 1536, 68 * 600, 119 * 264, 200 * 64,
-                                                 189 * 624, 8 * 576, 470 * 256, 300 * 256};
+                                                 189 * 624, 8 * 576, 470 * 256, 300 * 256,
+                                                 68 * 579, 300 * 256 + 4 * 300 * 128, 4 * 2 /* doubles */};
     return sizeof(float) * floats[i];
 }
 

@@ -913,6 +913,18 @@ static void test_grad_attention(const kernel_ops *b, const kernel_ops *ref) {
         float *bdk[2] = {bout[3], bout[4]}, *bdv[2] = {bout[5], bout[6]};
         b->attention_back(bout[0], bout[1], bout[2], bq, bk, bv, bo, 2, bck, bcv, bdk, bdv, a.seqs, a.n_seqs, &a.p, a.use_rules);
         for (int i = 0; i < 7; i++) stage_out(&s, got[i], bout[i], sizeof(float) * sz[i]);
+        // Donor gradients dropped (NULL targets): dq, dk, dv must not change.
+        float *nq0 = stage_in(&s, junk[0], sizeof(float) * nq), *nk0 = stage_in(&s, junk[1], sizeof(float) * nk);
+        float *nv0 = stage_in(&s, junk[2], sizeof(float) * nk);
+        b->attention_back(nq0, nk0, nv0, bq, bk, bv, bo, 2, bck, bcv, NULL, NULL, a.seqs, a.n_seqs, &a.p, a.use_rules);
+        float *drop = ep_malloc(sizeof(float) * (nq + 2 * nk));
+        stage_out(&s, drop, nq0, sizeof(float) * nq);
+        stage_out(&s, drop + nq, nk0, sizeof(float) * nk);
+        stage_out(&s, drop + nq + nk, nv0, sizeof(float) * nk);
+        check(!memcmp(drop, got[0], sizeof(float) * nq) && !memcmp(drop + nq, got[1], sizeof(float) * nk) &&
+                  !memcmp(drop + nq + nk, got[2], sizeof(float) * nk),
+              "%s attention_back: dropping the donor gradients changed dq, dk or dv", b->name);
+        free(drop);
         stage_free(&s);
         const char *names[3][4] = {{"attn_back:dq", "attn_back:dk", "attn_back:dv", "attn_back:donor"},
                                    {"attnp_back:dq", "attnp_back:dk", "attnp_back:dv", "attnp_back:donor"},

@@ -5,6 +5,9 @@
 // All pointers handed to a backend's ops live in that backend's memory (host for ref and cpu, device
 // for cuda); buffers are moved with the table's alloc/upload/download/release. Tensors are row-major
 // fp32, rows of `dim` floats. Ops never fail (callers validate shapes); they may take small scratch.
+// The gradient ops (the second half of the table) are the transposes of the forward ops that the
+// attribution backward needs (docs/attribution.md): activation gradients only, never weight gradients,
+// fp32 in and out (bf16 only as a weight), sums in fp32 or wider (double in ref).
 #ifndef EP_KERNELS_OPS_H
 #define EP_KERNELS_OPS_H
 
@@ -42,6 +45,19 @@ typedef struct {
     float softcap;   // > 0: scores = softcap * tanh(scores / softcap), before masking
     int window;      // > 0: sliding window length
 } attn_params;
+
+// A unit of the attribution scores (docs/attribution.md), in the numbering of the op's heads (a shard's
+// own heads; the caller maps the model's heads to them). Head unit: query head `head`'s output at the
+// positions of token type `type`, replaced by donor `donor`'s. Edge unit: the edges A -> B of query head
+// `head` with type(A) = sender, type(B) = receiver (A <= B, inside the window, relation any) reading
+// donor `donor`'s key and value at A.
+typedef struct {
+    int head, type, donor;
+} head_score_unit;
+
+typedef struct {
+    int head, sender, receiver, donor;
+} edge_score_unit;
 
 typedef struct kernel_ops {
     const char *name;
@@ -96,6 +112,77 @@ typedef struct kernel_ops {
     // zeros where idx[i] < 0 (a vocabulary-parallel shard's embedding rows of other ranks' tokens); idx
     // is backend memory (n ints).
     void (*gather_rows)(float *dst, const float *src, const int *idx, int n, int row_len);
+
+    // ---- Gradient ops. Same memory rules as above: tensors in backend memory, attn_seq / attn_params /
+    // rules / units in host memory. `accumulate` 0 overwrites the output, 1 adds to it (the residual
+    // stream's gradient is a sum over the blocks that read it). Unless said otherwise an output never
+    // aliases an input; the pointwise ones may work in place (each element's inputs are read before its
+    // outputs are written).
+    //
+    // dx[rows, n_in] (+)= dy[rows, n_out] . w[n_out, n_in]: the input gradient of matmul (bias has none).
+    void (*linear_back)(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate);
+    // The same with matmul_bf16's weight (raw bf16 bits). dy is NOT rounded to bf16: a bf16 run keeps fp32
+    // gradients and fp32 accumulation (issue 18), so this is the fp32 gradient of the bf16 model, dy times
+    // the exact fp32 values of the bf16 weights (the forward's rounding of x is its own, not transposed:
+    // straight through). cpu and cuda widen blocks of weight rows to fp32 and run sgemm; the sum over
+    // n_out is then taken block after block (a fixed order, the same for any thread count).
+    void (*linear_back_bf16)(float *dx, const float *dy, const uint16_t *w, int rows, int n_in, int n_out,
+                             int accumulate);
+    // dx (+)= (d rmsnorm(x) / dx)^T dy per row, rmsnorm as above (w_offset 1 for Gemma, 0 for Llama):
+    // dx = r g - x r^3 mean(g x), g = dy (w_offset + w), r = (mean(x^2) + eps)^-1/2.
+    void (*rmsnorm_back)(float *dx, const float *x, const float *w, float w_offset, const float *dy, int rows, int dim,
+                         float eps, int accumulate);
+    // dx (+)= (d layernorm(x) / dx)^T dy per row: dx = r (g - mean g - x^ mean(g x^)), g = dy w,
+    // x^ = (x - mean) r (the bias has no input gradient).
+    void (*layernorm_back)(float *dx, const float *x, const float *w, const float *dy, int rows, int dim, float eps,
+                           int accumulate);
+    // The transpose of rope, in place on the gradient: the rotation by the negative angle (the same fp32
+    // angle pos * inv_freq as the forward, so cos is the same and sin changes sign). Same layout as rope.
+    void (*rope_back)(float *dx, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                      int head_dim, int rot_dim);
+    // dx[i] = dy[i] * act'(x[i]), x the activation's input (exact derivatives of act_f's formulas).
+    void (*act_back)(float *dx, const float *x, const float *dy, size_t n, act_kind act);
+    // From out = act(gate) * up: dgate[i] = dout[i] * up[i] * act'(gate[i]), dup[i] = dout[i] * act(gate[i]).
+    void (*glu_back)(float *dgate, float *dup, const float *gate, const float *up, const float *dout, size_t n,
+                     act_kind act);
+    // From y = cap tanh(x / cap), given the output y (softcap works in place, so y is what the forward
+    // leaves; 1 - tanh^2 = 1 - (y / cap)^2): dx[i] = dy[i] * (1 - (y[i] / cap)^2).
+    void (*softcap_back)(float *dx, const float *y, const float *dy, size_t n, float cap);
+    // The backward of patched_attention (rules NULL or empty: of attention) for the gradient dout of its
+    // output, same layouts and same edge sources (kernels/edge_rule.h). The softmax is recomputed from q
+    // and the keys (nothing is saved by the forward): per query i and head h, over the keys j it sees,
+    //   s_ij = softcap(scale q_i . k*_j), p_ij = softmax_j(s_ij), g_ij = dout_i . v*_j,
+    //   dlogit_ij = p_ij (g_ij - sum_j' p_ij' g_ij') (1 - (s_ij / cap)^2 or 1 without softcap) scale,
+    //   dq_i = sum_j dlogit_ij k*_j,  dL/dk*_j += dlogit_ij q_i,  dL/dv*_j += p_ij dout_i,
+    // with k*, v* the row the edge read. dq is overwritten (each query row's n_heads * head_dim floats).
+    // The key/value gradients are accumulated (the caller zeroes them; GQA sums a group's query heads
+    // into its KV head) into the row the edge read: dk / dv (kv_row + j) for the current pass, donor_dk[d]
+    // / donor_dv[d] (donor_row + j) for donor d, or dropped where donor_dk / donor_dv or their entry is
+    // NULL (donor passes are constants of the attribution). Assumes the sequences' key and value rows
+    // (and donor rows) do not overlap, so no two sequences write one row.
+    void (*attention_back)(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                           const float *dout, int n_donors, const float *const *donor_k,
+                           const float *const *donor_v, float *const *donor_dk, float *const *donor_dv,
+                           const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules);
+    // Head-unit scores before |.| (docs/attribution.md): score[u * n_seqs + s] = sum over the typed
+    // positions B (B < n_typed, of the sequence's n_q rows, position q_pos + row) of type units[u].type
+    // of (z - z_d) . dz over head units[u].head's head_dim columns, summed in double: z and dz at row
+    // q_row + row, z_d = donor_z[donor] at row donor_row + B; row stride p->q_stride. score is backend
+    // memory (n_units * n_seqs doubles), overwritten.
+    void (*head_scores)(double *score, const float *z, const float *const *donor_z, const float *dz,
+                        const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                        int n_units);
+    // Edge-unit scores before |.|: score[u * n_seqs + s] = sum over the unit's edges A -> B (typed
+    // positions, A <= B in the window) of dlogit_BA q_B . (k_d(A) - k*_A) + p_BA dout_B . (v_d(A) - v*_A)
+    // in double, with p, dlogit and k*, v* (what the edge read) as in attention_back for these inputs
+    // (dout: the attention output's gradient as the attention saw it: zero where a head unit replaced
+    // the output), k_d, v_d donor units[u].donor's row donor_row + A. An edge already reading that donor
+    // adds 0. Recomputes the softmax like attention_back. score: backend memory, overwritten.
+    void (*edge_scores)(double *score, const float *q, const float *k, const float *v, const float *dout,
+                        int n_donors, const float *const *donor_k, const float *const *donor_v,
+                        const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
+                        const edge_score_unit *units, int n_units);
+
     // 1 when backend memory is host memory (ref, cpu): host pointers may be handed to the ops directly
     // and the host may read what they write.
     int host_memory;

@@ -28,4 +28,15 @@ EP_HOST_DEVICE static inline float silu_f(float x) { return x / (1.0f + expf(-x)
 
 EP_HOST_DEVICE static inline float act_f(float x, act_kind act) { return act == ACT_SILU ? silu_f(x) : gelu_tanh_f(x); }
 
+// The derivative of act_f at x (exact for its formulas), from one exp or tanh.
+EP_HOST_DEVICE static inline float act_grad_f(float x, act_kind act) {
+    if (act == ACT_SILU) {
+        float s = 1.0f / (1.0f + expf(-x));
+        return s * (1.0f + x * (1.0f - s));
+    }
+    const float c = 0.7978845608028654f, k = 0.044715f;
+    float t = tanhf(c * (x + k * x * x * x));
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * c * (1.0f + 3.0f * k * x * x);
+}
+
 #endif

@@ -319,6 +319,351 @@ static void cpu_gather_rows(float *dst, const float *src, const int *idx, int n,
             memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
 }
 
+// ---- Gradient ops (kernels/ops.h). Products through cpu_sgemm, the rest in loops; row statistics of the
+// norms in double (a row's sums are few and cheap), the rest in fp32.
+
+static void cpu_linear_back(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate) {
+    if (rows <= 0 || n_in <= 0) return;
+    cpu_sgemm(0, 0, rows, n_in, n_out, 1.0f, dy, n_out, w, n_in, accumulate ? 1.0f : 0.0f, dx, n_in);
+}
+
+// Blocks of BF16_BLOCK_ROWS weight rows widened to fp32, one after the other, each adding its part of
+// the sum over n_out: the order of the sum depends on the shapes only.
+static void cpu_linear_back_bf16(float *dx, const float *dy, const uint16_t *w, int rows, int n_in, int n_out,
+                                 int accumulate) {
+    if (rows <= 0 || n_in <= 0) return;
+    if (n_out <= 0) {
+        if (!accumulate) memset(dx, 0, sizeof(float) * (size_t)rows * n_in);
+        return;
+    }
+    float *wb = kernel_malloc(sizeof(float) * BF16_BLOCK_ROWS * (size_t)n_in);
+    for (int o0 = 0; o0 < n_out; o0 += BF16_BLOCK_ROWS) {
+        int nb = n_out - o0 < BF16_BLOCK_ROWS ? n_out - o0 : BF16_BLOCK_ROWS;
+        const uint16_t *src = w + (size_t)o0 * n_in;
+        for (size_t i = 0; i < (size_t)nb * n_in; i++) wb[i] = bf16_to_f32(src[i]);
+        cpu_sgemm(0, 0, rows, n_in, nb, 1.0f, dy + o0, n_out, wb, n_in, accumulate || o0 > 0 ? 1.0f : 0.0f, dx, n_in);
+    }
+    free(wb);
+}
+
+static void cpu_rmsnorm_back(float *dx, const float *x, const float *w, float w_offset, const float *dy, int rows,
+                             int dim, float eps, int accumulate) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim, *g = dy + (size_t)r * dim;
+        float *o = dx + (size_t)r * dim;
+        double ss = 0, dot = 0;
+        for (int i = 0; i < dim; i++) {
+            ss += (double)xr[i] * xr[i];
+            dot += (double)g[i] * (w_offset + w[i]) * xr[i];
+        }
+        float inv = (float)(1.0 / sqrt(ss / dim + eps)), c = (float)(dot / dim) * inv * inv * inv;
+        for (int i = 0; i < dim; i++) {
+            float v = inv * g[i] * (w_offset + w[i]) - xr[i] * c;
+            o[i] = accumulate ? o[i] + v : v;
+        }
+    }
+}
+
+static void cpu_layernorm_back(float *dx, const float *x, const float *w, const float *dy, int rows, int dim,
+                               float eps, int accumulate) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim, *g = dy + (size_t)r * dim;
+        float *o = dx + (size_t)r * dim;
+        double mean = 0, var = 0;
+        for (int i = 0; i < dim; i++) mean += xr[i];
+        mean /= dim;
+        for (int i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= dim;
+        double inv = 1.0 / sqrt(var + eps), mg = 0, mgx = 0;
+        for (int i = 0; i < dim; i++) {
+            double gw = (double)g[i] * w[i];
+            mg += gw, mgx += gw * (xr[i] - mean) * inv;
+        }
+        float fi = (float)inv, fm = (float)mean, fmg = (float)(mg / dim), fmgx = (float)(mgx / dim);
+        for (int i = 0; i < dim; i++) {
+            float v = fi * (g[i] * w[i] - fmg - (xr[i] - fm) * fi * fmgx);
+            o[i] = accumulate ? o[i] + v : v;
+        }
+    }
+}
+
+static void cpu_rope_back(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                          int head_dim, int rot_dim) {
+    int half = rot_dim / 2;
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < half; i++) {
+            float angle = (float)pos[r] * inv_freq[i];  // the forward's fp32 angle
+            float c = cosf(angle), s = sinf(angle);
+            for (int h = 0; h < n_heads; h++) {
+                float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
+                float a = xh[i], b = xh[i + half];
+                xh[i] = a * c + b * s;
+                xh[i + half] = b * c - a * s;
+            }
+        }
+}
+
+static void cpu_act_back(float *dx, const float *x, const float *dy, size_t n, act_kind act) {
+    for (size_t i = 0; i < n; i++) dx[i] = dy[i] * act_grad_f(x[i], act);
+}
+
+static void cpu_glu_back(float *dgate, float *dup, const float *gate, const float *up, const float *dout, size_t n,
+                         act_kind act) {
+    for (size_t i = 0; i < n; i++) {
+        float gt = gate[i], u = up[i], d = dout[i];
+        dgate[i] = d * u * act_grad_f(gt, act);
+        dup[i] = d * act_f(gt, act);
+    }
+}
+
+static void cpu_softcap_back(float *dx, const float *y, const float *dy, size_t n, float cap) {
+    float inv = 1.0f / cap;
+    for (size_t i = 0; i < n; i++) {
+        float t = y[i] * inv;
+        dx[i] = dy[i] * (1.0f - t * t);
+    }
+}
+
+// The attention backward and the edge scores: pool tasks per (sequence, KV head) and per (sequence, head).
+// A (sequence, head) block is n_q queries x n_k = q_pos + n_q keys; scratch per worker: P, DL, G, M
+// (block floats each), X (two blocks per donor), SEL (block bytes).
+typedef struct {
+    float *dq, *dk, *dv;
+    float *const *donor_dk, *const *donor_dv;
+    const float *q, *k, *v, *dout;
+    int n_donors;
+    const float *const *donor_k, *const *donor_v;
+    const attn_seq *seqs;
+    int n_seqs;
+    const attn_params *p;
+    const edge_rule_set *rules;  // NULL or empty: plain attention
+    int donor_used[16];
+    double *score;
+    const edge_score_unit *units;
+    int n_units;
+    size_t max_block;
+    float *scratch;
+    signed char *sel;
+} agrad_job;
+
+static int agrad_patched(const agrad_job *j, const attn_seq *sq) { return j->rules && j->rules->n > 0 && sq->types; }
+
+// Donor keys exist for the typed positions only (a donor cache holds the prompt): the donor products
+// stop there.
+static int agrad_donor_keys(const attn_seq *sq, int n_k) {
+    return sq->n_typed <= 0 ? 0 : sq->n_typed < n_k ? sq->n_typed : n_k;
+}
+
+// P (probabilities), DL (dlogit: scale and softcap' included), SEL (source, -1 current) of one (sequence,
+// head), 0 where the query cannot see the key; G and X are scratch. The scores and dout . v products
+// as matrix products against the current keys and values and each donor a rule reads, then the
+// selection, softcap and softmax per edge (the forward's order of operations).
+static void agrad_block(const agrad_job *j, const attn_seq *sq, int h, float *P, float *DL, signed char *SEL, float *G,
+                        float *X) {
+    const attn_params *p = j->p;
+    int d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads), n_q = sq->n_q, n_k = sq->q_pos + n_q;
+    int patched = agrad_patched(j, sq), n_kd = patched ? agrad_donor_keys(sq, n_k) : 0;
+    size_t blk = (size_t)n_q * n_k, off = (size_t)g * d;
+    const float *qb = j->q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    const float *ob = j->dout + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+    cpu_sgemm(0, 1, n_q, n_k, d, p->scale, qb, p->q_stride, j->k + (size_t)sq->kv_row * p->kv_stride + off, p->kv_stride,
+              0.0f, P, n_k);
+    cpu_sgemm(0, 1, n_q, n_k, d, 1.0f, ob, p->q_stride, j->v + (size_t)sq->kv_row * p->kv_stride + off, p->kv_stride,
+              0.0f, G, n_k);
+    for (int dn = 0; dn < j->n_donors && patched && n_kd > 0; dn++)
+        if (j->donor_used[dn]) {
+            size_t drow = (size_t)sq->donor_row * p->kv_stride + off;
+            cpu_sgemm(0, 1, n_q, n_kd, d, p->scale, qb, p->q_stride, j->donor_k[dn] + drow, p->kv_stride, 0.0f,
+                      X + 2 * (size_t)dn * blk, n_k);
+            cpu_sgemm(0, 1, n_q, n_kd, d, 1.0f, ob, p->q_stride, j->donor_v[dn] + drow, p->kv_stride, 0.0f,
+                      X + (2 * (size_t)dn + 1) * blk, n_k);
+        }
+    for (int qi = 0; qi < n_q; qi++) {
+        int i = sq->q_pos + qi, j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+        size_t r = (size_t)qi * n_k;
+        float *pr = P + r, *dl = DL + r, *gb = G + r, mx = -INFINITY;
+        signed char *sel = SEL + r;
+        for (int a = 0; a < n_k; a++) sel[a] = -1;
+        for (int a = j0; a <= i; a++) {
+            int dn = patched && i < sq->n_typed && a < sq->n_typed
+                         ? edge_donor(j->rules, h, sq->types[a], sq->index[a], sq->types[i], sq->index[i])
+                         : -1;
+            float sc = pr[a];
+            if (dn >= 0) {
+                sel[a] = (signed char)dn;
+                sc = X[2 * (size_t)dn * blk + r + a];
+                gb[a] = X[(2 * (size_t)dn + 1) * blk + r + a];
+            }
+            if (p->softcap > 0) sc = p->softcap * tanhf(sc / p->softcap);
+            dl[a] = p->softcap > 0 ? 1.0f - (sc / p->softcap) * (sc / p->softcap) : 1.0f;  // softcap' for now
+            pr[a] = sc;
+            if (sc > mx) mx = sc;
+        }
+        float sum = 0;
+        for (int a = j0; a <= i; a++) sum += pr[a] = expf(pr[a] - mx);
+        float inv = 1.0f / sum, gsum = 0;
+        for (int a = j0; a <= i; a++) gsum += (pr[a] *= inv) * gb[a];
+        for (int a = j0; a <= i; a++) dl[a] *= pr[a] * (gb[a] - gsum) * p->scale;
+        for (int a = 0; a < j0; a++) pr[a] = dl[a] = 0;
+        for (int a = i + 1; a < n_k; a++) pr[a] = dl[a] = 0;
+    }
+}
+
+static float *agrad_scratch(const agrad_job *j, int worker, float **P, float **DL, float **G, float **M, float **X,
+                            signed char **SEL) {
+    size_t blk = j->max_block, per = (4 + 2 * (size_t)j->n_donors) * blk;
+    float *s = j->scratch + per * (size_t)worker;
+    *P = s, *DL = s + blk, *G = s + 2 * blk, *M = s + 3 * blk, *X = s + 4 * blk;
+    *SEL = j->sel + blk * (size_t)worker;
+    return s;
+}
+
+// M = where SEL == source, A, else 0.
+static void agrad_mask(float *M, const float *A, const signed char *SEL, int source, size_t n) {
+    for (size_t e = 0; e < n; e++) M[e] = SEL[e] == source ? A[e] : 0.0f;
+}
+
+static void agrad_task(void *ctx, int task, int worker) {
+    const agrad_job *j = ctx;
+    const attn_params *p = j->p;
+    const attn_seq *sq = &j->seqs[task / p->n_kv_heads];
+    int g = task % p->n_kv_heads, rep = p->n_heads / p->n_kv_heads, d = p->head_dim, n_q = sq->n_q;
+    int n_k = sq->q_pos + n_q, patched = agrad_patched(j, sq), n_kd = patched ? agrad_donor_keys(sq, n_k) : 0;
+    if (n_q <= 0) return;
+    float *P, *DL, *G, *M, *X;
+    signed char *SEL;
+    agrad_scratch(j, worker, &P, &DL, &G, &M, &X, &SEL);
+    size_t blk = (size_t)n_q * n_k, off = (size_t)g * d;
+    const float *K = j->k + (size_t)sq->kv_row * p->kv_stride + off;
+    float *dkb = j->dk + (size_t)sq->kv_row * p->kv_stride + off, *dvb = j->dv + (size_t)sq->kv_row * p->kv_stride + off;
+    for (int h = g * rep; h < (g + 1) * rep; h++) {
+        agrad_block(j, sq, h, P, DL, SEL, G, X);
+        const float *qb = j->q + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+        const float *ob = j->dout + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+        float *dqb = j->dq + (size_t)sq->q_row * p->q_stride + (size_t)h * d;
+        if (!patched) {
+            cpu_sgemm(0, 0, n_q, d, n_k, 1.0f, DL, n_k, K, p->kv_stride, 0.0f, dqb, p->q_stride);
+            cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, DL, n_k, qb, p->q_stride, 1.0f, dkb, p->kv_stride);
+            cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, P, n_k, ob, p->q_stride, 1.0f, dvb, p->kv_stride);
+            continue;
+        }
+        // Split by source: masked copies of DL and P, one source at a time.
+        agrad_mask(M, DL, SEL, -1, blk);
+        cpu_sgemm(0, 0, n_q, d, n_k, 1.0f, M, n_k, K, p->kv_stride, 0.0f, dqb, p->q_stride);
+        cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, M, n_k, qb, p->q_stride, 1.0f, dkb, p->kv_stride);
+        agrad_mask(M, P, SEL, -1, blk);
+        cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, M, n_k, ob, p->q_stride, 1.0f, dvb, p->kv_stride);
+        for (int dn = 0; dn < j->n_donors && n_kd > 0; dn++) {
+            if (!j->donor_used[dn]) continue;
+            size_t drow = (size_t)sq->donor_row * p->kv_stride + off;
+            agrad_mask(M, DL, SEL, dn, blk);
+            cpu_sgemm(0, 0, n_q, d, n_kd, 1.0f, M, n_k, j->donor_k[dn] + drow, p->kv_stride, 1.0f, dqb, p->q_stride);
+            if (j->donor_dk && j->donor_dk[dn])
+                cpu_sgemm(1, 0, n_kd, d, n_q, 1.0f, M, n_k, qb, p->q_stride, 1.0f, j->donor_dk[dn] + drow, p->kv_stride);
+            if (j->donor_dv && j->donor_dv[dn]) {
+                agrad_mask(M, P, SEL, dn, blk);
+                cpu_sgemm(1, 0, n_kd, d, n_q, 1.0f, M, n_k, ob, p->q_stride, 1.0f, j->donor_dv[dn] + drow, p->kv_stride);
+            }
+        }
+    }
+}
+
+static void agrad_run(agrad_job *j, int n_tasks, cpu_task_fn fn) {
+    for (int r = 0; j->rules && r < j->rules->n; r++)
+        if (j->rules->rule[r].donor >= 0 && j->rules->rule[r].donor < 16) j->donor_used[j->rules->rule[r].donor] = 1;
+    if (j->n_donors > 16) j->n_donors = 16;
+    j->max_block = max_attn_block(j->seqs, j->n_seqs);
+    int slots = n_tasks < cpu_threads() ? n_tasks : cpu_threads();
+    if (slots < 1) return;
+    j->scratch = kernel_malloc(sizeof(float) * j->max_block * (4 + 2 * (size_t)j->n_donors) * (size_t)slots);
+    j->sel = kernel_malloc(j->max_block * (size_t)slots);
+    cpu_parallel_for(n_tasks, fn, j);
+    free(j->scratch);
+    free(j->sel);
+}
+
+static void cpu_attention_back(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                               const float *dout, int n_donors, const float *const *donor_k,
+                               const float *const *donor_v, float *const *donor_dk, float *const *donor_dv,
+                               const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    agrad_job j = {.dq = dq, .dk = dk, .dv = dv, .donor_dk = donor_dk, .donor_dv = donor_dv, .q = q, .k = k, .v = v,
+                   .dout = dout, .n_donors = n_donors, .donor_k = donor_k, .donor_v = donor_v, .seqs = seqs,
+                   .n_seqs = n_seqs, .p = p, .rules = rules};
+    agrad_run(&j, n_seqs * p->n_kv_heads, agrad_task);
+}
+
+// One (sequence, head): the scores of the units on that head (each (unit, sequence) is one task's).
+static void escore_task(void *ctx, int task, int worker) {
+    const agrad_job *j = ctx;
+    const attn_params *p = j->p;
+    int s = task / p->n_heads, h = task % p->n_heads, d = p->head_dim, g = h / (p->n_heads / p->n_kv_heads);
+    const attn_seq *sq = &j->seqs[s];
+    int n_q = sq->n_q, n_k = sq->q_pos + n_q, any = 0;
+    for (int u = 0; u < j->n_units; u++)
+        if (j->units[u].head == h) j->score[(size_t)u * j->n_seqs + s] = 0, any = 1;
+    if (!any || n_q <= 0 || !sq->types) return;
+    float *P, *DL, *G, *M, *X;
+    signed char *SEL;
+    agrad_scratch(j, worker, &P, &DL, &G, &M, &X, &SEL);
+    agrad_block(j, sq, h, P, DL, SEL, G, X);
+    size_t off = (size_t)g * d;
+    for (int u = 0; u < j->n_units; u++) {
+        const edge_score_unit *eu = &j->units[u];
+        if (eu->head != h) continue;
+        double acc = 0;
+        for (int qi = 0; qi < n_q; qi++) {
+            int B = sq->q_pos + qi;
+            if (B >= sq->n_typed || sq->types[B] != eu->receiver) continue;
+            const float *qv = j->q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            const float *ov = j->dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            for (int A = 0; A <= B; A++) {
+                size_t at = (size_t)qi * n_k + A;
+                if (sq->types[A] != eu->sender || (P[at] == 0 && DL[at] == 0)) continue;
+                int rd = SEL[at];
+                size_t cur = (size_t)(sq->kv_row + A) * p->kv_stride + off, drow = (size_t)(sq->donor_row + A) * p->kv_stride + off;
+                const float *ks = rd >= 0 ? j->donor_k[rd] + drow : j->k + cur, *vs = rd >= 0 ? j->donor_v[rd] + drow : j->v + cur;
+                const float *kd = j->donor_k[eu->donor] + drow, *vd = j->donor_v[eu->donor] + drow;
+                double ek = 0, ev = 0;
+                for (int e = 0; e < d; e++) {
+                    ek += (double)qv[e] * ((double)kd[e] - ks[e]);
+                    ev += (double)ov[e] * ((double)vd[e] - vs[e]);
+                }
+                acc += DL[at] * ek + P[at] * ev;
+            }
+        }
+        j->score[(size_t)u * j->n_seqs + s] = acc;
+    }
+}
+
+static void cpu_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+                            int n_donors, const float *const *donor_k, const float *const *donor_v,
+                            const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
+                            const edge_score_unit *units, int n_units) {
+    agrad_job j = {.q = q, .k = k, .v = v, .dout = dout, .n_donors = n_donors, .donor_k = donor_k,
+                   .donor_v = donor_v, .seqs = seqs, .n_seqs = n_seqs, .p = p, .rules = rules, .score = score,
+                   .units = units, .n_units = n_units};
+    agrad_run(&j, n_seqs * p->n_heads, escore_task);
+}
+
+static void cpu_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                            const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                            int n_units) {
+    int d = p->head_dim;
+    for (int u = 0; u < n_units; u++)
+        for (int s = 0; s < n_seqs; s++) {
+            const attn_seq *sq = &seqs[s];
+            double acc = 0;
+            for (int r = 0; r < sq->n_q; r++) {
+                int B = sq->q_pos + r;
+                if (!sq->types || B >= sq->n_typed || sq->types[B] != units[u].type) continue;
+                size_t at = (size_t)(sq->q_row + r) * p->q_stride + (size_t)units[u].head * d;
+                const float *zd = donor_z[units[u].donor] + (size_t)(sq->donor_row + B) * p->q_stride + (size_t)units[u].head * d;
+                for (int e = 0; e < d; e++) acc += ((double)z[at + e] - zd[e]) * dz[at + e];
+            }
+            score[(size_t)u * n_seqs + s] = acc;
+        }
+}
+
 static const kernel_ops cpu_table = {
     .name = "cpu",
     .alloc = host_alloc,
@@ -340,6 +685,17 @@ static const kernel_ops cpu_table = {
     .patched_attention = cpu_patched_attention,
     .copy_rows = cpu_copy_rows,
     .gather_rows = cpu_gather_rows,
+    .linear_back = cpu_linear_back,
+    .linear_back_bf16 = cpu_linear_back_bf16,
+    .rmsnorm_back = cpu_rmsnorm_back,
+    .layernorm_back = cpu_layernorm_back,
+    .rope_back = cpu_rope_back,
+    .act_back = cpu_act_back,
+    .glu_back = cpu_glu_back,
+    .softcap_back = cpu_softcap_back,
+    .attention_back = cpu_attention_back,
+    .head_scores = cpu_head_scores,
+    .edge_scores = cpu_edge_scores,
     .host_memory = 1,
 };
 

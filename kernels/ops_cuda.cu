@@ -70,6 +70,12 @@ typedef struct {
     size_t patch_cap;        // in bytes
     void *bf16_x;            // device buffer of matmul_bf16's input rounded to bf16, grown on demand
     size_t bf16_x_cap;       // in bytes
+    void *bf16_w;            // device buffer of linear_back_bf16's widened weight rows, grown on demand
+    size_t bf16_w_cap;       // in bytes
+    void *grad_meta;         // device buffer of the gradient kernels' metadata (grad_meta_fill)
+    size_t grad_meta_cap;    // in bytes
+    void *grad_stats;        // device buffer of the attention backward's softmax statistics
+    size_t grad_stats_cap;   // in bytes
 } cuda_context;
 
 static cuda_context ctx;
@@ -332,6 +338,356 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Gradient kernels (kernels/ops.h, the gradient ops): as simple as the forward's, one block per row for
+// the norms, one thread per element for the pointwise ops; the attention backward in two kernels
+// without atomics (so its sums are in a fixed order): one block per (query row, head) for the softmax
+// statistics and dq, then one block per (key position, KV head) that gathers dk and dv over the queries
+// and query heads that read that key, source by source (current pass, each donor).
+
+// head_dim limit of the attention gradient kernels: each lane keeps head_dim / 32 accumulators.
+enum { GRAD_MAX_HD = 256, GRAD_LANE_SLOTS = GRAD_MAX_HD / 32, GRAD_WARPS = ATTN_THREADS / 32 };
+
+__device__ static double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// As block_sum, in double (scratch: 32 doubles).
+__device__ static double block_sum_d(double v, double *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < n_warps ? scratch[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// a . b over d floats by one warp; every lane gets the sum.
+__device__ static float warp_dot(const float *a, const float *b, int d) {
+    float s = 0.0f;
+    for (int e = threadIdx.x & 31; e < d; e += 32) s += a[e] * b[e];
+    return warp_sum(s);
+}
+
+__global__ static void bf16_widen_kernel(float *out, const uint16_t *w, size_t n) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __uint_as_float((unsigned)w[i] << 16);
+}
+
+// One block per row.
+__global__ static void rmsnorm_back_kernel(float *dx, const float *x, const float *w, float w_offset, const float *dy,
+                                           int dim, float eps, int accumulate) {
+    __shared__ float scratch[32];
+    const float *xr = x + (size_t)blockIdx.x * dim, *g = dy + (size_t)blockIdx.x * dim;
+    float *o = dx + (size_t)blockIdx.x * dim;
+    float ss = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        ss += xr[i] * xr[i];
+        dot += g[i] * (w_offset + w[i]) * xr[i];
+    }
+    ss = block_sum(ss, scratch);
+    dot = block_sum(dot, scratch);
+    float inv = 1.0f / sqrtf(ss / (float)dim + eps), c = dot / (float)dim * inv * inv * inv;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = inv * g[i] * (w_offset + w[i]) - xr[i] * c;
+        o[i] = accumulate ? o[i] + v : v;
+    }
+}
+
+// One block per row: mean and variance as the forward, then mean(g) and mean(g x^).
+__global__ static void layernorm_back_kernel(float *dx, const float *x, const float *w, const float *dy, int dim,
+                                             float eps, int accumulate) {
+    __shared__ float scratch[32];
+    const float *xr = x + (size_t)blockIdx.x * dim, *g = dy + (size_t)blockIdx.x * dim;
+    float *o = dx + (size_t)blockIdx.x * dim;
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i];
+    float mean = block_sum(s, scratch) / (float)dim;
+    float sv = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) sv += (xr[i] - mean) * (xr[i] - mean);
+    float inv = 1.0f / sqrtf(block_sum(sv, scratch) / (float)dim + eps);
+    float mg = 0.0f, mgx = 0.0f;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float gw = g[i] * w[i];
+        mg += gw;
+        mgx += gw * (xr[i] - mean) * inv;
+    }
+    mg = block_sum(mg, scratch) / (float)dim;
+    mgx = block_sum(mgx, scratch) / (float)dim;
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = inv * (g[i] * w[i] - mg - (xr[i] - mean) * inv * mgx);
+        o[i] = accumulate ? o[i] + v : v;
+    }
+}
+
+// rope_kernel's threads, rotating by the negative angle.
+__global__ static void rope_back_kernel(float *x, int stride, const int *pos, const float *inv_freq, int rows,
+                                        int n_heads, int head_dim, int half) {
+    size_t n = (size_t)rows * n_heads * half;
+    for (size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x; idx < n; idx += (size_t)gridDim.x * blockDim.x) {
+        int i = (int)(idx % (size_t)half);
+        size_t t = idx / (size_t)half;
+        int h = (int)(t % (size_t)n_heads);
+        int r = (int)(t / (size_t)n_heads);
+        float angle = (float)pos[r] * inv_freq[i];
+        float s, c;
+        sincosf(angle, &s, &c);
+        float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
+        float a = xh[i], b = xh[i + half];
+        xh[i] = a * c + b * s;
+        xh[i + half] = b * c - a * s;
+    }
+}
+
+__global__ static void act_back_kernel(float *dx, const float *x, const float *dy, size_t n, act_kind act) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dx[i] = dy[i] * act_grad_f(x[i], act);
+}
+
+__global__ static void glu_back_kernel(float *dgate, float *dup, const float *gate, const float *up, const float *dout,
+                                       size_t n, act_kind act) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float gt = gate[i], u = up[i], d = dout[i];
+        dgate[i] = d * u * act_grad_f(gt, act);
+        dup[i] = d * act_f(gt, act);
+    }
+}
+
+__global__ static void softcap_back_kernel(float *dx, const float *y, const float *dy, size_t n, float cap) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float t = y[i] / cap;
+        dx[i] = dy[i] * (1.0f - t * t);
+    }
+}
+
+// Where the key/value gradients of donor d go (NULL: dropped), by value in the kernel's parameters.
+typedef struct {
+    float *dk[ATTN_MAX_DONORS], *dv[ATTN_MAX_DONORS];
+} attn_grad_targets;
+
+// The edge j -> i of head h (KV head g): its source, and the key and value rows it read.
+__device__ static int grad_edge_rows(const attn_patch &patch, bool patched, int4 sd, const float *k, const float *v,
+                                     int kv_row, int kv_stride, int g, int d, int h, int i, int j, const float **kj,
+                                     const float **vj) {
+    int dn = patched ? patch_source(patch, sd, h, i, j) : -1;
+    size_t col = (size_t)g * d;
+    if (dn >= 0) {
+        *kj = patch.donor_k[dn] + (size_t)(sd.x + j) * kv_stride + col;
+        *vj = patch.donor_v[dn] + (size_t)(sd.x + j) * kv_stride + col;
+    } else {
+        *kj = k + (size_t)(kv_row + j) * kv_stride + col;
+        *vj = v + (size_t)(kv_row + j) * kv_stride + col;
+    }
+    return dn;
+}
+
+// The softcapped score and its softcap' factor (1 without softcap).
+__device__ static float grad_score(float dot, float scale, float softcap, float *capf) {
+    float s = dot * scale;
+    *capf = 1.0f;
+    if (softcap > 0.0f) {
+        s = softcap * tanhf(s / softcap);
+        *capf = 1.0f - (s / softcap) * (s / softcap);
+    }
+    return s;
+}
+
+// One block per (query row descriptor, head), as attention_kernel's grid (one warp per key, lanes over
+// head_dim). Three passes over the keys the query sees, each recomputing the dot products: the max, then
+// the sum of exp and D = sum p g (g = dout . v*), then (when dq is non-NULL) dq = sum dlogit k*. Writes
+// stats[(row descriptor) * n_heads + h] = {max, 1 / sum, D} for attn_back_key_kernel and the scores.
+template <bool PATCHED>
+__global__ static void attn_back_query_kernel(float *dq, float *stats, const float *q, const float *k, const float *v,
+                                              const float *dout, const int4 *rows, int group, int d, int q_stride,
+                                              int kv_stride, float scale, float softcap, int window,
+                                              const attn_patch patch) {
+    __shared__ float scratch[32];
+    __shared__ float s_q[GRAD_MAX_HD], s_o[GRAD_MAX_HD];
+    __shared__ float s_red[GRAD_WARPS][GRAD_MAX_HD];
+    int4 row = rows[blockIdx.x];
+    int h = blockIdx.y, g = h / group, i = row.y, kv_row = row.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    int4 sd = make_int4(0, 0, 0, 0);
+    if (PATCHED) sd = patch.seqs[row.w];
+    const float *qv = q + (size_t)row.x * q_stride + (size_t)h * d, *ov = dout + (size_t)row.x * q_stride + (size_t)h * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        s_q[e] = qv[e];
+        s_o[e] = ov[e];
+    }
+    __syncthreads();
+    int j0 = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
+    const float *kj, *vj;
+    float capf, m = -INFINITY;
+    for (int j = j0 + warp; j <= i; j += n_warps) {
+        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        m = fmaxf(m, grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf));
+    }
+    m = block_max(m, scratch);
+    float l = 0.0f, dsum = 0.0f;  // the same in every lane of a warp: lane 0 stands for the warp below
+    for (int j = j0 + warp; j <= i; j += n_warps) {
+        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        float e = expf(grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf) - m);
+        l += e;
+        dsum += e * warp_dot(s_o, vj, d);
+    }
+    l = block_sum(lane == 0 ? l : 0.0f, scratch);
+    dsum = block_sum(lane == 0 ? dsum : 0.0f, scratch);
+    float inv = 1.0f / l, D = dsum * inv;
+    if (threadIdx.x == 0) {
+        float *st = stats + ((size_t)blockIdx.x * gridDim.y + h) * 3;
+        st[0] = m, st[1] = inv, st[2] = D;
+    }
+    if (!dq) return;
+    float acc[GRAD_LANE_SLOTS];
+#pragma unroll
+    for (int c = 0; c < GRAD_LANE_SLOTS; c++) acc[c] = 0.0f;
+    for (int j = j0 + warp; j <= i; j += n_warps) {
+        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        float s = grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf);
+        float p = expf(s - m) * inv, dl = p * (warp_dot(s_o, vj, d) - D) * capf * scale;
+#pragma unroll
+        for (int c = 0; c < GRAD_LANE_SLOTS; c++)
+            if (lane + 32 * c < d) acc[c] += dl * kj[lane + 32 * c];
+    }
+#pragma unroll
+    for (int c = 0; c < GRAD_LANE_SLOTS; c++)
+        if (lane + 32 * c < d) s_red[warp][lane + 32 * c] = acc[c];
+    __syncthreads();
+    float *dqv = dq + (size_t)row.x * q_stride + (size_t)h * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        float t = 0.0f;
+        for (int w = 0; w < n_warps; w++) t += s_red[w][e];
+        dqv[e] = t;
+    }
+}
+
+// One block per (key descriptor {sequence, key position j, first row descriptor of the sequence, 0}, KV
+// head g). seqd as grad_meta_fill writes it ({q_row, n_q, q_pos, kv_row} at 2 s). For each source (the current pass, then
+// each donor that has a target), the warps take the (query head of the group, query i) pairs whose
+// edge to j reads that source, recompute p and dlogit from the statistics, and the block adds
+// sum dlogit q_i and sum p dout_i to the source's row j: one block per target row, so no atomics.
+template <bool PATCHED>
+__global__ static void attn_back_key_kernel(float *dk, float *dv, const attn_grad_targets tg, int n_donors,
+                                            const float *stats, const float *q, const float *k, const float *v,
+                                            const float *dout, const int4 *keys, const int4 *seqd, int n_heads,
+                                            int group, int d, int q_stride, int kv_stride, float scale, float softcap,
+                                            int window, const attn_patch patch) {
+    __shared__ float s_red[2][GRAD_WARPS][GRAD_MAX_HD];
+    int4 kd = keys[blockIdx.x];
+    int s = kd.x, j = kd.y, rbase = kd.z, g = blockIdx.y;
+    int4 sq = seqd[2 * s];
+    int4 sd = make_int4(0, 0, 0, 0);
+    if (PATCHED) sd = patch.seqs[s];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    int i_first = j > sq.z ? j : sq.z, i_last = sq.z + sq.y - 1;
+    if (window > 0 && j + window - 1 < i_last) i_last = j + window - 1;
+    int n_i = i_last - i_first + 1 > 0 ? i_last - i_first + 1 : 0;
+    for (int src = -1; src < (PATCHED ? n_donors : 0); src++) {
+        float *tk = src < 0 ? dk : tg.dk[src], *tv = src < 0 ? dv : tg.dv[src];
+        if ((!tk && !tv) || (src >= 0 && j >= sd.z)) continue;  // no target, or no donor row (untyped)
+        size_t col = (size_t)g * d;
+        const float *krow = src < 0 ? k + (size_t)(sq.w + j) * kv_stride + col : patch.donor_k[src] + (size_t)(sd.x + j) * kv_stride + col;
+        const float *vrow = src < 0 ? v + (size_t)(sq.w + j) * kv_stride + col : patch.donor_v[src] + (size_t)(sd.x + j) * kv_stride + col;
+        float ak[GRAD_LANE_SLOTS], av[GRAD_LANE_SLOTS];
+#pragma unroll
+        for (int c = 0; c < GRAD_LANE_SLOTS; c++) ak[c] = av[c] = 0.0f;
+        for (int t = warp; t < group * n_i; t += n_warps) {
+            int h = g * group + t / n_i, i = i_first + t % n_i, qi = i - sq.z;
+            if ((PATCHED ? patch_source(patch, sd, h, i, j) : -1) != src) continue;
+            const float *qv = q + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
+            const float *ov = dout + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
+            const float *st = stats + ((size_t)(rbase + qi) * n_heads + h) * 3;
+            float capf, sc = grad_score(warp_dot(qv, krow, d), scale, softcap, &capf);
+            float p = expf(sc - st[0]) * st[1], dl = p * (warp_dot(ov, vrow, d) - st[2]) * capf * scale;
+#pragma unroll
+            for (int c = 0; c < GRAD_LANE_SLOTS; c++)
+                if (lane + 32 * c < d) {
+                    ak[c] += dl * qv[lane + 32 * c];
+                    av[c] += p * ov[lane + 32 * c];
+                }
+        }
+#pragma unroll
+        for (int c = 0; c < GRAD_LANE_SLOTS; c++)
+            if (lane + 32 * c < d) s_red[0][warp][lane + 32 * c] = ak[c], s_red[1][warp][lane + 32 * c] = av[c];
+        __syncthreads();
+        size_t at = (size_t)(src < 0 ? sq.w + j : sd.x + j) * kv_stride + col;
+        for (int e = threadIdx.x; e < d; e += blockDim.x) {
+            float sk = 0.0f, sv = 0.0f;
+            for (int w = 0; w < n_warps; w++) sk += s_red[0][w][e], sv += s_red[1][w][e];
+            if (tk) tk[at + e] += sk;
+            if (tv) tv[at + e] += sv;
+        }
+        __syncthreads();  // s_red is read before the next source writes it
+    }
+}
+
+// One block per (edge unit {head, sender, receiver, donor}, sequence): a warp per (receiver row, sender)
+// pair of the unit, p and dlogit from the statistics, the two differences' dot products in double.
+// seqd holds two int4 per sequence: {q_row, n_q, q_pos, kv_row}, {first row descriptor, 0, 0, 0}.
+__global__ static void edge_scores_kernel(double *score, int n_seqs, const float *stats, const float *q, const float *k,
+                                          const float *v, const float *dout, const int4 *units, const int4 *seqd,
+                                          int n_heads, int group, int d, int q_stride, int kv_stride, float scale,
+                                          float softcap, int window, const attn_patch patch) {
+    __shared__ double s_dred[32];
+    int4 un = units[blockIdx.x];
+    int s = blockIdx.y, h = un.x, g = h / group;
+    int4 sq = seqd[2 * s], sb = seqd[2 * s + 1], sd = patch.seqs[s];
+    const int32_t *types = patch.ints + sd.y;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5, n_k = sq.z + sq.y;
+    double acc = 0.0;
+    for (size_t t = warp; t < (size_t)sq.y * n_k; t += n_warps) {
+        int qi = (int)(t / n_k), A = (int)(t % n_k), B = sq.z + qi;
+        if (B >= sd.z || A > B || (window > 0 && B - A >= window) || types[B] != un.z || types[A] != un.y) continue;
+        const float *kj, *vj;
+        grad_edge_rows(patch, true, sd, k, v, sq.w, kv_stride, g, d, h, B, A, &kj, &vj);
+        const float *qv = q + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
+        const float *ov = dout + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
+        const float *st = stats + ((size_t)(sb.x + qi) * n_heads + h) * 3;
+        float capf, sc = grad_score(warp_dot(qv, kj, d), scale, softcap, &capf);
+        float p = expf(sc - st[0]) * st[1], dl = p * (warp_dot(ov, vj, d) - st[2]) * capf * scale;
+        size_t drow = (size_t)(sd.x + A) * kv_stride + (size_t)g * d;
+        const float *kd = patch.donor_k[un.w] + drow, *vd = patch.donor_v[un.w] + drow;
+        double ek = 0.0, ev = 0.0;
+        for (int e = lane; e < d; e += 32) {
+            ek += (double)qv[e] * ((double)kd[e] - kj[e]);
+            ev += (double)ov[e] * ((double)vd[e] - vj[e]);
+        }
+        ek = warp_sum_d(ek);
+        ev = warp_sum_d(ev);
+        if (lane == 0) acc += (double)dl * ek + (double)p * ev;
+    }
+    acc = block_sum_d(acc, s_dred);
+    if (threadIdx.x == 0) score[(size_t)blockIdx.x * n_seqs + s] = acc;
+}
+
+// One block per (head unit {head, type, donor, 0}, sequence): threads over (row, column) pairs, in
+// double. The donors' z arrays travel as the patch's donor_k.
+__global__ static void head_scores_kernel(double *score, int n_seqs, const float *z, const float *dz, const int4 *units,
+                                          const int4 *seqd, int d, int q_stride, const attn_patch patch) {
+    __shared__ double s_dred[32];
+    int4 un = units[blockIdx.x];
+    int s = blockIdx.y;
+    int4 sq = seqd[2 * s], sd = patch.seqs[s];
+    const int32_t *types = patch.ints + sd.y;
+    double acc = 0.0;
+    for (size_t t = threadIdx.x; t < (size_t)sq.y * d; t += blockDim.x) {
+        int r = (int)(t / d), e = (int)(t % d), B = sq.z + r;
+        if (B >= sd.z || types[B] != un.y) continue;
+        size_t at = (size_t)(sq.x + r) * q_stride + (size_t)un.x * d + e;
+        const float *zd = patch.donor_k[un.z] + (size_t)(sd.x + B) * q_stride + (size_t)un.x * d + e;
+        acc += ((double)z[at] - *zd) * dz[at];
+    }
+    acc = block_sum_d(acc, s_dred);
+    if (threadIdx.x == 0) score[(size_t)blockIdx.x * n_seqs + s] = acc;
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host-side packing of attention's per-call metadata (tools/cuda_emu runs these as they are)
 
 // One descriptor per query row, flattened over the sequences so the grid needs no search:
@@ -391,6 +747,50 @@ static attn_patch attn_patch_at(const unsigned char *dev, const attn_patch_layou
         patch.donor_v[d] = donor_v[d];
     }
     return patch;
+}
+
+// The per-call metadata of the gradient kernels, one device buffer: the query row descriptors (as
+// attn_rows_fill), two int4 per sequence ({q_row, n_q, q_pos, kv_row}, {first row descriptor, 0, 0, 0}), one key
+// descriptor per (sequence, key position) {sequence, position, first row descriptor, 0}, then the units.
+typedef struct {
+    size_t total_q, total_k, off_seqd, off_keys, off_units, bytes;
+} grad_meta_layout;
+
+static grad_meta_layout grad_meta_plan(const attn_seq *seqs, int n_seqs, int n_units) {
+    grad_meta_layout lay;
+    lay.total_q = lay.total_k = 0;
+    for (int s = 0; s < n_seqs; s++)
+        if (seqs[s].n_q > 0) {
+            lay.total_q += (size_t)seqs[s].n_q;
+            lay.total_k += (size_t)seqs[s].q_pos + (size_t)seqs[s].n_q;
+        }
+    lay.off_seqd = sizeof(int4) * lay.total_q;
+    lay.off_keys = lay.off_seqd + sizeof(int4) * 2 * (size_t)(n_seqs > 0 ? n_seqs : 0);
+    lay.off_units = lay.off_keys + sizeof(int4) * lay.total_k;
+    lay.bytes = lay.off_units + sizeof(int4) * (size_t)(n_units > 0 ? n_units : 0);
+    return lay;
+}
+
+// units: n_units x 4 ints (a unit struct's fields, then zeros).
+static void grad_meta_fill(unsigned char *buf, const grad_meta_layout *lay, const attn_seq *seqs, int n_seqs,
+                           const int *units, int unit_ints, int n_units) {
+    attn_rows_fill((int4 *)buf, seqs, n_seqs);
+    int4 *sd = (int4 *)(buf + lay->off_seqd), *kd = (int4 *)(buf + lay->off_keys), *ud = (int4 *)(buf + lay->off_units);
+    int base = 0;
+    size_t kn = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        sd[2 * s] = make_int4(sq->q_row, sq->n_q > 0 ? sq->n_q : 0, sq->q_pos, sq->kv_row);
+        sd[2 * s + 1] = make_int4(base, 0, 0, 0);
+        if (sq->n_q <= 0) continue;
+        for (int j = 0; j < sq->q_pos + sq->n_q; j++) kd[kn++] = make_int4(s, j, base, 0);
+        base += sq->n_q;
+    }
+    for (int u = 0; u < n_units; u++) {
+        int f[4] = {0, 0, 0, 0};
+        for (int i = 0; i < unit_ints && i < 4; i++) f[i] = units[(size_t)u * unit_ints + i];
+        ud[u] = make_int4(f[0], f[1], f[2], f[3]);
+    }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -621,10 +1021,253 @@ static void cuda_gather_rows(float *dst, const float *src, const int *idx, int n
     LAUNCH_CHECK("gather_rows_kernel");
 }
 
+// ---- Gradient ops
+
+static void cuda_linear_back(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate) {
+    if (rows <= 0 || n_in <= 0) return;
+    // Row-major dx[rows, n_in] = dy[rows, n_out] . w[n_out, n_in]; column-major that is dx^T (n_in x rows)
+    // = w^T (the w buffer read column-major, ld n_in: op N) . dy^T (the dy buffer, ld n_out: op N).
+    const float one = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+    CUBLAS_CHECK(cublasSgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, rows, n_out, &one, w, n_in, dy, n_out, &beta, dx,
+                             n_in));
+}
+
+// Blocks of weight rows widened to fp32 (at most 64 MiB of scratch), each adding its part of the sum
+// over n_out with sgemm: dy stays fp32 (kernels/ops.h). Not tensor-core speed: a bf16 x bf16 product
+// would need dy rounded to bf16 (or split into two bf16 parts), a later step if the profile asks.
+static void cuda_linear_back_bf16(float *dx, const float *dy, const uint16_t *w, int rows, int n_in, int n_out,
+                                  int accumulate) {
+    if (rows <= 0 || n_in <= 0) return;
+    if (n_out <= 0) {
+        if (!accumulate) CUDA_CHECK(cudaMemsetAsync(dx, 0, sizeof(float) * (size_t)rows * n_in, ctx.stream));
+        return;
+    }
+    size_t per_row = sizeof(float) * (size_t)n_in, cap_rows = ((size_t)64 << 20) / per_row;
+    int block = cap_rows < 1 ? 1 : cap_rows < (size_t)n_out ? (int)cap_rows : n_out;
+    device_buffer_reserve(&ctx.bf16_w, &ctx.bf16_w_cap, per_row * (size_t)block, (size_t)1 << 20);
+    float *wb = (float *)ctx.bf16_w;
+    const float one = 1.0f;
+    for (int o0 = 0; o0 < n_out; o0 += block) {
+        int nb = n_out - o0 < block ? n_out - o0 : block;
+        size_t n = (size_t)nb * n_in;
+        bf16_widen_kernel<<<pointwise_blocks(n), POINTWISE_THREADS, 0, ctx.stream>>>(wb, w + (size_t)o0 * n_in, n);
+        LAUNCH_CHECK("bf16_widen_kernel");
+        const float beta = accumulate || o0 > 0 ? 1.0f : 0.0f;
+        CUBLAS_CHECK(cublasSgemm(ctx.blas, CUBLAS_OP_N, CUBLAS_OP_N, n_in, rows, nb, &one, wb, n_in, dy + o0, n_out,
+                                 &beta, dx, n_in));
+    }
+}
+
+static void cuda_rmsnorm_back(float *dx, const float *x, const float *w, float w_offset, const float *dy, int rows,
+                              int dim, float eps, int accumulate) {
+    if (rows <= 0 || dim <= 0) return;
+    rmsnorm_back_kernel<<<rows, ROW_THREADS, 0, ctx.stream>>>(dx, x, w, w_offset, dy, dim, eps, accumulate);
+    LAUNCH_CHECK("rmsnorm_back_kernel");
+}
+
+static void cuda_layernorm_back(float *dx, const float *x, const float *w, const float *dy, int rows, int dim,
+                                float eps, int accumulate) {
+    if (rows <= 0 || dim <= 0) return;
+    layernorm_back_kernel<<<rows, ROW_THREADS, 0, ctx.stream>>>(dx, x, w, dy, dim, eps, accumulate);
+    LAUNCH_CHECK("layernorm_back_kernel");
+}
+
+static void cuda_rope_back(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                           int head_dim, int rot_dim) {
+    int half = rot_dim / 2;
+    size_t n = (size_t)(rows > 0 ? rows : 0) * (size_t)(n_heads > 0 ? n_heads : 0) * (size_t)(half > 0 ? half : 0);
+    if (n == 0) return;
+    rope_back_kernel<<<pointwise_blocks(n), POINTWISE_THREADS, 0, ctx.stream>>>(x, stride, pos, inv_freq, rows,
+                                                                                n_heads, head_dim, half);
+    LAUNCH_CHECK("rope_back_kernel");
+}
+
+static void cuda_act_back(float *dx, const float *x, const float *dy, size_t n, act_kind act) {
+    if (n == 0) return;
+    act_back_kernel<<<pointwise_blocks(n), POINTWISE_THREADS, 0, ctx.stream>>>(dx, x, dy, n, act);
+    LAUNCH_CHECK("act_back_kernel");
+}
+
+static void cuda_glu_back(float *dgate, float *dup, const float *gate, const float *up, const float *dout, size_t n,
+                          act_kind act) {
+    if (n == 0) return;
+    glu_back_kernel<<<pointwise_blocks(n), POINTWISE_THREADS, 0, ctx.stream>>>(dgate, dup, gate, up, dout, n, act);
+    LAUNCH_CHECK("glu_back_kernel");
+}
+
+static void cuda_softcap_back(float *dx, const float *y, const float *dy, size_t n, float cap) {
+    if (n == 0) return;
+    softcap_back_kernel<<<pointwise_blocks(n), POINTWISE_THREADS, 0, ctx.stream>>>(dx, y, dy, n, cap);
+    LAUNCH_CHECK("softcap_back_kernel");
+}
+
+// Uploads the patch buffer (rules, or none: the types alone, for the scores) and returns the kernel
+// argument; donor_k / donor_v may be NULL (no donors).
+static attn_patch grad_patch_upload(const edge_rule_set *rules, const attn_seq *seqs, int n_seqs, int n_donors,
+                                    const float *const *donor_k, const float *const *donor_v) {
+    if (n_donors < 0 || n_donors > ATTN_MAX_DONORS || (rules && rules->n > EDGE_MAX_RULES)) {
+        ops_fatal("edgepatch: CUDA error gradient op with %d donors (max %d), %d rules (max %d) at %s:%d", n_donors,
+                  ATTN_MAX_DONORS, rules ? rules->n : 0, EDGE_MAX_RULES, __FILE__, __LINE__);
+    }
+    for (int i = 0; rules && i < rules->n; i++)
+        if (rules->rule[i].donor >= n_donors) {
+            ops_fatal("edgepatch: CUDA error gradient op rule %d reads donor %d of %d at %s:%d", i, rules->rule[i].donor,
+                      n_donors, __FILE__, __LINE__);
+        }
+    attn_patch_layout lay = attn_patch_plan(seqs, n_seqs);
+    if (lay.n_ints > 0x7fffffffu) {
+        ops_fatal("edgepatch: CUDA error gradient op with %zu typed positions at %s:%d", lay.n_ints / 2, __FILE__,
+                  __LINE__);
+    }
+    unsigned char *host = (unsigned char *)kernel_calloc(1, lay.bytes);
+    if (rules) {
+        attn_patch_fill(host, &lay, rules, seqs, n_seqs);
+    } else {
+        edge_rule_set *none = (edge_rule_set *)kernel_calloc(1, sizeof(edge_rule_set));
+        attn_patch_fill(host, &lay, none, seqs, n_seqs);
+        free(none);
+    }
+    device_buffer_reserve(&ctx.patch_buf, &ctx.patch_cap, lay.bytes, 64 * 1024);
+    CUDA_CHECK(cudaMemcpyAsync(ctx.patch_buf, host, lay.bytes, cudaMemcpyHostToDevice, ctx.stream));
+    free(host);
+    const float *none_k[ATTN_MAX_DONORS] = {0}, *none_v[ATTN_MAX_DONORS] = {0};
+    return attn_patch_at((const unsigned char *)ctx.patch_buf, &lay, n_donors, donor_k ? donor_k : none_k,
+                         donor_v ? donor_v : none_v);
+}
+
+// Uploads the gradient kernels' metadata (grad_meta_fill) and makes room for the statistics; returns the
+// device image.
+static const unsigned char *grad_meta_upload(const grad_meta_layout *lay, const attn_seq *seqs, int n_seqs,
+                                             const int *units, int unit_ints, int n_units, int n_heads) {
+    if (lay->total_q > 0x7fffffffu || lay->total_k > 0x7fffffffu || n_heads > 65535) {
+        ops_fatal("edgepatch: CUDA error gradient grid %zu rows, %zu keys x %d heads is too large at %s:%d",
+                  lay->total_q, lay->total_k, n_heads, __FILE__, __LINE__);
+    }
+    unsigned char *host = (unsigned char *)kernel_calloc(1, lay->bytes ? lay->bytes : 1);
+    grad_meta_fill(host, lay, seqs, n_seqs, units, unit_ints, n_units);
+    device_buffer_reserve(&ctx.grad_meta, &ctx.grad_meta_cap, lay->bytes ? lay->bytes : 1, 64 * 1024);
+    CUDA_CHECK(cudaMemcpyAsync(ctx.grad_meta, host, lay->bytes ? lay->bytes : 1, cudaMemcpyHostToDevice, ctx.stream));
+    free(host);
+    device_buffer_reserve(&ctx.grad_stats, &ctx.grad_stats_cap, sizeof(float) * 3 * (lay->total_q ? lay->total_q : 1) * (size_t)n_heads,
+                          64 * 1024);
+    return (const unsigned char *)ctx.grad_meta;
+}
+
+static void grad_check_head_dim(const attn_params *p) {
+    if (p->head_dim > GRAD_MAX_HD) {
+        ops_fatal("edgepatch: CUDA error attention gradient with head_dim %d (max %d) at %s:%d", p->head_dim,
+                  GRAD_MAX_HD, __FILE__, __LINE__);
+    }
+}
+
+// The statistics (and dq when non-NULL) of every query row and head.
+static void grad_query_pass(float *dq, const float *q, const float *k, const float *v, const float *dout,
+                            const unsigned char *meta, const grad_meta_layout *lay, const attn_params *p, bool patched,
+                            const attn_patch &patch) {
+    if (lay->total_q == 0) return;
+    dim3 grid((unsigned)lay->total_q, (unsigned)p->n_heads);
+    int group = p->n_heads / p->n_kv_heads;
+    const int4 *rows = (const int4 *)meta;
+    float *stats = (float *)ctx.grad_stats;
+    if (patched) {
+        attn_back_query_kernel<true><<<grid, ATTN_THREADS, 0, ctx.stream>>>(dq, stats, q, k, v, dout, rows, group,
+                                                                            p->head_dim, p->q_stride, p->kv_stride,
+                                                                            p->scale, p->softcap, p->window, patch);
+        LAUNCH_CHECK("attn_back_query_kernel<true>");
+    } else {
+        attn_back_query_kernel<false><<<grid, ATTN_THREADS, 0, ctx.stream>>>(dq, stats, q, k, v, dout, rows, group,
+                                                                             p->head_dim, p->q_stride, p->kv_stride,
+                                                                             p->scale, p->softcap, p->window, patch);
+        LAUNCH_CHECK("attn_back_query_kernel<false>");
+    }
+}
+
+static void cuda_attention_back(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                                const float *dout, int n_donors, const float *const *donor_k,
+                                const float *const *donor_v, float *const *donor_dk, float *const *donor_dv,
+                                const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    if (n_seqs <= 0 || p->n_heads <= 0) return;
+    grad_check_head_dim(p);
+    bool patched = rules && rules->n > 0;
+    grad_meta_layout lay = grad_meta_plan(seqs, n_seqs, 0);
+    if (lay.total_q == 0) return;
+    attn_patch patch;
+    memset(&patch, 0, sizeof patch);
+    if (patched) patch = grad_patch_upload(rules, seqs, n_seqs, n_donors, donor_k, donor_v);
+    const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, NULL, 0, 0, p->n_heads);
+    grad_query_pass(dq, q, k, v, dout, meta, &lay, p, patched, patch);
+    attn_grad_targets tg;
+    memset(&tg, 0, sizeof tg);
+    for (int d = 0; patched && d < n_donors; d++) {
+        tg.dk[d] = donor_dk ? donor_dk[d] : NULL;
+        tg.dv[d] = donor_dv ? donor_dv[d] : NULL;
+    }
+    dim3 grid((unsigned)lay.total_k, (unsigned)p->n_kv_heads);
+    int group = p->n_heads / p->n_kv_heads;
+    const int4 *keys = (const int4 *)(meta + lay.off_keys), *seqd = (const int4 *)(meta + lay.off_seqd);
+    const float *stats = (const float *)ctx.grad_stats;
+    if (patched) {
+        attn_back_key_kernel<true><<<grid, ATTN_THREADS, 0, ctx.stream>>>(dk, dv, tg, n_donors, stats, q, k, v, dout,
+                                                                          keys, seqd, p->n_heads, group, p->head_dim,
+                                                                          p->q_stride, p->kv_stride, p->scale,
+                                                                          p->softcap, p->window, patch);
+        LAUNCH_CHECK("attn_back_key_kernel<true>");
+    } else {
+        attn_back_key_kernel<false><<<grid, ATTN_THREADS, 0, ctx.stream>>>(dk, dv, tg, 0, stats, q, k, v, dout, keys,
+                                                                           seqd, p->n_heads, group, p->head_dim,
+                                                                           p->q_stride, p->kv_stride, p->scale,
+                                                                           p->softcap, p->window, patch);
+        LAUNCH_CHECK("attn_back_key_kernel<false>");
+    }
+}
+
+static void cuda_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+                             int n_donors, const float *const *donor_k, const float *const *donor_v,
+                             const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
+                             const edge_score_unit *units, int n_units) {
+    if (n_seqs <= 0 || n_units <= 0) return;
+    grad_check_head_dim(p);
+    if (n_units > 65535 * 1024 || n_seqs > 65535) {
+        ops_fatal("edgepatch: CUDA error edge scores for %d units x %d sequences at %s:%d", n_units, n_seqs, __FILE__,
+                  __LINE__);
+    }
+    bool patched = rules && rules->n > 0;
+    grad_meta_layout lay = grad_meta_plan(seqs, n_seqs, n_units);
+    attn_patch patch = grad_patch_upload(patched ? rules : NULL, seqs, n_seqs, n_donors, donor_k, donor_v);
+    const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, (const int *)units, 4, n_units, p->n_heads);
+    grad_query_pass(NULL, q, k, v, dout, meta, &lay, p, patched, patch);
+    edge_scores_kernel<<<dim3((unsigned)n_units, (unsigned)n_seqs), ATTN_THREADS, 0, ctx.stream>>>(
+        score, n_seqs, (const float *)ctx.grad_stats, q, k, v, dout, (const int4 *)(meta + lay.off_units),
+        (const int4 *)(meta + lay.off_seqd), p->n_heads, p->n_heads / p->n_kv_heads, p->head_dim, p->q_stride,
+        p->kv_stride, p->scale, p->softcap, p->window, patch);
+    LAUNCH_CHECK("edge_scores_kernel");
+}
+
+static void cuda_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                             const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                             int n_units) {
+    if (n_seqs <= 0 || n_units <= 0) return;
+    if (n_units > 65535 * 1024 || n_seqs > 65535) {
+        ops_fatal("edgepatch: CUDA error head scores for %d units x %d sequences at %s:%d", n_units, n_seqs, __FILE__,
+                  __LINE__);
+    }
+    int n_donors = 0;
+    for (int u = 0; u < n_units; u++) n_donors = units[u].donor + 1 > n_donors ? units[u].donor + 1 : n_donors;
+    grad_meta_layout lay = grad_meta_plan(seqs, n_seqs, n_units);
+    attn_patch patch = grad_patch_upload(NULL, seqs, n_seqs, n_donors, donor_z, donor_z);
+    const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, (const int *)units, 3, n_units, 1);
+    head_scores_kernel<<<dim3((unsigned)n_units, (unsigned)n_seqs), ROW_THREADS, 0, ctx.stream>>>(
+        score, n_seqs, z, dz, (const int4 *)(meta + lay.off_units), (const int4 *)(meta + lay.off_seqd), p->head_dim,
+        p->q_stride, patch);
+    LAUNCH_CHECK("head_scores_kernel");
+}
+
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_matmul_bf16,
     cuda_rmsnorm,  cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
-    cuda_patched_attention, cuda_copy_rows, cuda_gather_rows, 0,
+    cuda_patched_attention, cuda_copy_rows, cuda_gather_rows,
+    cuda_linear_back, cuda_linear_back_bf16, cuda_rmsnorm_back, cuda_layernorm_back, cuda_rope_back, cuda_act_back,
+    cuda_glu_back, cuda_softcap_back, cuda_attention_back, cuda_head_scores, cuda_edge_scores, 0,
 };
 
 // ---------------------------------------------------------------------------------------------------

@@ -66,6 +66,69 @@ static void ob_gather_rows(float *dst, const float *src, const int *idx, int n, 
     kernel_ops_cpu()->gather_rows(OB_F(dst), OB_F(src), (const int *)ob_real(idx), n, row_len);
 }
 
+// Gradient ops: the cpu kernels on the translated pointers (donor pointer arrays are host memory holding
+// backend pointers, translated entry by entry; NULL stays NULL).
+static void ob_linear_back(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate) {
+    kernel_ops_cpu()->linear_back(OB_F(dx), OB_F(dy), OB_F(w), rows, n_in, n_out, accumulate);
+}
+static void ob_linear_back_bf16(float *dx, const float *dy, const uint16_t *w, int rows, int n_in, int n_out,
+                                int accumulate) {
+    kernel_ops_cpu()->linear_back_bf16(OB_F(dx), OB_F(dy), (const uint16_t *)ob_real(w), rows, n_in, n_out, accumulate);
+}
+static void ob_rmsnorm_back(float *dx, const float *x, const float *w, float w_offset, const float *dy, int rows,
+                            int dim, float eps, int accumulate) {
+    kernel_ops_cpu()->rmsnorm_back(OB_F(dx), OB_F(x), OB_F(w), w_offset, OB_F(dy), rows, dim, eps, accumulate);
+}
+static void ob_layernorm_back(float *dx, const float *x, const float *w, const float *dy, int rows, int dim, float eps,
+                              int accumulate) {
+    kernel_ops_cpu()->layernorm_back(OB_F(dx), OB_F(x), OB_F(w), OB_F(dy), rows, dim, eps, accumulate);
+}
+static void ob_rope_back(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                         int head_dim, int rot_dim) {
+    kernel_ops_cpu()->rope_back(OB_F(x), stride, (const int *)ob_real(pos), OB_F(inv_freq), rows, n_heads, head_dim,
+                                rot_dim);
+}
+static void ob_act_back(float *dx, const float *x, const float *dy, size_t n, act_kind act) {
+    kernel_ops_cpu()->act_back(OB_F(dx), OB_F(x), OB_F(dy), n, act);
+}
+static void ob_glu_back(float *dgate, float *dup, const float *gate, const float *up, const float *dout, size_t n,
+                        act_kind act) {
+    kernel_ops_cpu()->glu_back(OB_F(dgate), OB_F(dup), OB_F(gate), OB_F(up), OB_F(dout), n, act);
+}
+static void ob_softcap_back(float *dx, const float *y, const float *dy, size_t n, float cap) {
+    kernel_ops_cpu()->softcap_back(OB_F(dx), OB_F(y), OB_F(dy), n, cap);
+}
+static void ob_attention_back(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                              const float *dout, int n_donors, const float *const *donor_k,
+                              const float *const *donor_v, float *const *donor_dk, float *const *donor_dv,
+                              const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    const float *bk[16] = {0}, *bv[16] = {0};
+    float *gk[16] = {0}, *gv[16] = {0};
+    for (int d = 0; d < n_donors && d < 16; d++) {
+        bk[d] = OB_F(donor_k[d]), bv[d] = OB_F(donor_v[d]);
+        gk[d] = donor_dk ? OB_F(donor_dk[d]) : NULL, gv[d] = donor_dv ? OB_F(donor_dv[d]) : NULL;
+    }
+    kernel_ops_cpu()->attention_back(OB_F(dq), OB_F(dk), OB_F(dv), OB_F(q), OB_F(k), OB_F(v), OB_F(dout), n_donors, bk,
+                                     bv, gk, gv, seqs, n_seqs, p, rules);
+}
+static void ob_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                           const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                           int n_units) {
+    const float *bz[16] = {0};
+    for (int u = 0; u < n_units; u++)
+        if (units[u].donor >= 0 && units[u].donor < 16) bz[units[u].donor] = OB_F(donor_z[units[u].donor]);
+    kernel_ops_cpu()->head_scores((double *)ob_real(score), OB_F(z), bz, OB_F(dz), seqs, n_seqs, p, units, n_units);
+}
+static void ob_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+                           int n_donors, const float *const *donor_k, const float *const *donor_v,
+                           const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
+                           const edge_score_unit *units, int n_units) {
+    const float *bk[16] = {0}, *bv[16] = {0};
+    for (int d = 0; d < n_donors && d < 16; d++) bk[d] = OB_F(donor_k[d]), bv[d] = OB_F(donor_v[d]);
+    kernel_ops_cpu()->edge_scores((double *)ob_real(score), OB_F(q), OB_F(k), OB_F(v), OB_F(dout), n_donors, bk, bv,
+                                  seqs, n_seqs, p, rules, units, n_units);
+}
+
 static const kernel_ops offset_table = {
     .name = "offset",
     .alloc = ob_alloc,
@@ -87,6 +150,17 @@ static const kernel_ops offset_table = {
     .patched_attention = ob_patched_attention,
     .copy_rows = ob_copy_rows,
     .gather_rows = ob_gather_rows,
+    .linear_back = ob_linear_back,
+    .linear_back_bf16 = ob_linear_back_bf16,
+    .rmsnorm_back = ob_rmsnorm_back,
+    .layernorm_back = ob_layernorm_back,
+    .rope_back = ob_rope_back,
+    .act_back = ob_act_back,
+    .glu_back = ob_glu_back,
+    .softcap_back = ob_softcap_back,
+    .attention_back = ob_attention_back,
+    .head_scores = ob_head_scores,
+    .edge_scores = ob_edge_scores,
     .host_memory = 0,
 };
 

@@ -93,12 +93,17 @@ static void ref_scale(float *y, size_t n, float s) {
     for (size_t i = 0; i < n; i++) y[i] *= s;
 }
 
+// Which donor the edge sender j -> receiver i of query head h reads (-1: the current pass).
+static int ref_source(const attn_seq *sq, const edge_rule_set *rules, int h, int i, int j) {
+    if (rules && sq->types && i < sq->n_typed && j < sq->n_typed)
+        return edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
+    return -1;
+}
+
 // Key or value row of sender j for query head h's edge into position i: a donor's or the current one.
 static const float *kv_row(const float *cur, const float *const *donor, const attn_seq *sq, const attn_params *p,
                            const edge_rule_set *rules, int h, int i, int j) {
-    int g = h / (p->n_heads / p->n_kv_heads), d = -1;
-    if (rules && sq->types && i < sq->n_typed && j < sq->n_typed)
-        d = edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
+    int g = h / (p->n_heads / p->n_kv_heads), d = ref_source(sq, rules, h, i, j);
     if (d >= 0) return donor[d] + (size_t)(sq->donor_row + j) * p->kv_stride + (size_t)g * p->head_dim;
     return cur + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * p->head_dim;
 }
@@ -166,6 +171,277 @@ static void ref_gather_rows(float *dst, const float *src, const int *idx, int n,
             memcpy(dst + (size_t)i * row_len, src + (size_t)idx[i] * row_len, sizeof(float) * (size_t)row_len);
 }
 
+// ---- Gradient ops: the formulas of kernels/ops.h in double, one element at a time.
+
+static void ref_linear_back(float *dx, const float *dy, const float *w, int rows, int n_in, int n_out, int accumulate) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n_in; i++) {
+            double s = accumulate ? dx[(size_t)r * n_in + i] : 0.0;
+            for (int o = 0; o < n_out; o++) s += (double)dy[(size_t)r * n_out + o] * w[(size_t)o * n_in + i];
+            dx[(size_t)r * n_in + i] = (float)s;
+        }
+}
+
+static void ref_linear_back_bf16(float *dx, const float *dy, const uint16_t *w, int rows, int n_in, int n_out,
+                                 int accumulate) {
+    for (int r = 0; r < rows; r++)
+        for (int i = 0; i < n_in; i++) {
+            double s = accumulate ? dx[(size_t)r * n_in + i] : 0.0;
+            for (int o = 0; o < n_out; o++) s += (double)dy[(size_t)r * n_out + o] * bf16_to_f32(w[(size_t)o * n_in + i]);
+            dx[(size_t)r * n_in + i] = (float)s;
+        }
+}
+
+static void ref_rmsnorm_back(float *dx, const float *x, const float *w, float w_offset, const float *dy, int rows,
+                             int dim, float eps, int accumulate) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
+        float *o = dx + (size_t)r * dim;
+        double ss = 0, gx = 0;
+        for (int i = 0; i < dim; i++) {
+            ss += (double)xr[i] * xr[i];
+            gx += (double)gr[i] * ((double)w_offset + w[i]) * xr[i];
+        }
+        double inv = 1.0 / sqrt(ss / dim + eps);
+        for (int i = 0; i < dim; i++) {
+            double v = inv * gr[i] * ((double)w_offset + w[i]) - (double)xr[i] * inv * inv * inv * gx / dim;
+            o[i] = (float)(accumulate ? o[i] + v : v);
+        }
+    }
+}
+
+static void ref_layernorm_back(float *dx, const float *x, const float *w, const float *dy, int rows, int dim,
+                               float eps, int accumulate) {
+    for (int r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * dim, *gr = dy + (size_t)r * dim;
+        float *o = dx + (size_t)r * dim;
+        double mean = 0, var = 0;
+        for (int i = 0; i < dim; i++) mean += xr[i];
+        mean /= dim;
+        for (int i = 0; i < dim; i++) var += (xr[i] - mean) * (xr[i] - mean);
+        var /= dim;
+        double inv = 1.0 / sqrt(var + eps), mg = 0, mgx = 0;
+        for (int i = 0; i < dim; i++) {
+            double g = (double)gr[i] * w[i];
+            mg += g, mgx += g * (xr[i] - mean) * inv;
+        }
+        mg /= dim, mgx /= dim;
+        for (int i = 0; i < dim; i++) {
+            double v = inv * ((double)gr[i] * w[i] - mg - (xr[i] - mean) * inv * mgx);
+            o[i] = (float)(accumulate ? o[i] + v : v);
+        }
+    }
+}
+
+static void ref_rope_back(float *x, int stride, const int *pos, const float *inv_freq, int rows, int n_heads,
+                          int head_dim, int rot_dim) {
+    int half = rot_dim / 2;
+    for (int r = 0; r < rows; r++)
+        for (int h = 0; h < n_heads; h++) {
+            float *xh = x + (size_t)r * stride + (size_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                float angle = (float)pos[r] * inv_freq[i];
+                double c = cos(angle), s = sin(angle);
+                double a = xh[i], b = xh[i + half];
+                xh[i] = (float)(a * c + b * s);
+                xh[i + half] = (float)(b * c - a * s);
+            }
+        }
+}
+
+// act and act' in double, the same formulas as act_f.
+static double ref_act_d(double x, act_kind act, double *grad) {
+    if (act == ACT_SILU) {
+        double s = 1.0 / (1.0 + exp(-x));
+        *grad = s * (1.0 + x * (1.0 - s));
+        return x * s;
+    }
+    const double c = 0.7978845608028654, k = 0.044715;
+    double t = tanh(c * (x + k * x * x * x));
+    *grad = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3.0 * k * x * x);
+    return 0.5 * x * (1.0 + t);
+}
+
+static void ref_act_back(float *dx, const float *x, const float *dy, size_t n, act_kind act) {
+    for (size_t i = 0; i < n; i++) {
+        double g;
+        ref_act_d(x[i], act, &g);
+        dx[i] = (float)(dy[i] * g);
+    }
+}
+
+static void ref_glu_back(float *dgate, float *dup, const float *gate, const float *up, const float *dout, size_t n,
+                         act_kind act) {
+    for (size_t i = 0; i < n; i++) {
+        double g, a = ref_act_d(gate[i], act, &g), u = up[i], d = dout[i];
+        dgate[i] = (float)(d * u * g);
+        dup[i] = (float)(d * a);
+    }
+}
+
+static void ref_softcap_back(float *dx, const float *y, const float *dy, size_t n, float cap) {
+    for (size_t i = 0; i < n; i++) {
+        double t = (double)y[i] / cap;
+        dx[i] = (float)(dy[i] * (1.0 - t * t));
+    }
+}
+
+// One (sequence, head) of the attention backward in double: for query row qi and key position j
+// (n_k = q_pos + n_q keys), pr = p_ij, dl = dlogit_ij (both 0 where i cannot see j) and src = the source
+// the edge read, each [n_q][n_k].
+static void ref_attn_grad_block(const float *q, const float *k, const float *v, const float *dout,
+                                const float *const *donor_k, const float *const *donor_v, const attn_seq *sq, int h,
+                                const attn_params *p, const edge_rule_set *rules, double *pr, double *dl, int *src) {
+    int d = p->head_dim, n_k = sq->q_pos + sq->n_q;
+    double *g = kernel_malloc(sizeof(double) * (size_t)(n_k > 0 ? n_k : 1));
+    for (int qi = 0; qi < sq->n_q; qi++) {
+        int i = sq->q_pos + qi;
+        double *pi = pr + (size_t)qi * n_k, *di = dl + (size_t)qi * n_k;
+        int *si = src + (size_t)qi * n_k;
+        const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+        const float *dv = dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+        double mx = -INFINITY;
+        for (int j = 0; j < n_k; j++) {
+            pi[j] = di[j] = 0, si[j] = -1, g[j] = 0;
+            if (j > i || (p->window > 0 && i - j >= p->window)) continue;
+            si[j] = ref_source(sq, rules, h, i, j);
+            const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j), *vv = kv_row(v, donor_v, sq, p, rules, h, i, j);
+            double dot = 0, gd = 0;
+            for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e], gd += (double)dv[e] * vv[e];
+            dot *= p->scale;
+            if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+            pi[j] = dot, g[j] = gd;  // pi holds the score until the softmax
+            if (dot > mx) mx = dot;
+        }
+        int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
+        double sum = 0, gsum = 0;
+        for (int j = j0; j <= i; j++) sum += exp(pi[j] - mx);
+        for (int j = j0; j <= i; j++) {
+            double s = pi[j];
+            pi[j] = exp(s - mx) / sum;
+            gsum += pi[j] * g[j];
+            di[j] = p->softcap > 0 ? 1.0 - (s / p->softcap) * (s / p->softcap) : 1.0;  // softcap' for now
+        }
+        for (int j = j0; j <= i; j++) di[j] *= pi[j] * (g[j] - gsum) * p->scale;
+    }
+    free(g);
+}
+
+static void ref_attention_back(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
+                               const float *dout, int n_donors, const float *const *donor_k,
+                               const float *const *donor_v, float *const *donor_dk, float *const *donor_dv,
+                               const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules) {
+    int d = p->head_dim, kvd = p->n_kv_heads * d, rep = p->n_heads / p->n_kv_heads;
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        int n_q = sq->n_q, n_k = sq->q_pos + n_q;
+        if (n_q <= 0) continue;
+        size_t blk = (size_t)n_q * n_k, acc_n = (size_t)n_k * kvd;
+        double *pr = kernel_malloc(sizeof(double) * blk), *dl = kernel_malloc(sizeof(double) * blk);
+        int *src = kernel_malloc(sizeof(int) * blk);
+        // Per source (current, then each donor): the sequence's key and value gradients, [n_k][kvd].
+        double *ak = kernel_calloc((size_t)(1 + n_donors) * acc_n, sizeof(double));
+        double *av = kernel_calloc((size_t)(1 + n_donors) * acc_n, sizeof(double));
+        for (int h = 0; h < p->n_heads; h++) {
+            int g = h / rep;
+            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src);
+            for (int qi = 0; qi < n_q; qi++) {
+                int i = sq->q_pos + qi;
+                const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                const float *dov = dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                float *dqv = dq + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                for (int e = 0; e < d; e++) {
+                    double a = 0;
+                    for (int j = 0; j <= i; j++)
+                        if (dl[(size_t)qi * n_k + j] != 0) a += dl[(size_t)qi * n_k + j] * kv_row(k, donor_k, sq, p, rules, h, i, j)[e];
+                    dqv[e] = (float)a;
+                }
+                for (int j = 0; j <= i; j++) {
+                    size_t at = (size_t)qi * n_k + j, row = (size_t)(1 + src[at]) * acc_n + (size_t)j * kvd + (size_t)g * d;
+                    for (int e = 0; e < d; e++) {
+                        ak[row + e] += dl[at] * qv[e];
+                        av[row + e] += pr[at] * dov[e];
+                    }
+                }
+            }
+        }
+        for (int sr = -1; sr < n_donors; sr++) {
+            float *tk = sr < 0 ? dk : donor_dk ? donor_dk[sr] : NULL, *tv = sr < 0 ? dv : donor_dv ? donor_dv[sr] : NULL;
+            int row0 = sr < 0 ? sq->kv_row : sq->donor_row, n_rows = sr < 0 ? n_k : sq->n_typed < n_k ? sq->n_typed : n_k;
+            const double *a_k = ak + (size_t)(1 + sr) * acc_n, *a_v = av + (size_t)(1 + sr) * acc_n;
+            for (int j = 0; j < n_rows; j++)
+                for (int c = 0; c < kvd; c++) {
+                    if (tk) tk[(size_t)(row0 + j) * p->kv_stride + c] += (float)a_k[(size_t)j * kvd + c];
+                    if (tv) tv[(size_t)(row0 + j) * p->kv_stride + c] += (float)a_v[(size_t)j * kvd + c];
+                }
+        }
+        free(pr), free(dl), free(src), free(ak), free(av);
+    }
+}
+
+static void ref_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                            const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                            int n_units) {
+    int d = p->head_dim;
+    for (int u = 0; u < n_units; u++)
+        for (int s = 0; s < n_seqs; s++) {
+            const attn_seq *sq = &seqs[s];
+            double acc = 0;
+            for (int r = 0; r < sq->n_q; r++) {
+                int B = sq->q_pos + r;
+                if (!sq->types || B >= sq->n_typed || sq->types[B] != units[u].type) continue;
+                size_t at = (size_t)(sq->q_row + r) * p->q_stride + (size_t)units[u].head * d;
+                const float *zd = donor_z[units[u].donor] + (size_t)(sq->donor_row + B) * p->q_stride + (size_t)units[u].head * d;
+                for (int e = 0; e < d; e++) acc += ((double)z[at + e] - zd[e]) * dz[at + e];
+            }
+            score[(size_t)u * n_seqs + s] = acc;
+        }
+}
+
+static void ref_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+                            int n_donors, const float *const *donor_k, const float *const *donor_v,
+                            const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
+                            const edge_score_unit *units, int n_units) {
+    int d = p->head_dim, rep = p->n_heads / p->n_kv_heads;
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        int n_q = sq->n_q, n_k = sq->q_pos + n_q;
+        for (int u = 0; u < n_units; u++) score[(size_t)u * n_seqs + s] = 0;
+        if (n_q <= 0 || !sq->types) continue;
+        size_t blk = (size_t)n_q * n_k;
+        double *pr = kernel_malloc(sizeof(double) * blk), *dl = kernel_malloc(sizeof(double) * blk);
+        int *src = kernel_malloc(sizeof(int) * blk);
+        for (int u = 0; u < n_units; u++) {
+            const edge_score_unit *eu = &units[u];
+            int h = eu->head, g = h / rep;
+            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src);
+            double acc = 0;
+            for (int qi = 0; qi < n_q; qi++) {
+                int B = sq->q_pos + qi;
+                if (B >= sq->n_typed || sq->types[B] != eu->receiver) continue;
+                const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                const float *dov = dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+                for (int A = 0; A <= B; A++) {
+                    size_t at = (size_t)qi * n_k + A;
+                    if (sq->types[A] != eu->sender || (pr[at] == 0 && dl[at] == 0)) continue;
+                    const float *ks = kv_row(k, donor_k, sq, p, rules, h, B, A), *vs = kv_row(v, donor_v, sq, p, rules, h, B, A);
+                    size_t drow = (size_t)(sq->donor_row + A) * p->kv_stride + (size_t)g * d;
+                    const float *kd = donor_k[eu->donor] + drow, *vd = donor_v[eu->donor] + drow;
+                    double ek = 0, ev = 0;
+                    for (int e = 0; e < d; e++) {
+                        ek += (double)qv[e] * ((double)kd[e] - ks[e]);
+                        ev += (double)dov[e] * ((double)vd[e] - vs[e]);
+                    }
+                    acc += dl[at] * ek + pr[at] * ev;
+                }
+            }
+            score[(size_t)u * n_seqs + s] = acc;
+        }
+        free(pr), free(dl), free(src);
+    }
+    (void)n_donors;
+}
+
 static const kernel_ops ref_table = {
     .name = "ref",
     .alloc = host_alloc,
@@ -187,6 +463,17 @@ static const kernel_ops ref_table = {
     .patched_attention = ref_patched_attention,
     .copy_rows = ref_copy_rows,
     .gather_rows = ref_gather_rows,
+    .linear_back = ref_linear_back,
+    .linear_back_bf16 = ref_linear_back_bf16,
+    .rmsnorm_back = ref_rmsnorm_back,
+    .layernorm_back = ref_layernorm_back,
+    .rope_back = ref_rope_back,
+    .act_back = ref_act_back,
+    .glu_back = ref_glu_back,
+    .softcap_back = ref_softcap_back,
+    .attention_back = ref_attention_back,
+    .head_scores = ref_head_scores,
+    .edge_scores = ref_edge_scores,
     .host_memory = 1,
 };
 

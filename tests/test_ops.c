@@ -36,7 +36,7 @@ static float *random_floats(size_t n, float amplitude) {
 // host and device backends alike.
 typedef struct {
     const kernel_ops *b;
-    void *dev[8];
+    void *dev[24];
     int n;
 } staging;
 
@@ -360,15 +360,677 @@ static void test_copies(const kernel_ops *b, const kernel_ops *ref) {
     free(src), free(dst0), free(want), free(got), free(gwant), free(ggot), free(junk);
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Gradient ops (kernels/ops.h, docs/attribution.md).
+//
+// ref against central finite differences of the ref forward op: for a random direction u and cotangent
+// dy, dy . (f(x + h u) - f(x - h u)) / 2 must equal dx . (x + h u - (x - h u)) / 2 with dx = J^T dy, the
+// gradient op's output (the step is taken as the rounded inputs' difference, so only f's own rounding
+// and the h^2 term remain). Each check has a can-fail sibling: a deliberately wrong variant of the
+// gradient (a plausible bug) that the same comparison must reject. Then every backend against ref.
+
+typedef void (*fwd_fn)(const void *ctx, const float *x, float *y);
+
+// Relative disagreement of the directional derivative from differences with the analytic one.
+static double fd_error(fwd_fn f, const void *ctx, const float *x, size_t n_x, size_t n_y, const float *dy,
+                       const float *dx, float h) {
+    float *xp = ep_malloc(sizeof(float) * n_x), *xm = ep_malloc(sizeof(float) * n_x);
+    float *yp = ep_calloc(n_y, sizeof(float)), *ym = ep_calloc(n_y, sizeof(float));
+    for (size_t i = 0; i < n_x; i++) {
+        float u = frand();
+        xp[i] = x[i] + h * u, xm[i] = x[i] - h * u;
+    }
+    f(ctx, xp, yp);
+    f(ctx, xm, ym);
+    double fd = 0, an = 0, ss = 0;
+    for (size_t i = 0; i < n_y; i++) fd += (double)dy[i] * ((double)yp[i] - ym[i]) / 2;
+    for (size_t i = 0; i < n_x; i++) {
+        double t = (double)dx[i] * ((double)xp[i] - xm[i]) / 2;
+        an += t, ss += t * t;
+    }
+    free(xp), free(xm), free(yp), free(ym);
+    // Relative to the size a sum of these terms with random signs has (the root of the sum of squares),
+    // or to the sums themselves where larger: a directional derivative near zero by cancellation is no
+    // reason to fail, and a wrong term of the gradient still shows at its own size.
+    double scale = fmax(sqrt(ss), fmax(fabs(an), fabs(fd)));
+    return fabs(fd - an) / (scale > 1e-30 ? scale : 1e-30);
+}
+
+// f32 output rounding (2^-24 relative per element, over h = 1e-2 steps of O(1) inputs) and the h^2 term
+// of central differences give up to about 2e-5 here; a wrong term of a gradient gives 3e-3 and more.
+static const double fd_tol = 2e-4;
+
+static void fd_report(const char *op, double err, double wrong_err) {
+    printf("  ref   %-12s finite differences: rel error %.3g (wrong variant %.3g)\n", op, err, wrong_err);
+    check(err <= fd_tol, "ref %s against finite differences: %.3g > %.3g", op, err, fd_tol);
+    check(wrong_err > 10 * fd_tol, "ref %s: the wrong variant passed the finite-difference check (%.3g)", op, wrong_err);
+}
+
+typedef struct {
+    int rows, n_in, n_out, dim;
+    const float *w, *b;
+    float w_offset, eps, cap;
+    act_kind act;
+    const int *pos;
+    const float *inv_freq;
+    int stride, n_heads, head_dim, rot_dim;
+    size_t n;
+} fd_ctx;
+
+static void f_matmul(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    kernel_ops_ref()->matmul(y, x, t->w, NULL, t->rows, t->n_in, t->n_out);
+}
+static void f_rmsnorm(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    kernel_ops_ref()->rmsnorm(y, x, t->w, t->w_offset, t->rows, t->dim, t->eps);
+}
+static void f_layernorm(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    kernel_ops_ref()->layernorm(y, x, t->w, t->b, t->rows, t->dim, t->eps);
+}
+static void f_rope(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    memcpy(y, x, sizeof(float) * (size_t)t->rows * t->stride);
+    kernel_ops_ref()->rope(y, t->stride, t->pos, t->inv_freq, t->rows, t->n_heads, t->head_dim, t->rot_dim);
+}
+static void f_act(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    memcpy(y, x, sizeof(float) * t->n);
+    kernel_ops_ref()->act(y, t->n, t->act);
+}
+static void f_glu(const void *c, const float *x, float *y) {  // x = [gate, up]
+    const fd_ctx *t = c;
+    kernel_ops_ref()->glu(y, x, x + t->n, t->n, t->act);
+}
+static void f_softcap(const void *c, const float *x, float *y) {
+    const fd_ctx *t = c;
+    memcpy(y, x, sizeof(float) * t->n);
+    kernel_ops_ref()->softcap(y, t->n, t->cap);
+}
+
+static void test_grad_fd_pointwise(void) {
+    const kernel_ops *ref = kernel_ops_ref();
+    float h = 1e-2f;
+    {  // linear: the gradient of matmul; wrong: accumulating onto what the buffer held
+        fd_ctx c = {.rows = 5, .n_in = 70, .n_out = 40};
+        float *w = random_floats((size_t)c.n_out * c.n_in, 0.5f), *x = random_floats((size_t)c.rows * c.n_in, 1);
+        float *dy = random_floats((size_t)c.rows * c.n_out, 1), *dx = random_floats((size_t)c.rows * c.n_in, 1);
+        c.w = w;
+        float *junk = ep_malloc(sizeof(float) * (size_t)c.rows * c.n_in);
+        memcpy(junk, dx, sizeof(float) * (size_t)c.rows * c.n_in);
+        ref->linear_back(dx, dy, w, c.rows, c.n_in, c.n_out, 0);
+        ref->linear_back(junk, dy, w, c.rows, c.n_in, c.n_out, 1);
+        fd_report("linear_back", fd_error(f_matmul, &c, x, (size_t)c.rows * c.n_in, (size_t)c.rows * c.n_out, dy, dx, h),
+                  fd_error(f_matmul, &c, x, (size_t)c.rows * c.n_in, (size_t)c.rows * c.n_out, dy, junk, h));
+        // bf16: the gradient of the product with the weights' fp32 values; wrong: dy rounded to bf16 is
+        // what this op must not do, but it is within 2^-9 of right, too close for differences: the wrong
+        // variant here is the transposed weight layout read as [n_in, n_out].
+        uint16_t *wb = ep_malloc(sizeof(uint16_t) * (size_t)c.n_out * c.n_in);
+        for (size_t i = 0; i < (size_t)c.n_out * c.n_in; i++) wb[i] = f32_to_bf16(w[i]), w[i] = bf16_to_f32(wb[i]);
+        ref->linear_back_bf16(dx, dy, wb, c.rows, c.n_in, c.n_out, 0);
+        for (int r = 0; r < c.rows; r++)
+            for (int i = 0; i < c.n_in; i++) {
+                double s = 0;
+                for (int o = 0; o < c.n_out; o++) s += (double)dy[(size_t)r * c.n_out + o] * w[((size_t)i * c.n_out + o) % ((size_t)c.n_out * c.n_in)];
+                junk[(size_t)r * c.n_in + i] = (float)s;
+            }
+        fd_report("linear_bf16", fd_error(f_matmul, &c, x, (size_t)c.rows * c.n_in, (size_t)c.rows * c.n_out, dy, dx, h),
+                  fd_error(f_matmul, &c, x, (size_t)c.rows * c.n_in, (size_t)c.rows * c.n_out, dy, junk, h));
+        free(w), free(x), free(dy), free(dx), free(junk), free(wb);
+    }
+    {  // norms; wrong: the term through the row's statistics left out (rms: r g; layer: r (g - mean g))
+        fd_ctx c = {.rows = 6, .dim = 50, .eps = 1e-6f};
+        size_t n = (size_t)c.rows * c.dim;
+        float *x = random_floats(n, 2), *w = random_floats((size_t)c.dim, 1), *b = random_floats((size_t)c.dim, 1);
+        float *dy = random_floats(n, 1), *dx = ep_malloc(sizeof(float) * n), *bad = ep_malloc(sizeof(float) * n);
+        c.w = w, c.b = b;
+        for (int off = 0; off < 2; off++) {
+            c.w_offset = (float)off;
+            ref->rmsnorm_back(dx, x, w, c.w_offset, dy, c.rows, c.dim, c.eps, 0);
+            for (int r = 0; r < c.rows; r++) {  // wrong: r g alone, the term through mean(x^2) left out
+                double ss = 0;
+                for (int i = 0; i < c.dim; i++) ss += pow(x[(size_t)r * c.dim + i], 2) / c.dim;
+                for (int i = 0; i < c.dim; i++)
+                    bad[(size_t)r * c.dim + i] = (float)(dy[(size_t)r * c.dim + i] * (c.w_offset + w[i]) / sqrt(ss + c.eps));
+            }
+            fd_report(off ? "rmsnorm+1_b" : "rmsnorm_back", fd_error(f_rmsnorm, &c, x, n, n, dy, dx, h),
+                      fd_error(f_rmsnorm, &c, x, n, n, dy, bad, h));
+        }
+        c.eps = 1e-5f;
+        ref->layernorm_back(dx, x, w, dy, c.rows, c.dim, c.eps, 0);
+        for (int r = 0; r < c.rows; r++) {
+            double mean = 0, var = 0, mg = 0;
+            for (int i = 0; i < c.dim; i++) mean += x[(size_t)r * c.dim + i] / c.dim;
+            for (int i = 0; i < c.dim; i++) var += pow(x[(size_t)r * c.dim + i] - mean, 2) / c.dim;
+            for (int i = 0; i < c.dim; i++) mg += (double)dy[(size_t)r * c.dim + i] * w[i] / c.dim;
+            for (int i = 0; i < c.dim; i++) bad[(size_t)r * c.dim + i] = (float)(((double)dy[(size_t)r * c.dim + i] * w[i] - mg) / sqrt(var + c.eps));
+        }
+        fd_report("layernorm_b", fd_error(f_layernorm, &c, x, n, n, dy, dx, h), fd_error(f_layernorm, &c, x, n, n, dy, bad, h));
+        free(x), free(w), free(b), free(dy), free(dx), free(bad);
+    }
+    {  // rope, partial rotary; wrong: the forward rotation used as its own transpose
+        int pos[5] = {0, 3, 17, 400, 4095};
+        float inv_freq[8];
+        for (int i = 0; i < 8; i++) inv_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / 12.0f);
+        fd_ctx c = {.rows = 5, .stride = 40, .n_heads = 2, .head_dim = 16, .rot_dim = 12, .pos = pos, .inv_freq = inv_freq};
+        size_t n = (size_t)c.rows * c.stride;
+        float *x = random_floats(n, 1), *dy = random_floats(n, 1), *dx = ep_malloc(sizeof(float) * n), *bad = ep_malloc(sizeof(float) * n);
+        memcpy(dx, dy, sizeof(float) * n), memcpy(bad, dy, sizeof(float) * n);
+        ref->rope_back(dx, c.stride, pos, inv_freq, c.rows, c.n_heads, c.head_dim, c.rot_dim);
+        ref->rope(bad, c.stride, pos, inv_freq, c.rows, c.n_heads, c.head_dim, c.rot_dim);
+        fd_report("rope_back", fd_error(f_rope, &c, x, n, n, dy, dx, h), fd_error(f_rope, &c, x, n, n, dy, bad, h));
+        free(x), free(dy), free(dx), free(bad);
+    }
+    {  // act, glu, softcap; wrong: the other activation's derivative, softcap' from x instead of y
+        fd_ctx c = {.n = 400, .cap = 3.0f};
+        float *x = random_floats(2 * c.n, 4), *dy = random_floats(c.n, 1), *dx = ep_malloc(sizeof(float) * 2 * c.n);
+        float *bad = ep_malloc(sizeof(float) * 2 * c.n), *y = ep_malloc(sizeof(float) * c.n);
+        for (int a = 0; a < 2; a++) {
+            c.act = a ? ACT_GELU_TANH : ACT_SILU;
+            act_kind other = a ? ACT_SILU : ACT_GELU_TANH;
+            ref->act_back(dx, x, dy, c.n, c.act);
+            ref->act_back(bad, x, dy, c.n, other);
+            fd_report(a ? "act_back-gelu" : "act_back-silu", fd_error(f_act, &c, x, c.n, c.n, dy, dx, h),
+                      fd_error(f_act, &c, x, c.n, c.n, dy, bad, h));
+            ref->glu_back(dx, dx + c.n, x, x + c.n, dy, c.n, c.act);
+            ref->glu_back(bad, bad + c.n, x, x + c.n, dy, c.n, other);
+            fd_report(a ? "glu_back-gelu" : "glu_back-silu", fd_error(f_glu, &c, x, 2 * c.n, c.n, dy, dx, h),
+                      fd_error(f_glu, &c, x, 2 * c.n, c.n, dy, bad, h));
+        }
+        f_softcap(&c, x, y);
+        ref->softcap_back(dx, y, dy, c.n, c.cap);
+        ref->softcap_back(bad, x, dy, c.n, c.cap);
+        fd_report("softcap_back", fd_error(f_softcap, &c, x, c.n, c.n, dy, dx, h), fd_error(f_softcap, &c, x, c.n, c.n, dy, bad, h));
+        free(x), free(dy), free(dx), free(bad), free(y);
+    }
+}
+
+// The attention fixture of the gradient checks: three sequences (17 and 9 typed prompt tokens, and a
+// decode step at position 17 over a longer cache), GQA 4:2, softcap, window 6, padded strides, two
+// donors and rules that send edges of several heads to each (kernels/edge_rule.h).
+enum { GA_T0 = 17, GA_T1 = 9, GA_NQ = GA_T0 + GA_T1 + 1, GA_NKV = GA_T0 + GA_T1 + GA_T0 + 1 };
+
+typedef struct {
+    int32_t types[GA_T0], index[GA_T0];
+    attn_seq seqs[3];
+    attn_params p;
+    edge_rule_set rules;
+    size_t nq, nk;
+    int n_seqs;
+    const edge_rule_set *use_rules;  // &rules, or NULL for plain attention
+} grad_attn;
+
+static void grad_attn_init(grad_attn *a, float softcap, int window) {
+    memset(a, 0, sizeof *a);
+    int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+    a->types[0] = 0, a->index[0] = -1;
+    for (int i = 1; i < GA_T0 - 2; i++) a->types[i] = pattern[(i - 1) % 8], a->index[i] = (i - 1) / 4;
+    a->types[GA_T0 - 2] = 5, a->types[GA_T0 - 1] = 6, a->index[GA_T0 - 2] = a->index[GA_T0 - 1] = 4;
+    a->seqs[0] = (attn_seq){.q_row = 0, .n_q = GA_T0, .q_pos = 0, .kv_row = 0, .types = a->types, .index = a->index,
+                            .n_typed = GA_T0, .donor_row = 0};
+    a->seqs[1] = (attn_seq){.q_row = GA_T0, .n_q = GA_T1, .q_pos = 0, .kv_row = GA_T0, .types = a->types,
+                            .index = a->index, .n_typed = GA_T1, .donor_row = GA_T0};
+    a->seqs[2] = (attn_seq){.q_row = GA_T0 + GA_T1, .n_q = 1, .q_pos = GA_T0, .kv_row = GA_T0 + GA_T1,
+                            .types = a->types, .index = a->index, .n_typed = GA_T0, .donor_row = GA_T0 + GA_T1};
+    a->n_seqs = 3;
+    a->p = (attn_params){.n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .q_stride = 70, .kv_stride = 40,
+                         .scale = 0.25f, .softcap = softcap, .window = window};
+    a->rules.n = 3;
+    a->rules.rule[0] = (edge_rule){.sender_types = 1u << 1 | 1u << 3, .receiver_types = 1u << 6 | 1u << 3,
+                                   .relation = REL_ANY, .donor = 0, .heads = {0x5}};
+    a->rules.rule[1] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 3, .relation = REL_SAME, .donor = 1,
+                                   .heads = {0xf}};
+    a->rules.rule[2] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 5 | 1u << 1 | 1u << 6,
+                                   .relation = REL_EARLIER, .donor = 1, .heads = {0xa}};
+    a->use_rules = &a->rules;
+    a->nq = (size_t)GA_NQ * a->p.q_stride, a->nk = (size_t)GA_NKV * a->p.kv_stride;
+}
+
+// x = [q, k, v, donor k 0, 1, donor v 0, 1] for the differences.
+static void f_attention(const void *c, const float *x, float *y) {
+    const grad_attn *a = c;
+    const float *q = x, *k = q + a->nq, *v = k + a->nk, *dk[2] = {v + a->nk, v + 2 * a->nk},
+                *dv[2] = {v + 3 * a->nk, v + 4 * a->nk};
+    kernel_ops_ref()->patched_attention(y, q, k, v, 2, dk, dv, a->seqs, a->n_seqs, &a->p, a->use_rules);
+}
+
+// ref's attention_back into grad (the layout of x): dq, dk, dv, the donors' dk, dv.
+static void ref_attention_grad(const grad_attn *a, const grad_attn *as_run, const float *x, const float *dout,
+                               float *grad) {
+    size_t n = a->nq + 6 * a->nk;
+    memset(grad, 0, sizeof(float) * n);
+    const float *q = x, *k = q + a->nq, *v = k + a->nk, *dk[2] = {v + a->nk, v + 2 * a->nk},
+                *dv[2] = {v + 3 * a->nk, v + 4 * a->nk};
+    float *gq = grad, *gk = gq + a->nq, *gv = gk + a->nk, *gdk[2] = {gv + a->nk, gv + 2 * a->nk},
+          *gdv[2] = {gv + 3 * a->nk, gv + 4 * a->nk};
+    kernel_ops_ref()->attention_back(gq, gk, gv, q, k, v, dout, 2, dk, dv, gdk, gdv, as_run->seqs, as_run->n_seqs,
+                                     &as_run->p, as_run->use_rules);
+}
+
+static void test_grad_fd_attention(void) {
+    for (int variant = 0; variant < 3; variant++) {
+        // plain with softcap and window; patched; patched without softcap or window
+        grad_attn a;
+        grad_attn_init(&a, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0);
+        if (variant == 0) a.use_rules = NULL;
+        size_t n = a.nq + 6 * a.nk;
+        float *x = ep_malloc(sizeof(float) * n), *dout = random_floats(a.nq, 1);
+        for (size_t i = 0; i < n; i++) x[i] = frand() * (i < a.nq + a.nk ? 2.0f : 1.0f);
+        float *g = ep_malloc(sizeof(float) * n), *bad = ep_malloc(sizeof(float) * n);
+        ref_attention_grad(&a, &a, x, dout, g);
+        // Wrong: the softcap's derivative (or, without softcap, the window) left out of the backward.
+        grad_attn w = a;
+        if (variant < 2)
+            w.p.softcap = 0;
+        else
+            w.p.window = 3;
+        ref_attention_grad(&a, &w, x, dout, bad);
+        const char *names[3] = {"attn_back", "attn_back-pat", "attn_back-pnc"};
+        fd_report(names[variant], fd_error(f_attention, &a, x, n, a.nq, dout, g, 1e-2f),
+                  fd_error(f_attention, &a, x, n, a.nq, dout, bad, 1e-2f));
+        if (variant == 1) {  // the donor gradients are not all zero: the rules send edges to both donors
+            double s0 = 0, s1 = 0;
+            for (size_t i = 0; i < a.nk; i++) s0 += fabs(g[a.nq + 3 * a.nk + i]), s1 += fabs(g[a.nq + 4 * a.nk + i]);
+            check(s0 > 0 && s1 > 0, "patched attention_back: a donor's key gradient is all zero (%g, %g)", s0, s1);
+        }
+        free(x), free(dout), free(g), free(bad);
+    }
+}
+
+// The test's own double-precision attention with one edge unit's edges moved toward its donor by t
+// (k* + t (k_d - k*), v* + t (v_d - v*)): the unit's score is d/dt of sum dout . out at t = 0
+// (docs/attribution.md: the first-order change of the loss). Independent of the ops' code.
+static double interpolated_loss(const grad_attn *a, const float *q, const float *k, const float *v,
+                                const float *const *dk, const float *const *dv, const float *dout,
+                                const edge_score_unit *u, int s, double t) {
+    const attn_params *p = &a->p;
+    const attn_seq *sq = &a->seqs[s];
+    int d = p->head_dim, rep = p->n_heads / p->n_kv_heads;
+    double loss = 0, sc[64], kk[16], vv[64][16];
+    for (int qi = 0; qi < sq->n_q; qi++) {
+        int i = sq->q_pos + qi;
+        for (int h = 0; h < p->n_heads; h++) {
+            const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            double mx = -INFINITY;
+            for (int j = 0; j <= i; j++) {
+                sc[j] = -INFINITY;
+                if (p->window > 0 && i - j >= p->window) continue;
+                int typed = a->use_rules && i < sq->n_typed && j < sq->n_typed;
+                int src = typed ? edge_donor(a->use_rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]) : -1;
+                size_t g = (size_t)(h / rep) * d, cur = (size_t)(sq->kv_row + j) * p->kv_stride + g,
+                       don = (size_t)(sq->donor_row + j) * p->kv_stride + g;
+                const float *ks = src >= 0 ? dk[src] + don : k + cur, *vs = src >= 0 ? dv[src] + don : v + cur;
+                int in_unit = h == u->head && i < sq->n_typed && sq->types[i] == u->receiver && sq->types[j] == u->sender;
+                for (int e = 0; e < d; e++) {
+                    kk[e] = ks[e] + (in_unit ? t * ((double)dk[u->donor][don + e] - ks[e]) : 0);
+                    vv[j][e] = vs[e] + (in_unit ? t * ((double)dv[u->donor][don + e] - vs[e]) : 0);
+                }
+                double dot = 0;
+                for (int e = 0; e < d; e++) dot += qv[e] * kk[e];
+                dot *= p->scale;
+                if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+                sc[j] = dot, mx = dot > mx ? dot : mx;
+            }
+            double sum = 0;
+            for (int j = 0; j <= i; j++) sum += sc[j] == -INFINITY ? 0 : exp(sc[j] - mx);
+            const float *ov = dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            for (int j = 0; j <= i; j++) {
+                if (sc[j] == -INFINITY) continue;
+                double pr = exp(sc[j] - mx) / sum;
+                for (int e = 0; e < d; e++) loss += ov[e] * pr * vv[j][e];
+            }
+        }
+    }
+    return loss;
+}
+
+static const edge_score_unit grad_edge_units[5] = {
+    {.head = 0, .sender = 1, .receiver = 3, .donor = 0},  // partly read from donor 0 already (rule 0)
+    {.head = 1, .sender = 2, .receiver = 3, .donor = 0},  // read from donor 1 (rule 1): k* is donor 1's
+    {.head = 3, .sender = 4, .receiver = 6, .donor = 1},
+    {.head = 2, .sender = 0, .receiver = 5, .donor = 1},
+    {.head = 1, .sender = 1, .receiver = 1, .donor = 1},
+};
+
+static void test_grad_scores_reference(void) {
+    const kernel_ops *ref = kernel_ops_ref();
+    grad_attn a;
+    grad_attn_init(&a, 5.0f, 6);
+    float *q = random_floats(a.nq, 2), *k = random_floats(a.nk, 2), *v = random_floats(a.nk, 1), *dout = random_floats(a.nq, 1);
+    const float *dk[2] = {random_floats(a.nk, 2), random_floats(a.nk, 2)}, *dv[2] = {random_floats(a.nk, 1), random_floats(a.nk, 1)};
+    double score[5 * 3], worst = 0, worst_wrong = 0, mag = 0;
+    ref->edge_scores(score, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
+    for (int u = 0; u < 5; u++)
+        for (int s = 0; s < a.n_seqs; s++) {
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t)) / (2 * t);
+            double got = score[u * a.n_seqs + s];
+            worst = fmax(worst, fabs(got - fd)), mag = fmax(mag, fabs(fd));
+        }
+    // Wrong: scores from the clean pass's keys (rules ignored), as if every edge read the current keys.
+    double wrong[5 * 3];
+    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, NULL, grad_edge_units, 5);
+    for (int i = 0; i < 5 * a.n_seqs; i++) worst_wrong = fmax(worst_wrong, fabs(wrong[i] - score[i]));
+    // Central differences in double at t = 1e-4: the t^2 term is far below 1e-6 of the largest score.
+    printf("  ref   edge_scores  against d/dt of the interpolated loss: max error %.3g of %.3g (rules ignored: %.3g)\n",
+           worst, mag, worst_wrong);
+    check(mag > 0 && worst <= 1e-6 * mag, "ref edge_scores against differences: %.3g of %.3g", worst, mag);
+    check(worst_wrong > 1e-2 * mag, "edge_scores without the rules gave the same scores: the test does not exercise them");
+
+    // Head scores: sum over the unit's positions of (z - z_d) . dz, independently in the test.
+    head_score_unit hu[3] = {{.head = 0, .type = 3, .donor = 0}, {.head = 3, .type = 6, .donor = 1}, {.head = 2, .type = 1, .donor = 1}};
+    float *z = random_floats(a.nq, 1), *dz = random_floats(a.nq, 1);
+    const float *dzd[2] = {random_floats(a.nq, 1), random_floats(a.nq, 1)};
+    double hs[3 * 3];
+    ref->head_scores(hs, z, dzd, dz, a.seqs, a.n_seqs, &a.p, hu, 3);
+    double herr = 0, hmag = 0;
+    for (int u = 0; u < 3; u++)
+        for (int s = 0; s < a.n_seqs; s++) {
+            const attn_seq *sq = &a.seqs[s];
+            double want = 0;
+            for (int r = 0; r < sq->n_q; r++) {
+                int B = sq->q_pos + r;
+                if (B >= sq->n_typed || a.types[B] != hu[u].type) continue;
+                for (int e = 0; e < a.p.head_dim; e++) {
+                    size_t c = (size_t)hu[u].head * a.p.head_dim + e;
+                    want += ((double)z[(size_t)(sq->q_row + r) * a.p.q_stride + c] -
+                             dzd[hu[u].donor][(size_t)(sq->donor_row + B) * a.p.q_stride + c]) *
+                            dz[(size_t)(sq->q_row + r) * a.p.q_stride + c];
+                }
+            }
+            herr = fmax(herr, fabs(hs[u * a.n_seqs + s] - want)), hmag = fmax(hmag, fabs(want));
+        }
+    printf("  ref   head_scores  against the test's sum: max error %.3g of %.3g\n", herr, hmag);
+    check(hmag > 0 && herr <= 1e-12 * hmag, "ref head_scores: %.3g of %.3g", herr, hmag);
+    free(q), free(k), free(v), free(dout), free((void *)dk[0]), free((void *)dk[1]), free((void *)dv[0]),
+        free((void *)dv[1]), free(z), free(dz), free((void *)dzd[0]), free((void *)dzd[1]);
+}
+
+// ---- Every backend against ref. Outputs start as the same random junk on both sides, so an op that
+// writes where it must not (padding columns, rows past a donor's typed positions) or fails to
+// overwrite shows as a difference.
+
+static double max_rel_error_d(const double *got, const double *want, size_t n) {
+    double scale = 1e-30, worst = 0;
+    for (size_t i = 0; i < n; i++) scale = fmax(scale, fabs(want[i]));
+    for (size_t i = 0; i < n; i++) {
+        double e = fabs(got[i] - want[i]) / scale;
+        worst = isnan(e) ? INFINITY : fmax(worst, e);
+    }
+    return worst;
+}
+
+static void test_grad_linear(const kernel_ops *b, const kernel_ops *ref) {
+    int rows = 37, n_in = 96, n_out = 301;  // n_out above the cpu bf16 block of 256 weight rows
+    size_t nx = (size_t)rows * n_in, nw = (size_t)n_out * n_in;
+    float *dy = random_floats((size_t)rows * n_out, 1), *w = random_floats(nw, 0.5f), *dx0 = random_floats(nx, 1);
+    uint16_t *wb = ep_malloc(sizeof(uint16_t) * nw);
+    for (size_t i = 0; i < nw; i++) wb[i] = f32_to_bf16(w[i]);
+    float *want = ep_malloc(sizeof(float) * nx), *got = ep_malloc(sizeof(float) * nx);
+    for (int bf = 0; bf < 2; bf++)
+        for (int acc = 0; acc < 2; acc++) {
+            memcpy(want, dx0, sizeof(float) * nx);
+            if (bf)
+                ref->linear_back_bf16(want, dy, wb, rows, n_in, n_out, acc);
+            else
+                ref->linear_back(want, dy, w, rows, n_in, n_out, acc);
+            staging s = {.b = b};
+            float *bdy = stage_in(&s, dy, sizeof(float) * (size_t)rows * n_out), *bdx = stage_in(&s, dx0, sizeof(float) * nx);
+            void *bw = bf ? stage_in(&s, wb, sizeof(uint16_t) * nw) : stage_in(&s, w, sizeof(float) * nw);
+            if (bf)
+                b->linear_back_bf16(bdx, bdy, bw, rows, n_in, n_out, acc);
+            else
+                b->linear_back(bdx, bdy, bw, rows, n_in, n_out, acc);
+            stage_out(&s, got, bdx, sizeof(float) * nx);
+            stage_free(&s);
+            const char *names[4] = {"linear_back", "linear_back+", "lin_back-bf16", "lin_back-bf16+"};
+            report(b->name, names[2 * bf + acc], max_rel_error(got, want, nx, 1e-6), tol);
+        }
+    free(dy), free(w), free(dx0), free(wb), free(want), free(got);
+}
+
+static void test_grad_norms_rope(const kernel_ops *b, const kernel_ops *ref) {
+    int rows = 11, dim = 200;
+    size_t n = (size_t)rows * dim;
+    float *x = random_floats(n, 3), *w = random_floats((size_t)dim, 1), *dy = random_floats(n, 1), *dx0 = random_floats(n, 1);
+    float *want = ep_malloc(sizeof(float) * n), *got = ep_malloc(sizeof(float) * n);
+    for (int kind = 0; kind < 6; kind++) {
+        int acc = kind & 1, op = kind / 2;  // rms offset 0, rms offset 1, layer; overwrite and accumulate
+        memcpy(want, dx0, sizeof(float) * n);
+        staging s = {.b = b};
+        float *bx = stage_in(&s, x, sizeof(float) * n), *bw = stage_in(&s, w, sizeof(float) * dim);
+        float *bdy = stage_in(&s, dy, sizeof(float) * n), *bdx = stage_in(&s, dx0, sizeof(float) * n);
+        if (op < 2) {
+            ref->rmsnorm_back(want, x, w, (float)op, dy, rows, dim, 1e-6f, acc);
+            b->rmsnorm_back(bdx, bx, bw, (float)op, bdy, rows, dim, 1e-6f, acc);
+        } else {
+            ref->layernorm_back(want, x, w, dy, rows, dim, 1e-5f, acc);
+            b->layernorm_back(bdx, bx, bw, bdy, rows, dim, 1e-5f, acc);
+        }
+        stage_out(&s, got, bdx, sizeof(float) * n);
+        stage_free(&s);
+        const char *names[6] = {"rms_back", "rms_back+", "rms+1_back", "rms+1_back+", "ln_back", "ln_back+"};
+        report(b->name, names[kind], max_rel_error(got, want, n, 1e-6), tol);
+    }
+    free(x), free(w), free(dy), free(dx0), free(want), free(got);
+
+    int rrows = 9, n_heads = 3, head_dim = 16, stride = 50;
+    size_t rn = (size_t)rrows * stride;
+    int pos[9] = {0, 1, 2, 7, 100, 513, 4095, 4096, 30000};
+    float inv_freq[8];
+    for (int i = 0; i < 8; i++) inv_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / 12.0f);
+    for (int rot_dim = 12; rot_dim <= 16; rot_dim += 4) {
+        float *g = random_floats(rn, 1), *rw = ep_malloc(sizeof(float) * rn), *rg = ep_malloc(sizeof(float) * rn);
+        memcpy(rw, g, sizeof(float) * rn);
+        ref->rope_back(rw, stride, pos, inv_freq, rrows, n_heads, head_dim, rot_dim);
+        staging s = {.b = b};
+        float *bg = stage_in(&s, g, sizeof(float) * rn);
+        int *bpos = stage_in(&s, pos, sizeof pos);
+        float *bf = stage_in(&s, inv_freq, sizeof inv_freq);
+        b->rope_back(bg, stride, bpos, bf, rrows, n_heads, head_dim, rot_dim);
+        stage_out(&s, rg, bg, sizeof(float) * rn);
+        stage_free(&s);
+        report(b->name, rot_dim == 16 ? "rope_back" : "rope_back-part", max_rel_error(rg, rw, rn, 1e-6), tol);
+        free(g), free(rw), free(rg);
+    }
+}
+
+static void test_grad_pointwise(const kernel_ops *b, const kernel_ops *ref) {
+    size_t n = 1000;
+    float *x = random_floats(n, 4), *u = random_floats(n, 2), *dy = random_floats(n, 1), *y = ep_malloc(sizeof(float) * n);
+    memcpy(y, x, sizeof(float) * n);
+    ref->softcap(y, n, 3.0f);
+    float *want = ep_malloc(sizeof(float) * 2 * n), *got = ep_malloc(sizeof(float) * 2 * n);
+    for (int op = 0; op < 5; op++) {
+        staging s = {.b = b};
+        float *bx = stage_in(&s, x, sizeof(float) * n), *bu = stage_in(&s, u, sizeof(float) * n);
+        float *bdy = stage_in(&s, dy, sizeof(float) * n), *by = stage_in(&s, y, sizeof(float) * n);
+        float *bout = stage_in(&s, x, sizeof(float) * n), *bout2 = stage_in(&s, u, sizeof(float) * n);
+        size_t m = n;
+        const char *name = "";
+        act_kind act = op % 2 ? ACT_GELU_TANH : ACT_SILU;
+        if (op < 2) {
+            ref->act_back(want, x, dy, n, act), b->act_back(bout, bx, bdy, n, act);
+            name = op ? "act_back-gelu" : "act_back-silu";
+        } else if (op < 4) {
+            ref->glu_back(want, want + n, x, u, dy, n, act), b->glu_back(bout, bout2, bx, bu, bdy, n, act);
+            name = op == 3 ? "glu_back-gelu" : "glu_back-silu", m = 2 * n;
+        } else {
+            ref->softcap_back(want, y, dy, n, 3.0f), b->softcap_back(bout, by, bdy, n, 3.0f);
+            name = "softcap_back";
+        }
+        stage_out(&s, got, bout, sizeof(float) * n);
+        if (m == 2 * n) stage_out(&s, got + n, bout2, sizeof(float) * n);
+        stage_free(&s);
+        report(b->name, name, max_rel_error(got, want, m, 1e-6), tol);
+    }
+    // In place (dx = dy), as the contract allows.
+    memcpy(want, dy, sizeof(float) * n);
+    ref->act_back(want, x, want, n, ACT_GELU_TANH);
+    staging s = {.b = b};
+    float *bx = stage_in(&s, x, sizeof(float) * n), *bdy = stage_in(&s, dy, sizeof(float) * n);
+    b->act_back(bdy, bx, bdy, n, ACT_GELU_TANH);
+    stage_out(&s, got, bdy, sizeof(float) * n);
+    stage_free(&s);
+    report(b->name, "act_back-inpl", max_rel_error(got, want, n, 1e-6), tol);
+    free(x), free(u), free(dy), free(y), free(want), free(got);
+}
+
+// fp32 backends against the double reference: dk and dv sum over every query of a sequence and the
+// query heads of a KV group, dlogit carries the cancellation g - sum p g; 1e-4 of the array's largest
+// entry covers that (the forward attention holds 2e-5).
+static const double attn_grad_tol = 1e-4;
+
+static void test_grad_attention(const kernel_ops *b, const kernel_ops *ref) {
+    for (int variant = 0; variant < 3; variant++) {
+        grad_attn a;
+        grad_attn_init(&a, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0);
+        if (variant == 0) a.use_rules = NULL;
+        size_t nq = a.nq, nk = a.nk;
+        float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1), *dout = random_floats(nq, 1);
+        float *dkn[2] = {random_floats(nk, 2), random_floats(nk, 2)}, *dvn[2] = {random_floats(nk, 1), random_floats(nk, 1)};
+        // Past a donor's typed positions (the decode step's donor row) lies NaN: never to be read.
+        for (int d = 0; d < 2; d++)
+            for (int c = 0; c < a.p.kv_stride; c++) dkn[d][(size_t)(GA_NKV - 1) * a.p.kv_stride + c] = dvn[d][(size_t)(GA_NKV - 1) * a.p.kv_stride + c] = NAN;
+        // Outputs: 7 arrays (dq, dk, dv, donor dk 0/1, donor dv 0/1), all starting as junk.
+        size_t sz[7] = {nq, nk, nk, nk, nk, nk, nk};
+        float *junk[7], *want[7], *got[7];
+        for (int i = 0; i < 7; i++) {
+            junk[i] = random_floats(sz[i], 1), want[i] = ep_malloc(sizeof(float) * sz[i]), got[i] = ep_malloc(sizeof(float) * sz[i]);
+            memcpy(want[i], junk[i], sizeof(float) * sz[i]);
+        }
+        const float *ck[2] = {dkn[0], dkn[1]}, *cv[2] = {dvn[0], dvn[1]};
+        float *wdk[2] = {want[3], want[4]}, *wdv[2] = {want[5], want[6]};
+        ref->attention_back(want[0], want[1], want[2], q, k, v, dout, 2, ck, cv, wdk, wdv, a.seqs, a.n_seqs, &a.p, a.use_rules);
+        staging s = {.b = b};
+        float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
+        float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
+        const float *bck[2] = {stage_in(&s, dkn[0], sizeof(float) * nk), stage_in(&s, dkn[1], sizeof(float) * nk)};
+        const float *bcv[2] = {stage_in(&s, dvn[0], sizeof(float) * nk), stage_in(&s, dvn[1], sizeof(float) * nk)};
+        float *bout[7];
+        for (int i = 0; i < 7; i++) bout[i] = stage_in(&s, junk[i], sizeof(float) * sz[i]);
+        float *bdk[2] = {bout[3], bout[4]}, *bdv[2] = {bout[5], bout[6]};
+        b->attention_back(bout[0], bout[1], bout[2], bq, bk, bv, bo, 2, bck, bcv, bdk, bdv, a.seqs, a.n_seqs, &a.p, a.use_rules);
+        for (int i = 0; i < 7; i++) stage_out(&s, got[i], bout[i], sizeof(float) * sz[i]);
+        // Donor gradients dropped (NULL targets): dq, dk, dv must not change.
+        float *nq0 = stage_in(&s, junk[0], sizeof(float) * nq), *nk0 = stage_in(&s, junk[1], sizeof(float) * nk);
+        float *nv0 = stage_in(&s, junk[2], sizeof(float) * nk);
+        b->attention_back(nq0, nk0, nv0, bq, bk, bv, bo, 2, bck, bcv, NULL, NULL, a.seqs, a.n_seqs, &a.p, a.use_rules);
+        float *drop = ep_malloc(sizeof(float) * (nq + 2 * nk));
+        stage_out(&s, drop, nq0, sizeof(float) * nq);
+        stage_out(&s, drop + nq, nk0, sizeof(float) * nk);
+        stage_out(&s, drop + nq + nk, nv0, sizeof(float) * nk);
+        check(!memcmp(drop, got[0], sizeof(float) * nq) && !memcmp(drop + nq, got[1], sizeof(float) * nk) &&
+                  !memcmp(drop + nq + nk, got[2], sizeof(float) * nk),
+              "%s attention_back: dropping the donor gradients changed dq, dk or dv", b->name);
+        free(drop);
+        stage_free(&s);
+        const char *names[3][4] = {{"attn_back:dq", "attn_back:dk", "attn_back:dv", "attn_back:donor"},
+                                   {"attnp_back:dq", "attnp_back:dk", "attnp_back:dv", "attnp_back:donor"},
+                                   {"attnp0_back:dq", "attnp0_back:dk", "attnp0_back:dv", "attnp0_back:donor"}};
+        for (int i = 0; i < 3; i++) report(b->name, names[variant][i], max_rel_error(got[i], want[i], sz[i], 1e-6), attn_grad_tol);
+        // The donor arrays compared where they are numbers (the NaN row must stay as it was: junk).
+        double worst = 0;
+        for (int i = 3; i < 7; i++) worst = fmax(worst, max_rel_error(got[i], want[i], sz[i], 1e-6));
+        report(b->name, names[variant][3], worst, attn_grad_tol);
+        // Can fail: dropping the donor gradients (NULL) leaves them junk, which must differ from ref's.
+        if (variant == 1)
+            check(max_rel_error(junk[3], want[3], nk, 1e-6) > 100 * attn_grad_tol, "donor key gradients equal the junk they started as");
+        free(q), free(k), free(v), free(dout), free(dkn[0]), free(dkn[1]), free(dvn[0]), free(dvn[1]);
+        for (int i = 0; i < 7; i++) free(junk[i]), free(want[i]), free(got[i]);
+    }
+}
+
+// Gemma-2's attention shape: head_dim 256 (every lane slot of the cuda kernels), GQA 8:4, softcap 50,
+// a window shorter than the prompt, and a decode step over a 300-position cache (one query, many keys).
+static void test_grad_attention_wide(const kernel_ops *b, const kernel_ops *ref) {
+    attn_seq seqs[2] = {{.q_row = 0, .n_q = 40, .q_pos = 0, .kv_row = 0}, {.q_row = 40, .n_q = 1, .q_pos = 299, .kv_row = 40}};
+    attn_params p = {.n_heads = 8, .n_kv_heads = 4, .head_dim = 256, .q_stride = 2048, .kv_stride = 1024,
+                     .scale = 1.0f / 16, .softcap = 50.0f, .window = 24};
+    int q_rows = 41, kv_rows = 40 + 300;
+    size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+    float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1), *dout = random_floats(nq, 1);
+    float *wq = ep_calloc(nq, sizeof(float)), *wk = ep_calloc(nk, sizeof(float)), *wv = ep_calloc(nk, sizeof(float));
+    float *gq = ep_calloc(nq, sizeof(float)), *gk = ep_calloc(nk, sizeof(float)), *gv = ep_calloc(nk, sizeof(float));
+    ref->attention_back(wq, wk, wv, q, k, v, dout, 0, NULL, NULL, NULL, NULL, seqs, 2, &p, NULL);
+    staging s = {.b = b};
+    float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
+    float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
+    float *bgq = stage_in(&s, gq, sizeof(float) * nq), *bgk = stage_in(&s, gk, sizeof(float) * nk);
+    float *bgv = stage_in(&s, gv, sizeof(float) * nk);
+    b->attention_back(bgq, bgk, bgv, bq, bk, bv, bo, 0, NULL, NULL, NULL, NULL, seqs, 2, &p, NULL);
+    stage_out(&s, gq, bgq, sizeof(float) * nq);
+    stage_out(&s, gk, bgk, sizeof(float) * nk);
+    stage_out(&s, gv, bgv, sizeof(float) * nk);
+    stage_free(&s);
+    report(b->name, "attn_back-d256:dq", max_rel_error(gq, wq, nq, 1e-6), attn_grad_tol);
+    report(b->name, "attn_back-d256:dk", max_rel_error(gk, wk, nk, 1e-6), attn_grad_tol);
+    report(b->name, "attn_back-d256:dv", max_rel_error(gv, wv, nk, 1e-6), attn_grad_tol);
+    free(q), free(k), free(v), free(dout), free(wq), free(wk), free(wv), free(gq), free(gk), free(gv);
+}
+
+static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
+    grad_attn a;
+    grad_attn_init(&a, 5.0f, 6);
+    size_t nq = a.nq, nk = a.nk;
+    float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1), *dout = random_floats(nq, 1);
+    float *dkn[2] = {random_floats(nk, 2), random_floats(nk, 2)}, *dvn[2] = {random_floats(nk, 1), random_floats(nk, 1)};
+    for (int d = 0; d < 2; d++)
+        for (int c = 0; c < a.p.kv_stride; c++) dkn[d][(size_t)(GA_NKV - 1) * a.p.kv_stride + c] = dvn[d][(size_t)(GA_NKV - 1) * a.p.kv_stride + c] = NAN;
+    const float *ck[2] = {dkn[0], dkn[1]}, *cv[2] = {dvn[0], dvn[1]};
+    enum { NU = 5 };
+    double want[NU * 3], got[NU * 3];
+    ref->edge_scores(want, q, k, v, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    staging s = {.b = b};
+    float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
+    float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
+    const float *bck[2] = {stage_in(&s, dkn[0], sizeof(float) * nk), stage_in(&s, dkn[1], sizeof(float) * nk)};
+    const float *bcv[2] = {stage_in(&s, dvn[0], sizeof(float) * nk), stage_in(&s, dvn[1], sizeof(float) * nk)};
+    for (int i = 0; i < NU * 3; i++) got[i] = 12345.0;  // junk that must be overwritten
+    double *bs = stage_in(&s, got, sizeof got);
+    b->edge_scores(bs, bq, bk, bv, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    stage_out(&s, got, bs, sizeof got);
+    report(b->name, "edge_scores", max_rel_error_d(got, want, NU * 3), attn_grad_tol);
+
+    head_score_unit hu[3] = {{.head = 0, .type = 3, .donor = 0}, {.head = 3, .type = 6, .donor = 1}, {.head = 2, .type = 1, .donor = 1}};
+    double hw[9], hg[9];
+    // z and dz in the q layout; donor z rows past the typed positions are NaN too.
+    float *z = random_floats(nq, 1), *dz = random_floats(nq, 1), *zd[2] = {random_floats(nq, 1), random_floats(nq, 1)};
+    const float *czd[2] = {zd[0], zd[1]};
+    ref->head_scores(hw, z, czd, dz, a.seqs, a.n_seqs, &a.p, hu, 3);
+    float *bz = stage_in(&s, z, sizeof(float) * nq), *bdz = stage_in(&s, dz, sizeof(float) * nq);
+    const float *bzd[2] = {stage_in(&s, zd[0], sizeof(float) * nq), stage_in(&s, zd[1], sizeof(float) * nq)};
+    for (int i = 0; i < 9; i++) hg[i] = 12345.0;
+    double *bhs = stage_in(&s, hg, sizeof hg);
+    b->head_scores(bhs, bz, bzd, bdz, a.seqs, a.n_seqs, &a.p, hu, 3);
+    stage_out(&s, hg, bhs, sizeof hg);
+    stage_free(&s);
+    // z - z_d summed in double from fp32 inputs: every backend should give ref's sums to rounding.
+    report(b->name, "head_scores", max_rel_error_d(hg, hw, 9), 1e-12);
+    free(q), free(k), free(v), free(dout), free(dkn[0]), free(dkn[1]), free(dvn[0]), free(dvn[1]);
+    free(z), free(dz), free(zd[0]), free(zd[1]);
+}
+
+static void test_grad_ops(const kernel_ops *b, const kernel_ops *ref) {
+    test_grad_linear(b, ref);
+    test_grad_norms_rope(b, ref);
+    test_grad_pointwise(b, ref);
+    test_grad_attention(b, ref);
+    test_grad_attention_wide(b, ref);
+    test_grad_scores(b, ref);
+}
+
 // The thread probe: products whose bits OpenBLAS's own threading changed (shapes from issue 19: e.g.
 // 68 x 108 x 579 NoTrans/Trans, 119 x 264 x 532 NoTrans/NoTrans, 189 x 624 x 496), written one after the
 // other to `path`, preceded by the pool's thread count. Inputs come from the file's fixed seed, so
 // every child computes the same products.
-enum { N_PROBE_PARTS = 10 };
+enum { N_PROBE_PARTS = 13 };
 static const char *const probe_names[N_PROBE_PARTS] = {
     "matmul 68x579->108", "matmul+b 189x496->624", "matmul 300x576->1536", "matmul-bf16 68x579->600",
     "sgemm NN 119x264x532", "sgemm TN 200x64x300", "sgemm NT 189x624x496", "sgemm NN 8x576x4000",
-    "attention 2 seqs x 4 heads, 300 queries", "patched attention 300 queries"};
+    "attention 2 seqs x 4 heads, 300 queries", "patched attention 300 queries",
+    "linear_back-bf16 68x600->579", "attention_back (patched) dq, dk, dv, donor dk, dv", "edge_scores 4 units"};
 
 static void write_floats(FILE *f, const float *x, size_t n) { fwrite(x, sizeof(float), n, f); }
 
@@ -429,6 +1091,28 @@ static int thread_probe(const char *path) {
     memset(out, 0, sizeof(float) * nq);
     b->patched_attention(out, q, k, v, 1, dkc, dvc, &ps, 1, &p, &rules);
     write_floats(f, out, (size_t)TQ * p.q_stride);
+    // The gradient ops: the bf16 input gradient (several blocks of weight rows), the patched attention
+    // backward (dq, dk, dv and the donor's dk, dv) and edge scores on the same prompt.
+    {
+        int rows = 68, n_in = 579, n_out = 600;
+        float *dy = random_floats((size_t)rows * n_out, 1), *wf = random_floats((size_t)n_out * n_in, 0.5f);
+        uint16_t *w = ep_malloc(sizeof(uint16_t) * (size_t)n_out * n_in);
+        for (size_t i = 0; i < (size_t)n_out * n_in; i++) w[i] = f32_to_bf16(wf[i]);
+        float *dx = ep_malloc(sizeof(float) * (size_t)rows * n_in);
+        b->linear_back_bf16(dx, dy, w, rows, n_in, n_out, 0);
+        write_floats(f, dx, (size_t)rows * n_in);
+        free(dy), free(wf), free(w), free(dx);
+    }
+    float *dout = random_floats(nq, 1), *g = ep_calloc(nq + 4 * nk, sizeof(float));
+    float *gk[1] = {g + nq + 2 * nk}, *gv[1] = {g + nq + 3 * nk};
+    b->attention_back(g, g + nq, g + nq + nk, q, k, v, dout, 1, dkc, dvc, gk, gv, &ps, 1, &p, &rules);
+    write_floats(f, g, (size_t)TQ * p.q_stride);
+    for (int part = 0; part < 4; part++) write_floats(f, g + nq + (size_t)part * nk, (size_t)TQ * p.kv_stride);
+    edge_score_unit units[4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 3, 0}, {2, 3, 1, 0}};
+    double score[4];
+    b->edge_scores(score, q, k, v, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
+    fwrite(score, sizeof score, 1, f);
+    free(dout), free(g);
     free(q), free(k), free(v), free(out), free(types), free(index), free(dk), free(dv);
     return fclose(f) != 0;
 }
@@ -436,7 +1120,8 @@ static int thread_probe(const char *path) {
 // Part sizes of the probe file, in order, after the thread count.
 static size_t probe_part_bytes(int i) {
     static const size_t floats[N_PROBE_PARTS] = {68 * 108, 189 * 624, 300 * 1536, 68 * 600, 119 * 264, 200 * 64,
-                                                 189 * 624, 8 * 576, 470 * 256, 300 * 256};
+                                                 189 * 624, 8 * 576, 470 * 256, 300 * 256,
+                                                 68 * 579, 300 * 256 + 4 * 300 * 128, 4 * 2 /* doubles */};
     return sizeof(float) * floats[i];
 }
 
@@ -503,11 +1188,18 @@ static void test_thread_independence(void) {
 int main(int argc, char **argv) {
     if (argc == 3 && !strcmp(argv[1], "--thread-probe")) return thread_probe(argv[2]);
     const kernel_ops *ref = kernel_ops_ref();
-    const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_cuda()};
-    for (int i = 0; i < 2; i++) {
+    test_grad_fd_pointwise();
+    test_grad_fd_attention();
+    test_grad_scores_reference();
+    const kernel_ops *backends[3] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
+    for (int i = 0; i < 3; i++) {
         const kernel_ops *b = backends[i];
         if (!b) {
-            printf("  cuda backend not available here (no CUDA build or no GPU): only cpu is checked\n");
+            printf("  cuda backend not available here (no CUDA build or no GPU): only cpu and offset are checked\n");
+            continue;
+        }
+        if (b == kernel_ops_offset()) {  // the cpu kernels behind device-style memory: the gradient ops' wrappers
+            test_grad_ops(b, ref);
             continue;
         }
         test_matmul(b, ref);
@@ -519,6 +1211,7 @@ int main(int argc, char **argv) {
         test_patched_attention(b, ref);
         test_attention_long(b, ref);
         test_copies(b, ref);
+        test_grad_ops(b, ref);
     }
     test_thread_independence();
     return test_finish("test_ops");

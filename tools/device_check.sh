@@ -15,7 +15,7 @@
 #                                     found; every carried binary's libraries resolve; the image's torch
 #                                     sees CUDA and transformers 4.44.2's Gemma-2 module imports) that
 #                                     stops with one line naming what is missing, then, under one
-#                                     deadline: test_ops, test_model and test_patch (every backend
+#                                     deadline: test_ops (the gradient ops too), test_model and test_patch (every backend
 #                                     against the reference, HF and the Python patching reference: the
 #                                     cuda rows are the GPU's), test_upload (weights from the mapping to
 #                                     the GPU, byte-identical to the host model's upload), test_tp --nccl
@@ -167,6 +167,11 @@ check_parts() {
         OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"
         [ "${PIPESTATUS[0]}" -ne 0 ] && rc_test=1
         grep -q " cuda " "$log" || { echo "device_check: $t ran no cuda row: the cuda backend did not come up"; rc_test=1; }
+        # test_ops' cuda rows include the gradient ops (issue 18 item 2: linear/norm/rope/pointwise
+        # backward, attention backward with donor sources, head and edge scores); say so if they did not run.
+        if [ "$t" = test_ops ] && ! grep -q "cuda  *attn_back" "$log"; then
+            echo "device_check: test_ops ran no cuda gradient rows (attn_back, edge_scores, ...)"; rc_test=1
+        fi
         rm -f "$log"
     done
 

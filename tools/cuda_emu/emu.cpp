@@ -42,6 +42,16 @@ static float __shfl_xor_sync(unsigned, float v, int o) {
     warp_bar[w]->arrive_and_wait();
     return r;
 }
+static double warp_buf_d[32][32];
+static double __shfl_xor_sync(unsigned, double v, int o) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    warp_buf_d[w][lane] = v;
+    warp_bar[w]->arrive_and_wait();
+    double r = warp_buf_d[w][lane ^ o];
+    warp_bar[w]->arrive_and_wait();
+    return r;
+}
+static float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 #include "kernels.inc"  // the kernels of kernels/ops_cuda.cu, extracted by run.sh
 
 static void launch(dim3 grid, dim3 block, std::function<void()> body) {
@@ -245,6 +255,184 @@ int main() {
         int kv_rows = 2 * n + 2, q_rows = 4;
         pattn("patch-long", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, rules, 2, true);
         pattn("patch-lwin", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, rules, 2, true);
+    }
+    // ---- Gradient kernels against the reference backend (kernels/ops.h, the gradient ops).
+    {   // linear_back's cuBLAS mapping (N, N, n_in, rows, n_out) and the bf16 widening kernel
+        int rows = 7, n_in = 40, n_out = 33;
+        auto dy = rnd((size_t)rows * n_out, 1), w = rnd((size_t)n_out * n_in, .5f);
+        std::vector<uint16_t> wb(w.size());
+        for (size_t i = 0; i < w.size(); i++) wb[i] = f32_to_bf16(w[i]);
+        std::vector<float> want((size_t)rows * n_in), got(want.size()), ww(w.size());
+        ref->linear_back_bf16(want.data(), dy.data(), wb.data(), rows, n_in, n_out, 0);
+        float *wp = ww.data(); const uint16_t *wbp = wb.data(); size_t nw = w.size();
+        launch(dim3(2), dim3(POINTWISE_THREADS), [&] { bf16_widen_kernel(wp, wbp, nw); });
+        sgemm(false, false, n_in, rows, n_out, ww.data(), n_in, dy.data(), n_out, got.data(), n_in);
+        rep("lin_back-bf16", relerr(got, want));
+    }
+    {   // norm backward, dims below and above the block size, overwrite and accumulate
+        for (int dim : {200, 777})
+            for (int kind = 0; kind < 4; kind++) {
+                int rows = 5, acc = kind & 1; size_t n = (size_t)rows * dim;
+                auto x = rnd(n, 3), w = rnd(dim, 1), dy = rnd(n, 1), dx0 = rnd(n, 1);
+                auto want = dx0, got = dx0;
+                const float *xp = x.data(), *wp = w.data(), *dyp = dy.data(); float *op = got.data();
+                if (kind < 2) {
+                    ref->rmsnorm_back(want.data(), xp, wp, 1.0f, dyp, rows, dim, 1e-6f, acc);
+                    launch(dim3(rows), dim3(ROW_THREADS), [&] { rmsnorm_back_kernel(op, xp, wp, 1.0f, dyp, dim, 1e-6f, acc); });
+                    rep("rms_back", relerr(got, want));
+                } else {
+                    ref->layernorm_back(want.data(), xp, wp, dyp, rows, dim, 1e-5f, acc);
+                    launch(dim3(rows), dim3(ROW_THREADS), [&] { layernorm_back_kernel(op, xp, wp, dyp, dim, 1e-5f, acc); });
+                    rep("ln_back", relerr(got, want));
+                }
+            }
+    }
+    {   // rope_back, pointwise backward
+        int rows = 9, n_heads = 3, head_dim = 16, stride = 50; size_t n = (size_t)rows * stride;
+        int pos[9] = {0, 1, 2, 7, 100, 513, 4095, 4096, 30000}; float inv_freq[8];
+        for (int i = 0; i < 8; i++) inv_freq[i] = 1.0f / powf(10000.0f, (float)(2 * i) / 12.0f);
+        auto x = rnd(n, 1); auto want = x; auto got = x;
+        ref->rope_back(want.data(), stride, pos, inv_freq, rows, n_heads, head_dim, 12);
+        float *xp = got.data();
+        launch(dim3(1), dim3(POINTWISE_THREADS), [&] { rope_back_kernel(xp, stride, pos, inv_freq, rows, n_heads, head_dim, 6); });
+        rep("rope_back", relerr(got, want));
+        size_t m = 1000; auto g = rnd(m, 4), u = rnd(m, 2), d = rnd(m, 1);
+        for (int op = 0; op < 5; op++) {
+            std::vector<float> w2(2 * m), g2(2 * m);
+            float *o = g2.data(); const float *gp = g.data(), *up = u.data(), *dp = d.data();
+            act_kind act = op % 2 ? ACT_GELU_TANH : ACT_SILU;
+            if (op < 2) { ref->act_back(w2.data(), gp, dp, m, act); launch(dim3(2), dim3(256), [&] { act_back_kernel(o, gp, dp, m, act); }); }
+            else if (op < 4) { ref->glu_back(w2.data(), w2.data() + m, gp, up, dp, m, act); launch(dim3(2), dim3(256), [&] { glu_back_kernel(o, o + m, gp, up, dp, m, act); }); }
+            else { ref->softcap_back(w2.data(), up, dp, m, 3.0f); launch(dim3(2), dim3(256), [&] { softcap_back_kernel(o, up, dp, m, 3.0f); }); }
+            rep("pw_back", relerr(g2, w2));
+        }
+    }
+    {   // attention backward, edge and head scores: the host packing of cuda_attention_back / cuda_edge_scores
+        enum { T0 = 17, T1 = 9 };
+        static int32_t types[T0], index[T0];
+        int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+        types[0] = 0, index[0] = -1;
+        for (int i = 1; i < T0 - 2; i++) types[i] = pattern[(i - 1) % 8], index[i] = (i - 1) / 4;
+        types[T0 - 2] = 5, types[T0 - 1] = 6, index[T0 - 2] = index[T0 - 1] = 4;
+        std::vector<attn_seq> seqs = {{0, T0, 0, 0, types, index, T0, 0}, {T0, T1, 0, T0, types, index, T1, T0},
+                                      {T0 + T1, 1, T0, T0 + T1, types, index, T0, T0 + T1}};
+        int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1, S = 3;
+        edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
+        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
+        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
+        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, {0xa}};
+        for (int variant = 0; variant < 3; variant++) {
+            bool patched = variant > 0;
+            attn_params p = {4, 2, 16, 70, 40, 0.25f, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0};
+            size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
+            auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1), dout = rnd(nq, 1);
+            std::vector<std::vector<float>> dkn = {rnd(nk, 2), rnd(nk, 2)}, dvn = {rnd(nk, 1), rnd(nk, 1)};
+            const float *ck[2] = {dkn[0].data(), dkn[1].data()}, *cv[2] = {dvn[0].data(), dvn[1].data()};
+            // outputs: dq, dk, dv, donor dk 0/1, donor dv 0/1, from the same junk
+            std::vector<std::vector<float>> junk = {rnd(nq, 1), rnd(nk, 1), rnd(nk, 1), rnd(nk, 1), rnd(nk, 1), rnd(nk, 1), rnd(nk, 1)};
+            auto want = junk, got = junk;
+            float *wdk[2] = {want[3].data(), want[4].data()}, *wdv[2] = {want[5].data(), want[6].data()};
+            ref->attention_back(want[0].data(), want[1].data(), want[2].data(), q.data(), k.data(), v.data(), dout.data(), 2, ck, cv,
+                                wdk, wdv, seqs.data(), S, &p, patched ? &rules : nullptr);
+            grad_meta_layout lay = grad_meta_plan(seqs.data(), S, 5);
+            static const int units[5][4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 6, 1}, {2, 0, 5, 1}, {1, 1, 1, 1}};
+            std::vector<unsigned char> mbuf(lay.bytes + 16);
+            unsigned char *meta = mbuf.data() + (16 - (uintptr_t)mbuf.data() % 16) % 16;
+            grad_meta_fill(meta, &lay, seqs.data(), S, &units[0][0], 4, 5);
+            attn_patch_layout play = attn_patch_plan(seqs.data(), S);
+            std::vector<unsigned char> pbuf(play.bytes + 16);
+            unsigned char *pdev = pbuf.data() + (16 - (uintptr_t)pbuf.data() % 16) % 16;
+            edge_rule_set none; memset(&none, 0, sizeof none);
+            attn_patch_fill(pdev, &play, patched ? &rules : &none, seqs.data(), S);
+            attn_patch patch = attn_patch_at(pdev, &play, 2, ck, cv);
+            std::vector<float> stats(3 * lay.total_q * p.n_heads);
+            attn_grad_targets tg; memset(&tg, 0, sizeof tg);
+            for (int d = 0; d < 2 && patched; d++) tg.dk[d] = got[3 + d].data(), tg.dv[d] = got[5 + d].data();
+            const int4 *rows = (const int4 *)meta, *keys = (const int4 *)(meta + lay.off_keys), *seqd = (const int4 *)(meta + lay.off_seqd);
+            float *st = stats.data(), *gq = got[0].data(), *gk = got[1].data(), *gv = got[2].data();
+            const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *op = dout.data();
+            int group = p.n_heads / p.n_kv_heads;
+            launch(dim3((unsigned)lay.total_q, p.n_heads), dim3(ATTN_THREADS), [&] {
+                if (patched) attn_back_query_kernel<true>(gq, st, qp, kp, vp, op, rows, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch);
+                else attn_back_query_kernel<false>(gq, st, qp, kp, vp, op, rows, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            launch(dim3((unsigned)lay.total_k, p.n_kv_heads), dim3(ATTN_THREADS), [&] {
+                if (patched) attn_back_key_kernel<true>(gk, gv, tg, 2, st, qp, kp, vp, op, keys, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch);
+                else attn_back_key_kernel<false>(gk, gv, tg, 0, st, qp, kp, vp, op, keys, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            const char *names[7] = {"ab:dq", "ab:dk", "ab:dv", "ab:donor-dk0", "ab:donor-dk1", "ab:donor-dv0", "ab:donor-dv1"};
+            for (int i = 0; i < 7; i++) {
+                double e = relerr(got[i], want[i]);
+                printf("  emu %-14s %.3g\n", names[i], e);
+                if (!(e <= 1e-4)) fails++;  // test_ops' attention gradient tolerance
+            }
+            // edge scores (the statistics of the launch above) against ref
+            double sw[15], sg[15];
+            ref->edge_scores(sw, qp, kp, vp, op, 2, ck, cv, seqs.data(), S, &p, patched ? &rules : nullptr, (const edge_score_unit *)&units[0][0], 5);
+            double *sgp = sg;
+            const int4 *ud = (const int4 *)(meta + lay.off_units);
+            launch(dim3(5, S), dim3(ATTN_THREADS), [&] {
+                edge_scores_kernel(sgp, S, st, qp, kp, vp, op, ud, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            double sc = 1e-30, e = 0;
+            for (int i = 0; i < 15; i++) sc = std::max(sc, fabs(sw[i]));
+            for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
+            printf("  emu %-14s %.3g\n", "edge_scores", e);
+            if (!(e <= 1e-4)) fails++;
+        }
+        {   // head_dim 80: lane slots 0..2 of the gradient kernels, the last partly; GQA 4:1, a decode step
+            std::vector<attn_seq> ws = {{0, 12, 0, 0, nullptr, nullptr, 0, 0}, {12, 1, 20, 12, nullptr, nullptr, 0, 0}};
+            attn_params p = {4, 1, 80, 330, 90, 0.1f, 20.0f, 9};
+            size_t nq = 13 * (size_t)p.q_stride, nk = 33 * (size_t)p.kv_stride;
+            auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1), dout = rnd(nq, 1);
+            std::vector<std::vector<float>> want = {rnd(nq, 1), rnd(nk, 1), rnd(nk, 1)}, got = want;
+            ref->attention_back(want[0].data(), want[1].data(), want[2].data(), q.data(), k.data(), v.data(), dout.data(), 0,
+                                nullptr, nullptr, nullptr, nullptr, ws.data(), 2, &p, nullptr);
+            grad_meta_layout lay = grad_meta_plan(ws.data(), 2, 0);
+            std::vector<unsigned char> mbuf(lay.bytes + 16);
+            unsigned char *meta = mbuf.data() + (16 - (uintptr_t)mbuf.data() % 16) % 16;
+            grad_meta_fill(meta, &lay, ws.data(), 2, nullptr, 0, 0);
+            attn_patch none; memset(&none, 0, sizeof none);
+            attn_grad_targets tg; memset(&tg, 0, sizeof tg);
+            std::vector<float> stats(3 * lay.total_q * p.n_heads);
+            const int4 *rows = (const int4 *)meta, *keys = (const int4 *)(meta + lay.off_keys), *seqd = (const int4 *)(meta + lay.off_seqd);
+            float *st = stats.data(), *gq = got[0].data(), *gk = got[1].data(), *gv = got[2].data();
+            const float *qp = q.data(), *kp = k.data(), *vp = v.data(), *op = dout.data();
+            launch(dim3((unsigned)lay.total_q, p.n_heads), dim3(ATTN_THREADS), [&] {
+                attn_back_query_kernel<false>(gq, st, qp, kp, vp, op, rows, 4, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
+            launch(dim3((unsigned)lay.total_k, p.n_kv_heads), dim3(ATTN_THREADS), [&] {
+                attn_back_key_kernel<false>(gk, gv, tg, 0, st, qp, kp, vp, op, keys, seqd, p.n_heads, 4, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
+            const char *names[3] = {"ab-d80:dq", "ab-d80:dk", "ab-d80:dv"};
+            for (int i = 0; i < 3; i++) {
+                double e = relerr(got[i], want[i]);
+                printf("  emu %-14s %.3g\n", names[i], e);
+                if (!(e <= 1e-4)) fails++;
+            }
+        }
+        {   // head scores: donor z arrays travel as the patch's donor_k
+            attn_params p = {4, 2, 16, 70, 40, 0.25f, 0.0f, 0};
+            size_t nq = (size_t)q_rows * p.q_stride;
+            auto z = rnd(nq, 1), dz = rnd(nq, 1), z0 = rnd(nq, 1), z1 = rnd(nq, 1);
+            const float *zd[2] = {z0.data(), z1.data()};
+            static const int hu[3][3] = {{0, 3, 0}, {3, 6, 1}, {2, 1, 1}};
+            double hw[9], hg[9];
+            ref->head_scores(hw, z.data(), zd, dz.data(), seqs.data(), S, &p, (const head_score_unit *)&hu[0][0], 3);
+            grad_meta_layout lay = grad_meta_plan(seqs.data(), S, 3);
+            std::vector<unsigned char> mbuf(lay.bytes + 16);
+            unsigned char *meta = mbuf.data() + (16 - (uintptr_t)mbuf.data() % 16) % 16;
+            grad_meta_fill(meta, &lay, seqs.data(), S, &hu[0][0], 3, 3);
+            attn_patch_layout play = attn_patch_plan(seqs.data(), S);
+            std::vector<unsigned char> pbuf(play.bytes + 16);
+            unsigned char *pdev = pbuf.data() + (16 - (uintptr_t)pbuf.data() % 16) % 16;
+            edge_rule_set none; memset(&none, 0, sizeof none);
+            attn_patch_fill(pdev, &play, &none, seqs.data(), S);
+            attn_patch patch = attn_patch_at(pdev, &play, 2, zd, zd);
+            double *hgp = hg; const float *zp = z.data(), *dzp = dz.data();
+            const int4 *ud = (const int4 *)(meta + lay.off_units), *seqd = (const int4 *)(meta + lay.off_seqd);
+            launch(dim3(3, S), dim3(ROW_THREADS), [&] { head_scores_kernel(hgp, S, zp, dzp, ud, seqd, p.head_dim, p.q_stride, patch); });
+            double sc = 1e-30, e = 0;
+            for (int i = 0; i < 9; i++) sc = std::max(sc, fabs(hw[i]));
+            for (int i = 0; i < 9; i++) e = std::max(e, fabs(hg[i] - hw[i]) / sc);
+            printf("  emu %-14s %.3g\n", "head_scores", e);
+            if (!(e <= 1e-12)) fails++;
+        }
     }
     printf("emu: %d failures\n", fails);
     return fails != 0;

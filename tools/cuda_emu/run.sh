@@ -10,6 +10,6 @@ sed -n '/^\/\/ Threads per block/,/^\/\/ Launch helpers/p' kernels/ops_cuda.cu |
   sed 's/extern __shared__ float smem\[\];/float *smem = emu_dyn_smem;/' >"$tmp/kernels.inc"
 g++ -std=c++20 -O1 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers -I. -I"$tmp" -c tools/cuda_emu/emu.cpp -o "$tmp/emu.o"
 gcc -std=c11 -O1 -D_POSIX_C_SOURCE=200809L -I. -c kernels/ops_ref.c -o "$tmp/ref.o"
-gcc -std=c11 -O1 -D_POSIX_C_SOURCE=200809L -I. -c pipeline/error.c -o "$tmp/error.o"
+gcc -std=c11 -O1 -D_POSIX_C_SOURCE=200809L -I. -c kernels/ops_fatal.c -o "$tmp/error.o"  # kernel_alloc_at, ops_fatal
 g++ "$tmp/emu.o" "$tmp/ref.o" "$tmp/error.o" -o "$tmp/cuda_emu" -lm -lpthread
 "$tmp/cuda_emu"

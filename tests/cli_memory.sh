@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# edgepatch memory (docs/memory.md): the table in docs/memory.md is the command's output for the committed
+# edgepatch memory (docs/memory.md): the tables in docs/memory.md are the command's output for the committed
 # configs; with T = 1 the weights are the models' published parameter counts (x 2 bytes, bf16: Gemma-2
 # 2B 2,614,341,888, Llama-3 8B 8,030,261,248, Gemma-2 27B 27,227,128,320 parameters); a T that does not
 # split says why; a bad config is a one-line error. The attribution batch's table (backward_bytes, whose

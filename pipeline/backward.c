@@ -625,3 +625,75 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
     free(sum);
     return rc;
 }
+
+// Bytes as the allocators above are asked for them (ep_malloc and kernel_malloc take 1 for 0).
+static size_t asked(size_t n) { return n ? n : 1; }
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+int backward_bytes(const model_config *c, const backward_shape *b, backward_memory *out, ep_error *err) {
+    memset(out, 0, sizeof *out);
+    if (b->n_seqs <= 0 || !b->len || !b->n_target) return ep_fail(err, "backward memory: no sequences");
+    if (b->n_threads < 1 || b->n_donors < 0 || b->n_donors > 16 || b->donor_capacity < 0)
+        return ep_fail(err, "backward memory: %d threads, %d donors of %d positions", b->n_threads, b->n_donors,
+                       b->donor_capacity);
+    grad_batch gb = {.n_seqs = b->n_seqs, .len = b->len, .n_target = b->n_target};
+    if (check_batch(&gb, err)) return -1;
+    tp_shard sh = model_config_local(c);
+    size_t S = (size_t)b->n_seqs, L = (size_t)c->n_layers, D = (size_t)c->hidden, V = (size_t)c->vocab_size,
+           hd = (size_t)c->head_dim, H = (size_t)sh.n_heads, Q = H * hd, KV = (size_t)sh.n_kv_heads * hd,
+           NI = (size_t)sh.n_inter, f = sizeof(float);
+    size_t T = 0, R = 0, max_len = 0, att = 0;
+    for (int s = 0; s < b->n_seqs; s++) {
+        size_t n = (size_t)b->len[s];
+        T += n, R += (size_t)b->n_target[s], att += H * n * n;
+        max_len = n > max_len ? n : max_len;
+    }
+    size_t nn = max_len * max_len;
+
+    // The tape: model_backward's t->len, row, att_off, seq_loss; q; dz, p, dlogit, sel; forward_loss's cache
+    // (k, v, z of every layer for max_len positions, and its lengths).
+    out->tape_meta = S * sizeof(int) * 2 + S * sizeof(size_t) + S * sizeof(double);
+    out->tape_q = f * L * T * Q;
+    out->tape_dz = f * L * T * Q;
+    out->tape_att = 2 * f * L * att;
+    out->tape_sel = asked(L * att);
+    out->tape_cache = f * L * S * max_len * (2 * KV + Q) + S * sizeof(int);
+    out->tape = out->tape_meta + out->tape_q + out->tape_dz + out->tape_att + out->tape_sel + out->tape_cache;
+
+    // model_backward's rows, pos, neg_inv_freq; resid, attn, dlogits.
+    out->pass_meta = R * sizeof(int) + T * sizeof(int) + asked(f * (size_t)(c->rotary_dim / 2));
+    out->resid = f * (L + 1) * T * D;
+    out->attn_out = f * L * T * D;
+    out->dlogits = f * R * V;
+
+    // Inside forward_loss: the logits rows, model_forward's step buffers (hidden-wide rows: max(T, R) = T),
+    // its host positions and sequences; during the layers a later shard's copy of the rules with, one at
+    // a time, the vocabulary-parallel embedding's ids and the cpu attention's per-thread blocks (scores of
+    // the current keys and of every donor, and the selection, when patched); after them project_logits'
+    // gather buffers of a vocabulary-parallel shard.
+    size_t slots = S * H < (size_t)b->n_threads ? S * H : (size_t)b->n_threads;
+    size_t nd = b->edge_rules ? (size_t)b->n_donors : 0;
+    size_t kernel = slots ? f * nn * (1 + nd) * slots + (b->edge_rules ? nn * slots : 0) : 0;
+    int vocab_parallel = sh.n_vocab < c->vocab_size;
+    size_t gather = vocab_parallel ? asked(f * R * (size_t)sh.n_vocab) + 2 * f * R * V : 0;
+    size_t ids = vocab_parallel ? asked(sizeof(int) * T) : 0;
+    size_t step = f * T * (D * 4 + Q * 2 + KV * 2 + NI * 2) + sizeof(int) * T * 3 + sizeof(attn_seq) * S;
+    size_t rules = b->edge_rules && sh.head0 > 0 ? sizeof(edge_rule_set) : 0;
+    out->forward = f * R * V + step + max_sz(rules + max_sz(ids, kernel), gather);
+
+    // The layer walk: scratch_init's buffers, dx and dx_in; at the lm_head xr, dxn, dxr; per layer
+    // attention_back's g, and, when the layer reads donors, msk and one pair of blocks per donor.
+    out->scratch = f * T * (D * 7 + Q * 2 + KV * 2 + NI * 5) + 2 * f * T * D;
+    out->head = 3 * f * R * D;
+    out->attention = f * nn + (b->edge_rules ? f * nn + asked(f * nn * 2 * (size_t)b->n_donors) : 0);
+
+    size_t pass = out->pass_meta + out->resid + out->attn_out + out->dlogits;
+    size_t during_forward = out->tape_meta + out->tape_q + out->tape_cache + pass + out->forward;
+    size_t during_walk = out->tape + pass + out->scratch + max_sz(out->head, out->attention);
+    out->peak = max_sz(during_forward, during_walk);
+    size_t per_layer_att = 2 * f * att + att;
+    out->per_layer = 2 * f * T * Q + per_layer_att + f * S * max_len * (2 * KV + Q) + 2 * f * T * D;
+    // patch_donor_passes' caches: K, V and z for donor_capacity positions, and their lengths.
+    out->donors = (size_t)b->n_donors * (f * L * S * (size_t)b->donor_capacity * (2 * KV + Q) + S * sizeof(int));
+    return 0;
+}

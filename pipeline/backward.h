@@ -85,4 +85,43 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
 int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq,
                      ep_error *err);
 
+// What model_backward holds, in bytes, for a batch of this shape on this rank (cfg->tp: a shard's heads, KV
+// heads, MLP columns and vocabulary block), part by part as the code allocates it (the host allocations of
+// model_backward, its forward pass and the cpu kernels it calls; a group's collectives may add their own).
+// docs/memory.md and `edgepatch memory` print it; tests/test_backward_memory.c counts the allocations of
+// real passes and compares, so a change to what the backward allocates must change this too.
+typedef struct {
+    int n_seqs;
+    const int *len, *n_target;  // [n_seqs], as grad_batch
+    int n_donors;               // donor caches the patch carries (0: a clean pass)
+    int donor_capacity;         // positions per donor sequence (the caller's caches; the prompts' longest)
+    int edge_rules;             // the patch has layer rules and some layer's rules are non-empty
+    int n_threads;              // the cpu pool (kernels/cpu_gemm.h): its attention keeps a block per thread
+} backward_shape;
+
+typedef struct {
+    // The tape (kept until grad_tape_free; what the scores read):
+    size_t tape_q;      // post-RoPE queries, every layer
+    size_t tape_dz;     // dL/dz, every layer
+    size_t tape_att;    // p and dL/dlogit per (layer, head, receiver, sender): 2 floats per pair
+    size_t tape_sel;    // the source each pair read: 1 byte per pair
+    size_t tape_cache;  // the current pass's K, V and z, every layer
+    size_t tape_meta;   // per-sequence lengths, rows, offsets, losses
+    size_t tape;        // their sum
+    // model_backward's own, for the pass:
+    size_t resid;       // the residual stream entering every layer and leaving the last
+    size_t attn_out;    // the attention blocks' outputs, every layer
+    size_t dlogits;     // dL/dlogits at the predicting rows (the whole vocabulary)
+    size_t pass_meta;   // rows, positions, negated rotary frequencies
+    size_t forward;     // transient inside the forward: logits rows, step buffers, the kernels' scratch
+    size_t scratch;     // the layer walk's buffers (recomputed MLP input and pre-activations, gradients)
+    size_t head;        // transient at the final norm and lm_head: 3 rows of hidden per predicting row
+    size_t attention;   // transient per layer: attention_back's blocks of one (sequence, head)
+    size_t per_layer;   // of the above, what each layer adds (tape, resid and attn_out per layer)
+    size_t peak;        // the most live at once during model_backward (the tape included)
+    size_t donors;      // the caller's donor caches (K, V, z), held alongside; not in peak
+} backward_memory;
+
+int backward_bytes(const model_config *cfg, const backward_shape *b, backward_memory *out, ep_error *err);
+
 #endif

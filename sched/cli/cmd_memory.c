@@ -1,24 +1,159 @@
-// edgepatch memory CONFIG.json... [--tp LIST]: per model config and tensor-parallel size, the bytes one
-// rank holds (bf16 weights as model_load_shard slices them; K/V cache of its KV heads per 1k tokens), as
-// the markdown table of docs/memory.md.
+// edgepatch memory CONFIG.json... [--tp LIST] [--batch SxL] [--targets N] [--donors N] [--gpu-gib G] [--json]:
+// per model config and tensor-parallel size, the bytes one rank holds (bf16 weights as model_load_shard
+// slices them; K/V cache of its KV heads per 1k tokens), then what one attribution batch holds on that
+// rank (backward_bytes: the backward's tape, pass buffers and scratch in fp32, the donor caches) and the
+// device total with bf16 weights against a GPU's memory, as the markdown tables of docs/memory.md (or
+// one JSON array).
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "sched/cli/cli.h"
+#include "pipeline/backward.h"
 #include "pipeline/model.h"
 
 static const char usage[] =
-    "usage: edgepatch memory CONFIG.json... [--tp 1,2,4,8]\n"
+    "usage: edgepatch memory CONFIG.json... [--tp 1,2,4,8] [--batch 8x200] [--targets 1] [--donors 1]\n"
+    "                        [--gpu-gib 80] [--json]\n"
     "\n"
-    "For each HF config.json and tensor-parallel size (default 1,2,4,8): the weight bytes one rank holds in\n"
-    "bf16 (its slices; embeddings and norms replicated) and its K/V cache bytes per 1024 tokens of one\n"
-    "sequence (bf16; its KV heads, replicated when fewer than ranks), as a markdown table\n"
-    "(docs/memory.md). A size the model does not split over says why.\n";
+    "For each HF config.json and tensor-parallel size (default 1,2,4,8), as the markdown tables of\n"
+    "docs/memory.md (a size the model does not split over says why):\n"
+    "  1. the weight bytes one rank holds in bf16 (its slices; embeddings and norms replicated) and its K/V\n"
+    "     cache bytes per 1024 tokens of one sequence (bf16; its KV heads, replicated when fewer than ranks);\n"
+    "  2. one attribution batch on that rank (pipeline/backward.h, backward_bytes): the forward + backward's\n"
+    "     bytes per layer and at their peak (fp32 activations and gradients), the donor caches it reads, the\n"
+    "     device total with bf16 weights and whether it fits --gpu-gib GiB, and the host total of the cpu\n"
+    "     backend today (fp32 weights).\n"
+    "  --batch SxL    S sequences of L tokens each (prompt + targets; default 8x200)\n"
+    "  --targets N    target tokens per sequence (default 1)\n"
+    "  --donors N     donor caches the patch reads, edge rules on (default 1)\n"
+    "  --gpu-gib G    device memory per GPU in GiB (default 80)\n"
+    "  --json         one JSON array of every (config, tensor_parallel) with the parts in bytes instead\n";
 
 static void print_gib(char *out, size_t n, double bytes) {
     if (bytes >= 1 << 30) snprintf(out, n, "%.2f GiB", bytes / (1 << 30));
     else snprintf(out, n, "%.1f MiB", bytes / (1 << 20));
+}
+
+typedef struct {
+    int *tps, n_tp;
+    int n_seqs, len, targets, donors, json;
+    double gpu_gib;
+} memory_opts;
+
+// The parts of one rank's figures, or why it does not split (why non-empty).
+typedef struct {
+    const char *name;
+    int tp;
+    char why[sizeof(((ep_error *)0)->msg)];
+    size_t weights, kv_per_1k;
+    backward_memory bw;
+    size_t device, host;
+} memory_row;
+
+static int parse_opts(int argc, char **argv, memory_opts *o, int *n_configs) {
+    char msg[256];
+    *n_configs = 0;
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--json")) {
+            o->json = 1;
+        } else if (!strcmp(a, "--tp") && v) {
+            free(o->tps);
+            o->tps = NULL;
+            if (cli_parse_int_list(argv[++i], &o->tps, &o->n_tp, msg, sizeof msg)) {
+                fprintf(stderr, "edgepatch memory: --tp: %s\n", msg);
+                return -1;
+            }
+        } else if (!strcmp(a, "--batch") && v) {
+            char x, extra;
+            i++;
+            if (sscanf(v, "%d%c%d%c", &o->n_seqs, &x, &o->len, &extra) != 3 || (x != 'x' && x != 'X') || o->n_seqs < 1 ||
+                o->len < 2) {
+                fprintf(stderr, "edgepatch memory: --batch: expected SxL (sequences x tokens, L >= 2), got '%s'\n", v);
+                return -1;
+            }
+        } else if ((!strcmp(a, "--targets") || !strcmp(a, "--donors")) && v) {
+            char *end;
+            long n = strtol(argv[++i], &end, 10);
+            int is_t = !strcmp(a, "--targets");
+            if (*end || n < (is_t ? 1 : 0) || n > (is_t ? 1 << 20 : 16)) {
+                fprintf(stderr, "edgepatch memory: %s: expected %s, got '%s'\n", a, is_t ? "an integer >= 1" : "0..16", v);
+                return -1;
+            }
+            *(is_t ? &o->targets : &o->donors) = (int)n;
+        } else if (!strcmp(a, "--gpu-gib") && v) {
+            char *end;
+            o->gpu_gib = strtod(argv[++i], &end);
+            if (*end || !(o->gpu_gib > 0)) {
+                fprintf(stderr, "edgepatch memory: --gpu-gib: expected a positive number, got '%s'\n", v);
+                return -1;
+            }
+        } else if (a[0] == '-') {
+            fprintf(stderr, "edgepatch memory: unexpected argument '%s' (see --help)\n", a);
+            return -1;
+        } else {
+            (*n_configs)++;
+        }
+    }
+    if (o->targets >= o->len) {
+        fprintf(stderr, "edgepatch memory: --targets %d leaves no prompt in sequences of %d tokens\n", o->targets, o->len);
+        return -1;
+    }
+    return 0;
+}
+
+static int is_value_option(const char *a) {
+    return !strcmp(a, "--tp") || !strcmp(a, "--batch") || !strcmp(a, "--targets") || !strcmp(a, "--donors") ||
+           !strcmp(a, "--gpu-gib");
+}
+
+// One rank's figures: rank 0 holds the most (the row-parallel biases; every rank the same slice sizes).
+static int fill_row(const model_config *loaded, const char *path, int tp, const memory_opts *o, memory_row *r) {
+    model_config cfg = *loaded;
+    ep_error err = {{0}};
+    r->tp = tp;
+    if (tp < 1 || model_config_shard(&cfg, path, 0, tp, &cfg.tp, &err)) {
+        const char *why = strstr(err.msg, ": ") ? strstr(err.msg, ": ") + 2 : err.msg;
+        snprintf(r->why, sizeof r->why, "%s", tp < 1 ? "size < 1" : why);
+        return 0;
+    }
+    r->weights = 2 * model_held_floats(&cfg);
+    r->kv_per_1k = (size_t)2 * 2 * cfg.n_layers * cfg.tp.n_kv_heads * cfg.head_dim * 1024;
+    int *len = malloc(sizeof(int) * (size_t)o->n_seqs), *nt = malloc(sizeof(int) * (size_t)o->n_seqs);
+    for (int s = 0; s < o->n_seqs; s++) len[s] = o->len, nt[s] = o->targets;
+    // One thread: each further cpu thread adds one attention block per donor and the current keys (L x L).
+    backward_shape sh = {.n_seqs = o->n_seqs, .len = len, .n_target = nt, .n_donors = o->donors,
+                         .donor_capacity = o->len - o->targets, .edge_rules = o->donors > 0, .n_threads = 1};
+    int rc = backward_bytes(&cfg, &sh, &r->bw, &err);
+    free(len), free(nt);
+    if (rc) {
+        fprintf(stderr, "edgepatch memory: %s: %s\n", path, err.msg);
+        return -1;
+    }
+    r->device = r->weights + r->bw.peak + r->bw.donors;
+    r->host = 2 * r->weights + r->bw.peak + r->bw.donors;
+    return 0;
+}
+
+static void print_json_row(const memory_row *r, const memory_opts *o, int first) {
+    printf("%s\n  {\"config\": \"%s\", \"tensor_parallel\": %d", first ? "" : ",", r->name, r->tp);
+    if (r->why[0]) {
+        printf(", \"does_not_split\": \"%s\"}", r->why);  // the config's field names and numbers: no quotes
+        return;
+    }
+    const backward_memory *b = &r->bw;
+    printf(", \"weights_bf16\": %zu, \"kv_cache_bf16_per_1k_tokens\": %zu", r->weights, r->kv_per_1k);
+    printf(", \"batch\": {\"sequences\": %d, \"tokens\": %d, \"targets\": %d, \"donors\": %d}", o->n_seqs, o->len,
+           o->targets, o->donors);
+    printf(", \"backward\": {\"tape_q\": %zu, \"tape_dz\": %zu, \"tape_att\": %zu, \"tape_sel\": %zu, \"tape_cache\": %zu, "
+           "\"tape_meta\": %zu, \"tape\": %zu, \"resid\": %zu, \"attn_out\": %zu, \"dlogits\": %zu, \"pass_meta\": %zu, "
+           "\"forward\": %zu, \"scratch\": %zu, \"head\": %zu, \"attention\": %zu, \"per_layer\": %zu, \"peak\": %zu}",
+           b->tape_q, b->tape_dz, b->tape_att, b->tape_sel, b->tape_cache, b->tape_meta, b->tape, b->resid, b->attn_out,
+           b->dlogits, b->pass_meta, b->forward, b->scratch, b->head, b->attention, b->per_layer, b->peak);
+    printf(", \"donor_caches\": %zu, \"device_total\": %zu, \"gpu_bytes\": %.0f, \"fits\": %s, \"host_total_cpu\": %zu}",
+           b->donors, r->device, o->gpu_gib * (1 << 30), (double)r->device <= o->gpu_gib * (1 << 30) ? "true" : "false",
+           r->host);
 }
 
 int cmd_memory(int argc, char **argv) {
@@ -26,40 +161,31 @@ int cmd_memory(int argc, char **argv) {
         fputs(usage, stdout);
         return 0;
     }
-    int *tps = NULL, n_tp = 0, n_configs = 0;
-    char msg[256];
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--tp") && i + 1 < argc) {
-            free(tps);
-            if (cli_parse_int_list(argv[++i], &tps, &n_tp, msg, sizeof msg)) {
-                fprintf(stderr, "edgepatch memory: --tp: %s\n", msg);
-                return 2;
-            }
-        } else if (argv[i][0] == '-') {
-            fprintf(stderr, "edgepatch memory: unexpected argument '%s' (see --help)\n", argv[i]);
-            free(tps);
-            return 2;
-        } else n_configs++;
+    memory_opts o = {.n_seqs = 8, .len = 200, .targets = 1, .donors = 1, .gpu_gib = 80};
+    int n_configs;
+    if (parse_opts(argc, argv, &o, &n_configs)) {
+        free(o.tps);
+        return 2;
     }
     if (!n_configs) {
         fprintf(stderr, "edgepatch memory: need at least one CONFIG.json (see --help)\n");
-        free(tps);
+        free(o.tps);
         return 2;
     }
-    if (!tps) {
+    if (!o.tps) {
         static const int def[] = {1, 2, 4, 8};
-        tps = malloc(sizeof def);
-        memcpy(tps, def, sizeof def);
-        n_tp = 4;
+        o.tps = malloc(sizeof def);
+        memcpy(o.tps, def, sizeof def);
+        o.n_tp = 4;
     }
-    printf("| config | tensor_parallel | weights per rank (bf16) | K/V cache per rank per 1k tokens (bf16) |\n");
-    printf("|---|---|---|---|\n");
-    int rc = 0;
+    memory_row *rows = calloc((size_t)n_configs * o.n_tp, sizeof *rows);
+    int n_rows = 0, rc = 0;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--tp")) {
+        if (is_value_option(argv[i])) {
             i++;
             continue;
         }
+        if (argv[i][0] == '-') continue;
         model_config cfg;
         ep_error err = {{0}};
         if (model_config_load(argv[i], &cfg, &err)) {
@@ -68,19 +194,57 @@ int cmd_memory(int argc, char **argv) {
             continue;
         }
         const char *name = strrchr(argv[i], '/') ? strrchr(argv[i], '/') + 1 : argv[i];
-        for (int k = 0; k < n_tp; k++) {
-            // Rank 0 holds the most: the row-parallel biases, and every rank holds the same slice sizes.
-            if (tps[k] < 1 || model_config_shard(&cfg, argv[i], 0, tps[k], &cfg.tp, &err)) {
-                const char *why = strstr(err.msg, ": ") ? strstr(err.msg, ": ") + 2 : err.msg;
-                printf("| %s | %d | does not split: %s | |\n", name, tps[k], tps[k] < 1 ? "size < 1" : why);
+        for (int k = 0; k < o.n_tp; k++) {
+            memory_row *r = &rows[n_rows++];
+            r->name = name;
+            if (fill_row(&cfg, argv[i], o.tps[k], &o, r)) rc = 1, n_rows--;
+        }
+    }
+    if (o.json) {
+        printf("[");
+        for (int k = 0; k < n_rows; k++) print_json_row(&rows[k], &o, k == 0);
+        printf("\n]\n");
+    } else {
+        printf("| config | tensor_parallel | weights per rank (bf16) | K/V cache per rank per 1k tokens (bf16) |\n");
+        printf("|---|---|---|---|\n");
+        for (int k = 0; k < n_rows; k++) {
+            const memory_row *r = &rows[k];
+            if (r->why[0]) {
+                printf("| %s | %d | does not split: %s | |\n", r->name, r->tp, r->why);
                 continue;
             }
             char w[32], kv[32];
-            print_gib(w, sizeof w, 2.0 * (double)model_held_floats(&cfg));
-            print_gib(kv, sizeof kv, 2.0 * 2 * cfg.n_layers * cfg.tp.n_kv_heads * cfg.head_dim * 1024.0);
-            printf("| %s | %d | %s | %s |\n", name, tps[k], w, kv);
+            print_gib(w, sizeof w, (double)r->weights);
+            print_gib(kv, sizeof kv, (double)r->kv_per_1k);
+            printf("| %s | %d | %s | %s |\n", r->name, r->tp, w, kv);
+        }
+        printf("\nOne attribution batch per rank: %d sequences x %d tokens (%d target%s each), %d donor%s, edge rules "
+               "on; forward + backward in fp32 (backward_bytes).\n\n",
+               o.n_seqs, o.len, o.targets, o.targets == 1 ? "" : "s", o.donors, o.donors == 1 ? "" : "s");
+        printf("| config | tensor_parallel | backward per layer | tape | backward peak | donor caches | device total "
+               "(bf16 weights) | fits %g GiB | host total, cpu backend (fp32 weights) |\n", o.gpu_gib);
+        printf("|---|---|---|---|---|---|---|---|---|\n");
+        for (int k = 0; k < n_rows; k++) {
+            const memory_row *r = &rows[k];
+            if (r->why[0]) {
+                printf("| %s | %d | does not split | | | | | | |\n", r->name, r->tp);
+                continue;
+            }
+            char pl[32], tape[32], peak[32], dn[32], dev[32], host[32], fit[64];
+            print_gib(pl, sizeof pl, (double)r->bw.per_layer);
+            print_gib(tape, sizeof tape, (double)r->bw.tape);
+            print_gib(peak, sizeof peak, (double)r->bw.peak);
+            print_gib(dn, sizeof dn, (double)r->bw.donors);
+            print_gib(dev, sizeof dev, (double)r->device);
+            print_gib(host, sizeof host, (double)r->host);
+            double gpu = o.gpu_gib * (1 << 30), left = gpu - (double)r->device;
+            char amount[32];
+            print_gib(amount, sizeof amount, left >= 0 ? left : -left);
+            snprintf(fit, sizeof fit, "%s (%s %s)", left >= 0 ? "yes" : "no", amount, left >= 0 ? "free" : "over");
+            printf("| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", r->name, r->tp, pl, tape, peak, dn, dev, fit, host);
         }
     }
-    free(tps);
+    free(rows);
+    free(o.tps);
     return rc;
 }

@@ -25,7 +25,7 @@ static const subcommand subcommands[] = {
     {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},
     {"scores", cmd_scores, "scores RUN [--round R] [--json]"},
-    {"memory", cmd_memory, "memory CONFIG.json... [--tp 1,2,4,8]     weights and KV cache bytes per tensor-parallel rank"},
+    {"memory", cmd_memory, "memory CONFIG.json... [--tp 1,2,4,8]     weights, KV cache and attribution-batch bytes per tensor-parallel rank"},
     {"report", cmd_report, "report RUN"},
     {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP"},
 };

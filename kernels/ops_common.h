@@ -18,6 +18,12 @@
 // to stderr (kernels/ops_fatal.c).
 void ops_fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 
+// The head-unit score reduction on host memory (kernel_ops.head_scores), shared by ref and cpu: a double
+// sum per unit and prompt in a fixed order, cheap beside the passes, so cpu has no faster form of it.
+void ops_host_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                          const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                          int n_units);
+
 // gelu_pytorch_tanh / gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
 EP_HOST_DEVICE static inline float gelu_tanh_f(float x) {
     const float c = 0.7978845608028654f;

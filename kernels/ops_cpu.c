@@ -645,25 +645,6 @@ static void cpu_edge_scores(double *score, const float *q, const float *k, const
     agrad_run(&j, n_seqs * p->n_heads, escore_task);
 }
 
-static void cpu_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
-                            const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
-                            int n_units) {
-    int d = p->head_dim;
-    for (int u = 0; u < n_units; u++)
-        for (int s = 0; s < n_seqs; s++) {
-            const attn_seq *sq = &seqs[s];
-            double acc = 0;
-            for (int r = 0; r < sq->n_q; r++) {
-                int B = sq->q_pos + r;
-                if (!sq->types || B >= sq->n_typed || sq->types[B] != units[u].type) continue;
-                size_t at = (size_t)(sq->q_row + r) * p->q_stride + (size_t)units[u].head * d;
-                const float *zd = donor_z[units[u].donor] + (size_t)(sq->donor_row + B) * p->q_stride + (size_t)units[u].head * d;
-                for (int e = 0; e < d; e++) acc += ((double)z[at + e] - zd[e]) * dz[at + e];
-            }
-            score[(size_t)u * n_seqs + s] = acc;
-        }
-}
-
 static const kernel_ops cpu_table = {
     .name = "cpu",
     .alloc = host_alloc,
@@ -694,7 +675,7 @@ static const kernel_ops cpu_table = {
     .glu_back = cpu_glu_back,
     .softcap_back = cpu_softcap_back,
     .attention_back = cpu_attention_back,
-    .head_scores = cpu_head_scores,
+    .head_scores = ops_host_head_scores,  // the ref loop: a double sum per unit and prompt, cheap beside the passes
     .edge_scores = cpu_edge_scores,
     .host_memory = 1,
 };

@@ -87,7 +87,8 @@ enum { ROW_THREADS = 256, ATTN_THREADS = 128, ATTN_CHUNK = 1024, POINTWISE_THREA
 // ---------------------------------------------------------------------------------------------------
 // Reductions (blockDim.x must be a multiple of 32, at most 1024)
 
-__device__ static float warp_sum(float v) {
+// float and double (the score reductions accumulate in double).
+template <typename T> __device__ static T warp_sum(T v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
@@ -97,16 +98,16 @@ __device__ static float warp_max(float v) {
     return v;
 }
 
-// Every thread of the block must call these; all get the result. scratch holds 32 floats. The leading
-// barrier keeps one call from overwriting scratch while threads still read the previous result.
-__device__ static float block_sum(float v, float *scratch) {
+// Every thread of the block must call these; all get the result. scratch holds 32 values of T. The
+// leading barrier keeps one call from overwriting scratch while threads still read the previous result.
+template <typename T> __device__ static T block_sum(T v, T *scratch) {
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     if (warp == 0) {
-        float t = lane < n_warps ? scratch[lane] : 0.0f;
+        T t = lane < n_warps ? scratch[lane] : T(0);
         t = warp_sum(t);
         if (lane == 0) scratch[0] = t;
     }
@@ -347,26 +348,6 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
 // head_dim limit of the attention gradient kernels: each lane keeps head_dim / 32 accumulators.
 enum { GRAD_MAX_HD = 256, GRAD_LANE_SLOTS = GRAD_MAX_HD / 32, GRAD_WARPS = ATTN_THREADS / 32 };
 
-__device__ static double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// As block_sum, in double (scratch: 32 doubles).
-__device__ static double block_sum_d(double v, double *scratch) {
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        double t = lane < n_warps ? scratch[lane] : 0.0;
-        t = warp_sum_d(t);
-        if (lane == 0) scratch[0] = t;
-    }
-    __syncthreads();
-    return scratch[0];
-}
 
 // a . b over d floats by one warp; every lane gets the sum.
 __device__ static float warp_dot(const float *a, const float *b, int d) {
@@ -658,11 +639,11 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
             ek += (double)qv[e] * ((double)kd[e] - kj[e]);
             ev += (double)ov[e] * ((double)vd[e] - vj[e]);
         }
-        ek = warp_sum_d(ek);
-        ev = warp_sum_d(ev);
+        ek = warp_sum(ek);
+        ev = warp_sum(ev);
         if (lane == 0) acc += (double)dl * ek + (double)p * ev;
     }
-    acc = block_sum_d(acc, s_dred);
+    acc = block_sum(acc, s_dred);
     if (threadIdx.x == 0) score[(size_t)blockIdx.x * n_seqs + s] = acc;
 }
 
@@ -683,7 +664,7 @@ __global__ static void head_scores_kernel(double *score, int n_seqs, const float
         const float *zd = patch.donor_k[un.z] + (size_t)(sd.x + B) * q_stride + (size_t)un.x * d + e;
         acc += ((double)z[at] - *zd) * dz[at];
     }
-    acc = block_sum_d(acc, s_dred);
+    acc = block_sum(acc, s_dred);
     if (threadIdx.x == 0) score[(size_t)blockIdx.x * n_seqs + s] = acc;
 }
 

@@ -379,9 +379,9 @@ static void ref_attention_back(float *dq, float *dk, float *dv, const float *q, 
     }
 }
 
-static void ref_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
-                            const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
-                            int n_units) {
+void ops_host_head_scores(double *score, const float *z, const float *const *donor_z, const float *dz,
+                          const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
+                          int n_units) {
     int d = p->head_dim;
     for (int u = 0; u < n_units; u++)
         for (int s = 0; s < n_seqs; s++) {
@@ -472,7 +472,7 @@ static const kernel_ops ref_table = {
     .glu_back = ref_glu_back,
     .softcap_back = ref_softcap_back,
     .attention_back = ref_attention_back,
-    .head_scores = ref_head_scores,
+    .head_scores = ops_host_head_scores,
     .edge_scores = ref_edge_scores,
     .host_memory = 1,
 };

@@ -424,3 +424,19 @@ int h5store_verify(h5store *s, ep_error *err) {
         return ep_fail(err, "%s: cannot list its datasets (corrupted file?)", file_name(s));
     return w.rc;
 }
+
+h5store_origin h5store_made_from(const char *path, const char *identity, ep_error *why) {
+    if (access(path, F_OK) != 0) return H5STORE_ABSENT;
+    h5store s;
+    if (h5store_open(path, &s, why)) return H5STORE_DAMAGED;
+    if (h5store_verify(&s, why)) {
+        h5store_close(&s);
+        return H5STORE_DAMAGED;
+    }
+    char *have = NULL;
+    ep_error ignored;
+    int same = h5store_get_str(&s, "inputs_hash", &have, &ignored) == 0 && !strcmp(have, identity);
+    free(have);
+    h5store_close(&s);
+    return same ? H5STORE_SAME : H5STORE_OTHER;
+}

@@ -58,6 +58,16 @@ int h5store_has(h5store *s, const char *name);
 // finished work item; readers of single datasets check theirs anyway).
 int h5store_verify(h5store *s, ep_error *err);
 
+// What an existing artifact at path was made from, by its "inputs_hash" attribute: the skip/recompute
+// decision of every stage's output and item shard.
+typedef enum {
+    H5STORE_ABSENT = 0,   // no file at path
+    H5STORE_SAME = 1,     // complete, sealed, every dataset sound, made from `identity`
+    H5STORE_DAMAGED = 2,  // unreadable, unfinished or damaged (why says how)
+    H5STORE_OTHER = 3,    // sound but made from other inputs (or without an inputs_hash)
+} h5store_origin;
+h5store_origin h5store_made_from(const char *path, const char *identity, ep_error *why);
+
 // The CRC-32 (zlib's) every dataset carries: of its bytes as stored, any length (datasets over 4 GiB too).
 uint32_t h5store_crc32(const void *data, size_t bytes);
 

@@ -120,37 +120,14 @@ prompt_batch stage_batch(const stage_inputs *in, int first, int n) {
 }
 
 int stage_output_current(const char *path, const char *identity, int fresh, const ep_log *log, ep_error *err) {
-    if (fresh || access(path, F_OK) != 0) return 0;
-    h5store s;
-    ep_error open_err;
-    if (h5store_open(path, &s, &open_err)) {
-        ep_logf(log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", path, open_err.msg);
-        return 0;
+    if (fresh) return 0;
+    ep_error why;
+    switch (h5store_made_from(path, identity, &why)) {
+    case H5STORE_SAME: return 1;
+    case H5STORE_DAMAGED: ep_logf(log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", path, why.msg); return 0;
+    case H5STORE_ABSENT: return 0;
+    default: break;
     }
-    if (h5store_verify(&s, &open_err)) {
-        ep_logf(log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", path, open_err.msg);
-        h5store_close(&s);
-        return 0;
-    }
-    char *have = NULL;
-    int same = h5store_get_str(&s, "inputs_hash", &have, &open_err) == 0 && !strcmp(have, identity);
-    free(have);
-    h5store_close(&s);
-    if (same) return 1;
     return ep_fail(err, "%s: made from other inputs (prompts, model or plan changed); rerun with --fresh to rebuild it", path);
 }
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 

@@ -40,26 +40,17 @@ int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh
     return remove_entries(dir, "item-", err);
 }
 int stage_item_current(const char *path, const char *identity, const ep_log *log, ep_error *err) {
-    if (access(path, F_OK) != 0) return 0;
-    h5store s;
     ep_error why;
-    if (h5store_open(path, &s, &why)) {
-        ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg);
-        return 0;
+    switch (h5store_made_from(path, identity, &why)) {
+    case H5STORE_SAME: return 1;
+    case H5STORE_DAMAGED: ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg); return 0;
+    case H5STORE_ABSENT: return 0;
+    default: break;
     }
-    if (h5store_verify(&s, &why)) {
-        ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg);
-        h5store_close(&s);
-        return 0;
-    }
-    char *have = NULL;
-    int same = h5store_get_str(&s, "inputs_hash", &have, &why) == 0 && !strcmp(have, identity);
-    free(have);
-    h5store_close(&s);
-    if (same) return 1;
     return ep_fail(err, "%s: made from other inputs (prompts, model, plan or batch_size changed); rerun with --fresh "
                         "to rebuild it", path);
 }
+
 void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err) {
     ws->shard_bad = 1;
     if (ws->follower) return;

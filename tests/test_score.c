@@ -1,4 +1,4 @@
-// Circuits and importance scores (stages/score.h) on the tiny models, with prompts from the tokenize
+// Circuits and importance scores (stages/circuit.h, stages/score.h, stages/rank.h) on the tiny models, with prompts from the tokenize
 // stage: a partial forward pass started at any layer from a stored residual stream gives the full
 // pass's logits bit for bit; a circuit's plan built from masks equals the one plan_circuit builds from
 // JSON; exact scores by prefix reuse equal the brute force (one full patch_run per unit, the passes
@@ -18,7 +18,9 @@
 #include "pipeline/h5store.h"
 #include "stages/metrics.h"
 #include "stages/prompts.h"
+#include "stages/circuit_file.h"
 #include "stages/prune.h"
+#include "stages/rank.h"
 #include "stages/score.h"
 #include "stages/tokenize.h"
 #include "tests/harness.h"
@@ -102,11 +104,11 @@ static void test_prefix_pass(stage_inputs *in, const ablation_plan *plan) {
 // A circuit with a few units dropped, for nontrivial scores.
 static void some_circuit(const stage_inputs *in, circuit *c, int with_edges) {
     circuit_full(&in->m.cfg, c);
-    circuit_unit drop[3] = {{0, 1, TT_Y, -1}, {1, 0, TT_LAST, -1}, {0, 2, TT_X, -1}};
+    circuit_unit drop[3] = {circuit_head_unit(0, 1, TT_Y), circuit_head_unit(1, 0, TT_LAST), circuit_head_unit(0, 2, TT_X)};
     for (int i = 0; i < 3; i++) circuit_set(c, UNIT_HEAD, &drop[i], 0);
     if (with_edges) {
         circuit_start_edges(c, &in->prompts);
-        circuit_unit e = {1, 1, TT_Y, TT_LAST};
+        circuit_unit e = circuit_edge_unit(1, 1, TT_Y, TT_LAST);
         circuit_set(c, UNIT_EDGE, &e, 0);
     }
 }
@@ -118,10 +120,10 @@ static void test_mask_plan_equals_json(const stage_inputs *in) {
     int nh = circuit_units(&c, UNIT_HEAD, &hu), ne = circuit_units(&c, UNIT_EDGE, &eu);
     json_t *j = json_pack("{s:[],s:[]}", "heads", "edges");
     for (int i = 0; i < nh; i++)
-        json_array_append_new(json_object_get(j, "heads"), json_pack("[i,i,s]", hu[i].layer, hu[i].head, token_type_name(hu[i].a)));
+        json_array_append_new(json_object_get(j, "heads"), json_pack("[i,i,s]", hu[i].layer, hu[i].head, token_type_name(hu[i].type)));
     for (int i = 0; i < ne; i++)
         json_array_append_new(json_object_get(j, "edges"), json_pack("[i,i,s,s]", eu[i].layer, eu[i].head,
-                                                                     token_type_name(eu[i].a), token_type_name(eu[i].b)));
+                                                                     token_type_name(eu[i].sender), token_type_name(eu[i].receiver)));
     ablation_plan a, b;
     ep_error err = {{0}};
     int ok = circuit_plan(&c, &in->m.cfg, &in->plan, &a, &err) == 0 && plan_circuit(j, "test", &in->m.cfg, &in->plan, &b, &err) == 0;

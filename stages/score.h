@@ -13,7 +13,8 @@
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
-// sums run in prompt order). Never prints, never calls MPI, writes no files (stages/prune does).
+// sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
+// stages/prune.h, stages/circuit_file.h).
 // Rank statistics over scores are stages/rank.h.
 #ifndef EP_SCORE_H
 #define EP_SCORE_H

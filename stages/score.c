@@ -1,103 +1,11 @@
 #include "score.h"
 
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "pipeline/backward.h"
 #include "stages/metrics.h"
 #include "stages/prompts.h"
-
-#define NT PLAN_CIRCUIT_TYPES
-#define ET PLAN_EDGE_TYPES
-
-static size_t n_head_slots(const circuit *c) { return (size_t)c->n_layers * c->n_heads * NT; }
-static size_t n_edge_slots(const circuit *c) { return (size_t)c->n_layers * c->n_heads * ET * ET; }
-
-void circuit_full(const model_config *cfg, circuit *c) {
-    memset(c, 0, sizeof *c);
-    c->n_layers = cfg->n_layers, c->n_heads = cfg->n_heads;
-    c->heads = ep_malloc(n_head_slots(c));
-    memset(c->heads, 1, n_head_slots(c));
-}
-
-void circuit_copy(const circuit *src, circuit *dst) {
-    *dst = *src;
-    dst->heads = ep_malloc(n_head_slots(src));
-    memcpy(dst->heads, src->heads, n_head_slots(src));
-    if (src->edges) {
-        dst->edges = ep_malloc(n_edge_slots(src));
-        memcpy(dst->edges, src->edges, n_edge_slots(src));
-    }
-}
-
-void circuit_free(circuit *c) {
-    free(c->heads), free(c->edges);
-    memset(c, 0, sizeof *c);
-}
-
-int circuit_equal(const circuit *a, const circuit *b) {
-    if (a->n_layers != b->n_layers || a->n_heads != b->n_heads || !a->edges != !b->edges) return 0;
-    if (memcmp(a->heads, b->heads, n_head_slots(a))) return 0;
-    return !a->edges || !memcmp(a->edges, b->edges, n_edge_slots(a));
-}
-
-void circuit_start_edges(circuit *c, const prompt_set *ps) {
-    unsigned char occurs[ET][ET] = {{0}};
-    for (int p = 0; p < ps->n_prompts; p++) {
-        unsigned seen = 0;
-        const int32_t *ty = ps->types + (size_t)p * ps->max_len;
-        for (int B = 0; B < ps->lengths[p]; B++) {
-            if (ty[B] < 0 || ty[B] >= NT) continue;
-            seen |= 1u << ty[B];
-            for (int a = 0; a < NT; a++)
-                if ((seen >> a) & 1) occurs[a][ty[B]] = 1;
-        }
-    }
-    free(c->edges);
-    c->edges = ep_calloc(n_edge_slots(c), 1);
-    for (int l = 0; l < c->n_layers; l++)
-        for (int h = 0; h < c->n_heads; h++)
-            for (int b = 0; b < NT; b++) {
-                if (!c->heads[((size_t)l * c->n_heads + h) * NT + b]) continue;
-                for (int a = 0; a < NT; a++)
-                    if (occurs[a][b]) c->edges[(((size_t)l * c->n_heads + h) * ET + a) * ET + b] = 1;
-            }
-}
-
-static unsigned char *slot(const circuit *c, unit_kind kind, const circuit_unit *u) {
-    size_t lh = (size_t)u->layer * c->n_heads + u->head;
-    return kind == UNIT_HEAD ? &c->heads[lh * NT + u->a] : &c->edges[(lh * ET + u->a) * ET + u->b];
-}
-
-int circuit_has(const circuit *c, unit_kind kind, const circuit_unit *u) {
-    if (kind == UNIT_EDGE && !c->edges) return 0;
-    return *slot(c, kind, u);
-}
-
-void circuit_set(circuit *c, unit_kind kind, const circuit_unit *u, int kept) {
-    if (kind == UNIT_EDGE && !c->edges) return;
-    *slot(c, kind, u) = (unsigned char)(kept != 0);
-}
-
-int circuit_units(const circuit *c, unit_kind kind, circuit_unit **units) {
-    int n = 0, na = kind == UNIT_HEAD ? NT : ET, nb = kind == UNIT_HEAD ? 1 : ET;
-    size_t cap = kind == UNIT_HEAD ? n_head_slots(c) : n_edge_slots(c);
-    *units = ep_malloc(sizeof(circuit_unit) * (cap + 1));
-    if (kind == UNIT_EDGE && !c->edges) return 0;
-    for (int l = 0; l < c->n_layers; l++)
-        for (int h = 0; h < c->n_heads; h++)
-            for (int a = 0; a < na; a++)
-                for (int b = 0; b < nb; b++) {
-                    circuit_unit u = {l, h, a, kind == UNIT_HEAD ? -1 : b};
-                    if (*slot(c, kind, &u)) (*units)[n++] = u;
-                }
-    return n;
-}
-
-int circuit_plan(const circuit *c, const model_config *cfg, const ablation_plan *base, ablation_plan *out, ep_error *err) {
-    return plan_circuit_masks(cfg, base, c->heads, c->edges, out, err);
-}
 
 // The patch a plan applies to a batch, reading donors.
 static forward_patch patch_of(const ablation_plan *plan, const prompt_batch *pb, kv_cache *donors) {
@@ -171,8 +79,8 @@ int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, u
     head_unit *hu = ep_calloc((size_t)n + 1, sizeof *hu);
     edge_unit *eu = ep_calloc((size_t)n + 1, sizeof *eu);
     for (int u = 0; u < n; u++) {
-        hu[u] = (head_unit){units[u].layer, units[u].head, units[u].a, 0};
-        eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].a, units[u].b, 0};
+        hu[u] = (head_unit){units[u].layer, units[u].head, units[u].type, 0};
+        eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].sender, units[u].receiver, 0};
     }
     double *batch_score = ep_calloc((size_t)n + 1, sizeof(double));
     prompt_batch pb = stage_batch(in, first, S);
@@ -442,55 +350,4 @@ int score_exact(const stage_inputs *in, const circuit *c, unit_kind kind, const 
     free(sums);
     plan_free(&plan);
     return rc;
-}
-
-// Average ranks (1-based) of v, ties sharing their mean rank.
-static void ranks(const double *v, int n, double *r) {
-    int *o = ep_malloc(sizeof(int) * (size_t)(n + 1));
-    rank_order(v, n, o);
-    for (int i = 0; i < n;) {
-        int j = i;
-        while (j + 1 < n && v[o[j + 1]] == v[o[i]]) j++;
-        for (int k = i; k <= j; k++) r[o[k]] = (i + j) / 2.0 + 1;
-        i = j + 1;
-    }
-    free(o);
-}
-
-double rank_spearman(const double *a, const double *b, int n) {
-    if (n < 2) return NAN;
-    double *ra = ep_malloc(sizeof(double) * (size_t)n), *rb = ep_malloc(sizeof(double) * (size_t)n);
-    ranks(a, n, ra), ranks(b, n, rb);
-    double ma = 0, mb = 0, sab = 0, saa = 0, sbb = 0;
-    for (int i = 0; i < n; i++) ma += ra[i] / n, mb += rb[i] / n;
-    for (int i = 0; i < n; i++) {
-        sab += (ra[i] - ma) * (rb[i] - mb);
-        saa += (ra[i] - ma) * (ra[i] - ma);
-        sbb += (rb[i] - mb) * (rb[i] - mb);
-    }
-    free(ra), free(rb);
-    return saa > 0 && sbb > 0 ? sab / sqrt(saa * sbb) : NAN;
-}
-
-int rank_topk_overlap(const double *a, const double *b, int n, int k) {
-    if (k > n) k = n;
-    int *oa = ep_malloc(sizeof(int) * (size_t)(n + 1)), *ob = ep_malloc(sizeof(int) * (size_t)(n + 1)), both = 0;
-    rank_order(a, n, oa), rank_order(b, n, ob);
-    for (int i = 0; i < k; i++)
-        for (int j = 0; j < k; j++) both += oa[i] == ob[j];
-    free(oa), free(ob);
-    return both;
-}
-
-void rank_order(const double *score, int n, int *order) {
-    // insertion sort keeps this free of global state (qsort has no context argument in C11)
-    for (int i = 0; i < n; i++) order[i] = i;
-    for (int i = 1; i < n; i++) {
-        int x = order[i], j = i - 1;
-        while (j >= 0 && (score[order[j]] < score[x] || (score[order[j]] == score[x] && order[j] > x))) {
-            order[j + 1] = order[j];
-            j--;
-        }
-        order[j + 1] = x;
-    }
 }

@@ -1,9 +1,7 @@
-// score: circuits of units and the importance of each unit of a circuit (docs/pruning.md).
+// score: how well a circuit does and how much each of its units matters (docs/pruning.md).
 //
-// Owns: the circuit (which head units and edge units are kept clean; every other unit is ablated with
-// donor 0 on top of the run's base plan, i.e. its affect_whom rules), unit enumeration, the circuit's
-// ablation plan (built directly, through plan_circuit_masks, the same core the JSON `circuit` field
-// uses), the circuit's metrics, and the two scores of docs/design.md:
+// Owns: a circuit's metrics (stages/circuit.h: the circuit, its units and its plan), and the two scores
+// of docs/design.md:
 //   - attribution (the default): one forward + backward pass per batch of prompts with the targets
 //     appended (pipeline/backward), |first-order change of the loss| per unit;
 //   - exact: metric(C) - metric(C without u), metric = mean log-probability of the first target token
@@ -15,43 +13,14 @@
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
-// sums run in prompt order). Never prints, never calls MPI, writes no files (stages/prune does).
+// sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
+// stages/prune.h, stages/circuit_file.h).
+// Rank statistics over scores are stages/rank.h.
 #ifndef EP_SCORE_H
 #define EP_SCORE_H
 
-#include "stages/plan.h"
+#include "stages/circuit.h"
 #include "stages/stage_inputs.h"
-
-typedef enum { UNIT_HEAD = 0, UNIT_EDGE = 1 } unit_kind;
-
-// Head unit (layer, head, type a, b = -1); edge unit (layer, head, sender type a, receiver type b).
-typedef struct {
-    int layer, head, a, b;
-} circuit_unit;
-
-typedef struct {
-    int n_layers, n_heads;
-    unsigned char *heads;  // [n_layers][n_heads][PLAN_CIRCUIT_TYPES]: 1 kept
-    unsigned char *edges;  // [n_layers][n_heads][PLAN_EDGE_TYPES][PLAN_EDGE_TYPES], NULL before edge units
-                           // are in play (then no edge is ablated by the circuit)
-} circuit;
-
-// Every head unit kept, edge units not in play: the base plan alone.
-void circuit_full(const model_config *cfg, circuit *c);
-void circuit_copy(const circuit *src, circuit *dst);
-void circuit_free(circuit *c);
-int circuit_equal(const circuit *a, const circuit *b);
-// Brings edge units into play: every (layer, head, sender, receiver) whose receiver's head unit
-// (layer, head, receiver) is kept (elsewhere the head's output at the receiver is replaced anyway)
-// and whose type pair occurs in the prompts (a sender at or before a receiver). Ablates nothing new.
-void circuit_start_edges(circuit *c, const prompt_set *ps);
-// The kept units of a kind, in (layer, head, a, b) order; *units is malloc'ed (free it).
-int circuit_units(const circuit *c, unit_kind kind, circuit_unit **units);
-// 1 if the unit is kept; sets it kept (1) or ablated (0).
-int circuit_has(const circuit *c, unit_kind kind, const circuit_unit *u);
-void circuit_set(circuit *c, unit_kind kind, const circuit_unit *u, int kept);
-// The plan: base rules and head units, then the circuit's keep rules / ablate-the-rest (donor 0).
-int circuit_plan(const circuit *c, const model_config *cfg, const ablation_plan *base, ablation_plan *out, ep_error *err);
 
 typedef struct {
     double target_logprob, first_token_accuracy, logit_diff;  // means over prompts
@@ -90,12 +59,5 @@ int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_p
                       ep_error *err);
 void score_exact_finish(const double *sums, const double *base, int n, int P, double *score, circuit_metrics *without,
                         circuit_metrics *with);
-
-// Rank agreement: Spearman's rho (average ranks for ties) and how many of the k highest of a are among
-// the k highest of b.
-double rank_spearman(const double *a, const double *b, int n);
-int rank_topk_overlap(const double *a, const double *b, int n, int k);
-// Unit indices by score, highest first, ties in unit order (what pruning keeps first).
-void rank_order(const double *score, int n, int *order);
 
 #endif

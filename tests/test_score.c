@@ -1,4 +1,4 @@
-// Circuits and importance scores (stages/score.h) on the tiny models, with prompts from the tokenize
+// Circuits and importance scores (stages/circuit.h, stages/score.h, stages/rank.h) on the tiny models, with prompts from the tokenize
 // stage: a partial forward pass started at any layer from a stored residual stream gives the full
 // pass's logits bit for bit; a circuit's plan built from masks equals the one plan_circuit builds from
 // JSON; exact scores by prefix reuse equal the brute force (one full patch_run per unit, the passes
@@ -6,8 +6,9 @@
 // a pass; attribution and exact scores are compared by rank (Spearman, top-k overlap: printed, since a
 // tiny random model need not agree); the speed-up of prefix reuse + batching is measured; exact scores
 // averaged over 3 donors equal a brute force over full passes written here from the definition; round
-// files with units or counts out of range are refused by prune_round_load; pruning fields beyond int
-// are refused, not truncated.
+// files with units or counts out of range are refused by prune_round_load; units keep their on-disk rows
+// (layer, head, type, -1) and (layer, head, sender, receiver); pruning fields beyond int are refused, not
+// truncated.
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -18,7 +19,9 @@
 #include "pipeline/h5store.h"
 #include "stages/metrics.h"
 #include "stages/prompts.h"
+#include "stages/circuit_file.h"
 #include "stages/prune.h"
+#include "stages/rank.h"
 #include "stages/score.h"
 #include "stages/tokenize.h"
 #include "tests/harness.h"
@@ -102,11 +105,11 @@ static void test_prefix_pass(stage_inputs *in, const ablation_plan *plan) {
 // A circuit with a few units dropped, for nontrivial scores.
 static void some_circuit(const stage_inputs *in, circuit *c, int with_edges) {
     circuit_full(&in->m.cfg, c);
-    circuit_unit drop[3] = {{0, 1, TT_Y, -1}, {1, 0, TT_LAST, -1}, {0, 2, TT_X, -1}};
+    circuit_unit drop[3] = {circuit_head_unit(0, 1, TT_Y), circuit_head_unit(1, 0, TT_LAST), circuit_head_unit(0, 2, TT_X)};
     for (int i = 0; i < 3; i++) circuit_set(c, UNIT_HEAD, &drop[i], 0);
     if (with_edges) {
         circuit_start_edges(c, &in->prompts);
-        circuit_unit e = {1, 1, TT_Y, TT_LAST};
+        circuit_unit e = circuit_edge_unit(1, 1, TT_Y, TT_LAST);
         circuit_set(c, UNIT_EDGE, &e, 0);
     }
 }
@@ -118,10 +121,10 @@ static void test_mask_plan_equals_json(const stage_inputs *in) {
     int nh = circuit_units(&c, UNIT_HEAD, &hu), ne = circuit_units(&c, UNIT_EDGE, &eu);
     json_t *j = json_pack("{s:[],s:[]}", "heads", "edges");
     for (int i = 0; i < nh; i++)
-        json_array_append_new(json_object_get(j, "heads"), json_pack("[i,i,s]", hu[i].layer, hu[i].head, token_type_name(hu[i].a)));
+        json_array_append_new(json_object_get(j, "heads"), json_pack("[i,i,s]", hu[i].layer, hu[i].head, token_type_name(hu[i].type)));
     for (int i = 0; i < ne; i++)
         json_array_append_new(json_object_get(j, "edges"), json_pack("[i,i,s,s]", eu[i].layer, eu[i].head,
-                                                                     token_type_name(eu[i].a), token_type_name(eu[i].b)));
+                                                                     token_type_name(eu[i].sender), token_type_name(eu[i].receiver)));
     ablation_plan a, b;
     ep_error err = {{0}};
     int ok = circuit_plan(&c, &in->m.cfg, &in->plan, &a, &err) == 0 && plan_circuit(j, "test", &in->m.cfg, &in->plan, &b, &err) == 0;
@@ -358,6 +361,70 @@ static void test_round_validation(void) {
     }
 }
 
+// Units and their rows on disk (stages/circuit.h, stages/circuit_file.h). circuit_units names a head
+// unit (layer, head, type) and an edge unit (layer, head, sender, receiver), the unused fields -1, in
+// the masks' order (checked against the masks walked here). A round file stores them as the int32 rows
+// (layer, head, type, -1) and (layer, head, sender, receiver): the columns round files have always had
+// (written out here by hand, not by the code under test), so files stay byte-identical; read back, the
+// rows give the same units, field by field.
+static void test_unit_rows(void) {
+    enum { L = 2, H = 2, NT = PLAN_CIRCUIT_TYPES, ET = PLAN_EDGE_TYPES };
+    circuit c = {L, H, calloc(L * H * NT, 1), calloc(L * H * ET * ET, 1)};
+    int kept_heads[3][3] = {{0, 1, TT_Y}, {1, 0, TT_LAST}, {1, 1, TT_X}};
+    int kept_edges[3][4] = {{0, 0, TT_Y, TT_QUERY}, {1, 1, TT_X, TT_LAST}, {1, 1, TT_Y, TT_LAST}};
+    for (int i = 0; i < 3; i++) c.heads[(kept_heads[i][0] * H + kept_heads[i][1]) * NT + kept_heads[i][2]] = 1;
+    for (int i = 0; i < 3; i++)
+        c.edges[((kept_edges[i][0] * H + kept_edges[i][1]) * ET + kept_edges[i][2]) * ET + kept_edges[i][3]] = 1;
+    circuit_unit *hu, *eu;
+    int nh = circuit_units(&c, UNIT_HEAD, &hu), ne = circuit_units(&c, UNIT_EDGE, &eu), named = nh == 3 && ne == 3;
+    for (int i = 0; i < 3 && named; i++) {
+        named &= hu[i].layer == kept_heads[i][0] && hu[i].head == kept_heads[i][1] && hu[i].type == kept_heads[i][2] &&
+                 hu[i].sender == -1 && hu[i].receiver == -1;
+        named &= eu[i].layer == kept_edges[i][0] && eu[i].head == kept_edges[i][1] && eu[i].type == -1 &&
+                 eu[i].sender == kept_edges[i][2] && eu[i].receiver == kept_edges[i][3];
+    }
+    check(named, "circuit_units: %d head units (layer, head, type) and %d edge units (layer, head, sender, receiver), "
+          "in the masks' order, unused fields -1", nh, ne);
+    char run[512], path[600], cmd[700];
+    snprintf(run, sizeof run, "%s/unit-rows", dir);
+    snprintf(cmd, sizeof cmd, "mkdir -p %s/prune.d", run);
+    if (system(cmd) != 0) return;
+    prune_round_path(run, 0, path, sizeof path);
+    for (int kind = UNIT_HEAD; kind <= UNIT_EDGE; kind++) {
+        const circuit_unit *u = kind == UNIT_HEAD ? hu : eu;
+        int32_t want[3 * 4];
+        for (int i = 0; i < 3; i++)
+            for (int k = 0; k < 4; k++) want[4 * i + k] = kind == UNIT_HEAD ? (k < 3 ? kept_heads[i][k] : -1) : kept_edges[i][k];
+        double scores[3] = {3, 1, 2};
+        prune_round_result res = {.kind = kind, .method = "attribution", .units = u, .n = 3, .scores = scores, .stop = ""};
+        ep_error err = {{0}};
+        h5store s;
+        h5shape sh;
+        int32_t *rows = NULL;
+        int rc = prune_round_write(path, "0123456789abcdef", 0, &c, &c, &res, 0, &err);
+        if (rc == 0 && (rc = h5store_open(path, &s, &err)) == 0) {
+            rc = h5store_read_i32(&s, "units", &sh, &rows, &err);
+            h5store_close(&s);
+        }
+        check(rc == 0 && sh.rank == 2 && sh.dims[0] == 3 && sh.dims[1] == 4 && !memcmp(rows, want, sizeof want),
+              "%s units on disk: rows (layer, head, %s): %s", unit_kind_name(kind),
+              kind == UNIT_HEAD ? "type, -1" : "sender, receiver", rc ? err.msg : "");
+        prune_round r;
+        if (rc == 0 && (rc = prune_round_load(run, 0, &r, &err)) == 0) {
+            check(r.kind == (unit_kind)kind && r.n_units == 3 && !memcmp(r.units, u, sizeof(circuit_unit) * 3),
+                  "%s units read back = the units written, field by field", unit_kind_name(kind));
+            prune_round_free(&r);
+        }
+        check(rc == 0, "round file of %s units: %s", unit_kind_name(kind), err.msg);
+        free(rows);
+        unlink(path);
+    }
+    printf("  units: head (layer, head, type) and edge (layer, head, sender, receiver), on disk as rows (l, h, type, -1) "
+           "and (l, h, sender, receiver)\n");
+    free(hu), free(eu);
+    circuit_free(&c);
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/ep_test_score_%d", (int)getpid());
     char cmd[600];
@@ -365,6 +432,7 @@ int main(void) {
     if (system(cmd) != 0) return 1;
     test_rank_helpers();
     test_round_validation();
+    test_unit_rows();
     const char *models[2] = {"smollm-tiny", "gemma2-tiny"};
     const char *extra[2] = {"", ", \"affect_whom\": [[\"x\", \"y\"]]"};
     for (int i = 0; i < 2; i++) {

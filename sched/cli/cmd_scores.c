@@ -1,5 +1,5 @@
 // edgepatch scores RUN [--round R] [--json]: one round's importance scores and kept set
-// (RUN/prune.d/round-NNN.h5, stages/prune.h), the last finished round by default.
+// (RUN/prune.d/round-NNN.h5, stages/circuit_file.h), the last finished round by default.
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
@@ -7,8 +7,9 @@
 #include <string.h>
 
 #include "sched/cli/cli.h"
+#include "stages/circuit_file.h"
 #include "stages/prompts.h"
-#include "stages/prune.h"
+#include "stages/rank.h"
 
 static const char usage[] =
     "usage: edgepatch scores RUN [--round R] [--json]\n"
@@ -26,10 +27,10 @@ static const char usage[] =
 static json_t *unit_json(const prune_round *r, int i, int with_score) {
     const circuit_unit *u = &r->units[i];
     json_t *o = json_pack("{s:i,s:i}", "layer", u->layer, "head", u->head);
-    if (r->kind == UNIT_HEAD) json_object_set_new(o, "type", json_string(token_type_name(u->a)));
+    if (r->kind == UNIT_HEAD) json_object_set_new(o, "type", json_string(token_type_name(u->type)));
     else {
-        json_object_set_new(o, "sender", json_string(token_type_name(u->a)));
-        json_object_set_new(o, "receiver", json_string(token_type_name(u->b)));
+        json_object_set_new(o, "sender", json_string(token_type_name(u->sender)));
+        json_object_set_new(o, "receiver", json_string(token_type_name(u->receiver)));
     }
     if (with_score) json_object_set_new(o, "score", json_real(r->scores[i]));
     return o;
@@ -116,8 +117,8 @@ int cmd_scores(int argc, char **argv) {
             int i = order[k];
             const circuit_unit *u = &r.units[i];
             char what[48];
-            if (r.kind == UNIT_HEAD) snprintf(what, sizeof what, "%s", token_type_name(u->a));
-            else snprintf(what, sizeof what, "%s->%s", token_type_name(u->a), token_type_name(u->b));
+            if (r.kind == UNIT_HEAD) snprintf(what, sizeof what, "%s", token_type_name(u->type));
+            else snprintf(what, sizeof what, "%s->%s", token_type_name(u->sender), token_type_name(u->receiver));
             printf("%5d %5d %4d %-18s %14.6g  %s\n", k + 1, u->layer, u->head, what, r.scores[i],
                    circuit_has(&r.kept, r.kind, u) ? "yes" : "no");
         }

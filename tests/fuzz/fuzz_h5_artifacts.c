@@ -25,8 +25,7 @@
 
 #include "pipeline/h5store.h"
 #include "stages/prompts.h"
-#include "stages/prune.h"
-#include "stages/score.h"
+#include "stages/circuit_file.h"
 #include "stages/stage_inputs.h"
 #include "stages/task.h"
 #include "stages/tokenize.h"
@@ -172,7 +171,8 @@ static void read_round(void) {
     }
     for (int i = 0; i < r.n_units; i++) {
         sink += (unsigned)circuit_has(&r.kept, r.kind, &r.units[i]) + (unsigned)circuit_has(&r.circuit, r.kind, &r.units[i]);
-        sink += (unsigned)strlen(token_type_name(r.units[i].a)) + (unsigned)strlen(token_type_name(r.units[i].b));
+        sink += (unsigned)strlen(token_type_name(r.units[i].type)) + (unsigned)strlen(token_type_name(r.units[i].sender)) +
+                (unsigned)strlen(token_type_name(r.units[i].receiver));
         sink += r.scores[i] > 0;  // (unsigned) of a negative or NaN score would be undefined
     }
     if (r.compare_scores) sink += (unsigned)(int)r.agreement[2] + (unsigned)(int)r.agreement[3];

@@ -54,15 +54,12 @@ int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data,
 int h5store_read_f64(h5store *s, const char *name, h5shape *shape, double **data, ep_error *err);
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);
 int h5store_has(h5store *s, const char *name);
-// Reads every dataset of the file and checks its CRC (a whole-file check before a file is trusted as a
-// finished work item; readers of single datasets check theirs anyway).
-int h5store_verify(h5store *s, ep_error *err);
 
 // What an existing artifact at path was made from, by its "inputs_hash" attribute: the skip/recompute
 // decision of every stage's output and item shard.
 typedef enum {
     H5STORE_ABSENT = 0,   // no file at path
-    H5STORE_SAME = 1,     // complete, sealed, every dataset sound, made from `identity`
+    H5STORE_SAME = 1,     // complete and sealed (so every byte sound: h5store_open), made from `identity`
     H5STORE_DAMAGED = 2,  // unreadable, unfinished or damaged (why says how)
     H5STORE_OTHER = 3,    // sound but made from other inputs (or without an inputs_hash)
 } h5store_origin;

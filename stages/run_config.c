@@ -422,7 +422,7 @@ int run_config_check_inputs(const run_config *c, const model_config *model, ep_e
         h5store s;
         if (h5store_open(c->prune.files[i], &s, err)) return ep_wrap(err, "%s: field prune_using_imp_scores[%d]", c->path, i);
         char *format = NULL;
-        int r = h5store_verify(&s, err) || h5store_get_str(&s, "format", &format, err);
+        int r = h5store_get_str(&s, "format", &format, err);
         if (r == 0 && strcmp(format, "edgepatch-prune-round-1"))
             r = ep_fail(err, "%s: a %s file, not a prune round file (prune.d/round-NNN.h5)", c->prune.files[i], format);
         free(format);

@@ -179,7 +179,7 @@ static void run_case(const model *m, int cse, const char *what, backward_memory 
     grad_tape t;
     before = live_bytes();
     counting(1);
-    int rc = model_backward(m, &b, cse ? &patch : NULL, &t, &err);
+    int rc = model_backward(kernel_ops_cpu(), m, &b, cse ? &patch : NULL, &t, &err);
     counting(0);
     size_t peak = mem.peak - before, tape = live_bytes() - before;
     check(rc == 0, "%s: %s", what, err.msg);

@@ -619,31 +619,30 @@ int backward_bytes(const model_config *c, const backward_shape *b, backward_memo
     if (check_batch(&gb, err)) return -1;
     tp_shard sh = model_config_local(c);
     size_t S = (size_t)b->n_seqs, L = (size_t)c->n_layers, D = (size_t)c->hidden, V = (size_t)c->vocab_size,
-           hd = (size_t)c->head_dim, H = (size_t)sh.n_heads, Q = H * hd, KV = (size_t)sh.n_kv_heads * hd,
-           NI = (size_t)sh.n_inter, f = sizeof(float);
-    size_t T = 0, R = 0, max_len = 0, att = 0;
+           Vl = (size_t)sh.n_vocab, hd = (size_t)c->head_dim, H = (size_t)sh.n_heads, Q = H * hd,
+           KV = (size_t)sh.n_kv_heads * hd, NI = (size_t)sh.n_inter, f = sizeof(float);
+    size_t T = 0, R = 0, max_len = 0;
     for (int s = 0; s < b->n_seqs; s++) {
         size_t n = (size_t)b->len[s];
-        T += n, R += (size_t)b->n_target[s], att += H * n * n;
+        T += n, R += (size_t)b->n_target[s];
         max_len = n > max_len ? n : max_len;
     }
-    size_t nn = max_len * max_len;
+    size_t nn = max_len * max_len, cache_rows = S * max_len, wide = max_sz(max_sz(D, Q), KV);
 
-    // The tape: model_backward's t->len, row, att_off, seq_loss; q; dz, p, dlogit, sel; forward_loss's cache
-    // (k, v, z of every layer for max_len positions, and its lengths).
-    out->tape_meta = S * sizeof(int) * 2 + S * sizeof(size_t) + S * sizeof(double);
+    // The tape: model_backward's t->len, row, seq_loss, attn; q; dz; forward_loss's cache (k, v, z of every
+    // layer for max_len positions, and its lengths). Nothing per edge: the scores recompute it.
+    out->tape_meta = S * sizeof(int) * 2 + S * sizeof(double) + L * sizeof(attn_params);
     out->tape_q = f * L * T * Q;
     out->tape_dz = f * L * T * Q;
-    out->tape_att = 2 * f * L * att;
-    out->tape_sel = asked(L * att);
     out->tape_cache = f * L * S * max_len * (2 * KV + Q) + S * sizeof(int);
-    out->tape = out->tape_meta + out->tape_q + out->tape_dz + out->tape_att + out->tape_sel + out->tape_cache;
+    out->tape = out->tape_meta + out->tape_q + out->tape_dz + out->tape_cache;
 
-    // model_backward's rows, pos, neg_inv_freq; resid, attn, dlogits.
-    out->pass_meta = R * sizeof(int) + T * sizeof(int) + asked(f * (size_t)(c->rotary_dim / 2));
+    // model_backward's rows and positions (host, then the backend's copy); resid, attn; dL/dlogits of the
+    // rank's vocabulary block at the predicting rows (host).
+    out->pass_meta = R * sizeof(int) + T * sizeof(int);
     out->resid = f * (L + 1) * T * D;
     out->attn_out = f * L * T * D;
-    out->dlogits = f * R * V;
+    out->dlogits = f * R * Vl;
 
     // Inside forward_loss: the logits rows, model_forward's step buffers (hidden-wide rows: max(T, R) = T),
     // its host positions and sequences; during the layers a later shard's copy of the rules with, one at
@@ -654,24 +653,30 @@ int backward_bytes(const model_config *c, const backward_shape *b, backward_memo
     size_t nd = b->edge_rules ? (size_t)b->n_donors : 0;
     size_t kernel = slots ? f * nn * (1 + nd) * slots + (b->edge_rules ? nn * slots : 0) : 0;
     int vocab_parallel = sh.n_vocab < c->vocab_size;
-    size_t gather = vocab_parallel ? asked(f * R * (size_t)sh.n_vocab) + 2 * f * R * V : 0;
+    size_t gather = vocab_parallel ? asked(f * R * Vl) + 2 * f * R * V : 0;
     size_t ids = vocab_parallel ? asked(sizeof(int) * T) : 0;
     size_t step = f * T * (D * 4 + Q * 2 + KV * 2 + NI * 2) + sizeof(int) * T * 3 + sizeof(attn_seq) * S;
     size_t rules = b->edge_rules && sh.head0 > 0 ? sizeof(edge_rule_set) : 0;
     out->forward = f * R * V + step + max_sz(rules + max_sz(ids, kernel), gather);
 
-    // The layer walk: scratch_init's buffers, dx and dx_in; at the lm_head xr, dxn, dxr; per layer
-    // attention_back's g, and, when the layer reads donors, msk and one pair of blocks per donor.
-    out->scratch = f * T * (D * 7 + Q * 2 + KV * 2 + NI * 5) + 2 * f * T * D;
-    out->head = 3 * f * R * D;
-    out->attention = f * nn + (b->edge_rules ? f * nn + asked(f * nn * 2 * (size_t)b->n_donors) : 0);
+    // From the final norm on: dx, dx_in and the zero row (base); at the lm_head xr, dxn, dxr and the rows'
+    // indices (on a device backend also the uploaded dL/dlogits; the cpu ops read the host's); then the
+    // layer walk's scratch_init buffers (dkc, dvc in the cache's rows) and view_init's sequences and a
+    // later shard's copy of the rules; per layer attention_back's blocks per thread (cpu ops:
+    // kernels/ops_cpu.c agrad_run: P, dlogit, g, mask and two per donor a layer's rules read, and the
+    // selection bytes, per (sequence, KV head) task slot).
+    size_t base = 2 * f * T * D + f * wide;
+    out->head = 3 * f * R * D + sizeof(int) * R;
+    out->scratch = base + f * T * (D * 7 + Q * 2 + KV * 2 + NI * 5) + 2 * f * cache_rows * KV + sizeof(attn_seq) * S + rules;
+    size_t aslots = S * (size_t)sh.n_kv_heads < (size_t)b->n_threads ? S * (size_t)sh.n_kv_heads : (size_t)b->n_threads;
+    out->attention = f * nn * (4 + 2 * nd) * aslots + nn * aslots;
 
-    size_t pass = out->pass_meta + out->resid + out->attn_out + out->dlogits;
-    size_t during_forward = out->tape_meta + out->tape_q + out->tape_cache + pass + out->forward;
-    size_t during_walk = out->tape + pass + out->scratch + max_sz(out->head, out->attention);
-    out->peak = max_sz(during_forward, during_walk);
-    size_t per_layer_att = 2 * f * att + att;
-    out->per_layer = 2 * f * T * Q + per_layer_att + f * S * max_len * (2 * KV + Q) + 2 * f * T * D;
+    size_t pass = out->pass_meta + out->resid + out->attn_out;
+    size_t during_forward = out->tape_meta + out->tape_q + out->tape_cache + pass + out->dlogits + out->forward;
+    size_t during_head = out->tape + pass + out->dlogits + base + out->head;
+    size_t during_walk = out->tape + pass + out->scratch + out->attention;
+    out->peak = max_sz(during_forward, max_sz(during_head, during_walk));
+    out->per_layer = 2 * f * T * Q + f * S * max_len * (2 * KV + Q) + 2 * f * T * D + sizeof(attn_params);
     // patch_donor_passes' caches: K, V and z for donor_capacity positions, and their lengths.
     out->donors = (size_t)b->n_donors * (f * L * S * (size_t)b->donor_capacity * (2 * KV + Q) + S * sizeof(int));
     return 0;

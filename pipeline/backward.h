@@ -89,8 +89,11 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
                      ep_error *err);
 
 // What model_backward holds, in bytes, for a batch of this shape on this rank (cfg->tp: a shard's heads, KV
-// heads, MLP columns and vocabulary block), part by part as the code allocates it (the host allocations of
-// model_backward, its forward pass and the cpu kernels it calls; a group's collectives may add their own).
+// heads, MLP columns and vocabulary block), part by part as the code allocates it on the cpu backend, whose
+// memory is the host's (model_backward's allocations, host and backend, its forward pass's and the cpu
+// kernels' scratch; a group's collectives may add their own). On a device backend the same buffers live
+// in device memory but for the host's: tape_meta, pass_meta's rows, dlogits and the logits rows of forward
+// (and the kernels' scratch is the device backend's own).
 // docs/memory.md and `edgepatch memory` print it; tests/test_backward_memory.c counts the allocations of
 // real passes and compares, so a change to what the backward allocates must change this too.
 typedef struct {
@@ -106,20 +109,19 @@ typedef struct {
     // The tape (kept until grad_tape_free; what the scores read):
     size_t tape_q;      // post-RoPE queries, every layer
     size_t tape_dz;     // dL/dz, every layer
-    size_t tape_att;    // p and dL/dlogit per (layer, head, receiver, sender): 2 floats per pair
-    size_t tape_sel;    // the source each pair read: 1 byte per pair
     size_t tape_cache;  // the current pass's K, V and z, every layer
-    size_t tape_meta;   // per-sequence lengths, rows, offsets, losses
+    size_t tape_meta;   // per-sequence lengths, rows, losses; per-layer attention parameters
     size_t tape;        // their sum
     // model_backward's own, for the pass:
     size_t resid;       // the residual stream entering every layer and leaving the last
     size_t attn_out;    // the attention blocks' outputs, every layer
-    size_t dlogits;     // dL/dlogits at the predicting rows (the whole vocabulary)
-    size_t pass_meta;   // rows, positions, negated rotary frequencies
+    size_t dlogits;     // dL/dlogits at the predicting rows (the rank's vocabulary block; host), to the lm_head
+    size_t pass_meta;   // predicting rows and positions
     size_t forward;     // transient inside the forward: logits rows, step buffers, the kernels' scratch
-    size_t scratch;     // the layer walk's buffers (recomputed MLP input and pre-activations, gradients)
+    size_t scratch;     // the residual gradients and the layer walk's buffers (recomputed MLP input and
+                        // pre-activations, gradients, K/V gradients in the cache's rows, the layer's sequences)
     size_t head;        // transient at the final norm and lm_head: 3 rows of hidden per predicting row
-    size_t attention;   // transient per layer: attention_back's blocks of one (sequence, head)
+    size_t attention;   // transient per layer: attention_back's blocks per (sequence, KV head) thread slot
     size_t per_layer;   // of the above, what each layer adds (tape, resid and attn_out per layer)
     size_t peak;        // the most live at once during model_backward (the tape included)
     size_t donors;      // the caller's donor caches (K, V, z), held alongside; not in peak

@@ -222,8 +222,8 @@ int main(void) {
                 // Can-fail siblings: the same comparison with one part missing or one row too many fails.
                 if (i == 0 && split == 2 && cse == 2) {
                     check(want.peak - want.scratch != peak, "%s: a peak without the layer scratch is caught", what);
-                    check(want.tape + want.tape_sel / (size_t)m.cfg.n_layers != tape,
-                          "%s: a tape with one layer's selection too many is caught", what);
+                    check(want.tape + want.tape_dz / (size_t)m.cfg.n_layers != tape,
+                          "%s: a tape with one layer's dL/dz too many is caught", what);
                     check(want.peak - want.attention != peak, "%s: a peak without attention_back's blocks is caught",
                           what);
                 }

@@ -53,10 +53,10 @@ int main(int argc, char **argv) {
     double loss, best_f = 1e30, best_b = 1e30, prefix = 0;
     for (int rep = 0; rep < reps && !err.msg[0]; rep++) {
         double t0 = bench_now_s();
-        if (model_loss(&m, &b, NULL, &loss, NULL, &err)) break;
+        if (model_loss(kernel_ops_cpu(), &m, &b, NULL, &loss, NULL, &err)) break;
         double t1 = bench_now_s();
         grad_tape tape;
-        if (model_backward(&m, &b, NULL, &tape, &err)) break;
+        if (model_backward(kernel_ops_cpu(), &m, &b, NULL, &tape, &err)) break;
         double t2 = bench_now_s();
         grad_tape_free(&tape);
         if (t1 - t0 < best_f) best_f = t1 - t0;

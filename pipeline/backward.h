@@ -2,19 +2,22 @@
 //
 // Owns: grad_tape, what one forward + backward pass over a packed batch leaves for scoring: the loss,
 // dL/dz (every layer, position and query head, z = the head's attention output before the output
-// projection, after head-unit substitution), the attention probabilities p(B, A) and dL/d(q_B . k*_A)
-// per (layer, head, receiver, sender), and the current pass's q, K, V and z. From these the two unit
-// scores of docs/design.md are computed edge by edge, without per-edge copies of K or V
-// (docs/attribution.md derives the formulas).
-// Promises: the forward values are model_forward's (the same function runs first, patched as given);
-// the backward mirrors it layer by layer (final softcap and norm, lm_head only at predicting rows,
-// pre-norm / sandwich / parallel blocks, MLPs, attention with scale, softcap, causal mask, window,
-// GQA, edge ablation, head units, RoPE, partial rotary) and stops at the embeddings. Host memory and
-// fp32 only (the CPU backend). Never prints.
+// projection, after head-unit substitution), and the current pass's post-RoPE q, K, V and z. From these
+// the two unit scores of docs/design.md are computed by the kernel table's score reductions, which
+// recompute the attention probabilities and dL/dlogit edge by edge (nothing per edge is kept;
+// docs/attribution.md derives the formulas).
+// Promises: every numeric step runs through the backend's kernel table (kernels/ops.h): the forward is
+// model_forward on that backend (patched as given), the backward mirrors it layer by layer with the
+// table's gradient ops (final softcap and norm, lm_head only at predicting rows, pre-norm / sandwich /
+// parallel blocks, MLPs, attention with scale, softcap, causal mask, window, GQA, edge ablation, head
+// units, RoPE, partial rotary) and stops at the embeddings. The model is the backend's (model_to_backend:
+// fp32 or bf16 weights in the backend's memory; a bf16 model's gradients and sums stay fp32), the tape
+// lives in the backend's memory; the host holds the logits, the loss, small metadata and the scores'
+// per-unit double sums. Never prints.
 // A tensor-parallel shard (model.cfg.tp, model.group: docs/tensor_parallel.md) runs the pass with its group
 // (collective: every rank of the group calls the same functions in the same order, scores included); its
 // tape holds its own query heads and KV heads, and the scores, which name the model's heads, come out
-// whole on every rank.
+// whole on every rank (the group's f32 sums on backend buffers, its f64 sum on the host's score sums).
 #ifndef EP_BACKWARD_H
 #define EP_BACKWARD_H
 
@@ -38,40 +41,40 @@ typedef struct {
 } edge_unit;
 
 typedef struct {
+    const kernel_ops *ops;   // the backend every buffer below (but the host metadata) lives in
     int n_layers, n_heads, n_kv_heads, head_dim, n_seqs, n_rows;  // n_heads, n_kv_heads: the tape's (a shard's)
     int head0, model_heads;  // the tape's head h is the model's head head0 + h, of model_heads
     const ep_group *group;   // a shard's group, which the scores are summed over; NULL for a whole model
-    int *len, *row;         // [n_seqs]: length and first packed row of each sequence
-    size_t *att_off;        // [n_seqs]: where a sequence's [n_heads][len][len] block starts in a layer
-    size_t att_per_layer;   // floats per layer of p and dlogit
+    int *len, *row;         // [n_seqs] host: length and first packed row of each sequence
+    attn_params *attn;      // [n_layers] host: each layer's attention as the table's ops take it
     double loss;
-    double *seq_loss;       // [n_seqs]
-    float *dz;              // [n_layers][n_rows][n_heads * head_dim]: dL/dz
-    float *q;               // [n_layers][n_rows][n_heads * head_dim]: post-RoPE queries
-    float *p;               // [n_layers] blocks: p[h][B][A] (0 where A is masked)
-    float *dlogit;          // same layout: dL/d(q_B . k*_A), scale and softcap' included
-    signed char *sel;       // same layout: the donor edge (h, A->B) read, -1 for the current pass
-    kv_cache cache;         // the current pass's K, V and z (z after head-unit substitution)
+    double *seq_loss;       // [n_seqs] host
+    float *dz;              // backend [n_layers][n_rows][n_heads * head_dim]: dL/dz
+    float *q;               // backend [n_layers][n_rows][n_heads * head_dim]: post-RoPE queries
+    kv_cache cache;         // backend: the current pass's K, V and z (z after head-unit substitution)
     forward_patch patch;    // a copy of the patch the pass ran with (pointers are the caller's)
     int patched;
 } grad_tape;
 
-// Forward (patched when `patch` is non-NULL) and backward over the batch. The caller keeps the
-// patch's rule sets, donor caches and type arrays alive while the tape is used for scores.
-int model_backward(const model *m, const grad_batch *b, const forward_patch *patch, grad_tape *t, ep_error *err);
+// Forward (patched when `patch` is non-NULL) and backward over the batch on backend ops with m, the
+// backend's model (model_to_backend; for ref and cpu the host model itself), its group for a shard. The
+// patch's donor caches live in ops' memory (kv_cache_init_backend, as model_forward needs them). The caller
+// keeps the patch's rule sets, donor caches and type arrays alive while the tape is used for scores.
+int model_backward(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
+                   grad_tape *t, ep_error *err);
 void grad_tape_free(grad_tape *t);
 
-// The loss alone (one patched forward pass): for checks by finite differences.
-int model_loss(const model *m, const grad_batch *b, const forward_patch *patch, double *loss, double *seq_loss,
-               ep_error *err);
+// The loss alone (one patched forward pass on ops, as model_backward's): for checks by finite differences.
+int model_loss(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch, double *loss,
+               double *seq_loss, ep_error *err);
 
-// dL/dz at (layer, packed row): n_heads * head_dim floats (the tape's heads).
-const float *grad_tape_dz(const grad_tape *t, int layer, int row);
+// dL/dz at (layer, packed row) into out (host): n_heads * head_dim floats (the tape's heads).
+void grad_tape_dz(const grad_tape *t, int layer, int row, float *out);
 
-// dL/dk*(A->B) and dL/dv*(A->B) of one edge (layer, the tape's query head, sequence, receiver B, sender A): the
-// gradient with respect to the key / value row that B read from A (current or donor), head_dim each.
-// Zero where B cannot see A.
-void grad_edge_kv(const grad_tape *t, int layer, int head, int seq, int B, int A, float *dk, float *dv);
+// dL/d(donor `donor`'s keys and values) in `layer`: through the edges that read them (summed over the
+// receivers and over a KV head's query heads), into host arrays laid out as the donor cache,
+// [n_seqs][capacity][kv_dim] each (zero where no edge reads). One attention_back of the layer.
+int grad_donor_kv(const grad_tape *t, int layer, int donor, float *dk, float *dv, ep_error *err);
 
 // Attribution scores, averaged over the sequences (per_seq, optional: [n][n_seqs], signed, before the
 // absolute value). Head unit: |sum over positions B of its type of (z(B) - z_donor(B))_head . dL/dz(B)_head|
@@ -86,8 +89,11 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
                      ep_error *err);
 
 // What model_backward holds, in bytes, for a batch of this shape on this rank (cfg->tp: a shard's heads, KV
-// heads, MLP columns and vocabulary block), part by part as the code allocates it (the host allocations of
-// model_backward, its forward pass and the cpu kernels it calls; a group's collectives may add their own).
+// heads, MLP columns and vocabulary block), part by part as the code allocates it on the cpu backend, whose
+// memory is the host's (model_backward's allocations, host and backend, its forward pass's and the cpu
+// kernels' scratch; a group's collectives may add their own). On a device backend the same buffers live
+// in device memory but for the host's: tape_meta, pass_meta's rows, dlogits and the logits rows of forward
+// (and the kernels' scratch is the device backend's own).
 // docs/memory.md and `edgepatch memory` print it; tests/test_backward_memory.c counts the allocations of
 // real passes and compares, so a change to what the backward allocates must change this too.
 typedef struct {
@@ -103,20 +109,19 @@ typedef struct {
     // The tape (kept until grad_tape_free; what the scores read):
     size_t tape_q;      // post-RoPE queries, every layer
     size_t tape_dz;     // dL/dz, every layer
-    size_t tape_att;    // p and dL/dlogit per (layer, head, receiver, sender): 2 floats per pair
-    size_t tape_sel;    // the source each pair read: 1 byte per pair
     size_t tape_cache;  // the current pass's K, V and z, every layer
-    size_t tape_meta;   // per-sequence lengths, rows, offsets, losses
+    size_t tape_meta;   // per-sequence lengths, rows, losses; per-layer attention parameters
     size_t tape;        // their sum
     // model_backward's own, for the pass:
     size_t resid;       // the residual stream entering every layer and leaving the last
     size_t attn_out;    // the attention blocks' outputs, every layer
-    size_t dlogits;     // dL/dlogits at the predicting rows (the whole vocabulary)
-    size_t pass_meta;   // rows, positions, negated rotary frequencies
+    size_t dlogits;     // dL/dlogits at the predicting rows (the rank's vocabulary block; host), to the lm_head
+    size_t pass_meta;   // predicting rows and positions
     size_t forward;     // transient inside the forward: logits rows, step buffers, the kernels' scratch
-    size_t scratch;     // the layer walk's buffers (recomputed MLP input and pre-activations, gradients)
+    size_t scratch;     // the residual gradients and the layer walk's buffers (recomputed MLP input and
+                        // pre-activations, gradients, K/V gradients in the cache's rows, the layer's sequences)
     size_t head;        // transient at the final norm and lm_head: 3 rows of hidden per predicting row
-    size_t attention;   // transient per layer: attention_back's blocks of one (sequence, head)
+    size_t attention;   // transient per layer: attention_back's blocks per (sequence, KV head) thread slot
     size_t per_layer;   // of the above, what each layer adds (tape, resid and attn_out per layer)
     size_t peak;        // the most live at once during model_backward (the tape included)
     size_t donors;      // the caller's donor caches (K, V, z), held alongside; not in peak

@@ -201,8 +201,7 @@ int model_group_sum(const model *m, float *buf, size_t n, ep_error *err) {
     return model_config_local(&m->cfg).size > 1 ? group_sum_f32(m->group, buf, n, err) : 0;
 }
 
-// A shard's rules: query head h of the shard is head head0 + h of the model, so the head bits move down.
-static void shard_rules(edge_rule_set *dst, const edge_rule_set *src, int head0, int n_heads) {
+void forward_shard_rules(edge_rule_set *dst, const edge_rule_set *src, int head0, int n_heads) {
     dst->n = src->n;
     for (int r = 0; r < src->n; r++) {
         dst->rule[r] = src->rule[r];
@@ -279,6 +278,15 @@ static int project_logits(const model *m, const kernel_ops *ops, step_buffers *s
     return rc;
 }
 
+// One captured activation (rows x width floats of backend memory) into the batch's array: host memory is
+// downloaded to, a backend tape (capture_backend) is copied to inside the backend.
+static void capture(const kernel_ops *ops, const forward_batch *b, float *dst, const float *src, int rows, int width) {
+    if (b->capture_backend)
+        ops->copy_rows(dst, width, src, width, rows, width);
+    else
+        ops->download(dst, src, sizeof(float) * (size_t)rows * width);
+}
+
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err) {
     const model_config *c = &m->cfg;
@@ -348,14 +356,14 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
 
     for (int l = first; l < end && rc == 0; l++) {
         const layer_weights *w = &m->layers[l];
-        if (b->resid) ops->download(b->resid + (size_t)l * T * D, s.x, sizeof(float) * (size_t)T * D);
+        if (b->resid) capture(ops, b, b->resid + (size_t)l * T * D, s.x, T, D);
         norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
         linear(ops, s.q, s.xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
         linear(ops, s.k, s.xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
         linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
         ops->rope(s.q, Q, s.pos, m->inv_freq, T, H, c->head_dim, c->rotary_dim);
         ops->rope(s.k, KV, s.pos, m->inv_freq, T, sh.n_kv_heads, c->head_dim, c->rotary_dim);
-        if (b->q_out) ops->download(b->q_out + (size_t)l * T * Q, s.q, sizeof(float) * (size_t)T * Q);
+        if (b->q_out) capture(ops, b, b->q_out + (size_t)l * T * Q, s.q, T, Q);
         for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
             ops->copy_rows(kv_cache_k(cache, l, seq, cache->len[seq]), KV, s.k + (size_t)r * KV, KV, b->n_new[seq], KV);
             ops->copy_rows(kv_cache_v(cache, l, seq, cache->len[seq]), KV, s.v + (size_t)r * KV, KV, b->n_new[seq], KV);
@@ -369,7 +377,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 dk[d] = kv_cache_k(patch->donors[d], l, 0, 0);
                 dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
             }
-            if (rules) shard_rules(rules, &patch->layer_rules[l], sh.head0, H);
+            if (rules) forward_shard_rules(rules, &patch->layer_rules[l], sh.head0, H);
             ops->patched_attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), patch->n_donors,
                                    dk, dv, s.seqs, b->n_seqs, &p, rules ? rules : &patch->layer_rules[l]);
         } else {
@@ -386,7 +394,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         // the parallel block, whose two branches are added anyway).
         size_t n = (size_t)T * D;
         if (c->block != BLOCK_PARALLEL && (rc = model_group_sum(m, s.o, n, err))) break;
-        if (b->attn_out) ops->download(b->attn_out + (size_t)l * T * D, s.o, sizeof(float) * (size_t)T * D);
+        if (b->attn_out) capture(ops, b, b->attn_out + (size_t)l * T * D, s.o, T, D);
         switch (c->block) {
         case BLOCK_PRE_NORM:
             ops->add(s.x, s.o, n);
@@ -417,7 +425,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         step_buffers_free(&s, ops);
         return -1;
     }
-    if (b->resid) ops->download(b->resid + (size_t)end * T * D, s.x, sizeof(float) * (size_t)T * D);
+    if (b->resid) capture(ops, b, b->resid + (size_t)end * T * D, s.x, T, D);
     if (b->x_out) ops->download(b->x_out, s.x, sizeof(float) * (size_t)T * D);
     for (int seq = 0; seq < b->n_seqs; seq++) cache->len[seq] += b->n_new[seq];
 

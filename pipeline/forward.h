@@ -76,6 +76,8 @@ typedef struct {
                            // (before Gemma's post-norm; a shard's: summed over the group, but in the parallel
                            // block, where it is the shard's part); both for the backward, written for the
                            // layers run
+    int capture_backend;   // 1: resid, q_out and attn_out are ops' memory (the backward's tape stays on the
+                           // backend: copied there with copy_rows, never downloaded); 0: host memory
     // A partial pass (prefix reuse for exact scores): start at first_layer (0..n_layers) from x_in, the
     // residual stream entering that layer ([n_tokens, hidden], e.g. a slot of an earlier pass's resid),
     // instead of embedding the tokens; stop after layer end_layer - 1 (0 means n_layers) and leave the
@@ -87,7 +89,7 @@ typedef struct {
     float *x_out;          // optional out [n_tokens, hidden]
 } forward_batch;
 
-// The batch's arrays (tokens, logit_rows, logits, resid, x_in, x_out) and the patch's metadata are host
+// The batch's arrays (tokens, logit_rows, logits, resid unless capture_backend, x_in, x_out) and the patch's metadata are host
 // memory whatever the backend; the model's weights and every cache must live in ops' memory (a host model
 // and host caches for host backends; model_to_backend and kv_cache_init_backend otherwise).
 // Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when
@@ -99,5 +101,9 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
 // A tensor-parallel shard's partial values (host or backend memory as m's group takes them) summed over
 // its group in place, as the row-parallel projections are; nothing for a whole model. Collective.
 int model_group_sum(const model *m, float *buf, size_t n, ep_error *err);
+
+// A shard's copy of a layer's rules: its query head h is the model's head head0 + h, so the head bits
+// move down by head0 (the kernels number a shard's own heads). For the forward and the backward alike.
+void forward_shard_rules(edge_rule_set *dst, const edge_rule_set *src, int head0, int n_heads);
 
 #endif

@@ -105,7 +105,7 @@ int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err) {
         free(h);
         return -1;
     }
-    *out = (ep_comm){.kind = COMM_NCCL, .rank = group->rank, .size = group->size, .handle = h};
+    *out = (ep_comm){.kind = COMM_NCCL, .rank = group->rank, .size = group->size, .handle = h, .host = group};
     return 0;
 #else
     (void)group;
@@ -244,6 +244,7 @@ static int int_reduce(const ep_comm *c, int *buf, int n, MPI_Op op, ep_error *er
 }
 
 int comm_allreduce_sum_f64(const ep_comm *c, double *buf, size_t n, ep_error *err) {
+    if (c->kind == COMM_NCCL && c->host) c = c->host;  // host doubles: the MPI group the NCCL one was made from
     if (c->kind == COMM_SINGLE) return 0;
     if (c->kind != COMM_MPI) return ep_fail(err, "comm: double collectives need an MPI communicator");
     return mpi_allreduce_sum(c, buf, n, MPI_DOUBLE, sizeof(double), err);

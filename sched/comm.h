@@ -20,11 +20,13 @@
 
 typedef enum { COMM_SINGLE = 0, COMM_MPI = 1, COMM_NCCL = 2 } comm_kind;
 
-typedef struct {
+typedef struct ep_comm_s {
     comm_kind kind;
     int rank, size;
     void *handle;  // the backend's communicator (MPI_Comm *, ncclComm_t), opaque so no MPI header leaks
     const struct kernel_ops *staging;  // a staged view's device backend (comm_staged_view), else NULL
+    const struct ep_comm_s *host;      // an NCCL communicator's MPI (or single) group, which carries its
+                                       // host collectives (double sums: the attribution scores); else NULL
     size_t max_chunk;  // elements one MPI call of a size_t-count collective carries; 0: COMM_MAX_CHUNK (tests
                        // set a few to run the pieces on small buffers)
 } ep_comm;
@@ -43,7 +45,8 @@ void comm_world_finalize(ep_comm *world);
 int comm_split(const ep_comm *parent, int color, int key, ep_comm *out, ep_error *err);
 // An NCCL communicator over the same ranks as `group` (an MPI or single communicator): rank 0 makes the
 // unique id and broadcasts it over `group`. Runs on the GPU the CUDA backend picked for this rank (local
-// rank mod GPUs on the node, docs/cuda.md). Fails in builds without NCCL or without a usable GPU.
+// rank mod GPUs on the node, docs/cuda.md). Fails in builds without NCCL or without a usable GPU. Its
+// double sums (host buffers) go through `group`, which must stay where it is and outlive out.
 int comm_nccl_init(const ep_comm *group, ep_comm *out, ep_error *err);
 // 1 when this build has NCCL (comm_nccl_init can work on a machine with GPUs).
 int comm_nccl_built(void);
@@ -62,7 +65,8 @@ void comm_free(ep_comm *c);
 int comm_agree(const ep_comm *c, int status, const ep_error *mine, ep_error *err);
 
 // Collectives over the group. f32 buffers are in the backend's memory (host for mpi, device for nccl and
-// for a staged view); int and double buffers are host memory and need an mpi or single communicator.
+// for a staged view); int and double buffers are host memory and need an mpi or single communicator
+// (an nccl one's double sums run on the group it was made from).
 int comm_allreduce_sum_f32(const ep_comm *c, float *buf, size_t n, ep_error *err);  // in place
 // recv[r * n .. (r + 1) * n) = rank r's send[0 .. n); recv must not overlap send.
 int comm_allgather_f32(const ep_comm *c, const float *send, float *recv, size_t n, ep_error *err);

@@ -97,12 +97,12 @@ int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, u
     }
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    rc = patch_donor_passes(&in->m, kernel_ops_cpu(), plan, &pb, donors, err);
+    rc = patch_donor_passes(&in->dev, in->ops, plan, &pb, donors, err);
     if (rc == 0) {
         forward_patch fp = patch_of(plan, &pb, donors);
         grad_batch gb = {.n_seqs = S, .len = len, .n_target = n_target, .tokens = tokens};
         grad_tape tape;
-        rc = model_backward(&in->m, &gb, &fp, &tape, err);
+        rc = model_backward(in->ops, &in->dev, &gb, &fp, &tape, err);
         if (rc == 0) {
             rc = kind == UNIT_HEAD ? grad_head_scores(&tape, hu, n, batch_score, NULL, err)
                                    : grad_edge_scores(&tape, eu, n, batch_score, NULL, err);

@@ -25,10 +25,6 @@ int stage_backend(const run_config *cfg, const ep_log *log, const kernel_ops **o
     return 0;
 }
 
-int stage_needs_host_weights(const run_config *cfg) {
-    return !cfg->prune.exact || cfg->prune.compare;
-}
-
 int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err) {
     const kernel_ops *ops;
     memset(in, 0, sizeof *in);  // closable whatever fails
@@ -46,9 +42,10 @@ int stage_inputs_open_shard(const run_config *cfg, const kernel_ops *ops, const 
     snprintf(path, sizeof path, "%s/prompts.h5", cfg->output_path);
     in->ops = ops;
     // A host backend computes with the host model's weights; a device backend gets them from the mapping
-    // one tensor at a time, and the host keeps fp32 weights only for attribution's CPU backward pass.
+    // one tensor at a time and the host keeps none (every pass, attribution's backward included, runs on
+    // the backend's model).
     int rank = host ? host->rank : 0, size = host ? host->size : 1;
-    if ((in->ops->host_memory || stage_needs_host_weights(cfg) ? model_load_shard : model_open_shard)(
+    if ((in->ops->host_memory ? model_load_shard : model_open_shard)(
             cfg->model_path, rank, size, &in->m, err))
         return -1;
     in->m.group = host;

@@ -18,8 +18,8 @@
 struct stage_inputs {
     const run_config *cfg;
     const ep_log *log;    // where the stages write their lines (NULL: nowhere); the caller's, outliving in
-    model m;              // the checkpoint on the host: config, mapping, identity; fp32 weights only where they are
-                          // used (a host backend, or attribution's CPU backward: stage_needs_host_weights)
+    model m;              // the checkpoint on the host: config, mapping, identity; fp32 weights only for a host
+                          // backend (where in->dev borrows them)
     const kernel_ops *ops;  // the backend of the forward passes (config fields backend and dtype) ...
     model dev;              // ... and the model in its memory, as fp32 or bf16 (model_to_backend)
     prompt_set prompts;
@@ -40,23 +40,20 @@ struct stage_inputs {
 int stage_backend(const run_config *cfg, const ep_log *log, const kernel_ops **ops, ep_error *err);
 // Loads the model, the prompts and the plan, and puts the model on the config's backend (stage_backend);
 // field dtype "fp32" (the default) or "bf16" (docs/cuda.md, "bf16 runs").
-// On a device backend the host model holds weights (model_load_shard) only when stage_needs_host_weights
-// says so; else it is opened without them (model_open_shard) and the device model is read from the mapping.
+// On a device backend the host model is opened without weights (model_open_shard) and the device model is
+// read from the mapping; every pass (forward, donor, patched, attribution's backward) runs on in->dev.
 // log (may be NULL) is kept in in->log for the stages' lines.
 int stage_inputs_open(const run_config *cfg, const ep_log *log, stage_inputs *in, ep_error *err);
 // The same on backend ops (stage_backend's), holding only this rank's shard of the model: rank host->rank
 // of a tensor-parallel group of host->size ranks (docs/tensor_parallel.md; NULL: one rank, the whole
-// model). Every rank of the group runs the same passes together. The host model (in->m) computes with
-// host's collectives (host buffers: attribution's backward pass); the model on ops (in->dev) with
-// device's, made for ops' memory (the host group itself on a host backend). The driver builds both
+// model). Every rank of the group runs the same passes together. host gives the shard's rank and size
+// (in->m.group); the model on ops (in->dev), which every pass computes with, sums through device's
+// collectives, made for ops' memory (the host group itself on a host backend; an NCCL group sums the
+// scores' host doubles over the MPI group it was made from). The driver builds both
 // (sched/mpi_run.h, sched_open_groups); they must outlive in. A stage never makes a communicator.
 int stage_inputs_open_shard(const run_config *cfg, const kernel_ops *ops, const ep_group *host, const ep_group *device,
                             const ep_log *log, stage_inputs *in, ep_error *err);
 void stage_inputs_close(stage_inputs *in);
-// 1 if a run of cfg may compute attribution scores (the backward pass runs on the CPU with the host
-// model's fp32 weights): field importance "attribution" (the default for prune rounds; the prune stage
-// scores round 0 even without prune_rounds) or compare_importance true.
-int stage_needs_host_weights(const run_config *cfg);
 
 // Prompts [first, first + n) as a batch (pointers into in->prompts).
 prompt_batch stage_batch(const stage_inputs *in, int first, int n);

@@ -34,14 +34,20 @@ for row, path in zip(rows, sys.argv[2:]):
     hd = c.get("head_dim", D // c["num_attention_heads"])
     H, KVH, NI = c["num_attention_heads"] // Tp, c["num_key_value_heads"] // Tp, c["intermediate_size"] // Tp
     T, R, Q, KV, f = S * n, S * tg, H * hd, KVH * hd, 4
-    pairs = L * H * S * n * n  # (layer, head, receiver, sender) of every sequence
-    want = {"tape_q": f * L * T * Q, "tape_dz": f * L * T * Q, "tape_att": 2 * f * pairs, "tape_sel": pairs,
+    Vl = V // Tp if V % Tp == 0 else V  # the lm_head's vocabulary block
+    want = {"tape_q": f * L * T * Q, "tape_dz": f * L * T * Q,
             "tape_cache": f * L * S * n * (2 * KV + Q) + 4 * S, "resid": f * (L + 1) * T * D,
-            "attn_out": f * L * T * D, "dlogits": f * R * V, "scratch": f * T * (9 * D + 2 * Q + 2 * KV + 5 * NI),
-            "attention": f * n * n * (2 + 2 * nd), "head": 3 * f * R * D}
-    want["tape"] = sum(want[k] for k in ("tape_q", "tape_dz", "tape_att", "tape_sel", "tape_cache")) + 24 * S
-    want["peak"] = (want["tape"] + want["resid"] + want["attn_out"] + want["dlogits"] + 4 * (R + T) + 2 * hd
-                    + want["scratch"] + max(want["attention"], want["head"]))
+            "attn_out": f * L * T * D, "dlogits": f * R * Vl, "head": 3 * f * R * D + 4 * R,
+            # one thread: attention_back's P, dlogit, g, mask and 2 per donor, selection bytes
+            "attention": f * n * n * (4 + 2 * nd) + n * n}
+    wide = max(D, Q, KV)
+    base = 2 * f * T * D + f * wide
+    # residual gradients, zero row, layer buffers, K/V gradients in the cache's rows, the sequences (40 bytes
+    # each) and a later rank's copy of the rules (rank 0 here: none)
+    want["scratch"] = base + f * T * (7 * D + 2 * Q + 2 * KV + 5 * NI) + 2 * f * S * n * KV + 40 * S
+    want["tape"] = sum(want[k] for k in ("tape_q", "tape_dz", "tape_cache")) + 16 * S + 32 * L
+    want["peak"] = (want["tape"] + want["resid"] + want["attn_out"] + 4 * (R + T)
+                    + max(want["scratch"] + want["attention"], want["dlogits"] + base + want["head"]))
     got = dict(row["backward"])
     want["donor_caches"], got["donor_caches"] = nd * (f * L * S * (n - tg) * (2 * KV + Q) + 4 * S), row["donor_caches"]
     want["device_total"] = row["weights_bf16"] + want["peak"] + want["donor_caches"]

@@ -1,5 +1,6 @@
-// Activation gradients of the attribution loss (pipeline/backward.h) against the independent Python
-// reference (tools/make_grad_fixtures.py: HF transformers 4.44.2 + torch autograd, with per-edge k*/v*
+// Activation gradients of the attribution loss (pipeline/backward.h), on the cpu backend and on offset
+// (the same kernels behind device-style memory: the tape, the caches and the model in backend memory,
+// reached only through the table), against the independent Python reference (tools/make_grad_fixtures.py: HF transformers 4.44.2 + torch autograd, with per-edge k*/v*
 // leaves for the edge scores): the loss, dL/dz at every layer, position and head, and head-unit and
 // edge-unit scores, for the clean model and one patched plan (edges reading donor 0 and a substituted
 // head), on all four tiny architectures. Then checks that need no reference: finite differences of the
@@ -56,7 +57,7 @@ static int32_t *read_i32(const fixture *f, const char *name, int64_t *numel) {
     return v;
 }
 
-static int load_fixture(const model *m, const char *name, fixture *f) {
+static int load_fixture(const kernel_ops *ops, const model *m, const char *name, fixture *f) {
     memset(f, 0, sizeof *f);
     char path[512], key[64];
     snprintf(path, sizeof path, "tests/fixtures/grad/%s.safetensors", name);
@@ -99,7 +100,7 @@ static int load_fixture(const model *m, const char *name, fixture *f) {
     if (rc) return -1;
     prompt_batch pb = {.n_seqs = NP, .max_len = f->max_len, .n_donors = 1, .tokens = f->tokens, .lengths = f->lengths,
                        .types = f->types, .index = f->index, .donors = f->donors};
-    if (patch_donor_passes(m, kernel_ops_cpu(), &f->plan, &pb, f->donors_kv, &err)) {
+    if (patch_donor_passes(m, ops, &f->plan, &pb, f->donors_kv, &err)) {
         check(0, "%s donor passes: %s", name, err.msg);
         return -1;
     }
@@ -159,14 +160,14 @@ static float *read_sum_scaled(fixture *f, const char *key, int64_t *n) {
     return v;
 }
 
-static void compare_case(const model *m, fixture *f, const char *name, const char *cse) {
+static void compare_case(const kernel_ops *ops, const model *m, fixture *f, const char *name, const char *cse) {
     const model_config *c = &m->cfg;
     forward_patch patch = patch_of(f, !strcmp(cse, "plan"));
     grad_batch b = batch_of(f);
     grad_tape t;
     ep_error err = {{0}};
-    if (model_backward(m, &b, &patch, &t, &err)) {
-        check(0, "%s %s: %s", name, cse, err.msg);
+    if (model_backward(ops, m, &b, &patch, &t, &err)) {
+        check(0, "%s %s %s: %s", ops->name, name, cse, err.msg);
         return;
     }
     char key[96];
@@ -181,7 +182,7 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
         int T = f->lengths[s];
         float *got = malloc(sizeof(float) * (size_t)T * Q);
         for (int l = 0; l < L; l++) {
-            for (int p = 0; p < T; p++) memcpy(got + (size_t)p * Q, grad_tape_dz(&t, l, t.row[s] + p), sizeof(float) * Q);
+            for (int p = 0; p < T; p++) grad_tape_dz(&t, l, t.row[s] + p, got + (size_t)p * Q);
             const float *w = want + (size_t)l * T * Q;
             double e = dz_error(got, w, T, Q);
             dz_worst = e > dz_worst ? e : dz_worst;
@@ -233,34 +234,37 @@ static void compare_case(const model *m, fixture *f, const char *name, const cha
         check(d > TOL_SCORE, "%s: the plan's scores match the clean reference's (%.3g)", name, d);
         free(ch), free(ce);
     }
-    printf("  %-12s %-5s loss %.6f (rel err %.2e)  dL/dz max row-rel err %.2e  head scores %.2e  edge scores %.2e"
-           "  (flipped-entry sibling: %.2g)\n", name, cse, t.loss, loss_err, dz_worst, he, ee, dz_flipped);
+    printf("  %-6s %-12s %-5s loss %.6f (rel err %.2e)  dL/dz max row-rel err %.2e  head scores %.2e  edge scores %.2e"
+           "  (flipped-entry sibling: %.2g)\n", ops->name, name, cse, t.loss, loss_err, dz_worst, he, ee, dz_flipped);
     check(loss_err <= TOL_LOSS, "%s %s: loss %.9g vs %.9g", name, cse, t.loss, want_loss[0]);
     check(dz_worst <= TOL_DZ, "%s %s: dL/dz error %.3g", name, cse, dz_worst);
     check(dz_flipped > TOL_DZ, "%s %s: a flipped reference entry went unnoticed (%.3g)", name, cse, dz_flipped);
     check(he <= TOL_SCORE && ee <= TOL_SCORE, "%s %s: head scores %.3g, edge scores %.3g", name, cse, he, ee);
     // model_loss is the same loss.
     double l2;
-    check(model_loss(m, &b, &patch, &l2, NULL, &err) == 0 && l2 == t.loss, "%s %s: model_loss %.9g vs %.9g", name,
+    check(model_loss(ops, m, &b, &patch, &l2, NULL, &err) == 0 && l2 == t.loss, "%s %s: model_loss %.9g vs %.9g", name,
           cse, l2, t.loss);
     free(want_loss), free(want_h), free(want_e), free(hu), free(eu), free(hus), free(eus), free(hs), free(es);
     grad_tape_free(&t);
 }
 
-// Central difference of the patched loss along unit direction u of n floats at x (modified in place and
-// restored).
-static double directional_fd(const model *m, const grad_batch *b, const forward_patch *p, float *x, const float *u,
-                             int n, double eps) {
-    float *save = malloc(sizeof(float) * (size_t)n);
-    memcpy(save, x, sizeof(float) * (size_t)n);
+// Central difference of the patched loss along unit direction u of n floats at x (backend memory: modified
+// through uploads and restored).
+static double directional_fd(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *p,
+                             float *x, const float *u, int n, double eps) {
+    size_t bytes = sizeof(float) * (size_t)n;
+    float *save = malloc(bytes), *moved = malloc(bytes);
+    ops->download(save, x, bytes);
     double lp = 0, lm = 0;
     ep_error err;
-    for (int i = 0; i < n; i++) x[i] = save[i] + (float)(eps * u[i]);
-    model_loss(m, b, p, &lp, NULL, &err);
-    for (int i = 0; i < n; i++) x[i] = save[i] - (float)(eps * u[i]);
-    model_loss(m, b, p, &lm, NULL, &err);
-    memcpy(x, save, sizeof(float) * (size_t)n);
-    free(save);
+    for (int i = 0; i < n; i++) moved[i] = save[i] + (float)(eps * u[i]);
+    ops->upload(x, moved, bytes);
+    model_loss(ops, m, b, p, &lp, NULL, &err);
+    for (int i = 0; i < n; i++) moved[i] = save[i] - (float)(eps * u[i]);
+    ops->upload(x, moved, bytes);
+    model_loss(ops, m, b, p, &lm, NULL, &err);
+    ops->upload(x, save, bytes);
+    free(save), free(moved);
     return (lp - lm) / (2 * eps);
 }
 
@@ -273,103 +277,108 @@ static double unit_norm(float *g, int n) {
 }
 
 // Finite differences on the patched pass, independent of Python: donor 0's keys and values at a sender
-// read by ablated edges (every layer), and donor 0's z at a substituted head unit position.
-static void finite_differences(const model *m, fixture *f, const char *name) {
+// read by ablated edges (every layer; grad_donor_kv), and donor 0's z at a substituted head unit position.
+static void finite_differences(const kernel_ops *ops, const model *m, fixture *f, const char *name) {
     const model_config *c = &m->cfg;
     forward_patch patch = patch_of(f, 1);
     grad_batch b = batch_of(f);
     grad_tape t;
     ep_error err = {{0}};
-    if (model_backward(m, &b, &patch, &t, &err)) {
-        check(0, "%s: %s", name, err.msg);
+    if (model_backward(ops, m, &b, &patch, &t, &err)) {
+        check(0, "%s %s: %s", ops->name, name, err.msg);
         return;
     }
-    int hd = c->head_dim, rep = c->n_heads / c->n_kv_heads, fails_wrong_sign = 1;
+    int hd = c->head_dim, KV = c->n_kv_heads * hd, Q = c->n_heads * hd, fails_wrong_sign = 1;
+    const kv_cache *d0 = &f->donors_kv[0];
+    size_t n_dn = (size_t)d0->n_seqs * d0->capacity * KV;
     double worst = 0;
-    float *gk = malloc(sizeof(float) * hd), *gv = malloc(sizeof(float) * hd), *ek = malloc(sizeof(float) * hd),
-          *ev = malloc(sizeof(float) * hd);
+    float *gk = malloc(sizeof(float) * hd), *gv = malloc(sizeof(float) * hd), *all_k = malloc(sizeof(float) * n_dn),
+          *all_v = malloc(sizeof(float) * n_dn);
     for (int l = 0; l < c->n_layers; l++) {
+        if (grad_donor_kv(&t, l, 0, all_k, all_v, &err)) {
+            check(0, "%s %s: %s", ops->name, name, err.msg);
+            break;
+        }
         // The sender position of prompt 0 and KV head with the largest donor-key gradient.
         int bestA = -1, bestG = 0;
         double bestN = 0;
-        for (int A = 0; A < f->lengths[0]; A++)
+        for (int A = 0; A < f->lengths[0] && A < d0->capacity; A++)
             for (int g = 0; g < c->n_kv_heads; g++) {
-                memset(gk, 0, sizeof(float) * hd);
-                for (int h = g * rep; h < (g + 1) * rep; h++)
-                    for (int B = A; B < f->lengths[0]; B++) {
-                        size_t e = (size_t)l * t.att_per_layer + t.att_off[0] + ((size_t)h * t.len[0] + B) * t.len[0] + A;
-                        if (t.sel[e] != 0) continue;
-                        grad_edge_kv(&t, l, h, 0, B, A, ek, ev);
-                        for (int i = 0; i < hd; i++) gk[i] += ek[i];
-                    }
+                const float *gr = all_k + (size_t)A * KV + (size_t)g * hd;
                 double nn = 0;
-                for (int i = 0; i < hd; i++) nn += (double)gk[i] * gk[i];
+                for (int i = 0; i < hd; i++) nn += (double)gr[i] * gr[i];
                 if (nn > bestN) bestN = nn, bestA = A, bestG = g;
             }
         if (bestA < 0) continue;
-        memset(gk, 0, sizeof(float) * hd), memset(gv, 0, sizeof(float) * hd);
-        for (int h = bestG * rep; h < (bestG + 1) * rep; h++)
-            for (int B = bestA; B < f->lengths[0]; B++) {
-                size_t e = (size_t)l * t.att_per_layer + t.att_off[0] + ((size_t)h * t.len[0] + B) * t.len[0] + bestA;
-                if (t.sel[e] != 0) continue;
-                grad_edge_kv(&t, l, h, 0, B, bestA, ek, ev);
-                for (int i = 0; i < hd; i++) gk[i] += ek[i], gv[i] += ev[i];
-            }
+        memcpy(gk, all_k + (size_t)bestA * KV + (size_t)bestG * hd, sizeof(float) * hd);
+        memcpy(gv, all_v + (size_t)bestA * KV + (size_t)bestG * hd, sizeof(float) * hd);
         double nk = unit_norm(gk, hd), nv = unit_norm(gv, hd);
-        float *dk = kv_cache_k(&f->donors_kv[0], l, 0, bestA) + (size_t)bestG * hd;
-        float *dv = kv_cache_v(&f->donors_kv[0], l, 0, bestA) + (size_t)bestG * hd;
-        double fk = directional_fd(m, &b, &patch, dk, gk, hd, 1e-2), fv = directional_fd(m, &b, &patch, dv, gv, hd, 1e-2);
+        float *dk = kv_cache_k(d0, l, 0, bestA) + (size_t)bestG * hd;
+        float *dv = kv_cache_v(d0, l, 0, bestA) + (size_t)bestG * hd;
+        double fk = directional_fd(ops, m, &b, &patch, dk, gk, hd, 1e-2),
+               fv = directional_fd(ops, m, &b, &patch, dv, gv, hd, 1e-2);
         double ek_ = fabs(fk - nk) / nk, ev_ = fabs(fv - nv) / nv;
-        printf("  %-12s finite differences, donor 0 at layer %d, sender %d, kv head %d: d/dk %.6e vs gradient %.6e "
-               "(%.1e), d/dv %.6e vs %.6e (%.1e)\n", name, l, bestA, bestG, fk, nk, ek_, fv, nv, ev_);
+        printf("  %-6s %-12s finite differences, donor 0 at layer %d, sender %d, kv head %d: d/dk %.6e vs gradient "
+               "%.6e (%.1e), d/dv %.6e vs %.6e (%.1e)\n", ops->name, name, l, bestA, bestG, fk, nk, ek_, fv, nv, ev_);
         worst = fmax(worst, fmax(ek_, ev_));
         // Wrong-sign sibling: the negated gradient must not pass.
         fails_wrong_sign &= fabs(fk + nk) / nk > 1e-2 && fabs(fv + nv) / nv > 1e-2;
     }
     // A substituted head: the plan's head units replace z by donor 0's, so d loss / d donor z = dL/dz there.
+    float *row = malloc(sizeof(float) * (size_t)Q);
     for (int u = 0; u < f->plan.n_head_units; u++) {
         const head_unit *hu = &f->plan.head_units[u];
         for (int B = 0; B < f->lengths[0]; B++) {
             if (f->types[B] != hu->type) continue;
             float *g = malloc(sizeof(float) * hd);
-            memcpy(g, grad_tape_dz(&t, hu->layer, t.row[0] + B) + (size_t)hu->head * hd, sizeof(float) * hd);
+            grad_tape_dz(&t, hu->layer, t.row[0] + B, row);
+            memcpy(g, row + (size_t)hu->head * hd, sizeof(float) * hd);
             double n = unit_norm(g, hd);
-            double fz = directional_fd(m, &b, &patch, kv_cache_z(&f->donors_kv[0], hu->layer, 0, B) + (size_t)hu->head * hd,
-                                       g, hd, 1e-2);
+            double fz = directional_fd(ops, m, &b, &patch, kv_cache_z(d0, hu->layer, 0, B) + (size_t)hu->head * hd, g,
+                                       hd, 1e-2);
             double e = fabs(fz - n) / n;
-            printf("  %-12s finite differences, donor z of head unit (layer %d, head %d) at position %d: %.6e vs dL/dz "
-                   "%.6e (%.1e)\n", name, hu->layer, hu->head, B, fz, n, e);
+            printf("  %-6s %-12s finite differences, donor z of head unit (layer %d, head %d) at position %d: %.6e vs "
+                   "dL/dz %.6e (%.1e)\n", ops->name, name, hu->layer, hu->head, B, fz, n, e);
             worst = fmax(worst, e);
             fails_wrong_sign &= fabs(fz + n) / n > 1e-2;
             free(g);
         }
     }
-    check(worst <= 1e-2, "%s: finite differences disagree with the gradients by %.3g", name, worst);
-    check(fails_wrong_sign, "%s: a negated gradient passed the finite-difference check", name);
-    free(gk), free(gv), free(ek), free(ev);
+    check(worst <= 1e-2, "%s %s: finite differences disagree with the gradients by %.3g", ops->name, name, worst);
+    check(fails_wrong_sign, "%s %s: a negated gradient passed the finite-difference check", ops->name, name);
+    free(gk), free(gv), free(all_k), free(all_v), free(row);
     grad_tape_free(&t);
 }
 
 int main(void) {
     const char *models[] = {"gemma2-tiny", "llama3-tiny", "smollm-tiny", "phi2-tiny"};
-    for (int i = 0; i < 4; i++) {
-        char dir[256];
-        snprintf(dir, sizeof dir, "tests/fixtures/models/%s", models[i]);
-        model m;
-        ep_error err = {{0}};
-        if (model_load(dir, &m, &err)) {
-            check(0, "%s", err.msg);
-            continue;
+    const kernel_ops *backends[] = {kernel_ops_cpu(), kernel_ops_offset()};
+    for (int k = 0; k < 2; k++)
+        for (int i = 0; i < 4; i++) {
+            const kernel_ops *ops = backends[k];
+            char dir[256];
+            snprintf(dir, sizeof dir, "tests/fixtures/models/%s", models[i]);
+            model m, dev;
+            ep_error err = {{0}};
+            if (model_load(dir, &m, &err)) {
+                check(0, "%s", err.msg);
+                continue;
+            }
+            if (model_to_backend(&m, ops, 0, &dev, &err)) {
+                check(0, "%s on %s: %s", dir, ops->name, err.msg);
+                model_free(&m);
+                continue;
+            }
+            fixture f;
+            if (load_fixture(ops, &dev, models[i], &f) == 0) {
+                compare_case(ops, &dev, &f, models[i], "clean");
+                compare_case(ops, &dev, &f, models[i], "plan");
+                if (i < 2) finite_differences(ops, &dev, &f, models[i]);
+            }
+            free_fixture(&f);
+            model_backend_free(&dev);
+            model_free(&m);
         }
-        fixture f;
-        if (load_fixture(&m, models[i], &f) == 0) {
-            compare_case(&m, &f, models[i], "clean");
-            compare_case(&m, &f, models[i], "plan");
-            if (i < 2) finite_differences(&m, &f, models[i]);
-        }
-        free_fixture(&f);
-        model_free(&m);
-    }
     // Bad input is refused.
     {
         model m;
@@ -378,10 +387,10 @@ int main(void) {
             int len = 3, nt = 3, toks[3] = {1, 2, 3};
             grad_batch b = {.n_seqs = 1, .len = &len, .n_target = &nt, .tokens = toks};
             grad_tape t;
-            check(model_backward(&m, &b, NULL, &t, &err) != 0 && strstr(err.msg, "targets"), "no prompt refused: %s",
+            check(model_backward(kernel_ops_cpu(), &m, &b, NULL, &t, &err) != 0 && strstr(err.msg, "targets"), "no prompt refused: %s",
                   err.msg);
             nt = 1;
-            check(model_backward(&m, &b, NULL, &t, &err) == 0, "clean pass without a patch: %s", err.msg);
+            check(model_backward(kernel_ops_cpu(), &m, &b, NULL, &t, &err) == 0, "clean pass without a patch: %s", err.msg);
             head_unit hu = {0, 0, 0, 0};
             double sc;
             check(grad_head_scores(&t, &hu, 1, &sc, NULL, &err) != 0, "scores without donors refused");

@@ -179,7 +179,7 @@ static void run_case(const model *m, int cse, const char *what, backward_memory 
     grad_tape t;
     before = live_bytes();
     counting(1);
-    int rc = model_backward(m, &b, cse ? &patch : NULL, &t, &err);
+    int rc = model_backward(kernel_ops_cpu(), m, &b, cse ? &patch : NULL, &t, &err);
     counting(0);
     size_t peak = mem.peak - before, tape = live_bytes() - before;
     check(rc == 0, "%s: %s", what, err.msg);
@@ -222,8 +222,8 @@ int main(void) {
                 // Can-fail siblings: the same comparison with one part missing or one row too many fails.
                 if (i == 0 && split == 2 && cse == 2) {
                     check(want.peak - want.scratch != peak, "%s: a peak without the layer scratch is caught", what);
-                    check(want.tape + want.tape_sel / (size_t)m.cfg.n_layers != tape,
-                          "%s: a tape with one layer's selection too many is caught", what);
+                    check(want.tape + want.tape_dz / (size_t)m.cfg.n_layers != tape,
+                          "%s: a tape with one layer's dL/dz too many is caught", what);
                     check(want.peak - want.attention != peak, "%s: a peak without attention_back's blocks is caught",
                           what);
                 }

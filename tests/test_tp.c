@@ -197,21 +197,23 @@ static void check_backward(const char *name, int T, int world_rank, const model 
             }
     double *sw = ep_malloc(sizeof(double) * (size_t)(nh + ne) * 2), *ss = sw + nh + ne;
     grad_tape tw, ts;
-    int rc = model_backward(whole, &gb, &fw, &tw, &err);
-    if (rc == 0 && (rc = model_backward(shard, &gb, &fs, &ts, &err))) grad_tape_free(&tw);
+    const kernel_ops *cpu = kernel_ops_cpu();
+    int rc = model_backward(cpu, whole, &gb, &fw, &tw, &err);
+    if (rc == 0 && (rc = model_backward(cpu, shard, &gb, &fs, &ts, &err))) grad_tape_free(&tw);
     if (rc == 0)
         rc = grad_head_scores(&tw, hu, nh, sw, NULL, &err) || grad_edge_scores(&tw, eu, ne, sw + nh, NULL, &err) ||
              grad_head_scores(&ts, hu, nh, ss, NULL, &err) || grad_edge_scores(&ts, eu, ne, ss + nh, NULL, &err);
     if (rc == 0) {
         double el = fabs(ts.loss - tw.loss) / fabs(tw.loss), edz = 0, es[2] = {0, 0}, top = 0;
         size_t Ql = (size_t)sh.n_heads * hd;
-        float *want = ep_malloc(sizeof(float) * Ql);
+        float *row = ep_malloc(sizeof(float) * (size_t)H * hd), *got = ep_malloc(sizeof(float) * Ql);
         for (int l = 0; l < L; l++)
             for (int r = 0; r < tw.n_rows; r++) {
-                memcpy(want, grad_tape_dz(&tw, l, r) + (size_t)sh.head0 * hd, sizeof(float) * Ql);
-                edz = fmax(edz, max_rel_error(grad_tape_dz(&ts, l, r), want, Ql, 1e-6));
+                grad_tape_dz(&tw, l, r, row);
+                grad_tape_dz(&ts, l, r, got);
+                edz = fmax(edz, max_rel_error(got, row + (size_t)sh.head0 * hd, Ql, 1e-6));
             }
-        free(want);
+        free(row), free(got);
         // Scores relative to the largest of their kind (units that score 0 exactly need no floor of their own).
         for (int k = 0; k < 2; k++) {  // k 0: head units, 1: edge units
             int n = k ? ne : nh, o = k ? nh : 0;

@@ -146,10 +146,10 @@ static void print_json_row(const memory_row *r, const memory_opts *o, int first)
     printf(", \"weights_bf16\": %zu, \"kv_cache_bf16_per_1k_tokens\": %zu", r->weights, r->kv_per_1k);
     printf(", \"batch\": {\"sequences\": %d, \"tokens\": %d, \"targets\": %d, \"donors\": %d}", o->n_seqs, o->len,
            o->targets, o->donors);
-    printf(", \"backward\": {\"tape_q\": %zu, \"tape_dz\": %zu, \"tape_att\": %zu, \"tape_sel\": %zu, \"tape_cache\": %zu, "
+    printf(", \"backward\": {\"tape_q\": %zu, \"tape_dz\": %zu, \"tape_cache\": %zu, "
            "\"tape_meta\": %zu, \"tape\": %zu, \"resid\": %zu, \"attn_out\": %zu, \"dlogits\": %zu, \"pass_meta\": %zu, "
            "\"forward\": %zu, \"scratch\": %zu, \"head\": %zu, \"attention\": %zu, \"per_layer\": %zu, \"peak\": %zu}",
-           b->tape_q, b->tape_dz, b->tape_att, b->tape_sel, b->tape_cache, b->tape_meta, b->tape, b->resid, b->attn_out,
+           b->tape_q, b->tape_dz, b->tape_cache, b->tape_meta, b->tape, b->resid, b->attn_out,
            b->dlogits, b->pass_meta, b->forward, b->scratch, b->head, b->attention, b->per_layer, b->peak);
     printf(", \"donor_caches\": %zu, \"device_total\": %zu, \"gpu_bytes\": %.0f, \"fits\": %s, \"host_total_cpu\": %zu}",
            b->donors, r->device, o->gpu_gib * (1 << 30), (double)r->device <= o->gpu_gib * (1 << 30) ? "true" : "false",

@@ -2,7 +2,7 @@
 // config's checks (run_config_check_values, run_config_check_inputs against the model shape: the task
 // file lookup, the plans compiled, prune_using_imp_scores files opened) and what the stages compile from
 // it: the plan (plan_from_run_config, with its donor-0 part and hash), the "ablations" plans
-// (plan_list_from_run_config), stage_needs_host_weights and the resolved config. The model config is the
+// (plan_list_from_run_config) and the resolved config. The model config is the
 // tiny Gemma-2 fixture, loaded once. fuzz_task covers task files themselves.
 #include <stdint.h>
 #include <stdio.h>
@@ -48,7 +48,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
             plan_list_free(list, n);
         }
         if (run_config_check_values(&rc, &err) == 0) (void)run_config_check_inputs(&rc, &cfg, &err);
-        (void)stage_needs_host_weights(&rc);
         json_decref(run_config_resolved(&rc));
         run_config_free(&rc);
     }

@@ -32,7 +32,9 @@ for sig in TERM USR1; do
   for i in 1 2 3; do
     name=start-$sig-$i
     config $name
-    "$bin" run "$tmp/$name.json" > "$tmp/$name.out" 2>&1 &
+    # The program waits a second more before its handler is in place (the front holds the signal
+    # meanwhile), so that the signal lands in its start even where this shell is slow to send it.
+    EDGEPATCH_TEST_START_HOLD_MS=1000 "$bin" run "$tmp/$name.json" > "$tmp/$name.out" 2>&1 &
     pid=$!
     # Once the shell's child runs the program (its exec: the libraries start loading then).
     for _ in $(seq 1000); do [ "$(cat /proc/$pid/comm 2> /dev/null)" = $core ] && break; done

@@ -150,6 +150,93 @@ PY
 
 bin() { LD_LIBRARY_PATH=$EP_DEVICE_LIBS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} "$@"; }
 
+# Attribution on the GPU (issue 18's device rows): an attribution prune run, heads then edges (tiny Gemma-2
+# fixture), on cpu fp32, on $2 fp32 and on $2 bf16 ($1: the folder with edgepatch; $2: cuda on the GPU
+# machine, another backend for a dry run here). Each round file's scores on $2 fp32 against cpu's,
+# unit by unit (matched by layer, head, type / sender, receiver), within 1e-4 of the round's largest |cpu
+# score| (a round whose unit set differs, because an earlier round kept other units, is a failure too);
+# then bf16 against fp32 on $2: Spearman rank correlation over all head units of round 0 >= 0.99
+# (average ranks for ties). From `edgepatch scores RUN --round R --json` in python without numpy or
+# h5py (the GPU image has no h5py), as the exact round's check above.
+attrib_check() {
+    local bindir=$1 dev=$2 dir=/tmp/ep-attrib-check rc=0 name be dt r
+    rm -rf "$dir" && mkdir -p "$dir"
+    for name in cpu-fp32 "$dev-fp32" "$dev-bf16"; do
+        be=${name%-*} dt=${name##*-}
+        printf '{"task": "person_sport", "model_name": "gemma2_prune_heads_in_circuits", "model_path": "tests/fixtures/models/gemma2-tiny", "output_path": "%s/%s", "n_prompts": 8, "batch_size": 4, "seed": 3, "n_shots": 3, "max_new_tokens": 3, "affect_whom": [["x", "y"]], "importance": "attribution", "prune_rounds": {"heads": 1, "edges": 1}, "prune_fraction": 0.3, "backend": "%s", "dtype": "%s"}\n' \
+            "$dir" "$name" "$be" "$dt" > "$dir/$name.json"
+        OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" "$bindir/edgepatch" run "$dir/$name.json" > "$dir/$name.out" 2>&1 ||
+            { echo "edgepatch run ($name, attribution) failed: $(tail -3 "$dir/$name.out")"; rc=1; }
+        for r in 0 1; do
+            bin "$bindir/edgepatch" scores "$dir/$name" --round $r --json > "$dir/$name.r$r.json" 2>&1 ||
+                { echo "edgepatch scores ($name, round $r) failed: $(head -c 300 "$dir/$name.r$r.json")"; rc=1; }
+        done
+    done
+    python3 - "$dir" cpu-fp32 "$dev-fp32" "$dev-bf16" <<'PY' || rc=1
+import json, sys
+d, ref, fp32, bf16 = sys.argv[1:5]
+
+def load(name, r):
+    try:
+        j = json.load(open(f"{d}/{name}.r{r}.json"))
+    except Exception as e:
+        sys.exit(f"attribution check: {name} round {r}: no scores ({type(e).__name__}: {e})")
+    key = lambda u: (u["layer"], u["head"], u.get("type"), u.get("sender"), u.get("receiver"))
+    return j["kind"], j["method"], {key(u): u["score"] for u in j["units"]}
+
+def ranks(xs):  # average ranks, ties shared
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    r, i = [0.0] * len(xs), 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            r[order[k]] = (i + j) / 2
+        i = j + 1
+    return r
+
+def spearman(a, b):
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    ma, mb = sum(ra) / n, sum(rb) / n
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
+    return cov / (va * vb) ** 0.5 if va > 0 and vb > 0 else float("nan")
+
+ok = True
+for r in (0, 1):
+    kind, method, a = load(ref, r)
+    _, method_b, b = load(fp32, r)
+    if method != "attribution" or method_b != "attribution":
+        print(f"round {r}: scored by {method} / {method_b}, not attribution: FAIL"); ok = False; continue
+    if set(a) != set(b):
+        print(f"round {r} ({kind}): {fp32} scored {len(b)} units, cpu {len(a)}; {len(set(a) ^ set(b))} differ: FAIL")
+        ok = False; continue
+    scale = max(abs(x) for x in a.values()) or 1.0
+    err = max(abs(a[k] - b[k]) for k in a) / scale
+    good = err <= 1e-4
+    ok &= good
+    print(f"attribution round {r} ({kind} units, {len(a)}): {fp32} vs cpu fp32: max error {err:.2e} of the largest "
+          f"({scale:.3e}), limit 1e-4: {'ok' if good else 'FAIL'}")
+_, _, a = load(fp32, 0)
+_, _, c = load(bf16, 0)
+if set(a) != set(c):
+    print(f"round 0: {bf16} scored other units than {fp32}: FAIL"); ok = False
+else:
+    keys = sorted(a)
+    rho = spearman([a[k] for k in keys], [c[k] for k in keys])
+    scale = max(abs(x) for x in a.values()) or 1.0
+    err = max(abs(a[k] - c[k]) for k in keys) / scale
+    good = rho >= 0.99
+    ok &= good
+    print(f"attribution round 0 ({len(keys)} head units): {bf16} vs {fp32}: Spearman {rho:.4f}, limit 0.99: "
+          f"{'ok' if good else 'FAIL'} (max score difference {err:.2e} of the largest)")
+sys.exit(0 if ok else 1)
+PY
+    return $rc
+}
+
 check_parts() {
     local timeout_s=${DEVICE_CHECK_TIMEOUT_S:-600}
     DEADLINE_S=$((timeout_s - 60))
@@ -216,6 +303,9 @@ print(f"model_logs figures: max |cuda - cpu| {worst:.2e}; {len(sa)} head scores:
 sys.exit(0 if ok else 1)
 PY
 
+    section "edgepatch run: attribution prune (heads then edges), cuda fp32 / bf16 vs cpu fp32 (tiny Gemma-2)"
+    attrib_check .device cuda || rc_test=1
+
     section "bench_ops (ms per call; ratio = cpu / cuda)"
     OPENBLAS_NUM_THREADS=$(nproc) bin timeout "$(budget 150)" .device/bench_ops
 
@@ -254,6 +344,14 @@ check() {
 if [ "${1:-}" = pack ]; then
     pack
     exit $?
+fi
+# A dry run of the attribution rows on this machine: build/'s edgepatch, BACKEND (offset, cpu) for cuda.
+if [ "${1:-}" = attrib-local ]; then
+    EP_DEVICE_LIBS= DEADLINE_S=$((SECONDS + 600))
+    attrib_check build "${2:-offset}"
+    rc=$?
+    echo "device_check attrib-local: exit status $rc"
+    exit "$rc"
 fi
 # The log goes into $OUT as it is written, so a run killed at the call's timeout still brings it back.
 if [ -n "${OUT:-}" ]; then mkdir -p "$OUT" && log=$OUT/device_check.log; else log=$(mktemp /tmp/device_check.XXXXXX); fi

@@ -157,6 +157,143 @@ def hf_runs(model, ids, don, mask, reps, device):
     return clean.cpu(), patched.cpu(), (sum(secs[1:]) / reps if reps else -1)
 
 
+def hf_attribution(model, ids, don, typ, T, K, reps, device):
+    """One attribution round by torch autograd through HF eager with hook-based patching (the original's
+    way): the donor pass (no grad; Patch records its post-RoPE k, v and a hook its o_proj inputs z_d),
+    the patched pass (edges in Patch.mask read the donor's k, v; a hook keeps each layer's o_proj input
+    z), loss = per prompt the mean cross-entropy of its K targets (after the final softcap), summed over
+    prompts (docs/attribution.md), autograd to every z, then head-unit scores |sum over the positions of
+    a type of (z - z_d)_h . dL/dz_h|, mean over prompts: [L, H, 7] float64. ids, don: [B, T + K] (targets
+    appended to both); typ: [T] the prompt's types. Returns scores, loss, mean seconds of reps after a
+    warm-up (-1 when reps is 0), and the peak bytes allocated during the round beyond what was allocated
+    before it (cuda; -1 otherwise)."""
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    B = ids.shape[0]
+    z = {}
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(
+        (lambda l: lambda mod, args: z.__setitem__(l, args[0]))(l)) for l, layer in enumerate(model.model.layers)]
+    onehot = torch.zeros(T, 7, dtype=torch.float64, device=ids.device)
+    onehot[torch.arange(T, device=ids.device), typ] = 1.0
+    cap = getattr(cfg, "final_logit_softcapping", None)
+    secs, base, peak = [], -1, -1
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    for rep in range(reps + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            Patch.mode = "record"
+            model.model(input_ids=don, use_cache=False)
+            zd = {l: z[l].detach() for l in range(L)}
+        Patch.mode = "patch"
+        hidden = model.model(input_ids=ids, use_cache=False).last_hidden_state[:, T - 1:T + K - 1]
+        Patch.mode = "off"
+        logits = model.lm_head(hidden).float()
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        ce = torch.nn.functional.cross_entropy(logits.reshape(B * K, -1), ids[:, T:T + K].reshape(-1),
+                                               reduction="none").view(B, K).mean(1)
+        loss = ce.sum()
+        zs = [z[l] for l in range(L)]
+        grads = torch.autograd.grad(loss, zs)
+        score = torch.empty(L, H, 7, dtype=torch.float64, device=ids.device)
+        with torch.no_grad():
+            for l in range(L):
+                diff = (zs[l][:, :T] - zd[l][:, :T]).double().view(B, T, H, hd)
+                g = grads[l][:, :T].double().view(B, T, H, hd)
+                per = (diff * g).sum(-1)  # [B, T, H]
+                score[l] = torch.einsum("bth,ty->bhy", per, onehot).abs().mean(0)
+        sync(device)
+        secs.append(time.perf_counter() - t0)
+        lv = float(loss)
+        del hidden, logits, ce, loss, zs, grads, zd
+        z.clear()
+    Patch.k, Patch.v = {}, {}
+    for h in hooks:
+        h.remove()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - base
+    return score.cpu(), lv, (sum(secs[1:]) / reps if reps else -1), peak
+
+
+class GpuMemory:
+    """The GPU's used memory (nvidia-smi, every 0.1 s) while a command runs, minus what was used just before:
+    the device memory our binary took (weights, buffers, the CUDA context and the allocator's pool)."""
+
+    def __init__(self, device):
+        self.on = device == "cuda" and shutil.which("nvidia-smi") is not None
+        self.peak, self.base, self._stop = -1, -1, None
+
+    @staticmethod
+    def used():
+        r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                           capture_output=True, text=True)
+        return int(r.stdout.strip().splitlines()[0]) * (1 << 20) if r.returncode == 0 and r.stdout.strip() else -1
+
+    def __enter__(self):
+        if self.on:
+            import threading
+            self.base = self.used()
+            self._stop = threading.Event()
+
+            def poll():
+                while not self._stop.wait(0.1):
+                    self.peak = max(self.peak, self.used())
+            self._thread = threading.Thread(target=poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.on:
+            self._stop.set()
+            self._thread.join()
+            if self.peak >= 0 and self.base >= 0:
+                self.peak -= self.base
+
+
+def spearman(a, b):
+    """Spearman rank correlation with average ranks for ties (units of a type with no position score 0)."""
+    def ranks(x):
+        x = np.asarray(x, np.float64).ravel()
+        order = np.argsort(x, kind="stable")
+        r = np.empty(len(x))
+        i = 0
+        while i < len(x):
+            j = i
+            while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            r[order[i:j + 1]] = (i + j) / 2
+            i = j + 1
+        return r
+    ra, rb = ranks(a), ranks(b)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def ours_attribution(bin_dir, model_dir, backend, dtype, B, T, K, reps, dump, device):
+    """bench_backward --model: our attribution round (donor pass, patched forward + backward, head scores).
+    Returns scores [L*H*7] float64, loss, the key=value line, the GPU's used memory during the run."""
+    cmd = [os.path.join(bin_dir, "bench_backward"), "--model", model_dir, "--backend", backend, "--dtype", dtype,
+           "--batch", str(B), "--len", str(T), "--targets", str(K), "--reps", str(reps), "--dump", dump]
+    env = dict(os.environ)
+    if os.environ.get("EP_DEVICE_LIBS"):
+        env["LD_LIBRARY_PATH"] = os.environ["EP_DEVICE_LIBS"] + ":" + env.get("LD_LIBRARY_PATH", "")
+    with GpuMemory(device if backend == "cuda" else "cpu") as mem:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {r.stderr.strip()}")
+    kv = dict(x.split("=", 1) for x in r.stdout.strip().splitlines()[-1].split())
+    raw = np.fromfile(dump, dtype="<f8")
+    return raw[:-1].copy(), float(raw[-1]), kv, mem.peak
+
+
+def gib(x):
+    return f"{x / (1 << 30):.2f} GiB" if x >= 0 else "-"
+
+
 def sync(device):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -204,6 +341,8 @@ def main():
     ap.add_argument("--len", type=int, default=100)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--small", type=int, default=2)
+    ap.add_argument("--targets", type=int, default=2, help="target tokens after each prompt (attribution)")
+    ap.add_argument("--no-attrib", action="store_true", help="skip the attribution round")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--peak", type=float, default=989.0, help="the GPU's dense bf16 peak, TFLOP/s (H100/H200 SXM)")
     ap.add_argument("--work", default="/tmp/edgepatch-device-check")
@@ -245,17 +384,31 @@ def main():
         ids_t, don_t = torch.from_numpy(ids).to(dev), torch.from_numpy(don).to(dev)
         typ_t = torch.from_numpy(typ).to(dev)
         mask = (typ_t[None, :] == TT_Y) & (typ_t[:, None] == TT_LAST)  # [receiver, sender]
+        # The attribution round's sequences: each prompt and its donor followed by K target tokens
+        # (bench_id continued, untyped: never patched), as bench_backward --model builds them.
+        K = a.targets
+        tgt = torch.tensor([[bench_id(s_, t, T, V) for t in range(T, T + K)] for s_ in range(B)], device=dev)
+        ids_a, don_a = torch.cat([ids_t, tgt], 1), torch.cat([don_t, tgt], 1)
+        mask_a = torch.zeros(T + K, T + K, dtype=torch.bool, device=dev)
+        mask_a[:T, :T] = mask
+        attrib = not a.no_attrib
         print(f"{shape}: model made and saved in {time.time() - t_shape:.1f} s", flush=True)
 
         # HF fp32 on the first prompts; then HF bf16 as users load it (whole batch, timed).
         install(model)
         hf32_clean, hf32_patched, _ = hf_runs(model, ids_t[:S], don_t[:S], mask, 0, dev)
+        if attrib:
+            hf32_score, hf32_loss, hf32_as, hf32_mem = hf_attribution(model, ids_a, don_a, mask_a, typ_t, T, K, 1, dev)
+            print(f"{shape}: HF fp32 attribution round {hf32_as:.3f} s", flush=True)
         del model
         model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.bfloat16,
                                                      attn_implementation="eager").to(dev)
         model.eval()
         install(model)
         hf16_clean, hf16_patched, hf16_s = hf_runs(model, ids_t, don_t, mask, a.reps, dev)
+        if attrib:
+            hf16_score, hf16_loss, hf16_as, hf16_mem = hf_attribution(model, ids_a, don_a, mask_a, typ_t, T, K, a.reps, dev)
+            print(f"{shape}: HF bf16 attribution round {hf16_as:.3f} s", flush=True)
         del model
         if dev == "cuda":
             torch.cuda.empty_cache()
@@ -288,6 +441,43 @@ def main():
         tf = matrix_flops(cfg, B, T) / o16_s / 1e12
         row(shape, "achieved TFLOP/s of the patched run (bf16)", f"{tf:.1f}", "-", True,
             f"{100 * tf / a.peak:.0f}% of {a.peak:.0f} peak")
+        if attrib:
+            adump = os.path.join(a.work, shape + ".scores.bin")
+            o32_score, o32_loss, o32_kv, o32_gpu = ours_attribution(a.bin, folder, backend, "fp32", B, T, K, 1, adump, dev)
+            o16_score, o16_loss, o16_kv, o16_gpu = ours_attribution(a.bin, folder, backend, "bf16", B, T, K, a.reps,
+                                                                    adump, dev)
+            h32, h16 = hf32_score.numpy().ravel(), hf16_score.numpy().ravel()
+            # fp32 scores: the largest difference over all head units, relative to the largest HF score. Two
+            # fp32 engines summing in other orders through every layer forward and back: the forward's
+            # logits agree to 1e-4 of the row (above); the scores are products of activations and gradients
+            # and carry both errors, so 1e-3 of the largest (10x the forward's) -- a wrong term (a missed
+            # softcap, a donor edge sending gradient, a 1/B factor) moves them by percent or more.
+            scale = float(np.abs(h32).max()) or 1.0
+            e = float(np.abs(o32_score - h32).max()) / scale
+            big = np.abs(h32) >= 1e-2 * scale
+            unit_rel = float((np.abs(o32_score - h32)[big] / np.abs(h32)[big]).max()) if big.any() else 0.0
+            row(shape, f"attrib fp32 {backend} vs HF autograd, head scores", f"{e:.2e}", "1e-3", e <= 1e-3,
+                f"{len(h32)} units, {B}x{T}+{K}; worst unit >= 1% of max: {unit_rel:.1e}")
+            le = abs(o32_loss - hf32_loss) / abs(hf32_loss)
+            row(shape, f"attrib fp32 {backend} vs HF autograd, loss", f"{le:.2e}", "1e-4", le <= 1e-4,
+                f"ours {o32_loss:.6g}, HF {hf32_loss:.6g} (sum over {B} prompts)")
+            rho, rho_hf = spearman(o16_score, o32_score), spearman(h16, h32)
+            limit = min(0.99, rho_hf - 0.01)
+            row(shape, f"attrib bf16 vs fp32 (ours), Spearman, all units", f"{rho:.4f}", f"{limit:.3f}", rho >= limit,
+                f"HF bf16 vs HF fp32: {rho_hf:.4f}; ours bf16 vs HF bf16: {spearman(o16_score, h16):.4f}")
+            o16_s_a, o32_s_a = float(o16_kv["round_s"]), float(o32_kv["round_s"])
+            row(shape, f"attribution round bf16, ours vs HF autograd ({B}x{T})", f"{o16_s_a:.3f} s", "-", True,
+                f"HF {hf16_as:.3f} s; ratio {hf16_as / o16_s_a:.1f}x (target >= 5); donor {float(o16_kv['donor_s']):.3f} "
+                f"+ fwd/bwd {float(o16_kv['backward_s']):.3f} + scores {float(o16_kv['scores_s']):.3f} s")
+            row(shape, f"attribution round fp32, ours vs HF autograd ({B}x{T})", f"{o32_s_a:.3f} s", "-", True,
+                f"HF {hf32_as:.3f} s; ratio {hf32_as / o32_s_a:.1f}x (1 timed rep)")
+            ours_pass = int(o16_kv["backward_peak_bytes"]) + int(o16_kv["donor_bytes"])
+            row(shape, "attribution memory bf16, ours (backward_bytes)", gib(ours_pass), "-", True,
+                f"peak of model_backward + donor caches, weights excluded; GPU used during the run (nvidia-smi, "
+                f"weights + context + pool): {gib(o16_gpu)}; HF peak allocated beyond its weights: {gib(hf16_mem)}")
+            row(shape, "attribution memory fp32, ours (backward_bytes)",
+                gib(int(o32_kv["backward_peak_bytes"]) + int(o32_kv["donor_bytes"])), "-", True,
+                f"GPU used during the run: {gib(o32_gpu)}; HF peak allocated beyond its weights: {gib(hf32_mem)}")
         shutil.rmtree(folder, ignore_errors=True)
         print(f"{shape}: done in {time.time() - t_shape:.1f} s", flush=True)
 

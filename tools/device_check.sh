@@ -42,7 +42,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch"
+BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch bench/bench_backward"
 
 # The device tool carries the working tree and the carried paths, together at most 64 MiB.
 CARRY_LIMIT_MIB=64

@@ -157,14 +157,14 @@ def hf_runs(model, ids, don, mask, reps, device):
     return clean.cpu(), patched.cpu(), (sum(secs[1:]) / reps if reps else -1)
 
 
-def hf_attribution(model, ids, don, typ, T, K, reps, device):
+def hf_attribution(model, ids, don, mask, typ, T, K, reps, device):
     """One attribution round by torch autograd through HF eager with hook-based patching (the original's
     way): the donor pass (no grad; Patch records its post-RoPE k, v and a hook its o_proj inputs z_d),
     the patched pass (edges in Patch.mask read the donor's k, v; a hook keeps each layer's o_proj input
     z), loss = per prompt the mean cross-entropy of its K targets (after the final softcap), summed over
     prompts (docs/attribution.md), autograd to every z, then head-unit scores |sum over the positions of
     a type of (z - z_d)_h . dL/dz_h|, mean over prompts: [L, H, 7] float64. ids, don: [B, T + K] (targets
-    appended to both); typ: [T] the prompt's types. Returns scores, loss, mean seconds of reps after a
+    appended to both); mask: [T + K, T + K] the edges patched; typ: [T] the prompt's types. Returns scores, loss, mean seconds of reps after a
     warm-up (-1 when reps is 0), and the peak bytes allocated during the round beyond what was allocated
     before it (cuda; -1 otherwise)."""
     cfg = model.config
@@ -178,6 +178,7 @@ def hf_attribution(model, ids, don, typ, T, K, reps, device):
     onehot[torch.arange(T, device=ids.device), typ] = 1.0
     cap = getattr(cfg, "final_logit_softcapping", None)
     secs, base, peak = [], -1, -1
+    Patch.mask = mask
     if device == "cuda":
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()

@@ -17,8 +17,29 @@ run's distance to HF fp32 at most 1.5x HF bf16's own distance to HF fp32 (+1e-3)
 calibrated by HF itself -- and its distance to HF bf16 reported. Timing: tokens/s of donor + patched
 passes, ours vs HF, and the achieved TFLOP/s of the matrix products of our patched run against --peak.
 
+Attribution (unless --no-attrib): the same prompts, each followed by --targets K target tokens (bench_id
+continued), the same plan; one round = donor pass, patched forward + backward, every head unit's score
+(layer, head, each of the 7 prompt types, donor 0).
+  Ours: bench_backward --model (on the backend, fp32 over the whole batch with 1 timed rep; bf16 with
+  --reps), scores dumped as float64.
+  HF: torch autograd through HF eager with the patched attention above (the original's way): the donor
+  pass under no_grad, the patched pass with forward pre-hooks on every o_proj keeping z, loss = per prompt
+  the mean target cross-entropy after the final softcap, summed over prompts (docs/attribution.md),
+  torch.autograd.grad to every z, score = |sum over a type's positions of (z - z_donor)_h . dL/dz_h|, mean
+  over prompts (float64 sums).
+Checks: fp32 scores ours vs HF within 1e-3 of the largest (the forward's 1e-4 times 10: the scores carry
+the forward's and the backward's rounding through every layer; a wrong term moves them by percent), fp32
+loss within 1e-4 relative; bf16 vs fp32 Spearman over all units >= min(0.99, HF's own bf16-vs-fp32
+Spearman - 0.01). Reported: the round's seconds ours vs HF (bf16, target ratio >= 5; fp32 too) and the
+memory: ours as backward_bytes' peak + the donor caches (weights excluded) and the GPU's used memory
+during our run by nvidia-smi minus before it (weights, CUDA context and pool included); HF's as
+torch.cuda.max_memory_allocated during the round minus what was allocated before it (its weights
+excluded).
+
     python tools/device_check.py --bin .device [--shapes bench/gemma2-2b.json,bench/smollm2-135m.json]
                                  [--batch 64] [--len 100] [--reps 3] [--small 2] [--device cuda]
+                                 [--targets 2] [--no-attrib]
+Dry run without a GPU: --device cpu (our side on the cpu backend; `--bin build/bench`), small sizes.
 
 Needs torch and transformers 4.44.x (tools/device_check.sh puts the carried wheels on the path).
 """
@@ -336,7 +357,7 @@ def matrix_flops(cfg, B, T):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--bin", required=True, help="folder with bench_patch")
+    ap.add_argument("--bin", required=True, help="folder with bench_patch and bench_backward")
     ap.add_argument("--shapes", default="bench/gemma2-2b.json,bench/smollm2-135m.json")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--len", type=int, default=100)

@@ -22,13 +22,23 @@
 #                                     (tensor parallelism over NCCL: every GPU in one group, or a group
 #                                     of one), `edgepatch run` on the cuda backend against the cpu backend
 #                                     (tiny Gemma-2 fixture: cache, patch, an exact prune round),
+#                                     an attribution prune run (heads then edges, tiny Gemma-2) on cpu
+#                                     fp32, cuda fp32 and cuda bf16: each round's scores cuda vs cpu
+#                                     within 1e-4 of the largest, bf16 vs fp32 Spearman >= 0.99 over
+#                                     round 0's head units (attrib_check below),
 #                                     bench_ops (fp32 and bf16 products at Gemma-2 2B shapes),
 #                                     tools/device_check.py (random-weight Gemma-2 2B and SmolLM2-135M
 #                                     made on the spot: our CUDA forward and patched forward in fp32 and
 #                                     bf16 against HF transformers on the same GPU and against our cpu,
-#                                     and timed against HF eager patching; one table), compute-sanitizer
+#                                     and timed against HF eager patching; one attribution round
+#                                     (bench_backward --model) against torch autograd through HF eager
+#                                     with hook patching: fp32 head scores, bf16 rank agreement, the
+#                                     time ratio and the memory; one table), compute-sanitizer
 #                                     memcheck on test_ops when installed (racecheck only on request). It
 #                                     ends with the seconds each part took, to plan the next run.
+#   bash tools/device_check.sh attrib-local [BACKEND]
+#                                     A dry run of the attribution rows on this machine: build/'s
+#                                     edgepatch, BACKEND (default offset; or cpu) standing in for cuda.
 #
 # The log is written to $OUT/device_check.log (when $OUT is set) from its first line, so a run killed at
 # the call's timeout still returns what it printed. Exit status of the check: 0 all passed; 1 a test

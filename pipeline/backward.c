@@ -10,14 +10,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void norm_fwd(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
-                     const float *b, int rows) {
-    if (c->norm == NORM_LAYER)
-        ops->layernorm(out, x, w, b, rows, c->hidden, c->norm_eps);
-    else
-        ops->rmsnorm(out, x, w, c->norm_weight_offset, rows, c->hidden, c->norm_eps);
-}
-
 // dx (+)= d(norm(x))/dx^T dy, per row (w: the norm's weight; RMS with the config's offset, or LayerNorm).
 static void norm_back(const kernel_ops *ops, const model_config *c, float *dx, const float *x, const float *w,
                       const float *dy, int rows, int accumulate) {
@@ -384,16 +376,16 @@ int model_backward(const kernel_ops *ops, const model *m, const grad_batch *b, c
         const float *o = attn + (size_t)l * TD;  // summed over a group (not read by the parallel block)
         // Recompute the MLP's input (into s.xn) and pre-activations.
         if (c->block == BLOCK_PARALLEL) {
-            norm_fwd(ops, c, s.xn, x, w->attn_norm, w->attn_norm_bias, T);
+            forward_norm(ops, c, s.xn, x, w->attn_norm, w->attn_norm_bias, T);
         } else {
             ops->copy_rows(s.x1, D, x, D, T, D);
             if (c->block == BLOCK_SANDWICH_NORM) {
-                norm_fwd(ops, c, s.po, o, w->attn_post_norm, NULL, T);
+                forward_norm(ops, c, s.po, o, w->attn_post_norm, NULL, T);
                 ops->add(s.x1, s.po, TD);
             } else {
                 ops->add(s.x1, o, TD);
             }
-            norm_fwd(ops, c, s.xn, s.x1, w->mlp_norm, NULL, T);
+            forward_norm(ops, c, s.xn, s.x1, w->mlp_norm, NULL, T);
         }
         mlp_fwd(ops, c, w, &s, s.xn, T, NI);
         if (c->block == BLOCK_SANDWICH_NORM && (rc = model_group_sum(m, s.mo, TD, err))) break;

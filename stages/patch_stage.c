@@ -247,7 +247,7 @@ static int patch_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4096], identity[17];
     item_identity(c, item, identity);
     stage_item_path(c->in, "patch", item, path, sizeof path);
-    return stage_item_current(path, identity, ws->log, err);
+    return stage_item_current(path, identity, "edgepatch-patch-item-1", ws->log, err);
 }
 
 // Metric groups of the patch files: 0 "plan", 1 "clean", 2 + a "ablation-NNN" for the config's ablation a.

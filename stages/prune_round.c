@@ -84,7 +84,7 @@ static int round_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
-    return stage_item_current(path, id, ws->log, err);
+    return stage_item_current(path, id, "edgepatch-prune-item-1", ws->log, err);
 }
 
 static int round_run_item(work_stage *ws, int item, ep_error *err) {

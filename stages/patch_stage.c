@@ -67,14 +67,15 @@ static int store_metrics(h5store *s, const char *group, const metric_arrays *a, 
     const int32_t *iv[3] = {a->correct, a->first_token_correct, a->n_generated};
     for (int k = 0; k < 3; k++) {
         snprintf(name, sizeof name, "%s/%s", group, ints[k]);
-        if (h5store_write_i32(s, name, &p1, iv[k], err)) return -1;
+        if (h5store_write_i32(s, name, &p1, iv[k], err) || h5store_label(s, name, "prompt", err)) return -1;
     }
     snprintf(name, sizeof name, "%s/generated", group);
-    if (h5store_write_i32(s, name, &pg, a->generated, err)) return -1;
+    if (h5store_write_i32(s, name, &pg, a->generated, err) || h5store_label(s, name, "prompt,generated_position", err))
+        return -1;
     snprintf(name, sizeof name, "%s/target_logprob", group);
-    if (h5store_write_f32(s, name, &p1, a->target_logprob, err)) return -1;
+    if (h5store_write_f32(s, name, &p1, a->target_logprob, err) || h5store_label(s, name, "prompt", err)) return -1;
     snprintf(name, sizeof name, "%s/logit_diff", group);
-    return h5store_write_f32(s, name, &p1, a->logit_diff, err);
+    return h5store_write_f32(s, name, &p1, a->logit_diff, err) || h5store_label(s, name, "prompt", err) ? -1 : 0;
 }
 
 static double mean_i(const int32_t *v, int n, const int32_t *mask) {
@@ -118,6 +119,7 @@ static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m,
     set_figures(o, &m[0], clean, P);
     json_object_set_new(o, "full_model_accuracy", real_or_null(mean_i(clean->correct, P, NULL)));
     json_object_set_new(o, "full_model_first_token_accuracy", real_or_null(mean_i(clean->first_token_correct, P, NULL)));
+    json_object_set_new(o, "full_model_mean_target_logprob", real_or_null(mean_f(clean->target_logprob, P)));
     json_object_set_new(o, "full_model_mean_logit_diff", real_or_null(mean_f(clean->logit_diff, P)));
     json_object_set_new(o, "model_hash", json_string(in->model_hash));
     json_object_set_new(o, "plan_hash", json_string(in->plan_hash));
@@ -268,12 +270,30 @@ static void groups_free(const patch_ctx *c, metric_arrays *m) {
     free(m);
 }
 
+// An ablation group's attributes: its name, the config's group and band labels (when given) and its
+// plan as the config's ablations[i] gives it, less name, group and band (canonical JSON: sorted keys,
+// compact), so the file says what was ablated.
+static int store_ablation_attrs(const patch_ctx *c, h5store *s, const char *group, int a, ep_error *err) {
+    const run_ablation *spec = &c->in->cfg->ablations[a];
+    json_t *plan = json_deep_copy(spec->plan);  // the plan without the labels stored beside it
+    json_object_del(plan, "name"), json_object_del(plan, "group"), json_object_del(plan, "band");
+    char *rules = json_dumps(plan, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(plan);
+    int rc = h5store_set_str_at(s, group, "name", c->in->ablations[a].name, err) ||
+             (spec->group && h5store_set_str_at(s, group, "group", spec->group, err)) ||
+             (spec->band && h5store_set_str_at(s, group, "band", spec->band, err)) ||
+             h5store_set_str_at(s, group, "rules", rules ? rules : "null", err);
+    free(rules);
+    return rc ? -1 : 0;
+}
+
 // Every group of m (n prompts) into s; without ablations in the plan, "clean" is the plan's figures.
 static int store_groups(const patch_ctx *c, h5store *s, const metric_arrays *m, int n, ep_error *err) {
     for (int g = 0; g < 2 + c->in->n_ablations; g++) {
         char name[32];
         group_name(g, name);
         if (store_metrics(s, name, g == 1 && !c->ablates ? &m[0] : &m[g], n, c->max_new, err)) return -1;
+        if (g >= 2 && store_ablation_attrs(c, s, name, g - 2, err)) return -1;
     }
     return 0;
 }

@@ -211,7 +211,7 @@ int prune_round_write(const char *path, const char *identity, int r, const circu
              h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err);
     if (rc == 0 && res->compare_scores) {
         h5shape sa = {1, {4}};
-        const char *agreement_names[4] = {"spearman", "spearman_abs", "topk_overlap", "k"};
+        const char *agreement_names[4] = {"spearman", "spearman_abs_exact", "top_k_overlap", "top_k"};  // as model_logs.json names them
         for (int i = 0; i < n; i++) sc[i] = (float)res->compare_scores[i];
         rc = h5store_write_f32(&s, "compare/scores", &ss, sc, err) || h5store_label(&s, "compare/scores", "unit", err) ||
              h5store_write_f64(&s, "compare/agreement", &sa, res->agreement, err) ||

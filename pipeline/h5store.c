@@ -531,12 +531,15 @@ int h5store_label(h5store *s, const char *dataset, const char *labels, ep_error 
     hid_t space = H5Dget_space(ds);
     int rank = H5Sget_simple_extent_ndims(space), rc = 0, dim = 0;
     H5Sclose(space);
+    int count = 1;  // counted first: a wrong count labels nothing
+    for (const char *c = labels; *c; c++) count += *c == ',';
+    if (count != rank) rc = ep_fail(err, "%s: dataset %s: %d labels \"%s\" for rank %d", file_name(s), dataset, count, labels, rank);
     char *copy = ep_strdup(labels), *save = NULL;
     for (char *t = strtok_r(copy, ",", &save); t && rc == 0; t = strtok_r(NULL, ",", &save), dim++)
-        if (dim >= rank || H5DSset_label(ds, (unsigned)dim, t) < 0)
-            rc = ep_fail(err, "%s: cannot label dataset %s with \"%s\" (rank %d)", file_name(s), dataset, labels, rank);
+        if (H5DSset_label(ds, (unsigned)dim, t) < 0)
+            rc = ep_fail(err, "%s: cannot label dataset %s with \"%s\"", file_name(s), dataset, labels);
     if (rc == 0 && dim != rank)
-        rc = ep_fail(err, "%s: dataset %s: %d labels \"%s\" for rank %d", file_name(s), dataset, dim, labels, rank);
+        rc = ep_fail(err, "%s: dataset %s: empty labels in \"%s\"", file_name(s), dataset, labels);
     free(copy);
     H5Dclose(ds);
     return rc;

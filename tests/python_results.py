@@ -52,8 +52,11 @@ def setup(edgepatch, work):
     if r.returncode:
         sys.exit(f"python_results: edgepatch run failed: {r.stderr[-2000:]}")
     start = time.time()
+    # from a copy: setuptools builds in the source folder (build/, *.egg-info), which stays untouched
+    src = os.path.join(work, "src")
+    shutil.copytree("tools/python", src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-                        "--disable-pip-version-check", "--target", os.path.join(work, "site"), "tools/python"],
+                        "--disable-pip-version-check", "--target", os.path.join(work, "site"), src],
                        capture_output=True, text=True)
     print(f"python_results: pip install --target {work}/site tools/python: exit {r.returncode} in {time.time() - start:.0f} s")
     if r.returncode:

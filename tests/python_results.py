@@ -73,6 +73,18 @@ def installed(work):
     return er
 
 
+def reseal(path):
+    """Rewrites the 512-byte seal of an edgepatch HDF5 file after an edit (docs/artifacts.md, "The seal")."""
+    import zlib
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    body = bytes(data[512:])
+    head = f"edgepatch h5store seal 1\ncrc32 {zlib.crc32(body):08x}\nbytes {len(body)}\n".encode()
+    data[:512] = head + b"\0" * (512 - len(head))
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def show_json(edgepatch, run, i):
     r = subprocess.run([edgepatch, "show", run, "--prompt", str(i), "--json"], capture_output=True, text=True, check=True)
     return json.loads(r.stdout)
@@ -260,6 +272,42 @@ def check(edgepatch, work):
         expect(len(opened.summary()) == 2 * len(s) and len(opened.prompts()) == 2 * len(pr), f"{opened}: summary, prompts")
     runs = er.open_sweep(sweep_file).runs()
     expect(runs.exists.tolist() == [True, True, False] and runs.rounds.tolist() == [2, 2, 0], f"sweep runs: {runs.to_dict('list')}")
+
+    # the self-describing layout (docs/python.md, "Names from the files first"): a copy of the run with
+    # enum_names attributes (upper-case names, so their use shows), per-token pieces, ablation attributes
+    # and generated_text, resealed; the reader must take the names and texts from them
+    new = os.path.join(work, "new-layout")
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("cache.d", "patch.d", "round-*.d"))
+    upper = [t.upper() for t in ("bos", "x", "t", "y", "n", "query", "last", "target")]
+    import h5py
+    import numpy as np
+    strings = h5py.string_dtype()
+    with h5py.File(os.path.join(new, "prompts.h5"), "r+") as f:
+        f["types"].attrs["enum_names"] = np.array(upper, dtype=strings)
+        tokens = f["tokens"][()]
+        f.create_dataset("pieces", data=np.array([[f"<{t}>" for t in row] for row in tokens], dtype=object), dtype=strings)
+    with h5py.File(os.path.join(new, "patch.h5"), "r+") as f:
+        for k in range(len(cfg["ablations"])):
+            g = f[f"ablation-{k:03d}"]
+            g.attrs.update(name=f"renamed {k}", group=f"group {k % 2}", band=f"band {k // 2}", rules=json.dumps({"rules": []}))
+        f.create_dataset("plan/generated_text", data=np.array([f"text {i}" for i in range(P)], dtype=object), dtype=strings)
+    for r in rounds:
+        with h5py.File(os.path.join(new, f"prune.d/round-{r:03d}.h5"), "r+") as f:
+            f["units"].attrs["enum_names"] = np.array(upper, dtype=strings)
+    for name in ["prompts.h5", "patch.h5"] + [f"prune.d/round-{r:03d}.h5" for r in rounds]:
+        reseal(os.path.join(new, name))
+    nr = er.open_run(new)
+    np_, old_p = nr.prompts(), run.prompts()
+    expect(np_.type.astype(str).tolist() == old_p.type.astype(str).str.upper().tolist()
+           and np_.token_text.tolist() == [f"<{t}>" for t in old_p.token], "new layout: prompts() ignores enum_names or pieces")
+    na = nr.ablations()
+    expect(na.name.tolist() == [f"renamed {k}" for k in range(len(na))] and na.rules.tolist() == [{"rules": []}] * len(na)
+           and nr.metrics().condition.cat.categories.tolist()[2:] == na.name.tolist(), f"new layout: ablations {na.to_dict('list')}")
+    nm = nr.metrics()
+    expect(nm[nm.condition == "plan"].generated_text.tolist() == [f"text {i}" for i in range(P)], "new layout: generated_text")
+    ns = nr.scores(rounds[-1])
+    expect(ns.sender.astype(str).tolist() == run.scores(rounds[-1]).sender.astype(str).str.upper().tolist(), "new layout: unit names")
 
     # bad input: one line naming the file
     for path, want in ((os.path.join(work, "nowhere"), "nowhere: no such run folder"),):

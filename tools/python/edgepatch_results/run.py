@@ -167,6 +167,8 @@ class Run:
                 a["donor_kind_of"] = names if len(names) == K else [
                     DONOR_KIND_NAMES[k] if 0 <= k < len(DONOR_KIND_NAMES) else str(k) for k in a["donor_kinds"]]
             a["token_text"] = f.string_dataset(TOKEN_TEXT_DATASETS, tokens.shape)
+            a["donor_text"] = f.string_dataset(tuple("donor_" + n for n in TOKEN_TEXT_DATASETS), a["donors"].shape) \
+                if a["donors"].size and a["donors"].shape != tokens.shape else None
             a["attrs"] = {k: f.attr(k) for k in f.h5.attrs}
         return a
 
@@ -222,9 +224,17 @@ class Run:
         mask = np.broadcast_to(mask, (P, K, L))
         p, d, pos = np.nonzero(mask)
         ids = a["donors"][mask]
+        if a["donor_text"] is not None:
+            texts = [str(t) for t in a["donor_text"][mask]]
+        elif a["token_text"] is not None:  # the clean prompts' pieces by id; a token they lack gets the decoder's or ""
+            known = dict(zip(a["tokens"].ravel().tolist(), (str(t) for t in a["token_text"].ravel())))
+            dec = self._decoder_for(a["attrs"])
+            texts = [known[i] if i in known else (dec.piece(i) if dec else "") for i in ids.tolist()]
+        else:
+            texts = self._texts(a, ids)
         return pd.DataFrame({
             "prompt": p.astype(np.int64), "donor": d.astype(np.int64), "donor_kind": [a["donor_kind_of"][k] for k in d],
-            "position": pos.astype(np.int64), "token": ids.astype(np.int64), "token_text": self._texts(a, ids),
+            "position": pos.astype(np.int64), "token": ids.astype(np.int64), "token_text": texts,
             "same": ids == a["tokens"][p, pos],
         })
 

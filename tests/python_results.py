@@ -95,6 +95,12 @@ def scores_json(edgepatch, run, r):
     return json.loads(out.stdout)
 
 
+def first_difference(ours, theirs):
+    """Where two lists differ, in a few words (the lists themselves are too long for one line)."""
+    k = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+    return f"first difference at {k}: {ours[k:k + 1]} vs {theirs[k:k + 1]} ({len(ours)} vs {len(theirs)} entries)"
+
+
 def printable(text):
     return text.replace("\n", "\\n").replace("\t", "\\t")
 
@@ -112,13 +118,13 @@ def compare_prompt(run, i, shown):
     p = p[p.prompt == i].sort_values("position")
     for col, key in (("token", "tokens"), ("example", "index")):
         if p[col].tolist() != shown[key]:
-            bad.append(f"prompt {i}: {col}: {p[col].tolist()} != show's {key} {shown[key]}")
+            bad.append(f"prompt {i}: {col} differs from show's {key}: {first_difference(p[col].tolist(), shown[key])}")
     if p["type"].astype(str).tolist() != shown["types"]:
-        bad.append(f"prompt {i}: type: {p['type'].astype(str).tolist()} != show's types {shown['types']}")
+        bad.append(f"prompt {i}: type differs from show's types: {first_difference(p['type'].astype(str).tolist(), shown['types'])}")
     if p.position.tolist() != list(range(len(shown["tokens"]))):
         bad.append(f"prompt {i}: positions {p.position.tolist()}")
     if (p.token_text != "").any() and [printable(t) for t in p.token_text] != shown["pieces"]:
-        bad.append(f"prompt {i}: token_text {p.token_text.tolist()} != show's pieces {shown['pieces']}")
+        bad.append(f"prompt {i}: token_text differs from show's pieces: {first_difference([printable(t) for t in p.token_text], shown['pieces'])}")
     info = run.prompt_info().set_index("prompt").loc[i]
     if info.target != shown["target"]:
         bad.append(f"prompt {i}: target {info.target} != show's {shown['target']}")
@@ -128,7 +134,7 @@ def compare_prompt(run, i, shown):
     for k, donor in enumerate(shown["donors"]):
         got = d[(d.prompt == i) & (d.donor == k)].sort_values("position").token.tolist()
         if got != donor:
-            bad.append(f"prompt {i}: donor {k}: {got} != show's {donor}")
+            bad.append(f"prompt {i}: donor {k} differs from show's: {first_difference(got, donor)}")
     if len(shown["donors"]) != d[d.prompt == i].donor.nunique():
         bad.append(f"prompt {i}: {d[d.prompt == i].donor.nunique()} donors, show has {len(shown['donors'])}")
     m = run.metrics()
@@ -164,9 +170,7 @@ def compare_round(run, r, shown):
     ours = [tuple(int(v) if c in ("layer", "head") else str(v) for c, v in zip(cols, row)) for row in s[cols].itertuples(index=False)]
     theirs = [unit_key(kind, u) for u in shown["units"]]
     if ours != theirs:
-        first = next((k for k, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-        bad.append(f"round {r}: units differ (first at {first}: {ours[first:first + 1]} vs {theirs[first:first + 1]}; "
-                   f"{len(ours)} vs {len(theirs)} units)")
+        bad.append(f"round {r}: units differ from the scores': {first_difference(ours, theirs)}")
     else:
         for k, (a, u) in enumerate(zip(s.score, shown["units"])):
             if not same_real(a, u["score"]):

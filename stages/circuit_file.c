@@ -366,6 +366,9 @@ int circuit_file_write(const char *run_dir, const circuit *c, int round, double 
     json_t *o = circuit_json(c);
     json_object_set_new(o, "round", json_integer(round));
     json_object_set_new(o, "faithfulness_logit_diff", num(faith));
+    // the model's shape, for the report's layer axis (a circuit need not reach the last layer)
+    json_object_set_new(o, "n_layers", json_integer(c->n_layers));
+    json_object_set_new(o, "n_heads", json_integer(c->n_heads));
     snprintf(path, sizeof path, "%s/circuit.json", run_dir);
     int rc = write_json_atomic(path, o, err);
     json_decref(o);

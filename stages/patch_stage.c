@@ -105,6 +105,28 @@ static void set_figures(json_t *o, const metric_arrays *m, const metric_arrays *
     json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(m->correct, P, clean->correct)));
     json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
     json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
+    // The paired table of greedy correctness against the full model on the same prompts: what the
+    // report's 95% interval of the accuracy drop is computed from (stages/interval.h).
+    int both = 0, full_only = 0, ablated_only = 0;
+    for (int i = 0; i < P; i++) {
+        both += clean->correct[i] && m->correct[i];
+        full_only += clean->correct[i] && !m->correct[i];
+        ablated_only += !clean->correct[i] && m->correct[i];
+    }
+    json_object_set_new(o, "prompts_correct", json_pack("{s:i,s:i,s:i,s:i}", "both", both, "full_model_only", full_only,
+                                                         "ablated_only", ablated_only, "neither", P - both - full_only - ablated_only));
+}
+
+// The layers a plan ablates anything in (a rule that reads a donor, or a head unit), ascending.
+static json_t *ablated_layers(const ablation_plan *p) {
+    json_t *list = json_array();
+    for (int l = 0; l < p->n_layers; l++) {
+        int any = 0;
+        for (int r = 0; r < p->layer_rules[l].n && !any; r++) any = p->layer_rules[l].rule[r].donor >= 0;
+        for (int u = 0; u < p->n_head_units && !any; u++) any = p->head_units[u].layer == l && p->head_units[u].donor >= 0;
+        if (any) json_array_append_new(list, json_integer(l));
+    }
+    return list;
 }
 
 // model_logs.json as the patch stage writes it. m: the plan's, the clean model's, then each ablation's figures.
@@ -131,6 +153,7 @@ static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m,
             // the report's heatmap labels, when the config gives them
             if (spec->group) json_object_set_new(f, "group", json_string(spec->group));
             if (spec->band) json_object_set_new(f, "band", json_string(spec->band));
+            json_object_set_new(f, "layers", ablated_layers(&in->ablations[a]));
             set_figures(f, &m[2 + a], clean, P);
             json_array_append_new(list, f);
         }

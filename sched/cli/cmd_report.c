@@ -9,10 +9,12 @@
 static const char usage[] =
     "usage: edgepatch report RUN\n"
     "\n"
-    "Prints the report of the run folder RUN (full-model accuracy against each ablation of the config;\n"
-    "circuit size and faithfulness per pruning round) and writes it to RUN/report.txt, with the figures\n"
-    "RUN/accuracy_drop.png (gnuplot: accuracy drop by edge group and layer band) and RUN/circuit.png and\n"
-    "circuit.svg (Graphviz: the final circuit). A missing drawing tool skips its figure, with a note.\n"
+    "Prints the report of the run folder RUN (full-model accuracy against each ablation of the config,\n"
+    "each drop with its 95% interval; circuit size and faithfulness per pruning round) and writes it to\n"
+    "RUN/report.txt, with the figures, each as PNG, PDF and SVG with its data as CSV:\n"
+    "RUN/accuracy_drop.{png,pdf,svg,csv} (gnuplot: accuracy drop by edge group and layer band, n and the\n"
+    "intervals) and RUN/circuit.{png,svg,pdf,csv} (Graphviz: the final circuit by layer, with a legend).\n"
+    "A missing drawing tool skips its figure, with a note.\n"
     "A model_logs.json or circuit.json without a field the report prints is refused (one line naming the\n"
     "file and field, exit status 1) and nothing is written.\n"
     "`edgepatch run` ends by writing the same report.\n";

@@ -368,6 +368,7 @@ int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err
 #define H5_DATASET_BYTES 352.0
 #define H5_GROUP_BYTES 864.0
 #define H5_ATTRIBUTE_BYTES 56.0
+#define H5_STRING_BYTES 40.0
 
 // Edge units per kept head unit when edge rounds start (stages/circuit.c, circuit_start_edges): for each
 // receiver type, the sender types that occur at or before it in some prompt, averaged over the 7 head
@@ -465,8 +466,12 @@ int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *e
     // target_lengths [P], pair_ids [P, N + 1], donor_kinds [K]; tokenize_report.json beside it.
     // 16 attributes, the text ones (tokenize_report, type and donor kind names, paths) about 1 KiB more,
     // and tokenize_report.json about as much again.
-    d->prompts = H5_FILE_BYTES + (7 + 2 * (K > 0)) * H5_DATASET_BYTES + 16 * H5_ATTRIBUTE_BYTES + 2048 +
-                 i4 * (3 * P * Lp + P * K * Lp + P * ps.max_target + 2 * P + P * (ps.n_shots + 1) + K);
+    // The token texts (token_text, donor_text, target_text: one variable-length string per token) cost
+    // H5_STRING_BYTES each: HDF5's 16-byte global-heap id in the dataset, the heap object's 16-byte
+    // header and the text rounded up to 8 bytes (a token's text is a few bytes).
+    d->prompts = H5_FILE_BYTES + (10 + 2 * (K > 0)) * H5_DATASET_BYTES + 16 * H5_ATTRIBUTE_BYTES + 2048 +
+                 i4 * (3 * P * Lp + P * K * Lp + P * ps.max_target + 2 * P + P * (ps.n_shots + 1) + K) +
+                 H5_STRING_BYTES * (P * Lp + P * K * Lp + P * ps.max_target);
     // cache.d/: per item a file; per prompt a group, per cached donor a group with k, v [L, T, kv_heads *
     // head_dim] and z [L, T, heads * head_dim], T the prompt's own length.
     if (goal >= RUN_CACHE) {

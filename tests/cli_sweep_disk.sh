@@ -46,7 +46,7 @@ def artifact(rel):
     if rel.startswith("cache.d/"): return "cache"
     if rel.startswith("patch.d/") or rel in ("patch.h5", "model_logs.json"): return "patch"
     if re.match(r"prune\.d/round-\d{3}(\.h5|\.d/item-\d{5}\.h5)$", rel): return "prune"
-    if re.match(r"(report\.txt|circuit\.(json|txt|dot|png|svg)|accuracy_drop\.(gp|png)|model_digests\.json|sweep-run\.json)$", rel):
+    if re.match(r"(report\.txt|circuit\.(json|txt|dot|csv|png|svg|pdf)|accuracy_drop\.(gp|csv|png|svg|pdf)|model_digests\.json|sweep-run\.json)$", rel):
         return None  # not estimated
     raise SystemExit("unexpected file in a run folder: " + rel)
 bad = 0

@@ -50,13 +50,15 @@ typedef struct {
 // own heads; the caller maps the model's heads to them). Head unit: query head `head`'s output at the
 // positions of token type `type`, replaced by donor `donor`'s. Edge unit: the edges A -> B of query head
 // `head` with type(A) = sender, type(B) = receiver (A <= B, inside the window, relation any) reading
-// donor `donor`'s key and value at A.
+// donor `donor`'s key and value at A, or as `source` says (kernels/edge_rule.h: kv, k only, v only, or
+// removed from B's softmax; 0 = kv).
 typedef struct {
     int head, type, donor;
 } head_score_unit;
 
 typedef struct {
     int head, sender, receiver, donor;
+    int source;  // edge_source: what the unit's intervention substitutes (EDGE_SRC_ZERO reads no donor)
 } edge_score_unit;
 
 typedef struct kernel_ops {
@@ -99,8 +101,11 @@ typedef struct kernel_ops {
     void (*attention)(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
                       int n_seqs, const attn_params *p);
     // The same with edge ablation (kernels/edge_rule.h): the edge A->B of query head h reads donor d's
-    // key and value at A (donor_k[d] / donor_v[d], row donor_row + A, same strides) when the rules say
-    // so, else the current ones. q always comes from the current pass. NULL in backends without it.
+    // key and/or value at A (donor_k[d] / donor_v[d], row donor_row + A, same strides) as the matching
+    // rule's source says (kv: both, k: the donor's key with the current value, v: the current key with
+    // the donor's value), else the current ones; an edge whose rule's source is zero is left out of B's
+    // softmax, which renormalizes over B's other edges, and a query whose every edge is removed outputs
+    // 0. q always comes from the current pass. NULL in backends without it.
     void (*patched_attention)(float *out, const float *q, const float *k, const float *v, int n_donors,
                               const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
                               int n_seqs, const attn_params *p, const edge_rule_set *rules);
@@ -154,11 +159,14 @@ typedef struct kernel_ops {
     //   s_ij = softcap(scale q_i . k*_j), p_ij = softmax_j(s_ij), g_ij = dout_i . v*_j,
     //   dlogit_ij = p_ij (g_ij - sum_j' p_ij' g_ij') (1 - (s_ij / cap)^2 or 1 without softcap) scale,
     //   dq_i = sum_j dlogit_ij k*_j,  dL/dk*_j += dlogit_ij q_i,  dL/dv*_j += p_ij dout_i,
-    // with k*, v* the row the edge read. dq is overwritten (each query row's n_heads * head_dim floats).
-    // The key/value gradients are accumulated (the caller zeroes them; GQA sums a group's query heads
-    // into its KV head) into the row the edge read: dk / dv (kv_row + j) for the current pass, donor_dk[d]
-    // / donor_dv[d] (donor_row + j) for donor d, or dropped where donor_dk / donor_dv or their entry is
-    // NULL (donor passes are constants of the attribution). Assumes the sequences' key and value rows
+    // with k*, v* the rows the edge read (the key and the value may come from different sources under a k-
+    // or v-only rule); a removed (zeroed) edge is not among the keys i sees (p = dlogit = 0), and a query
+    // whose every edge is removed has zero gradients. dq is overwritten (each query row's n_heads *
+    // head_dim floats). The key/value gradients are accumulated (the caller zeroes them; GQA sums a
+    // group's query heads into its KV head) into the row the edge read, the key's and the value's each
+    // to its own source: dk / dv (kv_row + j) for the current pass, donor_dk[d] / donor_dv[d] (donor_row
+    // + j) for donor d, or dropped where donor_dk / donor_dv or their entry is NULL (donor passes are
+    // constants of the attribution). Assumes the sequences' key and value rows
     // (and donor rows) do not overlap, so no two sequences write one row.
     void (*attention_back)(float *dq, float *dk, float *dv, const float *q, const float *k, const float *v,
                            const float *dout, int n_donors, const float *const *donor_k,
@@ -173,11 +181,16 @@ typedef struct kernel_ops {
                         const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
                         int n_units);
     // Edge-unit scores before |.|: score[u * n_seqs + s] = sum over the unit's edges A -> B (typed
-    // positions, A <= B in the window) of dlogit_BA q_B . (k_d(A) - k*_A) + p_BA dout_B . (v_d(A) - v*_A)
+    // positions, A <= B in the window) of, by the unit's source,
+    //   kv:   dlogit_BA q_B . (k_d(A) - k*_A) + p_BA dout_B . (v_d(A) - v*_A)
+    //   k:    dlogit_BA q_B . (k_d(A) - k*_A)          v: p_BA dout_B . (v_d(A) - v*_A)
+    //   zero: p_BA (sum_A' p_BA' g_BA' - g_BA), g_BA = dout_B . v*_A (the derivative of the loss as the
+    //         edge's unnormalized weight exp(s_BA) is scaled by 1 - t, t from 0: docs/attribution.md)
     // in double, with p, dlogit and k*, v* (what the edge read) as in attention_back for these inputs
     // (dout: the attention output's gradient as the attention saw it: zero where a head unit replaced
     // the output), k_d, v_d donor units[u].donor's row donor_row + A. An edge already reading that donor
-    // adds 0. Recomputes the softmax like attention_back. score: backend memory, overwritten.
+    // (or already removed) adds 0. Recomputes the softmax like attention_back. score: backend memory,
+    // overwritten.
     void (*edge_scores)(double *score, const float *q, const float *k, const float *v, const float *dout,
                         int n_donors, const float *const *donor_k, const float *const *donor_v,
                         const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,

@@ -216,9 +216,11 @@ static void cpu_attention(float *out, const float *q, const float *k, const floa
 
 // Patched attention of one (sequence, head), in the same BLAS form: scores against the current keys and
 // against each donor's keys that a rule of this layer reads, then per (receiver, sender) the score of the
-// key the rules select (kernels/edge_rule.h), softmax over the selection, and the output as the sum of
-// (probabilities where the current value is selected) x V plus the same per donor. scores holds
-// (1 + n_donors) * n_q * n_k floats; sel n_q * n_k bytes.
+// key the rules select (kernels/edge_rule.h; a removed edge has none), softmax over the selection, and
+// the output as the sum of (probabilities where the current value is selected) x V plus the same per
+// donor: the key's and the value's sources are taken apart from the edge code, so a k- or v-only edge
+// scores with one source and reads the other's value. scores holds (1 + n_donors) * n_q * n_k floats;
+// sel n_q * n_k bytes (edge codes, -2 .. 47).
 static void attend_block_patched(float *out, const float *q, const float *k, const float *v, int n_donors,
                                  const float *const *donor_k, const float *const *donor_v, const attn_seq *sq, int h,
                                  const attn_params *p, const edge_rule_set *rules, const int *donor_used, float *scores,
@@ -247,24 +249,26 @@ static void attend_block_patched(float *out, const float *q, const float *k, con
         float mx = -INFINITY;
         float *chosen = scores + r;  // the current scores' row, overwritten by the selected scores
         for (int j = j0; j <= i; j++) {
-            int dn = i < sq->n_typed && j < sq->n_typed
-                         ? edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i])
-                         : -1;
-            sel[r + j - k0] = (signed char)dn;
+            int code = i < sq->n_typed && j < sq->n_typed
+                           ? edge_lookup(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i])
+                           : EDGE_CLEAN;
+            sel[r + j - k0] = (signed char)code;
+            int dn = edge_key_donor(code);
             float s = dn >= 0 ? scores[(1 + (size_t)dn) * block + r + j - k0] : chosen[j - k0];
             if (p->softcap > 0) s = p->softcap * tanhf(s / p->softcap);
+            if (code == EDGE_REMOVED) s = -INFINITY;
             chosen[j - k0] = s;
             if (s > mx) mx = s;
         }
         float sum = 0;
-        for (int j = j0; j <= i; j++) sum += chosen[j - k0] = expf(chosen[j - k0] - mx);
-        float inv = 1.0f / sum;
+        for (int j = j0; j <= i; j++) sum += chosen[j - k0] = mx == -INFINITY ? 0.0f : expf(chosen[j - k0] - mx);
+        float inv = sum > 0 ? 1.0f / sum : 0.0f;  // every edge removed: the row outputs 0
         // Split the probabilities by source: the current row keeps its share, each donor row its own.
         for (int dn = 0; dn < n_donors; dn++)
             if (donor_used[dn]) memset(scores + (1 + (size_t)dn) * block + r, 0, sizeof(float) * (size_t)n_k);
         for (int j = k0; j < n_k + k0; j++) {
             float pr = j >= j0 && j <= i ? chosen[j - k0] * inv : 0.0f;
-            int dn = j >= j0 && j <= i ? sel[r + j - k0] : -1;
+            int dn = j >= j0 && j <= i ? edge_value_donor(sel[r + j - k0]) : -1;
             if (dn >= 0) {
                 scores[(1 + (size_t)dn) * block + r + j - k0] = pr;
                 pr = 0;
@@ -299,7 +303,8 @@ static void cpu_patched_attention(float *out, const float *q, const float *k, co
                                   int n_seqs, const attn_params *p, const edge_rule_set *rules) {
     int donor_used[16] = {0};
     for (int r = 0; rules && r < rules->n; r++)
-        if (rules->rule[r].donor >= 0 && rules->rule[r].donor < 16) donor_used[rules->rule[r].donor] = 1;
+        if (rules->rule[r].source != EDGE_SRC_ZERO && rules->rule[r].donor >= 0 && rules->rule[r].donor < 16)
+            donor_used[rules->rule[r].donor] = 1;
     attn_job j = {.out = out, .q = q, .k = k, .v = v, .n_donors = n_donors, .donor_k = donor_k, .donor_v = donor_v,
                   .seqs = seqs, .p = p, .rules = rules, .donor_used = donor_used,
                   .max_block = max_attn_block(seqs, n_seqs)};
@@ -454,8 +459,9 @@ static int agrad_donor_keys(const attn_seq *sq, int n_k) {
     return sq->n_typed <= 0 ? 0 : sq->n_typed < n_k ? sq->n_typed : n_k;
 }
 
-// P (probabilities), DL (dlogit: scale and softcap' included), SEL (source, -1 current) of one (sequence,
-// head), 0 where the query cannot see the key; G and X are scratch. The scores and dout . v products
+// P (probabilities), DL (dlogit: scale and softcap' included), SEL (edge code, EDGE_CLEAN current) of one
+// (sequence, head), 0 where the query cannot see the key (or the edge is removed); G gets g = dout . v*
+// of the value each edge read; X is scratch. The scores and dout . v products
 // as matrix products against the current keys and values and each donor a rule reads, then the
 // selection, softcap and softmax per edge (the forward's order of operations).
 static void agrad_block(const agrad_job *j, const attn_seq *sq, int h, float *P, float *DL, signed char *SEL, float *G,
@@ -483,25 +489,25 @@ static void agrad_block(const agrad_job *j, const attn_seq *sq, int h, float *P,
         size_t r = (size_t)qi * n_k;
         float *pr = P + r, *dl = DL + r, *gb = G + r, mx = -INFINITY;
         signed char *sel = SEL + r;
-        for (int a = 0; a < n_k; a++) sel[a] = -1;
+        for (int a = 0; a < n_k; a++) sel[a] = EDGE_CLEAN;
         for (int a = j0; a <= i; a++) {
-            int dn = patched && i < sq->n_typed && a < sq->n_typed
-                         ? edge_donor(j->rules, h, sq->types[a], sq->index[a], sq->types[i], sq->index[i])
-                         : -1;
+            int code = patched && i < sq->n_typed && a < sq->n_typed
+                           ? edge_lookup(j->rules, h, sq->types[a], sq->index[a], sq->types[i], sq->index[i])
+                           : EDGE_CLEAN;
+            int kd = edge_key_donor(code), vd = edge_value_donor(code);
             float sc = pr[a];
-            if (dn >= 0) {
-                sel[a] = (signed char)dn;
-                sc = X[2 * (size_t)dn * blk + r + a];
-                gb[a] = X[(2 * (size_t)dn + 1) * blk + r + a];
-            }
+            sel[a] = (signed char)code;
+            if (kd >= 0) sc = X[2 * (size_t)kd * blk + r + a];
+            if (vd >= 0) gb[a] = X[(2 * (size_t)vd + 1) * blk + r + a];
             if (p->softcap > 0) sc = p->softcap * tanhf(sc / p->softcap);
             dl[a] = p->softcap > 0 ? 1.0f - (sc / p->softcap) * (sc / p->softcap) : 1.0f;  // softcap' for now
+            if (code == EDGE_REMOVED) sc = -INFINITY, dl[a] = 0;
             pr[a] = sc;
             if (sc > mx) mx = sc;
         }
         float sum = 0;
-        for (int a = j0; a <= i; a++) sum += pr[a] = expf(pr[a] - mx);
-        float inv = 1.0f / sum, gsum = 0;
+        for (int a = j0; a <= i; a++) sum += pr[a] = mx == -INFINITY ? 0.0f : expf(pr[a] - mx);
+        float inv = sum > 0 ? 1.0f / sum : 0.0f, gsum = 0;  // every edge removed: p = dlogit = 0
         for (int a = j0; a <= i; a++) gsum += (pr[a] *= inv) * gb[a];
         for (int a = j0; a <= i; a++) dl[a] *= pr[a] * (gb[a] - gsum) * p->scale;
         for (int a = 0; a < j0; a++) pr[a] = dl[a] = 0;
@@ -518,9 +524,10 @@ static float *agrad_scratch(const agrad_job *j, int worker, float **P, float **D
     return s;
 }
 
-// M = where SEL == source, A, else 0.
-static void agrad_mask(float *M, const float *A, const signed char *SEL, int source, size_t n) {
-    for (size_t e = 0; e < n; e++) M[e] = SEL[e] == source ? A[e] : 0.0f;
+// M = where the edge's key (value: 1, its value) source is `source` (-1 current, else a donor), A, else 0.
+static void agrad_mask(float *M, const float *A, const signed char *SEL, int source, int value, size_t n) {
+    for (size_t e = 0; e < n; e++)
+        M[e] = (value ? edge_value_donor(SEL[e]) : edge_key_donor(SEL[e])) == source ? A[e] : 0.0f;
 }
 
 static void agrad_task(void *ctx, int task, int worker) {
@@ -548,20 +555,20 @@ static void agrad_task(void *ctx, int task, int worker) {
             continue;
         }
         // Split by source: masked copies of DL and P, one source at a time.
-        agrad_mask(M, DL, SEL, -1, blk);
+        agrad_mask(M, DL, SEL, -1, 0, blk);
         cpu_sgemm(0, 0, n_q, d, n_k, 1.0f, M, n_k, K, p->kv_stride, 0.0f, dqb, p->q_stride);
         cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, M, n_k, qb, p->q_stride, 1.0f, dkb, p->kv_stride);
-        agrad_mask(M, P, SEL, -1, blk);
+        agrad_mask(M, P, SEL, -1, 1, blk);
         cpu_sgemm(1, 0, n_k, d, n_q, 1.0f, M, n_k, ob, p->q_stride, 1.0f, dvb, p->kv_stride);
         for (int dn = 0; dn < j->n_donors && n_kd > 0; dn++) {
             if (!j->donor_used[dn]) continue;
             size_t drow = (size_t)sq->donor_row * p->kv_stride + off;
-            agrad_mask(M, DL, SEL, dn, blk);
+            agrad_mask(M, DL, SEL, dn, 0, blk);
             cpu_sgemm(0, 0, n_q, d, n_kd, 1.0f, M, n_k, j->donor_k[dn] + drow, p->kv_stride, 1.0f, dqb, p->q_stride);
             if (j->donor_dk && j->donor_dk[dn])
                 cpu_sgemm(1, 0, n_kd, d, n_q, 1.0f, M, n_k, qb, p->q_stride, 1.0f, j->donor_dk[dn] + drow, p->kv_stride);
             if (j->donor_dv && j->donor_dv[dn]) {
-                agrad_mask(M, P, SEL, dn, blk);
+                agrad_mask(M, P, SEL, dn, 1, blk);
                 cpu_sgemm(1, 0, n_kd, d, n_q, 1.0f, M, n_k, ob, p->q_stride, 1.0f, j->donor_dv[dn] + drow, p->kv_stride);
             }
         }
@@ -570,7 +577,8 @@ static void agrad_task(void *ctx, int task, int worker) {
 
 static void agrad_run(agrad_job *j, int n_tasks, cpu_task_fn fn) {
     for (int r = 0; j->rules && r < j->rules->n; r++)
-        if (j->rules->rule[r].donor >= 0 && j->rules->rule[r].donor < 16) j->donor_used[j->rules->rule[r].donor] = 1;
+        if (j->rules->rule[r].source != EDGE_SRC_ZERO && j->rules->rule[r].donor >= 0 && j->rules->rule[r].donor < 16)
+            j->donor_used[j->rules->rule[r].donor] = 1;
     if (j->n_donors > 16) j->n_donors = 16;
     j->max_block = max_attn_block(j->seqs, j->n_seqs);
     int slots = n_tasks < cpu_threads() ? n_tasks : cpu_threads();
@@ -616,19 +624,25 @@ static void escore_task(void *ctx, int task, int worker) {
             if (B >= sq->n_typed || sq->types[B] != eu->receiver) continue;
             const float *qv = j->q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
             const float *ov = j->dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+            double gs = 0;  // sum_A p g of the row, for a zeroing unit
+            for (int A = 0; eu->source == EDGE_SRC_ZERO && A <= B; A++) gs += (double)P[(size_t)qi * n_k + A] * G[(size_t)qi * n_k + A];
             for (int A = 0; A <= B; A++) {
                 size_t at = (size_t)qi * n_k + A;
                 if (sq->types[A] != eu->sender || (P[at] == 0 && DL[at] == 0)) continue;
-                int rd = SEL[at];
+                if (eu->source == EDGE_SRC_ZERO) {
+                    acc += (double)P[at] * (gs - G[at]);
+                    continue;
+                }
+                int rk = edge_key_donor(SEL[at]), rv = edge_value_donor(SEL[at]);
                 size_t cur = (size_t)(sq->kv_row + A) * p->kv_stride + off, drow = (size_t)(sq->donor_row + A) * p->kv_stride + off;
-                const float *ks = rd >= 0 ? j->donor_k[rd] + drow : j->k + cur, *vs = rd >= 0 ? j->donor_v[rd] + drow : j->v + cur;
+                const float *ks = rk >= 0 ? j->donor_k[rk] + drow : j->k + cur, *vs = rv >= 0 ? j->donor_v[rv] + drow : j->v + cur;
                 const float *kd = j->donor_k[eu->donor] + drow, *vd = j->donor_v[eu->donor] + drow;
                 double ek = 0, ev = 0;
                 for (int e = 0; e < d; e++) {
                     ek += (double)qv[e] * ((double)kd[e] - ks[e]);
                     ev += (double)ov[e] * ((double)vd[e] - vs[e]);
                 }
-                acc += DL[at] * ek + P[at] * ev;
+                acc += (eu->source == EDGE_SRC_V ? 0 : DL[at] * ek) + (eu->source == EDGE_SRC_K ? 0 : P[at] * ev);
             }
         }
         j->score[(size_t)u * j->n_seqs + s] = acc;

@@ -240,12 +240,13 @@ typedef struct {
     const float *donor_k[ATTN_MAX_DONORS], *donor_v[ATTN_MAX_DONORS];
 } attn_patch;
 
-// Which donor the edge sender j -> receiver i of query head h reads (-1: the current keys and values),
-// as ref_patched_attention's kv_row decides it: positions at or beyond n_typed are untyped.
+// The edge code (kernels/edge_rule.h) of sender j -> receiver i of query head h (EDGE_CLEAN: the current
+// keys and values), as ref_patched_attention's ref_source decides it: positions at or beyond n_typed are
+// untyped. edge_key_donor / edge_value_donor take it apart; EDGE_REMOVED: the edge is not in the softmax.
 __device__ static int patch_source(const attn_patch &patch, int4 sd, int h, int i, int j) {
     const int32_t *types = patch.ints + sd.y, *index = types + sd.z;
-    if (i < sd.z && j < sd.z) return edge_donor(patch.rules, h, types[j], index[j], types[i], index[i]);
-    return -1;
+    if (i < sd.z && j < sd.z) return edge_lookup(patch.rules, h, types[j], index[j], types[i], index[i]);
+    return EDGE_CLEAN;
 }
 
 // Attention: one block per (query row, head); blockIdx.x picks the row descriptor, blockIdx.y the head.
@@ -255,9 +256,11 @@ __device__ static int patch_source(const attn_patch &patch, int4 sd, int h, int 
 // output accumulator are rescaled to the new max. The accumulator lives in shared memory, each thread
 // owning the entries e = threadIdx.x, threadIdx.x + blockDim.x, ...
 //
-// PATCHED (patched attention): the warp that scores key j also picks the edge's source with
-// patch_source and records it in s_src, so the value pass reads the same row: donor dn's row
-// donor_row + j, or the current row kv_row + j. Plain attention (PATCHED false) ignores `patch`.
+// PATCHED (patched attention): the warp that scores key j also picks the edge's code with patch_source
+// and records it in s_src; the key comes from its key source and the value pass reads its value source
+// (donor dn's row donor_row + j, or the current row kv_row + j; they differ under a k- or v-only rule).
+// A removed edge scores -inf; a chunk (or a whole row) of removed edges adds nothing, and a row with
+// nothing left outputs 0. Plain attention (PATCHED false) ignores `patch`.
 //
 // Dynamic shared memory: q[d], acc[d], score[ATTN_CHUNK], and when PATCHED src[ATTN_CHUNK] (ints).
 template <bool PATCHED>
@@ -289,15 +292,18 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
         int cn = i - c0 + 1 < ATTN_CHUNK ? i - c0 + 1 : ATTN_CHUNK;
         for (int jj = warp; jj < cn; jj += n_warps) {
             const float *kj = k + (size_t)(kv_row + c0 + jj) * kv_stride + (size_t)g * d;
+            int code = EDGE_CLEAN;
             if (PATCHED) {
-                int dn = patch_source(patch, sd, h, i, c0 + jj);
+                code = patch_source(patch, sd, h, i, c0 + jj);
+                int dn = edge_key_donor(code);
                 if (dn >= 0) kj = patch.donor_k[dn] + (size_t)(donor_row + c0 + jj) * kv_stride + (size_t)g * d;
-                if (lane == 0) s_src[jj] = dn;
+                if (lane == 0) s_src[jj] = code;
             }
             float dot = 0.0f;
             for (int e = lane; e < d; e += 32) dot += s_q[e] * kj[e];
             dot = warp_sum(dot) * scale;
             if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
+            if (PATCHED && code == EDGE_REMOVED) dot = -INFINITY;
             if (lane == 0) s_score[jj] = dot;
         }
         __syncthreads();
@@ -305,10 +311,11 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
         for (int jj = threadIdx.x; jj < cn; jj += blockDim.x) cmax = fmaxf(cmax, s_score[jj]);
         cmax = block_max(cmax, scratch);  // its barriers also order the score writes before the reads below
         float m_new = fmaxf(m, cmax);
-        float corr = expf(m - m_new);     // 0 on the first chunk (m = -inf)
+        // 0 on the first chunk (m = -inf); 1 while every edge so far is removed (m = m_new = -inf)
+        float corr = m_new == -INFINITY ? 1.0f : expf(m - m_new);
         float csum = 0.0f;
         for (int jj = threadIdx.x; jj < cn; jj += blockDim.x) {
-            float p = expf(s_score[jj] - m_new);
+            float p = m_new == -INFINITY ? 0.0f : expf(s_score[jj] - m_new);
             s_score[jj] = p;
             csum += p;
         }
@@ -318,7 +325,7 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
             float a = 0.0f;
             if (PATCHED) {
                 for (int jj = 0; jj < cn; jj++) {
-                    int dn = s_src[jj];
+                    int dn = edge_value_donor(s_src[jj]);
                     const float *vj = dn >= 0 ? patch.donor_v[dn] + (size_t)(donor_row + c0 + jj) * kv_stride
                                               : v + (size_t)(kv_row + c0 + jj) * kv_stride;
                     a += s_score[jj] * vj[(size_t)g * d + e];
@@ -334,7 +341,7 @@ __global__ static void attention_kernel(float *out, const float *q, const float 
     }
 
     float *o = out + (size_t)row.x * q_stride + (size_t)h * d;
-    float inv = 1.0f / l;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;  // every edge removed: 0
     for (int e = threadIdx.x; e < d; e += blockDim.x) o[e] = s_acc[e] * inv;
 }
 
@@ -452,20 +459,17 @@ typedef struct {
     float *dk[ATTN_MAX_DONORS], *dv[ATTN_MAX_DONORS];
 } attn_grad_targets;
 
-// The edge j -> i of head h (KV head g): its source, and the key and value rows it read.
+// The edge j -> i of head h (KV head g): its code, and the key and value rows it read (each from its own
+// source; EDGE_REMOVED: the rows are the current ones and must not be used).
 __device__ static int grad_edge_rows(const attn_patch &patch, bool patched, int4 sd, const float *k, const float *v,
                                      int kv_row, int kv_stride, int g, int d, int h, int i, int j, const float **kj,
                                      const float **vj) {
-    int dn = patched ? patch_source(patch, sd, h, i, j) : -1;
+    int code = patched ? patch_source(patch, sd, h, i, j) : EDGE_CLEAN;
+    int kd = edge_key_donor(code), vd = edge_value_donor(code);
     size_t col = (size_t)g * d;
-    if (dn >= 0) {
-        *kj = patch.donor_k[dn] + (size_t)(sd.x + j) * kv_stride + col;
-        *vj = patch.donor_v[dn] + (size_t)(sd.x + j) * kv_stride + col;
-    } else {
-        *kj = k + (size_t)(kv_row + j) * kv_stride + col;
-        *vj = v + (size_t)(kv_row + j) * kv_stride + col;
-    }
-    return dn;
+    *kj = kd >= 0 ? patch.donor_k[kd] + (size_t)(sd.x + j) * kv_stride + col : k + (size_t)(kv_row + j) * kv_stride + col;
+    *vj = vd >= 0 ? patch.donor_v[vd] + (size_t)(sd.x + j) * kv_stride + col : v + (size_t)(kv_row + j) * kv_stride + col;
+    return code;
 }
 
 // The softcapped score and its softcap' factor (1 without softcap).
@@ -506,20 +510,20 @@ __global__ static void attn_back_query_kernel(float *dq, float *stats, const flo
     const float *kj, *vj;
     float capf, m = -INFINITY;
     for (int j = j0 + warp; j <= i; j += n_warps) {
-        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        if (grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj) == EDGE_REMOVED) continue;
         m = fmaxf(m, grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf));
     }
     m = block_max(m, scratch);
     float l = 0.0f, dsum = 0.0f;  // the same in every lane of a warp: lane 0 stands for the warp below
     for (int j = j0 + warp; j <= i; j += n_warps) {
-        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        if (grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj) == EDGE_REMOVED) continue;
         float e = expf(grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf) - m);
         l += e;
         dsum += e * warp_dot(s_o, vj, d);
     }
     l = block_sum(lane == 0 ? l : 0.0f, scratch);
     dsum = block_sum(lane == 0 ? dsum : 0.0f, scratch);
-    float inv = 1.0f / l, D = dsum * inv;
+    float inv = l > 0.0f ? 1.0f / l : 0.0f, D = dsum * inv;  // every edge removed: p = 0 throughout
     if (threadIdx.x == 0) {
         float *st = stats + ((size_t)blockIdx.x * gridDim.y + h) * 3;
         st[0] = m, st[1] = inv, st[2] = D;
@@ -529,7 +533,7 @@ __global__ static void attn_back_query_kernel(float *dq, float *stats, const flo
 #pragma unroll
     for (int c = 0; c < GRAD_LANE_SLOTS; c++) acc[c] = 0.0f;
     for (int j = j0 + warp; j <= i; j += n_warps) {
-        grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj);
+        if (grad_edge_rows(patch, PATCHED, sd, k, v, kv_row, kv_stride, g, d, h, i, j, &kj, &vj) == EDGE_REMOVED) continue;
         float s = grad_score(warp_dot(s_q, kj, d), scale, softcap, &capf);
         float p = expf(s - m) * inv, dl = p * (warp_dot(s_o, vj, d) - D) * capf * scale;
 #pragma unroll
@@ -551,8 +555,10 @@ __global__ static void attn_back_query_kernel(float *dq, float *stats, const flo
 // One block per (key descriptor {sequence, key position j, first row descriptor of the sequence, 0}, KV
 // head g). seqd as grad_meta_fill writes it ({q_row, n_q, q_pos, kv_row} at 2 s). For each source (the current pass, then
 // each donor that has a target), the warps take the (query head of the group, query i) pairs whose
-// edge to j reads that source, recompute p and dlogit from the statistics, and the block adds
-// sum dlogit q_i and sum p dout_i to the source's row j: one block per target row, so no atomics.
+// edge to j reads its key or its value from that source (both under kv, one under k- or v-only rules),
+// recompute p and dlogit from the statistics and the rows the edge read, and the block adds sum dlogit
+// q_i (key from this source) and sum p dout_i (value from this source) to the source's row j: one block
+// per target row, so no atomics.
 template <bool PATCHED>
 __global__ static void attn_back_key_kernel(float *dk, float *dv, const attn_grad_targets tg, int n_donors,
                                             const float *stats, const float *q, const float *k, const float *v,
@@ -573,19 +579,22 @@ __global__ static void attn_back_key_kernel(float *dk, float *dv, const attn_gra
         float *tk = src < 0 ? dk : tg.dk[src], *tv = src < 0 ? dv : tg.dv[src];
         if ((!tk && !tv) || (src >= 0 && j >= sd.z)) continue;  // no target, or no donor row (untyped)
         size_t col = (size_t)g * d;
-        const float *krow = src < 0 ? k + (size_t)(sq.w + j) * kv_stride + col : patch.donor_k[src] + (size_t)(sd.x + j) * kv_stride + col;
-        const float *vrow = src < 0 ? v + (size_t)(sq.w + j) * kv_stride + col : patch.donor_v[src] + (size_t)(sd.x + j) * kv_stride + col;
         float ak[GRAD_LANE_SLOTS], av[GRAD_LANE_SLOTS];
 #pragma unroll
         for (int c = 0; c < GRAD_LANE_SLOTS; c++) ak[c] = av[c] = 0.0f;
         for (int t = warp; t < group * n_i; t += n_warps) {
             int h = g * group + t / n_i, i = i_first + t % n_i, qi = i - sq.z;
-            if ((PATCHED ? patch_source(patch, sd, h, i, j) : -1) != src) continue;
+            const float *krow, *vrow;
+            int code = grad_edge_rows(patch, PATCHED, sd, k, v, sq.w, kv_stride, g, d, h, i, j, &krow, &vrow);
+            int to_k = edge_key_donor(code) == src, to_v = edge_value_donor(code) == src;
+            if (code == EDGE_REMOVED || (!to_k && !to_v)) continue;
             const float *qv = q + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
             const float *ov = dout + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
             const float *st = stats + ((size_t)(rbase + qi) * n_heads + h) * 3;
             float capf, sc = grad_score(warp_dot(qv, krow, d), scale, softcap, &capf);
             float p = expf(sc - st[0]) * st[1], dl = p * (warp_dot(ov, vrow, d) - st[2]) * capf * scale;
+            if (!to_k) dl = 0.0f;
+            if (!to_v) p = 0.0f;
 #pragma unroll
             for (int c = 0; c < GRAD_LANE_SLOTS; c++)
                 if (lane + 32 * c < d) {
@@ -608,8 +617,9 @@ __global__ static void attn_back_key_kernel(float *dk, float *dv, const attn_gra
     }
 }
 
-// One block per (edge unit {head, sender, receiver, donor}, sequence): a warp per (receiver row, sender)
-// pair of the unit, p and dlogit from the statistics, the two differences' dot products in double.
+// One block per (edge unit {head, sender, receiver, donor + 256 * source}, sequence): a warp per
+// (receiver row, sender) pair of the unit, p and dlogit from the statistics, the two differences' dot
+// products in double (the terms the unit's source substitutes; zero: p (D - g)).
 // seqd holds two int4 per sequence: {q_row, n_q, q_pos, kv_row}, {first row descriptor, 0, 0, 0}.
 __global__ static void edge_scores_kernel(double *score, int n_seqs, const float *stats, const float *q, const float *k,
                                           const float *v, const float *dout, const int4 *units, const int4 *seqd,
@@ -617,7 +627,7 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
                                           float softcap, int window, const attn_patch patch) {
     __shared__ double s_dred[32];
     int4 un = units[blockIdx.x];
-    int s = blockIdx.y, h = un.x, g = h / group;
+    int s = blockIdx.y, h = un.x, g = h / group, donor = un.w & 255, source = un.w >> 8;
     int4 sq = seqd[2 * s], sb = seqd[2 * s + 1], sd = patch.seqs[s];
     const int32_t *types = patch.ints + sd.y;
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5, n_k = sq.z + sq.y;
@@ -626,14 +636,18 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
         int qi = (int)(t / n_k), A = (int)(t % n_k), B = sq.z + qi;
         if (B >= sd.z || A > B || (window > 0 && B - A >= window) || types[B] != un.z || types[A] != un.y) continue;
         const float *kj, *vj;
-        grad_edge_rows(patch, true, sd, k, v, sq.w, kv_stride, g, d, h, B, A, &kj, &vj);
+        if (grad_edge_rows(patch, true, sd, k, v, sq.w, kv_stride, g, d, h, B, A, &kj, &vj) == EDGE_REMOVED) continue;
         const float *qv = q + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
         const float *ov = dout + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
         const float *st = stats + ((size_t)(sb.x + qi) * n_heads + h) * 3;
         float capf, sc = grad_score(warp_dot(qv, kj, d), scale, softcap, &capf);
-        float p = expf(sc - st[0]) * st[1], dl = p * (warp_dot(ov, vj, d) - st[2]) * capf * scale;
+        float gj = warp_dot(ov, vj, d), p = expf(sc - st[0]) * st[1], dl = p * (gj - st[2]) * capf * scale;
+        if (source == EDGE_SRC_ZERO) {
+            if (lane == 0) acc += (double)p * ((double)st[2] - gj);
+            continue;
+        }
         size_t drow = (size_t)(sd.x + A) * kv_stride + (size_t)g * d;
-        const float *kd = patch.donor_k[un.w] + drow, *vd = patch.donor_v[un.w] + drow;
+        const float *kd = patch.donor_k[donor] + drow, *vd = patch.donor_v[donor] + drow;
         double ek = 0.0, ev = 0.0;
         for (int e = lane; e < d; e += 32) {
             ek += (double)qv[e] * ((double)kd[e] - kj[e]);
@@ -641,7 +655,7 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
         }
         ek = warp_sum(ek);
         ev = warp_sum(ev);
-        if (lane == 0) acc += (double)dl * ek + (double)p * ev;
+        if (lane == 0) acc += (source == EDGE_SRC_V ? 0.0 : (double)dl * ek) + (source == EDGE_SRC_K ? 0.0 : (double)p * ev);
     }
     acc = block_sum(acc, s_dred);
     if (threadIdx.x == 0) score[(size_t)blockIdx.x * n_seqs + s] = acc;
@@ -752,7 +766,8 @@ static grad_meta_layout grad_meta_plan(const attn_seq *seqs, int n_seqs, int n_u
     return lay;
 }
 
-// units: n_units x 4 ints (a unit struct's fields, then zeros).
+// units: n_units x unit_ints ints (a unit struct's fields, then zeros); a fifth (an edge unit's source)
+// goes into the fourth component as + 256 * source.
 static void grad_meta_fill(unsigned char *buf, const grad_meta_layout *lay, const attn_seq *seqs, int n_seqs,
                            const int *units, int unit_ints, int n_units) {
     attn_rows_fill((int4 *)buf, seqs, n_seqs);
@@ -768,9 +783,9 @@ static void grad_meta_fill(unsigned char *buf, const grad_meta_layout *lay, cons
         base += sq->n_q;
     }
     for (int u = 0; u < n_units; u++) {
-        int f[4] = {0, 0, 0, 0};
-        for (int i = 0; i < unit_ints && i < 4; i++) f[i] = units[(size_t)u * unit_ints + i];
-        ud[u] = make_int4(f[0], f[1], f[2], f[3]);
+        int f[5] = {0, 0, 0, 0, 0};
+        for (int i = 0; i < unit_ints && i < 5; i++) f[i] = units[(size_t)u * unit_ints + i];
+        ud[u] = make_int4(f[0], f[1], f[2], f[3] + 256 * f[4]);  // an edge unit's source beside its donor
     }
 }
 
@@ -959,7 +974,7 @@ static void cuda_attention(float *out, const float *q, const float *k, const flo
 static void cuda_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
                                    const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
                                    int n_seqs, const attn_params *p, const edge_rule_set *rules) {
-    // No rule matches any edge: exactly plain attention (edge_donor returns -1 throughout).
+    // No rule matches any edge: exactly plain attention (edge_lookup returns EDGE_CLEAN throughout).
     if (!rules || rules->n <= 0) {
         attention_launch(out, q, k, v, seqs, n_seqs, p, NULL);
         return;
@@ -969,7 +984,7 @@ static void cuda_patched_attention(float *out, const float *q, const float *k, c
                   n_donors, ATTN_MAX_DONORS, rules->n, EDGE_MAX_RULES, __FILE__, __LINE__);
     }
     for (int i = 0; i < rules->n; i++)
-        if (rules->rule[i].donor >= n_donors) {
+        if (rules->rule[i].source != EDGE_SRC_ZERO && rules->rule[i].donor >= n_donors) {
             ops_fatal("edgepatch: CUDA error patched attention rule %d reads donor %d of %d at %s:%d", i,
                       rules->rule[i].donor, n_donors, __FILE__, __LINE__);
         }
@@ -1091,7 +1106,7 @@ static attn_patch grad_patch_upload(const edge_rule_set *rules, const attn_seq *
                   ATTN_MAX_DONORS, rules ? rules->n : 0, EDGE_MAX_RULES, __FILE__, __LINE__);
     }
     for (int i = 0; rules && i < rules->n; i++)
-        if (rules->rule[i].donor >= n_donors) {
+        if (rules->rule[i].source != EDGE_SRC_ZERO && rules->rule[i].donor >= n_donors) {
             ops_fatal("edgepatch: CUDA error gradient op rule %d reads donor %d of %d at %s:%d", i, rules->rule[i].donor,
                       n_donors, __FILE__, __LINE__);
         }
@@ -1215,7 +1230,7 @@ static void cuda_edge_scores(double *score, const float *q, const float *k, cons
     bool patched = rules && rules->n > 0;
     grad_meta_layout lay = grad_meta_plan(seqs, n_seqs, n_units);
     attn_patch patch = grad_patch_upload(patched ? rules : NULL, seqs, n_seqs, n_donors, donor_k, donor_v);
-    const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, (const int *)units, 4, n_units, p->n_heads);
+    const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, (const int *)units, (int)(sizeof(edge_score_unit) / sizeof(int)), n_units, p->n_heads);
     grad_query_pass(NULL, q, k, v, dout, meta, &lay, p, patched, patch);
     edge_scores_kernel<<<dim3((unsigned)n_units, (unsigned)n_seqs), ATTN_THREADS, 0, ctx.stream>>>(
         score, n_seqs, (const float *)ctx.grad_stats, q, k, v, dout, (const int4 *)(meta + lay.off_units),

@@ -93,17 +93,19 @@ static void ref_scale(float *y, size_t n, float s) {
     for (size_t i = 0; i < n; i++) y[i] *= s;
 }
 
-// Which donor the edge sender j -> receiver i of query head h reads (-1: the current pass).
+// The edge code (kernels/edge_rule.h) of sender j -> receiver i of query head h (EDGE_CLEAN: untyped).
 static int ref_source(const attn_seq *sq, const edge_rule_set *rules, int h, int i, int j) {
     if (rules && sq->types && i < sq->n_typed && j < sq->n_typed)
-        return edge_donor(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
-    return -1;
+        return edge_lookup(rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]);
+    return EDGE_CLEAN;
 }
 
-// Key or value row of sender j for query head h's edge into position i: a donor's or the current one.
+// Key (value 0) or value (value 1) row of sender j for query head h's edge into position i: a donor's
+// or the current one, as the edge's rule says for that half.
 static const float *kv_row(const float *cur, const float *const *donor, const attn_seq *sq, const attn_params *p,
-                           const edge_rule_set *rules, int h, int i, int j) {
-    int g = h / (p->n_heads / p->n_kv_heads), d = ref_source(sq, rules, h, i, j);
+                           const edge_rule_set *rules, int h, int i, int j, int value) {
+    int g = h / (p->n_heads / p->n_kv_heads), code = ref_source(sq, rules, h, i, j);
+    int d = value ? edge_value_donor(code) : edge_key_donor(code);
     if (d >= 0) return donor[d] + (size_t)(sq->donor_row + j) * p->kv_stride + (size_t)g * p->head_dim;
     return cur + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * p->head_dim;
 }
@@ -122,11 +124,11 @@ static void ref_patched_attention(float *out, const float *q, const float *k, co
                 const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
                 double mx = -INFINITY;
                 for (int j = 0; j <= i; j++) {
-                    if (p->window > 0 && i - j >= p->window) {
+                    if ((p->window > 0 && i - j >= p->window) || ref_source(sq, rules, h, i, j) == EDGE_REMOVED) {
                         score[j] = -INFINITY;
                         continue;
                     }
-                    const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j);
+                    const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j, 0);
                     double dot = 0;
                     for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
                     dot *= p->scale;
@@ -143,8 +145,8 @@ static void ref_patched_attention(float *out, const float *q, const float *k, co
                 for (int e = 0; e < d; e++) {
                     double acc = 0;
                     for (int j = 0; j <= i; j++)
-                        if (score[j] != 0) acc += score[j] * kv_row(v, donor_v, sq, p, rules, h, i, j)[e];
-                    o[e] = (float)(acc / sum);
+                        if (score[j] != 0) acc += score[j] * kv_row(v, donor_v, sq, p, rules, h, i, j, 1)[e];
+                    o[e] = sum > 0 ? (float)(acc / sum) : 0.0f;  // every edge removed: 0
                 }
             }
         }
@@ -288,10 +290,13 @@ static void ref_softcap_back(float *dx, const float *y, const float *dy, size_t 
 
 // One (sequence, head) of the attention backward in double: for query row qi and key position j
 // (n_k = q_pos + n_q keys), pr = p_ij, dl = dlogit_ij (both 0 where i cannot see j) and src = the source
-// the edge read, each [n_q][n_k].
+// the edge's code (EDGE_CLEAN where i cannot see j), each [n_q][n_k]; gg (NULL: not wanted) gets
+// g_ij = dout_i . v*_j and gsum (NULL: not wanted, [n_q]) sum_j p_ij g_ij. A removed edge is a key i
+// does not see; a row whose every edge is removed has p = dlogit = 0.
 static void ref_attn_grad_block(const float *q, const float *k, const float *v, const float *dout,
                                 const float *const *donor_k, const float *const *donor_v, const attn_seq *sq, int h,
-                                const attn_params *p, const edge_rule_set *rules, double *pr, double *dl, int *src) {
+                                const attn_params *p, const edge_rule_set *rules, double *pr, double *dl, int *src,
+                                double *gg, double *gsum_out) {
     int d = p->head_dim, n_k = sq->q_pos + sq->n_q;
     double *g = kernel_malloc(sizeof(double) * (size_t)(n_k > 0 ? n_k : 1));
     for (int qi = 0; qi < sq->n_q; qi++) {
@@ -302,10 +307,11 @@ static void ref_attn_grad_block(const float *q, const float *k, const float *v, 
         const float *dv = dout + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
         double mx = -INFINITY;
         for (int j = 0; j < n_k; j++) {
-            pi[j] = di[j] = 0, si[j] = -1, g[j] = 0;
+            pi[j] = di[j] = 0, si[j] = EDGE_CLEAN, g[j] = 0;
             if (j > i || (p->window > 0 && i - j >= p->window)) continue;
             si[j] = ref_source(sq, rules, h, i, j);
-            const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j), *vv = kv_row(v, donor_v, sq, p, rules, h, i, j);
+            if (si[j] == EDGE_REMOVED) continue;
+            const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j, 0), *vv = kv_row(v, donor_v, sq, p, rules, h, i, j, 1);
             double dot = 0, gd = 0;
             for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e], gd += (double)dv[e] * vv[e];
             dot *= p->scale;
@@ -315,14 +321,19 @@ static void ref_attn_grad_block(const float *q, const float *k, const float *v, 
         }
         int j0 = p->window > 0 && i - p->window + 1 > 0 ? i - p->window + 1 : 0;
         double sum = 0, gsum = 0;
-        for (int j = j0; j <= i; j++) sum += exp(pi[j] - mx);
+        for (int j = j0; j <= i; j++)
+            if (si[j] != EDGE_REMOVED) sum += exp(pi[j] - mx);
         for (int j = j0; j <= i; j++) {
+            if (si[j] == EDGE_REMOVED) continue;
             double s = pi[j];
             pi[j] = exp(s - mx) / sum;
             gsum += pi[j] * g[j];
             di[j] = p->softcap > 0 ? 1.0 - (s / p->softcap) * (s / p->softcap) : 1.0;  // softcap' for now
         }
         for (int j = j0; j <= i; j++) di[j] *= pi[j] * (g[j] - gsum) * p->scale;
+        if (gg)
+            for (int j = 0; j < n_k; j++) gg[(size_t)qi * n_k + j] = g[j];
+        if (gsum_out) gsum_out[qi] = gsum;
     }
     free(g);
 }
@@ -344,7 +355,7 @@ static void ref_attention_back(float *dq, float *dk, float *dv, const float *q, 
         double *av = kernel_calloc((size_t)(1 + n_donors) * acc_n, sizeof(double));
         for (int h = 0; h < p->n_heads; h++) {
             int g = h / rep;
-            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src);
+            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src, NULL, NULL);
             for (int qi = 0; qi < n_q; qi++) {
                 int i = sq->q_pos + qi;
                 const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
@@ -353,14 +364,15 @@ static void ref_attention_back(float *dq, float *dk, float *dv, const float *q, 
                 for (int e = 0; e < d; e++) {
                     double a = 0;
                     for (int j = 0; j <= i; j++)
-                        if (dl[(size_t)qi * n_k + j] != 0) a += dl[(size_t)qi * n_k + j] * kv_row(k, donor_k, sq, p, rules, h, i, j)[e];
+                        if (dl[(size_t)qi * n_k + j] != 0) a += dl[(size_t)qi * n_k + j] * kv_row(k, donor_k, sq, p, rules, h, i, j, 0)[e];
                     dqv[e] = (float)a;
                 }
                 for (int j = 0; j <= i; j++) {
-                    size_t at = (size_t)qi * n_k + j, row = (size_t)(1 + src[at]) * acc_n + (size_t)j * kvd + (size_t)g * d;
+                    size_t at = (size_t)qi * n_k + j, col = (size_t)j * kvd + (size_t)g * d;
+                    size_t rk = (size_t)(1 + edge_key_donor(src[at])) * acc_n + col, rv = (size_t)(1 + edge_value_donor(src[at])) * acc_n + col;
                     for (int e = 0; e < d; e++) {
-                        ak[row + e] += dl[at] * qv[e];
-                        av[row + e] += pr[at] * dov[e];
+                        ak[rk + e] += dl[at] * qv[e];
+                        av[rv + e] += pr[at] * dov[e];
                     }
                 }
             }
@@ -410,11 +422,12 @@ static void ref_edge_scores(double *score, const float *q, const float *k, const
         if (n_q <= 0 || !sq->types) continue;
         size_t blk = (size_t)n_q * n_k;
         double *pr = kernel_malloc(sizeof(double) * blk), *dl = kernel_malloc(sizeof(double) * blk);
+        double *gg = kernel_malloc(sizeof(double) * blk), *gsum = kernel_malloc(sizeof(double) * (size_t)n_q);
         int *src = kernel_malloc(sizeof(int) * blk);
         for (int u = 0; u < n_units; u++) {
             const edge_score_unit *eu = &units[u];
             int h = eu->head, g = h / rep;
-            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src);
+            ref_attn_grad_block(q, k, v, dout, donor_k, donor_v, sq, h, p, rules, pr, dl, src, gg, gsum);
             double acc = 0;
             for (int qi = 0; qi < n_q; qi++) {
                 int B = sq->q_pos + qi;
@@ -424,7 +437,11 @@ static void ref_edge_scores(double *score, const float *q, const float *k, const
                 for (int A = 0; A <= B; A++) {
                     size_t at = (size_t)qi * n_k + A;
                     if (sq->types[A] != eu->sender || (pr[at] == 0 && dl[at] == 0)) continue;
-                    const float *ks = kv_row(k, donor_k, sq, p, rules, h, B, A), *vs = kv_row(v, donor_v, sq, p, rules, h, B, A);
+                    if (eu->source == EDGE_SRC_ZERO) {
+                        acc += pr[at] * (gsum[qi] - gg[at]);
+                        continue;
+                    }
+                    const float *ks = kv_row(k, donor_k, sq, p, rules, h, B, A, 0), *vs = kv_row(v, donor_v, sq, p, rules, h, B, A, 1);
                     size_t drow = (size_t)(sq->donor_row + A) * p->kv_stride + (size_t)g * d;
                     const float *kd = donor_k[eu->donor] + drow, *vd = donor_v[eu->donor] + drow;
                     double ek = 0, ev = 0;
@@ -432,12 +449,12 @@ static void ref_edge_scores(double *score, const float *q, const float *k, const
                         ek += (double)qv[e] * ((double)kd[e] - ks[e]);
                         ev += (double)dov[e] * ((double)vd[e] - vs[e]);
                     }
-                    acc += dl[at] * ek + pr[at] * ev;
+                    acc += (eu->source == EDGE_SRC_V ? 0 : dl[at] * ek) + (eu->source == EDGE_SRC_K ? 0 : pr[at] * ev);
                 }
             }
             score[(size_t)u * n_seqs + s] = acc;
         }
-        free(pr), free(dl), free(src);
+        free(pr), free(dl), free(src), free(gg), free(gsum);
     }
     (void)n_donors;
 }

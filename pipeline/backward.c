@@ -563,8 +563,11 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
 
 int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq, ep_error *err) {
     int S = t->n_seqs, Q = t->n_heads * t->head_dim;
-    for (int u = 0; u < n; u++)
+    for (int u = 0; u < n; u++) {
         if (check_donor(t, units[u].layer, units[u].head, units[u].donor, 0, err)) return -1;
+        if (units[u].source < 0 || units[u].source >= EDGE_N_SOURCES)
+            return ep_fail(err, "scores: edge unit %d has intervention %d (kv, k, v or zero: 0 .. 3)", u, units[u].source);
+    }
     const kernel_ops *ops = t->ops;
     double *sum = ep_calloc((size_t)n * S + 1, sizeof(double)), *got = ep_malloc(sizeof(double) * ((size_t)n * S + 1));
     int *layer_of = ep_malloc(sizeof(int) * ((size_t)n + 1)), *head_of = ep_malloc(sizeof(int) * ((size_t)n + 1)),
@@ -581,7 +584,7 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
         view_layer(&v, t, l);
         for (int i = 0; i < k; i++) {
             const edge_unit *e = &units[at[i]];
-            eu[i] = (edge_score_unit){e->head - t->head0, e->sender, e->receiver, e->donor};
+            eu[i] = (edge_score_unit){e->head - t->head0, e->sender, e->receiver, e->donor, e->source};
         }
         dz_seen(t, l, t->dz + (size_t)l * t->n_rows * Q, dza, zero);
         ops->edge_scores(dev, t->q + (size_t)l * t->n_rows * Q, kv_cache_k(&t->cache, l, 0, 0),

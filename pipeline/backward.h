@@ -35,9 +35,11 @@ typedef struct {
 } grad_batch;
 
 // Edge unit: in `layer`, query head `head`, every edge A->B with type(A) = sender, type(B) = receiver
-// (A <= B, inside the layer's window, relation any) reads donor `donor`'s key and value at A.
+// (A <= B, inside the layer's window, relation any) reads donor `donor`'s key and value at A, or as
+// `source` says (kernels/edge_rule.h: 0 kv, k only, v only, or the edge removed; docs/attribution.md).
 typedef struct {
     int layer, head, sender, receiver, donor;
+    int source;  // edge_source; 0 (kv) when left out of an initializer
 } edge_unit;
 
 typedef struct {

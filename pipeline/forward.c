@@ -112,10 +112,13 @@ static int check_patch(const model_config *c, const kv_cache *cache, const forwa
     }
     if (p->layer_rules)
         for (int l = 0; l < c->n_layers; l++)
-            for (int r = 0; r < p->layer_rules[l].n; r++)
-                if (p->layer_rules[l].rule[r].donor < -1 || p->layer_rules[l].rule[r].donor >= p->n_donors)
-                    return ep_fail(err, "patch: layer %d rule %d reads donor %d, %d given", l, r,
-                                   p->layer_rules[l].rule[r].donor, p->n_donors);
+            for (int r = 0; r < p->layer_rules[l].n; r++) {
+                const edge_rule *e = &p->layer_rules[l].rule[r];
+                if (e->source < 0 || e->source >= EDGE_N_SOURCES)
+                    return ep_fail(err, "patch: layer %d rule %d has source %d (kv, k, v, zero: 0 .. 3)", l, r, e->source);
+                if (e->source != EDGE_SRC_ZERO && (e->donor < -1 || e->donor >= p->n_donors))  // zero reads no donor
+                    return ep_fail(err, "patch: layer %d rule %d reads donor %d, %d given", l, r, e->donor, p->n_donors);
+            }
     for (int u = 0; u < p->n_head_units; u++) {
         const head_unit *h = &p->head_units[u];
         if (h->layer < 0 || h->layer >= c->n_layers || h->head < 0 || h->head >= c->n_heads || h->donor < 0 ||

@@ -105,6 +105,14 @@ static int parse_donor(json_t *v, const char *where, const char *field, int *don
     return 0;
 }
 
+// A rule's "intervention" (absent: kv).
+static int parse_source(json_t *v, const char *where, const char *field, int16_t *source, ep_error *err) {
+    int s = v ? edge_source_parse(json_string_value(v)) : EDGE_SRC_KV;
+    if (s < 0) return ep_fail(err, "%s: %s: expected \"kv\", \"k\", \"v\" or \"zero\"", where, field);
+    *source = (int16_t)s;
+    return 0;
+}
+
 int plan_parse(json_t *j, const char *where, const model_config *cfg, ablation_plan *p, ep_error *err) {
     plan_init(cfg, p);
     if (!json_is_object(j)) {
@@ -150,8 +158,12 @@ int plan_parse(json_t *j, const char *where, const model_config *cfg, ablation_p
         if (!rc) rc = parse_indices(json_object_get(e, "layers"), where, sub, cfg->n_layers, layers, err);
         snprintf(sub, sizeof sub, "%s.heads", field);
         if (!rc) rc = parse_indices(json_object_get(e, "heads"), where, sub, cfg->n_heads, r.heads, err);
+        snprintf(sub, sizeof sub, "%s.intervention", field);
+        if (!rc) rc = parse_source(json_object_get(e, "intervention"), where, sub, &r.source, err);
         snprintf(sub, sizeof sub, "%s.donor", field);
-        if (!rc) rc = parse_donor(json_object_get(e, "donor"), where, sub, &r.donor, err);
+        if (!rc && r.source == EDGE_SRC_ZERO && json_object_get(e, "donor"))
+            rc = ep_fail(err, "%s: %s: a zero rule removes its edges and reads no donor; leave donor out", where, sub);
+        if (!rc) rc = r.source == EDGE_SRC_ZERO ? (r.donor = -1, 0) : parse_donor(json_object_get(e, "donor"), where, sub, &r.donor, err);
         if (!rc) rc = add_rule(p, where, &r, layers, err);
     }
     p->head_units = ep_calloc(json_array_size(heads) + 1, sizeof(head_unit));
@@ -272,7 +284,8 @@ void plan_donor0_part(const ablation_plan *p, ablation_plan *out) {
     out->layer_rules = ep_calloc((size_t)p->n_layers + 1, sizeof(edge_rule_set));
     for (int l = 0; l < p->n_layers; l++)
         for (int r = 0; r < p->layer_rules[l].n; r++)
-            if (p->layer_rules[l].rule[r].donor == 0) out->layer_rules[l].rule[out->layer_rules[l].n++] = p->layer_rules[l].rule[r];
+            if (p->layer_rules[l].rule[r].donor == 0 && p->layer_rules[l].rule[r].source != EDGE_SRC_ZERO)
+                out->layer_rules[l].rule[out->layer_rules[l].n++] = p->layer_rules[l].rule[r];
     out->head_units = ep_calloc((size_t)p->n_head_units + 1, sizeof(head_unit));
     for (int u = 0; u < p->n_head_units; u++)
         if (p->head_units[u].donor == 0) out->head_units[out->n_head_units++] = p->head_units[u];
@@ -297,6 +310,7 @@ int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const
     }
     memcpy(out->layer_rules, base->layer_rules, sizeof(edge_rule_set) * (size_t)L);
     out->n_rules = base->n_rules;
+    out->circuit_source = base->circuit_source;
     out->n_donors = base->n_donors > 1 ? base->n_donors : 1;
     if (kept_edges) {
         // One keep rule (donor -1) per layer and (sender, receiver) with the heads that keep it, then one
@@ -317,7 +331,10 @@ int plan_circuit_masks(const model_config *cfg, const ablation_plan *base, const
                 }
         }
         if (rc == 0) {
-            edge_rule all = {.sender_types = (1u << TT_COUNT) - 1, .receiver_types = (1u << TT_COUNT) - 1, .relation = REL_ANY};
+            // ablate the rest: donor 0's key and/or value, or removed (no donor) as the base says
+            int zero = base->circuit_source == EDGE_SRC_ZERO;
+            edge_rule all = {.sender_types = (1u << TT_COUNT) - 1, .receiver_types = (1u << TT_COUNT) - 1, .relation = REL_ANY,
+                             .source = (int16_t)base->circuit_source, .donor = zero ? -1 : 0};
             uint64_t layers[EDGE_MAX_HEADS / 64];
             parse_indices(NULL, "circuit", "layers", L, layers, err);
             parse_indices(NULL, "circuit", "heads", H, all.heads, err);
@@ -377,9 +394,14 @@ int plan_circuit(json_t *circuit, const char *where, const model_config *cfg, co
 static int mode_plan(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err);
 
 int plan_from_run_config(const run_config *rc, const model_config *cfg, ablation_plan *p, ep_error *err) {
-    if (!rc->circuit) return mode_plan(rc, cfg, p, err);
+    if (!rc->circuit) {
+        if (mode_plan(rc, cfg, p, err)) return -1;
+        p->circuit_source = rc->edge_intervention;  // the circuits the score and prune stages build on it
+        return 0;
+    }
     ablation_plan base;
     if (mode_plan(rc, cfg, &base, err)) return -1;
+    base.circuit_source = rc->edge_intervention;
     char where[600];
     snprintf(where, sizeof where, "%s: field circuit", rc->path);
     int r = plan_circuit(rc->circuit, where, cfg, &base, p, err);
@@ -436,5 +458,7 @@ void plan_list_free(ablation_plan *list, int n) {
 
 uint64_t plan_hash(const ablation_plan *p) {
     uint64_t h = hash_bytes(HASH_INIT, p->layer_rules, sizeof(edge_rule_set) * (size_t)p->n_layers);
-    return hash_bytes(h, p->head_units, sizeof(head_unit) * (size_t)p->n_head_units);
+    h = hash_bytes(h, p->head_units, sizeof(head_unit) * (size_t)p->n_head_units);
+    if (p->circuit_source != EDGE_SRC_KV) h = hash_bytes(h, &(int32_t){p->circuit_source}, sizeof(int32_t));
+    return h;
 }

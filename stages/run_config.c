@@ -16,7 +16,7 @@ static const char *known_fields[] = {
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
     "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations", "score_donors", "compare_importance",
-    "exact_units_per_item", "mode",
+    "exact_units_per_item", "mode", "edge_intervention",
 };
 
 // The modes by name, and the original's model_name suffixes that name them (checked in this order: a
@@ -227,6 +227,9 @@ static int parse_prune(run_config *c, ep_error *err) {
         if (!json_is_boolean(v)) return ep_fail(err, "%s: field compare_importance: expected true or false", c->path);
         p->compare = json_is_true(v);
     }
+    if ((v = json_object_get(j, "edge_intervention")) &&
+        (c->edge_intervention = edge_source_parse(json_string_value(v))) < 0)
+        return ep_fail(err, "%s: field edge_intervention: expected \"kv\", \"k\", \"v\" or \"zero\"", c->path);
     return 0;
 }
 
@@ -507,6 +510,7 @@ json_t *run_config_resolved(const run_config *c) {
     json_object_set_new(o, "exact_units_per_item", json_integer(p->exact_units_per_item));
     json_object_set_new(o, "score_donors", p->score_donors ? json_integer(p->score_donors) : json_string("all"));
     json_object_set_new(o, "compare_importance", json_boolean(p->compare));
+    json_object_set_new(o, "edge_intervention", json_string(edge_source_name(c->edge_intervention)));
     char hex[17];
     hash_hex(c->hash, hex);
     json_object_set_new(o, "config_hash", json_string(hex));

@@ -97,6 +97,9 @@ typedef struct {
     // Plans, as validated JSON (borrowed from json; NULL when absent): compiled against the model's
     // shape by stages/plan.h (plan_from_run_config, plan_list_from_run_config).
     json_t *plan, *affect_whom, *circuit;
+    // field edge_intervention: how circuits (the "circuit" field, the score and prune stages) ablate the
+    // edges they do not keep: edge_source (kernels/edge_rule.h), "kv" (default) 0, "k", "v", "zero"
+    int edge_intervention;
     int n_ablations;
     run_ablation *ablations;
     run_prune prune;

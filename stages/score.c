@@ -80,7 +80,8 @@ int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, u
     edge_unit *eu = ep_calloc((size_t)n + 1, sizeof *eu);
     for (int u = 0; u < n; u++) {
         hu[u] = (head_unit){units[u].layer, units[u].head, units[u].type, 0};
-        eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].sender, units[u].receiver, 0};
+        // an edge unit's attribution is the first-order effect of the intervention the circuit ablates with
+        eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].sender, units[u].receiver, 0, plan->circuit_source};
     }
     double *batch_score = ep_calloc((size_t)n + 1, sizeof(double));
     prompt_batch pb = stage_batch(in, first, S);

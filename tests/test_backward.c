@@ -208,7 +208,7 @@ static void compare_case(const kernel_ops *ops, const model *m, fixture *f, cons
     head_unit *hus = calloc((size_t)nh, sizeof(head_unit));
     edge_unit *eus = calloc((size_t)ne, sizeof(edge_unit));
     for (int i = 0; i < nh; i++) hus[i] = (head_unit){hu[3 * i], hu[3 * i + 1], hu[3 * i + 2], 0};
-    for (int i = 0; i < ne; i++) eus[i] = (edge_unit){eu[4 * i], eu[4 * i + 1], eu[4 * i + 2], eu[4 * i + 3], 0};
+    for (int i = 0; i < ne; i++) eus[i] = (edge_unit){eu[4 * i], eu[4 * i + 1], eu[4 * i + 2], eu[4 * i + 3], 0, EDGE_SRC_KV};
     double *hs = calloc((size_t)nh, sizeof(double)), *es = calloc((size_t)ne, sizeof(double));
     double *hps = calloc((size_t)nh * NP, sizeof(double)), *eps = calloc((size_t)ne * NP, sizeof(double));
     int rc = grad_head_scores(&t, hus, (int)nh, hs, hps, &err);

@@ -297,6 +297,43 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
     stage_out(&s, got, bout, sizeof(float) * nq);
     stage_free(&s);
     report(b->name, "attn-patch", max_rel_error(got, want, nq, 1e-6), tol);
+    // Interventions (kernels/edge_rule.h): the same rules as k-only, v-only and kv, after a zero rule that
+    // removes every edge into bos (a row left with nothing: 0) and before one removing t, n -> last, n.
+    edge_rule_set *iv = ep_malloc(sizeof *iv), *iv_swapped = ep_malloc(sizeof *iv_swapped);
+    *iv = (edge_rule_set){.n = 5};
+    iv->rule[0] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u, .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0xf}};
+    iv->rule[1] = rules.rule[0], iv->rule[1].source = EDGE_SRC_K;
+    iv->rule[2] = rules.rule[1], iv->rule[2].source = EDGE_SRC_V;
+    iv->rule[3] = rules.rule[2];
+    iv->rule[4] = (edge_rule){.sender_types = 1u << 2 | 1u << 4, .receiver_types = 1u << 6 | 1u << 4,
+                              .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0x6}};
+    *iv_swapped = *iv;
+    iv_swapped->rule[1].source = EDGE_SRC_V, iv_swapped->rule[2].source = EDGE_SRC_K;
+    float *want_iv = ep_calloc(nq, sizeof(float)), *got_iv = ep_calloc(nq, sizeof(float));
+    ref->patched_attention(want_iv, q, k, v, 2, dkc, dvc, seqs, 3, &p, iv);
+    {
+        staging s2 = {.b = b};
+        float *bq2 = stage_in(&s2, q, sizeof(float) * nq), *bk2 = stage_in(&s2, k, sizeof(float) * nk);
+        float *bv2 = stage_in(&s2, v, sizeof(float) * nk), *bout2 = stage_in(&s2, got_iv, sizeof(float) * nq);
+        const float *bdk2[2] = {stage_in(&s2, dk[0], sizeof(float) * nk), stage_in(&s2, dk[1], sizeof(float) * nk)};
+        const float *bdv2[2] = {stage_in(&s2, dv[0], sizeof(float) * nk), stage_in(&s2, dv[1], sizeof(float) * nk)};
+        b->patched_attention(bout2, bq2, bk2, bv2, 2, bdk2, bdv2, seqs, 3, &p, iv);
+        stage_out(&s2, got_iv, bout2, sizeof(float) * nq);
+        stage_free(&s2);
+    }
+    report(b->name, "attn-patch-iv", max_rel_error(got_iv, want_iv, nq, 1e-6), tol);
+    // The bos row (position 0 of the two typed sequences): every edge removed, so 0 exactly.
+    for (int e = 0; e < p.n_heads * p.head_dim; e++)
+        check(got_iv[e] == 0 && got_iv[(size_t)T0 * p.q_stride + e] == 0, "%s: a row with every edge removed is not 0",
+              b->name);
+    if (b == kernel_ops_cpu()) {  // can fail: the same rules with k-only and v-only swapped, and plain kv
+        ref->patched_attention(got_iv, q, k, v, 2, dkc, dvc, seqs, 3, &p, iv_swapped);
+        double swapped = max_rel_error(got_iv, want_iv, nq, 1e-6), vs_kv = max_rel_error(want, want_iv, nq, 1e-6);
+        printf("  ref   attn-patch-iv: k-only <-> v-only swapped differs by %.3g, kv rules by %.3g\n", swapped, vs_kv);
+        check(swapped > 1e-3 && vs_kv > 1e-3, "interventions: swapping k and v (%.3g) or using kv (%.3g) changed nothing",
+              swapped, vs_kv);
+    }
+    free(want_iv), free(got_iv), free(iv), free(iv_swapped);
     ref->attention(plain, q, k, v, seqs, 3, &p);
     check(max_rel_error(want, plain, nq, 1e-6) > 1e-3, "the rules changed nothing: the test does not exercise them");
     // The decode row is untyped: it must equal plain attention.
@@ -317,7 +354,26 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
         ref->attention(plain, q, dk[0], dv[0], seqs, 2, &p);
         check(max_rel_error(got, plain, (size_t)(T0 + T1) * p.q_stride, 1e-6) < 1e-5,
               "all edges from donor 0 != attention over donor 0's keys and values");
-        printf("  %-5s attn-patch invariants: no rules, donor = current, all edges = donor attention: ok\n", b->name);
+        // Every edge k-only from donor 0 = attention over donor 0's keys with the current values; v-only the
+        // reverse; every edge removed = 0 (independent of the patched kernels: plain attention).
+        all.rule[0].source = EDGE_SRC_K;
+        b->patched_attention(got, q, k, v, 2, dkc, dvc, seqs, 2, &p, &all);
+        ref->attention(plain, q, dk[0], v, seqs, 2, &p);
+        check(max_rel_error(got, plain, (size_t)(T0 + T1) * p.q_stride, 1e-6) < 1e-5,
+              "all edges k-only from donor 0 != attention over donor 0's keys and the current values");
+        all.rule[0].source = EDGE_SRC_V;
+        b->patched_attention(got, q, k, v, 2, dkc, dvc, seqs, 2, &p, &all);
+        ref->attention(plain, q, k, dv[0], seqs, 2, &p);
+        check(max_rel_error(got, plain, (size_t)(T0 + T1) * p.q_stride, 1e-6) < 1e-5,
+              "all edges v-only from donor 0 != attention over the current keys and donor 0's values");
+        all.rule[0].source = EDGE_SRC_ZERO, all.rule[0].donor = -1;
+        b->patched_attention(got, q, k, v, 0, NULL, NULL, seqs, 2, &p, &all);
+        double mx = 0;
+        for (size_t e = 0; e < (size_t)(T0 + T1) * p.q_stride; e++)
+            if (e % p.q_stride < (size_t)(p.n_heads * p.head_dim)) mx = fmax(mx, fabs(got[e]));
+        check(mx == 0, "all edges removed: output %.3g, not 0", mx);
+        printf("  %-5s attn-patch invariants: no rules, donor = current, all edges = donor attention, all k-only, "
+               "all v-only, all removed: ok\n", b->name);
     }
     free(q), free(k), free(v), free(dk[0]), free(dk[1]), free(dv[0]), free(dv[1]), free(want), free(got), free(plain);
 }
@@ -587,6 +643,29 @@ static void grad_attn_init(grad_attn *a, float softcap, int window) {
     a->nq = (size_t)GA_NQ * a->p.q_stride, a->nk = (size_t)GA_NKV * a->p.kv_stride;
 }
 
+// The same rules with interventions (kernels/edge_rule.h): first a zero rule removing every edge into
+// bos (a query left with nothing: its output is 0), then grad_attn_init's three rules as k-only, v-only
+// and kv, then a zero rule removing t, n -> last, n edges of heads 1 and 2.
+static void grad_attn_modes(grad_attn *a) {
+    edge_rule_set *r = &a->rules;
+    edge_rule base[3] = {r->rule[0], r->rule[1], r->rule[2]};
+    r->n = 5;
+    r->rule[0] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 0, .relation = REL_ANY,
+                             .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0xf}};
+    r->rule[1] = base[0], r->rule[1].source = EDGE_SRC_K;
+    r->rule[2] = base[1], r->rule[2].source = EDGE_SRC_V;
+    r->rule[3] = base[2];
+    r->rule[4] = (edge_rule){.sender_types = 1u << 2 | 1u << 4, .receiver_types = 1u << 6 | 1u << 4,
+                             .relation = REL_ANY, .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0x6}};
+}
+
+// A plausible bug for the can-fail siblings: k-only and v-only swapped.
+static void swap_k_v(edge_rule_set *r) {
+    for (int i = 0; i < r->n; i++)
+        if (r->rule[i].source == EDGE_SRC_K || r->rule[i].source == EDGE_SRC_V)
+            r->rule[i].source = (int16_t)(EDGE_SRC_K + EDGE_SRC_V - r->rule[i].source);
+}
+
 // x = [q, k, v, donor k 0, 1, donor v 0, 1] for the differences.
 static void f_attention(const void *c, const float *x, float *y) {
     const grad_attn *a = c;
@@ -609,24 +688,30 @@ static void ref_attention_grad(const grad_attn *a, const grad_attn *as_run, cons
 }
 
 static void test_grad_fd_attention(void) {
-    for (int variant = 0; variant < 3; variant++) {
-        // plain with softcap and window; patched; patched without softcap or window
+    for (int variant = 0; variant < 4; variant++) {
+        // plain with softcap and window; patched; patched without softcap or window; patched with the
+        // interventions (k-only, v-only, zeroed edges)
         grad_attn a;
-        grad_attn_init(&a, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0);
+        grad_attn_init(&a, variant != 2 ? 5.0f : 0.0f, variant != 2 ? 6 : 0);
         if (variant == 0) a.use_rules = NULL;
+        if (variant == 3) grad_attn_modes(&a);
         size_t n = a.nq + 6 * a.nk;
         float *x = ep_malloc(sizeof(float) * n), *dout = random_floats(a.nq, 1);
         for (size_t i = 0; i < n; i++) x[i] = frand() * (i < a.nq + a.nk ? 2.0f : 1.0f);
         float *g = ep_malloc(sizeof(float) * n), *bad = ep_malloc(sizeof(float) * n);
         ref_attention_grad(&a, &a, x, dout, g);
-        // Wrong: the softcap's derivative (or, without softcap, the window) left out of the backward.
+        // Wrong: the softcap's derivative (or, without softcap, the window) left out of the backward; with
+        // interventions, the k-only and v-only rules swapped.
         grad_attn w = a;
-        if (variant < 2)
+        w.use_rules = a.use_rules ? &w.rules : NULL;
+        if (variant == 3)
+            swap_k_v(&w.rules);
+        else if (variant < 2)
             w.p.softcap = 0;
         else
             w.p.window = 3;
         ref_attention_grad(&a, &w, x, dout, bad);
-        const char *names[3] = {"attn_back", "attn_back-pat", "attn_back-pnc"};
+        const char *names[4] = {"attn_back", "attn_back-pat", "attn_back-pnc", "attn_back-iv"};
         fd_report(names[variant], fd_error(f_attention, &a, x, n, a.nq, dout, g, 1e-2f),
                   fd_error(f_attention, &a, x, n, a.nq, dout, bad, 1e-2f));
         if (variant == 1) {  // the donor gradients are not all zero: the rules send edges to both donors
@@ -639,8 +724,10 @@ static void test_grad_fd_attention(void) {
 }
 
 // The test's own double-precision attention with one edge unit's edges moved toward its donor by t
-// (k* + t (k_d - k*), v* + t (v_d - v*)): the unit's score is d/dt of sum dout . out at t = 0
-// (docs/attribution.md: the first-order change of the loss). Independent of the ops' code.
+// (k* + t (k_d - k*), v* + t (v_d - v*); only the key or the value for a k- or v-only unit; a zeroing
+// unit scales the edge's weight exp(s) by 1 - t): the unit's score is d/dt of sum dout . out at t = 0
+// (docs/attribution.md: the first-order change of the loss). Independent of the ops' code but for the
+// rule matcher; removed edges (zero rules) are left out of the softmax, a row with none left adds 0.
 static double interpolated_loss(const grad_attn *a, const float *q, const float *k, const float *v,
                                 const float *const *dk, const float *const *dv, const float *dout,
                                 const edge_score_unit *u, int s, double t) {
@@ -657,19 +744,25 @@ static double interpolated_loss(const grad_attn *a, const float *q, const float 
                 sc[j] = -INFINITY;
                 if (p->window > 0 && i - j >= p->window) continue;
                 int typed = a->use_rules && i < sq->n_typed && j < sq->n_typed;
-                int src = typed ? edge_donor(a->use_rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]) : -1;
+                int code = typed ? edge_lookup(a->use_rules, h, sq->types[j], sq->index[j], sq->types[i], sq->index[i]) : -1;
+                if (code == EDGE_REMOVED) continue;
+                int src_k = code >= 0 && code / 16 != EDGE_SRC_V ? code % 16 : -1;
+                int src_v = code >= 0 && code / 16 != EDGE_SRC_K ? code % 16 : -1;
                 size_t g = (size_t)(h / rep) * d, cur = (size_t)(sq->kv_row + j) * p->kv_stride + g,
                        don = (size_t)(sq->donor_row + j) * p->kv_stride + g;
-                const float *ks = src >= 0 ? dk[src] + don : k + cur, *vs = src >= 0 ? dv[src] + don : v + cur;
+                const float *ks = src_k >= 0 ? dk[src_k] + don : k + cur, *vs = src_v >= 0 ? dv[src_v] + don : v + cur;
                 int in_unit = h == u->head && i < sq->n_typed && sq->types[i] == u->receiver && sq->types[j] == u->sender;
+                double tk = in_unit && (u->source == EDGE_SRC_KV || u->source == EDGE_SRC_K) ? t : 0;
+                double tv = in_unit && (u->source == EDGE_SRC_KV || u->source == EDGE_SRC_V) ? t : 0;
                 for (int e = 0; e < d; e++) {
-                    kk[e] = ks[e] + (in_unit ? t * ((double)dk[u->donor][don + e] - ks[e]) : 0);
-                    vv[j][e] = vs[e] + (in_unit ? t * ((double)dv[u->donor][don + e] - vs[e]) : 0);
+                    kk[e] = ks[e] + tk * ((double)dk[u->donor][don + e] - ks[e]);
+                    vv[j][e] = vs[e] + tv * ((double)dv[u->donor][don + e] - vs[e]);
                 }
                 double dot = 0;
                 for (int e = 0; e < d; e++) dot += qv[e] * kk[e];
                 dot *= p->scale;
                 if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+                if (in_unit && u->source == EDGE_SRC_ZERO) dot += log1p(-t);  // exp(s) (1 - t)
                 sc[j] = dot, mx = dot > mx ? dot : mx;
             }
             double sum = 0;
@@ -692,6 +785,66 @@ static const edge_score_unit grad_edge_units[5] = {
     {.head = 2, .sender = 0, .receiver = 5, .donor = 1},
     {.head = 1, .sender = 1, .receiver = 1, .donor = 1},
 };
+
+// Units of every intervention, for grad_attn_modes' rules: edges read k-only, v-only, kv, removed or
+// clean, scored as kv, k-only, v-only and zeroing units.
+enum { N_IV_UNITS = 10 };
+static const edge_score_unit grad_iv_units[N_IV_UNITS] = {
+    {.head = 0, .sender = 1, .receiver = 3, .donor = 0, .source = EDGE_SRC_K},     // rule 1 (k-only, donor 0): 0
+    {.head = 0, .sender = 1, .receiver = 3, .donor = 1, .source = EDGE_SRC_V},     // its current values
+    {.head = 1, .sender = 2, .receiver = 3, .donor = 0, .source = EDGE_SRC_KV},    // rule 2 (v-only, donor 1)
+    {.head = 1, .sender = 2, .receiver = 3, .donor = 1, .source = EDGE_SRC_K},
+    {.head = 3, .sender = 4, .receiver = 6, .donor = 1, .source = EDGE_SRC_ZERO},  // clean edges, zeroed
+    {.head = 2, .sender = 4, .receiver = 6, .donor = 0, .source = EDGE_SRC_ZERO},  // already removed (rule 4): 0
+    {.head = 3, .sender = 3, .receiver = 5, .donor = 1, .source = EDGE_SRC_ZERO},  // rule 3 (kv, donor 1)
+    {.head = 1, .sender = 3, .receiver = 6, .donor = 0, .source = EDGE_SRC_V},
+    {.head = 2, .sender = 1, .receiver = 1, .donor = 0, .source = EDGE_SRC_ZERO},
+    {.head = 3, .sender = 3, .receiver = 4, .donor = 1, .source = EDGE_SRC_K},
+};
+
+// ref edge_scores under grad_attn_modes' rules, every unit source, against the interpolated loss; the
+// can-fail siblings: the units' k and v swapped, and the rules' k-only and v-only swapped.
+static void test_grad_scores_interventions(void) {
+    const kernel_ops *ref = kernel_ops_ref();
+    grad_attn a;
+    grad_attn_init(&a, 5.0f, 6);
+    grad_attn_modes(&a);
+    float *q = random_floats(a.nq, 2), *k = random_floats(a.nk, 2), *v = random_floats(a.nk, 1), *dout = random_floats(a.nq, 1);
+    const float *dk[2] = {random_floats(a.nk, 2), random_floats(a.nk, 2)}, *dv[2] = {random_floats(a.nk, 1), random_floats(a.nk, 1)};
+    double score[N_IV_UNITS * 3], worst = 0, mag = 0, unit_mag[N_IV_UNITS] = {0};
+    ref->edge_scores(score, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_iv_units, N_IV_UNITS);
+    for (int u = 0; u < N_IV_UNITS; u++)
+        for (int s = 0; s < a.n_seqs; s++) {
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, t) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, -t)) / (2 * t);
+            worst = fmax(worst, fabs(score[u * a.n_seqs + s] - fd)), mag = fmax(mag, fabs(fd));
+            unit_mag[u] = fmax(unit_mag[u], fabs(fd));
+        }
+    int nonzero = 0;
+    for (int u = 0; u < N_IV_UNITS; u++) nonzero += unit_mag[u] > 1e-3 * mag;
+    edge_score_unit swapped[N_IV_UNITS];
+    memcpy(swapped, grad_iv_units, sizeof swapped);
+    for (int u = 0; u < N_IV_UNITS; u++)
+        if (swapped[u].source == EDGE_SRC_K || swapped[u].source == EDGE_SRC_V) swapped[u].source = EDGE_SRC_K + EDGE_SRC_V - swapped[u].source;
+    double wrong[N_IV_UNITS * 3], worst_units = 0, worst_rules = 0;
+    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, swapped, N_IV_UNITS);
+    for (int i = 0; i < N_IV_UNITS * a.n_seqs; i++) worst_units = fmax(worst_units, fabs(wrong[i] - score[i]));
+    edge_rule_set *rules = ep_malloc(sizeof *rules);
+    *rules = a.rules;
+    swap_k_v(rules);
+    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, rules, grad_iv_units, N_IV_UNITS);
+    for (int i = 0; i < N_IV_UNITS * a.n_seqs; i++) worst_rules = fmax(worst_rules, fabs(wrong[i] - score[i]));
+    printf("  ref   edge_scores  interventions against d/dt of the interpolated loss: max error %.3g of %.3g, %d/%d "
+           "units non-zero (units k<->v: %.3g, rules k<->v: %.3g)\n", worst, mag, nonzero, N_IV_UNITS, worst_units, worst_rules);
+    check(mag > 0 && worst <= 1e-6 * mag, "ref edge_scores (interventions) against differences: %.3g of %.3g", worst, mag);
+    // Units 0 (k-only from the donor whose key the edges read already) and 5 (edges removed already) are 0.
+    check(unit_mag[0] == 0 && unit_mag[5] == 0 && nonzero == N_IV_UNITS - 2,
+          "intervention units: %.3g and %.3g where 0 is due, %d non-zero", unit_mag[0], unit_mag[5], nonzero);
+    check(worst_units > 1e-2 * mag, "edge_scores: units with k and v swapped gave the same scores");
+    check(worst_rules > 1e-2 * mag, "edge_scores: rules with k-only and v-only swapped gave the same scores");
+    free(rules);
+    free(q), free(k), free(v), free(dout), free((void *)dk[0]), free((void *)dk[1]), free((void *)dv[0]), free((void *)dv[1]);
+}
 
 static void test_grad_scores_reference(void) {
     const kernel_ops *ref = kernel_ops_ref();
@@ -883,10 +1036,11 @@ static void test_grad_pointwise(const kernel_ops *b, const kernel_ops *ref) {
 static const double attn_grad_tol = 1e-4;
 
 static void test_grad_attention(const kernel_ops *b, const kernel_ops *ref) {
-    for (int variant = 0; variant < 3; variant++) {
+    for (int variant = 0; variant < 4; variant++) {
         grad_attn a;
-        grad_attn_init(&a, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0);
+        grad_attn_init(&a, variant != 2 ? 5.0f : 0.0f, variant != 2 ? 6 : 0);
         if (variant == 0) a.use_rules = NULL;
+        if (variant == 3) grad_attn_modes(&a);
         size_t nq = a.nq, nk = a.nk;
         float *q = random_floats(nq, 2), *k = random_floats(nk, 2), *v = random_floats(nk, 1), *dout = random_floats(nq, 1);
         float *dkn[2] = {random_floats(nk, 2), random_floats(nk, 2)}, *dvn[2] = {random_floats(nk, 1), random_floats(nk, 1)};
@@ -926,9 +1080,10 @@ static void test_grad_attention(const kernel_ops *b, const kernel_ops *ref) {
               "%s attention_back: dropping the donor gradients changed dq, dk or dv", b->name);
         free(drop);
         stage_free(&s);
-        const char *names[3][4] = {{"attn_back:dq", "attn_back:dk", "attn_back:dv", "attn_back:donor"},
+        const char *names[4][4] = {{"attn_back:dq", "attn_back:dk", "attn_back:dv", "attn_back:donor"},
                                    {"attnp_back:dq", "attnp_back:dk", "attnp_back:dv", "attnp_back:donor"},
-                                   {"attnp0_back:dq", "attnp0_back:dk", "attnp0_back:dv", "attnp0_back:donor"}};
+                                   {"attnp0_back:dq", "attnp0_back:dk", "attnp0_back:dv", "attnp0_back:donor"},
+                                   {"attniv_back:dq", "attniv_back:dk", "attniv_back:dv", "attniv_back:donor"}};
         for (int i = 0; i < 3; i++) report(b->name, names[variant][i], max_rel_error(got[i], want[i], sz[i], 1e-6), attn_grad_tol);
         // The donor arrays compared where they are numbers (the NaN row must stay as it was: junk).
         double worst = 0;
@@ -992,6 +1147,17 @@ static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     b->edge_scores(bs, bq, bk, bv, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
     stage_out(&s, got, bs, sizeof got);
     report(b->name, "edge_scores", max_rel_error_d(got, want, NU * 3), attn_grad_tol);
+    {  // every intervention, in the rules and in the units
+        grad_attn m = a;
+        grad_attn_modes(&m);
+        double wiv[N_IV_UNITS * 3], giv[N_IV_UNITS * 3];
+        ref->edge_scores(wiv, q, k, v, dout, 2, ck, cv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
+        for (int i = 0; i < N_IV_UNITS * 3; i++) giv[i] = 12345.0;
+        double *bsi = stage_in(&s, giv, sizeof giv);
+        b->edge_scores(bsi, bq, bk, bv, bo, 2, bck, bcv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
+        stage_out(&s, giv, bsi, sizeof giv);
+        report(b->name, "edge_scores-iv", max_rel_error_d(giv, wiv, N_IV_UNITS * 3), attn_grad_tol);
+    }
 
     head_score_unit hu[3] = {{.head = 0, .type = 3, .donor = 0}, {.head = 3, .type = 6, .donor = 1}, {.head = 2, .type = 1, .donor = 1}};
     double hw[9], hg[9];
@@ -1108,7 +1274,7 @@ static int thread_probe(const char *path) {
     b->attention_back(g, g + nq, g + nq + nk, q, k, v, dout, 1, dkc, dvc, gk, gv, &ps, 1, &p, &rules);
     write_floats(f, g, (size_t)TQ * p.q_stride);
     for (int part = 0; part < 4; part++) write_floats(f, g + nq + (size_t)part * nk, (size_t)TQ * p.kv_stride);
-    edge_score_unit units[4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 3, 0}, {2, 3, 1, 0}};
+    edge_score_unit units[4] = {{0, 1, 3, 0, EDGE_SRC_KV}, {1, 2, 3, 0, EDGE_SRC_K}, {3, 4, 3, 0, EDGE_SRC_V}, {2, 3, 1, 0, EDGE_SRC_ZERO}};
     double score[4];
     b->edge_scores(score, q, k, v, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
     fwrite(score, sizeof score, 1, f);
@@ -1191,6 +1357,7 @@ int main(int argc, char **argv) {
     test_grad_fd_pointwise();
     test_grad_fd_attention();
     test_grad_scores_reference();
+    test_grad_scores_interventions();
     const kernel_ops *backends[3] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
     for (int i = 0; i < 3; i++) {
         const kernel_ops *b = backends[i];

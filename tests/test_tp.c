@@ -193,7 +193,7 @@ static void check_backward(const char *name, int T, int world_rank, const model 
         for (int h = 0; h < H; h++)
             for (int a = 0; a < 4; a++) {
                 hu[k++] = (head_unit){l, h, a, 0};
-                for (int r = 0; r < 4; r++) eu[j++] = (edge_unit){l, h, a, r, 0};
+                for (int r = 0; r < 4; r++) eu[j++] = (edge_unit){l, h, a, r, 0, EDGE_SRC_KV};
             }
     double *sw = ep_malloc(sizeof(double) * (size_t)(nh + ne) * 2), *ss = sw + nh + ne;
     grad_tape tw, ts;

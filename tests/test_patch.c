@@ -327,6 +327,191 @@ static void test_model(const char *name, json_t *plans) {
     model_free(&m);
 }
 
+// Interventions (kernels/edge_rule.h) against the Python reference's interv_plans.json on this model: the
+// last position's logits and the greedy generation of every prompt, on every backend. Can fail: the same
+// plans with k-only and v-only swapped (plans with neither: zero rules read as kv from donor 0) must not
+// match the reference. A circuit keeping no edge, ablating with "zero", is the reference's zero_everything.
+static double vs_reference_last(const safetensors *iv, size_t j, const fixture *f, const run_result *r, int V, int *same) {
+    ep_error err;
+    double worst = 0;
+    *same = 0;
+    for (int s = 0; s < P; s++) {
+        char key[96];
+        snprintf(key, sizeof key, "plan%zu.prompt%d.last_logits", j, s);
+        const st_tensor *t = safetensors_find(iv, key);
+        if (!t || t->numel != V) {
+            check(0, "interv fixture: no %s of %d floats", key, V);
+            return INFINITY;
+        }
+        float *w = malloc(sizeof(float) * (size_t)V);
+        safetensors_read_f32(t, w, &err);
+        double e = max_rel_error(r->logits + ((size_t)s * f->max_len + f->lengths[s] - 1) * V, w, (size_t)V, 1e-6);
+        if (e > worst) worst = e;
+        free(w);
+        snprintf(key, sizeof key, "plan%zu.prompt%d.generated", j, s);
+        const st_tensor *gt = safetensors_find(iv, key);
+        int32_t g[GEN];
+        safetensors_read_i32(gt, g, &err);
+        for (int k = 0; k < GEN; k++) *same += k < r->n_generated[s] && r->generated[s * GEN + k] == g[k];
+    }
+    return worst;
+}
+
+static void test_interventions(const char *name, json_t *plans) {
+    char dir[256], path[512];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    snprintf(path, sizeof path, "tests/fixtures/patch/%s.interv.safetensors", name);
+    model m;
+    fixture f;
+    safetensors iv;
+    ep_error err = {{0}};
+    if (model_load(dir, &m, &err)) {
+        check(0, "%s", err.msg);
+        return;
+    }
+    if (load_fixture(name, &f)) {
+        model_free(&m);
+        return;
+    }
+    if (safetensors_open_file(path, &iv, &err)) {
+        check(0, "%s", err.msg);
+        free_fixture(&f), model_free(&m);
+        return;
+    }
+    int V = m.cfg.vocab_size;
+    prompt_batch pb = batch_of(&f);
+    const kernel_ops *backends[3] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
+    model devs[3];
+    for (int k = 1; k < 3; k++)
+        if (backends[k] && model_to_backend(&m, backends[k], 0, &devs[k], &err)) check(0, "%s", err.msg), backends[k] = NULL;
+    size_t j;
+    json_t *pj;
+    json_array_foreach(plans, j, pj) {
+        ablation_plan plan;
+        if (plan_parse(pj, "interv_plans.json", &m.cfg, &plan, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        for (int k = 0; k < 3; k++) {
+            run_result r = {0};
+            if (!backends[k] || run_on(k ? &devs[k] : &m, backends[k], &plan, &pb, &r)) {
+                free(r.logits);
+                continue;
+            }
+            int same;
+            double worst = vs_reference_last(&iv, j, &f, &r, V, &same);
+            printf("  %-12s %-22s %-6s last logits %.2e  generated %2d/%d equal to the Python reference\n", name,
+                   plan.name, backends[k]->name, worst, same, P * GEN);
+            check(worst <= TOL && same == P * GEN, "%s %s (%s): last logits %.2e, %d/%d tokens", name, plan.name,
+                  backends[k]->name, worst, same, P * GEN);
+            free(r.logits);
+        }
+        // Can fail: k-only <-> v-only swapped, or (no k- or v-only rule) zero read as kv from donor 0.
+        ablation_plan wrong = plan;
+        wrong.layer_rules = malloc(sizeof(edge_rule_set) * (size_t)m.cfg.n_layers);
+        memcpy(wrong.layer_rules, plan.layer_rules, sizeof(edge_rule_set) * (size_t)m.cfg.n_layers);
+        int any_kv_only = 0;
+        for (int l = 0; l < m.cfg.n_layers; l++)
+            for (int r = 0; r < plan.layer_rules[l].n; r++) any_kv_only |= plan.layer_rules[l].rule[r].source == EDGE_SRC_K ||
+                                                                         plan.layer_rules[l].rule[r].source == EDGE_SRC_V;
+        for (int l = 0; l < m.cfg.n_layers; l++)
+            for (int r = 0; r < wrong.layer_rules[l].n; r++) {
+                edge_rule *e = &wrong.layer_rules[l].rule[r];
+                if (any_kv_only && (e->source == EDGE_SRC_K || e->source == EDGE_SRC_V))
+                    e->source = (int16_t)(EDGE_SRC_K + EDGE_SRC_V - e->source);
+                else if (!any_kv_only && e->source == EDGE_SRC_ZERO)
+                    e->source = EDGE_SRC_KV, e->donor = 0;
+            }
+        if (wrong.n_donors < 1) wrong.n_donors = 1;
+        run_result w = {0};
+        if (run(&m, &wrong, &pb, &w) == 0) {
+            int same;
+            double worst = vs_reference_last(&iv, j, &f, &w, V, &same);
+            printf("  %-12s %-22s wrong (%s) last logits %.2e: rejected\n", name, plan.name,
+                   any_kv_only ? "k <-> v" : "zero as kv", worst);
+            check(worst > 100 * TOL, "%s %s: the wrong variant (%s) matched the reference (%.2e)", name, plan.name,
+                  any_kv_only ? "k <-> v" : "zero as kv", worst);
+        }
+        free(w.logits);
+        free(wrong.layer_rules);
+        // A circuit keeping no edge unit, ablating with zero, = the reference's zero_everything.
+        if (!strcmp(plan.name, "zero_everything")) {
+            ablation_plan base, none;
+            plan_empty(&m.cfg, &base);
+            base.circuit_source = EDGE_SRC_ZERO;
+            json_t *c_none = json_pack("{s:[]}", "edges");
+            run_result rn = {0};
+            if (plan_circuit(c_none, "circuit", &m.cfg, &base, &none, &err) == 0 && run(&m, &none, &pb, &rn) == 0) {
+                int same;
+                double worst = vs_reference_last(&iv, j, &f, &rn, V, &same);
+                printf("  %-12s circuit of no edge, edge_intervention zero = reference zero_everything (%.2e)\n", name, worst);
+                check(worst <= TOL && same == P * GEN, "%s: empty edge circuit (zero) vs zero_everything: %.2e", name, worst);
+                plan_free(&none);
+            } else {
+                check(0, "circuit (zero): %s", err.msg);
+            }
+            free(rn.logits);
+            json_decref(c_none);
+            plan_free(&base);
+        }
+        plan_free(&plan);
+    }
+    for (int k = 1; k < 3; k++)
+        if (backends[k]) model_backend_free(&devs[k]);
+    safetensors_close(&iv);
+    free_fixture(&f);
+    model_free(&m);
+}
+
+// The plan JSON of interventions: defaults, validation, the donor-0 part, the hash.
+static void test_plan_interventions(void) {
+    model_config cfg = {.n_layers = 2, .n_heads = 4};
+    ep_error err = {{0}};
+    ablation_plan a, b;
+    json_t *kv = json_loads("{\"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"]}]}", 0, NULL);
+    json_t *kv2 = json_loads("{\"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"], \"intervention\": \"kv\"}]}", 0, NULL);
+    json_t *k = json_loads("{\"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"], \"intervention\": \"k\"}]}", 0, NULL);
+    check(plan_parse(kv, "p", &cfg, &a, &err) == 0 && plan_parse(kv2, "p", &cfg, &b, &err) == 0 && plan_hash(&a) == plan_hash(&b) &&
+              a.layer_rules[0].rule[0].source == EDGE_SRC_KV, "intervention kv is the default: %s", err.msg);
+    uint64_t h_kv = plan_hash(&a);
+    plan_free(&a), plan_free(&b);
+    check(plan_parse(k, "p", &cfg, &a, &err) == 0 && plan_hash(&a) != h_kv && a.layer_rules[1].rule[0].source == EDGE_SRC_K &&
+              a.n_donors == 1, "intervention k: %s", err.msg);
+    plan_free(&a);
+    a.circuit_source = 0;
+    plan_empty(&cfg, &a);
+    uint64_t h0 = plan_hash(&a);
+    a.circuit_source = EDGE_SRC_ZERO;
+    check(plan_hash(&a) != h0, "the circuit intervention is in the plan hash");
+    plan_free(&a);
+    struct {
+        const char *json, *want;
+    } bad[] = {{"{\"rules\": [{\"sender\": \"all\", \"receiver\": \"all\", \"intervention\": \"q\"}]}", "rules[0].intervention"},
+               {"{\"rules\": [{\"sender\": \"all\", \"receiver\": \"all\", \"intervention\": \"zero\", \"donor\": 0}]}", "rules[0].donor"},
+               {"{\"rules\": [{\"sender\": \"all\", \"receiver\": \"all\", \"intervention\": 3}]}", "rules[0].intervention"}};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        json_t *j = json_loads(bad[i].json, 0, NULL);
+        check(plan_parse(j, "plan.json", &cfg, &a, &err) != 0 && strstr(err.msg, bad[i].want) && strstr(err.msg, "plan.json"),
+              "bad intervention %zu refused naming %s: %s", i, bad[i].want, err.msg);
+        json_decref(j);
+    }
+    // A zero rule reads no donor: n_donors 0, not in the donor-0 part; a k rule of donor 0 is.
+    json_t *mix = json_loads("{\"rules\": [{\"sender\": [\"x\"], \"receiver\": [\"y\"], \"intervention\": \"zero\"},"
+                             " {\"sender\": [\"y\"], \"receiver\": [\"last\"], \"intervention\": \"k\"}]}", 0, NULL);
+    json_t *zero = json_loads("{\"rules\": [{\"sender\": [\"x\"], \"receiver\": [\"y\"], \"intervention\": \"zero\"}]}", 0, NULL);
+    check(plan_parse(zero, "p", &cfg, &a, &err) == 0 && a.n_donors == 0 && a.layer_rules[0].rule[0].donor == -1,
+          "a zero plan reads no donor: %s", err.msg);
+    plan_free(&a);
+    if (plan_parse(mix, "p", &cfg, &a, &err) == 0) {
+        plan_donor0_part(&a, &b);
+        check(b.layer_rules[0].n == 1 && b.layer_rules[0].rule[0].source == EDGE_SRC_K, "donor-0 part: the k rule, not the zero rule");
+        plan_free(&b), plan_free(&a);
+    } else {
+        check(0, "%s", err.msg);
+    }
+    json_decref(kv), json_decref(kv2), json_decref(k), json_decref(mix), json_decref(zero);
+}
+
 // The original's affect_whom forms compile to the same rules as the equivalent plan.
 static void test_affect_whom(void) {
     model_config cfg = {.n_layers = 3, .n_heads = 4};
@@ -354,8 +539,13 @@ int main(void) {
     json_t *plans = json_load_file("tests/fixtures/patch/plans.json", 0, NULL);
     check(plans && json_array_size(plans) >= 8, "tests/fixtures/patch/plans.json");
     test_affect_whom();
+    test_plan_interventions();
     const char *models[] = {"gemma2-tiny", "llama3-tiny", "smollm-tiny", "phi2-tiny"};
     for (int i = 0; i < 4 && plans; i++) test_model(models[i], plans);
+    json_t *iv_plans = json_load_file("tests/fixtures/patch/interv_plans.json", 0, NULL);
+    check(iv_plans && json_array_size(iv_plans) >= 6, "tests/fixtures/patch/interv_plans.json");
+    for (int i = 0; i < 4 && iv_plans; i++) test_interventions(models[i], iv_plans);
+    json_decref(iv_plans);
     json_decref(plans);
     return test_finish("test_patch");
 }

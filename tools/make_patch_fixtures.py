@@ -67,6 +67,15 @@ def rule(sender, receiver, relation="any", layers="all", heads="all", donor=0):
             "donor": donor}
 
 
+def irule(sender, receiver, intervention, relation="any", layers="all", heads="all", donor=0):
+    """A rule with an intervention (kv, k, v, zero); a zero rule names no donor."""
+    r = rule(sender, receiver, relation, layers, heads, donor)
+    r["intervention"] = intervention
+    if intervention == "zero":
+        del r["donor"]
+    return r
+
+
 def hunit(layer, head, typ, donor=0):
     return {"layer": layer, "head": head, "type": typ, "donor": donor}
 
@@ -87,6 +96,24 @@ PLANS = [
      "heads": [hunit(0, 2, "last", 0), hunit(1, 1, "y", 1)]},
     {"name": "all_edges_donor0", "rules": [rule("all", "all", "any", donor=0)], "heads": []},
 ]
+
+# Interventions (issue 21): k-only, v-only and zeroed edges. Written to interv_plans.json and
+# <model>.interv.safetensors by --interventions; the fixtures above stay as they are.
+IV_PLANS = [
+    {"name": "k_y_to_last", "rules": [irule(["y"], ["last"], "k")], "heads": []},
+    {"name": "v_y_to_last", "rules": [irule(["y"], ["last"], "v")], "heads": []},
+    {"name": "zero_y_to_last", "rules": [irule(["y"], ["last"], "zero")], "heads": []},
+    # every edge into last of layer 0 removed, its own included: the row has nothing left (outputs 0)
+    {"name": "zero_into_last_layer0", "rules": [irule("all", ["last"], "zero", layers=[0])], "heads": []},
+    {"name": "mixed_interventions", "rules": [irule(["x"], ["y"], "zero", "same", heads=[0, 1]),
+                                              irule(["y"], ["last"], "k", layers=[1], donor=1),
+                                              irule(["x", "y"], ["query", "last"], "v", heads=[1, 2, 3]),
+                                              irule(["t"], ["last"], "kv", donor=1),
+                                              irule(["n"], ["last", "y"], "zero", "earlier")],
+     "heads": [hunit(1, 0, "y", 0)]},
+    {"name": "zero_everything", "rules": [irule("all", "all", "zero")], "heads": []},
+]
+IV_SOURCES = {"kv": 0, "k": 1, "v": 2, "zero": 3}
 
 # --------------------------------------------------------------------------------------------------
 # Prompts
@@ -210,6 +237,58 @@ def compile_edges(plan, typ, idx, L, H):
     return em
 
 
+def compile_edges_iv(plan, typ, idx, L, H):
+    """The intervention form: per layer [H, T, T] (at [h, B, A]) the donor whose key the edge reads, the
+    donor whose value it reads (-1: the current pass's) and whether it is removed. First rule in list order
+    that matches decides (as compile_edges); only causal edges are marked."""
+    typ = torch.tensor(typ)
+    idx = torch.tensor(idx)
+    T = len(typ)
+    ek = [torch.full((H, T, T), -1, dtype=torch.long) for _ in range(L)]
+    ev = [torch.full((H, T, T), -1, dtype=torch.long) for _ in range(L)]
+    rm = [torch.zeros((H, T, T), dtype=torch.bool) for _ in range(L)]
+    done = [torch.zeros((H, T, T), dtype=torch.bool) for _ in range(L)]
+    causal = torch.arange(T)[None, :] <= torch.arange(T)[:, None]  # [B, A]
+    for r in plan["rules"]:
+        snd, rcv = type_set(r["sender"]), type_set(r["receiver"])
+        s_ok = (typ != NONE_TYPE) if snd is None else torch.isin(typ, torch.tensor(snd))
+        r_ok = (typ != NONE_TYPE) if rcv is None else torch.isin(typ, torch.tensor(rcv))
+        m = r_ok[:, None] & s_ok[None, :] & causal
+        iA, iB = idx[None, :], idx[:, None]
+        if r["relation"] == "same":
+            m &= (iA == iB) & (iA >= 0)
+        elif r["relation"] == "earlier":
+            m &= (iA >= 0) & (iA < iB)
+        else:
+            assert r["relation"] == "any", r
+        src = r.get("intervention", "kv")
+        assert src in IV_SOURCES, src
+        d = -1 if src == "zero" else int(r["donor"])
+        assert src == "zero" or 0 <= d < K_DONORS
+        layers = range(L) if r["layers"] == "all" else r["layers"]
+        heads = range(H) if r["heads"] == "all" else r["heads"]
+        for l in layers:
+            for h in heads:
+                new = m & ~done[l][h]
+                if src == "zero":
+                    rm[l][h][new] = True
+                if src in ("kv", "k"):
+                    ek[l][h][new] = d
+                if src in ("kv", "v"):
+                    ev[l][h][new] = d
+                done[l][h] |= m
+    return ek, ev, rm
+
+
+def restrict_to_donor0_iv(ek, ev, rm, hu):
+    """The donor-0 part of an intervention plan: the key / value reads of donor 0, no removals."""
+    ek0 = [torch.where(e == 0, e, torch.full_like(e, -1)) for e in ek]
+    ev0 = [torch.where(e == 0, e, torch.full_like(e, -1)) for e in ev]
+    rm0 = [torch.zeros_like(r) for r in rm]
+    hu0 = [[x for x in units if x[2] == 0] for units in hu]
+    return ek0, ev0, rm0, hu0
+
+
 def compile_heads(plan, typ, L, H):
     """hu[l] = list of (h, position mask [T], donor); first unit in list order covering (l, h, B) decides."""
     typ = torch.tensor(typ)
@@ -240,6 +319,7 @@ class State:
     def __init__(self):
         self.mode = "off"
         self.em = None        # list per layer of [H, T, T] long, or None
+        self.iv = None        # interventions: (ek, ev, rm) lists per layer of [H, T, T], or None (then em)
         self.hu = None        # list per layer of [(h, mask[T], d)], or None
         self.dk = None        # donor keys: list over donors of list over layers of [n_kv, T, hd]
         self.dv = None
@@ -317,17 +397,23 @@ def patched_forward(self, hidden_states, attention_mask=None, position_ids=None,
     Tk = k_all.shape[1]
 
     # ---- k*, v* per (h, B, A) by explicit gather: option 0 = current pass, option 1 + d = donor d ----
-    if ST.mode == "prompt" and ST.em is not None:
+    removed = None
+    if ST.mode == "prompt" and ST.iv is not None:  # k* and v* gathered separately, removed edges masked
+        sel_k, sel_v, removed = ST.iv[0][l] + 1, ST.iv[1][l] + 1, ST.iv[2][l]
+        opts_k = torch.stack([k_all] + [ST.dk[d][l] for d in range(len(ST.dk))])
+        opts_v = torch.stack([v_all] + [ST.dv[d][l] for d in range(len(ST.dv))])
+    elif ST.mode == "prompt" and ST.em is not None:
         sel = ST.em[l] + 1  # [H, Tq, Tk]
+        sel_k = sel_v = sel
         opts_k = torch.stack([k_all] + [ST.dk[d][l] for d in range(len(ST.dk))])  # [1+K, G, Tk, hd]
         opts_v = torch.stack([v_all] + [ST.dv[d][l] for d in range(len(ST.dv))])
     else:
-        sel = torch.zeros((H, q_len, Tk), dtype=torch.long)
+        sel_k = sel_v = torch.zeros((H, q_len, Tk), dtype=torch.long)
         opts_k, opts_v = k_all[None], v_all[None]
     g = (torch.arange(H) // rep)[:, None, None]
     a = torch.arange(Tk)[None, None, :]
-    kstar = opts_k[sel, g, a]  # [H, Tq, Tk, hd]
-    vstar = opts_v[sel, g, a]
+    kstar = opts_k[sel_k, g, a]  # [H, Tq, Tk, hd]
+    vstar = opts_v[sel_v, g, a]
 
     # ---- scores, scaling, softcap, mask, softmax: HF's order of operations ----
     if arch == "phi":
@@ -355,7 +441,13 @@ def patched_forward(self, hidden_states, attention_mask=None, position_ids=None,
         assert torch.equal(hm == 0, allowed) and bool((hm[~allowed] == min_dtype).all())
         ST.mask_checked += 1
     s = s + mask
+    if removed is not None:  # a removed edge leaves the softmax; a row with nothing left outputs 0
+        s = s.masked_fill(removed, float("-inf"))
+        empty = ~(allowed[None] & ~removed).any(-1, keepdim=True)  # [H, Tq, 1]
+        s = s.masked_fill(empty, 0.0)
     p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    if removed is not None:
+        p = p.masked_fill(empty, 0.0)
     z = (p[..., None] * vstar).sum(2)  # [H, Tq, hd]
 
     # ---- head units (prompt pass only) ----
@@ -384,18 +476,18 @@ def install(model):
 # --------------------------------------------------------------------------------------------------
 # Passes
 # --------------------------------------------------------------------------------------------------
-def run_prompt(model, tokens, em=None, hu=None, donors=None):
-    """One patched prompt pass. donors = list of dicts {k, v, z} (lists over layers). Returns logits [T, V]
-    and this pass's recorded {k, v, z}."""
+def run_prompt(model, tokens, em=None, hu=None, donors=None, iv=None):
+    """One patched prompt pass. donors = list of dicts {k, v, z} (lists over layers); iv = (ek, ev, rm)
+    instead of em for a plan with interventions. Returns logits [T, V] and this pass's recorded {k, v, z}."""
     L = len(model.model.layers)
     ST.mode = "prompt"
-    ST.em, ST.hu = em, hu
+    ST.em, ST.hu, ST.iv = em, hu, iv
     if donors is not None:
         ST.dk = [d["k"] for d in donors]
         ST.dv = [d["v"] for d in donors]
         ST.dz = [d["z"] for d in donors]
     else:
-        assert em is None and hu is None
+        assert em is None and hu is None and iv is None
     ST.rec_k, ST.rec_v, ST.rec_z, ST.cache_k, ST.cache_v = {}, {}, {}, {}, {}
     ids = torch.tensor([tokens])
     T = len(tokens)
@@ -404,6 +496,7 @@ def run_prompt(model, tokens, em=None, hu=None, donors=None):
             logits = model(input_ids=ids, position_ids=torch.arange(T)[None], use_cache=False).logits[0]
     finally:
         ST.mode = "off"
+        ST.iv = None
     rec = {"k": [ST.rec_k[l] for l in range(L)], "v": [ST.rec_v[l] for l in range(L)],
            "z": [ST.rec_z[l] for l in range(L)]}
     return logits.float().clone(), rec
@@ -420,9 +513,9 @@ def decode_step(model, tok, pos):
     return logits.float().clone()
 
 
-def generate(model, tokens, em, hu, donors):
+def generate(model, tokens, em, hu, donors, iv=None):
     """Patched prompt pass (KV cache = this pass's k/v), then N_GEN greedy steps, unpatched."""
-    logits, _ = run_prompt(model, tokens, em, hu, donors)
+    logits, _ = run_prompt(model, tokens, em, hu, donors, iv=iv)
     steps = [logits[-1]]
     gen = [int(torch.argmax(logits[-1]))]
     for s in range(1, N_GEN):
@@ -443,6 +536,59 @@ def donor_caches(model, plan_em, plan_hu, donor_tokens, clean0=None):
         _, rec = run_prompt(model, donor_tokens[d], em0, hu0, [clean0])
         caches.append(rec)
     return caches
+
+
+def donor_caches_iv(model, iv, plan_hu, donor_tokens, clean0):
+    """donor_caches for an intervention plan: donor d > 0 under the plan's donor-0 part."""
+    caches = [clean0]
+    ek0, ev0, rm0, hu0 = restrict_to_donor0_iv(*iv, plan_hu)
+    for d in range(1, len(donor_tokens)):
+        _, rec = run_prompt(model, donor_tokens[d], None, hu0, [clean0], iv=(ek0, ev0, rm0))
+        caches.append(rec)
+    return caches
+
+
+def hf_cache_edit_y_to_last_iv(model, tokens, typ, donor_tokens, what):
+    """Independent checks of k_y_to_last, v_y_to_last and zero_y_to_last with HF's own attention: prefill
+    the clean prompt minus its final token into a DynamicCache, then run the final token as a decode step
+    with, for "k" / "v", only the cached keys / values at y positions replaced by donor 0's (every layer),
+    and for "zero", an attention mask hiding the y positions. As hf_cache_edit_y_to_last: not Gemma-2."""
+    from transformers.cache_utils import DynamicCache
+    assert ST.mode == "off" and typ[-1] == TYPE_CODES["last"] and TYPE_CODES["last"] not in typ[:-1]
+    ysel = torch.tensor([t == TYPE_CODES["y"] for t in typ[:-1]])
+    T = len(tokens)
+    with torch.no_grad():
+        c = DynamicCache()
+        model(input_ids=torch.tensor([tokens[:-1]]), use_cache=True, past_key_values=c)
+        mask = torch.ones((1, T), dtype=torch.long)
+        if what == "zero":
+            mask[0, :-1][ysel] = 0
+        else:
+            dc = DynamicCache()
+            model(input_ids=torch.tensor([donor_tokens[:-1]]), use_cache=True, past_key_values=dc)
+            for l in range(len(c.key_cache)):
+                if what == "k":
+                    c.key_cache[l][0][:, ysel] = dc.key_cache[l][0][:, ysel]
+                else:
+                    c.value_cache[l][0][:, ysel] = dc.value_cache[l][0][:, ysel]
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), attention_mask=mask, position_ids=torch.tensor([[T - 1]]),
+                    use_cache=True, past_key_values=c)
+    return out.logits[0, -1].float()
+
+
+def hf_without_attention(model, tokens):
+    """Independent check of zero_everything: the unmodified HF model with every attention output (the input
+    of o_proj / dense) replaced by zeros, through forward pre-hooks."""
+    assert ST.mode == "off"
+    hooks = []
+    for layer in model.model.layers:
+        proj = layer.self_attn.dense if hasattr(layer.self_attn, "dense") else layer.self_attn.o_proj
+        hooks.append(proj.register_forward_pre_hook(lambda mod, args: (torch.zeros_like(args[0]),)))
+    try:
+        return hf_logits(model, tokens)
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 def hf_logits(model, tokens):
@@ -634,5 +780,87 @@ def main():
     log("all checks passed")
 
 
+def main_interventions():
+    """--interventions: interv_plans.json, <model>.interv.safetensors (the last position's logits and the
+    greedy generation of every IV_PLANS plan on the main fixture's prompts) and interv_checks.txt."""
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    def check(ok, what):
+        if not ok:
+            log(f"FAILED: {what}")
+            raise SystemExit(1)
+
+    log(f"transformers {transformers.__version__} torch {torch.__version__} tokenizers {tokenizers.__version__} "
+        f"safetensors {safetensors.__version__}")
+    with open(os.path.join(OUT, "interv_plans.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(IV_PLANS, indent=1) + "\n")
+    pairs = prompt_pairs([AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, n)) for n in MODELS])
+    for mi, name in enumerate(MODELS):
+        folder = os.path.join(MODELS_DIR, name)
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        c = model.config
+        L, H, V = c.num_hidden_layers, c.num_attention_heads, c.vocab_size
+        install(model)
+        main_file = load_file(os.path.join(OUT, name + ".safetensors"))  # the prompts and donors, as stored
+        tensors = {}
+        for pi, pp in enumerate(pairs):
+            toks, typ, idx = build_prompt(tok, pp)
+            donors = make_donors(tok, V, toks, typ, seed=1000 * mi + 10 * pi + 7)
+            check(main_file[f"prompt{pi}.tokens"].tolist() == toks and main_file[f"prompt{pi}.donors"].tolist() == donors,
+                  f"{name} prompt{pi}: the prompts differ from {name}.safetensors'")
+            clean_hf = hf_logits(model, toks)
+            _, donor0_rec = run_prompt(model, donors[0])
+            for pj, plan in enumerate(IV_PLANS):
+                iv = compile_edges_iv(plan, typ, idx, L, H)
+                hu = compile_heads(plan, typ, L, H)
+                caches = donor_caches_iv(model, iv, hu, donors, donor0_rec)
+                logits, gen, _ = generate(model, toks, None, hu, caches, iv=iv)
+                tensors[f"plan{pj}.prompt{pi}.last_logits"] = logits[-1].contiguous()
+                tensors[f"plan{pj}.prompt{pi}.generated"] = torch.tensor(gen, dtype=torch.int32)
+                d_clean = maxdiff(logits, clean_hf)
+                check(d_clean > 1e-3, f"{name} prompt{pi} plan {plan['name']} changes nothing")
+                msg = f"  plan{pj} {plan['name']:<22} removed {sum(int(r.sum()) for r in iv[2]):6d}  " \
+                      f"max|logits - clean| {d_clean:.4g}  gen {gen}"
+                # kv rules through the intervention path = the original path
+                if plan["name"] == "k_y_to_last":
+                    kvp = {"name": "kv", "rules": [rule(["y"], ["last"])], "heads": []}
+                    em = compile_edges(kvp, typ, idx, L, H)
+                    l_kv, _ = run_prompt(model, toks, em, hu, caches)
+                    l_iv, _ = run_prompt(model, toks, None, hu, caches, iv=compile_edges_iv(kvp, typ, idx, L, H))
+                    check(torch.equal(l_kv, l_iv), f"{name}: kv rules through the intervention path differ")
+                    msg += "\n    CHECK kv rules through the intervention path == the original path: True"
+                what = {"k_y_to_last": "k", "v_y_to_last": "v", "zero_y_to_last": "zero"}.get(plan["name"])
+                if what and not name.startswith("gemma2"):
+                    hl = hf_cache_edit_y_to_last_iv(model, toks, typ, donors[0], what)
+                    dy = maxdiff(logits[-1], hl)
+                    dp = maxdiff(logits[:-1], clean_hf[:-1])
+                    check(dy < TOL and dp < TOL, f"{name} prompt{pi}: {plan['name']} vs HF {dy} {dp}")
+                    msg += f"\n    CHECK {plan['name']} vs HF DynamicCache ({'mask hiding y' if what == 'zero' else 'donor ' + what + ' written at y'}): " \
+                           f"last position {dy:.3g}; other positions vs clean {dp:.3g}"
+                if plan["name"] == "zero_everything":
+                    hz = hf_without_attention(model, toks)
+                    dz = maxdiff(logits, hz)
+                    check(dz < TOL, f"{name} prompt{pi}: zero_everything vs HF without attention outputs {dz}")
+                    msg += f"\n    CHECK zero_everything vs HF with every attention output zeroed (o_proj pre-hook): {dz:.3g}"
+                log(msg)
+        meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+                "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
+                "model": name, "plans": json.dumps([p["name"] for p in IV_PLANS]), "n_prompts": str(len(pairs)),
+                "n_donors": str(K_DONORS), "n_generated": str(N_GEN)}
+        save_safetensors_stable(tensors, os.path.join(OUT, name + ".interv.safetensors"), meta)
+    with open(os.path.join(OUT, "interv_checks.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    log("all checks passed")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--interventions"]:
+        main_interventions()
+    else:
+        main()

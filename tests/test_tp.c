@@ -132,7 +132,9 @@ static int pass(const model *m, const kernel_ops *ops, kv_cache *cache, const ba
 }
 
 // The patch of the tests: edge rules reading donor 0 on the first and last heads (so every shard boundary
-// is crossed) and a head unit on the last head. rules: [n_layers], freed by the caller.
+// is crossed), then rules of every other intervention (kernels/edge_rule.h: k-only on every head, v-only on
+// the second and second-to-last, zero on every head), and a head unit on the last head. rules:
+// [n_layers], freed by the caller.
 typedef struct {
     edge_rule_set *rules;
     head_unit hu;
@@ -142,9 +144,15 @@ typedef struct {
 static forward_patch make_patch(test_patch *tp, const model_config *c, const batch *b, const kv_cache *donor) {
     tp->rules = ep_calloc((size_t)c->n_layers, sizeof *tp->rules);
     for (int l = 0; l < c->n_layers; l++) {
-        tp->rules[l].n = 1;
+        tp->rules[l].n = 4;
         tp->rules[l].rule[0] = (edge_rule){.sender_types = 0x3, .receiver_types = 0xc, .relation = REL_ANY, .donor = 0};
         tp->rules[l].rule[0].heads[0] = 1ull | 1ull << (c->n_heads - 1);
+        tp->rules[l].rule[1] = (edge_rule){.sender_types = 0x4, .receiver_types = 0x8, .source = EDGE_SRC_K, .donor = 0,
+                                           .heads = {~0ull, ~0ull, ~0ull, ~0ull}};
+        tp->rules[l].rule[2] = (edge_rule){.sender_types = 0x9, .receiver_types = 0xc, .source = EDGE_SRC_V, .donor = 0};
+        tp->rules[l].rule[2].heads[0] = 2ull | 1ull << (c->n_heads - 2);
+        tp->rules[l].rule[3] = (edge_rule){.sender_types = 0x2, .receiver_types = 0xa, .source = EDGE_SRC_ZERO, .donor = -1,
+                                           .heads = {~0ull, ~0ull, ~0ull, ~0ull}};
     }
     tp->hu = (head_unit){.layer = c->n_layers - 1, .head = c->n_heads - 1, .type = 3, .donor = 0};
     tp->n_typed[0] = b->len[0], tp->n_typed[1] = b->len[1];
@@ -193,7 +201,7 @@ static void check_backward(const char *name, int T, int world_rank, const model 
         for (int h = 0; h < H; h++)
             for (int a = 0; a < 4; a++) {
                 hu[k++] = (head_unit){l, h, a, 0};
-                for (int r = 0; r < 4; r++) eu[j++] = (edge_unit){l, h, a, r, 0, EDGE_SRC_KV};
+                for (int r = 0; r < 4; r++) eu[j++] = (edge_unit){l, h, a, r, 0, (a + r) % EDGE_N_SOURCES};  // every source
             }
     double *sw = ep_malloc(sizeof(double) * (size_t)(nh + ne) * 2), *ss = sw + nh + ne;
     grad_tape tw, ts;

@@ -79,6 +79,29 @@ static double relerr(const std::vector<float> &g, const std::vector<float> &w) {
     return e;
 }
 static int fails = 0;
+
+// A rule (kernels/edge_rule.h) on the heads of one 64-bit word, with its source (default kv).
+static edge_rule er(uint32_t senders, uint32_t receivers, int relation, int donor, uint64_t heads, int source = EDGE_SRC_KV) {
+    edge_rule r;
+    memset(&r, 0, sizeof r);
+    r.sender_types = senders, r.receiver_types = receivers, r.relation = (int16_t)relation, r.source = (int16_t)source;
+    r.donor = donor, r.heads[0] = heads;
+    return r;
+}
+
+// test_ops' interventions on three rules: a zero rule into bos first (rows with nothing left), the rules as
+// k-only, v-only and kv, then a zero rule t, n -> last, n on heads 1 and 2.
+static edge_rule_set with_interventions(const edge_rule_set &r3) {
+    edge_rule_set r;
+    memset(&r, 0, sizeof r);
+    r.n = 5;
+    r.rule[0] = er(0xff, 1u, REL_ANY, -1, 0xf, EDGE_SRC_ZERO);
+    r.rule[1] = r3.rule[0], r.rule[1].source = EDGE_SRC_K;
+    r.rule[2] = r3.rule[1], r.rule[2].source = EDGE_SRC_V;
+    r.rule[3] = r3.rule[2];
+    r.rule[4] = er(1u << 2 | 1u << 4, 1u << 6 | 1u << 4, REL_ANY, -1, 0x6, EDGE_SRC_ZERO);
+    return r;
+}
 static void rep(const char *n, double e) { printf("  emu %-10s %.3g\n", n, e); if (!(e <= 2e-5)) fails++; }
 
 // column-major sgemm as cuBLAS defines it
@@ -225,19 +248,24 @@ int main() {
         int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1;
         attn_params p = {4, 2, 16, 64, 32, 0.25f, 5.0f, 6};
         edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
-        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
-        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
-        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1, REL_EARLIER, 1, {0xa}};
+        rules.rule[0] = er(1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, 0x5);
+        rules.rule[1] = er(0xff, 1u << 3, REL_SAME, 1, 0xf);
+        rules.rule[2] = er(0xff, 1u << 5 | 1u << 1, REL_EARLIER, 1, 0xa);
         pattn("attn-patch", seqs, kv_rows, q_rows, p, rules, 2, true);
         attn_params nowin = p; nowin.window = 0; nowin.softcap = 0;
         pattn("patch-nowin", seqs, kv_rows, q_rows, nowin, rules, 2, true);
         edge_rule_set all; memset(&all, 0, sizeof all); all.n = 1;
-        all.rule[0] = edge_rule{0xff, 0xff, REL_ANY, 0, {0xf}};
+        all.rule[0] = er(0xff, 0xff, REL_ANY, 0, 0xf);
         pattn("patch-all", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 1, true);
         // untyped sequences (types NULL, or n_typed 0) next to a typed one
         std::vector<attn_seq> mixed = {{0, T0, 0, 0, nullptr, nullptr, T0, 0}, {T0, T1, 0, T0, types, index, 0, T0},
                                        {T0 + T1, T1, 0, T0 + T1, types, index, T1, 5}};
         pattn("patch-mixed", mixed, T0 + 2 * T1 + 5, T0 + 2 * T1, p, rules, 2, true);
+        edge_rule_set ivr = with_interventions(rules);
+        pattn("patch-iv", seqs, kv_rows, q_rows, p, ivr, 2, true);
+        pattn("patch-iv-nowin", seqs, kv_rows, q_rows, nowin, ivr, 2, true);
+        all.rule[0].source = EDGE_SRC_ZERO, all.rule[0].donor = -1;  // every edge removed: every row 0
+        pattn("patch-allzero", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 0, true);
     }
     {   // long typed sequences: several key chunks (ATTN_CHUNK), the source choice kept per chunk; a window
         int n = 2600;
@@ -246,15 +274,23 @@ int main() {
         for (int i = 1; i < n - 2; i++) types[i] = 1 + (i - 1) % 4, index[i] = (i - 1) / 4;
         types[n - 2] = 5, types[n - 1] = 6, index[n - 2] = index[n - 1] = (n - 3) / 4 + 1;
         edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
-        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
-        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
-        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, {0xa}};
+        rules.rule[0] = er(1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, 0x5);
+        rules.rule[1] = er(0xff, 1u << 3, REL_SAME, 1, 0xf);
+        rules.rule[2] = er(0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, 0xa);
         // queries at the end of a 2600-position typed prompt, and one decode position past it
         std::vector<attn_seq> seqs = {{0, 3, n - 3, 0, types.data(), index.data(), n, 0},
                                       {3, 1, n, n + 1, types.data(), index.data(), n, 7}};
         int kv_rows = 2 * n + 2, q_rows = 4;
         pattn("patch-long", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, rules, 2, true);
         pattn("patch-lwin", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, rules, 2, true);
+        // interventions, and whole key chunks removed (x, t, y, n -> query, last on heads 0, 1: only bos and the
+        // query's own positions are left, so most chunks are removed entirely)
+        edge_rule_set ivr = with_interventions(rules);
+        memmove(&ivr.rule[1], &ivr.rule[0], sizeof(edge_rule) * (size_t)ivr.n);
+        ivr.rule[0] = er(0x1e, 1u << 5 | 1u << 6, REL_ANY, -1, 0x3, EDGE_SRC_ZERO);
+        ivr.n++;
+        pattn("patch-long-iv", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, ivr, 2, true);
+        pattn("patch-lwin-iv", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, ivr, 2, true);
     }
     // ---- Gradient kernels against the reference backend (kernels/ops.h, the gradient ops).
     {   // linear_back's cuBLAS mapping (N, N, n_in, rows, n_out) and the bf16 widening kernel
@@ -318,12 +354,14 @@ int main() {
                                       {T0 + T1, 1, T0, T0 + T1, types, index, T0, T0 + T1}};
         int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1, S = 3;
         edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
-        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
-        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
-        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, {0xa}};
-        for (int variant = 0; variant < 3; variant++) {
+        rules.rule[0] = er(1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, 0x5);
+        rules.rule[1] = er(0xff, 1u << 3, REL_SAME, 1, 0xf);
+        rules.rule[2] = er(0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, 0xa);
+        edge_rule_set plain_rules = rules, ivr = with_interventions(rules);
+        for (int variant = 0; variant < 4; variant++) {  // plain, patched, patched without softcap/window, interventions
             bool patched = variant > 0;
-            attn_params p = {4, 2, 16, 70, 40, 0.25f, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0};
+            rules = variant == 3 ? ivr : plain_rules;
+            attn_params p = {4, 2, 16, 70, 40, 0.25f, variant != 2 ? 5.0f : 0.0f, variant != 2 ? 6 : 0};
             size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
             auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1), dout = rnd(nq, 1);
             std::vector<std::vector<float>> dkn = {rnd(nk, 2), rnd(nk, 2)}, dvn = {rnd(nk, 1), rnd(nk, 1)};
@@ -335,10 +373,13 @@ int main() {
             ref->attention_back(want[0].data(), want[1].data(), want[2].data(), q.data(), k.data(), v.data(), dout.data(), 2, ck, cv,
                                 wdk, wdv, seqs.data(), S, &p, patched ? &rules : nullptr);
             grad_meta_layout lay = grad_meta_plan(seqs.data(), S, 5);
-            static const int units[5][4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 6, 1}, {2, 0, 5, 1}, {1, 1, 1, 1}};
+            // edge_score_unit {head, sender, receiver, donor, source}; every source when variant 3
+            static const int units_kv[5][5] = {{0, 1, 3, 0, 0}, {1, 2, 3, 0, 0}, {3, 4, 6, 1, 0}, {2, 0, 5, 1, 0}, {1, 1, 1, 1, 0}};
+            static const int units_iv[5][5] = {{0, 1, 3, 1, 1}, {1, 2, 3, 0, 2}, {3, 4, 6, 1, 3}, {2, 3, 5, 1, 3}, {1, 1, 1, 0, 1}};
+            const int (*units)[5] = variant == 3 ? units_iv : units_kv;
             std::vector<unsigned char> mbuf(lay.bytes + 16);
             unsigned char *meta = mbuf.data() + (16 - (uintptr_t)mbuf.data() % 16) % 16;
-            grad_meta_fill(meta, &lay, seqs.data(), S, &units[0][0], 4, 5);
+            grad_meta_fill(meta, &lay, seqs.data(), S, &units[0][0], 5, 5);
             attn_patch_layout play = attn_patch_plan(seqs.data(), S);
             std::vector<unsigned char> pbuf(play.bytes + 16);
             unsigned char *pdev = pbuf.data() + (16 - (uintptr_t)pbuf.data() % 16) % 16;
@@ -361,7 +402,7 @@ int main() {
             const char *names[7] = {"ab:dq", "ab:dk", "ab:dv", "ab:donor-dk0", "ab:donor-dk1", "ab:donor-dv0", "ab:donor-dv1"};
             for (int i = 0; i < 7; i++) {
                 double e = relerr(got[i], want[i]);
-                printf("  emu %-14s %.3g\n", names[i], e);
+                printf("  emu %-14s %.3g%s\n", names[i], e, variant == 3 ? " (interventions)" : "");
                 if (!(e <= 1e-4)) fails++;  // test_ops' attention gradient tolerance
             }
             // edge scores (the statistics of the launch above) against ref
@@ -374,9 +415,10 @@ int main() {
             double sc = 1e-30, e = 0;
             for (int i = 0; i < 15; i++) sc = std::max(sc, fabs(sw[i]));
             for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
-            printf("  emu %-14s %.3g\n", "edge_scores", e);
+            printf("  emu %-14s %.3g%s\n", "edge_scores", e, variant == 3 ? " (interventions)" : "");
             if (!(e <= 1e-4)) fails++;
         }
+        rules = plain_rules;
         {   // head_dim 80: lane slots 0..2 of the gradient kernels, the last partly; GQA 4:1, a decode step
             std::vector<attn_seq> ws = {{0, 12, 0, 0, nullptr, nullptr, 0, 0}, {12, 1, 20, 12, nullptr, nullptr, 0, 0}};
             attn_params p = {4, 1, 80, 330, 90, 0.1f, 20.0f, 9};

@@ -425,6 +425,50 @@ static void test_unit_rows(void) {
     circuit_free(&c);
 }
 
+// edge_intervention (k, v, zero) reaches the circuit's plan and the scores: exact scores by prefix reuse =
+// the brute force under each (test_exact); attribution under the full circuit (nothing ablated, so every
+// config scores around the same pass): each unit's |kv| <= |k| + |v| (kv's first-order term is the sum of
+// k's and v's), and the k, v and zero scores differ from kv's (the intervention reached the kernels).
+static void test_edge_interventions(void) {
+    const char *names[4] = {"kv", "k", "v", "zero"};
+    double *attr[4] = {NULL, NULL, NULL, NULL};
+    int n = 0;
+    for (int s = 0; s < 4; s++) {
+        char extra[128], name[32];
+        snprintf(extra, sizeof extra, ", \"edge_intervention\": \"%s\"", names[s]);
+        snprintf(name, sizeof name, "iv-%s", names[s]);
+        run_config cfg;
+        stage_inputs in;
+        if (open_run(name, "smollm-tiny", extra, &cfg, &in)) continue;
+        check(in.plan.circuit_source == s, "edge_intervention %s: the plan's circuit source is %d", names[s], in.plan.circuit_source);
+        if (s > 0) test_exact(&in, UNIT_EDGE);
+        circuit c;
+        circuit_full(&in.m.cfg, &c);
+        circuit_start_edges(&c, &in.prompts);
+        circuit_unit *u;
+        n = circuit_units(&c, UNIT_EDGE, &u);
+        attr[s] = calloc((size_t)n + 1, sizeof(double));
+        ep_error err = {{0}};
+        check(score_attribution(&in, &c, UNIT_EDGE, u, n, attr[s], &err) == 0, "attribution (%s): %s", names[s], err.msg);
+        free(u);
+        circuit_free(&c);
+        stage_inputs_close(&in);
+        run_config_free(&cfg);
+    }
+    if (!attr[0] || !attr[1] || !attr[2] || !attr[3]) return;
+    double worst = 0, dk = 0, dv = 0, dz = 0, mx = 0;
+    for (int i = 0; i < n; i++) {
+        worst = fmax(worst, attr[0][i] - (attr[1][i] + attr[2][i]));
+        dk = fmax(dk, fabs(attr[1][i] - attr[0][i])), dv = fmax(dv, fabs(attr[2][i] - attr[0][i]));
+        dz = fmax(dz, fabs(attr[3][i] - attr[0][i])), mx = fmax(mx, attr[0][i]);
+    }
+    printf("  iv           %d edge units, attribution: |kv| - (|k| + |v|) at most %.3g (of %.3g); k, v, zero differ "
+           "from kv by %.3g, %.3g, %.3g\n", n, worst, mx, dk, dv, dz);
+    check(mx > 0 && worst <= 1e-9 * mx, "attribution: |kv| > |k| + |v| by %.3g", worst);
+    check(dk > 1e-3 * mx && dv > 1e-3 * mx && dz > 1e-3 * mx, "attribution: an intervention gave kv's scores");
+    for (int s = 0; s < 4; s++) free(attr[s]);
+}
+
 int main(void) {
     snprintf(dir, sizeof dir, "/tmp/ep_test_score_%d", (int)getpid());
     char cmd[600];
@@ -433,6 +477,7 @@ int main(void) {
     test_rank_helpers();
     test_round_validation();
     test_unit_rows();
+    test_edge_interventions();
     const char *models[2] = {"smollm-tiny", "gemma2-tiny"};
     const char *extra[2] = {"", ", \"affect_whom\": [[\"x\", \"y\"]]"};
     for (int i = 0; i < 2; i++) {

@@ -68,6 +68,9 @@ refused faith "field min_faithfulness" '{"min_faithfulness": "high"}'
 refused faith_pct "field min_faithfulness" '{"min_faithfulness": 50}'
 refused score_donors "field score_donors" '{"score_donors": 3}'
 refused units_per_item "field exact_units_per_item" '{"exact_units_per_item": 0}'
+refused edge_intervention "field edge_intervention" '{"edge_intervention": "kq"}'
+refused plan_intervention "field plan: rules\[0\].intervention" '{"plan": {"rules": [{"sender": ["y"], "receiver": ["last"], "intervention": "zeros"}]}}'
+refused plan_zero_donor "field plan: rules\[0\].donor" '{"plan": {"rules": [{"sender": ["y"], "receiver": ["last"], "intervention": "zero", "donor": 1}]}}'
 refused imp_missing "field prune_using_imp_scores\[0\]" "{\"prune_using_imp_scores\": [\"$tmp/imp/round-000.h5\"], \"prune_k\": [3]}"
 echo "not an HDF5 file" > "$tmp/imp/round-001.h5"
 refused imp_bad "field prune_using_imp_scores\[0\]" "{\"prune_using_imp_scores\": [\"$tmp/imp/round-001.h5\"], \"prune_k\": [3]}"
@@ -105,7 +108,7 @@ make good '{"mode": "prune_heads"}'
 "$bin" check "$tmp/good.json" > "$tmp/good.out" 2>&1 && grep -q "^  mode  *\"prune_heads\"" "$tmp/good.out" &&
   grep -q "^  exact_units_per_item  *64$" "$tmp/good.out" && grep -q '^  donors  *\["random_xy"\]$' "$tmp/good.out" && ok ||
   bad "check good: $(cat "$tmp/good.out")"
-"$bin" check "$tmp/good.json" --json | python3 -c 'import json,sys; c=json.load(sys.stdin); assert c["mode"]=="prune_heads" and c["min_units"]==1 and c["prune_rounds"]=={"heads":1,"edges":1} and c["n_shots"]==3 and c["score_donors"]=="all", c' &&
+"$bin" check "$tmp/good.json" --json | python3 -c 'import json,sys; c=json.load(sys.stdin); assert c["mode"]=="prune_heads" and c["min_units"]==1 and c["prune_rounds"]=={"heads":1,"edges":1} and c["n_shots"]==3 and c["score_donors"]=="all" and c["edge_intervention"]=="kv", c' &&
   ok || bad "check --json"
 "$bin" check "$tmp/good-sweep.json" > "$tmp/goods.out" 2>&1 && grep -q "good-sweep.json: 1 runs ok" "$tmp/goods.out" && ok || bad "check sweep: $(cat "$tmp/goods.out")"
 [ "$(snapshot)" = "$before" ] && ok || bad "check of a good config wrote: $(diff <(echo "$before") <(snapshot))"

@@ -11,6 +11,8 @@ Reads tests/fixtures/models/{gemma2,llama3,smollm,phi2}-tiny and datasets/pairs/
     tests/fixtures/patch/plans.json
     tests/fixtures/patch/<model>.safetensors
     tests/fixtures/patch/checks.txt          (the self-check numbers printed below)
+With --interventions instead (issue 21: k-only, v-only and zeroed edges; the files above are not touched):
+    tests/fixtures/patch/interv_plans.json, <model>.interv.safetensors, interv_checks.txt
 See tests/fixtures/patch/README.md for the layout and the exact semantics.
 
 Method (as the original code did): the eager attention forward of the HF modules (Gemma2Attention,

@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pipeline/pretok.h"
+#include "pipeline/tokenizer_json.h"
+
 void int_vec_push(int_vec *a, int x) {
     if (a->n == a->cap) {
         a->cap = a->cap ? a->cap * 2 : 64;
@@ -35,7 +38,149 @@ static int json_flag(json_t *o, const char *key) {
     return v && json_is_true(v);
 }
 
-int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
+// model.vocab, read from the document text: {"piece": id, ...}.
+static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int *max_id, ep_error *err) {
+    if (src->vocab.at == TJSON_ABSENT) return ep_fail(err, "%s: model.vocab is missing or not an object", file);
+    tjson s;
+    tjson_init(&s, src->doc, src->len, (size_t)src->vocab.at, file);
+    if (tjson_peek(&s) != '{') return ep_fail(err, "%s: model.vocab is missing or not an object", file);
+    s.pos++;
+    // About 20 bytes of text an entry in real files; the map grows if that guesses low.
+    strmap_init(&m->vocab, (size_t)(src->vocab.end - src->vocab.at) / 24);
+    *max_id = -1;
+    int rc = 0;
+    if (tjson_peek(&s) == '}') {
+        s.pos++;
+    } else {
+        for (;;) {
+            const char *key;
+            size_t key_len;
+            if ((rc = tjson_string(&s, &key, &key_len, err)) || (rc = tjson_expect(&s, ':', err))) break;
+            int c = tjson_peek(&s);
+            int64_t v = -1;
+            int is_int = 0;
+            if ((c == '-' || (c >= '0' && c <= '9')) && (rc = tjson_number(&s, &v, &is_int, err))) break;
+            // Ids index dense arrays, so they are bounded (real vocabularies are < 300k).
+            if (!is_int || v < 0 || v >= BPE_MAX_ID) {
+                rc = ep_fail(err, "%s: model.vocab[\"%.*s\"] is not an integer id in [0, %d)", file, (int)key_len, key,
+                             BPE_MAX_ID);
+                break;
+            }
+            strmap_put(&m->vocab, key, key_len, (int)v);
+            if ((int)v > *max_id) *max_id = (int)v;
+            c = tjson_peek(&s);
+            s.pos++;
+            if (c == '}') break;
+            if (c != ',') {
+                s.pos--;
+                rc = tjson_fail(&s, err, "expected ',' or '}'");
+                break;
+            }
+        }
+    }
+    tjson_free(&s);
+    return rc;
+}
+
+typedef struct {
+    int a, b, merged;
+} merge_ids;
+
+// One merge of model.merges: "a b" (split at the first space) or ["a", "b"] (tokenizers >= 0.20).
+// *a points into the document or s->buf; the caller copies what it keeps before the next read.
+static int read_merge(tjson *s, byte_buf *pair, size_t *a_len, const char *file, size_t rank, ep_error *err) {
+    int c = tjson_peek(s);
+    const char *str;
+    size_t len;
+    pair->len = 0;
+    if (c == '"') {
+        if (tjson_string(s, &str, &len, err)) return -1;
+        const char *sp = memchr(str, ' ', len);
+        if (!sp)
+            return ep_fail(err, "%s: model.merges[%zu] = \"%.*s\" is not two pieces separated by a space", file, rank,
+                           (int)len, str);
+        *a_len = (size_t)(sp - str);
+        buf_append(pair, str, *a_len);
+        buf_append(pair, sp + 1, len - *a_len - 1);
+        return 0;
+    }
+    if (c == '[') {
+        s->pos++;
+        if (tjson_peek(s) == '"') {
+            if (tjson_string(s, &str, &len, err)) return -1;
+            *a_len = len;
+            buf_append(pair, str, len);
+            if (tjson_peek(s) == ',') {
+                s->pos++;
+                if (tjson_peek(s) == '"') {
+                    if (tjson_string(s, &str, &len, err)) return -1;
+                    buf_append(pair, str, len);
+                    if (tjson_peek(s) == ']') {
+                        s->pos++;
+                        return 0;
+                    }
+                }
+            }
+        }
+    }
+    return ep_fail(err, "%s: model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", file, rank);
+}
+
+// model.merges, read from the document text; each merge's rank is its index.
+static int load_merges(bpe_model *m, const bpe_source *src, const char *file, ep_error *err) {
+    if (src->merges.at == TJSON_ABSENT) return ep_fail(err, "%s: model.merges is missing or not an array", file);
+    tjson s;
+    tjson_init(&s, src->doc, src->len, (size_t)src->merges.at, file);
+    if (tjson_peek(&s) != '[') return ep_fail(err, "%s: model.merges is missing or not an array", file);
+    s.pos++;
+    // The merges are gathered first so that the pair table is sized exactly once.
+    merge_ids *list = NULL;
+    size_t n = 0, cap = 0;
+    byte_buf pair = {0};
+    int rc = 0;
+    if (tjson_peek(&s) == ']') {
+        s.pos++;
+    } else {
+        for (;;) {
+            size_t a_len = 0;
+            if ((rc = read_merge(&s, &pair, &a_len, file, n, err))) break;
+            const char *a = pair.p, *b = pair.p + a_len;
+            size_t b_len = pair.len - a_len;
+            int ia, ib, inew;
+            int ok_a = strmap_get(&m->vocab, a, a_len, &ia), ok_b = strmap_get(&m->vocab, b, b_len, &ib);
+            int ok_new = strmap_get(&m->vocab, pair.p, pair.len, &inew);
+            if (!ok_a || !ok_b || !ok_new) {
+                rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, n,
+                             !ok_a ? (int)a_len : !ok_b ? (int)b_len : (int)pair.len, !ok_a ? a : !ok_b ? b : pair.p);
+                break;
+            }
+            if (n == cap) {
+                cap = cap ? cap * 2 : 1024;
+                list = ep_realloc(list, sizeof *list * cap);
+            }
+            list[n++] = (merge_ids){ia, ib, inew};
+            int c = tjson_peek(&s);
+            s.pos++;
+            if (c == ']') break;
+            if (c != ',') {
+                s.pos--;
+                rc = tjson_fail(&s, err, "expected ',' or ']'");
+                break;
+            }
+        }
+    }
+    if (!rc) {
+        pairmap_init(&m->merges, n);
+        for (size_t r = 0; r < n; r++)
+            pairmap_put(&m->merges, (uint64_t)(uint32_t)list[r].a << 32 | (uint32_t)list[r].b, (int)r, list[r].merged);
+    }
+    free(list);
+    buf_free(&pair);
+    tjson_free(&s);
+    return rc;
+}
+
+int bpe_load(bpe_model *m, json_t *model, const bpe_source *src, const char *file, ep_error *err) {
     memset(m, 0, sizeof *m);
     m->unk_id = -1;
     for (int i = 0; i < 256; i++) m->byte_ids[i] = -1;
@@ -52,20 +197,8 @@ int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
     m->byte_fallback = json_flag(model, "byte_fallback");
     m->ignore_merges = json_flag(model, "ignore_merges");
 
-    json_t *vocab = json_object_get(model, "vocab");
-    if (!json_is_object(vocab)) return ep_fail(err, "%s: model.vocab is missing or not an object", file);
-    strmap_init(&m->vocab, json_object_size(vocab));
-    const char *key;
-    json_t *val;
     int max_id = -1;
-    json_object_foreach(vocab, key, val) {
-        // Ids index dense arrays, so they are bounded (real vocabularies are < 300k).
-        if (!json_is_integer(val) || json_integer_value(val) < 0 || json_integer_value(val) >= BPE_MAX_ID)
-            return ep_fail(err, "%s: model.vocab[\"%s\"] is not an integer id in [0, %d)", file, key, BPE_MAX_ID);
-        int id = (int)json_integer_value(val);
-        strmap_put(&m->vocab, key, strlen(key), id);
-        if (id > max_id) max_id = id;
-    }
+    if (load_vocab(m, src, file, &max_id, err)) return -1;
     m->n_pieces = max_id + 1;
     m->pieces = ep_calloc((size_t)m->n_pieces + 1, sizeof(char *));
     for (size_t i = 0; i < m->vocab.cap; i++) {
@@ -84,48 +217,7 @@ int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
             m->unk_missing = 1;
         }
     }
-
-    json_t *merges = json_object_get(model, "merges");
-    if (!json_is_array(merges)) return ep_fail(err, "%s: model.merges is missing or not an array", file);
-    pairmap_init(&m->merges, json_array_size(merges));
-    size_t rank;
-    json_array_foreach(merges, rank, val) {
-        // Two spellings: "a b" (split at the first space) and ["a", "b"] (tokenizers >= 0.20).
-        const char *a, *b;
-        size_t a_len, b_len;
-        if (json_is_string(val)) {
-            a = json_string_value(val);
-            const char *sp = strchr(a, ' ');
-            if (!sp) return ep_fail(err, "%s: model.merges[%zu] = \"%s\" is not two pieces separated by a space", file, rank, a);
-            a_len = (size_t)(sp - a);
-            b = sp + 1;
-            b_len = strlen(b);
-        } else if (json_is_array(val) && json_array_size(val) == 2 && json_is_string(json_array_get(val, 0)) &&
-                   json_is_string(json_array_get(val, 1))) {
-            a = json_string_value(json_array_get(val, 0));
-            b = json_string_value(json_array_get(val, 1));
-            a_len = json_string_length(json_array_get(val, 0));
-            b_len = json_string_length(json_array_get(val, 1));
-        } else {
-            return ep_fail(err, "%s: model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", file, rank);
-        }
-        int ia, ib, inew;
-        char *joined = ep_malloc(a_len + b_len + 1);
-        memcpy(joined, a, a_len);
-        memcpy(joined + a_len, b, b_len);
-        joined[a_len + b_len] = 0;
-        int ok_a = strmap_get(&m->vocab, a, a_len, &ia), ok_b = strmap_get(&m->vocab, b, b_len, &ib);
-        int ok_new = strmap_get(&m->vocab, joined, a_len + b_len, &inew);
-        if (!ok_a || !ok_b || !ok_new) {
-            int rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, rank,
-                             !ok_a ? (int)a_len : !ok_b ? (int)b_len : (int)(a_len + b_len), !ok_a ? a : !ok_b ? b : joined);
-            free(joined);
-            return rc;
-        }
-        free(joined);
-        pairmap_put(&m->merges, (uint64_t)(uint32_t)ia << 32 | (uint32_t)ib, (int)rank, inew);
-    }
-    return 0;
+    return load_merges(m, src, file, err);
 }
 
 void bpe_free(bpe_model *m) {

@@ -34,7 +34,7 @@ for t in $names; do
     h=$("$py" bench/bench_tokenizer_load.py "$work/$t" "$repeats")
     cb=$(min_of "$cb" "$(echo "$c" | awk '{print $2}')"); cm=$(min_of "$cm" "$(echo "$c" | awk '{print $5}')")
     hb=$(min_of "$hb" "$(echo "$h" | awk '{print $2}')"); hm=$(min_of "$hm" "$(echo "$h" | awk '{print $5}')")
-    cv=$(echo "$c" | awk '{print $7}'); hv=$(echo "$h" | awk '{print $7}')
+    cv=$(echo "$c" | awk '{print $8}'); hv=$(echo "$h" | awk '{print $8}')
   done
   ratio=$(awk -v a="$cb" -v b="$hb" 'BEGIN{printf "%.2f", a/b}')
   printf "%-10s %8s %10s %10s %10s %10s %8s%s\n" "$t" "$cv" "$cb" "$cm" "$hb" "$hm" "$ratio" \

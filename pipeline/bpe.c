@@ -38,6 +38,34 @@ static int json_flag(json_t *o, const char *key) {
     return v && json_is_true(v);
 }
 
+// A string read from the document: its bytes are in the document itself, or (when it had escapes) in a side
+// buffer that is still growing, so it is kept as an offset until the buffer stops moving.
+typedef struct {
+    size_t off;
+    uint32_t len;
+    uint32_t in_side;
+} text_ref;
+
+static text_ref keep_text(const tjson *s, byte_buf *side, const char *str, size_t len) {
+    if (str >= s->doc && str + len <= s->doc + s->len) return (text_ref){(size_t)(str - s->doc), (uint32_t)len, 0};
+    text_ref r = {side->len, (uint32_t)len, 1};
+    buf_append(side, str, len);
+    return r;
+}
+
+static const char *text_at(const bpe_source *src, const byte_buf *side, text_ref r) {
+    return r.in_side ? side->p + r.off : src->doc + r.off;
+}
+
+// Lookups and inserts run LOOKAHEAD entries behind the prefetches of their slots: at load, nearly every
+// access to a 256k-entry table is a cache miss, and overlapping them is most of the speed.
+enum { LOOKAHEAD = 16 };
+
+typedef struct {
+    text_ref key;
+    int id;
+} vocab_entry;
+
 // model.vocab, read from the document text: {"piece": id, ...}.
 static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int *max_id, ep_error *err) {
     if (src->vocab.at == TJSON_ABSENT) return ep_fail(err, "%s: model.vocab is missing or not an object", file);
@@ -45,8 +73,10 @@ static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int
     tjson_init(&s, src->doc, src->len, (size_t)src->vocab.at, file);
     if (tjson_peek(&s) != '{') return ep_fail(err, "%s: model.vocab is missing or not an object", file);
     s.pos++;
-    // About 20 bytes of text an entry in real files; the map grows if that guesses low.
-    strmap_init(&m->vocab, (size_t)(src->vocab.end - src->vocab.at) / 24);
+    // The entries are gathered first so that the map is sized once, exactly as for n entries.
+    vocab_entry *list = NULL;
+    size_t n = 0, cap = 0;
+    byte_buf side = {0};
     *max_id = -1;
     int rc = 0;
     if (tjson_peek(&s) == '}') {
@@ -66,7 +96,11 @@ static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int
                              BPE_MAX_ID);
                 break;
             }
-            strmap_put(&m->vocab, key, key_len, (int)v);
+            if (n == cap) {
+                cap = cap ? cap * 2 : 1024;
+                list = ep_realloc(list, sizeof *list * cap);
+            }
+            list[n++] = (vocab_entry){keep_text(&s, &side, key, key_len), (int)v};
             if ((int)v > *max_id) *max_id = (int)v;
             c = tjson_peek(&s);
             s.pos++;
@@ -78,43 +112,59 @@ static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int
             }
         }
     }
+    if (!rc) {
+        // In file order, so a duplicated piece keeps its last id (as a Rust HashMap collect does).
+        strmap_init(&m->vocab, n);
+        uint64_t ring[LOOKAHEAD];
+        // Entry i - LOOKAHEAD is inserted, then entry i's hash takes its place in the ring.
+        for (size_t i = 0; i < n + LOOKAHEAD; i++) {
+            if (i >= LOOKAHEAD) {
+                const vocab_entry *e = &list[i - LOOKAHEAD];
+                strmap_put_hashed(&m->vocab, ring[i % LOOKAHEAD], text_at(src, &side, e->key), e->key.len, e->id);
+            }
+            if (i < n) {
+                uint64_t h = strmap_hash(text_at(src, &side, list[i].key), list[i].key.len);
+                strmap_prefetch(&m->vocab, h);
+                ring[i % LOOKAHEAD] = h;
+            }
+        }
+    }
+    free(list);
+    buf_free(&side);
     tjson_free(&s);
     return rc;
 }
 
 typedef struct {
-    int a, b, merged;
-} merge_ids;
+    text_ref a, b;
+} merge_text;
 
 // One merge of model.merges: "a b" (split at the first space) or ["a", "b"] (tokenizers >= 0.20).
-// *a points into the document or s->buf; the caller copies what it keeps before the next read.
-static int read_merge(tjson *s, byte_buf *pair, size_t *a_len, const char *file, size_t rank, ep_error *err) {
+static int read_merge(tjson *s, byte_buf *side, merge_text *out, const char *file, size_t rank, ep_error *err) {
     int c = tjson_peek(s);
     const char *str;
     size_t len;
-    pair->len = 0;
     if (c == '"') {
         if (tjson_string(s, &str, &len, err)) return -1;
         const char *sp = memchr(str, ' ', len);
         if (!sp)
             return ep_fail(err, "%s: model.merges[%zu] = \"%.*s\" is not two pieces separated by a space", file, rank,
                            (int)len, str);
-        *a_len = (size_t)(sp - str);
-        buf_append(pair, str, *a_len);
-        buf_append(pair, sp + 1, len - *a_len - 1);
+        size_t a_len = (size_t)(sp - str);
+        out->a = keep_text(s, side, str, a_len);
+        out->b = keep_text(s, side, sp + 1, len - a_len - 1);
         return 0;
     }
     if (c == '[') {
         s->pos++;
         if (tjson_peek(s) == '"') {
             if (tjson_string(s, &str, &len, err)) return -1;
-            *a_len = len;
-            buf_append(pair, str, len);
+            out->a = keep_text(s, side, str, len);  // copied aside if escaped: the next read reuses s->buf
             if (tjson_peek(s) == ',') {
                 s->pos++;
                 if (tjson_peek(s) == '"') {
                     if (tjson_string(s, &str, &len, err)) return -1;
-                    buf_append(pair, str, len);
+                    out->b = keep_text(s, side, str, len);
                     if (tjson_peek(s) == ']') {
                         s->pos++;
                         return 0;
@@ -126,6 +176,12 @@ static int read_merge(tjson *s, byte_buf *pair, size_t *a_len, const char *file,
     return ep_fail(err, "%s: model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", file, rank);
 }
 
+typedef struct {
+    uint64_t ha, hb, hab;
+} merge_hashes;
+
+static uint64_t pair_key(int a, int b) { return (uint64_t)(uint32_t)a << 32 | (uint32_t)b; }
+
 // model.merges, read from the document text; each merge's rank is its index.
 static int load_merges(bpe_model *m, const bpe_source *src, const char *file, ep_error *err) {
     if (src->merges.at == TJSON_ABSENT) return ep_fail(err, "%s: model.merges is missing or not an array", file);
@@ -133,32 +189,21 @@ static int load_merges(bpe_model *m, const bpe_source *src, const char *file, ep
     tjson_init(&s, src->doc, src->len, (size_t)src->merges.at, file);
     if (tjson_peek(&s) != '[') return ep_fail(err, "%s: model.merges is missing or not an array", file);
     s.pos++;
-    // The merges are gathered first so that the pair table is sized exactly once.
-    merge_ids *list = NULL;
+    // Gathered first: the pair table is then sized exactly once, and the lookups can be prefetched.
+    merge_text *list = NULL;
     size_t n = 0, cap = 0;
-    byte_buf pair = {0};
+    byte_buf side = {0};
     int rc = 0;
     if (tjson_peek(&s) == ']') {
         s.pos++;
     } else {
         for (;;) {
-            size_t a_len = 0;
-            if ((rc = read_merge(&s, &pair, &a_len, file, n, err))) break;
-            const char *a = pair.p, *b = pair.p + a_len;
-            size_t b_len = pair.len - a_len;
-            int ia, ib, inew;
-            int ok_a = strmap_get(&m->vocab, a, a_len, &ia), ok_b = strmap_get(&m->vocab, b, b_len, &ib);
-            int ok_new = strmap_get(&m->vocab, pair.p, pair.len, &inew);
-            if (!ok_a || !ok_b || !ok_new) {
-                rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, n,
-                             !ok_a ? (int)a_len : !ok_b ? (int)b_len : (int)pair.len, !ok_a ? a : !ok_b ? b : pair.p);
-                break;
-            }
             if (n == cap) {
                 cap = cap ? cap * 2 : 1024;
                 list = ep_realloc(list, sizeof *list * cap);
             }
-            list[n++] = (merge_ids){ia, ib, inew};
+            if ((rc = read_merge(&s, &side, &list[n], file, n, err))) break;
+            n++;
             int c = tjson_peek(&s);
             s.pos++;
             if (c == ']') break;
@@ -169,14 +214,58 @@ static int load_merges(bpe_model *m, const bpe_source *src, const char *file, ep
             }
         }
     }
+    tjson_free(&s);
+    int *ids = rc ? NULL : ep_malloc(sizeof(int) * 3 * (n + 1));  // a, b, merged per rank
+    if (!rc) {
+        merge_hashes ring[LOOKAHEAD];
+        // Merge i - LOOKAHEAD is looked up, then merge i's hashes take its place in the ring.
+        for (size_t i = 0; i < n + LOOKAHEAD && !rc; i++) {
+            if (i >= LOOKAHEAD / 2 && i - LOOKAHEAD / 2 < n) {  // halfway: the slots are cached, fetch the keys
+                const merge_hashes *h = &ring[(i - LOOKAHEAD / 2) % LOOKAHEAD];
+                strmap_prefetch_key(&m->vocab, h->ha);
+                strmap_prefetch_key(&m->vocab, h->hb);
+                strmap_prefetch_key(&m->vocab, h->hab);
+            }
+            if (i >= LOOKAHEAD) {
+                size_t r = i - LOOKAHEAD;
+                const merge_hashes *h = &ring[i % LOOKAHEAD];
+                const char *a = text_at(src, &side, list[r].a), *b = text_at(src, &side, list[r].b);
+                size_t a_len = list[r].a.len, b_len = list[r].b.len;
+                int *id = &ids[3 * r];
+                int ok_a = strmap_get2(&m->vocab, h->ha, a, a_len, "", 0, &id[0]);
+                int ok_b = strmap_get2(&m->vocab, h->hb, b, b_len, "", 0, &id[1]);
+                int ok_ab = strmap_get2(&m->vocab, h->hab, a, a_len, b, b_len, &id[2]);
+                if (!ok_a || !ok_b)
+                    rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, r,
+                                 !ok_a ? (int)a_len : (int)b_len, !ok_a ? a : b);
+                else if (!ok_ab)
+                    rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s%.*s\" is not in model.vocab", file, r,
+                                 (int)a_len, a, (int)b_len, b);
+            }
+            if (i < n) {
+                const char *a = text_at(src, &side, list[i].a), *b = text_at(src, &side, list[i].b);
+                merge_hashes *h = &ring[i % LOOKAHEAD];
+                h->ha = strmap_hash(a, list[i].a.len);
+                h->hb = strmap_hash(b, list[i].b.len);
+                h->hab = strmap_hash2(a, list[i].a.len, b, list[i].b.len);
+                strmap_prefetch(&m->vocab, h->ha);
+                strmap_prefetch(&m->vocab, h->hb);
+                strmap_prefetch(&m->vocab, h->hab);
+            }
+        }
+    }
     if (!rc) {
         pairmap_init(&m->merges, n);
-        for (size_t r = 0; r < n; r++)
-            pairmap_put(&m->merges, (uint64_t)(uint32_t)list[r].a << 32 | (uint32_t)list[r].b, (int)r, list[r].merged);
+        for (size_t i = 0; i < n + LOOKAHEAD; i++) {
+            if (i < n) pairmap_prefetch(&m->merges, pair_key(ids[3 * i], ids[3 * i + 1]));
+            if (i < LOOKAHEAD) continue;
+            size_t r = i - LOOKAHEAD;
+            pairmap_put(&m->merges, pair_key(ids[3 * r], ids[3 * r + 1]), (int)r, ids[3 * r + 2]);
+        }
     }
+    free(ids);
     free(list);
-    buf_free(&pair);
-    tjson_free(&s);
+    buf_free(&side);
     return rc;
 }
 

@@ -20,7 +20,7 @@ static const subcommand subcommands[] = {
     {"forward", cmd_forward,
      "forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]"},
     {"tokenize-text", cmd_tokenize_text,
-     "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3)"},
+     "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3, or --file F)"},
     {"tasks", cmd_tasks, "tasks [--tokenizer DIR]"},
     {"show", cmd_show, "show RUN --prompt I [--json]"},
     {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR               a llama.cpp Llama GGUF as an HF folder"},

@@ -393,7 +393,7 @@ int tjson_locate(const char *doc, size_t len, const char *file, tjson_span *voca
         o += a - from;
         memcpy(out + o, "null", 4);
         o += 4;
-                for (const char *p = doc + a; (p = memchr(p, '\n', (size_t)(doc + e - p))) != NULL; p++) out[o++] = '\n';
+        for (const char *p = doc + a; (p = memchr(p, '\n', (size_t)(doc + e - p))) != NULL; p++) out[o++] = '\n';
         from = e;
     }
     memcpy(out + o, doc + from, len - from);

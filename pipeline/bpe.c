@@ -115,6 +115,9 @@ static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int
     if (!rc) {
         // In file order, so a duplicated piece keeps its last id (as a Rust HashMap collect does).
         strmap_init(&m->vocab, n);
+        size_t key_bytes = 0;
+        for (size_t i = 0; i < n; i++) key_bytes += list[i].key.len + 1;
+        strmap_reserve_keys(&m->vocab, key_bytes);
         uint64_t ring[LOOKAHEAD];
         // Entry i - LOOKAHEAD is inserted, then entry i's hash takes its place in the ring.
         for (size_t i = 0; i < n + LOOKAHEAD; i++) {

@@ -103,6 +103,12 @@ void strmap_prefetch_key(const strmap *m, uint64_t h) {
     if (s->used && s->hash == h) __builtin_prefetch(m->arena + s->key_off);
 }
 
+void strmap_reserve_keys(strmap *m, size_t key_bytes) {
+    if (m->arena_len + key_bytes <= m->arena_cap) return;
+    m->arena_cap = m->arena_len + key_bytes;
+    m->arena = ep_realloc(m->arena, m->arena_cap);
+}
+
 static void grow(strmap *m) {
     strmap_slot *old = m->slots;
     size_t old_cap = m->cap;

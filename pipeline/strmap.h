@@ -61,6 +61,8 @@ uint64_t strmap_hash(const char *key, size_t len);
 uint64_t strmap_hash2(const char *a, size_t a_len, const char *b, size_t b_len);
 int strmap_get2(const strmap *m, uint64_t hash, const char *a, size_t a_len, const char *b, size_t b_len, int *value);
 void strmap_put_hashed(strmap *m, uint64_t hash, const char *key, size_t len, int value);
+// Makes room for key_bytes more bytes of keys (each key takes its length + 1) in one allocation.
+void strmap_reserve_keys(strmap *m, size_t key_bytes);
 void strmap_prefetch(const strmap *m, uint64_t hash);
 // The second step: once the slot is cached, prefetch the stored key it points to (for the compare).
 void strmap_prefetch_key(const strmap *m, uint64_t hash);

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include "pipeline/tokenizer_impl.h"
@@ -12,14 +13,39 @@
 
 static char *read_file(const char *path, size_t *len, int *missing, ep_error *err) {
     *missing = 0;
-    FILE *probe = fopen(path, "rb");
-    if (!probe) {
+    FILE *plain = fopen(path, "rb");
+    if (!plain) {
         *missing = 1;
         ep_fail(err, "%s: cannot open", path);
         return NULL;
     }
-    fclose(probe);
-    // gzread reads gzip and plain files alike.
+    // A plain file is read in one piece (its size known up front); a gzip file (magic 1f 8b) through zlib.
+    struct stat st;
+    if (fstat(fileno(plain), &st) || !S_ISREG(st.st_mode)) {
+        fclose(plain);
+        ep_fail(err, "%s: not a regular file", path);
+        return NULL;
+    }
+    unsigned char magic[2] = {0, 0};
+    size_t got_magic = fread(magic, 1, 2, plain);
+    long size = -1;
+    if (!(got_magic == 2 && magic[0] == 0x1f && magic[1] == 0x8b)) size = (long)st.st_size;
+    if (size >= 0) {
+        char *data = ep_malloc((size_t)size + 1);
+        rewind(plain);
+        size_t got = fread(data, 1, (size_t)size, plain);
+        int bad = ferror(plain) || got != (size_t)size;
+        fclose(plain);
+        if (bad) {
+            free(data);
+            ep_fail(err, "%s: read error", path);
+            return NULL;
+        }
+        data[size] = 0;
+        *len = (size_t)size;
+        return data;
+    }
+    fclose(plain);
     gzFile f = gzopen(path, "rb");
     if (!f) {
         ep_fail(err, "%s: cannot open", path);

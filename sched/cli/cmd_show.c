@@ -25,11 +25,14 @@ static const char usage[] =
     "  -h, --help      this text\n"
     "Exit status: 0 shown, 1 bad or missing run files or no such prompt, 2 usage.\n";
 
-// A token as printable text: the decoded piece with newlines and tabs escaped.
-static void printable(const tokenizer *tk, int id, char *out, size_t n) {
+// A token as printable text: its piece as prompts.h5 stores it (stored, when the file has token texts),
+// else decoded by the tokenizer, with newlines and tabs escaped.
+static void printable(const tokenizer *tk, const char *stored, int id, char *out, size_t n) {
     char *text = NULL;
     ep_error err;
-    if (!tk || tokenizer_decode(tk, &id, 1, 0, &text, NULL, &err)) {
+    if (stored) {
+        text = ep_strdup(stored);
+    } else if (!tk || tokenizer_decode(tk, &id, 1, 0, &text, NULL, &err)) {
         snprintf(out, n, "#%d", id);
         return;
     }
@@ -73,7 +76,14 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
     if (rc == 0) {
         char *text = NULL;
         ep_error ignored;
-        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &ignored)) text = ep_strdup("");
+        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &ignored)) {
+            // No tokenizer (the run folder moved without its model): the generated ids.
+            size_t cap = 16 * (size_t)n_gen[index] + 1, at = 0;
+            text = ep_malloc(cap);
+            text[0] = 0;
+            for (int k = 0; k < n_gen[index]; k++)
+                at += (size_t)snprintf(text + at, cap - at, "%s#%d", k ? " " : "", gen[index * sh[5].dims[1] + k]);
+        }
         *out = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
                          "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
         free(text);
@@ -82,6 +92,9 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
     h5store_close(&s);
     return rc;
 }
+
+// The stored text at i of a text dataset, or NULL when the file has none.
+#define TEXT(texts, i) ((texts) ? (texts)[i] : NULL)
 
 int cmd_show(int argc, char **argv) {
     static const struct option options[] = {{"prompt", required_argument, NULL, 'p'}, {"json", no_argument, NULL, 'j'},
@@ -115,9 +128,11 @@ int cmd_show(int argc, char **argv) {
         prompt_set_free(&ps);
         return 1;
     }
+    // The token texts are in prompts.h5 (format 2); the tokenizer (at the normalized path the file names)
+    // only decodes the continuation, and the tokens of an older file.
     tokenizer *tk = NULL;
     if (tokenizer_load(ps.tokenizer_path, &tk, &err)) {
-        fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
+        if (!ps.token_text) fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
         tk = NULL;
     }
     // Before anything is printed: a damaged patch.h5 fails the command, it is not shown without its metrics.
@@ -137,7 +152,7 @@ int cmd_show(int argc, char **argv) {
                *jd = json_array(), *jg = json_array();
         for (int i = 0; i < L; i++) {
             json_array_append_new(jt, json_integer(tok[i]));
-            printable(tk, tok[i], piece, sizeof piece);
+            printable(tk, TEXT(ps.token_text, (size_t)index * ps.max_len + i), tok[i], piece, sizeof piece);
             json_array_append_new(jp, json_string(piece));
             json_array_append_new(jy, json_string(token_type_name(types[i])));
             json_array_append_new(ji, json_integer(idx[i]));
@@ -167,11 +182,11 @@ int cmd_show(int argc, char **argv) {
         for (int d = 0; d < K; d++) printf(" donor %-12d", d);
         printf("\n");
         for (int i = 0; i < L; i++) {
-            printable(tk, tok[i], piece, sizeof piece);
+            printable(tk, TEXT(ps.token_text, (size_t)index * ps.max_len + i), tok[i], piece, sizeof piece);
             printf("%4d %-6s %4d  %-18s", i, token_type_name(types[i]), idx[i], piece);
             for (int d = 0; d < K; d++) {
                 int dt = ps.donors[((size_t)index * K + d) * ps.max_len + i];
-                printable(tk, dt, piece, sizeof piece);
+                printable(tk, TEXT(ps.donor_text, ((size_t)index * K + d) * ps.max_len + i), dt, piece, sizeof piece);
                 if (colour && dt != tok[i]) printf(" \033[1;31m%-18s\033[0m", piece);
                 else printf(" %-18s", dt == tok[i] ? "." : piece);
             }
@@ -188,7 +203,8 @@ int cmd_show(int argc, char **argv) {
         }
         printf("target:");
         for (int i = 0; i < ps.target_lengths[index]; i++) {
-            printable(tk, ps.targets[(size_t)index * ps.max_target + i], piece, sizeof piece);
+            printable(tk, TEXT(ps.target_text, (size_t)index * ps.max_target + i), ps.targets[(size_t)index * ps.max_target + i],
+                      piece, sizeof piece);
             printf(" %s", piece);
         }
         printf("\n");

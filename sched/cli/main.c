@@ -32,7 +32,7 @@ static const subcommand subcommands[] = {
     {"memory", cmd_memory,
      "memory CONFIG.json|MODEL_DIR... [--tp 1,2,4,8] [-j|--json]   weights, KV cache and attribution-batch bytes per rank", 1},
     {"report", cmd_report, "report RUN [-j|--json]                   a run's report and figures, again", 1},
-    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP", 0},
+    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP [--json]   a sweep on Slurm (--json: plan, status)", 0},
 };
 enum { N_SUBCOMMANDS = sizeof subcommands / sizeof subcommands[0] };
 

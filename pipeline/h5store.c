@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <hdf5_hl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -393,14 +394,226 @@ int h5store_get_i64(h5store *s, const char *name, int64_t *value, ep_error *err)
     return rc;
 }
 
-h5store_origin h5store_made_from(const char *path, const char *identity, ep_error *why) {
+h5store_origin h5store_made_from_format(const char *path, const char *identity, const char *format, ep_error *why) {
     if (access(path, F_OK) != 0) return H5STORE_ABSENT;
     h5store s;
     if (h5store_open(path, &s, why)) return H5STORE_DAMAGED;
     char *have = NULL;
     ep_error ignored;
+    if (format) {
+        int ok = h5store_get_str(&s, "format", &have, &ignored) == 0 && !strcmp(have, format);
+        if (!ok) ep_fail(why, "%s: format %s, this edgepatch writes %s (an older layout)", path, have ? have : "missing", format);
+        free(have);
+        have = NULL;
+        if (!ok) {
+            h5store_close(&s);
+            return H5STORE_DAMAGED;
+        }
+    }
     int same = h5store_get_str(&s, "inputs_hash", &have, &ignored) == 0 && !strcmp(have, identity);
     free(have);
     h5store_close(&s);
     return same ? H5STORE_SAME : H5STORE_OTHER;
+}
+
+h5store_origin h5store_made_from(const char *path, const char *identity, ep_error *why) {
+    return h5store_made_from_format(path, identity, NULL, why);
+}
+
+// ---- strings, labels, attributes on objects
+
+static hid_t utf8_type(void) {
+    hid_t type = H5Tcopy(H5T_C_S1);
+    H5Tset_size(type, H5T_VARIABLE);
+    H5Tset_cset(type, H5T_CSET_UTF8);
+    return type;
+}
+
+int h5store_write_str(h5store *s, const char *name, const h5shape *shape, const char *const *data, ep_error *err) {
+    if (shape->rank < 1 || shape->rank > H5STORE_MAX_RANK)
+        return ep_fail(err, "%s: dataset %s: rank %d not supported", file_name(s), name, shape->rank);
+    size_t n = shape_numel(shape), bytes = 0;
+    const char **v = ep_malloc(sizeof(char *) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) v[i] = data[i] ? data[i] : "", bytes += strlen(v[i]) + 1;
+    // The checksum covers the strings, each with its NUL, in row-major order.
+    char *all = ep_malloc(bytes ? bytes : 1), *at = all;
+    for (size_t i = 0; i < n; i++) {
+        size_t k = strlen(v[i]) + 1;
+        memcpy(at, v[i], k), at += k;
+    }
+    hsize_t dims[H5STORE_MAX_RANK];
+    for (int i = 0; i < shape->rank; i++) dims[i] = (hsize_t)shape->dims[i];
+    hid_t type = utf8_type(), space = H5Screate_simple(shape->rank, dims, NULL);
+    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_create_intermediate_group(lcpl, 1);
+    H5Pset_obj_track_times(dcpl, 0);
+    hid_t ds = H5Dcreate2(s->file, name, type, space, lcpl, dcpl, H5P_DEFAULT);
+    int rc = 0;
+    if (ds < 0 || (n && H5Dwrite(ds, type, H5S_ALL, H5S_ALL, H5P_DEFAULT, v) < 0)) {
+        rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);
+    } else {
+        uint32_t crc = h5store_crc32(all, bytes);
+        hid_t aspace = H5Screate(H5S_SCALAR);
+        hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
+        if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0)
+            rc = ep_fail(err, "%s: cannot write the checksum of %s", file_name(s), name);
+        if (attr >= 0) H5Aclose(attr);
+        H5Sclose(aspace);
+    }
+    if (ds >= 0) H5Dclose(ds);
+    H5Pclose(dcpl), H5Pclose(lcpl), H5Sclose(space), H5Tclose(type);
+    free(v), free(all);
+    return rc;
+}
+
+// n strings (raw[i] may be NULL) copied into one block: the pointer array, a NULL, then the text.
+static char **string_block(char **raw, size_t n) {
+    size_t bytes = sizeof(char *) * (n + 1);
+    for (size_t i = 0; i < n; i++) bytes += (raw[i] ? strlen(raw[i]) : 0) + 1;
+    char **out = ep_malloc(bytes), *at = (char *)(out + n + 1);
+    for (size_t i = 0; i < n; i++) {
+        const char *t = raw[i] ? raw[i] : "";
+        size_t k = strlen(t) + 1;
+        memcpy(at, t, k);
+        out[i] = at, at += k;
+    }
+    out[n] = NULL;
+    return out;
+}
+
+int h5store_read_str(h5store *s, const char *name, h5shape *shape, char ***data, ep_error *err) {
+    *data = NULL;
+    if (!h5store_has(s, name)) return ep_fail(err, "%s: dataset %s is missing", file_name(s), name);
+    hid_t ds = H5Dopen2(s->file, name, H5P_DEFAULT);
+    if (ds < 0) return ep_fail(err, "%s: cannot open dataset %s", file_name(s), name);
+    hid_t space = H5Dget_space(ds), type = H5Dget_type(ds);
+    int rank = H5Sget_simple_extent_ndims(space), rc = 0;
+    if (H5Tget_class(type) != H5T_STRING || !H5Tis_variable_str(type) || rank < 1 || rank > H5STORE_MAX_RANK) {
+        rc = ep_fail(err, "%s: dataset %s has an unexpected type or rank", file_name(s), name);
+    } else {
+        hsize_t dims[H5STORE_MAX_RANK];
+        H5Sget_simple_extent_dims(space, dims, NULL);
+        shape->rank = rank;
+        for (int i = 0; i < rank; i++) shape->dims[i] = (int64_t)dims[i];
+        size_t n = shape_numel(shape);
+        char **raw = ep_calloc(n ? n : 1, sizeof(char *));
+        hid_t mem = H5Tcopy(type);
+        uint32_t stored = 0;
+        hid_t attr = H5Aexists(ds, CRC_ATTR) > 0 ? H5Aopen(ds, CRC_ATTR, H5P_DEFAULT) : -1;
+        if (n && H5Dread(ds, mem, H5S_ALL, H5S_ALL, H5P_DEFAULT, raw) < 0) {
+            rc = ep_fail(err, "%s: cannot read dataset %s (corrupted file?)", file_name(s), name);
+        } else if (attr < 0 || H5Aread(attr, H5T_NATIVE_UINT32, &stored) < 0) {
+            rc = ep_fail(err, "%s: dataset %s has no checksum", file_name(s), name);
+        } else {
+            *data = string_block(raw, n);
+            size_t bytes = 0;
+            for (size_t i = 0; i < n; i++) bytes += strlen((*data)[i]) + 1;
+            if (h5store_crc32(n ? (*data)[0] : "", bytes) != stored) {
+                rc = ep_fail(err, "%s: dataset %s is corrupted (checksum mismatch)", file_name(s), name);
+                free(*data);
+                *data = NULL;
+            }
+        }
+        if (n) H5Dvlen_reclaim(mem, space, H5P_DEFAULT, raw);
+        if (attr >= 0) H5Aclose(attr);
+        H5Tclose(mem);
+        free(raw);
+    }
+    H5Tclose(type);
+    H5Sclose(space);
+    H5Dclose(ds);
+    return rc;
+}
+
+int h5store_label(h5store *s, const char *dataset, const char *labels, ep_error *err) {
+    hid_t ds = h5store_has(s, dataset) ? H5Dopen2(s->file, dataset, H5P_DEFAULT) : -1;
+    if (ds < 0) return ep_fail(err, "%s: cannot label dataset %s: no such dataset", file_name(s), dataset);
+    hid_t space = H5Dget_space(ds);
+    int rank = H5Sget_simple_extent_ndims(space), rc = 0, dim = 0;
+    H5Sclose(space);
+    int count = 1;  // counted first: a wrong count labels nothing
+    for (const char *c = labels; *c; c++) count += *c == ',';
+    if (count != rank) rc = ep_fail(err, "%s: dataset %s: %d labels \"%s\" for rank %d", file_name(s), dataset, count, labels, rank);
+    char *copy = ep_strdup(labels), *save = NULL;
+    for (char *t = strtok_r(copy, ",", &save); t && rc == 0; t = strtok_r(NULL, ",", &save), dim++)
+        if (H5DSset_label(ds, (unsigned)dim, t) < 0)
+            rc = ep_fail(err, "%s: cannot label dataset %s with \"%s\"", file_name(s), dataset, labels);
+    if (rc == 0 && dim != rank)
+        rc = ep_fail(err, "%s: dataset %s: empty labels in \"%s\"", file_name(s), dataset, labels);
+    free(copy);
+    H5Dclose(ds);
+    return rc;
+}
+
+int h5store_get_label(h5store *s, const char *dataset, int dim, char *out, size_t n, ep_error *err) {
+    hid_t ds = h5store_has(s, dataset) ? H5Dopen2(s->file, dataset, H5P_DEFAULT) : -1;
+    if (ds < 0) return ep_fail(err, "%s: dataset %s is missing", file_name(s), dataset);
+    if (n) out[0] = 0;
+    ssize_t got = H5DSget_label(ds, (unsigned)dim, out, n);
+    H5Dclose(ds);
+    return got < 0 ? ep_fail(err, "%s: dataset %s: cannot read the label of dimension %d", file_name(s), dataset, dim) : 0;
+}
+
+static hid_t open_object(h5store *s, const char *object) {
+    if (!object || !object[0] || !strcmp(object, "/")) return H5Oopen(s->file, "/", H5P_DEFAULT);
+    return h5store_has(s, object) ? H5Oopen(s->file, object, H5P_DEFAULT) : -1;
+}
+
+static int write_attr_at(h5store *s, const char *object, const char *name, hid_t type, hid_t space, const void *value,
+                         ep_error *err) {
+    hid_t obj = open_object(s, object);
+    if (obj < 0) return ep_fail(err, "%s: cannot write attribute %s of %s: no such object", file_name(s), name, object);
+    if (H5Aexists(obj, name) > 0) H5Adelete(obj, name);
+    hid_t attr = H5Acreate2(obj, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = attr < 0 || H5Awrite(attr, type, value) < 0
+                 ? ep_fail(err, "%s: cannot write attribute %s of %s", file_name(s), name, object)
+                 : 0;
+    if (attr >= 0) H5Aclose(attr);
+    H5Oclose(obj);
+    return rc;
+}
+
+int h5store_set_str_at(h5store *s, const char *object, const char *name, const char *value, ep_error *err) {
+    hid_t type = utf8_type(), space = H5Screate(H5S_SCALAR);
+    int rc = write_attr_at(s, object, name, type, space, &value, err);
+    H5Sclose(space), H5Tclose(type);
+    return rc;
+}
+
+int h5store_set_strs_at(h5store *s, const char *object, const char *name, const char *const *values, int n,
+                        ep_error *err) {
+    if (n < 1) return ep_fail(err, "%s: attribute %s of %s: an empty list", file_name(s), name, object);
+    hsize_t dim = (hsize_t)n;
+    hid_t type = utf8_type(), space = H5Screate_simple(1, &dim, NULL);
+    int rc = write_attr_at(s, object, name, type, space, values, err);
+    H5Sclose(space), H5Tclose(type);
+    return rc;
+}
+
+int h5store_get_strs_at(h5store *s, const char *object, const char *name, char ***values, int *n, ep_error *err) {
+    *values = NULL, *n = 0;
+    hid_t obj = open_object(s, object);
+    if (obj < 0 || H5Aexists(obj, name) <= 0) {
+        if (obj >= 0) H5Oclose(obj);
+        return ep_fail(err, "%s: attribute %s of %s is missing", file_name(s), name, object);
+    }
+    hid_t attr = H5Aopen(obj, name, H5P_DEFAULT), type = H5Aget_type(attr), space = H5Aget_space(attr);
+    int rc = 0;
+    hssize_t count = H5Sget_simple_extent_npoints(space);
+    if (H5Tget_class(type) != H5T_STRING || !H5Tis_variable_str(type) || H5Sget_simple_extent_ndims(space) != 1 || count < 1) {
+        rc = ep_fail(err, "%s: attribute %s of %s is not a list of strings", file_name(s), name, object);
+    } else {
+        char **raw = ep_calloc((size_t)count, sizeof(char *));
+        hid_t mem = H5Tcopy(type);
+        if (H5Aread(attr, mem, raw) < 0) {
+            rc = ep_fail(err, "%s: cannot read attribute %s of %s", file_name(s), name, object);
+        } else {
+            *values = string_block(raw, (size_t)count), *n = (int)count;
+            H5Dvlen_reclaim(mem, space, H5P_DEFAULT, raw);
+        }
+        H5Tclose(mem);
+        free(raw);
+    }
+    H5Sclose(space), H5Tclose(type), H5Aclose(attr), H5Oclose(obj);
+    return rc;
 }

@@ -54,9 +54,31 @@ int h5store_read_f32(h5store *s, const char *name, h5shape *shape, float **data,
 int h5store_read_f64(h5store *s, const char *name, h5shape *shape, double **data, ep_error *err);
 int h5store_read_i32(h5store *s, const char *name, h5shape *shape, int32_t **data, ep_error *err);
 int h5store_has(h5store *s, const char *name);
+// Strings: a dataset of variable-length UTF-8 strings (NULL entries are stored as ""). Its crc32 covers
+// every string with its terminating NUL, in row-major order. The reader allocates an array of strings in
+// one block (free(*data) frees all).
+int h5store_write_str(h5store *s, const char *name, const h5shape *shape, const char *const *data, ep_error *err);
+int h5store_read_str(h5store *s, const char *name, h5shape *shape, char ***data, ep_error *err);
+
+// Self-description (docs/artifacts.md, "Conventions").
+// Dimension labels of an existing dataset: one name per dimension, comma-separated ("prompt,position"),
+// as many as its rank, stored with HDF5's dimension-scale API (H5DSset_label: attribute DIMENSION_LABELS;
+// h5py: ds.dims[i].label).
+int h5store_label(h5store *s, const char *dataset, const char *labels, ep_error *err);
+// Reads dimension dim's label into out ("" when unlabelled).
+int h5store_get_label(h5store *s, const char *dataset, int dim, char *out, size_t n, ep_error *err);
+// Attributes on an object: a dataset or group by name ("/" or "" for the root). A string, or an array of n
+// strings (enum_names and the like: variable-length UTF-8, index i = value i).
+int h5store_set_str_at(h5store *s, const char *object, const char *name, const char *value, ep_error *err);
+int h5store_set_strs_at(h5store *s, const char *object, const char *name, const char *const *values, int n,
+                        ep_error *err);
+// Reads a string-array attribute into a NULL-terminated array of strings in one block (free(*values)).
+int h5store_get_strs_at(h5store *s, const char *object, const char *name, char ***values, int *n, ep_error *err);
 
 // What an existing artifact at path was made from, by its "inputs_hash" attribute: the skip/recompute
-// decision of every stage's output and item shard.
+// decision of every stage's output and item shard. h5store_made_from_format also wants the root
+// attribute "format" to equal `format` (when not NULL): a file of another format (an older edgepatch's
+// layout) is H5STORE_DAMAGED, so it is rebuilt like any unfinished or damaged file, never refused.
 typedef enum {
     H5STORE_ABSENT = 0,   // no file at path
     H5STORE_SAME = 1,     // complete and sealed (so every byte sound: h5store_open), made from `identity`
@@ -64,6 +86,7 @@ typedef enum {
     H5STORE_OTHER = 3,    // sound but made from other inputs (or without an inputs_hash)
 } h5store_origin;
 h5store_origin h5store_made_from(const char *path, const char *identity, ep_error *why);
+h5store_origin h5store_made_from_format(const char *path, const char *identity, const char *format, ep_error *why);
 
 // The CRC-32 (zlib's) every dataset carries: of its bytes as stored, any length (datasets over 4 GiB too).
 uint32_t h5store_crc32(const void *data, size_t bytes);

@@ -6,6 +6,12 @@
 #include <string.h>
 #include <unistd.h>
 
+// Where `cmake --install` puts the data folders, relative to the folder of the installed executable
+// (CMakeLists.txt computes it from CMAKE_INSTALL_BINDIR and CMAKE_INSTALL_DATADIR).
+#ifndef EP_SHARE_FROM_BIN
+#define EP_SHARE_FROM_BIN "../share/edgepatch"
+#endif
+
 void dir_of(const char *path, char *out, size_t n) {
     const char *slash = strrchr(path, '/');
     if (!slash) {
@@ -28,7 +34,7 @@ int repo_path(const char *folder, const char *relative, char *out, size_t n) {
         exe[len] = 0;
         char dir[PATH_MAX];
         dir_of(exe, dir, sizeof dir);
-        const char *ups[] = {"..", "../..", "."};
+        const char *ups[] = {EP_SHARE_FROM_BIN, "..", "../..", "."};
         for (size_t i = 0; i < sizeof ups / sizeof ups[0]; i++) {
             char candidate[PATH_MAX + 64];
             snprintf(candidate, sizeof candidate, "%s/%s/%s/%s", dir, ups[i], folder, relative);

@@ -1,9 +1,12 @@
 // paths: where the program finds the repository folders it ships with: datasets/ (task files, pair
 // lists, word lists) and slurm/ (batch script templates).
 //
-// Search order for a folder F: F next to the executable's folder's parent or grandparent (build trees:
-// build/edgepatch -> ../F), inside the executable's folder, then ./F. For datasets/, $EDGEPATCH_DATA (a
-// folder holding tasks/, pairs/, words/) comes first.
+// Search order for a folder F, the first that has the file asked for: the install prefix's data folder
+// relative to the executable (<prefix>/bin/edgepatch -> <prefix>/share/edgepatch/F, as `cmake --install`
+// lays it out; EP_SHARE_FROM_BIN, set by the build, is that relative path), F next to the executable's
+// folder's parent or grandparent (build trees: build/edgepatch -> ../F), inside the executable's folder,
+// then ./F (the working directory). For datasets/, $EDGEPATCH_DATA (a folder holding tasks/, pairs/,
+// words/) comes before all of them. docs/install.md.
 #ifndef EP_PATHS_H
 #define EP_PATHS_H
 

@@ -1,6 +1,7 @@
 #include "sweep.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,9 +13,11 @@
 #include "pipeline/hash.h"
 #include "pipeline/model.h"
 #include "pipeline/paths.h"
+#include "stages/plan.h"
 #include "stages/run_config.h"
 #include "sched/run.h"
 #include "stages/task.h"
+#include "stages/tokenize.h"
 
 static const char *top_fields[] = {"description", "name", "output_root", "run", "models", "tasks", "stages",
                                    "prompt_tokens", "slurm"};
@@ -352,6 +355,164 @@ int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err
     double act_per_token = c->n_layers * (4 * h + 2.0 * c->intermediate + 2 * q) * 4;
     double batch = tokens * (e->kv_bytes_per_token + n_donors * (e->kv_bytes_per_token + z_per_token) + act_per_token);
     e->gpu_bytes_per_rank = e->weight_bytes / tp + batch / tp + (double)batch_size * 16 * c->vocab_size * 4 + (1 << 30);
+    return 0;
+}
+
+// HDF5's own bytes around the data of an h5store file (the 512-byte seal block, the superblock and root
+// group; each dataset's object header with its crc32 attribute; each group's object header, B-tree,
+// symbol node and local heap; each root attribute), fitted to this build's HDF5 1.10 files (earliest
+// file format, contiguous datasets) of every kind the stages write. HDF5 allocates its metadata in
+// 2 KiB blocks, so a file's real overhead is lumpy: the fit is within 1.6 KiB of each of them
+// (docs/sweeps.md, "Disk").
+#define H5_FILE_BYTES 6144.0
+#define H5_DATASET_BYTES 352.0
+#define H5_GROUP_BYTES 864.0
+#define H5_ATTRIBUTE_BYTES 56.0
+#define H5_STRING_BYTES 40.0
+
+// Edge units per kept head unit when edge rounds start (stages/circuit.c, circuit_start_edges): for each
+// receiver type, the sender types that occur at or before it in some prompt, averaged over the 7 head
+// unit types (which of them pruning keeps is not known beforehand). Measured from prompts.h5's types when
+// it is there; else an ICL prompt is assumed (bos, then x t y n per demonstration, then query and last):
+// receiver bos has 1 sender, x, t, y and n 5 each (every demonstration type comes before them in a later
+// demonstration), query 6, last 7: 34 over 7 types; with one demonstration types come once, in order:
+// 1 + 2 + ... + 7 = 28.
+static double assumed_edges_per_head_unit(int n_shots) { return (n_shots >= 2 ? 34.0 : 28.0) / PLAN_CIRCUIT_TYPES; }
+
+static double measured_edges_per_head_unit(const prompt_set *p) {
+    unsigned char occurs[PLAN_CIRCUIT_TYPES][PLAN_CIRCUIT_TYPES] = {{0}};  // [sender][receiver]
+    for (int i = 0; i < p->n_prompts; i++) {
+        unsigned seen = 0;
+        const int32_t *ty = p->types + (size_t)i * p->max_len;
+        for (int b = 0; b < p->lengths[i]; b++) {
+            if (ty[b] < 0 || ty[b] >= PLAN_CIRCUIT_TYPES) continue;
+            seen |= 1u << ty[b];
+            for (int s = 0; s < PLAN_CIRCUIT_TYPES; s++)
+                if ((seen >> s) & 1) occurs[s][ty[b]] = 1;
+        }
+    }
+    int n = 0;
+    for (int s = 0; s < PLAN_CIRCUIT_TYPES; s++)
+        for (int r = 0; r < PLAN_CIRCUIT_TYPES; r++) n += occurs[s][r];
+    return (double)n / PLAN_CIRCUIT_TYPES;
+}
+
+// What the estimate reads of the run's prompts.h5 when it is there (measured) or assumes.
+typedef struct {
+    double sum_len;  // tokens of every prompt together
+    int max_len, max_target, n_shots, n_donors;
+    double edges_per_head_unit;
+} prompt_shape;
+
+static int measure_prompts(const run_config *rc, prompt_shape *ps) {
+    char path[4200], want[17], *hash = NULL;
+    snprintf(path, sizeof path, "%s/prompts.h5", rc->output_path);
+    if (h5store_is_complete(path) != 1) return 0;
+    ep_error err = {{0}};
+    h5store h;
+    int same = 0;
+    hash_hex(rc->hash, want);
+    if (h5store_open(path, &h, &err) == 0) {
+        same = h5store_get_str(&h, "config_hash", &hash, &err) == 0 && !strcmp(hash, want);
+        free(hash);
+        h5store_close(&h);
+    }
+    prompt_set p;
+    if (!same || prompt_set_load(path, &p, &err)) return 0;  // another config's folder: status says so
+    ps->sum_len = 0;
+    for (int i = 0; i < p.n_prompts; i++) ps->sum_len += p.lengths[i];
+    ps->max_len = p.max_len, ps->max_target = p.max_target, ps->n_shots = p.n_pairs - 1, ps->n_donors = p.n_donors;
+    ps->edges_per_head_unit = measured_edges_per_head_unit(&p);
+    prompt_set_free(&p);
+    return 1;
+}
+
+// Units a round keeps of n (stages/prune_round.c, keep_count).
+static double kept_units(const run_prune *p, int r, double n) {
+    double k = r < p->n_k ? (double)p->k[r] : n - fmax(1.0, floor(n * p->fraction + 0.5));
+    return k > n ? n : k < 0 ? 0 : k;
+}
+
+int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *err) {
+    memset(d, 0, sizeof *d);
+    run_config rc;
+    if (build_run(s, m, t, NULL, &rc, err)) return -1;
+    const model_config *c = &s->models[m].cfg;
+    ablation_plan plan;
+    if (plan_from_run_config(&rc, c, &plan, err)) {
+        run_config_free(&rc);
+        return -1;
+    }
+    int cached = plan.n_donors > 0 || rc.n_ablations == 0 ? plan.n_donors : 1;  // stage_inputs.c
+    plan_free(&plan);
+    double P = rc.n_prompts, items = ceil(P / rc.batch_size), L = c->n_layers, H = c->n_heads;
+    prompt_shape ps = {P * s->prompt_tokens, s->prompt_tokens, 8, rc.n_shots, rc.n_donors, 0};
+    d->measured = measure_prompts(&rc, &ps);
+    if (!d->measured && ps.n_shots < 0) {  // the task's default
+        task tk;
+        if (task_load(s->tasks[t], &tk, err)) {
+            run_config_free(&rc);
+            return -1;
+        }
+        ps.n_shots = tk.n_shots;
+        task_free(&tk);
+    }
+    if (!d->measured) ps.edges_per_head_unit = assumed_edges_per_head_unit(ps.n_shots);
+    d->tokens_per_prompt = P > 0 ? ps.sum_len / P : 0;
+    int goal = run_stage_from_name(s->stages[s->n_stages - 1].until);
+    double K = ps.n_donors, Lp = ps.max_len, i4 = 4;
+
+    // prompts.h5: tokens, types, index [P, Lp], donors [P, K, Lp], targets [P, T], lengths and
+    // target_lengths [P], pair_ids [P, N + 1], donor_kinds [K]; tokenize_report.json beside it.
+    // 16 attributes, the text ones (tokenize_report, type and donor kind names, paths) about 1 KiB more,
+    // and tokenize_report.json about as much again.
+    // The token texts (token_text, donor_text, target_text: one variable-length string per token) cost
+    // H5_STRING_BYTES each: HDF5's 16-byte global-heap id in the dataset, the heap object's 16-byte
+    // header and the text rounded up to 8 bytes (a token's text is a few bytes).
+    d->prompts = H5_FILE_BYTES + (10 + 2 * (K > 0)) * H5_DATASET_BYTES + 16 * H5_ATTRIBUTE_BYTES + 2048 +
+                 i4 * (3 * P * Lp + P * K * Lp + P * ps.max_target + 2 * P + P * (ps.n_shots + 1) + K) +
+                 H5_STRING_BYTES * (P * Lp + P * K * Lp + P * ps.max_target);
+    // cache.d/: per item a file; per prompt a group, per cached donor a group with k, v [L, T, kv_heads *
+    // head_dim] and z [L, T, heads * head_dim], T the prompt's own length.
+    if (goal >= RUN_CACHE) {
+        double bytes = rc.cache_bf16 ? 2 : 4, row = (2.0 * c->n_kv_heads + c->n_heads) * c->head_dim;
+        d->cache = items * (H5_FILE_BYTES + 12 * H5_ATTRIBUTE_BYTES) + (cached > 0) * P * H5_GROUP_BYTES +
+                   P * cached * (H5_GROUP_BYTES + 3 * H5_DATASET_BYTES) + ps.sum_len * cached * L * row * bytes;
+    }
+    // patch.d/ and patch.h5: groups plan, clean and one per ablation, each correct, first_token_correct,
+    // n_generated (int32 [P]), target_logprob, logit_diff (float32 [P]), generated (int32 [P, new
+    // tokens]); once in the shards, once merged; model_logs.json (about 1 KiB and 0.5 KiB per group).
+    if (goal >= RUN_PATCH) {
+        double groups = 2 + rc.n_ablations, g_bytes = groups * (H5_GROUP_BYTES + 6 * H5_DATASET_BYTES);
+        double data = groups * P * (5 * 4 + 4.0 * (double)rc.max_new_tokens);
+        d->patch = items * (H5_FILE_BYTES + 7 * H5_ATTRIBUTE_BYTES + g_bytes) + H5_FILE_BYTES + 6 * H5_ATTRIBUTE_BYTES +
+                   g_bytes + 2 * data + 1024 + 512 * groups;
+    }
+    // prune.d/: round r's file holds units [n, 4], scores [n], metrics [3, 3], the circuit's and the kept
+    // head masks [L, H, 7] (int32) and, from the first edge round on, edge masks [L, H, 8, 8]; its item
+    // shards (prompt batches x unit groups) the float64 sums [n, width] and base [3].
+    if (goal >= RUN_SCORE) {
+        const run_prune *p = &rc.prune;
+        int total = (int)(p->head_rounds + p->edge_rounds), rounds = goal == RUN_SCORE ? 1 : total > 0 ? total : 1;
+        double n = L * H * PLAN_CIRCUIT_TYPES;
+        for (int r = 0; r < rounds; r++) {
+            int edge = r >= p->head_rounds && total > 0;
+            if (edge && r == p->head_rounds) n = n * ps.edges_per_head_unit;
+            int method = r < p->n_files ? 2 : p->exact ? 1 : 0, exact = method == 1 || (method == 0 && p->compare);
+            int attribution = method == 0 || (method == 1 && p->compare), compare = exact && attribution;
+            double width = 3 * exact + attribution + (method == 2), nn = floor(n + 0.5);
+            double groups = exact && nn > 0 ? ceil(nn / (double)p->exact_units_per_item) : 1;
+            d->prune += H5_FILE_BYTES + (10 + compare) * H5_ATTRIBUTE_BYTES + (5 + 2 * edge + 2 * compare) * H5_DATASET_BYTES +
+                        (2 + compare) * H5_GROUP_BYTES +
+                        nn * (16 + 4) + 36 + 2 * L * H * PLAN_CIRCUIT_TYPES * 4 +
+                        edge * 2 * L * H * PLAN_EDGE_TYPES * PLAN_EDGE_TYPES * 4 + compare * (4 * nn + 32);
+            d->prune += items * groups * (H5_FILE_BYTES + 8 * H5_ATTRIBUTE_BYTES + 2 * H5_DATASET_BYTES + 24) +
+                        items * nn * (width ? width : 1) * 8;
+            n = kept_units(p, r, nn);
+        }
+    }
+    d->total = d->prompts + d->cache + d->patch + d->prune;
+    run_config_free(&rc);
     return 0;
 }
 

@@ -74,6 +74,21 @@ typedef struct {
 // Model m's estimate, with the batch_size and donors of its runs' config.
 int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err);
 
+// Bytes a run leaves on disk, by artifact, for the stages up to the sweep's last one (docs/sweeps.md,
+// "Disk"): prompts (prompts.h5, tokenize_report.json), cache (cache.d/ shards: prompts x cached donors x
+// layers x T x (2 kv_heads + heads) x head_dim x the cache dtype's bytes), patch (patch.d/ shards,
+// patch.h5, model_logs.json), prune (the rounds' files prune.d/round-NNN.h5 and their item shards; the
+// rounds as configured, units shrinking by prune_fraction, no early stop). The prompt lengths, padding,
+// target width and shots come from the run's prompts.h5 when it is complete and made from this run's
+// config (measured), else from the sweep's prompt_tokens and the task (assumed). Reads, never writes.
+typedef struct {
+    double tokens_per_prompt;  // mean prompt length used
+    int measured;              // 1: from the run's prompts.h5; 0: prompt_tokens
+    double prompts, cache, patch, prune, total;  // bytes
+} sweep_disk;
+
+int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *err);
+
 typedef enum { RUN_PENDING, RUN_STARTED, RUN_DONE, RUN_FAILED, RUN_CONFLICT } run_state;
 
 typedef struct {

@@ -36,6 +36,10 @@ static void copy_rows(const kv_cache *c, int which, int seq, int T, float *flat,
 }
 
 static const char *parts[3] = {"k", "v", "z"};
+// Stored per head (TransformerLens's [pos, head, d_head] after the layer): the same bytes as the flat
+// [layers, T, heads * head_dim] rows, in a 4-D dataspace.
+static const char *part_labels[3] = {"layer,position,kv_head,d_head", "layer,position,kv_head,d_head",
+                                     "layer,position,head,d_head"};
 
 typedef struct {
     stage_inputs *in;
@@ -55,7 +59,7 @@ static int cache_item_done(work_stage *ws, int item, ep_error *err) {
     stage_item_range(c->in, item, &first, &n);
     stage_item_identity(c->identity, first, n, identity);
     stage_item_path(c->in, "cache", item, path, sizeof path);
-    return stage_item_current(path, identity, c->in->log, err);
+    return stage_item_current(path, identity, CACHE_ITEM_FORMAT, c->in->log, err);
 }
 
 static int cache_run_item(work_stage *ws, int item, ep_error *err) {
@@ -92,13 +96,14 @@ static int cache_run_item(work_stage *ws, int item, ep_error *err) {
                     copy_rows(&donors[d], w, i, T, flat, dim, 0, 0);
                     char name[96];
                     snprintf(name, sizeof name, "prompt%d/donor%d/%s", first + i, d, parts[w]);
-                    h5shape sh = {3, {c->n_layers, T, dim}};
+                    h5shape sh = {4, {c->n_layers, T, dim / c->head_dim, c->head_dim}};
                     rc = cc->bf16 ? h5store_write_bf16(&s, name, &sh, flat, err) : h5store_write_f32(&s, name, &sh, flat, err);
+                    if (rc == 0) rc = h5store_label(&s, name, part_labels[w], err);
                     free(flat);
                 }
         }
         if (rc == 0)
-            rc = h5store_set_str(&s, "format", "edgepatch-cache-item-1", err) ||
+            rc = h5store_set_str(&s, "format", CACHE_ITEM_FORMAT, err) ||
                  h5store_set_str(&s, "inputs_hash", identity, err) || h5store_set_str(&s, "stage_hash", cc->identity, err) ||
                  h5store_set_str(&s, "model_hash", in->model_hash, err) || h5store_set_str(&s, "plan_hash", in->plan_hash, err) ||
                  h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_i64(&s, "item", item, err) ||
@@ -161,7 +166,8 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, int *dam
     free(have);
     const model_config *c = &in->m.cfg;
     tp_shard t = model_config_local(c);
-    int hd = c->head_dim, full[3] = {c->n_kv_heads * hd, c->n_kv_heads * hd, c->n_heads * hd},
+    int hd = c->head_dim, heads[3] = {c->n_kv_heads, c->n_kv_heads, c->n_heads},
+        full[3] = {c->n_kv_heads * hd, c->n_kv_heads * hd, c->n_heads * hd},
         col0[3] = {t.kv_head0 * hd, t.kv_head0 * hd, t.head0 * hd};
     for (int d = 0; d < K && rc == 0; d++)
         rc = kv_cache_init_backend(&donors[d], c, n, in->prompts.max_len, 1, in->ops, err);
@@ -176,7 +182,8 @@ int cache_load_item(const stage_inputs *in, int item, kv_cache *donors, int *dam
                 float *flat = NULL;
                 rc = h5store_read_f32(&s, name, &sh, &flat, err);
                 if (rc) *damaged = 1;
-                if (rc == 0 && (sh.rank != 3 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != full[w]))
+                if (rc == 0 && (sh.rank != 4 || sh.dims[0] != c->n_layers || sh.dims[1] != T || sh.dims[2] != heads[w] ||
+                                sh.dims[3] != hd))
                     rc = ep_fail(err, "%s: dataset %s has the wrong shape for this model and prompt", path, name);
                 if (rc == 0) copy_rows(&donors[d], w, i, T, flat, full[w], col0[w], 1);
                 free(flat);

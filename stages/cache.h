@@ -2,14 +2,17 @@
 // the plan's donor-0 part) and stores, per prompt and donor, the post-RoPE keys and values of every
 // layer and KV head and every head's output before the output projection. One shard per work item
 // (a batch of batch_size prompts), <output_path>/cache.d/item-NNNNN.h5: datasets
-// prompt<p>/donor<d>/{k [L, T, kv_heads*head_dim], v, z [L, T, heads*head_dim]} (fp32, p the run's
-// prompt index); attributes format, inputs_hash (the stage identity and the item's prompt range),
+// prompt<p>/donor<d>/{k [L, T, kv_heads, head_dim], v, z [L, T, heads, head_dim]} (fp32 or bf16, p the
+// run's prompt index; dimension labels and the rest: docs/artifacts.md); attributes format, inputs_hash (the stage identity and the item's prompt range),
 // stage_hash, model_hash, plan_hash, plan, item, first_prompt, n_prompts, n_donors. The patch stage
 // reads the shard of its own item; the stage is complete when every shard is.
 #ifndef EP_CACHE_H
 #define EP_CACHE_H
 
 #include "stages/stage_inputs.h"
+
+// The shards' format: 2 stores k, v and z per head (4-D); a shard of format 1 (flat 3-D) is recomputed.
+#define CACHE_ITEM_FORMAT "edgepatch-cache-item-2"
 
 // The cache stage as work items (stages/work_stage.h); ws borrows in (keep it open until ws.release).
 int cache_work(stage_inputs *in, work_stage *ws, ep_error *err);

@@ -31,15 +31,23 @@ static circuit_unit unit_of_row(unit_kind kind, const int32_t row[4]) {
     return kind == UNIT_HEAD ? circuit_head_unit(row[0], row[1], row[2]) : circuit_edge_unit(row[0], row[1], row[2], row[3]);
 }
 
+// The token type names (prompts.h5's types), the enum_names of every type-valued dataset or dimension.
+static int set_type_names(h5store *s, const char *name, ep_error *err) {
+    const char *names[TT_COUNT];
+    for (int i = 0; i < TT_COUNT; i++) names[i] = token_type_name(i);
+    return h5store_set_strs_at(s, name, "enum_names", names, TT_COUNT, err);
+}
+
 static int write_mask(h5store *s, const char *name, const circuit *c, int edges, ep_error *err) {
     size_t n = (size_t)c->n_layers * c->n_heads * (edges ? ET * ET : NT);
     const unsigned char *src = edges ? c->edges : c->heads;
     int32_t *v = ep_malloc(sizeof(int32_t) * n);
     for (size_t i = 0; i < n; i++) v[i] = src[i];
     h5shape sh = edges ? (h5shape){4, {c->n_layers, c->n_heads, ET, ET}} : (h5shape){3, {c->n_layers, c->n_heads, NT}};
-    int rc = h5store_write_i32(s, name, &sh, v, err);
+    int rc = h5store_write_i32(s, name, &sh, v, err) ||
+             h5store_label(s, name, edges ? "layer,head,sender,receiver" : "layer,head,type", err) || set_type_names(s, name, err);
     free(v);
-    return rc;
+    return rc ? -1 : 0;
 }
 
 static int read_mask(h5store *s, const char *group, const model_config *cfg_or_null, circuit *c, ep_error *err) {
@@ -184,8 +192,15 @@ int prune_round_write(const char *path, const char *identity, int r, const circu
         met[3 * i] = (float)ms[i]->target_logprob, met[3 * i + 1] = (float)ms[i]->first_token_accuracy,
         met[3 * i + 2] = (float)ms[i]->logit_diff;
     h5shape su = {2, {n, 4}}, ss = {1, {n}}, sm = {2, {3, 3}};
-    int rc = h5store_write_i32(&s, "units", &su, u, err) || h5store_write_f32(&s, "scores", &ss, sc, err) ||
-             h5store_write_f32(&s, "metrics", &sm, met, err) || write_mask(&s, "circuit/heads", c, 0, err) ||
+    const char *unit_cols[4] = {"layer", "head", res->kind == UNIT_HEAD ? "type" : "sender", "receiver"};
+    const char *metric_rows[3] = {"circuit", "kept", "clean"}, *metric_cols[3] = {"target_logprob", "first_token_accuracy", "logit_diff"};
+    int rc = h5store_write_i32(&s, "units", &su, u, err) || h5store_label(&s, "units", "unit,field", err) ||
+             h5store_set_strs_at(&s, "units", "column_names", unit_cols, 4, err) || set_type_names(&s, "units", err) ||
+             h5store_write_f32(&s, "scores", &ss, sc, err) || h5store_label(&s, "scores", "unit", err) ||
+             h5store_write_f32(&s, "metrics", &sm, met, err) || h5store_label(&s, "metrics", "measured,metric", err) ||
+             h5store_set_strs_at(&s, "metrics", "row_names", metric_rows, 3, err) ||
+             h5store_set_strs_at(&s, "metrics", "column_names", metric_cols, 3, err) ||
+             write_mask(&s, "circuit/heads", c, 0, err) ||
              (c->edges && write_mask(&s, "circuit/edges", c, 1, err)) || write_mask(&s, "kept/heads", kept, 0, err) ||
              (kept->edges && write_mask(&s, "kept/edges", kept, 1, err)) ||
              h5store_set_str(&s, "format", "edgepatch-prune-round-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
@@ -196,9 +211,12 @@ int prune_round_write(const char *path, const char *identity, int r, const circu
              h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err);
     if (rc == 0 && res->compare_scores) {
         h5shape sa = {1, {4}};
+        const char *agreement_names[4] = {"spearman", "spearman_abs_exact", "top_k_overlap", "top_k"};  // as model_logs.json names them
         for (int i = 0; i < n; i++) sc[i] = (float)res->compare_scores[i];
-        rc = h5store_write_f32(&s, "compare/scores", &ss, sc, err) ||
+        rc = h5store_write_f32(&s, "compare/scores", &ss, sc, err) || h5store_label(&s, "compare/scores", "unit", err) ||
              h5store_write_f64(&s, "compare/agreement", &sa, res->agreement, err) ||
+             h5store_label(&s, "compare/agreement", "statistic", err) ||
+             h5store_set_strs_at(&s, "compare/agreement", "column_names", agreement_names, 4, err) ||
              h5store_set_str(&s, "compare_method", res->compare_method, err);
     }
     free(u), free(sc);
@@ -348,6 +366,9 @@ int circuit_file_write(const char *run_dir, const circuit *c, int round, double 
     json_t *o = circuit_json(c);
     json_object_set_new(o, "round", json_integer(round));
     json_object_set_new(o, "faithfulness_logit_diff", num(faith));
+    // the model's shape, for the report's layer axis (a circuit need not reach the last layer)
+    json_object_set_new(o, "n_layers", json_integer(c->n_layers));
+    json_object_set_new(o, "n_heads", json_integer(c->n_heads));
     snprintf(path, sizeof path, "%s/circuit.json", run_dir);
     int rc = write_json_atomic(path, o, err);
     json_decref(o);

@@ -67,14 +67,15 @@ static int store_metrics(h5store *s, const char *group, const metric_arrays *a, 
     const int32_t *iv[3] = {a->correct, a->first_token_correct, a->n_generated};
     for (int k = 0; k < 3; k++) {
         snprintf(name, sizeof name, "%s/%s", group, ints[k]);
-        if (h5store_write_i32(s, name, &p1, iv[k], err)) return -1;
+        if (h5store_write_i32(s, name, &p1, iv[k], err) || h5store_label(s, name, "prompt", err)) return -1;
     }
     snprintf(name, sizeof name, "%s/generated", group);
-    if (h5store_write_i32(s, name, &pg, a->generated, err)) return -1;
+    if (h5store_write_i32(s, name, &pg, a->generated, err) || h5store_label(s, name, "prompt,generated_position", err))
+        return -1;
     snprintf(name, sizeof name, "%s/target_logprob", group);
-    if (h5store_write_f32(s, name, &p1, a->target_logprob, err)) return -1;
+    if (h5store_write_f32(s, name, &p1, a->target_logprob, err) || h5store_label(s, name, "prompt", err)) return -1;
     snprintf(name, sizeof name, "%s/logit_diff", group);
-    return h5store_write_f32(s, name, &p1, a->logit_diff, err);
+    return h5store_write_f32(s, name, &p1, a->logit_diff, err) || h5store_label(s, name, "prompt", err) ? -1 : 0;
 }
 
 static double mean_i(const int32_t *v, int n, const int32_t *mask) {
@@ -104,6 +105,28 @@ static void set_figures(json_t *o, const metric_arrays *m, const metric_arrays *
     json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(m->correct, P, clean->correct)));
     json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
     json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
+    // The paired table of greedy correctness against the full model on the same prompts: what the
+    // report's 95% interval of the accuracy drop is computed from (stages/interval.h).
+    int both = 0, full_only = 0, ablated_only = 0;
+    for (int i = 0; i < P; i++) {
+        both += clean->correct[i] && m->correct[i];
+        full_only += clean->correct[i] && !m->correct[i];
+        ablated_only += !clean->correct[i] && m->correct[i];
+    }
+    json_object_set_new(o, "prompts_correct", json_pack("{s:i,s:i,s:i,s:i}", "both", both, "full_model_only", full_only,
+                                                         "ablated_only", ablated_only, "neither", P - both - full_only - ablated_only));
+}
+
+// The layers a plan ablates anything in (a rule that reads a donor, or a head unit), ascending.
+static json_t *ablated_layers(const ablation_plan *p) {
+    json_t *list = json_array();
+    for (int l = 0; l < p->n_layers; l++) {
+        int any = 0;
+        for (int r = 0; r < p->layer_rules[l].n && !any; r++) any = p->layer_rules[l].rule[r].donor >= 0;
+        for (int u = 0; u < p->n_head_units && !any; u++) any = p->head_units[u].layer == l && p->head_units[u].donor >= 0;
+        if (any) json_array_append_new(list, json_integer(l));
+    }
+    return list;
 }
 
 // model_logs.json as the patch stage writes it. m: the plan's, the clean model's, then each ablation's figures.
@@ -118,6 +141,7 @@ static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m,
     set_figures(o, &m[0], clean, P);
     json_object_set_new(o, "full_model_accuracy", real_or_null(mean_i(clean->correct, P, NULL)));
     json_object_set_new(o, "full_model_first_token_accuracy", real_or_null(mean_i(clean->first_token_correct, P, NULL)));
+    json_object_set_new(o, "full_model_mean_target_logprob", real_or_null(mean_f(clean->target_logprob, P)));
     json_object_set_new(o, "full_model_mean_logit_diff", real_or_null(mean_f(clean->logit_diff, P)));
     json_object_set_new(o, "model_hash", json_string(in->model_hash));
     json_object_set_new(o, "plan_hash", json_string(in->plan_hash));
@@ -129,6 +153,7 @@ static json_t *model_logs_object(const stage_inputs *in, const metric_arrays *m,
             // the report's heatmap labels, when the config gives them
             if (spec->group) json_object_set_new(f, "group", json_string(spec->group));
             if (spec->band) json_object_set_new(f, "band", json_string(spec->band));
+            json_object_set_new(f, "layers", ablated_layers(&in->ablations[a]));
             set_figures(f, &m[2 + a], clean, P);
             json_array_append_new(list, f);
         }
@@ -247,7 +272,7 @@ static int patch_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4096], identity[17];
     item_identity(c, item, identity);
     stage_item_path(c->in, "patch", item, path, sizeof path);
-    return stage_item_current(path, identity, ws->log, err);
+    return stage_item_current(path, identity, "edgepatch-patch-item-1", ws->log, err);
 }
 
 // Metric groups of the patch files: 0 "plan", 1 "clean", 2 + a "ablation-NNN" for the config's ablation a.
@@ -268,12 +293,30 @@ static void groups_free(const patch_ctx *c, metric_arrays *m) {
     free(m);
 }
 
+// An ablation group's attributes: its name, the config's group and band labels (when given) and its
+// plan as the config's ablations[i] gives it, less name, group and band (canonical JSON: sorted keys,
+// compact), so the file says what was ablated.
+static int store_ablation_attrs(const patch_ctx *c, h5store *s, const char *group, int a, ep_error *err) {
+    const run_ablation *spec = &c->in->cfg->ablations[a];
+    json_t *plan = json_deep_copy(spec->plan);  // the plan without the labels stored beside it
+    json_object_del(plan, "name"), json_object_del(plan, "group"), json_object_del(plan, "band");
+    char *rules = json_dumps(plan, JSON_COMPACT | JSON_SORT_KEYS);
+    json_decref(plan);
+    int rc = h5store_set_str_at(s, group, "name", c->in->ablations[a].name, err) ||
+             (spec->group && h5store_set_str_at(s, group, "group", spec->group, err)) ||
+             (spec->band && h5store_set_str_at(s, group, "band", spec->band, err)) ||
+             h5store_set_str_at(s, group, "rules", rules ? rules : "null", err);
+    free(rules);
+    return rc ? -1 : 0;
+}
+
 // Every group of m (n prompts) into s; without ablations in the plan, "clean" is the plan's figures.
 static int store_groups(const patch_ctx *c, h5store *s, const metric_arrays *m, int n, ep_error *err) {
     for (int g = 0; g < 2 + c->in->n_ablations; g++) {
         char name[32];
         group_name(g, name);
         if (store_metrics(s, name, g == 1 && !c->ablates ? &m[0] : &m[g], n, c->max_new, err)) return -1;
+        if (g >= 2 && store_ablation_attrs(c, s, name, g - 2, err)) return -1;
     }
     return 0;
 }

@@ -84,7 +84,7 @@ static int round_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
-    return stage_item_current(path, id, ws->log, err);
+    return stage_item_current(path, id, "edgepatch-prune-item-1", ws->log, err);
 }
 
 static int round_run_item(work_stage *ws, int item, ep_error *err) {
@@ -114,7 +114,16 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     h5store s;
     if (r == 0 && !ws->follower && (r = h5store_create(path, &s, err)) == 0) {
         h5shape ss = {2, {n, rc->width ? rc->width : 1}}, sb = {1, {3}};
-        r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_write_f64(&s, "base", &sb, base, err) ||
+        // The columns of sums (rc->width of them): exact's three sums, attribution's, or the earlier file's placeholder.
+        const char *cols[5], *metric_cols[3] = {"target_logprob", "first_token_accuracy", "logit_diff"};
+        int nc = 0;
+        if (rc->exact) cols[nc++] = "exact_target_logprob", cols[nc++] = "exact_first_token_accuracy", cols[nc++] = "exact_logit_diff";
+        if (rc->attribution) cols[nc++] = "attribution";
+        if (rc->method == 2 || nc == 0) cols[nc++] = "unused";
+        r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_label(&s, "sums", "unit,column", err) ||
+            h5store_set_strs_at(&s, "sums", "column_names", cols, nc, err) ||
+            h5store_write_f64(&s, "base", &sb, base, err) || h5store_label(&s, "base", "metric", err) ||
+            h5store_set_strs_at(&s, "base", "column_names", metric_cols, 3, err) ||
             h5store_set_str(&s, "format", "edgepatch-prune-item-1", err) || h5store_set_str(&s, "inputs_hash", id, err) ||
             h5store_set_i64(&s, "item", item, err) || h5store_set_i64(&s, "first_prompt", first, err) ||
             h5store_set_i64(&s, "n_prompts", S, err) || h5store_set_i64(&s, "first_unit", sp.u0, err) ||

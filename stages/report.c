@@ -12,9 +12,15 @@
 
 #include "pipeline/files.h"
 #include "pipeline/stop_signals.h"
+#include "stages/circuit_file.h"
+#include "stages/interval.h"
+#include "stages/prompts.h"
 #include "stages/stage_inputs.h"
 
 extern char **environ;
+
+// Bounds on a model's shape that the report draws (the largest models have about 130 layers and heads).
+enum { MAX_LAYERS = 512, MAX_HEADS = 1024 };
 
 static double num_or_nan(json_t *o, const char *key) {
     json_t *v = json_object_get(o, key);
@@ -64,6 +70,27 @@ static int check_entry(const char *path, const char *list, size_t i, json_t *e, 
     return 0;
 }
 
+// "prompts_correct" (optional: model_logs.json from before it existed has none): four counts that add
+// up to the run's prompts.
+static int check_counts(const char *path, const char *where, json_t *o, int n_prompts, ep_error *err) {
+    static const char *keys[] = {"both", "full_model_only", "ablated_only", "neither", NULL};
+    json_t *t = json_object_get(o, "prompts_correct");
+    if (!t) return 0;
+    char at[96];
+    snprintf(at, sizeof at, "%sprompts_correct.", where);
+    if (!json_is_object(t)) return ep_fail(err, "%s: field %sprompts_correct: wrong type (expected an object)", path, where);
+    long long sum = 0;
+    for (int k = 0; keys[k]; k++) {
+        if (need(path, at, t, keys[k], F_INTEGER, 0, err)) return -1;
+        long long v = json_integer_value(json_object_get(t, keys[k]));
+        if (v < 0) return ep_fail(err, "%s: field %s%s: negative", path, at, keys[k]);
+        sum += v;
+    }
+    if (sum != n_prompts)
+        return ep_fail(err, "%s: field %sprompts_correct: the counts add up to %lld, not n_prompts (%d)", path, where, sum, n_prompts);
+    return 0;
+}
+
 static int check_logs(const char *path, json_t *logs, ep_error *err) {
     static const char *top[] = {"task", "model_name", "n_prompts", "full_model_accuracy", "full_model_first_token_accuracy",
                                 "full_model_mean_logit_diff", "plan_ablates", NULL};
@@ -77,9 +104,11 @@ static int check_logs(const char *path, json_t *logs, ep_error *err) {
     static const int round_kinds[] = {F_INTEGER, F_STRING, F_STRING, F_INTEGER, F_INTEGER, F_NUMBER, F_NUMBER, F_STRING};
     for (int k = 0; top[k]; k++)
         if (need(path, "", logs, top[k], top_kinds[k], 0, err)) return -1;
+    int n_prompts = (int)json_integer_value(json_object_get(logs, "n_prompts"));
     if (json_is_true(json_object_get(logs, "plan_ablates")))
         for (int k = 0; plan[k]; k++)
             if (need(path, "", logs, plan[k], plan_kinds[k], 0, err)) return -1;
+    if (check_counts(path, "", logs, n_prompts, err)) return -1;
     if (need(path, "", logs, "ablations", F_ARRAY, 1, err) || need(path, "", logs, "prune", F_ARRAY, 1, err)) return -1;
     size_t i;
     json_t *a;
@@ -87,41 +116,112 @@ static int check_logs(const char *path, json_t *logs, ep_error *err) {
         char where[64];
         snprintf(where, sizeof where, "ablations[%zu].", i);
         if (check_entry(path, "ablations", i, a, ablation, ablation_kinds, err) || need(path, where, a, "group", F_STRING, 1, err) ||
-            need(path, where, a, "band", F_STRING, 1, err))
+            need(path, where, a, "band", F_STRING, 1, err) || need(path, where, a, "layers", F_ARRAY, 1, err) ||
+            check_counts(path, where, a, n_prompts, err))
             return -1;
+        size_t k;
+        json_t *l;
+        json_array_foreach(json_object_get(a, "layers"), k, l)
+            if (!json_is_integer(l) || json_integer_value(l) < 0 || json_integer_value(l) >= MAX_LAYERS)
+                return ep_fail(err, "%s: field %slayers[%zu]: expected a layer number", path, where, k);
     }
     json_array_foreach(json_object_get(logs, "prune"), i, a)
         if (check_entry(path, "prune", i, a, round, round_kinds, err)) return -1;
     return 0;
 }
 
+// The units of circuit.json's "heads" ([layer, head, "type"]) or "edges" ([layer, head, "sender",
+// "receiver"]): what circuit.csv lists.
+static int check_units(const char *path, json_t *c, const char *key, int n_names, ep_error *err) {
+    size_t i;
+    json_t *u;
+    json_array_foreach(json_object_get(c, key), i, u) {
+        int fine = json_is_array(u) && json_array_size(u) == (size_t)(2 + n_names);
+        for (int k = 0; fine && k < 2; k++)
+            fine = json_is_integer(json_array_get(u, k)) && json_integer_value(json_array_get(u, k)) >= 0 &&
+                   json_integer_value(json_array_get(u, k)) < (k ? MAX_HEADS : MAX_LAYERS);
+        for (int k = 0; fine && k < n_names; k++) {
+            token_type t;
+            fine = json_is_string(json_array_get(u, 2 + k)) && token_type_parse(json_string_value(json_array_get(u, 2 + k)), &t) == 0;
+        }
+        if (!fine)
+            return ep_fail(err, "%s: field %s[%zu]: expected [layer, head, %s]", path, key, i, n_names == 1 ? "\"type\"" : "\"sender\", \"receiver\"");
+    }
+    return 0;
+}
+
 static int check_circuit(const char *path, json_t *c, ep_error *err) {
     if (need(path, "", c, "round", F_INTEGER, 0, err) || need(path, "", c, "n_head_units", F_INTEGER, 0, err) ||
         need(path, "", c, "n_edge_units", F_INTEGER, 0, err) || need(path, "", c, "faithfulness_logit_diff", F_NUMBER, 0, err) ||
-        need(path, "", c, "by_type_and_layer", F_OBJECT, 0, err))
+        need(path, "", c, "by_type_and_layer", F_OBJECT, 0, err) || need(path, "", c, "heads", F_ARRAY, 0, err) ||
+        need(path, "", c, "edges", F_ARRAY, 1, err) || need(path, "", c, "n_layers", F_INTEGER, 1, err) ||
+        need(path, "", c, "n_heads", F_INTEGER, 1, err))
         return -1;
+    json_t *n_layers = json_object_get(c, "n_layers"), *n_heads = json_object_get(c, "n_heads");
+    if (n_layers && (json_integer_value(n_layers) < 1 || json_integer_value(n_layers) > MAX_LAYERS))
+        return ep_fail(err, "%s: field n_layers: expected 1..%d", path, MAX_LAYERS);
+    if (n_heads && (json_integer_value(n_heads) < 1 || json_integer_value(n_heads) > MAX_HEADS))
+        return ep_fail(err, "%s: field n_heads: expected 1..%d", path, MAX_HEADS);
+    if (check_units(path, c, "heads", 1, err) || check_units(path, c, "edges", 2, err)) return -1;
     json_t *by = json_object_get(c, "by_type_and_layer");
     return need(path, "by_type_and_layer.", by, "heads", F_ARRAY, 0, err) || need(path, "by_type_and_layer.", by, "edges", F_ARRAY, 1, err);
+}
+
+// The paired counts of o ("prompts_correct", checked), as the interval wants them; 0 when o has none.
+static int counts_of(json_t *o, paired_counts *t) {
+    json_t *c = json_object_get(o, "prompts_correct");
+    if (!c) return 0;
+    *t = (paired_counts){(int)json_integer_value(json_object_get(c, "both")), (int)json_integer_value(json_object_get(c, "full_model_only")),
+                         (int)json_integer_value(json_object_get(c, "ablated_only")), (int)json_integer_value(json_object_get(c, "neither"))};
+    return 1;
+}
+
+// The 95% interval of o's accuracy drop (full model - o), NaN when o has no paired counts.
+static void drop_interval(json_t *o, double *lo, double *hi) {
+    paired_counts t;
+    *lo = *hi = NAN;
+    if (counts_of(o, &t)) paired_difference_interval(t, INTERVAL_Z95, lo, hi);
+}
+
+static void interval_text(char *out, size_t size, json_t *o) {
+    double lo, hi;
+    drop_interval(o, &lo, &hi);
+    if (isfinite(lo)) snprintf(out, size, "[%.3f, %.3f]", lo, hi);
+    else snprintf(out, size, "-");
 }
 
 // The table: full model and every ablation, then the pruning rounds.
 static void print_table(FILE *f, json_t *logs) {
     double full = num_or_nan(logs, "full_model_accuracy");
+    char ci[64];
+    int with_ci = counts_of(logs, &(paired_counts){0});
     fprintf(f, "task %s, %d prompts, %s\n\n", str_or(logs, "task", "?"), (int)num_or_nan(logs, "n_prompts"),
             str_or(logs, "model_name", "?"));
-    fprintf(f, "%-36s %9s %9s %12s %10s\n", "accuracy (greedy generation)", "accuracy", "drop", "first-token", "logit diff");
-    fprintf(f, "%-36s %9.3f %9s %12.3f %10.3f\n", "full model", full, "", num_or_nan(logs, "full_model_first_token_accuracy"),
+    fprintf(f, "%-36s %9s %9s %18s %12s %10s\n", "accuracy (greedy generation)", "accuracy", "drop", "drop 95% interval",
+            "first-token", "logit diff");
+    fprintf(f, "%-36s %9.3f %9s %18s %12.3f %10.3f\n", "full model", full, "", "", num_or_nan(logs, "full_model_first_token_accuracy"),
             num_or_nan(logs, "full_model_mean_logit_diff"));
-    if (json_is_true(json_object_get(logs, "plan_ablates")))
-        fprintf(f, "%-36.36s %9.3f %9.3f %12.3f %10.3f\n", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
-                full - num_or_nan(logs, "accuracy"), num_or_nan(logs, "first_token_accuracy"), num_or_nan(logs, "mean_logit_diff"));
+    if (json_is_true(json_object_get(logs, "plan_ablates"))) {
+        interval_text(ci, sizeof ci, logs);
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f\n", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
+                full - num_or_nan(logs, "accuracy"), ci, num_or_nan(logs, "first_token_accuracy"), num_or_nan(logs, "mean_logit_diff"));
+    }
     size_t i;
     json_t *a;
     json_array_foreach(json_object_get(logs, "ablations"), i, a) {
         double acc = num_or_nan(a, "accuracy");
-        fprintf(f, "%-36.36s %9.3f %9.3f %12.3f %10.3f\n", str_or(a, "name", "?"), acc, full - acc,
+        interval_text(ci, sizeof ci, a);
+        with_ci |= counts_of(a, &(paired_counts){0});
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f\n", str_or(a, "name", "?"), acc, full - acc, ci,
                 num_or_nan(a, "first_token_accuracy"), num_or_nan(a, "mean_logit_diff"));
     }
+    if (with_ci)
+        fprintf(f, "(drop: full-model accuracy - ablated accuracy on the same %d prompts; 95%% interval: Newcombe's hybrid score\n"
+                   " interval for paired proportions, from the prompts each model alone answers correctly)\n",
+                (int)num_or_nan(logs, "n_prompts"));
+    else if (json_array_size(json_object_get(logs, "ablations")) || json_is_true(json_object_get(logs, "plan_ablates")))
+        fprintf(f, "(no 95%% intervals: model_logs.json has no per-prompt counts, \"prompts_correct\"; a rerun of `edgepatch run`\n"
+                   " adds them from patch.h5)\n");
     json_t *rounds = json_object_get(logs, "prune");
     if (json_array_size(rounds)) {
         fprintf(f, "\n%-6s %-5s %-12s %8s %8s %14s %18s  %s\n", "round", "kind", "method", "scored", "kept",
@@ -160,23 +260,101 @@ static int run_tool(char *const argv[], char *why, size_t why_size, ep_error *er
     return 0;
 }
 
-// The tool writes tmp; a finished figure replaces path.
-static int draw(char *const argv[], const char *tmp, const char *path, char *why, size_t why_size, ep_error *err) {
-    int rc = run_tool(argv, why, why_size, err);
-    if (rc == 0 && rename(tmp, path) != 0) rc = ep_fail(err, "%s: cannot write: %s", path, strerror(errno));
-    if (rc) unlink(tmp);
+// cairo (1.16, Debian 12's) stamps every PDF with the time it was drawn and knows no SOURCE_DATE_EPOCH; the
+// stamp is overwritten in place, same length (the cross-reference offsets stay right), with 1970-01-01
+// 00:00 UTC, so a figure redrawn from the same data is byte-identical (tests/cli_recover.sh compares
+// whole run folders).
+static int pdf_fixed_dates(const char *path, ep_error *err) {
+    FILE *f = fopen(path, "r+b");
+    if (!f) return ep_fail(err, "%s: %s", path, strerror(errno));
+    char *text = NULL;
+    size_t len = 0, cap = 0, got;
+    char chunk[65536];
+    while ((got = fread(chunk, 1, sizeof chunk, f)) > 0) {
+        if (len + got > cap) text = ep_realloc(text, cap = 2 * (len + got));
+        memcpy(text + len, chunk, got);
+        len += got;
+    }
+    static const char *keys[] = {"/CreationDate (D:", "/ModDate (D:"};
+    static const char epoch[] = "19700101000000";
+    int rc = 0;
+    for (int k = 0; k < 2 && rc == 0; k++) {
+        size_t klen = strlen(keys[k]);
+        for (size_t at = 0; at + klen < len; at++) {
+            if (memcmp(text + at, keys[k], klen)) continue;
+            size_t d = at + klen;
+            for (size_t j = 0; d + j < len && text[d + j] != ')' && j < 32; j++) {
+                char c = text[d + j];
+                text[d + j] = j < 14 && c >= '0' && c <= '9' ? epoch[j] : c >= '0' && c <= '9' ? '0' : c == '-' ? '+' : c;
+            }
+            if (fseek(f, (long)d, SEEK_SET) || fwrite(text + d, 1, 32 < len - d ? 32 : len - d, f) != (32 < len - d ? 32 : len - d))
+                rc = ep_fail(err, "%s: %s", path, strerror(errno));
+        }
+    }
+    free(text);
+    if (fclose(f) && rc == 0) rc = ep_fail(err, "%s: %s", path, strerror(errno));
     return rc;
 }
 
-// "name='value'" for gnuplot -e, a quote in value doubled (gnuplot's single-quoted strings).
-static void gnuplot_assign(char *out, size_t size, const char *name, const char *value) {
+// One figure file a tool draws: the tool writes tmp, a finished figure replaces path.
+typedef struct {
+    char path[4200], tmp[4300];
+} figure_file;
+
+static void figure_file_init(figure_file *f, const char *run, const char *name) {
+    snprintf(f->path, sizeof f->path, "%s/%s", run, name);
+    snprintf(f->tmp, sizeof f->tmp, "%s.tmp-%d", f->path, (int)getpid());
+}
+
+static int ends_with(const char *s, const char *tail) {
+    size_t n = strlen(s), m = strlen(tail);
+    return n >= m && !strcmp(s + n - m, tail);
+}
+
+// Runs the tool, which writes files[0..n) under their temporaries; when it succeeded, the PDFs get fixed
+// dates and every file replaces its figure; otherwise no figure changes and the temporaries go.
+static int draw(char *const argv[], figure_file *files, int n, char *why, size_t why_size, ep_error *err) {
+    int rc = run_tool(argv, why, why_size, err);
+    for (int k = 0; k < n && rc == 0; k++)
+        if (ends_with(files[k].path, ".pdf")) rc = pdf_fixed_dates(files[k].tmp, err);
+    for (int k = 0; k < n && rc == 0; k++)
+        if (rename(files[k].tmp, files[k].path) != 0) rc = ep_fail(err, "%s: cannot write: %s", files[k].path, strerror(errno));
+    if (rc)
+        for (int k = 0; k < n; k++) unlink(files[k].tmp);
+    return rc;
+}
+
+// "name='value'; " for gnuplot -e, a quote in value doubled (gnuplot's single-quoted strings).
+static size_t gnuplot_assign(char *out, size_t size, const char *name, const char *value) {
     size_t n = (size_t)snprintf(out, size, "%s='", name);
-    for (const char *c = value; *c && n + 3 < size; c++) {
+    for (const char *c = value; *c && n + 5 < size; c++) {
         if (*c == '\'') out[n++] = '\'';
         out[n++] = *c;
     }
     out[n++] = '\'';
+    out[n++] = ';';
+    out[n++] = ' ';
     out[n] = 0;
+    return n;
+}
+
+// A CSV field (RFC 4180): quoted when it holds a comma, quote or line break, quotes doubled.
+static void csv_text(FILE *f, const char *s) {
+    if (!strpbrk(s, ",\"\n\r")) {
+        fputs(s, f);
+        return;
+    }
+    fputc('"', f);
+    for (; *s; s++) {
+        if (*s == '"') fputc('"', f);
+        fputc(*s, f);
+    }
+    fputc('"', f);
+}
+
+// A number for the CSV files: empty when not known.
+static void csv_number(FILE *f, double x, const char *format) {
+    if (isfinite(x)) fprintf(f, format, x);
 }
 
 // Distinct values of key over the ablations that have both "group" and "band", in first-seen order.
@@ -194,70 +372,6 @@ static int labels(json_t *ablations, const char *key, const char **out, int max)
     return n;
 }
 
-static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
-    json_t *ablations = json_object_get(logs, "ablations");
-    const char *groups[64], *bands[64];
-    int G = labels(ablations, "group", groups, 64), B = labels(ablations, "band", bands, 64);
-    if (G == 0 || B == 0) {
-        fprintf(out, "figures: accuracy_drop.png skipped: no ablation with \"group\" and \"band\" in this run\n");
-        return 0;
-    }
-    double full = num_or_nan(logs, "full_model_accuracy"), *drop = ep_malloc(sizeof(double) * (size_t)G * B), most = 0.05;
-    for (int k = 0; k < G * B; k++) drop[k] = NAN;
-    size_t i;
-    json_t *a;
-    json_array_foreach(ablations, i, a) {
-        for (int g = 0; g < G; g++)
-            for (int b = 0; b < B; b++)
-                if (!strcmp(groups[g], str_or(a, "group", "")) && !strcmp(bands[b], str_or(a, "band", "")))
-                    drop[g * B + b] = full - num_or_nan(a, "accuracy");
-    }
-    for (int k = 0; k < G * B; k++)
-        if (fabs(drop[k]) > most) most = fabs(drop[k]);
-    char gp[4200], png[4200], tmp[4300];
-    snprintf(gp, sizeof gp, "%s/accuracy_drop.gp", run);
-    snprintf(png, sizeof png, "%s/accuracy_drop.png", run);
-    snprintf(tmp, sizeof tmp, "%s.tmp-%d", png, (int)getpid());
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    if (!f) {
-        free(drop);
-        return ep_fail(err, "%s: out of memory", gp);
-    }
-    fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot accuracy_drop.gp` to redraw.\n");
-    // The output is a variable that we set on gnuplot's command line (a temporary named after our pid), so
-    // the script's bytes are the same in every run; run by hand, it draws accuracy_drop.png.
-    fprintf(f, "set terminal pngcairo size %d,%d font 'sans,11'\nif (!exists(\"out\")) out = 'accuracy_drop.png'\nset output out\n",
-            260 + 130 * B, 220 + 55 * G);
-    fprintf(f, "set title \"%s: accuracy drop when an edge group is ablated\\n(full-model accuracy %.3f over %d prompts; "
-               "drop = full - ablated)\" noenhanced\n", str_or(logs, "task", "?"), full, (int)num_or_nan(logs, "n_prompts"));
-    fprintf(f, "set termoption noenhanced\nset xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
-    fprintf(f, "set xrange [-0.5:%g]\nset yrange [%g:-0.5]\nset cbrange [%g:%g]\nset tics scale 0\n", B - 0.5, G - 0.5, -most, most);
-    fprintf(f, "set palette defined (0 '#2166ac', 1 '#f7f7f7', 2 '#b2182b')\n");
-    fprintf(f, "set xtics (");
-    for (int b = 0; b < B; b++) fprintf(f, "%s\"%s\" %d", b ? ", " : "", bands[b], b);
-    fprintf(f, ")\nset ytics (");
-    for (int g = 0; g < G; g++) fprintf(f, "%s\"%s\" %d", g ? ", " : "", groups[g], g);
-    fprintf(f, ")\n$drop << EOD\n");
-    for (int g = 0; g < G; g++)
-        for (int b = 0; b < B; b++)
-            if (isfinite(drop[g * B + b])) fprintf(f, "%d %d %.4f\n", b, g, drop[g * B + b]);
-    fprintf(f, "EOD\nplot $drop using 1:2:3 with image notitle, $drop using 1:2:(sprintf('%%.2f', $3)) with labels notitle\n");
-    fclose(f);
-    free(drop);
-    int rc = write_text_atomic(gp, text, err);
-    free(text);
-    char why[200];
-    char set_out[8700];
-    gnuplot_assign(set_out, sizeof set_out, "out", tmp);
-    char *argv[] = {"gnuplot", "-e", set_out, gp, NULL};
-    if (rc == 0) rc = draw(argv, tmp, png, why, sizeof why, err);
-    if (rc == 1) fprintf(out, "figures: accuracy_drop.png skipped: %s\n", why);
-    else if (rc == 0) fprintf(out, "figures: %s (source %s)\n", png, gp);
-    return rc < 0 ? -1 : 0;
-}
-
 // Layers as ranges: "0-2,5,7-9".
 static void layer_ranges(const unsigned char *on, int n, char *out, size_t size) {
     size_t len = 0;
@@ -272,13 +386,234 @@ static void layer_ranges(const unsigned char *on, int n, char *out, size_t size)
     }
 }
 
+// An ablation's "layers" (checked) as ranges; "" when model_logs.json does not give them.
+static void ablation_layers(json_t *a, char *out, size_t size) {
+    unsigned char on[MAX_LAYERS] = {0};
+    size_t i;
+    json_t *l;
+    json_array_foreach(json_object_get(a, "layers"), i, l) on[json_integer_value(l)] = 1;
+    layer_ranges(on, MAX_LAYERS, out, size);
+}
+
+// accuracy_drop.csv: one row per heatmap cell (the ablation drawn there).
+static char *heatmap_csv(json_t *logs, json_t **cell, const char **groups, const char **bands, int G, int B) {
+    char *text = NULL, layers[4096];
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    double full = num_or_nan(logs, "full_model_accuracy");
+    int n = (int)num_or_nan(logs, "n_prompts");
+    fprintf(f, "group,band,ablation,layers,n_prompts,accuracy,full_model_accuracy,drop,drop_ci95_low,drop_ci95_high,"
+               "both_correct,full_model_only_correct,ablated_only_correct,neither_correct,first_token_accuracy,mean_logit_diff\n");
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < B; b++) {
+            json_t *a = cell[g * B + b];
+            if (!a) continue;
+            double acc = num_or_nan(a, "accuracy"), lo, hi;
+            drop_interval(a, &lo, &hi);
+            ablation_layers(a, layers, sizeof layers);
+            csv_text(f, groups[g]), fputc(',', f), csv_text(f, bands[b]), fputc(',', f);
+            csv_text(f, str_or(a, "name", "")), fputc(',', f), csv_text(f, layers);
+            fprintf(f, ",%d,", n);
+            csv_number(f, acc, "%.6f"), fputc(',', f), csv_number(f, full, "%.6f"), fputc(',', f);
+            csv_number(f, full - acc, "%.6f"), fputc(',', f), csv_number(f, lo, "%.6f"), fputc(',', f), csv_number(f, hi, "%.6f");
+            paired_counts t;
+            if (counts_of(a, &t)) fprintf(f, ",%d,%d,%d,%d,", t.both, t.first_only, t.second_only, t.neither);
+            else fprintf(f, ",,,,,");
+            csv_number(f, num_or_nan(a, "first_token_accuracy"), "%.6f"), fputc(',', f);
+            csv_number(f, num_or_nan(a, "mean_logit_diff"), "%.6f"), fputc('\n', f);
+        }
+    fclose(f);
+    return text;
+}
+
+// A label for gnuplot's data block: double-quoted, so no quote or backslash inside (ours never have one).
+static void gnuplot_label(FILE *f, const char *s) {
+    fputc('"', f);
+    for (; *s; s++) fputc(*s == '"' || *s == '\\' ? '\'' : *s, f);
+    fputc('"', f);
+}
+
+static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
+    json_t *ablations = json_object_get(logs, "ablations");
+    const char *groups[64], *bands[64];
+    int G = labels(ablations, "group", groups, 64), B = labels(ablations, "band", bands, 64);
+    if (G == 0 || B == 0) {
+        fprintf(out, "figures: accuracy_drop.png skipped: no ablation with \"group\" and \"band\" in this run\n");
+        return 0;
+    }
+    double full = num_or_nan(logs, "full_model_accuracy"), most = 0.05;
+    int n = (int)num_or_nan(logs, "n_prompts"), with_ci = 0;
+    json_t **cell = ep_calloc((size_t)G * B, sizeof *cell);
+    size_t i;
+    json_t *a;
+    json_array_foreach(ablations, i, a) {
+        for (int g = 0; g < G; g++)
+            for (int b = 0; b < B; b++)
+                if (!strcmp(groups[g], str_or(a, "group", "")) && !strcmp(bands[b], str_or(a, "band", ""))) cell[g * B + b] = a;
+    }
+    for (int k = 0; k < G * B; k++) {
+        if (!cell[k]) continue;
+        double d = full - num_or_nan(cell[k], "accuracy");
+        if (fabs(d) > most) most = fabs(d);
+        with_ci |= counts_of(cell[k], &(paired_counts){0});
+    }
+    char gp[4200], csv[4200];
+    snprintf(gp, sizeof gp, "%s/accuracy_drop.gp", run);
+    snprintf(csv, sizeof csv, "%s/accuracy_drop.csv", run);
+    figure_file files[3];
+    figure_file_init(&files[0], run, "accuracy_drop.png");
+    figure_file_init(&files[1], run, "accuracy_drop.pdf");
+    figure_file_init(&files[2], run, "accuracy_drop.svg");
+    char *text = NULL, *table = heatmap_csv(logs, cell, groups, bands, G, B);
+    size_t len = 0;
+    FILE *f = table ? open_memstream(&text, &len) : NULL;
+    if (!f) {
+        free(cell), free(table);
+        return ep_fail(err, "%s: out of memory", gp);
+    }
+    int width = 300 + 150 * B < 640 ? 640 : 300 + 150 * B, height = 270 + (with_ci ? 75 : 55) * G;
+    fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot accuracy_drop.gp` to redraw accuracy_drop.png,\n"
+               "# .pdf and .svg. The data: accuracy_drop.csv.\n");
+    // The outputs are variables that we set on gnuplot's command line (temporaries named after our pid), so
+    // the script's bytes are the same in every run; run by hand, it draws the three files beside it.
+    fprintf(f, "if (!exists(\"png\")) png = 'accuracy_drop.png'\nif (!exists(\"pdf\")) pdf = 'accuracy_drop.pdf'\n"
+               "if (!exists(\"svg\")) svg = 'accuracy_drop.svg'\n");
+    fprintf(f, "set title \"%s: accuracy drop when an edge group is ablated\\nn = %d prompts, full-model accuracy %.3f\\n"
+               "cell: drop = full - ablated%s\" noenhanced\n",
+            str_or(logs, "task", "?"), n, full, with_ci ? ", [95% interval] (Newcombe, paired)" : "");
+    fprintf(f, "set termoption noenhanced\nset xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
+    fprintf(f, "set xrange [-0.5:%g]\nset yrange [%g:-0.5]\nset cbrange [%g:%g]\nset tics scale 0\n", B - 0.5, G - 0.5, -most, most);
+    fprintf(f, "set palette defined (0 '#2166ac', 1 '#f7f7f7', 2 '#b2182b')\n");
+    fprintf(f, "set xtics (");
+    for (int b = 0; b < B; b++) fprintf(f, "%s\"%s\" %d", b ? ", " : "", bands[b], b);
+    fprintf(f, ")\nset ytics (");
+    for (int g = 0; g < G; g++) fprintf(f, "%s\"%s\" %d", g ? ", " : "", groups[g], g);
+    // columns: band, group, drop, label lines 1 and 2, label colour (white on the darkest cells)
+    fprintf(f, ")\n$drop << EOD\n");
+    for (int g = 0; g < G; g++)
+        for (int b = 0; b < B; b++) {
+            if (!cell[g * B + b]) continue;
+            double d = full - num_or_nan(cell[g * B + b], "accuracy"), lo, hi;
+            if (!isfinite(d)) continue;
+            char value[32], ci[64] = "";
+            drop_interval(cell[g * B + b], &lo, &hi);
+            snprintf(value, sizeof value, "%.2f", d);
+            if (isfinite(lo)) snprintf(ci, sizeof ci, "[%.2f, %.2f]", lo, hi);
+            fprintf(f, "%d %d %.4f ", b, g, d);
+            gnuplot_label(f, value), fputc(' ', f), gnuplot_label(f, ci);
+            fprintf(f, " %d\n", fabs(d) > 0.6 * most ? 0xffffff : 0x000000);
+        }
+    const char *plot = with_ci ? "plot $drop using 1:2:3 with image notitle, $drop using 1:2:(strcol(4)):6 with labels tc rgb variable "
+                                 "offset 0,0.6 notitle, $drop using 1:2:(strcol(5)):6 with labels tc rgb variable offset 0,-0.6 notitle\n"
+                               : "plot $drop using 1:2:3 with image notitle, $drop using 1:2:(strcol(4)):6 with labels tc rgb variable notitle\n";
+    fprintf(f, "EOD\nset terminal pngcairo size %d,%d font 'sans,11'\nset output png\n%s", width, height, plot);
+    fprintf(f, "set terminal pdfcairo size %.2fin,%.2fin font 'sans,8'\nset output pdf\nreplot\n", width / 100.0, height / 100.0);
+    fprintf(f, "set terminal svg size %d,%d font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n", width, height);
+    fclose(f);
+    free(cell);
+    int rc = write_text_atomic(csv, table, err);
+    if (rc == 0) rc = write_text_atomic(gp, text, err);
+    free(text), free(table);
+    char why[200], assign[3 * 8800];
+    size_t at = 0;
+    const char *vars[3] = {"png", "pdf", "svg"};
+    for (int k = 0; k < 3; k++) at += gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
+    if (rc == 0) rc = draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 1) fprintf(out, "figures: accuracy_drop.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
+    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
+    return rc < 0 ? -1 : 0;
+}
+
 static const char *type_order[] = {"bos", "x", "t", "y", "n", "query", "last"};
-enum { N_TYPES = 7, MAX_LAYERS = 256 };
+enum { N_TYPES = 7 };
+// The token types' colours (Okabe and Ito's palette, told apart with colour-blindness): strong for
+// arrows and borders, a light tint to fill boxes, and what each type is (docs/design.md).
+static const char *type_colour[N_TYPES] = {"#999999", "#0072B2", "#56B4E9", "#E69F00", "#CC79A7", "#009E73", "#D55E00"};
+static const char *type_fill[N_TYPES] = {"#e6e6e6", "#c6dcec", "#d8edf9", "#f8e3b8", "#f2dce9", "#bfe6dc", "#f4d0b8"};
+static const char *type_meaning[N_TYPES] = {"beginning of text", "inputs x", "separators after x", "outputs y",
+                                            "separators after y", "the query x", "the last separator"};
 
 static int type_index(const char *s) {
     for (int t = 0; t < N_TYPES; t++)
         if (!strcmp(s, type_order[t])) return t;
     return -1;
+}
+
+// The scores the final circuit's units got in the round files: a unit's score from the last round of its
+// kind (up to the circuit's round) that scored it, as float [n_layers][n_heads][8 * 8 + 8] (head units at
+// [64 + type], edge units at [sender * 8 + receiver]); NaN where not known. NULL (why says so) when a
+// round file cannot be read: circuit.csv then leaves the scores empty.
+typedef struct {
+    float *score;
+    int *round;
+    char method[2][16];  // by unit kind
+} unit_scores;
+
+enum { SCORE_SLOTS = 8 * 8 + 8 };
+
+static int load_scores(const char *run, int last_round, int L, int H, unit_scores *s, ep_error *err) {
+    size_t n = (size_t)L * H * SCORE_SLOTS;
+    s->score = ep_malloc(sizeof(float) * n);
+    s->round = ep_malloc(sizeof(int) * n);
+    memset(s->method, 0, sizeof s->method);
+    for (size_t k = 0; k < n; k++) s->score[k] = NAN, s->round[k] = -1;
+    for (int r = 0; r <= last_round; r++) {
+        prune_round pr;
+        if (prune_round_load(run, r, &pr, err)) return -1;
+        snprintf(s->method[pr.kind == UNIT_EDGE], sizeof s->method[0], "%s", pr.method);
+        for (int u = 0; u < pr.n_units; u++) {
+            const circuit_unit *cu = &pr.units[u];
+            if (cu->layer < 0 || cu->layer >= L || cu->head < 0 || cu->head >= H) continue;
+            size_t at = ((size_t)cu->layer * H + cu->head) * SCORE_SLOTS +
+                        (pr.kind == UNIT_EDGE ? (size_t)(cu->sender * 8 + cu->receiver) : (size_t)(64 + cu->type));
+            s->score[at] = pr.scores[u];
+            s->round[at] = r;
+        }
+        prune_round_free(&pr);
+    }
+    return 0;
+}
+
+// circuit.csv: one row per unit of the final circuit.
+static char *circuit_csv(json_t *c, const unit_scores *s, int L, int H) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    if (!f) return NULL;
+    fprintf(f, "kind,layer,head,type,sender,receiver,score,score_round,score_method\n");
+    for (int kind = 0; kind < 2; kind++) {
+        size_t i;
+        json_t *u;
+        json_array_foreach(json_object_get(c, kind ? "edges" : "heads"), i, u) {
+            int l = (int)json_integer_value(json_array_get(u, 0)), h = (int)json_integer_value(json_array_get(u, 1));
+            const char *a = json_string_value(json_array_get(u, 2)), *b = kind ? json_string_value(json_array_get(u, 3)) : "";
+            fprintf(f, "%s,%d,%d,%s,%s,%s,", kind ? "edge" : "head", l, h, kind ? "" : a, kind ? a : "", b);
+            token_type ta = 0, tb = 0;
+            token_type_parse(a, &ta);
+            if (kind) token_type_parse(b, &tb);
+            size_t at = ((size_t)l * H + h) * SCORE_SLOTS + (kind ? (size_t)(ta * 8 + tb) : (size_t)(64 + ta));
+            if (s->score && l < L && h < H && s->round[at] >= 0)
+                fprintf(f, "%.9g,%d,%s\n", s->score[at], s->round[at], s->method[kind]);
+            else fprintf(f, ",,\n");
+        }
+    }
+    fclose(f);
+    return text;
+}
+
+// The heads of a (layer, type) or (layer, sender, receiver) as text: "h 0,3,5", or "12 heads" when many.
+static void heads_text(const unsigned char *on, int H, char *out, size_t size) {
+    int n = 0;
+    for (int h = 0; h < H; h++) n += on[h];
+    if (n > 4) {
+        snprintf(out, size, "%d heads", n);
+        return;
+    }
+    size_t len = (size_t)snprintf(out, size, "h ");
+    for (int h = 0, k = 0; h < H; h++)
+        if (on[h] && len < size) len += (size_t)snprintf(out + len, size - len, "%s%d", k++ ? "," : "", h);
 }
 
 // c: circuit.json (checked), or NULL when pruning did not run.
@@ -288,80 +623,164 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
         return 0;
     }
     json_t *by = json_object_get(c, "by_type_and_layer"), *e;
-    // per (sender, receiver): layers with kept edges and the number of (layer, head) edge units
-    unsigned char(*layers)[N_TYPES][MAX_LAYERS] = ep_calloc(N_TYPES, sizeof *layers);
-    int heads[N_TYPES][N_TYPES] = {{0}}, node_heads[N_TYPES] = {0}, used[N_TYPES] = {0}, most = 1;
-    unsigned char node_layers[N_TYPES][MAX_LAYERS] = {{0}};
+    // The model's layers (circuit.json from before n_layers: the highest layer of a unit) and heads.
+    int L = (int)json_integer_value(json_object_get(c, "n_layers")), H = (int)json_integer_value(json_object_get(c, "n_heads"));
     size_t i;
-    json_array_foreach(json_object_get(by, "edges"), i, e) {
-        int s = type_index(str_or(e, "sender", "")), r = type_index(str_or(e, "receiver", "")), l = (int)num_or_nan(e, "layer");
-        if (s < 0 || r < 0 || l < 0 || l >= MAX_LAYERS) continue;
-        layers[s][r][l] = 1;
-        heads[s][r] += (int)json_array_size(json_object_get(e, "heads"));
-        used[s] = used[r] = 1;
-        if (heads[s][r] > most) most = heads[s][r];
-    }
-    json_array_foreach(json_object_get(by, "heads"), i, e) {
-        int t = type_index(str_or(e, "type", "")), l = (int)num_or_nan(e, "layer");
-        if (t < 0 || l < 0 || l >= MAX_LAYERS) continue;
-        node_heads[t] += (int)json_array_size(json_object_get(e, "heads"));
-        node_layers[t][l] = 1;
-        used[t] = 1;
-    }
-    int n_edges = (int)num_or_nan(c, "n_edge_units"), n_heads = (int)num_or_nan(c, "n_head_units");
-    char *text = NULL, ranges[1024];
+    for (int kind = 0; kind < 2; kind++)
+        json_array_foreach(json_object_get(c, kind ? "edges" : "heads"), i, e) {
+            int l = (int)json_integer_value(json_array_get(e, 0)), h = (int)json_integer_value(json_array_get(e, 1));
+            if (l + 1 > L) L = l + 1;
+            if (h + 1 > H) H = h + 1;
+        }
+    if (L < 1) L = 1;
+    if (H < 1) H = 1;
+    // per layer and type: kept heads; per layer, sender and receiver: kept heads of edge units
+    unsigned char *node = ep_calloc((size_t)L * N_TYPES * H, 1), *edge = ep_calloc((size_t)L * N_TYPES * N_TYPES * H, 1);
+    int most = 1;
+    for (int kind = 0; kind < 2; kind++)
+        json_array_foreach(json_object_get(by, kind ? "edges" : "heads"), i, e) {
+            int a = type_index(str_or(e, kind ? "sender" : "type", "")), b = kind ? type_index(str_or(e, "receiver", "")) : 0;
+            int l = (int)num_or_nan(e, "layer");
+            if (a < 0 || b < 0 || !(l >= 0 && l < L)) continue;
+            size_t k;
+            json_t *h;
+            int count = 0;
+            json_array_foreach(json_object_get(e, "heads"), k, h) {
+                int hh = (int)json_integer_value(h);
+                if (hh < 0 || hh >= H) continue;
+                if (kind) edge[(((size_t)l * N_TYPES + a) * N_TYPES + b) * H + hh] = 1, count++;
+                else node[((size_t)l * N_TYPES + a) * H + hh] = 1;
+            }
+            if (count > most) most = count;
+        }
+    int n_edges = (int)num_or_nan(c, "n_edge_units"), n_heads = (int)num_or_nan(c, "n_head_units"), round = (int)num_or_nan(c, "round");
+    char *text = NULL, heads[256];
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     if (!f) {
-        free(layers);
+        free(node), free(edge);
         return ep_fail(err, "%s/circuit.dot: out of memory", run);
     }
-    fprintf(f, "// Graphviz source written by edgepatch report; `dot -Tpng circuit.dot -o circuit.png` redraws it.\n");
-    fprintf(f, "digraph circuit {\n  rankdir=LR; labelloc=t; fontname=\"sans\"; fontsize=16; nodesep=0.5; ranksep=1.1;\n");
-    fprintf(f, "  label=\"%s circuit after pruning round %d: %d head units, %d edge units kept "
-               "(faithfulness %.3f)\\nnodes: token types (kept head units, layers); arrows: kept edges sender -> receiver "
-               "(layers L, number of (layer, head) units)%s\";\n",
-            str_or(logs, "task", "?"), (int)num_or_nan(c, "round"), n_heads, n_edges, num_or_nan(c, "faithfulness_logit_diff"),
-            json_object_get(c, "edges") ? "" : "\\n(head pruning only: no edge units were pruned)");
-    fprintf(f, "  node [shape=box, style=\"rounded,filled\", fillcolor=\"#deebf7\", fontname=\"sans\"];\n");
-    fprintf(f, "  edge [fontname=\"sans\", fontsize=10, color=\"#08519c\"];\n");
-    for (int t = 0; t < N_TYPES; t++) {
-        if (!used[t]) continue;
-        layer_ranges(node_layers[t], MAX_LAYERS, ranges, sizeof ranges);
-        fprintf(f, "  \"%s\" [label=\"%s\\n%d head units\\nL %s\"];\n", type_order[t], type_order[t], node_heads[t],
-                ranges[0] ? ranges : "-");
+    fprintf(f, "// Graphviz source written by edgepatch report; `dot -Tpdf circuit.dot -o circuit.pdf` redraws it (or -Tpng,\n"
+               "// -Tsvg). One row per layer, L0 at the bottom; the units: circuit.csv.\n");
+    fprintf(f, "digraph circuit {\n  rankdir=BT; newrank=true; nodesep=0.22; ranksep=0.5; fontname=\"sans\"; labelloc=t;\n");
+    // Title and legend: an HTML-like graph label, outside the layout.
+    fprintf(f, "  label=<<TABLE BORDER=\"0\" CELLSPACING=\"3\" CELLPADDING=\"2\">\n");
+    fprintf(f, "    <TR><TD COLSPAN=\"%d\"><FONT POINT-SIZE=\"16\">%s circuit after pruning round %d: %d head units, %d edge units "
+               "(faithfulness %.3f)</FONT></TD></TR>\n",
+            5, str_or(logs, "task", "?"), round, n_heads, n_edges, num_or_nan(c, "faithfulness_logit_diff"));
+    fprintf(f, "    <TR><TD COLSPAN=\"%d\">rows: layers L0 (bottom) to L%d (top). Box: a layer's heads kept at one token type's "
+               "positions (head units).</TD></TR>\n",
+            5, L - 1);
+    if (json_object_get(c, "edges"))
+        fprintf(f, "    <TR><TD COLSPAN=\"%d\">Arrow: kept edge units of that layer, sender positions -&gt; receiver positions; colour: "
+                   "the sender's type;<BR/>width and number: heads. Dashed box: an edge's end without kept head units.</TD></TR>\n",
+                5);
+    else fprintf(f, "    <TR><TD COLSPAN=\"%d\">(head pruning only: no edge units were pruned, so there are no arrows)</TD></TR>\n", 5);
+    // the token types' colours, in two rows
+    for (int row = 0; row < 2; row++) {
+        fprintf(f, "    <TR><TD>%s</TD>", row ? "" : "token types:");
+        for (int t = row * 4; t < (row ? N_TYPES : 4); t++)
+            fprintf(f, "<TD BGCOLOR=\"%s\" BORDER=\"1\" COLOR=\"%s\">%s: %s</TD>", type_fill[t], type_colour[t], type_order[t], type_meaning[t]);
+        fprintf(f, "</TR>\n");
     }
-    for (int s = 0; s < N_TYPES; s++)
-        for (int r = 0; r < N_TYPES; r++) {
-            if (!heads[s][r]) continue;
-            layer_ranges(layers[s][r], MAX_LAYERS, ranges, sizeof ranges);
-            fprintf(f, "  \"%s\" -> \"%s\" [label=\"L %s\\n(%d)\", penwidth=%.2f];\n", type_order[s], type_order[r], ranges,
-                    heads[s][r], 1.0 + 4.0 * heads[s][r] / most);
+    fprintf(f, "  </TABLE>>;\n");
+    fprintf(f, "  node [fontname=\"sans\", fontsize=10, shape=box, style=\"rounded,filled\", height=0.28, margin=\"0.06,0.02\"];\n");
+    fprintf(f, "  edge [fontname=\"sans\", fontsize=8, arrowsize=0.6];\n");
+    // The layer axis: every layer, in order, as a column of labels.
+    fprintf(f, "  node [shape=plaintext, style=\"\", fontcolor=\"#444444\"];\n ");
+    for (int l = 0; l < L; l++) fprintf(f, " \"L%d\";", l);
+    fprintf(f, "\n  edge [style=invis, weight=100];\n ");
+    for (int l = 0; l < L; l++) fprintf(f, "%s\"L%d\"", l ? " -> " : " ", l);
+    fprintf(f, ";\n  node [shape=box, style=\"rounded,filled\", fontcolor=\"#000000\"];\n  edge [style=solid, weight=1];\n");
+    // Nodes: a (layer, type) with kept head units, or at the end of a kept edge unit.
+    int *shown = ep_calloc((size_t)L * N_TYPES, sizeof(int));
+    for (int l = 0; l < L; l++)
+        for (int a = 0; a < N_TYPES; a++)
+            for (int b = 0; b < N_TYPES; b++)
+                for (int h = 0; h < H; h++)
+                    if (edge[(((size_t)l * N_TYPES + a) * N_TYPES + b) * H + h]) shown[l * N_TYPES + a] = shown[l * N_TYPES + b] = 1;
+    for (int l = 0; l < L; l++) {
+        int any = 0;
+        for (int t = 0; t < N_TYPES; t++) {
+            const unsigned char *on = node + ((size_t)l * N_TYPES + t) * H;
+            int kept = memchr(on, 1, (size_t)H) != NULL;
+            if (!kept && !shown[l * N_TYPES + t]) continue;
+            shown[l * N_TYPES + t] = 1;
+            if (!any++) fprintf(f, "  { rank=same; \"L%d\";", l);
+            if (kept) {
+                heads_text(on, H, heads, sizeof heads);
+                fprintf(f, " \"%d:%s\" [label=\"%s  %s\", fillcolor=\"%s\", color=\"%s\", group=\"%s\"];", l, type_order[t], type_order[t],
+                        heads, type_fill[t], type_colour[t], type_order[t]);
+            } else
+                fprintf(f, " \"%d:%s\" [label=\"%s\", style=\"rounded,dashed\", color=\"%s\", group=\"%s\"];", l, type_order[t],
+                        type_order[t], type_colour[t], type_order[t]);
         }
+        if (!any) continue;
+        // left to right in token-type order, after the layer's label
+        fprintf(f, " }\n  \"L%d\"", l);
+        for (int t = 0; t < N_TYPES; t++)
+            if (shown[l * N_TYPES + t]) fprintf(f, " -> \"%d:%s\"", l, type_order[t]);
+        fprintf(f, " [style=invis];\n");
+    }
+    // Columns: a type's boxes one above the other, layer after layer.
+    for (int t = 0; t < N_TYPES; t++) {
+        int prev = -1;
+        for (int l = 0; l < L; l++) {
+            if (!shown[l * N_TYPES + t]) continue;
+            if (prev >= 0) fprintf(f, "  \"%d:%s\" -> \"%d:%s\" [style=invis, weight=20];\n", prev, type_order[t], l, type_order[t]);
+            prev = l;
+        }
+    }
+    // The kept edge units (they do not move the boxes: constraint=false).
+    for (int l = 0; l < L; l++)
+        for (int a = 0; a < N_TYPES; a++)
+            for (int b = 0; b < N_TYPES; b++) {
+                const unsigned char *on = edge + (((size_t)l * N_TYPES + a) * N_TYPES + b) * H;
+                int count = 0;
+                for (int h = 0; h < H; h++) count += on[h];
+                if (!count) continue;
+                heads_text(on, H, heads, sizeof heads);
+                fprintf(f, "  \"%d:%s\" -> \"%d:%s\" [color=\"%s\", penwidth=%.2f, xlabel=\"%d\", tooltip=\"L%d %s -> %s: %s\", constraint=false];\n",
+                        l, type_order[a], l, type_order[b], type_colour[a], 0.8 + 3.2 * count / most, count, l, type_order[a], type_order[b], heads);
+            }
     fprintf(f, "}\n");
     fclose(f);
-    free(layers);
-    char dot[4200], png[4200], svg[4200], tmp_png[4300], tmp_svg[4300], why[200];
+    free(node), free(edge), free(shown);
+    // circuit.csv, with the units' scores from the round files when they can be read
+    unit_scores scores = {0};
+    ep_error score_err = {{0}};
+    int scores_known = load_scores(run, round, L, H, &scores, &score_err) == 0;
+    if (!scores_known) free(scores.score), free(scores.round), scores.score = NULL, scores.round = NULL;
+    char *table = circuit_csv(c, &scores, L, H);
+    free(scores.score), free(scores.round);
+    char dot[4200], csv[4200], why[200];
     snprintf(dot, sizeof dot, "%s/circuit.dot", run);
-    snprintf(png, sizeof png, "%s/circuit.png", run);
-    snprintf(svg, sizeof svg, "%s/circuit.svg", run);
-    snprintf(tmp_png, sizeof tmp_png, "%s.tmp-%d", png, (int)getpid());
-    snprintf(tmp_svg, sizeof tmp_svg, "%s.tmp-%d", svg, (int)getpid());
-    int rc = write_text_atomic(dot, text, err);
-    free(text);
-    char *to_png[] = {"dot", "-Tpng", "-Gdpi=110", dot, "-o", tmp_png, NULL}, *to_svg[] = {"dot", "-Tsvg", dot, "-o", tmp_svg, NULL};
-    if (rc == 0) rc = draw(to_png, tmp_png, png, why, sizeof why, err);
-    if (rc == 0) rc = draw(to_svg, tmp_svg, svg, why, sizeof why, err);
-    if (rc == 1) fprintf(out, "figures: circuit.png and circuit.svg skipped: %s\n", why);
-    else if (rc == 0) fprintf(out, "figures: %s, %s (source %s)\n", png, svg, dot);
+    snprintf(csv, sizeof csv, "%s/circuit.csv", run);
+    int rc = table ? write_text_atomic(csv, table, err) : ep_fail(err, "%s: out of memory", csv);
+    if (rc == 0) rc = write_text_atomic(dot, text, err);
+    free(text), free(table);
+    if (rc == 0 && !scores_known) fprintf(out, "figures: %s: scores left empty: %s\n", csv, score_err.msg);
+    figure_file files[3];
+    figure_file_init(&files[0], run, "circuit.png");
+    figure_file_init(&files[1], run, "circuit.svg");
+    figure_file_init(&files[2], run, "circuit.pdf");
+    char *to_png[] = {"dot", "-Tpng", "-Gdpi=110", dot, "-o", files[0].tmp, NULL}, *to_svg[] = {"dot", "-Tsvg", dot, "-o", files[1].tmp, NULL},
+         *to_pdf[] = {"dot", "-Tpdf", dot, "-o", files[2].tmp, NULL};
+    if (rc == 0) rc = draw(to_png, &files[0], 1, why, sizeof why, err);
+    if (rc == 0) rc = draw(to_svg, &files[1], 1, why, sizeof why, err);
+    if (rc == 0) rc = draw(to_pdf, &files[2], 1, why, sizeof why, err);
+    if (rc == 1) fprintf(out, "figures: circuit.png, .svg and .pdf skipped: %s (units in %s)\n", why, csv);
+    else if (rc == 0) fprintf(out, "figures: %s, .svg, .pdf (units %s, source %s)\n", files[0].path, csv, dot);
     return rc < 0 ? -1 : 0;
 }
 
 int report_write(const char *run_dir, FILE *out, ep_error *err) {
     // What an earlier report killed half way left (this command's own files only: a run writing the same
     // folder has its own temporaries, and a live writer's are never touched; stages/stage_inputs.h).
-    static const char *const own[] = {"report.txt", "accuracy_drop.gp", "accuracy_drop.png", "circuit.dot",
-                                      "circuit.png", "circuit.svg", NULL};
+    static const char *const own[] = {"report.txt",        "accuracy_drop.gp",  "accuracy_drop.csv", "accuracy_drop.png",
+                                      "accuracy_drop.pdf", "accuracy_drop.svg", "circuit.dot",       "circuit.csv",
+                                      "circuit.png",       "circuit.svg",       "circuit.pdf",       NULL};
     if (remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
     // Both inputs are read and checked before anything is written: a bad one leaves the old report as it was.
     char path[4200], circuit_path[4200];

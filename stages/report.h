@@ -1,13 +1,18 @@
 // report: what a finished run folder says, for a researcher: a table (full-model accuracy against each
-// of the config's ablations; circuit size and faithfulness per pruning round) and two figures drawn by
-// well-kept tools: accuracy_drop.png (gnuplot: accuracy drop by edge group x layer band, from the
-// ablations that carry "group" and "band") and circuit.png / circuit.svg (Graphviz dot: token types as
-// nodes, the final circuit's kept edges labelled with their layers). Reads only model_logs.json and
-// circuit.json; writes report.txt, the figures and their sources (accuracy_drop.gp, circuit.dot) into
-// the run folder, each atomically. A drawing tool that is not installed is no error: the figure is
-// skipped and one line says so. Both inputs are checked field by field before anything is written: a
-// file lacking what the report prints fails it and leaves the old report in place. Removes stale
-// temporaries of its own files first. Never calls MPI.
+// of the config's ablations, each drop with its 95% interval; circuit size and faithfulness per pruning
+// round) and two figures drawn by well-kept tools, each as PNG, PDF and SVG with its data as CSV:
+// accuracy_drop.{png,pdf,svg} (gnuplot, from accuracy_drop.gp: accuracy drop by edge group x layer band
+// from the ablations that carry "group" and "band", each cell with its 95% interval, n in the title;
+// accuracy_drop.csv) and circuit.{png,svg,pdf} (Graphviz dot, from circuit.dot: the final circuit with one
+// rank per layer, a layer axis and a legend; circuit.csv lists its units with their round-file scores).
+// The interval (stages/interval.h) comes from the paired counts the patch stage writes into
+// model_logs.json ("prompts_correct"). Reads model_logs.json and circuit.json (and the round files for
+// circuit.csv's scores: a round file that cannot be read leaves them empty, with a note); writes every
+// file into the run folder atomically, byte-identical for the same inputs (the PDFs' dates are fixed).
+// A drawing tool that is not installed is no error: the figure is skipped and one line says so. Both
+// inputs are checked field by field before anything is written: a file lacking what the report prints
+// fails it and leaves the old report in place. Removes stale temporaries of its own files first. Never
+// calls MPI.
 #ifndef EP_REPORT_H
 #define EP_REPORT_H
 

@@ -1,3 +1,4 @@
+#define _XOPEN_SOURCE 700  // realpath
 #include "tokenize.h"
 
 #include <jansson.h>
@@ -9,6 +10,7 @@
 #include "pipeline/files.h"
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
+#include "pipeline/pretok.h"
 #include "pipeline/tokenizer.h"
 #include "stages/prompts.h"
 #include "stages/stage_inputs.h"
@@ -65,7 +67,43 @@ static int file_holds(const char *path, const char *text) {
 typedef struct {
     int P, L, K, T, N;
     int32_t *tokens, *lengths, *types, *index, *donors, *targets, *target_lengths, *pair_ids, *donor_kinds;
+    char **token_text, **donor_text, **target_text;  // each id's decoded piece ("" for padding)
 } prompt_arrays;
+
+// A token's text as prompts.h5 stores it: the id decoded alone (special tokens kept), made valid UTF-8
+// (a piece that is part of a character, or a NUL, becomes U+FFFD), so a reader needs no tokenizer.
+static char *piece_text(const tokenizer *tk, int id) {
+    char *raw = NULL;
+    size_t len = 0;
+    ep_error ignored;
+    if (id < 0) return ep_strdup("");
+    if (tokenizer_decode(tk, &id, 1, 0, &raw, &len, &ignored)) return ep_strdup("");
+    byte_buf out = {0};
+    utf8_sanitize(raw, len, &out);
+    free(raw);
+    buf_append(&out, "", 1);  // the NUL
+    for (size_t i = 0; i + 1 < out.len; i++)
+        if (!out.p[i]) {  // an embedded NUL: U+FFFD
+            byte_buf fixed = {0};
+            for (size_t j = 0; j + 1 < out.len; j++) buf_append(&fixed, out.p[j] ? out.p + j : "\xEF\xBF\xBD", out.p[j] ? 1 : 3);
+            buf_append(&fixed, "", 1);
+            buf_free(&out);
+            out = fixed;
+            break;
+        }
+    return out.p;
+}
+
+static char **texts_of(const tokenizer *tk, const int32_t *ids, size_t n) {
+    char **v = ep_malloc(sizeof(char *) * (n ? n : 1));
+    for (size_t i = 0; i < n; i++) v[i] = piece_text(tk, ids[i]);
+    return v;
+}
+
+static void texts_free(char **v, size_t n) {
+    for (size_t i = 0; v && i < n; i++) free(v[i]);
+    free(v);
+}
 
 static void arrays_init(prompt_arrays *a, prompt *ps, int P, int K, int N, const prompt_params *pp) {
     memset(a, 0, sizeof *a);
@@ -98,14 +136,27 @@ static void arrays_init(prompt_arrays *a, prompt *ps, int P, int K, int N, const
     }
 }
 
+static void arrays_texts(prompt_arrays *a, const tokenizer *tk) {
+    a->token_text = texts_of(tk, a->tokens, (size_t)a->P * a->L);
+    a->donor_text = texts_of(tk, a->donors, (size_t)a->P * a->K * a->L);
+    a->target_text = texts_of(tk, a->targets, (size_t)a->P * a->T);
+}
+
 static void arrays_free(prompt_arrays *a) {
+    texts_free(a->token_text, (size_t)a->P * a->L), texts_free(a->donor_text, (size_t)a->P * a->K * a->L);
+    texts_free(a->target_text, (size_t)a->P * a->T);
     free(a->tokens), free(a->types), free(a->index), free(a->donors), free(a->targets), free(a->lengths);
     free(a->target_lengths), free(a->pair_ids), free(a->donor_kinds);
 }
 
+// The enum names prompts.h5 stores (attribute enum_names, index = value).
+static void type_names_list(const char *out[TT_COUNT]) {
+    for (int i = 0; i < TT_COUNT; i++) out[i] = token_type_name(i);
+}
+
 static int store_prompts(const char *path, const prompt_arrays *a, const run_config *cfg, const task *t,
                          const prompt_params *pp, uint64_t tok_hash, uint64_t inputs_hash, const char *report,
-                         ep_error *err) {
+                         const char *task_path, const char *tokenizer_path, ep_error *err) {
     h5store s;
     if (h5store_create(path, &s, err)) return -1;
     h5shape pl = {2, {a->P, a->L}}, p1 = {1, {a->P}}, pkl = {3, {a->P, a->K, a->L}}, pt = {2, {a->P, a->T}},
@@ -117,20 +168,36 @@ static int store_prompts(const char *path, const prompt_arrays *a, const run_con
         strcat(kinds, donor_kind_name(pp->kinds[d]));
     }
     char types[128] = "";
+    const char *type_list[TT_COUNT], *kind_list[DONOR_KIND_COUNT];
+    type_names_list(type_list);
+    for (int i = 0; i < DONOR_KIND_COUNT; i++) kind_list[i] = donor_kind_name((donor_kind)i);
     for (int i = 0; i < TT_COUNT; i++) {
         if (i) strcat(types, ",");
         strcat(types, token_type_name(i));
     }
-    int rc = h5store_write_i32(&s, "tokens", &pl, a->tokens, err) || h5store_write_i32(&s, "types", &pl, a->types, err) ||
-             h5store_write_i32(&s, "index", &pl, a->index, err) || h5store_write_i32(&s, "lengths", &p1, a->lengths, err) ||
-             (a->K && h5store_write_i32(&s, "donors", &pkl, a->donors, err)) ||
-             (a->K && h5store_write_i32(&s, "donor_kinds", &k1, a->donor_kinds, err)) ||
-             h5store_write_i32(&s, "targets", &pt, a->targets, err) ||
+    int rc = h5store_write_i32(&s, "tokens", &pl, a->tokens, err) || h5store_label(&s, "tokens", "prompt,position", err) ||
+             h5store_write_i32(&s, "types", &pl, a->types, err) || h5store_label(&s, "types", "prompt,position", err) ||
+             h5store_set_strs_at(&s, "types", "enum_names", type_list, TT_COUNT, err) ||
+             h5store_write_i32(&s, "index", &pl, a->index, err) || h5store_label(&s, "index", "prompt,position", err) ||
+             h5store_write_i32(&s, "lengths", &p1, a->lengths, err) || h5store_label(&s, "lengths", "prompt", err) ||
+             h5store_write_str(&s, "token_text", &pl, (const char *const *)a->token_text, err) ||
+             h5store_label(&s, "token_text", "prompt,position", err) ||
+             (a->K && (h5store_write_i32(&s, "donors", &pkl, a->donors, err) ||
+                       h5store_label(&s, "donors", "prompt,donor,position", err) ||
+                       h5store_write_str(&s, "donor_text", &pkl, (const char *const *)a->donor_text, err) ||
+                       h5store_label(&s, "donor_text", "prompt,donor,position", err) ||
+                       h5store_write_i32(&s, "donor_kinds", &k1, a->donor_kinds, err) ||
+                       h5store_label(&s, "donor_kinds", "donor", err) ||
+                       h5store_set_strs_at(&s, "donor_kinds", "enum_names", kind_list, DONOR_KIND_COUNT, err))) ||
+             h5store_write_i32(&s, "targets", &pt, a->targets, err) || h5store_label(&s, "targets", "prompt,target_position", err) ||
+             h5store_write_str(&s, "target_text", &pt, (const char *const *)a->target_text, err) ||
+             h5store_label(&s, "target_text", "prompt,target_position", err) ||
              h5store_write_i32(&s, "target_lengths", &p1, a->target_lengths, err) ||
-             h5store_write_i32(&s, "pair_ids", &pn, a->pair_ids, err) ||
-             h5store_set_str(&s, "format", "edgepatch-prompts-1", err) || h5store_set_str(&s, "task", t->name, err) ||
-             h5store_set_str(&s, "task_path", t->path, err) ||
-             h5store_set_str(&s, "tokenizer_path", cfg->tokenizer_path, err) ||
+             h5store_label(&s, "target_lengths", "prompt", err) ||
+             h5store_write_i32(&s, "pair_ids", &pn, a->pair_ids, err) || h5store_label(&s, "pair_ids", "prompt,example", err) ||
+             h5store_set_str(&s, "format", PROMPTS_FORMAT, err) || h5store_set_str(&s, "task", t->name, err) ||
+             h5store_set_str(&s, "task_path", task_path, err) ||
+             h5store_set_str(&s, "tokenizer_path", tokenizer_path, err) ||
              h5store_set_str(&s, "tokenizer_hash", hex[0], err) || h5store_set_str(&s, "config_hash", hex[1], err) ||
              h5store_set_str(&s, "inputs_hash", hex[2], err) || h5store_set_i64(&s, "seed", (int64_t)cfg->seed, err) ||
              h5store_set_i64(&s, "n_prompts", a->P, err) || h5store_set_i64(&s, "n_shots", a->N, err) ||
@@ -143,6 +210,12 @@ static int store_prompts(const char *path, const prompt_arrays *a, const run_con
         return -1;
     }
     return h5store_commit(&s, err);
+}
+
+// path as an absolute path with no ".", ".." or symbolic links (realpath), or a copy of path when that fails.
+static char *normalized(const char *path) {
+    char *real = realpath(path, NULL);
+    return real ? real : ep_strdup(path);
 }
 
 int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error *err) {
@@ -190,7 +263,15 @@ int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error
         snprintf(report_path, sizeof report_path, "%s/tokenize_report.json", cfg->output_path);
         if (h5store_open(path, &s, err) == 0) {
             int sound = 1;  // the seal covers every byte (pipeline/h5store.h)
-            int same = h5store_get_str(&s, "inputs_hash", &have, err) == 0 && !strcmp(have, want);
+            char *format = NULL;
+            // An older layout (format edgepatch-prompts-1) is rebuilt, as a damaged file is (same inputs).
+            if (h5store_get_str(&s, "format", &format, err) || strcmp(format, PROMPTS_FORMAT)) {
+                sound = 0;
+                ep_fail(err, "%s: format %s, this edgepatch writes %s (an older layout)", path, format ? format : "missing",
+                        PROMPTS_FORMAT);
+            }
+            free(format);
+            int same = sound && h5store_get_str(&s, "inputs_hash", &have, err) == 0 && !strcmp(have, want);
             int has_report = same && h5store_get_str(&s, "tokenize_report", &report, err) == 0;
             free(have);
             h5store_close(&s);
@@ -234,9 +315,13 @@ int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error
         if (prompt_build(&b, &pp, p, &ps[p], err)) goto done;
     prompt_arrays a;
     arrays_init(&a, ps, cfg->n_prompts, pp.n_donors, pp.n_shots, &pp);
-    char *report = report_text(&t, cfg->tokenizer_path, &b.report), report_path[4200];
+    arrays_texts(&a, tk);
+    // Stored normalized (absolute, no links): the same wherever the run folder is moved or copied to.
+    char *task_path = normalized(t.path), *tokenizer_path = normalized(cfg->tokenizer_path);
+    char *report = report_text(&t, tokenizer_path, &b.report), report_path[4200];
     snprintf(report_path, sizeof report_path, "%s/tokenize_report.json", cfg->output_path);
-    rc = store_prompts(path, &a, cfg, &t, &pp, tok_hash, inputs, report, err);
+    rc = store_prompts(path, &a, cfg, &t, &pp, tok_hash, inputs, report, task_path, tokenizer_path, err);
+    free(task_path), free(tokenizer_path);
     arrays_free(&a);
     if (rc == 0) rc = write_text_atomic(report_path, report, err);
     free(report);
@@ -301,7 +386,9 @@ int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
     h5shape sh;
     char *format = NULL;
     int rc = h5store_get_str(&s, "format", &format, err);
-    if (rc == 0 && strcmp(format, "edgepatch-prompts-1")) rc = ep_fail(err, "%s: not a prompts file (format %s)", path, format);
+    // edgepatch-prompts-1 (no token texts) is still read: `show` of an old run folder decodes with its tokenizer.
+    if (rc == 0 && strcmp(format, PROMPTS_FORMAT) && strcmp(format, "edgepatch-prompts-1"))
+        rc = ep_fail(err, "%s: not a prompts file (format %s)", path, format);
     free(format);
     // Every dataset's shape is checked against tokens' [P, L] and the counts it fixes (K, T, N + 1).
 #define SHAPE(name, ...) \
@@ -340,6 +427,18 @@ int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
     if (rc == 0) ps->n_pairs = (int)sh.dims[1];
     SHAPE("pair_ids", 2, P, ps->n_pairs, 0);
 #undef SHAPE
+    if (rc == 0 && h5store_has(&s, "token_text")) {
+        h5shape st;
+        rc = h5store_read_str(&s, "token_text", &st, &ps->token_text, err);
+        if (rc == 0 && !shape_is(&st, 2, P, L, 0)) rc = ep_fail(err, "%s: dataset token_text: shape does not match tokens [%d, %d]", path, P, L);
+        if (rc == 0 && ps->n_donors) {
+            rc = h5store_read_str(&s, "donor_text", &st, &ps->donor_text, err);
+            if (rc == 0 && !shape_is(&st, 3, P, ps->n_donors, L))
+                rc = ep_fail(err, "%s: dataset donor_text: shape does not match donors", path);
+        }
+        if (rc == 0) rc = h5store_read_str(&s, "target_text", &st, &ps->target_text, err);
+        if (rc == 0 && !shape_is(&st, 2, P, ps->max_target, 0)) rc = ep_fail(err, "%s: dataset target_text: shape does not match targets", path);
+    }
     if (rc == 0) rc = h5store_get_str(&s, "task", &ps->task, err);
     if (rc == 0) rc = h5store_get_str(&s, "tokenizer_path", &ps->tokenizer_path, err);
     h5store_close(&s);
@@ -351,5 +450,6 @@ int prompt_set_load(const char *path, prompt_set *ps, ep_error *err) {
 void prompt_set_free(prompt_set *ps) {
     free(ps->tokens), free(ps->lengths), free(ps->types), free(ps->index), free(ps->donors), free(ps->targets);
     free(ps->target_lengths), free(ps->pair_ids), free(ps->donor_kinds), free(ps->task), free(ps->tokenizer_path);
+    free(ps->token_text), free(ps->donor_text), free(ps->target_text);
     memset(ps, 0, sizeof *ps);
 }

@@ -24,7 +24,12 @@ typedef struct {
     int n_prompts, max_len, n_donors, max_target, n_pairs;
     int32_t *tokens, *lengths, *types, *index, *donors, *targets, *target_lengths, *pair_ids, *donor_kinds;
     char *task, *tokenizer_path;
+    // Each id's decoded piece ("" for padding), as tokens, donors and targets; NULL in a file of format
+    // edgepatch-prompts-1, which has none.
+    char **token_text, **donor_text, **target_text;
 } prompt_set;
+
+#define PROMPTS_FORMAT "edgepatch-prompts-2"
 
 int prompt_set_load(const char *path, prompt_set *ps, ep_error *err);
 void prompt_set_free(prompt_set *ps);

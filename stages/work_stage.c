@@ -39,9 +39,9 @@ int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh
     if (!fresh) return remove_temporaries(dir, 0, NULL, NULL, err);
     return remove_entries(dir, "item-", err);
 }
-int stage_item_current(const char *path, const char *identity, const ep_log *log, ep_error *err) {
+int stage_item_current(const char *path, const char *identity, const char *format, const ep_log *log, ep_error *err) {
     ep_error why;
-    switch (h5store_made_from(path, identity, &why)) {
+    switch (h5store_made_from_format(path, identity, format, &why)) {
     case H5STORE_SAME: return 1;
     case H5STORE_DAMAGED: ep_logf(log, EP_LOG_WARN, "edgepatch: recomputing an item: %s", why.msg); return 0;
     case H5STORE_ABSENT: return 0;

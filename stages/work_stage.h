@@ -61,8 +61,9 @@ void stage_item_identity(const char *stage_identity, int first, int n, char out[
 // Makes <output_path>/<stage>.d and removes the stale temporaries there (remove_temporaries, pipeline/files.h) or,
 // if fresh, every item shard and temporary.
 int stage_shard_dir_prepare(const stage_inputs *in, const char *stage, int fresh, ep_error *err);
-// The item_done decision for the shard at path (see work_stage.item_done).
-int stage_item_current(const char *path, const char *identity, const ep_log *log, ep_error *err);
+// The item_done decision for the shard at path (see work_stage.item_done). A shard whose root attribute
+// format is not `format` (an older layout) is recomputed, as a damaged one is.
+int stage_item_current(const char *path, const char *identity, const char *format, const ep_log *log, ep_error *err);
 // A shard read by run_item or finish failed as err says: its writer (not a follower) removes it and says
 // so on ws->log; sets ws->shard_bad.
 void stage_shard_damaged(work_stage *ws, const char *path, const ep_error *err);

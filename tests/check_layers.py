@@ -28,6 +28,7 @@ OWNED = {
     "cuda_bf16.h": {"kernels/ops_cuda.cu"},
     "cublas_v2.h": {"kernels/ops_cuda.cu"},
     "hdf5.h": {"pipeline/h5store.h"},
+    "hdf5_hl.h": {"pipeline/h5store.c"},
     "cblas.h": {"kernels/cpu_gemm.c"},
 }
 INCLUDE = re.compile(r'^\s*#\s*include\s*([<"])([^>"]+)[>"]', re.M)

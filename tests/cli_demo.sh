@@ -7,7 +7,8 @@
 # number of distinct answers, about 1/290; the bound asked is 0.5); ablating every y -> last edge drops
 # accuracy by at least 0.3 (the paper's main finding); bos -> all changes nothing (the donor's bos is
 # the prompt's, so its keys and values are identical: an exact check of the ablation path); the figures
-# are valid PNG / SVG; `edgepatch report` redraws them and matches report.txt; without gnuplot and dot
+# are valid PNG / PDF / SVG with their CSVs (a row per heatmap cell, n and the 95% interval);
+# `edgepatch report` redraws them and matches report.txt; without gnuplot and dot
 # the report skips the figures in one line each and still succeeds; bad input gets one-line errors.
 # Under AddressSanitizer (EP_SANITIZED=1, set by tests/CMakeLists.txt) the same checks run on a smaller
 # demo: 4 prompts, 3 ablations.
@@ -40,7 +41,8 @@ echo "cli_demo: demo of $prompts prompts, $n_ablations ablations, 2 rounds: exit
 [ $rc = 0 ] && ok || bad "demo run: status $rc: $(tail -5 "$tmp/run.out")"
 d=$tmp/demo
 for f in prompts.h5 patch.h5 prune.d/round-000.h5 prune.d/round-001.h5 circuit.json model_logs.json report.txt \
-         accuracy_drop.png accuracy_drop.gp circuit.png circuit.svg circuit.dot; do
+         accuracy_drop.png accuracy_drop.pdf accuracy_drop.svg accuracy_drop.gp accuracy_drop.csv circuit.png circuit.svg \
+         circuit.pdf circuit.dot circuit.csv; do
   [ -s "$d/$f" ] && ok || bad "missing $f"
 done
 [ "$(ls "$d/cache.d" | grep -c 'item-.*h5$')" = $(((prompts + batch - 1) / batch)) ] && ok || bad "cache shards: $(ls "$d/cache.d")"
@@ -62,13 +64,20 @@ jq -e '(.ablations[] | select(.name == "bos->all L0-9")) as $a | $a.accuracy == 
 
 is_png() { [ "$(head -c 8 "$1" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ]; }
 for f in accuracy_drop.png circuit.png; do is_png "$d/$f" && ok || bad "$f is not a PNG"; done
-head -c 400 "$d/circuit.svg" | grep -q '<svg' && ok || bad "circuit.svg is not SVG"
+for f in circuit.svg accuracy_drop.svg; do head -c 400 "$d/$f" | grep -q '<svg' && ok || bad "$f is not SVG"; done
+for f in circuit.pdf accuracy_drop.pdf; do [ "$(head -c 5 "$d/$f")" = "%PDF-" ] && ok || bad "$f is not PDF"; done
+# one CSV row per heatmap cell (the ablations with group and band), with n and the interval
+[ "$(($(wc -l < "$d/accuracy_drop.csv") - 1))" = "$(jq '[.ablations[] | select(.group and .band)] | length' "$logs")" ] &&
+  awk -F, -v n=$prompts 'NR > 1 && ($5 != n || $9 == "" || $10 == "") {exit 1}' "$d/accuracy_drop.csv" && ok ||
+  bad "accuracy_drop.csv: $(head -3 "$d/accuracy_drop.csv")"
+grep -q "drop 95% interval" "$d/report.txt" && ok || bad "report.txt has no intervals"
 grep -q "full model" "$d/report.txt" && grep -q "faithfulness" "$d/report.txt" && ok || bad "report.txt: $(cat "$d/report.txt")"
 
 # edgepatch report redraws the figures and prints the table it writes to report.txt
-rm -f "$d"/accuracy_drop.png "$d"/circuit.png "$d"/circuit.svg
+rm -f "$d"/accuracy_drop.png "$d"/circuit.png "$d"/circuit.svg "$d"/*.pdf "$d"/*.csv
 "$bin" report "$d" > "$tmp/report.out" 2>&1 && ok || bad "report: $(cat "$tmp/report.out")"
-is_png "$d/accuracy_drop.png" && is_png "$d/circuit.png" && [ -s "$d/circuit.svg" ] && ok || bad "report did not redraw the figures"
+is_png "$d/accuracy_drop.png" && is_png "$d/circuit.png" && [ -s "$d/circuit.svg" ] && [ -s "$d/circuit.pdf" ] && [ -s "$d/accuracy_drop.pdf" ] &&
+  [ -s "$d/accuracy_drop.csv" ] && [ -s "$d/circuit.csv" ] && ok || bad "report did not redraw the figures"
 grep -qF "$(head -3 "$d/report.txt" | tail -1)" "$tmp/report.out" && ok || bad "report output and report.txt differ"
 # without the drawing tools: the table, one line per skipped figure, success
 rm -f "$d"/*.png "$d"/circuit.svg

@@ -15,6 +15,7 @@ packages=(
   graphviz gnuplot-nox  # the report's figures (stages/report.h): circuit diagram and heatmap
   jq  # tests/cli_demo.sh reads model_logs.json
   python3-h5py python3-numpy python3-pandas python3-matplotlib  # tools/python (the results package) and its tests, with /usr/bin/python3
+  python3-setuptools python3-wheel  # pip install --no-build-isolation tools/python (offline; tests/python_results.py)
   slurm-wlm munge      # tests/cli_sweep_slurm.sh: a single-node Slurm on localhost (docs/sweeps.md)
 )
 

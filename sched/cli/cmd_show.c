@@ -2,6 +2,7 @@
 // index, and its donors aligned beneath (tokens that differ from the clean prompt highlighted on a
 // terminal).
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,17 +15,24 @@
 #include "stages/tokenize.h"
 
 static const char usage[] =
-    "usage: edgepatch show RUN --prompt I [--json]\n"
+    "usage: edgepatch show RUN -p|--prompt I [-j|--json]\n"
     "\n"
     "Shows prompt I of the run folder RUN (its prompts.h5): tokens, types, example indices, donors.\n"
-    "  --json  {\"tokens\": [ids], \"pieces\": [...], \"types\": [...], \"index\": [...], \"donors\": [[ids]...],\n"
-    "           \"target\": [ids]}\n";
+    "  -p, --prompt I  the prompt's index, 0 .. prompts - 1\n"
+    "  -j, --json      {\"tokens\": [ids], \"pieces\": [...], \"types\": [...], \"index\": [...], \"donors\":\n"
+    "                  [[ids]...], \"target\": [ids], \"metrics\" (once the patch stage ran): {\"correct\",\n"
+    "                  \"first_token_correct\", \"target_logprob\", \"logit_diff\", \"continuation\"}}\n"
+    "  -h, --help      this text\n"
+    "Exit status: 0 shown, 1 bad or missing run files or no such prompt, 2 usage.\n";
 
-// A token as printable text: the decoded piece with newlines and tabs escaped.
-static void printable(const tokenizer *tk, int id, char *out, size_t n) {
+// A token as printable text: its piece as prompts.h5 stores it (stored, when the file has token texts),
+// else decoded by the tokenizer, with newlines and tabs escaped.
+static void printable(const tokenizer *tk, const char *stored, int id, char *out, size_t n) {
     char *text = NULL;
     ep_error err;
-    if (!tk || tokenizer_decode(tk, &id, 1, 0, &text, NULL, &err)) {
+    if (stored) {
+        text = ep_strdup(stored);
+    } else if (!tk || tokenizer_decode(tk, &id, 1, 0, &text, NULL, &err)) {
         snprintf(out, n, "#%d", id);
         return;
     }
@@ -68,7 +76,14 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
     if (rc == 0) {
         char *text = NULL;
         ep_error ignored;
-        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &ignored)) text = ep_strdup("");
+        if (!tk || tokenizer_decode(tk, gen + index * sh[5].dims[1], n_gen[index], 1, &text, NULL, &ignored)) {
+            // No tokenizer (the run folder moved without its model): the generated ids.
+            size_t cap = 16 * (size_t)n_gen[index] + 1, at = 0;
+            text = ep_malloc(cap);
+            text[0] = 0;
+            for (int k = 0; k < n_gen[index]; k++)
+                at += (size_t)snprintf(text + at, cap - at, "%s#%d", k ? " " : "", gen[index * sh[5].dims[1] + k]);
+        }
         *out = json_pack("{s:b,s:b,s:f,s:f,s:s}", "correct", correct[index], "first_token_correct", first[index],
                          "target_logprob", (double)lp[index], "logit_diff", (double)ld[index], "continuation", text);
         free(text);
@@ -78,33 +93,28 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
     return rc;
 }
 
+// The stored text at i of a text dataset, or NULL when the file has none.
+#define TEXT(texts, i) ((texts) ? (texts)[i] : NULL)
+
 int cmd_show(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    const char *run = NULL;
-    long index = -1;
-    int json = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--json")) json = 1;
-        else if (!strcmp(argv[i], "--prompt") && i + 1 < argc) {
-            char *end;
-            index = strtol(argv[++i], &end, 10);
-            if (*end || index < 0) {
-                fprintf(stderr, "edgepatch show: --prompt expects a non-negative integer, got '%s'\n", argv[i]);
-                return 2;
-            }
-        } else if (argv[i][0] != '-' && !run) run = argv[i];
-        else {
-            fprintf(stderr, "edgepatch show: unexpected argument '%s' (see --help)\n", argv[i]);
-            return 2;
+    static const struct option options[] = {{"prompt", required_argument, NULL, 'p'}, {"json", no_argument, NULL, 'j'},
+                                            CLI_HELP_OPTION, {0}};
+    int prompt = -1, json = 0;
+    cli_args a;
+    cli_args_init(&a, "show", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'p':
+                if (cli_int_value(&a, "--prompt", 0, INT_MAX, &prompt)) return cli_args_exit(&a, CLI_USAGE);
+                break;
+            case 'j': json = 1; break;
+            default: return cli_args_exit(&a, c);
         }
-    }
-    if (!run || index < 0) {
-        fprintf(stderr, "edgepatch show: need RUN and --prompt I (see --help)\n");
-        return 2;
-    }
+    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (a.n_positional == 0 || prompt < 0) return cli_usage_error(&a, "need RUN and --prompt I");
+    if (cli_parse_only()) return cli_args_done(&a);
+    const char *run = a.positional[0];
+    long index = prompt;
+    cli_args_free(&a);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", run);
     prompt_set ps;
@@ -118,9 +128,11 @@ int cmd_show(int argc, char **argv) {
         prompt_set_free(&ps);
         return 1;
     }
+    // The token texts are in prompts.h5 (format 2); the tokenizer (at the normalized path the file names)
+    // only decodes the continuation, and the tokens of an older file.
     tokenizer *tk = NULL;
     if (tokenizer_load(ps.tokenizer_path, &tk, &err)) {
-        fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
+        if (!ps.token_text) fprintf(stderr, "edgepatch show: warning: %s; showing ids only\n", err.msg);
         tk = NULL;
     }
     // Before anything is printed: a damaged patch.h5 fails the command, it is not shown without its metrics.
@@ -140,7 +152,7 @@ int cmd_show(int argc, char **argv) {
                *jd = json_array(), *jg = json_array();
         for (int i = 0; i < L; i++) {
             json_array_append_new(jt, json_integer(tok[i]));
-            printable(tk, tok[i], piece, sizeof piece);
+            printable(tk, TEXT(ps.token_text, (size_t)index * ps.max_len + i), tok[i], piece, sizeof piece);
             json_array_append_new(jp, json_string(piece));
             json_array_append_new(jy, json_string(token_type_name(types[i])));
             json_array_append_new(ji, json_integer(idx[i]));
@@ -170,11 +182,11 @@ int cmd_show(int argc, char **argv) {
         for (int d = 0; d < K; d++) printf(" donor %-12d", d);
         printf("\n");
         for (int i = 0; i < L; i++) {
-            printable(tk, tok[i], piece, sizeof piece);
+            printable(tk, TEXT(ps.token_text, (size_t)index * ps.max_len + i), tok[i], piece, sizeof piece);
             printf("%4d %-6s %4d  %-18s", i, token_type_name(types[i]), idx[i], piece);
             for (int d = 0; d < K; d++) {
                 int dt = ps.donors[((size_t)index * K + d) * ps.max_len + i];
-                printable(tk, dt, piece, sizeof piece);
+                printable(tk, TEXT(ps.donor_text, ((size_t)index * K + d) * ps.max_len + i), dt, piece, sizeof piece);
                 if (colour && dt != tok[i]) printf(" \033[1;31m%-18s\033[0m", piece);
                 else printf(" %-18s", dt == tok[i] ? "." : piece);
             }
@@ -191,7 +203,8 @@ int cmd_show(int argc, char **argv) {
         }
         printf("target:");
         for (int i = 0; i < ps.target_lengths[index]; i++) {
-            printable(tk, ps.targets[(size_t)index * ps.max_target + i], piece, sizeof piece);
+            printable(tk, TEXT(ps.target_text, (size_t)index * ps.max_target + i), ps.targets[(size_t)index * ps.max_target + i],
+                      piece, sizeof piece);
             printf(" %s", piece);
         }
         printf("\n");

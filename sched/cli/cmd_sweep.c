@@ -1,7 +1,10 @@
 // edgepatch sweep plan|submit|status SWEEP: a sweep of models x tasks as Slurm job arrays (sched/sweep.h,
 // docs/sweeps.md). plan and status read the run folders; submit writes the run configs and batch
 // scripts and hands them to sbatch.
+#include <getopt.h>
+#include <jansson.h>
 #include <limits.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,19 +14,24 @@
 #include "sched/sweep.h"
 
 static const char usage[] =
-    "usage: edgepatch sweep plan|submit|status SWEEP [--dry-run]\n"
+    "usage: edgepatch sweep plan|status SWEEP [--json]\n"
+    "       edgepatch sweep submit SWEEP [--dry-run]\n"
     "\n"
     "SWEEP is a sweep config (configs/sweeps/*.json: models, tasks, stages, Slurm settings; docs/sweeps.md).\n"
     "  plan    the runs, each model's resource estimate (weights, K/V cache per prompt token, GPU memory per\n"
-    "          rank) and the jobs a submit would make; nothing is written\n"
+    "          rank), each run's disk estimate by artifact (prompts.h5, cache shards, patch, prune rounds)\n"
+    "          and their total, and the jobs a submit would make; nothing is written\n"
     "  submit  writes every unfinished run's config into its folder and one batch script per model and\n"
     "          stage (<output_root>/slurm/), then submits them with sbatch: one job array per model and\n"
     "          stage, each stage's array task i after the previous stage's task i (aftercorr). Submitting\n"
     "          again resubmits what is not done; finished work is never redone (runs resume).\n"
-    "          --dry-run writes the scripts and prints the sbatch commands instead of running them\n"
     "  status  per run: done, started, pending, failed (the batch script's job-failed.txt) or conflict\n"
     "          (the folder holds another config's run), the last finished stage, cache items, prune rounds;\n"
     "          read from the run folders, not from Slurm\n"
+    "Options:\n"
+    "  --json     (plan, status) one JSON object on stdout instead of the tables (bytes as integers)\n"
+    "  --dry-run  (submit) write the scripts and print the sbatch commands instead of running them\n"
+    "  -h, --help this text\n"
     "Relative paths in SWEEP are taken from the working directory, in the jobs too (sbatch starts them there).\n"
     "Exit status: 0 ok, 1 bad sweep or failed submission, 2 usage.\n";
 
@@ -58,6 +66,172 @@ static void print_runs(const sweep *s, int *counts) {
         }
 }
 
+static json_t *bytes_json(double b) { return json_integer((json_int_t)llround(b)); }
+
+static json_t *disk_json(const sweep_disk *d, int with_tokens) {
+    json_t *o = json_object();
+    if (with_tokens) {
+        json_object_set_new(o, "tokens_per_prompt", json_real(d->tokens_per_prompt));
+        json_object_set_new(o, "tokens_from", json_string(d->measured ? "prompts.h5" : "prompt_tokens"));
+    }
+    json_object_set_new(o, "prompts", bytes_json(d->prompts));
+    json_object_set_new(o, "cache", bytes_json(d->cache));
+    json_object_set_new(o, "patch", bytes_json(d->patch));
+    json_object_set_new(o, "prune", bytes_json(d->prune));
+    json_object_set_new(o, "total", bytes_json(d->total));
+    return o;
+}
+
+// Every run's status as JSON objects (with its disk estimate when `disk`), counting states.
+static int runs_json(const sweep *s, int disk, int *counts, json_t *runs, sweep_disk *sum, ep_error *err) {
+    for (int m = 0; m < s->n_models; m++)
+        for (int t = 0; t < s->n_tasks; t++) {
+            run_status st;
+            ep_error rerr = {{0}};
+            char dir[4096];
+            json_t *o = json_object();
+            sweep_run_dir(s, m, t, dir, sizeof dir);
+            json_object_set_new(o, "model", json_string(s->models[m].name));
+            json_object_set_new(o, "task", json_string(s->tasks[t]));
+            json_object_set_new(o, "folder", json_string(dir));
+            json_array_append_new(runs, o);
+            if (sweep_run_status(s, m, t, &st, &rerr)) {
+                json_object_set_new(o, "state", json_string("error"));
+                json_object_set_new(o, "detail", json_string(rerr.msg));
+                continue;
+            }
+            counts[st.state]++;
+            json_object_set_new(o, "state", json_string(run_state_name(st.state)));
+            json_object_set_new(o, "stage", json_string(st.stage));
+            json_object_set_new(o, "cache_items", json_integer(st.cache_items));
+            json_object_set_new(o, "n_items", json_integer(st.n_items));
+            json_object_set_new(o, "rounds", json_integer(st.rounds));
+            json_object_set_new(o, "detail", json_string(st.detail));
+            if (!disk) continue;
+            sweep_disk d;
+            if (sweep_estimate_disk(s, m, t, &d, err)) return -1;
+            json_object_set_new(o, "disk", disk_json(&d, 1));
+            sum->prompts += d.prompts, sum->cache += d.cache, sum->patch += d.patch, sum->prune += d.prune;
+            sum->total += d.total;
+        }
+    return 0;
+}
+
+static json_t *counts_json(const sweep *s, const int *counts) {
+    json_t *o = json_object();
+    json_object_set_new(o, "runs", json_integer(s->n_models * s->n_tasks));
+    for (int k = RUN_PENDING; k <= RUN_CONFLICT; k++) json_object_set_new(o, run_state_name((run_state)k), json_integer(counts[k]));
+    return o;
+}
+
+static int print_json(json_t *o) {
+    char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(6));
+    json_decref(o);
+    if (!text) {
+        fprintf(stderr, "edgepatch sweep: out of memory\n");
+        return 1;
+    }
+    puts(text);
+    free(text);
+    return 0;
+}
+
+static int plan_json(const sweep *s) {
+    json_t *o = json_object(), *stages = json_array(), *models = json_array(), *runs = json_array();
+    json_object_set_new(o, "sweep", json_string(s->name));
+    json_object_set_new(o, "file", json_string(s->path));
+    json_object_set_new(o, "output_root", json_string(s->output_root));
+    json_object_set_new(o, "prompt_tokens", json_integer(s->prompt_tokens));
+    for (int g = 0; g < s->n_stages; g++) {
+        json_t *st = json_object();
+        json_object_set_new(st, "name", json_string(s->stages[g].name));
+        json_object_set_new(st, "until", json_string(s->stages[g].until));
+        json_object_set_new(st, "gpus", json_boolean(s->stages[g].gpus));
+        json_object_set_new(st, "time", s->stages[g].time ? json_string(s->stages[g].time) : json_null());
+        json_array_append_new(stages, st);
+    }
+    json_object_set_new(o, "stages", stages);
+    json_object_set_new(o, "models", models);
+    json_object_set_new(o, "runs", runs);
+    ep_error err = {{0}};
+    for (int m = 0; m < s->n_models; m++) {
+        const sweep_model *md = &s->models[m];
+        sweep_estimate e;
+        if (sweep_estimate_model(s, m, &e, &err)) goto fail;
+        json_t *mo = json_object();
+        json_object_set_new(mo, "name", json_string(md->name));
+        json_object_set_new(mo, "path", json_string(md->path));
+        json_object_set_new(mo, "dtype", json_string(md->dtype));
+        json_object_set_new(mo, "params", bytes_json(e.params));
+        json_object_set_new(mo, "weight_bytes", bytes_json(e.weight_bytes));
+        json_object_set_new(mo, "kv_bytes_per_token", bytes_json(e.kv_bytes_per_token));
+        json_object_set_new(mo, "tensor_parallel", json_integer(md->tensor_parallel));
+        json_object_set_new(mo, "gpus", json_integer(md->gpus));
+        json_object_set_new(mo, "ranks", json_integer(md->ranks));
+        json_object_set_new(mo, "gpu_bytes_per_rank", bytes_json(e.gpu_bytes_per_rank));
+        json_object_set_new(mo, "over_gpu_memory",
+                            json_boolean(s->gpu_memory_gb > 0 && e.gpu_bytes_per_rank > s->gpu_memory_gb * (1 << 30)));
+        json_array_append_new(models, mo);
+    }
+    int counts[5] = {0};
+    sweep_disk sum = {0};
+    if (runs_json(s, 1, counts, runs, &sum, &err)) goto fail;
+    json_object_set_new(o, "disk", disk_json(&sum, 0));
+    json_t *c = counts_json(s, counts);
+    json_object_set_new(c, "to_submit", json_integer(s->n_models * s->n_tasks - counts[RUN_DONE]));
+    json_object_set_new(o, "counts", c);
+    return print_json(o);
+fail:
+    json_decref(o);
+    fprintf(stderr, "edgepatch sweep: %s\n", err.msg);
+    return 1;
+}
+
+static int status_json(const sweep *s) {
+    json_t *o = json_object(), *runs = json_array();
+    json_object_set_new(o, "sweep", json_string(s->name));
+    json_object_set_new(o, "file", json_string(s->path));
+    json_object_set_new(o, "output_root", json_string(s->output_root));
+    json_object_set_new(o, "runs", runs);
+    int counts[5] = {0};
+    ep_error err = {{0}};
+    runs_json(s, 0, counts, runs, NULL, &err);  // without disk estimates it cannot fail
+    json_object_set_new(o, "counts", counts_json(s, counts));
+    return print_json(o);
+}
+
+// The disk table: each run's bytes by artifact, then the sweep's total.
+static int print_disk(const sweep *s) {
+    printf("%-40s %10s %10s %10s %10s %10s %10s\n", "disk (estimate)", "tok/prompt", "prompts", "cache", "patch",
+           "prune", "total");
+    sweep_disk sum = {0};
+    int assumed = 0;
+    for (int m = 0; m < s->n_models; m++)
+        for (int t = 0; t < s->n_tasks; t++) {
+            sweep_disk d;
+            ep_error err = {{0}};
+            if (sweep_estimate_disk(s, m, t, &d, &err)) {
+                fprintf(stderr, "edgepatch sweep: %s\n", err.msg);
+                return 1;
+            }
+            char name[256], tok[32], b[5][32];
+            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->tasks[t]);
+            snprintf(tok, sizeof tok, "%.1f%s", d.tokens_per_prompt, d.measured ? "" : "*");
+            assumed += !d.measured;
+            double v[5] = {d.prompts, d.cache, d.patch, d.prune, d.total};
+            for (int k = 0; k < 5; k++) human_bytes(v[k], b[k], sizeof b[k]);
+            printf("%-40s %10s %10s %10s %10s %10s %10s\n", name, tok, b[0], b[1], b[2], b[3], b[4]);
+            sum.prompts += d.prompts, sum.cache += d.cache, sum.patch += d.patch, sum.prune += d.prune, sum.total += d.total;
+        }
+    char b[5][32];
+    double v[5] = {sum.prompts, sum.cache, sum.patch, sum.prune, sum.total};
+    for (int k = 0; k < 5; k++) human_bytes(v[k], b[k], sizeof b[k]);
+    printf("%-40s %10s %10s %10s %10s %10s %10s\n", "total", "", b[0], b[1], b[2], b[3], b[4]);
+    printf("(bytes each run leaves through stage '%s'; tok/prompt from the run's prompts.h5%s; docs/sweeps.md)\n\n",
+           s->stages[s->n_stages - 1].until, assumed ? ", * assumed: prompt_tokens" : "");
+    return 0;
+}
+
 static int plan(const sweep *s) {
     printf("sweep %s: %d models x %d tasks = %d runs into %s; jobs per model:", s->name, s->n_models, s->n_tasks,
            s->n_models * s->n_tasks, s->output_root);
@@ -84,6 +258,7 @@ static int plan(const sweep *s) {
     }
     printf("(GPU memory per rank: weights / tensor_parallel plus one batch of %d-token prompts; docs/sweeps.md)\n\n",
            s->prompt_tokens);
+    if (print_disk(s)) return 1;
     int counts[5] = {0};
     print_runs(s, counts);
     printf("%d runs: %d done, %d to submit\n", s->n_models * s->n_tasks, counts[RUN_DONE],
@@ -175,24 +350,34 @@ static int submit(const sweep *s, int dry_run) {
 }
 
 int cmd_sweep(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    const char *action = NULL, *path = NULL;
-    int dry_run = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--dry-run")) dry_run = 1;
-        else if (argv[i][0] == '-' || (action && path)) {
-            fprintf(stderr, "edgepatch sweep: unexpected argument '%s' (see --help)\n", argv[i]);
+    static const struct option options[] = {{"dry-run", no_argument, NULL, 'd'},
+                                            {"json", no_argument, NULL, 'j'},
+                                            {"help", no_argument, NULL, 'h'},
+                                            {NULL, 0, NULL, 0}};
+    int dry_run = 0, json = 0, c;
+    opterr = 0;
+    optind = 1;  // argv[0] is "sweep"
+    while ((c = getopt_long(argc, argv, ":h", options, NULL)) != -1) {
+        if (c == 'd') dry_run = 1;
+        else if (c == 'j') json = 1;
+        else if (c == 'h') {
+            fputs(usage, stdout);
+            return 0;
+        } else {
+            fprintf(stderr, "edgepatch sweep: unknown option '%s' (see --help)\n", argv[optind - 1]);
             return 2;
-        } else if (!action) action = argv[i];
-        else path = argv[i];
+        }
     }
+    if (argc - optind > 2) {
+        fprintf(stderr, "edgepatch sweep: unexpected argument '%s' (see --help)\n", argv[optind + 2]);
+        return 2;
+    }
+    const char *action = optind < argc ? argv[optind] : NULL, *path = optind + 1 < argc ? argv[optind + 1] : NULL;
     if (!action || !path || (strcmp(action, "plan") && strcmp(action, "submit") && strcmp(action, "status")) ||
-        (dry_run && strcmp(action, "submit"))) {
+        (dry_run && strcmp(action, "submit")) || (json && !strcmp(action, "submit"))) {
         fprintf(stderr, "edgepatch sweep: need plan, submit or status and SWEEP%s (see --help)\n",
-                dry_run ? "; --dry-run is for submit" : "");
+                dry_run && (!action || strcmp(action, "submit")) ? "; --dry-run is for submit"
+                : json && action && !strcmp(action, "submit") ? "; --json is for plan and status" : "");
         return 2;
     }
     sweep s;
@@ -201,7 +386,9 @@ int cmd_sweep(int argc, char **argv) {
         fprintf(stderr, "edgepatch sweep: %s\n", err.msg);
         return 1;
     }
-    int rc = !strcmp(action, "plan") ? plan(&s) : !strcmp(action, "status") ? status(&s) : submit(&s, dry_run);
+    int rc = !strcmp(action, "plan")     ? (json ? plan_json(&s) : plan(&s))
+             : !strcmp(action, "status") ? (json ? status_json(&s) : status(&s))
+                                         : submit(&s, dry_run);
     sweep_free(&s);
     return rc;
 }

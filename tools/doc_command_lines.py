@@ -17,6 +17,7 @@ VALUES = {  # placeholder -> concrete value (whole words only)
     "CONFIG.json": "docs/model_configs/gemma-2-2b.json", "CONFIG": "configs/default.json", "$CONFIG": "configs/default.json",
     "SWEEP": "configs/sweeps/full.json", "RUN": "runs/x", "STAGE": "patch", "R": "0", "I": "0", "K": "5", "N": "4",
     "T": "hello", "TEXT": "hello", "DIR": "models/smollm2-135m-instruct", "FILE.gguf": "x.gguf", "OUTDIR": "out",
+    "F": "datasets/words/american-english-small",
     "LIST": "1,2", "G": "80", "SxL": "8x200", "plan|submit|status": "plan", "MODEL_DIR": "models/smollm2-135m-instruct",
 }
 

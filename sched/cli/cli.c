@@ -165,14 +165,6 @@ void cli_print_json(json_t *value, size_t flags) {
     json_decref(value);
 }
 
-int cli_wants_help(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--")) return 0;
-        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return 1;
-    }
-    return 0;
-}
-
 int cli_parse_int_list(const char *s, int **out, int *n, char *msg, int msg_size) {
     int cap = 16, count = 0;
     int *v = ep_malloc(sizeof(int) * (size_t)cap);

@@ -84,8 +84,7 @@ void cli_set_parse_only(int on);
 int cli_parse_only(void);
 int cli_args_done(cli_args *a);
 
-// Older helpers.
-int cli_wants_help(int argc, char **argv);
+// Other helpers.
 // Parses "2,651,17" into a fresh array; returns -1 (and fills msg) on a malformed list.
 int cli_parse_int_list(const char *s, int **out, int *n, char *msg, int msg_size);
 // Prints a jansson value on stdout with json_dumpf's flags and a newline, and drops the reference (the

@@ -1,7 +1,6 @@
 // edgepatch tokenize-text: encodes text with a tokenizer directory and prints ids and pieces, decodes a
 // list of ids, or encodes every line of a file (--file) with one tokenizer load. Special tokens (BOS from
 // the post-processor) are added on encode, and kept on decode, only with --special.
-#include <getopt.h>
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -39,11 +38,6 @@ static void print_quoted(const char *s) {  // a piece as a JSON string, so space
 static int fail(const char *msg) {
     fprintf(stderr, "edgepatch tokenize-text: %s\n", msg);
     return 1;
-}
-
-static int usage_error(const char *msg) {
-    fprintf(stderr, "edgepatch tokenize-text: %s (try --help)\n", msg);
-    return 2;
 }
 
 // ---- --file
@@ -262,50 +256,39 @@ static int encode_or_decode(const char *dir, const char *text, const char *decod
 }
 
 int cmd_tokenize_text(int argc, char **argv) {
-    enum { OPT_TOKENIZER = 256, OPT_DECODE, OPT_SPECIAL, OPT_JSON, OPT_FILE, OPT_JSONL, OPT_PIECES };
+    enum { OPT_DECODE = CLI_LONG_ONLY, OPT_SPECIAL, OPT_FILE, OPT_JSONL, OPT_PIECES };
     static const struct option options[] = {
-        {"tokenizer", required_argument, NULL, OPT_TOKENIZER},
+        {"tokenizer", required_argument, NULL, 't'},
         {"decode", required_argument, NULL, OPT_DECODE},
         {"special", no_argument, NULL, OPT_SPECIAL},
-        {"json", no_argument, NULL, OPT_JSON},
+        {"json", no_argument, NULL, 'j'},
         {"file", required_argument, NULL, OPT_FILE},
         {"jsonl", no_argument, NULL, OPT_JSONL},
         {"pieces", no_argument, NULL, OPT_PIECES},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_HELP_OPTION,
+        {0},
     };
     const char *dir = NULL, *text = NULL, *decode = NULL, *file = NULL;
     int special = 0, as_json = 0, jsonl = 0, pieces = 0;
-    optind = 0;  // glibc: a full reset, so the parse never depends on an earlier getopt call
-    opterr = 0;  // errors are reported below, on one line
-    for (;;) {
-        int c = getopt_long(argc, argv, ":h", options, NULL);
-        if (c == -1) break;
-        char msg[512];
-        switch (c) {
-        case OPT_TOKENIZER: dir = optarg; break;
-        case OPT_DECODE: decode = optarg; break;
+    cli_args a;
+    cli_args_init(&a, "tokenize-text", usage_text, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+        case 't': dir = a.value; break;
+        case OPT_DECODE: decode = a.value; break;
         case OPT_SPECIAL: special = 1; break;
-        case OPT_JSON: as_json = 1; break;
-        case OPT_FILE: file = optarg; break;
+        case 'j': as_json = 1; break;
+        case OPT_FILE: file = a.value; break;
         case OPT_JSONL: jsonl = 1; break;
         case OPT_PIECES: pieces = 1; break;
-        case 'h': fputs(usage_text, stdout); return 0;
-        case ':':
-            snprintf(msg, sizeof msg, "option '%s' needs a value", argv[optind - 1]);
-            return usage_error(msg);
-        default:
-            snprintf(msg, sizeof msg, "unexpected argument '%s'", argv[optind - 1]);
-            return usage_error(msg);
+        default: return cli_args_exit(&a, c);
         }
-    }
-    if (optind < argc) {
-        if (optind + 1 != argc) return usage_error("exactly one TEXT argument goes after --");
-        text = argv[optind];
-    }
+    if (a.n_positional > 1) return cli_usage_error(&a, "exactly one TEXT argument goes after --");
+    if (a.n_positional == 1) text = a.positional[0];
     if (!dir || (!!text + !!decode + !!file) != 1)
-        return usage_error("need --tokenizer DIR and either -- TEXT, --decode IDS or --file F");
-    if ((jsonl || pieces) && !file) return usage_error("--jsonl and --pieces go with --file");
+        return cli_usage_error(&a, "need --tokenizer DIR and either -- TEXT, --decode IDS or --file F");
+    if ((jsonl || pieces) && !file) return cli_usage_error(&a, "--jsonl and --pieces go with --file");
+    if (cli_parse_only()) return cli_args_done(&a);
+    cli_args_free(&a);  // the values point into argv
     if (file) return encode_file(dir, file, jsonl, special, pieces);
     return encode_or_decode(dir, text, decode, special, as_json);
 }

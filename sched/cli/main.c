@@ -15,24 +15,23 @@ typedef struct {
     const char *name;
     int (*run)(int argc, char **argv);
     const char *usage;
-    int parse_only;  // 1 if the command honours --parse-only (cli_parse_only)
 } subcommand;
 
 static const subcommand subcommands[] = {
-    {"run", cmd_run, "run CONFIG [-u|--until STAGE] [-f|--fresh] [-j|--json]     run or resume a config's stages", 1},
-    {"check", cmd_check, "check CONFIG|SWEEP [-j|--json]       validate a config whole, print it resolved", 1},
+    {"run", cmd_run, "run CONFIG [-u|--until STAGE] [-f|--fresh] [-j|--json]     run or resume a config's stages"},
+    {"check", cmd_check, "check CONFIG|SWEEP [-j|--json]       validate a config whole, print it resolved"},
     {"forward", cmd_forward,
-     "forward -m|--model DIR (-i|--ids 2,651,... | --text T) [-k|--top K] [-g|--generate N] [-j|--json]", 1},
+     "forward -m|--model DIR (-i|--ids 2,651,... | --text T) [-k|--top K] [-g|--generate N] [-j|--json]"},
     {"tokenize-text", cmd_tokenize_text,
-     "tokenize-text --tokenizer DIR [--special] [--json] -- TEXT   (or --decode 1,2,3, or --file F)", 0},
-    {"tasks", cmd_tasks, "tasks [-t|--tokenizer DIR] [-j|--json]   the tasks and their sizes", 1},
-    {"show", cmd_show, "show RUN -p|--prompt I [-j|--json]      one prompt's tokens, types, donors, metrics", 1},
-    {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR [-j|--json]   a llama.cpp Llama GGUF as an HF folder", 1},
-    {"scores", cmd_scores, "scores RUN [-r|--round R] [-j|--json]   a pruning round's scores", 1},
+     "tokenize-text -t|--tokenizer DIR [--special] [-j|--json] -- TEXT   (or --decode 1,2,3, or --file F)"},
+    {"tasks", cmd_tasks, "tasks [-t|--tokenizer DIR] [-j|--json]   the tasks and their sizes"},
+    {"show", cmd_show, "show RUN -p|--prompt I [-j|--json]      one prompt's tokens, types, donors, metrics"},
+    {"convert-gguf", cmd_convert_gguf, "convert-gguf FILE.gguf OUTDIR [-j|--json]   a llama.cpp Llama GGUF as an HF folder"},
+    {"scores", cmd_scores, "scores RUN [-r|--round R] [-j|--json]   a pruning round's scores"},
     {"memory", cmd_memory,
-     "memory CONFIG.json|MODEL_DIR... [--tp 1,2,4,8] [-j|--json]   weights, KV cache and attribution-batch bytes per rank", 1},
-    {"report", cmd_report, "report RUN [-j|--json]                   a run's report and figures, again", 1},
-    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP [--json]   a sweep on Slurm (--json: plan, status)", 0},
+     "memory CONFIG.json|MODEL_DIR... [--tp 1,2,4,8] [-j|--json]   weights, KV cache and attribution-batch bytes per rank"},
+    {"report", cmd_report, "report RUN [-j|--json]                   a run's report and figures, again"},
+    {"sweep", cmd_sweep, "sweep plan|submit|status SWEEP [-j|--json] [--dry-run]   a sweep on Slurm (--json: plan, status)"},
 };
 enum { N_SUBCOMMANDS = sizeof subcommands / sizeof subcommands[0] };
 
@@ -97,10 +96,6 @@ int main(int argc, char **argv) {
     const subcommand *cmd = find(name);
     if (!cmd) {
         fprintf(stderr, "edgepatch: unknown command '%s' (see 'edgepatch --help')\n", name);
-        return 2;
-    }
-    if (parse_only && !cmd->parse_only) {
-        fprintf(stderr, "edgepatch: --parse-only: '%s' does not support it yet\n", name);
         return 2;
     }
     cli_set_parse_only(parse_only);

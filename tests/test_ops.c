@@ -426,10 +426,20 @@ static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
                                 .heads = {0xf}};
     rules.rule[2] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 5 | 1u << 1, .relation = REL_EARLIER,
                                 .donor = 1, .heads = {0xa}};
-    for (int variant = 0; variant < 3; variant++) {
+    // Variant 3: the interventions of test_patched_attention (k-only keys from a donor, v-only rules reading
+    // the current key, removed edges, and the bos rows with every edge removed: entropy 0, masses 0).
+    edge_rule_set *iv = ep_malloc(sizeof *iv);
+    *iv = (edge_rule_set){.n = 5};
+    iv->rule[0] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u, .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0xf}};
+    iv->rule[1] = rules.rule[0], iv->rule[1].source = EDGE_SRC_K;
+    iv->rule[2] = rules.rule[1], iv->rule[2].source = EDGE_SRC_V;
+    iv->rule[3] = rules.rule[2];
+    iv->rule[4] = (edge_rule){.sender_types = 1u << 2 | 1u << 4, .receiver_types = 1u << 6 | 1u << 4,
+                              .source = EDGE_SRC_ZERO, .donor = -1, .heads = {0x6}};
+    for (int variant = 0; variant < 4; variant++) {
         attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .q_stride = 64, .kv_stride = 32,
                          .scale = 0.25f, .softcap = variant == 2 ? 0.0f : 5.0f, .window = variant == 2 ? 0 : 6};
-        const edge_rule_set *rs = variant == 1 ? NULL : &rules;
+        const edge_rule_set *rs = variant == 1 ? NULL : variant == 3 ? iv : &rules;
         size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride, nr = (size_t)q_rows * p.n_heads;
         float *q = random_floats(nq, 2), *k = random_floats(nk, 2);
         float *dk[2] = {random_floats(nk, 2), random_floats(nk, 2)};
@@ -445,14 +455,16 @@ static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
         stage_out(&t, ge, be, sizeof(float) * nr);
         stage_out(&t, gm, bm, sizeof(float) * nr * NT);
         stage_free(&t);
-        const char *names[3] = {"rowstat-pt", "rowstat", "rowstat-nw"};
+        const char *names[4] = {"rowstat-pt", "rowstat", "rowstat-nw", "rowstat-iv"};
         report(b->name, names[variant], fmax(max_rel_error(ge, we, nr, 1e-6), max_rel_error(gm, wm, nr * NT, 1e-6)), tol);
         if (b == kernel_ops_cpu()) {  // invariants of the reference, once
             double worst_sum = 0, worst_h = 0;
             for (size_t r = 0; r < (size_t)T0 * p.n_heads; r++) {  // sequence 0: every key typed
                 double sum = 0;
                 for (int c = 0; c < NT; c++) sum += wm[r * NT + c];
-                worst_sum = fmax(worst_sum, fabs(sum - 1));
+                int empty = variant == 3 && r < (size_t)p.n_heads;  // the bos row: every edge removed
+                worst_sum = fmax(worst_sum, fabs(sum - (empty ? 0 : 1)));
+                if (empty) worst_h = fmax(worst_h, fabs(we[r]));
             }
             // p from the attention output over one-hot values: value column c of sequence 0 is 1 at key c only,
             // for the rows whose keys all fit in head_dim columns (i < head_dim).
@@ -477,6 +489,7 @@ static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
         }
         free(q), free(k), free(dk[0]), free(dk[1]), free(we), free(wm), free(ge), free(gm);
     }
+    free(iv);
     free(x), free(y);
 }
 

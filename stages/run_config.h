@@ -6,7 +6,8 @@
 // affect_whom, prune_using_imp_scores, prune_k. Ours: mode, model_path, tokenizer_path (default:
 // model_path), seed (default 0), n_shots (default: the task's), n_prompts (alias of limit; default 100),
 // donors (a count, using the task's donor kinds in order, or a list of kind names; default 1), plan,
-// circuit, ablations, max_new_tokens, cache_dtype, backend, dtype, tensor_parallel, and the pruning
+// circuit, edge_intervention (how circuits ablate edges: kv, k, v, zero), ablations, max_new_tokens,
+// cache_dtype, backend, dtype, tensor_parallel, and the pruning
 // fields (importance, prune_rounds, prune_fraction, min_units, min_faithfulness, exact_max_seqs,
 // score_donors, compare_importance, exact_units_per_item). An unknown field is an error naming it (a
 // typo must not silently fall back to a default). Relative paths are taken from the working directory,

@@ -392,20 +392,29 @@ static void test_interventions(const char *name, json_t *plans) {
             check(0, "%s", err.msg);
             continue;
         }
+        run_result on_cpu = {0};
         for (int k = 0; k < 3; k++) {
             run_result r = {0};
             if (!backends[k] || run_on(k ? &devs[k] : &m, backends[k], &plan, &pb, &r)) {
                 free(r.logits);
                 continue;
             }
+            if (k == 1 && on_cpu.logits)  // offset: the cpu kernels behind device-style memory, bit for bit
+                check(!memcmp(r.logits, on_cpu.logits, sizeof(float) * (size_t)P * f.max_len * V) &&
+                          !memcmp(r.generated, on_cpu.generated, sizeof r.generated),
+                      "%s %s: the offset backend differs from cpu", name, plan.name);
             int same;
             double worst = vs_reference_last(&iv, j, &f, &r, V, &same);
             printf("  %-12s %-22s %-6s last logits %.2e  generated %2d/%d equal to the Python reference\n", name,
                    plan.name, backends[k]->name, worst, same, P * GEN);
             check(worst <= TOL && same == P * GEN, "%s %s (%s): last logits %.2e, %d/%d tokens", name, plan.name,
                   backends[k]->name, worst, same, P * GEN);
-            free(r.logits);
+            if (k == 0)
+                on_cpu = r;
+            else
+                free(r.logits);
         }
+        free(on_cpu.logits);
         // Can fail: k-only <-> v-only swapped, or (no k- or v-only rule) zero read as kv from donor 0.
         ablation_plan wrong = plan;
         wrong.layer_rules = malloc(sizeof(edge_rule_set) * (size_t)m.cfg.n_layers);

@@ -208,7 +208,8 @@ int prune_round_write(const char *path, const char *identity, int r, const circu
              h5store_set_str(&s, "method", res->method, err) || h5store_set_i64(&s, "pruned", res->pruned, err) ||
              h5store_set_str(&s, "stop", res->stop, err) ||
              h5store_set_str(&s, "metrics_columns", "target_logprob,first_token_accuracy,logit_diff", err) ||
-             h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err);
+             h5store_set_str(&s, "metrics_rows", "circuit,kept,clean", err) ||
+             h5store_set_str(&s, "edge_intervention", res->edge_intervention ? res->edge_intervention : "kv", err);
     if (rc == 0 && res->compare_scores) {
         h5shape sa = {1, {4}};
         const char *agreement_names[4] = {"spearman", "spearman_abs_exact", "top_k_overlap", "top_k"};  // as model_logs.json names them

@@ -62,6 +62,7 @@ typedef struct {
     const char *compare_method;
     const double *compare_scores;  // NULL: no comparison
     double agreement[4];
+    const char *edge_intervention;  // how the circuit ablates edges outside it (kv, k, v, zero); NULL: kv
 } prune_round_result;
 
 // Writes round r's file at path: identity is its inputs_hash, c the circuit the scores were taken in,

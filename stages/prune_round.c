@@ -169,7 +169,8 @@ static int round_finish(work_stage *ws, ep_error *err) {
     }
     double *scores = ep_calloc((size_t)rc->n + 1, sizeof(double)), *compare = NULL;
     prune_round_result res = {.kind = rc->kind, .units = rc->units, .n = rc->n, .scores = scores,
-                              .pruned = p->head_rounds + p->edge_rounds > 0, .stop = ""};
+                              .pruned = p->head_rounds + p->edge_rounds > 0, .stop = "",
+                              .edge_intervention = edge_source_name(in->plan.circuit_source)};
     circuit kept;
     circuit_copy(&rc->c, &kept);
     if (r == 0 && rc->method == 2) {

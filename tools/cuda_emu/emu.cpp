@@ -376,6 +376,17 @@ int main() {
             for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
             printf("  emu %-14s %.3g\n", "edge_scores", e);
             if (!(e <= 1e-4)) fails++;
+            // with a base for the differences of the edges reading the current pass (EAP-IG)
+            auto kb = rnd(nk, 2), vb = rnd(nk, 1);
+            const float *kbp = kb.data(), *vbp = vb.data();
+            ref->edge_scores(sw, qp, kp, vp, kbp, vbp, op, 2, ck, cv, seqs.data(), S, &p, patched ? &rules : nullptr, (const edge_score_unit *)&units[0][0], 5);
+            launch(dim3(5, S), dim3(ATTN_THREADS), [&] {
+                edge_scores_kernel(sgp, S, st, qp, kp, vp, kbp, vbp, op, ud, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            sc = 1e-30, e = 0;
+            for (int i = 0; i < 15; i++) sc = std::max(sc, fabs(sw[i]));
+            for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
+            printf("  emu %-14s %.3g\n", "edge_scores-b", e);
+            if (!(e <= 1e-4)) fails++;
         }
         {   // head_dim 80: lane slots 0..2 of the gradient kernels, the last partly; GQA 4:1, a decode step
             std::vector<attn_seq> ws = {{0, 12, 0, 0, nullptr, nullptr, 0, 0}, {12, 1, 20, 12, nullptr, nullptr, 0, 0}};

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Encode throughput of the C tokenizer against HF tokenizers (0.19.1, from the project venv) on the same
 # text, both single-threaded, for each fixture tokenizer; prints MB/s of both and the ratio C / HF.
-# usage: bench/bench_tokenizer.sh [BUILD_DIR] [PYTHON]     (defaults: build, /work/venv/bin/python)
+# usage: bench/bench_tokenizer.sh [BUILD_DIR] [PYTHON]     (defaults: build, .venv-bench/bin/python: a venv
+# with tokenizers==0.19.1, see docs/benchmarks.md)
 # The text: the GPL-3 and Apache-2.0 license texts from /usr/share/common-licenses plus the task prompts
 # (about 100 kB of English prose and prompt lines), repeated as needed by the timers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${1:-build}
-py=${2:-/work/venv/bin/python}
+py=${2:-.venv-bench/bin/python}
 cmake --build "$build" --target bench_tokenizer >/dev/null
 text=$(mktemp)
 trap 'rm -f "$text"' EXIT

@@ -187,6 +187,29 @@ typedef struct kernel_ops {
                         const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                         const edge_score_unit *units, int n_units);
 
+    // ---- Metric ops (stages/metrics.h): reductions over what a pass computed, for the patch stage's metrics.
+    // Same memory rules: the arrays backend memory, attn_seq / attn_params / rules host memory. Sums in double
+    // on every backend (ref, cpu and offset share one host implementation, ops_common.h; cuda reduces in
+    // double per block), so the backends differ only by the fp32 scores cuda computes.
+    //
+    // KL divergence per row, in nats: out[r] = sum_i p_i (log p_i - log q_i) with p = softmax(p_logits row r),
+    // q = softmax(q_logits row r), rows of n floats; each log-softmax taken stably as x_i - max - log sum_j
+    // exp(x_j - max). KL(p || q): the reference distribution comes first. Identical rows give exactly 0.
+    void (*kl_div_rows)(float *out, const float *p_logits, const float *q_logits, int rows, int n);
+    // Attention statistics of the query rows of seqs (attention's layout; r counts the query rows over the
+    // sequences in order): per row and query head h the attention distribution p_j over the keys j the row
+    // sees, weighed exactly as patched_attention weighs them (rules NULL or empty: as attention): the same
+    // causal mask, window, scale, softcap and GQA, and a patched edge's score from donor d's key at row
+    // donor_row + j (kernels/edge_rule.h). Then
+    //   entropy[r * n_heads + h] = -sum_j p_j ln p_j (nats; as ln Z - sum_j p_j (s_j - max), never ln 0),
+    //   mass[(r * n_heads + h) * n_types + t] = sum of p_j over the keys j < n_typed with types[j] == t,
+    // for t < n_types (at most 16); an untyped key (no types, j >= n_typed, or a type >= n_types) adds to no
+    // entry. Values are not read: this is the softmax of the scores only. A head unit replaces a head's output
+    // after its attention, so it does not change these numbers.
+    void (*attention_row_stats)(float *entropy, float *mass, int n_types, const float *q, const float *k, int n_donors,
+                                const float *const *donor_k, const attn_seq *seqs, int n_seqs, const attn_params *p,
+                                const edge_rule_set *rules);
+
     // 1 when backend memory is host memory (ref, cpu): host pointers may be handed to the ops directly
     // and the host may read what they write.
     int host_memory;

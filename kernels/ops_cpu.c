@@ -681,6 +681,8 @@ static const kernel_ops cpu_table = {
     .attention_back = cpu_attention_back,
     .head_scores = ops_host_head_scores,  // the ref loop: a double sum per unit and prompt, cheap beside the passes
     .edge_scores = cpu_edge_scores,
+    .kl_div_rows = ops_host_kl_div_rows,
+    .attention_row_stats = ops_host_attention_row_stats,
     .host_memory = 1,
 };
 

@@ -671,6 +671,88 @@ __global__ static void head_scores_kernel(double *score, int n_seqs, const float
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Metric kernels (kernels/ops.h, the metric ops): sums in double per block, in a fixed order.
+
+// KL divergence of row blockIdx.x (kl_div_rows): the two maxima, then the two sums of exp in double, then
+// sum p_i (lp_i - lq_i) in double.
+__global__ static void kl_div_rows_kernel(float *out, const float *pl, const float *ql, int n) {
+    __shared__ float scratch[32];
+    __shared__ double dscratch[32];
+    const float *x = pl + (size_t)blockIdx.x * n, *y = ql + (size_t)blockIdx.x * n;
+    float mx = -INFINITY, my = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mx = fmaxf(mx, x[i]), my = fmaxf(my, y[i]);
+    mx = block_max(mx, scratch);
+    my = block_max(my, scratch);
+    double sx = 0.0, sy = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sx += exp((double)x[i] - mx), sy += exp((double)y[i] - my);
+    sx = block_sum(sx, dscratch);
+    sy = block_sum(sy, dscratch);
+    double lx = (double)mx + log(sx), ly = (double)my + log(sy), kl = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        double lp = (double)x[i] - lx, lq = (double)y[i] - ly;
+        kl += exp(lp) * (lp - lq);
+    }
+    kl = block_sum(kl, dscratch);
+    if (threadIdx.x == 0) out[blockIdx.x] = (float)kl;
+}
+
+// One block per (query row descriptor, head), as attention_kernel's grid: a warp per key scores it (fp32, as
+// attention_kernel: the same dot product, scale and softcap; a patched edge's key from its donor), lane 0
+// keeps the running max; then a second pass rescores each key and adds exp(s - max), exp(s - max) (s - max)
+// and the key type's mass in double. entropy[(row descriptor) * n_heads + h], mass[... * n_types + t].
+template <bool PATCHED>
+__global__ static void attention_row_stats_kernel(float *entropy, float *mass, int n_types, const float *q,
+                                                  const float *k, const int4 *rows, int n_heads, int group, int d,
+                                                  int q_stride, int kv_stride, float scale, float softcap, int window,
+                                                  const attn_patch patch) {
+    __shared__ float scratch[32];
+    __shared__ double dscratch[32];
+    int4 row = rows[blockIdx.x], sd = patch.seqs[row.w];
+    int h = blockIdx.y, g = h / group, i = row.y, kv_row = row.z;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    const float *qv = q + (size_t)row.x * q_stride + (size_t)h * d;
+    const int32_t *types = patch.ints + sd.y;
+    int j0 = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
+    float mx = -INFINITY;
+    for (int pass = 0; pass < 2; pass++) {
+        double z = 0.0, zs = 0.0, m[OPS_MAX_STAT_TYPES];
+        for (int t = 0; t < OPS_MAX_STAT_TYPES; t++) m[t] = 0.0;
+        for (int j = j0 + warp; j <= i; j += n_warps) {
+            const float *kj = k + (size_t)(kv_row + j) * kv_stride + (size_t)g * d;
+            if (PATCHED) {
+                int dn = patch_source(patch, sd, h, i, j);
+                if (dn >= 0) kj = patch.donor_k[dn] + (size_t)(sd.x + j) * kv_stride + (size_t)g * d;
+            }
+            float dot = 0.0f;
+            for (int e = lane; e < d; e += 32) dot += qv[e] * kj[e];
+            dot = warp_sum(dot) * scale;
+            if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
+            if (lane != 0) continue;
+            if (pass == 0) {
+                mx = fmaxf(mx, dot);
+                continue;
+            }
+            double e = exp((double)dot - mx);
+            z += e, zs += e * ((double)dot - mx);
+            int t = j < sd.z ? types[j] : -1;
+            if (t >= 0 && t < n_types && t < OPS_MAX_STAT_TYPES) m[t] += e;
+        }
+        if (pass == 0) {
+            mx = block_max(mx, scratch);
+            continue;
+        }
+        z = block_sum(z, dscratch);
+        zs = block_sum(zs, dscratch);
+        size_t at = (size_t)blockIdx.x * n_heads + h;
+        if (threadIdx.x == 0) entropy[at] = (float)(log(z) - zs / z);
+        for (int t = 0; t < n_types; t++) {
+            double mt = block_sum(t < OPS_MAX_STAT_TYPES ? m[t] : 0.0, dscratch);
+            if (threadIdx.x == 0) mass[at * n_types + t] = (float)(mt / z);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Host-side packing of attention's per-call metadata (tools/cuda_emu runs these as they are)
 
 // One descriptor per query row, flattened over the sequences so the grid needs no search:
@@ -1246,12 +1328,57 @@ static void cuda_head_scores(double *score, const float *z, const float *const *
     LAUNCH_CHECK("head_scores_kernel");
 }
 
+static void cuda_kl_div_rows(float *out, const float *p_logits, const float *q_logits, int rows, int n) {
+    if (rows <= 0 || n <= 0) return;
+    if (rows > 0x7fffffff / 2) {
+        ops_fatal("edgepatch: CUDA error kl_div_rows with %d rows at %s:%d", rows, __FILE__, __LINE__);
+    }
+    kl_div_rows_kernel<<<(unsigned)rows, ROW_THREADS, 0, ctx.stream>>>(out, p_logits, q_logits, n);
+    LAUNCH_CHECK("kl_div_rows_kernel");
+}
+
+static void cuda_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,
+                                     int n_donors, const float *const *donor_k, const attn_seq *seqs, int n_seqs,
+                                     const attn_params *p, const edge_rule_set *rules) {
+    size_t total_q = 0;
+    for (int s = 0; s < n_seqs; s++) total_q += seqs[s].n_q > 0 ? (size_t)seqs[s].n_q : 0;
+    if (total_q == 0 || p->n_heads <= 0) return;
+    if (total_q > 0x7fffffffu || p->n_heads > 65535 || n_types > OPS_MAX_STAT_TYPES) {
+        ops_fatal("edgepatch: CUDA error attention_row_stats %zu rows x %d heads, %d types at %s:%d", total_q,
+                  p->n_heads, n_types, __FILE__, __LINE__);
+    }
+    bool patched = rules && rules->n > 0;
+    // The types (for the masses) travel in the patch buffer whether or not any rule patches an edge.
+    attn_patch patch = grad_patch_upload(patched ? rules : NULL, seqs, n_seqs, patched ? n_donors : 0,
+                                         patched ? donor_k : NULL, patched ? donor_k : NULL);
+    int4 *host_rows = (int4 *)kernel_malloc(sizeof(int4) * total_q);
+    attn_rows_fill(host_rows, seqs, n_seqs);
+    device_buffer_reserve(&ctx.attn_rows, &ctx.attn_rows_cap, sizeof(int4) * total_q, sizeof(int4) * 4096);
+    CUDA_CHECK(cudaMemcpyAsync(ctx.attn_rows, host_rows, sizeof(int4) * total_q, cudaMemcpyHostToDevice, ctx.stream));
+    free(host_rows);
+    const int4 *rows = (const int4 *)ctx.attn_rows;
+    dim3 grid((unsigned)total_q, (unsigned)p->n_heads);
+    int group = p->n_heads / p->n_kv_heads;
+    if (patched) {
+        attention_row_stats_kernel<true><<<grid, ATTN_THREADS, 0, ctx.stream>>>(
+            entropy, mass, n_types, q, k, rows, p->n_heads, group, p->head_dim, p->q_stride, p->kv_stride, p->scale,
+            p->softcap, p->window, patch);
+        LAUNCH_CHECK("attention_row_stats_kernel<true>");
+    } else {
+        attention_row_stats_kernel<false><<<grid, ATTN_THREADS, 0, ctx.stream>>>(
+            entropy, mass, n_types, q, k, rows, p->n_heads, group, p->head_dim, p->q_stride, p->kv_stride, p->scale,
+            p->softcap, p->window, patch);
+        LAUNCH_CHECK("attention_row_stats_kernel<false>");
+    }
+}
+
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_matmul_bf16,
     cuda_rmsnorm,  cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
     cuda_patched_attention, cuda_copy_rows, cuda_gather_rows,
     cuda_linear_back, cuda_linear_back_bf16, cuda_rmsnorm_back, cuda_layernorm_back, cuda_rope_back, cuda_act_back,
-    cuda_glu_back, cuda_softcap_back, cuda_attention_back, cuda_head_scores, cuda_edge_scores, 0,
+    cuda_glu_back, cuda_softcap_back, cuda_attention_back, cuda_head_scores, cuda_edge_scores,
+    cuda_kl_div_rows, cuda_attention_row_stats, 0,
 };
 
 // ---------------------------------------------------------------------------------------------------

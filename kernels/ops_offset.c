@@ -131,6 +131,18 @@ static void ob_edge_scores(double *score, const float *q, const float *k, const 
                                   seqs, n_seqs, p, rules, units, n_units);
 }
 
+static void ob_kl_div_rows(float *out, const float *p_logits, const float *q_logits, int rows, int n) {
+    kernel_ops_cpu()->kl_div_rows(OB_F(out), OB_F(p_logits), OB_F(q_logits), rows, n);
+}
+static void ob_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,
+                                   int n_donors, const float *const *donor_k, const attn_seq *seqs, int n_seqs,
+                                   const attn_params *p, const edge_rule_set *rules) {
+    const float *bk[16] = {0};
+    for (int d = 0; d < n_donors && d < 16; d++) bk[d] = OB_F(donor_k[d]);
+    kernel_ops_cpu()->attention_row_stats(OB_F(entropy), OB_F(mass), n_types, OB_F(q), OB_F(k), n_donors, bk, seqs,
+                                          n_seqs, p, rules);
+}
+
 static const kernel_ops offset_table = {
     .name = "offset",
     .alloc = ob_alloc,
@@ -163,6 +175,8 @@ static const kernel_ops offset_table = {
     .attention_back = ob_attention_back,
     .head_scores = ob_head_scores,
     .edge_scores = ob_edge_scores,
+    .kl_div_rows = ob_kl_div_rows,
+    .attention_row_stats = ob_attention_row_stats,
     .host_memory = 0,
 };
 

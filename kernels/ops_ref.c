@@ -398,6 +398,77 @@ void ops_host_head_scores(double *score, const float *z, const float *const *don
         }
 }
 
+void ops_host_kl_div_rows(float *out, const float *pl, const float *ql, int rows, int n) {
+    for (int r = 0; r < rows; r++) {
+        const float *x = pl + (size_t)r * n, *y = ql + (size_t)r * n;
+        double mx = -INFINITY, my = -INFINITY, sx = 0, sy = 0, kl = 0;
+        for (int i = 0; i < n; i++) {
+            if (x[i] > mx) mx = x[i];
+            if (y[i] > my) my = y[i];
+        }
+        for (int i = 0; i < n; i++) sx += exp((double)x[i] - mx), sy += exp((double)y[i] - my);
+        double lx = mx + log(sx), ly = my + log(sy);
+        for (int i = 0; i < n; i++) {
+            double lp = (double)x[i] - lx, lq = (double)y[i] - ly;
+            kl += exp(lp) * (lp - lq);
+        }
+        out[r] = (float)kl;
+    }
+}
+
+// The scores of one query row and head as ref_patched_attention computes them (double), into score[0 .. i]
+// (-inf outside the window); returns their max.
+static double ref_row_scores(double *score, const float *q, const float *k, const float *const *donor_k,
+                             const attn_seq *sq, const attn_params *p, const edge_rule_set *rules, int qi, int h) {
+    int d = p->head_dim, i = sq->q_pos + qi;
+    const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+    double mx = -INFINITY;
+    for (int j = 0; j <= i; j++) {
+        if (p->window > 0 && i - j >= p->window) {
+            score[j] = -INFINITY;
+            continue;
+        }
+        const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j);
+        double dot = 0;
+        for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
+        dot *= p->scale;
+        if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+        score[j] = dot;
+        if (dot > mx) mx = dot;
+    }
+    return mx;
+}
+
+void ops_host_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,
+                                  int n_donors, const float *const *donor_k, const attn_seq *seqs, int n_seqs,
+                                  const attn_params *p, const edge_rule_set *rules) {
+    size_t r = 0;
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        if (sq->n_q <= 0) continue;
+        double *score = kernel_malloc(sizeof(double) * (size_t)(sq->q_pos + sq->n_q));
+        for (int qi = 0; qi < sq->n_q; qi++, r++) {
+            int i = sq->q_pos + qi;
+            for (int h = 0; h < p->n_heads; h++) {
+                double mx = ref_row_scores(score, q, k, donor_k, sq, p, rules, qi, h), z = 0, zs = 0;
+                double m[OPS_MAX_STAT_TYPES] = {0};
+                for (int j = 0; j <= i; j++) {
+                    if (score[j] == -INFINITY) continue;
+                    double e = exp(score[j] - mx);
+                    z += e, zs += e * (score[j] - mx);
+                    int t = sq->types && j < sq->n_typed ? sq->types[j] : -1;
+                    if (t >= 0 && t < n_types && t < OPS_MAX_STAT_TYPES) m[t] += e;
+                }
+                entropy[r * (size_t)p->n_heads + h] = (float)(log(z) - zs / z);
+                for (int t = 0; t < n_types; t++)
+                    mass[(r * (size_t)p->n_heads + h) * n_types + t] = t < OPS_MAX_STAT_TYPES ? (float)(m[t] / z) : 0.0f;
+            }
+        }
+        free(score);
+    }
+    (void)n_donors;
+}
+
 static void ref_edge_scores(double *score, const float *q, const float *k, const float *v, const float *k_base,
                             const float *v_base, const float *dout,
                             int n_donors, const float *const *donor_k, const float *const *donor_v,
@@ -477,6 +548,8 @@ static const kernel_ops ref_table = {
     .attention_back = ref_attention_back,
     .head_scores = ops_host_head_scores,
     .edge_scores = ref_edge_scores,
+    .kl_div_rows = ops_host_kl_div_rows,
+    .attention_row_stats = ops_host_attention_row_stats,
     .host_memory = 1,
 };
 

@@ -4,6 +4,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "pipeline/pretok.h"
+#include "pipeline/tokenizer_json.h"
+
 void int_vec_push(int_vec *a, int x) {
     if (a->n == a->cap) {
         a->cap = a->cap ? a->cap * 2 : 64;
@@ -35,7 +38,241 @@ static int json_flag(json_t *o, const char *key) {
     return v && json_is_true(v);
 }
 
-int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
+// A string read from the document: its bytes are in the document itself, or (when it had escapes) in a side
+// buffer that is still growing, so it is kept as an offset until the buffer stops moving.
+typedef struct {
+    size_t off;
+    uint32_t len;
+    uint32_t in_side;
+} text_ref;
+
+static text_ref keep_text(const tjson *s, byte_buf *side, const char *str, size_t len) {
+    if (str >= s->doc && str + len <= s->doc + s->len) return (text_ref){(size_t)(str - s->doc), (uint32_t)len, 0};
+    text_ref r = {side->len, (uint32_t)len, 1};
+    buf_append(side, str, len);
+    return r;
+}
+
+static const char *text_at(const bpe_source *src, const byte_buf *side, text_ref r) {
+    return r.in_side ? side->p + r.off : src->doc + r.off;
+}
+
+// Lookups and inserts run LOOKAHEAD entries behind the prefetches of their slots: at load, nearly every
+// access to a 256k-entry table is a cache miss, and overlapping them is most of the speed.
+enum { LOOKAHEAD = 16 };
+
+typedef struct {
+    text_ref key;
+    int id;
+} vocab_entry;
+
+// model.vocab, read from the document text: {"piece": id, ...}.
+static int load_vocab(bpe_model *m, const bpe_source *src, const char *file, int *max_id, ep_error *err) {
+    if (src->vocab.at == TJSON_ABSENT) return ep_fail(err, "%s: model.vocab is missing or not an object", file);
+    tjson s;
+    tjson_init(&s, src->doc, src->len, (size_t)src->vocab.at, file);
+    if (tjson_peek(&s) != '{') return ep_fail(err, "%s: model.vocab is missing or not an object", file);
+    s.pos++;
+    // The entries are gathered first so that the map is sized once, exactly as for n entries.
+    vocab_entry *list = NULL;
+    size_t n = 0, cap = 0;
+    byte_buf side = {0};
+    *max_id = -1;
+    int rc = 0;
+    if (tjson_peek(&s) == '}') {
+        s.pos++;
+    } else {
+        for (;;) {
+            const char *key;
+            size_t key_len;
+            if ((rc = tjson_string(&s, &key, &key_len, err)) || (rc = tjson_expect(&s, ':', err))) break;
+            int c = tjson_peek(&s);
+            int64_t v = -1;
+            int is_int = 0;
+            if ((c == '-' || (c >= '0' && c <= '9')) && (rc = tjson_number(&s, &v, &is_int, err))) break;
+            // Ids index dense arrays, so they are bounded (real vocabularies are < 300k).
+            if (!is_int || v < 0 || v >= BPE_MAX_ID) {
+                rc = ep_fail(err, "%s: model.vocab[\"%.*s\"] is not an integer id in [0, %d)", file, (int)key_len, key,
+                             BPE_MAX_ID);
+                break;
+            }
+            if (n == cap) {
+                cap = cap ? cap * 2 : 1024;
+                list = ep_realloc(list, sizeof *list * cap);
+            }
+            list[n++] = (vocab_entry){keep_text(&s, &side, key, key_len), (int)v};
+            if ((int)v > *max_id) *max_id = (int)v;
+            c = tjson_peek(&s);
+            s.pos++;
+            if (c == '}') break;
+            if (c != ',') {
+                s.pos--;
+                rc = tjson_fail(&s, err, "expected ',' or '}'");
+                break;
+            }
+        }
+    }
+    if (!rc) {
+        // In file order, so a duplicated piece keeps its last id (as a Rust HashMap collect does).
+        strmap_init(&m->vocab, n);
+        size_t key_bytes = 0;
+        for (size_t i = 0; i < n; i++) key_bytes += list[i].key.len + 1;
+        strmap_reserve_keys(&m->vocab, key_bytes);
+        uint64_t ring[LOOKAHEAD];
+        // Entry i - LOOKAHEAD is inserted, then entry i's hash takes its place in the ring.
+        for (size_t i = 0; i < n + LOOKAHEAD; i++) {
+            if (i >= LOOKAHEAD) {
+                const vocab_entry *e = &list[i - LOOKAHEAD];
+                strmap_put_hashed(&m->vocab, ring[i % LOOKAHEAD], text_at(src, &side, e->key), e->key.len, e->id);
+            }
+            if (i < n) {
+                uint64_t h = strmap_hash(text_at(src, &side, list[i].key), list[i].key.len);
+                strmap_prefetch(&m->vocab, h);
+                ring[i % LOOKAHEAD] = h;
+            }
+        }
+    }
+    free(list);
+    buf_free(&side);
+    tjson_free(&s);
+    return rc;
+}
+
+typedef struct {
+    text_ref a, b;
+} merge_text;
+
+// One merge of model.merges: "a b" (split at the first space) or ["a", "b"] (tokenizers >= 0.20).
+static int read_merge(tjson *s, byte_buf *side, merge_text *out, const char *file, size_t rank, ep_error *err) {
+    int c = tjson_peek(s);
+    const char *str;
+    size_t len;
+    if (c == '"') {
+        if (tjson_string(s, &str, &len, err)) return -1;
+        const char *sp = memchr(str, ' ', len);
+        if (!sp)
+            return ep_fail(err, "%s: model.merges[%zu] = \"%.*s\" is not two pieces separated by a space", file, rank,
+                           (int)len, str);
+        size_t a_len = (size_t)(sp - str);
+        out->a = keep_text(s, side, str, a_len);
+        out->b = keep_text(s, side, sp + 1, len - a_len - 1);
+        return 0;
+    }
+    if (c == '[') {
+        s->pos++;
+        if (tjson_peek(s) == '"') {
+            if (tjson_string(s, &str, &len, err)) return -1;
+            out->a = keep_text(s, side, str, len);  // copied aside if escaped: the next read reuses s->buf
+            if (tjson_peek(s) == ',') {
+                s->pos++;
+                if (tjson_peek(s) == '"') {
+                    if (tjson_string(s, &str, &len, err)) return -1;
+                    out->b = keep_text(s, side, str, len);
+                    if (tjson_peek(s) == ']') {
+                        s->pos++;
+                        return 0;
+                    }
+                }
+            }
+        }
+    }
+    return ep_fail(err, "%s: model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", file, rank);
+}
+
+typedef struct {
+    uint64_t ha, hb, hab;
+} merge_hashes;
+
+static uint64_t pair_key(int a, int b) { return (uint64_t)(uint32_t)a << 32 | (uint32_t)b; }
+
+// model.merges, read from the document text; each merge's rank is its index.
+static int load_merges(bpe_model *m, const bpe_source *src, const char *file, ep_error *err) {
+    if (src->merges.at == TJSON_ABSENT) return ep_fail(err, "%s: model.merges is missing or not an array", file);
+    tjson s;
+    tjson_init(&s, src->doc, src->len, (size_t)src->merges.at, file);
+    if (tjson_peek(&s) != '[') return ep_fail(err, "%s: model.merges is missing or not an array", file);
+    s.pos++;
+    // Gathered first: the pair table is then sized exactly once, and the lookups can be prefetched.
+    merge_text *list = NULL;
+    size_t n = 0, cap = 0;
+    byte_buf side = {0};
+    int rc = 0;
+    if (tjson_peek(&s) == ']') {
+        s.pos++;
+    } else {
+        for (;;) {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 1024;
+                list = ep_realloc(list, sizeof *list * cap);
+            }
+            if ((rc = read_merge(&s, &side, &list[n], file, n, err))) break;
+            n++;
+            int c = tjson_peek(&s);
+            s.pos++;
+            if (c == ']') break;
+            if (c != ',') {
+                s.pos--;
+                rc = tjson_fail(&s, err, "expected ',' or ']'");
+                break;
+            }
+        }
+    }
+    tjson_free(&s);
+    int *ids = rc ? NULL : ep_malloc(sizeof(int) * 3 * (n + 1));  // a, b, merged per rank
+    if (!rc) {
+        merge_hashes ring[LOOKAHEAD];
+        // Merge i - LOOKAHEAD is looked up, then merge i's hashes take its place in the ring.
+        for (size_t i = 0; i < n + LOOKAHEAD && !rc; i++) {
+            if (i >= LOOKAHEAD / 2 && i - LOOKAHEAD / 2 < n) {  // halfway: the slots are cached, fetch the keys
+                const merge_hashes *h = &ring[(i - LOOKAHEAD / 2) % LOOKAHEAD];
+                strmap_prefetch_key(&m->vocab, h->ha);
+                strmap_prefetch_key(&m->vocab, h->hb);
+                strmap_prefetch_key(&m->vocab, h->hab);
+            }
+            if (i >= LOOKAHEAD) {
+                size_t r = i - LOOKAHEAD;
+                const merge_hashes *h = &ring[i % LOOKAHEAD];
+                const char *a = text_at(src, &side, list[r].a), *b = text_at(src, &side, list[r].b);
+                size_t a_len = list[r].a.len, b_len = list[r].b.len;
+                int *id = &ids[3 * r];
+                int ok_a = strmap_get2(&m->vocab, h->ha, a, a_len, "", 0, &id[0]);
+                int ok_b = strmap_get2(&m->vocab, h->hb, b, b_len, "", 0, &id[1]);
+                int ok_ab = strmap_get2(&m->vocab, h->hab, a, a_len, b, b_len, &id[2]);
+                if (!ok_a || !ok_b)
+                    rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, r,
+                                 !ok_a ? (int)a_len : (int)b_len, !ok_a ? a : b);
+                else if (!ok_ab)
+                    rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s%.*s\" is not in model.vocab", file, r,
+                                 (int)a_len, a, (int)b_len, b);
+            }
+            if (i < n) {
+                const char *a = text_at(src, &side, list[i].a), *b = text_at(src, &side, list[i].b);
+                merge_hashes *h = &ring[i % LOOKAHEAD];
+                h->ha = strmap_hash(a, list[i].a.len);
+                h->hb = strmap_hash(b, list[i].b.len);
+                h->hab = strmap_hash2(a, list[i].a.len, b, list[i].b.len);
+                strmap_prefetch(&m->vocab, h->ha);
+                strmap_prefetch(&m->vocab, h->hb);
+                strmap_prefetch(&m->vocab, h->hab);
+            }
+        }
+    }
+    if (!rc) {
+        pairmap_init(&m->merges, n);
+        for (size_t i = 0; i < n + LOOKAHEAD; i++) {
+            if (i < n) pairmap_prefetch(&m->merges, pair_key(ids[3 * i], ids[3 * i + 1]));
+            if (i < LOOKAHEAD) continue;
+            size_t r = i - LOOKAHEAD;
+            pairmap_put(&m->merges, pair_key(ids[3 * r], ids[3 * r + 1]), (int)r, ids[3 * r + 2]);
+        }
+    }
+    free(ids);
+    free(list);
+    buf_free(&side);
+    return rc;
+}
+
+int bpe_load(bpe_model *m, json_t *model, const bpe_source *src, const char *file, ep_error *err) {
     memset(m, 0, sizeof *m);
     m->unk_id = -1;
     for (int i = 0; i < 256; i++) m->byte_ids[i] = -1;
@@ -52,20 +289,8 @@ int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
     m->byte_fallback = json_flag(model, "byte_fallback");
     m->ignore_merges = json_flag(model, "ignore_merges");
 
-    json_t *vocab = json_object_get(model, "vocab");
-    if (!json_is_object(vocab)) return ep_fail(err, "%s: model.vocab is missing or not an object", file);
-    strmap_init(&m->vocab, json_object_size(vocab));
-    const char *key;
-    json_t *val;
     int max_id = -1;
-    json_object_foreach(vocab, key, val) {
-        // Ids index dense arrays, so they are bounded (real vocabularies are < 300k).
-        if (!json_is_integer(val) || json_integer_value(val) < 0 || json_integer_value(val) >= BPE_MAX_ID)
-            return ep_fail(err, "%s: model.vocab[\"%s\"] is not an integer id in [0, %d)", file, key, BPE_MAX_ID);
-        int id = (int)json_integer_value(val);
-        strmap_put(&m->vocab, key, strlen(key), id);
-        if (id > max_id) max_id = id;
-    }
+    if (load_vocab(m, src, file, &max_id, err)) return -1;
     m->n_pieces = max_id + 1;
     m->pieces = ep_calloc((size_t)m->n_pieces + 1, sizeof(char *));
     for (size_t i = 0; i < m->vocab.cap; i++) {
@@ -84,48 +309,7 @@ int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err) {
             m->unk_missing = 1;
         }
     }
-
-    json_t *merges = json_object_get(model, "merges");
-    if (!json_is_array(merges)) return ep_fail(err, "%s: model.merges is missing or not an array", file);
-    pairmap_init(&m->merges, json_array_size(merges));
-    size_t rank;
-    json_array_foreach(merges, rank, val) {
-        // Two spellings: "a b" (split at the first space) and ["a", "b"] (tokenizers >= 0.20).
-        const char *a, *b;
-        size_t a_len, b_len;
-        if (json_is_string(val)) {
-            a = json_string_value(val);
-            const char *sp = strchr(a, ' ');
-            if (!sp) return ep_fail(err, "%s: model.merges[%zu] = \"%s\" is not two pieces separated by a space", file, rank, a);
-            a_len = (size_t)(sp - a);
-            b = sp + 1;
-            b_len = strlen(b);
-        } else if (json_is_array(val) && json_array_size(val) == 2 && json_is_string(json_array_get(val, 0)) &&
-                   json_is_string(json_array_get(val, 1))) {
-            a = json_string_value(json_array_get(val, 0));
-            b = json_string_value(json_array_get(val, 1));
-            a_len = json_string_length(json_array_get(val, 0));
-            b_len = json_string_length(json_array_get(val, 1));
-        } else {
-            return ep_fail(err, "%s: model.merges[%zu] is neither \"a b\" nor [\"a\", \"b\"]", file, rank);
-        }
-        int ia, ib, inew;
-        char *joined = ep_malloc(a_len + b_len + 1);
-        memcpy(joined, a, a_len);
-        memcpy(joined + a_len, b, b_len);
-        joined[a_len + b_len] = 0;
-        int ok_a = strmap_get(&m->vocab, a, a_len, &ia), ok_b = strmap_get(&m->vocab, b, b_len, &ib);
-        int ok_new = strmap_get(&m->vocab, joined, a_len + b_len, &inew);
-        if (!ok_a || !ok_b || !ok_new) {
-            int rc = ep_fail(err, "%s: model.merges[%zu]: piece \"%.*s\" is not in model.vocab", file, rank,
-                             !ok_a ? (int)a_len : !ok_b ? (int)b_len : (int)(a_len + b_len), !ok_a ? a : !ok_b ? b : joined);
-            free(joined);
-            return rc;
-        }
-        free(joined);
-        pairmap_put(&m->merges, (uint64_t)(uint32_t)ia << 32 | (uint32_t)ib, (int)rank, inew);
-    }
-    return 0;
+    return load_merges(m, src, file, err);
 }
 
 void bpe_free(bpe_model *m) {

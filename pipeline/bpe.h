@@ -14,6 +14,7 @@
 
 #include "pipeline/error.h"
 #include "pipeline/strmap.h"
+#include "pipeline/tokenizer_json.h"
 
 enum { BPE_MAX_ID = 1 << 24 };  // largest accepted token id + 1
 
@@ -42,8 +43,18 @@ typedef struct {
     size_t heap_n, heap_cap;
 } bpe_scratch;
 
-// Loads "model" (the object at tokenizer.json's "model"); `file` names the file in error messages.
-int bpe_load(bpe_model *m, json_t *model, const char *file, ep_error *err);
+// Where model.vocab and model.merges sit in the tokenizer.json text (found by tjson_locate,
+// pipeline/tokenizer_json.h). The two are read straight from the text into the maps; the other model
+// fields come from the jansson object.
+typedef struct {
+    const char *doc;
+    size_t len;
+    tjson_span vocab, merges;
+} bpe_source;
+
+// Loads "model" (the object at tokenizer.json's "model", with vocab and merges from src); `file` names the
+// file in error messages.
+int bpe_load(bpe_model *m, json_t *model, const bpe_source *src, const char *file, ep_error *err);
 void bpe_free(bpe_model *m);
 void bpe_scratch_free(bpe_scratch *s);
 

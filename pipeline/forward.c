@@ -319,6 +319,84 @@ int model_embed(const model *m, const kernel_ops *ops, const int *tokens, int T,
     return rc;
 }
 
+// The attention statistics of a pass (forward_attn_stats): per layer the op's [n_seqs][heads] arrays in
+// backend scratch, copied into the whole pass's arrays at the shard's first head.
+typedef struct {
+    attn_seq *seqs;        // one query row per sequence
+    float *ent, *mass;     // backend [n_seqs][H_local](* n_types): one layer's
+    float *all_ent, *all_mass;  // backend [n_seqs][n_layers][n_heads](* n_types)
+} stats_buffers;
+
+static int stats_check(const model_config *c, const forward_batch *b, ep_error *err) {
+    const forward_attn_stats *a = b->attn_stats;
+    if (!a) return 0;
+    if (!a->rows || !a->entropy || !a->mass || a->n_types < 1 || a->n_types > 16)
+        return ep_fail(err, "forward: attention statistics need rows, outputs and 1..16 types (%d)", a->n_types);
+    for (int s = 0; s < b->n_seqs; s++)
+        if (a->rows[s] < 0 || a->rows[s] >= b->n_new[s])
+            return ep_fail(err, "forward: attention statistics row %d of sequence %d is outside its %d new tokens",
+                           a->rows[s], s, b->n_new[s]);
+    (void)c;
+    return 0;
+}
+
+static void stats_init(stats_buffers *st, const kernel_ops *ops, const model_config *c, int n_seqs, int n_types) {
+    tp_shard sh = model_config_local(c);
+    size_t S = (size_t)n_seqs, all = S * c->n_layers * c->n_heads;
+    st->seqs = ep_malloc(sizeof(attn_seq) * S);
+    st->ent = ops->alloc(sizeof(float) * S * sh.n_heads);
+    st->mass = ops->alloc(sizeof(float) * S * sh.n_heads * n_types);
+    st->all_ent = ops->alloc(sizeof(float) * all);
+    st->all_mass = ops->alloc(sizeof(float) * all * n_types);
+    float *zeros = ep_calloc(all * n_types, sizeof(float));  // layers a partial pass skips, other ranks' heads
+    ops->upload(st->all_ent, zeros, sizeof(float) * all);
+    ops->upload(st->all_mass, zeros, sizeof(float) * all * n_types);
+    free(zeros);
+}
+
+static void stats_free(stats_buffers *st, const kernel_ops *ops) {
+    free(st->seqs);
+    ops->release(st->ent), ops->release(st->mass), ops->release(st->all_ent), ops->release(st->all_mass);
+}
+
+// Layer l's statistics of the stats rows, from the step's queries and the layer's keys (and the donors' keys
+// the rules read), into the whole pass's arrays.
+static void stats_layer(const kernel_ops *ops, const model_config *c, const forward_batch *b, stats_buffers *st,
+                        const attn_seq *seqs, const forward_patch *patch, int l, const float *q, const float *k,
+                        const float *const *dk, const attn_params *p, const edge_rule_set *rules) {
+    const forward_attn_stats *a = b->attn_stats;
+    tp_shard sh = model_config_local(c);
+    int H = c->n_heads, Hl = sh.n_heads, nt = a->n_types;
+    for (int s = 0; s < b->n_seqs; s++) {
+        attn_seq sq = seqs[s];
+        sq.q_row += a->rows[s], sq.q_pos += a->rows[s], sq.n_q = 1;
+        if (!patch) {
+            sq.types = a->types ? a->types + (size_t)s * a->type_stride : NULL;
+            sq.index = a->index ? a->index + (size_t)s * a->type_stride : NULL;
+            sq.n_typed = a->types && a->n_typed ? a->n_typed[s] : 0;
+        }
+        st->seqs[s] = sq;
+    }
+    ops->attention_row_stats(st->ent, st->mass, nt, q, k, dk && patch ? patch->n_donors : 0, dk, st->seqs, b->n_seqs, p,
+                             rules);
+    ops->copy_rows(st->all_ent + (size_t)l * H + sh.head0, c->n_layers * H, st->ent, Hl, b->n_seqs, Hl);
+    ops->copy_rows(st->all_mass + ((size_t)l * H + sh.head0) * nt, c->n_layers * H * nt, st->mass, Hl * nt, b->n_seqs,
+                   Hl * nt);
+}
+
+// The whole pass's statistics to the caller's host arrays (a shard's summed over its group first).
+static int stats_finish(const model *m, const kernel_ops *ops, const forward_batch *b, stats_buffers *st,
+                        ep_error *err) {
+    const model_config *c = &m->cfg;
+    const forward_attn_stats *a = b->attn_stats;
+    size_t all = (size_t)b->n_seqs * c->n_layers * c->n_heads;
+    if (model_group_sum(m, st->all_ent, all, err) || model_group_sum(m, st->all_mass, all * a->n_types, err)) return -1;
+    ops->sync();
+    ops->download(a->entropy, st->all_ent, sizeof(float) * all);
+    ops->download(a->mass, st->all_mass, sizeof(float) * all * a->n_types);
+    return 0;
+}
+
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err) {
     const model_config *c = &m->cfg;
@@ -352,12 +430,17 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         (end < c->n_layers && b->n_logit_rows > 0))
         return ep_fail(err, "forward: layers %d..%d of %d (a later start needs x_in; logits need the last layer)", first,
                        end, c->n_layers);
+    if (stats_check(c, b, err)) return -1;
+    if (b->attn_stats && !ops->attention_row_stats)
+        return ep_fail(err, "forward: backend %s has no attention statistics", ops->name);
     if (T == 0) return 0;
 
     step_buffers s;
     step_buffers_init(&s, ops, c, T, b->n_logit_rows, b->n_seqs);
     int D = c->hidden, H = sh.n_heads, Q = H * c->head_dim, KV = cache->kv_dim, rc = 0;
     edge_rule_set *rules = patch && patch->layer_rules && sh.head0 > 0 ? ep_malloc(sizeof *rules) : NULL;
+    stats_buffers st = {0};
+    if (b->attn_stats) stats_init(&st, ops, c, b->n_seqs, b->attn_stats->n_types);
     for (int seq = 0, r = 0; seq < b->n_seqs; seq++) {
         s.seqs[seq] = (attn_seq){.q_row = r, .n_q = b->n_new[seq], .q_pos = cache->len[seq], .kv_row = seq * cache->capacity};
         if (patch) {
@@ -401,10 +484,13 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
                 dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
             }
             if (rules) forward_shard_rules(rules, &patch->layer_rules[l], sh.head0, H);
+            const edge_rule_set *lr = rules ? rules : &patch->layer_rules[l];
             ops->patched_attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), patch->n_donors,
-                                   dk, dv, s.seqs, b->n_seqs, &p, rules ? rules : &patch->layer_rules[l]);
+                                   dk, dv, s.seqs, b->n_seqs, &p, lr);
+            if (b->attn_stats) stats_layer(ops, c, b, &st, s.seqs, patch, l, s.q, kv_cache_k(cache, l, 0, 0), dk, &p, lr);
         } else {
             ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
+            if (b->attn_stats) stats_layer(ops, c, b, &st, s.seqs, patch, l, s.q, kv_cache_k(cache, l, 0, 0), NULL, &p, NULL);
         }
         if (patch) substitute_heads(ops, patch, l, c->head_dim, &s, b->n_seqs, Q, sh.head0, H);
         if (cache->z)
@@ -444,6 +530,8 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         }
     }
     free(rules);
+    if (rc == 0 && b->attn_stats) rc = stats_finish(m, ops, b, &st, err);
+    if (b->attn_stats) stats_free(&st, ops);
     if (rc) {
         step_buffers_free(&s, ops);
         return -1;

@@ -61,6 +61,21 @@ typedef struct {
     int type_stride;
     const int *n_typed;
 } forward_patch;
+// Attention statistics a pass may take (kernel_ops.attention_row_stats) at one query row per sequence, in
+// every layer it runs, for every query head of the model: the entropy of the row's attention distribution
+// and its mass on each key type. A patched pass measures the attention as patched (its types, index and
+// rules); an unpatched one reads the key types given here. A tensor-parallel shard's pass computes its own
+// heads and sums the (otherwise zero) arrays over the group, so every rank gets every head.
+typedef struct {
+    const int *rows;              // [n_seqs]: which of the sequence's new tokens (0 .. n_new[s] - 1)
+    const int32_t *types, *index; // [n_seqs][type_stride]: key positions' types and example indices (unpatched passes)
+    int type_stride;
+    const int *n_typed;           // [n_seqs]: positions at or past it are untyped
+    int n_types;                  // mass entries per head (at most 16)
+    float *entropy;               // out [n_seqs][n_layers][n_heads]; layers not run are 0
+    float *mass;                  // out [n_seqs][n_layers][n_heads][n_types]
+} forward_attn_stats;
+
 typedef struct {
     int n_seqs;            // must equal the cache's
     const int *n_new;      // tokens appended to each sequence this step (0 allowed)
@@ -89,6 +104,7 @@ typedef struct {
     int first_layer, end_layer;
     const float *x_in;     // required when first_layer > 0; optional with first_layer 0
     float *x_out;          // optional out [n_tokens, hidden]
+    const forward_attn_stats *attn_stats;  // optional: attention statistics (host memory, like logits)
 } forward_batch;
 
 // The batch's arrays (tokens, logit_rows, logits, resid and x_in unless capture_backend, x_out) and the patch's metadata are host

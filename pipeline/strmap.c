@@ -5,14 +5,27 @@
 
 #include "pipeline/error.h"
 
-uint64_t strmap_hash(const char *key, size_t len) {
-    // FNV-1a with a final avalanche: keys are short (tokens, words), so this is as fast as anything.
-    uint64_t h = 0xcbf29ce484222325ull;
+static const uint64_t fnv_offset = 0xcbf29ce484222325ull;
+
+static uint64_t fnv_more(uint64_t h, const char *key, size_t len) {
     for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)key[i]) * 0x100000001b3ull;
+    return h;
+}
+
+static uint64_t avalanche(uint64_t h) {
     h ^= h >> 33;
     h *= 0xff51afd7ed558ccdull;
     h ^= h >> 33;
     return h;
+}
+
+uint64_t strmap_hash(const char *key, size_t len) {
+    // FNV-1a with a final avalanche: keys are short (tokens, words), so this is as fast as anything.
+    return avalanche(fnv_more(fnv_offset, key, len));
+}
+
+uint64_t strmap_hash2(const char *a, size_t a_len, const char *b, size_t b_len) {
+    return avalanche(fnv_more(fnv_more(fnv_offset, a, a_len), b, b_len));
 }
 
 static size_t capacity_for(size_t expected) {
@@ -63,6 +76,39 @@ const char *strmap_key(const strmap *m, const char *key, size_t len) {
     return m->slots[i].used ? m->arena + m->slots[i].key_off : NULL;
 }
 
+int strmap_get2(const strmap *m, uint64_t h, const char *a, size_t a_len, const char *b, size_t b_len, int *value) {
+    if (!m->cap) return 0;
+    size_t mask = m->cap - 1, i = (size_t)h & mask, len = a_len + b_len;
+    for (;;) {
+        const strmap_slot *s = &m->slots[i];
+        if (!s->used) return 0;
+        if (s->hash == h && s->key_len == len) {
+            const char *k = m->arena + s->key_off;
+            if (!memcmp(k, a, a_len) && !memcmp(k + a_len, b, b_len)) {
+                *value = s->value;
+                return 1;
+            }
+        }
+        i = (i + 1) & mask;
+    }
+}
+
+void strmap_prefetch(const strmap *m, uint64_t h) {
+    if (m->cap) __builtin_prefetch(&m->slots[(size_t)h & (m->cap - 1)]);
+}
+
+void strmap_prefetch_key(const strmap *m, uint64_t h) {
+    if (!m->cap) return;
+    const strmap_slot *s = &m->slots[(size_t)h & (m->cap - 1)];
+    if (s->used && s->hash == h) __builtin_prefetch(m->arena + s->key_off);
+}
+
+void strmap_reserve_keys(strmap *m, size_t key_bytes) {
+    if (m->arena_len + key_bytes <= m->arena_cap) return;
+    m->arena_cap = m->arena_len + key_bytes;
+    m->arena = ep_realloc(m->arena, m->arena_cap);
+}
+
 static void grow(strmap *m) {
     strmap_slot *old = m->slots;
     size_t old_cap = m->cap;
@@ -79,9 +125,12 @@ static void grow(strmap *m) {
 }
 
 void strmap_put(strmap *m, const char *key, size_t len, int value) {
+    strmap_put_hashed(m, strmap_hash(key, len), key, len, value);
+}
+
+void strmap_put_hashed(strmap *m, uint64_t h, const char *key, size_t len, int value) {
     if (!m->cap) strmap_init(m, 16);
     if ((m->count + 1) * 2 > m->cap) grow(m);
-    uint64_t h = strmap_hash(key, len);
     size_t i = find_slot(m, key, len, h);
     strmap_slot *s = &m->slots[i];
     if (s->used) {
@@ -144,6 +193,10 @@ int pairmap_get(const pairmap *m, uint64_t key, int *a, int *b) {
         if (s->key == PAIRMAP_EMPTY) return 0;
         i = (i + 1) & mask;
     }
+}
+
+void pairmap_prefetch(const pairmap *m, uint64_t key) {
+    if (m->cap) __builtin_prefetch(&m->slots[(size_t)mix64(key) & (m->cap - 1)]);
 }
 
 void pairmap_put(pairmap *m, uint64_t key, int a, int b) {

@@ -54,4 +54,18 @@ void pairmap_put(pairmap *m, uint64_t key, int a, int b);  // key must not be PA
 
 uint64_t strmap_hash(const char *key, size_t len);
 
+// Batch use at load time, which is bound by cache misses: callers hash keys ahead, prefetch their slots,
+// and look up or insert with the hash already computed. strmap_hash2 is the hash of the concatenation
+// a || b (equal to strmap_hash of the joined bytes), and strmap_get2 looks that concatenation up without
+// building it (a BPE merge's result piece).
+uint64_t strmap_hash2(const char *a, size_t a_len, const char *b, size_t b_len);
+int strmap_get2(const strmap *m, uint64_t hash, const char *a, size_t a_len, const char *b, size_t b_len, int *value);
+void strmap_put_hashed(strmap *m, uint64_t hash, const char *key, size_t len, int value);
+// Makes room for key_bytes more bytes of keys (each key takes its length + 1) in one allocation.
+void strmap_reserve_keys(strmap *m, size_t key_bytes);
+void strmap_prefetch(const strmap *m, uint64_t hash);
+// The second step: once the slot is cached, prefetch the stored key it points to (for the compare).
+void strmap_prefetch_key(const strmap *m, uint64_t hash);
+void pairmap_prefetch(const pairmap *m, uint64_t key);
+
 #endif

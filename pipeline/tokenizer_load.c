@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include "pipeline/tokenizer_impl.h"
@@ -12,14 +13,39 @@
 
 static char *read_file(const char *path, size_t *len, int *missing, ep_error *err) {
     *missing = 0;
-    FILE *probe = fopen(path, "rb");
-    if (!probe) {
+    FILE *plain = fopen(path, "rb");
+    if (!plain) {
         *missing = 1;
         ep_fail(err, "%s: cannot open", path);
         return NULL;
     }
-    fclose(probe);
-    // gzread reads gzip and plain files alike.
+    // A plain file is read in one piece (its size known up front); a gzip file (magic 1f 8b) through zlib.
+    struct stat st;
+    if (fstat(fileno(plain), &st) || !S_ISREG(st.st_mode)) {
+        fclose(plain);
+        ep_fail(err, "%s: not a regular file", path);
+        return NULL;
+    }
+    unsigned char magic[2] = {0, 0};
+    size_t got_magic = fread(magic, 1, 2, plain);
+    long size = -1;
+    if (!(got_magic == 2 && magic[0] == 0x1f && magic[1] == 0x8b)) size = (long)st.st_size;
+    if (size >= 0) {
+        char *data = ep_malloc((size_t)size + 1);
+        rewind(plain);
+        size_t got = fread(data, 1, (size_t)size, plain);
+        int bad = ferror(plain) || got != (size_t)size;
+        fclose(plain);
+        if (bad) {
+            free(data);
+            ep_fail(err, "%s: read error", path);
+            return NULL;
+        }
+        data[size] = 0;
+        *len = (size_t)size;
+        return data;
+    }
+    fclose(plain);
     gzFile f = gzopen(path, "rb");
     if (!f) {
         ep_fail(err, "%s: cannot open", path);
@@ -255,7 +281,7 @@ static int parse_config(tokenizer *t, const char *text, size_t len, const char *
     return 0;
 }
 
-static int load_parsed(tokenizer *t, json_t *root, ep_error *err) {
+static int load_parsed(tokenizer *t, json_t *root, const bpe_source *src, ep_error *err) {
     if (!json_is_object(root)) return ep_fail(err, "%s: not a JSON object", t->name);
     json_t *trunc = json_object_get(root, "truncation"), *pad = json_object_get(root, "padding");
     if (trunc && !json_is_null(trunc)) return ep_fail(err, "%s: truncation is not supported (only null)", t->name);
@@ -266,7 +292,7 @@ static int load_parsed(tokenizer *t, json_t *root, ep_error *err) {
     // Older files omit model.type; a BPE model is recognised by its merges.
     if (mtype ? strcmp(mtype, "BPE") : !json_object_get(model, "merges"))
         return ep_fail(err, "%s: model.type = \"%s\" is not supported (only BPE)", t->name, mtype ? mtype : "(missing)");
-    if (bpe_load(&t->model, model, t->name, err)) return -1;
+    if (bpe_load(&t->model, model, src, t->name, err)) return -1;
     if (normalizer_parse(&t->norm, json_object_get(root, "normalizer"), t->name, err)) return -1;
     if (pretokenizer_parse(&t->pretok, json_object_get(root, "pre_tokenizer"), t->name, err)) return -1;
     if (parse_added(t, json_object_get(root, "added_tokens"), err)) return -1;
@@ -327,14 +353,24 @@ static int load_json(const char *json, size_t len, const char *config_json, size
     // and the join controls (ZWNJ, ZWJ).
     static const char word_re[] = "[\\p{Alphabetic}\\p{M}\\p{Nd}\\p{Pc}\\x{200C}\\x{200D}]";
     t->word_char = regex_compile(word_re, strlen(word_re), 0, name, "(word characters)", &ignored);
+    // The vocabulary and merges (nearly all of the file) are read from the text by bpe_load; jansson parses
+    // the rest, with those two values cut out.
+    bpe_source src = {json, len, {TJSON_ABSENT, 0}, {TJSON_ABSENT, 0}};
+    char *rest;
+    size_t rest_len;
+    if (tjson_locate(json, len, name, &src.vocab, &src.merges, &rest, &rest_len, err)) {
+        tokenizer_free(t);
+        return -1;
+    }
     json_error_t je;
-    json_t *root = json_loadb(json, len, 0, &je);
+    json_t *root = json_loadb(rest, rest_len, 0, &je);
+    free(rest);
     if (!root) {
         ep_fail(err, "%s: malformed JSON at line %d column %d: %s", name, je.line, je.column, je.text);
         tokenizer_free(t);
         return -1;
     }
-    int rc = load_parsed(t, root, err);
+    int rc = load_parsed(t, root, &src, err);
     json_decref(root);
     if (!rc && config_json) {
         char cfg_name[1100];

@@ -210,6 +210,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
     ws->shard_bad = 0;
     sc->stage = ws->name;
     sc->stage_items = 0;
+    sc->stage_pending = 0;
 
     int prepared = root ? ws->prepare(ws, fresh, err) : 0;
     prepared = bcast_from_root(sc, prepared);
@@ -240,6 +241,7 @@ int sched_run_stage(sched_ctx *sc, work_stage *ws, int fresh, ep_error *err) {
         free(pending);
         return SCHED_FAILED;
     }
+    sc->stage_pending = counts[1];
     if (current && counts[1] == 0) {
         free(pending);
         return SCHED_OK;

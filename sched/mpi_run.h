@@ -46,6 +46,7 @@ typedef struct {
     int kill_rank, kill_after, kill_in_write;  // kill_rank -1: every rank, -2: hook off
     const char *stage;
     int stage_items;  // items this rank finished in the current stage
+    int stage_pending;  // items of the current stage to compute over all ranks (0: every shard was current)
 } sched_ctx;
 
 // Starts MPI if launched by an MPI launcher; installs the stop signals. Fails only if MPI does. A start

@@ -480,11 +480,12 @@ int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *e
                    P * cached * (H5_GROUP_BYTES + 3 * H5_DATASET_BYTES) + ps.sum_len * cached * L * row * bytes;
     }
     // patch.d/ and patch.h5: groups plan, clean and one per ablation, each correct, first_token_correct,
-    // n_generated (int32 [P]), target_logprob, logit_diff (float32 [P]), generated (int32 [P, new
-    // tokens]); once in the shards, once merged; model_logs.json (about 1 KiB and 0.5 KiB per group).
+    // n_generated (int32 [P]), target_logprob, logit_diff, kl_full_model (float32 [P]), generated (int32 [P,
+    // new tokens]), attn_entropy and attn_mass (float32 [P, L, H] and [P, L, H, 7], the latter with its
+    // enum_names); once in the shards, once merged; model_logs.json (about 1 KiB and 0.5 KiB per group).
     if (goal >= RUN_PATCH) {
-        double groups = 2 + rc.n_ablations, g_bytes = groups * (H5_GROUP_BYTES + 6 * H5_DATASET_BYTES);
-        double data = groups * P * (5 * 4 + 4.0 * (double)rc.max_new_tokens);
+        double groups = 2 + rc.n_ablations, g_bytes = groups * (H5_GROUP_BYTES + 9 * H5_DATASET_BYTES + H5_ATTRIBUTE_BYTES);
+        double data = groups * P * (6 * 4 + 4.0 * (double)rc.max_new_tokens + 4.0 * L * H * (1 + 7));
         d->patch = items * (H5_FILE_BYTES + 7 * H5_ATTRIBUTE_BYTES + g_bytes) + H5_FILE_BYTES + 6 * H5_ATTRIBUTE_BYTES +
                    g_bytes + 2 * data + 1024 + 512 * groups;
     }

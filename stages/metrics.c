@@ -45,3 +45,20 @@ int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *
     free(want), free(got);
     return 0;
 }
+
+void metrics_kl_full_model(const kernel_ops *ops, const float *full, const float *patched, int rows, int V,
+                           float *out) {
+    if (rows <= 0) return;
+    if (ops->host_memory) {
+        ops->kl_div_rows(out, full, patched, rows, V);
+        return;
+    }
+    size_t n = (size_t)rows * V;
+    float *bf = ops->alloc(sizeof(float) * n), *bp = ops->alloc(sizeof(float) * n), *bo = ops->alloc(sizeof(float) * rows);
+    ops->upload(bf, full, sizeof(float) * n);
+    ops->upload(bp, patched, sizeof(float) * n);
+    ops->kl_div_rows(bo, bf, bp, rows, V);
+    ops->sync();
+    ops->download(out, bo, sizeof(float) * rows);
+    ops->release(bf), ops->release(bp), ops->release(bo);
+}

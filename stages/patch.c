@@ -5,7 +5,8 @@
 
 // One forward pass over the batch's prompts (donor < 0) or donor `donor`'s tokens, into cache.
 static int run_pass(const model *m, const kernel_ops *ops, const prompt_batch *pb, int donor, kv_cache *cache,
-                    const forward_patch *patch, float *logits, int all_rows, ep_error *err) {
+                    const forward_patch *patch, float *logits, int all_rows, const patch_outputs *stats,
+                    ep_error *err) {
     int T = 0;
     for (int s = 0; s < pb->n_seqs; s++) T += pb->lengths[s];
     int *tokens = ep_malloc(sizeof(int) * (size_t)T), *rows = ep_malloc(sizeof(int) * (size_t)T);
@@ -20,8 +21,19 @@ static int run_pass(const model *m, const kernel_ops *ops, const prompt_batch *p
     }
     forward_batch b = {.n_seqs = pb->n_seqs, .n_new = pb->lengths, .tokens = tokens, .n_logit_rows = logits ? n_rows : 0,
                        .logit_rows = rows, .logits = logits};
+    // The attention at `last`, the prompt's final position (stats: the prompt pass only).
+    int *last_rows = NULL;
+    forward_attn_stats as;
+    if (stats && stats->attn_entropy && stats->attn_mass) {
+        last_rows = ep_malloc(sizeof(int) * (size_t)pb->n_seqs);
+        for (int s = 0; s < pb->n_seqs; s++) last_rows[s] = pb->lengths[s] - 1;
+        as = (forward_attn_stats){.rows = last_rows, .types = pb->types, .index = pb->index, .type_stride = pb->max_len,
+                                  .n_typed = pb->lengths, .n_types = PATCH_ATTN_TYPES, .entropy = stats->attn_entropy,
+                                  .mass = stats->attn_mass};
+        b.attn_stats = &as;
+    }
     int rc = model_forward(m, ops, cache, &b, patch, err);
-    free(tokens), free(rows);
+    free(tokens), free(rows), free(last_rows);
     return rc;
 }
 
@@ -38,7 +50,7 @@ int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_pla
     int rc = 0;
     for (int d = 0; d < plan->n_donors && rc == 0; d++) {
         rc = kv_cache_init_backend(&donors[d], &m->cfg, pb->n_seqs, pb->max_len, 1, ops, err);
-        if (rc == 0) rc = run_pass(m, ops, pb, d, &donors[d], d == 0 ? NULL : &nested, NULL, 0, err);
+        if (rc == 0) rc = run_pass(m, ops, pb, d, &donors[d], d == 0 ? NULL : &nested, NULL, 0, NULL, err);
     }
     plan_free(&part0);
     return rc;
@@ -60,7 +72,7 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
     if (rc == 0) {
         int patched = plan->n_donors > 0 || plan->n_rules > 0;
         rc = run_pass(m, ops, pb, -1, &cache, patched ? &patch : NULL, out->logits ? out->logits : last,
-                      out->logits != NULL, err);
+                      out->logits != NULL, out, err);
     }
     if (rc == 0 && out->logits) {
         // Packed rows -> [n_seqs][max_len][V]: last sequence first so nothing is overwritten before it moves.

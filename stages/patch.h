@@ -29,7 +29,13 @@ typedef struct {
     int *n_generated;    // out [n_seqs]
     const int *stop_ids;
     int n_stop_ids;
+    // optional out: the attention statistics of the prompt pass at `last` (forward_attn_stats), every layer
+    // and query head, mass over the prompt token types bos .. last (PATCH_ATTN_TYPES)
+    float *attn_entropy;  // [n_seqs][n_layers][n_heads]
+    float *attn_mass;     // [n_seqs][n_layers][n_heads][PATCH_ATTN_TYPES]
 } patch_outputs;
+
+#define PATCH_ATTN_TYPES 7  // bos, x, t, y, n, query, last (stages/prompts.h token_type up to TT_LAST)
 
 // The donor passes the plan needs, into donors[0 .. plan->n_donors) (initialised here, with head outputs).
 int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,

@@ -12,14 +12,20 @@
 #include "stages/cache.h"
 #include "stages/metrics.h"
 #include "stages/patch.h"
+#include "stages/prompts.h"
 #include "stages/stage_inputs.h"
+
+// The file formats (docs/artifacts.md): 2 adds kl_full_model, attn_entropy and attn_mass to every group.
+#define PATCH_FORMAT "edgepatch-patch-2"
+#define PATCH_ITEM_FORMAT "edgepatch-patch-item-2"
 
 typedef struct {
     int32_t *correct, *first_token_correct, *generated, *n_generated;
-    float *target_logprob, *logit_diff;
+    float *target_logprob, *logit_diff, *kl_full_model;
+    float *attn_entropy, *attn_mass;  // [P][layers][heads], [P][layers][heads][PATCH_ATTN_TYPES]
 } metric_arrays;
 
-static void metric_arrays_init(metric_arrays *a, int P, int max_new) {
+static void metric_arrays_init(metric_arrays *a, int P, int max_new, int layer_heads) {
     a->correct = ep_calloc((size_t)P, sizeof(int32_t));
     a->first_token_correct = ep_calloc((size_t)P, sizeof(int32_t));
     a->n_generated = ep_calloc((size_t)P, sizeof(int32_t));
@@ -27,22 +33,31 @@ static void metric_arrays_init(metric_arrays *a, int P, int max_new) {
     for (size_t i = 0; i < (size_t)P * (max_new ? max_new : 1); i++) a->generated[i] = -1;
     a->target_logprob = ep_calloc((size_t)P, sizeof(float));
     a->logit_diff = ep_calloc((size_t)P, sizeof(float));
+    a->kl_full_model = ep_calloc((size_t)P, sizeof(float));
+    a->attn_entropy = ep_calloc((size_t)P * layer_heads, sizeof(float));
+    a->attn_mass = ep_calloc((size_t)P * layer_heads * PATCH_ATTN_TYPES, sizeof(float));
 }
 
 static void metric_arrays_free(metric_arrays *a) {
     free(a->correct), free(a->first_token_correct), free(a->generated), free(a->n_generated);
-    free(a->target_logprob), free(a->logit_diff);
+    free(a->target_logprob), free(a->logit_diff), free(a->kl_full_model), free(a->attn_entropy), free(a->attn_mass);
 }
 
 // One plan over one batch of prompts first..: the prompt pass, generation and metrics into rows 0.. of a.
+// full_last: the full model's logits at `last` ([n][vocab]) for the KL; NULL when this is the full model
+// (its KL is then taken against itself: 0), and then full_keep (when given) receives its logits.
 static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *plan, const prompt_batch *pb,
-                   const kv_cache *donors, int first, int max_new, metric_arrays *a, ep_error *err) {
+                   const kv_cache *donors, int first, int max_new, metric_arrays *a, const float *full_last,
+                   float *full_keep, ep_error *err) {
     int V = in->m.cfg.vocab_size, n = pb->n_seqs;
     float *last = ep_malloc(sizeof(float) * (size_t)n * V);
     int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
     patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
-                         .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos};
+                         .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos, .attn_entropy = a->attn_entropy,
+                         .attn_mass = a->attn_mass};
     int rc = patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
+    if (rc == 0) metrics_kl_full_model(in->ops, full_last ? full_last : last, last, n, V, a->kl_full_model);
+    if (rc == 0 && !full_last && full_keep) memcpy(full_keep, last, sizeof(float) * (size_t)n * V);
     const prompt_set *ps = &in->prompts;
     for (int i = 0; i < n && rc == 0; i++) {
         int p = first + i;
@@ -60,8 +75,27 @@ static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *p
     return rc;
 }
 
-static int store_metrics(h5store *s, const char *group, const metric_arrays *a, int P, int max_new, ep_error *err) {
+// The token types of attn_mass's last dimension, bos .. last (its enum_names).
+static const char *const *attn_type_names(void) {
+    static const char *names[PATCH_ATTN_TYPES];
+    for (int t = 0; t < PATCH_ATTN_TYPES; t++) names[t] = token_type_name(t);
+    return names;
+}
+
+static int store_metrics(h5store *s, const char *group, const metric_arrays *a, int P, int max_new, int layers,
+                         int heads, ep_error *err) {
     char name[64];
+    h5shape pe = {3, {P, layers, heads}}, pm = {4, {P, layers, heads, PATCH_ATTN_TYPES}};
+    snprintf(name, sizeof name, "%s/kl_full_model", group);
+    if (h5store_write_f32(s, name, &(h5shape){1, {P}}, a->kl_full_model, err) || h5store_label(s, name, "prompt", err))
+        return -1;
+    snprintf(name, sizeof name, "%s/attn_entropy", group);
+    if (h5store_write_f32(s, name, &pe, a->attn_entropy, err) || h5store_label(s, name, "prompt,layer,head", err))
+        return -1;
+    snprintf(name, sizeof name, "%s/attn_mass", group);
+    if (h5store_write_f32(s, name, &pm, a->attn_mass, err) || h5store_label(s, name, "prompt,layer,head,sender_type", err) ||
+        h5store_set_strs_at(s, name, "enum_names", attn_type_names(), PATCH_ATTN_TYPES, err))
+        return -1;
     h5shape p1 = {1, {P}}, pg = {2, {P, max_new ? max_new : 1}};
     const char *ints[3] = {"correct", "first_token_correct", "n_generated"};
     const int32_t *iv[3] = {a->correct, a->first_token_correct, a->n_generated};
@@ -102,6 +136,7 @@ static void set_figures(json_t *o, const metric_arrays *m, const metric_arrays *
     json_object_set_new(o, "first_token_accuracy", real_or_null(mean_i(m->first_token_correct, P, NULL)));
     json_object_set_new(o, "mean_target_logprob", real_or_null(mean_f(m->target_logprob, P)));
     json_object_set_new(o, "mean_logit_diff", real_or_null(ld));
+    json_object_set_new(o, "mean_kl_full_model", real_or_null(mean_f(m->kl_full_model, P)));
     json_object_set_new(o, "accuracy_on_full_model_correct", real_or_null(mean_i(m->correct, P, clean->correct)));
     json_object_set_new(o, "faithfulness_accuracy", real_or_null(full > 0 ? acc / full : NAN));
     json_object_set_new(o, "faithfulness_logit_diff", real_or_null(full_ld != 0 ? ld / full_ld : NAN));
@@ -171,8 +206,30 @@ static int write_model_logs(const stage_inputs *in, const metric_arrays *m, int 
     return rc;
 }
 
+// One float dataset of a group, [n, inner...] with `inner` floats per prompt, into rows [first, first + n) of dst.
+static int load_floats(h5store *s, const char *group, const char *dataset, float *dst, int first, int n, int rank,
+                       size_t inner, ep_error *err) {
+    char name[64];
+    snprintf(name, sizeof name, "%s/%s", group, dataset);
+    h5shape sh;
+    float *v = NULL;
+    int rc = h5store_read_f32(s, name, &sh, &v, err);
+    size_t numel = 1;
+    for (int d = 0; rc == 0 && d < sh.rank; d++) numel *= (size_t)sh.dims[d];
+    if (rc == 0 && (sh.rank != rank || sh.dims[0] != n || numel != (size_t)n * inner))
+        rc = ep_fail(err, "%s: dataset %s has the wrong shape for this item", s->path, name);
+    if (rc == 0) memcpy(dst + (size_t)first * inner, v, sizeof(float) * (size_t)n * inner);
+    free(v);
+    return rc;
+}
+
 // Rows [0, n) of one group of an item shard into rows [first, first + n) of a.
-static int load_metrics(h5store *s, const char *group, metric_arrays *a, int first, int n, int max_new, ep_error *err) {
+static int load_metrics(h5store *s, const char *group, metric_arrays *a, int first, int n, int max_new, int layer_heads,
+                        ep_error *err) {
+    if (load_floats(s, group, "kl_full_model", a->kl_full_model, first, n, 1, 1, err) ||
+        load_floats(s, group, "attn_entropy", a->attn_entropy, first, n, 3, (size_t)layer_heads, err) ||
+        load_floats(s, group, "attn_mass", a->attn_mass, first, n, 4, (size_t)layer_heads * PATCH_ATTN_TYPES, err))
+        return -1;
     const char *ints[4] = {"correct", "first_token_correct", "n_generated", "generated"};
     int32_t *iv[4] = {a->correct, a->first_token_correct, a->n_generated, a->generated};
     const char *floats[2] = {"target_logprob", "logit_diff"};
@@ -200,7 +257,7 @@ typedef struct {
     stage_inputs *in;
     tokenizer *tk;
     ablation_plan clean;
-    int max_new, ablates;
+    int max_new, ablates, layer_heads;
     char identity[17], path[4096], logs_path[4096];
 } patch_ctx;
 
@@ -220,7 +277,7 @@ static int logs_check(const patch_ctx *c, ep_error *err) {
         for (int g = 0; g < 2 + in->n_ablations && rc == 0; g++) {
             char name[32];
             group_name(g, name);
-            rc = load_metrics(&s, name, &m[g], 0, P, c->max_new, err);
+            rc = load_metrics(&s, name, &m[g], 0, P, c->max_new, c->layer_heads, err);
         }
         h5store_close(&s);
     }
@@ -252,6 +309,11 @@ static int patch_prepare(work_stage *ws, int fresh, ep_error *err) {
     patch_ctx *c = ws->ctx;
     int current = stage_output_current(c->path, c->identity, fresh, ws->log, err);
     if (current < 0) return -1;
+    ep_error why;
+    if (current && h5store_made_from_format(c->path, c->identity, PATCH_FORMAT, &why) != H5STORE_SAME) {
+        ep_logf(ws->log, EP_LOG_WARN, "edgepatch: rebuilding %s: %s", c->path, why.msg);  // an older format
+        current = 0;
+    }
     if (current) {
         if (logs_check(c, err)) return -1;
         ep_log_result(ws->log, "patch: %s is up to date", c->path);
@@ -272,7 +334,7 @@ static int patch_item_done(work_stage *ws, int item, ep_error *err) {
     char path[4096], identity[17];
     item_identity(c, item, identity);
     stage_item_path(c->in, "patch", item, path, sizeof path);
-    return stage_item_current(path, identity, "edgepatch-patch-item-1", ws->log, err);
+    return stage_item_current(path, identity, PATCH_ITEM_FORMAT, ws->log, err);
 }
 
 // Metric groups of the patch files: 0 "plan", 1 "clean", 2 + a "ablation-NNN" for the config's ablation a.
@@ -284,7 +346,7 @@ static void group_name(int g, char out[32]) {
 static metric_arrays *groups_init(const patch_ctx *c, int n) {
     int G = 2 + c->in->n_ablations;
     metric_arrays *m = ep_calloc((size_t)G, sizeof *m);
-    for (int g = 0; g < G; g++) metric_arrays_init(&m[g], n, c->max_new);
+    for (int g = 0; g < G; g++) metric_arrays_init(&m[g], n, c->max_new, c->layer_heads);
     return m;
 }
 
@@ -315,7 +377,9 @@ static int store_groups(const patch_ctx *c, h5store *s, const metric_arrays *m, 
     for (int g = 0; g < 2 + c->in->n_ablations; g++) {
         char name[32];
         group_name(g, name);
-        if (store_metrics(s, name, g == 1 && !c->ablates ? &m[0] : &m[g], n, c->max_new, err)) return -1;
+        if (store_metrics(s, name, g == 1 && !c->ablates ? &m[0] : &m[g], n, c->max_new, c->in->m.cfg.n_layers,
+                          c->in->m.cfg.n_heads, err))
+            return -1;
         if (g >= 2 && store_ablation_attrs(c, s, name, g - 2, err)) return -1;
     }
     return 0;
@@ -340,15 +404,21 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
         stage_item_path(in, "cache", item, cache_path, sizeof cache_path);
         stage_shard_damaged(ws, cache_path, err);
     }
-    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], err);
-    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &m[1], err);
+    // The full model first (the plan itself when it ablates nothing): every other group's KL is taken
+    // against its logits at `last`.
+    float *full_last = ep_malloc(sizeof(float) * (size_t)n * in->m.cfg.vocab_size);
+    if (rc == 0)
+        rc = measure(in, c->tk, c->ablates ? &c->clean : &in->plan, &pb, donors, first, c->max_new, &m[c->ablates ? 1 : 0],
+                     NULL, full_last, err);
+    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], full_last, NULL, err);
     for (int a = 0; a < in->n_ablations && rc == 0; a++)
-        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], err);
+        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], full_last, NULL, err);
+    free(full_last);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
     if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {
         rc = store_groups(c, &s, m, n, err) ||
-             h5store_set_str(&s, "format", "edgepatch-patch-item-1", err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
+             h5store_set_str(&s, "format", PATCH_ITEM_FORMAT, err) || h5store_set_str(&s, "inputs_hash", identity, err) ||
              h5store_set_str(&s, "stage_hash", c->identity, err) || h5store_set_i64(&s, "item", item, err) ||
              h5store_set_i64(&s, "first_prompt", first, err) || h5store_set_i64(&s, "n_prompts", n, err);
         if (rc == 0 && ws->before_commit) ws->before_commit(ws->driver_arg, item);
@@ -387,7 +457,7 @@ static int patch_finish(work_stage *ws, ep_error *err) {
         for (int g = 0; g < 2 + in->n_ablations && rc == 0; g++) {
             char name[32];
             group_name(g, name);
-            rc = load_metrics(&s, name, &m[g], first, n, c->max_new, err);
+            rc = load_metrics(&s, name, &m[g], first, n, c->max_new, c->layer_heads, err);
         }
         h5store_close(&s);
     }
@@ -399,7 +469,7 @@ static int patch_finish(work_stage *ws, ep_error *err) {
     h5store s;
     if (rc == 0 && (rc = h5store_create(c->path, &s, err)) == 0) {
         rc = store_groups(c, &s, m, P, err) ||
-             h5store_set_str(&s, "format", "edgepatch-patch-1", err) || h5store_set_str(&s, "inputs_hash", c->identity, err) ||
+             h5store_set_str(&s, "format", PATCH_FORMAT, err) || h5store_set_str(&s, "inputs_hash", c->identity, err) ||
              h5store_set_str(&s, "plan", in->plan.name, err) || h5store_set_str(&s, "ablations", names_text, err) ||
              h5store_set_i64(&s, "max_new_tokens", c->max_new, err);
         if (rc) h5store_abandon(&s);
@@ -450,6 +520,7 @@ int patch_work(stage_inputs *in, work_stage *ws, ep_error *err) {
         return -1;
     }
     c->ablates = in->plan.n_rules + in->plan.n_head_units > 0;
+    c->layer_heads = in->m.cfg.n_layers * in->m.cfg.n_heads;
     plan_empty(&in->m.cfg, &c->clean);
     *ws = (work_stage){.name = "patch", .n_items = stage_n_items(in), .ctx = c, .log = in->log, .prepare = patch_prepare,
                        .item_done = patch_item_done, .run_item = patch_run_item, .finish = patch_finish,

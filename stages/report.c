@@ -91,6 +91,13 @@ static int check_counts(const char *path, const char *where, json_t *o, int n_pr
     return 0;
 }
 
+// The mean KL(full model || ablated) column and the line's end; blank for a model_logs.json written before it.
+static void kl_cell(FILE *f, json_t *o) {
+    json_t *kl = json_object_get(o, "mean_kl_full_model");
+    if (json_is_number(kl)) fprintf(f, " %9.4f\n", json_number_value(kl));
+    else fprintf(f, " %9s\n", "");
+}
+
 static int check_logs(const char *path, json_t *logs, ep_error *err) {
     static const char *top[] = {"task", "model_name", "n_prompts", "full_model_accuracy", "full_model_first_token_accuracy",
                                 "full_model_mean_logit_diff", "plan_ablates", NULL};
@@ -197,14 +204,15 @@ static void print_table(FILE *f, json_t *logs) {
     int with_ci = counts_of(logs, &(paired_counts){0});
     fprintf(f, "task %s, %d prompts, %s\n\n", str_or(logs, "task", "?"), (int)num_or_nan(logs, "n_prompts"),
             str_or(logs, "model_name", "?"));
-    fprintf(f, "%-36s %9s %9s %18s %12s %10s\n", "accuracy (greedy generation)", "accuracy", "drop", "drop 95% interval",
-            "first-token", "logit diff");
+    fprintf(f, "%-36s %9s %9s %18s %12s %10s %9s\n", "accuracy (greedy generation)", "accuracy", "drop", "drop 95% interval",
+            "first-token", "logit diff", "KL");
     fprintf(f, "%-36s %9.3f %9s %18s %12.3f %10.3f\n", "full model", full, "", "", num_or_nan(logs, "full_model_first_token_accuracy"),
             num_or_nan(logs, "full_model_mean_logit_diff"));
     if (json_is_true(json_object_get(logs, "plan_ablates"))) {
         interval_text(ci, sizeof ci, logs);
-        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f\n", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
                 full - num_or_nan(logs, "accuracy"), ci, num_or_nan(logs, "first_token_accuracy"), num_or_nan(logs, "mean_logit_diff"));
+        kl_cell(f, logs);
     }
     size_t i;
     json_t *a;
@@ -212,8 +220,9 @@ static void print_table(FILE *f, json_t *logs) {
         double acc = num_or_nan(a, "accuracy");
         interval_text(ci, sizeof ci, a);
         with_ci |= counts_of(a, &(paired_counts){0});
-        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f\n", str_or(a, "name", "?"), acc, full - acc, ci,
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", str_or(a, "name", "?"), acc, full - acc, ci,
                 num_or_nan(a, "first_token_accuracy"), num_or_nan(a, "mean_logit_diff"));
+        kl_cell(f, a);
     }
     if (with_ci)
         fprintf(f, "(drop: full-model accuracy - ablated accuracy on the same %d prompts; 95%% interval: Newcombe's hybrid score\n"
@@ -222,6 +231,8 @@ static void print_table(FILE *f, json_t *logs) {
     else if (json_array_size(json_object_get(logs, "ablations")) || json_is_true(json_object_get(logs, "plan_ablates")))
         fprintf(f, "(no 95%% intervals: model_logs.json has no per-prompt counts, \"prompts_correct\"; a rerun of `edgepatch run`\n"
                    " adds them from patch.h5)\n");
+    if (json_array_size(json_object_get(logs, "ablations")) || json_is_true(json_object_get(logs, "plan_ablates")))
+        fprintf(f, "(KL: mean over the prompts of KL(full model || ablated) of the next-token distribution at last, nats)\n");
     json_t *rounds = json_object_get(logs, "prune");
     if (json_array_size(rounds)) {
         fprintf(f, "\n%-6s %-5s %-12s %8s %8s %14s %18s  %s\n", "round", "kind", "method", "scored", "kept",

@@ -129,6 +129,6 @@ PY
 [ "$h_plain" = "$want" ] && [ "$h_mode" != "$h_plain" ] && ok || bad "config hash: plain $h_plain (FNV-1a of the canonical JSON: $want), with mode $h_mode"
 # usage
 expect_error 2 "need CONFIG" check
-expect_error 2 "unexpected argument" check "$tmp/good.json" --frobnicate
+expect_error 2 "unknown option" check "$tmp/good.json" --frobnicate
 
 finish cli_config

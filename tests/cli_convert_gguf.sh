@@ -43,6 +43,19 @@ for f in header data text; do
 done
 
 "$bin" convert-gguf "$gguf" 2>/dev/null; [ $? -eq 2 ] && ok || bad "missing OUTDIR is not a usage error"
+
+# --json: the summary as JSON, against the files written (the safetensors' size, its header's tensors).
+"$bin" convert-gguf --json "$gguf" "$tmp/out-json" > "$tmp/conv.json" && ok || bad "convert-gguf --json failed"
+python3 - "$tmp/conv.json" "$tmp/out-json/model.safetensors" "$gguf" <<'PY' && ok || bad "convert-gguf --json differs from the files"
+import json, math, os, struct, sys
+o, st = json.load(open(sys.argv[1])), sys.argv[2]
+with open(st, "rb") as f:
+    header = json.loads(f.read(struct.unpack("<Q", f.read(8))[0]))
+tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+params = sum(math.prod(v["shape"]) for v in tensors.values())
+assert o["gguf"] == sys.argv[3] and o["bytes_written"] == os.path.getsize(st), (o, os.path.getsize(st))
+assert o["tensors"] == 272 and o["parameters"] == params and "Q4_1" in o["types"], (o, len(tensors), params)
+PY
 "$bin" convert-gguf --help | grep -q "convert-gguf FILE.gguf OUTDIR" && ok || bad "--help"
 
 finish cli_convert_gguf

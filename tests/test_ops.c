@@ -322,6 +322,108 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
     free(q), free(k), free(v), free(dk[0]), free(dk[1]), free(dv[0]), free(dv[1]), free(want), free(got), free(plain);
 }
 
+// The metric ops: kl_div_rows on rows of logits (one row with a huge range, one pair of identical rows), and
+// attention_row_stats on the patched-attention inputs above (patched and plain, a window, softcap), every
+// query row. ref is the yardstick; once on the host, invariants that need no reference: identical rows give
+// KL 0, the masses of fully typed rows sum to 1, the entropy matches -sum p ln p of the distribution the
+// attention output implies (p recovered by attending to one-hot values), and a wrong variant (the KL with
+// its arguments swapped) differs.
+static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
+    if (!b->kl_div_rows || !b->attention_row_stats) {
+        printf("  %-5s metric ops not implemented in this backend\n", b->name);
+        check(0, "%s: no metric ops", b->name);
+        return;
+    }
+    enum { R = 4, N = 1000 };
+    float *x = random_floats((size_t)R * N, 8), *y = random_floats((size_t)R * N, 8);
+    for (int i = 0; i < N; i++) x[i] *= 40;                          // row 0: logits spread over +-320
+    memcpy(y + 3 * N, x + 3 * N, sizeof(float) * N);                // row 3: identical rows
+    float want[R], got[R], swapped[R];
+    ref->kl_div_rows(want, x, y, R, N);
+    ref->kl_div_rows(swapped, y, x, R, N);
+    staging s = {.b = b};
+    float *bx = stage_in(&s, x, sizeof(float) * R * N), *by = stage_in(&s, y, sizeof(float) * R * N);
+    float *bo = stage_in(&s, got, sizeof(float) * R);
+    b->kl_div_rows(bo, bx, by, R, N);
+    stage_out(&s, got, bo, sizeof(float) * R);
+    stage_free(&s);
+    report(b->name, "kl_div", max_rel_error(got, want, R, 1e-6), tol);
+    check(got[3] == 0.0f && want[3] == 0.0f, "%s: KL of identical rows is %g (ref %g), not 0", b->name, got[3], want[3]);
+    check(max_rel_error(swapped, want, R, 1e-6) > 1e-2, "KL with the arguments swapped agrees: the check cannot fail");
+
+    enum { T0 = 17, T1 = 9 };
+    int32_t types[T0], index[T0];
+    int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+    types[0] = 0, index[0] = -1;
+    for (int i = 1; i < T0 - 2; i++) types[i] = pattern[(i - 1) % 8], index[i] = (i - 1) / 4;
+    types[T0 - 2] = 5, types[T0 - 1] = 6, index[T0 - 2] = index[T0 - 1] = 4;
+    attn_seq seqs[3] = {
+        {.q_row = 0, .n_q = T0, .q_pos = 0, .kv_row = 0, .types = types, .index = index, .n_typed = T0, .donor_row = 0},
+        {.q_row = T0, .n_q = T1, .q_pos = 0, .kv_row = T0, .types = types, .index = index, .n_typed = T1, .donor_row = T0},
+        {.q_row = T0 + T1, .n_q = 1, .q_pos = T0, .kv_row = T0 + T1, .types = types, .index = index, .n_typed = T0,
+         .donor_row = T0 + T1}};
+    int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 1, NT = 7;
+    edge_rule_set rules = {.n = 3};
+    rules.rule[0] = (edge_rule){.sender_types = 1u << 1 | 1u << 3, .receiver_types = 1u << 6 | 1u << 3,
+                                .relation = REL_ANY, .donor = 0, .heads = {0x5}};
+    rules.rule[1] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 3, .relation = REL_SAME, .donor = 1,
+                                .heads = {0xf}};
+    rules.rule[2] = (edge_rule){.sender_types = 0xff, .receiver_types = 1u << 5 | 1u << 1, .relation = REL_EARLIER,
+                                .donor = 1, .heads = {0xa}};
+    for (int variant = 0; variant < 3; variant++) {
+        attn_params p = {.n_heads = 4, .n_kv_heads = 2, .head_dim = 16, .q_stride = 64, .kv_stride = 32,
+                         .scale = 0.25f, .softcap = variant == 2 ? 0.0f : 5.0f, .window = variant == 2 ? 0 : 6};
+        const edge_rule_set *rs = variant == 1 ? NULL : &rules;
+        size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride, nr = (size_t)q_rows * p.n_heads;
+        float *q = random_floats(nq, 2), *k = random_floats(nk, 2);
+        float *dk[2] = {random_floats(nk, 2), random_floats(nk, 2)};
+        const float *dkc[2] = {dk[0], dk[1]};
+        float *we = ep_calloc(nr, sizeof(float)), *wm = ep_calloc(nr * NT, sizeof(float));
+        float *ge = ep_calloc(nr, sizeof(float)), *gm = ep_calloc(nr * NT, sizeof(float));
+        ref->attention_row_stats(we, wm, NT, q, k, 2, dkc, seqs, 3, &p, rs);
+        staging t = {.b = b};
+        float *bq = stage_in(&t, q, sizeof(float) * nq), *bk = stage_in(&t, k, sizeof(float) * nk);
+        const float *bdk[2] = {stage_in(&t, dk[0], sizeof(float) * nk), stage_in(&t, dk[1], sizeof(float) * nk)};
+        float *be = stage_in(&t, ge, sizeof(float) * nr), *bm = stage_in(&t, gm, sizeof(float) * nr * NT);
+        b->attention_row_stats(be, bm, NT, bq, bk, 2, bdk, seqs, 3, &p, rs);
+        stage_out(&t, ge, be, sizeof(float) * nr);
+        stage_out(&t, gm, bm, sizeof(float) * nr * NT);
+        stage_free(&t);
+        const char *names[3] = {"rowstat-pt", "rowstat", "rowstat-nw"};
+        report(b->name, names[variant], fmax(max_rel_error(ge, we, nr, 1e-6), max_rel_error(gm, wm, nr * NT, 1e-6)), tol);
+        if (b == kernel_ops_cpu()) {  // invariants of the reference, once
+            double worst_sum = 0, worst_h = 0;
+            for (size_t r = 0; r < (size_t)T0 * p.n_heads; r++) {  // sequence 0: every key typed
+                double sum = 0;
+                for (int c = 0; c < NT; c++) sum += wm[r * NT + c];
+                worst_sum = fmax(worst_sum, fabs(sum - 1));
+            }
+            // p from the attention output over one-hot values: value column c of sequence 0 is 1 at key c only,
+            // for the rows whose keys all fit in head_dim columns (i < head_dim).
+            float *v = ep_calloc(nk, sizeof(float)), *out = ep_calloc(nq, sizeof(float));
+            for (int j = 0; j < p.head_dim; j++)
+                for (int g = 0; g < p.n_kv_heads; g++) v[(size_t)j * p.kv_stride + g * p.head_dim + j] = 1;
+            const float *dv[2] = {v, v};
+            ref->patched_attention(out, q, k, v, 2, dkc, dv, seqs, 1, &p, rs ? rs : &(edge_rule_set){.n = 0});
+            for (int i = 0; i < p.head_dim; i++)
+                for (int h = 0; h < p.n_heads; h++) {
+                    double hsum = 0;
+                    for (int j = 0; j <= i; j++) {
+                        double pj = out[(size_t)i * p.q_stride + h * p.head_dim + j];
+                        if (pj > 0) hsum -= pj * log(pj);
+                    }
+                    worst_h = fmax(worst_h, fabs(hsum - we[(size_t)i * p.n_heads + h]));
+                }
+            free(v), free(out);
+            printf("  %-5s %s invariants: masses sum to 1 (%.2g), entropy of the attention's p (%.2g)\n", b->name,
+                   names[variant], worst_sum, worst_h);
+            check(worst_sum < 1e-6 && worst_h < 1e-5, "%s: masses sum %.3g, entropy %.3g", names[variant], worst_sum, worst_h);
+        }
+        free(q), free(k), free(dk[0]), free(dk[1]), free(we), free(wm), free(ge), free(gm);
+    }
+    free(x), free(y);
+}
+
 // copy_rows (strided rows, as the forward pass writes the KV cache and substitutes head outputs) and
 // gather_rows (the embedding and logits-row gathers): pure copies, so the result must be bit-exact.
 static void test_copies(const kernel_ops *b, const kernel_ops *ref) {
@@ -1230,6 +1332,7 @@ int main(int argc, char **argv) {
         }
         if (b == kernel_ops_offset()) {  // the cpu kernels behind device-style memory: the gradient ops' wrappers
             test_grad_ops(b, ref);
+            test_metric_ops(b, ref);
             continue;
         }
         test_matmul(b, ref);
@@ -1242,6 +1345,7 @@ int main(int argc, char **argv) {
         test_attention_long(b, ref);
         test_copies(b, ref);
         test_grad_ops(b, ref);
+        test_metric_ops(b, ref);
     }
     test_thread_independence();
     return test_finish("test_ops");

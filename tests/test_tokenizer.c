@@ -261,6 +261,140 @@ static void test_load_errors(void) {
     }
 }
 
+// ---- the text reader of model.vocab and model.merges (pipeline/tokenizer_json.h)
+
+static tokenizer *load_text(const char *json, ep_error *err) {
+    tokenizer *t = NULL;
+    if (tokenizer_load_json(json, strlen(json), NULL, 0, "mem/tokenizer.json", &t, err)) return NULL;
+    return t;
+}
+
+static int encodes_to(const tokenizer *t, const char *text, const int *want, int n_want) {
+    int *ids, n;
+    ep_error err;
+    if (tokenizer_encode(t, text, strlen(text), 0, &ids, &n, &err)) return 0;
+    int same = n == n_want && !memcmp(ids, want, sizeof(int) * (size_t)n);
+    free(ids);
+    return same;
+}
+
+static void test_json_reader(void) {
+    ep_error err = {{0}};
+    // Escapes in pieces: \u00e9, a quote and a backslash, a surrogate pair, \u0000 (accepted, as HF does);
+    // a merge spelled with escapes and one as a pair, and the merge result found without escapes.
+    tokenizer *t = load_text("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"\\u00e9\":1,\"\\\"q\\\\\":2,"
+                             "\"\\ud83d\\ude00\":3,\"x\\u0000y\":4,\"a\xc3\xa9\":5,\"\xc3\xa9" "a\":6},"
+                             "\"merges\":[\"a \\u00e9\",[\"\\u00e9\",\"a\"]]}}",
+                             &err);
+    check(t != NULL, "escaped vocabulary loads: %s", err.msg);
+    if (t) {
+        check(tokenizer_token_id(t, "\xc3\xa9") == 1 && tokenizer_token_id(t, "\"q\\") == 2 &&
+                  tokenizer_token_id(t, "\xf0\x9f\x98\x80") == 3,
+              "escapes decoded in vocabulary keys");
+        check(!strcmp(tokenizer_piece(t, 5), "a\xc3\xa9") && tokenizer_vocab_size(t) == 7, "pieces and size");
+        int aee[] = {5}, ea[] = {6};
+        check(encodes_to(t, "a\xc3\xa9", aee, 1) && encodes_to(t, "\xc3\xa9" "a", ea, 1), "escaped merges apply");
+        tokenizer_free(t);
+    }
+    // Merges before the vocabulary; a duplicated piece keeps its last id; a second "model" replaces the first.
+    t = load_text("{\"model\":{\"type\":\"WordPiece\"},\"model\":{\"type\":\"BPE\",\"merges\":[\"a b\"],"
+                  "\"vocab\":{\"a\":0,\"b\":1,\"ab\":3,\"ab\":2}}}",
+                  &err);
+    check(t != NULL, "merges first, duplicated key and model: %s", err.msg);
+    if (t) {
+        int ab[] = {2};
+        check(encodes_to(t, "ab", ab, 1) && tokenizer_token_id(t, "ab") == 2, "last duplicate wins");
+        tokenizer_free(t);
+    }
+    // Syntax errors inside the cut values name the line and column; so do jansson's, after them.
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\n\"vocab\":{\"a\":0,\n\"b\" 1},\"merges\":[]}}",
+                      "malformed JSON at line 3 column 5: expected ':'", "missing colon in vocab");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\n\"a\":0,\n\"b\":1\n},\"merges\":[\n]},\n\"decoder\": tru}",
+                      "malformed JSON at line 6 column 12: invalid token", "a syntax error after the cut values");
+    // \u0000 outside the vocabulary and merges is jansson's to refuse: its line number counts the cut lines.
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\n\"a\":0,\n\"b\":1\n},\"merges\":[\n]},\n\"x\": \"\\u0000\"}",
+                      "malformed JSON at line 6", "jansson's line numbers kept across the cut values");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\xff\":0},\"merges\":[]}}", "invalid UTF-8", "invalid UTF-8");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\xc0\xaf\":0},\"merges\":[]}}", "invalid UTF-8", "overlong UTF-8");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\\udc00\":0},\"merges\":[]}}", "lone low surrogate", "lone surrogate");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"\\ud800x\":0},\"merges\":[]}}", "high surrogate", "high surrogate alone");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\tb\":0},\"merges\":[]}}", "control character", "raw tab in a string");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\\x\":0},\"merges\":[]}}", "invalid escape", "bad escape");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":01},\"merges\":[]}}", "malformed JSON", "leading zero");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[]}} x", "malformed JSON", "trailing garbage");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0}", "malformed JSON", "truncated vocab");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":1.5},\"merges\":[]}}", "model.vocab[\"a\"] is not an integer id",
+                      "fractional id");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":-1},\"merges\":[]}}", "model.vocab[\"a\"]", "negative id");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":99999999999999999999},\"merges\":[]}}", "model.vocab[\"a\"]",
+                      "huge id");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":\"0\"},\"merges\":[]}}", "model.vocab[\"a\"]", "string id");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":[],\"merges\":[]}}", "model.vocab is missing or not an object",
+                      "vocab not an object");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{}}}", "model.merges is missing", "no merges");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[5]}}", "model.merges[0] is neither", "numeric merge");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0},\"merges\":[[\"a\",\"a\",\"a\"]]}}", "model.merges[0] is neither",
+                      "three-piece merge");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"aa\":1},\"merges\":[\"a a\",\"a b\"]}}",
+                      "model.merges[1]: piece \"b\"", "second merge off vocab");
+    expect_load_error("{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1},\"merges\":[\"a b\"]}}", "piece \"ab\" is not in model.vocab",
+                      "merge result off vocab");
+    // Nesting past jansson's limit (2048) in a field the reader only skips.
+    size_t depth = 3000;
+    char *deep = malloc(2 * depth + 64);
+    size_t o = (size_t)sprintf(deep, "{\"x\":");
+    for (size_t i = 0; i < depth; i++) deep[o++] = '[';
+    for (size_t i = 0; i < depth; i++) deep[o++] = ']';
+    strcpy(deep + o, "}");
+    expect_load_error(deep, "nesting depth", "deep nesting");
+    free(deep);
+}
+
+// Every vocabulary entry of every fixture, read independently with jansson here, has the same id in the
+// loaded tokenizer (the merges are checked by the parity encodes).
+static void test_vocab_matches_jansson(const char *name) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s/tokenizer.json.gz", fixture_root, name);
+    gzFile f = gzopen(path, "rb");
+    if (!f) {
+        check(0, "%s: cannot open", path);
+        return;
+    }
+    size_t cap = 1 << 20, n = 0;
+    char *data = malloc(cap);
+    int got;
+    while ((got = gzread(f, data + n, (unsigned)(cap - n))) > 0)
+        if ((n += (size_t)got) == cap) data = realloc(data, cap *= 2);
+    gzclose(f);
+    json_error_t je;
+    json_t *root = json_loadb(data, n, 0, &je);
+    free(data);
+    tokenizer *t = load_or_null(name);
+    json_t *vocab = json_object_get(json_object_get(root, "model"), "vocab");
+    if (!t || !json_is_object(vocab)) {
+        check(0, "%s: jansson reference or load failed", name);
+        json_decref(root);
+        tokenizer_free(t);
+        return;
+    }
+    const char *key;
+    json_t *val;
+    size_t entries = 0, bad = 0, bad_shifted = 0;
+    json_object_foreach(vocab, key, val) {
+        int id = (int)json_integer_value(val);
+        const char *piece = tokenizer_piece(t, id);
+        entries++;
+        bad += !piece || strcmp(piece, key);
+        // The sibling that must fail: the neighbouring id's piece is not this key.
+        const char *other = tokenizer_piece(t, id + 1);
+        bad_shifted += !other || strcmp(other, key);
+    }
+    check(entries > 100 && bad == 0, "%s: %zu of %zu vocabulary entries differ from jansson's", name, bad, entries);
+    check(bad_shifted == entries, "%s: a shifted id is caught (%zu of %zu)", name, bad_shifted, entries);
+    json_decref(root);
+    tokenizer_free(t);
+}
+
 typedef struct {
     const tokenizer *t;
     const char *text;
@@ -305,6 +439,8 @@ static void test_threads(void) {
 int main(void) {
     test_sanitize();
     test_load_errors();
+    test_json_reader();
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) test_vocab_matches_jansson(names[i]);
     test_known_ids();
     test_threads();
     printf("parity against HF tokenizers 0.19.1 fixtures:\n");

@@ -245,6 +245,7 @@ class State:
         self.dv = None
         self.dz = None        # donor z: list over donors of list over layers of [H, T, hd]
         self.rec_k, self.rec_v, self.rec_z = {}, {}, {}
+        self.rec_p = {}       # attention probabilities [H, Tq, Tk] per layer of prompt passes (make_metrics_fixtures.py)
         self.cache_k, self.cache_v = {}, {}
         self.mask_checked = 0
 
@@ -356,6 +357,8 @@ def patched_forward(self, hidden_states, attention_mask=None, position_ids=None,
         ST.mask_checked += 1
     s = s + mask
     p = torch.nn.functional.softmax(s, dim=-1, dtype=torch.float32).to(v.dtype)
+    if ST.mode == "prompt":
+        ST.rec_p[l] = p.detach().clone()
     z = (p[..., None] * vstar).sum(2)  # [H, Tq, hd]
 
     # ---- head units (prompt pass only) ----

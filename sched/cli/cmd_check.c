@@ -12,13 +12,14 @@
 #include "stages/run_config.h"
 
 static const char usage[] =
-    "usage: edgepatch check CONFIG|SWEEP [--json]\n"
+    "usage: edgepatch check CONFIG|SWEEP [-j|--json]\n"
     "\n"
     "Checks a run config (or every run of a sweep config: a file with \"models\" and \"tasks\") the way\n"
     "edgepatch run checks it before any stage runs: every field's type and value, the task file, the\n"
     "plan rules, ablations and circuit against the model's config.json (no weights are read), and every\n"
     "prune_using_imp_scores file. Prints the resolved config with every default filled in (docs/config.md).\n"
-    "  --json  the resolved config as JSON on stdout (a sweep: {\"sweep\": SWEEP, \"runs\": [config, ...]})\n"
+    "  -j, --json  the resolved config as JSON on stdout (a sweep: {\"sweep\": SWEEP, \"runs\": [config, ...]})\n"
+    "  -h, --help  this text\n"
     "Writes nothing. Exit status: 0 ok, 1 bad config (one line naming the file and the field), 2 usage.\n";
 
 static void print_resolved(json_t *o, const char *title) {
@@ -33,23 +34,18 @@ static void print_resolved(json_t *o, const char *title) {
 }
 
 int cmd_check(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    const char *path = NULL;
+    static const struct option options[] = {{"json", no_argument, NULL, 'j'}, CLI_HELP_OPTION, {0}};
     int as_json = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--json")) as_json = 1;
-        else if (argv[i][0] == '-' || path) {
-            fprintf(stderr, "edgepatch check: unexpected argument '%s' (see --help)\n", argv[i]);
-            return 2;
-        } else path = argv[i];
-    }
-    if (!path) {
-        fprintf(stderr, "edgepatch check: need CONFIG or SWEEP (see --help)\n");
-        return 2;
-    }
+    cli_args a;
+    cli_args_init(&a, "check", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'j': as_json = 1; break;
+            default: return cli_args_exit(&a, c);
+        }
+    if (cli_exactly_one(&a, "CONFIG or SWEEP")) return 2;
+    if (cli_parse_only()) return cli_args_done(&a);
+    const char *path = a.positional[0];
+    cli_args_free(&a);
     ep_error err = {{0}};
     json_error_t jerr;
     json_t *j = json_load_file(path, 0, &jerr);

@@ -13,54 +13,52 @@
 #include "pipeline/tokenizer.h"
 
 static const char usage[] =
-    "usage: edgepatch forward --model DIR (--ids 2,651,... | --text T) [--top K] [--generate N] [--json]\n"
+    "usage: edgepatch forward -m|--model DIR (-i|--ids 2,651,... | --text T) [-k|--top K] [-g|--generate N]\n"
+    "                         [-j|--json]\n"
     "\n"
     "Runs one prompt through the HuggingFace checkpoint in DIR (config.json + safetensors) on the CPU.\n"
-    "  --ids LIST     token ids, comma-separated (include BOS yourself)\n"
-    "  --text T       text, tokenized with DIR's tokenizer.json (BOS added as the tokenizer does)\n"
-    "  --top K        how many next tokens to show (default 5)\n"
-    "  --generate N   continue greedily for up to N tokens (stops at eos)\n"
-    "  --json         print {\"ids\", \"logits\" (last position), \"top\": [{id, piece, logprob}], \"generated\"}\n";
+    "  -m, --model DIR     the checkpoint folder\n"
+    "  -i, --ids LIST      token ids, comma-separated (include BOS yourself)\n"
+    "      --text T        text, tokenized with DIR's tokenizer.json (BOS added as the tokenizer does)\n"
+    "  -k, --top K         how many next tokens to show (default 5)\n"
+    "  -g, --generate N    continue greedily for up to N tokens (stops at eos)\n"
+    "  -j, --json          print {\"ids\", \"logits\" (last position), \"top\": [{id, piece, logprob}], \"generated\"}\n"
+    "  -h, --help          this text\n"
+    "Exit status: 0 ok, 1 bad model or tokenizer, 2 usage (also a malformed --ids list).\n";
 
 typedef struct {
     const char *model_dir, *ids, *text;
     int top, generate, json;
 } forward_args;
 
-static int parse_args(int argc, char **argv, forward_args *a) {
-    *a = (forward_args){.top = 5};
-    for (int i = 1; i < argc; i++) {
-        const char *arg = argv[i];
-        const char *next = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(arg, "--json")) {
-            a->json = 1;
-            continue;
+enum { OPT_TEXT = CLI_LONG_ONLY };
+
+// 0 parsed; -1 with *exit_status set when the command ends here (help, a usage error, --parse-only).
+static int parse_args(int argc, char **argv, forward_args *f, int *exit_status) {
+    static const struct option options[] = {{"model", required_argument, NULL, 'm'}, {"ids", required_argument, NULL, 'i'},
+                                            {"text", required_argument, NULL, OPT_TEXT}, {"top", required_argument, NULL, 'k'},
+                                            {"generate", required_argument, NULL, 'g'}, {"json", no_argument, NULL, 'j'},
+                                            CLI_HELP_OPTION, {0}};
+    *f = (forward_args){.top = 5};
+    cli_args a;
+    cli_args_init(&a, "forward", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'm': f->model_dir = a.value; break;
+            case 'i': f->ids = a.value; break;
+            case OPT_TEXT: f->text = a.value; break;
+            case 'k':
+            case 'g':
+                if (cli_int_value(&a, c == 'k' ? "--top" : "--generate", 0, 100000, c == 'k' ? &f->top : &f->generate))
+                    return *exit_status = cli_args_exit(&a, CLI_USAGE), -1;
+                break;
+            case 'j': f->json = 1; break;
+            default: return *exit_status = cli_args_exit(&a, c), -1;
         }
-        if (!next) {
-            fprintf(stderr, "edgepatch forward: %s needs a value\n", arg);
-            return -1;
-        }
-        char *end;
-        if (!strcmp(arg, "--model")) a->model_dir = next;
-        else if (!strcmp(arg, "--ids")) a->ids = next;
-        else if (!strcmp(arg, "--text")) a->text = next;
-        else if (!strcmp(arg, "--top") || !strcmp(arg, "--generate")) {
-            long v = strtol(next, &end, 10);
-            if (*end || v < 0 || v > 100000) {
-                fprintf(stderr, "edgepatch forward: %s expects a non-negative integer, got '%s'\n", arg, next);
-                return -1;
-            }
-            *(!strcmp(arg, "--top") ? &a->top : &a->generate) = (int)v;
-        } else {
-            fprintf(stderr, "edgepatch forward: unknown option '%s' (see --help)\n", arg);
-            return -1;
-        }
-        i++;
-    }
-    if (!a->model_dir || (!a->ids == !a->text)) {
-        fprintf(stderr, "edgepatch forward: need --model DIR and exactly one of --ids or --text (see --help)\n");
-        return -1;
-    }
+    if (a.n_positional) return *exit_status = cli_usage_error(&a, "unexpected argument '%s'", a.positional[0]), -1;
+    if (!f->model_dir || (!f->ids == !f->text))
+        return *exit_status = cli_usage_error(&a, "need --model DIR and exactly one of --ids or --text"), -1;
+    if (cli_parse_only()) return *exit_status = cli_args_done(&a), -1;
+    cli_args_free(&a);
     return 0;
 }
 
@@ -81,12 +79,9 @@ static const char *piece_of(const tokenizer *tk, int id) {
 }
 
 int cmd_forward(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
     forward_args a;
-    if (parse_args(argc, argv, &a)) return 2;
+    int exit_status;
+    if (parse_args(argc, argv, &a, &exit_status)) return exit_status;
     ep_error err = {{0}};
     int *ids = NULL, n_ids = 0;
     // The tokenizer is optional with --ids (pieces are then left empty), required with --text.
@@ -145,9 +140,7 @@ int cmd_forward(int argc, char **argv) {
         json_object_set_new(o, "logits", jl);
         json_object_set_new(o, "top", jt);
         json_object_set_new(o, "generated", jg);
-        json_dumpf(o, stdout, JSON_COMPACT | JSON_REAL_PRECISION(9));
-        fputc('\n', stdout);
-        json_decref(o);
+        cli_print_json(o, JSON_COMPACT | JSON_REAL_PRECISION(9));
     } else {
         printf("%s, %d tokens; next token:\n", m.cfg.arch_name, n_ids);
         for (int i = 0; i < k; i++)

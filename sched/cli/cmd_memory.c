@@ -7,28 +7,32 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "sched/cli/cli.h"
 #include "pipeline/backward.h"
 #include "pipeline/model.h"
 
 static const char usage[] =
-    "usage: edgepatch memory CONFIG.json... [--tp 1,2,4,8] [--batch 8x200] [--targets 1] [--donors 1]\n"
-    "                        [--gpu-gib 80] [--json]\n"
+    "usage: edgepatch memory CONFIG.json|MODEL_DIR... [--tp 1,2,4,8] [-b|--batch 8x200] [--targets 1]\n"
+    "                        [--donors 1] [--gpu-gib 80] [-j|--json]\n"
     "\n"
-    "For each HF config.json and tensor-parallel size (default 1,2,4,8), as the markdown tables of\n"
-    "docs/memory.md (a size the model does not split over says why):\n"
+    "For each HF config.json (or model folder: its config.json, named by the folder) and tensor-parallel\n"
+    "size, as the markdown tables of docs/memory.md (a size the model does not split over says why):\n"
     "  1. the weight bytes one rank holds in bf16 (its slices; embeddings and norms replicated) and its K/V\n"
     "     cache bytes per 1024 tokens of one sequence (bf16; its KV heads, replicated when fewer than ranks);\n"
     "  2. one attribution batch on that rank (pipeline/backward.h, backward_bytes): the forward + backward's\n"
     "     bytes per layer and at their peak (fp32 activations and gradients), the donor caches it reads, the\n"
     "     device total with bf16 weights and whether it fits --gpu-gib GiB, and the host total of the cpu\n"
     "     backend today (fp32 weights).\n"
-    "  --batch SxL    S sequences of L tokens each (prompt + targets; default 8x200)\n"
-    "  --targets N    target tokens per sequence (default 1)\n"
-    "  --donors N     donor caches the patch reads, edge rules on (default 1)\n"
-    "  --gpu-gib G    device memory per GPU in GiB (default 80)\n"
-    "  --json         one JSON array of every (config, tensor_parallel) with the parts in bytes instead\n";
+    "      --tp LIST        the tensor-parallel sizes (default 1,2,4,8)\n"
+    "  -b, --batch SxL      S sequences of L tokens each (prompt + targets; default 8x200)\n"
+    "      --targets N      target tokens per sequence (default 1)\n"
+    "      --donors N       donor caches the patch reads, edge rules on (default 1)\n"
+    "      --gpu-gib G      device memory per GPU in GiB (default 80)\n"
+    "  -j, --json           one JSON array of every (config, tensor_parallel) with the parts in bytes instead\n"
+    "  -h, --help           this text\n"
+    "Exit status: 0 ok, 1 a bad config (the others are still shown), 2 usage.\n";
 
 static void print_gib(char *out, size_t n, double bytes) {
     if (bytes >= 1 << 30) snprintf(out, n, "%.2f GiB", bytes / (1 << 30));
@@ -51,61 +55,53 @@ typedef struct {
     size_t device, host;
 } memory_row;
 
-static int parse_opts(int argc, char **argv, memory_opts *o, int *n_configs) {
+enum { OPT_TP = CLI_LONG_ONLY, OPT_TARGETS, OPT_DONORS, OPT_GPU_GIB };
+
+// 0 parsed (the configs in a->positional); -1 with *exit_status set when the command ends here.
+static int parse_opts(cli_args *a, int argc, char **argv, memory_opts *o, int *exit_status) {
+    static const struct option options[] = {{"tp", required_argument, NULL, OPT_TP}, {"batch", required_argument, NULL, 'b'},
+                                            {"targets", required_argument, NULL, OPT_TARGETS},
+                                            {"donors", required_argument, NULL, OPT_DONORS},
+                                            {"gpu-gib", required_argument, NULL, OPT_GPU_GIB}, {"json", no_argument, NULL, 'j'},
+                                            CLI_HELP_OPTION, {0}};
     char msg[256];
-    *n_configs = 0;
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--json")) {
-            o->json = 1;
-        } else if (!strcmp(a, "--tp") && v) {
-            free(o->tps);
-            o->tps = NULL;
-            if (cli_parse_int_list(argv[++i], &o->tps, &o->n_tp, msg, sizeof msg)) {
-                fprintf(stderr, "edgepatch memory: --tp: %s\n", msg);
-                return -1;
+    cli_args_init(a, "memory", usage, argc, argv, options);
+    for (int c; (c = cli_next(a)) != CLI_END;) {
+        const char *v = a->value;
+        int bad = 0;
+        switch (c) {
+            case 'j': o->json = 1; break;
+            case OPT_TP:
+                free(o->tps);
+                o->tps = NULL;
+                if (cli_parse_int_list(v, &o->tps, &o->n_tp, msg, sizeof msg)) {
+                    fprintf(stderr, "edgepatch memory: --tp: %s\n", msg);
+                    bad = 1;
+                }
+                break;
+            case 'b': {
+                char x, extra;
+                if (sscanf(v, "%d%c%d%c", &o->n_seqs, &x, &o->len, &extra) != 3 || (x != 'x' && x != 'X') || o->n_seqs < 1 ||
+                    o->len < 2) {
+                    fprintf(stderr, "edgepatch memory: --batch: expected SxL (sequences x tokens, L >= 2), got '%s'\n", v);
+                    bad = 1;
+                }
+                break;
             }
-        } else if (!strcmp(a, "--batch") && v) {
-            char x, extra;
-            i++;
-            if (sscanf(v, "%d%c%d%c", &o->n_seqs, &x, &o->len, &extra) != 3 || (x != 'x' && x != 'X') || o->n_seqs < 1 ||
-                o->len < 2) {
-                fprintf(stderr, "edgepatch memory: --batch: expected SxL (sequences x tokens, L >= 2), got '%s'\n", v);
-                return -1;
-            }
-        } else if ((!strcmp(a, "--targets") || !strcmp(a, "--donors")) && v) {
-            char *end;
-            long n = strtol(argv[++i], &end, 10);
-            int is_t = !strcmp(a, "--targets");
-            if (*end || n < (is_t ? 1 : 0) || n > (is_t ? 1 << 20 : 16)) {
-                fprintf(stderr, "edgepatch memory: %s: expected %s, got '%s'\n", a, is_t ? "an integer >= 1" : "0..16", v);
-                return -1;
-            }
-            *(is_t ? &o->targets : &o->donors) = (int)n;
-        } else if (!strcmp(a, "--gpu-gib") && v) {
-            char *end;
-            o->gpu_gib = strtod(argv[++i], &end);
-            if (*end || !(o->gpu_gib > 0)) {
-                fprintf(stderr, "edgepatch memory: --gpu-gib: expected a positive number, got '%s'\n", v);
-                return -1;
-            }
-        } else if (a[0] == '-') {
-            fprintf(stderr, "edgepatch memory: unexpected argument '%s' (see --help)\n", a);
-            return -1;
-        } else {
-            (*n_configs)++;
+            case OPT_TARGETS: bad = cli_int_value(a, "--targets", 1, 1 << 20, &o->targets); break;
+            case OPT_DONORS: bad = cli_int_value(a, "--donors", 0, 16, &o->donors); break;
+            case OPT_GPU_GIB: bad = cli_double_value(a, "--gpu-gib", 0, &o->gpu_gib); break;
+            default: return *exit_status = cli_args_exit(a, c), -1;
         }
+        if (bad) return *exit_status = cli_args_exit(a, CLI_USAGE), -1;
     }
     if (o->targets >= o->len) {
         fprintf(stderr, "edgepatch memory: --targets %d leaves no prompt in sequences of %d tokens\n", o->targets, o->len);
-        return -1;
+        return *exit_status = cli_args_exit(a, CLI_USAGE), -1;
     }
+    if (!a->n_positional) return *exit_status = cli_usage_error(a, "need at least one CONFIG.json or model folder"), -1;
+    if (cli_parse_only()) return *exit_status = cli_args_done(a), -1;
     return 0;
-}
-
-static int is_value_option(const char *a) {
-    return !strcmp(a, "--tp") || !strcmp(a, "--batch") || !strcmp(a, "--targets") || !strcmp(a, "--donors") ||
-           !strcmp(a, "--gpu-gib");
 }
 
 // One rank's figures: rank 0 holds the most (the row-parallel biases; every rank the same slice sizes).
@@ -136,10 +132,23 @@ static int fill_row(const model_config *loaded, const char *path, int tp, const 
     return 0;
 }
 
+// A string as JSON (quoted and escaped: a folder's name may hold anything).
+static void print_json_string(const char *s) {
+    json_t *j = json_string(s);
+    char *text = j ? json_dumps(j, JSON_ENCODE_ANY) : NULL;
+    fputs(text ? text : "null", stdout);
+    free(text);
+    json_decref(j);
+}
+
 static void print_json_row(const memory_row *r, const memory_opts *o, int first) {
-    printf("%s\n  {\"config\": \"%s\", \"tensor_parallel\": %d", first ? "" : ",", r->name, r->tp);
+    printf("%s\n  {\"config\": ", first ? "" : ",");
+    print_json_string(r->name);
+    printf(", \"tensor_parallel\": %d", r->tp);
     if (r->why[0]) {
-        printf(", \"does_not_split\": \"%s\"}", r->why);  // the config's field names and numbers: no quotes
+        printf(", \"does_not_split\": ");
+        print_json_string(r->why);
+        printf("}");
         return;
     }
     const backward_memory *b = &r->bw;
@@ -157,20 +166,12 @@ static void print_json_row(const memory_row *r, const memory_opts *o, int first)
 }
 
 int cmd_memory(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
     memory_opts o = {.n_seqs = 8, .len = 200, .targets = 1, .donors = 1, .gpu_gib = 80};
-    int n_configs;
-    if (parse_opts(argc, argv, &o, &n_configs)) {
+    cli_args a;
+    int exit_status;
+    if (parse_opts(&a, argc, argv, &o, &exit_status)) {
         free(o.tps);
-        return 2;
-    }
-    if (!n_configs) {
-        fprintf(stderr, "edgepatch memory: need at least one CONFIG.json (see --help)\n");
-        free(o.tps);
-        return 2;
+        return exit_status;
     }
     if (!o.tps) {
         static const int def[] = {1, 2, 4, 8};
@@ -178,26 +179,33 @@ int cmd_memory(int argc, char **argv) {
         memcpy(o.tps, def, sizeof def);
         o.n_tp = 4;
     }
+    int n_configs = a.n_positional;
     memory_row *rows = calloc((size_t)n_configs * o.n_tp, sizeof *rows);
+    char (*names)[256] = calloc((size_t)n_configs, sizeof *names);
     int n_rows = 0, rc = 0;
-    for (int i = 1; i < argc; i++) {
-        if (is_value_option(argv[i])) {
-            i++;
-            continue;
-        }
-        if (argv[i][0] == '-') continue;
+    for (int i = 0; i < n_configs; i++) {
+        // A model folder (as the other commands take) stands for its config.json, under the folder's name.
+        const char *arg = a.positional[i];
+        char path[4200];
+        struct stat st;
+        int is_dir = stat(arg, &st) == 0 && S_ISDIR(st.st_mode);
+        size_t len = strlen(arg);
+        while (len > 1 && arg[len - 1] == '/') len--;
+        snprintf(path, sizeof path, is_dir ? "%.*s/config.json" : "%.*s", (int)len, arg);
+        size_t start = len;
+        while (start > 0 && arg[start - 1] != '/') start--;
+        snprintf(names[i], sizeof names[i], "%.*s", (int)(len - start), arg + start);
         model_config cfg;
         ep_error err = {{0}};
-        if (model_config_load(argv[i], &cfg, &err)) {
+        if (model_config_load(path, &cfg, &err)) {
             fprintf(stderr, "edgepatch memory: %s\n", err.msg);
             rc = 1;
             continue;
         }
-        const char *name = strrchr(argv[i], '/') ? strrchr(argv[i], '/') + 1 : argv[i];
         for (int k = 0; k < o.n_tp; k++) {
             memory_row *r = &rows[n_rows++];
-            r->name = name;
-            if (fill_row(&cfg, argv[i], o.tps[k], &o, r)) rc = 1, n_rows--;
+            r->name = names[i];
+            if (fill_row(&cfg, path, o.tps[k], &o, r)) rc = 1, n_rows--;
         }
     }
     if (o.json) {
@@ -244,7 +252,8 @@ int cmd_memory(int argc, char **argv) {
             printf("| %s | %d | %s | %s | %s | %s | %s | %s | %s |\n", r->name, r->tp, pl, tape, peak, dn, dev, fit, host);
         }
     }
-    free(rows);
+    free(rows), free(names);
     free(o.tps);
+    cli_args_free(&a);
     return rc;
 }

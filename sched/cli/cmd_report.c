@@ -1,13 +1,14 @@
-// edgepatch report RUN: the report of a finished run folder (stages/report.h), again.
+// edgepatch report RUN [--json]: the report of a finished run folder (stages/report.h), again.
 #include <stdio.h>
 #include <string.h>
 
 #include "sched/cli/cli.h"
+#include "sched/cli/results.h"
 #include "sched/signals.h"
 #include "stages/report.h"
 
 static const char usage[] =
-    "usage: edgepatch report RUN\n"
+    "usage: edgepatch report RUN [-j|--json]\n"
     "\n"
     "Prints the report of the run folder RUN (full-model accuracy against each ablation of the config,\n"
     "each drop with its 95% interval; circuit size and faithfulness per pruning round) and writes it to\n"
@@ -17,24 +18,43 @@ static const char usage[] =
     "A missing drawing tool skips its figure, with a note.\n"
     "A model_logs.json or circuit.json without a field the report prints is refused (one line naming the\n"
     "file and field, exit status 1) and nothing is written.\n"
-    "`edgepatch run` ends by writing the same report.\n";
+    "`edgepatch run` ends by writing the same report.\n"
+    "  -j, --json  the report's figures as one JSON object on stdout (docs/cli.md: the fields of\n"
+    "              model_logs.json and circuit.json the table shows); the table and notes go to stderr\n"
+    "  -h, --help  this text\n"
+    "Exit status: 0 done, 1 bad or missing run files, 2 usage.\n";
 
 int cmd_report(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    if (argc != 2 || argv[1][0] == '-') {
-        fprintf(stderr, "edgepatch report: need RUN, a run folder (see --help)\n");
-        return 2;
-    }
+    static const struct option options[] = {{"json", no_argument, NULL, 'j'}, CLI_HELP_OPTION, {0}};
+    int as_json = 0;
+    cli_args a;
+    cli_args_init(&a, "report", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'j': as_json = 1; break;
+            default: return cli_args_exit(&a, c);
+        }
+    if (cli_exactly_one(&a, "RUN, a run folder")) return 2;
+    if (cli_parse_only()) return cli_args_done(&a);
+    const char *run = a.positional[0];
+    cli_args_free(&a);
     // A stop request (SIGTERM, SIGUSR1) does not cut the report short: it takes seconds, and its files
     // are replaced whole (docs/distribution.md).
     sched_signals_install();
     ep_error err = {{0}};
-    if (report_write(argv[1], stdout, &err)) {
+    if (report_write(run, as_json ? stderr : stdout, &err)) {
         fprintf(stderr, "edgepatch report: %s\n", err.msg);
         return 1;
+    }
+    if (as_json) {
+        json_t *results = NULL;
+        if (run_results_json(run, &results, &err)) {
+            fprintf(stderr, "edgepatch report: %s\n", err.msg);
+            return 1;
+        }
+        char txt[4200];
+        snprintf(txt, sizeof txt, "%s/report.txt", run);
+        json_t *o = json_pack("{s:s,s:s,s:o}", "run", run, "report", txt, "results", results ? results : json_null());
+        cli_print_json(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
     }
     return 0;
 }

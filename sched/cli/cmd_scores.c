@@ -1,6 +1,7 @@
 // edgepatch scores RUN [--round R] [--json]: one round's importance scores and kept set
 // (RUN/prune.d/round-NNN.h5, stages/circuit_file.h), the last finished round by default.
 #include <jansson.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,12 +13,14 @@
 #include "stages/rank.h"
 
 static const char usage[] =
-    "usage: edgepatch scores RUN [--round R] [--json]\n"
+    "usage: edgepatch scores RUN [-r|--round R] [-j|--json]\n"
     "\n"
     "Shows the importance scores of round R (default: the last finished round) of the run folder RUN:\n"
     "every unit of the circuit the round scored, highest score first, and whether it was kept.\n"
-    "  --json  {\"round\": r, \"kind\": \"head\"|\"edge\", \"method\": \"attribution\"|\"exact\"|\"eap-ig\", \"units\":\n"
-    "           [{\"layer\", \"head\", \"type\" (head units) or \"sender\", \"receiver\" (edge units), \"score\"}, ...],\n"
+    "  -r, --round R  the round to show (default: the last finished one)\n"
+    "  -h, --help     this text\n"
+    "  -j, --json     {\"round\": r, \"kind\": \"head\"|\"edge\", \"method\": \"attribution\"|\"exact\"|\"eap-ig\", \"units\":\n"
+    "                 [{\"layer\", \"head\", \"type\" (head units) or \"sender\", \"receiver\" (edge units), \"score\"}, ...],\n"
     "           \"kept\": [units kept after the round, same form without score], \"stop\": \"...\",\n"
     "           \"metrics\": {\"circuit\", \"kept\", \"clean\": {\"target_logprob\", \"first_token_accuracy\",\n"
     "           \"logit_diff\"}},\n"
@@ -42,30 +45,22 @@ static json_t *unit_json(const prune_round *r, int i, int with_score) {
 static json_t *real_or_null(double x) { return isfinite(x) ? json_real(x) : json_null(); }
 
 int cmd_scores(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    const char *run = NULL;
+    static const struct option options[] = {{"round", required_argument, NULL, 'r'}, {"json", no_argument, NULL, 'j'},
+                                            CLI_HELP_OPTION, {0}};
     int round = -1, as_json = 0;
-    for (int i = 1; i < argc; i++) {
-        char *end;
-        if (!strcmp(argv[i], "--json")) as_json = 1;
-        else if (!strcmp(argv[i], "--round") && i + 1 < argc) {
-            round = (int)strtol(argv[++i], &end, 10);
-            if (*end || round < 0) {
-                fprintf(stderr, "edgepatch scores: --round: expected a round number, got '%s'\n", argv[i]);
-                return 2;
-            }
-        } else if (argv[i][0] == '-' || run) {
-            fprintf(stderr, "edgepatch scores: unexpected argument '%s' (see --help)\n", argv[i]);
-            return 2;
-        } else run = argv[i];
-    }
-    if (!run) {
-        fprintf(stderr, "edgepatch scores: need RUN, a run folder (see --help)\n");
-        return 2;
-    }
+    cli_args a;
+    cli_args_init(&a, "scores", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'r':
+                if (cli_int_value(&a, "--round", 0, INT_MAX, &round)) return cli_args_exit(&a, CLI_USAGE);
+                break;
+            case 'j': as_json = 1; break;
+            default: return cli_args_exit(&a, c);
+        }
+    if (cli_exactly_one(&a, "RUN, a run folder")) return 2;
+    if (cli_parse_only()) return cli_args_done(&a);
+    const char *run = a.positional[0];
+    cli_args_free(&a);
     prune_round r;
     ep_error err = {{0}};
     if (prune_round_load(run, round, &r, &err)) {

@@ -2,6 +2,7 @@
 // index, and its donors aligned beneath (tokens that differ from the clean prompt highlighted on a
 // terminal).
 #include <jansson.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,11 +15,15 @@
 #include "stages/tokenize.h"
 
 static const char usage[] =
-    "usage: edgepatch show RUN --prompt I [--json]\n"
+    "usage: edgepatch show RUN -p|--prompt I [-j|--json]\n"
     "\n"
     "Shows prompt I of the run folder RUN (its prompts.h5): tokens, types, example indices, donors.\n"
-    "  --json  {\"tokens\": [ids], \"pieces\": [...], \"types\": [...], \"index\": [...], \"donors\": [[ids]...],\n"
-    "           \"target\": [ids]}\n";
+    "  -p, --prompt I  the prompt's index, 0 .. prompts - 1\n"
+    "  -j, --json      {\"tokens\": [ids], \"pieces\": [...], \"types\": [...], \"index\": [...], \"donors\":\n"
+    "                  [[ids]...], \"target\": [ids], \"metrics\" (once the patch stage ran): {\"correct\",\n"
+    "                  \"first_token_correct\", \"target_logprob\", \"logit_diff\", \"continuation\"}}\n"
+    "  -h, --help      this text\n"
+    "Exit status: 0 shown, 1 bad or missing run files or no such prompt, 2 usage.\n";
 
 // A token as printable text: its piece as prompts.h5 stores it (stored, when the file has token texts),
 // else decoded by the tokenizer, with newlines and tabs escaped.
@@ -92,32 +97,24 @@ static int prompt_metrics_json(const char *run, long index, int n_prompts, const
 #define TEXT(texts, i) ((texts) ? (texts)[i] : NULL)
 
 int cmd_show(int argc, char **argv) {
-    if (cli_wants_help(argc, argv)) {
-        fputs(usage, stdout);
-        return 0;
-    }
-    const char *run = NULL;
-    long index = -1;
-    int json = 0;
-    for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--json")) json = 1;
-        else if (!strcmp(argv[i], "--prompt") && i + 1 < argc) {
-            char *end;
-            index = strtol(argv[++i], &end, 10);
-            if (*end || index < 0) {
-                fprintf(stderr, "edgepatch show: --prompt expects a non-negative integer, got '%s'\n", argv[i]);
-                return 2;
-            }
-        } else if (argv[i][0] != '-' && !run) run = argv[i];
-        else {
-            fprintf(stderr, "edgepatch show: unexpected argument '%s' (see --help)\n", argv[i]);
-            return 2;
+    static const struct option options[] = {{"prompt", required_argument, NULL, 'p'}, {"json", no_argument, NULL, 'j'},
+                                            CLI_HELP_OPTION, {0}};
+    int prompt = -1, json = 0;
+    cli_args a;
+    cli_args_init(&a, "show", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+            case 'p':
+                if (cli_int_value(&a, "--prompt", 0, INT_MAX, &prompt)) return cli_args_exit(&a, CLI_USAGE);
+                break;
+            case 'j': json = 1; break;
+            default: return cli_args_exit(&a, c);
         }
-    }
-    if (!run || index < 0) {
-        fprintf(stderr, "edgepatch show: need RUN and --prompt I (see --help)\n");
-        return 2;
-    }
+    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (a.n_positional == 0 || prompt < 0) return cli_usage_error(&a, "need RUN and --prompt I");
+    if (cli_parse_only()) return cli_args_done(&a);
+    const char *run = a.positional[0];
+    long index = prompt;
+    cli_args_free(&a);
     char path[4096];
     snprintf(path, sizeof path, "%s/prompts.h5", run);
     prompt_set ps;

@@ -1,7 +1,6 @@
 // edgepatch sweep plan|submit|status SWEEP: a sweep of models x tasks as Slurm job arrays (sched/sweep.h,
 // docs/sweeps.md). plan and status read the run folders; submit writes the run configs and batch
 // scripts and hands them to sbatch.
-#include <getopt.h>
 #include <jansson.h>
 #include <limits.h>
 #include <math.h>
@@ -350,36 +349,25 @@ static int submit(const sweep *s, int dry_run) {
 }
 
 int cmd_sweep(int argc, char **argv) {
-    static const struct option options[] = {{"dry-run", no_argument, NULL, 'd'},
-                                            {"json", no_argument, NULL, 'j'},
-                                            {"help", no_argument, NULL, 'h'},
-                                            {NULL, 0, NULL, 0}};
-    int dry_run = 0, json = 0, c;
-    opterr = 0;
-    optind = 1;  // argv[0] is "sweep"
-    while ((c = getopt_long(argc, argv, ":h", options, NULL)) != -1) {
-        if (c == 'd') dry_run = 1;
-        else if (c == 'j') json = 1;
-        else if (c == 'h') {
-            fputs(usage, stdout);
-            return 0;
-        } else {
-            fprintf(stderr, "edgepatch sweep: unknown option '%s' (see --help)\n", argv[optind - 1]);
-            return 2;
+    enum { OPT_DRY_RUN = CLI_LONG_ONLY };
+    static const struct option options[] = {{"dry-run", no_argument, NULL, OPT_DRY_RUN},
+                                            {"json", no_argument, NULL, 'j'}, CLI_HELP_OPTION, {0}};
+    int dry_run = 0, json = 0;
+    cli_args a;
+    cli_args_init(&a, "sweep", usage, argc, argv, options);
+    for (int c; (c = cli_next(&a)) != CLI_END;) switch (c) {
+        case OPT_DRY_RUN: dry_run = 1; break;
+        case 'j': json = 1; break;
+        default: return cli_args_exit(&a, c);
         }
-    }
-    if (argc - optind > 2) {
-        fprintf(stderr, "edgepatch sweep: unexpected argument '%s' (see --help)\n", argv[optind + 2]);
-        return 2;
-    }
-    const char *action = optind < argc ? argv[optind] : NULL, *path = optind + 1 < argc ? argv[optind + 1] : NULL;
-    if (!action || !path || (strcmp(action, "plan") && strcmp(action, "submit") && strcmp(action, "status")) ||
-        (dry_run && strcmp(action, "submit")) || (json && !strcmp(action, "submit"))) {
-        fprintf(stderr, "edgepatch sweep: need plan, submit or status and SWEEP%s (see --help)\n",
-                dry_run && (!action || strcmp(action, "submit")) ? "; --dry-run is for submit"
-                : json && action && !strcmp(action, "submit") ? "; --json is for plan and status" : "");
-        return 2;
-    }
+    const char *action = a.n_positional > 0 ? a.positional[0] : NULL, *path = a.n_positional > 1 ? a.positional[1] : NULL;
+    if (a.n_positional > 2) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[2]);
+    if (!action || !path || (strcmp(action, "plan") && strcmp(action, "submit") && strcmp(action, "status")))
+        return cli_usage_error(&a, "need plan, submit or status and SWEEP");
+    if (dry_run && strcmp(action, "submit")) return cli_usage_error(&a, "--dry-run is for submit");
+    if (json && !strcmp(action, "submit")) return cli_usage_error(&a, "--json is for plan and status");
+    if (cli_parse_only()) return cli_args_done(&a);
+    cli_args_free(&a);  // action and path point into argv
     sweep s;
     ep_error err = {{0}};
     if (sweep_load(path, &s, &err)) {

@@ -445,6 +445,59 @@ int main() {
             if (!(e <= 1e-12)) fails++;
         }
     }
+    // ---- Metric kernels (kernels/ops.h, the metric ops) against the reference backend.
+    {   // kl_div_rows: a row longer than the block, a wide logit range, identical rows
+        int R = 3, n = 1000;
+        auto x = rnd((size_t)R * n, 8), y = rnd((size_t)R * n, 8);
+        for (int i = 0; i < n; i++) x[i] *= 40;
+        for (int i = 0; i < n; i++) y[2 * n + i] = x[2 * n + i];
+        std::vector<float> want(R), got(R, NAN);
+        ref->kl_div_rows(want.data(), x.data(), y.data(), R, n);
+        float *o = got.data(); const float *xp = x.data(), *yp = y.data();
+        launch(dim3(R), dim3(ROW_THREADS), [&] { kl_div_rows_kernel(o, xp, yp, n); });
+        rep("kl_div", relerr(got, want));
+        if (got[2] != 0.0f) { printf("  emu kl_div of identical rows %g\n", got[2]); fails++; }
+    }
+    {   // attention_row_stats: the patched-attention inputs, patched and plain, with and without a window
+        enum { T0 = 17, T1 = 9 };
+        static int32_t types[T0], index[T0];
+        int pattern[8] = {1, 2, 3, 4, 1, 2, 3, 4};
+        types[0] = 0, index[0] = -1;
+        for (int i = 1; i < T0 - 2; i++) types[i] = pattern[(i - 1) % 8], index[i] = (i - 1) / 4;
+        types[T0 - 2] = 5, types[T0 - 1] = 6, index[T0 - 2] = index[T0 - 1] = 4;
+        std::vector<attn_seq> seqs = {{0, T0, 0, 0, types, index, T0, 0}, {T0, T1, 0, T0, types, index, T1, T0},
+                                      {T0 + T1, 1, T0, T0 + T1, types, index, T0, T0 + T1},
+                                      {T0 + T1 + 1, 2, 3, 0, nullptr, nullptr, 0, 0}};
+        int kv_rows = T0 + T1 + T0 + 1, q_rows = T0 + T1 + 3, S = 4, NT = 7;
+        edge_rule_set rules; memset(&rules, 0, sizeof rules); rules.n = 3;
+        rules.rule[0] = edge_rule{1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, {0x5}};
+        rules.rule[1] = edge_rule{0xff, 1u << 3, REL_SAME, 1, {0xf}};
+        rules.rule[2] = edge_rule{0xff, 1u << 5 | 1u << 1 | 1u << 6, REL_EARLIER, 1, {0xa}};
+        edge_rule_set none; memset(&none, 0, sizeof none);
+        for (int variant = 0; variant < 3; variant++) {
+            bool patched = variant != 1;
+            attn_params p = {4, 2, 16, 70, 40, 0.25f, variant < 2 ? 5.0f : 0.0f, variant < 2 ? 6 : 0};
+            size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride, nr = (size_t)q_rows * p.n_heads;
+            auto q = rnd(nq, 2), k = rnd(nk, 2), d0 = rnd(nk, 2), d1 = rnd(nk, 2);
+            const float *dk[2] = {d0.data(), d1.data()};
+            std::vector<float> we(nr), wm(nr * NT), ge(nr, NAN), gm(nr * NT, NAN);
+            ref->attention_row_stats(we.data(), wm.data(), NT, q.data(), k.data(), 2, dk, seqs.data(), S, &p,
+                                     patched ? &rules : nullptr);
+            std::vector<int4> rows(q_rows);
+            attn_rows_fill(rows.data(), seqs.data(), S);
+            attn_patch_layout lay = attn_patch_plan(seqs.data(), S);
+            std::vector<unsigned char> buf(lay.bytes + 16);
+            unsigned char *dev = buf.data() + (16 - (uintptr_t)buf.data() % 16) % 16;
+            attn_patch_fill(dev, &lay, patched ? &rules : &none, seqs.data(), S);
+            attn_patch patch = attn_patch_at(dev, &lay, 2, dk, dk);
+            float *ep = ge.data(), *mp = gm.data(); const float *qp = q.data(), *kp = k.data(); const int4 *rp = rows.data();
+            launch(dim3((unsigned)q_rows, p.n_heads), dim3(ATTN_THREADS), [&] {
+                if (patched) attention_row_stats_kernel<true>(ep, mp, NT, qp, kp, rp, p.n_heads, 2, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch);
+                else attention_row_stats_kernel<false>(ep, mp, NT, qp, kp, rp, p.n_heads, 2, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            rep("rowstat-ent", relerr(ge, we));
+            rep("rowstat-mass", relerr(gm, wm));
+        }
+    }
     printf("emu: %d failures\n", fails);
     return fails != 0;
 }

@@ -5,7 +5,8 @@
 // projection, after head-unit substitution), and the current pass's post-RoPE q, K, V and z. From these
 // the two unit scores of docs/design.md are computed by the kernel table's score reductions, which
 // recompute the attention probabilities and dL/dlogit edge by edge (nothing per edge is kept;
-// docs/attribution.md derives the formulas).
+// docs/attribution.md derives the formulas); and EAP-IG's sums (grad_ig_sums: the same gradients averaged
+// along the path from the donor's input embeddings to the clean ones).
 // Promises: every numeric step runs through the backend's kernel table (kernels/ops.h): the forward is
 // model_forward on that backend (patched as given), the backward mirrors it layer by layer with the
 // table's gradient ops (final softcap and norm, lm_head only at predicting rows, pre-norm / sandwich /

@@ -7,6 +7,7 @@
 #    ranks, top-k overlap); round 0's attribution scores are the attribution run's; model_logs.json's
 #    rank_agreement keeps attribution's figures at the top and has both under by_method; ig_steps 5
 #    changes the scores (the sibling: the path matters);
+#  - batch_size 3, 4 and 8 give the same EAP-IG scores (to fp32 rounding);
 #  - bad ig_steps are refused with one line naming the field, before any output.
 # EAP-IG's cost against attribution's is bench_backward --ig-steps's (docs/benchmarks.md): on these tiny
 # runs the passes are a small part of a round.
@@ -87,6 +88,18 @@ for r in 0 1; do
   cat "$tmp/cmp.check"
 done
 "$bin" scores "$tmp/cmp" --round 0 | grep -q "rank agreement, eap-ig (5 steps) vs exact" && ok || bad "scores: no eap-ig agreement line"
+
+# Batch-size independence (each prompt's loss on its own at every path point): batch_size 3 (an uneven
+# last batch) and 8 give batch_size 4's EAP-IG scores, to fp32 rounding over other batch shapes.
+for bs in 3 4 8; do
+  config bs$bs eap-ig ", \"batch_size\": $bs"
+  sed -i 's/"batch_size": 4, //; s/"prune_rounds": {"heads": 1, "edges": 1}/"prune_rounds": 0/' "$tmp/bs$bs.json"
+  run bs$bs
+  [ $rc = 0 ] || bad "batch_size $bs: $rc $(cat "$tmp/bs$bs.out")"
+done
+a=$("$bin" scores "$tmp/bs4" --json) b=$("$bin" scores "$tmp/bs3" --json) c=$("$bin" scores "$tmp/bs8" --json)
+py_check 'import json,sys; r=[json.loads(x) for x in sys.argv[1:]]; s=[[u["score"] for u in d["units"]] for d in r]; m=max(abs(x) for x in s[0]); d=max(abs(x-y) for t in s[1:] for x, y in zip(s[0], t)); assert d <= 1e-5 * m, d / m; print("  batch_size 4, 3, 8: eap-ig scores within %.2g of the largest" % (d / m))' "$a" "$b" "$c" > "$tmp/bs.check" && ok || bad "batch size changes eap-ig scores: $(cat "$tmp/bs.check")"
+cat "$tmp/bs.check"
 
 # Bad ig_steps: one line naming the field, exit 1, no run folder made.
 for bad_field in '"ig_steps": 0' '"ig_steps": 2.5' '"ig_steps": "5"'; do

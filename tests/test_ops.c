@@ -742,10 +742,11 @@ static void test_grad_fd_attention(void) {
 
 // The test's own double-precision attention with one edge unit's edges moved toward its donor by t
 // (k* + t (k_d - k*), v* + t (v_d - v*)): the unit's score is d/dt of sum dout . out at t = 0
-// (docs/attribution.md: the first-order change of the loss). Independent of the ops' code.
+// (docs/attribution.md: the first-order change of the loss). Independent of the ops' code. With kb, vb
+// (the edge_scores base, else NULL) an edge reading the current pass moves by t (k_d - kb) instead.
 static double interpolated_loss(const grad_attn *a, const float *q, const float *k, const float *v,
                                 const float *const *dk, const float *const *dv, const float *dout,
-                                const edge_score_unit *u, int s, double t) {
+                                const edge_score_unit *u, int s, double t, const float *kb, const float *vb) {
     const attn_params *p = &a->p;
     const attn_seq *sq = &a->seqs[s];
     int d = p->head_dim, rep = p->n_heads / p->n_kv_heads;
@@ -763,10 +764,11 @@ static double interpolated_loss(const grad_attn *a, const float *q, const float 
                 size_t g = (size_t)(h / rep) * d, cur = (size_t)(sq->kv_row + j) * p->kv_stride + g,
                        don = (size_t)(sq->donor_row + j) * p->kv_stride + g;
                 const float *ks = src >= 0 ? dk[src] + don : k + cur, *vs = src >= 0 ? dv[src] + don : v + cur;
+                const float *kf = src < 0 && kb ? kb + cur : ks, *vf = src < 0 && vb ? vb + cur : vs;  // direction's base
                 int in_unit = h == u->head && i < sq->n_typed && sq->types[i] == u->receiver && sq->types[j] == u->sender;
                 for (int e = 0; e < d; e++) {
-                    kk[e] = ks[e] + (in_unit ? t * ((double)dk[u->donor][don + e] - ks[e]) : 0);
-                    vv[j][e] = vs[e] + (in_unit ? t * ((double)dv[u->donor][don + e] - vs[e]) : 0);
+                    kk[e] = ks[e] + (in_unit ? t * ((double)dk[u->donor][don + e] - kf[e]) : 0);
+                    vv[j][e] = vs[e] + (in_unit ? t * ((double)dv[u->donor][don + e] - vf[e]) : 0);
                 }
                 double dot = 0;
                 for (int e = 0; e < d; e++) dot += qv[e] * kk[e];
@@ -802,17 +804,35 @@ static void test_grad_scores_reference(void) {
     float *q = random_floats(a.nq, 2), *k = random_floats(a.nk, 2), *v = random_floats(a.nk, 1), *dout = random_floats(a.nq, 1);
     const float *dk[2] = {random_floats(a.nk, 2), random_floats(a.nk, 2)}, *dv[2] = {random_floats(a.nk, 1), random_floats(a.nk, 1)};
     double score[5 * 3], worst = 0, worst_wrong = 0, mag = 0;
-    ref->edge_scores(score, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
+    ref->edge_scores(score, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
     for (int u = 0; u < 5; u++)
         for (int s = 0; s < a.n_seqs; s++) {
-            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t) -
-                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t)) / (2 * t);
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t, NULL, NULL) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t, NULL, NULL)) / (2 * t);
             double got = score[u * a.n_seqs + s];
             worst = fmax(worst, fabs(got - fd)), mag = fmax(mag, fabs(fd));
         }
+    // With a base (EAP-IG: gradients at a path point, differences from the clean pass): the derivative
+    // along k_d - base for the edges reading the current pass; ignoring the base must fail it.
+    double based[5 * 3], worst_base = 0, mag_base = 0, worst_nobase = 0;
+    float *kb = random_floats(a.nk, 2), *vb = random_floats(a.nk, 1);
+    ref->edge_scores(based, q, k, v, kb, vb, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
+    for (int u = 0; u < 5; u++)
+        for (int s = 0; s < a.n_seqs; s++) {
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t, kb, vb) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t, kb, vb)) / (2 * t);
+            worst_base = fmax(worst_base, fabs(based[u * a.n_seqs + s] - fd)), mag_base = fmax(mag_base, fabs(fd));
+            worst_nobase = fmax(worst_nobase, fabs(score[u * a.n_seqs + s] - fd));
+        }
+    printf("  ref   edge_scores  with a base against d/dt: max error %.3g of %.3g (base ignored: %.3g)\n", worst_base,
+           mag_base, worst_nobase);
+    check(mag_base > 0 && worst_base <= 1e-6 * mag_base, "ref edge_scores with a base against differences: %.3g of %.3g",
+          worst_base, mag_base);
+    check(worst_nobase > 1e-2 * mag_base, "edge_scores without the base matched the based derivative: not exercised");
+    free(kb), free(vb);
     // Wrong: scores from the clean pass's keys (rules ignored), as if every edge read the current keys.
     double wrong[5 * 3];
-    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, NULL, grad_edge_units, 5);
+    ref->edge_scores(wrong, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, NULL, grad_edge_units, 5);
     for (int i = 0; i < 5 * a.n_seqs; i++) worst_wrong = fmax(worst_wrong, fabs(wrong[i] - score[i]));
     // Central differences in double at t = 1e-4: the t^2 term is far below 1e-6 of the largest score.
     printf("  ref   edge_scores  against d/dt of the interpolated loss: max error %.3g of %.3g (rules ignored: %.3g)\n",
@@ -1083,7 +1103,10 @@ static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     const float *ck[2] = {dkn[0], dkn[1]}, *cv[2] = {dvn[0], dvn[1]};
     enum { NU = 5 };
     double want[NU * 3], got[NU * 3];
-    ref->edge_scores(want, q, k, v, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    ref->edge_scores(want, q, k, v, NULL, NULL, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    float *kbase = random_floats(nk, 2), *vbase = random_floats(nk, 1);
+    double want_b[NU * 3], got_b[NU * 3];
+    ref->edge_scores(want_b, q, k, v, kbase, vbase, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
     staging s = {.b = b};
     float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
     float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
@@ -1091,9 +1114,16 @@ static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     const float *bcv[2] = {stage_in(&s, dvn[0], sizeof(float) * nk), stage_in(&s, dvn[1], sizeof(float) * nk)};
     for (int i = 0; i < NU * 3; i++) got[i] = 12345.0;  // junk that must be overwritten
     double *bs = stage_in(&s, got, sizeof got);
-    b->edge_scores(bs, bq, bk, bv, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    b->edge_scores(bs, bq, bk, bv, NULL, NULL, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
     stage_out(&s, got, bs, sizeof got);
     report(b->name, "edge_scores", max_rel_error_d(got, want, NU * 3), attn_grad_tol);
+    float *bkb = stage_in(&s, kbase, sizeof(float) * nk), *bvb = stage_in(&s, vbase, sizeof(float) * nk);
+    for (int i = 0; i < NU * 3; i++) got_b[i] = 12345.0;
+    double *bsb = stage_in(&s, got_b, sizeof got_b);
+    b->edge_scores(bsb, bq, bk, bv, bkb, bvb, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    stage_out(&s, got_b, bsb, sizeof got_b);
+    report(b->name, "edge_scores-base", max_rel_error_d(got_b, want_b, NU * 3), attn_grad_tol);
+    free(kbase), free(vbase);
 
     head_score_unit hu[3] = {{.head = 0, .type = 3, .donor = 0}, {.head = 3, .type = 6, .donor = 1}, {.head = 2, .type = 1, .donor = 1}};
     double hw[9], hg[9];
@@ -1212,7 +1242,7 @@ static int thread_probe(const char *path) {
     for (int part = 0; part < 4; part++) write_floats(f, g + nq + (size_t)part * nk, (size_t)TQ * p.kv_stride);
     edge_score_unit units[4] = {{0, 1, 3, 0}, {1, 2, 3, 0}, {3, 4, 3, 0}, {2, 3, 1, 0}};
     double score[4];
-    b->edge_scores(score, q, k, v, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
+    b->edge_scores(score, q, k, v, NULL, NULL, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
     fwrite(score, sizeof score, 1, f);
     free(dout), free(g);
     free(q), free(k), free(v), free(out), free(types), free(index), free(dk), free(dv);

@@ -19,10 +19,13 @@
 // (layer, head, type) for the 7 prompt types (bos x t y n query last; query has no position here, so
 // scores 0) and donor 0. Times the three (the mean of R reps after a warm-up rep), prints backward_bytes'
 // peak for this batch, and with --dump writes the scores of the last rep as [L][H][7] little-endian
-// float64, then the loss (one float64).
+// float64, then the loss (one float64). With --ig-steps M the round is EAP-IG's instead (grad_ig_sums:
+// M forward + backward passes along the path from the donor's embeddings, docs/attribution.md), timed
+// whole as backward_s (scores_s 0): its ratio to attribution's round is EAP-IG's cost.
 //   bench_backward --model DIR [--backend cpu|cuda|offset] [--dtype fp32|bf16] [--batch 64] [--len 100]
-//                  [--targets 2] [--reps 3] [--dump FILE]
+//                  [--targets 2] [--reps 3] [--dump FILE] [--ig-steps M]
 #include <jansson.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -55,9 +58,10 @@ static double time_from_layer(const model *m, const grad_batch *b, int first, co
 
 static const char attrib_usage[] =
     "usage: bench_backward --model DIR [--backend cpu|cuda|offset] [--dtype fp32|bf16] [--batch B] [--len T]\n"
-    "                      [--targets K] [--reps R] [--dump FILE]\n"
+    "                      [--targets K] [--reps R] [--dump FILE] [--ig-steps M]\n"
     "  one attribution round: B prompts (default 64) of T tokens (default 100) + K targets (default 2),\n"
-    "  R timed reps (default 3) after a warm-up; --dump FILE: the head scores [L][H][7] f64, then the loss.\n";
+    "  R timed reps (default 3) after a warm-up; --dump FILE: the head scores [L][H][7] f64, then the loss;\n"
+    "  --ig-steps M: EAP-IG's round with M path points instead (the loss is then not computed: 0).\n";
 
 static const char y_to_last_plan[] =
     "{\"name\": \"y_to_last\", \"rules\": [{\"sender\": [\"y\"], \"receiver\": [\"last\"], \"donor\": 0}]}";
@@ -69,6 +73,7 @@ typedef struct {
     int B, T, K;
     int32_t *tokens, *types, *index, *donors, *lengths;  // the prompt batch (bench_patch's)
     int *seq_tokens, *len, *n_target;                    // the grad batch: prompt + targets, packed
+    int *seq_donor;                                      // the donor's tokens in the grad batch's rows
     prompt_batch pb;
     grad_batch gb;
 } attrib_batch;
@@ -79,7 +84,7 @@ static void attrib_batch_make(attrib_batch *a, int B, int T, int K, int V) {
     a->tokens = malloc(sizeof(int32_t) * n), a->types = malloc(sizeof(int32_t) * n);
     a->index = malloc(sizeof(int32_t) * n), a->donors = malloc(sizeof(int32_t) * n);
     a->lengths = malloc(sizeof(int32_t) * (size_t)B);
-    a->seq_tokens = malloc(sizeof(int) * (size_t)B * (T + K));
+    a->seq_tokens = malloc(sizeof(int) * (size_t)B * (T + K)), a->seq_donor = malloc(sizeof(int) * (size_t)B * (T + K));
     a->len = malloc(sizeof(int) * (size_t)B), a->n_target = malloc(sizeof(int) * (size_t)B);
     for (int s = 0; s < B; s++) {
         a->lengths[s] = T, a->len[s] = T + K, a->n_target[s] = K;
@@ -91,7 +96,9 @@ static void attrib_batch_make(attrib_batch *a, int B, int T, int K, int V) {
             a->tokens[i] = bench_id(s, t, T, V);
             a->donors[i] = a->types[i] == TT_X || a->types[i] == TT_Y ? 1 + (a->tokens[i] + 7919) % (V - 1) : a->tokens[i];
         }
-        for (int t = 0; t < T + K; t++) a->seq_tokens[(size_t)s * (T + K) + t] = bench_id(s, t, T, V);
+        for (int t = 0; t < T + K; t++)
+            a->seq_tokens[(size_t)s * (T + K) + t] = a->seq_donor[(size_t)s * (T + K) + t] = bench_id(s, t, T, V);
+        for (int t = 0; t < T; t++) a->seq_donor[(size_t)s * (T + K) + t] = a->donors[(size_t)s * T + t];
     }
     a->pb = (prompt_batch){.n_seqs = B, .max_len = T, .n_donors = 1, .tokens = a->tokens, .lengths = a->lengths,
                            .types = a->types, .index = a->index, .donors = a->donors};
@@ -100,12 +107,12 @@ static void attrib_batch_make(attrib_batch *a, int B, int T, int K, int V) {
 
 static void attrib_batch_free(attrib_batch *a) {
     free(a->tokens), free(a->types), free(a->index), free(a->donors), free(a->lengths);
-    free(a->seq_tokens), free(a->len), free(a->n_target);
+    free(a->seq_tokens), free(a->seq_donor), free(a->len), free(a->n_target);
 }
 
 // One round: donor pass, patched forward + backward, head scores; seconds of each into secs[3].
 static int attrib_round(const model *dev, const kernel_ops *ops, const ablation_plan *plan, const attrib_batch *a,
-                        const head_unit *units, int n_units, double *score, double *loss, double secs[3],
+                        const head_unit *units, int n_units, int ig_steps, double *score, double *loss, double secs[3],
                         ep_error *err) {
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
@@ -119,10 +126,23 @@ static int attrib_round(const model *dev, const kernel_ops *ops, const ablation_
                             .index = a->pb.index, .type_stride = a->pb.max_len, .n_typed = a->pb.lengths};
         for (int d = 0; d < plan->n_donors; d++) fp.donors[d] = &donors[d];
         grad_tape tape;
-        rc = model_backward(ops, dev, &a->gb, &fp, &tape, err);
+        if (ig_steps > 0) {  // EAP-IG: the whole path (its last point is the pass above), scores included
+            double *sums = malloc(sizeof(double) * (size_t)n_units * a->B + 1);
+            grad_ig_request r = {.steps = ig_steps, .donor_tokens = a->seq_donor, .heads = units, .n_heads = n_units,
+                                 .head_sums = sums};
+            rc = grad_ig_sums(ops, dev, &a->gb, &fp, &r, err);
+            for (int u = 0; u < n_units && rc == 0; u++) {
+                score[u] = 0;
+                for (int s = 0; s < a->B; s++) score[u] += fabs(sums[(size_t)u * a->B + s]) / a->B;
+            }
+            free(sums);
+            *loss = 0;
+        } else {
+            rc = model_backward(ops, dev, &a->gb, &fp, &tape, err);
+        }
         ops->sync();
         t2 = bench_now_s();
-        if (rc == 0) {
+        if (rc == 0 && ig_steps <= 0) {
             *loss = tape.loss;
             rc = grad_head_scores(&tape, units, n_units, score, NULL, err);
             grad_tape_free(&tape);
@@ -136,7 +156,7 @@ static int attrib_round(const model *dev, const kernel_ops *ops, const ablation_
 
 static int attrib_main(int argc, char **argv) {
     const char *dir = NULL, *backend = "cpu", *dtype = "fp32", *dump = NULL;
-    int B = 64, T = 100, K = 2, R = 3;
+    int B = 64, T = 100, K = 2, R = 3, ig_steps = 0;
     for (int i = 1; i < argc; i++) {
         const char *next = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(argv[i], "--help") || !next) {
@@ -151,6 +171,7 @@ static int attrib_main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--len")) T = atoi(next);
         else if (!strcmp(argv[i], "--targets")) K = atoi(next);
         else if (!strcmp(argv[i], "--reps")) R = atoi(next);
+        else if (!strcmp(argv[i], "--ig-steps")) ig_steps = atoi(next);
         else {
             fprintf(stderr, "bench_backward: unknown option '%s'\n%s", argv[i], attrib_usage);
             return 2;
@@ -192,7 +213,7 @@ static int attrib_main(int argc, char **argv) {
     attrib_batch_make(&a, B, T, K, c->vocab_size);
     for (int rep = 0; rep <= R; rep++) {
         double secs[3];
-        if (attrib_round(&dev, ops, &plan, &a, units, n_units, score, &loss, secs, &err)) {
+        if (attrib_round(&dev, ops, &plan, &a, units, n_units, ig_steps, score, &loss, secs, &err)) {
             fprintf(stderr, "bench_backward: %s\n", err.msg);
             return 1;
         }
@@ -216,9 +237,9 @@ static int attrib_main(int argc, char **argv) {
             return 1;
         }
     }
-    printf("engine=edgepatch backend=%s dtype=%s batch=%d len=%d targets=%d reps=%d units=%d loss=%.9g "
+    printf("engine=edgepatch backend=%s dtype=%s batch=%d len=%d targets=%d reps=%d units=%d ig_steps=%d loss=%.9g "
            "donor_s=%.5f backward_s=%.5f scores_s=%.5f round_s=%.5f backward_peak_bytes=%zu donor_bytes=%zu\n",
-           ops->name, dtype, B, T, K, R, n_units, loss, sum[0], sum[1], sum[2], sum[0] + sum[1] + sum[2], mem.peak,
+           ops->name, dtype, B, T, K, R, n_units, ig_steps, loss, sum[0], sum[1], sum[2], sum[0] + sum[1] + sum[2], mem.peak,
            mem.donors);
     attrib_batch_free(&a);
     free(units), free(score);

@@ -191,7 +191,12 @@ typedef struct kernel_ops {
     // the output), k_d, v_d donor units[u].donor's row donor_row + A. An edge already reading that donor
     // (or already removed) adds 0. Recomputes the softmax like attention_back. score: backend memory,
     // overwritten.
-    void (*edge_scores)(double *score, const float *q, const float *k, const float *v, const float *dout,
+    // k_base, v_base (NULL: k, v): where an edge reads the current pass (its key, its value), the differences
+    // are taken from k_base(A), v_base(A) (rows as k, v) instead: k_d(A) - k_base(A), while p and dlogit
+    // still come from k, v. EAP-IG scores the gradients of a point on the path with the clean pass's
+    // differences. A zeroing unit takes no difference, so the base does not enter its score.
+    void (*edge_scores)(double *score, const float *q, const float *k, const float *v, const float *k_base,
+                        const float *v_base, const float *dout,
                         int n_donors, const float *const *donor_k, const float *const *donor_v,
                         const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                         const edge_score_unit *units, int n_units);

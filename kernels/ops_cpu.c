@@ -444,6 +444,7 @@ typedef struct {
     const edge_rule_set *rules;  // NULL or empty: plain attention
     int donor_used[16];
     double *score;
+    const float *k_base, *v_base;  // edge_scores: the current pass's differences from these (NULL: k, v)
     const edge_score_unit *units;
     int n_units;
     size_t max_block;
@@ -635,7 +636,9 @@ static void escore_task(void *ctx, int task, int worker) {
                 }
                 int rk = edge_key_donor(SEL[at]), rv = edge_value_donor(SEL[at]);
                 size_t cur = (size_t)(sq->kv_row + A) * p->kv_stride + off, drow = (size_t)(sq->donor_row + A) * p->kv_stride + off;
-                const float *ks = rk >= 0 ? j->donor_k[rk] + drow : j->k + cur, *vs = rv >= 0 ? j->donor_v[rv] + drow : j->v + cur;
+                // the differences: from the base where the edge reads the current pass
+                const float *ks = rk >= 0 ? j->donor_k[rk] + drow : (j->k_base ? j->k_base : j->k) + cur,
+                            *vs = rv >= 0 ? j->donor_v[rv] + drow : (j->v_base ? j->v_base : j->v) + cur;
                 const float *kd = j->donor_k[eu->donor] + drow, *vd = j->donor_v[eu->donor] + drow;
                 double ek = 0, ev = 0;
                 for (int e = 0; e < d; e++) {
@@ -649,11 +652,12 @@ static void escore_task(void *ctx, int task, int worker) {
     }
 }
 
-static void cpu_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+static void cpu_edge_scores(double *score, const float *q, const float *k, const float *v, const float *k_base,
+                            const float *v_base, const float *dout,
                             int n_donors, const float *const *donor_k, const float *const *donor_v,
                             const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                             const edge_score_unit *units, int n_units) {
-    agrad_job j = {.q = q, .k = k, .v = v, .dout = dout, .n_donors = n_donors, .donor_k = donor_k,
+    agrad_job j = {.q = q, .k = k, .v = v, .k_base = k_base, .v_base = v_base, .dout = dout, .n_donors = n_donors, .donor_k = donor_k,
                    .donor_v = donor_v, .seqs = seqs, .n_seqs = n_seqs, .p = p, .rules = rules, .score = score,
                    .units = units, .n_units = n_units};
     agrad_run(&j, n_seqs * p->n_heads, escore_task);

@@ -622,7 +622,7 @@ __global__ static void attn_back_key_kernel(float *dk, float *dv, const attn_gra
 // products in double (the terms the unit's source substitutes; zero: p (D - g)).
 // seqd holds two int4 per sequence: {q_row, n_q, q_pos, kv_row}, {first row descriptor, 0, 0, 0}.
 __global__ static void edge_scores_kernel(double *score, int n_seqs, const float *stats, const float *q, const float *k,
-                                          const float *v, const float *dout, const int4 *units, const int4 *seqd,
+                                          const float *v, const float *k_base, const float *v_base, const float *dout, const int4 *units, const int4 *seqd,
                                           int n_heads, int group, int d, int q_stride, int kv_stride, float scale,
                                           float softcap, int window, const attn_patch patch) {
     __shared__ double s_dred[32];
@@ -636,7 +636,8 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
         int qi = (int)(t / n_k), A = (int)(t % n_k), B = sq.z + qi;
         if (B >= sd.z || A > B || (window > 0 && B - A >= window) || types[B] != un.z || types[A] != un.y) continue;
         const float *kj, *vj;
-        if (grad_edge_rows(patch, true, sd, k, v, sq.w, kv_stride, g, d, h, B, A, &kj, &vj) == EDGE_REMOVED) continue;
+        int code = grad_edge_rows(patch, true, sd, k, v, sq.w, kv_stride, g, d, h, B, A, &kj, &vj);
+        if (code == EDGE_REMOVED) continue;
         const float *qv = q + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
         const float *ov = dout + (size_t)(sq.x + qi) * q_stride + (size_t)h * d;
         const float *st = stats + ((size_t)(sb.x + qi) * n_heads + h) * 3;
@@ -648,10 +649,13 @@ __global__ static void edge_scores_kernel(double *score, int n_seqs, const float
         }
         size_t drow = (size_t)(sd.x + A) * kv_stride + (size_t)g * d;
         const float *kd = patch.donor_k[donor] + drow, *vd = patch.donor_v[donor] + drow;
+        // the differences: from the base where the edge reads the current pass (its key and its value each)
+        const float *kx = edge_key_donor(code) < 0 && k_base ? k_base + (kj - k) : kj;
+        const float *vx = edge_value_donor(code) < 0 && v_base ? v_base + (vj - v) : vj;
         double ek = 0.0, ev = 0.0;
         for (int e = lane; e < d; e += 32) {
-            ek += (double)qv[e] * ((double)kd[e] - kj[e]);
-            ev += (double)ov[e] * ((double)vd[e] - vj[e]);
+            ek += (double)qv[e] * ((double)kd[e] - kx[e]);
+            ev += (double)ov[e] * ((double)vd[e] - vx[e]);
         }
         ek = warp_sum(ek);
         ev = warp_sum(ev);
@@ -1301,7 +1305,8 @@ static void cuda_attention_back(float *dq, float *dk, float *dv, const float *q,
     }
 }
 
-static void cuda_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+static void cuda_edge_scores(double *score, const float *q, const float *k, const float *v, const float *k_base,
+                             const float *v_base, const float *dout,
                              int n_donors, const float *const *donor_k, const float *const *donor_v,
                              const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                              const edge_score_unit *units, int n_units) {
@@ -1317,7 +1322,7 @@ static void cuda_edge_scores(double *score, const float *q, const float *k, cons
     const unsigned char *meta = grad_meta_upload(&lay, seqs, n_seqs, (const int *)units, (int)(sizeof(edge_score_unit) / sizeof(int)), n_units, p->n_heads);
     grad_query_pass(NULL, q, k, v, dout, meta, &lay, p, patched, patch);
     edge_scores_kernel<<<dim3((unsigned)n_units, (unsigned)n_seqs), ATTN_THREADS, 0, ctx.stream>>>(
-        score, n_seqs, (const float *)ctx.grad_stats, q, k, v, dout, (const int4 *)(meta + lay.off_units),
+        score, n_seqs, (const float *)ctx.grad_stats, q, k, v, k_base, v_base, dout, (const int4 *)(meta + lay.off_units),
         (const int4 *)(meta + lay.off_seqd), p->n_heads, p->n_heads / p->n_kv_heads, p->head_dim, p->q_stride,
         p->kv_stride, p->scale, p->softcap, p->window, patch);
     LAUNCH_CHECK("edge_scores_kernel");

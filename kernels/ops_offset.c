@@ -119,13 +119,15 @@ static void ob_head_scores(double *score, const float *z, const float *const *do
         if (units[u].donor >= 0 && units[u].donor < 16) bz[units[u].donor] = OB_F(donor_z[units[u].donor]);
     kernel_ops_cpu()->head_scores((double *)ob_real(score), OB_F(z), bz, OB_F(dz), seqs, n_seqs, p, units, n_units);
 }
-static void ob_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+static void ob_edge_scores(double *score, const float *q, const float *k, const float *v, const float *k_base,
+                           const float *v_base, const float *dout,
                            int n_donors, const float *const *donor_k, const float *const *donor_v,
                            const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                            const edge_score_unit *units, int n_units) {
     const float *bk[16] = {0}, *bv[16] = {0};
     for (int d = 0; d < n_donors && d < 16; d++) bk[d] = OB_F(donor_k[d]), bv[d] = OB_F(donor_v[d]);
-    kernel_ops_cpu()->edge_scores((double *)ob_real(score), OB_F(q), OB_F(k), OB_F(v), OB_F(dout), n_donors, bk, bv,
+    kernel_ops_cpu()->edge_scores((double *)ob_real(score), OB_F(q), OB_F(k), OB_F(v), k_base ? OB_F(k_base) : NULL,
+                                  v_base ? OB_F(v_base) : NULL, OB_F(dout), n_donors, bk, bv,
                                   seqs, n_seqs, p, rules, units, n_units);
 }
 

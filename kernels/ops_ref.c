@@ -482,7 +482,8 @@ void ops_host_attention_row_stats(float *entropy, float *mass, int n_types, cons
     (void)n_donors;
 }
 
-static void ref_edge_scores(double *score, const float *q, const float *k, const float *v, const float *dout,
+static void ref_edge_scores(double *score, const float *q, const float *k, const float *v, const float *k_base,
+                            const float *v_base, const float *dout,
                             int n_donors, const float *const *donor_k, const float *const *donor_v,
                             const attn_seq *seqs, int n_seqs, const attn_params *p, const edge_rule_set *rules,
                             const edge_score_unit *units, int n_units) {
@@ -509,11 +510,13 @@ static void ref_edge_scores(double *score, const float *q, const float *k, const
                 for (int A = 0; A <= B; A++) {
                     size_t at = (size_t)qi * n_k + A;
                     if (sq->types[A] != eu->sender || (pr[at] == 0 && dl[at] == 0)) continue;
-                    if (eu->source == EDGE_SRC_ZERO) {
+                    if (eu->source == EDGE_SRC_ZERO) {  // no difference to take: the weight's path (ops.h)
                         acc += pr[at] * (gsum[qi] - gg[at]);
                         continue;
                     }
-                    const float *ks = kv_row(k, donor_k, sq, p, rules, h, B, A, 0), *vs = kv_row(v, donor_v, sq, p, rules, h, B, A, 1);
+                    // the differences: from the base where the edge reads the current pass
+                    const float *ks = kv_row(k_base ? k_base : k, donor_k, sq, p, rules, h, B, A, 0),
+                                *vs = kv_row(v_base ? v_base : v, donor_v, sq, p, rules, h, B, A, 1);
                     size_t drow = (size_t)(sq->donor_row + A) * p->kv_stride + (size_t)g * d;
                     const float *kd = donor_k[eu->donor] + drow, *vd = donor_v[eu->donor] + drow;
                     double ek = 0, ev = 0;

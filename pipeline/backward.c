@@ -203,8 +203,8 @@ static int check_batch(const grad_batch *b, ep_error *err) {
 // is non-NULL, dL/dlogits (after the final softcap) of the rank's vocabulary block [vocab0, vocab0 + n_vocab)
 // at those rows, into dlogits ([R][n_vocab], host).
 static int forward_loss(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
-                        kv_cache *cache, const forward_batch *keep, int *rows, double *loss, double *seq_loss,
-                        float *dlogits, ep_error *err) {
+                        const float *x0, kv_cache *cache, const forward_batch *keep, int *rows, double *loss,
+                        double *seq_loss, float *dlogits, ep_error *err) {
     const model_config *c = &m->cfg;
     tp_shard sh = model_config_local(c);
     int T, R, V = c->vocab_size, Vl = sh.n_vocab, v0 = sh.vocab0, max_len = 0;
@@ -217,6 +217,7 @@ static int forward_loss(const kernel_ops *ops, const model *m, const grad_batch 
     forward_batch fb = {.n_seqs = b->n_seqs, .n_new = b->len, .tokens = b->tokens, .n_logit_rows = R,
                         .logit_rows = rows, .logits = logits};
     if (keep) fb.resid = keep->resid, fb.q_out = keep->q_out, fb.attn_out = keep->attn_out, fb.capture_backend = 1;
+    fb.x_in = x0;  // backend memory: only the backward passes it, and always with keep (capture_backend)
     if (model_forward(m, ops, cache, &fb, patch, err)) {
         free(logits);
         return -1;
@@ -259,7 +260,7 @@ int model_loss(const kernel_ops *ops, const model *m, const grad_batch *b, const
     batch_rows(b, &T, &R);
     int *rows = ep_malloc(sizeof(int) * (size_t)R);
     kv_cache cache;
-    int rc = forward_loss(ops, m, b, patch, &cache, NULL, rows, loss, seq_loss, NULL, err);
+    int rc = forward_loss(ops, m, b, patch, NULL, &cache, NULL, rows, loss, seq_loss, NULL, err);
     kv_cache_free(&cache);
     free(rows);
     return rc;
@@ -312,6 +313,11 @@ static int head_back(const kernel_ops *ops, const model *m, const grad_batch *b,
 
 int model_backward(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
                    grad_tape *t, ep_error *err) {
+    return model_backward_at(ops, m, b, patch, NULL, t, err);
+}
+
+int model_backward_at(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
+                      const float *x0, grad_tape *t, ep_error *err) {
     memset(t, 0, sizeof *t);
     if (check_batch(b, err)) return -1;
     const model_config *c = &m->cfg;
@@ -343,7 +349,7 @@ int model_backward(const kernel_ops *ops, const model *m, const grad_batch *b, c
     float *resid = ops->alloc(f * (size_t)(L + 1) * TD), *attn = ops->alloc(f * (size_t)L * TD);
     t->q = ops->alloc(f * (size_t)L * T * Q);
     forward_batch keep = {.resid = resid, .q_out = t->q, .attn_out = attn};
-    if (forward_loss(ops, m, b, patch, &t->cache, &keep, rows, &t->loss, t->seq_loss, dlogits, err)) {
+    if (forward_loss(ops, m, b, patch, x0, &t->cache, &keep, rows, &t->loss, t->seq_loss, dlogits, err)) {
         free(rows), free(hpos), free(dlogits);
         ops->release(resid), ops->release(attn);
         grad_tape_free(t);
@@ -505,11 +511,8 @@ int grad_donor_kv(const grad_tape *t, int layer, int donor, float *dk, float *dv
     return 0;
 }
 
-// A shard scored only the units on its heads (0 for the others): the group's sum gives every rank every
-// unit's signed sums (exactly: one rank's value plus zeros), before the absolute value.
-static int finish_scores(const grad_tape *t, double *signed_sum, int n, int S, double *score, double *per_seq,
-                         ep_error *err) {
-    if (t->group && group_sum_f64(t->group, signed_sum, (size_t)n * S, err)) return -1;
+// |.| of the signed per-sequence sums and the mean over the sequences.
+static void finish_scores(const double *signed_sum, int n, int S, double *score, double *per_seq) {
     for (int u = 0; u < n; u++) {
         score[u] = 0;
         for (int s = 0; s < S; s++) {
@@ -517,6 +520,14 @@ static int finish_scores(const grad_tape *t, double *signed_sum, int n, int S, d
             if (per_seq) per_seq[(size_t)u * S + s] = signed_sum[(size_t)u * S + s];
         }
     }
+}
+
+// The sums' difference source: the base tape (EAP-IG's clean pass) or t itself, which must match t's batch.
+static int check_base(const grad_tape *t, const grad_tape *base, ep_error *err) {
+    if (!base || base == t) return 0;
+    if (base->ops != t->ops || base->n_seqs != t->n_seqs || base->n_rows != t->n_rows || base->n_layers != t->n_layers ||
+        base->n_heads != t->n_heads || base->head0 != t->head0 || base->cache.capacity != t->cache.capacity)
+        return ep_fail(err, "scores: the base pass is of another batch or shard than the scored one");
     return 0;
 }
 
@@ -529,12 +540,15 @@ static int layer_units(const grad_tape *t, int l, int n, const int *layer_of, co
     return k;
 }
 
-int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *score, double *per_seq, ep_error *err) {
+int grad_head_sums(const grad_tape *t, const grad_tape *base, const head_unit *units, int n, double *sum, ep_error *err) {
     int S = t->n_seqs, Q = t->n_heads * t->head_dim;
     for (int u = 0; u < n; u++)
         if (check_donor(t, units[u].layer, units[u].head, units[u].donor, 1, err)) return -1;
+    if (check_base(t, base, err)) return -1;
+    const grad_tape *zt = base ? base : t;  // z - z_d from the base, dL/dz from t
     const kernel_ops *ops = t->ops;
-    double *sum = ep_calloc((size_t)n * S + 1, sizeof(double)), *got = ep_malloc(sizeof(double) * ((size_t)n * S + 1));
+    double *got = ep_malloc(sizeof(double) * ((size_t)n * S + 1));
+    memset(sum, 0, sizeof(double) * (size_t)n * S);
     int *layer_of = ep_malloc(sizeof(int) * ((size_t)n + 1)), *head_of = ep_malloc(sizeof(int) * ((size_t)n + 1)),
         *at = ep_malloc(sizeof(int) * ((size_t)n + 1));
     head_score_unit *hu = ep_malloc(sizeof *hu * ((size_t)n + 1));
@@ -549,27 +563,38 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
         view_layer(&v, t, l);
         for (int i = 0; i < k; i++) hu[i] = (head_score_unit){units[at[i]].head - t->head0, units[at[i]].type, units[at[i]].donor};
         for (int s = 0; s < S; s++)  // the cache's z rows to the packed rows of dz
-            ops->copy_rows(z + (size_t)t->row[s] * Q, Q, kv_cache_z(&t->cache, l, s, 0), Q, t->len[s], Q);
+            ops->copy_rows(z + (size_t)t->row[s] * Q, Q, kv_cache_z(&zt->cache, l, s, 0), Q, t->len[s], Q);
         ops->head_scores(dev, z, v.dz, t->dz + (size_t)l * t->n_rows * Q, v.seqs, S, &v.p, hu, k);
         ops->download(got, dev, sizeof(double) * (size_t)k * S);
         for (int i = 0; i < k; i++) memcpy(sum + (size_t)at[i] * S, got + (size_t)i * S, sizeof(double) * (size_t)S);
     }
     view_free(&v);
     ops->release(dev), ops->release(z);
-    int rc = finish_scores(t, sum, n, S, score, per_seq, err);
-    free(sum), free(got), free(layer_of), free(head_of), free(at), free(hu);
+    free(got), free(layer_of), free(head_of), free(at), free(hu);
+    // A shard scored only the units on its heads (0 for the others): the group's sum gives every rank every
+    // unit's signed sums (exactly: one rank's value plus zeros).
+    return t->group ? group_sum_f64(t->group, sum, (size_t)n * S, err) : 0;
+}
+
+int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *score, double *per_seq, ep_error *err) {
+    double *sum = ep_malloc(sizeof(double) * ((size_t)n * t->n_seqs + 1));
+    int rc = grad_head_sums(t, NULL, units, n, sum, err);
+    if (rc == 0) finish_scores(sum, n, t->n_seqs, score, per_seq);
+    free(sum);
     return rc;
 }
 
-int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq, ep_error *err) {
+int grad_edge_sums(const grad_tape *t, const grad_tape *base, const edge_unit *units, int n, double *sum, ep_error *err) {
     int S = t->n_seqs, Q = t->n_heads * t->head_dim;
     for (int u = 0; u < n; u++) {
         if (check_donor(t, units[u].layer, units[u].head, units[u].donor, 0, err)) return -1;
         if (units[u].source < 0 || units[u].source >= EDGE_N_SOURCES)
             return ep_fail(err, "scores: edge unit %d has intervention %d (kv, k, v or zero: 0 .. 3)", u, units[u].source);
     }
+    if (check_base(t, base, err)) return -1;
     const kernel_ops *ops = t->ops;
-    double *sum = ep_calloc((size_t)n * S + 1, sizeof(double)), *got = ep_malloc(sizeof(double) * ((size_t)n * S + 1));
+    double *got = ep_malloc(sizeof(double) * ((size_t)n * S + 1));
+    memset(sum, 0, sizeof(double) * (size_t)n * S);
     int *layer_of = ep_malloc(sizeof(int) * ((size_t)n + 1)), *head_of = ep_malloc(sizeof(int) * ((size_t)n + 1)),
         *at = ep_malloc(sizeof(int) * ((size_t)n + 1));
     edge_score_unit *eu = ep_malloc(sizeof *eu * ((size_t)n + 1));
@@ -587,16 +612,25 @@ int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *
             eu[i] = (edge_score_unit){e->head - t->head0, e->sender, e->receiver, e->donor, e->source};
         }
         dz_seen(t, l, t->dz + (size_t)l * t->n_rows * Q, dza, zero);
+        // the base's keys and values: the differences of the edges that read the current pass
         ops->edge_scores(dev, t->q + (size_t)l * t->n_rows * Q, kv_cache_k(&t->cache, l, 0, 0),
-                         kv_cache_v(&t->cache, l, 0, 0), dza, t->patch.n_donors, v.dk, v.dv, v.seqs, S, &v.p, v.rules,
+                         kv_cache_v(&t->cache, l, 0, 0), base ? kv_cache_k(&base->cache, l, 0, 0) : NULL,
+                         base ? kv_cache_v(&base->cache, l, 0, 0) : NULL, dza, t->patch.n_donors, v.dk, v.dv, v.seqs, S, &v.p, v.rules,
                          eu, k);
         ops->download(got, dev, sizeof(double) * (size_t)k * S);
         for (int i = 0; i < k; i++) memcpy(sum + (size_t)at[i] * S, got + (size_t)i * S, sizeof(double) * (size_t)S);
     }
     view_free(&v);
     ops->release(dev), ops->release(dza), ops->release(zero);
-    int rc = finish_scores(t, sum, n, S, score, per_seq, err);
-    free(sum), free(got), free(layer_of), free(head_of), free(at), free(eu);
+    free(got), free(layer_of), free(head_of), free(at), free(eu);
+    return t->group ? group_sum_f64(t->group, sum, (size_t)n * S, err) : 0;
+}
+
+int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq, ep_error *err) {
+    double *sum = ep_malloc(sizeof(double) * ((size_t)n * t->n_seqs + 1));
+    int rc = grad_edge_sums(t, NULL, units, n, sum, err);
+    if (rc == 0) finish_scores(sum, n, t->n_seqs, score, per_seq);
+    free(sum);
     return rc;
 }
 
@@ -675,4 +709,58 @@ int backward_bytes(const model_config *c, const backward_shape *b, backward_memo
     // patch_donor_passes' caches: K, V and z for donor_capacity positions, and their lengths.
     out->donors = (size_t)b->n_donors * (f * L * S * (size_t)b->donor_capacity * (2 * KV + Q) + S * sizeof(int));
     return 0;
+}
+
+// EAP-IG: the clean pass first (the differences' base, and the path's last point), then the other path
+// points one at a time, each a forward from interpolated embeddings and its backward.
+int grad_ig_sums(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
+                 const grad_ig_request *r, ep_error *err) {
+    if (r->steps < 1) return ep_fail(err, "eap-ig: ig_steps %d (need at least 1)", r->steps);
+    if (check_batch(b, err)) return -1;
+    int S = b->n_seqs, T, R, D = m->cfg.hidden;
+    batch_rows(b, &T, &R);
+    size_t nh = (size_t)r->n_heads * S, ne = (size_t)r->n_edges * S, TD = (size_t)T * D;
+    double *hs = ep_malloc(sizeof(double) * (nh + 1)), *es = ep_malloc(sizeof(double) * (ne + 1));
+    grad_tape clean, path;
+    int rc = model_backward(ops, m, b, patch, &clean, err);
+    if (rc) {
+        free(hs), free(es);
+        return -1;
+    }
+    // The path's last point (a = 1) is the clean pass itself: with steps = 1 the sums are attribution's.
+    rc = (r->n_heads && grad_head_sums(&clean, NULL, r->heads, r->n_heads, hs, err)) ||
+         (r->n_edges && grad_edge_sums(&clean, NULL, r->edges, r->n_edges, es, err));
+    for (size_t i = 0; rc == 0 && i < nh; i++) r->head_sums[i] = hs[i];
+    for (size_t i = 0; rc == 0 && i < ne; i++) r->edge_sums[i] = es[i];
+    if (rc == 0 && r->head_plain) memcpy(r->head_plain, hs, sizeof(double) * nh);
+    if (rc == 0 && r->edge_plain) memcpy(r->edge_plain, es, sizeof(double) * ne);
+    float *e_donor = NULL, *diff = NULL, *x = NULL;
+    if (rc == 0 && r->steps > 1) {
+        // diff = e_clean - e_donor (a negated copy added: the same rounding as one subtraction).
+        e_donor = ops->alloc(sizeof(float) * TD), diff = ops->alloc(sizeof(float) * TD), x = ops->alloc(sizeof(float) * TD);
+        rc = model_embed(m, ops, b->tokens, T, diff, err) || model_embed(m, ops, r->donor_tokens, T, e_donor, err);
+        if (rc == 0) {
+            ops->copy_rows(x, D, e_donor, D, T, D);
+            ops->scale(x, TD, -1.0f);
+            ops->add(diff, x, TD);
+        }
+    }
+    for (int k = 1; k < r->steps && rc == 0; k++) {
+        // x = e_donor + (k / m) (e_clean - e_donor)
+        ops->copy_rows(x, D, diff, D, T, D);
+        ops->scale(x, TD, (float)((double)k / r->steps));
+        ops->add(x, e_donor, TD);
+        if ((rc = model_backward_at(ops, m, b, patch, x, &path, err))) break;
+        rc = (r->n_heads && grad_head_sums(&path, &clean, r->heads, r->n_heads, hs, err)) ||
+             (r->n_edges && grad_edge_sums(&path, &clean, r->edges, r->n_edges, es, err));
+        for (size_t i = 0; rc == 0 && i < nh; i++) r->head_sums[i] += hs[i];
+        for (size_t i = 0; rc == 0 && i < ne; i++) r->edge_sums[i] += es[i];
+        grad_tape_free(&path);
+    }
+    for (size_t i = 0; rc == 0 && i < nh; i++) r->head_sums[i] /= r->steps;
+    for (size_t i = 0; rc == 0 && i < ne; i++) r->edge_sums[i] /= r->steps;
+    if (x) ops->release(x), ops->release(diff), ops->release(e_donor);
+    grad_tape_free(&clean);
+    free(hs), free(es);
+    return rc ? -1 : 0;
 }

@@ -5,7 +5,8 @@
 // projection, after head-unit substitution), and the current pass's post-RoPE q, K, V and z. From these
 // the two unit scores of docs/design.md are computed by the kernel table's score reductions, which
 // recompute the attention probabilities and dL/dlogit edge by edge (nothing per edge is kept;
-// docs/attribution.md derives the formulas).
+// docs/attribution.md derives the formulas); and EAP-IG's sums (grad_ig_sums: the same gradients averaged
+// along the path from the donor's input embeddings to the clean ones).
 // Promises: every numeric step runs through the backend's kernel table (kernels/ops.h): the forward is
 // model_forward on that backend (patched as given), the backward mirrors it layer by layer with the
 // table's gradient ops (final softcap and norm, lm_head only at predicting rows, pre-norm / sandwich /
@@ -64,6 +65,11 @@ typedef struct {
 // keeps the patch's rule sets, donor caches and type arrays alive while the tape is used for scores.
 int model_backward(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
                    grad_tape *t, ep_error *err);
+// The same pass from given inputs: x0 (ops' memory, [rows][hidden]) replaces the tokens' embeddings as
+// the residual stream entering layer 0 (NULL: the embeddings, i.e. model_backward). The tokens still give
+// the targets. EAP-IG's path points.
+int model_backward_at(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
+                      const float *x0, grad_tape *t, ep_error *err);
 void grad_tape_free(grad_tape *t);
 
 // The loss alone (one patched forward pass on ops, as model_backward's): for checks by finite differences.
@@ -89,6 +95,38 @@ int grad_head_scores(const grad_tape *t, const head_unit *units, int n, double *
                      ep_error *err);
 int grad_edge_scores(const grad_tape *t, const edge_unit *units, int n, double *score, double *per_seq,
                      ep_error *err);
+
+// The signed per-(unit, sequence) sums behind the scores above, [n][n_seqs], with the gradients of tape t
+// and the differences (z - z_d; k_d - k*, v_d - v* where an edge reads the current pass) of tape base
+// (NULL: t itself, which is what grad_*_scores take |.| of). base must be a pass over the same batch and
+// patch (EAP-IG: t a point on the path, base the clean pass). Collective on a shard, like the scores.
+int grad_head_sums(const grad_tape *t, const grad_tape *base, const head_unit *units, int n, double *sums,
+                   ep_error *err);
+int grad_edge_sums(const grad_tape *t, const grad_tape *base, const edge_unit *units, int n, double *sums,
+                   ep_error *err);
+
+// EAP-IG (integrated gradients, Hanna et al. 2024; MIB's EAP-IG-inputs; docs/attribution.md): the
+// residual stream entering layer 0 runs the straight path from the donor's embeddings to the clean ones,
+// x(a) = e_donor + a (e_clean - e_donor), at a = k / steps, k = 1 .. steps (the right Riemann sum; the
+// point a = 1 is the clean pass itself, run from the tokens). At each point a forward (patched by `patch`
+// as the clean pass is: its donors are constants) and a backward; a unit's sum per sequence is the mean
+// over the points of its gradients dotted with the clean pass's differences (head: (z - z_d) . dL/dz;
+// edge: dL/dk* . (k_d - k*) + dL/dv* . (v_d - v*), k*, v* what the edge read in the clean pass). With
+// steps = 1 the sums are attribution's, bit for bit. Holds the clean tape and one path tape at a time.
+typedef struct {
+    int steps;                // >= 1
+    const int *donor_tokens;  // packed as the batch's tokens: each row's donor token (the path's start);
+                              // rows without a donor token (the appended targets) repeat the clean token
+    const head_unit *heads;
+    int n_heads;
+    const edge_unit *edges;
+    int n_edges;
+    double *head_sums, *edge_sums;    // out [n][n_seqs]: EAP-IG's signed sums (before |.|)
+    double *head_plain, *edge_plain;  // optional out [n][n_seqs]: attribution's (the clean pass's)
+} grad_ig_request;
+
+int grad_ig_sums(const kernel_ops *ops, const model *m, const grad_batch *b, const forward_patch *patch,
+                 const grad_ig_request *r, ep_error *err);
 
 // What model_backward holds, in bytes, for a batch of this shape on this rank (cfg->tp: a shard's heads, KV
 // heads, MLP columns and vocabulary block), part by part as the code allocates it on the cpu backend, whose

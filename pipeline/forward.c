@@ -290,6 +290,38 @@ static void capture(const kernel_ops *ops, const forward_batch *b, float *dst, c
         ops->download(dst, src, sizeof(float) * (size_t)rows * width);
 }
 
+// The scaled embeddings of T tokens into x (backend [T][D]), idx a backend buffer of T ints. A
+// vocabulary-parallel shard holds its block of the embedding's rows: another rank's token gives a zero
+// row here and the group's sum fills it in (one non-zero term per element: the sum is exact).
+static int embed_rows(const model *m, const kernel_ops *ops, const int *tokens, int T, int *idx, float *x, ep_error *err) {
+    const model_config *c = &m->cfg;
+    tp_shard sh = model_config_local(c);
+    int D = c->hidden, rc = 0;
+    int parallel = sh.n_vocab < c->vocab_size, *ids = parallel ? ep_malloc(sizeof(int) * (size_t)T) : NULL;
+    for (int r = 0; parallel && r < T; r++) {
+        int local = tokens[r] - sh.vocab0;
+        ids[r] = local >= 0 && local < sh.n_vocab ? local : -1;
+    }
+    ops->upload(idx, parallel ? ids : tokens, sizeof(int) * (size_t)T);
+    free(ids);
+    ops->gather_rows(x, m->embed, idx, T, D);
+    if (parallel) rc = model_group_sum(m, x, (size_t)T * D, err);
+    if (m->embed_scale != 1.0f) ops->scale(x, (size_t)T * D, m->embed_scale);
+    return rc;
+}
+
+int model_embed(const model *m, const kernel_ops *ops, const int *tokens, int T, float *x, ep_error *err) {
+    for (int r = 0; r < T; r++)
+        if (tokens[r] < 0 || tokens[r] >= m->cfg.vocab_size)
+            return ep_fail(err, "embed: token id %d at row %d is outside the vocabulary of %d", tokens[r], r,
+                           m->cfg.vocab_size);
+    if (T <= 0) return 0;
+    int *idx = ops->alloc(sizeof(int) * (size_t)T);
+    int rc = embed_rows(m, ops, tokens, T, idx, x, err);
+    ops->release(idx);
+    return rc;
+}
+
 // The attention statistics of a pass (forward_attn_stats): per layer the op's [n_seqs][heads] arrays in
 // backend scratch, copied into the whole pass's arrays at the shard's first head.
 typedef struct {
@@ -423,21 +455,12 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         for (int i = 0; i < b->n_new[seq]; i++, r++) s.host_pos[r] = cache->len[seq] + i;
     }
     ops->upload(s.pos, s.host_pos, sizeof(int) * (size_t)T);
-    if (first > 0) {
+    if (b->x_in && b->capture_backend) {
+        ops->copy_rows(s.x, D, b->x_in, D, T, D);
+    } else if (b->x_in) {
         ops->upload(s.x, b->x_in, sizeof(float) * (size_t)T * D);
     } else {
-        // A vocabulary-parallel shard holds its block of the embedding's rows: another rank's token gives a
-        // zero row here and the group's sum fills it in (one non-zero term per element: the sum is exact).
-        int parallel = sh.n_vocab < c->vocab_size, *ids = parallel ? ep_malloc(sizeof(int) * (size_t)T) : NULL;
-        for (int r = 0; parallel && r < T; r++) {
-            int local = b->tokens[r] - sh.vocab0;
-            ids[r] = local >= 0 && local < sh.n_vocab ? local : -1;
-        }
-        ops->upload(s.idx, parallel ? ids : b->tokens, sizeof(int) * (size_t)T);
-        free(ids);
-        ops->gather_rows(s.x, m->embed, s.idx, T, D);
-        if (parallel) rc = model_group_sum(m, s.x, (size_t)T * D, err);
-        if (m->embed_scale != 1.0f) ops->scale(s.x, (size_t)T * D, m->embed_scale);
+        rc = embed_rows(m, ops, b->tokens, T, s.idx, s.x, err);
     }
 
     for (int l = first; l < end && rc == 0; l++) {

@@ -99,13 +99,15 @@ typedef struct {
     // residual stream there in x_out. Layers outside the range are not touched in the cache (they are
     // not read: a layer's attention reads only its own layer's keys and values). Logits need
     // end_layer = n_layers. Given the same inputs, the layers run compute exactly what a full pass does.
+    // x_in with first_layer 0 replaces the embeddings (EAP-IG's interpolated inputs: model_embed gives
+    // the tokens' own); with capture_backend it is ops' memory (copied, not uploaded).
     int first_layer, end_layer;
-    const float *x_in;     // required when first_layer > 0
+    const float *x_in;     // required when first_layer > 0; optional with first_layer 0
     float *x_out;          // optional out [n_tokens, hidden]
     const forward_attn_stats *attn_stats;  // optional: attention statistics (host memory, like logits)
 } forward_batch;
 
-// The batch's arrays (tokens, logit_rows, logits, resid unless capture_backend, x_in, x_out) and the patch's metadata are host
+// The batch's arrays (tokens, logit_rows, logits, resid and x_in unless capture_backend, x_out) and the patch's metadata are host
 // memory whatever the backend; the model's weights and every cache must live in ops' memory (a host model
 // and host caches for host backends; model_to_backend and kv_cache_init_backend otherwise).
 // Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when
@@ -113,6 +115,11 @@ typedef struct {
 // cache->len, and fills the requested outputs.
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err);
+
+// The residual stream entering layer 0 for T tokens (the embeddings, scaled as the model does) into x,
+// [T][hidden] in ops' memory: what model_forward computes from the tokens. A shard's call is collective
+// (a vocabulary-parallel embedding is summed over the group).
+int model_embed(const model *m, const kernel_ops *ops, const int *tokens, int T, float *x, ep_error *err);
 
 // The config's norm (RMSNorm with its weight offset, or LayerNorm with bias b) of rows rows of hidden
 // floats, on ops: the forward's and the backward's recomputation alike.

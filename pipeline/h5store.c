@@ -186,6 +186,18 @@ uint32_t h5store_crc32(const void *data, size_t bytes) {
 
 static const char *file_name(const h5store *s) { return s->tmp_path ? s->tmp_path : s->path; }
 
+// A dataset's crc32 attribute (its bytes' CRC-32), what every reader checks.
+static int write_crc(h5store *s, hid_t ds, const char *name, uint32_t crc, ep_error *err) {
+    hid_t aspace = H5Screate(H5S_SCALAR);
+    hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
+    int rc = attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0
+                 ? ep_fail(err, "%s: cannot write the checksum of %s", file_name(s), name)
+                 : 0;
+    if (attr >= 0) H5Aclose(attr);
+    H5Sclose(aspace);
+    return rc;
+}
+
 static size_t shape_numel(const h5shape *shape) {
     size_t n = 1;
     for (int i = 0; i < shape->rank; i++) n *= (size_t)shape->dims[i];
@@ -211,12 +223,7 @@ static int write_dataset(h5store *s, const char *name, const h5shape *shape, hid
         rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);
     } else {
         uint32_t crc = h5store_crc32(data, shape_numel(shape) * elsize);
-        hid_t aspace = H5Screate(H5S_SCALAR);
-        hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
-        if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0)
-            rc = ep_fail(err, "%s: cannot write the checksum of %s", file_name(s), name);
-        if (attr >= 0) H5Aclose(attr);
-        H5Sclose(aspace);
+        rc = write_crc(s, ds, name, crc, err);
     }
     if (ds >= 0) H5Dclose(ds);
     H5Pclose(lcpl);
@@ -453,12 +460,7 @@ int h5store_write_str(h5store *s, const char *name, const h5shape *shape, const 
         rc = ep_fail(err, "%s: cannot write dataset %s (exists already, or disk full?)", file_name(s), name);
     } else {
         uint32_t crc = h5store_crc32(all, bytes);
-        hid_t aspace = H5Screate(H5S_SCALAR);
-        hid_t attr = H5Acreate2(ds, CRC_ATTR, H5T_STD_U32LE, aspace, H5P_DEFAULT, H5P_DEFAULT);
-        if (attr < 0 || H5Awrite(attr, H5T_NATIVE_UINT32, &crc) < 0)
-            rc = ep_fail(err, "%s: cannot write the checksum of %s", file_name(s), name);
-        if (attr >= 0) H5Aclose(attr);
-        H5Sclose(aspace);
+        rc = write_crc(s, ds, name, crc, err);
     }
     if (ds >= 0) H5Dclose(ds);
     H5Pclose(dcpl), H5Pclose(lcpl), H5Sclose(space), H5Tclose(type);

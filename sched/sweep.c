@@ -499,14 +499,17 @@ int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *e
         for (int r = 0; r < rounds; r++) {
             int edge = r >= p->head_rounds && total > 0;
             if (edge && r == p->head_rounds) n = n * ps.edges_per_head_unit;
-            int method = r < p->n_files ? 2 : p->exact ? 1 : 0, exact = method == 1 || (method == 0 && p->compare);
-            int attribution = method == 0 || (method == 1 && p->compare), compare = exact && attribution;
-            double width = 3 * exact + attribution + (method == 2), nn = floor(n + 0.5);
+            // as stages/prune_round.c decides: eap-ig (3) computes exact and attribution with compare too
+            int method = r < p->n_files ? 2 : p->exact ? 1 : p->eap_ig ? 3 : 0;
+            int exact = method == 1 || ((method == 0 || method == 3) && p->compare);
+            int attribution = method == 0 || ((method == 1 || method == 3) && p->compare), compare = exact && attribution;
+            int ig = method == 3, ig_compare = ig && compare;  // ig_steps; compare/attribution_scores, eap_ig_agreement
+            double width = 3 * exact + attribution + ig + (method == 2), nn = floor(n + 0.5);
             double groups = exact && nn > 0 ? ceil(nn / (double)p->exact_units_per_item) : 1;
-            d->prune += H5_FILE_BYTES + (10 + compare) * H5_ATTRIBUTE_BYTES + (5 + 2 * edge + 2 * compare) * H5_DATASET_BYTES +
-                        (2 + compare) * H5_GROUP_BYTES +
+            d->prune += H5_FILE_BYTES + (10 + compare + ig) * H5_ATTRIBUTE_BYTES +
+                        (5 + 2 * edge + 2 * compare + 2 * ig_compare) * H5_DATASET_BYTES + (2 + compare) * H5_GROUP_BYTES +
                         nn * (16 + 4) + 36 + 2 * L * H * PLAN_CIRCUIT_TYPES * 4 +
-                        edge * 2 * L * H * PLAN_EDGE_TYPES * PLAN_EDGE_TYPES * 4 + compare * (4 * nn + 32);
+                        edge * 2 * L * H * PLAN_EDGE_TYPES * PLAN_EDGE_TYPES * 4 + (compare + ig_compare) * (4 * nn + 32);
             d->prune += items * groups * (H5_FILE_BYTES + 8 * H5_ATTRIBUTE_BYTES + 2 * H5_DATASET_BYTES + 24) +
                         items * nn * (width ? width : 1) * 8;
             n = kept_units(p, r, nn);

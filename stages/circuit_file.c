@@ -87,7 +87,7 @@ static int read_mask(h5store *s, const char *group, const model_config *cfg_or_n
 }
 
 void prune_round_free(prune_round *r) {
-    free(r->units), free(r->scores), free(r->compare_scores);
+    free(r->units), free(r->scores), free(r->compare_scores), free(r->attribution_scores);
     circuit_free(&r->circuit), circuit_free(&r->kept);
     memset(r, 0, sizeof *r);
 }
@@ -124,6 +124,25 @@ int prune_round_read(const char *path, const model_config *cfg, prune_round *r, 
         if (rc == 0) snprintf(r->compare_method, sizeof r->compare_method, "%s", cm), memcpy(r->agreement, ag, sizeof r->agreement);
         free(cm), free(ag);
     }
+    if (rc == 0 && h5store_has(&s, "compare/eap_ig_agreement")) {
+        double *ag = NULL;
+        h5shape sc, sa;
+        rc = h5store_read_f32(&s, "compare/attribution_scores", &sc, &r->attribution_scores, err) ||
+             h5store_read_f64(&s, "compare/eap_ig_agreement", &sa, &ag, err);
+        if (rc == 0 && (sc.rank != 1 || sc.dims[0] != r->n_units || sa.rank != 1 || sa.dims[0] != 4 || !r->compare_scores))
+            rc = ep_fail(err, "%s: datasets compare/attribution_scores, compare/eap_ig_agreement: expected [%d] and [4] "
+                         "beside compare/scores", path, r->n_units);
+        if (rc == 0) r->has_ig_agreement = 1, memcpy(r->ig_agreement, ag, sizeof r->ig_agreement);
+        free(ag);
+    }
+    int64_t ig_steps = 0;
+    if (rc == 0 && method && !strcmp(method, "eap-ig")) {
+        rc = h5store_get_i64(&s, "ig_steps", &ig_steps, err);
+        if (rc == 0 && (ig_steps < 1 || ig_steps > 1000))
+            rc = ep_fail(err, "%s: attribute ig_steps: expected a count 1..1000, not %lld", path, (long long)ig_steps);
+    }
+    if (rc == 0 && strcmp(method, "attribution") && strcmp(method, "exact") && strcmp(method, "eap-ig"))
+        rc = ep_fail(err, "%s: attribute method: expected \"attribution\", \"exact\" or \"eap-ig\", not \"%s\"", path, method);
     if (rc == 0) rc = read_mask(&s, "circuit", cfg, &r->circuit, err);
     if (rc == 0) rc = read_mask(&s, "kept", cfg, &r->kept, err);
     // What readers index by (circuit_has of every unit in both circuits) and convert to int must be in range.
@@ -144,6 +163,10 @@ int prune_round_read(const char *path, const model_config *cfg, prune_round *r, 
     for (int k = 2; k < 4 && rc == 0 && r->compare_scores; k++)  // top-k overlap and k: counts of units
         if (!(r->agreement[k] >= 0 && r->agreement[k] <= r->n_units && r->agreement[k] == floor(r->agreement[k])))
             rc = ep_fail(err, "%s: dataset compare/agreement: element %d is not a unit count 0..%d", path, k, r->n_units);
+    for (int k = 2; k < 4 && rc == 0 && r->has_ig_agreement; k++)
+        if (!(r->ig_agreement[k] >= 0 && r->ig_agreement[k] <= r->n_units && r->ig_agreement[k] == floor(r->ig_agreement[k])))
+            rc = ep_fail(err, "%s: dataset compare/eap_ig_agreement: element %d is not a unit count 0..%d", path, k, r->n_units);
+    if (rc == 0) r->ig_steps = (int)ig_steps;
     if (rc == 0) {
         r->round = (int)round, r->pruned = (int)pruned;
         r->kind = !strcmp(kind, "edge") ? UNIT_EDGE : UNIT_HEAD;
@@ -220,6 +243,17 @@ int prune_round_write(const char *path, const char *identity, int r, const circu
              h5store_set_strs_at(&s, "compare/agreement", "column_names", agreement_names, 4, err) ||
              h5store_set_str(&s, "compare_method", res->compare_method, err);
     }
+    if (rc == 0 && res->compare_scores && res->has_ig_agreement && res->attribution_scores) {
+        h5shape sa = {1, {4}};
+        const char *agreement_names[4] = {"spearman", "spearman_abs_exact", "top_k_overlap", "top_k"};
+        for (int i = 0; i < n; i++) sc[i] = (float)res->attribution_scores[i];
+        rc = h5store_write_f32(&s, "compare/attribution_scores", &ss, sc, err) ||
+             h5store_label(&s, "compare/attribution_scores", "unit", err) ||
+             h5store_write_f64(&s, "compare/eap_ig_agreement", &sa, res->ig_agreement, err) ||
+             h5store_label(&s, "compare/eap_ig_agreement", "statistic", err) ||
+             h5store_set_strs_at(&s, "compare/eap_ig_agreement", "column_names", agreement_names, 4, err);
+    }
+    if (rc == 0 && !strcmp(res->method, "eap-ig")) rc = h5store_set_i64(&s, "ig_steps", res->ig_steps, err);
     free(u), free(sc);
     if (rc == 0 && kill_before_commit) raise(SIGKILL);  // test hook: data written, not committed
     if (rc) {
@@ -325,6 +359,12 @@ static json_t *num(double x) { return isfinite(x) ? json_real(x) : json_null(); 
 static double faithfulness(const float m[3][3]) { return m[2][2] != 0 ? (double)m[1][2] / m[2][2] : NAN; }
 
 // model_logs.json gets "prune": one line per finished round, rebuilt from the round files.
+// One method's rank agreement with exact, as model_logs.json names its figures.
+static json_t *agreement_json(const double a[4]) {
+    return json_pack("{s:o,s:o,s:i,s:i}", "spearman", num(a[0]), "spearman_abs_exact", num(a[1]), "top_k", (int)a[3],
+                     "top_k_overlap", (int)a[2]);
+}
+
 int prune_logs_write(const char *run_dir, int n_rounds, ep_error *err) {
     char path[4200];
     snprintf(path, sizeof path, "%s/model_logs.json", run_dir);
@@ -349,11 +389,20 @@ int prune_logs_write(const char *run_dir, int n_rounds, ep_error *err) {
                                                 "logit_diff", num(pr.metrics[0][2]), "kept_target_logprob", num(pr.metrics[1][0]),
                                                 "kept_first_token_accuracy", num(pr.metrics[1][1]), "kept_logit_diff", num(pr.metrics[1][2]),
                                                 "faithfulness_logit_diff", num(faithfulness(pr.metrics)), "stop", pr.stop));
-        if (pr.compare_scores)
-            json_object_set_new(json_array_get(rounds, (size_t)r), "rank_agreement",
-                                json_pack("{s:s,s:o,s:o,s:i,s:i}", "compared_with", pr.compare_method, "spearman",
-                                          num(pr.agreement[0]), "spearman_abs_exact", num(pr.agreement[1]), "top_k",
-                                          (int)pr.agreement[3], "top_k_overlap", (int)pr.agreement[2]));
+        json_t *line = json_array_get(rounds, (size_t)r);
+        if (pr.ig_steps) json_object_set_new(line, "ig_steps", json_integer(pr.ig_steps));
+        if (pr.compare_scores) {
+            // The top-level figures are attribution's agreement with exact (as before eap-ig); by_method has
+            // one entry per gradient method the round computed (attribution, and eap-ig in an eap-ig round).
+            json_t *ra = json_pack("{s:s,s:o,s:o,s:i,s:i}", "compared_with", pr.compare_method, "spearman",
+                                   num(pr.agreement[0]), "spearman_abs_exact", num(pr.agreement[1]), "top_k",
+                                   (int)pr.agreement[3], "top_k_overlap", (int)pr.agreement[2]);
+            json_t *by = json_object();
+            json_object_set_new(by, "attribution", agreement_json(pr.agreement));
+            if (pr.has_ig_agreement) json_object_set_new(by, "eap-ig", agreement_json(pr.ig_agreement));
+            json_object_set_new(ra, "by_method", by);
+            json_object_set_new(line, "rank_agreement", ra);
+        }
         prune_round_free(&pr);
     }
     json_object_set_new(o, "prune", rounds);

@@ -3,7 +3,8 @@
 // Owns the formats of
 //   - <run>/prune.d/round-NNN.h5 (format edgepatch-prune-round-1): one round's units and scores, the
 //     circuit they were taken in and the one kept after it, the metrics of both and of the clean model,
-//     and with compare_importance the other method's scores and the rank agreement. Units are the
+//     and with compare_importance the other method's scores and the rank agreement (eap-ig rounds: also
+//     attribution's scores and EAP-IG's agreement beside attribution's). Units are the
 //     dataset `units` [n, 4] of int32 rows (layer, head, type, -1) for head units and (layer, head,
 //     sender, receiver) for edge units (stages/circuit.h names the fields);
 //   - the "prune" list of <run>/model_logs.json: one line per finished round, rebuilt from the round files;
@@ -36,6 +37,13 @@ typedef struct {
     char compare_method[16];
     float *compare_scores;
     double agreement[4];
+    // eap-ig rounds: the path points (attribute ig_steps; 0 for the other methods), and with
+    // compare_importance attribution's scores (compare/attribution_scores) and EAP-IG's rank agreement
+    // with exact (compare/eap_ig_agreement, as agreement's four), else NULL and has_ig_agreement 0.
+    int ig_steps;
+    float *attribution_scores;
+    int has_ig_agreement;
+    double ig_agreement[4];
 } prune_round;
 
 // <run_dir>/prune.d/round-NNN.h5.
@@ -63,6 +71,10 @@ typedef struct {
     const double *compare_scores;  // NULL: no comparison
     double agreement[4];
     const char *edge_intervention;  // how the circuit ablates edges outside it (kv, k, v, zero); NULL: kv
+    int ig_steps;                       // eap-ig: its path points, else 0
+    const double *attribution_scores;   // eap-ig with compare_importance: attribution's scores, else NULL
+    int has_ig_agreement;               // ... and EAP-IG's rank agreement with exact:
+    double ig_agreement[4];
 } prune_round_result;
 
 // Writes round r's file at path: identity is its inputs_hash, c the circuit the scores were taken in,

@@ -38,6 +38,7 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     p->exact_units_per_item = (int)f->exact_units_per_item;
     p->score_donors = f->score_donors ? (int)f->score_donors : n_donors > 1 ? n_donors : 1;
     p->compare = f->compare;
+    p->ig_steps = f->eap_ig ? f->ig_steps : 0;
     // Identity: everything a round's result depends on (the score files by their own identity).
     uint64_t h = hash_str(HASH_INIT, "prune-1");
     h = hash_str(h, in->prompts_hash), h = hash_str(h, in->model_hash), h = hash_str(h, in->plan_hash);
@@ -47,6 +48,7 @@ static int parse_params(const stage_inputs *in, prune_params *p, ep_error *err) 
     h = hash_bytes(h, ints, sizeof ints);
     h = hash_bytes(h, &p->fraction, sizeof p->fraction);
     h = hash_bytes(h, &p->min_faithfulness, sizeof p->min_faithfulness);
+    if (p->ig_steps) h = hash_bytes(h, &p->ig_steps, sizeof p->ig_steps);  // eap-ig only: other runs keep their identity
     if (p->n_k) h = hash_bytes(h, p->k, sizeof(int) * (size_t)p->n_k);
     for (int i = 0; i < p->n_files; i++) {
         // Another run's round file is a user input: checked whole when the config was loaded, and again

@@ -19,9 +19,10 @@ static int keep_count(const prune_params *p, int r, int n) {
     return k > n ? n : k < 0 ? 0 : k;
 }
 
-// Rank agreement of attribution with exact scores: Spearman with the signed exact scores (the two
-// orders pruning would use), Spearman with |exact| (the size attribution estimates), and how many of
-// the k units attribution ranks highest are among the k exact ranks highest (k: the round's keep count).
+// Rank agreement of a gradient method's scores (attribution or EAP-IG) with exact scores: Spearman with
+// the signed exact scores (the two orders pruning would use), Spearman with |exact| (the size the
+// gradient scores estimate), and how many of the k units the method ranks highest are among the k exact
+// ranks highest (k: the round's keep count).
 static void compare_ranks(const double *exact, const double *attribution, int n, int k, double out[4]) {
     double *mag = ep_malloc(sizeof(double) * (size_t)(n + 1));
     for (int i = 0; i < n; i++) mag[i] = fabs(exact[i]);
@@ -40,11 +41,11 @@ typedef struct {
     int r;
     char identity[17], path[4200], dir[4200];
     unit_kind kind;
-    int method;             // 0 attribution, 1 exact, 2 an earlier run's file
-    int exact, attribution;  // which scores the items compute (both with compare_importance)
+    int method;             // 0 attribution, 1 exact, 2 an earlier run's file, 3 eap-ig
+    int exact, attribution, eap_ig;  // which scores the items compute (all with compare_importance and eap-ig)
     circuit c;
     circuit_unit *units;
-    int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), then 1 attribution; >= 1
+    int n, width;  // units, sums per unit: 3 exact (metrics of C without the unit), 1 attribution, 1 eap-ig; >= 1
     int n_groups, group;  // unit groups per prompt batch (1 unless exact scores run), units per group
     ablation_plan plan;
     int current;  // the round file is current: the driver only checks the shards (and redoes a damaged one)
@@ -95,19 +96,24 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     const circuit_unit *units = rc->units + sp.u0;
     // base: C's metric sums; exact scores sum them over the scoring donors, as they do C-without-u's.
     double *sums = ep_calloc((size_t)n * rc->width + 1, sizeof(double)), base[3] = {0};
-    double *ex = ep_calloc((size_t)n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)n + 1, sizeof(double));
+    double *ex = ep_calloc((size_t)n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)n + 1, sizeof(double)),
+           *ig = ep_calloc((size_t)n + 1, sizeof(double));
     if (rc->exact) {
         exact_opts o = {1, rc->env->p.exact_max_seqs, rc->env->p.score_donors};
         r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, units, n, &o, first, S, ex, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);
     }
-    if (r == 0 && rc->attribution) r = score_attribution_batch(in, &rc->plan, rc->kind, units, n, first, S, at, err);
+    // EAP-IG's last path point is attribution's pass: one call gives both.
+    if (r == 0 && (rc->attribution || rc->eap_ig))
+        r = score_gradient_batch(in, &rc->plan, rc->kind, units, n, rc->env->p.ig_steps, first, S, rc->attribution ? at : NULL,
+                                 rc->eap_ig ? ig : NULL, err);
     for (int u = 0; u < n; u++) {
         for (int k = 0; k < 3 * rc->exact; k++) sums[(size_t)u * rc->width + k] = ex[(size_t)u * 3 + k];
         if (rc->attribution) sums[(size_t)u * rc->width + 3 * rc->exact] = at[u];
+        if (rc->eap_ig) sums[(size_t)u * rc->width + 3 * rc->exact + rc->attribution] = ig[u];
     }
-    free(ex), free(at);
+    free(ex), free(at), free(ig);
     char path[4400], id[17];
     shard_path(rc, item, path, sizeof path);
     shard_identity(rc, item, id);
@@ -115,10 +121,11 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     if (r == 0 && !ws->follower && (r = h5store_create(path, &s, err)) == 0) {
         h5shape ss = {2, {n, rc->width ? rc->width : 1}}, sb = {1, {3}};
         // The columns of sums (rc->width of them): exact's three sums, attribution's, or the earlier file's placeholder.
-        const char *cols[5], *metric_cols[3] = {"target_logprob", "first_token_accuracy", "logit_diff"};
+        const char *cols[6], *metric_cols[3] = {"target_logprob", "first_token_accuracy", "logit_diff"};
         int nc = 0;
         if (rc->exact) cols[nc++] = "exact_target_logprob", cols[nc++] = "exact_first_token_accuracy", cols[nc++] = "exact_logit_diff";
         if (rc->attribution) cols[nc++] = "attribution";
+        if (rc->eap_ig) cols[nc++] = "eap-ig";
         if (rc->method == 2 || nc == 0) cols[nc++] = "unused";
         r = h5store_write_f64(&s, "sums", &ss, sums, err) || h5store_label(&s, "sums", "unit,column", err) ||
             h5store_set_strs_at(&s, "sums", "column_names", cols, nc, err) ||
@@ -167,7 +174,10 @@ static int round_finish(work_stage *ws, ep_error *err) {
         free(v), free(b), free(have);
         h5store_close(&s);
     }
-    double *scores = ep_calloc((size_t)rc->n + 1, sizeof(double)), *compare = NULL;
+    double *scores = ep_calloc((size_t)rc->n + 1, sizeof(double));
+    // each method's scores (what the comparison reads and the round file keeps), freed at the end
+    double *exs = ep_calloc((size_t)rc->n + 1, sizeof(double)), *ats = ep_calloc((size_t)rc->n + 1, sizeof(double)),
+           *igs = ep_calloc((size_t)rc->n + 1, sizeof(double));
     prune_round_result res = {.kind = rc->kind, .units = rc->units, .n = rc->n, .scores = scores,
                               .pruned = p->head_rounds + p->edge_rounds > 0, .stop = "",
                               .edge_intervention = edge_source_name(in->plan.circuit_source)};
@@ -181,28 +191,36 @@ static int round_finish(work_stage *ws, ep_error *err) {
                        !memcmp(f.units, rc->units, sizeof(circuit_unit) * (size_t)rc->n);
             if (!same) r = ep_fail(err, "%s: its scores were taken in another circuit than round %d's (prune_using_imp_scores[%d])", p->files[rc->r], rc->r, rc->r);
             for (int i = 0; i < rc->n && r == 0; i++) scores[i] = f.scores[i];
-            res.method = !strcmp(f.method, "exact") ? "exact" : "attribution";
+            res.method = !strcmp(f.method, "exact") ? "exact" : !strcmp(f.method, "eap-ig") ? "eap-ig" : "attribution";
+            res.ig_steps = f.ig_steps;
             prune_round_free(&f);
         }
     } else if (r == 0) {
-        // exact: C-without-u's metrics in columns 0..2 of the sums; attribution: the column after them
-        double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double)), *exs = ep_calloc((size_t)rc->n + 1, sizeof(double));
-        double *ats = ep_calloc((size_t)rc->n + 1, sizeof(double));
+        // exact: C-without-u's metrics in columns 0..2 of the sums; attribution: the column after them;
+        // eap-ig: the last
+        double *ex = ep_calloc((size_t)rc->n * 3 + 1, sizeof(double));
         for (int u = 0; u < rc->n; u++) {
             for (int k = 0; k < 3 * rc->exact; k++) ex[(size_t)u * 3 + k] = sums[(size_t)u * w + k];
             if (rc->attribution) ats[u] = sums[(size_t)u * w + 3 * rc->exact] / P;
+            if (rc->eap_ig) igs[u] = sums[(size_t)u * w + 3 * rc->exact + rc->attribution] / P;
         }
         if (rc->exact) score_exact_finish(ex, base, rc->n, P * p->score_donors, exs, NULL, NULL);
-        res.method = rc->method == 1 ? "exact" : "attribution";
-        memcpy(scores, rc->method == 1 ? exs : ats, sizeof(double) * (size_t)rc->n);
+        res.method = rc->method == 1 ? "exact" : rc->method == 3 ? "eap-ig" : "attribution";
+        res.ig_steps = rc->method == 3 ? p->ig_steps : 0;
+        memcpy(scores, rc->method == 1 ? exs : rc->method == 3 ? igs : ats, sizeof(double) * (size_t)rc->n);
         if (rc->exact && rc->attribution) {
+            // The other method's scores: exact's (attribution's, in an exact-led round); the agreement is
+            // always attribution's with exact, and EAP-IG's beside it in an eap-ig round.
             res.compare_method = rc->method == 1 ? "attribution" : "exact";
-            res.compare_scores = compare = rc->method == 1 ? ats : exs;
+            res.compare_scores = rc->method == 1 ? ats : exs;
             compare_ranks(exs, ats, rc->n, keep_count(p, rc->r, rc->n), res.agreement);
-            if (rc->method == 1) ats = NULL;  // now compare
-            else exs = NULL;
+            if (rc->eap_ig) {
+                res.attribution_scores = ats;
+                res.has_ig_agreement = 1;
+                compare_ranks(exs, igs, rc->n, keep_count(p, rc->r, rc->n), res.ig_agreement);
+            }
         }
-        free(ex), free(exs), free(ats);
+        free(ex);
     }
     // exact scores sum C's metrics over the scoring donors: the circuit row is their mean
     double nb = rc->exact ? (double)P * p->score_donors : P;
@@ -240,10 +258,14 @@ static int round_finish(work_stage *ws, ep_error *err) {
             ep_log_result(ws->log, "prune: round %d rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), "
                           "top-%d overlap %d", rc->r, res.agreement[0], res.agreement[1], (int)res.agreement[3],
                           (int)res.agreement[2]);
+        if (res.has_ig_agreement)
+            ep_log_result(ws->log, "prune: round %d rank agreement, eap-ig vs exact: Spearman %.3f (with |exact| %.3f), "
+                          "top-%d overlap %d", rc->r, res.ig_agreement[0], res.ig_agreement[1], (int)res.ig_agreement[3],
+                          (int)res.ig_agreement[2]);
         r = prune_logs_write(in->cfg->output_path, rc->r + 1, err);
     }
     circuit_free(&kept);
-    free(scores), free(compare), free(sums);
+    free(scores), free(exs), free(ats), free(igs), free(sums);
     return r;
 }
 
@@ -271,10 +293,11 @@ int prune_round_stage(prune_env *env, int r, const circuit *c, const char *path,
     circuit_copy(c, &rc->c);
     if (rc->kind == UNIT_EDGE && !rc->c.edges) circuit_start_edges(&rc->c, &in->prompts);
     rc->n = circuit_units(&rc->c, rc->kind, &rc->units);
-    rc->method = r < p->n_files ? 2 : !strcmp(p->importance, "exact") ? 1 : 0;
-    rc->exact = rc->method == 1 || (rc->method == 0 && p->compare);
-    rc->attribution = rc->method == 0 || (rc->method == 1 && p->compare);
-    rc->width = 3 * rc->exact + rc->attribution + (rc->method == 2);
+    rc->method = r < p->n_files ? 2 : !strcmp(p->importance, "exact") ? 1 : !strcmp(p->importance, "eap-ig") ? 3 : 0;
+    rc->exact = rc->method == 1 || ((rc->method == 0 || rc->method == 3) && p->compare);
+    rc->attribution = rc->method == 0 || ((rc->method == 1 || rc->method == 3) && p->compare);
+    rc->eap_ig = rc->method == 3;
+    rc->width = 3 * rc->exact + rc->attribution + rc->eap_ig + (rc->method == 2);
     rc->group = rc->exact && rc->n > 0 ? p->exact_units_per_item : rc->n > 0 ? rc->n : 1;
     rc->n_groups = rc->n > 0 ? (rc->n + rc->group - 1) / rc->group : 1;
     int rv = rc->n == 0 ? ep_fail(err, "prune round %d: the circuit has no %s units left to score", r, unit_kind_name(rc->kind))

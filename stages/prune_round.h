@@ -21,7 +21,8 @@
 // What the rounds use of the config's pruning fields (stages/run_config.h, checked there), as ints, and
 // the identity of everything a round's result depends on.
 typedef struct {
-    const char *importance;  // "attribution" | "exact"
+    const char *importance;  // "attribution" | "exact" | "eap-ig"
+    int ig_steps;            // eap-ig's path points (0 for the other methods)
     int head_rounds, edge_rounds;
     double fraction;
     int n_k, *k;                 // prune_k

@@ -16,7 +16,7 @@ static const char *known_fields[] = {
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
     "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations", "score_donors", "compare_importance",
-    "exact_units_per_item", "mode", "edge_intervention",
+    "exact_units_per_item", "mode", "ig_steps", "edge_intervention",
 };
 
 // The modes by name, and the original's model_name suffixes that name them (checked in this order: a
@@ -179,9 +179,21 @@ static int parse_prune(run_config *c, ep_error *err) {
     p->importance = "attribution", p->fraction = 0.1, p->min_units = 1, p->exact_max_seqs = 64;
     p->exact_units_per_item = 64;
     if (opt_string(c, "importance", &p->importance, err)) return -1;
-    if (strcmp(p->importance, "attribution") && strcmp(p->importance, "exact"))
-        return ep_fail(err, "%s: field importance: expected \"attribution\" or \"exact\", got \"%s\"", c->path, p->importance);
+    if (strcmp(p->importance, "attribution") && strcmp(p->importance, "exact") && strcmp(p->importance, "eap-ig"))
+        return ep_fail(err, "%s: field importance: expected \"attribution\", \"exact\" or \"eap-ig\", got \"%s\"", c->path,
+                       p->importance);
     p->exact = !strcmp(p->importance, "exact");
+    p->eap_ig = !strcmp(p->importance, "eap-ig");
+    p->ig_steps = p->eap_ig ? 5 : 0;
+    if ((v = json_object_get(j, "ig_steps"))) {
+        // EAP-IG's path points (docs/attribution.md): only where they are used, a whole count 1..1000.
+        if (!p->eap_ig)
+            return ep_fail(err, "%s: field ig_steps: only with \"importance\": \"eap-ig\" (importance is \"%s\")", c->path,
+                           p->importance);
+        if (!json_is_integer(v) || json_integer_value(v) < 1 || json_integer_value(v) > 1000)
+            return ep_fail(err, "%s: field ig_steps: expected a count 1..1000 (path points)", c->path);
+        p->ig_steps = (int)json_integer_value(v);
+    }
     if ((v = json_object_get(j, "prune_rounds")) && !json_is_null(v)) {
         if (json_is_integer(v)) {
             *(c->mode == RUN_MODE_PRUNE_EDGES ? &p->edge_rounds : &p->head_rounds) = json_integer_value(v);
@@ -230,6 +242,11 @@ static int parse_prune(run_config *c, ep_error *err) {
     if ((v = json_object_get(j, "edge_intervention")) &&
         (c->edge_intervention = edge_source_parse(json_string_value(v))) < 0)
         return ep_fail(err, "%s: field edge_intervention: expected \"kv\", \"k\", \"v\" or \"zero\"", c->path);
+    // EAP-IG integrates gradients along a path from the clean inputs to the donor's; a removed edge has no
+    // donor to go towards (docs/attribution.md)
+    if (c->edge_intervention == EDGE_SRC_ZERO && p->eap_ig)
+        return ep_fail(err, "%s: field edge_intervention: \"zero\" cannot be scored by \"importance\": \"eap-ig\" "
+                            "(use attribution or exact)", c->path);
     return 0;
 }
 
@@ -497,6 +514,7 @@ json_t *run_config_resolved(const run_config *c) {
     for (int i = 0; i < c->n_ablations; i++) json_array_append(ab, c->ablations[i].plan);
     json_object_set_new(o, "ablations", ab);
     json_object_set_new(o, "importance", json_string(p->importance));
+    if (p->eap_ig) json_object_set_new(o, "ig_steps", json_integer(p->ig_steps));
     json_object_set_new(o, "prune_rounds", json_pack("{s:I,s:I}", "heads", (json_int_t)p->head_rounds, "edges",
                                                      (json_int_t)p->edge_rounds));
     json_object_set_new(o, "prune_fraction", json_real(p->fraction));

@@ -8,7 +8,7 @@
 // donors (a count, using the task's donor kinds in order, or a list of kind names; default 1), plan,
 // circuit, edge_intervention (how circuits ablate edges: kv, k, v, zero), ablations, max_new_tokens,
 // cache_dtype, backend, dtype, tensor_parallel, and the pruning
-// fields (importance, prune_rounds, prune_fraction, min_units, min_faithfulness, exact_max_seqs,
+// fields (importance, ig_steps, prune_rounds, prune_fraction, min_units, min_faithfulness, exact_max_seqs,
 // score_donors, compare_importance, exact_units_per_item). An unknown field is an error naming it (a
 // typo must not silently fall back to a default). Relative paths are taken from the working directory,
 // as the original did.
@@ -62,8 +62,10 @@ typedef struct {
 // The pruning fields (docs/pruning.md). Counts are kept as given (long long) until
 // run_config_check_values has checked their ranges.
 typedef struct {
-    const char *importance;  // "attribution" (default) or "exact"
+    const char *importance;  // "attribution" (default), "exact" or "eap-ig"
     int exact;               // importance is "exact"
+    int eap_ig;              // importance is "eap-ig"
+    int ig_steps;            // eap-ig's path points (5; only with eap-ig, else 0)
     long long head_rounds, edge_rounds;  // prune_rounds (after the prune_using_imp_scores files: see below)
     double fraction;                     // prune_fraction (0.1)
     int n_k;

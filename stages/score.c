@@ -1,5 +1,6 @@
 #include "score.h"
 
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -72,8 +73,18 @@ int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *o
     return rc;
 }
 
-int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
-                            int n, int first, int S, double *sum, ep_error *err) {
+// sum[u] += the batch's sum over its prompts of |signed[u][s]| (as the batch's mean times S, the order
+// attribution always summed in).
+static void add_abs(const double *signed_sum, int n, int S, double *sum) {
+    for (int u = 0; sum && u < n; u++) {
+        double mean = 0;
+        for (int s = 0; s < S; s++) mean += fabs(signed_sum[(size_t)u * S + s]) / S;
+        sum[u] += mean * S;
+    }
+}
+
+int score_gradient_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                         int n, int ig_steps, int first, int S, double *sum, double *sum_ig, ep_error *err) {
     const prompt_set *ps = &in->prompts;
     int T = 0, rc;
     head_unit *hu = ep_calloc((size_t)n + 1, sizeof *hu);
@@ -83,7 +94,6 @@ int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, u
         // an edge unit's attribution is the first-order effect of the intervention the circuit ablates with
         eu[u] = (edge_unit){units[u].layer, units[u].head, units[u].sender, units[u].receiver, 0, plan->circuit_source};
     }
-    double *batch_score = ep_calloc((size_t)n + 1, sizeof(double));
     prompt_batch pb = stage_batch(in, first, S);
     int *len = ep_malloc(sizeof(int) * (size_t)S), *n_target = ep_malloc(sizeof(int) * (size_t)S);
     for (int s = 0; s < S; s++) {
@@ -91,41 +101,66 @@ int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, u
         len[s] = pb.lengths[s] + n_target[s];
         T += len[s];
     }
-    int *tokens = ep_malloc(sizeof(int) * (size_t)T);
+    // The clean tokens and, for EAP-IG's path, donor 0's (token-aligned; the targets repeat the clean ones).
+    int *tokens = ep_malloc(sizeof(int) * (size_t)T), *donor_tokens = ep_malloc(sizeof(int) * (size_t)T);
     for (int s = 0, r = 0; s < S; s++) {
-        for (int i = 0; i < pb.lengths[s]; i++) tokens[r++] = pb.tokens[(size_t)s * pb.max_len + i];
-        for (int i = 0; i < n_target[s]; i++) tokens[r++] = ps->targets[(size_t)(first + s) * ps->max_target + i];
+        const int32_t *dt = pb.n_donors > 0 ? pb.donors + (size_t)s * pb.n_donors * pb.max_len : NULL;
+        for (int i = 0; i < pb.lengths[s]; i++, r++) {
+            tokens[r] = pb.tokens[(size_t)s * pb.max_len + i];
+            donor_tokens[r] = dt ? dt[i] : tokens[r];
+        }
+        for (int i = 0; i < n_target[s]; i++, r++)
+            donor_tokens[r] = tokens[r] = ps->targets[(size_t)(first + s) * ps->max_target + i];
     }
+    double *plain = ep_calloc((size_t)n * S + 1, sizeof(double)), *ig = ep_calloc((size_t)n * S + 1, sizeof(double));
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
-    rc = patch_donor_passes(&in->dev, in->ops, plan, &pb, donors, err);
+    rc = sum_ig && pb.n_donors < 1 ? ep_fail(err, "eap-ig: the prompts carry no donor") : 0;
+    if (rc == 0) rc = patch_donor_passes(&in->dev, in->ops, plan, &pb, donors, err);
     if (rc == 0) {
         forward_patch fp = patch_of(plan, &pb, donors);
         grad_batch gb = {.n_seqs = S, .len = len, .n_target = n_target, .tokens = tokens};
-        grad_tape tape;
-        rc = model_backward(in->ops, &in->dev, &gb, &fp, &tape, err);
-        if (rc == 0) {
-            rc = kind == UNIT_HEAD ? grad_head_scores(&tape, hu, n, batch_score, NULL, err)
-                                   : grad_edge_scores(&tape, eu, n, batch_score, NULL, err);
-            grad_tape_free(&tape);
-        }
-        for (int u = 0; u < n && rc == 0; u++) sum[u] += batch_score[u] * S;  // the batch's mean -> its sum
+        int head = kind == UNIT_HEAD;
+        grad_ig_request r = {.steps = sum_ig ? ig_steps : 1, .donor_tokens = donor_tokens,
+                             .heads = head ? hu : NULL, .n_heads = head ? n : 0, .edges = head ? NULL : eu,
+                             .n_edges = head ? 0 : n, .head_sums = head ? ig : NULL, .edge_sums = head ? NULL : ig,
+                             .head_plain = head ? plain : NULL, .edge_plain = head ? NULL : plain};
+        rc = grad_ig_sums(in->ops, &in->dev, &gb, &fp, &r, err);
+        if (rc == 0) add_abs(plain, n, S, sum), add_abs(ig, n, S, sum_ig);
     }
     free_donors(donors);
-    free(len), free(n_target), free(tokens), free(hu), free(eu), free(batch_score);
+    free(len), free(n_target), free(tokens), free(donor_tokens), free(hu), free(eu), free(plain), free(ig);
     return rc;
+}
+
+int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                            int n, int first, int S, double *sum, ep_error *err) {
+    return score_gradient_batch(in, plan, kind, units, n, 1, first, S, sum, NULL, err);
 }
 
 int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                       double *score, ep_error *err) {
+    return score_eap_ig(in, c, kind, units, n, 0, score, NULL, err);
+}
+
+int score_eap_ig(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
+                 int ig_steps, double *score, double *score_ig, ep_error *err) {
     if (score_check_targets(in, err)) return -1;
+    if (score_ig && ig_steps < 1) return ep_fail(err, "eap-ig: ig_steps %d (need at least 1)", ig_steps);
     ablation_plan plan;
     if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, err)) return -1;
     int P = in->prompts.n_prompts, B = in->cfg->batch_size, rc = 0;
-    for (int u = 0; u < n; u++) score[u] = 0;
+    for (int u = 0; u < n; u++) {
+        if (score) score[u] = 0;
+        if (score_ig) score_ig[u] = 0;
+    }
     for (int first = 0; first < P && rc == 0; first += B)
-        rc = score_attribution_batch(in, &plan, kind, units, n, first, first + B <= P ? B : P - first, score, err);
-    for (int u = 0; u < n; u++) score[u] /= P;
+        rc = score_gradient_batch(in, &plan, kind, units, n, ig_steps, first, first + B <= P ? B : P - first, score,
+                                  score_ig, err);
+    for (int u = 0; u < n; u++) {
+        if (score) score[u] /= P;
+        if (score_ig) score_ig[u] /= P;
+    }
     plan_free(&plan);
     return rc;
 }

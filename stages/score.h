@@ -3,7 +3,8 @@
 // Owns: a circuit's metrics (stages/circuit.h: the circuit, its units and its plan), and the two scores
 // of docs/design.md:
 //   - attribution (the default): one forward + backward pass per batch of prompts with the targets
-//     appended (pipeline/backward), |first-order change of the loss| per unit;
+//     appended (pipeline/backward), |first-order change of the loss| per unit; eap-ig the same with the
+//     gradients averaged along the path from the donor's embeddings to the prompt's (ig_steps passes);
 //   - exact: metric(C) - metric(C without u), metric = mean log-probability of the first target token
 //     at `last` (first-token accuracy and logit difference are recorded too), averaged over prompts and
 //     over the first n_donors donors (evaluation j reads prompt donor (d + j) mod K where the plan says
@@ -32,6 +33,12 @@ int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *o
 // Attribution scores of units (kept units of c, of one kind) over every prompt.
 int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                       double *score, ep_error *err);
+// EAP-IG scores (docs/attribution.md, "EAP-IG"): score_ig[u] = mean over prompts of |sum over the unit's
+// positions or edges of the clean pass's differences . the gradients averaged over the ig_steps points
+// a = k / ig_steps of the straight path from donor 0's embeddings to the prompt's|; the path's last point
+// is the pass attribution takes, so score (optional) gets attribution's scores at no extra cost.
+int score_eap_ig(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
+                 int ig_steps, double *score, double *score_ig, ep_error *err);
 
 typedef struct {
     int prefix_reuse;  // 0: brute force, one full patch_run per unit and batch
@@ -54,6 +61,11 @@ int score_check_targets(const stage_inputs *in, ep_error *err);
 int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int S, double *sums, ep_error *err);
 int score_attribution_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
                             int n, int first, int S, double *sum, ep_error *err);
+// Both gradient scores of one batch (EAP-IG costs ig_steps forward + backward passes, attribution one, the
+// path's last): sum[u] (optional) += attribution's, sum_ig[u] (optional: NULL runs attribution alone) +=
+// EAP-IG's, each the sum over the batch's prompts of |.|.
+int score_gradient_batch(const stage_inputs *in, const ablation_plan *plan, unit_kind kind, const circuit_unit *units,
+                         int n, int ig_steps, int first, int S, double *sum, double *sum_ig, ep_error *err);
 int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                       const circuit_unit *units, int n, const exact_opts *o, int first, int S, double *sums, double *base,
                       ep_error *err);

@@ -8,7 +8,8 @@ tiny fixture model smollm-tiny (copied to a temporary folder, so it can be remov
   1. walks every file of the run folder: every HDF5 group, dataset (type, shape, dimension labels,
      attributes) and attribute, every JSON file's keys, and compares them with the tables of
      docs/artifacts.md; anything present but undocumented, documented (as "always") but absent, or of
-     another type, shape or labels fails with one line naming it;
+     another type, shape or labels fails with one line naming it; then the same for an eap-ig run with
+     compare_importance (its round files' and model_logs.json's extra fields);
   2. runs the same config into a second folder: every HDF5 and JSON file byte-identical;
   3. moves the run folder elsewhere, removes the model copy, and runs `edgepatch show` from another
      working directory: the token texts are still shown (from prompts.h5), equal to the first show's.
@@ -376,6 +377,17 @@ def main():
             sys.exit(f"{len(problems)} differences between docs/artifacts.md and the run folder")
         n_files = sum(len(fs) for _, _, fs in os.walk(run))
         print(f"  docs/artifacts.md matches every one of the run folder's {n_files} files")
+        # 1b. an eap-ig run with compare_importance: the round files' and model_logs.json's extra fields
+        run_ig = os.path.join(tmp, "run-eapig")
+        cfg_ig = os.path.join(tmp, "eapig.json")
+        json.dump(dict(config(model, run_ig), importance="eap-ig", ig_steps=2, compare_importance=True), open(cfg_ig, "w"))
+        run_edgepatch(exe, cfg_ig, src)
+        problems = check_run(run_ig, doc_text, symbols)
+        for p in problems:
+            print(p)
+        if problems:
+            sys.exit(f"{len(problems)} differences between docs/artifacts.md and the eap-ig run folder")
+        print("  docs/artifacts.md matches an eap-ig run with compare_importance too")
         # 2. the same config in another folder: byte-identical HDF5 and JSON files
         run2 = os.path.join(tmp, "run2")
         cfg2 = os.path.join(tmp, "b.json")

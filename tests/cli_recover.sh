@@ -124,7 +124,9 @@ echo "    circuit.json (garbage), a patch shard read by the merge after patch.h5
 race() {  # name wait-for damage-file dataset
   copy $1
   rm -rf "$tmp/$1"
-  EDGEPATCH_TEST_ITEM_DELAY_MS=1000 timeout 300 "$bin" run "$tmp/$1.json" > "$tmp/$1.out" 2>&1 &
+  # The delay after each item is the window in which the shard is damaged before the next item reads it:
+  # long enough for h5dump and the flip on a loaded machine (1 s was not, once, in CI beside other work).
+  EDGEPATCH_TEST_ITEM_DELAY_MS=3000 timeout 300 "$bin" run "$tmp/$1.json" > "$tmp/$1.out" 2>&1 &
   local pid=$!
   for _ in $(seq 6000); do [ -e "$tmp/$1/$2" ] && break; kill -0 $pid 2> /dev/null || break; sleep 0.01; done
   flip_byte "$tmp/$1/$3" "$4" || bad "$1: could not damage $3"

@@ -237,8 +237,25 @@ def check(edgepatch, work):
                f"{name}: mean correct {row.correct}, first-token {row.first_token_correct} vs model_logs {acc}, {first}")
         expect(abs(row.logit_diff - ld) < 1e-5 * max(1, abs(ld)) and (lp is None or abs(row.target_logprob - lp) < 1e-5 * max(1, abs(lp))),
                f"{name}: mean logit diff {row.logit_diff}, target logprob {row.target_logprob} vs model_logs {ld}, {lp}")
+    # KL from the full model: the per-prompt values' means against model_logs.json's (the C code's mean);
+    # the full model's own rows are 0
+    kl = m.groupby("condition", observed=True).kl_full_model.mean()
+    expect(abs(kl["full_model"]) < 1e-12, f"full model KL {kl['full_model']}")
+    for name, want in [("plan", logs["mean_kl_full_model"])] + [(a["name"], a["mean_kl_full_model"]) for a in logs["ablations"]]:
+        expect(abs(kl[name] - want) < 1e-5 * max(1, abs(want)), f"{name}: mean KL {kl[name]} vs model_logs {want}")
+    # attention at `last`: one row per (prompt, condition, layer, head); each head's masses sum to 1, and
+    # the entropy lies in [0, ln(keys at last)] (a prompt's `last` sees its whole length)
+    att = run.attention()
+    info = run.prompt_info()
+    mass_cols = [c for c in att.columns if c.startswith("mass_")]
+    expect(mass_cols == ["mass_" + t for t in ("bos", "x", "t", "y", "n", "query", "last")], f"attention mass columns {mass_cols}")
+    expect(len(att) > 0 and len(att) % (P * len(means)) == 0, f"attention(): {len(att)} rows")
+    expect(((att[mass_cols].sum(axis=1) - 1).abs() < 1e-4).all(), "attention masses do not sum to 1")
+    bound = att.prompt.map(info.set_index("prompt").length).map(math.log)
+    expect(((att.entropy >= -1e-6) & (att.entropy <= bound + 1e-5)).all(), "attention entropy outside [0, ln n]")
     s = run.summary()
     expect(s.condition.tolist() == list(means.index), f"summary conditions {s.condition.tolist()}")
+    expect(abs(s.set_index("condition").mean_kl_full_model["plan"] - logs["mean_kl_full_model"]) < 1e-9, "summary mean KL")
     expect((s.n_prompts == P).all() and P == cfg["n_prompts"], f"n_prompts {set(s.n_prompts)}, {P} prompts")
     abl = run.ablations()
     expect(abl.name.tolist() == [a["name"] for a in cfg["ablations"]] and abl.group.tolist() == [a["group"] for a in cfg["ablations"]]

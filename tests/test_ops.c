@@ -842,10 +842,11 @@ static void test_grad_fd_attention(void) {
 // (k* + t (k_d - k*), v* + t (v_d - v*); only the key or the value for a k- or v-only unit; a zeroing
 // unit scales the edge's weight exp(s) by 1 - t): the unit's score is d/dt of sum dout . out at t = 0
 // (docs/attribution.md: the first-order change of the loss). Independent of the ops' code but for the
-// rule matcher; removed edges (zero rules) are left out of the softmax, a row with none left adds 0.
+// rule matcher; removed edges (zero rules) are left out of the softmax, a row with none left adds 0. With
+// kb, vb (the edge_scores base, else NULL) an edge reading the current pass moves by t (k_d - kb) instead.
 static double interpolated_loss(const grad_attn *a, const float *q, const float *k, const float *v,
                                 const float *const *dk, const float *const *dv, const float *dout,
-                                const edge_score_unit *u, int s, double t) {
+                                const edge_score_unit *u, int s, double t, const float *kb, const float *vb) {
     const attn_params *p = &a->p;
     const attn_seq *sq = &a->seqs[s];
     int d = p->head_dim, rep = p->n_heads / p->n_kv_heads;
@@ -866,12 +867,13 @@ static double interpolated_loss(const grad_attn *a, const float *q, const float 
                 size_t g = (size_t)(h / rep) * d, cur = (size_t)(sq->kv_row + j) * p->kv_stride + g,
                        don = (size_t)(sq->donor_row + j) * p->kv_stride + g;
                 const float *ks = src_k >= 0 ? dk[src_k] + don : k + cur, *vs = src_v >= 0 ? dv[src_v] + don : v + cur;
+                const float *kf = src_k < 0 && kb ? kb + cur : ks, *vf = src_v < 0 && vb ? vb + cur : vs;  // direction's base
                 int in_unit = h == u->head && i < sq->n_typed && sq->types[i] == u->receiver && sq->types[j] == u->sender;
                 double tk = in_unit && (u->source == EDGE_SRC_KV || u->source == EDGE_SRC_K) ? t : 0;
                 double tv = in_unit && (u->source == EDGE_SRC_KV || u->source == EDGE_SRC_V) ? t : 0;
                 for (int e = 0; e < d; e++) {
-                    kk[e] = ks[e] + tk * ((double)dk[u->donor][don + e] - ks[e]);
-                    vv[j][e] = vs[e] + tv * ((double)dv[u->donor][don + e] - vs[e]);
+                    kk[e] = ks[e] + tk * ((double)dk[u->donor][don + e] - kf[e]);
+                    vv[j][e] = vs[e] + tv * ((double)dv[u->donor][don + e] - vf[e]);
                 }
                 double dot = 0;
                 for (int e = 0; e < d; e++) dot += qv[e] * kk[e];
@@ -927,11 +929,11 @@ static void test_grad_scores_interventions(void) {
     float *q = random_floats(a.nq, 2), *k = random_floats(a.nk, 2), *v = random_floats(a.nk, 1), *dout = random_floats(a.nq, 1);
     const float *dk[2] = {random_floats(a.nk, 2), random_floats(a.nk, 2)}, *dv[2] = {random_floats(a.nk, 1), random_floats(a.nk, 1)};
     double score[N_IV_UNITS * 3], worst = 0, mag = 0, unit_mag[N_IV_UNITS] = {0};
-    ref->edge_scores(score, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_iv_units, N_IV_UNITS);
+    ref->edge_scores(score, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_iv_units, N_IV_UNITS);
     for (int u = 0; u < N_IV_UNITS; u++)
         for (int s = 0; s < a.n_seqs; s++) {
-            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, t) -
-                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, -t)) / (2 * t);
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, t, NULL, NULL) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_iv_units[u], s, -t, NULL, NULL)) / (2 * t);
             worst = fmax(worst, fabs(score[u * a.n_seqs + s] - fd)), mag = fmax(mag, fabs(fd));
             unit_mag[u] = fmax(unit_mag[u], fabs(fd));
         }
@@ -942,12 +944,12 @@ static void test_grad_scores_interventions(void) {
     for (int u = 0; u < N_IV_UNITS; u++)
         if (swapped[u].source == EDGE_SRC_K || swapped[u].source == EDGE_SRC_V) swapped[u].source = EDGE_SRC_K + EDGE_SRC_V - swapped[u].source;
     double wrong[N_IV_UNITS * 3], worst_units = 0, worst_rules = 0;
-    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, swapped, N_IV_UNITS);
+    ref->edge_scores(wrong, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, swapped, N_IV_UNITS);
     for (int i = 0; i < N_IV_UNITS * a.n_seqs; i++) worst_units = fmax(worst_units, fabs(wrong[i] - score[i]));
     edge_rule_set *rules = ep_malloc(sizeof *rules);
     *rules = a.rules;
     swap_k_v(rules);
-    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, rules, grad_iv_units, N_IV_UNITS);
+    ref->edge_scores(wrong, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, rules, grad_iv_units, N_IV_UNITS);
     for (int i = 0; i < N_IV_UNITS * a.n_seqs; i++) worst_rules = fmax(worst_rules, fabs(wrong[i] - score[i]));
     printf("  ref   edge_scores  interventions against d/dt of the interpolated loss: max error %.3g of %.3g, %d/%d "
            "units non-zero (units k<->v: %.3g, rules k<->v: %.3g)\n", worst, mag, nonzero, N_IV_UNITS, worst_units, worst_rules);
@@ -968,17 +970,35 @@ static void test_grad_scores_reference(void) {
     float *q = random_floats(a.nq, 2), *k = random_floats(a.nk, 2), *v = random_floats(a.nk, 1), *dout = random_floats(a.nq, 1);
     const float *dk[2] = {random_floats(a.nk, 2), random_floats(a.nk, 2)}, *dv[2] = {random_floats(a.nk, 1), random_floats(a.nk, 1)};
     double score[5 * 3], worst = 0, worst_wrong = 0, mag = 0;
-    ref->edge_scores(score, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
+    ref->edge_scores(score, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
     for (int u = 0; u < 5; u++)
         for (int s = 0; s < a.n_seqs; s++) {
-            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t) -
-                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t)) / (2 * t);
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t, NULL, NULL) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t, NULL, NULL)) / (2 * t);
             double got = score[u * a.n_seqs + s];
             worst = fmax(worst, fabs(got - fd)), mag = fmax(mag, fabs(fd));
         }
+    // With a base (EAP-IG: gradients at a path point, differences from the clean pass): the derivative
+    // along k_d - base for the edges reading the current pass; ignoring the base must fail it.
+    double based[5 * 3], worst_base = 0, mag_base = 0, worst_nobase = 0;
+    float *kb = random_floats(a.nk, 2), *vb = random_floats(a.nk, 1);
+    ref->edge_scores(based, q, k, v, kb, vb, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, 5);
+    for (int u = 0; u < 5; u++)
+        for (int s = 0; s < a.n_seqs; s++) {
+            double t = 1e-4, fd = (interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, t, kb, vb) -
+                                   interpolated_loss(&a, q, k, v, dk, dv, dout, &grad_edge_units[u], s, -t, kb, vb)) / (2 * t);
+            worst_base = fmax(worst_base, fabs(based[u * a.n_seqs + s] - fd)), mag_base = fmax(mag_base, fabs(fd));
+            worst_nobase = fmax(worst_nobase, fabs(score[u * a.n_seqs + s] - fd));
+        }
+    printf("  ref   edge_scores  with a base against d/dt: max error %.3g of %.3g (base ignored: %.3g)\n", worst_base,
+           mag_base, worst_nobase);
+    check(mag_base > 0 && worst_base <= 1e-6 * mag_base, "ref edge_scores with a base against differences: %.3g of %.3g",
+          worst_base, mag_base);
+    check(worst_nobase > 1e-2 * mag_base, "edge_scores without the base matched the based derivative: not exercised");
+    free(kb), free(vb);
     // Wrong: scores from the clean pass's keys (rules ignored), as if every edge read the current keys.
     double wrong[5 * 3];
-    ref->edge_scores(wrong, q, k, v, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, NULL, grad_edge_units, 5);
+    ref->edge_scores(wrong, q, k, v, NULL, NULL, dout, 2, dk, dv, a.seqs, a.n_seqs, &a.p, NULL, grad_edge_units, 5);
     for (int i = 0; i < 5 * a.n_seqs; i++) worst_wrong = fmax(worst_wrong, fabs(wrong[i] - score[i]));
     // Central differences in double at t = 1e-4: the t^2 term is far below 1e-6 of the largest score.
     printf("  ref   edge_scores  against d/dt of the interpolated loss: max error %.3g of %.3g (rules ignored: %.3g)\n",
@@ -1251,7 +1271,10 @@ static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     const float *ck[2] = {dkn[0], dkn[1]}, *cv[2] = {dvn[0], dvn[1]};
     enum { NU = 5 };
     double want[NU * 3], got[NU * 3];
-    ref->edge_scores(want, q, k, v, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    ref->edge_scores(want, q, k, v, NULL, NULL, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    float *kbase = random_floats(nk, 2), *vbase = random_floats(nk, 1);
+    double want_b[NU * 3], got_b[NU * 3];
+    ref->edge_scores(want_b, q, k, v, kbase, vbase, dout, 2, ck, cv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
     staging s = {.b = b};
     float *bq = stage_in(&s, q, sizeof(float) * nq), *bk = stage_in(&s, k, sizeof(float) * nk);
     float *bv = stage_in(&s, v, sizeof(float) * nk), *bo = stage_in(&s, dout, sizeof(float) * nq);
@@ -1259,17 +1282,24 @@ static void test_grad_scores(const kernel_ops *b, const kernel_ops *ref) {
     const float *bcv[2] = {stage_in(&s, dvn[0], sizeof(float) * nk), stage_in(&s, dvn[1], sizeof(float) * nk)};
     for (int i = 0; i < NU * 3; i++) got[i] = 12345.0;  // junk that must be overwritten
     double *bs = stage_in(&s, got, sizeof got);
-    b->edge_scores(bs, bq, bk, bv, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    b->edge_scores(bs, bq, bk, bv, NULL, NULL, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
     stage_out(&s, got, bs, sizeof got);
     report(b->name, "edge_scores", max_rel_error_d(got, want, NU * 3), attn_grad_tol);
+    float *bkb = stage_in(&s, kbase, sizeof(float) * nk), *bvb = stage_in(&s, vbase, sizeof(float) * nk);
+    for (int i = 0; i < NU * 3; i++) got_b[i] = 12345.0;
+    double *bsb = stage_in(&s, got_b, sizeof got_b);
+    b->edge_scores(bsb, bq, bk, bv, bkb, bvb, bo, 2, bck, bcv, a.seqs, a.n_seqs, &a.p, a.use_rules, grad_edge_units, NU);
+    stage_out(&s, got_b, bsb, sizeof got_b);
+    report(b->name, "edge_scores-base", max_rel_error_d(got_b, want_b, NU * 3), attn_grad_tol);
+    free(kbase), free(vbase);
     {  // every intervention, in the rules and in the units
         grad_attn m = a;
         grad_attn_modes(&m);
         double wiv[N_IV_UNITS * 3], giv[N_IV_UNITS * 3];
-        ref->edge_scores(wiv, q, k, v, dout, 2, ck, cv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
+        ref->edge_scores(wiv, q, k, v, NULL, NULL, dout, 2, ck, cv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
         for (int i = 0; i < N_IV_UNITS * 3; i++) giv[i] = 12345.0;
         double *bsi = stage_in(&s, giv, sizeof giv);
-        b->edge_scores(bsi, bq, bk, bv, bo, 2, bck, bcv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
+        b->edge_scores(bsi, bq, bk, bv, NULL, NULL, bo, 2, bck, bcv, m.seqs, m.n_seqs, &m.p, &m.rules, grad_iv_units, N_IV_UNITS);
         stage_out(&s, giv, bsi, sizeof giv);
         report(b->name, "edge_scores-iv", max_rel_error_d(giv, wiv, N_IV_UNITS * 3), attn_grad_tol);
     }
@@ -1391,7 +1421,7 @@ static int thread_probe(const char *path) {
     for (int part = 0; part < 4; part++) write_floats(f, g + nq + (size_t)part * nk, (size_t)TQ * p.kv_stride);
     edge_score_unit units[4] = {{0, 1, 3, 0, EDGE_SRC_KV}, {1, 2, 3, 0, EDGE_SRC_K}, {3, 4, 3, 0, EDGE_SRC_V}, {2, 3, 1, 0, EDGE_SRC_ZERO}};
     double score[4];
-    b->edge_scores(score, q, k, v, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
+    b->edge_scores(score, q, k, v, NULL, NULL, dout, 1, dkc, dvc, &ps, 1, &p, &rules, units, 4);
     fwrite(score, sizeof score, 1, f);
     free(dout), free(g);
     free(q), free(k), free(v), free(out), free(types), free(index), free(dk), free(dv);

@@ -248,6 +248,23 @@ static void check_backward(const char *name, int T, int world_rank, const model 
         check(0, "%s T=%d backward: %s", name, T, err.msg);
     }
     if (rc == 0) grad_tape_free(&tw), grad_tape_free(&ts);
+    // EAP-IG (3 path points: the embeddings interpolated on every rank, a vocabulary-parallel embedding
+    // summed over the group) on the shard against the whole model's: the signed sums of every unit.
+    if (rc == 0) {
+        size_t nw = (size_t)(nh + ne) * b->S;
+        double *iw = ep_calloc(2 * nw, sizeof(double)), *is = iw + nw, e = 0, mx = 0;
+        grad_ig_request rw = {.steps = 3, .donor_tokens = b->donor_tokens, .heads = hu, .n_heads = nh, .edges = eu,
+                              .n_edges = ne, .head_sums = iw, .edge_sums = iw + (size_t)nh * b->S};
+        grad_ig_request rs = rw;
+        rs.head_sums = is, rs.edge_sums = is + (size_t)nh * b->S;
+        rc = grad_ig_sums(cpu, whole, &gb, &fw, &rw, &err) || grad_ig_sums(cpu, shard, &gb, &fs, &rs, &err);
+        for (size_t i = 0; rc == 0 && i < nw; i++) mx = fmax(mx, fabs(iw[i]));
+        for (size_t i = 0; rc == 0 && i < nw; i++) e = fmax(e, fabs(is[i] - iw[i]) / mx);
+        check(rc == 0 && mx > 0 && e <= 1e-5, "%s T=%d rank %d: eap-ig sums (err %.2e of %.3g): %s", name, T, world_rank, e,
+              mx, rc ? err.msg : "");
+        if (world_rank == 0) printf("%-20s T=%d eap-ig (3 steps): %zu signed sums, max rel error %.2e\n", name, T, nw, e);
+        free(iw);
+    }
     free(pw.rules), free(ps.rules), free(hu), free(eu), free(sw);
 }
 

@@ -50,6 +50,12 @@ int cli_usage_error(cli_args *a, const char *fmt, ...) {
     return 2;
 }
 
+int cli_exactly_one(cli_args *a, const char *what) {
+    if (a->n_positional == 0) return cli_usage_error(a, "need %s", what);
+    if (a->n_positional > 1) return cli_usage_error(a, "unexpected argument '%s'", a->positional[1]);
+    return 0;
+}
+
 static int usage_print(const cli_args *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 static int usage_print(const cli_args *a, const char *fmt, ...) {
     va_list ap;

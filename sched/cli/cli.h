@@ -70,6 +70,9 @@ int cli_args_exit(cli_args *a, int code);
 // A usage error found by the command itself (a bad value, a missing positional): prints "edgepatch CMD:
 // MESSAGE (see 'edgepatch CMD --help')" on stderr and returns 2; frees a.
 int cli_usage_error(cli_args *a, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+// The one positional argument a command takes (named `what` in the message): 0 when there is exactly
+// one (a.positional[0]), else the usage error's exit status 2 (a freed), as cli_usage_error.
+int cli_exactly_one(cli_args *a, const char *what);
 void cli_args_free(cli_args *a);
 
 // Values. Each returns 0, or prints "edgepatch CMD: --OPT: expected ..., got 'V'" and returns -1.

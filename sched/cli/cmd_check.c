@@ -42,8 +42,7 @@ int cmd_check(int argc, char **argv) {
             case 'j': as_json = 1; break;
             default: return cli_args_exit(&a, c);
         }
-    if (a.n_positional == 0) return cli_usage_error(&a, "need CONFIG or SWEEP");
-    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (cli_exactly_one(&a, "CONFIG or SWEEP")) return 2;
     if (cli_parse_only()) return cli_args_done(&a);
     const char *path = a.positional[0];
     cli_args_free(&a);

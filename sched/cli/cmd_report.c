@@ -33,8 +33,7 @@ int cmd_report(int argc, char **argv) {
             case 'j': as_json = 1; break;
             default: return cli_args_exit(&a, c);
         }
-    if (a.n_positional == 0) return cli_usage_error(&a, "need RUN, a run folder");
-    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (cli_exactly_one(&a, "RUN, a run folder")) return 2;
     if (cli_parse_only()) return cli_args_done(&a);
     const char *run = a.positional[0];
     cli_args_free(&a);

@@ -69,8 +69,7 @@ int cmd_run(int argc, char **argv) {
             case 'j': as_json = 1; break;
             default: return cli_args_exit(&a, c);
         }
-    if (a.n_positional == 0) return cli_usage_error(&a, "need CONFIG");
-    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (cli_exactly_one(&a, "CONFIG")) return 2;
     int last = run_stage_from_name(until);
     if (last < 0)
         return cli_usage_error(&a, "--until: unknown stage '%s' (tokenize, cache, patch, score or prune)", until);

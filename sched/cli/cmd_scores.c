@@ -19,13 +19,15 @@ static const char usage[] =
     "every unit of the circuit the round scored, highest score first, and whether it was kept.\n"
     "  -r, --round R  the round to show (default: the last finished one)\n"
     "  -h, --help     this text\n"
-    "  -j, --json     {\"round\": r, \"kind\": \"head\"|\"edge\", \"method\": \"attribution\"|\"exact\", \"units\":\n"
+    "  -j, --json     {\"round\": r, \"kind\": \"head\"|\"edge\", \"method\": \"attribution\"|\"exact\"|\"eap-ig\", \"units\":\n"
     "                 [{\"layer\", \"head\", \"type\" (head units) or \"sender\", \"receiver\" (edge units), \"score\"}, ...],\n"
     "           \"kept\": [units kept after the round, same form without score], \"stop\": \"...\",\n"
     "           \"metrics\": {\"circuit\", \"kept\", \"clean\": {\"target_logprob\", \"first_token_accuracy\",\n"
     "           \"logit_diff\"}},\n"
     "           \"compare\" (compare_importance runs): {\"method\": the other method, \"scores\": [per unit, in\n"
-    "           the order of units], \"spearman\", \"spearman_abs_exact\", \"top_k\", \"top_k_overlap\"}}\n";
+    "           the order of units], \"spearman\", \"spearman_abs_exact\", \"top_k\", \"top_k_overlap\" (attribution's\n"
+    "           agreement with exact); eap-ig rounds add \"attribution_scores\" and \"eap_ig\": {EAP-IG's four}},\n"
+    "           \"ig_steps\" (eap-ig rounds)}\n";
 
 static json_t *unit_json(const prune_round *r, int i, int with_score) {
     const circuit_unit *u = &r->units[i];
@@ -55,8 +57,7 @@ int cmd_scores(int argc, char **argv) {
             case 'j': as_json = 1; break;
             default: return cli_args_exit(&a, c);
         }
-    if (a.n_positional == 0) return cli_usage_error(&a, "need RUN, a run folder");
-    if (a.n_positional > 1) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[1]);
+    if (cli_exactly_one(&a, "RUN, a run folder")) return 2;
     if (cli_parse_only()) return cli_args_done(&a);
     const char *run = a.positional[0];
     cli_args_free(&a);
@@ -85,6 +86,7 @@ int cmd_scores(int argc, char **argv) {
                                                       (double)r.metrics[k][2]));
         json_t *o = json_pack("{s:i,s:s,s:s,s:o,s:o,s:s,s:o}", "round", r.round, "kind", kind, "method", r.method, "units",
                               units, "kept", kept, "stop", r.stop, "metrics", m);
+        if (r.ig_steps) json_object_set_new(o, "ig_steps", json_integer(r.ig_steps));
         if (r.compare_scores) {
             json_t *cs = json_array();
             for (int i = 0; i < r.n_units; i++) json_array_append_new(cs, json_real(r.compare_scores[i]));
@@ -92,6 +94,14 @@ int cmd_scores(int argc, char **argv) {
                                                         "spearman", real_or_null(r.agreement[0]), "spearman_abs_exact",
                                                         real_or_null(r.agreement[1]),
                                                         "top_k", (int)r.agreement[3], "top_k_overlap", (int)r.agreement[2]));
+            if (r.has_ig_agreement) {
+                json_t *c = json_object_get(o, "compare"), *as = json_array();
+                for (int i = 0; i < r.n_units; i++) json_array_append_new(as, json_real(r.attribution_scores[i]));
+                json_object_set_new(c, "attribution_scores", as);
+                json_object_set_new(c, "eap_ig", json_pack("{s:o,s:o,s:i,s:i}", "spearman", real_or_null(r.ig_agreement[0]),
+                                                           "spearman_abs_exact", real_or_null(r.ig_agreement[1]), "top_k",
+                                                           (int)r.ig_agreement[3], "top_k_overlap", (int)r.ig_agreement[2]));
+            }
         }
         char *text = json_dumps(o, JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(9));
         puts(text);
@@ -105,6 +115,9 @@ int cmd_scores(int argc, char **argv) {
         if (r.compare_scores)
             printf("rank agreement, attribution vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
                    r.agreement[0], r.agreement[1], (int)r.agreement[3], (int)r.agreement[2]);
+        if (r.has_ig_agreement)
+            printf("rank agreement, eap-ig (%d steps) vs exact: Spearman %.3f (with |exact| %.3f), top-%d overlap %d\n",
+                   r.ig_steps, r.ig_agreement[0], r.ig_agreement[1], (int)r.ig_agreement[3], (int)r.ig_agreement[2]);
         printf("metrics (target log-prob, first-token accuracy, logit diff): circuit %.4f %.3f %.4f, kept %.4f %.3f %.4f, "
                "clean %.4f %.3f %.4f\n", r.metrics[0][0], r.metrics[0][1], r.metrics[0][2], r.metrics[1][0], r.metrics[1][1],
                r.metrics[1][2], r.metrics[2][0], r.metrics[2][1], r.metrics[2][2]);

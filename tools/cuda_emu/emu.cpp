@@ -407,15 +407,26 @@ int main() {
             }
             // edge scores (the statistics of the launch above) against ref
             double sw[15], sg[15];
-            ref->edge_scores(sw, qp, kp, vp, op, 2, ck, cv, seqs.data(), S, &p, patched ? &rules : nullptr, (const edge_score_unit *)&units[0][0], 5);
+            ref->edge_scores(sw, qp, kp, vp, nullptr, nullptr, op, 2, ck, cv, seqs.data(), S, &p, patched ? &rules : nullptr, (const edge_score_unit *)&units[0][0], 5);
             double *sgp = sg;
             const int4 *ud = (const int4 *)(meta + lay.off_units);
             launch(dim3(5, S), dim3(ATTN_THREADS), [&] {
-                edge_scores_kernel(sgp, S, st, qp, kp, vp, op, ud, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+                edge_scores_kernel(sgp, S, st, qp, kp, vp, nullptr, nullptr, op, ud, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
             double sc = 1e-30, e = 0;
             for (int i = 0; i < 15; i++) sc = std::max(sc, fabs(sw[i]));
             for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
             printf("  emu %-14s %.3g%s\n", "edge_scores", e, variant == 3 ? " (interventions)" : "");
+            if (!(e <= 1e-4)) fails++;
+            // with a base for the differences of the edges reading the current pass (EAP-IG)
+            auto kb = rnd(nk, 2), vb = rnd(nk, 1);
+            const float *kbp = kb.data(), *vbp = vb.data();
+            ref->edge_scores(sw, qp, kp, vp, kbp, vbp, op, 2, ck, cv, seqs.data(), S, &p, patched ? &rules : nullptr, (const edge_score_unit *)&units[0][0], 5);
+            launch(dim3(5, S), dim3(ATTN_THREADS), [&] {
+                edge_scores_kernel(sgp, S, st, qp, kp, vp, kbp, vbp, op, ud, seqd, p.n_heads, group, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+            sc = 1e-30, e = 0;
+            for (int i = 0; i < 15; i++) sc = std::max(sc, fabs(sw[i]));
+            for (int i = 0; i < 15; i++) e = std::max(e, fabs(sg[i] - sw[i]) / sc);
+            printf("  emu %-14s %.3g\n", "edge_scores-b", e);
             if (!(e <= 1e-4)) fails++;
         }
         rules = plain_rules;

@@ -279,7 +279,9 @@ class Run:
     def metrics(self):
         """One row per prompt and condition (full_model, plan, then each ablation by name): kind, ablation,
         group, band, correct, first_token_correct, target_logprob, logit_diff, n_generated, generated (ids),
-        generated_text (None without a tokenizer). condition is categorical in that order."""
+        generated_text (None without a tokenizer), kl_full_model (KL of the full model's next-token
+        distribution at `last` from this condition's, nats; NaN in files written before it existed).
+        condition is categorical in that order."""
         n_prompts, attrs = None, {}
         if self.has("prompts.h5"):
             with self._h5("prompts.h5", "edgepatch-prompts") as p:
@@ -298,6 +300,7 @@ class Run:
                 for k in d:
                     if d[k].shape[0] != rows:
                         raise ResultsError(f"{f.path}: dataset {g}/{k}: {d[k].shape[0]} rows, {g}/correct has {rows}")
+                kl = f.read(f"{g}/kl_full_model", 1, rows).astype(np.float64) if f.has(f"{g}/kl_full_model") else np.full(rows, np.nan)
                 gen = f.read(f"{g}/generated", 2, rows)
                 n_gen = d["n_generated"]
                 if rows and (n_gen.min() < 0 or n_gen.max() > gen.shape[1]):
@@ -314,9 +317,41 @@ class Run:
                     "correct": d["correct"] != 0, "first_token_correct": d["first_token_correct"] != 0,
                     "target_logprob": d["target_logprob"].astype(np.float64), "logit_diff": d["logit_diff"].astype(np.float64),
                     "n_generated": n_gen.astype(np.int64), "generated": generated, "generated_text": texts,
+                    "kl_full_model": kl,
                 }))
         out = pd.concat(frames, ignore_index=True)
         out["condition"] = pd.Categorical(out["condition"], categories=list(dict.fromkeys(c[0] for c in conditions)))
+        return out
+
+    def attention(self):
+        """The attention figures at `last`: one row per prompt, condition (as metrics()), layer and query
+        head: entropy (nats) of that head's attention distribution at the `last` row, and mass_<type> for
+        each sender type (bos .. last: the probability on keys of that type; they sum to 1). Empty for a
+        patch.h5 written before these figures existed."""
+        with self._h5("patch.h5", "edgepatch-patch") as f:
+            abl = self._ablations(f)
+            conditions = [("full_model", "clean"), ("plan", "plan")] + [(r.name, r.h5_group) for r in abl.itertuples()]
+            frames = []
+            for cond, g in conditions:
+                if not f.has(f"{g}/attn_entropy"):
+                    continue
+                ent = f.read(f"{g}/attn_entropy", 3)
+                mass = f.read(f"{g}/attn_mass", 4)
+                if mass.shape[:3] != ent.shape:
+                    raise ResultsError(f"{f.path}: dataset {g}/attn_mass: shape {mass.shape}, {g}/attn_entropy has {ent.shape}")
+                names = f.attr("enum_names", None, obj=f"{g}/attn_mass")
+                names = [str(n) for n in names] if names is not None else list(TYPE_NAMES[: mass.shape[3]])
+                P, L, H = ent.shape
+                pp, ll, hh = np.meshgrid(np.arange(P), np.arange(L), np.arange(H), indexing="ij")
+                d = {"prompt": pp.ravel(), "condition": cond, "layer": ll.ravel(), "head": hh.ravel(),
+                     "entropy": ent.astype(np.float64).ravel()}
+                for t, n in enumerate(names):
+                    d[f"mass_{n}"] = mass[..., t].astype(np.float64).ravel()
+                frames.append(pd.DataFrame(d))
+        if not frames:
+            return pd.DataFrame(columns=["prompt", "condition", "layer", "head", "entropy"])
+        out = pd.concat(frames, ignore_index=True)
+        out["condition"] = pd.Categorical(out["condition"], categories=[c[0] for c in conditions])
         return out
 
     def summary(self):
@@ -328,11 +363,12 @@ class Run:
         field(path, logs, "task", str)
         field(path, logs, "n_prompts", int)
         figures = ["accuracy", "first_token_accuracy", "mean_target_logprob", "mean_logit_diff",
-                   "accuracy_on_full_model_correct", "faithfulness_accuracy", "faithfulness_logit_diff"]
+                   "accuracy_on_full_model_correct", "faithfulness_accuracy", "faithfulness_logit_diff",
+                   "mean_kl_full_model"]
         full = {k: _nan(logs.get("full_model_" + k)) for k in figures}
         full["accuracy"] = _nan(field(path, logs, "full_model_accuracy", NUMBER))
         full.update(accuracy_on_full_model_correct=1.0 if full["accuracy"] > 0 else float("nan"),
-                    faithfulness_accuracy=1.0, faithfulness_logit_diff=1.0)
+                    faithfulness_accuracy=1.0, faithfulness_logit_diff=1.0, mean_kl_full_model=0.0)
         rows = [dict(condition="full_model", kind="full_model", ablation=None, group=None, band=None, **full)]
         if "accuracy" in logs:
             rows.append(dict(condition="plan", kind="plan", ablation=None, group=None, band=None,

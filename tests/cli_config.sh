@@ -69,6 +69,7 @@ refused faith_pct "field min_faithfulness" '{"min_faithfulness": 50}'
 refused score_donors "field score_donors" '{"score_donors": 3}'
 refused units_per_item "field exact_units_per_item" '{"exact_units_per_item": 0}'
 refused edge_intervention "field edge_intervention" '{"edge_intervention": "kq"}'
+refused eapig_zero "field edge_intervention" '{"importance": "eap-ig", "edge_intervention": "zero"}'
 refused plan_intervention "field plan: rules\[0\].intervention" '{"plan": {"rules": [{"sender": ["y"], "receiver": ["last"], "intervention": "zeros"}]}}'
 refused plan_zero_donor "field plan: rules\[0\].donor" '{"plan": {"rules": [{"sender": ["y"], "receiver": ["last"], "intervention": "zero", "donor": 1}]}}'
 refused imp_missing "field prune_using_imp_scores\[0\]" "{\"prune_using_imp_scores\": [\"$tmp/imp/round-000.h5\"], \"prune_k\": [3]}"

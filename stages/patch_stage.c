@@ -35,14 +35,17 @@ static void metric_arrays_free(metric_arrays *a) {
 }
 
 // One plan over one batch of prompts first..: the prompt pass, generation and metrics into rows 0.. of a.
+// With base (the clean pass), the pass is derived from it (stages/patch.h, "Reuse").
 static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *plan, const prompt_batch *pb,
-                   const kv_cache *donors, int first, int max_new, metric_arrays *a, ep_error *err) {
+                   const kv_cache *donors, const patch_base *base, int first, int max_new, metric_arrays *a,
+                   ep_error *err) {
     int V = in->m.cfg.vocab_size, n = pb->n_seqs;
     float *last = ep_malloc(sizeof(float) * (size_t)n * V);
     int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
     patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
                          .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos};
-    int rc = patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
+    int rc = base ? patch_prompt_pass_from(&in->dev, in->ops, plan, pb, donors, base, NULL, &out, err)
+                  : patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
     const prompt_set *ps = &in->prompts;
     for (int i = 0; i < n && rc == 0; i++) {
         int p = first + i;
@@ -340,10 +343,17 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
         stage_item_path(in, "cache", item, cache_path, sizeof cache_path);
         stage_shard_damaged(ws, cache_path, err);
     }
-    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], err);
-    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, first, c->max_new, &m[1], err);
+    // The clean pass, kept whole: every other pass of the item derives from it, recomputing only the rows
+    // and layers its plan reaches (in->full_passes: each one whole, as before the reuse).
+    patch_base base = {0};
+    int derive = !in->full_passes && (c->ablates || in->n_ablations > 0);
+    if (rc == 0 && derive) rc = patch_base_run(&in->dev, in->ops, &c->clean, &pb, donors, c->max_new, &base, err);
+    const patch_base *from = derive ? &base : NULL;
+    if (rc == 0) rc = measure(in, c->tk, &in->plan, &pb, donors, from, first, c->max_new, &m[0], err);
+    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &c->clean, &pb, donors, from, first, c->max_new, &m[1], err);
     for (int a = 0; a < in->n_ablations && rc == 0; a++)
-        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], err);
+        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, from, first, c->max_new, &m[2 + a], err);
+    patch_base_free(&base);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
     if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {

@@ -33,8 +33,16 @@ int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *o
 int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                       double *score, ep_error *err);
 
+// exact_opts.prefix_reuse: what a unit's passes take from the circuit's pass.
+enum {
+    EXACT_BRUTE_FORCE = 0,   // nothing: one full patch_run per unit and batch
+    EXACT_LAYER_PREFIX = 1,  // the layers below the unit's (the path before row reuse)
+    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above the rows before the first one the unit
+                             // reaches (stages/patch.h, "Reuse"; docs/reuse.md): what the prune rounds use
+};
+
 typedef struct {
-    int prefix_reuse;  // 0: brute force, one full patch_run per unit and batch
+    int prefix_reuse;  // EXACT_*
     int max_seqs;      // sequences per pass when units are batched (<= batch_size: one unit per pass)
     int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;

@@ -221,11 +221,12 @@ void patch_base_free(patch_base *b) {
     memset(b, 0, sizeof *b);
 }
 
-int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
-                           const kv_cache *donors, const patch_base *base, const patch_reach *reach,
-                           patch_outputs *out, ep_error *err) {
+// plan's prompt pass derived from base into cache (S sequences, initialised by the caller, any content:
+// the base's rows are copied in first), last-position logits into last [S][V].
+static int derive_into(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                       const kv_cache *donors, const patch_base *base, const patch_reach *reach, kv_cache *cache,
+                       float *last, ep_error *err) {
     const model_config *c = &m->cfg;
-    if (out->logits) return ep_fail(err, "patch: a derived pass gives the last position's logits only");
     if (!ops->patched_attention && plan->n_rules > 0) return ep_fail(err, "backend %s has no patched attention", ops->name);
     if (base->cache.n_seqs != pb->n_seqs || (reach && reach->n_seqs != pb->n_seqs))
         return ep_fail(err, "patch: the base pass is not of this batch");
@@ -240,15 +241,15 @@ int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation
     int T_new = 0;
     for (int s = 0; s < S; s++) {
         start[s] = l0 >= L ? pb->lengths[s] : reach->first_row[s];
-        if (start[s] < 0 || start[s] > pb->lengths[s]) rc = ep_fail(err, "patch: sequence %d: first row %d is outside its %d positions", s, start[s], pb->lengths[s]);
+        if (start[s] < 0 || start[s] > pb->lengths[s])
+            rc = ep_fail(err, "patch: sequence %d: first row %d is outside its %d positions", s, start[s], pb->lengths[s]);
         n_new[s] = pb->lengths[s] - start[s];
         T_new += n_new[s];
     }
     if (T_new == 0) l0 = L;
-    kv_cache cache = {0};
-    if (rc == 0) rc = kv_cache_init_backend(&cache, c, S, pb->max_len + (out->max_new > 0 ? out->max_new : 0), 0, ops, err);
-    if (rc == 0) rc = kv_cache_copy_seqs(&cache, 0, &base->cache, pb->lengths, start, 0, 0, err);
-    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
+    // Keys and values of every layer before each sequence's first recomputed row (and, for the layers
+    // below l0, at every row: what generation reads there), then the rows from there on, from layer l0.
+    if (rc == 0) rc = kv_cache_copy_seqs(cache, 0, &base->cache, pb->lengths, start, 0, 0, err);
     memcpy(last, base->last_logits, sizeof(float) * (size_t)S * V);
     if (rc == 0 && T_new > 0) {
         int *tokens = ep_malloc(sizeof(int) * (size_t)T_new), *rows = ep_malloc(sizeof(int) * (size_t)S),
@@ -270,18 +271,76 @@ int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation
         int patched = plan->n_donors > 0 || plan->n_rules > 0;
         forward_batch b = {.n_seqs = S, .n_new = n_new, .tokens = tokens, .n_logit_rows = n_rows, .logit_rows = rows,
                            .logits = logits, .first_layer = l0, .x_in = x};
-        rc = model_forward(m, ops, &cache, &b, patched ? &patch : NULL, err);
+        rc = model_forward(m, ops, cache, &b, patched ? &patch : NULL, err);
         for (int k = 0; k < n_rows && rc == 0; k++)
             memcpy(last + (size_t)row_seq[k] * V, logits + (size_t)k * V, sizeof(float) * V);
         free(tokens), free(rows), free(row_seq), free(x), free(logits);
     }
+    free(start), free(n_new);
+    patch_reach_free(&own);
+    return rc;
+}
+
+int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                           const kv_cache *donors, const patch_base *base, const patch_reach *reach,
+                           patch_outputs *out, ep_error *err) {
+    const model_config *c = &m->cfg;
+    if (out->logits) return ep_fail(err, "patch: a derived pass gives the last position's logits only");
+    int S = pb->n_seqs, V = c->vocab_size;
+    kv_cache cache = {0};
+    int rc = kv_cache_init_backend(&cache, c, S, pb->max_len + (out->max_new > 0 ? out->max_new : 0), 0, ops, err);
+    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
+    if (rc == 0) rc = derive_into(m, ops, plan, pb, donors, base, reach, &cache, last, err);
     if (rc == 0 && out->last_logits) memcpy(out->last_logits, last, sizeof(float) * (size_t)S * V);
     if (rc == 0 && out->max_new > 0) {
         greedy_opts o = {.max_new_tokens = out->max_new, .stop_ids = out->stop_ids, .n_stop_ids = out->n_stop_ids};
         rc = greedy_decode(m, ops, &cache, last, &o, out->generated, out->n_generated, err);
     }
     if (cache.len) kv_cache_free(&cache);
-    free(last), free(start), free(n_new);
-    patch_reach_free(&own);
+    free(last);
+    return rc;
+}
+
+int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const ablation_plan *const *plans,
+                             const prompt_batch *pb, const kv_cache *donors, const patch_base *base, patch_outputs *outs,
+                             ep_error *err) {
+    const model_config *c = &m->cfg;
+    int S = pb->n_seqs, V = c->vocab_size, max_new = n > 0 ? outs[0].max_new : 0, rc = 0;
+    for (int i = 0; i < n; i++)
+        if (outs[i].logits || outs[i].max_new != max_new)
+            return ep_fail(err, "patch: derived passes decoded together need one generation length and no full logits");
+    if (max_new <= 0) {
+        for (int i = 0; i < n && rc == 0; i++) rc = patch_prompt_pass_from(m, ops, plans[i], pb, donors, base, NULL, &outs[i], err);
+        return rc;
+    }
+    int G_max = PATCH_DECODE_SEQS / S > 1 ? PATCH_DECODE_SEQS / S : 1;
+    kv_cache one = {0}, all = {0};
+    float *last = ep_malloc(sizeof(float) * (size_t)G_max * S * V);
+    int *gen = ep_malloc(sizeof(int) * (size_t)G_max * S * max_new), *n_gen = ep_malloc(sizeof(int) * (size_t)G_max * S);
+    rc = kv_cache_init_backend(&one, c, S, pb->max_len, 0, ops, err);
+    for (int i0 = 0; i0 < n && rc == 0; i0 += G_max) {
+        int G = i0 + G_max <= n ? G_max : n - i0;
+        if (all.n_seqs != G * S) {
+            if (all.len) kv_cache_free(&all);
+            if ((rc = kv_cache_init_backend(&all, c, G * S, pb->max_len + max_new, 0, ops, err))) break;
+        }
+        // Each plan's prompt pass on its own, its cache then moved into its sequences of the shared one.
+        for (int g = 0; g < G && rc == 0; g++) {
+            rc = derive_into(m, ops, plans[i0 + g], pb, donors, base, NULL, &one, last + (size_t)g * S * V, err);
+            if (rc == 0) rc = kv_cache_copy_seqs(&all, g * S, &one, pb->lengths, NULL, 0, 0, err);
+            if (rc == 0 && outs[i0 + g].last_logits)
+                memcpy(outs[i0 + g].last_logits, last + (size_t)g * S * V, sizeof(float) * (size_t)S * V);
+        }
+        if (rc) break;
+        greedy_opts o = {.max_new_tokens = max_new, .stop_ids = outs[0].stop_ids, .n_stop_ids = outs[0].n_stop_ids};
+        rc = greedy_decode(m, ops, &all, last, &o, gen, n_gen, err);
+        for (int g = 0; g < G && rc == 0; g++) {
+            memcpy(outs[i0 + g].generated, gen + (size_t)g * S * max_new, sizeof(int) * (size_t)S * max_new);
+            memcpy(outs[i0 + g].n_generated, n_gen + (size_t)g * S, sizeof(int) * (size_t)S);
+        }
+    }
+    if (one.len) kv_cache_free(&one);
+    if (all.len) kv_cache_free(&all);
+    free(last), free(gen), free(n_gen);
     return rc;
 }

@@ -96,6 +96,14 @@ int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation
                            const kv_cache *donors, const patch_base *base, const patch_reach *reach,
                            patch_outputs *out, ep_error *err);
 
+// Many plans' prompt passes, each derived from base as patch_prompt_pass_from does (reach: each plan's
+// own), their generations decoded together, up to PATCH_DECODE_SEQS sequences a step (generation steps
+// of few rows cost what the weights take to read). Every outs[i] asks for the same max_new, no logits.
+#define PATCH_DECODE_SEQS 64
+int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const ablation_plan *const *plans,
+                             const prompt_batch *pb, const kv_cache *donors, const patch_base *base, patch_outputs *outs,
+                             ep_error *err);
+
 // 1 when an edge rule changes the edges it matches (reads a donor): the one place that says so.
 int plan_rule_patches(const edge_rule *r);
 

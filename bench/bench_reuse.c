@@ -33,6 +33,7 @@
 #include "stages/score.h"
 #include "stages/stage_inputs.h"
 #include "stages/tokenize.h"
+#include "stages/work_stage.h"
 
 static const char usage[] =
     "usage: bench_reuse --model DIR [--reps R] [--stride K] [--patch-prompts P] [--exact-prompts P]\n"
@@ -121,6 +122,41 @@ static int read_patch(const char *out_dir, int n_groups, stage_result *r) {
 
 static void stage_result_free(stage_result *r) { free(r->logprob), free(r->correct), free(r->generated); }
 
+// The first item's prompts: every ablation's last-position logits, full pass against derived pass, as the
+// largest difference over the largest |logit| (the logits' scale).
+static double logits_check(stage_inputs *in) {
+    kv_cache donors[16];
+    memset(donors, 0, sizeof donors);
+    int damaged = 0, first, n, V = in->m.cfg.vocab_size;
+    stage_item_range(in, 0, &first, &n);
+    prompt_batch pb = stage_batch(in, first, n);
+    ep_error err = {{0}};
+    patch_base base = {0};
+    ablation_plan clean;
+    plan_empty(&in->m.cfg, &clean);
+    float *a = malloc(sizeof(float) * (size_t)n * V), *b = malloc(sizeof(float) * (size_t)n * V);
+    int rc = cache_load_item(in, 0, donors, &damaged, &err);
+    if (rc == 0) rc = patch_base_run(&in->dev, in->ops, &clean, &pb, donors, 0, &base, &err);
+    double worst = 0;
+    for (int k = 0; k < in->n_ablations && rc == 0; k++) {
+        patch_outputs oa = {.last_logits = a}, ob = {.last_logits = b};
+        rc = patch_prompt_pass(&in->dev, in->ops, &in->ablations[k], &pb, donors, &oa, &err);
+        if (rc == 0) rc = patch_prompt_pass_from(&in->dev, in->ops, &in->ablations[k], &pb, donors, &base, NULL, &ob, &err);
+        double d = 0, scale = 0;
+        for (size_t i = 0; i < (size_t)n * V && rc == 0; i++) {
+            if (fabs(a[i] - b[i]) > d) d = fabs(a[i] - b[i]);
+            if (fabs(a[i]) > scale) scale = fabs(a[i]);
+        }
+        if (rc == 0 && d / scale > worst) worst = d / scale;
+    }
+    if (rc) fprintf(stderr, "bench_reuse: logits check: %s\n", err.msg);
+    patch_base_free(&base);
+    plan_free(&clean);
+    for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
+    free(a), free(b);
+    return rc ? NAN : worst;
+}
+
 static int bench_patch_stage(const char *model_dir, const char *work, int P, int R) {
     run_config cfg;
     stage_inputs in;
@@ -159,10 +195,25 @@ static int bench_patch_stage(const char *model_dir, const char *work, int P, int
             differ += res[0].correct[i] != res[1].correct[i];
         }
         for (size_t i = 0; i < res[0].n_gen; i++) gen_differ += res[0].generated[i] != res[1].generated[i];
-        double mt_f = median(tf, R), mt_d = median(td, R), mr = median(ratio, R);
+        double mt_f = median(tf, R), mt_d = median(td, R), mr = median(ratio, R), w_full = 0, w_derived = 0;
+        int L = in.m.cfg.n_layers, B = cfg.batch_size;
+        for (int first = 0; first < P; first += B) {  // rows x layers of the prompt passes, generation aside
+            prompt_batch pb = stage_batch(&in, first, first + B <= P ? B : P - first);
+            for (int s = 0; s < pb.n_seqs; s++) w_full += (double)pb.lengths[s] * L * (1 + in.n_ablations), w_derived += (double)pb.lengths[s] * L;
+            for (int a = 0; a < in.n_ablations; a++) {
+                patch_reach r;
+                patch_reach_init(&r, &pb, L);
+                patch_reach_add_plan(&r, &in.ablations[a], &pb);
+                for (int s = 0; s < pb.n_seqs && r.first_layer < L; s++)
+                    w_derived += (double)(pb.lengths[s] - r.first_row[s]) * (L - r.first_layer);
+                patch_reach_free(&r);
+            }
+        }
+        double rel = logits_check(&in);
+        printf("patch_stage max_rel_logits_diff=%.2g (first item, every ablation)\n", rel);
         printf("patch_stage prompts=%d ablations=%d reps=%d full_s=%.2f derived_s=%.2f median_ratio=%.2f "
-               "max_rel_logprob_diff=%.2g correct_differ=%zu/%zu generated_differ=%zu/%zu\n",
-               P, in.n_ablations, R, mt_f, mt_d, mr, worst, differ, res[0].n, gen_differ, res[0].n_gen);
+               "max_rel_logprob_diff=%.2g correct_differ=%zu/%zu generated_differ=%zu/%zu prompt_work_ratio=%.2f\n",
+               P, in.n_ablations, R, mt_f, mt_d, mr, worst, differ, res[0].n, gen_differ, res[0].n_gen, w_full / w_derived);
     } else {
         fprintf(stderr, "bench_reuse: %s\n", err.msg);
     }
@@ -171,6 +222,29 @@ static int bench_patch_stage(const char *model_dir, const char *work, int P, int
     stage_inputs_close(&in);
     run_config_free(&cfg);
     return rc;
+}
+
+// Rows x layers each path computes for the units' passes (the circuit's pass aside): the layer-prefix path
+// runs every row of the unit's layer and the layers above, the row-prefix path the rows from each
+// sequence's first reached row. A machine-independent figure next to the timed ratio.
+static void exact_work(const stage_inputs *in, unit_kind kind, const circuit_unit *u, int n, double *layer_rows,
+                       double *row_rows) {
+    int P = in->prompts.n_prompts, B = in->cfg->batch_size, L = in->m.cfg.n_layers;
+    *layer_rows = *row_rows = 0;
+    for (int first = 0; first < P; first += B) {
+        prompt_batch pb = stage_batch(in, first, first + B <= P ? B : P - first);
+        for (int i = 0; i < n; i++) {
+            patch_reach r;
+            patch_reach_init(&r, &pb, L);
+            if (kind == UNIT_HEAD) patch_reach_add_head(&r, &pb, u[i].layer, u[i].type);
+            else patch_reach_add_edges(&r, &pb, u[i].layer, 1u << u[i].sender, 1u << u[i].receiver, REL_ANY);
+            for (int s = 0; s < pb.n_seqs; s++) {
+                *layer_rows += (double)pb.lengths[s] * (L - u[i].layer);
+                if (r.first_layer < L) *row_rows += (double)(pb.lengths[s] - r.first_row[s]) * (L - u[i].layer);
+            }
+            patch_reach_free(&r);
+        }
+    }
 }
 
 // One exact round (units of kind in circuit c, every stride-th) both ways, R times interleaved.
@@ -213,14 +287,15 @@ static int bench_exact_round(const stage_inputs *in, const circuit *c, unit_kind
         }
         int k = n / 4 > 0 ? n / 4 : 1;
         int overlap = rank_topk_overlap(s[0], s[1], n, k);
-        double ml = median(tl, R), mrow = median(tr, R), mr = median(ratio, R);
+        double ml = median(tl, R), mrow = median(tr, R), mr = median(ratio, R), w_layer, w_row;
+        exact_work(in, kind, u, n, &w_layer, &w_row);
         double attr_unit = t_attr / n_all, before = ml / n / attr_unit, after = mrow / n / attr_unit;
         printf("exact_%s_round prompts=%d units=%d of=%d reps=%d layer_prefix_s=%.2f row_prefix_s=%.2f median_ratio=%.2f "
                "per_unit_layer_prefix_ms=%.1f per_unit_row_prefix_ms=%.1f attribution_s=%.2f attribution_per_unit_ms=%.3f "
                "exact_to_attribution_per_unit_before=%.0f after=%.0f max_score_diff=%.2g max_abs_score=%.3g "
-               "top25pct_kept_same=%d/%d\n",
+               "top25pct_kept_same=%d/%d work_ratio=%.2f\n",
                what, in->prompts.n_prompts, n, n_all, R, ml, mrow, mr, 1e3 * ml / n, 1e3 * mrow / n, t_attr,
-               1e3 * attr_unit, before, after, worst, scale, overlap, k);
+               1e3 * attr_unit, before, after, worst, scale, overlap, k, w_layer / w_row);
     } else {
         fprintf(stderr, "bench_reuse: %s\n", err.msg);
     }

@@ -4,6 +4,8 @@
 // donor d > 0 that the plan reads, a pass over donor d's tokens in which the plan's donor-0 part is
 // applied with donor 0's cache (the original's "ablate differently for different tokens"); then the
 // patched prompt pass, and greedy generation in which generated tokens run unpatched.
+// A patched pass can also start from the pass it differs from (the clean pass, a circuit's pass) and
+// recompute only the rows and layers its patch reaches ("Reuse" below; docs/reuse.md).
 #ifndef EP_PATCH_H
 #define EP_PATCH_H
 
@@ -107,6 +109,7 @@ int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const
 // 1 when an edge rule changes the edges it matches (reads a donor): the one place that says so.
 int plan_rule_patches(const edge_rule *r);
 
+// Every pass of a work item is derived from the item's clean pass (stage_inputs.full_passes: each whole).
 // The patch stage: the run's plan (and, when it ablates anything, the clean model too), then each of
 // the config's ablations (stages/plan.h), over every prompt, donors read from the cache shards, per-prompt metrics (stages/metrics.h) per work item into
 // <output_path>/patch.d/item-NNNNN.h5 (same groups, the item's rows), merged in item order into

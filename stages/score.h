@@ -12,6 +12,9 @@
 //     layer from the stored stream (layers below cannot change), and the layers above for many units
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
+//     With row reuse too (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit's passes
+//     also start at the first row the unit reaches in each sequence (its receivers, or its head's type),
+//     the circuit pass's keys and values before it copied in: equal to the brute force to fp32 rounding.
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
 // sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
 // stages/prune.h, stages/circuit_file.h).

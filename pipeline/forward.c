@@ -102,6 +102,40 @@ float *kv_cache_z(const kv_cache *c, int layer, int seq, int pos) {
     return c->z + (((size_t)layer * c->n_seqs + seq) * c->capacity + pos) * c->z_dim;
 }
 
+int kv_cache_copy_seqs(kv_cache *dst, int dst_seq0, const kv_cache *src, const int *rows, const int *len,
+                       int first_layer, int end_layer, ep_error *err) {
+    int end = end_layer ? end_layer : src->n_layers;
+    if (dst->backend != src->backend || dst->n_layers != src->n_layers || dst->kv_dim != src->kv_dim ||
+        dst_seq0 < 0 || dst_seq0 + src->n_seqs > dst->n_seqs || (dst->z && src->z && dst->z_dim != src->z_dim))
+        return ep_fail(err, "kv cache copy: the caches do not match (sequences %d + %d of %d)", dst_seq0, src->n_seqs,
+                       dst->n_seqs);
+    if (first_layer < 0 || first_layer > end || end > src->n_layers)
+        return ep_fail(err, "kv cache copy: layers %d..%d of %d", first_layer, end, src->n_layers);
+    for (int s = 0; s < src->n_seqs; s++) {
+        int n = rows[s], at = len ? len[s] : rows[s];
+        if (n < 0 || n > src->capacity || n > dst->capacity || at < 0 || at > dst->capacity)
+            return ep_fail(err, "kv cache copy: sequence %d: %d rows (length %d) exceed the capacity %d", s, n, at,
+                           dst->capacity < src->capacity ? dst->capacity : src->capacity);
+    }
+    const kernel_ops *dev = src->backend;
+    int with_z = dst->z && src->z;
+    for (int l = first_layer; l < end; l++)
+        for (int s = 0; s < src->n_seqs; s++) {
+            int n = rows[s], d = dst_seq0 + s;
+            if (n == 0) continue;
+            for (int part = 0; part < 2 + with_z; part++) {
+                float *to = part == 0 ? kv_cache_k(dst, l, d, 0) : part == 1 ? kv_cache_v(dst, l, d, 0) : kv_cache_z(dst, l, d, 0);
+                const float *from = part == 0 ? kv_cache_k(src, l, s, 0) : part == 1 ? kv_cache_v(src, l, s, 0)
+                                                                                      : kv_cache_z(src, l, s, 0);
+                int w = part == 2 ? src->z_dim : src->kv_dim;
+                if (dev) dev->copy_rows(to, w, from, w, n, w);
+                else memcpy(to, from, sizeof(float) * (size_t)n * w);
+            }
+        }
+    for (int s = 0; s < src->n_seqs; s++) dst->len[dst_seq0 + s] = len ? len[s] : rows[s];
+    return 0;
+}
+
 static int check_patch(const model_config *c, const kv_cache *cache, const forward_patch *p, ep_error *err) {
     if (p->n_donors < 0 || p->n_donors > 16) return ep_fail(err, "patch: %d donors (at most 16)", p->n_donors);
     for (int d = 0; d < p->n_donors; d++) {

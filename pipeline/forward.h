@@ -32,6 +32,15 @@ int kv_cache_init(kv_cache *c, const model_config *cfg, int n_seqs, int capacity
 int kv_cache_init_backend(kv_cache *c, const model_config *cfg, int n_seqs, int capacity, int with_z,
                           const kernel_ops *ops, ep_error *err);
 void kv_cache_free(kv_cache *c);
+// Sequence s of src (s < src->n_seqs) into sequence dst_seq0 + s of dst: the keys and values (and head
+// outputs, when both keep them) of layers [first_layer, end_layer) (end_layer 0: every layer from
+// first_layer) at positions < rows[s]; then dst->len[dst_seq0 + s] =
+// len[s] (len NULL: rows). How a pass derived from another one starts (stages/patch.h, "Reuse"): it
+// appends from len[s] on, overwriting the copies there in the layers it runs, and the layers it does not
+// run keep the copied rows, which is what later steps (generation) read. Same memory (host or one
+// backend), same model; dst needs the sequences and the capacity. Copies only, never computes.
+int kv_cache_copy_seqs(kv_cache *dst, int dst_seq0, const kv_cache *src, const int *rows, const int *len,
+                       int first_layer, int end_layer, ep_error *err);
 // The whole model's cache from the shards of a tensor-parallel group (m is this rank's shard, m->group its
 // group, whose buffers are in the shard's memory): collective. whole is a host cache initialised here
 // (same sequences, capacity, lengths, head outputs if kept) with every KV head and query head; for a

@@ -4,6 +4,8 @@
 // donor d > 0 that the plan reads, a pass over donor d's tokens in which the plan's donor-0 part is
 // applied with donor 0's cache (the original's "ablate differently for different tokens"); then the
 // patched prompt pass, and greedy generation in which generated tokens run unpatched.
+// A patched pass can also start from the pass it differs from (the clean pass, a circuit's pass) and
+// recompute only the rows and layers its patch reaches ("Reuse" below; docs/reuse.md).
 #ifndef EP_PATCH_H
 #define EP_PATCH_H
 
@@ -47,6 +49,76 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
 int patch_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
               patch_outputs *out, ep_error *err);
 
+// ---- Reuse (docs/reuse.md). A patch of edges into receivers B, or of head outputs at B, leaves every
+// position before the first such B and every layer below the first patched layer exactly as in the pass
+// it was derived from (causality: attention reads only earlier positions of its own layer). A patched pass
+// can therefore start from that pass: its keys and values before the first patched row, its residual
+// stream entering the first patched layer, and recompute only the rows and layers that can differ.
+//
+// The reach of a patch: what it can change relative to the pass it derives from.
+typedef struct {
+    int n_seqs, n_layers;
+    int first_layer;  // the lowest layer with a patched edge or head output (n_layers: none)
+    int *first_row;   // [n_seqs]: the first position that receives a patched edge or head output (the
+                      // prompt's length: none in that sequence)
+} patch_reach;
+
+// Nothing reached yet.
+void patch_reach_init(patch_reach *r, const prompt_batch *pb, int n_layers);
+void patch_reach_free(patch_reach *r);
+// Adds the edges of `layer` from senders of a type in `senders` to receivers of a type in `receivers`
+// (bit t: token type t) under relation (kernels/edge_rule.h): a receiver counts from the first position
+// of its type that has such a sender at or before it (conservative: heads and windows are not looked at).
+void patch_reach_add_edges(patch_reach *r, const prompt_batch *pb, int layer, uint32_t senders, uint32_t receivers,
+                           int relation);
+// Adds a head output at every position of token type `type` in `layer`.
+void patch_reach_add_head(patch_reach *r, const prompt_batch *pb, int layer, int type);
+// Adds what plan changes relative to the clean pass: every rule that reads a donor (plan_rule_patches; a
+// keep rule, donor -1, changes nothing) and every head unit with a donor, in their layers, whatever their
+// priority, so the reach is exact for any plan (a circuit's keep rules before its "ablate the rest" rule
+// reach row 0).
+void patch_reach_add_plan(patch_reach *r, const ablation_plan *plan, const prompt_batch *pb);
+
+// A prompt pass kept whole for others to derive from: its cache (every layer at the prompt's positions;
+// capacity for max_new more), the residual stream entering every layer and leaving the last (host,
+// [n_layers + 1][T][hidden], the batch's T rows packed), and the last position's logits.
+typedef struct {
+    kv_cache cache;
+    float *resid;
+    float *last_logits;  // [n_seqs][vocab]
+    float *attn_entropy;  // its attention statistics at `last` (patch_outputs): [n_seqs][n_layers][n_heads]
+    float *attn_mass;     // [n_seqs][n_layers][n_heads][PATCH_ATTN_TYPES]
+    int n_rows;
+} patch_base;
+
+// plan's prompt pass (reading donors, as patch_prompt_pass) kept as a base.
+int patch_base_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                   const kv_cache *donors, int max_new, patch_base *b, ep_error *err);
+void patch_base_free(patch_base *b);
+
+// The patched prompt pass of plan, derived from base: base must be the pass of a plan that agrees with
+// `plan` outside `reach` (reach NULL: the reach of plan itself, patch_reach_add_plan, for a base that is
+// the clean pass). Rows before first_row[s] of every layer, and every row of the layers below first_layer,
+// are base's; the others are recomputed in one pass from first_layer (residual stream from base), then
+// generation runs on the recomputed cache. out->logits (every position) must be NULL. The same results
+// as patch_prompt_pass up to fp32 rounding of the shorter matrix products (docs/reuse.md).
+int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
+                           const kv_cache *donors, const patch_base *base, const patch_reach *reach,
+                           patch_outputs *out, ep_error *err);
+
+// Many plans' prompt passes, each derived from base as patch_prompt_pass_from does (reach: each plan's
+// own), their generations decoded together, up to PATCH_DECODE_SEQS sequences a step (generation steps
+// of few rows cost what the weights take to read). Every outs[i] asks for the same max_new, no logits.
+#define PATCH_DECODE_SEQS 64
+int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const ablation_plan *const *plans,
+                             const prompt_batch *pb, const kv_cache *donors, const patch_base *base, patch_outputs *outs,
+                             ep_error *err);
+
+// 1 when an edge rule changes the edges it matches (reads a donor, kv, k- or v-only, or removes them: a
+// zero rule, kernels/edge_rule.h): the one place that says so.
+int plan_rule_patches(const edge_rule *r);
+
+// Every pass of a work item is derived from the item's clean pass (stage_inputs.full_passes: each whole).
 // The patch stage: the run's plan (and, when it ablates anything, the clean model too), then each of
 // the config's ablations (stages/plan.h), over every prompt, donors read from the cache shards, per-prompt metrics (stages/metrics.h) per work item into
 // <output_path>/patch.d/item-NNNNN.h5 (same groups, the item's rows), merged in item order into

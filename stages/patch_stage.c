@@ -43,21 +43,10 @@ static void metric_arrays_free(metric_arrays *a) {
     free(a->target_logprob), free(a->logit_diff), free(a->kl_full_model), free(a->attn_entropy), free(a->attn_mass);
 }
 
-// One plan over one batch of prompts first..: the prompt pass, generation and metrics into rows 0.. of a.
-// full_last: the full model's logits at `last` ([n][vocab]) for the KL; NULL when this is the full model
-// (its KL is then taken against itself: 0), and then full_keep (when given) receives its logits.
-static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *plan, const prompt_batch *pb,
-                   const kv_cache *donors, int first, int max_new, metric_arrays *a, const float *full_last,
-                   float *full_keep, ep_error *err) {
-    int V = in->m.cfg.vocab_size, n = pb->n_seqs;
-    float *last = ep_malloc(sizeof(float) * (size_t)n * V);
-    int *gen = ep_malloc(sizeof(int) * (size_t)n * (max_new ? max_new : 1)), *n_gen = ep_calloc((size_t)n, sizeof(int));
-    patch_outputs out = {.last_logits = last, .max_new = max_new, .generated = gen, .n_generated = n_gen,
-                         .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos, .attn_entropy = a->attn_entropy,
-                         .attn_mass = a->attn_mass};
-    int rc = patch_prompt_pass(&in->dev, in->ops, plan, pb, donors, &out, err);
-    if (rc == 0) metrics_kl_full_model(in->ops, full_last ? full_last : last, last, n, V, a->kl_full_model);
-    if (rc == 0 && !full_last && full_keep) memcpy(full_keep, last, sizeof(float) * (size_t)n * V);
+// One plan's outputs over a batch of prompts first..: metrics into rows 0.. of a.
+static int outputs_metrics(const stage_inputs *in, const tokenizer *tk, int first, int n, int max_new, const float *last,
+                           const int *gen, const int *n_gen, metric_arrays *a, ep_error *err) {
+    int V = in->m.cfg.vocab_size, rc = 0;
     const prompt_set *ps = &in->prompts;
     for (int i = 0; i < n && rc == 0; i++) {
         int p = first + i;
@@ -71,7 +60,34 @@ static int measure(stage_inputs *in, const tokenizer *tk, const ablation_plan *p
         a->n_generated[i] = n_gen[i];
         for (int k = 0; k < n_gen[i]; k++) a->generated[(size_t)i * max_new + k] = gen[(size_t)i * max_new + k];
     }
-    free(last), free(gen), free(n_gen);
+    return rc;
+}
+
+// Every plan of plans[0..n) over one batch of prompts first..: the prompt pass, generation and metrics into
+// rows 0.. of a[i]. With base (the clean pass), each pass is derived from it and the generations are
+// decoded together (stages/patch.h, "Reuse"); without, each plan runs whole, one after another.
+// plans[full] is the full model: every plan's KL at `last` is taken against its logits (its own: 0).
+static int measure(stage_inputs *in, const tokenizer *tk, int n_plans, const ablation_plan *const *plans,
+                   metric_arrays *const *a, const prompt_batch *pb, const kv_cache *donors, const patch_base *base,
+                   int full, int first, int max_new, ep_error *err) {
+    int V = in->m.cfg.vocab_size, n = pb->n_seqs, rc = 0, mn = max_new ? max_new : 1;
+    float *last = ep_malloc(sizeof(float) * (size_t)n_plans * n * V);
+    int *gen = ep_malloc(sizeof(int) * (size_t)n_plans * n * mn), *n_gen = ep_calloc((size_t)n_plans * n, sizeof(int));
+    patch_outputs *out = ep_calloc((size_t)n_plans, sizeof *out);
+    for (int i = 0; i < n_plans; i++)
+        out[i] = (patch_outputs){.last_logits = last + (size_t)i * n * V, .max_new = max_new,
+                                 .generated = gen + (size_t)i * n * mn, .n_generated = n_gen + (size_t)i * n,
+                                 .stop_ids = in->m.cfg.eos_ids, .n_stop_ids = in->m.cfg.n_eos,
+                                 .attn_entropy = a[i]->attn_entropy, .attn_mass = a[i]->attn_mass};
+    if (base)
+        rc = patch_prompt_passes_from(&in->dev, in->ops, n_plans, plans, pb, donors, base, out, err);
+    for (int i = 0; i < n_plans && rc == 0 && !base; i++)
+        rc = patch_prompt_pass(&in->dev, in->ops, plans[i], pb, donors, &out[i], err);
+    for (int i = 0; i < n_plans && rc == 0; i++) {
+        rc = outputs_metrics(in, tk, first, n, max_new, out[i].last_logits, out[i].generated, out[i].n_generated, a[i], err);
+        metrics_kl_full_model(in->ops, out[full].last_logits, out[i].last_logits, n, V, a[i]->kl_full_model);
+    }
+    free(last), free(gen), free(n_gen), free(out);
     return rc;
 }
 
@@ -157,7 +173,7 @@ static json_t *ablated_layers(const ablation_plan *p) {
     json_t *list = json_array();
     for (int l = 0; l < p->n_layers; l++) {
         int any = 0;
-        for (int r = 0; r < p->layer_rules[l].n && !any; r++) any = p->layer_rules[l].rule[r].donor >= 0;
+        for (int r = 0; r < p->layer_rules[l].n && !any; r++) any = plan_rule_patches(&p->layer_rules[l].rule[r]);
         for (int u = 0; u < p->n_head_units && !any; u++) any = p->head_units[u].layer == l && p->head_units[u].donor >= 0;
         if (any) json_array_append_new(list, json_integer(l));
     }
@@ -404,16 +420,22 @@ static int patch_run_item(work_stage *ws, int item, ep_error *err) {
         stage_item_path(in, "cache", item, cache_path, sizeof cache_path);
         stage_shard_damaged(ws, cache_path, err);
     }
-    // The full model first (the plan itself when it ablates nothing): every other group's KL is taken
-    // against its logits at `last`.
-    float *full_last = ep_malloc(sizeof(float) * (size_t)n * in->m.cfg.vocab_size);
+    // The clean pass, kept whole: every other pass of the item derives from it, recomputing only the rows
+    // and layers its plan reaches (in->full_passes: each one whole, as before the reuse).
+    patch_base base = {0};
+    int derive = !in->full_passes && (c->ablates || in->n_ablations > 0), n_plans = 0;
+    const ablation_plan **plans = ep_calloc((size_t)in->n_ablations + 2, sizeof *plans);
+    metric_arrays **into = ep_calloc((size_t)in->n_ablations + 2, sizeof *into);
+    plans[n_plans] = &in->plan, into[n_plans++] = &m[0];
+    if (c->ablates) plans[n_plans] = &c->clean, into[n_plans++] = &m[1];
+    for (int a = 0; a < in->n_ablations; a++) plans[n_plans] = &in->ablations[a], into[n_plans++] = &m[2 + a];
+    if (rc == 0 && derive) rc = patch_base_run(&in->dev, in->ops, &c->clean, &pb, donors, 0, &base, err);
+    // the full model: the clean plan, or the run's plan itself when it ablates nothing
     if (rc == 0)
-        rc = measure(in, c->tk, c->ablates ? &c->clean : &in->plan, &pb, donors, first, c->max_new, &m[c->ablates ? 1 : 0],
-                     NULL, full_last, err);
-    if (rc == 0 && c->ablates) rc = measure(in, c->tk, &in->plan, &pb, donors, first, c->max_new, &m[0], full_last, NULL, err);
-    for (int a = 0; a < in->n_ablations && rc == 0; a++)
-        rc = measure(in, c->tk, &in->ablations[a], &pb, donors, first, c->max_new, &m[2 + a], full_last, NULL, err);
-    free(full_last);
+        rc = measure(in, c->tk, n_plans, plans, into, &pb, donors, derive ? &base : NULL, c->ablates ? 1 : 0, first,
+                     c->max_new, err);
+    patch_base_free(&base);
+    free(plans), free(into);
     for (int d = 0; d < 16; d++) kv_cache_free(&donors[d]);
     h5store s;
     if (rc == 0 && !ws->follower && (rc = h5store_create(path, &s, err)) == 0) {

@@ -99,7 +99,8 @@ static int round_run_item(work_stage *ws, int item, ep_error *err) {
     double *ex = ep_calloc((size_t)n * 3 + 1, sizeof(double)), *at = ep_calloc((size_t)n + 1, sizeof(double)),
            *ig = ep_calloc((size_t)n + 1, sizeof(double));
     if (rc->exact) {
-        exact_opts o = {1, rc->env->p.exact_max_seqs, rc->env->p.score_donors};
+        exact_opts o = {in->full_passes ? EXACT_LAYER_PREFIX : EXACT_ROW_PREFIX, rc->env->p.exact_max_seqs,
+                        rc->env->p.score_donors};
         r = score_exact_batch(in, &rc->c, &rc->plan, rc->kind, units, n, &o, first, S, ex, base, err);
     } else {
         r = circuit_measure_batch(in, &rc->plan, first, S, base, err);

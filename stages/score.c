@@ -304,6 +304,149 @@ static int exact_batch_fast(const stage_inputs *in, const circuit *c, const abla
     return rc;
 }
 
+// What removing unit u from the circuit changes: its edges or its head output, in its layer (the
+// circuit's other units and the base plan are the same in both passes).
+static void unit_reach(unit_kind kind, const circuit_unit *u, const prompt_batch *pb, int n_layers, patch_reach *r) {
+    patch_reach_init(r, pb, n_layers);
+    if (kind == UNIT_HEAD) patch_reach_add_head(r, pb, u->layer, u->type);
+    else patch_reach_add_edges(r, pb, u->layer, 1u << u->sender, 1u << u->receiver, REL_ANY);
+}
+
+// Packed rows [start[s], lengths[s]) of every sequence of a batch from a [T][D] block of rows, appended at
+// dst (host); returns the rows appended.
+static int gather_suffix(float *dst, const float *src, const prompt_batch *pb, const int *start, int D) {
+    int n = 0;
+    for (int s = 0, t = 0; s < pb->n_seqs; t += pb->lengths[s], s++) {
+        int k = pb->lengths[s] - start[s];
+        if (k > 0) memcpy(dst + (size_t)n * D, src + ((size_t)t + start[s]) * D, sizeof(float) * (size_t)k * D);
+        n += k;
+    }
+    return n;
+}
+
+// Fast exact scores with row reuse as well (stages/patch.h, "Reuse"; docs/reuse.md): as exact_batch_fast,
+// but each unit's passes start at the first row its unit reaches in each sequence (keys and values before
+// it, and the logits of sequences it does not reach, are the circuit pass's), and the layers above run for
+// G units' row suffixes in one pass.
+static int exact_batch_rows(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
+                            const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs,
+                            double *sums, double *base_sums, ep_error *err) {
+    const model *m = &in->dev;
+    const kernel_ops *ops = in->ops;
+    int S = pb->n_seqs, L = m->cfg.n_layers, D = m->cfg.hidden, V = m->cfg.vocab_size, rc;
+    int G_max = max_seqs / S > 1 ? max_seqs / S : 1;
+    kv_cache donors[16], one = {0}, many = {0};
+    memset(donors, 0, sizeof donors);
+    patch_base base = {0};
+    rc = patch_donor_passes(m, ops, plan, pb, donors, err);
+    if (rc == 0) rc = patch_base_run(m, ops, plan, pb, donors, 0, &base, err);  // the circuit's pass, kept
+    if (rc == 0) add_metrics(in, base.last_logits, first, S, base_sums);
+    int T = base.n_rows;
+    forward_patch fp = patch_of(plan, pb, donors);
+    float *xs = ep_malloc(sizeof(float) * ((size_t)G_max * T + 1) * D), *x_in = ep_malloc(sizeof(float) * ((size_t)T + 1) * D);
+    float *logits = ep_malloc(sizeof(float) * (size_t)G_max * S * V);
+    int *idx = ep_malloc(sizeof(int) * (size_t)(n + 1)), *start = ep_malloc(sizeof(int) * (size_t)G_max * S);
+    int *n_new = ep_malloc(sizeof(int) * (size_t)G_max * S), *tokens = ep_malloc(sizeof(int) * ((size_t)G_max * T + 1));
+    int *rows = ep_malloc(sizeof(int) * (size_t)G_max * S), *row_seq = ep_malloc(sizeof(int) * (size_t)G_max * S);
+    if (rc == 0) rc = kv_cache_init_backend(&one, &m->cfg, S, pb->max_len, 0, ops, err);
+    replicated rep = {0};
+    int rep_G = 0;
+    for (int l = 0; l < L && rc == 0; l++) {
+        int k = 0;
+        for (int u = 0; u < n; u++)
+            if (units[u].layer == l) idx[k++] = u;
+        for (int c0 = 0; c0 < k && rc == 0; c0 += G_max) {
+            int G = c0 + G_max <= k ? G_max : k - c0, n_x = 0;
+            // Layer l alone, from the stored stream, under each unit's plan, on the rows it reaches.
+            for (int g = 0; g < G && rc == 0; g++) {
+                patch_reach r;
+                unit_reach(kind, &units[idx[c0 + g]], pb, L, &r);
+                int *st = start + (size_t)g * S, T_g = 0;
+                for (int s = 0; s < S; s++) {
+                    st[s] = r.first_layer == l ? r.first_row[s] : pb->lengths[s];
+                    n_new[g * S + s] = pb->lengths[s] - st[s];
+                    T_g += n_new[g * S + s];
+                }
+                patch_reach_free(&r);
+                if (T_g == 0) continue;
+                circuit cu;
+                circuit_copy(c, &cu);
+                circuit_set(&cu, kind, &units[idx[c0 + g]], 0);
+                ablation_plan pu;
+                rc = circuit_plan(&cu, &m->cfg, &in->plan, &pu, err);
+                circuit_free(&cu);
+                if (rc) break;
+                forward_patch fu = patch_of(&pu, pb, donors);
+                gather_suffix(x_in, base.resid + (size_t)l * T * D, pb, st, D);
+                rc = kv_cache_copy_seqs(&one, 0, &base.cache, st, st, l, l + 1, err);
+                if (rc == 0) {
+                    int *tok = tokens + n_x;
+                    for (int s = 0, t = 0; s < S; s++)
+                        for (int i = st[s]; i < pb->lengths[s]; i++) tok[t++] = pb->tokens[(size_t)s * pb->max_len + i];
+                    forward_batch b = {.n_seqs = S, .n_new = n_new + (size_t)g * S, .tokens = tok, .first_layer = l,
+                                       .end_layer = l + 1, .x_in = x_in, .x_out = xs + (size_t)n_x * D};
+                    rc = model_forward(m, ops, &one, &b, &fu, err);
+                }
+                plan_free(&pu);
+                n_x += T_g;
+            }
+            if (rc) break;
+            // The layers above under the circuit's plan (the same for every unit of layer l): the G units'
+            // row suffixes in one pass over a cache holding the circuit pass's rows before each suffix.
+            forward_patch fa = fp;
+            if (G > 1) {
+                if (rep_G != G) {
+                    if (rep_G) replicated_free(&rep);
+                    replicate(in, plan, pb, donors, pb->tokens, 0, G, &rep);
+                    rep_G = G;
+                }
+                fa.types = rep.types, fa.index = rep.index, fa.n_typed = rep.lengths;
+                for (int d = 0; d < plan->n_donors; d++) fa.donors[d] = &rep.donors[d];
+            }
+            if (many.n_seqs != G * S) {
+                if (many.len) kv_cache_free(&many);
+                if ((rc = kv_cache_init_backend(&many, &m->cfg, G * S, pb->max_len, 0, ops, err))) break;
+            }
+            int n_rows = 0;
+            for (int g = 0; g < G && rc == 0; g++) {
+                rc = kv_cache_copy_seqs(&many, g * S, &base.cache, start + (size_t)g * S, start + (size_t)g * S, l + 1, L, err);
+                for (int s = 0, t = 0; s < S; s++) {
+                    t += n_new[g * S + s];
+                    if (n_new[g * S + s] > 0) row_seq[n_rows] = g * S + s, rows[n_rows++] = t - 1;
+                }
+            }
+            // rows are per unit: make them packed rows of the whole pass
+            for (int g = 0, off = 0, r = 0; g < G; g++) {
+                int T_g = 0;
+                for (int s = 0; s < S; s++) T_g += n_new[g * S + s];
+                for (; r < n_rows && row_seq[r] < (g + 1) * S; r++) rows[r] += off;
+                off += T_g;
+            }
+            if (rc == 0 && n_x > 0) {
+                int *toks = tokens;  // the units' suffix tokens, in pass order (filled above)
+                forward_batch b = {.n_seqs = G * S, .n_new = n_new, .tokens = toks, .n_logit_rows = n_rows,
+                                   .logit_rows = rows, .logits = logits, .first_layer = l + 1, .x_in = xs};
+                rc = model_forward(m, ops, &many, &b, &fa, err);
+            }
+            for (int g = 0; g < G && rc == 0; g++) {
+                float *last = ep_malloc(sizeof(float) * (size_t)S * V);
+                memcpy(last, base.last_logits, sizeof(float) * (size_t)S * V);
+                for (int r = 0; r < n_rows; r++)
+                    if (row_seq[r] / S == g) memcpy(last + (size_t)(row_seq[r] % S) * V, logits + (size_t)r * V, sizeof(float) * V);
+                add_metrics(in, last, first, S, sums + (size_t)idx[c0 + g] * 3);
+                free(last);
+            }
+        }
+    }
+    if (rep_G) replicated_free(&rep);
+    if (one.len) kv_cache_free(&one);
+    if (many.len) kv_cache_free(&many);
+    free(xs), free(x_in), free(logits), free(idx), free(start), free(n_new), free(tokens), free(rows), free(row_seq);
+    patch_base_free(&base);
+    free_donors(donors);
+    return rc;
+}
+
 // Brute force over one batch: one full patch_run per unit.
 static int exact_batch_full(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                             const circuit_unit *units, int n, const prompt_batch *pb, int first, double *sums,
@@ -350,7 +493,9 @@ int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_p
         }
         // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those
         // plans take the brute-force path.
-        rc = o->prefix_reuse && plan->n_donors <= 1
+        rc = o->prefix_reuse == EXACT_ROW_PREFIX && plan->n_donors <= 1
+                 ? exact_batch_rows(in, c, plan, kind, units, n, &pj, first, o->max_seqs, sums, base, err)
+             : o->prefix_reuse && plan->n_donors <= 1
                  ? exact_batch_fast(in, c, plan, kind, units, n, &pj, first, o->max_seqs, sums, base, err)
                  : exact_batch_full(in, c, plan, kind, units, n, &pj, first, sums, base, err);
     }

@@ -13,6 +13,9 @@
 //     layer from the stored stream (layers below cannot change), and the layers above for many units
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
+//     With row reuse too (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit's passes
+//     also start at the first row the unit reaches in each sequence (its receivers, or its head's type),
+//     the circuit pass's keys and values before it copied in: equal to the brute force to fp32 rounding.
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
 // sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
 // stages/prune.h, stages/circuit_file.h).
@@ -40,8 +43,16 @@ int score_attribution(const stage_inputs *in, const circuit *c, unit_kind kind, 
 int score_eap_ig(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *units, int n,
                  int ig_steps, double *score, double *score_ig, ep_error *err);
 
+// exact_opts.prefix_reuse: what a unit's passes take from the circuit's pass.
+enum {
+    EXACT_BRUTE_FORCE = 0,   // nothing: one full patch_run per unit and batch
+    EXACT_LAYER_PREFIX = 1,  // the layers below the unit's (the path before row reuse)
+    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above the rows before the first one the unit
+                             // reaches (stages/patch.h, "Reuse"; docs/reuse.md): what the prune rounds use
+};
+
 typedef struct {
-    int prefix_reuse;  // 0: brute force, one full patch_run per unit and batch
+    int prefix_reuse;  // EXACT_*
     int max_seqs;      // sequences per pass when units are batched (<= batch_size: one unit per pass)
     int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;

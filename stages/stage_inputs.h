@@ -30,6 +30,8 @@ struct stage_inputs {
     char prompts_hash[17];  // prompts.h5's inputs_hash
     char model_hash[17];
     char plan_hash[17];
+    int full_passes;  // 1: every patched pass runs whole, none derived from another (stages/patch.h,
+                      // "Reuse"): the path before reuse, for tests and benchmarks; no config field sets it
 };
 
 // The config's backend: field backend "auto" (the default: cuda when a usable GPU is present, else cpu),

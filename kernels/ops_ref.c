@@ -110,6 +110,29 @@ static const float *kv_row(const float *cur, const float *const *donor, const at
     return cur + (size_t)(sq->kv_row + j) * p->kv_stride + (size_t)g * p->head_dim;
 }
 
+// The scores of one query row and head (double), as attention and its statistics use them, into score[0 .. i]
+// (-inf outside the window and for removed edges); returns their max (-inf: every edge removed).
+static double ref_row_scores(double *score, const float *q, const float *k, const float *const *donor_k,
+                             const attn_seq *sq, const attn_params *p, const edge_rule_set *rules, int qi, int h) {
+    int d = p->head_dim, i = sq->q_pos + qi;
+    const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
+    double mx = -INFINITY;
+    for (int j = 0; j <= i; j++) {
+        if ((p->window > 0 && i - j >= p->window) || ref_source(sq, rules, h, i, j) == EDGE_REMOVED) {
+            score[j] = -INFINITY;
+            continue;
+        }
+        const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j, 0);
+        double dot = 0;
+        for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
+        dot *= p->scale;
+        if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
+        score[j] = dot;
+        if (dot > mx) mx = dot;
+    }
+    return mx;
+}
+
 static void ref_patched_attention(float *out, const float *q, const float *k, const float *v, int n_donors,
                                   const float *const *donor_k, const float *const *donor_v, const attn_seq *seqs,
                                   int n_seqs, const attn_params *p, const edge_rule_set *rules) {
@@ -121,21 +144,7 @@ static void ref_patched_attention(float *out, const float *q, const float *k, co
         for (int qi = 0; qi < sq->n_q; qi++) {
             int i = sq->q_pos + qi;
             for (int h = 0; h < p->n_heads; h++) {
-                const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-                double mx = -INFINITY;
-                for (int j = 0; j <= i; j++) {
-                    if ((p->window > 0 && i - j >= p->window) || ref_source(sq, rules, h, i, j) == EDGE_REMOVED) {
-                        score[j] = -INFINITY;
-                        continue;
-                    }
-                    const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j, 0);
-                    double dot = 0;
-                    for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
-                    dot *= p->scale;
-                    if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
-                    score[j] = dot;
-                    if (dot > mx) mx = dot;
-                }
+                double mx = ref_row_scores(score, q, k, donor_k, sq, p, rules, qi, h);
                 double sum = 0;
                 for (int j = 0; j <= i; j++) {
                     score[j] = score[j] == -INFINITY ? 0 : exp(score[j] - mx);
@@ -426,29 +435,6 @@ void ops_host_kl_div_rows(float *out, const float *pl, const float *ql, int rows
         }
         out[r] = (float)kl;
     }
-}
-
-// The scores of one query row and head as ref_patched_attention computes them (double), into score[0 .. i]
-// (-inf outside the window and for removed edges); returns their max (-inf: every edge removed).
-static double ref_row_scores(double *score, const float *q, const float *k, const float *const *donor_k,
-                             const attn_seq *sq, const attn_params *p, const edge_rule_set *rules, int qi, int h) {
-    int d = p->head_dim, i = sq->q_pos + qi;
-    const float *qv = q + (size_t)(sq->q_row + qi) * p->q_stride + (size_t)h * d;
-    double mx = -INFINITY;
-    for (int j = 0; j <= i; j++) {
-        if ((p->window > 0 && i - j >= p->window) || ref_source(sq, rules, h, i, j) == EDGE_REMOVED) {
-            score[j] = -INFINITY;
-            continue;
-        }
-        const float *kv = kv_row(k, donor_k, sq, p, rules, h, i, j, 0);
-        double dot = 0;
-        for (int e = 0; e < d; e++) dot += (double)qv[e] * kv[e];
-        dot *= p->scale;
-        if (p->softcap > 0) dot = p->softcap * tanh(dot / p->softcap);
-        score[j] = dot;
-        if (dot > mx) mx = dot;
-    }
-    return mx;
 }
 
 void ops_host_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,

@@ -218,6 +218,17 @@ static void replicated_free(replicated *r) {
     free_donors(r->donors);
 }
 
+// The plan of circuit c with unit u ablated (on top of the run's plan): what an exact score compares with c.
+static int unit_plan(const stage_inputs *in, const model_config *cfg, const circuit *c, unit_kind kind,
+                     const circuit_unit *u, ablation_plan *out, ep_error *err) {
+    circuit cu;
+    circuit_copy(c, &cu);
+    circuit_set(&cu, kind, u, 0);
+    int rc = circuit_plan(&cu, cfg, &in->plan, out, err);
+    circuit_free(&cu);
+    return rc;
+}
+
 // Fast exact scores over one batch: sums[u][3] += the batch's metric sums for C without unit u.
 static int exact_batch_fast(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                             const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs,
@@ -258,12 +269,8 @@ static int exact_batch_fast(const stage_inputs *in, const circuit *c, const abla
             int G = c0 + G_max <= k ? G_max : k - c0;
             // Layer l alone, from the stored stream, under each unit's plan.
             for (int g = 0; g < G && rc == 0; g++) {
-                circuit cu;
-                circuit_copy(c, &cu);
-                circuit_set(&cu, kind, &units[idx[c0 + g]], 0);
                 ablation_plan pu;
-                rc = circuit_plan(&cu, &m->cfg, &in->plan, &pu, err);
-                circuit_free(&cu);
+                rc = unit_plan(in, &m->cfg, c, kind, &units[idx[c0 + g]], &pu, err);
                 if (rc) break;
                 forward_patch fu = patch_of(&pu, pb, donors);
                 if ((rc = kv_cache_init_backend(&cache, &m->cfg, S, pb->max_len, 0, ops, err)) == 0) {
@@ -369,12 +376,8 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
                 }
                 patch_reach_free(&r);
                 if (T_g == 0) continue;
-                circuit cu;
-                circuit_copy(c, &cu);
-                circuit_set(&cu, kind, &units[idx[c0 + g]], 0);
                 ablation_plan pu;
-                rc = circuit_plan(&cu, &m->cfg, &in->plan, &pu, err);
-                circuit_free(&cu);
+                rc = unit_plan(in, &m->cfg, c, kind, &units[idx[c0 + g]], &pu, err);
                 if (rc) break;
                 forward_patch fu = patch_of(&pu, pb, donors);
                 gather_suffix(x_in, base.resid + (size_t)l * T * D, pb, st, D);
@@ -456,12 +459,8 @@ static int exact_batch_full(const stage_inputs *in, const circuit *c, const abla
     int rc = plan_last_logits(in, plan, pb, last, err);
     if (rc == 0) add_metrics(in, last, first, S, base_sums);
     for (int u = 0; u < n && rc == 0; u++) {
-        circuit cu;
-        circuit_copy(c, &cu);
-        circuit_set(&cu, kind, &units[u], 0);
         ablation_plan pu;
-        rc = circuit_plan(&cu, &in->m.cfg, &in->plan, &pu, err);
-        circuit_free(&cu);
+        rc = unit_plan(in, &in->m.cfg, c, kind, &units[u], &pu, err);
         if (rc) break;
         rc = plan_last_logits(in, &pu, pb, last, err);
         plan_free(&pu);

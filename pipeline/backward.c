@@ -644,6 +644,9 @@ int backward_bytes(const model_config *c, const backward_shape *b, backward_memo
     if (b->n_threads < 1 || b->n_donors < 0 || b->n_donors > 16 || b->donor_capacity < 0)
         return ep_fail(err, "backward memory: %d threads, %d donors of %d positions", b->n_threads, b->n_donors,
                        b->donor_capacity);
+    if (b->ig_steps < 0 || b->ig_head_units < 0 || b->ig_edge_units < 0)
+        return ep_fail(err, "backward memory: ig_steps %d, %d head and %d edge units", b->ig_steps, b->ig_head_units,
+                       b->ig_edge_units);
     grad_batch gb = {.n_seqs = b->n_seqs, .len = b->len, .n_target = b->n_target};
     if (check_batch(&gb, err)) return -1;
     tp_shard sh = model_config_local(c);
@@ -708,6 +711,13 @@ int backward_bytes(const model_config *c, const backward_shape *b, backward_memo
     out->per_layer = 2 * f * T * Q + f * S * max_len * (2 * KV + Q) + 2 * f * T * D + sizeof(attn_params);
     // patch_donor_passes' caches: K, V and z for donor_capacity positions, and their lengths.
     out->donors = (size_t)b->n_donors * (f * L * S * (size_t)b->donor_capacity * (2 * KV + Q) + S * sizeof(int));
+    // grad_ig_sums: hs and es; with more than one point the clean tape and x, diff, e_donor beside each
+    // later point's pass.
+    if (b->ig_steps >= 1) {
+        out->ig_sums = sizeof(double) * (S * (size_t)b->ig_head_units + 1) + sizeof(double) * (S * (size_t)b->ig_edge_units + 1);
+        out->ig_path = b->ig_steps > 1 ? out->tape + 3 * asked(f * T * D) : 0;
+        out->peak_ig = out->ig_sums + out->ig_path + out->peak;
+    }
     return 0;
 }
 

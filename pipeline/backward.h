@@ -143,6 +143,8 @@ typedef struct {
     int donor_capacity;         // positions per donor sequence (the caller's caches; the prompts' longest)
     int edge_rules;             // the patch has layer rules and some layer's rules are non-empty
     int n_threads;              // the cpu pool (kernels/cpu_gemm.h): its attention keeps a block per thread
+    int ig_steps;               // EAP-IG's path points (grad_ig_sums); 0: one model_backward alone
+    int ig_head_units, ig_edge_units;  // the units grad_ig_sums sums (its per-sequence sums)
 } backward_shape;
 
 typedef struct {
@@ -165,6 +167,11 @@ typedef struct {
     size_t per_layer;   // of the above, what each layer adds (tape, resid and attn_out per layer)
     size_t peak;        // the most live at once during model_backward (the tape included)
     size_t donors;      // the caller's donor caches (K, V, z), held alongside; not in peak
+    // grad_ig_sums (ig_steps >= 1; else 0): its per-sequence sums; from the second point on, the clean
+    // pass's tape held while each path point's pass runs and three [T][hidden] rows (the donor's
+    // embeddings, the difference, the point's input). peak_ig: the most live at once in grad_ig_sums
+    // (the sums' own scratch is smaller than a pass's, so a point's pass sets it).
+    size_t ig_sums, ig_path, peak_ig;
 } backward_memory;
 
 int backward_bytes(const model_config *cfg, const backward_shape *b, backward_memory *out, ep_error *err);

@@ -188,6 +188,32 @@ static void run_case(const model *m, int cse, const char *what, backward_memory 
     check(donor_bytes == want.donors, "%s: donors %zu bytes counted, backward_bytes says %zu", what, donor_bytes,
           want.donors);
     if (rc == 0) grad_tape_free(&t);
+    // EAP-IG over 3 path points (grad_ig_sums: the clean tape held beside each later point's pass) with
+    // the patch's head units, and in case 2 an edge unit too.
+    if (cse > 0) {
+        int *donor_tokens = calloc((size_t)T, sizeof(int));
+        for (int r = 0; r < T; r++) donor_tokens[r] = (r * 11 + 3) % c->vocab_size;
+        edge_unit eu = {.layer = 0, .head = 0, .sender = 0, .receiver = 1, .donor = 0};
+        int n_edges = cse == 2;
+        double *hsum = calloc(2 * S, sizeof(double)), *esum = calloc(S, sizeof(double));
+        grad_ig_request r = {.steps = 3, .donor_tokens = donor_tokens, .heads = hu, .n_heads = 2,
+                             .edges = &eu, .n_edges = n_edges, .head_sums = hsum, .edge_sums = esum};
+        sh.ig_steps = 3, sh.ig_head_units = 2, sh.ig_edge_units = n_edges;
+        backward_memory ig;
+        check(backward_bytes(c, &sh, &ig, &err) == 0, "%s: %s", what, err.msg);
+        before = live_bytes();
+        counting(1);
+        rc = grad_ig_sums(kernel_ops_cpu(), m, &b, &patch, &r, &err);
+        counting(0);
+        size_t ig_peak = mem.peak - before;
+        check(rc == 0, "%s eap-ig: %s", what, err.msg);
+        check(ig_peak == ig.peak_ig, "%s eap-ig: peak %zu bytes counted, backward_bytes says %zu", what, ig_peak,
+              ig.peak_ig);
+        check(live_bytes() == before, "%s eap-ig: %zu bytes left behind", what, live_bytes() - before);
+        // Can-fail sibling: without the clean tape held beside the path's passes the count differs.
+        check(ig.peak_ig - ig.tape != ig_peak, "%s eap-ig: a peak without the held clean tape is caught", what);
+        free(donor_tokens), free(hsum), free(esum);
+    }
     for (int d = 0; d < n_donors; d++) kv_cache_free(&donors[d]);
     free(rules), free(tokens), free(types), free(index);
     *want_out = want, *peak_out = peak, *tape_out = tape;

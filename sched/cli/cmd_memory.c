@@ -1,4 +1,4 @@
-// edgepatch memory CONFIG.json... [--tp LIST] [--batch SxL] [--targets N] [--donors N] [--gpu-gib G] [--json]:
+// edgepatch memory CONFIG.json... [--tp LIST] [--batch SxL] [--targets N] [--donors N] [--ig-steps N] [--gpu-gib G] [--json]:
 // per model config and tensor-parallel size, the bytes one rank holds (bf16 weights as model_load_shard
 // slices them; K/V cache of its KV heads per 1k tokens), then what one attribution batch holds on that
 // rank (backward_bytes: the backward's tape, pass buffers and scratch in fp32, the donor caches) and the
@@ -12,10 +12,11 @@
 #include "sched/cli/cli.h"
 #include "pipeline/backward.h"
 #include "pipeline/model.h"
+#include "stages/prompts.h"
 
 static const char usage[] =
     "usage: edgepatch memory CONFIG.json|MODEL_DIR... [--tp 1,2,4,8] [-b|--batch 8x200] [--targets 1]\n"
-    "                        [--donors 1] [--gpu-gib 80] [-j|--json]\n"
+    "                        [--donors 1] [--ig-steps N] [--gpu-gib 80] [-j|--json]\n"
     "\n"
     "For each HF config.json (or model folder: its config.json, named by the folder) and tensor-parallel\n"
     "size, as the markdown tables of docs/memory.md (a size the model does not split over says why):\n"
@@ -29,6 +30,8 @@ static const char usage[] =
     "  -b, --batch SxL      S sequences of L tokens each (prompt + targets; default 8x200)\n"
     "      --targets N      target tokens per sequence (default 1)\n"
     "      --donors N       donor caches the patch reads, edge rules on (default 1)\n"
+    "      --ig-steps N     an EAP-IG batch of N path points instead (\"importance\": \"eap-ig\"): the clean\n"
+    "                       pass's tape held beside each point's pass, and the sums of every head unit\n"
     "      --gpu-gib G      device memory per GPU in GiB (default 80)\n"
     "  -j, --json           one JSON array of every (config, tensor_parallel) with the parts in bytes instead\n"
     "  -h, --help           this text\n"
@@ -41,7 +44,7 @@ static void print_gib(char *out, size_t n, double bytes) {
 
 typedef struct {
     int *tps, n_tp;
-    int n_seqs, len, targets, donors, json;
+    int n_seqs, len, targets, donors, ig_steps, json;
     double gpu_gib;
 } memory_opts;
 
@@ -55,13 +58,14 @@ typedef struct {
     size_t device, host;
 } memory_row;
 
-enum { OPT_TP = CLI_LONG_ONLY, OPT_TARGETS, OPT_DONORS, OPT_GPU_GIB };
+enum { OPT_TP = CLI_LONG_ONLY, OPT_TARGETS, OPT_DONORS, OPT_IG_STEPS, OPT_GPU_GIB };
 
 // 0 parsed (the configs in a->positional); -1 with *exit_status set when the command ends here.
 static int parse_opts(cli_args *a, int argc, char **argv, memory_opts *o, int *exit_status) {
     static const struct option options[] = {{"tp", required_argument, NULL, OPT_TP}, {"batch", required_argument, NULL, 'b'},
                                             {"targets", required_argument, NULL, OPT_TARGETS},
                                             {"donors", required_argument, NULL, OPT_DONORS},
+                                            {"ig-steps", required_argument, NULL, OPT_IG_STEPS},
                                             {"gpu-gib", required_argument, NULL, OPT_GPU_GIB}, {"json", no_argument, NULL, 'j'},
                                             CLI_HELP_OPTION, {0}};
     char msg[256];
@@ -90,6 +94,7 @@ static int parse_opts(cli_args *a, int argc, char **argv, memory_opts *o, int *e
             }
             case OPT_TARGETS: bad = cli_int_value(a, "--targets", 1, 1 << 20, &o->targets); break;
             case OPT_DONORS: bad = cli_int_value(a, "--donors", 0, 16, &o->donors); break;
+            case OPT_IG_STEPS: bad = cli_int_value(a, "--ig-steps", 1, 1 << 16, &o->ig_steps); break;
             case OPT_GPU_GIB: bad = cli_double_value(a, "--gpu-gib", 0, &o->gpu_gib); break;
             default: return *exit_status = cli_args_exit(a, c), -1;
         }
@@ -120,15 +125,17 @@ static int fill_row(const model_config *loaded, const char *path, int tp, const 
     for (int s = 0; s < o->n_seqs; s++) len[s] = o->len, nt[s] = o->targets;
     // One thread: each further cpu thread adds one attention block per donor and the current keys (L x L).
     backward_shape sh = {.n_seqs = o->n_seqs, .len = len, .n_target = nt, .n_donors = o->donors,
-                         .donor_capacity = o->len - o->targets, .edge_rules = o->donors > 0, .n_threads = 1};
+                         .donor_capacity = o->len - o->targets, .edge_rules = o->donors > 0, .n_threads = 1,
+                         .ig_steps = o->ig_steps, .ig_head_units = cfg.n_layers * cfg.n_heads * TT_TARGET};  // a type of every prompt token
     int rc = backward_bytes(&cfg, &sh, &r->bw, &err);
     free(len), free(nt);
     if (rc) {
         fprintf(stderr, "edgepatch memory: %s: %s\n", path, err.msg);
         return -1;
     }
-    r->device = r->weights + r->bw.peak + r->bw.donors;
-    r->host = 2 * r->weights + r->bw.peak + r->bw.donors;
+    size_t peak = o->ig_steps ? r->bw.peak_ig : r->bw.peak;
+    r->device = r->weights + peak + r->bw.donors;
+    r->host = 2 * r->weights + peak + r->bw.donors;
     return 0;
 }
 
@@ -160,6 +167,9 @@ static void print_json_row(const memory_row *r, const memory_opts *o, int first)
            "\"forward\": %zu, \"scratch\": %zu, \"head\": %zu, \"attention\": %zu, \"per_layer\": %zu, \"peak\": %zu}",
            b->tape_q, b->tape_dz, b->tape_cache, b->tape_meta, b->tape, b->resid, b->attn_out,
            b->dlogits, b->pass_meta, b->forward, b->scratch, b->head, b->attention, b->per_layer, b->peak);
+    if (o->ig_steps)
+        printf(", \"eap_ig\": {\"steps\": %d, \"sums\": %zu, \"path\": %zu, \"peak\": %zu}", o->ig_steps, b->ig_sums,
+               b->ig_path, b->peak_ig);
     printf(", \"donor_caches\": %zu, \"device_total\": %zu, \"gpu_bytes\": %.0f, \"fits\": %s, \"host_total_cpu\": %zu}",
            b->donors, r->device, o->gpu_gib * (1 << 30), (double)r->device <= o->gpu_gib * (1 << 30) ? "true" : "false",
            r->host);
@@ -227,8 +237,9 @@ int cmd_memory(int argc, char **argv) {
             printf("| %s | %d | %s | %s |\n", r->name, r->tp, w, kv);
         }
         printf("\nOne attribution batch per rank: %d sequences x %d tokens (%d target%s each), %d donor%s, edge rules "
-               "on; forward + backward in fp32 (backward_bytes).\n\n",
-               o.n_seqs, o.len, o.targets, o.targets == 1 ? "" : "s", o.donors, o.donors == 1 ? "" : "s");
+               "on; forward + backward in fp32 (backward_bytes)%s.\n\n",
+               o.n_seqs, o.len, o.targets, o.targets == 1 ? "" : "s", o.donors, o.donors == 1 ? "" : "s",
+               o.ig_steps ? "; EAP-IG: the peak is grad_ig_sums' (the clean tape held beside each path point's pass)" : "");
         printf("| config | tensor_parallel | backward per layer | tape | backward peak | donor caches | device total "
                "(bf16 weights) | fits %g GiB | host total, cpu backend (fp32 weights) |\n", o.gpu_gib);
         printf("|---|---|---|---|---|---|---|---|---|\n");
@@ -241,7 +252,7 @@ int cmd_memory(int argc, char **argv) {
             char pl[32], tape[32], peak[32], dn[32], dev[32], host[32], fit[64];
             print_gib(pl, sizeof pl, (double)r->bw.per_layer);
             print_gib(tape, sizeof tape, (double)r->bw.tape);
-            print_gib(peak, sizeof peak, (double)r->bw.peak);
+            print_gib(peak, sizeof peak, (double)(o.ig_steps ? r->bw.peak_ig : r->bw.peak));
             print_gib(dn, sizeof dn, (double)r->bw.donors);
             print_gib(dev, sizeof dev, (double)r->device);
             print_gib(host, sizeof host, (double)r->host);

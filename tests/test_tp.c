@@ -4,7 +4,8 @@
 // 2 and 4 ranks): every rank also loads the whole model and runs it alone (the reference), then each
 // tensor-parallel group (2 ranks, and 4 with 4 ranks: KV heads replicated) runs the same plain and
 // patched (edge rules on heads of every rank, a head unit) passes; logits and the gathered caches
-// must equal the whole model's within 1e-5 relative; so must the patched backward's loss, dL/dz of the
+// must equal the whole model's within 1e-5 relative; so must the patched pass's attention statistics
+// (entropy and mass by key type per head at the last rows), the patched backward's loss, dL/dz of the
 // rank's heads and every head and edge unit's attribution score. A perturbed shard weight must fail the
 // comparison, and so must the shard's scores without the group's sum.
 #include <math.h>
@@ -182,6 +183,45 @@ static int run_three(const model *m, const kernel_ops *ops, const batch *b, floa
     return rc;
 }
 
+// Attention statistics at each sequence's last row of the patched pass (forward_attn_stats: entropy and
+// mass by key type per head, every layer), whole model against the shard: the shard computes its own
+// heads and sums the arrays over the group. Can fail: the whole model's arrays with another rank's heads
+// zeroed (what a rank would hold without the sum) miss.
+static void check_attn_stats(const char *name, int T, int world_rank, const model *whole, const model *shard,
+                             const kv_cache *donor_whole, const kv_cache *donor_shard, const batch *b) {
+    const model_config *c = &whole->cfg;
+    enum { NT = 4 };
+    size_t n = (size_t)b->S * c->n_layers * c->n_heads;
+    float *ent = ep_calloc(4 * n * (1 + NT), sizeof(float)), *mass = ent + 2 * n;
+    int last[2] = {b->len[0] - 1, b->len[1] - 1};
+    ep_error err = {{0}};
+    int rc = 0;
+    for (int k = 0; k < 2 && rc == 0; k++) {  // k 0: whole, 1: shard
+        test_patch tp;
+        forward_patch p = make_patch(&tp, c, b, k ? donor_shard : donor_whole);
+        forward_attn_stats st = {.rows = last, .n_types = NT, .entropy = ent + k * n, .mass = mass + k * n * NT};
+        forward_batch fb = {.n_seqs = b->S, .n_new = b->len, .tokens = b->tokens, .attn_stats = &st};
+        kv_cache cache;
+        rc = kv_cache_init_backend(&cache, k ? &shard->cfg : c, b->S, 16, 0, kernel_ops_cpu(), &err) ||
+             model_forward(k ? shard : whole, kernel_ops_cpu(), &cache, &fb, &p, &err);
+        kv_cache_free(&cache);
+        free(tp.rules);
+    }
+    double ee = rc ? 1 : max_rel_error(ent + n, ent, n, 1e-6), em = rc ? 1 : max_rel_error(mass + n * NT, mass, n * NT, 1e-6);
+    check(rc == 0 && ee <= 1e-5 && em <= 1e-5, "%s T=%d rank %d: attention statistics: entropy (err %.2e), mass (err %.2e) %s",
+          name, T, world_rank, ee, em, rc ? err.msg : "");
+    if (world_rank == 0) printf("%-20s T=%d attention stats: entropy %.2e, mass %.2e (max rel error)\n", name, T, ee, em);
+    // The sibling: the whole model's entropy with the heads of the shard after this one zeroed.
+    tp_shard sh = shard->cfg.tp;
+    int other = (sh.head0 + sh.n_heads) % c->n_heads;
+    memcpy(ent + 2 * n, ent, sizeof(float) * n);
+    for (size_t i = 0; i < n / c->n_heads; i++)
+        for (int h = other; h < other + sh.n_heads; h++) ent[2 * n + i * c->n_heads + h] = 0;
+    check(rc == 0 && max_rel_error(ent + 2 * n, ent, n, 1e-6) > 1e-3,
+          "%s T=%d rank %d: statistics missing another rank's heads are noticed", name, T, world_rank);
+    free(ent);
+}
+
 // Attribution on a shard (the tapes of one patched backward over the batch with targets) against the whole
 // model's: the loss, dL/dz of the rank's heads, every head unit's and edge unit's score (donor 0, the four
 // token types). Can fail: the shard's scores without the group's sum miss the other ranks' heads.
@@ -321,6 +361,7 @@ static void check_group(const char *name, const ep_comm *world, int T) {
         check(ek <= 1e-5 && ez <= 1e-5 && gathered.kv_dim == dw.kv_dim && gathered.z_dim == dw.z_dim,
               "%s T=%d rank %d: gathered donor K/V (err %.2e) and head outputs (err %.2e)", name, T, world->rank, ek, ez);
         check_backward(name, T, world->rank, &whole, &shard, &dw, &ds, &b);
+        check_attn_stats(name, T, world->rank, &whole, &shard, &dw, &ds, &b);
         // Can fail: the last rank's shard with one changed down-projection weight.
         if (group.rank == T - 1) ((float *)shard.layers[0].w_down)[0] += 0.5f;
         kv_cache_free(&ds);

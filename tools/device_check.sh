@@ -36,6 +36,12 @@
 #                                     time ratio and the memory; one table), compute-sanitizer
 #                                     memcheck on test_ops when installed (racecheck only on request). It
 #                                     ends with the seconds each part took, to plan the next run.
+#   bash tools/device_check.sh trim   Here, right before the device call, when pack says the tree is too
+#                                     big: deletes from the working tree the tracked fixtures no part of
+#                                     the check reads (DEVICE_UNUSED: the tokenizer parity and SmolLM2
+#                                     fixtures, 22 MiB), so the device tool does not carry them, and
+#                                     prints what travels now. `git checkout -- tests/fixtures` after the
+#                                     call brings them back (they are tracked).
 #   bash tools/device_check.sh attrib-local [BACKEND]
 #                                     A dry run of the attribution rows on this machine: build/'s
 #                                     edgepatch, BACKEND (default offset; or cpu) standing in for cuda.
@@ -56,6 +62,24 @@ BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch 
 
 # The device tool carries the working tree and the carried paths, together at most 64 MiB.
 CARRY_LIMIT_MIB=64
+# Tracked paths no part of the GPU check reads (none of BINS' tests, device_check.py or the runs below).
+DEVICE_UNUSED="tests/fixtures/tokenizers tests/fixtures/smollm2"
+
+# What the device tool will carry: every file git does not ignore (and that exists), and .device.
+carried() {
+    local tree archive
+    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
+    archive=$(stat -c %s .device/device.tar.xz 2>/dev/null || echo 0)
+    awk -v t="$tree" -v a="$archive" -v l="$CARRY_LIMIT_MIB" -v w="$1" 'BEGIN {
+        m = 1048576; printf "device_check %s: working tree %.1f MiB + .device/device.tar.xz %.1f MiB = %.1f MiB (limit %d MiB)\n", w, t / m, a / m, (t + a) / m, l }'
+    [ $((tree + archive)) -le $((CARRY_LIMIT_MIB * 1048576)) ]
+}
+
+trim() {
+    rm -rf $DEVICE_UNUSED
+    carried trim || { echo "device_check trim: still over the device tool's $CARRY_LIMIT_MIB MiB" >&2; return 1; }
+    echo "device_check trim: after the device call, 'git checkout -- tests/fixtures' restores $DEVICE_UNUSED"
+}
 
 pack() {
     set -e
@@ -85,15 +109,8 @@ pack() {
     rm -rf "$stage/wheels"
     tar cf - -C "$stage" . | xz -9 -T0 > .device/device.tar.xz
     rm -rf "$stage"
-    # What the device tool will carry: every file git does not ignore, and .device.
-    local tree archive total
-    tree=$(git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null | awk '{s += $1} END {print s + 0}')
-    archive=$(stat -c %s .device/device.tar.xz)
-    total=$((tree + archive))
-    awk -v t="$tree" -v a="$archive" -v l="$CARRY_LIMIT_MIB" 'BEGIN {
-        m = 1048576; printf "device_check pack: working tree %.1f MiB + .device/device.tar.xz %.1f MiB = %.1f MiB (limit %d MiB)\n", t / m, a / m, (t + a) / m, l }'
-    if [ "$total" -gt $((CARRY_LIMIT_MIB * 1048576)) ]; then
-        echo "device_check pack: over the device tool's $CARRY_LIMIT_MIB MiB: it would not travel" >&2
+    if ! carried pack; then
+        echo "device_check pack: over the device tool's $CARRY_LIMIT_MIB MiB: it would not travel; 'bash tools/device_check.sh trim' before the call leaves out $DEVICE_UNUSED" >&2
         return 1
     fi
 }
@@ -356,6 +373,10 @@ if [ "${1:-}" = pack ]; then
     exit $?
 fi
 # A dry run of the attribution rows on this machine: build/'s edgepatch, BACKEND (offset, cpu) for cuda.
+if [ "${1:-}" = trim ]; then
+    trim
+    exit $?
+fi
 if [ "${1:-}" = attrib-local ]; then
     EP_DEVICE_LIBS= DEADLINE_S=$((SECONDS + 600))
     attrib_check build "${2:-offset}"

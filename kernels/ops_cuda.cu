@@ -293,7 +293,7 @@ enum {
     ATTN_TILE_Q = 64,
     ATTN_TILE_K = 32,
     ATTN_TILE_THREADS = 128,  // 4 warps x 16 rows
-    ATTN_MAP_THREADS = 256,
+    ATTN_MAP_THREADS = 128,
     ATTN_SPLIT_KEYS = 512,    // keys per split-K chunk (a multiple of ATTN_TILE_K)
     ATTN_TILE_MIXED = -3      // tile map code: the tile's edges do not share one code
 };
@@ -374,6 +374,7 @@ __global__ static void attention_tile_kernel(float *out, float *partial, const f
         s_q[r * ld + e] = x;
         s_o[r * ld + e] = 0.0f;
     }
+    __syncthreads();  // Q and O written before any warp reads them (even when every key tile is skipped)
 
     // The row this lane works on in the softmax and the epilogue (two lanes per row, half the columns each).
     const int rr = warp * 16 + (lane >> 1), half = lane & 1;

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds and runs the CPU emulation of the CUDA kernels (see emu.cpp). Not part of the CMake build: a
-# development aid for GPU-less machines. Takes about a minute (it starts one host thread per GPU thread).
+# development aid for GPU-less machines. Takes several minutes (one host thread per GPU thread; wmma emulated per lane): 10 min on 2 shared cores.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 tmp=$(mktemp -d)

@@ -4,7 +4,9 @@
 // cuda ms, ratio (cpu / cuda), achieved GFLOP/s where an op has a meaningful flop count, and the max
 // relative difference of the cuda result from the cpu one (a sanity check on big shapes; test_ops is
 // the correctness test). attn-patch is patched attention (edge ablation by 3 rules over 2 donors) on
-// the attention case's 16 x 128 shape. mm-bf16 is the bf16 product of a bf16 run (matmul_bf16).
+// the attention case's 16 x 128 shape. mm-bf16 is the bf16 product of a bf16 run (matmul_bf16). attn-2b,
+// patch-2b and decode-2b time attention at Gemma-2 2B's patching shape (64 x 100 tokens, and a decode step
+// over 1024 keys), the rows to set against the per-row kernel's figures in docs/cuda.md.
 //
 // Timing: each backend runs the op once untimed (the result compared), then cuda does a few more warm-up
 // calls, then `reps` calls are timed together and closed by the backend's sync; the cpu gets fewer reps
@@ -40,7 +42,7 @@ typedef struct {
     int rows, n_in, n_out, dim, stride, n_heads, head_dim, rot_dim, has_bias;
     size_t n;
     act_kind act;
-    attn_seq seqs[16];
+    attn_seq seqs[64];
     int n_seqs;
     attn_params ap;
     int32_t *types, *index;  // patched attention: one ICL-like layout shared by all sequences, owned
@@ -272,6 +274,12 @@ int main(void) {
         // Few queries over a long cache, window shorter than the cache: the decode-like shape.
         attention_case("attention", 4, 4, 3071, 2048),
         patched_case("attn-patch", 16, 128),
+        // Gemma-2 2B at the patch stage's shape (64 prompts of 100 tokens; 8 heads, 4 kv heads of 256, softcap 50):
+        // the tiled tensor-core kernel's rows (docs/cuda.md, "Attention"), plain and patched, and decoding one
+        // token per prompt over 1024 cached keys (split-K).
+        attention_case("attn-2b", 64, 100, 99, 0),
+        patched_case("patch-2b", 64, 100),
+        attention_case("decode-2b", 64, 1, 1023, 0),
     };
     int n_cases = (int)(sizeof cases / sizeof cases[0]);
 

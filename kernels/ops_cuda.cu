@@ -15,6 +15,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <mma.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -25,6 +26,8 @@ extern "C" {
 #include "kernels/ops_common.h"
 #include "kernels/alloc.h"
 }
+
+using namespace nvcuda;  // wmma (tools/cuda_emu has its own)
 
 // ---------------------------------------------------------------------------------------------------
 // Error checks
@@ -64,8 +67,13 @@ typedef struct {
     char unusable[256];      // why a present device is not usable ("" if none is present, or it is usable)
     cublasHandle_t blas;
     cudaStream_t stream;
-    void *attn_rows;         // device buffer of attention row descriptors (int4), grown on demand
+    void *attn_rows;         // device buffer of attention's attn_tile items (and combine items), grown on demand
     size_t attn_rows_cap;    // in bytes
+    void *attn_map;          // device buffer of patched attention's tile map (attn_tile_map_kernel)
+    size_t attn_map_cap;     // in bytes
+    void *attn_partial;      // device buffer of split-K partial results
+    size_t attn_partial_cap; // in bytes
+    int attn_smem_max;       // the device's shared memory per block (opt-in), bytes
     void *patch_buf;         // device buffer of patched attention's rules, sequences, types (attn_patch)
     size_t patch_cap;        // in bytes
     void *bf16_x;            // device buffer of matmul_bf16's input rounded to bf16, grown on demand
@@ -82,7 +90,7 @@ static cuda_context ctx;
 static pthread_once_t ctx_once = PTHREAD_ONCE_INIT;
 
 // Threads per block for the row and attention kernels: a multiple of the warp size.
-enum { ROW_THREADS = 256, ATTN_THREADS = 128, ATTN_CHUNK = 1024, POINTWISE_THREADS = 256 };
+enum { ROW_THREADS = 256, ATTN_THREADS = 128, POINTWISE_THREADS = 256 };
 
 // ---------------------------------------------------------------------------------------------------
 // Reductions (blockDim.x must be a multiple of 32, at most 1024)
@@ -249,102 +257,326 @@ __device__ static int patch_source(const attn_patch &patch, int4 sd, int h, int 
     return EDGE_CLEAN;
 }
 
-// Attention: one block per (query row, head); blockIdx.x picks the row descriptor, blockIdx.y the head.
-// A row descriptor is {q/out row, query position i, kv_row of its sequence, sequence index}. The query sees
-// keys j0 .. i (j0 > 0 only with a window), taken in chunks of ATTN_CHUNK with an online softmax: per chunk the
-// scores go to shared memory (one warp per key, lanes over head_dim), then the running max, sum and
-// output accumulator are rescaled to the new max. The accumulator lives in shared memory, each thread
-// owning the entries e = threadIdx.x, threadIdx.x + blockDim.x, ...
+// Attention: a FlashAttention-2-style forward on tensor cores (docs/cuda.md, "Attention").
 //
-// PATCHED (patched attention): the warp that scores key j also picks the edge's code with patch_source
-// and records it in s_src; the key comes from its key source and the value pass reads its value source
-// (donor dn's row donor_row + j, or the current row kv_row + j; they differ under a k- or v-only rule).
-// A removed edge scores -inf; a chunk (or a whole row) of removed edges adds nothing, and a row with
-// nothing left outputs 0. Plain attention (PATCHED false) ignores `patch`.
+// Work is cut into query tiles. A sequence's query rows are flattened with the query heads of one KV head
+// g: tile row r of the sequence is (query position q_pos + r / group, head g * group + r % group), so the
+// heads of a GQA group share every K/V tile they read. A tile has ATTN_TILE_Q rows (the last one of a
+// sequence fewer); its keys are the union of what its rows see (causal, window), cut into key tiles of
+// ATTN_TILE_K positions. One block per attn_tile item (a query tile, a KV head and a key range), four
+// warps, warp w owning tile rows 16w .. 16w + 15. Per key tile: K staged in shared memory, S = Q K^T on
+// tensor cores, the online softmax in fp32 per row (scale, softcap, causal/window mask), V staged, O +=
+// P V on tensor cores; O (unnormalized) and Q live in shared memory, each row's running max and sum in
+// the registers of the two lanes that own the row.
 //
-// Dynamic shared memory: q[d], acc[d], score[ATTN_CHUNK], and when PATCHED src[ATTN_CHUNK] (ints).
-template <bool PATCHED>
-__global__ static void attention_kernel(float *out, const float *q, const float *k, const float *v, const int4 *rows,
-                                        int group, int d, int q_stride, int kv_stride, float scale, float softcap,
-                                        int window, const attn_patch patch) {
-    extern __shared__ float smem[];
-    __shared__ float scratch[32];
-    float *s_q = smem, *s_acc = smem + d, *s_score = smem + 2 * d;
-    int *s_src = (int *)(smem + 2 * d + ATTN_CHUNK);  // used only when PATCHED
-    int4 row = rows[blockIdx.x];
-    int h = blockIdx.y, g = h / group;
-    int i = row.y, kv_row = row.z;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
-    int4 sd = make_int4(0, 0, 0, 0);  // the sequence's patch descriptor
-    if (PATCHED) sd = patch.seqs[row.w];
-    int donor_row = sd.x;
+// Precision: wmma tf32 fragments (m16n16k8) with fp32 accumulation, split three ways (3xTF32: x = big +
+// small, both tf32; big*big + big*small + small*big), which keeps about 22 of fp32's 24 bits: one pass of
+// tf32 misses test_ops' 2e-5 by far (tools/cuda_emu measures both). Attention is fp32 in fp32 and bf16
+// runs alike (docs/cuda.md, "bf16 runs"), so there is one instantiation for both.
+//
+// Split-K (decoding): a sequence whose rows fit one query tile and whose keys are longer than
+// ATTN_SPLIT_KEYS has its key range cut into chunks of ATTN_SPLIT_KEYS keys, one item each; an item with
+// split >= 0 writes its unnormalized O, max and sum to the partial buffer instead of out, and
+// attn_split_combine_kernel merges the chunks in a fixed order. Whether a sequence is split depends on its
+// own shape only (n_q, group, keys), never on the batch or the device.
+//
+// PATCHED: the edge rules were turned into a tile map before the launch (attn_tile_map_kernel, once per
+// call, i.e. per layer): per key tile of an item one int4 {code, key sources, value sources, 0} where
+// code is the edge code shared by every visible edge of the tile (kernels/edge_rule.h: EDGE_CLEAN,
+// EDGE_REMOVED or a donor code) or ATTN_TILE_MIXED, and the source masks have bit 0 for the current pass
+// and bit 1 + d for donor d. The kernel reads each key source's tile once and computes S from it (a mixed
+// tile takes each element from the source its code names, codes[r * ATTN_TILE_K + c] from the map), and
+// adds P V per value source (a mixed tile's P masked to the elements reading that source). A uniform
+// EDGE_REMOVED tile is skipped; a removed element of a mixed tile scores -inf; a row with nothing left
+// outputs 0. No edge_lookup runs in this kernel.
+enum {
+    ATTN_TILE_Q = 64,
+    ATTN_TILE_K = 32,
+    ATTN_TILE_THREADS = 128,  // 4 warps x 16 rows
+    ATTN_MAP_THREADS = 128,
+    ATTN_SPLIT_KEYS = 512,    // keys per split-K chunk (a multiple of ATTN_TILE_K)
+    ATTN_TILE_MIXED = -3      // tile map code: the tile's edges do not share one code
+};
 
-    const float *qv = q + (size_t)row.x * q_stride + (size_t)h * d;
-    for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        s_q[e] = qv[e];
-        s_acc[e] = 0.0f;
+// One block's work. Rows row0 .. row0 + n_rows - 1 of sequence seq's flattened rows for KV head kv_head,
+// keys key_lo .. key_hi - 1; map_off: its first key tile in the tile map; split: -1 (write out) or its
+// partial slot; n_split: in a combine item, the number of chunks (slots split .. split + n_split - 1).
+typedef struct {
+    int seq, kv_head, row0, n_rows, key_lo, key_hi, map_off, split, n_split, q_row, q_pos, kv_row;
+} attn_tile;
+
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> attn_frag_a;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::col_major> attn_frag_bt;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> attn_frag_b;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 8, float> attn_frag_acc;
+
+// x (loaded) -> big + small, both tf32 (small = the rounding error of big, itself rounded).
+template <typename F> __device__ static void tf32_split(F &big, F &small, const F &x) {
+    for (int t = 0; t < x.num_elements; t++) {
+        float b = wmma::__float_to_tf32(x.x[t]);
+        big.x[t] = b;
+        small.x[t] = wmma::__float_to_tf32(x.x[t] - b);
     }
-    __syncthreads();
-
-    int j0 = window > 0 && i - window + 1 > 0 ? i - window + 1 : 0;
-    float m = -INFINITY, l = 0.0f;  // running max and sum of exp(score - m); the same in every thread
-    for (int c0 = j0; c0 <= i; c0 += ATTN_CHUNK) {
-        int cn = i - c0 + 1 < ATTN_CHUNK ? i - c0 + 1 : ATTN_CHUNK;
-        for (int jj = warp; jj < cn; jj += n_warps) {
-            const float *kj = k + (size_t)(kv_row + c0 + jj) * kv_stride + (size_t)g * d;
-            int code = EDGE_CLEAN;
-            if (PATCHED) {
-                code = patch_source(patch, sd, h, i, c0 + jj);
-                int dn = edge_key_donor(code);
-                if (dn >= 0) kj = patch.donor_k[dn] + (size_t)(donor_row + c0 + jj) * kv_stride + (size_t)g * d;
-                if (lane == 0) s_src[jj] = code;
-            }
-            float dot = 0.0f;
-            for (int e = lane; e < d; e += 32) dot += s_q[e] * kj[e];
-            dot = warp_sum(dot) * scale;
-            if (softcap > 0.0f) dot = softcap * tanhf(dot / softcap);
-            if (PATCHED && code == EDGE_REMOVED) dot = -INFINITY;
-            if (lane == 0) s_score[jj] = dot;
-        }
-        __syncthreads();
-        float cmax = -INFINITY;
-        for (int jj = threadIdx.x; jj < cn; jj += blockDim.x) cmax = fmaxf(cmax, s_score[jj]);
-        cmax = block_max(cmax, scratch);  // its barriers also order the score writes before the reads below
-        float m_new = fmaxf(m, cmax);
-        // 0 on the first chunk (m = -inf); 1 while every edge so far is removed (m = m_new = -inf)
-        float corr = m_new == -INFINITY ? 1.0f : expf(m - m_new);
-        float csum = 0.0f;
-        for (int jj = threadIdx.x; jj < cn; jj += blockDim.x) {
-            float p = m_new == -INFINITY ? 0.0f : expf(s_score[jj] - m_new);
-            s_score[jj] = p;
-            csum += p;
-        }
-        csum = block_sum(csum, scratch);  // its barriers publish the exponentiated scores
-        l = l * corr + csum;
-        for (int e = threadIdx.x; e < d; e += blockDim.x) {
-            float a = 0.0f;
-            if (PATCHED) {
-                for (int jj = 0; jj < cn; jj++) {
-                    int dn = edge_value_donor(s_src[jj]);
-                    const float *vj = dn >= 0 ? patch.donor_v[dn] + (size_t)(donor_row + c0 + jj) * kv_stride
-                                              : v + (size_t)(kv_row + c0 + jj) * kv_stride;
-                    a += s_score[jj] * vj[(size_t)g * d + e];
-                }
-            } else {
-                const float *ve = v + (size_t)(kv_row + c0) * kv_stride + (size_t)g * d + e;
-                for (int jj = 0; jj < cn; jj++) a += s_score[jj] * ve[(size_t)jj * kv_stride];
-            }
-            s_acc[e] = s_acc[e] * corr + a;
-        }
-        m = m_new;
-        __syncthreads();  // all reads of s_score (and s_src) done before the next chunk writes them
-    }
-
-    float *o = out + (size_t)row.x * q_stride + (size_t)h * d;
-    float inv = l > 0.0f ? 1.0f / l : 0.0f;  // every edge removed: 0
-    for (int e = threadIdx.x; e < d; e += blockDim.x) o[e] = s_acc[e] * inv;
 }
 
+// acc += a b, 3xTF32 (X3) or one tf32 pass (tools/cuda_emu's precision measurement only).
+template <bool X3, typename FA, typename FB>
+__device__ static void tf32_mma(attn_frag_acc &acc, const FA &a_big, const FA &a_small, const FB &b_big,
+                                const FB &b_small) {
+    if (X3) {
+        wmma::mma_sync(acc, a_small, b_big, acc);
+        wmma::mma_sync(acc, a_big, b_small, acc);
+    }
+    wmma::mma_sync(acc, a_big, b_big, acc);
+}
+
+// Shared memory of attention_tile_kernel, in floats: Q, O (ATTN_TILE_Q x ld), one K/V tile (ATTN_TILE_K x
+// ld), S and a scratch tile (ATTN_TILE_Q x (ATTN_TILE_K + 4)); ld = head_dim rounded up to 16, + 4.
+__host__ __device__ static int attn_tile_ld(int d) { return (d + 15) / 16 * 16 + 4; }
+__host__ __device__ static size_t attn_tile_smem_floats(int d) {
+    return (size_t)attn_tile_ld(d) * (2 * ATTN_TILE_Q + ATTN_TILE_K) + 2 * (size_t)ATTN_TILE_Q * (ATTN_TILE_K + 4);
+}
+
+// The K or V tile of key positions j0 .. j0 + nk - 1 from source src (0: the current pass, 1 + d: donor d)
+// into s_kv, zero beyond nk rows and head_dim columns (zeros, never garbage: 0 * NaN would be NaN).
+template <bool PATCHED>
+__device__ static void attn_stage_kv(float *s_kv, int ld, int dp, const float *cur, const float *const *donor, int src,
+                                     int row_cur, int row_donor, int j0, int nk, int kv_stride, int g, int d) {
+    const float *base = !PATCHED || src == 0 ? cur + (size_t)(row_cur + j0) * kv_stride
+                                             : donor[src - 1] + (size_t)(row_donor + j0) * kv_stride;
+    base += (size_t)g * d;
+    for (int idx = threadIdx.x; idx < ATTN_TILE_K * dp; idx += blockDim.x) {
+        int c = idx / dp, e = idx - c * dp;
+        s_kv[c * ld + e] = c < nk && e < d ? base[(size_t)c * kv_stride + e] : 0.0f;
+    }
+}
+
+template <bool PATCHED, bool X3>
+__global__ static void attention_tile_kernel(float *out, float *partial, const float *q, const float *k,
+                                             const float *v, const attn_tile *tiles, int group, int d, int q_stride,
+                                             int kv_stride, float scale, float softcap, int window,
+                                             const attn_patch patch, const int4 *map_info,
+                                             const signed char *map_codes) {
+    extern __shared__ __align__(128) float attn_smem[];
+    const attn_tile t = tiles[blockIdx.x];
+    const int ld = attn_tile_ld(d), dp = ld - 4, lds = ATTN_TILE_K + 4;
+    float *s_q = attn_smem, *s_o = s_q + ATTN_TILE_Q * ld, *s_kv = s_o + ATTN_TILE_Q * ld;
+    float *s_s = s_kv + ATTN_TILE_K * ld, *s_t = s_s + ATTN_TILE_Q * lds;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = t.kv_head;
+    int donor_row = 0;
+    if (PATCHED) donor_row = patch.seqs[t.seq].x;
+
+    for (int idx = threadIdx.x; idx < ATTN_TILE_Q * dp; idx += blockDim.x) {
+        int r = idx / dp, e = idx - r * dp, fr = t.row0 + r;
+        float x = 0.0f;
+        if (r < t.n_rows && e < d)
+            x = q[(size_t)(t.q_row + fr / group) * q_stride + (size_t)(g * group + fr % group) * d + e];
+        s_q[r * ld + e] = x;
+        s_o[r * ld + e] = 0.0f;
+    }
+    __syncthreads();  // Q and O written before any warp reads them (even when every key tile is skipped)
+
+    // The row this lane works on in the softmax and the epilogue (two lanes per row, half the columns each).
+    const int rr = warp * 16 + (lane >> 1), half = lane & 1;
+    const int pos = t.q_pos + (t.row0 + rr) / group;  // its query position
+    const bool row_ok = rr < t.n_rows;
+    float m = -INFINITY, l = 0.0f;  // running max and sum of exp(s - m) of row rr (both lanes)
+    float *wq = s_q + warp * 16 * ld, *wo = s_o + warp * 16 * ld, *ws = s_s + warp * 16 * lds, *wt = s_t + warp * 16 * lds;
+
+    const int n_kt = (t.key_hi - t.key_lo + ATTN_TILE_K - 1) / ATTN_TILE_K;
+    for (int kt = 0; kt < n_kt; kt++) {
+        const int j0 = t.key_lo + kt * ATTN_TILE_K;
+        const int nk = t.key_hi - j0 < ATTN_TILE_K ? t.key_hi - j0 : ATTN_TILE_K;
+        int code = EDGE_CLEAN, kmask = 1, vmask = 1;
+        const signed char *codes = NULL;
+        if (PATCHED) {
+            int4 info = map_info[t.map_off + kt];  // the same for the whole block: no divergent barriers
+            code = info.x, kmask = info.y, vmask = info.z;
+            if (code == EDGE_REMOVED) continue;  // every visible edge of the tile removed
+            if (code == ATTN_TILE_MIXED) codes = map_codes + (size_t)(t.map_off + kt) * ATTN_TILE_Q * ATTN_TILE_K;
+        }
+        const bool mixed = PATCHED && codes != NULL;
+
+        // S = Q K^T, once per key source; a mixed tile keeps each element from the source its code names
+        for (int src = 0; src <= ATTN_MAX_DONORS; src++) {
+            if (!((kmask >> src) & 1)) continue;
+            __syncthreads();  // the previous readers of s_kv are done
+            attn_stage_kv<PATCHED>(s_kv, ld, dp, k, patch.donor_k, src, t.kv_row, donor_row, j0, nk, kv_stride, g, d);
+            __syncthreads();
+            attn_frag_acc acc[ATTN_TILE_K / 16];
+            for (int n = 0; n < ATTN_TILE_K / 16; n++) wmma::fill_fragment(acc[n], 0.0f);
+            for (int kk = 0; kk < dp; kk += 8) {
+                attn_frag_a a, ab, as;
+                wmma::load_matrix_sync(a, wq + kk, ld);
+                tf32_split(ab, as, a);
+                for (int n = 0; n < ATTN_TILE_K / 16; n++) {
+                    attn_frag_bt b, bb, bs;
+                    wmma::load_matrix_sync(b, s_kv + n * 16 * ld + kk, ld);
+                    tf32_split(bb, bs, b);
+                    tf32_mma<X3>(acc[n], ab, as, bb, bs);
+                }
+            }
+            for (int n = 0; n < ATTN_TILE_K / 16; n++)
+                wmma::store_matrix_sync((mixed ? wt : ws) + n * 16, acc[n], lds, wmma::mem_row_major);
+            if (mixed) {
+                __syncwarp();
+                for (int idx = lane; idx < 16 * ATTN_TILE_K; idx += 32) {
+                    int r = idx / ATTN_TILE_K, c = idx - r * ATTN_TILE_K;
+                    int cd = codes[(warp * 16 + r) * ATTN_TILE_K + c];
+                    if (cd != EDGE_REMOVED && edge_key_donor(cd) + 1 == src) ws[r * lds + c] = wt[r * lds + c];
+                }
+            }
+        }
+        __syncwarp();
+
+        // online softmax of row rr over this tile's columns half * 16 .. + 15
+        float sv[16], mx = -INFINITY;
+        for (int c = 0; c < 16; c++) {
+            int cc = half * 16 + c, j = j0 + cc;
+            bool vis = row_ok && cc < nk && j <= pos && (window <= 0 || pos - j < window);
+            if (mixed && vis && codes[rr * ATTN_TILE_K + cc] == EDGE_REMOVED) vis = false;
+            float s = ws[(lane >> 1) * lds + cc] * scale;
+            if (softcap > 0.0f) s = softcap * tanhf(s / softcap);
+            sv[c] = vis ? s : -INFINITY;
+            mx = fmaxf(mx, sv[c]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        float m_new = fmaxf(m, mx);
+        // 0 on the first visible tile (m = -inf); 1 while every edge so far is removed (m = m_new = -inf)
+        float corr = m_new == -INFINITY ? 1.0f : expf(m - m_new), sum = 0.0f;
+        for (int c = 0; c < 16; c++) {
+            float p = m_new == -INFINITY ? 0.0f : expf(sv[c] - m_new);
+            ws[(lane >> 1) * lds + half * 16 + c] = p;
+            sum += p;
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        l = l * corr + sum;
+        m = m_new;
+        for (int e = half * (dp / 2); e < (half + 1) * (dp / 2); e++) wo[(lane >> 1) * ld + e] *= corr;
+
+        // O += P V, once per value source (a mixed tile's P masked to the elements reading it)
+        for (int src = 0; src <= ATTN_MAX_DONORS; src++) {
+            if (!((vmask >> src) & 1)) continue;
+            __syncthreads();  // s_kv's readers done; every warp's P and rescaled O written
+            attn_stage_kv<PATCHED>(s_kv, ld, dp, v, patch.donor_v, src, t.kv_row, donor_row, j0, nk, kv_stride, g, d);
+            if (mixed)
+                for (int idx = lane; idx < 16 * ATTN_TILE_K; idx += 32) {
+                    int r = idx / ATTN_TILE_K, c = idx - r * ATTN_TILE_K;
+                    int cd = codes[(warp * 16 + r) * ATTN_TILE_K + c];
+                    wt[r * lds + c] = cd != EDGE_REMOVED && edge_value_donor(cd) + 1 == src ? ws[r * lds + c] : 0.0f;
+                }
+            __syncthreads();
+            const float *wp = mixed ? wt : ws;
+            attn_frag_a pb[ATTN_TILE_K / 8], ps[ATTN_TILE_K / 8];
+            for (int kk = 0; kk < ATTN_TILE_K / 8; kk++) {
+                attn_frag_a a;
+                wmma::load_matrix_sync(a, wp + kk * 8, lds);
+                tf32_split(pb[kk], ps[kk], a);
+            }
+            for (int n = 0; n < dp; n += 16) {
+                attn_frag_acc acc;
+                wmma::load_matrix_sync(acc, wo + n, ld, wmma::mem_row_major);
+                for (int kk = 0; kk < ATTN_TILE_K / 8; kk++) {
+                    attn_frag_b b, bb, bs;
+                    wmma::load_matrix_sync(b, s_kv + kk * 8 * ld + n, ld);
+                    tf32_split(bb, bs, b);
+                    tf32_mma<X3>(acc, pb[kk], ps[kk], bb, bs);
+                }
+                wmma::store_matrix_sync(wo + n, acc, ld, wmma::mem_row_major);
+            }
+            __syncwarp();
+        }
+    }
+    __syncwarp();
+
+    if (!row_ok) return;
+    const int fr = t.row0 + rr;
+    const int e0 = half * (dp / 2), e1 = (half + 1) * (dp / 2) < d ? (half + 1) * (dp / 2) : d;
+    if (t.split < 0) {
+        float *o = out + (size_t)(t.q_row + fr / group) * q_stride + (size_t)(g * group + fr % group) * d;
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;  // every edge removed: 0
+        for (int e = e0; e < e1; e++) o[e] = wo[(lane >> 1) * ld + e] * inv;
+    } else {
+        float *o = partial + ((size_t)t.split * ATTN_TILE_Q + rr) * (size_t)(d + 2);
+        for (int e = e0; e < e1; e++) o[e] = wo[(lane >> 1) * ld + e];
+        if (half == 0) o[d] = m, o[d + 1] = l;
+    }
+}
+
+// Split-K: one block per combine item (a query tile whose key range was cut into n_split chunks), threads over
+// (row, column): the chunks' partial {O, max, sum} merged to the common max, in chunk order.
+__global__ static void attn_split_combine_kernel(float *out, const float *partial, const attn_tile *items, int group,
+                                                 int d, int q_stride) {
+    const attn_tile t = items[blockIdx.x];
+    for (int idx = threadIdx.x; idx < t.n_rows * d; idx += blockDim.x) {
+        int r = idx / d, e = idx - r * d, fr = t.row0 + r;
+        float mx = -INFINITY;
+        for (int s = 0; s < t.n_split; s++)
+            mx = fmaxf(mx, partial[((size_t)(t.split + s) * ATTN_TILE_Q + r) * (size_t)(d + 2) + d]);
+        float sum = 0.0f, acc = 0.0f;
+        if (mx > -INFINITY)
+            for (int s = 0; s < t.n_split; s++) {
+                const float *p = partial + ((size_t)(t.split + s) * ATTN_TILE_Q + r) * (size_t)(d + 2);
+                if (p[d] == -INFINITY) continue;  // a chunk with nothing visible (or every edge removed)
+                float w = expf(p[d] - mx);
+                sum += p[d + 1] * w;
+                acc += p[e] * w;
+            }
+        out[(size_t)(t.q_row + fr / group) * q_stride + (size_t)(t.kv_head * group + fr % group) * d + e] =
+            sum > 0.0f ? acc / sum : 0.0f;
+    }
+}
+
+template <typename T> __device__ static T warp_reduce_int(T v, int op) {  // op 0: min, 1: max, 2: or
+    for (int o = 16; o > 0; o >>= 1) {
+        T w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = op == 0 ? (w < v ? w : v) : op == 1 ? (w > v ? w : v) : (v | w);
+    }
+    return v;
+}
+
+// The tile map of patched attention: one block per map tile (an item's key tile, found by binary search over
+// the items' map_off), one edge code per (tile row, key) from patch_source (the visible edges; others
+// EDGE_CLEAN, never read), then the tile's summary {the shared code or ATTN_TILE_MIXED, key source mask,
+// value source mask, 0} over its visible edges (a tile with none: {EDGE_CLEAN, 0, 0}).
+__global__ static void attn_tile_map_kernel(int4 *info, signed char *codes, const attn_tile *tiles, int n_items,
+                                            int group, int window, const attn_patch patch) {
+    __shared__ int red[4][32];
+    int lo = 0, hi = n_items - 1;
+    while (lo < hi) {  // the last item with map_off <= blockIdx.x
+        int mid = (lo + hi + 1) / 2;
+        if (tiles[mid].map_off <= (int)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const attn_tile t = tiles[lo];
+    const int kt = (int)blockIdx.x - t.map_off, j0 = t.key_lo + kt * ATTN_TILE_K;
+    const int4 sd = patch.seqs[t.seq];
+    signed char *tc = codes + (size_t)blockIdx.x * ATTN_TILE_Q * ATTN_TILE_K;
+    int cmin = 0x7fffffff, cmax = -0x7fffffff, kmask = 0, vmask = 0;
+    for (int idx = threadIdx.x; idx < ATTN_TILE_Q * ATTN_TILE_K; idx += blockDim.x) {
+        int r = idx / ATTN_TILE_K, c = idx - r * ATTN_TILE_K, fr = t.row0 + r, j = j0 + c;
+        int i = t.q_pos + fr / group, h = t.kv_head * group + fr % group;
+        bool vis = r < t.n_rows && j < t.key_hi && j <= i && (window <= 0 || i - j < window);
+        int code = vis ? patch_source(patch, sd, h, i, j) : EDGE_CLEAN;
+        tc[idx] = (signed char)code;
+        if (!vis) continue;
+        cmin = code < cmin ? code : cmin, cmax = code > cmax ? code : cmax;
+        if (code != EDGE_REMOVED) kmask |= 1 << (edge_key_donor(code) + 1), vmask |= 1 << (edge_value_donor(code) + 1);
+    }
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    cmin = warp_reduce_int(cmin, 0), cmax = warp_reduce_int(cmax, 1);
+    kmask = warp_reduce_int(kmask, 2), vmask = warp_reduce_int(vmask, 2);
+    if (lane == 0) red[0][warp] = cmin, red[1][warp] = cmax, red[2][warp] = kmask, red[3][warp] = vmask;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            cmin = red[0][w] < cmin ? red[0][w] : cmin, cmax = red[1][w] > cmax ? red[1][w] : cmax;
+            kmask |= red[2][w], vmask |= red[3][w];
+        }
+        int code = cmin > cmax ? EDGE_CLEAN : cmin == cmax ? cmin : ATTN_TILE_MIXED;
+        info[blockIdx.x] = make_int4(code, kmask, vmask, 0);
+    }
+}
 // ---------------------------------------------------------------------------------------------------
 // Gradient kernels (kernels/ops.h, the gradient ops): as simple as the forward's, one block per row for
 // the norms, one thread per element for the pointwise ops; the attention backward in two kernels
@@ -782,6 +1014,52 @@ static void attn_rows_fill(int4 *rows, const attn_seq *seqs, int n_seqs) {
             rows[r] = make_int4(seqs[s].q_row + qi, seqs[s].q_pos + qi, seqs[s].kv_row, s);
 }
 
+// The attention_tile_kernel items of a call (see attn_tile): per sequence with queries, its n_q * group
+// flattened rows in query tiles of ATTN_TILE_Q, each tile's key range the union of what its rows see, cut
+// into split-K chunks of ATTN_SPLIT_KEYS when the sequence has a single tile and more keys than that; one
+// item per (tile, chunk, KV head). Combine items: one per split (tile, KV head), with split = its first
+// partial slot and n_split its chunks. Counts only when items / combine are NULL.
+typedef struct {
+    size_t n_items, n_map_tiles, n_partials, n_combine;
+} attn_tiles_layout;
+
+static attn_tiles_layout attn_tiles_fill(attn_tile *items, attn_tile *combine, const attn_seq *seqs, int n_seqs,
+                                         int group, int n_kv_heads, int window) {
+    attn_tiles_layout lay = {0, 0, 0, 0};
+    for (int s = 0; s < n_seqs; s++) {
+        const attn_seq *sq = &seqs[s];
+        if (sq->n_q <= 0) continue;
+        int rows = sq->n_q * group;
+        for (int r0 = 0; r0 < rows; r0 += ATTN_TILE_Q) {
+            int n_rows = rows - r0 < ATTN_TILE_Q ? rows - r0 : ATTN_TILE_Q;
+            int p_first = sq->q_pos + r0 / group, p_last = sq->q_pos + (r0 + n_rows - 1) / group;
+            int key_lo = window > 0 && p_first - window + 1 > 0 ? p_first - window + 1 : 0, key_hi = p_last + 1;
+            int chunk = rows <= ATTN_TILE_Q && key_hi - key_lo > ATTN_SPLIT_KEYS ? ATTN_SPLIT_KEYS : key_hi - key_lo;
+            int n_chunks = (key_hi - key_lo + chunk - 1) / chunk;
+            for (int g = 0; g < n_kv_heads; g++) {
+                attn_tile t = {s, g, r0, n_rows, key_lo, key_hi, 0, -1, 0, sq->q_row, sq->q_pos, sq->kv_row};
+                if (n_chunks > 1) {
+                    t.split = (int)lay.n_partials, t.n_split = n_chunks;
+                    if (combine) combine[lay.n_combine] = t;
+                    lay.n_combine++;
+                }
+                for (int c = 0; c < n_chunks; c++) {
+                    attn_tile it = t;
+                    it.key_lo = key_lo + c * chunk;
+                    it.key_hi = it.key_lo + chunk < key_hi ? it.key_lo + chunk : key_hi;
+                    it.map_off = (int)lay.n_map_tiles;
+                    it.split = n_chunks > 1 ? (int)lay.n_partials++ : -1;
+                    it.n_split = 0;
+                    if (items) items[lay.n_items] = it;
+                    lay.n_items++;
+                    lay.n_map_tiles += (size_t)((it.key_hi - it.key_lo + ATTN_TILE_K - 1) / ATTN_TILE_K);
+                }
+            }
+        }
+    }
+    return lay;
+}
+
 // Where the parts of the patch buffer (see attn_patch) start, in bytes.
 typedef struct {
     size_t off_seqs, off_ints, bytes, n_ints;
@@ -884,10 +1162,6 @@ static unsigned pointwise_blocks(size_t n) {
     size_t b = (n + POINTWISE_THREADS - 1) / POINTWISE_THREADS;
     const size_t max_blocks = 65536;  // grid-stride loops cover the rest
     return (unsigned)(b < max_blocks ? b : max_blocks);
-}
-
-static size_t attention_smem_bytes(int d, bool patched) {
-    return sizeof(float) * (2 * (size_t)d + ATTN_CHUNK) + (patched ? sizeof(int) * ATTN_CHUNK : 0);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -1012,45 +1286,69 @@ static void cuda_matmul_bf16(float *out, const float *x, const uint16_t *w, cons
     }
 }
 
-// Plain (patch NULL) or patched attention: uploads one descriptor per query row and launches the kernel.
+// Plain (patch NULL) or patched attention: uploads the call's attn_tile items (and split-K combine items),
+// builds the tile map when patched, launches the tile kernel and, for split sequences, the combine kernel.
 static void attention_launch(float *out, const float *q, const float *k, const float *v, const attn_seq *seqs,
                              int n_seqs, const attn_params *p, const attn_patch *patch) {
-    size_t total_q = 0;
-    for (int s = 0; s < n_seqs; s++) total_q += seqs[s].n_q > 0 ? (size_t)seqs[s].n_q : 0;
-    if (total_q == 0 || p->n_heads <= 0) return;
-    if (total_q > 0x7fffffffu || p->n_heads > 65535) {
-        ops_fatal("edgepatch: CUDA error attention grid %zu rows x %d heads is too large at %s:%d", total_q,
-                  p->n_heads, __FILE__, __LINE__);
+    if (p->n_heads <= 0 || p->n_kv_heads <= 0) return;
+    int group = p->n_heads / p->n_kv_heads, d = p->head_dim;
+    attn_tiles_layout lay = attn_tiles_fill(NULL, NULL, seqs, n_seqs, group, p->n_kv_heads, p->window);
+    if (lay.n_items == 0) return;
+    if (lay.n_items > 0x7fffffffu || lay.n_map_tiles > 0x7fffffffu || lay.n_combine > 0x7fffffffu) {
+        ops_fatal("edgepatch: CUDA error attention with %zu query tiles, %zu key tiles is too large at %s:%d",
+                  lay.n_items, lay.n_map_tiles, __FILE__, __LINE__);
     }
-    size_t smem = attention_smem_bytes(p->head_dim, patch != NULL);
-    if (smem > 48 * 1024) {  // head_dim above ~5000: far beyond any model this serves
-        ops_fatal("edgepatch: CUDA error attention head_dim %d needs %zu bytes of shared memory at %s:%d",
-                  p->head_dim, smem, __FILE__, __LINE__);
+    size_t smem = sizeof(float) * attn_tile_smem_floats(d);
+    if (d <= 0 || smem > (size_t)ctx.attn_smem_max) {  // head_dim above ~290: beyond any model this serves
+        ops_fatal("edgepatch: CUDA error attention head_dim %d needs %zu bytes of shared memory (the device has %d) "
+                  "at %s:%d", d, smem, ctx.attn_smem_max, __FILE__, __LINE__);
     }
 
-    int4 *host_rows = (int4 *)kernel_malloc(sizeof(int4) * total_q);
-    attn_rows_fill(host_rows, seqs, n_seqs);
-    device_buffer_reserve(&ctx.attn_rows, &ctx.attn_rows_cap, sizeof(int4) * total_q, sizeof(int4) * 4096);
+    size_t item_bytes = sizeof(attn_tile) * (lay.n_items + lay.n_combine);
+    attn_tile *host = (attn_tile *)kernel_malloc(item_bytes);
+    attn_tiles_fill(host, host + lay.n_items, seqs, n_seqs, group, p->n_kv_heads, p->window);
+    device_buffer_reserve(&ctx.attn_rows, &ctx.attn_rows_cap, item_bytes, sizeof(attn_tile) * 4096);
     // Stream-ordered after earlier kernels that read the buffer; a copy from pageable memory has taken
-    // the source by the time it returns, so host_rows can be freed at once.
-    CUDA_CHECK(cudaMemcpyAsync(ctx.attn_rows, host_rows, sizeof(int4) * total_q, cudaMemcpyHostToDevice, ctx.stream));
-    free(host_rows);
+    // the source by the time it returns, so the host image can be freed at once.
+    CUDA_CHECK(cudaMemcpyAsync(ctx.attn_rows, host, item_bytes, cudaMemcpyHostToDevice, ctx.stream));
+    free(host);
+    const attn_tile *items = (const attn_tile *)ctx.attn_rows, *combine = items + lay.n_items;
 
-    const int4 *rows = (const int4 *)ctx.attn_rows;
-    dim3 grid((unsigned)total_q, (unsigned)p->n_heads);
-    int group = p->n_heads / p->n_kv_heads;
+    float *partial = NULL;
+    if (lay.n_partials > 0) {
+        device_buffer_reserve(&ctx.attn_partial, &ctx.attn_partial_cap,
+                              sizeof(float) * lay.n_partials * ATTN_TILE_Q * (size_t)(d + 2), 1 << 20);
+        partial = (float *)ctx.attn_partial;
+    }
     if (patch) {
-        attention_kernel<true><<<grid, ATTN_THREADS, smem, ctx.stream>>>(out, q, k, v, rows, group,
-                                                                         p->head_dim, p->q_stride, p->kv_stride,
-                                                                         p->scale, p->softcap, p->window, *patch);
-        LAUNCH_CHECK("attention_kernel<true>");
+        size_t info_bytes = sizeof(int4) * lay.n_map_tiles;
+        device_buffer_reserve(&ctx.attn_map, &ctx.attn_map_cap, info_bytes + lay.n_map_tiles * ATTN_TILE_Q * ATTN_TILE_K,
+                              1 << 20);
+        int4 *info = (int4 *)ctx.attn_map;
+        signed char *codes = (signed char *)ctx.attn_map + info_bytes;
+        attn_tile_map_kernel<<<(unsigned)lay.n_map_tiles, ATTN_MAP_THREADS, 0, ctx.stream>>>(
+            info, codes, items, (int)lay.n_items, group, p->window, *patch);
+        LAUNCH_CHECK("attn_tile_map_kernel");
+        CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        (int)smem));
+        attention_tile_kernel<true, true><<<(unsigned)lay.n_items, ATTN_TILE_THREADS, smem, ctx.stream>>>(
+            out, partial, q, k, v, items, group, d, p->q_stride, p->kv_stride, p->scale, p->softcap, p->window, *patch,
+            info, codes);
+        LAUNCH_CHECK("attention_tile_kernel<true>");
     } else {
         attn_patch none;
         memset(&none, 0, sizeof none);
-        attention_kernel<false><<<grid, ATTN_THREADS, smem, ctx.stream>>>(out, q, k, v, rows, group,
-                                                                          p->head_dim, p->q_stride, p->kv_stride,
-                                                                          p->scale, p->softcap, p->window, none);
-        LAUNCH_CHECK("attention_kernel<false>");
+        CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<false, true>,
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        attention_tile_kernel<false, true><<<(unsigned)lay.n_items, ATTN_TILE_THREADS, smem, ctx.stream>>>(
+            out, partial, q, k, v, items, group, d, p->q_stride, p->kv_stride, p->scale, p->softcap, p->window, none,
+            NULL, NULL);
+        LAUNCH_CHECK("attention_tile_kernel<false>");
+    }
+    if (lay.n_combine > 0) {
+        attn_split_combine_kernel<<<(unsigned)lay.n_combine, ROW_THREADS, 0, ctx.stream>>>(out, partial, combine, group,
+                                                                                           d, p->q_stride);
+        LAUNCH_CHECK("attn_split_combine_kernel");
     }
 }
 
@@ -1414,7 +1712,7 @@ static void cuda_init_once(void) {
     // A device without a kernel image for this build (compute capability below the built targets) is
     // as good as none.
     cudaFuncAttributes attr;
-    cudaError_t e = cudaFuncGetAttributes(&attr, attention_kernel<false>);
+    cudaError_t e = cudaFuncGetAttributes(&attr, attention_tile_kernel<false, true>);
     if (e != cudaSuccess) {
         snprintf(ctx.unusable, sizeof ctx.unusable, "CUDA device present but unusable (%s)", cudaGetErrorString(e));
         (void)cudaGetLastError();
@@ -1436,6 +1734,9 @@ static void cuda_init_once(void) {
         return;
     }
     CUDA_CHECK(cudaStreamCreate(&ctx.stream));
+    int dev = 0;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetAttribute(&ctx.attn_smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     CUBLAS_CHECK(cublasSetStream(ctx.blas, ctx.stream));
     // Plain fp32 sgemm: no TF32 tensor cores (and no other reduced-precision shortcut).
     CUBLAS_CHECK(cublasSetMathMode(ctx.blas, CUBLAS_DEFAULT_MATH));

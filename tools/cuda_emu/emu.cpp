@@ -1,8 +1,14 @@
 // cuda_emu: runs the kernels of kernels/ops_cuda.cu on the CPU against the reference backend, for
 // machines without a GPU. One std::thread per CUDA thread, blocks one after another, __syncthreads as a
 // std::barrier, warp shuffles through a per-warp exchange buffer; the cuBLAS call is replaced by a naive
-// column-major sgemm with the same arguments, which checks the row-major mapping. It checks index math
-// and the reduction/online-softmax logic, not timing or real-hardware races. Run: bash tools/cuda_emu/run.sh
+// column-major sgemm with the same arguments, which checks the row-major mapping. wmma fragments (the
+// tensor-core attention) are emulated per lane: every lane holds the whole tile (num_elements = rows x cols,
+// so element-wise loops over x[] mean what they mean on the GPU), loads it itself (the pointer's 256-bit
+// alignment and ldm checked as the hardware requires), computes the product itself with its inputs cut
+// to tf32 (the low 13 mantissa bits dropped, as the tensor cores read them) and fp32 accumulation, and
+// lane 0 alone stores, so a store read by other lanes without a __syncwarp is a race here too. It checks
+// index math and the reduction/online-softmax logic, not timing or real-hardware races. Run: bash
+// tools/cuda_emu/run.sh
 #include <barrier>
 #include <cmath>
 #include <cstdio>
@@ -12,6 +18,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #include <math.h>
 extern "C" {
@@ -24,7 +31,7 @@ struct int4 { int x, y, z, w; };
 static int4 make_int4(int a, int b, int c, int d) { return {a, b, c, d}; }
 thread_local dim3 threadIdx, blockIdx;
 static dim3 blockDim, gridDim;
-static float emu_dyn_smem[1 << 16];
+alignas(128) static float emu_dyn_smem[1 << 16];
 static std::unique_ptr<std::barrier<>> block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
 static float warp_buf[32][32];
@@ -32,8 +39,11 @@ typedef uint16_t __nv_bfloat16;
 static __nv_bfloat16 __float2bfloat16_rn(float f) { return f32_to_bf16(f); }
 #define __global__
 #define __device__
+#define __host__
+#define __align__(n)
 #define __shared__ static
 static void __syncthreads() { block_bar->arrive_and_wait(); }
+static void __syncwarp() { warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
 static float __shfl_xor_sync(unsigned, float v, int o) {
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
     warp_buf[w][lane] = v;
@@ -51,7 +61,75 @@ static double __shfl_xor_sync(unsigned, double v, int o) {
     warp_bar[w]->arrive_and_wait();
     return r;
 }
+static int warp_buf_i[32][32];
+static int __shfl_xor_sync(unsigned, int v, int o) {
+    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    warp_buf_i[w][lane] = v;
+    warp_bar[w]->arrive_and_wait();
+    int r = warp_buf_i[w][lane ^ o];
+    warp_bar[w]->arrive_and_wait();
+    return r;
+}
 static float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+
+// wmma (see the top): fragments hold the whole tile in every lane, row-major (a: M x K, b: K x N, acc: M x N).
+namespace nvcuda { namespace wmma {
+struct matrix_a {}; struct matrix_b {}; struct accumulator {};
+struct row_major {}; struct col_major {};
+namespace precision { struct tf32 {}; }
+enum layout_t { mem_row_major, mem_col_major };
+template <typename Use, int M, int N, int K, typename T, typename Layout = void> struct fragment {
+    static constexpr int R = std::is_same_v<Use, matrix_b> ? K : M, C = std::is_same_v<Use, matrix_a> ? K : N;
+    static constexpr int num_elements = R * C;
+    float x[R * C];
+};
+static void emu_check(const void *p, unsigned ldm) {
+    if ((uintptr_t)p % 32 != 0 || ldm % 4 != 0) {
+        fprintf(stderr, "cuda_emu: wmma pointer %p or ldm %u misaligned\n", p, ldm);
+        abort();
+    }
+}
+static float tf32_cut(float f) { unsigned u; memcpy(&u, &f, 4); u &= 0xffffe000u; memcpy(&f, &u, 4); return f; }
+// cvt.rna.tf32.f32: to nearest, ties away from zero
+static float __float_to_tf32(float f) {
+    if (!std::isfinite(f)) return f;
+    unsigned u; memcpy(&u, &f, 4); u = (u + 0x1000u) & 0xffffe000u; memcpy(&f, &u, 4); return f;
+}
+template <typename Use, int M, int N, int K, typename T, typename L>
+static void load_matrix_sync(fragment<Use, M, N, K, T, L> &f, const float *p, unsigned ldm) {
+    emu_check(p, ldm);
+    typedef fragment<Use, M, N, K, T, L> F;
+    for (int r = 0; r < F::R; r++)
+        for (int c = 0; c < F::C; c++) f.x[r * F::C + c] = std::is_same_v<L, col_major> ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <int M, int N, int K>
+static void load_matrix_sync(fragment<accumulator, M, N, K, float> &f, const float *p, unsigned ldm, layout_t l) {
+    emu_check(p, ldm);
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++) f.x[r * N + c] = l == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c];
+}
+template <int M, int N, int K>
+static void store_matrix_sync(float *p, const fragment<accumulator, M, N, K, float> &f, unsigned ldm, layout_t l) {
+    emu_check(p, ldm);
+    if ((threadIdx.x & 31) != 0) return;
+    for (int r = 0; r < M; r++)
+        for (int c = 0; c < N; c++) (l == mem_col_major ? p[(size_t)c * ldm + r] : p[(size_t)r * ldm + c]) = f.x[r * N + c];
+}
+template <typename F> static void fill_fragment(F &f, float v) { for (auto &e : f.x) e = v; }
+template <int M, int N, int K, typename LA, typename LB>
+static void mma_sync(fragment<accumulator, M, N, K, float> &d, const fragment<matrix_a, M, N, K, precision::tf32, LA> &a,
+                     const fragment<matrix_b, M, N, K, precision::tf32, LB> &b, const fragment<accumulator, M, N, K, float> &c) {
+    float t[M * N];
+    for (int i = 0; i < M; i++)
+        for (int j = 0; j < N; j++) {
+            float s = c.x[i * N + j];
+            for (int kk = 0; kk < K; kk++) s += tf32_cut(a.x[i * K + kk]) * tf32_cut(b.x[kk * N + j]);
+            t[i * N + j] = s;
+        }
+    memcpy(d.x, t, sizeof t);
+}
+} }
+using namespace nvcuda;
 #include "kernels.inc"  // the kernels of kernels/ops_cuda.cu, extracted by run.sh
 
 static void launch(dim3 grid, dim3 block, std::function<void()> body) {
@@ -111,6 +189,43 @@ static void sgemm(bool ta, bool tb, int m, int n, int k, const float *A, int lda
         for (int l = 0; l < k; l++) s += (double)(ta ? A[l + (size_t)i * lda] : A[i + (size_t)l * lda]) * (tb ? B[j + (size_t)l * ldb] : B[l + (size_t)j * ldb]);
         C[i + (size_t)j * ldc] = (float)s;
     }
+}
+
+// Attention through the tile kernels as attention_launch runs them; plant (may be NULL) edits the tile map
+// between the map kernel and the tile kernel (the can-fail rows).
+struct tile_stats { int items = 0, split_items = 0, clean = 0, donor = 0, mixed = 0, removed = 0; };
+template <bool X3>
+static void tile_attention(float *out, const float *q, const float *k, const float *v, const std::vector<attn_seq> &seqs,
+                           const attn_params &p, const attn_patch *patch, tile_stats *st,
+                           void (*plant)(int4 *info, size_t n)) {
+    int group = p.n_heads / p.n_kv_heads, d = p.head_dim, ns = (int)seqs.size();
+    attn_tiles_layout lay = attn_tiles_fill(nullptr, nullptr, seqs.data(), ns, group, p.n_kv_heads, p.window);
+    std::vector<attn_tile> items(lay.n_items + lay.n_combine);
+    attn_tiles_fill(items.data(), items.data() + lay.n_items, seqs.data(), ns, group, p.n_kv_heads, p.window);
+    if (attn_tile_smem_floats(d) > sizeof emu_dyn_smem / sizeof(float)) { fprintf(stderr, "cuda_emu: smem\n"); abort(); }
+    *st = tile_stats();
+    st->items = (int)lay.n_items;
+    for (size_t i = 0; i < lay.n_items; i++) st->split_items += items[i].split >= 0;
+    std::vector<float> partial(lay.n_partials * ATTN_TILE_Q * (size_t)(d + 2), NAN);
+    std::vector<int4> info(lay.n_map_tiles);
+    std::vector<signed char> codes(lay.n_map_tiles * ATTN_TILE_Q * ATTN_TILE_K);
+    const attn_tile *it = items.data(), *comb = items.data() + lay.n_items;
+    float *pp = partial.data();
+    attn_patch none; memset(&none, 0, sizeof none);
+    if (patch) {
+        int4 *ip = info.data(); signed char *cp = codes.data(); attn_patch pa = *patch;
+        launch(dim3((unsigned)lay.n_map_tiles), dim3(ATTN_MAP_THREADS), [&] {
+            attn_tile_map_kernel(ip, cp, it, (int)lay.n_items, group, p.window, pa); });
+        for (auto &t : info)
+            t.x == EDGE_CLEAN ? st->clean++ : t.x == EDGE_REMOVED ? st->removed++ : t.x == ATTN_TILE_MIXED ? st->mixed++ : st->donor++;
+        if (plant) plant(info.data(), info.size());
+    }
+    const int4 *ip = info.data(); const signed char *cp = codes.data();
+    launch(dim3((unsigned)lay.n_items), dim3(ATTN_TILE_THREADS), [&] {
+        if (patch) attention_tile_kernel<true, X3>(out, pp, q, k, v, it, group, d, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, *patch, ip, cp);
+        else attention_tile_kernel<false, X3>(out, pp, q, k, v, it, group, d, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none, nullptr, nullptr); });
+    if (lay.n_combine > 0)
+        launch(dim3((unsigned)lay.n_combine), dim3(ROW_THREADS), [&] { attn_split_combine_kernel(out, pp, comb, group, d, p.q_stride); });
 }
 
 int main() {
@@ -182,21 +297,27 @@ int main() {
             rep("pointwise", relerr(got, want));
         }
     }
-    // attention: the same host-side flattening as cuda_attention (attn_rows_fill)
+    // attention: the tile items of attention_launch (attn_tiles_fill), the tile map kernel when patched, the
+    // tile kernel, the split-K combine kernel; "device" memory is host memory here.
     auto attn = [&](const char *name, std::vector<attn_seq> seqs, int kv_rows, int q_rows, attn_params p) {
         size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
         auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1);
         std::vector<float> want(nq, 0), got(nq, 0);
         ref->attention(want.data(), q.data(), k.data(), v.data(), seqs.data(), (int)seqs.size(), &p);
-        size_t total_q = 0;
-        for (auto &s : seqs) total_q += s.n_q;
-        std::vector<int4> rows(total_q);
-        attn_rows_fill(rows.data(), seqs.data(), (int)seqs.size());
-        float *o = got.data(); const float *qp = q.data(), *kp = k.data(), *vp = v.data(); const int4 *rp = rows.data();
-        attn_patch none; memset(&none, 0, sizeof none);
-        launch(dim3((unsigned)rows.size(), p.n_heads), dim3(ATTN_THREADS), [&] {
-            attention_kernel<false>(o, qp, kp, vp, rp, p.n_heads / p.n_kv_heads, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, none); });
-        rep(name, relerr(got, want));
+        tile_stats st;
+        tile_attention<true>(got.data(), q.data(), k.data(), v.data(), seqs, p, nullptr, &st, nullptr);
+        char label[64];
+        snprintf(label, sizeof label, "%s", name);
+        rep(label, relerr(got, want));
+        printf("  emu %-10s   (%d items, %d split-K chunks, d %d, group %d)\n", "", st.items, st.split_items, p.head_dim,
+               p.n_heads / p.n_kv_heads);
+        if (!strcmp(name, "attn-d256")) {  // one tf32 pass instead of three: the precision decision, measured
+            std::vector<float> one(nq, 0);
+            tile_attention<false>(one.data(), q.data(), k.data(), v.data(), seqs, p, nullptr, &st, nullptr);
+            double e = relerr(one, want);
+            printf("  emu %-10s %.3g (one tf32 pass; must miss 2e-5)\n", "attn-1xtf32", e);
+            if (!(e > 2e-5)) fails++;
+        }
     };
     for (int variant = 0; variant < 3; variant++)
         attn("attn", {{0, 13, 0, 0}, {13, 1, 20, 13}, {14, 7, 0, 34}}, 41, 21,
@@ -204,11 +325,18 @@ int main() {
     attn("attn-long", {{0, 3, 2497, 0}, {3, 2, 1200, 2500}}, 3702, 5, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0});
     attn("attn-lwin", {{0, 3, 2497, 0}, {3, 2, 1200, 2500}}, 3702, 5, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500});
     attn("attn-d256", {{0, 4, 0, 0}, {4, 2, 1030, 4}}, 4 + 1032, 6, {8, 4, 256, 2048, 1024, 1.0f / 16, 50.0f, 0});
+    // several query tiles per sequence (GQA rows packed), a window shorter than a tile; head_dim 64 and 80
+    attn("attn-d64", {{0, 70, 0, 0}, {70, 33, 10, 70}}, 70 + 43, 103, {6, 2, 64, 400, 130, 0.125f, 30.0f, 20});
+    attn("attn-d80", {{0, 40, 0, 0}, {40, 1, 1100, 40}}, 40 + 1101, 41, {8, 2, 80, 650, 170, 0.1f, 0.0f, 0});
+    // decode: one query row over 1200+ keys, split-K chunks, with and without a window
+    attn("decode", {{0, 1, 1300, 0}, {1, 1, 700, 1301}}, 1301 + 701, 2, {8, 4, 256, 2048, 1024, 1.0f / 16, 50.0f, 0});
+    attn("decode-win", {{0, 1, 1300, 0}, {1, 1, 700, 1301}}, 1301 + 701, 2, {8, 4, 64, 520, 260, 0.125f, 0.0f, 1000});
 
-    // patched attention: the same host-side packing as cuda_patched_attention (attn_rows_fill,
-    // attn_patch_plan/fill/at; "device" memory is host memory here), against ref_patched_attention.
+    // patched attention: the same host-side packing as cuda_patched_attention (attn_patch_plan/fill/at), then
+    // as attention, against ref_patched_attention. need: tile classes the row must exercise (bits 1: uniform
+    // donor, 2: mixed, 4: uniform removed, 8: split-K).
     auto pattn = [&](const char *name, std::vector<attn_seq> seqs, int kv_rows, int q_rows, attn_params p,
-                     const edge_rule_set &rules, int n_donors, bool must_differ) {
+                     const edge_rule_set &rules, int n_donors, bool must_differ, int need = 0) {
         size_t nq = (size_t)q_rows * p.q_stride, nk = (size_t)kv_rows * p.kv_stride;
         auto q = rnd(nq, 2), k = rnd(nk, 2), v = rnd(nk, 1);
         std::vector<std::vector<float>> dk, dv;
@@ -220,19 +348,28 @@ int main() {
                                (int)seqs.size(), &p, &rules);
         ref->attention(plain.data(), q.data(), k.data(), v.data(), seqs.data(), (int)seqs.size(), &p);
         if (must_differ && !(relerr(plain, want) > 1e-3)) { printf("  emu %s: the rules changed nothing\n", name); fails++; }
-        size_t total_q = 0;
-        for (auto &s : seqs) total_q += s.n_q;
-        std::vector<int4> rows(total_q);
-        attn_rows_fill(rows.data(), seqs.data(), (int)seqs.size());
         attn_patch_layout lay = attn_patch_plan(seqs.data(), (int)seqs.size());
         std::vector<unsigned char> buf(lay.bytes + 16);
         unsigned char *dev = buf.data() + (16 - (uintptr_t)buf.data() % 16) % 16;  // cudaMalloc aligns far more
         attn_patch_fill(dev, &lay, &rules, seqs.data(), (int)seqs.size());
         attn_patch patch = attn_patch_at(dev, &lay, n_donors, dkp.data(), dvp.data());
-        float *o = got.data(); const float *qp = q.data(), *kp = k.data(), *vp = v.data(); const int4 *rp = rows.data();
-        launch(dim3((unsigned)rows.size(), p.n_heads), dim3(ATTN_THREADS), [&] {
-            attention_kernel<true>(o, qp, kp, vp, rp, p.n_heads / p.n_kv_heads, p.head_dim, p.q_stride, p.kv_stride, p.scale, p.softcap, p.window, patch); });
+        tile_stats st;
+        tile_attention<true>(got.data(), q.data(), k.data(), v.data(), seqs, p, &patch, &st, nullptr);
         rep(name, relerr(got, want));
+        printf("  emu %-10s   (%d items, %d split; tiles: %d clean, %d donor, %d mixed, %d removed)\n", "", st.items,
+               st.split_items, st.clean, st.donor, st.mixed, st.removed);
+        int have = (st.donor > 0) | (st.mixed > 0) << 1 | (st.removed > 0) << 2 | (st.split_items > 0) << 3;
+        if ((have & need) != need) { printf("  emu %s: tile classes %#x, needs %#x\n", name, have, need); fails++; }
+        if (st.mixed > 0 || st.donor > 0) {  // can-fail: a planted wrong tile map must be caught
+            std::vector<float> bad(nq, 0);
+            tile_attention<true>(bad.data(), q.data(), k.data(), v.data(), seqs, p, &patch, &st, [](int4 *info, size_t n) {
+                for (size_t t = 0; t < n; t++)  // the first patched tile read as all current
+                    if (info[t].x != EDGE_CLEAN && info[t].x != EDGE_REMOVED) { info[t] = make_int4(EDGE_CLEAN, 1, 1, 0); return; }
+            });
+            double e = relerr(bad, want);
+            printf("  emu %-10s   planted map (one tile read as current): %.3g, must miss 2e-5\n", "", e);
+            if (!(e > 2e-5)) fails++;
+        }
     };
     {   // the inputs of tests/test_ops.c test_patched_attention (fresh random values)
         enum { T0 = 17, T1 = 9 };
@@ -251,21 +388,21 @@ int main() {
         rules.rule[0] = er(1u << 1 | 1u << 3, 1u << 6 | 1u << 3, REL_ANY, 0, 0x5);
         rules.rule[1] = er(0xff, 1u << 3, REL_SAME, 1, 0xf);
         rules.rule[2] = er(0xff, 1u << 5 | 1u << 1, REL_EARLIER, 1, 0xa);
-        pattn("attn-patch", seqs, kv_rows, q_rows, p, rules, 2, true);
+        pattn("attn-patch", seqs, kv_rows, q_rows, p, rules, 2, true, 2);
         attn_params nowin = p; nowin.window = 0; nowin.softcap = 0;
         pattn("patch-nowin", seqs, kv_rows, q_rows, nowin, rules, 2, true);
         edge_rule_set all; memset(&all, 0, sizeof all); all.n = 1;
         all.rule[0] = er(0xff, 0xff, REL_ANY, 0, 0xf);
-        pattn("patch-all", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 1, true);
+        pattn("patch-all", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 1, true, 1);
         // untyped sequences (types NULL, or n_typed 0) next to a typed one
         std::vector<attn_seq> mixed = {{0, T0, 0, 0, nullptr, nullptr, T0, 0}, {T0, T1, 0, T0, types, index, 0, T0},
                                        {T0 + T1, T1, 0, T0 + T1, types, index, T1, 5}};
         pattn("patch-mixed", mixed, T0 + 2 * T1 + 5, T0 + 2 * T1, p, rules, 2, true);
         edge_rule_set ivr = with_interventions(rules);
-        pattn("patch-iv", seqs, kv_rows, q_rows, p, ivr, 2, true);
+        pattn("patch-iv", seqs, kv_rows, q_rows, p, ivr, 2, true, 2);
         pattn("patch-iv-nowin", seqs, kv_rows, q_rows, nowin, ivr, 2, true);
         all.rule[0].source = EDGE_SRC_ZERO, all.rule[0].donor = -1;  // every edge removed: every row 0
-        pattn("patch-allzero", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 0, true);
+        pattn("patch-allzero", {seqs[0], seqs[1]}, kv_rows, q_rows, nowin, all, 0, true, 4);
     }
     {   // long typed sequences: several key chunks (ATTN_CHUNK), the source choice kept per chunk; a window
         int n = 2600;
@@ -281,7 +418,7 @@ int main() {
         std::vector<attn_seq> seqs = {{0, 3, n - 3, 0, types.data(), index.data(), n, 0},
                                       {3, 1, n, n + 1, types.data(), index.data(), n, 7}};
         int kv_rows = 2 * n + 2, q_rows = 4;
-        pattn("patch-long", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, rules, 2, true);
+        pattn("patch-long", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, rules, 2, true, 2 | 8);
         pattn("patch-lwin", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, rules, 2, true);
         // interventions, and whole key chunks removed (x, t, y, n -> query, last on heads 0, 1: only bos and the
         // query's own positions are left, so most chunks are removed entirely)
@@ -289,7 +426,10 @@ int main() {
         memmove(&ivr.rule[1], &ivr.rule[0], sizeof(edge_rule) * (size_t)ivr.n);
         ivr.rule[0] = er(0x1e, 1u << 5 | 1u << 6, REL_ANY, -1, 0x3, EDGE_SRC_ZERO);
         ivr.n++;
-        pattn("patch-long-iv", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, ivr, 2, true);
+        pattn("patch-long-iv", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, ivr, 2, true, 2 | 8);
+        // only the query and the last position: on heads 0, 1 whole key tiles removed next to mixed ones
+        std::vector<attn_seq> rm = {{0, 2, n - 2, 0, types.data(), index.data(), n, 0}};
+        pattn("patch-long-rm", rm, kv_rows, 2, {4, 2, 32, 130, 70, 0.2f, 0.0f, 0}, ivr, 2, true, 2 | 4 | 8);
         pattn("patch-lwin-iv", seqs, kv_rows, q_rows, {4, 2, 32, 130, 70, 0.2f, 5.0f, 1500}, ivr, 2, true);
     }
     // ---- Gradient kernels against the reference backend (kernels/ops.h, the gradient ops).

@@ -24,6 +24,7 @@
 #define EP_SCORE_H
 
 #include "stages/circuit.h"
+#include "stages/patch.h"
 #include "stages/stage_inputs.h"
 
 typedef struct {
@@ -56,6 +57,12 @@ typedef struct {
     int max_seqs;      // sequences per pass when units are batched (<= batch_size: one unit per pass)
     int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;
+
+// The rows removing unit u (of kind) from the circuit can change in a batch, by layer (stages/patch.h,
+// patch_rows): its receivers or its head's type in its layer, spread through carry (of the circuit's plan).
+// What EXACT_ROW_PREFIX recomputes for u; r is initialised here (patch_rows_free).
+void score_unit_rows(unit_kind kind, const circuit_unit *u, const prompt_batch *pb, int n_layers, const patch_carry *carry,
+                     patch_rows *r);
 
 // Exact scores: score[u] = metric(C) - metric(C without u) (target log-prob); optional `without` [n]
 // gets each C-without-u's metrics and `with` C's.

@@ -338,7 +338,7 @@ typedef struct {
 // reading its own copy of the layer's keys and values (C's, its changed rows overwritten as it goes).
 // Sequences whose last row the unit cannot change keep C's logits.
 static int exact_batch_rows(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
-                            const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs,
+                            const circuit_unit *units, int n, const prompt_batch *pb, int first, int max_seqs, int plant,
                             double *sums, double *base_sums, ep_error *err) {
     const model *m = &in->dev;
     const kernel_ops *ops = in->ops;
@@ -357,7 +357,7 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
     patch_carry carry = {0};
     patch_carry_init(&carry, plan, pb);
     exact_unit *eu = ep_calloc((size_t)G_max, sizeof *eu);
-    for (int g = 0; g < G_max; g++) eu[g].x = ep_malloc(sizeof(float) * ((size_t)T + 1) * D);
+    for (int g = 0; g < G_max; g++) eu[g].x = ep_calloc(((size_t)T + 1) * D, sizeof(float));
     size_t block = (size_t)S * cap;  // one unit's copy of a layer: rows of KV floats
     float *k = rc == 0 ? ops->alloc(sizeof(float) * (size_t)G_max * block * KV) : NULL;
     float *v = rc == 0 ? ops->alloc(sizeof(float) * (size_t)G_max * block * KV) : NULL;
@@ -370,6 +370,14 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
         for (int g = 0; g < G && rc == 0; g++) {
             exact_unit *e = &eu[g];
             score_unit_rows(kind, &units[c0 + g], pb, L, &carry, &e->rows);
+            for (int s = 0; plant == EXACT_PLANT_ROW_SHORT && s < S; s++) {  // the planted error: one row short
+                const unsigned char *top = e->rows.rows + ((size_t)(L - 1) * S + s) * pb->max_len;
+                for (int p = 0; p < pb->lengths[s]; p++)
+                    if (top[p]) {
+                        for (int l = 0; l < L; l++) e->rows.rows[((size_t)l * S + s) * pb->max_len + p] = 0;
+                        break;
+                    }
+            }
             if (e->rows.first_layer < l0) l0 = e->rows.first_layer;
             rc = unit_plan(in, &m->cfg, c, kind, &units[c0 + g], &e->plan, err);
             if (rc == 0) e->patch = patch_of(&e->plan, pb, donors);
@@ -394,13 +402,15 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
                             ops->copy_rows(v + (size_t)g * block * KV, KV, kv_cache_v(&base.cache, l, 0, 0), KV, (int)block, KV);
                             copied = 1;
                         }
-                        int q = p;
+                        int q = p, other = plant == EXACT_PLANT_OTHER_UNIT && g > 0;  // (the planted error)
+                        const float *ex = other ? eu[g - 1].x : e->x;
                         for (; q < pb->lengths[s] && now[q]; q++) {  // the run's rows: the unit's stream, or C's entering l
-                            const float *from = below && below[q] ? e->x + ((size_t)t0[s] + q) * D
+                            const float *from = below && below[q] ? ex + ((size_t)t0[s] + q) * D
                                                                   : base.resid + ((size_t)l * T + t0[s] + q) * D;
                             memcpy(x + ((size_t)n_rows + q - p) * D, from, sizeof(float) * D);
                         }
-                        runs[n_runs++] = (attn_seq){.q_row = n_rows, .n_q = q - p, .q_pos = p, .kv_row = (int)((size_t)g * block) + s * cap,
+                        int kv_g = other ? g - 1 : g;
+                        runs[n_runs++] = (attn_seq){.q_row = n_rows, .n_q = q - p, .q_pos = p, .kv_row = (int)((size_t)kv_g * block) + s * cap,
                                                     .types = pb->types + (size_t)s * pb->max_len,
                                                     .index = pb->index + (size_t)s * pb->max_len, .n_typed = pb->lengths[s],
                                                     .donor_row = plan->n_donors > 0 ? s * donors[0].capacity : 0};
@@ -417,7 +427,7 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
             for (int r = 0; r < n_runs && rc == 0; r++) {  // back into each unit's stream
                 int g = 0;
                 while (g + 1 < G && parts[g + 1].first_seq <= r) g++;
-                int s = (runs[r].kv_row - (int)((size_t)g * block)) / cap;
+                int s = (runs[r].kv_row % (int)block) / cap;
                 memcpy(eu[g].x + ((size_t)t0[s] + runs[r].q_pos) * D, x + (size_t)runs[r].q_row * D,
                        sizeof(float) * (size_t)runs[r].n_q * D);
             }
@@ -494,7 +504,7 @@ int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_p
         // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those
         // plans take the brute-force path.
         rc = o->prefix_reuse == EXACT_ROW_PREFIX && plan->n_donors <= 1
-                 ? exact_batch_rows(in, c, plan, kind, units, n, &pj, first, o->max_seqs, sums, base, err)
+                 ? exact_batch_rows(in, c, plan, kind, units, n, &pj, first, o->max_seqs, in->exact_plant, sums, base, err)
              : o->prefix_reuse && plan->n_donors <= 1
                  ? exact_batch_fast(in, c, plan, kind, units, n, &pj, first, o->max_seqs, sums, base, err)
                  : exact_batch_full(in, c, plan, kind, units, n, &pj, first, sums, base, err);

@@ -58,6 +58,14 @@ typedef struct {
     int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;
 
+// stage_inputs.exact_plant (tests only): a planted error in EXACT_ROW_PREFIX scoring that its tests must catch.
+enum {
+    EXACT_PLANT_NONE = 0,
+    EXACT_PLANT_OTHER_UNIT = 1,  // each unit but the first of a pass reads the residual stream rows, and reads
+                                 // and writes the keys and values, of the unit before it in the pass
+    EXACT_PLANT_ROW_SHORT = 2,   // each unit's first changed row of every sequence is taken from C, never recomputed
+};
+
 // The rows removing unit u (of kind) from the circuit can change in a batch, by layer (stages/patch.h,
 // patch_rows): its receivers or its head's type in its layer, spread through carry (of the circuit's plan).
 // What EXACT_ROW_PREFIX recomputes for u; r is initialised here (patch_rows_free).

@@ -13,9 +13,11 @@
 //     layer from the stored stream (layers below cannot change), and the layers above for many units
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
-//     With row reuse too (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit's passes
-//     also start at the first row the unit reaches in each sequence (its receivers, or its head's type),
-//     the circuit pass's keys and values before it copied in: equal to the brute force to fp32 rounding.
+//     With row reuse (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit recomputes only
+//     the rows it can change, layer by layer from its own (score_unit_rows: its receivers or its head's
+//     type, then whatever reads them through the circuit's edges), reading the circuit pass's keys, values
+//     and residual stream everywhere else; exact_max_seqs / batch_size units go through each layer in one
+//     call. Equal to the brute force to fp32 rounding (the products have other row counts).
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
 // sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
 // stages/prune.h, stages/circuit_file.h).
@@ -48,8 +50,8 @@ int score_eap_ig(const stage_inputs *in, const circuit *c, unit_kind kind, const
 enum {
     EXACT_BRUTE_FORCE = 0,   // nothing: one full patch_run per unit and batch
     EXACT_LAYER_PREFIX = 1,  // the layers below the unit's (the path before row reuse)
-    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above the rows before the first one the unit
-                             // reaches (stages/patch.h, "Reuse"; docs/reuse.md): what the prune rounds use
+    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above every row the unit cannot change
+                             // (stages/patch.h, "Reuse", patch_rows; docs/reuse.md): what the prune rounds use
 };
 
 typedef struct {

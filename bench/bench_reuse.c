@@ -14,7 +14,7 @@
 // attribution-to-exact cost ratio per unit before and after (attribution scores every unit of the round
 // in one forward + backward per batch: its time over the round's units).
 // Run from the repository root (the task and datasets): bench_reuse --model models/smollm2-135m-instruct
-// [--reps R] [--stride K] [--patch-prompts P] [--exact-prompts P] [--skip patch|exact] [--work DIR].
+// [--reps R] [--stride K] [--patch-prompts P] [--exact-prompts P] [--skip patch|exact|head|edge] [--work DIR].
 #define _GNU_SOURCE  // realpath
 #include <jansson.h>
 #include <limits.h>
@@ -37,7 +37,7 @@
 
 static const char usage[] =
     "usage: bench_reuse --model DIR [--reps R] [--stride K] [--patch-prompts P] [--exact-prompts P]\n"
-    "                   [--skip patch|exact] [--work DIR]\n";
+    "                   [--skip patch|exact|head|edge] [--work DIR]\n";
 
 static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
@@ -225,14 +225,20 @@ static int bench_patch_stage(const char *model_dir, const char *work, int P, int
 }
 
 // Rows x layers each path computes for the units' passes (the circuit's pass aside): the layer-prefix path
-// runs every row of the unit's layer and the layers above, the row-prefix path the rows from each
-// sequence's first reached row. A machine-independent figure next to the timed ratio.
-static void exact_work(const stage_inputs *in, unit_kind kind, const circuit_unit *u, int n, double *layer_rows,
-                       double *row_rows) {
+// runs every row of the unit's layer and the layers above; the suffix rule (the row path before, kept here
+// as a figure) the rows from each sequence's first reached row; the row path the rows the unit can change
+// (score_unit_rows). Machine-independent figures next to the timed ratio.
+static void exact_work(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *u, int n,
+                       double *layer_rows, double *suffix_rows, double *row_rows) {
     int P = in->prompts.n_prompts, B = in->cfg->batch_size, L = in->m.cfg.n_layers;
-    *layer_rows = *row_rows = 0;
+    *layer_rows = *suffix_rows = *row_rows = 0;
+    ablation_plan plan;
+    ep_error err = {{0}};
+    if (circuit_plan(c, &in->m.cfg, &in->plan, &plan, &err)) return;
     for (int first = 0; first < P; first += B) {
         prompt_batch pb = stage_batch(in, first, first + B <= P ? B : P - first);
+        patch_carry carry;
+        patch_carry_init(&carry, &plan, &pb);
         for (int i = 0; i < n; i++) {
             patch_reach r;
             patch_reach_init(&r, &pb, L);
@@ -240,11 +246,17 @@ static void exact_work(const stage_inputs *in, unit_kind kind, const circuit_uni
             else patch_reach_add_edges(&r, &pb, u[i].layer, 1u << u[i].sender, 1u << u[i].receiver, REL_ANY);
             for (int s = 0; s < pb.n_seqs; s++) {
                 *layer_rows += (double)pb.lengths[s] * (L - u[i].layer);
-                if (r.first_layer < L) *row_rows += (double)(pb.lengths[s] - r.first_row[s]) * (L - u[i].layer);
+                if (r.first_layer < L) *suffix_rows += (double)(pb.lengths[s] - r.first_row[s]) * (L - u[i].layer);
             }
             patch_reach_free(&r);
+            patch_rows rows;
+            score_unit_rows(kind, &u[i], &pb, L, &carry, &rows);
+            *row_rows += (double)patch_rows_count(&rows);
+            patch_rows_free(&rows);
         }
+        patch_carry_free(&carry);
     }
+    plan_free(&plan);
 }
 
 // One exact round (units of kind in circuit c, every stride-th) both ways, R times interleaved.
@@ -256,24 +268,30 @@ static int bench_exact_round(const stage_inputs *in, const circuit *c, unit_kind
     double *s[2] = {calloc((size_t)n, sizeof(double)), calloc((size_t)n, sizeof(double))};
     double *attr = calloc((size_t)n_all + 1, sizeof(double));
     double *ratio = calloc((size_t)R, sizeof(double)), *tl = calloc((size_t)R, sizeof(double)),
-           *tr = calloc((size_t)R, sizeof(double));
+           *tr = calloc((size_t)R, sizeof(double)), *marginal = calloc((size_t)R, sizeof(double));
     ep_error err = {{0}};
     int rc = 0;
     const char *what = unit_kind_name(kind);
     fprintf(stderr, "exact %s round: %d prompts, %d of the circuit's %d %s units (every %d-th)\n", what,
             in->prompts.n_prompts, n, n_all, what, stride);
     for (int rep = 0; rep < R && rc == 0; rep++) {
-        double t[2];
+        double t[2], f[2];
         for (int k = 0; k < 2 && rc == 0; k++) {
             int rows = rep % 2 ? 1 - k : k;
             exact_opts o = {rows ? EXACT_ROW_PREFIX : EXACT_LAYER_PREFIX, max_seqs, 1};
             double t0 = bench_now_s();
             rc = score_exact(in, c, kind, u, n, &o, s[rows], NULL, NULL, &err);
             t[rows] = bench_now_s() - t0;
+            // What every round pays per batch whatever its units (donor passes, the circuit's pass): a round
+            // of all the circuit's units spreads it over all of them, this sample over n.
+            t0 = bench_now_s();
+            if (rc == 0) rc = score_exact(in, c, kind, u, 0, &o, s[rows], NULL, NULL, &err);
+            f[rows] = bench_now_s() - t0;
         }
         if (rc) break;
-        tl[rep] = t[0], tr[rep] = t[1], ratio[rep] = t[0] / t[1];
-        fprintf(stderr, "  rep %d: layer prefix %.2f s, layer + row prefix %.2f s: x%.2f\n", rep, t[0], t[1], ratio[rep]);
+        tl[rep] = t[0], tr[rep] = t[1], ratio[rep] = t[0] / t[1], marginal[rep] = (t[0] - f[0]) / (t[1] - f[1]);
+        fprintf(stderr, "  rep %d: layer prefix %.2f s (%.2f s per batch), rows %.2f s (%.2f s per batch): x%.2f, per unit beyond the batch's x%.2f\n",
+                rep, t[0], f[0], t[1], f[1], ratio[rep], marginal[rep]);
     }
     double t0 = bench_now_s();
     if (rc == 0) rc = score_attribution(in, c, kind, all, n_all, attr, &err);
@@ -287,21 +305,23 @@ static int bench_exact_round(const stage_inputs *in, const circuit *c, unit_kind
         }
         int k = n / 4 > 0 ? n / 4 : 1;
         int overlap = rank_topk_overlap(s[0], s[1], n, k);
-        double ml = median(tl, R), mrow = median(tr, R), mr = median(ratio, R), w_layer, w_row;
-        exact_work(in, kind, u, n, &w_layer, &w_row);
+        double ml = median(tl, R), mrow = median(tr, R), mr = median(ratio, R), w_layer, w_suffix, w_row;
+        exact_work(in, c, kind, u, n, &w_layer, &w_suffix, &w_row);
         double attr_unit = t_attr / n_all, before = ml / n / attr_unit, after = mrow / n / attr_unit;
         printf("exact_%s_round prompts=%d units=%d of=%d reps=%d layer_prefix_s=%.2f row_prefix_s=%.2f median_ratio=%.2f "
                "per_unit_layer_prefix_ms=%.1f per_unit_row_prefix_ms=%.1f attribution_s=%.2f attribution_per_unit_ms=%.3f "
                "exact_to_attribution_per_unit_before=%.0f after=%.0f max_score_diff=%.2g max_abs_score=%.3g "
-               "top25pct_kept_same=%d/%d work_ratio=%.2f\n",
+               "top25pct_kept_same=%d/%d work_ratio=%.2f suffix_rule_work_ratio=%.2f median_ratio_beyond_batch_cost=%.2f\n",
                what, in->prompts.n_prompts, n, n_all, R, ml, mrow, mr, 1e3 * ml / n, 1e3 * mrow / n, t_attr,
-               1e3 * attr_unit, before, after, worst, scale, overlap, k, w_layer / w_row);
+               1e3 * attr_unit, before, after, worst, scale, overlap, k, w_layer / w_row, w_layer / w_suffix, median(marginal, R));
     } else {
         fprintf(stderr, "bench_reuse: %s\n", err.msg);
     }
-    free(s[0]), free(s[1]), free(attr), free(ratio), free(tl), free(tr), free(u), free(all);
+    free(s[0]), free(s[1]), free(attr), free(ratio), free(tl), free(tr), free(marginal), free(u), free(all);
     return rc;
 }
+
+static const char *skip_round = "";  // --skip head | edge: one exact round only
 
 static int bench_exact(const char *model_dir, const char *work, int P, int R, int stride) {
     run_config cfg;
@@ -310,7 +330,7 @@ static int bench_exact(const char *model_dir, const char *work, int P, int R, in
     int max_seqs = (int)cfg.prune.exact_max_seqs, rc;
     circuit c;
     circuit_full(&in.m.cfg, &c);
-    rc = bench_exact_round(&in, &c, UNIT_HEAD, stride, R, max_seqs);
+    rc = strcmp(skip_round, "head") ? bench_exact_round(&in, &c, UNIT_HEAD, stride, R, max_seqs) : 0;
     // The circuit the demo's head round keeps (its prune_k[0] head units by attribution), then its edges.
     circuit_unit *heads;
     int n = circuit_units(&c, UNIT_HEAD, &heads), keep = 473 < n ? 473 : n;
@@ -323,7 +343,7 @@ static int bench_exact(const char *model_dir, const char *work, int P, int R, in
         rank_order(score, n, order);
         for (int i = keep; i < n; i++) circuit_set(&c, UNIT_HEAD, &heads[order[i]], 0);
         circuit_start_edges(&c, &in.prompts);
-        rc = bench_exact_round(&in, &c, UNIT_EDGE, stride, R, max_seqs);
+        rc = strcmp(skip_round, "edge") ? bench_exact_round(&in, &c, UNIT_EDGE, stride, R, max_seqs) : 0;
     }
     free(score), free(order), free(heads);
     circuit_free(&c);
@@ -368,7 +388,8 @@ int main(int argc, char **argv) {
     snprintf(cmd, sizeof cmd, "mkdir -p '%s'", work);
     if (system(cmd)) return 1;
     int rc = 0;
-    if (strcmp(skip, "patch")) rc = bench_patch_stage(model, work, P_patch, R);
+    skip_round = skip;
+    if (strcmp(skip, "patch") && strcmp(skip, "head") && strcmp(skip, "edge")) rc = bench_patch_stage(model, work, P_patch, R);
     if (rc == 0 && strcmp(skip, "exact")) rc = bench_exact(model, work, P_exact, R, stride);
     if (work == tmp) {
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", work);

@@ -253,13 +253,13 @@ void forward_shard_rules(edge_rule_set *dst, const edge_rule_set *src, int head0
 // consecutive positions of the type are copied at once. A shard substitutes only its own heads
 // [head0, head0 + n_heads).
 static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int l, int head_dim, const step_buffers *s,
-                             int n_seqs, int Q, int head0, int n_heads) {
+                             int seq0, int n_seqs, int Q, int head0, int n_heads) {
     for (int u = 0; u < p->n_head_units; u++) {
         const head_unit *h = &p->head_units[u];
         if (h->layer != l || h->head < head0 || h->head >= head0 + n_heads) continue;
         int head = h->head - head0;
         const kv_cache *donor = p->donors[h->donor];
-        for (int seq = 0; seq < n_seqs; seq++) {
+        for (int seq = seq0; seq < seq0 + n_seqs; seq++) {
             const attn_seq *sq = &s->seqs[seq];
             for (int i = 0; i < sq->n_q;) {
                 int pos = sq->q_pos + i;
@@ -270,7 +270,9 @@ static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int 
                 int n = 1;
                 while (i + n < sq->n_q && pos + n < sq->n_typed && sq->types[pos + n] == h->type) n++;
                 ops->copy_rows(s->att + (size_t)(sq->q_row + i) * Q + (size_t)head * head_dim, Q,
-                               kv_cache_z(donor, l, seq, pos) + (size_t)head * head_dim, donor->z_dim, n, head_dim);
+                               kv_cache_z(donor, l, 0, 0) + ((size_t)sq->donor_row + pos) * donor->z_dim +
+                                   (size_t)head * head_dim,
+                               donor->z_dim, n, head_dim);
                 i += n;
             }
         }
@@ -434,6 +436,108 @@ static int stats_finish(const model *m, const kernel_ops *ops, const forward_bat
     return 0;
 }
 
+// Where a layer step reads and writes: the layer's keys and values (and head outputs) in the cache (row
+// kv_row + pos for a run's attn_seq), the parts of the runs with their patches, and what model_forward
+// captures (b, st: NULL in model_forward_rows).
+typedef struct {
+    float *k, *v, *z;  // layer l's blocks
+    int kv_dim, z_dim;
+    const forward_rows_part *parts;
+    int n_parts;
+    const forward_batch *b;
+    stats_buffers *st;
+    edge_rule_set *rules;  // a shard's scratch for its copy of a layer's rules (NULL: a whole model's)
+} layer_io;
+
+// One layer on the T rows of s->x (positions s->pos, runs s->seqs[0 .. n_seqs)): the residual stream
+// entering layer l in s->x is replaced by the one leaving it; the runs' keys and values are written at
+// their rows of the layer's block, then attention reads them (and the rows before, as filled).
+static int layer_step(const model *m, const kernel_ops *ops, int l, step_buffers *s, int T, int n_seqs, const layer_io *io,
+                      ep_error *err) {
+    const model_config *c = &m->cfg;
+    tp_shard sh = model_config_local(c);
+    const forward_batch *b = io->b;
+    int D = c->hidden, H = sh.n_heads, Q = H * c->head_dim, KV = io->kv_dim, rc = 0;
+    const layer_weights *w = &m->layers[l];
+    float *kl = io->k, *vl = io->v;
+    if (b && b->resid) capture(ops, b, b->resid + (size_t)l * T * D, s->x, T, D);
+    forward_norm(ops, c, s->xn, s->x, w->attn_norm, w->attn_norm_bias, T);
+    linear(ops, s->q, s->xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
+    linear(ops, s->k, s->xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
+    linear(ops, s->v, s->xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
+    ops->rope(s->q, Q, s->pos, m->inv_freq, T, H, c->head_dim, c->rotary_dim);
+    ops->rope(s->k, KV, s->pos, m->inv_freq, T, sh.n_kv_heads, c->head_dim, c->rotary_dim);
+    if (b && b->q_out) capture(ops, b, b->q_out + (size_t)l * T * Q, s->q, T, Q);
+    for (int seq = 0; seq < n_seqs; seq++) {
+        const attn_seq *sq = &s->seqs[seq];
+        size_t at = (size_t)sq->kv_row + sq->q_pos;
+        ops->copy_rows(kl + at * KV, KV, s->k + (size_t)sq->q_row * KV, KV, sq->n_q, KV);
+        ops->copy_rows(vl + at * KV, KV, s->v + (size_t)sq->q_row * KV, KV, sq->n_q, KV);
+    }
+    attn_params p = {.n_heads = H, .n_kv_heads = sh.n_kv_heads, .head_dim = c->head_dim,
+                     .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
+                     .window = model_config_layer_window(c, l)};
+    for (int part = 0; part < io->n_parts; part++) {
+        const forward_patch *patch = io->parts[part].patch;
+        const attn_seq *seqs = s->seqs + io->parts[part].first_seq;
+        int n = io->parts[part].n_seqs;
+        if (n == 0) continue;
+        if (patch && patch->layer_rules && patch->layer_rules[l].n > 0) {
+            const float *dk[16], *dv[16];
+            for (int d = 0; d < patch->n_donors; d++) {
+                dk[d] = kv_cache_k(patch->donors[d], l, 0, 0);
+                dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
+            }
+            if (io->rules) forward_shard_rules(io->rules, &patch->layer_rules[l], sh.head0, H);
+            const edge_rule_set *lr = io->rules ? io->rules : &patch->layer_rules[l];
+            ops->patched_attention(s->att, s->q, kl, vl, patch->n_donors, dk, dv, seqs, n, &p, lr);
+            if (b && b->attn_stats) stats_layer(ops, c, b, io->st, seqs, patch, l, s->q, kl, dk, &p, lr);
+        } else {
+            ops->attention(s->att, s->q, kl, vl, seqs, n, &p);
+            if (b && b->attn_stats) stats_layer(ops, c, b, io->st, seqs, patch, l, s->q, kl, NULL, &p, NULL);
+        }
+        if (patch) substitute_heads(ops, patch, l, c->head_dim, s, io->parts[part].first_seq, n, Q, sh.head0, H);
+    }
+    if (io->z)
+        for (int seq = 0; seq < n_seqs; seq++) {
+            const attn_seq *sq = &s->seqs[seq];
+            ops->copy_rows(io->z + ((size_t)sq->kv_row + sq->q_pos) * io->z_dim, io->z_dim,
+                           s->att + (size_t)sq->q_row * Q, Q, sq->n_q, Q);
+        }
+    linear(ops, s->o, s->att, w->wo, w->wo_bf16, w->bo, T, Q, D);
+
+    // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
+    // the parallel block, whose two branches are added anyway).
+    size_t n = (size_t)T * D;
+    if (c->block != BLOCK_PARALLEL && (rc = model_group_sum(m, s->o, n, err))) return rc;
+    if (b && b->attn_out) capture(ops, b, b->attn_out + (size_t)l * T * D, s->o, T, D);
+    switch (c->block) {
+    case BLOCK_PRE_NORM:
+        ops->add(s->x, s->o, n);
+        forward_norm(ops, c, s->xn, s->x, w->mlp_norm, NULL, T);
+        run_mlp(ops, c, w, s, T);
+        if ((rc = model_group_sum(m, s->mlp, n, err))) break;
+        ops->add(s->x, s->mlp, n);
+        break;
+    case BLOCK_SANDWICH_NORM:
+        forward_norm(ops, c, s->xn, s->o, w->attn_post_norm, NULL, T);
+        ops->add(s->x, s->xn, n);
+        forward_norm(ops, c, s->xn, s->x, w->mlp_norm, NULL, T);
+        run_mlp(ops, c, w, s, T);
+        if ((rc = model_group_sum(m, s->mlp, n, err))) break;
+        forward_norm(ops, c, s->xn, s->mlp, w->mlp_post_norm, NULL, T);
+        ops->add(s->x, s->xn, n);
+        break;
+    case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
+        run_mlp(ops, c, w, s, T);
+        ops->add(s->o, s->mlp, n);
+        if ((rc = model_group_sum(m, s->o, n, err))) break;
+        ops->add(s->x, s->o, n);
+        break;
+    }
+    return rc;
+}
+
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err) {
     const model_config *c = &m->cfg;
@@ -474,7 +578,7 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
 
     step_buffers s;
     step_buffers_init(&s, ops, c, T, b->n_logit_rows, b->n_seqs);
-    int D = c->hidden, H = sh.n_heads, Q = H * c->head_dim, KV = cache->kv_dim, rc = 0;
+    int D = c->hidden, rc = 0;
     edge_rule_set *rules = patch && patch->layer_rules && sh.head0 > 0 ? ep_malloc(sizeof *rules) : NULL;
     stats_buffers st = {0};
     if (b->attn_stats) stats_init(&st, ops, c, b->n_seqs, b->attn_stats->n_types);
@@ -497,74 +601,13 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         rc = embed_rows(m, ops, b->tokens, T, s.idx, s.x, err);
     }
 
+    forward_rows_part whole = {.first_seq = 0, .n_seqs = b->n_seqs, .patch = patch};
+    layer_io io = {.kv_dim = cache->kv_dim, .z_dim = cache->z_dim, .parts = &whole, .n_parts = 1, .b = b, .st = &st,
+                   .rules = rules};
     for (int l = first; l < end && rc == 0; l++) {
-        const layer_weights *w = &m->layers[l];
-        if (b->resid) capture(ops, b, b->resid + (size_t)l * T * D, s.x, T, D);
-        forward_norm(ops, c, s.xn, s.x, w->attn_norm, w->attn_norm_bias, T);
-        linear(ops, s.q, s.xn, w->wq, w->wq_bf16, w->bq, T, D, Q);
-        linear(ops, s.k, s.xn, w->wk, w->wk_bf16, w->bk, T, D, KV);
-        linear(ops, s.v, s.xn, w->wv, w->wv_bf16, w->bv, T, D, KV);
-        ops->rope(s.q, Q, s.pos, m->inv_freq, T, H, c->head_dim, c->rotary_dim);
-        ops->rope(s.k, KV, s.pos, m->inv_freq, T, sh.n_kv_heads, c->head_dim, c->rotary_dim);
-        if (b->q_out) capture(ops, b, b->q_out + (size_t)l * T * Q, s.q, T, Q);
-        for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++) {
-            ops->copy_rows(kv_cache_k(cache, l, seq, cache->len[seq]), KV, s.k + (size_t)r * KV, KV, b->n_new[seq], KV);
-            ops->copy_rows(kv_cache_v(cache, l, seq, cache->len[seq]), KV, s.v + (size_t)r * KV, KV, b->n_new[seq], KV);
-        }
-        attn_params p = {.n_heads = H, .n_kv_heads = sh.n_kv_heads, .head_dim = c->head_dim,
-                         .q_stride = Q, .kv_stride = KV, .scale = c->attn_scale, .softcap = c->attn_softcap,
-                         .window = model_config_layer_window(c, l)};
-        if (patch && patch->layer_rules && patch->layer_rules[l].n > 0) {
-            const float *dk[16], *dv[16];
-            for (int d = 0; d < patch->n_donors; d++) {
-                dk[d] = kv_cache_k(patch->donors[d], l, 0, 0);
-                dv[d] = kv_cache_v(patch->donors[d], l, 0, 0);
-            }
-            if (rules) forward_shard_rules(rules, &patch->layer_rules[l], sh.head0, H);
-            const edge_rule_set *lr = rules ? rules : &patch->layer_rules[l];
-            ops->patched_attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), patch->n_donors,
-                                   dk, dv, s.seqs, b->n_seqs, &p, lr);
-            if (b->attn_stats) stats_layer(ops, c, b, &st, s.seqs, patch, l, s.q, kv_cache_k(cache, l, 0, 0), dk, &p, lr);
-        } else {
-            ops->attention(s.att, s.q, kv_cache_k(cache, l, 0, 0), kv_cache_v(cache, l, 0, 0), s.seqs, b->n_seqs, &p);
-            if (b->attn_stats) stats_layer(ops, c, b, &st, s.seqs, patch, l, s.q, kv_cache_k(cache, l, 0, 0), NULL, &p, NULL);
-        }
-        if (patch) substitute_heads(ops, patch, l, c->head_dim, &s, b->n_seqs, Q, sh.head0, H);
-        if (cache->z)
-            for (int seq = 0, r = 0; seq < b->n_seqs; r += b->n_new[seq], seq++)
-                ops->copy_rows(kv_cache_z(cache, l, seq, cache->len[seq]), cache->z_dim, s.att + (size_t)r * Q, Q,
-                               b->n_new[seq], Q);
-        linear(ops, s.o, s.att, w->wo, w->wo_bf16, w->bo, T, Q, D);
-
-        // A shard's o and down projections give its part of the sum: one all-reduce each (one for both in
-        // the parallel block, whose two branches are added anyway).
-        size_t n = (size_t)T * D;
-        if (c->block != BLOCK_PARALLEL && (rc = model_group_sum(m, s.o, n, err))) break;
-        if (b->attn_out) capture(ops, b, b->attn_out + (size_t)l * T * D, s.o, T, D);
-        switch (c->block) {
-        case BLOCK_PRE_NORM:
-            ops->add(s.x, s.o, n);
-            forward_norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
-            run_mlp(ops, c, w, &s, T);
-            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
-            ops->add(s.x, s.mlp, n);
-            break;
-        case BLOCK_SANDWICH_NORM:
-            forward_norm(ops, c, s.xn, s.o, w->attn_post_norm, NULL, T);
-            ops->add(s.x, s.xn, n);
-            forward_norm(ops, c, s.xn, s.x, w->mlp_norm, NULL, T);
-            run_mlp(ops, c, w, &s, T);
-            if ((rc = model_group_sum(m, s.mlp, n, err))) break;
-            forward_norm(ops, c, s.xn, s.mlp, w->mlp_post_norm, NULL, T);
-            ops->add(s.x, s.xn, n);
-            break;
-        case BLOCK_PARALLEL:  // attention and MLP both read the one input norm
-            run_mlp(ops, c, w, &s, T);
-            ops->add(s.o, s.mlp, n);
-            if ((rc = model_group_sum(m, s.o, n, err))) break;
-            ops->add(s.x, s.o, n);
-            break;
-        }
+        io.k = kv_cache_k(cache, l, 0, 0), io.v = kv_cache_v(cache, l, 0, 0);
+        io.z = cache->z ? kv_cache_z(cache, l, 0, 0) : NULL;
+        rc = layer_step(m, ops, l, &s, T, b->n_seqs, &io, err);
     }
     free(rules);
     if (rc == 0 && b->attn_stats) rc = stats_finish(m, ops, b, &st, err);
@@ -579,6 +622,85 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
 
     if (b->n_logit_rows > 0) rc = project_logits(m, ops, &s, b, err);
     ops->sync();
+    step_buffers_free(&s, ops);
+    return rc;
+}
+
+int model_forward_rows(const model *m, const kernel_ops *ops, const forward_rows *b, ep_error *err) {
+    const model_config *c = &m->cfg;
+    const kernel_ops *dev = ops->host_memory ? NULL : ops;
+    if (m->backend != dev) return ep_fail(err, "forward rows: the %s backend needs the model in its memory", ops->name);
+    tp_shard sh = model_config_local(c);
+    if (sh.size > 1 && (!m->group || m->group->size != sh.size || m->group->rank != sh.rank))
+        return ep_fail(err, "forward rows: a tensor-parallel shard (rank %d of %d) needs its group's collectives",
+                       sh.rank, sh.size);
+    if (b->layer < 0 || b->layer >= c->n_layers) return ep_fail(err, "forward rows: layer %d of %d", b->layer, c->n_layers);
+    int T = 0, KV = sh.n_kv_heads * c->head_dim, D = c->hidden, rc = 0;
+    for (int r = 0; r < b->n_seqs; r++) {
+        const attn_seq *q = &b->seqs[r];
+        if (q->q_row != T || q->n_q < 1 || q->q_pos < 0 || q->kv_row < 0 || (size_t)q->kv_row + q->q_pos + q->n_q > (size_t)b->n_kv_rows)
+            return ep_fail(err, "forward rows: run %d (rows %d + %d at position %d, keys from row %d) is out of order or "
+                                "outside the %d key rows", r, q->q_row, q->n_q, q->q_pos, q->kv_row, b->n_kv_rows);
+        T += q->n_q;
+    }
+    if (T != b->n_rows) return ep_fail(err, "forward rows: the runs hold %d rows, %d given", T, b->n_rows);
+    for (int i = 0, next = 0; i < b->n_parts; i++) {
+        const forward_rows_part *pt = &b->parts[i];
+        if (pt->first_seq != next || pt->n_seqs < 0 || next + pt->n_seqs > b->n_seqs)
+            return ep_fail(err, "forward rows: part %d (runs %d + %d) does not follow the runs before it", i, pt->first_seq, pt->n_seqs);
+        next += pt->n_seqs;
+        if (i == b->n_parts - 1 && next != b->n_seqs) return ep_fail(err, "forward rows: the parts cover %d of %d runs", next, b->n_seqs);
+        const forward_patch *p = pt->patch;
+        if (!p) continue;
+        if (p->n_donors < 0 || p->n_donors > 16) return ep_fail(err, "forward rows: %d donors (at most 16)", p->n_donors);
+        for (int d = 0; d < p->n_donors; d++)
+            if (!p->donors[d] || p->donors[d]->kv_dim != KV || p->donors[d]->n_layers != c->n_layers || p->donors[d]->backend != dev)
+                return ep_fail(err, "forward rows: donor %d's cache does not match the model", d);
+        if (p->layer_rules && p->layer_rules[b->layer].n > 0 && !ops->patched_attention)
+            return ep_fail(err, "forward rows: backend %s has no patched attention", ops->name);
+        for (int u = 0; u < p->n_head_units; u++) {
+            const head_unit *h = &p->head_units[u];
+            if (h->donor < 0 || h->donor >= p->n_donors || !p->donors[h->donor]->z)
+                return ep_fail(err, "forward rows: head unit (layer %d, head %d) reads donor %d without head outputs",
+                               h->layer, h->head, h->donor);
+        }
+        for (int r = pt->first_seq; r < pt->first_seq + pt->n_seqs && p->n_donors > 0; r++) {
+            const attn_seq *q = &b->seqs[r];
+            const kv_cache *d0 = p->donors[0];
+            if (q->donor_row < 0 || (size_t)q->donor_row + q->q_pos + q->n_q > (size_t)d0->n_seqs * d0->capacity)
+                return ep_fail(err, "forward rows: run %d reads donor rows from %d past the donors' %d", r, q->donor_row,
+                               d0->n_seqs * d0->capacity);
+        }
+    }
+    if (T == 0) return 0;
+    step_buffers s;
+    step_buffers_init(&s, ops, c, T, 0, b->n_seqs);
+    memcpy(s.seqs, b->seqs, sizeof(attn_seq) * (size_t)b->n_seqs);
+    for (int r = 0; r < b->n_seqs; r++)
+        for (int i = 0; i < b->seqs[r].n_q; i++) s.host_pos[b->seqs[r].q_row + i] = b->seqs[r].q_pos + i;
+    ops->upload(s.pos, s.host_pos, sizeof(int) * (size_t)T);
+    ops->upload(s.x, b->x, sizeof(float) * (size_t)T * D);
+    edge_rule_set *rules = sh.head0 > 0 ? ep_malloc(sizeof *rules) : NULL;
+    layer_io io = {.k = b->k, .v = b->v, .kv_dim = KV, .parts = b->parts, .n_parts = b->n_parts, .rules = rules};
+    rc = layer_step(m, ops, b->layer, &s, T, b->n_seqs, &io, err);
+    free(rules);
+    if (rc == 0) ops->download(b->x, s.x, sizeof(float) * (size_t)T * D);
+    ops->sync();
+    step_buffers_free(&s, ops);
+    return rc;
+}
+
+int model_project_logits(const model *m, const kernel_ops *ops, const float *x, int n, float *logits, ep_error *err) {
+    if (n <= 0) return 0;
+    step_buffers s;
+    step_buffers_init(&s, ops, &m->cfg, n, n, 1);
+    int *rows = ep_malloc(sizeof(int) * (size_t)n);
+    for (int i = 0; i < n; i++) rows[i] = i;
+    ops->upload(s.x, x, sizeof(float) * (size_t)n * m->cfg.hidden);
+    forward_batch b = {.n_seqs = 1, .n_logit_rows = n, .logit_rows = rows, .logits = logits};
+    int rc = project_logits(m, ops, &s, &b, err);
+    ops->sync();
+    free(rows);
     step_buffers_free(&s, ops);
     return rc;
 }

@@ -125,6 +125,38 @@ typedef struct {
 int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const forward_batch *b,
                   const forward_patch *patch, ep_error *err);
 
+// ---- One layer over chosen rows (row reuse, stages/patch.h "Reuse"; docs/reuse.md). A pass derived from
+// another recomputes only the rows a change can reach, which need not be a suffix: each run of consecutive
+// positions is an attn_seq (ops.h) of its own. Several units' rows go through one call (one product per
+// weight for all of them), each unit's runs a part with its own patch.
+typedef struct {
+    int first_seq, n_seqs;        // the runs seqs[first_seq .. first_seq + n_seqs)
+    const forward_patch *patch;   // NULL: unpatched. Its rules of the layer, donors (read at each run's
+                                  // donor_row) and head units; its types, index and n_typed are not read
+                                  // (each run carries its own, as attention takes them)
+} forward_rows_part;
+
+typedef struct {
+    int layer;
+    int n_rows;                   // rows of x, the runs' q_row .. q_row + n_q - 1 (every row in one run)
+    float *x;                     // host [n_rows][hidden]: the residual stream entering `layer` at the runs'
+                                  // positions, replaced by the one leaving it
+    const attn_seq *seqs;         // the runs: positions q_pos .., keys and values at rows kv_row + j of k, v
+    int n_seqs;
+    float *k, *v;                 // the layer's keys and values, ops' memory, n_kv_rows rows of the model's
+    int n_kv_rows;                // kv_dim (a shard's: its KV heads): the runs' rows are written first
+                                  // (kv_row + q_pos ..), then attention reads rows kv_row + 0 .. pos
+    const forward_rows_part *parts;
+    int n_parts;                  // the parts cover the runs in order
+} forward_rows;
+
+// Runs b->layer on b's rows: the same arithmetic per row as model_forward's layer (the products have
+// other row counts, so results agree to fp32 rounding). Collective for a shard, as model_forward.
+int model_forward_rows(const model *m, const kernel_ops *ops, const forward_rows *b, ep_error *err);
+// Logits of n rows of the residual stream leaving the last layer (host [n][hidden]) into host
+// [n][vocab]: the final norm, the head and the final softcap, as model_forward's logit rows.
+int model_project_logits(const model *m, const kernel_ops *ops, const float *x, int n, float *logits, ep_error *err);
+
 // The residual stream entering layer 0 for T tokens (the embeddings, scaled as the model does) into x,
 // [T][hidden] in ops' memory: what model_forward computes from the tokens. A shard's call is collective
 // (a vocabulary-parallel embedding is summed over the group).

@@ -206,6 +206,122 @@ void patch_reach_add_plan(patch_reach *r, const ablation_plan *plan, const promp
         if (plan->head_units[u].donor >= 0) patch_reach_add_head(r, pb, plan->head_units[u].layer, plan->head_units[u].type);
 }
 
+// The relation class of a sender at example index ia and a receiver at ib, and indices of each class
+// (what edge_lookup's relations test).
+enum { CARRY_SAME = 0, CARRY_EARLIER = 1, CARRY_NEITHER = 2 };
+static int relation_class(int ia, int ib) { return ia >= 0 && ia == ib ? CARRY_SAME : ia >= 0 && ia < ib ? CARRY_EARLIER : CARRY_NEITHER; }
+
+void patch_carry_init(patch_carry *c, const ablation_plan *plan, const prompt_batch *pb) {
+    int nt = 1;
+    for (int s = 0; s < pb->n_seqs; s++)
+        for (int p = 0; p < pb->lengths[s]; p++) {
+            int t = pb->types[(size_t)s * pb->max_len + p];
+            if (t >= 0 && t < 32 && t + 1 > nt) nt = t + 1;
+        }
+    int L = plan->n_layers, H = plan->n_heads;
+    c->n_layers = L, c->n_types = nt;
+    c->reads = ep_calloc((size_t)L * nt * nt * 3, 1);
+    static const int ia[3] = {0, 0, -1}, ib[3] = {0, 1, -1};
+    unsigned char *replaced = ep_calloc((size_t)H * nt + 1, 1);  // [head][receiver type]: a head unit's output
+    for (int l = 0; l < L; l++) {
+        memset(replaced, 0, (size_t)H * nt);
+        for (int u = 0; u < plan->n_head_units; u++) {
+            const head_unit *h = &plan->head_units[u];
+            if (h->layer == l && h->donor >= 0 && h->type >= 0 && h->type < nt) replaced[h->head * nt + h->type] = 1;
+        }
+        const edge_rule_set *rs = plan->layer_rules ? &plan->layer_rules[l] : NULL;
+        for (int tb = 0; tb < nt; tb++)
+            for (int ta = 0; ta < nt; ta++)
+                for (int k = 0; k < 3; k++) {
+                    int carries = 0;
+                    for (int h = 0; h < H && !carries; h++) {
+                        if (replaced[h * nt + tb]) continue;
+                        int code = edge_lookup(rs && rs->n > 0 ? rs : NULL, h, ta, ia[k], tb, ib[k]);
+                        carries = code == EDGE_CLEAN || (code >= 0 && (edge_key_donor(code) < 0 || edge_value_donor(code) < 0));
+                    }
+                    c->reads[(((size_t)l * nt + ta) * nt + tb) * 3 + k] = (unsigned char)carries;
+                }
+    }
+    free(replaced);
+}
+
+void patch_carry_free(patch_carry *c) {
+    free(c->reads);
+    c->reads = NULL;
+}
+
+void patch_rows_init(patch_rows *r, const prompt_batch *pb, int n_layers) {
+    r->n_seqs = pb->n_seqs, r->max_len = pb->max_len, r->n_layers = n_layers, r->first_layer = n_layers;
+    r->rows = ep_calloc((size_t)n_layers * pb->n_seqs * pb->max_len + 1, 1);
+}
+
+void patch_rows_free(patch_rows *r) {
+    free(r->rows);
+    r->rows = NULL;
+}
+
+static unsigned char *rows_at(const patch_rows *r, int l, int s) { return r->rows + ((size_t)l * r->n_seqs + s) * r->max_len; }
+
+void patch_rows_seed_edges(patch_rows *r, const prompt_batch *pb, int layer, uint32_t senders, uint32_t receivers,
+                           int relation) {
+    for (int s = 0; s < pb->n_seqs; s++) {
+        const int32_t *ty = pb->types + (size_t)s * pb->max_len, *ix = pb->index + (size_t)s * pb->max_len;
+        unsigned char *row = rows_at(r, layer, s);
+        for (int b = 0; b < pb->lengths[s]; b++) {
+            if (ty[b] < 0 || ty[b] >= 32 || !((receivers >> ty[b]) & 1u)) continue;
+            for (int a = 0; a <= b; a++) {
+                if (ty[a] < 0 || ty[a] >= 32 || !((senders >> ty[a]) & 1u)) continue;
+                if (relation == REL_SAME && !(ix[a] >= 0 && ix[a] == ix[b])) continue;
+                if (relation == REL_EARLIER && !(ix[a] >= 0 && ix[a] < ix[b])) continue;
+                row[b] = 1;
+                if (layer < r->first_layer) r->first_layer = layer;
+                break;
+            }
+        }
+    }
+}
+
+void patch_rows_seed_head(patch_rows *r, const prompt_batch *pb, int layer, int type) {
+    for (int s = 0; s < pb->n_seqs; s++) {
+        const int32_t *ty = pb->types + (size_t)s * pb->max_len;
+        for (int p = 0; p < pb->lengths[s]; p++)
+            if (ty[p] == type) {
+                rows_at(r, layer, s)[p] = 1;
+                if (layer < r->first_layer) r->first_layer = layer;
+            }
+    }
+}
+
+void patch_rows_spread(patch_rows *r, const prompt_batch *pb, const patch_carry *carry) {
+    int nt = carry->n_types;
+    for (int l = r->first_layer + 1; l < r->n_layers; l++)
+        for (int s = 0; s < pb->n_seqs; s++) {
+            const int32_t *ty = pb->types + (size_t)s * pb->max_len, *ix = pb->index + (size_t)s * pb->max_len;
+            const unsigned char *in = rows_at(r, l - 1, s);
+            unsigned char *out = rows_at(r, l, s);
+            const unsigned char *reads = carry->reads + (size_t)l * nt * nt * 3;
+            for (int b = 0; b < pb->lengths[s]; b++) {
+                if (in[b] || out[b]) {
+                    out[b] = 1;
+                    continue;
+                }
+                int tb = ty[b];
+                for (int a = 0; a < b && !out[b]; a++) {
+                    if (!in[a]) continue;
+                    int ta = ty[a];
+                    out[b] = ta < 0 || ta >= nt || tb < 0 || tb >= nt ||
+                             reads[((size_t)ta * nt + tb) * 3 + relation_class(ix[a], ix[b])];
+                }
+            }
+        }
+}
+
+long patch_rows_count(const patch_rows *r) {
+    long n = 0;
+    for (size_t i = 0; i < (size_t)r->n_layers * r->n_seqs * r->max_len; i++) n += r->rows[i];
+    return n;
+}
+
 int patch_base_run(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
                    const kv_cache *donors, int max_new, patch_base *b, ep_error *err) {
     const model_config *c = &m->cfg;

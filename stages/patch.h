@@ -79,6 +79,43 @@ void patch_reach_add_head(patch_reach *r, const prompt_batch *pb, int layer, int
 // reach row 0).
 void patch_reach_add_plan(patch_reach *r, const ablation_plan *plan, const prompt_batch *pb);
 
+// The rows a change can reach, layer by layer: finer than patch_reach, it follows the plan's edges. A row
+// whose residual stream differs entering layer l has other keys and values there; a row B then differs
+// leaving l if it differs entering, or if it reads such a row A <= B through an edge of some head that
+// takes A's current key or value under the plan (clean, or a k- or v-only rule: one of the two is the
+// current pass's) and whose output at B no head unit replaces. An edge reading a donor's key and value, or
+// removed (zero), carries nothing. Rows of no changed row's reach keep the pass's values in every layer.
+// The edges are looked at by type pair and relation only (heads and windows are not: conservative).
+//
+// Which edges carry: reads[l][type A][type B][relation class] (same, earlier, neither: the example
+// indices), computed once per plan and batch from its rules and head units (patch_carry_init).
+typedef struct {
+    int n_layers, n_types;  // types 0 .. n_types - 1 (the batch's; an untyped or larger type always carries)
+    unsigned char *reads;   // [n_layers][n_types][n_types][3]
+} patch_carry;
+
+void patch_carry_init(patch_carry *c, const ablation_plan *plan, const prompt_batch *pb);
+void patch_carry_free(patch_carry *c);
+
+typedef struct {
+    int n_seqs, max_len, n_layers;
+    int first_layer;       // the lowest layer with a changed row (n_layers: none)
+    unsigned char *rows;   // [n_layers][n_seqs][max_len]: 1 where the stream leaving layer l can differ
+} patch_rows;
+
+void patch_rows_init(patch_rows *r, const prompt_batch *pb, int n_layers);
+void patch_rows_free(patch_rows *r);
+// Seeds, in `layer`: the receivers of the edges from senders of a type in `senders` to receivers of a type
+// in `receivers` under relation (each receiver with such a sender at or before it), or every position of
+// token type `type` (a head unit's output).
+void patch_rows_seed_edges(patch_rows *r, const prompt_batch *pb, int layer, uint32_t senders, uint32_t receivers,
+                           int relation);
+void patch_rows_seed_head(patch_rows *r, const prompt_batch *pb, int layer, int type);
+// Spreads the seeds up through the layers above the first (carry: the plan those layers run under).
+void patch_rows_spread(patch_rows *r, const prompt_batch *pb, const patch_carry *carry);
+// Rows x layers marked (the work of a derived pass).
+long patch_rows_count(const patch_rows *r);
+
 // A prompt pass kept whole for others to derive from: its cache (every layer at the prompt's positions;
 // capacity for max_new more), the residual stream entering every layer and leaving the last (host,
 // [n_layers + 1][T][hidden], the batch's T rows packed), and the last position's logits.

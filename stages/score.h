@@ -13,9 +13,11 @@
 //     layer from the stored stream (layers below cannot change), and the layers above for many units
 //     at once, the batch replicated once per unit. It equals one full patched pass per unit (the
 //     brute force, patch_run with the unit's plan), bitwise when units are not batched together.
-//     With row reuse too (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit's passes
-//     also start at the first row the unit reaches in each sequence (its receivers, or its head's type),
-//     the circuit pass's keys and values before it copied in: equal to the brute force to fp32 rounding.
+//     With row reuse (EXACT_ROW_PREFIX, the prune rounds' path; docs/reuse.md) each unit recomputes only
+//     the rows it can change, layer by layer from its own (score_unit_rows: its receivers or its head's
+//     type, then whatever reads them through the circuit's edges), reading the circuit pass's keys, values
+//     and residual stream everywhere else; exact_max_seqs / batch_size units go through each layer in one
+//     call. Equal to the brute force to fp32 rounding (the products have other row counts).
 // Promises: results depend only on the inputs and the batch size (batches are fixed prompt ranges,
 // sums run in prompt order). Never prints, never calls MPI, writes no files (the prune stage does:
 // stages/prune.h, stages/circuit_file.h).
@@ -24,6 +26,7 @@
 #define EP_SCORE_H
 
 #include "stages/circuit.h"
+#include "stages/patch.h"
 #include "stages/stage_inputs.h"
 
 typedef struct {
@@ -47,8 +50,8 @@ int score_eap_ig(const stage_inputs *in, const circuit *c, unit_kind kind, const
 enum {
     EXACT_BRUTE_FORCE = 0,   // nothing: one full patch_run per unit and batch
     EXACT_LAYER_PREFIX = 1,  // the layers below the unit's (the path before row reuse)
-    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above the rows before the first one the unit
-                             // reaches (stages/patch.h, "Reuse"; docs/reuse.md): what the prune rounds use
+    EXACT_ROW_PREFIX = 2,    // those, and in the unit's layer and above every row the unit cannot change
+                             // (stages/patch.h, "Reuse", patch_rows; docs/reuse.md): what the prune rounds use
 };
 
 typedef struct {
@@ -56,6 +59,20 @@ typedef struct {
     int max_seqs;      // sequences per pass when units are batched (<= batch_size: one unit per pass)
     int n_donors;      // donors averaged over, 1 .. the prompts' donors (0 counts as 1: donor 0 alone)
 } exact_opts;
+
+// stage_inputs.exact_plant (tests only): a planted error in EXACT_ROW_PREFIX scoring that its tests must catch.
+enum {
+    EXACT_PLANT_NONE = 0,
+    EXACT_PLANT_OTHER_UNIT = 1,  // each unit but the first of a pass reads the residual stream rows, and reads
+                                 // and writes the keys and values, of the unit before it in the pass
+    EXACT_PLANT_ROW_SHORT = 2,   // each unit's first changed row of every sequence is taken from C, never recomputed
+};
+
+// The rows removing unit u (of kind) from the circuit can change in a batch, by layer (stages/patch.h,
+// patch_rows): its receivers or its head's type in its layer, spread through carry (of the circuit's plan).
+// What EXACT_ROW_PREFIX recomputes for u; r is initialised here (patch_rows_free).
+void score_unit_rows(unit_kind kind, const circuit_unit *u, const prompt_batch *pb, int n_layers, const patch_carry *carry,
+                     patch_rows *r);
 
 // Exact scores: score[u] = metric(C) - metric(C without u) (target log-prob); optional `without` [n]
 // gets each C-without-u's metrics and `with` C's.

@@ -32,6 +32,8 @@ struct stage_inputs {
     char plan_hash[17];
     int full_passes;  // 1: every patched pass runs whole, none derived from another (stages/patch.h,
                       // "Reuse"): the path before reuse, for tests and benchmarks; no config field sets it
+    int exact_plant;  // tests only, 0 otherwise: a planted error in EXACT_ROW_PREFIX scoring (stages/score.h,
+                      // EXACT_PLANT_*), the can-fail siblings of its tests
 };
 
 // The config's backend: field backend "auto" (the default: cuda when a usable GPU is present, else cpu),

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include "pipeline/files.h"
+#include "pipeline/h5store.h"
 #include "pipeline/stop_signals.h"
 #include "stages/circuit_file.h"
 #include "stages/interval.h"
@@ -786,12 +787,140 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     return rc < 0 ? -1 : 0;
 }
 
+// function_vectors.h5 (stages/fv.h) as the report shows it.
+typedef struct {
+    int n_layers, n_scales, n_heads;
+    int32_t *layers;
+    float *scales;
+    double *accuracy, *first;  // [n_layers][n_scales]
+    double base[2];            // zero-shot accuracy and first-token accuracy without the vector
+    char *from;
+} fv_summary;
+
+static void fv_summary_free(fv_summary *v) {
+    free(v->layers), free(v->scales), free(v->accuracy), free(v->first), free(v->from);
+    memset(v, 0, sizeof *v);
+}
+
+// 1 loaded, 0 no file, -1 unreadable (why in err).
+static int fv_load(const char *run, fv_summary *v, ep_error *err) {
+    char path[4200];
+    memset(v, 0, sizeof *v);
+    snprintf(path, sizeof path, "%s/function_vectors.h5", run);
+    if (access(path, F_OK)) return 0;
+    h5store s;
+    if (h5store_open(path, &s, err)) return -1;
+    h5shape a, b, c, d, e, hs;
+    double *base = NULL;
+    int32_t *heads = NULL;
+    int rc = h5store_read_i32(&s, "layers", &a, &v->layers, err) || h5store_read_f32(&s, "scales", &b, &v->scales, err) ||
+             h5store_read_f64(&s, "accuracy", &c, &v->accuracy, err) ||
+             h5store_read_f64(&s, "first_token_accuracy", &d, &v->first, err) ||
+             h5store_read_f64(&s, "baseline/accuracy", &e, &base, err) || h5store_read_i32(&s, "heads", &hs, &heads, err) ||
+             h5store_get_str(&s, "heads_from", &v->from, err)
+                 ? -1
+                 : 0;
+    if (rc == 0 && (a.rank != 1 || b.rank != 1 || c.rank != 2 || c.dims[0] != a.dims[0] || c.dims[1] != b.dims[0] ||
+                    d.rank != 2 || d.dims[0] != c.dims[0] || d.dims[1] != c.dims[1] || e.rank != 1 || e.dims[0] != 2 ||
+                    hs.rank != 2))
+        rc = ep_fail(err, "%s: datasets of the wrong shape", path);
+    if (rc == 0) {
+        v->n_layers = (int)a.dims[0], v->n_scales = (int)b.dims[0], v->n_heads = (int)hs.dims[0];
+        v->base[0] = base[0], v->base[1] = base[1];
+    }
+    free(base), free(heads);
+    h5store_close(&s);
+    if (rc) fv_summary_free(v);
+    return rc ? -1 : 1;
+}
+
+static void fv_table(FILE *f, const fv_summary *v) {
+    int bl = 0, bs = 0;
+    for (int l = 0; l < v->n_layers; l++)
+        for (int k = 0; k < v->n_scales; k++)
+            if (v->accuracy[l * v->n_scales + k] > v->accuracy[bl * v->n_scales + bs]) bl = l, bs = k;
+    fprintf(f, "\nfunction vectors: %d heads (%s), zero-shot accuracy %.3f without the vector, best %.3f (layer %d, scale %g)\n",
+            v->n_heads, v->from, v->base[0], v->accuracy[bl * v->n_scales + bs], v->layers[bl], v->scales[bs]);
+    fprintf(f, "layer");
+    for (int k = 0; k < v->n_scales; k++) fprintf(f, "  scale %-6g", v->scales[k]);
+    fprintf(f, "\n");
+    for (int l = 0; l < v->n_layers; l++) {
+        fprintf(f, "%-5d", v->layers[l]);
+        for (int k = 0; k < v->n_scales; k++) fprintf(f, "  %12.3f", v->accuracy[l * v->n_scales + k]);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "(accuracy of the zero-shot prompts with scale x the vector added after the layer at `last`; "
+               "function_vectors.h5)\n");
+}
+
+// fv_accuracy.{png,pdf,svg}: accuracy against the layer, one curve per scale, the baseline dashed.
+static int fv_figure(const char *run, const fv_summary *v, FILE *out, ep_error *err) {
+    char gp[4200], csv[4200];
+    snprintf(gp, sizeof gp, "%s/fv_accuracy.gp", run);
+    snprintf(csv, sizeof csv, "%s/fv_accuracy.csv", run);
+    figure_file files[3];
+    figure_file_init(&files[0], run, "fv_accuracy.png");
+    figure_file_init(&files[1], run, "fv_accuracy.pdf");
+    figure_file_init(&files[2], run, "fv_accuracy.svg");
+    char *table = NULL, *text = NULL;
+    size_t tlen = 0, len = 0;
+    FILE *t = open_memstream(&table, &tlen);
+    if (!t) return ep_fail(err, "%s: out of memory", csv);
+    fprintf(t, "layer,scale,accuracy,first_token_accuracy\n");
+    for (int l = 0; l < v->n_layers; l++)
+        for (int k = 0; k < v->n_scales; k++)
+            fprintf(t, "%d,%g,%.6f,%.6f\n", v->layers[l], v->scales[k], v->accuracy[l * v->n_scales + k],
+                    v->first[l * v->n_scales + k]);
+    fclose(t);
+    FILE *f = open_memstream(&text, &len);
+    if (!f) {
+        free(table);
+        return ep_fail(err, "%s: out of memory", gp);
+    }
+    fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot fv_accuracy.gp` to redraw fv_accuracy.png,\n"
+               "# .pdf and .svg. The data: fv_accuracy.csv.\n");
+    fprintf(f, "if (!exists(\"png\")) png = 'fv_accuracy.png'\nif (!exists(\"pdf\")) pdf = 'fv_accuracy.pdf'\n"
+               "if (!exists(\"svg\")) svg = 'fv_accuracy.svg'\n");
+    fprintf(f, "set termoption noenhanced\nset title \"function vector (%d heads) added after a layer at last: zero-shot accuracy\"\n",
+            v->n_heads);
+    int span = v->layers[v->n_layers - 1] - v->layers[0];
+    fprintf(f, "set xlabel 'layer'\nset ylabel 'accuracy'\nset yrange [0:1.05]\nset xtics %d\nset key outside right\nset grid\n",
+            span > 16 ? (span + 15) / 16 : 1);
+    fprintf(f, "$acc << EOD\n");
+    for (int k = 0; k < v->n_scales; k++) {
+        for (int l = 0; l < v->n_layers; l++) fprintf(f, "%d %.6f\n", v->layers[l], v->accuracy[l * v->n_scales + k]);
+        fprintf(f, "\n\n");  // one gnuplot data block per scale
+    }
+    fprintf(f, "EOD\nbaseline = %.6f\n", v->base[0]);
+    fprintf(f, "set terminal pngcairo size 800,480 font 'sans,11'\nset output png\n");
+    fprintf(f, "plot for [k=0:%d] $acc index k using 1:2 with linespoints title sprintf('scale %%s', word('", v->n_scales - 1);
+    for (int k = 0; k < v->n_scales; k++) fprintf(f, "%s%g", k ? " " : "", v->scales[k]);
+    fprintf(f, "', k + 1)), baseline with lines dashtype 2 lc rgb '#555555' title 'no vector'\n");
+    fprintf(f, "set terminal pdfcairo size 8.00in,4.80in font 'sans,8'\nset output pdf\nreplot\n");
+    fprintf(f, "set terminal svg size 800,480 font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n");
+    fclose(f);
+    int rc = write_text_atomic(csv, table, err);
+    if (rc == 0) rc = write_text_atomic(gp, text, err);
+    free(text), free(table);
+    char why[200], assign[3 * 8800];
+    size_t at = 0;
+    const char *vars[3] = {"png", "pdf", "svg"};
+    for (int k = 0; k < 3; k++) at += gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
+    if (rc == 0) rc = draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 1) fprintf(out, "figures: fv_accuracy.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
+    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
+    return rc < 0 ? -1 : 0;
+}
+
 int report_write(const char *run_dir, FILE *out, ep_error *err) {
     // What an earlier report killed half way left (this command's own files only: a run writing the same
     // folder has its own temporaries, and a live writer's are never touched; stages/stage_inputs.h).
     static const char *const own[] = {"report.txt",        "accuracy_drop.gp",  "accuracy_drop.csv", "accuracy_drop.png",
                                       "accuracy_drop.pdf", "accuracy_drop.svg", "circuit.dot",       "circuit.csv",
-                                      "circuit.png",       "circuit.svg",       "circuit.pdf",       NULL};
+                                      "circuit.png",       "circuit.svg",       "circuit.pdf",       "fv_accuracy.gp",
+                                      "fv_accuracy.csv",   "fv_accuracy.png",   "fv_accuracy.pdf",   "fv_accuracy.svg",
+                                      NULL};
     if (remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
     // Both inputs are read and checked before anything is written: a bad one leaves the old report as it was.
     char path[4200], circuit_path[4200];
@@ -813,6 +942,11 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
         return -1;
     }
     print_table(f, logs);
+    fv_summary fv;
+    ep_error fv_err = {{0}};
+    int has_fv = fv_load(run_dir, &fv, &fv_err);
+    if (has_fv > 0) fv_table(f, &fv);
+    if (has_fv < 0) fprintf(f, "\nfunction vectors: not shown: %s\n", fv_err.msg);
     fclose(f);
     fputs(text, out);
     snprintf(path, sizeof path, "%s/report.txt", run_dir);
@@ -821,6 +955,8 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
     fprintf(out, "\n");
     if (rc == 0) rc = heatmap(run_dir, logs, out, err);
     if (rc == 0) rc = diagram(run_dir, logs, circuit, out, err);
+    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, out, err);
+    if (has_fv > 0) fv_summary_free(&fv);
     json_decref(logs), json_decref(circuit);
     return rc;
 }

@@ -1,5 +1,6 @@
 #include "fv.h"
 
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -181,6 +182,9 @@ static int write_output(const char *path, const char *identity, const char *from
                  ? -1
                  : 0;
     free(acc), free(facc), free(h32), free(l32);
+    // Test hook (tests/cli_fv.sh): EDGEPATCH_TEST_KILL_FV=write dies with the data written, not committed.
+    const char *kill = getenv("EDGEPATCH_TEST_KILL_FV");
+    if (rc == 0 && kill && !strcmp(kill, "write")) raise(SIGKILL);
     if (rc) {
         h5store_abandon(&s);
         return -1;

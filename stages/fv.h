@@ -9,7 +9,8 @@
 // size or rank count (the stage runs on rank 0: a whole model, tensor_parallel 1, checked at config load).
 // The output, <output_path>/function_vectors.h5 (format edgepatch-fv-1, docs/artifacts.md), is written
 // through h5store (temporary, fsync, rename, completion record): a kill leaves nothing that looks complete,
-// and a rerun whose identity matches the complete file skips the stage. Never prints, never calls MPI.
+// and a rerun whose identity matches the complete file skips the stage (test hook: EDGEPATCH_TEST_KILL_FV=write
+// SIGKILLs the process with the data written and the file not committed). Never prints, never calls MPI.
 #ifndef EP_FV_H
 #define EP_FV_H
 

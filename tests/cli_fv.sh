@@ -101,6 +101,15 @@ run b8 --until fv; r8=$rc
 [ $r3 = 0 ] && [ $r8 = 0 ] && cmp -s "$tmp/b3/function_vectors.h5" "$tmp/b8/function_vectors.h5" && ok || bad "batch_size 3 vs 8: $r3 $r8 $(cat "$tmp/b3.err" "$tmp/b8.err")"
 grep -q "^fv: 3 heads (config), 3 layers x 2 scales" "$tmp/b3.out" && ok || bad "explicit heads line: $(cat "$tmp/b3.out")"
 
+# edgepatch check prints the block resolved (defaults filled in); other fields' identity does not change with it.
+config chk 4 4 '{"heads": [[0, 1]]}'
+"$bin" check "$tmp/chk.json" --json > "$tmp/chk.out" 2>&1
+$py -c 'import json,sys; c=json.load(open(sys.argv[1])); c=c.get("config", c); f=c["function_vectors"]; assert f=={"heads": [[0, 1]], "layers": "all", "scales": [0.0, 0.5, 1.0, 2.0]}, f' "$tmp/chk.out" && ok || bad "check --json: $(cat "$tmp/chk.out")"
+sed 's/, "function_vectors": {"heads": \[\[0, 1\]\]}//' "$tmp/chk.json" > "$tmp/chk0.json"
+h1=$("$bin" check "$tmp/chk.json" --json | $py -c 'import json,sys; c=json.load(sys.stdin); print(c.get("config", c)["config_hash"])')
+h0=$("$bin" check "$tmp/chk0.json" --json | $py -c 'import json,sys; c=json.load(sys.stdin); print(c.get("config", c)["config_hash"])')
+[ -n "$h1" ] && [ "$h1" = "$h0" ] && ok || bad "config_hash changes with function_vectors: $h1 vs $h0"
+
 # Bad fields: one line naming the field, nothing written.
 bad_field() {  # needle function_vectors-JSON [extra]
   config badf 4 4 "$2" "${3:-}"

@@ -7,7 +7,7 @@
 #  - a rerun says up to date and leaves the file's bytes alone;
 #  - killed (SIGKILL) while the stage runs, nothing that looks complete is left; the rerun finishes with the
 #    same bytes;
-#  - explicit heads give the same bytes for batch_size 3 and 8;
+#  - explicit heads give the same bytes for batch_size 3 and 8, and for 1 and 2 MPI ranks;
 #  - bad fields are refused with one line naming the field, before anything is written.
 set -u
 bin=$1
@@ -100,6 +100,14 @@ run b3 --until fv; r3=$rc
 run b8 --until fv; r8=$rc
 [ $r3 = 0 ] && [ $r8 = 0 ] && cmp -s "$tmp/b3/function_vectors.h5" "$tmp/b8/function_vectors.h5" && ok || bad "batch_size 3 vs 8: $r3 $r8 $(cat "$tmp/b3.err" "$tmp/b8.err")"
 grep -q "^fv: 3 heads (config), 3 layers x 2 scales" "$tmp/b3.out" && ok || bad "explicit heads line: $(cat "$tmp/b3.out")"
+# ... nor does the rank count (the stage runs on rank 0; the others wait).
+if command -v mpirun > /dev/null; then
+  config np2 10 8 '{"heads": [[0, 1], [2, 5], [1, 0]], "scales": [0, 2]}'
+  { ASAN_OPTIONS=${ASAN_OPTIONS:+$ASAN_OPTIONS:}detect_leaks=0 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+      OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1 \
+      timeout 300 mpirun -np 2 "$bin" run "$tmp/np2.json" > "$tmp/np2.out" 2>&1; rc=$?; } 2> /dev/null
+  [ $rc = 0 ] && cmp -s "$tmp/b8/function_vectors.h5" "$tmp/np2/function_vectors.h5" && ok || bad "2 ranks: $rc $(tail -3 "$tmp/np2.out")"
+fi
 
 # edgepatch check prints the block resolved (defaults filled in); other fields' identity does not change with it.
 config chk 4 4 '{"heads": [[0, 1]]}'

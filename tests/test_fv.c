@@ -184,6 +184,19 @@ static void test_backend(const char *name, const model *m, const kernel_ops *ops
                 free(want);
             }
     }
+    // A vector after a layer the model does not have, or at a row past the pass, is refused.
+    int row = 3, n_new = 2;
+    forward_add bad_layer = {.layer = c->n_layers, .vec = want_vec, .scale = 1, .n_rows = 1, .rows = &(int){1}};
+    forward_add bad_row = {.layer = 0, .vec = want_vec, .scale = 1, .n_rows = 1, .rows = &row};
+    for (int k = 0; k < 2; k++) {
+        kv_cache cache;
+        if (kv_cache_init_backend(&cache, c, 1, 4, 0, ops, &err)) continue;
+        forward_batch b = {.n_seqs = 1, .n_new = &n_new, .tokens = zero, .add = k ? &bad_row : &bad_layer};
+        check(model_forward(m, ops, &cache, &b, NULL, &err) != 0 && strstr(err.msg, "added vector"),
+              "%s (%s): an added vector %s is refused (%s)", name, ops->name, k ? "at a row past the pass" : "after no layer",
+              err.msg);
+        kv_cache_free(&cache);
+    }
     printf("%s (%s): injected logits vs HF: worst max rel error %.2e\n", name, ops->name, worst);
     free(last), free(zero);
 done:

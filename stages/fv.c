@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
@@ -264,4 +265,48 @@ int fv_stage(stage_inputs *in, int fresh, ep_error *err) {
     free(heads), free(layers), free(means), free(vec), free(scales), free(last), free(gen), free(tokens);
     free(correct), free(first), free(base_c), free(base_f);
     return rc;
+}
+
+void fv_summary_free(fv_summary *v) {
+    free(v->layers), free(v->scales), free(v->accuracy), free(v->first), free(v->from);
+    memset(v, 0, sizeof *v);
+}
+
+int fv_summary_load(const char *run, fv_summary *v, ep_error *err) {
+    char path[4200];
+    memset(v, 0, sizeof *v);
+    snprintf(path, sizeof path, "%s/function_vectors.h5", run);
+    if (access(path, F_OK)) return 0;
+    h5store s;
+    if (h5store_open(path, &s, err)) return -1;
+    h5shape a, b, c, d, e, hs;
+    double *base = NULL;
+    int32_t *heads = NULL;
+    int rc = h5store_read_i32(&s, "layers", &a, &v->layers, err) || h5store_read_f32(&s, "scales", &b, &v->scales, err) ||
+             h5store_read_f64(&s, "accuracy", &c, &v->accuracy, err) ||
+             h5store_read_f64(&s, "first_token_accuracy", &d, &v->first, err) ||
+             h5store_read_f64(&s, "baseline/accuracy", &e, &base, err) || h5store_read_i32(&s, "heads", &hs, &heads, err) ||
+             h5store_get_str(&s, "heads_from", &v->from, err)
+                 ? -1
+                 : 0;
+    if (rc == 0 && (a.rank != 1 || b.rank != 1 || c.rank != 2 || c.dims[0] != a.dims[0] || c.dims[1] != b.dims[0] ||
+                    d.rank != 2 || d.dims[0] != c.dims[0] || d.dims[1] != c.dims[1] || e.rank != 1 || e.dims[0] != 2 ||
+                    hs.rank != 2))
+        rc = ep_fail(err, "%s: datasets of the wrong shape", path);
+    if (rc == 0) {
+        v->n_layers = (int)a.dims[0], v->n_scales = (int)b.dims[0], v->n_heads = (int)hs.dims[0];
+        v->base[0] = base[0], v->base[1] = base[1];
+    }
+    free(base), free(heads);
+    h5store_close(&s);
+    if (rc) fv_summary_free(v);
+    return rc ? -1 : 1;
+}
+
+void fv_summary_best(const fv_summary *v, int *layer, int *scale) {
+    int bl = 0, bs = 0;
+    for (int l = 0; l < v->n_layers; l++)
+        for (int k = 0; k < v->n_scales; k++)
+            if (v->accuracy[l * v->n_scales + k] > v->accuracy[bl * v->n_scales + bs]) bl = l, bs = k;
+    *layer = bl, *scale = bs;
 }

@@ -36,6 +36,21 @@ int fv_injected_pass(const model *m, const kernel_ops *ops, const int *tokens, i
 int fv_choose_heads(const run_config *cfg, const model_config *mc, const char *run_dir, int **heads, int *n,
                     char from[32], ep_error *err);
 
+// function_vectors.h5 read back, for the report and `run --json`'s results.
+typedef struct {
+    int n_layers, n_scales, n_heads;
+    int32_t *layers;
+    float *scales;
+    double *accuracy, *first;  // [n_layers][n_scales]
+    double base[2];            // zero-shot accuracy and first-token accuracy without the vector
+    char *from;                // heads_from
+} fv_summary;
+// <run>/function_vectors.h5: 1 loaded, 0 no such file, -1 unreadable or of the wrong shape (err says why).
+int fv_summary_load(const char *run, fv_summary *v, ep_error *err);
+void fv_summary_free(fv_summary *v);
+// The (layer, scale) indices of the best accuracy (the first on ties, layers then scales in file order).
+void fv_summary_best(const fv_summary *v, int *layer, int *scale);
+
 // The stage: skips when function_vectors.h5 is complete and made from these inputs (else writes it anew).
 int fv_stage(stage_inputs *in, int fresh, ep_error *err);
 

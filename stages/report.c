@@ -11,9 +11,9 @@
 #include <unistd.h>
 
 #include "pipeline/files.h"
-#include "pipeline/h5store.h"
 #include "pipeline/stop_signals.h"
 #include "stages/circuit_file.h"
+#include "stages/fv.h"
 #include "stages/interval.h"
 #include "stages/prompts.h"
 #include "stages/stage_inputs.h"
@@ -787,58 +787,9 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     return rc < 0 ? -1 : 0;
 }
 
-// function_vectors.h5 (stages/fv.h) as the report shows it.
-typedef struct {
-    int n_layers, n_scales, n_heads;
-    int32_t *layers;
-    float *scales;
-    double *accuracy, *first;  // [n_layers][n_scales]
-    double base[2];            // zero-shot accuracy and first-token accuracy without the vector
-    char *from;
-} fv_summary;
-
-static void fv_summary_free(fv_summary *v) {
-    free(v->layers), free(v->scales), free(v->accuracy), free(v->first), free(v->from);
-    memset(v, 0, sizeof *v);
-}
-
-// 1 loaded, 0 no file, -1 unreadable (why in err).
-static int fv_load(const char *run, fv_summary *v, ep_error *err) {
-    char path[4200];
-    memset(v, 0, sizeof *v);
-    snprintf(path, sizeof path, "%s/function_vectors.h5", run);
-    if (access(path, F_OK)) return 0;
-    h5store s;
-    if (h5store_open(path, &s, err)) return -1;
-    h5shape a, b, c, d, e, hs;
-    double *base = NULL;
-    int32_t *heads = NULL;
-    int rc = h5store_read_i32(&s, "layers", &a, &v->layers, err) || h5store_read_f32(&s, "scales", &b, &v->scales, err) ||
-             h5store_read_f64(&s, "accuracy", &c, &v->accuracy, err) ||
-             h5store_read_f64(&s, "first_token_accuracy", &d, &v->first, err) ||
-             h5store_read_f64(&s, "baseline/accuracy", &e, &base, err) || h5store_read_i32(&s, "heads", &hs, &heads, err) ||
-             h5store_get_str(&s, "heads_from", &v->from, err)
-                 ? -1
-                 : 0;
-    if (rc == 0 && (a.rank != 1 || b.rank != 1 || c.rank != 2 || c.dims[0] != a.dims[0] || c.dims[1] != b.dims[0] ||
-                    d.rank != 2 || d.dims[0] != c.dims[0] || d.dims[1] != c.dims[1] || e.rank != 1 || e.dims[0] != 2 ||
-                    hs.rank != 2))
-        rc = ep_fail(err, "%s: datasets of the wrong shape", path);
-    if (rc == 0) {
-        v->n_layers = (int)a.dims[0], v->n_scales = (int)b.dims[0], v->n_heads = (int)hs.dims[0];
-        v->base[0] = base[0], v->base[1] = base[1];
-    }
-    free(base), free(heads);
-    h5store_close(&s);
-    if (rc) fv_summary_free(v);
-    return rc ? -1 : 1;
-}
-
 static void fv_table(FILE *f, const fv_summary *v) {
-    int bl = 0, bs = 0;
-    for (int l = 0; l < v->n_layers; l++)
-        for (int k = 0; k < v->n_scales; k++)
-            if (v->accuracy[l * v->n_scales + k] > v->accuracy[bl * v->n_scales + bs]) bl = l, bs = k;
+    int bl, bs;
+    fv_summary_best(v, &bl, &bs);
     fprintf(f, "\nfunction vectors: %d heads (%s), zero-shot accuracy %.3f without the vector, best %.3f (layer %d, scale %g)\n",
             v->n_heads, v->from, v->base[0], v->accuracy[bl * v->n_scales + bs], v->layers[bl], v->scales[bs]);
     fprintf(f, "layer");
@@ -944,7 +895,7 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
     print_table(f, logs);
     fv_summary fv;
     ep_error fv_err = {{0}};
-    int has_fv = fv_load(run_dir, &fv, &fv_err);
+    int has_fv = fv_summary_load(run_dir, &fv, &fv_err);
     if (has_fv > 0) fv_table(f, &fv);
     if (has_fv < 0) fprintf(f, "\nfunction vectors: not shown: %s\n", fv_err.msg);
     fclose(f);

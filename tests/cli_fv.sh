@@ -28,6 +28,16 @@ run top --json
 [ $rc = 0 ] && [ -f "$tmp/top/function_vectors.h5" ] && ok || bad "top_k run: $rc $(cat "$tmp/top.err")"
 grep -q "^fv: 3 heads (round 0 attribution), 2 layers x 3 scales over 12 zero-shot prompts" "$tmp/top.err" && ok || bad "no fv line: $(cat "$tmp/top.err")"
 $py -c 'import json,sys; s=json.load(open(sys.argv[1])); st={x["name"]: x for x in s["stages"]}; assert list(st)[-1]=="fv" and st["fv"]["state"]=="computed" and st["fv"]["items"]==1, st' "$tmp/top.out" && ok || bad "--json stages: $(cat "$tmp/top.out")"
+$py - "$tmp/top.out" "$tmp/top/function_vectors.h5" <<'EOF' && ok || bad "--json results.function_vectors: $(cat "$tmp/top.out")"
+import json, sys
+import h5py, numpy as np
+r = json.load(open(sys.argv[1]))["results"]["function_vectors"]
+f = h5py.File(sys.argv[2], "r")
+acc = f["accuracy"][:]
+l, s = np.unravel_index(int(np.argmax(acc)), acc.shape)  # the first best, layers then scales
+assert r["n_heads"] == 3 and r["heads_from"] == "round 0 attribution" and r["baseline_accuracy"] == f["baseline/accuracy"][0], r
+assert r["best_layer"] == int(f["layers"][l]) and r["best_scale"] == float(f["scales"][s]) and r["best_accuracy"] == acc[l, s], r
+EOF
 "$bin" scores "$tmp/top" --round 0 --json > "$tmp/scores.json" || bad "scores"
 $py - "$tmp/top/function_vectors.h5" "$tmp/scores.json" > "$tmp/check.txt" 2>&1 <<'EOF' && ok || bad "function_vectors.h5: $(cat "$tmp/check.txt")"
 import json, sys

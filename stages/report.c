@@ -804,8 +804,10 @@ static void fv_table(FILE *f, const fv_summary *v) {
                "function_vectors.h5)\n");
 }
 
-// fv_accuracy.{png,pdf,svg}: accuracy against the layer, one curve per scale, the baseline dashed.
-static int fv_figure(const char *run, const fv_summary *v, FILE *out, ep_error *err) {
+// fv_accuracy.{png,pdf,svg}: accuracy against the layer, one curve per scale, the baseline dashed, the ICL
+// prompts' accuracy dotted.
+// icl: the full model's accuracy with the demonstrations (model_logs.json), drawn dotted when known.
+static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out, ep_error *err) {
     char gp[4200], csv[4200];
     snprintf(gp, sizeof gp, "%s/fv_accuracy.gp", run);
     snprintf(csv, sizeof csv, "%s/fv_accuracy.csv", run);
@@ -835,7 +837,7 @@ static int fv_figure(const char *run, const fv_summary *v, FILE *out, ep_error *
     fprintf(f, "set termoption noenhanced\nset title \"function vector (%d heads) added after a layer at last: zero-shot accuracy\"\n",
             v->n_heads);
     int span = v->layers[v->n_layers - 1] - v->layers[0];
-    fprintf(f, "set xlabel 'layer'\nset ylabel 'accuracy'\nset yrange [0:1.05]\nset xtics %d\nset key outside right\nset grid\n",
+    fprintf(f, "set xlabel 'layer'\nset ylabel 'accuracy'\nset yrange [-0.03:1.05]\nset xtics %d\nset key outside right\nset grid\n",
             span > 16 ? (span + 15) / 16 : 1);
     fprintf(f, "$acc << EOD\n");
     for (int k = 0; k < v->n_scales; k++) {
@@ -846,7 +848,9 @@ static int fv_figure(const char *run, const fv_summary *v, FILE *out, ep_error *
     fprintf(f, "set terminal pngcairo size 800,480 font 'sans,11'\nset output png\n");
     fprintf(f, "plot for [k=0:%d] $acc index k using 1:2 with linespoints title sprintf('scale %%s', word('", v->n_scales - 1);
     for (int k = 0; k < v->n_scales; k++) fprintf(f, "%s%g", k ? " " : "", v->scales[k]);
-    fprintf(f, "', k + 1)), baseline with lines dashtype 2 lc rgb '#555555' title 'no vector'\n");
+    fprintf(f, "', k + 1)), baseline with lines dashtype 2 lc rgb '#555555' title 'no vector'");
+    if (isfinite(icl)) fprintf(f, ", %.6f with lines dashtype 3 lc rgb '#000000' title 'with demonstrations'", icl);
+    fprintf(f, "\n");
     fprintf(f, "set terminal pdfcairo size 8.00in,4.80in font 'sans,8'\nset output pdf\nreplot\n");
     fprintf(f, "set terminal svg size 800,480 font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n");
     fclose(f);
@@ -906,7 +910,7 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
     fprintf(out, "\n");
     if (rc == 0) rc = heatmap(run_dir, logs, out, err);
     if (rc == 0) rc = diagram(run_dir, logs, circuit, out, err);
-    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, out, err);
+    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, num_or_nan(logs, "full_model_accuracy"), out, err);
     if (has_fv > 0) fv_summary_free(&fv);
     json_decref(logs), json_decref(circuit);
     return rc;

@@ -7,7 +7,8 @@
 //   - the logits at the last position and the greedy tokens with scale * vector added after layer L there
 //     (fv_injected_pass: forward_add through the op table's scale and add), for two layers and two scales,
 //     and without the vector (the zero-shot baseline);
-// on cpu, on offset (which must give cpu's bytes) and on cuda when a GPU is usable. Can-fail siblings: the
+// on cpu, on offset (which must give cpu's bytes) and on cuda when a GPU is usable, and (near, to bf16
+// rounding) in a bf16 run on cpu. Can-fail siblings: the
 // means of a neighbouring head, the vector added after another layer and the vector at another scale must
 // each miss the reference.
 #include <math.h>
@@ -203,6 +204,54 @@ done:
     free(h32), free(layers), free(want_means), free(want_vec), free(scales);
 }
 
+// A bf16 run (dtype bf16: o_proj's bf16 weight in model_head_output, the vector added to the fp32 residual
+// stream) on cpu: near HF's fp32 numbers (the bf16 products round each input to 8 bits of mantissa).
+#define BF16_TOL 5e-2
+static void test_bf16(const char *name, const model *m, const prompts *f, const safetensors *ref) {
+    const model_config *c = &m->cfg;
+    int D = c->hidden, V = c->vocab_size, n_heads = 0, heads[64], zero[512], gen[N_GEN], n_gen = 0;
+    char key[128];
+    snprintf(key, sizeof key, "%s.heads", name);
+    int32_t *h32 = read_i32(ref, key, &n_heads);
+    n_heads /= 2;
+    snprintf(key, sizeof key, "%s.head_means", name);
+    float *want = read_f32(ref, key, (size_t)n_heads * D), *means = calloc((size_t)n_heads * D, sizeof(float));
+    snprintf(key, sizeof key, "%s.vector", name);
+    float *vec = read_f32(ref, key, (size_t)D), *last = malloc(sizeof(float) * (size_t)V);
+    snprintf(key, sizeof key, "%s.prompt0.l0.s1.logits", name);
+    float *want_logits = read_f32(ref, key, (size_t)V), *scales = NULL;
+    snprintf(key, sizeof key, "%s.scales", name);
+    scales = read_f32(ref, key, 2);
+    int32_t *layers = NULL;
+    snprintf(key, sizeof key, "%s.layers", name);
+    layers = read_i32(ref, key, NULL);
+    model dev;
+    ep_error err = {{0}};
+    if (h32 && want && vec && want_logits && scales && layers && model_to_backend(m, kernel_ops_cpu(), 1, &dev, &err) == 0) {
+        for (int i = 0; i < 2 * n_heads; i++) heads[i] = h32[i];
+        prompt_batch pb = {.n_seqs = P, .max_len = f->max_len, .tokens = f->tokens, .lengths = f->lengths,
+                           .types = f->types, .index = f->index};
+        if (fv_head_means(&dev, kernel_ops_cpu(), &pb, heads, n_heads, means, &err) == 0) {
+            double e = max_rel_error(means, want, (size_t)n_heads * D, 1e-6);
+            check(e < BF16_TOL, "%s (bf16): head means vs HF fp32: max rel error %.2e", name, e);
+            printf("%s (bf16): head means vs HF fp32: max rel error %.2e\n", name, e);
+        } else {
+            check(0, "%s (bf16): %s", name, err.msg);
+        }
+        int nz = f->lengths[0] <= 512 ? fv_zero_shot(&pb, 0, zero) : 0;
+        if (nz > 0 && fv_injected_pass(&dev, kernel_ops_cpu(), zero, nz, layers[0], vec, scales[1], N_GEN, last, gen, &n_gen, &err) == 0) {
+            double e = max_rel_error(last, want_logits, (size_t)V, 1e-6);
+            check(e < BF16_TOL, "%s (bf16): injected logits vs HF fp32: max rel error %.2e", name, e);
+        } else {
+            check(0, "%s (bf16): %s", name, err.msg);
+        }
+        model_backend_free(&dev);
+    } else if (err.msg[0]) {
+        check(0, "%s (bf16): %s", name, err.msg);
+    }
+    free(h32), free(want), free(means), free(vec), free(last), free(want_logits), free(scales), free(layers);
+}
+
 static void test_model(const char *name, const safetensors *ref) {
     char dir[256];
     snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
@@ -231,6 +280,7 @@ static void test_model(const char *name, const safetensors *ref) {
             model_backend_free(&dev);
         }
         free(cpu_logits);
+        test_bf16(name, &m, &f, ref);
         free_prompts(&f);
     }
     model_free(&m);

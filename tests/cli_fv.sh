@@ -8,6 +8,7 @@
 #  - killed (SIGKILL) while the stage runs, nothing that looks complete is left; the rerun finishes with the
 #    same bytes;
 #  - explicit heads give the same bytes for batch_size 3 and 8, and for 1 and 2 MPI ranks;
+#  - sweep status: a stage group until fv is done once the file is complete;
 #  - bad fields are refused with one line naming the field, before anything is written.
 set -u
 bin=$1
@@ -117,6 +118,26 @@ if command -v mpirun > /dev/null; then
       OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_rmaps_base_oversubscribe=1 \
       timeout 300 mpirun -np 2 "$bin" run "$tmp/np2.json" > "$tmp/np2.out" 2>&1; rc=$?; } 2> /dev/null
   [ $rc = 0 ] && cmp -s "$tmp/b8/function_vectors.h5" "$tmp/np2/function_vectors.h5" && ok || bad "2 ranks: $rc $(tail -3 "$tmp/np2.out")"
+fi
+
+# sweep status: a stage group until fv is done once function_vectors.h5 is complete, not after the rounds.
+cat > "$tmp/sw.json" <<EOF
+{"name": "fv", "output_root": "$tmp/sw",
+ "run": {"model_name": "prune_heads_in_circuits", "n_prompts": 4, "batch_size": 4, "n_shots": 2, "seed": 5, "max_new_tokens": 2,
+         "function_vectors": {"top_k": 2, "layers": [1], "scales": [1]}},
+ "stages": [{"name": "run", "until": "fv", "gpus": false}],
+ "models": [{"name": "smollm-tiny", "path": "tests/fixtures/models/smollm-tiny", "gpus": 0}], "tasks": ["person_sport"]}
+EOF
+sweep_state() { "$bin" sweep status "$tmp/sw.json" --json 2> /dev/null | $py -c 'import json,sys; r=json.load(sys.stdin)["runs"][0]; print(r["state"], r["stage"])'; }
+"$bin" sweep submit "$tmp/sw.json" --dry-run > "$tmp/sw.dry" 2>&1 || bad "sweep submit --dry-run: $(cat "$tmp/sw.dry")"
+swrun=$(ls "$tmp"/sw/*/*/sweep-run.json 2> /dev/null | head -1)
+if [ -n "$swrun" ]; then
+  "$bin" run "$swrun" --until prune > /dev/null 2>&1
+  [ "$(sweep_state)" = "started prune" ] && ok || bad "sweep status after the rounds: $(sweep_state)"
+  "$bin" run "$swrun" > /dev/null 2>&1
+  [ "$(sweep_state)" = "done fv" ] && ok || bad "sweep status after fv: $(sweep_state)"
+else
+  bad "sweep submit --dry-run wrote no run config: $(cat "$tmp/sw.dry")"
 fi
 
 # edgepatch check prints the block resolved (defaults filled in); other fields' identity does not change with it.

@@ -424,6 +424,11 @@ int run_config_check_inputs(const run_config *c, const model_config *model, ep_e
         if (!c->donor_kinds[d][0] && d >= t.n_kinds)
             rc = ep_fail(err, "%s: field donors: %d donors asked, task %s offers %d kinds", c->path, c->n_donors, t.name,
                          t.n_kinds);
+    for (int d = 0; d < c->n_donors && rc == 0; d++) {
+        donor_kind kind;
+        if (c->donor_kinds[d][0] && donor_kind_parse(c->donor_kinds[d], &kind) == 0 && task_check_kind(&t, kind, err))
+            rc = ep_wrap(err, "%s: field donors[%d]", c->path, d);
+    }
     task_free(&t);
     if (rc) return -1;
     // The model's shape from its config.json (no weights): every plan's layers and heads.

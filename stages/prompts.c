@@ -420,6 +420,7 @@ static int make_donor(prompt_builder *b, donor_kind kind, rng *r, example *ex, i
                       ep_error *err, int *ok, int *unmoved) {
     *ok = 1;
     *unmoved = 0;
+    if (kind == DONOR_MEAN) return 0;  // its row is the clean prompt: the cache stage makes its activations
     if (kind == DONOR_SHUFFLE_Y) {
         // Derange outputs within groups of equal token length.
         int *order = ep_malloc(sizeof(int) * (size_t)n_demos), *group = ep_malloc(sizeof(int) * (size_t)n_demos);

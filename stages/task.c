@@ -14,7 +14,8 @@
 
 static const char *kind_names[DONOR_KIND_COUNT] = {"random_xy",    "random_y",     "random_x",
                                                    "other_pairs",  "shuffle_y",    "other_task_x",
-                                                   "other_task_y", "other_mapping", "other_mapping_x"};
+                                                   "other_task_y", "other_mapping", "other_mapping_x",
+                                                   "mean"};
 
 const char *donor_kind_name(donor_kind k) { return k < DONOR_KIND_COUNT ? kind_names[k] : "?"; }
 
@@ -202,7 +203,7 @@ static int task_load_file(const char *path, int with_donors, task *t, ep_error *
         const char *k = json_string_value(json_array_get(kinds, i));
         if (!k || donor_kind_parse(k, &t->kinds[t->n_kinds++])) {
             ep_fail(err, "%s: field donor_kinds[%zu]: '%s' is not one of random_xy, random_y, random_x, other_pairs, "
-                         "shuffle_y, other_task_x, other_task_y, other_mapping, other_mapping_x", path, i,
+                         "shuffle_y, other_task_x, other_task_y, other_mapping, other_mapping_x, mean", path, i,
                     k ? k : "(not a string)");
             goto done;
         }

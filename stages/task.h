@@ -25,6 +25,8 @@ typedef enum {
     DONOR_OTHER_TASK_Y,  // outputs from another task's output space (donor_tasks), inputs kept
     DONOR_OTHER_MAPPING,    // inputs kept, outputs of other pairs of the same task: the mapping differs
     DONOR_OTHER_MAPPING_X,  // outputs kept, inputs of other pairs of the same task: the mapping differs
+    DONOR_MEAN,  // no corrupted prompt: the mean over the run's prompts of the clean activations at the same
+                 // token type, example index and offset in the span (stages/mean_donor.h); tokens = the clean
     DONOR_KIND_COUNT
 } donor_kind;
 

@@ -4,7 +4,7 @@
 # mean donor. The mean chunks are byte-identical for batch sizes 2 and 3 and for 1 and 2 MPI ranks (and
 # every cache shard and patch.h5 for 1 and 2 ranks); a run killed while writing the second chunk leaves
 # no chunk that looks complete and resumes to the same bytes; a rerun recomputes nothing; configs the
-# mean donor cannot run are refused before anything runs.
+# mean donor cannot run, and a task file naming an unknown donor task, are refused before anything runs.
 set -u
 bin=$1
 . "$(dirname "$0")/cli_harness.bash"
@@ -65,5 +65,11 @@ expect_error 1 "eap-ig" check "$tmp/e.json"
 config t 2 ', "tensor_parallel": 2'
 expect_error 1 "tensor-parallel" check "$tmp/t.json"
 [ ! -e "$tmp/e" ] && [ ! -e "$tmp/t" ] && ok || bad "a refused config wrote its run folder"
+
+# A task file naming an unknown donor task: one line naming the file and the field, from the config check.
+sed 's/"donor_tasks": \[[^]]*\]/"donor_tasks": ["no_such_task"]/; s|"\.\./|"'"$PWD"'/datasets/|g' datasets/tasks/person_sport.json > "$tmp/bad_task.json"
+config bt 2
+sed -i 's|"task": "person_sport"|"task": "'"$tmp"'/bad_task.json"|' "$tmp/bt.json"
+expect_error 1 "bad_task.json: field donor_tasks\[0\]: unknown task 'no_such_task'" check "$tmp/bt.json"
 
 finish cli_mean

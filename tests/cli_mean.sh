@@ -58,6 +58,16 @@ before=$(stat -c %Y.%i "$tmp/b2/mean.d/item-00000.h5")
 timeout 300 "$bin" run "$tmp/b2.json" --until patch > "$tmp/again.out" 2>&1 &&
   [ "$(stat -c %Y.%i "$tmp/b2/mean.d/item-00000.h5")" = "$before" ] && ok || bad "rerun rewrote a mean chunk"
 
+# Exact scores averaged over two donors, the mean donor and a corrupted prompt (the donors rotate between
+# the evaluations: the mean donor moves with its index), and attribution scores from the mean donor.
+for imp in exact attribution; do
+  config s_$imp 2 ', "mode": "prune_heads_in_circuits", "importance": "'$imp'", "prune_rounds": {"heads": 1, "edges": 0}, "n_prompts": 8, "exact_units_per_item": 8'
+  sed -i 's/"model_name": "smollm_ablate_edges", //; s/"donors": \["mean"\]/"donors": ["mean", "random_xy"]/; s/"n_prompts": 70, //' "$tmp/s_$imp.json"
+  [ "$imp" = exact ] && sed -i 's/}$/, "score_donors": 2}/' "$tmp/s_$imp.json"
+  timeout 300 "$bin" run "$tmp/s_$imp.json" --until score > "$tmp/s_$imp.out" 2>&1 && [ -f "$tmp/s_$imp/prune.d/round-000.h5" ] && ok ||
+    bad "$imp scores with the mean donor: $(tail -3 "$tmp/s_$imp.out")"
+done
+
 # Refused before anything runs: eap-ig from a mean donor, tensor parallel.
 config e 2 ', "mode": "prune_heads_in_circuits", "importance": "eap-ig", "prune_rounds": 1'
 sed -i 's/"model_name": "smollm_ablate_edges", //' "$tmp/e.json"

@@ -120,26 +120,34 @@ int mean_table_fill(const mean_table *t, const model_config *c, const kernel_ops
         return ep_fail(err, "mean donor: the table was made for another model shape (or a tensor-parallel shard)");
     const kernel_ops *o = donor->backend ? donor->backend : kernel_ops_cpu();
     int L = t->n_layers, kd = t->kv_dim, zd = t->z_dim;
-    mean_key *keys = ep_malloc(sizeof(mean_key) * (size_t)(pb->max_len > 0 ? pb->max_len : 1));
+    size_t cap = (size_t)(pb->max_len > 0 ? pb->max_len : 1);
+    mean_key *keys = ep_malloc(sizeof(mean_key) * cap);
+    size_t *group = ep_malloc(sizeof(size_t) * cap);
+    float *hk = ep_malloc(sizeof(float) * cap * kd), *hv = ep_malloc(sizeof(float) * cap * kd);
+    float *hz = ep_malloc(sizeof(float) * cap * zd);
     int rc = 0;
     for (int q = 0; q < pb->n_seqs && rc == 0; q++) {
+        int T = pb->lengths[q];
         mean_keys_of(pb, q, keys);
-        for (int p = 0; p < pb->lengths[q] && rc == 0; p++) {
+        for (int p = 0; p < T && rc == 0; p++) {
             const mean_key *hit = bsearch(&keys[p], t->keys, (size_t)t->n_keys, sizeof(mean_key), key_compare);
-            if (!hit) {
+            if (!hit)
                 rc = ep_fail(err, "mean donor: no mean for token type %d, example %d, offset %d (prompts not of this run?)",
                              keys[p].type, keys[p].index, keys[p].offset);
-                break;
-            }
-            size_t i = (size_t)(hit - t->keys);
-            for (int l = 0; l < L; l++) {
-                o->upload(kv_cache_k(donor, l, q, p), t->k + (i * L + l) * kd, sizeof(float) * (size_t)kd);
-                o->upload(kv_cache_v(donor, l, q, p), t->v + (i * L + l) * kd, sizeof(float) * (size_t)kd);
-                o->upload(kv_cache_z(donor, l, q, p), t->z + (i * L + l) * zd, sizeof(float) * (size_t)zd);
-            }
+            else group[p] = (size_t)(hit - t->keys);
         }
-        donor->len[q] = pb->lengths[q];
+        for (int l = 0; l < L && rc == 0; l++) {  // a sequence's rows of a layer are contiguous: one copy each
+            for (int p = 0; p < T; p++) {
+                memcpy(hk + (size_t)p * kd, t->k + (group[p] * L + l) * kd, sizeof(float) * (size_t)kd);
+                memcpy(hv + (size_t)p * kd, t->v + (group[p] * L + l) * kd, sizeof(float) * (size_t)kd);
+                memcpy(hz + (size_t)p * zd, t->z + (group[p] * L + l) * zd, sizeof(float) * (size_t)zd);
+            }
+            o->upload(kv_cache_k(donor, l, q, 0), hk, sizeof(float) * (size_t)T * kd);
+            o->upload(kv_cache_v(donor, l, q, 0), hv, sizeof(float) * (size_t)T * kd);
+            o->upload(kv_cache_z(donor, l, q, 0), hz, sizeof(float) * (size_t)T * zd);
+        }
+        donor->len[q] = T;
     }
-    free(keys);
+    free(keys), free(group), free(hk), free(hv), free(hz);
     return rc;
 }

@@ -211,7 +211,6 @@ int prompt_builder_init(prompt_builder *b, const task *t, const tokenizer *tk, c
     b->report.ambiguous_total = t->n_ambiguous;
     b->report.ambiguous_kept = b->n_clean_amb;
     if (words && build_buckets(b, err)) return -1;
-    if (t->n_donor_pairs > 0 && build_other_task_pools(b, err)) return -1;
     return 0;
 }
 
@@ -585,8 +584,11 @@ int prompt_build(prompt_builder *b, const prompt_params *pp, int index, prompt *
             !b->words)
             return ep_fail(err, "%s: donor kind %s needs a word list (field words)", b->task->path,
                            donor_kind_name(pp->kinds[d]));
-    for (int d = 0; d < pp->n_donors; d++)
+    for (int d = 0; d < pp->n_donors; d++) {
         if (task_check_kind(b->task, pp->kinds[d], err)) return -1;
+        // The donor tasks' pools, on first use (tokenizing their pairs costs as much as the task's own).
+        if (donor_kind_needs_donor_tasks(pp->kinds[d]) && !b->donor_tok && build_other_task_pools(b, err)) return -1;
+    }
     for (int attempt = 0; attempt < 64; attempt++) {
         int outcome = ATTEMPT_REJECTED;
         if (build_attempt(b, pp, index, attempt, out, err, &outcome)) return -1;

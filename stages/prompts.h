@@ -86,7 +86,8 @@ typedef struct {
     int bucket_n[2][2][9];
     // The donor tasks' pairs (task->donor_pairs) tokenized under this task's template, and the pools the
     // other_task_x / other_task_y donors draw from: indices of clean donor pairs whose input (output),
-    // distinct, is no input (output) of this task, compared without case.
+    // distinct, is no input (output) of this task, compared without case. Built by the first prompt_build
+    // that asks for such a donor (NULL / 0 before).
     pair_tokens *donor_tok;
     int *other_x, n_other_x, *other_y, n_other_y;
     tokenize_report report;

@@ -10,6 +10,7 @@
 #include "stages/cache.h"
 #include "stages/circuit_file.h"
 #include "stages/fv.h"
+#include "stages/mean_stage.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
 #include "stages/report.h"
@@ -85,6 +86,18 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
     int retries = 0;
     for (run_stage s = RUN_CACHE; s <= RUN_PATCH && s <= last && status == SCHED_OK; s++) {
         work_stage ws;
+        if (s == RUN_CACHE && in.mean_donors) {  // the mean donor's chunks, then its table on every rank
+            int made = mean_stage_work(&in, &ws, err) == 0;
+            status = sched_agree(sc, made ? SCHED_OK : SCHED_FAILED);
+            if (status == SCHED_OK) status = sched_run_stage(sc, &ws, fresh && !retries, err);
+            if (made) ws.release(&ws);
+            if (status == SCHED_OK) status = sched_agree(sc, mean_stage_load(&in, err) ? SCHED_FAILED : SCHED_OK);
+            if (status == SCHED_RETRY && retries < 3) {  // a damaged chunk was removed: again from here
+                status = SCHED_OK, s = RUN_TOKENIZE, retries++;
+                continue;
+            }
+            if (status != SCHED_OK) break;
+        }
         int made = model_stage[s - RUN_CACHE](&in, &ws, err) == 0;
         status = sched_agree(sc, made ? SCHED_OK : SCHED_FAILED);
         if (status == SCHED_OK) status = sched_run_stage(sc, &ws, fresh && !retries, err);

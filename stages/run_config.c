@@ -502,6 +502,17 @@ int run_config_check_inputs(const run_config *c, const model_config *model, ep_e
         if (!c->donor_kinds[d][0] && d >= t.n_kinds)
             rc = ep_fail(err, "%s: field donors: %d donors asked, task %s offers %d kinds", c->path, c->n_donors, t.name,
                          t.n_kinds);
+    for (int d = 0; d < c->n_donors && rc == 0; d++) {
+        donor_kind kind = d < t.n_kinds ? t.kinds[d] : DONOR_KIND_COUNT;
+        if (c->donor_kinds[d][0] && donor_kind_parse(c->donor_kinds[d], &kind) == 0 && task_check_kind(&t, kind, err))
+            rc = ep_wrap(err, "%s: field donors[%d]", c->path, d);
+        else if (kind == DONOR_MEAN && c->prune.eap_ig)  // EAP-IG integrates from the donor prompt's embeddings
+            rc = ep_fail(err, "%s: field importance: \"eap-ig\" needs donor prompts; donor %d is the mean donor, which has "
+                              "none (use \"attribution\" or \"exact\")", c->path, d);
+        else if (kind == DONOR_MEAN && c->tensor_parallel > 1)
+            rc = ep_fail(err, "%s: field donors[%d]: the mean donor does not run tensor-parallel yet (tensor_parallel 1)",
+                         c->path, d);
+    }
     task_free(&t);
     if (rc) return -1;
     // The model's shape from its config.json (no weights): every plan's layers and heads.

@@ -389,6 +389,19 @@ def main():
         if problems:
             sys.exit(f"{len(problems)} differences between docs/artifacts.md and the eap-ig run folder")
         print("  docs/artifacts.md matches an eap-ig run with compare_importance too")
+        # 1c. a run whose donor 0 is the mean donor: mean.d/ (and the score and prune rounds from it)
+        run_mean = os.path.join(tmp, "run-mean")
+        cfg_mean = os.path.join(tmp, "mean.json")
+        json.dump(dict(config(model, run_mean), donors=["mean", "random_xy"]), open(cfg_mean, "w"))
+        run_edgepatch(exe, cfg_mean, src)
+        problems = check_run(run_mean, doc_text, symbols)
+        if not os.path.exists(os.path.join(run_mean, "mean.d", "item-00000.h5")):
+            problems.append("the mean-donor run wrote no mean.d/item-00000.h5")
+        for p in problems:
+            print(p)
+        if problems:
+            sys.exit(f"{len(problems)} differences between docs/artifacts.md and the mean-donor run folder")
+        print("  docs/artifacts.md matches a run with the mean donor (mean.d/) too")
         # 2. the same config in another folder: byte-identical HDF5 and JSON files
         run2 = os.path.join(tmp, "run2")
         cfg2 = os.path.join(tmp, "b.json")

@@ -168,20 +168,35 @@ static int plan_reads_donor0_last(json_t *plan) {
     return 0;
 }
 
-static void test_model(const char *name, json_t *plans) {
-    char dir[256];
+// The model fixture NAME, its patch fixture and, when extra is not NULL, the reference file
+// tests/fixtures/patch/NAME.EXTRA.safetensors: 0, or -1 with a failed check and nothing left open.
+static int open_case(const char *name, const char *extra, model *m, fixture *f, safetensors *ref) {
+    char dir[256], path[512];
     snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    ep_error err = {{0}};
+    if (model_load(dir, m, &err)) {
+        check(0, "%s", err.msg);
+        return -1;
+    }
+    if (load_fixture(name, f)) {
+        model_free(m);
+        return -1;
+    }
+    if (!extra) return 0;
+    snprintf(path, sizeof path, "tests/fixtures/patch/%s.%s.safetensors", name, extra);
+    if (safetensors_open_file(path, ref, &err)) {
+        check(0, "%s", err.msg);
+        free_fixture(f), model_free(m);
+        return -1;
+    }
+    return 0;
+}
+
+static void test_model(const char *name, json_t *plans) {
     model m;
     ep_error err = {{0}};
     fixture f;
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
-    if (load_fixture(name, &f)) {
-        model_free(&m);
-        return;
-    }
+    if (open_case(name, NULL, &m, &f, NULL)) return;
     int V = m.cfg.vocab_size;
     prompt_batch pb = batch_of(&f);
     size_t n_logits = (size_t)P * f.max_len * V;
@@ -359,26 +374,11 @@ static double vs_reference_last(const safetensors *iv, size_t j, const fixture *
 }
 
 static void test_interventions(const char *name, json_t *plans) {
-    char dir[256], path[512];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
-    snprintf(path, sizeof path, "tests/fixtures/patch/%s.interv.safetensors", name);
     model m;
     fixture f;
     safetensors iv;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
-    if (load_fixture(name, &f)) {
-        model_free(&m);
-        return;
-    }
-    if (safetensors_open_file(path, &iv, &err)) {
-        check(0, "%s", err.msg);
-        free_fixture(&f), model_free(&m);
-        return;
-    }
+    if (open_case(name, "interv", &m, &f, &iv)) return;
     int V = m.cfg.vocab_size;
     prompt_batch pb = batch_of(&f);
     const kernel_ops *backends[3] = {kernel_ops_cpu(), kernel_ops_offset(), kernel_ops_cuda()};
@@ -494,26 +494,11 @@ static int tables_identical(const mean_table *a, const mean_table *b) {
 // together; a table with examples 0 and 1 swapped is caught; a batch naming the mean donor without a
 // table is refused.
 static void test_mean(const char *name, json_t *plans) {
-    char dir[256], path[512];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
-    snprintf(path, sizeof path, "tests/fixtures/patch/%s.mean.safetensors", name);
     model m;
     fixture f;
     safetensors ref;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
-    if (load_fixture(name, &f)) {
-        model_free(&m);
-        return;
-    }
-    if (safetensors_open_file(path, &ref, &err)) {
-        check(0, "%s", err.msg);
-        free_fixture(&f), model_free(&m);
-        return;
-    }
+    if (open_case(name, "mean", &m, &f, &ref)) return;
     const model_config *c = &m.cfg;
     int V = c->vocab_size, kd = c->n_kv_heads * c->head_dim, zd = c->n_heads * c->head_dim, L = c->n_layers;
     prompt_batch pb = batch_of(&f);

@@ -774,8 +774,8 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     char *to_png[] = {"dot", "-Tpng", "-Gdpi=110", dot, "-o", files[0].tmp, NULL}, *to_svg[] = {"dot", "-Tsvg", dot, "-o", files[1].tmp, NULL},
          *to_pdf[] = {"dot", "-Tpdf", dot, "-o", files[2].tmp, NULL};
     if (rc == 0) rc = report_draw(to_png, &files[0], 1, why, sizeof why, err);
-    if (rc == 0) rc = draw(to_svg, &files[1], 1, why, sizeof why, err);
-    if (rc == 0) rc = draw(to_pdf, &files[2], 1, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(to_svg, &files[1], 1, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(to_pdf, &files[2], 1, why, sizeof why, err);
     if (rc == 1) fprintf(out, "figures: circuit.png, .svg and .pdf skipped: %s (units in %s)\n", why, csv);
     else if (rc == 0) fprintf(out, "figures: %s, .svg, .pdf (units %s, source %s)\n", files[0].path, csv, dot);
     return rc < 0 ? -1 : 0;

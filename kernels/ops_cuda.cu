@@ -351,6 +351,12 @@ __device__ static void attn_stage_kv(float *s_kv, int ld, int dp, const float *c
     }
 }
 
+// Where flattened row fr of item t (query position q_pos + fr / group, head kv_head * group + fr % group)
+// starts in q and out.
+__device__ static size_t attn_tile_row(const attn_tile &t, int fr, int group, int d, int q_stride) {
+    return (size_t)(t.q_row + fr / group) * q_stride + (size_t)(t.kv_head * group + fr % group) * d;
+}
+
 template <bool PATCHED, bool X3>
 __global__ static void attention_tile_kernel(float *out, float *partial, const float *q, const float *k,
                                              const float *v, const attn_tile *tiles, int group, int d, int q_stride,
@@ -370,7 +376,7 @@ __global__ static void attention_tile_kernel(float *out, float *partial, const f
         int r = idx / dp, e = idx - r * dp, fr = t.row0 + r;
         float x = 0.0f;
         if (r < t.n_rows && e < d)
-            x = q[(size_t)(t.q_row + fr / group) * q_stride + (size_t)(g * group + fr % group) * d + e];
+            x = q[attn_tile_row(t, fr, group, d, q_stride) + e];
         s_q[r * ld + e] = x;
         s_o[r * ld + e] = 0.0f;
     }
@@ -493,7 +499,7 @@ __global__ static void attention_tile_kernel(float *out, float *partial, const f
     const int fr = t.row0 + rr;
     const int e0 = half * (dp / 2), e1 = (half + 1) * (dp / 2) < d ? (half + 1) * (dp / 2) : d;
     if (t.split < 0) {
-        float *o = out + (size_t)(t.q_row + fr / group) * q_stride + (size_t)(g * group + fr % group) * d;
+        float *o = out + attn_tile_row(t, fr, group, d, q_stride);
         float inv = l > 0.0f ? 1.0f / l : 0.0f;  // every edge removed: 0
         for (int e = e0; e < e1; e++) o[e] = wo[(lane >> 1) * ld + e] * inv;
     } else {
@@ -522,7 +528,7 @@ __global__ static void attn_split_combine_kernel(float *out, const float *partia
                 sum += p[d + 1] * w;
                 acc += p[e] * w;
             }
-        out[(size_t)(t.q_row + fr / group) * q_stride + (size_t)(t.kv_head * group + fr % group) * d + e] =
+        out[attn_tile_row(t, fr, group, d, q_stride) + e] =
             sum > 0.0f ? acc / sum : 0.0f;
     }
 }
@@ -1329,8 +1335,6 @@ static void attention_launch(float *out, const float *q, const float *k, const f
         attn_tile_map_kernel<<<(unsigned)lay.n_map_tiles, ATTN_MAP_THREADS, 0, ctx.stream>>>(
             info, codes, items, (int)lay.n_items, group, p->window, *patch);
         LAUNCH_CHECK("attn_tile_map_kernel");
-        CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        (int)smem));
         attention_tile_kernel<true, true><<<(unsigned)lay.n_items, ATTN_TILE_THREADS, smem, ctx.stream>>>(
             out, partial, q, k, v, items, group, d, p->q_stride, p->kv_stride, p->scale, p->softcap, p->window, *patch,
             info, codes);
@@ -1338,8 +1342,6 @@ static void attention_launch(float *out, const float *q, const float *k, const f
     } else {
         attn_patch none;
         memset(&none, 0, sizeof none);
-        CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<false, true>,
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         attention_tile_kernel<false, true><<<(unsigned)lay.n_items, ATTN_TILE_THREADS, smem, ctx.stream>>>(
             out, partial, q, k, v, items, group, d, p->q_stride, p->kv_stride, p->scale, p->softcap, p->window, none,
             NULL, NULL);
@@ -1737,6 +1739,11 @@ static void cuda_init_once(void) {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&ctx.attn_smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // Once, not per launch: the tile kernels may use all of it (attention_launch checks each call's need).
+    CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    ctx.attn_smem_max));
+    CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<false, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    ctx.attn_smem_max));
     CUBLAS_CHECK(cublasSetStream(ctx.blas, ctx.stream));
     // Plain fp32 sgemm: no TF32 tensor cores (and no other reduced-precision shortcut).
     CUBLAS_CHECK(cublasSetMathMode(ctx.blas, CUBLAS_DEFAULT_MATH));

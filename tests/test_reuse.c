@@ -379,7 +379,7 @@ static double worst_metric_diff(const circuit_metrics *a, const circuit_metrics 
 static int rows_by_hand(const stage_inputs *in, const circuit *c, unit_kind kind, const circuit_unit *u, const prompt_batch *pb,
                         long *marked, long *differ, ep_error *err) {
     const model *m = &in->dev;  // the run's backend (the offset one keeps the weights in its memory only)
-    const kernel_ops *cpu = in->ops;
+    const kernel_ops *ops = in->ops;
     int L = m->cfg.n_layers, D = m->cfg.hidden, S = pb->n_seqs;
     ablation_plan pc, pu;
     circuit cu;
@@ -392,9 +392,9 @@ static int rows_by_hand(const stage_inputs *in, const circuit *c, unit_kind kind
     kv_cache donors[16];
     memset(donors, 0, sizeof donors);
     patch_base bc = {0}, bu = {0};
-    rc = patch_donor_passes(m, cpu, &pc, pb, donors, err);
-    rc = rc ? rc : patch_base_run(m, cpu, &pc, pb, donors, 0, &bc, err);
-    rc = rc ? rc : patch_base_run(m, cpu, &pu, pb, donors, 0, &bu, err);
+    rc = patch_donor_passes(m, ops, &pc, pb, donors, err);
+    rc = rc ? rc : patch_base_run(m, ops, &pc, pb, donors, 0, &bc, err);
+    rc = rc ? rc : patch_base_run(m, ops, &pu, pb, donors, 0, &bu, err);
     int ok = 1;
     if (rc == 0) {
         patch_carry carry;

@@ -34,7 +34,6 @@ static dim3 blockDim, gridDim;
 alignas(128) static float emu_dyn_smem[1 << 16];
 static std::unique_ptr<std::barrier<>> block_bar;
 static std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
-static float warp_buf[32][32];
 typedef uint16_t __nv_bfloat16;
 static __nv_bfloat16 __float2bfloat16_rn(float f) { return f32_to_bf16(f); }
 #define __global__
@@ -44,32 +43,19 @@ static __nv_bfloat16 __float2bfloat16_rn(float f) { return f32_to_bf16(f); }
 #define __shared__ static
 static void __syncthreads() { block_bar->arrive_and_wait(); }
 static void __syncwarp() { warp_bar[threadIdx.x >> 5]->arrive_and_wait(); }
-static float __shfl_xor_sync(unsigned, float v, int o) {
+// One exchange buffer per value type, shared by the block's threads (lane l of warp w writes [w][l]).
+template <typename T> static T shfl_xor(T v, int o) {
+    static T buf[32][32];
     int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    warp_buf[w][lane] = v;
+    buf[w][lane] = v;
     warp_bar[w]->arrive_and_wait();
-    float r = warp_buf[w][lane ^ o];
+    T r = buf[w][lane ^ o];
     warp_bar[w]->arrive_and_wait();
     return r;
 }
-static double warp_buf_d[32][32];
-static double __shfl_xor_sync(unsigned, double v, int o) {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    warp_buf_d[w][lane] = v;
-    warp_bar[w]->arrive_and_wait();
-    double r = warp_buf_d[w][lane ^ o];
-    warp_bar[w]->arrive_and_wait();
-    return r;
-}
-static int warp_buf_i[32][32];
-static int __shfl_xor_sync(unsigned, int v, int o) {
-    int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    warp_buf_i[w][lane] = v;
-    warp_bar[w]->arrive_and_wait();
-    int r = warp_buf_i[w][lane ^ o];
-    warp_bar[w]->arrive_and_wait();
-    return r;
-}
+static float __shfl_xor_sync(unsigned, float v, int o) { return shfl_xor(v, o); }
+static double __shfl_xor_sync(unsigned, double v, int o) { return shfl_xor(v, o); }
+static int __shfl_xor_sync(unsigned, int v, int o) { return shfl_xor(v, o); }
 static float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
 
 // wmma (see the top): fragments hold the whole tile in every lane, row-major (a: M x K, b: K x N, acc: M x N).
@@ -306,9 +292,7 @@ int main() {
         ref->attention(want.data(), q.data(), k.data(), v.data(), seqs.data(), (int)seqs.size(), &p);
         tile_stats st;
         tile_attention<true>(got.data(), q.data(), k.data(), v.data(), seqs, p, nullptr, &st, nullptr);
-        char label[64];
-        snprintf(label, sizeof label, "%s", name);
-        rep(label, relerr(got, want));
+        rep(name, relerr(got, want));
         printf("  emu %-10s   (%d items, %d split-K chunks, d %d, group %d)\n", "", st.items, st.split_items, p.head_dim,
                p.n_heads / p.n_kv_heads);
         if (!strcmp(name, "attn-d256")) {  // one tf32 pass instead of three: the precision decision, measured

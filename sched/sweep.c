@@ -313,7 +313,10 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
             if (load_experiment(s, json_array_get(experiments, (size_t)(i - n_plain)), i - n_plain, e, err)) goto fail;
         }
         for (int k = 0; k < i; k++)
-            if (!strcmp(s->entries[k].name, e->name)) {
+            if (!strcmp(s->entries[k].name, e->name) && i < n_plain) {
+                ep_fail(err, "%s: %s: task '%s' listed twice", path, where, e->name);
+                goto fail;
+            } else if (!strcmp(s->entries[k].name, e->name)) {
                 ep_fail(err, "%s: %s: run name '%s' used twice (a task and an experiment share the model's folder)", path,
                         where, e->name);
                 goto fail;

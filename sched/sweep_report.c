@@ -361,6 +361,10 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             csv_num(drop.f, full), csv_num(drop.f, num(a, "accuracy")), csv_num(drop.f, d);
             fprintf(drop.f, ",%s\n", kind == 1 ? "contextualization" : kind == 2 ? "aggregation" : "other");
         }
+        if (p->C == 0 || p->R == 0) {  // no ablation with a group and a band
+            n_band_panels--;
+            continue;
+        }
         fprintf(f, "\n%s: accuracy drop by edge group (rows) and layer band (columns); full model %.3f, n = %d\n%-16s",
                 tr[t].task, full, (int)num(l, "n_prompts"), "");
         for (int c = 0; c < p->C; c++) fprintf(f, " %8s", p->cols[c]);
@@ -452,6 +456,10 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
                 csv_num(fam.f, num(l, "full_model_accuracy")), csv_num(fam.f, num(a, "accuracy")), csv_num(fam.f, dd);
                 fputc('\n', fam.f);
             }
+        }
+        if (p->C == 0) {  // no donor run of this task has finished: no panel
+            n_fam_panels--;
+            continue;
         }
         fprintf(f, "\n%s: donor families, accuracy drop by donor kind (rows) and edge group over all layers (columns)\n%-16s",
                 tr[t].task, "");

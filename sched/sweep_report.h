@@ -14,7 +14,7 @@
 //   circuit-<task>.{png,pdf} (Graphviz, from the prune run's circuit.dot)
 // With several models every file name gets "-<model>" before its extension. A run not finished yet is a
 // blank ("-") in the tables; a run file without a field the report reads fails the report with one line
-// naming the file and field, before anything is written. Files are replaced whole (atomically); a
+// naming the file and field, before anything of that model is written (earlier models' files are). Files are replaced whole (atomically); a
 // missing drawing tool skips its figures with a note in out. Never calls MPI; prints only to out.
 #ifndef EP_SWEEP_REPORT_H
 #define EP_SWEEP_REPORT_H

@@ -59,12 +59,14 @@ int cmd_report(int argc, char **argv) {
         sched_signals_install();
         sweep s;
         ep_error err = {{0}};
-        if (sweep_load(run, &s, &err) || sweep_report_write(&s, out_dir, stdout, &err)) {
+        if (sweep_load(run, &s, &err)) {
             fprintf(stderr, "edgepatch report: %s\n", err.msg);
             return 1;
         }
+        int rc = sweep_report_write(&s, out_dir, stdout, &err);
+        if (rc) fprintf(stderr, "edgepatch report: %s\n", err.msg);
         sweep_free(&s);
-        return 0;
+        return rc ? 1 : 0;
     }
     // A stop request (SIGTERM, SIGUSR1) does not cut the report short: it takes seconds, and its files
     // are replaced whole (docs/distribution.md).

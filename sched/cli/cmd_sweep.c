@@ -470,7 +470,8 @@ static int run_all(const sweep *s, int *argc, char ***argv) {
             double wall = seconds_now() - w0, cpu = cpu_seconds() - c0;
             // Times add up over the calls that worked on the run (a stopped run resumed later).
             double w_before = json_number_value(json_object_get(rec, "wall_s")), c_before = json_number_value(json_object_get(rec, "cpu_s"));
-            int resumed = !json_is_true(json_object_get(rec, "skipped")) && json_is_number(json_object_get(rec, "wall_s"));
+            const char *before = json_string_value(json_object_get(rec, "state"));
+            int resumed = before && !strcmp(before, "interrupted") && json_is_number(json_object_get(rec, "wall_s"));
             json_object_set_new(rec, "wall_s", json_real((resumed ? w_before : 0) + wall));
             json_object_set_new(rec, "cpu_s", json_real((resumed ? c_before : 0) + cpu));
             json_object_del(rec, "skipped");

@@ -135,6 +135,7 @@ typedef struct {
     const char *rows[MAX_LABELS], *cols[MAX_LABELS];
     int R, C;
     double v[MAX_LABELS][MAX_LABELS];
+    char col_text[MAX_LABELS][96];  // a column's tic label when set (a band with its layers), else cols[c]
 } panel;
 
 // A gnuplot script drawing the panels side by side (4 a row) with one colour scale [-most, most].
@@ -172,9 +173,10 @@ static char *panels_gp(const char *name, const char *title, const char *xlabel, 
         for (int k = 0; k < n; k++) {
             fprintf(f, "set title ");
             report_gnuplot_label(f, p[k].title);
-            fprintf(f, " noenhanced\nset xlabel '%s'\nset ylabel '%s'\n", xlabel, k % per_row ? "" : ylabel);
+            fprintf(f, " noenhanced\nset xlabel '%s' offset 0,-0.8\nset ylabel '%s'\n", xlabel, k % per_row ? "" : ylabel);
             fprintf(f, "set xrange [-0.5:%g]\nset yrange [%g:-0.5]\nset xtics (", p[k].C - 0.5, p[k].R - 0.5);
-            for (int c = 0; c < p[k].C; c++) fprintf(f, "%s\"%s\" %d", c ? ", " : "", p[k].cols[c], c);
+            for (int c = 0; c < p[k].C; c++)
+                fprintf(f, "%s\"%s\" %d", c ? ", " : "", p[k].col_text[c][0] ? p[k].col_text[c] : p[k].cols[c], c);
             fprintf(f, ")\nset ytics (");
             for (int r = 0; r < p[k].R; r++) fprintf(f, "%s\"%s\" %d", r ? ", " : "", k % per_row ? "" : p[k].rows[r], r);
             // one colour scale for every panel, its box beside the last
@@ -354,6 +356,7 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             if (kind == 2) agg[c] += d, n_agg[c]++;
             char layers[2048];
             layer_text(a, layers, sizeof layers);
+            if (!p->col_text[c][0] && layers[0] && strlen(layers) < 40) snprintf(p->col_text[c], sizeof p->col_text[c], "%.40s\\nL%s", b, layers);
             report_csv_text(drop.f, tr[t].task), fputc(',', drop.f), report_csv_text(drop.f, g), fputc(',', drop.f);
             report_csv_text(drop.f, b), fputc(',', drop.f), report_csv_text(drop.f, layers), fputc(',', drop.f);
             report_csv_text(drop.f, str(a, "name", ""));

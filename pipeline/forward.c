@@ -572,6 +572,15 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
         return ep_fail(err, "forward: layers %d..%d of %d (a later start needs x_in; logits need the last layer)", first,
                        end, c->n_layers);
     if (stats_check(c, b, err)) return -1;
+    if (b->add) {
+        if (b->add->layer < 0 || b->add->layer >= c->n_layers || !b->add->vec || b->add->n_rows < 0 ||
+            (b->add->n_rows > 0 && !b->add->rows))
+            return ep_fail(err, "forward: added vector: layer %d of %d, %d rows", b->add->layer, c->n_layers,
+                           b->add->n_rows);
+        for (int i = 0; i < b->add->n_rows; i++)
+            if (b->add->rows[i] < 0 || b->add->rows[i] >= T)
+                return ep_fail(err, "forward: added vector: row %d is outside the %d new tokens", b->add->rows[i], T);
+    }
     if (b->attn_stats && !ops->attention_row_stats)
         return ep_fail(err, "forward: backend %s has no attention statistics", ops->name);
     if (T == 0) return 0;
@@ -604,11 +613,20 @@ int model_forward(const model *m, const kernel_ops *ops, kv_cache *cache, const 
     forward_rows_part whole = {.first_seq = 0, .n_seqs = b->n_seqs, .patch = patch};
     layer_io io = {.kv_dim = cache->kv_dim, .z_dim = cache->z_dim, .parts = &whole, .n_parts = 1, .b = b, .st = &st,
                    .rules = rules};
+    float *added = NULL;  // the scaled vector of b->add in ops' memory, when this pass runs its layer
+    if (b->add && b->add->layer >= first && b->add->layer < end && b->add->n_rows > 0) {
+        added = ops->alloc(sizeof(float) * (size_t)D);
+        ops->upload(added, b->add->vec, sizeof(float) * (size_t)D);
+        ops->scale(added, (size_t)D, b->add->scale);
+    }
     for (int l = first; l < end && rc == 0; l++) {
         io.k = kv_cache_k(cache, l, 0, 0), io.v = kv_cache_v(cache, l, 0, 0);
         io.z = cache->z ? kv_cache_z(cache, l, 0, 0) : NULL;
         rc = layer_step(m, ops, l, &s, T, b->n_seqs, &io, err);
+        if (rc == 0 && added && l == b->add->layer)
+            for (int i = 0; i < b->add->n_rows; i++) ops->add(s.x + (size_t)b->add->rows[i] * D, added, (size_t)D);
     }
+    if (added) ops->release(added);
     free(rules);
     if (rc == 0 && b->attn_stats) rc = stats_finish(m, ops, b, &st, err);
     if (b->attn_stats) stats_free(&st, ops);
@@ -703,4 +721,25 @@ int model_project_logits(const model *m, const kernel_ops *ops, const float *x, 
     free(rows);
     step_buffers_free(&s, ops);
     return rc;
+}
+
+int model_head_output(const model *m, const kernel_ops *ops, int layer, int head, const float *z, int n, float *out,
+                      ep_error *err) {
+    const model_config *c = &m->cfg;
+    if (model_config_local(c).size > 1) return ep_fail(err, "head output: a tensor-parallel shard holds part of o_proj");
+    if (layer < 0 || layer >= c->n_layers || head < 0 || head >= c->n_heads || n < 0)
+        return ep_fail(err, "head output: layer %d head %d is outside the model's %d x %d", layer, head, c->n_layers,
+                       c->n_heads);
+    if (n == 0) return 0;
+    int Q = c->n_heads * c->head_dim, hd = c->head_dim;
+    size_t nq = (size_t)n * Q;
+    float *zeros = ep_calloc(nq, sizeof(float)), *masked = ops->alloc(sizeof(float) * nq);
+    ops->upload(masked, zeros, sizeof(float) * nq);
+    free(zeros);
+    ops->copy_rows(masked + (size_t)head * hd, Q, z + (size_t)head * hd, Q, n, hd);
+    const layer_weights *w = &m->layers[layer];
+    linear(ops, out, masked, w->wo, w->wo_bf16, NULL, n, Q, c->hidden);
+    ops->sync();
+    ops->release(masked);
+    return 0;
 }

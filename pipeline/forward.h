@@ -85,6 +85,19 @@ typedef struct {
     float *mass;                  // out [n_seqs][n_layers][n_heads][n_types]
 } forward_attn_stats;
 
+// A vector added to the residual stream leaving layer `layer` (0 .. n_layers - 1; HF's hidden state after
+// that decoder layer) at chosen rows of a pass, times `scale`: function-vector injection (stages/fv.h). The
+// vector is uploaded and scaled with the op table's scale, then added row by row with its add, so every
+// backend computes it. A partial pass adds it only when it runs `layer`; a tensor-parallel shard adds it to
+// its (replicated) residual stream like a whole model.
+typedef struct {
+    int layer;
+    const float *vec;  // host [hidden]
+    float scale;
+    int n_rows;
+    const int *rows;   // packed rows of the batch's new tokens (0 .. T - 1)
+} forward_add;
+
 typedef struct {
     int n_seqs;            // must equal the cache's
     const int *n_new;      // tokens appended to each sequence this step (0 allowed)
@@ -114,6 +127,7 @@ typedef struct {
     const float *x_in;     // required when first_layer > 0; optional with first_layer 0
     float *x_out;          // optional out [n_tokens, hidden]
     const forward_attn_stats *attn_stats;  // optional: attention statistics (host memory, like logits)
+    const forward_add *add;                // optional: a vector added after a layer (forward_add)
 } forward_batch;
 
 // The batch's arrays (tokens, logit_rows, logits, resid and x_in unless capture_backend, x_out) and the patch's metadata are host
@@ -161,6 +175,13 @@ int model_project_logits(const model *m, const kernel_ops *ops, const float *x, 
 // [T][hidden] in ops' memory: what model_forward computes from the tokens. A shard's call is collective
 // (a vocabulary-parallel embedding is summed over the group).
 int model_embed(const model *m, const kernel_ops *ops, const int *tokens, int T, float *x, ep_error *err);
+
+// Query head `head`'s contribution to the residual stream through layer `layer`'s output projection (its
+// head_dim columns of o_proj, no bias) for n rows of head outputs z (ops' memory [n][n_heads * head_dim],
+// the layout of kv_cache_z) into out (ops' memory [n][hidden]): the other heads' columns are multiplied by
+// exact zeros, so out is the head's slice of the projection. A whole model only (not a tensor-parallel shard).
+int model_head_output(const model *m, const kernel_ops *ops, int layer, int head, const float *z, int n, float *out,
+                      ep_error *err);
 
 // The config's norm (RMSNorm with its weight offset, or LayerNorm with bias b) of rows rows of hidden
 // floats, on ops: the forward's and the backward's recomputation alike.

@@ -9,13 +9,15 @@
 #include "stages/run_config.h"
 #include "stages/cache.h"
 #include "stages/circuit_file.h"
+#include "stages/fv.h"
+#include "stages/mean_stage.h"
 #include "stages/patch.h"
 #include "stages/prune.h"
 #include "stages/report.h"
 #include "stages/stage_inputs.h"
 #include "stages/tokenize.h"
 
-static const char *const stage_names[RUN_N_STAGES] = {"tokenize", "cache", "patch", "score", "prune"};
+static const char *const stage_names[RUN_N_STAGES] = {"tokenize", "cache", "patch", "score", "prune", "fv"};
 
 const char *run_stage_name(run_stage s) { return s >= 0 && s < RUN_N_STAGES ? stage_names[s] : "?"; }
 
@@ -84,6 +86,18 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
     int retries = 0;
     for (run_stage s = RUN_CACHE; s <= RUN_PATCH && s <= last && status == SCHED_OK; s++) {
         work_stage ws;
+        if (s == RUN_CACHE && in.mean_donors) {  // the mean donor's chunks, then its table on every rank
+            int made = mean_stage_work(&in, &ws, err) == 0;
+            status = sched_agree(sc, made ? SCHED_OK : SCHED_FAILED);
+            if (status == SCHED_OK) status = sched_run_stage(sc, &ws, fresh && !retries, err);
+            if (made) ws.release(&ws);
+            if (status == SCHED_OK) status = sched_agree(sc, mean_stage_load(&in, err) ? SCHED_FAILED : SCHED_OK);
+            if (status == SCHED_RETRY && retries < 3) {  // a damaged chunk was removed: again from here
+                status = SCHED_OK, s = RUN_TOKENIZE, retries++;
+                continue;
+            }
+            if (status != SCHED_OK) break;
+        }
         int made = model_stage[s - RUN_CACHE](&in, &ws, err) == 0;
         status = sched_agree(sc, made ? SCHED_OK : SCHED_FAILED);
         if (status == SCHED_OK) status = sched_run_stage(sc, &ws, fresh && !retries, err);
@@ -127,6 +141,20 @@ static int run_stages(sched_ctx *sc, const run_config *cfg, run_stage last, int 
         }
     }
     prune_close(pr);
+    // Function vectors (stages/fv.h): rank 0 alone, one prompt per pass, after the rounds (top_k reads round
+    // 0's scores). Without a function_vectors block the stage is not reached.
+    if (status == SCHED_OK && last >= RUN_FV && cfg->fv.on) {
+        char path[4200];
+        struct stat fv_before;
+        snprintf(path, sizeof path, "%s/function_vectors.h5", cfg->output_path);
+        int fv_existed = stat(path, &fv_before) == 0;
+        status = sched_agree(sc, root && fv_stage(&in, fresh, err) ? SCHED_FAILED : SCHED_OK);
+        if (status == SCHED_OK) {
+            sum->items[RUN_FV] = 1;
+            sum->computed[RUN_FV] = file_replaced(path, &fv_before, fv_existed);
+            sum->state[RUN_FV] = sum->computed[RUN_FV] ? RUN_COMPUTED : RUN_UP_TO_DATE;
+        }
+    }
     // The run ends with its report; rank 0 only, after every rank is done.
     if (status == SCHED_OK && root && last >= RUN_PATCH) {
         fprintf(report_out, "\nreport (%s/report.txt):\n", cfg->output_path);

@@ -12,10 +12,11 @@
 #include "sched/mpi_run.h"
 
 // The stages, in the order they run; `--until` names the last one. RUN_SCORE is round 0's scores,
-// RUN_PRUNE every round (docs/pruning.md).
-typedef enum { RUN_TOKENIZE, RUN_CACHE, RUN_PATCH, RUN_SCORE, RUN_PRUNE, RUN_N_STAGES } run_stage;
+// RUN_PRUNE every round (docs/pruning.md), RUN_FV the function vectors (stages/fv.h; only with a
+// function_vectors block, on rank 0).
+typedef enum { RUN_TOKENIZE, RUN_CACHE, RUN_PATCH, RUN_SCORE, RUN_PRUNE, RUN_FV, RUN_N_STAGES } run_stage;
 
-// "tokenize", "cache", "patch", "score", "prune".
+// "tokenize", "cache", "patch", "score", "prune", "fv".
 const char *run_stage_name(run_stage s);
 // The stage of a name, or -1 for none.
 int run_stage_from_name(const char *name);

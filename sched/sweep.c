@@ -161,7 +161,7 @@ static int load_stage(sweep *s, json_t *o, int i, ep_error *err) {
         get_string(o, "until", 1, &g->until, s->path, where, err) || get_string(o, "time", 0, &g->time, s->path, where, err))
         return -1;
     if (run_stage_from_name(g->until) < 0)
-        return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score or prune", s->path, where, g->until);
+        return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score, prune or fv", s->path, where, g->until);
     json_t *gpus = json_object_get(o, "gpus");
     if (gpus && !json_is_boolean(gpus)) return ep_fail(err, "%s: %s: field gpus: expected true or false", s->path, where);
     g->gpus = !gpus || json_is_true(gpus);
@@ -236,7 +236,7 @@ static int load_experiment(sweep *s, json_t *o, int i, sweep_entry *e, ep_error 
         return -1;
     if (!e->experiment) e->experiment = "";
     if (e->until && run_stage_from_name(e->until) < 0)
-        return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score or prune", s->path, where, e->until);
+        return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score, prune or fv", s->path, where, e->until);
     char twhere[80];
     snprintf(twhere, sizeof twhere, "%s.task", where);
     if (check_task(e->task, s->path, twhere, err)) return -1;
@@ -621,8 +621,13 @@ int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err
     if (st->rounds > 0) last = 3;
     snprintf(path, sizeof path, "%s/circuit.json", dir);
     if (last == 3 && file_exists(path)) last = 4;
+    // The fv stage: done once function_vectors.h5 is complete; a run without a function_vectors block has
+    // nothing to do there (its goal is the rounds).
+    snprintf(path, sizeof path, "%s/function_vectors.h5", dir);
+    if (last == 4 && rc.fv.on && h5store_is_complete(path)) last = 5;
     st->stage = last < 0 ? "-" : run_stage_name((run_stage)last);
     int goal = sweep_run_goal(s, t);
+    if (goal == RUN_FV && !rc.fv.on) goal = RUN_PRUNE;
     snprintf(path, sizeof path, "%s/job-failed.txt", dir);
     if (st->detail[0]) st->state = RUN_CONFLICT;
     else if (last >= goal) st->state = RUN_DONE;

@@ -6,6 +6,7 @@
 
 #include "pipeline/h5store.h"
 #include "pipeline/hash.h"
+#include "stages/mean_stage.h"
 
 // The config's cache_dtype: 0 for "fp32" (the default), 1 for "bf16" (checked by run_config_parse).
 static int cache_bf16(const stage_inputs *in) { return in->cfg->cache_bf16; }
@@ -143,6 +144,7 @@ int cache_work(stage_inputs *in, work_stage *ws, ep_error *err) {
 }
 
 int cache_stage(stage_inputs *in, int fresh, ep_error *err) {
+    if (in->mean_donors && !in->mean && mean_stage(in, fresh, err)) return -1;  // the mean donor's table first
     work_stage ws;
     if (cache_work(in, &ws, err)) return -1;
     int rc = stage_run_items(&ws, fresh, err);

@@ -1,5 +1,7 @@
 #include "patch.h"
 
+#include "stages/mean_donor.h"
+
 #include <limits.h>
 #include <stdlib.h>
 #include <string.h>
@@ -50,11 +52,21 @@ int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_pla
                             .types = pb->types, .index = pb->index, .type_stride = pb->max_len, .n_typed = pb->lengths};
     int rc = 0;
     for (int d = 0; d < plan->n_donors && rc == 0; d++) {
+        if ((pb->mean_donors >> d) & 1u) {
+            rc = pb->mean ? mean_table_fill(pb->mean, &m->cfg, ops, pb, &donors[d], err)
+                          : ep_fail(err, "donor %d is the mean donor, and the run's mean table is not loaded", d);
+            continue;
+        }
         rc = kv_cache_init_backend(&donors[d], &m->cfg, pb->n_seqs, pb->max_len, 1, ops, err);
         if (rc == 0) rc = run_pass(m, ops, pb, d, &donors[d], d == 0 ? NULL : &nested, NULL, 0, NULL, NULL, err);
     }
     plan_free(&part0);
     return rc;
+}
+
+int patch_clean_pass(const model *m, const kernel_ops *ops, const prompt_batch *pb, kv_cache *clean, ep_error *err) {
+    if (kv_cache_init_backend(clean, &m->cfg, pb->n_seqs, pb->max_len, 1, ops, err)) return -1;
+    return run_pass(m, ops, pb, -1, clean, NULL, NULL, 0, NULL, NULL, err);
 }
 
 int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,

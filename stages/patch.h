@@ -15,12 +15,17 @@
 #include "stages/plan.h"
 #include "stages/work_stage.h"
 
+typedef struct mean_table mean_table;  // stages/mean_donor.h
+
 typedef struct {
     int n_seqs, max_len, n_donors;
     const int32_t *tokens;   // [n_seqs][max_len]
     const int32_t *lengths;  // [n_seqs]
     const int32_t *types, *index;  // [n_seqs][max_len]
     const int32_t *donors;   // [n_seqs][n_donors][max_len]
+    uint32_t mean_donors;    // bit d: donor d is the mean donor (kind "mean"): no pass over its tokens, its
+                             // cache is filled from `mean` (docs/donors.md)
+    const mean_table *mean;  // the run's mean table (NULL when no donor is the mean donor)
 } prompt_batch;
 
 typedef struct {
@@ -40,8 +45,12 @@ typedef struct {
 #define PATCH_ATTN_TYPES 7  // bos, x, t, y, n, query, last (stages/prompts.h token_type up to TT_LAST)
 
 // The donor passes the plan needs, into donors[0 .. plan->n_donors) (initialised here, with head outputs).
+// A mean donor d (pb->mean_donors) is filled from pb->mean, never nested: it is the mean of clean passes.
 int patch_donor_passes(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
                        kv_cache *donors, ep_error *err);
+// The clean pass over the batch's prompts into `clean` (initialised here, with head outputs): what the mean
+// donor averages.
+int patch_clean_pass(const model *m, const kernel_ops *ops, const prompt_batch *pb, kv_cache *clean, ep_error *err);
 // The patched prompt pass reading those donors, then generation.
 int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan *plan, const prompt_batch *pb,
                       const kv_cache *donors, patch_outputs *out, ep_error *err);

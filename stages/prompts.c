@@ -147,6 +147,35 @@ static int build_buckets(prompt_builder *b, ep_error *err) {
     return 0;
 }
 
+// 1 if s equals (without case) the input (ylike = 0) or output of one of the task's own pairs or of
+// the donor pairs before index `before` (duplicates keep their first occurrence).
+static int seen_before(const prompt_builder *b, int ylike, const char *s, int before) {
+    const task *t = b->task;
+    for (int i = 0; i < t->n_pairs; i++)
+        if (!strcasecmp(s, ylike ? t->pairs[i].y : t->pairs[i].x)) return 1;
+    for (int i = 0; i < t->n_ambiguous; i++)
+        if (!strcasecmp(s, ylike ? t->ambiguous[i].y : t->ambiguous[i].x)) return 1;
+    for (int i = 0; i < before; i++)
+        if (b->donor_tok[i].reason == PAIR_CLEAN && !strcasecmp(s, ylike ? t->donor_pairs[i].y : t->donor_pairs[i].x))
+            return 1;
+    return 0;
+}
+
+static int build_other_task_pools(prompt_builder *b, ep_error *err) {
+    const task *t = b->task;
+    b->donor_tok = ep_calloc((size_t)t->n_donor_pairs, sizeof(pair_tokens));
+    b->other_x = ep_malloc(sizeof(int) * (size_t)t->n_donor_pairs);
+    b->other_y = ep_malloc(sizeof(int) * (size_t)t->n_donor_pairs);
+    for (int i = 0; i < t->n_donor_pairs; i++) {
+        if (pair_tokenize(b, t->donor_pairs[i].x, t->donor_pairs[i].y, &b->donor_tok[i], err))
+            return ep_wrap(err, "%s: donor task pair %d", t->path, i);
+        if (b->donor_tok[i].reason != PAIR_CLEAN) continue;
+        if (!seen_before(b, 0, t->donor_pairs[i].x, i)) b->other_x[b->n_other_x++] = i;
+        if (!seen_before(b, 1, t->donor_pairs[i].y, i)) b->other_y[b->n_other_y++] = i;
+    }
+    return 0;
+}
+
 int prompt_builder_init(prompt_builder *b, const task *t, const tokenizer *tk, const word_list *words, ep_error *err) {
     memset(b, 0, sizeof *b);
     b->task = t;
@@ -197,6 +226,8 @@ void prompt_builder_free(prompt_builder *b) {
         free_pair_tokens(b->ambiguous, b->task->n_ambiguous);
     }
     free(b->clean), free(b->clean_amb);
+    if (b->task && b->donor_tok) free_pair_tokens(b->donor_tok, b->task->n_donor_pairs);
+    free(b->other_x), free(b->other_y);
     for (int y = 0; y < 2; y++)
         for (int c = 0; c < 2; c++)
             for (int n = 0; n < 9; n++) free(b->bucket[y][c][n]);
@@ -317,12 +348,78 @@ static int replace_random(prompt_builder *b, rng *r, example *e, int ylike, ep_e
     return 0;
 }
 
+// Replaces the example's x (ylike = 0) or y with a donor-task item from `pool` (indices into
+// task->donor_pairs) of exactly the span's token count; a span no single item fits gets two items joined
+// by a space, re-tokenized. Sets *found to 0 if none turned up.
+static int replace_from_pool(prompt_builder *b, rng *r, example *e, int ylike, const int *pool, int n_pool, ep_error *err,
+                             int *found) {
+    int n = ylike ? e->ny : e->nx, n_cand = 0;
+    int *cand = ep_malloc(sizeof(int) * (size_t)(n_pool + 1));
+    for (int i = 0; i < n_pool; i++)
+        if ((ylike ? b->donor_tok[pool[i]].ny : b->donor_tok[pool[i]].nx) == n) cand[n_cand++] = pool[i];
+    *found = 0;
+    if (n_cand > 0) {
+        int id = cand[rng_below(r, (uint32_t)n_cand)];
+        const task_pair *tp = &b->task->donor_pairs[id];
+        const pair_tokens *pt = &b->donor_tok[id];
+        if (ylike) e->y = tp->y, e->yt = pt->y;
+        else e->x = tp->x, e->xt = pt->x;
+        *found = 1;
+    }
+    free(cand);
+    for (int tries = 0; tries < 32 && !*found && n_pool > 0; tries++) {
+        const task_pair *a = &b->task->donor_pairs[pool[rng_below(r, (uint32_t)n_pool)]];
+        const task_pair *c = &b->task->donor_pairs[pool[rng_below(r, (uint32_t)n_pool)]];
+        sbuf word = {0}, form = {0};
+        sbuf_add(&word, ylike ? a->y : a->x);
+        sbuf_add(&word, " ");
+        sbuf_add(&word, ylike ? c->y : c->x);
+        if (ylike) sbuf_add(&form, b->task->output_prefix);
+        sbuf_add(&form, word.s);
+        int *ids = NULL, nids = 0;
+        int rc = encode(b, form.s, 0, &ids, &nids, err);
+        free(form.s);
+        if (rc || nids != n) {
+            free(ids), free(word.s);
+            if (rc) return -1;
+            continue;
+        }
+        set_replacement(e, ylike, word.s, ids);
+        *found = 1;
+    }
+    return 0;
+}
+
+// other_mapping (ylike = 1): the example's output becomes the output of another pair of the task (none of
+// the prompt's pairs) with as many tokens and a different text, so x_k no longer maps to its output;
+// other_mapping_x (ylike = 0): its input becomes the input of such a pair whose output differs from the
+// example's, so the kept output is not the new input's. Sets *found to 0 if no pair fits.
+static int rematch(prompt_builder *b, rng *r, example *e, int ylike, const int *used, int n_used, int *found) {
+    int n_cand = 0, *cand = ep_malloc(sizeof(int) * (size_t)(b->n_clean + 1));
+    for (int c = 0; c < b->n_clean; c++) {
+        int id = b->clean[c], in_prompt = 0;
+        for (int u = 0; u < n_used && !in_prompt; u++) in_prompt = used[u] == id;
+        const pair_tokens *pt = &b->pairs[id];
+        if (in_prompt || (ylike ? pt->ny != e->ny : pt->nx != e->nx) || !strcmp(b->task->pairs[id].y, e->y)) continue;
+        cand[n_cand++] = id;
+    }
+    *found = n_cand > 0;
+    if (n_cand > 0) {
+        int id = cand[rng_below(r, (uint32_t)n_cand)];
+        if (ylike) e->y = b->task->pairs[id].y, e->yt = b->pairs[id].y;
+        else e->x = b->task->pairs[id].x, e->xt = b->pairs[id].x;
+    }
+    free(cand);
+    return 0;
+}
+
 // Fills ex[0..n_demos) (copies of the clean demos) with the donor's replacements. Returns -1 on error,
 // else sets *ok.
 static int make_donor(prompt_builder *b, donor_kind kind, rng *r, example *ex, int n_demos, const int *used, int n_used,
                       ep_error *err, int *ok, int *unmoved) {
     *ok = 1;
     *unmoved = 0;
+    if (kind == DONOR_MEAN) return 0;  // its row is the clean prompt: the cache stage makes its activations
     if (kind == DONOR_SHUFFLE_Y) {
         // Derange outputs within groups of equal token length.
         int *order = ep_malloc(sizeof(int) * (size_t)n_demos), *group = ep_malloc(sizeof(int) * (size_t)n_demos);
@@ -363,6 +460,17 @@ static int make_donor(prompt_builder *b, donor_kind kind, rng *r, example *ex, i
         if (kind == DONOR_RANDOM_Y || kind == DONOR_RANDOM_XY) {
             if (replace_random(b, r, &ex[k], 1, err, &found)) return -1;
             *ok &= found;
+        }
+        if (kind == DONOR_OTHER_TASK_X || kind == DONOR_OTHER_TASK_Y) {
+            int ylike = kind == DONOR_OTHER_TASK_Y;
+            if (replace_from_pool(b, r, &ex[k], ylike, ylike ? b->other_y : b->other_x, ylike ? b->n_other_y : b->n_other_x,
+                                  err, &found))
+                return -1;
+            *unmoved += !found;  // nothing of this length anywhere: the span stays (counted, as shuffle_y's)
+        }
+        if (kind == DONOR_OTHER_MAPPING || kind == DONOR_OTHER_MAPPING_X) {
+            rematch(b, r, &ex[k], kind == DONOR_OTHER_MAPPING, used, n_used, &found);
+            *unmoved += !found;
         }
         if (kind == DONOR_OTHER_PAIRS) {
             int n_cand = 0, *cand = ep_malloc(sizeof(int) * (size_t)(b->n_clean + 1));
@@ -444,7 +552,7 @@ static int build_attempt(prompt_builder *b, const prompt_params *pp, int index, 
                     aligned &= dtok.n == tokens.n;
                     if (aligned) {
                         memcpy(donors + (size_t)d * tokens.n, dtok.v, sizeof(int) * (size_t)tokens.n);
-                        b->report.shuffle_unmoved += unmoved;
+                        *(pp->kinds[d] == DONOR_SHUFFLE_Y ? &b->report.shuffle_unmoved : &b->report.spans_unmoved) += unmoved;
                     }
                     free(dtext.s), free(dtok.v), free(dtypes.v), free(didx.v);
                 }
@@ -476,6 +584,11 @@ int prompt_build(prompt_builder *b, const prompt_params *pp, int index, prompt *
             !b->words)
             return ep_fail(err, "%s: donor kind %s needs a word list (field words)", b->task->path,
                            donor_kind_name(pp->kinds[d]));
+    for (int d = 0; d < pp->n_donors; d++) {
+        if (task_check_kind(b->task, pp->kinds[d], err)) return -1;
+        // The donor tasks' pools, on first use (tokenizing their pairs costs as much as the task's own).
+        if (donor_kind_needs_donor_tasks(pp->kinds[d]) && !b->donor_tok && build_other_task_pools(b, err)) return -1;
+    }
     for (int attempt = 0; attempt < 64; attempt++) {
         int outcome = ATTEMPT_REJECTED;
         if (build_attempt(b, pp, index, attempt, out, err, &outcome)) return -1;

@@ -66,6 +66,9 @@ typedef struct {
     int prompts_rejected;  // whole-prompt tokenization differed from the segments: redrawn
     int donors_unaligned;  // no same-length replacement found: prompt redrawn
     int shuffle_unmoved;   // outputs a shuffle donor had to leave in place (no other output of equal length)
+    // spans an other_task_* / other_mapping* donor had to leave as they are: no item of the span's token
+    // length in the pool (for other_task_*, no two items joined either)
+    int spans_unmoved;
 } tokenize_report;
 
 typedef struct {
@@ -81,6 +84,12 @@ typedef struct {
     const word_list *words;
     int *bucket[2][2][9];  // [y-like][capitalized][token count 1..8]
     int bucket_n[2][2][9];
+    // The donor tasks' pairs (task->donor_pairs) tokenized under this task's template, and the pools the
+    // other_task_x / other_task_y donors draw from: indices of clean donor pairs whose input (output),
+    // distinct, is no input (output) of this task, compared without case. Built by the first prompt_build
+    // that asks for such a donor (NULL / 0 before).
+    pair_tokens *donor_tok;
+    int *other_x, n_other_x, *other_y, n_other_y;
     tokenize_report report;
 } prompt_builder;
 

@@ -13,6 +13,7 @@
 #include "pipeline/files.h"
 #include "pipeline/stop_signals.h"
 #include "stages/circuit_file.h"
+#include "stages/fv.h"
 #include "stages/interval.h"
 #include "stages/prompts.h"
 #include "stages/stage_inputs.h"
@@ -781,12 +782,95 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     return rc < 0 ? -1 : 0;
 }
 
+static void fv_table(FILE *f, const fv_summary *v) {
+    int bl, bs;
+    fv_summary_best(v, &bl, &bs);
+    fprintf(f, "\nfunction vectors: %d heads (%s), zero-shot accuracy %.3f without the vector, best %.3f (layer %d, scale %g)\n",
+            v->n_heads, v->from, v->base[0], v->accuracy[bl * v->n_scales + bs], v->layers[bl], v->scales[bs]);
+    fprintf(f, "layer");
+    for (int k = 0; k < v->n_scales; k++) fprintf(f, "  scale %-6g", v->scales[k]);
+    fprintf(f, "\n");
+    for (int l = 0; l < v->n_layers; l++) {
+        fprintf(f, "%-5d", v->layers[l]);
+        for (int k = 0; k < v->n_scales; k++) fprintf(f, "  %12.3f", v->accuracy[l * v->n_scales + k]);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "(accuracy of the zero-shot prompts with scale x the vector added after the layer at `last`; "
+               "function_vectors.h5)\n");
+}
+
+// fv_accuracy.{png,pdf,svg}: accuracy against the layer, one curve per scale, the baseline dashed, the ICL
+// prompts' accuracy dotted.
+// icl: the full model's accuracy with the demonstrations (model_logs.json), drawn dotted when known.
+static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out, ep_error *err) {
+    char gp[4200], csv[4200];
+    snprintf(gp, sizeof gp, "%s/fv_accuracy.gp", run);
+    snprintf(csv, sizeof csv, "%s/fv_accuracy.csv", run);
+    report_figure files[3];
+    report_figure_init(&files[0], run, "fv_accuracy.png");
+    report_figure_init(&files[1], run, "fv_accuracy.pdf");
+    report_figure_init(&files[2], run, "fv_accuracy.svg");
+    char *table = NULL, *text = NULL;
+    size_t tlen = 0, len = 0;
+    FILE *t = open_memstream(&table, &tlen);
+    if (!t) return ep_fail(err, "%s: out of memory", csv);
+    fprintf(t, "layer,scale,accuracy,first_token_accuracy\n");
+    for (int l = 0; l < v->n_layers; l++)
+        for (int k = 0; k < v->n_scales; k++)
+            fprintf(t, "%d,%g,%.6f,%.6f\n", v->layers[l], v->scales[k], v->accuracy[l * v->n_scales + k],
+                    v->first[l * v->n_scales + k]);
+    fclose(t);
+    FILE *f = open_memstream(&text, &len);
+    if (!f) {
+        free(table);
+        return ep_fail(err, "%s: out of memory", gp);
+    }
+    fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot fv_accuracy.gp` to redraw fv_accuracy.png,\n"
+               "# .pdf and .svg. The data: fv_accuracy.csv.\n");
+    fprintf(f, "if (!exists(\"png\")) png = 'fv_accuracy.png'\nif (!exists(\"pdf\")) pdf = 'fv_accuracy.pdf'\n"
+               "if (!exists(\"svg\")) svg = 'fv_accuracy.svg'\n");
+    fprintf(f, "set termoption noenhanced\nset title \"function vector (%d heads) added after a layer at last: zero-shot accuracy\"\n",
+            v->n_heads);
+    int span = v->layers[v->n_layers - 1] - v->layers[0];
+    fprintf(f, "set xlabel 'layer'\nset ylabel 'accuracy'\nset yrange [-0.03:1.05]\nset xtics %d\nset key outside right\nset grid\n",
+            span > 16 ? (span + 15) / 16 : 1);
+    fprintf(f, "$acc << EOD\n");
+    for (int k = 0; k < v->n_scales; k++) {
+        for (int l = 0; l < v->n_layers; l++) fprintf(f, "%d %.6f\n", v->layers[l], v->accuracy[l * v->n_scales + k]);
+        fprintf(f, "\n\n");  // one gnuplot data block per scale
+    }
+    fprintf(f, "EOD\nbaseline = %.6f\n", v->base[0]);
+    fprintf(f, "set terminal pngcairo size 800,480 font 'sans,11'\nset output png\n");
+    fprintf(f, "plot for [k=0:%d] $acc index k using 1:2 with linespoints title sprintf('scale %%s', word('", v->n_scales - 1);
+    for (int k = 0; k < v->n_scales; k++) fprintf(f, "%s%g", k ? " " : "", v->scales[k]);
+    fprintf(f, "', k + 1)), baseline with lines dashtype 2 lc rgb '#555555' title 'no vector'");
+    if (isfinite(icl)) fprintf(f, ", %.6f with lines dashtype 3 lc rgb '#000000' title 'with demonstrations'", icl);
+    fprintf(f, "\n");
+    fprintf(f, "set terminal pdfcairo size 8.00in,4.80in font 'sans,8'\nset output pdf\nreplot\n");
+    fprintf(f, "set terminal svg size 800,480 font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n");
+    fclose(f);
+    int rc = write_text_atomic(csv, table, err);
+    if (rc == 0) rc = write_text_atomic(gp, text, err);
+    free(text), free(table);
+    char why[200], assign[3 * 8800];
+    size_t at = 0;
+    const char *vars[3] = {"png", "pdf", "svg"};
+    for (int k = 0; k < 3; k++) at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
+    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 1) fprintf(out, "figures: fv_accuracy.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
+    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
+    return rc < 0 ? -1 : 0;
+}
+
 int report_write(const char *run_dir, FILE *out, ep_error *err) {
     // What an earlier report killed half way left (this command's own files only: a run writing the same
     // folder has its own temporaries, and a live writer's are never touched; stages/stage_inputs.h).
     static const char *const own[] = {"report.txt",        "accuracy_drop.gp",  "accuracy_drop.csv", "accuracy_drop.png",
                                       "accuracy_drop.pdf", "accuracy_drop.svg", "circuit.dot",       "circuit.csv",
-                                      "circuit.png",       "circuit.svg",       "circuit.pdf",       NULL};
+                                      "circuit.png",       "circuit.svg",       "circuit.pdf",       "fv_accuracy.gp",
+                                      "fv_accuracy.csv",   "fv_accuracy.png",   "fv_accuracy.pdf",   "fv_accuracy.svg",
+                                      NULL};
     if (remove_temporaries(run_dir, 0, own, NULL, err)) return -1;
     // Both inputs are read and checked before anything is written: a bad one leaves the old report as it was.
     char path[4200], circuit_path[4200];
@@ -808,6 +892,11 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
         return -1;
     }
     print_table(f, logs);
+    fv_summary fv;
+    ep_error fv_err = {{0}};
+    int has_fv = fv_summary_load(run_dir, &fv, &fv_err);
+    if (has_fv > 0) fv_table(f, &fv);
+    if (has_fv < 0) fprintf(f, "\nfunction vectors: not shown: %s\n", fv_err.msg);
     fclose(f);
     fputs(text, out);
     snprintf(path, sizeof path, "%s/report.txt", run_dir);
@@ -816,6 +905,8 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
     fprintf(out, "\n");
     if (rc == 0) rc = heatmap(run_dir, logs, out, err);
     if (rc == 0) rc = diagram(run_dir, logs, circuit, out, err);
+    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, num_or_nan(logs, "full_model_accuracy"), out, err);
+    if (has_fv > 0) fv_summary_free(&fv);
     json_decref(logs), json_decref(circuit);
     return rc;
 }

@@ -16,7 +16,7 @@ static const char *known_fields[] = {
     "model_path", "tokenizer_path", "seed", "n_shots", "n_prompts", "donors", "importance", "prune_rounds",
     "prune_fraction", "tensor_parallel", "dtype", "description", "plan", "max_new_tokens", "circuit", "cache_dtype",
     "min_units", "min_faithfulness", "exact_max_seqs", "backend", "ablations", "score_donors", "compare_importance",
-    "exact_units_per_item", "mode", "ig_steps", "edge_intervention",
+    "exact_units_per_item", "mode", "ig_steps", "edge_intervention", "function_vectors",
 };
 
 // The modes by name, and the original's model_name suffixes that name them (checked in this order: a
@@ -250,6 +250,71 @@ static int parse_prune(run_config *c, ep_error *err) {
     return 0;
 }
 
+// The function_vectors block's form: {"heads": [[layer, head], ...] | "top_k": K, "layers": [...], "scales": [...]}.
+static int parse_fv(run_config *c, ep_error *err) {
+    run_fv *f = &c->fv;
+    json_t *b = json_object_get(c->json, "function_vectors"), *v, *e;
+    if (!b || json_is_null(b)) return 0;
+    const char *form = "expected {\"heads\": [[layer, head], ...] or \"top_k\": K, \"layers\": [...], \"scales\": [...]}";
+    if (!json_is_object(b)) return ep_fail(err, "%s: field function_vectors: %s", c->path, form);
+    const char *key;
+    json_object_foreach(b, key, v) {
+        if (strcmp(key, "heads") && strcmp(key, "top_k") && strcmp(key, "layers") && strcmp(key, "scales"))
+            return ep_fail(err, "%s: field function_vectors: unknown field '%s'", c->path, key);
+    }
+    f->on = 1, f->top_k = 10;
+    static const double default_scales[] = {0, 0.5, 1, 2};
+    f->n_scales = 4;
+    memcpy(f->scales, default_scales, sizeof default_scales);
+    if (json_object_get(b, "heads") && json_object_get(b, "top_k"))
+        return ep_fail(err, "%s: field function_vectors: heads and top_k exclude each other (top_k picks the heads)", c->path);
+    size_t i;
+    if ((v = json_object_get(b, "heads"))) {
+        if (!json_is_array(v) || json_array_size(v) < 1 || json_array_size(v) > RUN_FV_MAX)
+            return ep_fail(err, "%s: field function_vectors.heads: expected 1..%d [layer, head] pairs", c->path, RUN_FV_MAX);
+        json_array_foreach(v, i, e) {
+            json_t *l = json_array_get(e, 0), *h = json_array_get(e, 1);
+            if (!json_is_array(e) || json_array_size(e) != 2 || !json_is_integer(l) || !json_is_integer(h) ||
+                json_integer_value(l) < 0 || json_integer_value(h) < 0 || json_integer_value(l) > 100000 ||
+                json_integer_value(h) > 100000)
+                return ep_fail(err, "%s: field function_vectors.heads[%zu]: expected [layer, head]", c->path, i);
+            f->heads[i][0] = (int)json_integer_value(l), f->heads[i][1] = (int)json_integer_value(h);
+            for (size_t k = 0; k < i; k++)
+                if (f->heads[k][0] == f->heads[i][0] && f->heads[k][1] == f->heads[i][1])
+                    return ep_fail(err, "%s: field function_vectors.heads[%zu]: [%d, %d] is also heads[%zu]", c->path, i,
+                                   f->heads[i][0], f->heads[i][1], k);
+        }
+        f->n_heads = (int)json_array_size(v);
+    }
+    if ((v = json_object_get(b, "top_k"))) {
+        if (!json_is_integer(v)) return ep_fail(err, "%s: field function_vectors.top_k: expected a count", c->path);
+        f->top_k = json_integer_value(v);
+    }
+    if ((v = json_object_get(b, "layers"))) {
+        if (!json_is_array(v) || json_array_size(v) < 1 || json_array_size(v) > RUN_FV_MAX)
+            return ep_fail(err, "%s: field function_vectors.layers: expected a list of 1..%d layers", c->path, RUN_FV_MAX);
+        json_array_foreach(v, i, e) {
+            if (!json_is_integer(e)) return ep_fail(err, "%s: field function_vectors.layers[%zu]: expected a layer", c->path, i);
+            f->layers[i] = json_integer_value(e);
+            for (size_t k = 0; k < i; k++)
+                if (f->layers[k] == f->layers[i])
+                    return ep_fail(err, "%s: field function_vectors.layers[%zu]: layer %lld is also layers[%zu]", c->path, i,
+                                   f->layers[i], k);
+        }
+        f->n_layers = (int)json_array_size(v);
+    }
+    if ((v = json_object_get(b, "scales"))) {
+        if (!json_is_array(v) || json_array_size(v) < 1 || json_array_size(v) > RUN_FV_MAX)
+            return ep_fail(err, "%s: field function_vectors.scales: expected a list of 1..%d numbers", c->path, RUN_FV_MAX);
+        json_array_foreach(v, i, e) {
+            if (!json_is_number(e)) return ep_fail(err, "%s: field function_vectors.scales[%zu]: expected a number", c->path, i);
+            f->scales[i] = json_number_value(e);
+        }
+        f->n_scales = (int)json_array_size(v);
+    }
+    return 0;
+}
+
 int run_config_parse(const char *text, const char *name, run_config *c, ep_error *err) {
     memset(c, 0, sizeof *c);
     c->path = ep_strdup(name);
@@ -351,7 +416,7 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
     }
     c->max_new_tokens = 10;
     if (opt_count(c, "max_new_tokens", &c->max_new_tokens, err) || parse_mode(c, err) || parse_plans(c, err) ||
-        parse_prune(c, err))
+        parse_prune(c, err) || parse_fv(c, err))
         goto fail;
     // Where the results go, the free-text description, the backend (backends agree to fp32 rounding; a run
     // may resume on another machine) and how the model is split over ranks (equal up to summation order, so
@@ -362,6 +427,7 @@ int run_config_parse(const char *text, const char *name, run_config *c, ep_error
     json_object_del(identity, "description");
     json_object_del(identity, "backend");
     json_object_del(identity, "tensor_parallel");
+    json_object_del(identity, "function_vectors");  // read by the fv stage alone, which has its own identity
     char *canonical = json_dumps(identity, JSON_SORT_KEYS | JSON_COMPACT);
     json_decref(identity);
     c->hash = hash_str(HASH_INIT, canonical);
@@ -401,6 +467,18 @@ int run_config_check_values(const run_config *c, ep_error *err) {
         return ep_fail(err, "%s: field exact_units_per_item: expected a positive count", c->path);
     if (p->score_donors && (p->score_donors < 1 || p->score_donors > c->n_donors))
         return ep_fail(err, "%s: field score_donors: expected a count 1..%d (the prompts' donors)", c->path, c->n_donors);
+    const run_fv *f = &c->fv;
+    if (f->on) {
+        if (f->top_k < 1 || f->top_k > 100000)
+            return ep_fail(err, "%s: field function_vectors.top_k: expected a count 1..100000", c->path);
+        for (int i = 0; i < f->n_scales; i++)
+            if (!(fabs(f->scales[i]) <= 1e4))
+                return ep_fail(err, "%s: field function_vectors.scales[%d]: expected a number in [-10000, 10000]", c->path, i);
+        // The injection adds one whole vector to a whole model's residual stream (docs/function_vectors.md).
+        if (c->tensor_parallel > 1)
+            return ep_fail(err, "%s: field function_vectors: not with tensor_parallel %d > 1 (not supported yet)", c->path,
+                           c->tensor_parallel);
+    }
     return 0;
 }
 
@@ -424,6 +502,17 @@ int run_config_check_inputs(const run_config *c, const model_config *model, ep_e
         if (!c->donor_kinds[d][0] && d >= t.n_kinds)
             rc = ep_fail(err, "%s: field donors: %d donors asked, task %s offers %d kinds", c->path, c->n_donors, t.name,
                          t.n_kinds);
+    for (int d = 0; d < c->n_donors && rc == 0; d++) {
+        donor_kind kind = d < t.n_kinds ? t.kinds[d] : DONOR_KIND_COUNT;
+        if (c->donor_kinds[d][0] && donor_kind_parse(c->donor_kinds[d], &kind) == 0 && task_check_kind(&t, kind, err))
+            rc = ep_wrap(err, "%s: field donors[%d]", c->path, d);
+        else if (kind == DONOR_MEAN && c->prune.eap_ig)  // EAP-IG integrates from the donor prompt's embeddings
+            rc = ep_fail(err, "%s: field importance: \"eap-ig\" needs donor prompts; donor %d is the mean donor, which has "
+                              "none (use \"attribution\" or \"exact\")", c->path, d);
+        else if (kind == DONOR_MEAN && c->tensor_parallel > 1)
+            rc = ep_fail(err, "%s: field donors[%d]: the mean donor does not run tensor-parallel yet (tensor_parallel 1)",
+                         c->path, d);
+    }
     task_free(&t);
     if (rc) return -1;
     // The model's shape from its config.json (no weights): every plan's layers and heads.
@@ -437,6 +526,14 @@ int run_config_check_inputs(const run_config *c, const model_config *model, ep_e
         model = &loaded;
     }
     if (check_plans(c, model, err)) return -1;
+    for (int i = 0; i < c->fv.n_heads; i++)
+        if (c->fv.heads[i][0] >= model->n_layers || c->fv.heads[i][1] >= model->n_heads)
+            return ep_fail(err, "%s: field function_vectors.heads[%d]: [%d, %d] is outside the model's %d layers x %d heads",
+                           c->path, i, c->fv.heads[i][0], c->fv.heads[i][1], model->n_layers, model->n_heads);
+    for (int i = 0; i < c->fv.n_layers; i++)
+        if (c->fv.layers[i] < 0 || c->fv.layers[i] >= model->n_layers)
+            return ep_fail(err, "%s: field function_vectors.layers[%d]: layer %lld is outside the model's 0..%d", c->path, i,
+                           c->fv.layers[i], model->n_layers - 1);
     // Another run's round files are user inputs: sealed and intact, or refused now.
     for (int i = 0; i < c->prune.n_files; i++) {
         h5store s;
@@ -529,6 +626,23 @@ json_t *run_config_resolved(const run_config *c) {
     json_object_set_new(o, "score_donors", p->score_donors ? json_integer(p->score_donors) : json_string("all"));
     json_object_set_new(o, "compare_importance", json_boolean(p->compare));
     json_object_set_new(o, "edge_intervention", json_string(edge_source_name(c->edge_intervention)));
+    if (c->fv.on) {
+        const run_fv *f = &c->fv;
+        json_t *fv = json_object(), *l = json_array(), *sc = json_array();
+        if (f->n_heads) {
+            json_t *h = json_array();
+            for (int i = 0; i < f->n_heads; i++) json_array_append_new(h, json_pack("[i,i]", f->heads[i][0], f->heads[i][1]));
+            json_object_set_new(fv, "heads", h);
+        } else {
+            json_object_set_new(fv, "top_k", json_integer(f->top_k));
+        }
+        for (int i = 0; i < f->n_layers; i++) json_array_append_new(l, json_integer(f->layers[i]));
+        json_object_set_new(fv, "layers", f->n_layers ? l : json_string("all"));
+        if (!f->n_layers) json_decref(l);
+        for (int i = 0; i < f->n_scales; i++) json_array_append_new(sc, json_real(f->scales[i]));
+        json_object_set_new(fv, "scales", sc);
+        json_object_set_new(o, "function_vectors", fv);
+    }
     char hex[17];
     hash_hex(c->hash, hex);
     json_object_set_new(o, "config_hash", json_string(hex));

@@ -7,7 +7,7 @@
 // model_path), seed (default 0), n_shots (default: the task's), n_prompts (alias of limit; default 100),
 // donors (a count, using the task's donor kinds in order, or a list of kind names; default 1), plan,
 // circuit, edge_intervention (how circuits ablate edges: kv, k, v, zero), ablations, max_new_tokens,
-// cache_dtype, backend, dtype, tensor_parallel, and the pruning
+// cache_dtype, backend, dtype, tensor_parallel, function_vectors, and the pruning
 // fields (importance, ig_steps, prune_rounds, prune_fraction, min_units, min_faithfulness, exact_max_seqs,
 // score_donors, compare_importance, exact_units_per_item). An unknown field is an error naming it (a
 // typo must not silently fall back to a default). Relative paths are taken from the working directory,
@@ -80,6 +80,21 @@ typedef struct {
     int compare;                         // compare_importance
 } run_prune;
 
+// The function_vectors block (docs/function_vectors.md; optional: the fv stage runs only when present).
+// Counts kept as given until run_config_check_values; layers and heads are checked against the model's shape
+// by run_config_check_inputs.
+#define RUN_FV_MAX 256  // entries per list
+typedef struct {
+    int on;                 // the block is present
+    int n_heads;            // explicit heads (0: the top_k heads of round 0's head scores at `last`)
+    int heads[RUN_FV_MAX][2];  // (layer, head)
+    long long top_k;        // 10
+    int n_layers;           // 0: every layer of the model
+    long long layers[RUN_FV_MAX];
+    int n_scales;
+    double scales[RUN_FV_MAX];  // 0, 0.5, 1, 2
+} run_fv;
+
 typedef struct {
     char *path;  // the config file, for messages
     json_t *json;  // the file as read (its identity; the stages read the typed fields)
@@ -106,6 +121,7 @@ typedef struct {
     int n_ablations;
     run_ablation *ablations;
     run_prune prune;
+    run_fv fv;
     uint64_t hash;             // of the canonical JSON (sorted keys) without output_path, description, backend
                                // and tensor_parallel (how and where the model runs does not change the results)
 } run_config;

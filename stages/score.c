@@ -500,6 +500,9 @@ int score_exact_batch(const stage_inputs *in, const circuit *c, const ablation_p
                     memcpy(rotated + ((size_t)s * K + d) * row, pb.donors + ((size_t)s * K + (d + j) % K) * row,
                            sizeof(int32_t) * row);
             pj.donors = rotated;
+            pj.mean_donors = 0;  // a mean donor moves with its index
+            for (int d = 0; d < K && d < 32; d++)
+                if ((pb.mean_donors >> ((d + j) % K)) & 1u) pj.mean_donors |= 1u << d;
         }
         // Donors d > 0 are computed under the plan's donor-0 part, which removing a unit changes: those
         // plans take the brute-force path.

@@ -1,5 +1,8 @@
 #include "stage_inputs.h"
 
+#include "stages/mean_donor.h"
+#include "stages/task.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <signal.h>
@@ -80,6 +83,13 @@ int stage_inputs_open_shard(const run_config *cfg, const kernel_ops *ops, const 
     hash_hex(cfg->bf16 ? hash_str(model_id, "bf16") : model_id, in->model_hash);
     hash_hex(plan_hash(&in->plan), in->plan_hash);
     in->n_cached_donors = in->plan.n_donors > 0 || in->n_ablations == 0 ? in->plan.n_donors : 1;
+    for (int d = 0; d < in->prompts.n_donors && d < 32; d++)
+        if (in->prompts.donor_kinds[d] == DONOR_MEAN) in->mean_donors |= 1u << d;
+    if (in->mean_donors && in->m.cfg.tp.size > 1) {
+        ep_fail(err, "%s: field donors: the mean donor does not run tensor-parallel yet (tensor_parallel 1)", cfg->path);
+        stage_inputs_close(in);
+        return -1;
+    }
     if (in->n_cached_donors > in->prompts.n_donors) {
         ep_fail(err, "%s: the plan or its ablations read donor %d but the prompts have %d donors (field donors)", cfg->path,
                 in->n_cached_donors - 1, in->prompts.n_donors);
@@ -105,6 +115,9 @@ void stage_inputs_close(stage_inputs *in) {
     prompt_set_free(&in->prompts);
     plan_free(&in->plan);
     plan_list_free(in->ablations, in->n_ablations);
+    if (in->mean) mean_table_free(in->mean);
+    free(in->mean);
+    in->mean = NULL;
 }
 
 prompt_batch stage_batch(const stage_inputs *in, int first, int n) {
@@ -113,7 +126,8 @@ prompt_batch stage_batch(const stage_inputs *in, int first, int n) {
     return (prompt_batch){.n_seqs = n, .max_len = ps->max_len, .n_donors = ps->n_donors,
                           .tokens = ps->tokens + first * L, .lengths = ps->lengths + first,
                           .types = ps->types + first * L, .index = ps->index + first * L,
-                          .donors = ps->donors ? ps->donors + first * L * (size_t)ps->n_donors : NULL};
+                          .donors = ps->donors ? ps->donors + first * L * (size_t)ps->n_donors : NULL,
+                          .mean_donors = in->mean_donors, .mean = in->mean};
 }
 
 int stage_output_current(const char *path, const char *identity, int fresh, const ep_log *log, ep_error *err) {

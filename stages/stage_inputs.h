@@ -27,6 +27,8 @@ struct stage_inputs {
     ablation_plan *ablations;  // the config's "ablations" list: one patch pass each (stages/patch.h)
     int n_ablations;
     int n_cached_donors;  // donors the cache stage keeps: the plan's, and donor 0 when there are ablations
+    uint32_t mean_donors;  // bit d: the prompts' donor d is of kind mean (stages/mean_stage.h)
+    mean_table *mean;      // the run's mean table, once the mean stage has run (mean_stage_load); owned
     char prompts_hash[17];  // prompts.h5's inputs_hash
     char model_hash[17];
     char plan_hash[17];

@@ -1,3 +1,4 @@
+#define _XOPEN_SOURCE 700  // realpath
 #include "task.h"
 
 #include <ctype.h>
@@ -11,7 +12,10 @@
 
 #include "pipeline/paths.h"
 
-static const char *kind_names[DONOR_KIND_COUNT] = {"random_xy", "random_y", "random_x", "other_pairs", "shuffle_y"};
+static const char *kind_names[DONOR_KIND_COUNT] = {"random_xy",    "random_y",     "random_x",
+                                                   "other_pairs",  "shuffle_y",    "other_task_x",
+                                                   "other_task_y", "other_mapping", "other_mapping_x",
+                                                   "mean"};
 
 const char *donor_kind_name(donor_kind k) { return k < DONOR_KIND_COUNT ? kind_names[k] : "?"; }
 
@@ -24,13 +28,22 @@ int donor_kind_parse(const char *s, donor_kind *out) {
     return -1;
 }
 
+int donor_kind_needs_donor_tasks(donor_kind k) { return k == DONOR_OTHER_TASK_X || k == DONOR_OTHER_TASK_Y; }
+
+int task_check_kind(const task *t, donor_kind k, ep_error *err) {
+    if (donor_kind_needs_donor_tasks(k) && t->n_donor_pairs == 0)
+        return ep_fail(err, "%s: field donor_tasks: donor kind %s needs a list of other tasks to draw from", t->path,
+                       donor_kind_name(k));
+    return 0;
+}
+
 // A task file's fields; string: must be a JSON string.
 static const struct {
     const char *name;
     int string;
 } task_fields[] = {{"name", 1}, {"title", 1}, {"description", 1}, {"pairs", 1}, {"input", 1}, {"output", 1},
                    {"separator", 1}, {"output_prefix", 1}, {"example_separator", 1}, {"n_shots", 0},
-                   {"donor_kinds", 0}, {"words", 1}, {"ambiguous_pairs", 1}, {"ambiguous_fraction", 0}};
+                   {"donor_kinds", 0}, {"donor_tasks", 0}, {"words", 1}, {"ambiguous_pairs", 1}, {"ambiguous_fraction", 0}};
 
 static const char *string_field(json_t *root, const char *key, const char *fallback) {
     json_t *v = json_object_get(root, key);
@@ -78,17 +91,67 @@ static void canonical_name(const char *in, char *out, size_t n) {
     out[i] = 0;
 }
 
+// The file of a task named by name or path; -1 (err filled) if there is none.
+static int task_path(const char *name_or_path, char *path, size_t n, ep_error *err) {
+    if (strchr(name_or_path, '/') || strstr(name_or_path, ".json")) {
+        snprintf(path, n, "%s", name_or_path);
+        return 0;
+    }
+    char canon[256], rel[300];
+    canonical_name(name_or_path, canon, sizeof canon);
+    snprintf(rel, sizeof rel, "tasks/%s.json", canon);
+    if (data_path(rel, path, n, err)) return ep_fail(err, "unknown task '%s' (see 'edgepatch tasks')", name_or_path);
+    return 0;
+}
+
+static int task_load_file(const char *path, int with_donors, task *t, ep_error *err);
+
+// donor_tasks: names (or paths, relative to the task file's folder when they contain '/') of other tasks.
+// Their ordinary pairs are appended to t->donor_pairs when with_donors (a donor task's own donor_tasks are
+// checked to exist but not loaded: no recursion).
+static int load_donor_tasks(task *t, json_t *list, const char *dir, int with_donors, ep_error *err) {
+    if (!list) return 0;
+    if (!json_is_array(list) || json_array_size(list) == 0 || json_array_size(list) > TASK_MAX_DONOR_TASKS)
+        return ep_fail(err, "%s: field donor_tasks: expected a list of 1 to %d task names", t->path, TASK_MAX_DONOR_TASKS);
+    for (size_t i = 0; i < json_array_size(list); i++) {
+        const char *name = json_string_value(json_array_get(list, i));
+        char path[4096], rel_path[4096];
+        ep_error nerr = {{0}};
+        if (!name || !*name) return ep_fail(err, "%s: field donor_tasks[%zu]: expected a task name", t->path, i);
+        if (strchr(name, '/')) {
+            path_join(dir, name, rel_path, sizeof rel_path);
+            name = rel_path;
+        }
+        if (task_path(name, path, sizeof path, &nerr) || access(path, R_OK))
+            return ep_fail(err, "%s: field donor_tasks[%zu]: unknown task '%s' (see 'edgepatch tasks')", t->path, i, name);
+        char *real_self = realpath(t->path, NULL), *real_other = realpath(path, NULL);
+        int self = real_self && real_other && !strcmp(real_self, real_other);
+        free(real_self), free(real_other);
+        if (self) return ep_fail(err, "%s: field donor_tasks[%zu]: '%s' is this task itself", t->path, i, name);
+        t->donor_task_paths[t->n_donor_tasks++] = ep_strdup(path);
+        if (!with_donors) continue;
+        task other;
+        if (task_load_file(path, 0, &other, &nerr))
+            return ep_fail(err, "%s: field donor_tasks[%zu]: %s", t->path, i, nerr.msg);
+        t->donor_pairs = ep_realloc(t->donor_pairs, sizeof(task_pair) * (size_t)(t->n_donor_pairs + other.n_pairs + 1));
+        for (int p = 0; p < other.n_pairs; p++) {
+            t->donor_pairs[t->n_donor_pairs++] = other.pairs[p];
+            other.pairs[p] = (task_pair){0};
+        }
+        task_free(&other);
+    }
+    return 0;
+}
+
 int task_load(const char *name_or_path, task *t, ep_error *err) {
     memset(t, 0, sizeof *t);
     char path[4096];
-    if (strchr(name_or_path, '/') || strstr(name_or_path, ".json")) {
-        snprintf(path, sizeof path, "%s", name_or_path);
-    } else {
-        char canon[256], rel[300];
-        canonical_name(name_or_path, canon, sizeof canon);
-        snprintf(rel, sizeof rel, "tasks/%s.json", canon);
-        if (data_path(rel, path, sizeof path, err)) return ep_fail(err, "unknown task '%s' (see 'edgepatch tasks')", name_or_path);
-    }
+    if (task_path(name_or_path, path, sizeof path, err)) return -1;
+    return task_load_file(path, 1, t, err);
+}
+
+static int task_load_file(const char *path, int with_donors, task *t, ep_error *err) {
+    memset(t, 0, sizeof *t);
     json_error_t jerr;
     json_t *root = json_load_file(path, 0, &jerr);
     if (!root) return ep_fail(err, "%s: %s (line %d)", path, jerr.text, jerr.line);
@@ -140,10 +203,18 @@ int task_load(const char *name_or_path, task *t, ep_error *err) {
         const char *k = json_string_value(json_array_get(kinds, i));
         if (!k || donor_kind_parse(k, &t->kinds[t->n_kinds++])) {
             ep_fail(err, "%s: field donor_kinds[%zu]: '%s' is not one of random_xy, random_y, random_x, other_pairs, "
-                         "shuffle_y", path, i, k ? k : "(not a string)");
+                         "shuffle_y, other_task_x, other_task_y, other_mapping, other_mapping_x, mean", path, i,
+                    k ? k : "(not a string)");
             goto done;
         }
     }
+    if (load_donor_tasks(t, json_object_get(root, "donor_tasks"), dir, with_donors, err)) goto done;
+    for (int k = 0; k < t->n_kinds; k++)
+        if (donor_kind_needs_donor_tasks(t->kinds[k]) && t->n_donor_tasks == 0) {
+            ep_fail(err, "%s: field donor_tasks: donor kind %s (donor_kinds[%d]) needs a list of other tasks to draw from",
+                    path, donor_kind_name(t->kinds[k]), k);
+            goto done;
+        }
     const char *ambiguous = string_field(root, "ambiguous_pairs", NULL);
     path_join(dir, pairs, file, sizeof file);
     if (load_pairs(file, in_key, out_key, ambiguous ? 0 : -1, &t->pairs, &t->n_pairs, err)) goto done;
@@ -183,6 +254,8 @@ void task_free(task *t) {
     free_pairs(t->ambiguous, t->n_ambiguous);
     free(t->name), free(t->title), free(t->path), free(t->separator), free(t->output_prefix);
     free(t->example_separator), free(t->words_path);
+    for (int i = 0; i < t->n_donor_tasks; i++) free(t->donor_task_paths[i]);
+    free_pairs(t->donor_pairs, t->n_donor_pairs);
     memset(t, 0, sizeof *t);
 }
 

@@ -39,12 +39,12 @@ static char *report_text(const task *t, const char *tokenizer_path, const tokeni
     json_t *dropped = json_object();
     for (int i = 1; i < PAIR_REASON_COUNT; i++)
         if (r->dropped[i]) json_object_set_new(dropped, pair_reason_name((pair_reason)i), json_integer(r->dropped[i]));
-    json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:o,s:i,s:i,s:i,s:i,s:i,s:i}", "task", t->name, "tokenizer", tokenizer_path,
+    json_t *o = json_pack("{s:s,s:s,s:i,s:i,s:o,s:i,s:i,s:i,s:i,s:i,s:i,s:i}", "task", t->name, "tokenizer", tokenizer_path,
                           "pairs_total", r->pairs_total, "pairs_kept", r->pairs_kept, "dropped", dropped,
                           "ambiguous_total", r->ambiguous_total, "ambiguous_kept", r->ambiguous_kept, "prompts",
                           r->prompts_built, "prompts_redrawn_tokenization", r->prompts_rejected,
                           "prompts_redrawn_donor_alignment", r->donors_unaligned, "shuffle_outputs_unmoved",
-                          r->shuffle_unmoved);
+                          r->shuffle_unmoved, "donor_spans_unmoved", r->spans_unmoved);
     char *text = json_dumps(o, JSON_INDENT(2) | JSON_PRESERVE_ORDER | JSON_REAL_PRECISION(8));
     json_decref(o);
     size_t n = strlen(text);
@@ -236,6 +236,11 @@ int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error
                            t.n_kinds);
         }
     }
+    for (int d = 0; d < pp.n_donors; d++)
+        if (task_check_kind(&t, pp.kinds[d], err)) {
+            task_free(&t);
+            return ep_wrap(err, "%s: field donors[%d]", cfg->path, d);
+        }
     // The identity of everything this stage reads, to skip or refuse a rerun.
     uint64_t tok_hash = 0, task_hash = 0, inputs = HASH_INIT;
     tokenizer *tk = NULL;
@@ -247,6 +252,11 @@ int tokenize_stage(const run_config *cfg, int fresh, const ep_log *log, ep_error
     if (hash_tokenizer(cfg->tokenizer_path, &tok_hash, err) || hash_file(t.path, &task_hash, err)) goto done;
     inputs = hash_bytes(inputs, &tok_hash, sizeof tok_hash);
     inputs = hash_bytes(inputs, &task_hash, sizeof task_hash);
+    for (int i = 0; i < t.n_donor_tasks; i++) {  // the donor tasks' files (none: the hash of older runs)
+        uint64_t h = 0;
+        if (hash_file(t.donor_task_paths[i], &h, err)) goto done;
+        inputs = hash_bytes(inputs, &h, sizeof h);
+    }
     inputs = hash_bytes(inputs, &pp.seed, sizeof pp.seed);
     inputs = hash_bytes(inputs, &pp.n_shots, sizeof pp.n_shots);
     inputs = hash_bytes(inputs, &pp.n_donors, sizeof pp.n_donors);

@@ -3,8 +3,8 @@
 
 usage: check_artifacts.py EDGEPATCH SOURCE_DIR [--plant]
 
-Runs a small config (tokenize, cache, patch with ablations, a head and an edge prune round) on the
-tiny fixture model smollm-tiny (copied to a temporary folder, so it can be removed afterwards), then:
+Runs a small config (tokenize, cache, patch with ablations, a head and an edge prune round, function
+vectors) on the tiny fixture model smollm-tiny (copied to a temporary folder, so it can be removed afterwards), then:
   1. walks every file of the run folder: every HDF5 group, dataset (type, shape, dimension labels,
      attributes) and attribute, every JSON file's keys, and compares them with the tables of
      docs/artifacts.md; anything present but undocumented, documented (as "always") but absent, or of
@@ -331,7 +331,8 @@ def config(model, out):
     return {"task": "person_sport", "model_name": "smollm_prune_heads_in_circuits", "model_path": model, "output_path": out,
             "n_prompts": 6, "batch_size": 4, "seed": 5, "n_shots": 3, "max_new_tokens": 3, "donors": 2,
             "affect_whom": [["x", "y"]], "importance": "attribution", "prune_rounds": {"heads": 1, "edges": 1},
-            "prune_fraction": 0.2, "ablations": ablations}
+            "prune_fraction": 0.2, "ablations": ablations,
+            "function_vectors": {"top_k": 2, "layers": [0, 2], "scales": [0, 1]}}
 
 
 def run_edgepatch(exe, cfg_path, cwd):
@@ -388,6 +389,19 @@ def main():
         if problems:
             sys.exit(f"{len(problems)} differences between docs/artifacts.md and the eap-ig run folder")
         print("  docs/artifacts.md matches an eap-ig run with compare_importance too")
+        # 1c. a run whose donor 0 is the mean donor: mean.d/ (and the score and prune rounds from it)
+        run_mean = os.path.join(tmp, "run-mean")
+        cfg_mean = os.path.join(tmp, "mean.json")
+        json.dump(dict(config(model, run_mean), donors=["mean", "random_xy"]), open(cfg_mean, "w"))
+        run_edgepatch(exe, cfg_mean, src)
+        problems = check_run(run_mean, doc_text, symbols)
+        if not os.path.exists(os.path.join(run_mean, "mean.d", "item-00000.h5")):
+            problems.append("the mean-donor run wrote no mean.d/item-00000.h5")
+        for p in problems:
+            print(p)
+        if problems:
+            sys.exit(f"{len(problems)} differences between docs/artifacts.md and the mean-donor run folder")
+        print("  docs/artifacts.md matches a run with the mean donor (mean.d/) too")
         # 2. the same config in another folder: byte-identical HDF5 and JSON files
         run2 = os.path.join(tmp, "run2")
         cfg2 = os.path.join(tmp, "b.json")

@@ -152,9 +152,10 @@ rounds = cfg["prune_rounds"]["heads"] + cfg["prune_rounds"]["edges"]
 for s, computed in ((first, True), (again, False)):
     assert s["status"] == "done" and s["exit_status"] == 0 and s["error"] is None and s["output_path"] == out, s
     st = {x["name"]: x for x in s["stages"]}
-    assert list(st) == ["tokenize", "cache", "patch", "score", "prune"], st
+    assert list(st) == ["tokenize", "cache", "patch", "score", "prune", "fv"], st
     want = "computed" if computed else "up to date"
-    assert all(x["state"] == want for x in st.values()), st
+    assert all(x["state"] == want for n, x in st.items() if n != "fv"), st
+    assert st["fv"] == {"name": "fv", "state": "not reached"}, st  # no function_vectors block: the stage has nothing to do
     assert st["cache"]["items"] == items == st["patch"]["items"] and st["score"]["items"] == 1, st
     assert st["prune"]["items"] == rounds - 1, st
     assert st["cache"]["computed"] == (items if computed else 0) and st["prune"]["computed"] == (rounds - 1 if computed else 0), st
@@ -173,7 +174,7 @@ import json, sys
 s = json.load(sys.stdin)
 st = {x["name"]: x["state"] for x in s["stages"]}
 assert s["until"] == "patch" and st == {"tokenize": "computed", "cache": "computed", "patch": "computed",
-       "score": "not requested", "prune": "not requested"} and s["results"]["rounds"] == [] and s["results"]["circuit"] is None, s
+       "score": "not requested", "prune": "not requested", "fv": "not requested"} and s["results"]["rounds"] == [] and s["results"]["circuit"] is None, s
 ' && ok || bad "run --until=patch --json"
 "$bin" run "$tmp/missing.json" --json > "$tmp/run-bad.json" 2> /dev/null; rc=$?
 [ $rc = 1 ] && "$py" -c '

@@ -59,7 +59,7 @@ printf '{"task": "country_capital", ' > "$tmp/broken.json"
 expect_error 1 "broken.json" run "$tmp/broken.json" --until tokenize
 config "$tmp/d" 1 | sed 's/country_capital/no_such_task/' > "$tmp/task.json"
 expect_error 1 "unknown task 'no_such_task'" run "$tmp/task.json" --until tokenize
-config "$tmp/d" 1 ', "donors": 9' > "$tmp/donors.json"
+config "$tmp/d" 1 ', "donors": 16' > "$tmp/donors.json"
 expect_error 1 "task" run "$tmp/donors.json" --until tokenize
 config "$tmp/d" 1 | sed 's/"seed": 1/"seed": "one"/' > "$tmp/seed.json"
 expect_error 1 "field seed" run "$tmp/seed.json" --until tokenize

@@ -6,13 +6,14 @@
 // changing one donor token changes exactly the runs whose plans read it.
 // Every plan also runs on the other backends (the offset test backend of kernels/ops_offset.c, which
 // must give cpu's logits and tokens bit for bit, and cuda when a GPU is usable) against the same
-// reference.
+// reference. The mean donor (donor kind "mean") against tools/make_patch_fixtures.py --mean.
 #include <jansson.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "stages/mean_donor.h"
 #include "stages/patch.h"
 #include "tests/harness.h"
 
@@ -472,6 +473,189 @@ static void test_interventions(const char *name, json_t *plans) {
     model_free(&m);
 }
 
+// Prompt s of the fixture alone, as a batch of one.
+static prompt_batch one_of(const fixture *f, int s) {
+    size_t L = (size_t)f->max_len;
+    return (prompt_batch){.n_seqs = 1, .max_len = f->max_len, .n_donors = f->K, .tokens = f->tokens + s * L,
+                          .lengths = f->lengths + s, .types = f->types + s * L, .index = f->index + s * L,
+                          .donors = f->donors + (size_t)s * f->K * L};
+}
+
+static int tables_identical(const mean_table *a, const mean_table *b) {
+    size_t kv = (size_t)a->n_keys * a->n_layers * a->kv_dim, z = (size_t)a->n_keys * a->n_layers * a->z_dim;
+    return a->n_keys == b->n_keys && !memcmp(a->keys, b->keys, sizeof(mean_key) * (size_t)a->n_keys) &&
+           !memcmp(a->k, b->k, sizeof(float) * kv) && !memcmp(a->v, b->v, sizeof(float) * kv) &&
+           !memcmp(a->z, b->z, sizeof(float) * z);
+}
+
+// The mean donor (donor kind "mean") against the Python reference of tools/make_patch_fixtures.py --mean:
+// the table (groups, counts, layer 0's means) and patched runs with donor 0 the mean donor (donor 1, a
+// token donor, nested over it); the table is the same bytes whether the prompts are added one by one or
+// together; a table with examples 0 and 1 swapped is caught; a batch naming the mean donor without a
+// table is refused.
+static void test_mean(const char *name, json_t *plans) {
+    char dir[256], path[512];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    snprintf(path, sizeof path, "tests/fixtures/patch/%s.mean.safetensors", name);
+    model m;
+    fixture f;
+    safetensors ref;
+    ep_error err = {{0}};
+    if (model_load(dir, &m, &err)) {
+        check(0, "%s", err.msg);
+        return;
+    }
+    if (load_fixture(name, &f)) {
+        model_free(&m);
+        return;
+    }
+    if (safetensors_open_file(path, &ref, &err)) {
+        check(0, "%s", err.msg);
+        free_fixture(&f), model_free(&m);
+        return;
+    }
+    const model_config *c = &m.cfg;
+    int V = c->vocab_size, kd = c->n_kv_heads * c->head_dim, zd = c->n_heads * c->head_dim, L = c->n_layers;
+    prompt_batch pb = batch_of(&f);
+    mean_sums all, one;
+    mean_sums_init(&all, L, kd, zd), mean_sums_init(&one, L, kd, zd);
+    kv_cache clean;
+    check(patch_clean_pass(&m, kernel_ops_cpu(), &pb, &clean, &err) == 0 && mean_sums_add(&all, &clean, &pb, &err) == 0,
+          "%s: mean sums: %s", name, err.msg);
+    kv_cache_free(&clean);
+    for (int s = 0; s < P; s++) {
+        prompt_batch b1 = one_of(&f, s);
+        check(patch_clean_pass(&m, kernel_ops_cpu(), &b1, &clean, &err) == 0 && mean_sums_add(&one, &clean, &b1, &err) == 0,
+              "%s: mean sums, prompt %d: %s", name, s, err.msg);
+        kv_cache_free(&clean);
+    }
+    mean_table table, table1;
+    mean_table_from_sums(&all, &table), mean_table_from_sums(&one, &table1);
+    // One by one or together: the same groups and counts, means within float rounding (the forward's rows
+    // are not bitwise independent of the rows batched with them; the mean stage fixes its batches,
+    // MEAN_BATCH, so its bytes do not depend on the config's batch_size: tests/test_stages.c).
+    double worst_batch = 0;
+    int same_groups = table.n_keys == table1.n_keys && !memcmp(table.keys, table1.keys, sizeof(mean_key) * (size_t)table.n_keys);
+    for (int i = 0; same_groups && i < table.n_keys * L; i++) {  // row-relative, as the logits
+        double dk = max_rel_error(table1.k + (size_t)i * kd, table.k + (size_t)i * kd, (size_t)kd, 1e-6);
+        double dv = max_rel_error(table1.v + (size_t)i * kd, table.v + (size_t)i * kd, (size_t)kd, 1e-6);
+        double dz = max_rel_error(table1.z + (size_t)i * zd, table.z + (size_t)i * zd, (size_t)zd, 1e-6);
+        worst_batch = fmax(worst_batch, fmax(dk, fmax(dv, dz)));
+    }
+    check(same_groups && worst_batch < 1e-5, "%s: the mean table from batches of 1 vs 3: %.2e", name, worst_batch);
+    // The groups, their counts and layer 0's means against the reference.
+    const st_tensor *tk = safetensors_find(&ref, "mean.keys"), *tc = safetensors_find(&ref, "mean.count");
+    int n_ref = tk ? (int)tk->shape[0] : -1, keys_ok = n_ref == table.n_keys;
+    int32_t *rk = malloc(sizeof(int32_t) * (size_t)(n_ref > 0 ? 3 * n_ref : 1)), *rc = malloc(sizeof(int32_t) * (size_t)(n_ref > 0 ? n_ref : 1));
+    if (keys_ok) safetensors_read_i32(tk, rk, &err), safetensors_read_i32(tc, rc, &err);
+    for (int i = 0; i < table.n_keys && keys_ok; i++) {
+        int j = 0;
+        while (j < all.n_keys && memcmp(&all.keys[j], &table.keys[i], sizeof(mean_key))) j++;
+        keys_ok = rk[3 * i] == table.keys[i].type && rk[3 * i + 1] == table.keys[i].index &&
+                  rk[3 * i + 2] == table.keys[i].offset && rc[i] == all.count[j];
+    }
+    check(keys_ok, "%s: mean groups (%d) differ from the reference's (%d)", name, table.n_keys, n_ref);
+    double worst_table = 0;
+    const char *parts[3] = {"k", "v", "z"};
+    for (int w = 0; w < 3 && keys_ok; w++) {
+        char key[64];
+        snprintf(key, sizeof key, "mean.layer0.%s", parts[w]);
+        const st_tensor *t = safetensors_find(&ref, key);
+        int dim = w == 2 ? zd : kd;
+        float *r = malloc(sizeof(float) * (size_t)table.n_keys * dim);
+        safetensors_read_f32(t, r, &err);
+        const float *mine = w == 0 ? table.k : w == 1 ? table.v : table.z;
+        for (int i = 0; i < table.n_keys; i++) {
+            double e = max_rel_error(mine + (size_t)i * L * dim, r + (size_t)i * dim, (size_t)dim, 1e-6);
+            if (e > worst_table) worst_table = e;
+        }
+        free(r);
+    }
+    printf("  %-12s mean table: %d groups, layer 0 k/v/z within %.2e of the reference; batches of 1 vs 3: %s, means within %.1e\n",
+           name, table.n_keys, worst_table, tables_identical(&table, &table1) ? "identical bytes" : "same groups", worst_batch);
+    check(keys_ok && worst_table <= TOL, "%s: mean table vs reference %.2e", name, worst_table);
+    free(rk), free(rc);
+    // A wrong table: blind to the example index (every group takes the average of the groups of its type
+    // and offset over all examples).
+    mean_table blind = table;
+    size_t row = (size_t)L * kd, zrow = (size_t)L * zd;
+    blind.k = calloc(row * table.n_keys, sizeof(float)), blind.v = calloc(row * table.n_keys, sizeof(float));
+    blind.z = calloc(zrow * table.n_keys, sizeof(float));
+    int n_merged = 0;
+    for (int i = 0; i < table.n_keys; i++) {
+        int n = 0;
+        for (int j = 0; j < table.n_keys; j++)
+            if (table.keys[i].type == table.keys[j].type && table.keys[i].offset == table.keys[j].offset) {
+                for (size_t e = 0; e < row; e++) blind.k[i * row + e] += table.k[j * row + e], blind.v[i * row + e] += table.v[j * row + e];
+                for (size_t e = 0; e < zrow; e++) blind.z[i * zrow + e] += table.z[j * zrow + e];
+                n++;
+            }
+        for (size_t e = 0; e < row; e++) blind.k[i * row + e] /= (float)n, blind.v[i * row + e] /= (float)n;
+        for (size_t e = 0; e < zrow; e++) blind.z[i * zrow + e] /= (float)n;
+        n_merged += n > 1;
+    }
+    const kernel_ops *backends[2] = {kernel_ops_cpu(), kernel_ops_offset()};
+    model dev;
+    int have_offset = model_to_backend(&m, backends[1], 0, &dev, &err) == 0;
+    size_t j;
+    json_t *pj;
+    json_array_foreach(plans, j, pj) {
+        ablation_plan plan;
+        if (plan_parse(pj, "mean_plans.json", c, &plan, &err)) {
+            check(0, "%s", err.msg);
+            continue;
+        }
+        pb.mean = &table, pb.mean_donors = 1u;
+        run_result on_cpu = {0};
+        for (int k = 0; k < 2; k++) {
+            run_result r = {0};
+            if ((k == 1 && !have_offset) || run_on(k ? &dev : &m, backends[k], &plan, &pb, &r)) {
+                free(r.logits);
+                continue;
+            }
+            if (k == 1 && on_cpu.logits)
+                check(!memcmp(r.logits, on_cpu.logits, sizeof(float) * (size_t)P * f.max_len * V) &&
+                          !memcmp(r.generated, on_cpu.generated, sizeof r.generated),
+                      "%s %s: the offset backend differs from cpu", name, plan.name);
+            int same;
+            double worst = vs_reference_last(&ref, j, &f, &r, V, &same);
+            printf("  %-12s %-18s %-6s last logits %.2e  generated %2d/%d equal to the Python reference\n", name,
+                   plan.name, backends[k]->name, worst, same, P * GEN);
+            check(worst <= TOL && same == P * GEN, "%s %s (%s): last logits %.2e, %d/%d tokens", name, plan.name,
+                  backends[k]->name, worst, same, P * GEN);
+            if (k == 0) on_cpu = r;
+            else free(r.logits);
+        }
+        free(on_cpu.logits);
+        // Can fail: the index-blind table.
+        pb.mean = &blind;
+        run_result w = {0};
+        if (run(&m, &plan, &pb, &w) == 0) {
+            int same;
+            double worst = vs_reference_last(&ref, j, &f, &w, V, &same);
+            printf("  %-12s %-18s index-blind table (%d groups merged): last logits %.2e, %d/%d tokens: rejected\n", name,
+                   plan.name, n_merged, worst, same, P * GEN);
+            check(worst > 100 * TOL, "%s %s: the index-blind mean table matched the reference (%.2e)", name, plan.name, worst);
+        }
+        free(w.logits);
+        // Refused: a mean donor without the table.
+        pb.mean = NULL;
+        patch_outputs out = {0};
+        ep_error merr = {{0}};
+        check(patch_run(&m, kernel_ops_cpu(), &plan, &pb, &out, &merr) != 0 && strstr(merr.msg, "mean"),
+              "%s %s: a mean donor without a table was not refused", name, plan.name);
+        pb.mean_donors = 0;
+        plan_free(&plan);
+    }
+    if (have_offset) model_backend_free(&dev);
+    free(blind.k), free(blind.v), free(blind.z);
+    mean_table_free(&table), mean_table_free(&table1);
+    mean_sums_free(&all), mean_sums_free(&one);
+    safetensors_close(&ref);
+    free_fixture(&f);
+    model_free(&m);
+}
+
 // The plan JSON of interventions: defaults, validation, the donor-0 part, the hash.
 static void test_plan_interventions(void) {
     model_config cfg = {.n_layers = 2, .n_heads = 4};
@@ -555,6 +739,10 @@ int main(void) {
     check(iv_plans && json_array_size(iv_plans) >= 6, "tests/fixtures/patch/interv_plans.json");
     for (int i = 0; i < 4 && iv_plans; i++) test_interventions(models[i], iv_plans);
     json_decref(iv_plans);
+    json_t *mean_plans = json_load_file("tests/fixtures/patch/mean_plans.json", 0, NULL);
+    check(mean_plans && json_array_size(mean_plans) >= 4, "tests/fixtures/patch/mean_plans.json");
+    for (int i = 0; i < 4 && mean_plans; i++) test_mean(models[i], mean_plans);
+    json_decref(mean_plans);
     json_decref(plans);
     return test_finish("test_patch");
 }

@@ -3,12 +3,16 @@
 //   (tests/fixtures/tasks/filter.json.gz from tools/gen_task_fixtures.py);
 // - every position of every prompt is typed in the order bos* (x+ t+ y+ n+){N} query+ last+;
 // - the prompt's text rebuilt here from its pairs tokenizes to exactly its tokens;
-// - donor invariants for every kind; the target is the query's output;
+// - donor invariants for every kind; the target is the query's output; for the donor families
+//   (other_task_x/y, other_mapping/_x), per demonstration by brute force over the task files: the factor
+//   kept is kept, the one changed is changed (from the right space, mapping broken), with planted errors;
 // - the same seed gives identical prompts in any build order, another seed different ones.
 #include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #include <zlib.h>
 
@@ -94,6 +98,122 @@ static int donor_round_trips(const tokenizer *tk, const int *donor, int len, int
     return ok;
 }
 
+// The tokens of example k's x (type TT_X) or y span in a donor row, and where the span starts.
+static int span_of(const prompt *p, int type, int k, int *start) {
+    int n = 0;
+    *start = -1;
+    for (int i = 0; i < p->len; i++)
+        if (p->types[i] == type && p->index[i] == k) {
+            if (*start < 0) *start = i;
+            n++;
+        }
+    return n;
+}
+
+static int tokens_are(const int *a, const int *b, int n) { return !memcmp(a, b, sizeof(int) * (size_t)n); }
+
+static int is_text_of(const task *t, int ylike, const char *s) {
+    for (int i = 0; i < t->n_pairs; i++)
+        if (!strcasecmp(s, ylike ? t->pairs[i].y : t->pairs[i].x)) return 1;
+    for (int i = 0; i < t->n_ambiguous; i++)
+        if (!strcasecmp(s, ylike ? t->ambiguous[i].y : t->ambiguous[i].x)) return 1;
+    return 0;
+}
+
+// 1 if s is a donor task's input (ylike = 0) or output, or two of them joined by a space.
+static int from_donor_tasks(const task *t, int ylike, const char *s) {
+    for (int i = 0; i < t->n_donor_pairs; i++)
+        if (!strcmp(s, ylike ? t->donor_pairs[i].y : t->donor_pairs[i].x)) return 1;
+    for (const char *sp = strchr(s, ' '); sp; sp = strchr(sp + 1, ' ')) {
+        char head[512];
+        snprintf(head, sizeof head, "%.*s", (int)(sp - s), s);
+        int a = 0, c = 0;
+        for (int i = 0; i < t->n_donor_pairs; i++) {
+            a |= !strcmp(head, ylike ? t->donor_pairs[i].y : t->donor_pairs[i].x);
+            c |= !strcmp(sp + 1, ylike ? t->donor_pairs[i].y : t->donor_pairs[i].x);
+        }
+        if (a && c) return 1;
+    }
+    return 0;
+}
+
+// 1 if demonstration k's changed span (y for other_task_y / other_mapping, else x) has a single-item
+// candidate of its token length: a donor-task item that is no text of this task, or a pair of the task
+// outside the prompt whose output differs from the demonstration's.
+static int candidate_exists(const prompt_builder *b, const prompt *p, donor_kind kind, int k) {
+    const task *t = b->task;
+    int ylike = kind == DONOR_OTHER_TASK_Y || kind == DONOR_OTHER_MAPPING, st, cn = span_of(p, ylike ? TT_Y : TT_X, k, &st);
+    const task_pair *clean = pair_text(t, p->pair_ids[k]);
+    if (kind == DONOR_OTHER_TASK_X || kind == DONOR_OTHER_TASK_Y) {
+        for (int i = 0; i < t->n_donor_pairs; i++)
+            if (b->donor_tok[i].reason == PAIR_CLEAN && (ylike ? b->donor_tok[i].ny : b->donor_tok[i].nx) == cn &&
+                !is_text_of(t, ylike, ylike ? t->donor_pairs[i].y : t->donor_pairs[i].x))
+                return 1;
+        return 0;
+    }
+    for (int c = 0; c < b->n_clean; c++) {
+        int id = b->clean[c], in_prompt = 0;
+        for (int u = 0; u < p->n_pairs; u++) in_prompt |= p->pair_ids[u] == id;
+        if (!in_prompt && (ylike ? b->pairs[id].ny : b->pairs[id].nx) == cn && strcmp(t->pairs[id].y, clean->y)) return 1;
+    }
+    return 0;
+}
+
+// Brute-force check of the donor families on one donor row: per demonstration k, the span the kind
+// keeps is the clean one, the span it changes is changed the way the kind says, and a span left as it
+// is had nothing of its token length to become (the builder's own pools are not consulted: every
+// candidate is enumerated from the task files). Returns the number of bad demonstrations.
+static int family_bad(const prompt_builder *b, const tokenizer *tk, const prompt *p, const int *dt, donor_kind kind,
+                      int *moved) {
+    const task *t = b->task;
+    int N = p->n_pairs - 1, bad = 0;
+    for (int k = 0; k < N; k++) {
+        int sx, sy, nx = span_of(p, TT_X, k, &sx), ny = span_of(p, TT_Y, k, &sy);
+        int ylike = kind == DONOR_OTHER_TASK_Y || kind == DONOR_OTHER_MAPPING;
+        int ks = ylike ? sx : sy, kn = ylike ? nx : ny;  // the span kept
+        int cs = ylike ? sy : sx, cn = ylike ? ny : nx;  // the span changed
+        if (!tokens_are(dt + ks, p->tokens + ks, kn)) {
+            bad++;
+            continue;
+        }
+        const task_pair *clean = pair_text(t, p->pair_ids[k]);
+        if (tokens_are(dt + cs, p->tokens + cs, cn)) {  // unchanged: only if no candidate has this length
+            bad += candidate_exists(b, p, kind, k);
+            continue;
+        }
+        (*moved)++;
+        char *text = NULL;
+        size_t tlen = 0;
+        ep_error err;
+        if (tokenizer_decode(tk, dt + cs, cn, 0, &text, &tlen, &err)) {
+            bad++;
+            continue;
+        }
+        const char *s = text;
+        size_t pre = strlen(t->output_prefix);
+        if (ylike && !strncmp(s, t->output_prefix, pre)) s += pre;
+        if (kind == DONOR_OTHER_TASK_X || kind == DONOR_OTHER_TASK_Y) {
+            // another task's input (output) space, and none of this task's
+            bad += !from_donor_tasks(t, ylike, s) || is_text_of(t, ylike, s);
+        } else {
+            // this task's space, one of its pairs outside the prompt, and no pair of the task maps the kept
+            // input to the new output (other_mapping) or the new input to the kept output (other_mapping_x)
+            int in_space = 0, mapped = 0;
+            for (int i = 0; i < t->n_pairs; i++) {
+                const char *v = ylike ? t->pairs[i].y : t->pairs[i].x;
+                int in_prompt = 0;
+                for (int u = 0; u < p->n_pairs; u++) in_prompt |= p->pair_ids[u] == i;
+                in_space |= !strcmp(v, s) && !in_prompt;
+                mapped |= ylike ? !strcmp(t->pairs[i].x, clean->x) && !strcmp(t->pairs[i].y, s)
+                                : !strcmp(t->pairs[i].x, s) && !strcmp(t->pairs[i].y, clean->y);
+            }
+            bad += !in_space || mapped;
+        }
+        free(text);
+    }
+    return bad;
+}
+
 static int prompts_equal(const prompt *a, const prompt *b) {
     return a->len == b->len && !memcmp(a->tokens, b->tokens, sizeof(int) * (size_t)a->len) &&
            !memcmp(a->donors, b->donors, sizeof(int) * (size_t)a->len * (size_t)a->n_donors) &&
@@ -137,6 +257,7 @@ static void test_tokenizer(const char *name, const char *dir, json_t *fixture, c
         // Prompts with one donor of every kind.
         prompt_params pp = {.seed = 7, .n_shots = t.n_shots, .n_donors = DONOR_KIND_COUNT};
         for (int d = 0; d < DONOR_KIND_COUNT; d++) pp.kinds[d] = (donor_kind)d;
+        int family_moved[DONOR_KIND_COUNT] = {0}, planted = 0, planted_caught = 0;
         int n_prompts = 12, bad_layout = 0, bad_text = 0, bad_donor = 0, bad_target = 0, bad_pairs = 0;
         prompt ps[12];
         for (int p = 0; p < n_prompts; p++) {
@@ -164,7 +285,32 @@ static void test_tokenizer(const char *name, const char *dir, json_t *fixture, c
                          span_equal(pr, dt, TT_QUERY) && span_equal(pr, dt, TT_LAST);
                 if (pp.kinds[d] == DONOR_RANDOM_Y || pp.kinds[d] == DONOR_SHUFFLE_Y) ok &= span_equal(pr, dt, TT_X);
                 if (pp.kinds[d] == DONOR_RANDOM_X) ok &= span_equal(pr, dt, TT_Y);
-                if (pp.kinds[d] != DONOR_SHUFFLE_Y) ok &= memcmp(dt, pr->tokens, sizeof(int) * (size_t)pr->len) != 0;
+                if (pp.kinds[d] >= DONOR_OTHER_TASK_X && pp.kinds[d] <= DONOR_OTHER_MAPPING_X) {  // the families: brute force per demonstration
+                    int moved = 0;
+                    ok &= family_bad(&b, tk, pr, dt, pp.kinds[d], &moved) == 0 && moved > 0;
+                    family_moved[pp.kinds[d] - DONOR_OTHER_TASK_X] += moved;
+                    // Can-fail siblings: the changed span put back where a candidate exists, or the kept span
+                    // altered, is caught.
+                    int *plant = malloc(sizeof(int) * (size_t)pr->len);
+                    int ylike = pp.kinds[d] == DONOR_OTHER_TASK_Y || pp.kinds[d] == DONOR_OTHER_MAPPING, m2 = 0;
+                    for (int k = 0; k < N; k++) {
+                        int st, n = span_of(pr, ylike ? TT_Y : TT_X, k, &st), st2, n2 = span_of(pr, ylike ? TT_X : TT_Y, k, &st2);
+                        if (tokens_are(dt + st, pr->tokens + st, n) || !candidate_exists(&b, pr, pp.kinds[d], k))
+                            continue;  // left as it was, or (a two-item join) could have been: try the next
+                        memcpy(plant, dt, sizeof(int) * (size_t)pr->len);
+                        memcpy(plant + st, pr->tokens + st, sizeof(int) * (size_t)n);
+                        planted_caught += family_bad(&b, tk, pr, plant, pp.kinds[d], &m2) > 0;
+                        memcpy(plant, dt, sizeof(int) * (size_t)pr->len);
+                        plant[st2 + n2 - 1] = dt[st];  // the kept span altered
+                        if (plant[st2 + n2 - 1] == pr->tokens[st2 + n2 - 1]) plant[st2 + n2 - 1]++;
+                        planted_caught += family_bad(&b, tk, pr, plant, pp.kinds[d], &m2) > 0;
+                        planted += 2;
+                        break;
+                    }
+                    free(plant);
+                }
+                if (pp.kinds[d] == DONOR_MEAN) ok &= memcmp(dt, pr->tokens, sizeof(int) * (size_t)pr->len) == 0;
+                else if (pp.kinds[d] != DONOR_SHUFFLE_Y) ok &= memcmp(dt, pr->tokens, sizeof(int) * (size_t)pr->len) != 0;
                 if (pp.kinds[d] == DONOR_SHUFFLE_Y) {  // the same y tokens, permuted: equal sums per length
                     long sum_clean = 0, sum_donor = 0;
                     for (int i = 0; i < pr->len; i++)
@@ -178,9 +324,13 @@ static void test_tokenizer(const char *name, const char *dir, json_t *fixture, c
         check(bad_layout == 0 && bad_text == 0 && bad_donor == 0 && bad_target == 0 && bad_pairs == 0,
               "%s %s: layout %d, text %d, donors %d, target %d, pairs %d bad", name, t.name, bad_layout, bad_text,
               bad_donor, bad_target, bad_pairs);
-        printf("  %-12s %-24s kept %3d/%3d (HF agrees on all), %d prompts x %d donors ok; redrawn %d+%d\n", name,
-               t.name, b.report.pairs_kept, b.report.pairs_total, n_prompts, pp.n_donors, b.report.prompts_rejected,
-               b.report.donors_unaligned);
+        check(planted == 2 * 4 * n_prompts && planted_caught == planted, "%s %s: %d of %d planted family errors caught",
+              name, t.name, planted_caught, planted);
+        printf("  %-12s %-24s kept %3d/%3d (HF agrees on all), %d prompts x %d donors ok; redrawn %d+%d; families moved "
+               "%d/%d/%d/%d spans (%d left), %d/%d plants caught\n",
+               name, t.name, b.report.pairs_kept, b.report.pairs_total, n_prompts, pp.n_donors, b.report.prompts_rejected,
+               b.report.donors_unaligned, family_moved[0], family_moved[1], family_moved[2], family_moved[3],
+               b.report.spans_unmoved, planted_caught, planted);
 
         // Determinism: prompt 5 alone, from a fresh builder, equals prompt 5 built after 0..4; another seed
         // gives another prompt 0.
@@ -238,6 +388,42 @@ int main(void) {
         snprintf(dir, sizeof dir, "%s", json_string_value(json_object_get(paths, names[i])));
         *strrchr(dir, '/') = 0;
         test_tokenizer(names[i], dir, fixture, &words);
+    }
+    // donor_tasks is checked at task load: an unknown task, the task itself, or a family kind without donor
+    // tasks is one error naming the file and the field; a good list loads the donor tasks' pairs.
+    {
+        const char *cases[][2] = {
+            {"[\"no_such_task\"]", "field donor_tasks[0]: unknown task 'no_such_task'"},
+            {"[\"./self.json\"]", "is this task itself"},
+            {"3", "field donor_tasks: expected a list"},
+            {NULL, "field donor_tasks: donor kind other_task_y"},
+            {"[\"country_capital\"]", NULL},
+        };
+        char dir[64], path[128], pairs[128];
+        snprintf(dir, sizeof dir, "/tmp/ep_test_donor_tasks_%d", (int)getpid());
+        snprintf(path, sizeof path, "%s/self.json", dir);
+        snprintf(pairs, sizeof pairs, "%s/p.json", dir);
+        check(mkdir(dir, 0700) == 0, "mkdir %s", dir);
+        FILE *pf = fopen(pairs, "w");
+        fputs("[{\"input\": \"a\", \"output\": \"b\"}, {\"input\": \"c\", \"output\": \"d\"}]", pf);
+        fclose(pf);
+        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+            FILE *f = fopen(path, "w");
+            fprintf(f, "{\"name\": \"self\", \"pairs\": \"p.json\", \"donor_kinds\": [\"random_xy\", \"other_task_y\"]%s%s}",
+                    cases[c][0] ? ", \"donor_tasks\": " : "", cases[c][0] ? cases[c][0] : "");
+            fclose(f);
+            task dt;
+            ep_error terr = {{0}};
+            int rc = task_load(path, &dt, &terr);
+            if (cases[c][1])
+                check(rc != 0 && strstr(terr.msg, path) && strstr(terr.msg, cases[c][1]) && !strchr(terr.msg, '\n'),
+                      "donor_tasks case %zu: %s", c, rc ? terr.msg : "loaded");
+            else
+                check(rc == 0 && dt.n_donor_tasks == 1 && dt.n_donor_pairs > 100 && task_check_kind(&dt, DONOR_OTHER_TASK_X, &terr) == 0,
+                      "donor_tasks case %zu: %s", c, rc ? terr.msg : "pairs not loaded");
+            if (rc == 0) task_free(&dt);
+        }
+        unlink(path), unlink(pairs), rmdir(dir);
     }
     // Can-fail sibling: a flipped fixture entry must show as a disagreement.
     task t;

@@ -202,7 +202,7 @@ static int write_prompts(const char *path, int variant) {
     if (variant == 1) lengths[1] = L + 1;              // a prompt longer than the rows
     if (variant == 2) pl.dims[1] = L - 1;              // types narrower than tokens (written below)
     if (variant == 3) types[2] = 8;                    // a type past TT_COUNT - 1
-    if (variant == 4) kinds[0] = 5;                    // a donor kind past DONOR_KIND_COUNT - 1
+    if (variant == 4) kinds[0] = DONOR_KIND_COUNT;     // a donor kind past DONOR_KIND_COUNT - 1
     if (variant == 5) target_lengths[0] = 3;           // more target tokens than targets' columns
     if (variant == 6) pkl.dims[2] = L - 1;             // donors shorter than the prompts
     if (variant == 7) p1.dims[0] = 1;                  // target_lengths (and lengths) for fewer prompts

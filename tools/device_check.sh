@@ -58,7 +58,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
-BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch tests/test_metrics tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch bench/bench_backward"
+BINS="edgepatch edgepatch-core tests/test_ops tests/test_model tests/test_patch tests/test_metrics tests/test_fv tests/test_upload tests/test_tp bench/bench_ops bench/bench_patch bench/bench_backward"
 
 # The device tool carries the working tree and the carried paths, together at most 64 MiB.
 CARRY_LIMIT_MIB=64
@@ -275,7 +275,7 @@ check_parts() {
     preflight || return $?
 
     local rc_test=0 t log
-    for t in test_ops test_model test_patch test_metrics test_upload; do
+    for t in test_ops test_model test_patch test_metrics test_fv test_upload; do
         section "$t"
         log=$(mktemp)
         OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 150)" ".device/$t" 2>&1 | tee "$log" | grep -E "cuda|FAIL|passed"

@@ -13,6 +13,8 @@ Reads tests/fixtures/models/{gemma2,llama3,smollm,phi2}-tiny and datasets/pairs/
     tests/fixtures/patch/checks.txt          (the self-check numbers printed below)
 With --interventions instead (issue 21: k-only, v-only and zeroed edges; the files above are not touched):
     tests/fixtures/patch/interv_plans.json, <model>.interv.safetensors, interv_checks.txt
+With --mean instead (issue 21: the mean donor; the files above are not touched):
+    tests/fixtures/patch/mean_plans.json, <model>.mean.safetensors, mean_checks.txt
 See tests/fixtures/patch/README.md for the layout and the exact semantics.
 
 Method (as the original code did): the eager attention forward of the HF modules (Gemma2Attention,
@@ -116,6 +118,18 @@ IV_PLANS = [
     {"name": "zero_everything", "rules": [irule("all", "all", "zero")], "heads": []},
 ]
 IV_SOURCES = {"kv": 0, "k": 1, "v": 2, "zero": 3}
+
+# The mean donor (issue 21, donor kind "mean"): written to mean_plans.json and <model>.mean.safetensors by
+# --mean. Donor 0 is the mean over the fixture's 3 prompts of the clean K/V/z at the same (token type,
+# example index, offset in the span); donor 1 is the token donor 1 of the main fixture, its pass nested
+# over the mean donor 0 as for any donor 0.
+MEAN_PLANS = [
+    {"name": "mean_y_to_last", "rules": [rule(["y"], ["last"], "any")], "heads": []},
+    {"name": "mean_x_to_y_same", "rules": [rule(["x"], ["y"], "same")], "heads": []},
+    {"name": "mean_all_edges", "rules": [rule("all", "all", "any")], "heads": []},
+    {"name": "mean_nested", "rules": [rule(["x"], ["y"], "same", donor=0), rule(["y"], ["last"], "any", donor=1)],
+     "heads": [hunit(1, 0, "y", 0), hunit(0, 1, "last", 0)]},
+]
 
 # --------------------------------------------------------------------------------------------------
 # Prompts
@@ -864,8 +878,120 @@ def main_interventions():
     log("all checks passed")
 
 
+def span_keys(typ, idx):
+    """(type, example index, offset from the start of its run of equal type and index) per position."""
+    keys = []
+    for t in range(len(typ)):
+        same = t > 0 and typ[t] == typ[t - 1] and idx[t] == idx[t - 1]
+        keys.append((typ[t], idx[t], keys[-1][2] + 1 if same else 0))
+    return keys
+
+
+def mean_table(recs, keyss, L):
+    """{key: {"k": [per layer [G, hd]], "v": ..., "z": [per layer [H, hd]]}}: the mean, in float64, over every
+    (prompt, position) of that key, of the clean pass's recorded k / v / z (recs: per prompt, as run_prompt
+    records them: per layer [G or H, T, hd])."""
+    groups = {}
+    for rec, keys in zip(recs, keyss):
+        for t, key in enumerate(keys):
+            groups.setdefault(key, []).append((rec, t))
+    out = {}
+    for key, members in groups.items():
+        out[key] = {w: [torch.stack([rec[w][l][:, t, :].double() for rec, t in members]).mean(0).float()
+                        for l in range(L)] for w in ("k", "v", "z")}
+    return out
+
+
+def mean_cache(table, keys, L):
+    """A donor cache (run_prompt's format) whose position t holds the mean of its key."""
+    return {w: [torch.stack([table[key][w][l] for key in keys], dim=1).contiguous() for l in range(L)]
+            for w in ("k", "v", "z")}
+
+
+def main_mean():
+    """--mean: mean_plans.json, <model>.mean.safetensors (the mean table's layer 0, and the last position's
+    logits and the greedy generation of every MEAN_PLANS plan on the main fixture's prompts) and
+    mean_checks.txt."""
+    lines = []
+
+    def log(s):
+        print(s, flush=True)
+        lines.append(s)
+
+    def check(ok, what):
+        if not ok:
+            log(f"FAILED: {what}")
+            raise SystemExit(1)
+
+    log(f"transformers {transformers.__version__} torch {torch.__version__} tokenizers {tokenizers.__version__} "
+        f"safetensors {safetensors.__version__}")
+    with open(os.path.join(OUT, "mean_plans.json"), "w", encoding="utf-8") as f:
+        f.write(json.dumps(MEAN_PLANS, indent=1) + "\n")
+    pairs = prompt_pairs([AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, n)) for n in MODELS])
+    for mi, name in enumerate(MODELS):
+        folder = os.path.join(MODELS_DIR, name)
+        model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32, attn_implementation="eager")
+        model.eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        c = model.config
+        L, H, V = c.num_hidden_layers, c.num_attention_heads, c.vocab_size
+        install(model)
+        main_file = load_file(os.path.join(OUT, name + ".safetensors"))
+        prompts, recs, keyss = [], [], []
+        for pi, pp in enumerate(pairs):
+            toks, typ, idx = build_prompt(tok, pp)
+            donors = make_donors(tok, V, toks, typ, seed=1000 * mi + 10 * pi + 7)
+            check(main_file[f"prompt{pi}.tokens"].tolist() == toks and main_file[f"prompt{pi}.donors"].tolist() == donors,
+                  f"{name} prompt{pi}: the prompts differ from {name}.safetensors'")
+            _, rec = run_prompt(model, toks)
+            prompts.append((toks, typ, idx, donors))
+            recs.append(rec)
+            keyss.append(span_keys(typ, idx))
+        table = mean_table(recs, keyss, L)
+        keys = sorted(table)
+        tensors = {"mean.keys": torch.tensor(keys, dtype=torch.int32),
+                   "mean.count": torch.tensor([sum(k == key for ks in keyss for k in ks) for key in keys], dtype=torch.int32)}
+        for w in ("k", "v", "z"):
+            tensors[f"mean.layer0.{w}"] = torch.stack([table[key][w][0] for key in keys]).contiguous()
+        shared = sum(1 for key in keys if int(tensors["mean.count"][keys.index(key)]) > 1)
+        log(f"{name}: {len(keys)} groups (type, index, offset), {shared} shared by more than one position")
+        for pi, (toks, typ, idx, donors) in enumerate(prompts):
+            clean_hf = hf_logits(model, toks)
+            mean0 = mean_cache(table, keyss[pi], L)
+            # self-check: a prompt's own positions whose group is theirs alone get exactly their clean k
+            for l in range(L):
+                for t, key in enumerate(keyss[pi]):
+                    if int(tensors["mean.count"][keys.index(key)]) == 1:
+                        check(torch.allclose(mean0["k"][l][:, t], recs[pi]["k"][l][:, t], atol=1e-6),
+                              f"{name} prompt{pi}: a group of one position is not that position's key")
+            for pj, plan in enumerate(MEAN_PLANS):
+                em = compile_edges(plan, typ, idx, L, H)
+                hu = compile_heads(plan, typ, L, H)
+                em0, hu0 = restrict_to_donor0(em, hu)
+                caches = [mean0]
+                if any(int(e.max()) >= 1 for e in em) or any(x[2] >= 1 for units in hu for x in units):
+                    _, rec1 = run_prompt(model, donors[1], em0, hu0, [mean0])
+                    caches.append(rec1)
+                logits, gen, _ = generate(model, toks, em, hu, caches)
+                tensors[f"plan{pj}.prompt{pi}.last_logits"] = logits[-1].contiguous()
+                tensors[f"plan{pj}.prompt{pi}.generated"] = torch.tensor(gen, dtype=torch.int32)
+                d_clean = maxdiff(logits, clean_hf)
+                check(d_clean > 1e-3, f"{name} prompt{pi} plan {plan['name']} changes nothing")
+                log(f"  plan{pj} {plan['name']:<18} prompt{pi} max|logits - clean| {d_clean:.4g}  gen {gen}")
+        meta = {"transformers": transformers.__version__, "torch": torch.__version__,
+                "tokenizers": tokenizers.__version__, "safetensors": safetensors.__version__,
+                "model": name, "plans": json.dumps([p["name"] for p in MEAN_PLANS]), "n_prompts": str(len(pairs)),
+                "n_generated": str(N_GEN)}
+        save_safetensors_stable(tensors, os.path.join(OUT, name + ".mean.safetensors"), meta)
+    with open(os.path.join(OUT, "mean_checks.txt"), "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    log("all checks passed")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--interventions"]:
         main_interventions()
+    elif sys.argv[1:] == ["--mean"]:
+        main_mean()
     else:
         main()

@@ -13,8 +13,9 @@ static const char usage[] =
     "\n"
     "Runs the stages of the run described by CONFIG (JSON) in order, skipping work whose complete output\n"
     "already matches its inputs, so a killed run resumes where it stopped.\n"
-    "  -u, --until STAGE  stop after STAGE: tokenize, cache, patch, score (round 0's scores) or prune\n"
-    "                     (every round, the default; docs/pruning.md)\n"
+    "  -u, --until STAGE  stop after STAGE: tokenize, cache, patch, score (round 0's scores), prune\n"
+    "                     (every round; docs/pruning.md) or fv (function vectors, when CONFIG has a\n"
+    "                     function_vectors block: the default; docs/function_vectors.md)\n"
     "  -f, --fresh        rebuild outputs even if they exist (needed when inputs changed); a rerun without\n"
     "                     it resumes an interrupted --fresh run\n"
     "  -j, --json         a JSON summary on stdout when the run ends (whatever its outcome): the stages\n"
@@ -59,7 +60,7 @@ static void print_summary(const char *config, run_stage last, int fresh, int ran
 int cmd_run(int argc, char **argv) {
     static const struct option options[] = {{"until", required_argument, NULL, 'u'}, {"fresh", no_argument, NULL, 'f'},
                                             {"json", no_argument, NULL, 'j'}, CLI_HELP_OPTION, {0}};
-    const char *until = "prune";
+    const char *until = "fv";
     int fresh = 0, as_json = 0;
     cli_args a;
     cli_args_init(&a, "run", usage, argc, argv, options);
@@ -72,7 +73,7 @@ int cmd_run(int argc, char **argv) {
     if (cli_exactly_one(&a, "CONFIG")) return 2;
     int last = run_stage_from_name(until);
     if (last < 0)
-        return cli_usage_error(&a, "--until: unknown stage '%s' (tokenize, cache, patch, score or prune)", until);
+        return cli_usage_error(&a, "--until: unknown stage '%s' (tokenize, cache, patch, score, prune or fv)", until);
     if (cli_parse_only()) return cli_args_done(&a);
     const char *config = a.positional[0];
     cli_args_free(&a);

@@ -3,6 +3,8 @@
 #include <stdio.h>
 #include <unistd.h>
 
+#include "stages/fv.h"
+
 static void copy_fields(json_t *to, json_t *from, const char *const *keys) {
     for (int k = 0; keys[k]; k++) {
         json_t *v = json_object_get(from, keys[k]);
@@ -67,6 +69,23 @@ int run_results_json(const char *run_dir, json_t **out, ep_error *err) {
     if (c) copy_fields(co, c, circuit);
     json_object_set_new(o, "circuit", co);
     json_decref(c);
+    // Function vectors (stages/fv.h): the sweep's headline figures, null without function_vectors.h5.
+    fv_summary fv;
+    int has_fv = fv_summary_load(run_dir, &fv, err);
+    if (has_fv < 0) {
+        json_decref(o);
+        return -1;
+    }
+    json_t *fo = json_null();
+    if (has_fv > 0) {
+        int bl, bs;
+        fv_summary_best(&fv, &bl, &bs);
+        fo = json_pack("{s:i,s:s,s:f,s:f,s:i,s:f,s:f}", "n_heads", fv.n_heads, "heads_from", fv.from, "baseline_accuracy",
+                       fv.base[0], "baseline_first_token_accuracy", fv.base[1], "best_layer", fv.layers[bl], "best_scale",
+                       (double)fv.scales[bs], "best_accuracy", fv.accuracy[bl * fv.n_scales + bs]);
+        fv_summary_free(&fv);
+    }
+    json_object_set_new(o, "function_vectors", fo);
     *out = o;
     return 0;
 }

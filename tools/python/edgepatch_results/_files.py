@@ -21,7 +21,8 @@ SEAL_MAGIC = b"edgepatch h5store seal 1\n"
 # Token types and donor kinds as the C code numbers them (stages/prompts.c); used only when a file
 # carries neither an enum_names attribute nor the root type_names / donor_kind_names attributes.
 TYPE_NAMES = ("bos", "x", "t", "y", "n", "query", "last", "target")
-DONOR_KIND_NAMES = ("random_xy", "random_y", "random_x", "other_pairs", "shuffle_y")
+DONOR_KIND_NAMES = ("random_xy", "random_y", "random_x", "other_pairs", "shuffle_y", "other_task_x", "other_task_y",
+                    "other_mapping", "other_mapping_x", "mean")
 
 
 class ResultsError(ValueError):

@@ -121,7 +121,7 @@ $p6 << EOD
 2 4 0.0000 "0.00"
 EOD
 set palette defined (0 '#2166ac', 1 '#f7f7f7', 2 '#b2182b')
-set cbrange [-0.75:0.75]
+set cbrange [-0.833333:0.833333]
 set tics scale 0
 set terminal pngcairo noenhanced size 1520,770 font 'sans,10'
 set output png

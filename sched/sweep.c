@@ -19,8 +19,9 @@
 #include "stages/task.h"
 #include "stages/tokenize.h"
 
-static const char *top_fields[] = {"description", "name", "output_root", "run", "models", "tasks", "stages",
-                                   "prompt_tokens", "slurm"};
+static const char *top_fields[] = {"description", "name", "output_root", "run", "models", "tasks", "experiments",
+                                   "stages", "prompt_tokens", "slurm"};
+static const char *experiment_fields[] = {"name", "task", "experiment", "until", "run", "description"};
 static const char *model_fields[] = {"name", "path", "dtype", "tensor_parallel", "gpus", "ranks", "config", "run",
                                      "description"};
 static const char *stage_fields[] = {"name", "until", "gpus", "time"};
@@ -174,16 +175,17 @@ static int build_run(const sweep *s, int m, int t, json_t **config, run_config *
     const sweep_model *md = &s->models[m];
     json_t *c = s->run ? json_deep_copy(s->run) : json_object();
     if (md->run) json_object_update(c, md->run);
+    if (s->entries[t].run) json_object_update(c, s->entries[t].run);
     char dir[4096];
     sweep_run_dir(s, m, t, dir, sizeof dir);
-    json_object_set_new(c, "task", json_string(s->tasks[t]));
+    json_object_set_new(c, "task", json_string(s->entries[t].task));
     json_object_set_new(c, "model_path", json_string(md->path));
     json_object_set_new(c, "output_path", json_string(dir));
     json_object_set_new(c, "dtype", json_string(md->dtype));
     if (md->tensor_parallel > 1) json_object_set_new(c, "tensor_parallel", json_integer(md->tensor_parallel));
     char *text = json_dumps(c, JSON_COMPACT);
     char name[4200];
-    snprintf(name, sizeof name, "%s: run %s/%s", s->path, md->name, s->tasks[t]);
+    snprintf(name, sizeof name, "%s: run %s/%s", s->path, md->name, s->entries[t].name);
     run_config parsed;
     int bad = run_config_parse(text, name, &parsed, err);
     free(text);
@@ -204,6 +206,44 @@ static int build_run(const sweep *s, int m, int t, json_t **config, run_config *
 }
 
 int sweep_run_config(const sweep *s, int m, int t, run_config *rc, ep_error *err) { return build_run(s, m, t, NULL, rc, err); }
+
+int sweep_run_json(const sweep *s, int m, int t, json_t **config, ep_error *err) { return build_run(s, m, t, config, NULL, err); }
+
+int sweep_run_goal(const sweep *s, int t) {
+    int last = run_stage_from_name(s->stages[s->n_stages - 1].until);
+    int own = s->entries[t].until ? run_stage_from_name(s->entries[t].until) : last;
+    return own < last ? own : last;
+}
+
+// A task name: checked as a file name part and loaded whole (its pairs too).
+static int check_task(const char *name, const char *file, const char *where, ep_error *err) {
+    task tk;
+    if (check_name(name, file, where, err)) return -1;
+    if (task_load(name, &tk, err)) return ep_wrap(err, "%s: %s", file, where);
+    task_free(&tk);
+    return 0;
+}
+
+// An "experiments" entry: name, task, experiment label, until, run.
+static int load_experiment(sweep *s, json_t *o, int i, sweep_entry *e, ep_error *err) {
+    char where[64];
+    snprintf(where, sizeof where, "experiments[%d]", i);
+    if (check_fields(o, experiment_fields, COUNT(experiment_fields), s->path, where, err) ||
+        get_string(o, "name", 1, &e->name, s->path, where, err) || check_name(e->name, s->path, where, err) ||
+        get_string(o, "task", 1, &e->task, s->path, where, err) ||
+        get_string(o, "experiment", 0, &e->experiment, s->path, where, err) ||
+        get_string(o, "until", 0, &e->until, s->path, where, err))
+        return -1;
+    if (!e->experiment) e->experiment = "";
+    if (e->until && run_stage_from_name(e->until) < 0)
+        return ep_fail(err, "%s: %s: field until: '%s' is not tokenize, cache, patch, score, prune or fv", s->path, where, e->until);
+    char twhere[80];
+    snprintf(twhere, sizeof twhere, "%s.task", where);
+    if (check_task(e->task, s->path, twhere, err)) return -1;
+    e->run = json_object_get(o, "run");
+    snprintf(where, sizeof where, "experiments[%d].run", i);
+    return e->run ? check_run_block(e->run, s->path, where, err) : 0;
+}
 
 int sweep_load(const char *path, sweep *s, ep_error *err) {
     memset(s, 0, sizeof *s);
@@ -229,12 +269,21 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
     if (get_int(j, "prompt_tokens", 1, 1 << 20, &s->prompt_tokens, path, "sweep", err)) goto fail;
 
     json_t *models = json_object_get(j, "models"), *tasks = json_object_get(j, "tasks"), *stages = json_object_get(j, "stages");
+    json_t *experiments = json_object_get(j, "experiments");
     if (!json_is_array(models) || !json_array_size(models)) {
         ep_fail(err, "%s: field models: expected a non-empty list", path);
         goto fail;
     }
-    if (!json_is_array(tasks) || !json_array_size(tasks)) {
-        ep_fail(err, "%s: field tasks: expected a non-empty list of task names", path);
+    if (experiments && !json_is_array(experiments)) {
+        ep_fail(err, "%s: field experiments: expected a list of experiment entries", path);
+        goto fail;
+    }
+    if (tasks && !json_is_array(tasks)) {
+        ep_fail(err, "%s: field tasks: expected a list of task names", path);
+        goto fail;
+    }
+    if (!json_array_size(tasks) && !json_array_size(experiments)) {
+        ep_fail(err, "%s: field tasks: expected a non-empty list of task names (or experiments)", path);
         goto fail;
     }
     if (string_array(tasks, path, "tasks", err)) goto fail;
@@ -248,24 +297,30 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
                 goto fail;
             }
     }
-    s->n_tasks = (int)json_array_size(tasks);
-    s->tasks = ep_calloc((size_t)s->n_tasks, sizeof *s->tasks);
-    for (int i = 0; i < s->n_tasks; i++) {
-        s->tasks[i] = json_string_value(json_array_get(tasks, (size_t)i));
+    int n_plain = (int)json_array_size(tasks);
+    s->n_entries = n_plain + (int)json_array_size(experiments);
+    s->entries = ep_calloc((size_t)s->n_entries, sizeof *s->entries);
+    for (int i = 0; i < s->n_entries; i++) {
+        sweep_entry *e = &s->entries[i];
         char where[32];
-        snprintf(where, sizeof where, "tasks[%d]", i);
-        task tk;
-        if (check_name(s->tasks[i], path, where, err)) goto fail;
+        if (i < n_plain) {
+            e->name = e->task = json_string_value(json_array_get(tasks, (size_t)i));
+            e->experiment = "";
+            snprintf(where, sizeof where, "tasks[%d]", i);
+            if (check_task(e->task, path, where, err)) goto fail;
+        } else {
+            snprintf(where, sizeof where, "experiments[%d]", i - n_plain);
+            if (load_experiment(s, json_array_get(experiments, (size_t)(i - n_plain)), i - n_plain, e, err)) goto fail;
+        }
         for (int k = 0; k < i; k++)
-            if (!strcmp(s->tasks[k], s->tasks[i])) {
-                ep_fail(err, "%s: %s: task '%s' listed twice", path, where, s->tasks[i]);
+            if (!strcmp(s->entries[k].name, e->name) && i < n_plain) {
+                ep_fail(err, "%s: %s: task '%s' listed twice", path, where, e->name);
+                goto fail;
+            } else if (!strcmp(s->entries[k].name, e->name)) {
+                ep_fail(err, "%s: %s: run name '%s' used twice (a task and an experiment share the model's folder)", path,
+                        where, e->name);
                 goto fail;
             }
-        if (task_load(s->tasks[i], &tk, err)) {
-            ep_wrap(err, "%s: %s", path, where);
-            goto fail;
-        }
-        task_free(&tk);
     }
     if (stages) {
         if (!json_is_array(stages) || !json_array_size(stages)) {
@@ -313,7 +368,7 @@ int sweep_load(const char *path, sweep *s, ep_error *err) {
     }
     // Every run's config must be one edgepatch run accepts, now rather than in a job hours later.
     for (int m = 0; m < s->n_models; m++)
-        for (int t = 0; t < s->n_tasks; t++)
+        for (int t = 0; t < s->n_entries; t++)
             if (build_run(s, m, t, NULL, NULL, err)) goto fail;
     return 0;
 fail:
@@ -323,7 +378,7 @@ fail:
 
 void sweep_free(sweep *s) {
     free(s->models);
-    free(s->tasks);
+    free(s->entries);
     free(s->stages);
     json_decref(s->json);
     free(s->path);
@@ -331,7 +386,7 @@ void sweep_free(sweep *s) {
 }
 
 void sweep_run_dir(const sweep *s, int m, int t, char *out, size_t n) {
-    snprintf(out, n, "%s/%s/%s", s->output_root, s->models[m].name, s->tasks[t]);
+    snprintf(out, n, "%s/%s/%s", s->output_root, s->models[m].name, s->entries[t].name);
 }
 
 int sweep_estimate_model(const sweep *s, int m, sweep_estimate *e, ep_error *err) {
@@ -450,7 +505,7 @@ int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *e
     d->measured = measure_prompts(&rc, &ps);
     if (!d->measured && ps.n_shots < 0) {  // the task's default
         task tk;
-        if (task_load(s->tasks[t], &tk, err)) {
+        if (task_load(s->entries[t].task, &tk, err)) {
             run_config_free(&rc);
             return -1;
         }
@@ -459,7 +514,7 @@ int sweep_estimate_disk(const sweep *s, int m, int t, sweep_disk *d, ep_error *e
     }
     if (!d->measured) ps.edges_per_head_unit = assumed_edges_per_head_unit(ps.n_shots);
     d->tokens_per_prompt = P > 0 ? ps.sum_len / P : 0;
-    int goal = run_stage_from_name(s->stages[s->n_stages - 1].until);
+    int goal = sweep_run_goal(s, t);
     double K = ps.n_donors, Lp = ps.max_len, i4 = 4;
 
     // prompts.h5: tokens, types, index [P, Lp], donors [P, K, Lp], targets [P, T], lengths and
@@ -571,7 +626,7 @@ int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err
     snprintf(path, sizeof path, "%s/function_vectors.h5", dir);
     if (last == 4 && rc.fv.on && h5store_is_complete(path)) last = 5;
     st->stage = last < 0 ? "-" : run_stage_name((run_stage)last);
-    int goal = run_stage_from_name(s->stages[s->n_stages - 1].until);
+    int goal = sweep_run_goal(s, t);
     if (goal == RUN_FV && !rc.fv.on) goal = RUN_PRUNE;
     snprintf(path, sizeof path, "%s/job-failed.txt", dir);
     if (st->detail[0]) st->state = RUN_CONFLICT;
@@ -676,15 +731,31 @@ static int write_script(const sweep *s, int m, int g, json_t *runs, const char *
     tb_printf(&b, "#SBATCH --output=%s/%%x-%%A_%%a.out\n", logs);
     for (size_t i = 0; s->options && i < json_array_size(s->options); i++)
         tb_printf(&b, "#SBATCH %s\n", json_string_value(json_array_get(s->options, i)));
+    // Each run stops at its own last stage when that comes before the stage group's (an experiments
+    // entry's until): untils[i] beside runs[i].
+    int same = 1, stage_goal = run_stage_from_name(st->until);
+    for (int i = 0; i < n_runs; i++)
+        same &= json_integer_value(json_object_get(json_array_get(runs, (size_t)i), "goal")) >= stage_goal;
     tb_printf(&b, "runs=(\n");
     for (int i = 0; i < n_runs; i++) {
         tb_printf(&b, "  ");
-        tb_quoted(&b, json_string_value(json_array_get(runs, (size_t)i)));
+        tb_quoted(&b, json_string_value(json_object_get(json_array_get(runs, (size_t)i), "config")));
         tb_printf(&b, "\n");
     }
-    tb_printf(&b, ")\nexport EDGEPATCH=");
+    tb_printf(&b, ")\n");
+    if (!same) {
+        tb_printf(&b, "untils=(");
+        for (int i = 0; i < n_runs; i++) {
+            int goal = (int)json_integer_value(json_object_get(json_array_get(runs, (size_t)i), "goal"));
+            tb_printf(&b, "%s%s", i ? " " : "", run_stage_name((run_stage)(goal < stage_goal ? goal : stage_goal)));
+        }
+        tb_printf(&b, ")\n");
+    }
+    tb_printf(&b, "export EDGEPATCH=");
     tb_quoted(&b, program);
-    tb_printf(&b, " EP_UNTIL=%s EP_CONFIG=\"${runs[$SLURM_ARRAY_TASK_ID]}\"", st->until);
+    if (same) tb_printf(&b, " EP_UNTIL=%s", st->until);
+    else tb_printf(&b, " EP_UNTIL=\"${untils[$SLURM_ARRAY_TASK_ID]}\"");
+    tb_printf(&b, " EP_CONFIG=\"${runs[$SLURM_ARRAY_TASK_ID]}\"");
     if (s->srun_options) {
         tb_printf(&b, " EP_SRUN_OPTIONS=");
         tb_quoted(&b, s->srun_options);
@@ -702,19 +773,19 @@ static int write_script(const sweep *s, int m, int g, json_t *runs, const char *
 int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error *err) {
     // A folder holding another config's run would fail its job: refuse before writing anything.
     for (int m = 0; m < s->n_models; m++)
-        for (int t = 0; t < s->n_tasks; t++) {
+        for (int t = 0; t < s->n_entries; t++) {
             run_status st;
             if (sweep_run_status(s, m, t, &st, err)) return -1;
             if (st.state == RUN_CONFLICT)
                 return ep_fail(err, "%s: run %s/%s: %s (remove the folder or change output_root)", s->path,
-                               s->models[m].name, s->tasks[t], st.detail);
+                               s->models[m].name, s->entries[t].name, st.detail);
         }
     char *body = NULL;
     if (read_template(s, &body, err)) return -1;
     int rc = 0;
     for (int m = 0; m < s->n_models && rc == 0; m++) {
         json_t *runs = json_array();
-        for (int t = 0; t < s->n_tasks && rc == 0; t++) {
+        for (int t = 0; t < s->n_entries && rc == 0; t++) {
             run_status st;
             json_t *c = NULL;
             char dir[4096], path[4200];
@@ -724,7 +795,7 @@ int sweep_write_jobs(const sweep *s, const char *program, int *n_runs, ep_error 
             snprintf(path, sizeof path, "%s/sweep-run.json", dir);
             rc = make_dirs(dir, err) || build_run(s, m, t, &c, NULL, err) || write_json_atomic(path, c, err) ? -1 : 0;
             json_decref(c);
-            json_array_append_new(runs, json_string(path));
+            json_array_append_new(runs, json_pack("{s:s,s:i}", "config", path, "goal", sweep_run_goal(s, t)));
         }
         n_runs[m] = (int)json_array_size(runs);
         for (int g = 0; rc == 0 && n_runs[m] && g < s->n_stages; g++) rc = write_script(s, m, g, runs, program, body, err);

@@ -34,6 +34,17 @@ typedef struct {
     const char *time;         // its time limit (HH:MM:SS), or NULL for the sweep's
 } sweep_stage;
 
+// One run per model: a plain task (from "tasks": name and task alike, no overrides) or an "experiments"
+// entry (its own name, the task, a label saying which experiment it is, the last stage it needs, and
+// run-config fields over the sweep's and the model's).
+typedef struct {
+    const char *name;         // the run's folder under <output_root>/<model>/ (distinct)
+    const char *task;         // task name
+    const char *experiment;   // the experiment label ("" for a plain task)
+    const char *until;        // the last stage the run needs (NULL: the sweep's last stage's)
+    json_t *run;              // run-config fields over the sweep's and the model's (borrowed; NULL: none)
+} sweep_entry;
+
 typedef struct {
     char *path;               // the sweep file, for messages
     json_t *json;
@@ -41,8 +52,8 @@ typedef struct {
     json_t *run;              // run-config fields shared by every run (borrowed)
     sweep_model *models;
     int n_models;
-    const char **tasks;
-    int n_tasks;
+    sweep_entry *entries;     // the "tasks", then the "experiments" entries
+    int n_entries;
     sweep_stage *stages;
     int n_stages;
     int prompt_tokens;        // tokens per prompt the memory estimate assumes
@@ -56,12 +67,16 @@ typedef struct {
 int sweep_load(const char *path, sweep *s, ep_error *err);
 void sweep_free(sweep *s);
 
+// Runs (m, t) are model m x entry t (0 <= t < n_entries).
+// The last stage run (m, t) needs: its entry's until, no later than the sweep's last stage group's.
+int sweep_run_goal(const sweep *s, int t);
+
 // Run (m, t)'s config, parsed and checked whole as edgepatch run checks it (against the model's shape
 // from the sweep: its config.json or inline "config"); free with run_config_free. sweep_load already
 // checked every run this way.
 int sweep_run_config(const sweep *s, int m, int t, run_config *rc, ep_error *err);
 
-// The folder of run (m, t): <output_root>/<model>/<task>.
+// The folder of run (m, t): <output_root>/<model>/<entry name>.
 void sweep_run_dir(const sweep *s, int m, int t, char *out, size_t n);
 
 typedef struct {
@@ -102,6 +117,10 @@ typedef struct {
 const char *run_state_name(run_state s);
 // Reads run (m, t)'s folder; done means the sweep's last stage is complete.
 int sweep_run_status(const sweep *s, int m, int t, run_status *st, ep_error *err);
+
+// Run (m, t)'s config as JSON (what submit writes as <run>/sweep-run.json and sweep run runs), checked
+// whole; free with json_decref.
+int sweep_run_json(const sweep *s, int m, int t, json_t **config, ep_error *err);
 
 // Writes, for every model with runs not done: each such run's config into its folder
 // (<run>/sweep-run.json) and one batch script per stage (<output_root>/slurm/<model>-<stage>.sbatch):

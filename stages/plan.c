@@ -58,7 +58,18 @@ static int parse_indices(json_t *v, const char *where, const char *field, int n,
         for (int i = 0; i < n; i++) bits[i >> 6] |= 1ull << (i & 63);
         return 0;
     }
-    if (!json_is_array(v)) return ep_fail(err, "%s: %s: expected \"all\" or a list of integers", where, field);
+    // "band:K/N": band K (0..N-1) of N equal bands of the n indices, [floor(K n / N), floor((K + 1) n / N)),
+    // so one config serves models of any depth (docs/config.md).
+    if (json_is_string(v) && !strncmp(json_string_value(v), "band:", 5)) {
+        const char *t = json_string_value(v) + 5;
+        int k, nb, used = 0;
+        if (sscanf(t, "%d/%d%n", &k, &nb, &used) != 2 || t[used] || nb < 1 || nb > n || k < 0 || k >= nb)
+            return ep_fail(err, "%s: %s: expected \"band:K/N\" with 1 <= N <= %d and 0 <= K < N, got \"%s\"", where,
+                           field, n, json_string_value(v));
+        for (int i = (int)((long long)k * n / nb); i < (int)((long long)(k + 1) * n / nb); i++) bits[i >> 6] |= 1ull << (i & 63);
+        return 0;
+    }
+    if (!json_is_array(v)) return ep_fail(err, "%s: %s: expected \"all\", \"band:K/N\" or a list of integers", where, field);
     size_t i;
     json_t *e;
     json_array_foreach(v, i, e) {

@@ -4,7 +4,7 @@
 // Plan JSON:
 //   {"name": "...",
 //    "rules": [{"sender": ["y"] | "all", "receiver": ["last"] | "all", "relation": "any"|"same"|"earlier",
-//               "layers": "all" | [0, 1], "heads": "all" | [0, 2], "donor": 0,
+//               "layers": "all" | "band:K/N" | [0, 1], "heads": "all" | "band:K/N" | [0, 2], "donor": 0,
 //               "intervention": "kv" | "k" | "v" | "zero"}, ...],
 //    "heads": [{"layer": 1, "head": 2, "type": "last", "donor": 0}, ...]}
 // Rules are in priority order (the first match decides an edge's donor). A rule's intervention

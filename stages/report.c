@@ -308,12 +308,7 @@ static int pdf_fixed_dates(const char *path, ep_error *err) {
     return rc;
 }
 
-// One figure file a tool draws: the tool writes tmp, a finished figure replaces path.
-typedef struct {
-    char path[4200], tmp[4300];
-} figure_file;
-
-static void figure_file_init(figure_file *f, const char *run, const char *name) {
+void report_figure_init(report_figure *f, const char *run, const char *name) {
     snprintf(f->path, sizeof f->path, "%s/%s", run, name);
     snprintf(f->tmp, sizeof f->tmp, "%s.tmp-%d", f->path, (int)getpid());
 }
@@ -325,7 +320,7 @@ static int ends_with(const char *s, const char *tail) {
 
 // Runs the tool, which writes files[0..n) under their temporaries; when it succeeded, the PDFs get fixed
 // dates and every file replaces its figure; otherwise no figure changes and the temporaries go.
-static int draw(char *const argv[], figure_file *files, int n, char *why, size_t why_size, ep_error *err) {
+int report_draw(char *const argv[], report_figure *files, int n, char *why, size_t why_size, ep_error *err) {
     int rc = run_tool(argv, why, why_size, err);
     for (int k = 0; k < n && rc == 0; k++)
         if (ends_with(files[k].path, ".pdf")) rc = pdf_fixed_dates(files[k].tmp, err);
@@ -337,7 +332,7 @@ static int draw(char *const argv[], figure_file *files, int n, char *why, size_t
 }
 
 // "name='value'; " for gnuplot -e, a quote in value doubled (gnuplot's single-quoted strings).
-static size_t gnuplot_assign(char *out, size_t size, const char *name, const char *value) {
+size_t report_gnuplot_assign(char *out, size_t size, const char *name, const char *value) {
     size_t n = (size_t)snprintf(out, size, "%s='", name);
     for (const char *c = value; *c && n + 5 < size; c++) {
         if (*c == '\'') out[n++] = '\'';
@@ -351,7 +346,7 @@ static size_t gnuplot_assign(char *out, size_t size, const char *name, const cha
 }
 
 // A CSV field (RFC 4180): quoted when it holds a comma, quote or line break, quotes doubled.
-static void csv_text(FILE *f, const char *s) {
+void report_csv_text(FILE *f, const char *s) {
     if (!strpbrk(s, ",\"\n\r")) {
         fputs(s, f);
         return;
@@ -424,8 +419,8 @@ static char *heatmap_csv(json_t *logs, json_t **cell, const char **groups, const
             double acc = num_or_nan(a, "accuracy"), lo, hi;
             drop_interval(a, &lo, &hi);
             ablation_layers(a, layers, sizeof layers);
-            csv_text(f, groups[g]), fputc(',', f), csv_text(f, bands[b]), fputc(',', f);
-            csv_text(f, str_or(a, "name", "")), fputc(',', f), csv_text(f, layers);
+            report_csv_text(f, groups[g]), fputc(',', f), report_csv_text(f, bands[b]), fputc(',', f);
+            report_csv_text(f, str_or(a, "name", "")), fputc(',', f), report_csv_text(f, layers);
             fprintf(f, ",%d,", n);
             csv_number(f, acc, "%.6f"), fputc(',', f), csv_number(f, full, "%.6f"), fputc(',', f);
             csv_number(f, full - acc, "%.6f"), fputc(',', f), csv_number(f, lo, "%.6f"), fputc(',', f), csv_number(f, hi, "%.6f");
@@ -440,7 +435,7 @@ static char *heatmap_csv(json_t *logs, json_t **cell, const char **groups, const
 }
 
 // A label for gnuplot's data block: double-quoted, so no quote or backslash inside (ours never have one).
-static void gnuplot_label(FILE *f, const char *s) {
+void report_gnuplot_label(FILE *f, const char *s) {
     fputc('"', f);
     for (; *s; s++) fputc(*s == '"' || *s == '\\' ? '\'' : *s, f);
     fputc('"', f);
@@ -473,10 +468,10 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     char gp[4200], csv[4200];
     snprintf(gp, sizeof gp, "%s/accuracy_drop.gp", run);
     snprintf(csv, sizeof csv, "%s/accuracy_drop.csv", run);
-    figure_file files[3];
-    figure_file_init(&files[0], run, "accuracy_drop.png");
-    figure_file_init(&files[1], run, "accuracy_drop.pdf");
-    figure_file_init(&files[2], run, "accuracy_drop.svg");
+    report_figure files[3];
+    report_figure_init(&files[0], run, "accuracy_drop.png");
+    report_figure_init(&files[1], run, "accuracy_drop.pdf");
+    report_figure_init(&files[2], run, "accuracy_drop.svg");
     char *text = NULL, *table = heatmap_csv(logs, cell, groups, bands, G, B);
     size_t len = 0;
     FILE *f = table ? open_memstream(&text, &len) : NULL;
@@ -513,7 +508,7 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
             snprintf(value, sizeof value, "%.2f", d);
             if (isfinite(lo)) snprintf(ci, sizeof ci, "[%.2f, %.2f]", lo, hi);
             fprintf(f, "%d %d %.4f ", b, g, d);
-            gnuplot_label(f, value), fputc(' ', f), gnuplot_label(f, ci);
+            report_gnuplot_label(f, value), fputc(' ', f), report_gnuplot_label(f, ci);
             fprintf(f, " %d\n", fabs(d) > 0.6 * most ? 0xffffff : 0x000000);
         }
     const char *plot = with_ci ? "plot $drop using 1:2:3 with image notitle, $drop using 1:2:(strcol(4)):6 with labels tc rgb variable "
@@ -530,9 +525,9 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     char why[200], assign[3 * 8800];
     size_t at = 0;
     const char *vars[3] = {"png", "pdf", "svg"};
-    for (int k = 0; k < 3; k++) at += gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    for (int k = 0; k < 3; k++) at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
     char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
-    if (rc == 0) rc = draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
     if (rc == 1) fprintf(out, "figures: accuracy_drop.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
     else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
     return rc < 0 ? -1 : 0;
@@ -773,15 +768,15 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     if (rc == 0) rc = write_text_atomic(dot, text, err);
     free(text), free(table);
     if (rc == 0 && !scores_known) fprintf(out, "figures: %s: scores left empty: %s\n", csv, score_err.msg);
-    figure_file files[3];
-    figure_file_init(&files[0], run, "circuit.png");
-    figure_file_init(&files[1], run, "circuit.svg");
-    figure_file_init(&files[2], run, "circuit.pdf");
+    report_figure files[3];
+    report_figure_init(&files[0], run, "circuit.png");
+    report_figure_init(&files[1], run, "circuit.svg");
+    report_figure_init(&files[2], run, "circuit.pdf");
     char *to_png[] = {"dot", "-Tpng", "-Gdpi=110", dot, "-o", files[0].tmp, NULL}, *to_svg[] = {"dot", "-Tsvg", dot, "-o", files[1].tmp, NULL},
          *to_pdf[] = {"dot", "-Tpdf", dot, "-o", files[2].tmp, NULL};
-    if (rc == 0) rc = draw(to_png, &files[0], 1, why, sizeof why, err);
-    if (rc == 0) rc = draw(to_svg, &files[1], 1, why, sizeof why, err);
-    if (rc == 0) rc = draw(to_pdf, &files[2], 1, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(to_png, &files[0], 1, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(to_svg, &files[1], 1, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(to_pdf, &files[2], 1, why, sizeof why, err);
     if (rc == 1) fprintf(out, "figures: circuit.png, .svg and .pdf skipped: %s (units in %s)\n", why, csv);
     else if (rc == 0) fprintf(out, "figures: %s, .svg, .pdf (units %s, source %s)\n", files[0].path, csv, dot);
     return rc < 0 ? -1 : 0;
@@ -811,10 +806,10 @@ static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out
     char gp[4200], csv[4200];
     snprintf(gp, sizeof gp, "%s/fv_accuracy.gp", run);
     snprintf(csv, sizeof csv, "%s/fv_accuracy.csv", run);
-    figure_file files[3];
-    figure_file_init(&files[0], run, "fv_accuracy.png");
-    figure_file_init(&files[1], run, "fv_accuracy.pdf");
-    figure_file_init(&files[2], run, "fv_accuracy.svg");
+    report_figure files[3];
+    report_figure_init(&files[0], run, "fv_accuracy.png");
+    report_figure_init(&files[1], run, "fv_accuracy.pdf");
+    report_figure_init(&files[2], run, "fv_accuracy.svg");
     char *table = NULL, *text = NULL;
     size_t tlen = 0, len = 0;
     FILE *t = open_memstream(&table, &tlen);
@@ -860,9 +855,9 @@ static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out
     char why[200], assign[3 * 8800];
     size_t at = 0;
     const char *vars[3] = {"png", "pdf", "svg"};
-    for (int k = 0; k < 3; k++) at += gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    for (int k = 0; k < 3; k++) at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
     char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
-    if (rc == 0) rc = draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
     if (rc == 1) fprintf(out, "figures: fv_accuracy.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
     else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
     return rc < 0 ? -1 : 0;

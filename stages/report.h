@@ -23,4 +23,20 @@
 // The table goes to out (and report.txt); notes about skipped figures go to out as well.
 int report_write(const char *run_dir, FILE *out, ep_error *err);
 
+// The drawing helpers the sweep report (sched/sweep_report.c) shares with the run report.
+// One figure file a tool draws: the tool writes tmp, a finished figure replaces path (dir/name).
+typedef struct {
+    char path[4200], tmp[4300];
+} report_figure;
+void report_figure_init(report_figure *f, const char *dir, const char *name);
+// Runs the tool (argv[0] on PATH, stop signals blocked in it), which writes files[0..n) under their
+// temporaries; when it succeeded the PDFs get fixed dates and every file replaces its figure. Returns 0,
+// 1 when the tool is not installed (why says so; nothing changed), -1 on failure (err).
+int report_draw(char *const argv[], report_figure *files, int n, char *why, size_t why_size, ep_error *err);
+// "name='value'; " for gnuplot -e (quotes doubled); returns the length written.
+size_t report_gnuplot_assign(char *out, size_t size, const char *name, const char *value);
+// A CSV field (RFC 4180 quoting) and a double-quoted gnuplot data label.
+void report_csv_text(FILE *f, const char *s);
+void report_gnuplot_label(FILE *f, const char *s);
+
 #endif

@@ -95,7 +95,7 @@ bad_sweep "bad.json: field output_root: a path without single quotes" 's#"output
 bad_sweep "bad.json: models\[1\]: field dtype: expected \"fp32\" or \"bf16\", got \"float16\"" 's/"ranks": 1}/"ranks": 1, "dtype": "float16"}/'
 bad_sweep "bad.json: run: field dtype: set per run" 's/"n_prompts": 8,/"n_prompts": 8, "dtype": "bf16",/'
 bad_sweep "bad.json: invalid JSON" 's/}$/,/'
-expect_error 2 "need plan, submit or status" sweep plan
-expect_error 2 "need plan, submit or status" sweep launch "$tmp/tiny.json"
+expect_error 2 "need plan, submit, status or run" sweep plan
+expect_error 2 "need plan, submit, status or run" sweep launch "$tmp/tiny.json"
 expect_error 2 "--dry-run is for submit" sweep status "$tmp/tiny.json" --dry-run
 finish cli_sweep

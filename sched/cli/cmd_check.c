@@ -54,7 +54,8 @@ int cmd_check(int argc, char **argv) {
         return 1;
     }
     // A sweep lists models and tasks; a run config names one task.
-    int is_sweep = json_is_object(j) && json_object_get(j, "models") && json_object_get(j, "tasks");
+    int is_sweep = json_is_object(j) && json_object_get(j, "models") &&
+                   (json_object_get(j, "tasks") || json_object_get(j, "experiments"));
     json_decref(j);
     if (!is_sweep) {
         run_config c;
@@ -82,7 +83,7 @@ int cmd_check(int argc, char **argv) {
     json_t *runs = json_array();
     int rc = 0;
     for (int m = 0; m < s.n_models && rc == 0; m++)
-        for (int t = 0; t < s.n_tasks && rc == 0; t++) {
+        for (int t = 0; t < s.n_entries && rc == 0; t++) {
             run_config c;
             if (sweep_run_config(&s, m, t, &c, &err)) {
                 fprintf(stderr, "edgepatch check: %s\n", err.msg);
@@ -92,7 +93,7 @@ int cmd_check(int argc, char **argv) {
             json_t *o = run_config_resolved(&c);
             if (!as_json) {
                 char title[4200];
-                snprintf(title, sizeof title, "%s: run %s/%s", path, s.models[m].name, s.tasks[t]);
+                snprintf(title, sizeof title, "%s: run %s/%s", path, s.models[m].name, s.entries[t].name);
                 print_resolved(o, title);
             }
             json_array_append_new(runs, o);

@@ -7,14 +7,21 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <time.h>
 #include <unistd.h>
 
+#include "pipeline/files.h"
+#include "pipeline/log.h"
 #include "sched/cli/cli.h"
+#include "sched/run.h"
+#include "sched/signals.h"
 #include "sched/sweep.h"
 
 static const char usage[] =
     "usage: edgepatch sweep plan|status SWEEP [--json]\n"
     "       edgepatch sweep submit SWEEP [--dry-run]\n"
+    "       edgepatch sweep run SWEEP\n"
     "\n"
     "SWEEP is a sweep config (configs/sweeps/*.json: models, tasks, stages, Slurm settings; docs/sweeps.md).\n"
     "  plan    the runs, each model's resource estimate (weights, K/V cache per prompt token, GPU memory per\n"
@@ -27,12 +34,16 @@ static const char usage[] =
     "  status  per run: done, started, pending, failed (the batch script's job-failed.txt) or conflict\n"
     "          (the folder holds another config's run), the last finished stage, cache items, prune rounds;\n"
     "          read from the run folders, not from Slurm\n"
+    "  run     runs every run here, one after another, without Slurm (each as `edgepatch run` would, up to\n"
+    "          its last stage), skipping finished ones; writes <output_root>/sweep-times.json (wall and CPU\n"
+    "          seconds per run). A stop signal (SIGTERM, SIGUSR1) ends it with exit status 75, the run in\n"
+    "          flight checkpointed; run it again to resume\n"
     "Options:\n"
     "  --json     (plan, status) one JSON object on stdout instead of the tables (bytes as integers)\n"
     "  --dry-run  (submit) write the scripts and print the sbatch commands instead of running them\n"
     "  -h, --help this text\n"
     "Relative paths in SWEEP are taken from the working directory, in the jobs too (sbatch starts them there).\n"
-    "Exit status: 0 ok, 1 bad sweep or failed submission, 2 usage.\n";
+    "Exit status: 0 ok, 1 bad sweep, failed submission or failed run, 2 usage, 75 (run) stopped by a signal.\n";
 
 static void human_bytes(double b, char *out, size_t n) {
     const char *units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -50,11 +61,11 @@ static void human_count(double x, char *out, size_t n) {
 static void print_runs(const sweep *s, int *counts) {
     printf("%-40s %-9s %-9s %7s %6s  %s\n", "run", "state", "stage", "cache", "rounds", "detail");
     for (int m = 0; m < s->n_models; m++)
-        for (int t = 0; t < s->n_tasks; t++) {
+        for (int t = 0; t < s->n_entries; t++) {
             run_status st;
             ep_error err = {{0}};
             char name[256], cache[32];
-            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->tasks[t]);
+            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->entries[t].name);
             if (sweep_run_status(s, m, t, &st, &err)) {
                 printf("%-40s %-9s %s\n", name, "error", err.msg);
                 continue;
@@ -84,14 +95,16 @@ static json_t *disk_json(const sweep_disk *d, int with_tokens) {
 // Every run's status as JSON objects (with its disk estimate when `disk`), counting states.
 static int runs_json(const sweep *s, int disk, int *counts, json_t *runs, sweep_disk *sum, ep_error *err) {
     for (int m = 0; m < s->n_models; m++)
-        for (int t = 0; t < s->n_tasks; t++) {
+        for (int t = 0; t < s->n_entries; t++) {
             run_status st;
             ep_error rerr = {{0}};
             char dir[4096];
             json_t *o = json_object();
             sweep_run_dir(s, m, t, dir, sizeof dir);
             json_object_set_new(o, "model", json_string(s->models[m].name));
-            json_object_set_new(o, "task", json_string(s->tasks[t]));
+            json_object_set_new(o, "task", json_string(s->entries[t].task));
+            json_object_set_new(o, "name", json_string(s->entries[t].name));
+            json_object_set_new(o, "experiment", json_string(s->entries[t].experiment));
             json_object_set_new(o, "folder", json_string(dir));
             json_array_append_new(runs, o);
             if (sweep_run_status(s, m, t, &st, &rerr)) {
@@ -118,7 +131,7 @@ static int runs_json(const sweep *s, int disk, int *counts, json_t *runs, sweep_
 
 static json_t *counts_json(const sweep *s, const int *counts) {
     json_t *o = json_object();
-    json_object_set_new(o, "runs", json_integer(s->n_models * s->n_tasks));
+    json_object_set_new(o, "runs", json_integer(s->n_models * s->n_entries));
     for (int k = RUN_PENDING; k <= RUN_CONFLICT; k++) json_object_set_new(o, run_state_name((run_state)k), json_integer(counts[k]));
     return o;
 }
@@ -177,7 +190,7 @@ static int plan_json(const sweep *s) {
     if (runs_json(s, 1, counts, runs, &sum, &err)) goto fail;
     json_object_set_new(o, "disk", disk_json(&sum, 0));
     json_t *c = counts_json(s, counts);
-    json_object_set_new(c, "to_submit", json_integer(s->n_models * s->n_tasks - counts[RUN_DONE]));
+    json_object_set_new(c, "to_submit", json_integer(s->n_models * s->n_entries - counts[RUN_DONE]));
     json_object_set_new(o, "counts", c);
     return print_json(o);
 fail:
@@ -206,7 +219,7 @@ static int print_disk(const sweep *s) {
     sweep_disk sum = {0};
     int assumed = 0;
     for (int m = 0; m < s->n_models; m++)
-        for (int t = 0; t < s->n_tasks; t++) {
+        for (int t = 0; t < s->n_entries; t++) {
             sweep_disk d;
             ep_error err = {{0}};
             if (sweep_estimate_disk(s, m, t, &d, &err)) {
@@ -214,7 +227,7 @@ static int print_disk(const sweep *s) {
                 return 1;
             }
             char name[256], tok[32], b[5][32];
-            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->tasks[t]);
+            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->entries[t].name);
             snprintf(tok, sizeof tok, "%.1f%s", d.tokens_per_prompt, d.measured ? "" : "*");
             assumed += !d.measured;
             double v[5] = {d.prompts, d.cache, d.patch, d.prune, d.total};
@@ -232,8 +245,8 @@ static int print_disk(const sweep *s) {
 }
 
 static int plan(const sweep *s) {
-    printf("sweep %s: %d models x %d tasks = %d runs into %s; jobs per model:", s->name, s->n_models, s->n_tasks,
-           s->n_models * s->n_tasks, s->output_root);
+    printf("sweep %s: %d models x %d tasks and experiments = %d runs into %s; jobs per model:", s->name, s->n_models, s->n_entries,
+           s->n_models * s->n_entries, s->output_root);
     for (int g = 0; g < s->n_stages; g++)
         printf("%s %s (until %s, %s)", g ? " ->" : "", s->stages[g].name, s->stages[g].until,
                s->stages[g].gpus ? "the model's GPUs and ranks" : "1 CPU task");
@@ -260,15 +273,15 @@ static int plan(const sweep *s) {
     if (print_disk(s)) return 1;
     int counts[5] = {0};
     print_runs(s, counts);
-    printf("%d runs: %d done, %d to submit\n", s->n_models * s->n_tasks, counts[RUN_DONE],
-           s->n_models * s->n_tasks - counts[RUN_DONE]);
+    printf("%d runs: %d done, %d to submit\n", s->n_models * s->n_entries, counts[RUN_DONE],
+           s->n_models * s->n_entries - counts[RUN_DONE]);
     return 0;
 }
 
 static int status(const sweep *s) {
     int counts[5] = {0};
     print_runs(s, counts);
-    printf("%d runs: %d done, %d started, %d pending, %d failed, %d conflict\n", s->n_models * s->n_tasks,
+    printf("%d runs: %d done, %d started, %d pending, %d failed, %d conflict\n", s->n_models * s->n_entries,
            counts[RUN_DONE], counts[RUN_STARTED], counts[RUN_PENDING], counts[RUN_FAILED], counts[RUN_CONFLICT]);
     return 0;
 }
@@ -348,6 +361,151 @@ static int submit(const sweep *s, int dry_run) {
     return rc;
 }
 
+static double seconds_now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static double cpu_seconds(void) {
+    struct rusage u;
+    getrusage(RUSAGE_SELF, &u);
+    return (double)u.ru_utime.tv_sec + u.ru_utime.tv_usec * 1e-6 + (double)u.ru_stime.tv_sec + u.ru_stime.tv_usec * 1e-6;
+}
+
+// sweep-times.json: one record per run (model, name, task, experiment, until, state, wall_s, cpu_s) and
+// the totals. A run found done keeps the times an earlier sweep run recorded for it (state "done",
+// "skipped": true); without such a record its times are null.
+static json_t *times_record(const sweep *s, int m, int t, json_t *old) {
+    size_t i;
+    json_t *r;
+    json_array_foreach(json_object_get(old, "runs"), i, r) {
+        if (!strcmp(json_string_value(json_object_get(r, "model")) ? json_string_value(json_object_get(r, "model")) : "",
+                    s->models[m].name) &&
+            json_string_value(json_object_get(r, "name")) && !strcmp(json_string_value(json_object_get(r, "name")), s->entries[t].name))
+            return json_deep_copy(r);
+    }
+    return json_pack("{s:s,s:s,s:s,s:s,s:s,s:s,s:n,s:n}", "model", s->models[m].name, "name", s->entries[t].name,
+                     "task", s->entries[t].task, "experiment", s->entries[t].experiment, "until",
+                     run_stage_name((run_stage)sweep_run_goal(s, t)), "state", "pending", "wall_s", "cpu_s");
+}
+
+static int write_times(const sweep *s, const char *path, json_t *runs, double wall, ep_error *err) {
+    double cpu_total = 0, wall_total = 0;
+    size_t i;
+    json_t *r;
+    json_array_foreach(runs, i, r) {
+        wall_total += json_number_value(json_object_get(r, "wall_s"));
+        cpu_total += json_number_value(json_object_get(r, "cpu_s"));
+    }
+    json_t *o = json_pack("{s:s,s:s,s:O,s:{s:f,s:f},s:f}", "sweep", s->name, "file", s->path, "runs", runs, "total",
+                          "wall_s", wall_total, "cpu_s", cpu_total, "this_call_wall_s", wall);
+    int rc = make_dirs(s->output_root, err) || write_json_atomic(path, o, err) ? -1 : 0;
+    json_decref(o);
+    return rc;
+}
+
+// sweep run: every run of the sweep in this process, in order (models, then tasks and experiments).
+static int run_all(const sweep *s, int *argc, char ***argv) {
+    sched_ctx sc;
+    ep_error err = {{0}};
+    if (sched_init(&sc, argc, argv, &err)) {
+        fprintf(stderr, "edgepatch sweep run: %s\n", err.msg);
+        return 1;
+    }
+    ep_log log;
+    ep_log_init(&log, stdout, stderr);
+    if (ep_log_configure(&log, sc.rank, sc.size, &err)) {
+        fprintf(stderr, "edgepatch sweep run: %s\n", err.msg);
+        sched_finalize(&sc, 2);
+        return 2;
+    }
+    sc.log = &log;
+    char times_path[4200];
+    snprintf(times_path, sizeof times_path, "%s/sweep-times.json", s->output_root);
+    json_t *old = json_load_file(times_path, 0, NULL), *runs = json_array();
+    int total = s->n_models * s->n_entries, k = 0, rc = 0;
+    double start = seconds_now();
+    for (int m = 0; m < s->n_models; m++)
+        for (int t = 0; t < s->n_entries; t++) json_array_append_new(runs, times_record(s, m, t, old));
+    json_decref(old);
+    for (int m = 0; m < s->n_models && rc == 0; m++)
+        for (int t = 0; t < s->n_entries && rc == 0; t++, k++) {
+            json_t *rec = json_array_get(runs, (size_t)k), *c = NULL;
+            char dir[4096], path[4200], name[512];
+            snprintf(name, sizeof name, "%s/%s", s->models[m].name, s->entries[t].name);
+            run_status st;
+            if (sched_stop_requested()) {
+                rc = SCHED_EXIT_INTERRUPTED;
+                break;
+            }
+            if (sweep_run_status(s, m, t, &st, &err)) {
+                rc = 1;
+                break;
+            }
+            if (st.state == RUN_CONFLICT) {
+                ep_fail(&err, "%s: run %s: %s (remove the folder or change output_root)", s->path, name, st.detail);
+                rc = 1;
+                break;
+            }
+            if (st.state == RUN_DONE) {
+                json_object_set_new(rec, "state", json_string("done"));
+                json_object_set_new(rec, "skipped", json_true());
+                fprintf(stderr, "edgepatch sweep run: [%d/%d] %s: done already, skipped\n", k + 1, total, name);
+                continue;
+            }
+            sweep_run_dir(s, m, t, dir, sizeof dir);
+            snprintf(path, sizeof path, "%s/sweep-run.json", dir);
+            if (make_dirs(dir, &err) || sweep_run_json(s, m, t, &c, &err) || write_json_atomic(path, c, &err)) {
+                json_decref(c);
+                rc = 1;
+                break;
+            }
+            json_decref(c);
+            int goal = sweep_run_goal(s, t);
+            fprintf(stderr, "edgepatch sweep run: [%d/%d] %s: edgepatch run %s --until %s\n", k + 1, total, name, path,
+                    run_stage_name((run_stage)goal));
+            double w0 = seconds_now(), c0 = cpu_seconds();
+            int status = run_pipeline(&sc, path, (run_stage)goal, 0, stdout, NULL, &err);
+            double wall = seconds_now() - w0, cpu = cpu_seconds() - c0;
+            // Times add up over the calls that worked on the run (a stopped run resumed later).
+            double w_before = json_number_value(json_object_get(rec, "wall_s")), c_before = json_number_value(json_object_get(rec, "cpu_s"));
+            const char *before = json_string_value(json_object_get(rec, "state"));
+            int resumed = before && !strcmp(before, "interrupted") && json_is_number(json_object_get(rec, "wall_s"));
+            json_object_set_new(rec, "wall_s", json_real((resumed ? w_before : 0) + wall));
+            json_object_set_new(rec, "cpu_s", json_real((resumed ? c_before : 0) + cpu));
+            json_object_del(rec, "skipped");
+            json_object_set_new(rec, "state", json_string(status == SCHED_OK ? "done" : status == SCHED_STOPPED ? "interrupted" : "failed"));
+            fprintf(stderr, "edgepatch sweep run: [%d/%d] %s: %s, %.1f s wall, %.1f s CPU\n", k + 1, total, name,
+                    status == SCHED_OK ? "done" : status == SCHED_STOPPED ? "interrupted" : "failed", wall, cpu);
+            if (status == SCHED_STOPPED) rc = SCHED_EXIT_INTERRUPTED;
+            else if (status != SCHED_OK) {
+                ep_wrap(&err, "run %s", name);
+                rc = 1;
+            }
+            ep_error terr = {{0}};
+            if (write_times(s, times_path, runs, seconds_now() - start, &terr)) {
+                fprintf(stderr, "edgepatch sweep run: %s\n", terr.msg);
+                rc = rc ? rc : 1;
+            }
+        }
+    if (rc != 1 || !err.msg[0]) {  // the skipped runs' records too
+        ep_error terr = {{0}};
+        if (write_times(s, times_path, runs, seconds_now() - start, &terr)) {
+            fprintf(stderr, "edgepatch sweep run: %s\n", terr.msg);
+            rc = rc ? rc : 1;
+        }
+    }
+    json_decref(runs);
+    if (rc == 1) fprintf(stderr, "edgepatch sweep run: %s\n", err.msg[0] ? err.msg : "failed");
+    else if (rc == SCHED_EXIT_INTERRUPTED)
+        fprintf(stderr, "edgepatch sweep run: interrupted by a signal; finished work is saved, run the same command again "
+                        "to resume (exit status %d)\n", SCHED_EXIT_INTERRUPTED);
+    else fprintf(stderr, "edgepatch sweep run: %d runs done in %.1f s; times in %s\n", total, seconds_now() - start, times_path);
+    sched_finalize(&sc, rc);
+    return rc;
+}
+
 int cmd_sweep(int argc, char **argv) {
     enum { OPT_DRY_RUN = CLI_LONG_ONLY };
     static const struct option options[] = {{"dry-run", no_argument, NULL, OPT_DRY_RUN},
@@ -362,10 +520,11 @@ int cmd_sweep(int argc, char **argv) {
         }
     const char *action = a.n_positional > 0 ? a.positional[0] : NULL, *path = a.n_positional > 1 ? a.positional[1] : NULL;
     if (a.n_positional > 2) return cli_usage_error(&a, "unexpected argument '%s'", a.positional[2]);
-    if (!action || !path || (strcmp(action, "plan") && strcmp(action, "submit") && strcmp(action, "status")))
-        return cli_usage_error(&a, "need plan, submit or status and SWEEP");
+    if (!action || !path ||
+        (strcmp(action, "plan") && strcmp(action, "submit") && strcmp(action, "status") && strcmp(action, "run")))
+        return cli_usage_error(&a, "need plan, submit, status or run and SWEEP");
     if (dry_run && strcmp(action, "submit")) return cli_usage_error(&a, "--dry-run is for submit");
-    if (json && !strcmp(action, "submit")) return cli_usage_error(&a, "--json is for plan and status");
+    if (json && (!strcmp(action, "submit") || !strcmp(action, "run"))) return cli_usage_error(&a, "--json is for plan and status");
     if (cli_parse_only()) return cli_args_done(&a);
     cli_args_free(&a);  // action and path point into argv
     sweep s;
@@ -374,7 +533,8 @@ int cmd_sweep(int argc, char **argv) {
         fprintf(stderr, "edgepatch sweep: %s\n", err.msg);
         return 1;
     }
-    int rc = !strcmp(action, "plan")     ? (json ? plan_json(&s) : plan(&s))
+    int rc = !strcmp(action, "run")      ? run_all(&s, &argc, &argv)
+             : !strcmp(action, "plan")   ? (json ? plan_json(&s) : plan(&s))
              : !strcmp(action, "status") ? (json ? status_json(&s) : status(&s))
                                          : submit(&s, dry_run);
     sweep_free(&s);

@@ -23,11 +23,15 @@ class Sweep:
             self.config = load_json(path)
             root = output_root or field(path, self.config, "output_root", str)
             models = field(path, self.config, "models", list)
-            tasks = field(path, self.config, "tasks", list)
+            # the runs' folder names: the tasks, then the experiments entries' names (docs/sweeps.md); the
+            # "task" column holds that name
+            tasks = list(field(path, self.config, "tasks", list)) if "tasks" in self.config or "experiments" not in self.config else []
             names = [field(path, m, "name", str, f"models[{i}].") for i, m in enumerate(models)]
             for i, t in enumerate(tasks):
                 if not isinstance(t, str):
                     raise ResultsError(f"{path}: field tasks[{i}]: wrong type")
+            for i, e in enumerate(self.config.get("experiments", [])):
+                tasks.append(field(path, e, "name", str, f"experiments[{i}]."))
             # Relative output_root: from the working directory, as edgepatch sweep takes it (docs/sweeps.md).
             pairs = [(m, t) for m in names for t in tasks]
         elif os.path.isdir(path):

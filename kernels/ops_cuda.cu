@@ -3,7 +3,7 @@
 // Matrix products go through cuBLAS sgemm with TF32 off (results are compared with the fp32 reference to
 // 2e-5), or, for bf16 weights, cublasGemmEx on bf16 tensor cores with fp32 accumulation; every other op is a small kernel written for obvious correctness first: one block per row for
 // the norms, one thread per element for the pointwise ops, one block per (query row, head) for
-// attention. All tensor pointers are device memory (cudaMalloc, never managed memory); attention's
+// attention. All tensor pointers are device memory (the stream-ordered pool or cudaMalloc, never managed memory); attention's
 // sequence table and parameters are host memory and are uploaded per call.
 //
 // Errors: ops have no error return by contract, so every CUDA and cuBLAS call is checked and a failure
@@ -74,6 +74,9 @@ typedef struct {
     void *attn_partial;      // device buffer of split-K partial results
     size_t attn_partial_cap; // in bytes
     int attn_smem_max;       // the device's shared memory per block (opt-in), bytes
+    int pool;                // 1: alloc/release are stream-ordered (cudaMallocAsync/cudaFreeAsync on `stream`
+                             // from the device's default pool); 0: cudaMalloc/cudaFree (EP_CUDA_POOL=0)
+    cudaMemPool_t mem_pool;  // that pool (when pool is 1)
     void *patch_buf;         // device buffer of patched attention's rules, sequences, types (attn_patch)
     size_t patch_cap;        // in bytes
     void *bf16_x;            // device buffer of matmul_bf16's input rounded to bf16, grown on demand
@@ -1173,13 +1176,40 @@ static unsigned pointwise_blocks(size_t n) {
 // ---------------------------------------------------------------------------------------------------
 // The table's functions
 
+// Allocation. With the pool (the default) both are stream-ordered on the compute stream: cudaMallocAsync
+// hands out memory of the device's default pool that is ready for every op queued after it, and
+// cudaFreeAsync returns it to the pool once the ops queued before it (the buffer's last readers) are done,
+// with no device synchronization; the pool's release threshold (cuda_init_once) keeps freed memory
+// reserved, so a pass's buffers come from the previous pass's at no cost. Every op, upload and download
+// runs on that one stream, so a buffer is never used out of its stream order, and a host read (download)
+// waits for the stream. Without the pool (EP_CUDA_POOL=0) plain cudaMalloc / cudaFree, each cudaFree a
+// device synchronization: the mode for compute-sanitizer and debugging (docs/cuda.md). Zero bytes: NULL,
+// as cudaMalloc gives, and releasing NULL does nothing.
 static void *cuda_alloc(size_t bytes) {
     void *p = NULL;
-    CUDA_CHECK(cudaMalloc(&p, bytes));
+    if (bytes == 0) return NULL;
+    if (!ctx.pool) {
+        CUDA_CHECK(cudaMalloc(&p, bytes));
+        return p;
+    }
+    cudaError_t e = cudaMallocAsync(&p, bytes, ctx.stream);
+    if (e == cudaErrorMemoryAllocation) {
+        // The pool keeps what was freed (release threshold): hand the unused part back to the driver once
+        // the stream's pending frees are done, then try again before giving up.
+        (void)cudaGetLastError();
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        CUDA_CHECK(cudaMemPoolTrimTo(ctx.mem_pool, 0));
+        e = cudaMallocAsync(&p, bytes, ctx.stream);
+    }
+    cuda_check_at(e, "cudaMallocAsync", __FILE__, __LINE__);
     return p;
 }
 
-static void cuda_release(void *p) { CUDA_CHECK(cudaFree(p)); }
+static void cuda_release(void *p) {
+    if (!p) return;
+    if (ctx.pool) CUDA_CHECK(cudaFreeAsync(p, ctx.stream));
+    else CUDA_CHECK(cudaFree(p));
+}
 
 static void cuda_upload(void *dst, const void *host_src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, ctx.stream));
@@ -1262,13 +1292,14 @@ static void cuda_scale(float *y, size_t n, float s) {
 }
 
 // Makes *buf a device buffer of at least `bytes`, growing it (to at least min_bytes) when it is smaller.
+// The old buffer goes back through cuda_release: stream-ordered after the kernels that still read it
+// (pool), or after a synchronization (cudaFree, which synchronizes anyway).
 static void device_buffer_reserve(void **buf, size_t *cap, size_t bytes, size_t min_bytes) {
     if (bytes <= *cap) return;
-    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));  // earlier kernels may still read the old buffer
-    CUDA_CHECK(cudaFree(*buf));
-    *buf = NULL;
+    if (!ctx.pool) CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+    cuda_release(*buf);
     size_t new_cap = bytes > min_bytes ? bytes : min_bytes;
-    CUDA_CHECK(cudaMalloc(buf, new_cap));
+    *buf = cuda_alloc(new_cap);
     *cap = new_cap;
 }
 
@@ -1739,6 +1770,19 @@ static void cuda_init_once(void) {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&ctx.attn_smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // The stream-ordered pool unless EP_CUDA_POOL=0 or the device (driver) has no memory pools. A release
+    // threshold of "everything" keeps freed memory in the pool across synchronizations (the default, 0,
+    // hands it back to the driver at every stream synchronization, i.e. every download); cuda_alloc trims
+    // the pool and retries when an allocation would otherwise fail.
+    const char *pool_env = getenv("EP_CUDA_POOL");
+    int pools = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev));
+    ctx.pool = pools && !(pool_env && strcmp(pool_env, "0") == 0);
+    if (ctx.pool) {
+        CUDA_CHECK(cudaDeviceGetDefaultMemPool(&ctx.mem_pool, dev));
+        uint64_t keep = UINT64_MAX;
+        CUDA_CHECK(cudaMemPoolSetAttribute(ctx.mem_pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    }
     // Once, not per launch: the tile kernels may use all of it (attention_launch checks each call's need).
     CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     ctx.attn_smem_max));

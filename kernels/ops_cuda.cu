@@ -87,6 +87,8 @@ typedef struct {
     size_t grad_meta_cap;    // in bytes
     void *grad_stats;        // device buffer of the attention backward's softmax statistics
     size_t grad_stats_cap;   // in bytes
+    void *metrics_buf;       // device buffer of logit_metrics' tokens and results, grown on demand
+    size_t metrics_cap;      // in bytes
 } cuda_context;
 
 static cuda_context ctx;
@@ -953,6 +955,66 @@ __global__ static void kl_div_rows_kernel(float *out, const float *pl, const flo
     if (threadIdx.x == 0) out[blockIdx.x] = (float)kl;
 }
 
+// The lowest of the block's ints (every thread calls it; all get the result), as block_max.
+__device__ static int block_min_int(int v, int *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        int u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = u < v ? u : v;
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int t = lane < n_warps ? scratch[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            int u = __shfl_xor_sync(0xffffffffu, t, o);
+            t = u < t ? u : t;
+        }
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// The next-token figures of row blockIdx.x (logit_metrics): tokens[2 r] the target, tokens[2 r + 1] the
+// given other token or -1. The max (block max), the lowest index holding it (block min of the indices);
+// the same over the tokens != target unless another token is given; the sum of exp(x - max) in double.
+__global__ static void logit_metrics_kernel(logit_row_metrics *out, const float *logits, const int *tokens, int n) {
+    __shared__ float scratch[32];
+    __shared__ int iscratch[32];
+    __shared__ double dscratch[32];
+    const float *x = logits + (size_t)blockIdx.x * n;
+    int t = tokens[2 * blockIdx.x], given = tokens[2 * blockIdx.x + 1];
+    float mx = -INFINITY, mo = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        mx = fmaxf(mx, x[i]);
+        if (i != t) mo = fmaxf(mo, x[i]);
+    }
+    mx = block_max(mx, scratch);
+    mo = block_max(mo, scratch);
+    int ix = 0x7fffffff, io = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (x[i] == mx && i < ix) ix = i;
+        if (i != t && x[i] == mo && i < io) io = i;
+    }
+    ix = block_min_int(ix, iscratch);
+    io = block_min_int(io, iscratch);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += exp((double)x[i] - mx);
+    sum = block_sum(sum, dscratch);
+    if (threadIdx.x == 0) {
+        int o = given >= 0 ? given : io;
+        logit_row_metrics m;
+        m.argmax = ix;
+        m.other = o;
+        m.target_logprob = (float)((double)x[t] - (double)mx - log(sum));
+        m.logit_diff = x[t] - x[o];
+        m.log_sum_exp = (float)((double)mx + log(sum));
+        out[blockIdx.x] = m;
+    }
+}
+
 // One block per (query row descriptor, head), as attention_kernel's grid: a warp per key scores it (fp32, as
 // attention_kernel: the same dot product, scale and softcap; a patched edge's key from its donor), lane 0
 // keeps the running max; then a second pass rescores each key and adds exp(s - max), exp(s - max) (s - max)
@@ -1722,13 +1784,36 @@ static void cuda_attention_row_stats(float *entropy, float *mass, int n_types, c
     }
 }
 
+// The tokens go up with the result's space behind them in one scratch buffer (grown on demand); the op
+// waits for the copy back, as its contract says (out is host memory).
+static void cuda_logit_metrics(logit_row_metrics *out, const float *logits, const int *target, const int *other,
+                               int rows, int n) {
+    if (rows <= 0) return;
+    if (rows > 0x7fffffff / 2 || n <= 0) {
+        ops_fatal("edgepatch: CUDA error logit_metrics with %d rows of %d at %s:%d", rows, n, __FILE__, __LINE__);
+    }
+    size_t tok_bytes = sizeof(int) * 2 * (size_t)rows, off = (tok_bytes + 15) / 16 * 16;
+    size_t bytes = off + sizeof(logit_row_metrics) * (size_t)rows;
+    int *tokens = (int *)kernel_malloc(tok_bytes);
+    for (int r = 0; r < rows; r++) tokens[2 * r] = target[r], tokens[2 * r + 1] = other && other[r] >= 0 ? other[r] : -1;
+    device_buffer_reserve(&ctx.metrics_buf, &ctx.metrics_cap, bytes, 4096);
+    unsigned char *dev = (unsigned char *)ctx.metrics_buf;
+    CUDA_CHECK(cudaMemcpyAsync(dev, tokens, tok_bytes, cudaMemcpyHostToDevice, ctx.stream));
+    logit_row_metrics *dout = (logit_row_metrics *)(dev + off);
+    logit_metrics_kernel<<<(unsigned)rows, ROW_THREADS, 0, ctx.stream>>>(dout, logits, (const int *)dev, n);
+    LAUNCH_CHECK("logit_metrics_kernel");
+    CUDA_CHECK(cudaMemcpyAsync(out, dout, sizeof(logit_row_metrics) * (size_t)rows, cudaMemcpyDeviceToHost, ctx.stream));
+    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+    free(tokens);
+}
+
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_matmul_bf16,
     cuda_rmsnorm,  cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
     cuda_patched_attention, cuda_copy_rows, cuda_gather_rows,
     cuda_linear_back, cuda_linear_back_bf16, cuda_rmsnorm_back, cuda_layernorm_back, cuda_rope_back, cuda_act_back,
     cuda_glu_back, cuda_softcap_back, cuda_attention_back, cuda_head_scores, cuda_edge_scores,
-    cuda_kl_div_rows, cuda_attention_row_stats, 0,
+    cuda_kl_div_rows, cuda_attention_row_stats, cuda_logit_metrics, 0,
 };
 
 // ---------------------------------------------------------------------------------------------------

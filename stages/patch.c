@@ -522,6 +522,9 @@ int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const
             if (rc == 0) rc = kv_cache_copy_seqs(&all, g * S, &one, pb->lengths, NULL, 0, 0, err);
             if (rc == 0 && outs[i0 + g].last_logits)
                 memcpy(outs[i0 + g].last_logits, last + (size_t)g * S * V, sizeof(float) * (size_t)S * V);
+            if (rc == 0 && outs[i0 + g].row_metrics)
+                kernel_ops_ref()->logit_metrics(outs[i0 + g].row_metrics, last + (size_t)g * S * V, outs[i0 + g].targets,
+                                                NULL, S, V);
         }
         if (rc) break;
         greedy_opts o = {.max_new_tokens = max_new, .stop_ids = outs[0].stop_ids, .n_stop_ids = outs[0].n_stop_ids};

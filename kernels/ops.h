@@ -61,6 +61,18 @@ typedef struct {
     int source;  // edge_source: what the unit's intervention substitutes (EDGE_SRC_ZERO reads no donor)
 } edge_score_unit;
 
+// One row's next-token figures (kernel_ops.logit_metrics; stages/metrics.h): x the row's n logits, t its
+// target token.
+typedef struct {
+    int argmax;            // the lowest index of the row's largest logit
+    int other;             // the token logit_diff subtracts: the given one, else the lowest index of the
+                           // largest logit among the tokens != t
+    float target_logprob;  // x[t] - max - ln sum_i exp(x_i - max): the sum of exp((double)x_i - max) in double,
+                           // the expression in double, rounded to fp32 once
+    float logit_diff;      // x[t] - x[other], in fp32
+    float log_sum_exp;     // max + ln sum_i exp(x_i - max), the same sum, rounded to fp32
+} logit_row_metrics;
+
 typedef struct kernel_ops {
     const char *name;
 
@@ -224,6 +236,17 @@ typedef struct kernel_ops {
     void (*attention_row_stats)(float *entropy, float *mass, int n_types, const float *q, const float *k, int n_donors,
                                 const float *const *donor_k, const attn_seq *seqs, int n_seqs, const attn_params *p,
                                 const edge_rule_set *rules);
+    // The next-token figures of rows rows of n logits ([rows][n], backend memory), so a device backend copies
+    // back a few numbers per row instead of the rows: out[r] (HOST memory, rows entries; the op waits for
+    // its result) for target token target[r] and, when other is non-NULL and other[r] >= 0, the logit
+    // difference against other[r] instead of the best other token (target and other host memory, each in
+    // [0, n)). n >= 2, every row with a finite logit and no NaN. Ties go to the lowest index (argmax, best
+    // other), as stages/metrics.c's loop; the exp sum in double (max subtracted first, so large logits do
+    // not overflow and -inf ones add 0), in index order on the host backends (ref, cpu, offset share one
+    // host implementation, ops_common.h), per block on cuda, so the backends differ at most by the last
+    // bit of the fp32 log-prob and log-sum-exp.
+    void (*logit_metrics)(logit_row_metrics *out, const float *logits, const int *target, const int *other, int rows,
+                          int n);
 
     // 1 when backend memory is host memory (ref, cpu): host pointers may be handed to the ops directly
     // and the host may read what they write.

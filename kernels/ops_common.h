@@ -24,11 +24,13 @@ void ops_host_head_scores(double *score, const float *z, const float *const *don
                           const attn_seq *seqs, int n_seqs, const attn_params *p, const head_score_unit *units,
                           int n_units);
 
-// The metric ops on host memory (kernel_ops.kl_div_rows, attention_row_stats), shared by ref, cpu and
+// The metric ops on host memory (kernel_ops.kl_div_rows, attention_row_stats, logit_metrics), shared by ref, cpu and
 // offset (through the cpu table): double sums in a fixed order, one row or (row, head) at a time; cheap
 // beside the passes (one query row per prompt), so cpu has no faster form of them.
 #define OPS_MAX_STAT_TYPES 16
 void ops_host_kl_div_rows(float *out, const float *p_logits, const float *q_logits, int rows, int n);
+void ops_host_logit_metrics(logit_row_metrics *out, const float *logits, const int *target, const int *other, int rows,
+                            int n);
 void ops_host_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,
                                   int n_donors, const float *const *donor_k, const attn_seq *seqs, int n_seqs,
                                   const attn_params *p, const edge_rule_set *rules);

@@ -697,6 +697,7 @@ static const kernel_ops cpu_table = {
     .edge_scores = cpu_edge_scores,
     .kl_div_rows = ops_host_kl_div_rows,
     .attention_row_stats = ops_host_attention_row_stats,
+    .logit_metrics = ops_host_logit_metrics,
     .host_memory = 1,
 };
 

@@ -3,7 +3,7 @@
 // Matrix products go through cuBLAS sgemm with TF32 off (results are compared with the fp32 reference to
 // 2e-5), or, for bf16 weights, cublasGemmEx on bf16 tensor cores with fp32 accumulation; every other op is a small kernel written for obvious correctness first: one block per row for
 // the norms, one thread per element for the pointwise ops, one block per (query row, head) for
-// attention. All tensor pointers are device memory (cudaMalloc, never managed memory); attention's
+// attention. All tensor pointers are device memory (the stream-ordered pool or cudaMalloc, never managed memory); attention's
 // sequence table and parameters are host memory and are uploaded per call.
 //
 // Errors: ops have no error return by contract, so every CUDA and cuBLAS call is checked and a failure
@@ -74,6 +74,9 @@ typedef struct {
     void *attn_partial;      // device buffer of split-K partial results
     size_t attn_partial_cap; // in bytes
     int attn_smem_max;       // the device's shared memory per block (opt-in), bytes
+    int pool;                // 1: alloc/release are stream-ordered (cudaMallocAsync/cudaFreeAsync on `stream`
+                             // from the device's default pool); 0: cudaMalloc/cudaFree (EP_CUDA_POOL=0)
+    cudaMemPool_t mem_pool;  // that pool (when pool is 1)
     void *patch_buf;         // device buffer of patched attention's rules, sequences, types (attn_patch)
     size_t patch_cap;        // in bytes
     void *bf16_x;            // device buffer of matmul_bf16's input rounded to bf16, grown on demand
@@ -84,6 +87,8 @@ typedef struct {
     size_t grad_meta_cap;    // in bytes
     void *grad_stats;        // device buffer of the attention backward's softmax statistics
     size_t grad_stats_cap;   // in bytes
+    void *metrics_buf;       // device buffer of logit_metrics' tokens and results, grown on demand
+    size_t metrics_cap;      // in bytes
 } cuda_context;
 
 static cuda_context ctx;
@@ -950,6 +955,66 @@ __global__ static void kl_div_rows_kernel(float *out, const float *pl, const flo
     if (threadIdx.x == 0) out[blockIdx.x] = (float)kl;
 }
 
+// The lowest of the block's ints (every thread calls it; all get the result), as block_max.
+__device__ static int block_min_int(int v, int *scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) {
+        int u = __shfl_xor_sync(0xffffffffu, v, o);
+        v = u < v ? u : v;
+    }
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        int t = lane < n_warps ? scratch[lane] : 0x7fffffff;
+        for (int o = 16; o > 0; o >>= 1) {
+            int u = __shfl_xor_sync(0xffffffffu, t, o);
+            t = u < t ? u : t;
+        }
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// The next-token figures of row blockIdx.x (logit_metrics): tokens[2 r] the target, tokens[2 r + 1] the
+// given other token or -1. The max (block max), the lowest index holding it (block min of the indices);
+// the same over the tokens != target unless another token is given; the sum of exp(x - max) in double.
+__global__ static void logit_metrics_kernel(logit_row_metrics *out, const float *logits, const int *tokens, int n) {
+    __shared__ float scratch[32];
+    __shared__ int iscratch[32];
+    __shared__ double dscratch[32];
+    const float *x = logits + (size_t)blockIdx.x * n;
+    int t = tokens[2 * blockIdx.x], given = tokens[2 * blockIdx.x + 1];
+    float mx = -INFINITY, mo = -INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        mx = fmaxf(mx, x[i]);
+        if (i != t) mo = fmaxf(mo, x[i]);
+    }
+    mx = block_max(mx, scratch);
+    mo = block_max(mo, scratch);
+    int ix = 0x7fffffff, io = 0x7fffffff;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        if (x[i] == mx && i < ix) ix = i;
+        if (i != t && x[i] == mo && i < io) io = i;
+    }
+    ix = block_min_int(ix, iscratch);
+    io = block_min_int(io, iscratch);
+    double sum = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) sum += exp((double)x[i] - mx);
+    sum = block_sum(sum, dscratch);
+    if (threadIdx.x == 0) {
+        int o = given >= 0 ? given : io;
+        logit_row_metrics m;
+        m.argmax = ix;
+        m.other = o;
+        m.target_logprob = (float)((double)x[t] - (double)mx - log(sum));
+        m.logit_diff = x[t] - x[o];
+        m.log_sum_exp = (float)((double)mx + log(sum));
+        out[blockIdx.x] = m;
+    }
+}
+
 // One block per (query row descriptor, head), as attention_kernel's grid: a warp per key scores it (fp32, as
 // attention_kernel: the same dot product, scale and softcap; a patched edge's key from its donor), lane 0
 // keeps the running max; then a second pass rescores each key and adds exp(s - max), exp(s - max) (s - max)
@@ -1173,13 +1238,40 @@ static unsigned pointwise_blocks(size_t n) {
 // ---------------------------------------------------------------------------------------------------
 // The table's functions
 
+// Allocation. With the pool (the default) both are stream-ordered on the compute stream: cudaMallocAsync
+// hands out memory of the device's default pool that is ready for every op queued after it, and
+// cudaFreeAsync returns it to the pool once the ops queued before it (the buffer's last readers) are done,
+// with no device synchronization; the pool's release threshold (cuda_init_once) keeps freed memory
+// reserved, so a pass's buffers come from the previous pass's at no cost. Every op, upload and download
+// runs on that one stream, so a buffer is never used out of its stream order, and a host read (download)
+// waits for the stream. Without the pool (EP_CUDA_POOL=0) plain cudaMalloc / cudaFree, each cudaFree a
+// device synchronization: the mode for compute-sanitizer and debugging (docs/cuda.md). Zero bytes: NULL,
+// as cudaMalloc gives, and releasing NULL does nothing.
 static void *cuda_alloc(size_t bytes) {
     void *p = NULL;
-    CUDA_CHECK(cudaMalloc(&p, bytes));
+    if (bytes == 0) return NULL;
+    if (!ctx.pool) {
+        CUDA_CHECK(cudaMalloc(&p, bytes));
+        return p;
+    }
+    cudaError_t e = cudaMallocAsync(&p, bytes, ctx.stream);
+    if (e == cudaErrorMemoryAllocation) {
+        // The pool keeps what was freed (release threshold): hand the unused part back to the driver once
+        // the stream's pending frees are done, then try again before giving up.
+        (void)cudaGetLastError();
+        CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+        CUDA_CHECK(cudaMemPoolTrimTo(ctx.mem_pool, 0));
+        e = cudaMallocAsync(&p, bytes, ctx.stream);
+    }
+    cuda_check_at(e, "cudaMallocAsync", __FILE__, __LINE__);
     return p;
 }
 
-static void cuda_release(void *p) { CUDA_CHECK(cudaFree(p)); }
+static void cuda_release(void *p) {
+    if (!p) return;
+    if (ctx.pool) CUDA_CHECK(cudaFreeAsync(p, ctx.stream));
+    else CUDA_CHECK(cudaFree(p));
+}
 
 static void cuda_upload(void *dst, const void *host_src, size_t bytes) {
     CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, ctx.stream));
@@ -1262,13 +1354,14 @@ static void cuda_scale(float *y, size_t n, float s) {
 }
 
 // Makes *buf a device buffer of at least `bytes`, growing it (to at least min_bytes) when it is smaller.
+// The old buffer goes back through cuda_release: stream-ordered after the kernels that still read it
+// (pool), or after a synchronization (cudaFree, which synchronizes anyway).
 static void device_buffer_reserve(void **buf, size_t *cap, size_t bytes, size_t min_bytes) {
     if (bytes <= *cap) return;
-    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));  // earlier kernels may still read the old buffer
-    CUDA_CHECK(cudaFree(*buf));
-    *buf = NULL;
+    if (!ctx.pool) CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+    cuda_release(*buf);
     size_t new_cap = bytes > min_bytes ? bytes : min_bytes;
-    CUDA_CHECK(cudaMalloc(buf, new_cap));
+    *buf = cuda_alloc(new_cap);
     *cap = new_cap;
 }
 
@@ -1691,13 +1784,36 @@ static void cuda_attention_row_stats(float *entropy, float *mass, int n_types, c
     }
 }
 
+// The tokens go up with the result's space behind them in one scratch buffer (grown on demand); the op
+// waits for the copy back, as its contract says (out is host memory).
+static void cuda_logit_metrics(logit_row_metrics *out, const float *logits, const int *target, const int *other,
+                               int rows, int n) {
+    if (rows <= 0) return;
+    if (rows > 0x7fffffff / 2 || n <= 0) {
+        ops_fatal("edgepatch: CUDA error logit_metrics with %d rows of %d at %s:%d", rows, n, __FILE__, __LINE__);
+    }
+    size_t tok_bytes = sizeof(int) * 2 * (size_t)rows, off = (tok_bytes + 15) / 16 * 16;
+    size_t bytes = off + sizeof(logit_row_metrics) * (size_t)rows;
+    int *tokens = (int *)kernel_malloc(tok_bytes);
+    for (int r = 0; r < rows; r++) tokens[2 * r] = target[r], tokens[2 * r + 1] = other && other[r] >= 0 ? other[r] : -1;
+    device_buffer_reserve(&ctx.metrics_buf, &ctx.metrics_cap, bytes, 4096);
+    unsigned char *dev = (unsigned char *)ctx.metrics_buf;
+    CUDA_CHECK(cudaMemcpyAsync(dev, tokens, tok_bytes, cudaMemcpyHostToDevice, ctx.stream));
+    logit_row_metrics *dout = (logit_row_metrics *)(dev + off);
+    logit_metrics_kernel<<<(unsigned)rows, ROW_THREADS, 0, ctx.stream>>>(dout, logits, (const int *)dev, n);
+    LAUNCH_CHECK("logit_metrics_kernel");
+    CUDA_CHECK(cudaMemcpyAsync(out, dout, sizeof(logit_row_metrics) * (size_t)rows, cudaMemcpyDeviceToHost, ctx.stream));
+    CUDA_CHECK(cudaStreamSynchronize(ctx.stream));
+    free(tokens);
+}
+
 static const kernel_ops cuda_table = {
     "cuda",        cuda_alloc, cuda_release, cuda_upload,  cuda_download, cuda_sync,  cuda_matmul, cuda_matmul_bf16,
     cuda_rmsnorm,  cuda_layernorm, cuda_rope, cuda_glu,     cuda_act,     cuda_softcap,  cuda_add,   cuda_scale,  cuda_attention,
     cuda_patched_attention, cuda_copy_rows, cuda_gather_rows,
     cuda_linear_back, cuda_linear_back_bf16, cuda_rmsnorm_back, cuda_layernorm_back, cuda_rope_back, cuda_act_back,
     cuda_glu_back, cuda_softcap_back, cuda_attention_back, cuda_head_scores, cuda_edge_scores,
-    cuda_kl_div_rows, cuda_attention_row_stats, 0,
+    cuda_kl_div_rows, cuda_attention_row_stats, cuda_logit_metrics, 0,
 };
 
 // ---------------------------------------------------------------------------------------------------
@@ -1739,6 +1855,19 @@ static void cuda_init_once(void) {
     int dev = 0;
     CUDA_CHECK(cudaGetDevice(&dev));
     CUDA_CHECK(cudaDeviceGetAttribute(&ctx.attn_smem_max, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    // The stream-ordered pool unless EP_CUDA_POOL=0 or the device (driver) has no memory pools. A release
+    // threshold of "everything" keeps freed memory in the pool across synchronizations (the default, 0,
+    // hands it back to the driver at every stream synchronization, i.e. every download); cuda_alloc trims
+    // the pool and retries when an allocation would otherwise fail.
+    const char *pool_env = getenv("EP_CUDA_POOL");
+    int pools = 0;
+    CUDA_CHECK(cudaDeviceGetAttribute(&pools, cudaDevAttrMemoryPoolsSupported, dev));
+    ctx.pool = pools && !(pool_env && strcmp(pool_env, "0") == 0);
+    if (ctx.pool) {
+        CUDA_CHECK(cudaDeviceGetDefaultMemPool(&ctx.mem_pool, dev));
+        uint64_t keep = UINT64_MAX;
+        CUDA_CHECK(cudaMemPoolSetAttribute(ctx.mem_pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    }
     // Once, not per launch: the tile kernels may use all of it (attention_launch checks each call's need).
     CUDA_CHECK(cudaFuncSetAttribute(attention_tile_kernel<true, true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     ctx.attn_smem_max));

@@ -143,6 +143,12 @@ static void ob_attention_row_stats(float *entropy, float *mass, int n_types, con
                                           n_seqs, p, rules);
 }
 
+// out, target and other are host memory: only the logits are translated.
+static void ob_logit_metrics(logit_row_metrics *out, const float *logits, const int *target, const int *other, int rows,
+                             int n) {
+    kernel_ops_cpu()->logit_metrics(out, OB_F(logits), target, other, rows, n);
+}
+
 static const kernel_ops offset_table = {
     .name = "offset",
     .alloc = ob_alloc,
@@ -177,6 +183,7 @@ static const kernel_ops offset_table = {
     .edge_scores = ob_edge_scores,
     .kl_div_rows = ob_kl_div_rows,
     .attention_row_stats = ob_attention_row_stats,
+    .logit_metrics = ob_logit_metrics,
     .host_memory = 0,
 };
 

@@ -437,6 +437,24 @@ void ops_host_kl_div_rows(float *out, const float *pl, const float *ql, int rows
     }
 }
 
+void ops_host_logit_metrics(logit_row_metrics *out, const float *logits, const int *target, const int *other, int rows,
+                            int n) {
+    for (int r = 0; r < rows; r++) {
+        const float *x = logits + (size_t)r * n;
+        int t = target[r], given = other && other[r] >= 0;
+        int best = 0, best_other = t == 0 ? 1 : 0;
+        for (int i = 1; i < n; i++)
+            if (x[i] > x[best]) best = i;
+        for (int i = 0; i < n; i++)
+            if (i != t && x[i] > x[best_other]) best_other = i;
+        double mx = x[best], sum = 0;
+        for (int i = 0; i < n; i++) sum += exp((double)x[i] - mx);
+        int o = given ? other[r] : best_other;
+        out[r] = (logit_row_metrics){.argmax = best, .other = o, .target_logprob = (float)((double)x[t] - mx - log(sum)),
+                                     .logit_diff = x[t] - x[o], .log_sum_exp = (float)(mx + log(sum))};
+    }
+}
+
 void ops_host_attention_row_stats(float *entropy, float *mass, int n_types, const float *q, const float *k,
                                   int n_donors, const float *const *donor_k, const attn_seq *seqs, int n_seqs,
                                   const attn_params *p, const edge_rule_set *rules) {
@@ -554,6 +572,7 @@ static const kernel_ops ref_table = {
     .edge_scores = ref_edge_scores,
     .kl_div_rows = ops_host_kl_div_rows,
     .attention_row_stats = ops_host_attention_row_stats,
+    .logit_metrics = ops_host_logit_metrics,
     .host_memory = 1,
 };
 

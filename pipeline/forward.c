@@ -282,14 +282,17 @@ static void substitute_heads(const kernel_ops *ops, const forward_patch *p, int 
 // Gathers the rows whose logits are read, then norms and projects only those. A vocabulary-parallel shard
 // projects its block of the vocabulary and the group all-gathers the blocks ([rank][row][block]), which are
 // put back in vocabulary order on the host. Host backends write the caller's array directly when it is
-// the whole vocabulary; otherwise a backend buffer is downloaded.
+// the whole vocabulary, and so does any backend asked to keep the logits in its memory
+// (logits_in_backend); otherwise a backend buffer is downloaded.
 static int project_logits(const model *m, const kernel_ops *ops, step_buffers *s, const forward_batch *b,
                           ep_error *err) {
     const model_config *c = &m->cfg;
     tp_shard sh = model_config_local(c);
     int R = b->n_logit_rows, D = c->hidden, V = c->vocab_size, Vl = sh.n_vocab, parts = V / Vl, rc = 0;
     size_t n_logits = (size_t)R * V, n_local = (size_t)R * Vl;
-    int direct = ops->host_memory && parts == 1;
+    int direct = (ops->host_memory || b->logits_in_backend) && parts == 1;
+    if (b->logits_in_backend && parts != 1)
+        return ep_fail(err, "forward: logits kept in backend memory need the whole vocabulary on one rank");
     float *local = direct ? b->logits : ops->alloc(sizeof(float) * n_local);
     ops->upload(s->idx, b->logit_rows, sizeof(int) * (size_t)R);
     ops->gather_rows(s->o, s->x, s->idx, R, D);

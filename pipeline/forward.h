@@ -105,6 +105,8 @@ typedef struct {
     int n_logit_rows;      // packed rows whose logits are wanted
     const int *logit_rows;
     float *logits;         // out: [n_logit_rows, vocab_size] (final softcap applied)
+    int logits_in_backend; // 1: logits is ops' memory and the rows stay there (no download; the whole
+                           // vocabulary on this rank: not with a vocabulary-parallel shard)
     float *resid;          // optional out: [n_layers + 1, n_tokens, hidden]: resid[l] enters layer l,
                            // resid[n_layers] leaves the last layer (before the final norm); with first_layer
                            // or end_layer set, only the slots of the layers run (and their ends) are written
@@ -130,7 +132,7 @@ typedef struct {
     const forward_add *add;                // optional: a vector added after a layer (forward_add)
 } forward_batch;
 
-// The batch's arrays (tokens, logit_rows, logits, resid and x_in unless capture_backend, x_out) and the patch's metadata are host
+// The batch's arrays (tokens, logit_rows, logits unless logits_in_backend, resid and x_in unless capture_backend, x_out) and the patch's metadata are host
 // memory whatever the backend; the model's weights and every cache must live in ops' memory (a host model
 // and host caches for host backends; model_to_backend and kv_cache_init_backend otherwise).
 // Runs one step: embeds the new tokens at positions cache->len[s].., runs every layer (patched when

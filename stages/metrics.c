@@ -14,19 +14,19 @@ static void strip(char *s) {
     s[n - a] = 0;
 }
 
+// One row of kernel_ops.logit_metrics on the host (the reference backend's, the code every host backend
+// runs), so these figures are the ones a device backend reduces in place (patch stage).
 void metrics_first_token(const float *logits, int V, int t0, prompt_metrics *m) {
     memset(m, 0, sizeof *m);
-    int best = 0, best_other = t0 == 0 ? 1 : 0;
-    double mx = -INFINITY, sum = 0;
-    for (int i = 0; i < V; i++) {
-        if (logits[i] > logits[best]) best = i;
-        if (i != t0 && logits[i] > logits[best_other]) best_other = i;
-        if (logits[i] > mx) mx = logits[i];
-    }
-    for (int i = 0; i < V; i++) sum += exp((double)logits[i] - mx);
-    m->first_token_correct = best == t0;
-    m->target_logprob = (float)((double)logits[t0] - mx - log(sum));
-    m->logit_diff = logits[t0] - logits[best_other];
+    logit_row_metrics r;
+    kernel_ops_ref()->logit_metrics(&r, logits, &t0, NULL, 1, V);
+    metrics_from_row(&r, t0, m);
+}
+
+void metrics_from_row(const logit_row_metrics *r, int t0, prompt_metrics *m) {
+    m->first_token_correct = r->argmax == t0;
+    m->target_logprob = r->target_logprob;
+    m->logit_diff = r->logit_diff;
 }
 
 int metrics_compute(const tokenizer *tk, const float *logits, int V, const int *target, int n_target, const int *gen,

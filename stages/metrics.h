@@ -21,7 +21,11 @@ typedef struct {
 
 // The logit figures alone (no generation, no tokenizer): first_token_correct, target_logprob, logit_diff
 // for first target token t0; correct is left 0. metrics_compute uses it.
+// They are kernel_ops.logit_metrics' figures (ties to the lowest index, the exp sum in double).
 void metrics_first_token(const float *last_logits, int vocab, int t0, prompt_metrics *out);
+// The same figures from a row that kernel_ops.logit_metrics reduced (for target t0): sets
+// first_token_correct, target_logprob and logit_diff, leaves correct as it is.
+void metrics_from_row(const logit_row_metrics *row, int t0, prompt_metrics *out);
 int metrics_compute(const tokenizer *tk, const float *last_logits, int vocab, const int *target, int n_target,
                     const int *generated, int n_generated, prompt_metrics *out, ep_error *err);
 // out[r] = KL(full || patched) for rows rows of vocab logits (host memory, [rows][vocab] each; out host),

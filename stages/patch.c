@@ -6,10 +6,15 @@
 #include <stdlib.h>
 #include <string.h>
 
+// Which logits a pass writes (when logits is non-NULL): the last prompt position's, host memory; every
+// position's, host memory; the last position's, left in backend memory (logits is ops' memory).
+enum { LOGITS_LAST = 0, LOGITS_ALL = 1, LOGITS_LAST_IN_BACKEND = 2 };
+
 // One forward pass over the batch's prompts (donor < 0) or donor `donor`'s tokens, into cache.
 static int run_pass(const model *m, const kernel_ops *ops, const prompt_batch *pb, int donor, kv_cache *cache,
-                    const forward_patch *patch, float *logits, int all_rows, const patch_outputs *stats, float *resid,
+                    const forward_patch *patch, float *logits, int logit_mode, const patch_outputs *stats, float *resid,
                     ep_error *err) {
+    int all_rows = logit_mode == LOGITS_ALL;
     int T = 0;
     for (int s = 0; s < pb->n_seqs; s++) T += pb->lengths[s];
     int *tokens = ep_malloc(sizeof(int) * (size_t)T), *rows = ep_malloc(sizeof(int) * (size_t)T);
@@ -23,7 +28,8 @@ static int run_pass(const model *m, const kernel_ops *ops, const prompt_batch *p
         }
     }
     forward_batch b = {.n_seqs = pb->n_seqs, .n_new = pb->lengths, .tokens = tokens, .n_logit_rows = logits ? n_rows : 0,
-                       .logit_rows = rows, .logits = logits, .resid = resid};
+                       .logit_rows = rows, .logits = logits, .logits_in_backend = logit_mode == LOGITS_LAST_IN_BACKEND,
+                       .resid = resid};
     // The attention at `last`, the prompt's final position (stats: the prompt pass only).
     int *last_rows = NULL;
     forward_attn_stats as;
@@ -81,12 +87,22 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
     for (int d = 0; d < plan->n_donors; d++) patch.donors[d] = &donors[d];
     kv_cache cache;
     int rc = kv_cache_init_backend(&cache, c, S, pb->max_len + (out->max_new > 0 ? out->max_new : 0), 0, ops, err);
-    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
-    if (rc == 0) {
-        int patched = plan->n_donors > 0 || plan->n_rules > 0;
-        rc = run_pass(m, ops, pb, -1, &cache, patched ? &patch : NULL, out->logits ? out->logits : last,
-                      out->logits != NULL, out, NULL, err);
+    int patched = plan->n_donors > 0 || plan->n_rules > 0;
+    if (out->row_metrics && !out->logits && !out->last_logits && out->max_new <= 0 &&
+        model_config_local(c).n_vocab == V) {
+        // Only the figures: the last logits stay in backend memory and are reduced there (logit_metrics).
+        float *dev = rc == 0 ? ops->alloc(sizeof(float) * (size_t)S * V) : NULL;
+        if (rc == 0) rc = run_pass(m, ops, pb, -1, &cache, patched ? &patch : NULL, dev, LOGITS_LAST_IN_BACKEND, out,
+                                   NULL, err);
+        if (rc == 0) ops->logit_metrics(out->row_metrics, dev, out->targets, NULL, S, V);
+        if (dev) ops->release(dev);
+        kv_cache_free(&cache);
+        return rc;
     }
+    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
+    if (rc == 0)
+        rc = run_pass(m, ops, pb, -1, &cache, patched ? &patch : NULL, out->logits ? out->logits : last,
+                      out->logits ? LOGITS_ALL : LOGITS_LAST, out, NULL, err);
     if (rc == 0 && out->logits) {
         // Packed rows -> [n_seqs][max_len][V]: last sequence first so nothing is overwritten before it moves.
         int t0 = 0;
@@ -99,6 +115,7 @@ int patch_prompt_pass(const model *m, const kernel_ops *ops, const ablation_plan
         }
     }
     if (rc == 0 && out->last_logits) memcpy(out->last_logits, last, sizeof(float) * (size_t)S * V);
+    if (rc == 0 && out->row_metrics) kernel_ops_ref()->logit_metrics(out->row_metrics, last, out->targets, NULL, S, V);
     if (rc == 0 && out->max_new > 0) {
         greedy_opts o = {.max_new_tokens = out->max_new, .stop_ids = out->stop_ids, .n_stop_ids = out->n_stop_ids};
         rc = greedy_decode(m, ops, &cache, last, &o, out->generated, out->n_generated, err);
@@ -354,7 +371,7 @@ int patch_base_run(const model *m, const kernel_ops *ops, const ablation_plan *p
                            .index = pb->index, .type_stride = pb->max_len, .n_typed = pb->lengths};
     for (int d = 0; d < plan->n_donors; d++) patch.donors[d] = &donors[d];
     int patched = plan->n_donors > 0 || plan->n_rules > 0;
-    int rc = run_pass(m, ops, pb, -1, &b->cache, patched ? &patch : NULL, b->last_logits, 0, &base_stats, b->resid, err);
+    int rc = run_pass(m, ops, pb, -1, &b->cache, patched ? &patch : NULL, b->last_logits, LOGITS_LAST, &base_stats, b->resid, err);
     if (rc) patch_base_free(b);
     return rc;
 }
@@ -464,6 +481,7 @@ int patch_prompt_pass_from(const model *m, const kernel_ops *ops, const ablation
         rc = derive_into(m, ops, plan, pb, donors, base, reach, &cache, last, out->attn_entropy && out->attn_mass ? out : NULL,
                          err);
     if (rc == 0 && out->last_logits) memcpy(out->last_logits, last, sizeof(float) * (size_t)S * V);
+    if (rc == 0 && out->row_metrics) kernel_ops_ref()->logit_metrics(out->row_metrics, last, out->targets, NULL, S, V);
     if (rc == 0 && out->max_new > 0) {
         greedy_opts o = {.max_new_tokens = out->max_new, .stop_ids = out->stop_ids, .n_stop_ids = out->n_stop_ids};
         rc = greedy_decode(m, ops, &cache, last, &o, out->generated, out->n_generated, err);
@@ -504,6 +522,9 @@ int patch_prompt_passes_from(const model *m, const kernel_ops *ops, int n, const
             if (rc == 0) rc = kv_cache_copy_seqs(&all, g * S, &one, pb->lengths, NULL, 0, 0, err);
             if (rc == 0 && outs[i0 + g].last_logits)
                 memcpy(outs[i0 + g].last_logits, last + (size_t)g * S * V, sizeof(float) * (size_t)S * V);
+            if (rc == 0 && outs[i0 + g].row_metrics)
+                kernel_ops_ref()->logit_metrics(outs[i0 + g].row_metrics, last + (size_t)g * S * V, outs[i0 + g].targets,
+                                                NULL, S, V);
         }
         if (rc) break;
         greedy_opts o = {.max_new_tokens = max_new, .stop_ids = outs[0].stop_ids, .n_stop_ids = outs[0].n_stop_ids};

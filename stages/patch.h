@@ -40,6 +40,15 @@ typedef struct {
     // and query head, mass over the prompt token types bos .. last (PATCH_ATTN_TYPES)
     float *attn_entropy;  // [n_seqs][n_layers][n_heads]
     float *attn_mass;     // [n_seqs][n_layers][n_heads][PATCH_ATTN_TYPES]
+    // optional out [n_seqs]: the last position's next-token figures (kernel_ops.logit_metrics) for target
+    // token targets[s] (host memory, [n_seqs], required with it). patch_prompt_pass, asked for these alone
+    // (no logits, no last_logits, no generation), keeps the last logits in the backend's memory and reduces
+    // them there, so a device backend copies back these few numbers instead of [n_seqs][vocab] floats; the
+    // figures are the same bytes as metrics_first_token's on the host backends either way. Every other pass
+    // taking patch_outputs (patch_prompt_pass with logits or generation, the derived passes) fills it from
+    // the host copy of the last logits with the same host reduction.
+    logit_row_metrics *row_metrics;
+    const int *targets;
 } patch_outputs;
 
 #define PATCH_ATTN_TYPES 7  // bos, x, t, y, n, query, last (stages/prompts.h token_type up to TT_LAST)

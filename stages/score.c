@@ -45,20 +45,31 @@ int score_check_targets(const stage_inputs *in, ep_error *err) {
     return 0;
 }
 
-// One plan's prompt pass over a batch (donors computed on the spot): last-position logits.
-static int plan_last_logits(const stage_inputs *in, const ablation_plan *plan, const prompt_batch *pb, float *last,
-                            ep_error *err) {
-    patch_outputs out = {.last_logits = last};
-    return patch_run(&in->dev, in->ops, plan, pb, &out, err);
+// One plan's prompt pass over prompts first.. of a batch (donors computed on the spot), its logit figures at
+// the last position added to sums[3] as add_metrics adds them (the same bytes: metrics_first_token is
+// logit_metrics on the host). The last logits are reduced where the pass ran (patch_outputs.row_metrics):
+// a device backend copies back the figures, not [S][vocab] floats.
+static int plan_add_metrics(const stage_inputs *in, const ablation_plan *plan, const prompt_batch *pb, int first,
+                            double *sums, ep_error *err) {
+    const prompt_set *ps = &in->prompts;
+    int S = pb->n_seqs;
+    int *targets = ep_malloc(sizeof(int) * (size_t)S);
+    logit_row_metrics *rows = ep_malloc(sizeof *rows * (size_t)S);
+    for (int i = 0; i < S; i++) targets[i] = ps->targets[(size_t)(first + i) * ps->max_target];
+    patch_outputs out = {.row_metrics = rows, .targets = targets};
+    int rc = patch_run(&in->dev, in->ops, plan, pb, &out, err);
+    for (int i = 0; i < S && rc == 0; i++) {
+        prompt_metrics pm = {0};
+        metrics_from_row(&rows[i], targets[i], &pm);
+        sums[0] += pm.target_logprob, sums[1] += pm.first_token_correct, sums[2] += pm.logit_diff;
+    }
+    free(targets), free(rows);
+    return rc;
 }
 
 int circuit_measure_batch(const stage_inputs *in, const ablation_plan *plan, int first, int n, double *sums, ep_error *err) {
-    float *last = ep_malloc(sizeof(float) * (size_t)n * in->m.cfg.vocab_size);
     prompt_batch pb = stage_batch(in, first, n);
-    int rc = plan_last_logits(in, plan, &pb, last, err);
-    if (rc == 0) add_metrics(in, last, first, n, sums);
-    free(last);
-    return rc;
+    return plan_add_metrics(in, plan, &pb, first, sums, err);
 }
 
 int circuit_measure(const stage_inputs *in, const circuit *c, circuit_metrics *out, ep_error *err) {
@@ -465,19 +476,14 @@ static int exact_batch_rows(const stage_inputs *in, const circuit *c, const abla
 static int exact_batch_full(const stage_inputs *in, const circuit *c, const ablation_plan *plan, unit_kind kind,
                             const circuit_unit *units, int n, const prompt_batch *pb, int first, double *sums,
                             double *base_sums, ep_error *err) {
-    int S = pb->n_seqs, V = in->m.cfg.vocab_size;
-    float *last = ep_malloc(sizeof(float) * (size_t)S * V);
-    int rc = plan_last_logits(in, plan, pb, last, err);
-    if (rc == 0) add_metrics(in, last, first, S, base_sums);
+    int rc = plan_add_metrics(in, plan, pb, first, base_sums, err);
     for (int u = 0; u < n && rc == 0; u++) {
         ablation_plan pu;
         rc = unit_plan(in, &in->m.cfg, c, kind, &units[u], &pu, err);
         if (rc) break;
-        rc = plan_last_logits(in, &pu, pb, last, err);
+        rc = plan_add_metrics(in, &pu, pb, first, sums + (size_t)u * 3, err);
         plan_free(&pu);
-        if (rc == 0) add_metrics(in, last, first, S, sums + (size_t)u * 3);
     }
-    free(last);
     return rc;
 }
 

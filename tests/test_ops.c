@@ -384,8 +384,10 @@ static void test_patched_attention(const kernel_ops *b, const kernel_ops *ref) {
 // KL 0, the masses of fully typed rows sum to 1, the entropy matches -sum p ln p of the distribution the
 // attention output implies (p recovered by attending to one-hot values), and a wrong variant (the KL with
 // its arguments swapped) differs.
+static void test_logit_metrics(const kernel_ops *b, const kernel_ops *ref);
+
 static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
-    if (!b->kl_div_rows || !b->attention_row_stats) {
+    if (!b->kl_div_rows || !b->attention_row_stats || !b->logit_metrics) {
         printf("  %-5s metric ops not implemented in this backend\n", b->name);
         check(0, "%s: no metric ops", b->name);
         return;
@@ -491,6 +493,110 @@ static void test_metric_ops(const kernel_ops *b, const kernel_ops *ref) {
     }
     free(iv);
     free(x), free(y);
+    test_logit_metrics(b, ref);
+}
+
+// The worst difference between two logit_metrics results: argmax and other must be equal (else 1), the
+// floats within rel relative error (|a - b| / max(1, |b|)), infinities equal.
+static double logit_metrics_error(const logit_row_metrics *got, const logit_row_metrics *want, int rows) {
+    double worst = 0;
+    for (int r = 0; r < rows; r++) {
+        if (got[r].argmax != want[r].argmax || got[r].other != want[r].other) return 1;
+        float g[3] = {got[r].target_logprob, got[r].logit_diff, got[r].log_sum_exp};
+        float w[3] = {want[r].target_logprob, want[r].logit_diff, want[r].log_sum_exp};
+        for (int f = 0; f < 3; f++) {
+            if (isinf(w[f]) || isinf(g[f])) {
+                if (g[f] != w[f]) return 1;
+                continue;
+            }
+            double e = fabs((double)g[f] - w[f]) / fmax(1.0, fabs((double)w[f]));
+            if (!(e <= worst)) worst = isnan(e) ? 1 : e;
+        }
+    }
+    return worst;
+}
+
+// logit_metrics (the device-side reduction of stages/metrics.c's figures): rows longer than a block of
+// threads, with ties at the max (the target behind and ahead of an equal logit), -inf logits (a target
+// among them), logits near the fp32 range, a given second token, target 0 and n - 1. ref against a brute
+// force written here (long double, each index tested against every other for the argmax), then every
+// backend against ref; the can-fail siblings: the last-index tie rule and a planted one-ulp-scale error
+// in one log-prob are caught.
+static void test_logit_metrics(const kernel_ops *b, const kernel_ops *ref) {
+    enum { R = 9, N = 1000 };
+    float *x = random_floats((size_t)R * N, 8);
+    int target[R] = {17, 700, 3, 250, 10, 11, 42, 0, N - 1}, other[R] = {-1, -1, -1, -1, -1, -1, 999, -1, -1};
+    float *row = x + 1 * N;  // row 1: the max at 5, 700 and 900; the target the second of them
+    row[5] = row[700] = row[900] = 20;
+    row = x + 2 * N;  // row 2: the target 3 is the first of two maxima (logit_diff 0 against 600)
+    row[3] = row[600] = 20;
+    row = x + 3 * N;  // row 3: logits near the fp32 range (exp without the max subtracted overflows)
+    for (int i = 0; i < N; i++) row[i] *= 4e37f;
+    row = x + 4 * N;  // row 4: every other logit -inf (masked), the target finite
+    for (int i = 1; i < N; i += 2) row[i] = -INFINITY;
+    row = x + 5 * N;  // row 5: the same mask, the target 11 among the -inf: log-prob and diff -inf
+    for (int i = 1; i < N; i += 2) row[i] = -INFINITY;
+    row = x + 7 * N;  // row 7: the target 0 is the max (the best other starts from 1)
+    row[0] = 30;
+    row = x + 8 * N;  // row 8: the last token, tied with the first
+    row[0] = row[N - 1] = 25;
+
+    logit_row_metrics want[R], got[R], brute[R];
+    int best_other[R];
+    ref->logit_metrics(want, x, target, other, R, N);
+    int last_tie_differs = 0;
+    for (int r = 0; r < R; r++) {
+        const float *v = x + (size_t)r * N;
+        int am = -1, bo = -1, am_last = -1;
+        for (int i = 0; i < N && am < 0; i++) {
+            int is_max = 1;
+            for (int j = 0; j < N && is_max; j++) is_max = j < i ? v[j] < v[i] : v[j] <= v[i];
+            if (is_max) am = i;
+        }
+        for (int i = 0; i < N && bo < 0; i++) {
+            if (i == target[r]) continue;
+            int is_max = 1;
+            for (int j = 0; j < N && is_max; j++)
+                if (j != target[r]) is_max = j < i ? v[j] < v[i] : v[j] <= v[i];
+            if (is_max) bo = i;
+        }
+        for (int i = 0; i < N; i++)
+            if (v[i] == v[am]) am_last = i;
+        last_tie_differs |= am_last != want[r].argmax;
+        long double mx = v[am], sum = 0;
+        for (int i = 0; i < N; i++) sum += expl((long double)v[i] - mx);
+        long double lse = mx + logl(sum);
+        int o = other[r] >= 0 ? other[r] : bo;
+        best_other[r] = bo;
+        brute[r] = (logit_row_metrics){.argmax = am, .other = o, .target_logprob = (float)((long double)v[target[r]] - lse),
+                                       .logit_diff = v[target[r]] - v[o], .log_sum_exp = (float)lse};
+    }
+    if (b == kernel_ops_cpu()) {  // the reference against the brute force, once
+        double e = logit_metrics_error(want, brute, R);
+        printf("  ref   logit_metrics against a long double brute force: %.3g\n", e);
+        check(e <= 1e-6, "ref logit_metrics off the brute force by %.3g", e);
+        check(want[1].argmax == 5 && want[1].other == 5 && want[2].argmax == 3 && want[2].other == 600 &&
+                  want[2].logit_diff == 0 && isinf(want[5].target_logprob) && want[8].argmax == 0,
+              "ref logit_metrics: ties or -inf handled wrongly");
+        check(last_tie_differs, "the last-index tie rule agrees with ref: the tie check cannot fail");
+        logit_row_metrics planted[R];
+        memcpy(planted, want, sizeof planted);
+        planted[0].target_logprob = nextafterf(nextafterf(planted[0].target_logprob, 0), 0) * (1 + 4e-6f);
+        check(logit_metrics_error(planted, want, R) > 1e-6, "a planted log-prob error passes: the check cannot fail");
+    }
+    staging s = {.b = b};
+    float *bx = stage_in(&s, x, sizeof(float) * R * N);
+    b->logit_metrics(got, bx, target, other, R, N);
+    stage_free(&s);
+    report(b->name, "logit_met", logit_metrics_error(got, want, R), 1e-6);
+    // Without `other` (NULL): row 6 falls back to the best other token, on the backend as on the host.
+    logit_row_metrics plain[R];
+    bx = stage_in(&s, x, sizeof(float) * R * N);
+    b->logit_metrics(plain, bx, target, NULL, R, N);
+    stage_free(&s);
+    check(plain[6].other == best_other[6] && best_other[6] != 999 && plain[6].argmax == want[6].argmax,
+          "%s: logit_metrics with other NULL: other %d, want %d", b->name, plain[6].other, best_other[6]);
+    free(x);
 }
 
 // copy_rows (strided rows, as the forward pass writes the KV cache and substitutes head outputs) and

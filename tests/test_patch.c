@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "stages/mean_donor.h"
+#include "stages/metrics.h"
 #include "stages/patch.h"
 #include "tests/harness.h"
 
@@ -192,6 +193,46 @@ static int open_case(const char *name, const char *extra, model *m, fixture *f, 
     return 0;
 }
 
+// The figures-only path (patch_outputs.row_metrics alone: the last logits reduced in the backend's memory,
+// never copied back) on model m (ops' memory) against metrics_first_token on the cpu pass's last logits:
+// the same bytes on cpu and offset (the host reduction both run), within fp32 rounding on cuda. The
+// targets are each prompt's last token (any in-vocabulary ids do). Returns the worst log-prob difference.
+static double row_metrics_vs_logits(const model *host, const model *m, const kernel_ops *ops, const ablation_plan *plan,
+                                    const prompt_batch *pb, int *same) {
+    int V = m->cfg.vocab_size, targets[P];
+    logit_row_metrics rows[P];
+    for (int s = 0; s < P; s++) targets[s] = pb->tokens[(size_t)s * pb->max_len + pb->lengths[s] - 1];
+    patch_outputs out = {.row_metrics = rows, .targets = targets};
+    ep_error err = {{0}};
+    *same = 0;
+    if (patch_run(m, ops, plan, pb, &out, &err)) {
+        check(0, "patch_run %s (%s, row_metrics): %s", plan->name, ops->name, err.msg);
+        return INFINITY;
+    }
+    // The reference: the same pass on cpu with its last logits copied out (projected as the last rows alone:
+    // a product over every row may round differently), then metrics_first_token on them.
+    float *last = malloc(sizeof(float) * (size_t)P * V);
+    patch_outputs lo = {.last_logits = last};
+    if (patch_run(host, kernel_ops_cpu(), plan, pb, &lo, &err)) {
+        check(0, "patch_run %s (cpu, last_logits): %s", plan->name, err.msg);
+        free(last);
+        return INFINITY;
+    }
+    double worst = 0;
+    int n_same = 0;
+    for (int s = 0; s < P; s++) {
+        prompt_metrics want, got = {0};
+        metrics_first_token(last + (size_t)s * V, V, targets[s], &want);
+        metrics_from_row(&rows[s], targets[s], &got);
+        n_same += !memcmp(&got, &want, sizeof got);
+        worst = fmax(worst, fabs((double)got.target_logprob - want.target_logprob) +
+                                (got.first_token_correct != want.first_token_correct));
+    }
+    *same = n_same == P;
+    free(last);
+    return worst;
+}
+
 static void test_model(const char *name, json_t *plans) {
     model m;
     ep_error err = {{0}};
@@ -238,6 +279,16 @@ static void test_model(const char *name, json_t *plans) {
         if (run(&m, &plan, &pb, &r) == 0) {
             double worst;
             int same_tokens = vs_reference(&f, j, &r, V, &worst);
+            int rm_same;
+            double rm = row_metrics_vs_logits(&m, &m, kernel_ops_cpu(), &plan, &pb, &rm_same);
+            check(rm_same, "%s %s: cpu row_metrics differ from metrics_first_token of the logits (%.3g)", name,
+                  plan.name, rm);
+            for (int k = 0; k < 2; k++) {
+                if (!others[k]) continue;
+                rm = row_metrics_vs_logits(&m, &devs[k], others[k], &plan, &pb, &rm_same);
+                check(others[k] == kernel_ops_offset() ? rm_same : rm <= 1e-4,
+                      "%s %s: %s row_metrics off the cpu logits' figures (%.3g)", name, plan.name, others[k]->name, rm);
+            }
             for (int k = 0; k < 2; k++) {
                 run_result o = {0};
                 if (!others[k] || run_on(&devs[k], others[k], &plan, &pb, &o)) {

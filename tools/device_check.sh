@@ -348,7 +348,9 @@ PY
         for tool in $tools; do
             [ $((DEADLINE_S - SECONDS)) -lt 40 ] && { echo "compute-sanitizer $tool: out of time, not run"; continue; }
             section "compute-sanitizer --tool $tool test_ops"
-            OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
+            # EP_CUDA_POOL=0: plain cudaMalloc per buffer, so memcheck sees each buffer's bounds (a pool's
+            # slab would hide an overrun into a neighbouring buffer; docs/cuda.md "Device memory").
+            EP_CUDA_POOL=0 OPENBLAS_NUM_THREADS=8 bin timeout "$(budget 120)" compute-sanitizer --tool "$tool" --error-exitcode 86 \
                 .device/test_ops 2>&1 | tail -n 4
             [ "${PIPESTATUS[0]}" -eq 86 ] && rc_san=6
         done

@@ -624,6 +624,31 @@ int main() {
         rep("kl_div", relerr(got, want));
         if (got[2] != 0.0f) { printf("  emu kl_div of identical rows %g\n", got[2]); fails++; }
     }
+    {   // logit_metrics: rows longer than the block, ties at the max (target behind and ahead), -inf logits,
+        // logits near the fp32 range, a given second token; argmax and other must match ref exactly
+        int R = 6, n = 1000;
+        auto x = rnd((size_t)R * n, 8);
+        x[1 * n + 5] = x[1 * n + 700] = x[1 * n + 900] = 20;
+        x[2 * n + 3] = x[2 * n + 600] = 20;
+        for (int i = 0; i < n; i++) x[3 * n + i] *= 4e37f;
+        for (int i = 1; i < n; i += 2) x[4 * n + i] = -INFINITY;
+        std::vector<int> target = {17, 700, 3, 250, 10, 42}, other = {-1, -1, -1, -1, -1, 999}, tokens(2 * R);
+        for (int r = 0; r < R; r++) tokens[2 * r] = target[r], tokens[2 * r + 1] = other[r];
+        std::vector<logit_row_metrics> want(R), got(R);
+        ref->logit_metrics(want.data(), x.data(), target.data(), other.data(), R, n);
+        logit_row_metrics *o = got.data(); const float *xp = x.data(); const int *tp = tokens.data();
+        launch(dim3(R), dim3(ROW_THREADS), [&] { logit_metrics_kernel(o, xp, tp, n); });
+        double e = 0;
+        for (int r = 0; r < R; r++) {
+            if (got[r].argmax != want[r].argmax || got[r].other != want[r].other) e = 1;
+            float g[3] = {got[r].target_logprob, got[r].logit_diff, got[r].log_sum_exp};
+            float w[3] = {want[r].target_logprob, want[r].logit_diff, want[r].log_sum_exp};
+            for (int f = 0; f < 3; f++)
+                e = std::max(e, std::isinf(w[f]) || std::isinf(g[f]) ? (g[f] == w[f] ? 0.0 : 1.0)
+                                                                      : fabs((double)g[f] - w[f]) / std::max(1.0, fabs((double)w[f])));
+        }
+        rep("logit_met", e);
+    }
     {   // attention_row_stats: the patched-attention inputs, patched and plain, with and without a window
         enum { T0 = 17, T1 = 9 };
         static int32_t types[T0], index[T0];

@@ -310,7 +310,7 @@ static int pdf_fixed_dates(const char *path, ep_error *err) {
 
 void report_figure_init(report_figure *f, const char *run, const char *name) {
     snprintf(f->path, sizeof f->path, "%s/%s", run, name);
-    snprintf(f->tmp, sizeof f->tmp, "%s.tmp-%d", f->path, (int)getpid());
+    snprintf(f->tmp, sizeof f->tmp, "%.4199s.tmp-%d", f->path, (int)getpid());
 }
 
 static int ends_with(const char *s, const char *tail) {
@@ -402,6 +402,32 @@ static void ablation_layers(json_t *a, char *out, size_t size) {
     layer_ranges(on, MAX_LAYERS, out, size);
 }
 
+// Writes NAME.csv (table) and NAME.gp (script) into run, then has gnuplot draw NAME.png, .pdf and .svg
+// from the script (the outputs are its variables png, pdf and svg: temporaries until drawn); a missing
+// gnuplot is a note on out. 0, or -1 (err).
+static int gnuplot_figures(const char *run, const char *name, const char *table, const char *script, FILE *out,
+                           ep_error *err) {
+    char gp[4200], csv[4200], file[256];
+    snprintf(gp, sizeof gp, "%s/%s.gp", run, name);
+    snprintf(csv, sizeof csv, "%s/%s.csv", run, name);
+    report_figure files[3];
+    const char *vars[3] = {"png", "pdf", "svg"};
+    char why[200], assign[3 * 8800];
+    size_t at = 0;
+    for (int k = 0; k < 3; k++) {
+        snprintf(file, sizeof file, "%s.%s", name, vars[k]);
+        report_figure_init(&files[k], run, file);
+        at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
+    }
+    int rc = write_text_atomic(csv, table, err);
+    if (rc == 0) rc = write_text_atomic(gp, script, err);
+    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
+    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
+    if (rc == 1) fprintf(out, "figures: %s.png, .pdf and .svg skipped: %s (data in %s)\n", name, why, csv);
+    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
+    return rc < 0 ? -1 : 0;
+}
+
 // accuracy_drop.csv: one row per heatmap cell (the ablation drawn there).
 static char *heatmap_csv(json_t *logs, json_t **cell, const char **groups, const char **bands, int G, int B) {
     char *text = NULL, layers[4096];
@@ -465,19 +491,12 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
         if (fabs(d) > most) most = fabs(d);
         with_ci |= counts_of(cell[k], &(paired_counts){0});
     }
-    char gp[4200], csv[4200];
-    snprintf(gp, sizeof gp, "%s/accuracy_drop.gp", run);
-    snprintf(csv, sizeof csv, "%s/accuracy_drop.csv", run);
-    report_figure files[3];
-    report_figure_init(&files[0], run, "accuracy_drop.png");
-    report_figure_init(&files[1], run, "accuracy_drop.pdf");
-    report_figure_init(&files[2], run, "accuracy_drop.svg");
     char *text = NULL, *table = heatmap_csv(logs, cell, groups, bands, G, B);
     size_t len = 0;
     FILE *f = table ? open_memstream(&text, &len) : NULL;
     if (!f) {
         free(cell), free(table);
-        return ep_fail(err, "%s: out of memory", gp);
+        return ep_fail(err, "%s/accuracy_drop.gp: out of memory", run);
     }
     int width = 300 + 150 * B < 640 ? 640 : 300 + 150 * B, height = 270 + (with_ci ? 75 : 55) * G;
     fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot accuracy_drop.gp` to redraw accuracy_drop.png,\n"
@@ -519,18 +538,9 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     fprintf(f, "set terminal svg size %d,%d font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n", width, height);
     fclose(f);
     free(cell);
-    int rc = write_text_atomic(csv, table, err);
-    if (rc == 0) rc = write_text_atomic(gp, text, err);
+    int rc = gnuplot_figures(run, "accuracy_drop", table, text, out, err);
     free(text), free(table);
-    char why[200], assign[3 * 8800];
-    size_t at = 0;
-    const char *vars[3] = {"png", "pdf", "svg"};
-    for (int k = 0; k < 3; k++) at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
-    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
-    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
-    if (rc == 1) fprintf(out, "figures: accuracy_drop.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
-    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
-    return rc < 0 ? -1 : 0;
+    return rc;
 }
 
 static const char *type_order[] = {"bos", "x", "t", "y", "n", "query", "last"};
@@ -803,17 +813,10 @@ static void fv_table(FILE *f, const fv_summary *v) {
 // prompts' accuracy dotted.
 // icl: the full model's accuracy with the demonstrations (model_logs.json), drawn dotted when known.
 static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out, ep_error *err) {
-    char gp[4200], csv[4200];
-    snprintf(gp, sizeof gp, "%s/fv_accuracy.gp", run);
-    snprintf(csv, sizeof csv, "%s/fv_accuracy.csv", run);
-    report_figure files[3];
-    report_figure_init(&files[0], run, "fv_accuracy.png");
-    report_figure_init(&files[1], run, "fv_accuracy.pdf");
-    report_figure_init(&files[2], run, "fv_accuracy.svg");
     char *table = NULL, *text = NULL;
     size_t tlen = 0, len = 0;
     FILE *t = open_memstream(&table, &tlen);
-    if (!t) return ep_fail(err, "%s: out of memory", csv);
+    if (!t) return ep_fail(err, "%s/fv_accuracy.csv: out of memory", run);
     fprintf(t, "layer,scale,accuracy,first_token_accuracy\n");
     for (int l = 0; l < v->n_layers; l++)
         for (int k = 0; k < v->n_scales; k++)
@@ -823,7 +826,7 @@ static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out
     FILE *f = open_memstream(&text, &len);
     if (!f) {
         free(table);
-        return ep_fail(err, "%s: out of memory", gp);
+        return ep_fail(err, "%s/fv_accuracy.gp: out of memory", run);
     }
     fprintf(f, "# gnuplot script written by edgepatch report; run `gnuplot fv_accuracy.gp` to redraw fv_accuracy.png,\n"
                "# .pdf and .svg. The data: fv_accuracy.csv.\n");
@@ -849,18 +852,9 @@ static int fv_figure(const char *run, const fv_summary *v, double icl, FILE *out
     fprintf(f, "set terminal pdfcairo size 8.00in,4.80in font 'sans,8'\nset output pdf\nreplot\n");
     fprintf(f, "set terminal svg size 800,480 font 'sans,11' background '#ffffff'\nset output svg\nreplot\nunset output\n");
     fclose(f);
-    int rc = write_text_atomic(csv, table, err);
-    if (rc == 0) rc = write_text_atomic(gp, text, err);
+    int rc = gnuplot_figures(run, "fv_accuracy", table, text, out, err);
     free(text), free(table);
-    char why[200], assign[3 * 8800];
-    size_t at = 0;
-    const char *vars[3] = {"png", "pdf", "svg"};
-    for (int k = 0; k < 3; k++) at += report_gnuplot_assign(assign + at, sizeof assign - at, vars[k], files[k].tmp);
-    char *argv[] = {"gnuplot", "-e", assign, gp, NULL};
-    if (rc == 0) rc = report_draw(argv, files, 3, why, sizeof why, err);
-    if (rc == 1) fprintf(out, "figures: fv_accuracy.png, .pdf and .svg skipped: %s (data in %s)\n", why, csv);
-    else if (rc == 0) fprintf(out, "figures: %s, .pdf, .svg (data %s, source %s)\n", files[0].path, csv, gp);
-    return rc < 0 ? -1 : 0;
+    return rc;
 }
 
 int report_write(const char *run_dir, FILE *out, ep_error *err) {

@@ -356,7 +356,7 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             if (kind == 2) agg[c] += d, n_agg[c]++;
             char layers[2048];
             layer_text(a, layers, sizeof layers);
-            if (!p->col_text[c][0] && layers[0] && strlen(layers) < 40) snprintf(p->col_text[c], sizeof p->col_text[c], "%.40s\\nL%s", b, layers);
+            if (!p->col_text[c][0] && layers[0] && strlen(layers) < 40) snprintf(p->col_text[c], sizeof p->col_text[c], "%.40s\\nL%.39s", b, layers);
             report_csv_text(drop.f, tr[t].task), fputc(',', drop.f), report_csv_text(drop.f, g), fputc(',', drop.f);
             report_csv_text(drop.f, b), fputc(',', drop.f), report_csv_text(drop.f, layers), fputc(',', drop.f);
             report_csv_text(drop.f, str(a, "name", ""));

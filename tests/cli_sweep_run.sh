@@ -98,7 +98,9 @@ timeout 120 "$bin" sweep run "$tmp/a.json" > /dev/null 2> "$tmp/a2.err" && [ "$(
 
 # --- Stopped in the middle, then resumed
 make_sweep "$tmp/b" "$tmp/b.json"
-EDGEPATCH_TEST_ITEM_DELAY_MS=300 timeout 600 "$bin" sweep run "$tmp/b.json" > "$tmp/b.out" 2> "$tmp/b.err" &
+# timeout --foreground: a plain timeout passes the signal on to the child and then to its whole process
+# group, so the run would get it twice, and a second stop signal ends a run at once (docs/distribution.md).
+EDGEPATCH_TEST_ITEM_DELAY_MS=300 timeout --foreground 600 "$bin" sweep run "$tmp/b.json" > "$tmp/b.out" 2> "$tmp/b.err" &
 pid=$!
 # Until the third run computes (bounded by time: the suite runs beside this test and can make the first
 # two runs take minutes); then a little later, inside it (its items take 300 ms each).

@@ -23,16 +23,6 @@ typedef struct {
     int timed;
 } task_runs;
 
-static double num(json_t *o, const char *key) {
-    json_t *v = json_object_get(o, key);
-    return json_is_number(v) ? json_number_value(v) : NAN;
-}
-
-static const char *str(json_t *o, const char *key, const char *fallback) {
-    const char *v = json_string_value(json_object_get(o, key));
-    return v ? v : fallback;
-}
-
 // A run file: NULL in *out when it is not there (the run has not got that far); refused when it is there
 // but lacks a field the report reads.
 static int load_run_file(const char *dir, const char *name, const char *const *numbers, json_t **out, ep_error *err) {
@@ -76,7 +66,7 @@ static int ablation_kind(json_t *config, const char *name) {
     size_t i, k;
     json_t *a, *r;
     json_array_foreach(json_object_get(config, "ablations"), i, a) {
-        if (strcmp(str(a, "name", ""), name)) continue;
+        if (strcmp(report_str(a, "name", ""), name)) continue;
         int context = 1, aggregation = 1, n = 0;
         json_array_foreach(json_object_get(a, "rules"), k, r) {
             json_t *s = json_object_get(r, "sender"), *v = json_object_get(r, "receiver"), *e;
@@ -260,10 +250,10 @@ static int collect(const sweep *s, int m, task_runs *tr, int *n_tasks, ep_error 
     json_t *times = json_load_file(path, 0, NULL), *r;
     size_t i;
     json_array_foreach(json_object_get(times, "runs"), i, r) {
-        if (strcmp(str(r, "model", ""), s->models[m].name)) continue;
+        if (strcmp(report_str(r, "model", ""), s->models[m].name)) continue;
         for (int t = 0; t < *n_tasks; t++)
-            if (!strcmp(str(r, "task", ""), tr[t].task) && json_is_number(json_object_get(r, "wall_s"))) {
-                tr[t].wall += num(r, "wall_s"), tr[t].cpu += num(r, "cpu_s"), tr[t].timed++;
+            if (!strcmp(report_str(r, "task", ""), tr[t].task) && json_is_number(json_object_get(r, "wall_s"))) {
+                tr[t].wall += report_num(r, "wall_s"), tr[t].cpu += report_num(r, "cpu_s"), tr[t].timed++;
             }
     }
     json_decref(times);
@@ -323,10 +313,10 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
     for (int t = 0; t < T; t++) {
         json_t *l = tr[t].acc_logs;
         fprintf(f, "%-30s", tr[t].task);
-        if (l) fprintf(f, " %8d", (int)num(l, "n_prompts"));
+        if (l) fprintf(f, " %8d", (int)report_num(l, "n_prompts"));
         else fprintf(f, " %8s", "-");
-        cell(f, l ? num(l, "full_model_accuracy") : NAN),
-            cell(f, l ? num(l, "full_model_first_token_accuracy") : NAN);
+        cell(f, l ? report_num(l, "full_model_accuracy") : NAN),
+            cell(f, l ? report_num(l, "full_model_first_token_accuracy") : NAN);
         fprintf(f, "\n");
     }
 
@@ -337,21 +327,21 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
         json_t *l = tr[t].band_logs, *a;
         if (!l) continue;
         panel *p = &bands[n_band_panels++];
-        snprintf(p->title, sizeof p->title, "%s (n = %d, full %.2f)", tr[t].task, (int)num(l, "n_prompts"), num(l, "full_model_accuracy"));
+        snprintf(p->title, sizeof p->title, "%s (n = %d, full %.2f)", tr[t].task, (int)report_num(l, "n_prompts"), report_num(l, "full_model_accuracy"));
         for (int r = 0; r < MAX_LABELS; r++)
             for (int c = 0; c < MAX_LABELS; c++) p->v[r][c] = NAN;
-        double full = num(l, "full_model_accuracy"), ctx[MAX_LABELS] = {0}, agg[MAX_LABELS] = {0};
+        double full = report_num(l, "full_model_accuracy"), ctx[MAX_LABELS] = {0}, agg[MAX_LABELS] = {0};
         int n_ctx[MAX_LABELS] = {0}, n_agg[MAX_LABELS] = {0};
         size_t i;
         json_array_foreach(json_object_get(l, "ablations"), i, a) {
-            const char *g = str(a, "group", NULL), *b = str(a, "band", NULL);
+            const char *g = report_str(a, "group", NULL), *b = report_str(a, "band", NULL);
             if (!g || !b) continue;
             int r = add_label(p->rows, &p->R, g), c = add_label(p->cols, &p->C, b);
             if (r < 0 || c < 0) continue;
-            double d = full - num(a, "accuracy");
+            double d = full - report_num(a, "accuracy");
             p->v[r][c] = d;
             most = fabs(d) > most ? fabs(d) : most;
-            int kind = ablation_kind(tr[t].band_config, str(a, "name", ""));
+            int kind = ablation_kind(tr[t].band_config, report_str(a, "name", ""));
             if (kind == 1) ctx[c] += d, n_ctx[c]++;
             if (kind == 2) agg[c] += d, n_agg[c]++;
             char layers[2048];
@@ -359,9 +349,9 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             if (!p->col_text[c][0] && layers[0] && strlen(layers) < 40) snprintf(p->col_text[c], sizeof p->col_text[c], "%.40s\\nL%.39s", b, layers);
             report_csv_text(drop.f, tr[t].task), fputc(',', drop.f), report_csv_text(drop.f, g), fputc(',', drop.f);
             report_csv_text(drop.f, b), fputc(',', drop.f), report_csv_text(drop.f, layers), fputc(',', drop.f);
-            report_csv_text(drop.f, str(a, "name", ""));
-            fprintf(drop.f, ",%d", (int)num(l, "n_prompts"));
-            csv_num(drop.f, full), csv_num(drop.f, num(a, "accuracy")), csv_num(drop.f, d);
+            report_csv_text(drop.f, report_str(a, "name", ""));
+            fprintf(drop.f, ",%d", (int)report_num(l, "n_prompts"));
+            csv_num(drop.f, full), csv_num(drop.f, report_num(a, "accuracy")), csv_num(drop.f, d);
             fprintf(drop.f, ",%s\n", kind == 1 ? "contextualization" : kind == 2 ? "aggregation" : "other");
         }
         if (p->C == 0 || p->R == 0) {  // no ablation with a group and a band
@@ -369,7 +359,7 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             continue;
         }
         fprintf(f, "\n%s: accuracy drop by edge group (rows) and layer band (columns); full model %.3f, n = %d\n%-16s",
-                tr[t].task, full, (int)num(l, "n_prompts"), "");
+                tr[t].task, full, (int)report_num(l, "n_prompts"), "");
         for (int c = 0; c < p->C; c++) fprintf(f, " %8s", p->cols[c]);
         fprintf(f, "\n");
         for (int r = 0; r < p->R; r++) {
@@ -403,8 +393,8 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
                 size_t i;
                 json_t *a;
                 json_array_foreach(json_object_get(tr[t].band_logs, "ablations"), i, a)
-                    if (!strcmp(str(a, "group", ""), p->rows[r]) && !strcmp(str(a, "band", ""), p->cols[c]))
-                        kind = ablation_kind(tr[t].band_config, str(a, "name", ""));
+                    if (!strcmp(report_str(a, "group", ""), p->rows[r]) && !strcmp(report_str(a, "band", ""), p->cols[c]))
+                        kind = ablation_kind(tr[t].band_config, report_str(a, "name", ""));
                 if (!isfinite(p->v[r][c])) continue;
                 if (kind == 1) cs += p->v[r][c], nc++;
                 if (kind == 2) as += p->v[r][c], na++;
@@ -425,10 +415,10 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
     for (int t = 0; t < T; t++) {
         json_t *l = tr[t].nested_logs;
         if (tr[t].nested < 0) continue;
-        double full = l ? num(l, "full_model_accuracy") : NAN, acc = l ? num(l, "accuracy") : NAN;
+        double full = l ? report_num(l, "full_model_accuracy") : NAN, acc = l ? report_num(l, "accuracy") : NAN;
         fprintf(f, "%-30s", tr[t].task), cell(f, full), cell(f, acc), cell(f, full - acc), fprintf(f, "\n");
         report_csv_text(nest.f, tr[t].task);
-        fprintf(nest.f, ",%d", l ? (int)num(l, "n_prompts") : 0);
+        fprintf(nest.f, ",%d", l ? (int)report_num(l, "n_prompts") : 0);
         csv_num(nest.f, full), csv_num(nest.f, acc), csv_num(nest.f, full - acc), fputc('\n', nest.f);
     }
 
@@ -447,16 +437,16 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             size_t i;
             if (!l || r < 0) continue;
             json_array_foreach(json_object_get(l, "ablations"), i, a) {
-                const char *g = str(a, "group", str(a, "name", ""));
+                const char *g = report_str(a, "group", report_str(a, "name", ""));
                 int c = add_label(p->cols, &p->C, g);
                 if (c < 0) continue;
-                double dd = num(l, "full_model_accuracy") - num(a, "accuracy");
+                double dd = report_num(l, "full_model_accuracy") - report_num(a, "accuracy");
                 p->v[r][c] = dd;
                 most = fabs(dd) > most ? fabs(dd) : most;
                 report_csv_text(fam.f, tr[t].task), fputc(',', fam.f), report_csv_text(fam.f, kind), fputc(',', fam.f);
                 report_csv_text(fam.f, g);
-                fprintf(fam.f, ",%d", (int)num(l, "n_prompts"));
-                csv_num(fam.f, num(l, "full_model_accuracy")), csv_num(fam.f, num(a, "accuracy")), csv_num(fam.f, dd);
+                fprintf(fam.f, ",%d", (int)report_num(l, "n_prompts"));
+                csv_num(fam.f, report_num(l, "full_model_accuracy")), csv_num(fam.f, report_num(a, "accuracy")), csv_num(fam.f, dd);
                 fputc('\n', fam.f);
             }
         }
@@ -486,11 +476,11 @@ static int report_model(const sweep *s, int m, const char *dir, FILE *out, ep_er
             fprintf(f, "%-30s %6s %10s %10s %12s\n", tr[t].task, "-", "-", "-", "-");
             continue;
         }
-        fprintf(f, "%-30s %6d %10d %10d %12.3f\n", tr[t].task, (int)num(c, "round"), (int)num(c, "n_head_units"),
-                (int)num(c, "n_edge_units"), num(c, "faithfulness_logit_diff"));
+        fprintf(f, "%-30s %6d %10d %10d %12.3f\n", tr[t].task, (int)report_num(c, "round"), (int)report_num(c, "n_head_units"),
+                (int)report_num(c, "n_edge_units"), report_num(c, "faithfulness_logit_diff"));
         report_csv_text(circ.f, tr[t].task);
-        fprintf(circ.f, ",%d,%d,%d", (int)num(c, "round"), (int)num(c, "n_head_units"), (int)num(c, "n_edge_units"));
-        csv_num(circ.f, num(c, "faithfulness_logit_diff")), fputc('\n', circ.f);
+        fprintf(circ.f, ",%d,%d,%d", (int)report_num(c, "round"), (int)report_num(c, "n_head_units"), (int)report_num(c, "n_edge_units"));
+        csv_num(circ.f, report_num(c, "faithfulness_logit_diff")), fputc('\n', circ.f);
     }
 
     // Times

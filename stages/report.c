@@ -23,12 +23,12 @@ extern char **environ;
 // Bounds on a model's shape that the report draws (the largest models have about 130 layers and heads).
 enum { MAX_LAYERS = 512, MAX_HEADS = 1024 };
 
-static double num_or_nan(json_t *o, const char *key) {
+double report_num(json_t *o, const char *key) {
     json_t *v = json_object_get(o, key);
     return json_is_number(v) ? json_number_value(v) : NAN;
 }
 
-static const char *str_or(json_t *o, const char *key, const char *fallback) {
+const char *report_str(json_t *o, const char *key, const char *fallback) {
     const char *s = json_string_value(json_object_get(o, key));
     return s ? s : fallback;
 }
@@ -200,35 +200,35 @@ static void interval_text(char *out, size_t size, json_t *o) {
 
 // The table: full model and every ablation, then the pruning rounds.
 static void print_table(FILE *f, json_t *logs) {
-    double full = num_or_nan(logs, "full_model_accuracy");
+    double full = report_num(logs, "full_model_accuracy");
     char ci[64];
     int with_ci = counts_of(logs, &(paired_counts){0});
-    fprintf(f, "task %s, %d prompts, %s\n\n", str_or(logs, "task", "?"), (int)num_or_nan(logs, "n_prompts"),
-            str_or(logs, "model_name", "?"));
+    fprintf(f, "task %s, %d prompts, %s\n\n", report_str(logs, "task", "?"), (int)report_num(logs, "n_prompts"),
+            report_str(logs, "model_name", "?"));
     fprintf(f, "%-36s %9s %9s %18s %12s %10s %9s\n", "accuracy (greedy generation)", "accuracy", "drop", "drop 95% interval",
             "first-token", "logit diff", "KL");
-    fprintf(f, "%-36s %9.3f %9s %18s %12.3f %10.3f\n", "full model", full, "", "", num_or_nan(logs, "full_model_first_token_accuracy"),
-            num_or_nan(logs, "full_model_mean_logit_diff"));
+    fprintf(f, "%-36s %9.3f %9s %18s %12.3f %10.3f\n", "full model", full, "", "", report_num(logs, "full_model_first_token_accuracy"),
+            report_num(logs, "full_model_mean_logit_diff"));
     if (json_is_true(json_object_get(logs, "plan_ablates"))) {
         interval_text(ci, sizeof ci, logs);
-        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", str_or(logs, "plan", "?"), num_or_nan(logs, "accuracy"),
-                full - num_or_nan(logs, "accuracy"), ci, num_or_nan(logs, "first_token_accuracy"), num_or_nan(logs, "mean_logit_diff"));
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", report_str(logs, "plan", "?"), report_num(logs, "accuracy"),
+                full - report_num(logs, "accuracy"), ci, report_num(logs, "first_token_accuracy"), report_num(logs, "mean_logit_diff"));
         kl_cell(f, logs);
     }
     size_t i;
     json_t *a;
     json_array_foreach(json_object_get(logs, "ablations"), i, a) {
-        double acc = num_or_nan(a, "accuracy");
+        double acc = report_num(a, "accuracy");
         interval_text(ci, sizeof ci, a);
         with_ci |= counts_of(a, &(paired_counts){0});
-        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", str_or(a, "name", "?"), acc, full - acc, ci,
-                num_or_nan(a, "first_token_accuracy"), num_or_nan(a, "mean_logit_diff"));
+        fprintf(f, "%-36.36s %9.3f %9.3f %18s %12.3f %10.3f", report_str(a, "name", "?"), acc, full - acc, ci,
+                report_num(a, "first_token_accuracy"), report_num(a, "mean_logit_diff"));
         kl_cell(f, a);
     }
     if (with_ci)
         fprintf(f, "(drop: full-model accuracy - ablated accuracy on the same %d prompts; 95%% interval: Newcombe's hybrid score\n"
                    " interval for paired proportions, from the prompts each model alone answers correctly)\n",
-                (int)num_or_nan(logs, "n_prompts"));
+                (int)report_num(logs, "n_prompts"));
     else if (json_array_size(json_object_get(logs, "ablations")) || json_is_true(json_object_get(logs, "plan_ablates")))
         fprintf(f, "(no 95%% intervals: model_logs.json has no per-prompt counts, \"prompts_correct\"; a rerun of `edgepatch run`\n"
                    " adds them from patch.h5)\n");
@@ -239,9 +239,9 @@ static void print_table(FILE *f, json_t *logs) {
         fprintf(f, "\n%-6s %-5s %-12s %8s %8s %14s %18s  %s\n", "round", "kind", "method", "scored", "kept",
                 "faithfulness", "first-token (kept)", "stop");
         json_array_foreach(rounds, i, a)
-            fprintf(f, "%-6d %-5s %-12s %8d %8d %14.3f %18.3f  %s\n", (int)num_or_nan(a, "round"), str_or(a, "kind", "?"),
-                    str_or(a, "method", "?"), (int)num_or_nan(a, "units"), (int)num_or_nan(a, "kept"),
-                    num_or_nan(a, "faithfulness_logit_diff"), num_or_nan(a, "kept_first_token_accuracy"), str_or(a, "stop", ""));
+            fprintf(f, "%-6d %-5s %-12s %8d %8d %14.3f %18.3f  %s\n", (int)report_num(a, "round"), report_str(a, "kind", "?"),
+                    report_str(a, "method", "?"), (int)report_num(a, "units"), (int)report_num(a, "kept"),
+                    report_num(a, "faithfulness_logit_diff"), report_num(a, "kept_first_token_accuracy"), report_str(a, "stop", ""));
         fprintf(f, "(faithfulness: the kept circuit's mean logit difference / the full model's)\n");
     }
 }
@@ -434,27 +434,27 @@ static char *heatmap_csv(json_t *logs, json_t **cell, const char **groups, const
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
     if (!f) return NULL;
-    double full = num_or_nan(logs, "full_model_accuracy");
-    int n = (int)num_or_nan(logs, "n_prompts");
+    double full = report_num(logs, "full_model_accuracy");
+    int n = (int)report_num(logs, "n_prompts");
     fprintf(f, "group,band,ablation,layers,n_prompts,accuracy,full_model_accuracy,drop,drop_ci95_low,drop_ci95_high,"
                "both_correct,full_model_only_correct,ablated_only_correct,neither_correct,first_token_accuracy,mean_logit_diff\n");
     for (int g = 0; g < G; g++)
         for (int b = 0; b < B; b++) {
             json_t *a = cell[g * B + b];
             if (!a) continue;
-            double acc = num_or_nan(a, "accuracy"), lo, hi;
+            double acc = report_num(a, "accuracy"), lo, hi;
             drop_interval(a, &lo, &hi);
             ablation_layers(a, layers, sizeof layers);
             report_csv_text(f, groups[g]), fputc(',', f), report_csv_text(f, bands[b]), fputc(',', f);
-            report_csv_text(f, str_or(a, "name", "")), fputc(',', f), report_csv_text(f, layers);
+            report_csv_text(f, report_str(a, "name", "")), fputc(',', f), report_csv_text(f, layers);
             fprintf(f, ",%d,", n);
             csv_number(f, acc, "%.6f"), fputc(',', f), csv_number(f, full, "%.6f"), fputc(',', f);
             csv_number(f, full - acc, "%.6f"), fputc(',', f), csv_number(f, lo, "%.6f"), fputc(',', f), csv_number(f, hi, "%.6f");
             paired_counts t;
             if (counts_of(a, &t)) fprintf(f, ",%d,%d,%d,%d,", t.both, t.first_only, t.second_only, t.neither);
             else fprintf(f, ",,,,,");
-            csv_number(f, num_or_nan(a, "first_token_accuracy"), "%.6f"), fputc(',', f);
-            csv_number(f, num_or_nan(a, "mean_logit_diff"), "%.6f"), fputc('\n', f);
+            csv_number(f, report_num(a, "first_token_accuracy"), "%.6f"), fputc(',', f);
+            csv_number(f, report_num(a, "mean_logit_diff"), "%.6f"), fputc('\n', f);
         }
     fclose(f);
     return text;
@@ -475,19 +475,19 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
         fprintf(out, "figures: accuracy_drop.png skipped: no ablation with \"group\" and \"band\" in this run\n");
         return 0;
     }
-    double full = num_or_nan(logs, "full_model_accuracy"), most = 0.05;
-    int n = (int)num_or_nan(logs, "n_prompts"), with_ci = 0;
+    double full = report_num(logs, "full_model_accuracy"), most = 0.05;
+    int n = (int)report_num(logs, "n_prompts"), with_ci = 0;
     json_t **cell = ep_calloc((size_t)G * B, sizeof *cell);
     size_t i;
     json_t *a;
     json_array_foreach(ablations, i, a) {
         for (int g = 0; g < G; g++)
             for (int b = 0; b < B; b++)
-                if (!strcmp(groups[g], str_or(a, "group", "")) && !strcmp(bands[b], str_or(a, "band", ""))) cell[g * B + b] = a;
+                if (!strcmp(groups[g], report_str(a, "group", "")) && !strcmp(bands[b], report_str(a, "band", ""))) cell[g * B + b] = a;
     }
     for (int k = 0; k < G * B; k++) {
         if (!cell[k]) continue;
-        double d = full - num_or_nan(cell[k], "accuracy");
+        double d = full - report_num(cell[k], "accuracy");
         if (fabs(d) > most) most = fabs(d);
         with_ci |= counts_of(cell[k], &(paired_counts){0});
     }
@@ -507,7 +507,7 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
                "if (!exists(\"svg\")) svg = 'accuracy_drop.svg'\n");
     fprintf(f, "set title \"%s: accuracy drop when an edge group is ablated\\nn = %d prompts, full-model accuracy %.3f\\n"
                "cell: drop = full - ablated%s\" noenhanced\n",
-            str_or(logs, "task", "?"), n, full, with_ci ? ", [95% interval] (Newcombe, paired)" : "");
+            report_str(logs, "task", "?"), n, full, with_ci ? ", [95% interval] (Newcombe, paired)" : "");
     fprintf(f, "set termoption noenhanced\nset xlabel 'layers (band)'\nset ylabel 'ablated edges (sender -> receiver)'\nset cblabel 'accuracy drop'\n");
     fprintf(f, "set xrange [-0.5:%g]\nset yrange [%g:-0.5]\nset cbrange [%g:%g]\nset tics scale 0\n", B - 0.5, G - 0.5, -most, most);
     fprintf(f, "set palette defined (0 '#2166ac', 1 '#f7f7f7', 2 '#b2182b')\n");
@@ -520,7 +520,7 @@ static int heatmap(const char *run, json_t *logs, FILE *out, ep_error *err) {
     for (int g = 0; g < G; g++)
         for (int b = 0; b < B; b++) {
             if (!cell[g * B + b]) continue;
-            double d = full - num_or_nan(cell[g * B + b], "accuracy"), lo, hi;
+            double d = full - report_num(cell[g * B + b], "accuracy"), lo, hi;
             if (!isfinite(d)) continue;
             char value[32], ci[64] = "";
             drop_interval(cell[g * B + b], &lo, &hi);
@@ -656,8 +656,8 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     int most = 1;
     for (int kind = 0; kind < 2; kind++)
         json_array_foreach(json_object_get(by, kind ? "edges" : "heads"), i, e) {
-            int a = type_index(str_or(e, kind ? "sender" : "type", "")), b = kind ? type_index(str_or(e, "receiver", "")) : 0;
-            int l = (int)num_or_nan(e, "layer");
+            int a = type_index(report_str(e, kind ? "sender" : "type", "")), b = kind ? type_index(report_str(e, "receiver", "")) : 0;
+            int l = (int)report_num(e, "layer");
             if (a < 0 || b < 0 || !(l >= 0 && l < L)) continue;
             size_t k;
             json_t *h;
@@ -670,7 +670,7 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
             }
             if (count > most) most = count;
         }
-    int n_edges = (int)num_or_nan(c, "n_edge_units"), n_heads = (int)num_or_nan(c, "n_head_units"), round = (int)num_or_nan(c, "round");
+    int n_edges = (int)report_num(c, "n_edge_units"), n_heads = (int)report_num(c, "n_head_units"), round = (int)report_num(c, "round");
     char *text = NULL, heads[256];
     size_t len = 0;
     FILE *f = open_memstream(&text, &len);
@@ -685,7 +685,7 @@ static int diagram(const char *run, json_t *logs, json_t *c, FILE *out, ep_error
     fprintf(f, "  label=<<TABLE BORDER=\"0\" CELLSPACING=\"3\" CELLPADDING=\"2\">\n");
     fprintf(f, "    <TR><TD COLSPAN=\"%d\"><FONT POINT-SIZE=\"16\">%s circuit after pruning round %d: %d head units, %d edge units "
                "(faithfulness %.3f)</FONT></TD></TR>\n",
-            5, str_or(logs, "task", "?"), round, n_heads, n_edges, num_or_nan(c, "faithfulness_logit_diff"));
+            5, report_str(logs, "task", "?"), round, n_heads, n_edges, report_num(c, "faithfulness_logit_diff"));
     fprintf(f, "    <TR><TD COLSPAN=\"%d\">rows: layers L0 (bottom) to L%d (top). Box: a layer's heads kept at one token type's "
                "positions (head units).</TD></TR>\n",
             5, L - 1);
@@ -899,7 +899,7 @@ int report_write(const char *run_dir, FILE *out, ep_error *err) {
     fprintf(out, "\n");
     if (rc == 0) rc = heatmap(run_dir, logs, out, err);
     if (rc == 0) rc = diagram(run_dir, logs, circuit, out, err);
-    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, num_or_nan(logs, "full_model_accuracy"), out, err);
+    if (rc == 0 && has_fv > 0) rc = fv_figure(run_dir, &fv, report_num(logs, "full_model_accuracy"), out, err);
     if (has_fv > 0) fv_summary_free(&fv);
     json_decref(logs), json_decref(circuit);
     return rc;

@@ -16,6 +16,7 @@
 #ifndef EP_REPORT_H
 #define EP_REPORT_H
 
+#include <jansson.h>
 #include <stdio.h>
 
 #include "pipeline/error.h"
@@ -38,5 +39,8 @@ size_t report_gnuplot_assign(char *out, size_t size, const char *name, const cha
 // A CSV field (RFC 4180 quoting) and a double-quoted gnuplot data label.
 void report_csv_text(FILE *f, const char *s);
 void report_gnuplot_label(FILE *f, const char *s);
+// A JSON object's number field (NAN when absent or not a number) and string field (fallback then).
+double report_num(json_t *o, const char *key);
+const char *report_str(json_t *o, const char *key, const char *fallback);
 
 #endif

@@ -54,3 +54,12 @@ int test_finish(const char *name) {
     printf("%s: %d passed, %d failed\n", name, test_state.passed, test_state.failed);
     return test_state.failed ? 1 : 0;
 }
+
+int load_fixture_model(const char *name, model *m) {
+    char dir[256];
+    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    ep_error err = {{0}};
+    if (model_load(dir, m, &err) == 0) return 0;
+    check(0, "%s", err.msg);
+    return -1;
+}

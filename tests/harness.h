@@ -8,6 +8,8 @@
 
 #include <stddef.h>
 
+#include "pipeline/model.h"
+
 typedef struct {
     int passed;
     int failed;
@@ -25,6 +27,9 @@ double max_rel_error(const float *got, const float *want, size_t n, double floor
 // Flips bits `mask` of the byte `byte` bytes into dataset `dataset`'s data in the HDF5 file at path
 // (a contiguous dataset), as a disk or transfer error would; returns 0, or -1 if it cannot.
 int flip_h5_data_byte(const char *path, const char *dataset, long byte, int mask);
+
+// Loads the tiny model fixture tests/fixtures/models/NAME into m: 0, or -1 with a failed check.
+int load_fixture_model(const char *name, model *m);
 
 int test_finish(const char *name);
 

@@ -246,14 +246,9 @@ static double rel_err(const double *got, const double *want, int n) {
 }
 
 static void test_model(const char *name) {
-    char dir[256];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
     model m;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
+    if (load_fixture_model(name, &m)) return;
     const kernel_ops *ops = kernel_ops_cpu();
     const model_config *c = &m.cfg;
     fixture f;

@@ -253,14 +253,9 @@ static void test_bf16(const char *name, const model *m, const prompts *f, const 
 }
 
 static void test_model(const char *name, const safetensors *ref) {
-    char dir[256];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
     model m;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
+    if (load_fixture_model(name, &m)) return;
     prompts f;
     if (load_prompts(name, &f) == 0) {
         float *cpu_logits = calloc((size_t)P * 6 * m.cfg.vocab_size, sizeof(float));

@@ -154,14 +154,9 @@ static void vs_reference(const safetensors *ref, const char *model, size_t j, co
 }
 
 static void test_model(const char *name, json_t *plans, const safetensors *ref) {
-    char dir[256];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
     model m;
     ep_error err = {{0}};
-    if (model_load(dir, &m, &err)) {
-        check(0, "%s", err.msg);
-        return;
-    }
+    if (load_fixture_model(name, &m)) return;
     prompts f;
     if (load_prompts(name, &f)) {
         model_free(&m);

@@ -172,13 +172,9 @@ static int plan_reads_donor0_last(json_t *plan) {
 // The model fixture NAME, its patch fixture and, when extra is not NULL, the reference file
 // tests/fixtures/patch/NAME.EXTRA.safetensors: 0, or -1 with a failed check and nothing left open.
 static int open_case(const char *name, const char *extra, model *m, fixture *f, safetensors *ref) {
-    char dir[256], path[512];
-    snprintf(dir, sizeof dir, "tests/fixtures/models/%s", name);
+    char path[512];
     ep_error err = {{0}};
-    if (model_load(dir, m, &err)) {
-        check(0, "%s", err.msg);
-        return -1;
-    }
+    if (load_fixture_model(name, m)) return -1;
     if (load_fixture(name, f)) {
         model_free(m);
         return -1;

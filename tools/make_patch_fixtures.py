@@ -678,8 +678,9 @@ def maxdiff(a, b):
     return float((a - b).abs().max())
 
 
-def main():
-    os.makedirs(OUT, exist_ok=True)
+def check_log():
+    """The lines of a checks file, and log (print and keep a line) and check (log a failure and stop) on
+    them; the first line names the library versions."""
     lines = []
 
     def log(s):
@@ -693,6 +694,12 @@ def main():
 
     log(f"transformers {transformers.__version__} torch {torch.__version__} tokenizers {tokenizers.__version__} "
         f"safetensors {safetensors.__version__}")
+    return lines, log, check
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    lines, log, check = check_log()
     with open(os.path.join(OUT, "plans.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(PLANS, indent=1) + "\n")
     plan_names = [p["name"] for p in PLANS]
@@ -802,19 +809,7 @@ def main():
 def main_interventions():
     """--interventions: interv_plans.json, <model>.interv.safetensors (the last position's logits and the
     greedy generation of every IV_PLANS plan on the main fixture's prompts) and interv_checks.txt."""
-    lines = []
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
-
-    def check(ok, what):
-        if not ok:
-            log(f"FAILED: {what}")
-            raise SystemExit(1)
-
-    log(f"transformers {transformers.__version__} torch {torch.__version__} tokenizers {tokenizers.__version__} "
-        f"safetensors {safetensors.__version__}")
+    lines, log, check = check_log()
     with open(os.path.join(OUT, "interv_plans.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(IV_PLANS, indent=1) + "\n")
     pairs = prompt_pairs([AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, n)) for n in MODELS])
@@ -912,19 +907,7 @@ def main_mean():
     """--mean: mean_plans.json, <model>.mean.safetensors (the mean table's layer 0, and the last position's
     logits and the greedy generation of every MEAN_PLANS plan on the main fixture's prompts) and
     mean_checks.txt."""
-    lines = []
-
-    def log(s):
-        print(s, flush=True)
-        lines.append(s)
-
-    def check(ok, what):
-        if not ok:
-            log(f"FAILED: {what}")
-            raise SystemExit(1)
-
-    log(f"transformers {transformers.__version__} torch {torch.__version__} tokenizers {tokenizers.__version__} "
-        f"safetensors {safetensors.__version__}")
+    lines, log, check = check_log()
     with open(os.path.join(OUT, "mean_plans.json"), "w", encoding="utf-8") as f:
         f.write(json.dumps(MEAN_PLANS, indent=1) + "\n")
     pairs = prompt_pairs([AutoTokenizer.from_pretrained(os.path.join(MODELS_DIR, n)) for n in MODELS])
